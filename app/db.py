@@ -1,0 +1,93 @@
+"""Engine, sessions and constraint helpers: the only place that knows how we talk to PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import MetaData
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlmodel import SQLModel
+
+__all__ = [
+    "ReadSession",
+    "WriteSession",
+    "async_url",
+    "constraint_name",
+    "get_sessionmaker",
+    "is_unique_violation",
+    "make_engine",
+    "make_sessionmaker",
+]
+
+# Stable constraint names that code may match on (never the message text).
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata: MetaData = SQLModel.metadata
+
+
+def async_url(url: str) -> str:
+    """Accept the usual `postgres://` / `postgresql://` forms and select the asyncpg driver."""
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> AsyncEngine:
+    return create_async_engine(
+        async_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=pool_timeout,       # pool exhausted → error quickly, rendered as 503
+        pool_pre_ping=False,             # a dead connection is dropped on error instead of pinging every checkout
+        connect_args={"timeout": 5, "server_settings": {"application_name": "carnet"}},
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    return request.app.state.sessionmaker  # type: ignore[no-any-return]  # built in the lifespan; tests override
+
+
+async def _write_session(
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
+) -> AsyncIterator[AsyncSession]:
+    async with makers() as session, session.begin():
+        yield session  # clean exit commits; an exception rolls back
+
+
+async def _read_session(
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
+) -> AsyncIterator[AsyncSession]:
+    async with makers() as session:
+        yield session  # never commits
+
+
+# scope="function": the commit happens before the response is sent (STYLE.md fact 1).
+WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
+ReadSession = Annotated[AsyncSession, Depends(_read_session, scope="function")]
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None) or getattr(getattr(exc.orig, "__cause__", None), "sqlstate", None)
+
+
+def is_unique_violation(exc: IntegrityError) -> bool:
+    return _sqlstate(exc) == "23505"
+
+
+def constraint_name(exc: DBAPIError) -> str | None:
+    """asyncpg's constraint name for an integrity error (a naming-convention name)."""
+    cause = getattr(exc.orig, "__cause__", None)
+    return getattr(cause, "constraint_name", None)

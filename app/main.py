@@ -1,0 +1,87 @@
+"""The application factory: settings in, a FastAPI app out; resources built in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app.db import make_engine, make_sessionmaker
+from app.embedded import EmbeddedPostgres
+from app.logging import configure_logging, get_logger
+from app.middleware import BodySizeLimit, RequestContext
+from app.migrations import head_revision
+from app.problems import install_problem_handlers
+from app.routers import health_router, v1_router
+from app.routers.deps import Problem
+from app.schemas.types import configure_phone_region
+from app.security.principal import TokenVerifier
+from app.services.pagination import CursorCodec
+from app.settings import Settings, get_settings
+
+__all__ = ["create_app"]
+
+log = get_logger("carnet.app")
+
+
+def create_app(settings: Settings | None = None, *, database_url: str | None = None) -> FastAPI:
+    """Build the app. `database_url` overrides the settings (the CLI passes the embedded server's)."""
+    settings = settings or get_settings()
+    configure_logging(json=settings.log_json, level=settings.log_level)
+    configure_phone_region(settings.default_phone_region)
+    secret = settings.resolved_jwt_secret()  # refuses to boot without a secret outside embedded mode
+
+    app = FastAPI(
+        title="Carnet",
+        version=version("carnet"),
+        summary="The customer file of an e-commerce business, as an API.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.database_url = database_url or settings.database_url
+    app.state.token_verifier = TokenVerifier(secret, settings.jwt_issuer, settings.jwt_audience)
+    app.state.cursor_codec = CursorCodec(secret)
+    app.state.schema_head = head_revision()
+
+    install_problem_handlers(app)
+    app.include_router(health_router)
+    app.include_router(v1_router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    embedded = None
+    url = app.state.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+    engine = make_engine(url, pool_size=settings.database_pool_size, pool_timeout=settings.database_pool_timeout)
+    app.state.sessionmaker = make_sessionmaker(engine)
+    log.info("app.started", embedded=embedded is not None)
+    try:
+        yield
+    finally:
+        await engine.dispose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = Problem.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
+        defs = schema["components"]["schemas"]["Problem"].pop("$defs", {})
+        schema["components"]["schemas"].update(defs)
+        app.openapi_schema = schema
+    return app.openapi_schema

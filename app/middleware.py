@@ -1,0 +1,127 @@
+"""Pure ASGI middleware: request context + access log + metrics, and the body size limit."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import AppError, PayloadTooLarge
+from app.logging import get_logger
+from app.problems import problem_body, unexpected_problem
+
+__all__ = ["BodySizeLimit", "RequestContext"]
+
+log = get_logger("carnet.http")
+
+REQUEST_SECONDS = Histogram(
+    "carnet_http_request_duration_seconds",
+    "HTTP request latency by route template",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REQUESTS_TOTAL = Counter("carnet_http_requests_total", "HTTP requests by status class", ["status_class"])
+
+
+class RequestContext:
+    """Binds request_id (incoming X-Request-ID or new) to the log context and answers it back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        started_response = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started_response
+            if message["type"] == "http.response.start":
+                status, started_response = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Answered here, not re-raised: the server would log the exception's text (personal data risk).
+            if started_response:
+                log.error("response.interrupted", error=type(exc).__name__)
+            else:
+                await _send_problem(scope, send_with_id, unexpected_problem(exc))
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_template(scope)
+            REQUEST_SECONDS.labels(scope["method"], route, str(status)).observe(elapsed)
+            REQUESTS_TOTAL.labels(f"{status // 100}xx").inc()
+            # The route template, never the raw path or query string: those may carry personal data.
+            log.info("http.request", method=scope["method"], route=route, status=status,
+                     ms=round(elapsed * 1000, 2))
+
+
+class BodySizeLimit:
+    """Refuses bodies over `max_bytes` by Content-Length at once, and while streaming otherwise."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _send_problem(scope, send, PayloadTooLarge(f"the body limit is {self.max_bytes} bytes"))
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(f"the body limit is {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_problem(scope: Scope, send: Send, error: AppError) -> None:
+    body = problem_body(error, instance=scope.get("path", ""))
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    value = _header(scope, b"x-request-id")
+    if value and len(value) <= 64 and value.replace("-", "").isalnum():
+        return value
+    return None
+
+
+def _route_template(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"

@@ -1,0 +1,9 @@
+"""Table models; importing this package registers every table on the shared metadata."""
+
+from app import db as _db  # noqa: F401  (naming convention before any table is declared)
+from app.models.attributes import AttributeDefinition, Tag
+from app.models.contacts import Contact
+from app.models.history import ContactHistory
+from app.models.idempotency import IdempotencyRecord
+
+__all__ = ["AttributeDefinition", "Contact", "ContactHistory", "IdempotencyRecord", "Tag"]

@@ -1,0 +1,77 @@
+"""The contact table: the "fiche client"."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import Column, Index, Numeric, Text, func, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlmodel import Field, SQLModel
+
+from app.models.base import TZ, new_id, utc_now
+
+__all__ = ["Contact"]
+
+
+class Contact(SQLModel, table=True):
+    __tablename__: ClassVar[str] = "contact"  # type: ignore[misc]
+    __table_args__ = (
+        # Keyset pages: (sort expression, id) for each sort the API offers.
+        Index("ix_contact_created_at_id", "created_at", "id"),
+        Index("ix_contact_updated_at_id", "updated_at", "id"),
+        Index("ix_contact_sort_last_name", func.coalesce(func.lower(text("last_name")), ""), "id"),
+        Index("ix_contact_sort_last_order_at", func.coalesce(text("last_order_at"), text("'1970-01-01 00:00:00+00'::timestamptz")), "id"),
+        # `q` prefix search without pg_trgm (the embedded server has no contrib extensions).
+        Index("ix_contact_q_last_name", func.lower(text("last_name")).label("q_last"), postgresql_ops={"q_last": "text_pattern_ops"}),
+        Index("ix_contact_q_first_name", func.lower(text("first_name")).label("q_first"), postgresql_ops={"q_first": "text_pattern_ops"}),
+        Index("ix_contact_q_company", func.lower(text("company")).label("q_company"), postgresql_ops={"q_company": "text_pattern_ops"}),
+        Index("ix_contact_q_email", "email", postgresql_ops={"email": "text_pattern_ops"}),
+        Index("ix_contact_city", func.lower(text("city"))),
+        Index("ix_contact_tags", "tags", postgresql_using="gin"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    external_id: str | None = Field(default=None, unique=True)
+    email: str | None = Field(default=None, unique=True)
+    email_status: str = Field(default="unverified")
+    phone: str | None = Field(default=None, index=True)
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+    job_title: str | None = None
+    sector: str | None = None
+    gender: str | None = None
+    birth_date: date | None = None
+    address_line1: str | None = None
+    address_line2: str | None = None
+    postal_code: str | None = Field(default=None, index=True)
+    city: str | None = None
+    region: str | None = None
+    country: str | None = Field(default=None, index=True)
+    language: str | None = None
+    source: str | None = None
+    first_contact_at: datetime | None = Field(default=None, sa_type=TZ)
+    first_contact_channel: str | None = None
+    kind: str = Field(default="prospect", index=True)
+    lifecycle_stage: str = Field(default="prospect", index=True)
+    attributes: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    )
+    tags: list[str] = Field(
+        default_factory=list, sa_column=Column(ARRAY(Text), nullable=False, server_default=text("'{}'"))
+    )
+    # Stats follow every order write (orders feature); kept here so reads need one row.
+    orders_count: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
+    total_spent: Decimal = Field(default=Decimal(0), sa_type=Numeric(14, 2), sa_column_kwargs={"server_default": text("0")})
+    average_basket: Decimal | None = Field(default=None, sa_type=Numeric(14, 2))
+    first_order_at: datetime | None = Field(default=None, sa_type=TZ)
+    last_order_at: datetime | None = Field(default=None, sa_type=TZ)
+    last_order_amount: Decimal | None = Field(default=None, sa_type=Numeric(14, 2))
+    currency: str | None = None
+    created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    last_activity_at: datetime | None = Field(default=None, sa_type=TZ)
+    version: int = Field(default=1)

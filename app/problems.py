@@ -1,0 +1,130 @@
+"""RFC 9457 problem+json rendering and the exception handlers that use it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable
+from app.logging import get_logger
+
+__all__ = ["ProblemResponse", "install_problem_handlers", "problem_body", "unexpected_problem", "validation_problem"]
+
+log = get_logger("carnet.errors")
+
+INTERNAL_DETAIL = "An unexpected error occurred; it has been logged with this request's id."
+_CONNECTION_SQLSTATES = ("08", "57P")  # connection exceptions, operator intervention (shutdown)
+
+
+class ProblemResponse(Response):
+    media_type = "application/problem+json"
+
+
+def problem_body(error: AppError, *, instance: str) -> bytes:
+    body: dict[str, Any] = {
+        "type": error.type_uri(),
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "instance": instance,
+        **error.members,
+    }
+    return json.dumps(body, ensure_ascii=False, default=str).encode()
+
+
+def _render(request: Request, error: AppError) -> ProblemResponse:
+    headers = dict(error.headers)
+    request_id = getattr(request.state, "request_id", None) or request.scope.get("state", {}).get("request_id")
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return ProblemResponse(problem_body(error, instance=request.url.path), status_code=error.status, headers=headers)
+
+
+_HTTP_SLUGS = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Method not allowed"),
+               400: ("bad-request", "Bad request")}
+
+
+def _http_problem(exc: StarletteHTTPException) -> AppError:
+    if isinstance(exc.__cause__, AppError):  # e.g. PayloadTooLarge raised while FastAPI read the body
+        return exc.__cause__
+    slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
+    cls = type("HttpProblem", (AppError,), {"status": exc.status_code, "slug": slug, "title": title})
+    error = cls(str(exc.detail) if exc.detail else title)
+    error.headers.update(exc.headers or {})
+    return error
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in {"body", "query", "path", "header", "cookie"}:
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def validation_problem(raw_errors: Sequence[Any]) -> InvalidInput:
+    """pydantic/FastAPI validation errors as one 422 naming each field."""
+    errors = []
+    for err in raw_errors:
+        message = str(err.get("msg", "invalid value"))
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        code = str(err.get("type", "invalid"))
+        if code == "extra_forbidden":
+            message = "unknown field"
+        errors.append(FieldError(_field(tuple(err.get("loc", ()))), message, code))
+    return InvalidInput(*errors)
+
+
+def _is_connection_problem(exc: BaseException) -> bool:
+    if isinstance(exc, PoolTimeout | InterfaceError | ConnectionError | OSError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, OperationalError | DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = getattr(exc.orig, "sqlstate", None) or ""
+        return state.startswith(_CONNECTION_SQLSTATES)
+    return False
+
+
+def unexpected_problem(exc: Exception) -> AppError:
+    """A 503 when the database is out of reach, else a logged 500 with a fixed text."""
+    if _is_connection_problem(exc):
+        log.warning("database.unavailable", error=type(exc).__name__)
+        error = ServiceUnavailable("the database cannot be reached; retry shortly")
+        error.headers["Retry-After"] = "2"
+        return error
+    # Frames only: an exception's message may quote personal data (a driver's "Key (email)=...").
+    log.error("request.crashed", error=type(exc).__name__, frames="".join(traceback.format_tb(exc.__traceback__)))
+    return AppError(INTERNAL_DETAIL)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Expected errors; unexpected ones are answered by RequestContext (so no server logs their text)."""
+    async def app_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AppError)
+        if exc.status >= 500:
+            log.error("request.failed", problem=exc.slug)
+        return _render(request, exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return _render(request, validation_problem(exc.errors()))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return _render(request, _http_problem(exc))
+
+    app.add_exception_handler(AppError, app_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+

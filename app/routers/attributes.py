@@ -1,0 +1,80 @@
+"""`/v1/attributes` and `/v1/tags`: the definitions contacts are checked against."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Response
+
+from app.db import ReadSession, WriteSession
+from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, TagNotFound, problems
+from app.routers.deps import JSONBody
+from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeRead, TagCreate, TagRead
+from app.schemas.types import AttributeName, TagName
+from app.security import Principal, Scope, require
+from app.services import attributes as attributes_service
+from app.services import tags as tags_service
+
+__all__ = ["attributes_router", "tags_router"]
+
+attributes_router = APIRouter(prefix="/attributes", tags=["attributes"])
+tags_router = APIRouter(prefix="/tags", tags=["tags"])
+
+Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
+
+
+@attributes_router.get("", response_model=list[AttributeRead])
+async def list_attributes(session: ReadSession, _: Reader) -> Any:
+    return JSONBody(await attributes_service.list_all(session))
+
+
+@attributes_router.post("", status_code=201, response_model=AttributeRead, responses=problems(DuplicateAttribute))
+async def create_attribute(
+    payload: AttributeCreate, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)]
+) -> Any:
+    return JSONBody(await attributes_service.create(session, payload), status_code=201)
+
+
+@attributes_router.get("/{name}", response_model=AttributeRead, responses=problems(AttributeNotFound))
+async def get_attribute(name: AttributeName, session: ReadSession, _: Reader) -> Any:
+    return JSONBody(await attributes_service.get(session, name))
+
+
+@attributes_router.patch("/{name}", response_model=AttributeRead, responses=problems(AttributeNotFound))
+async def update_attribute(
+    name: AttributeName,
+    patch: AttributePatch,
+    session: WriteSession,
+    _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+) -> Any:
+    return JSONBody(await attributes_service.update_definition(session, name, patch))
+
+
+@attributes_router.delete("/{name}", status_code=204, responses=problems(AttributeNotFound, AttributeInUse))
+async def delete_attribute(
+    name: AttributeName, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)]
+) -> Response:
+    """Refused (409) while any contact holds a value for it: deleting never drops data silently."""
+    await attributes_service.delete_definition(session, name)
+    return Response(status_code=204)
+
+
+@tags_router.get("", response_model=list[TagRead])
+async def list_tags(session: ReadSession, _: Reader) -> Any:
+    return JSONBody(await tags_service.list_all(session))
+
+
+@tags_router.post("", status_code=201, response_model=TagRead, responses=problems(tags_service.DuplicateTag))
+async def create_tag(
+    payload: TagCreate, session: WriteSession, _: Annotated[Principal, require(Scope.TAGS_WRITE)]
+) -> Any:
+    return JSONBody(await tags_service.create(session, payload), status_code=201)
+
+
+@tags_router.delete("/{name}", status_code=204, responses=problems(TagNotFound))
+async def delete_tag(
+    name: TagName, session: WriteSession, caller: Annotated[Principal, require(Scope.TAGS_DELETE)]
+) -> Response:
+    """Deletes the tag and takes it off every contact (each recorded in that contact's history)."""
+    await tags_service.delete_tag(session, name, actor=caller)
+    return Response(status_code=204)

@@ -1,0 +1,181 @@
+"""`/v1/contacts`: translate HTTP to contact use cases and back."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request
+from pydantic import ValidationError
+
+from app.db import ReadSession, WriteSession
+from app.errors import (
+    AppError,
+    ContactNotFound,
+    DuplicateContact,
+    IdempotencyKeyReused,
+    PreconditionFailed,
+    problems,
+)
+from app.problems import validation_problem
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
+from app.schemas.contacts import (
+    BatchResult,
+    ContactBatch,
+    ContactCreate,
+    ContactKind,
+    ContactPage,
+    ContactPatch,
+    ContactRead,
+    ContactSort,
+    ContactUpsert,
+    LifecycleStage,
+    present_contact,
+)
+from app.schemas.history import HistoryPage, present_history
+from app.schemas.types import CountryCode, Email, Limit, TagName
+from app.security import Principal, Scope, require
+from app.services import contacts as contacts_service
+from app.services import history as history_service
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/contacts", tags=["contacts"])
+
+Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
+Writer = Annotated[Principal, require(Scope.CONTACTS_WRITE)]
+
+
+def _one(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
+    return JSONBody(present_contact(row, reveal_pii=caller.sees_pii), status_code=status_code,
+                    headers={"ETag": etag(row["version"])})
+
+
+@router.post("", status_code=201, response_model=ContactRead,
+             responses=problems(DuplicateContact, IdempotencyKeyReused))
+async def create_contact(payload: ContactCreate, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
+    if idem.replay:
+        return idem.replay
+    row = await contacts_service.create(session, payload, actor=caller)
+    return await idem.respond(201, present_contact(row, reveal_pii=caller.sees_pii),
+                              {"ETag": etag(row["version"]), "Location": f"/v1/contacts/{row['id']}"})
+
+
+@router.post("/upsert", response_model=ContactRead,
+             responses={201: {"description": "Created", "model": ContactRead}, **problems(DuplicateContact)})
+async def upsert_contact(payload: ContactUpsert, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
+    if idem.replay:
+        return idem.replay
+    result = await contacts_service.upsert(session, payload, actor=caller)
+    return await idem.respond(201 if result.created else 200, present_contact(result.row, reveal_pii=caller.sees_pii),
+                              {"ETag": etag(result.row["version"])})
+
+
+@router.post("/batch", response_model=BatchResult, responses=problems(IdempotencyKeyReused))
+async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
+    """Up to 1,000 upserts; each item succeeds or fails alone (a savepoint each)."""
+    if idem.replay:
+        return idem.replay
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(payload.items):
+        try:
+            upsert = ContactUpsert.model_validate(item)
+            async with session.begin_nested():
+                done = await contacts_service.upsert(session, upsert, actor=caller)
+        except ValidationError as exc:
+            results.append({"index": index, "status": "error", "error": _item_problem(validation_problem(exc.errors()))})
+        except AppError as exc:
+            results.append({"index": index, "status": "error", "error": _item_problem(exc)})
+        else:
+            results.append({"index": index, "status": "created" if done.created else "updated", "id": done.row["id"]})
+    counts = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "error")}
+    body = {"results": results, "created": counts["created"], "updated": counts["updated"], "errors": counts["error"]}
+    return await idem.respond(200, body)
+
+
+@router.get("", response_model=ContactPage)
+async def list_contacts(
+    session: ReadSession,
+    request: Request,
+    caller: Reader,
+    q: Annotated[str | None, Query(max_length=200, description="Words matching the start of a name, company or email; or a phone number")] = None,
+    email: Email | None = None,
+    external_id: Annotated[str | None, Query(max_length=255)] = None,
+    tag: Annotated[list[TagName], Query(description="Repeatable: contacts holding every tag")] = [],  # noqa: B006
+    kind: ContactKind | None = None,
+    lifecycle_stage: LifecycleStage | None = None,
+    city: Annotated[str | None, Query(max_length=255)] = None,
+    postal_code: Annotated[str | None, Query(max_length=20)] = None,
+    country: CountryCode | None = None,
+    created_after: datetime | None = None,
+    updated_after: datetime | None = None,
+    sort: ContactSort = ContactSort.CREATED_AT_DESC,
+    limit: Limit = 50,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+) -> Any:
+    filters = contacts_service.ContactFilters(
+        q=q, email=email, external_id=external_id, tags=tag, kind=kind, lifecycle_stage=lifecycle_stage,
+        city=city, postal_code=postal_code, country=country, created_after=created_after,
+        updated_after=updated_after,
+    )
+    rows, next_cursor = await contacts_service.list_page(
+        session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
+    )
+    return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows], "next_cursor": next_cursor})
+
+
+@router.get("/{contact_id}", response_model=ContactRead, responses=problems(ContactNotFound))
+async def get_contact(contact_id: uuid.UUID, session: ReadSession, caller: Reader) -> Any:
+    return _one(await contacts_service.get(session, contact_id), caller)
+
+
+@router.patch(
+    "/{contact_id}",
+    response_model=ContactRead,
+    responses=problems(ContactNotFound, DuplicateContact, PreconditionFailed),
+    openapi_extra={"requestBody": {"content": {"application/merge-patch+json": {
+        "schema": {"$ref": "#/components/schemas/ContactPatch"}}}}},
+)
+async def update_contact(
+    contact_id: uuid.UUID,
+    patch: Annotated[ContactPatch, Body()],
+    session: WriteSession,
+    caller: Writer,
+    expected_version: IfMatch,
+) -> Any:
+    """JSON merge patch (RFC 7396): absent fields are untouched, null clears a field."""
+    row = await contacts_service.update(session, contact_id, patch, actor=caller, expected_version=expected_version)
+    return _one(row, caller)
+
+
+@router.get("/{contact_id}/history", response_model=HistoryPage, responses=problems(ContactNotFound))
+async def get_contact_history(
+    contact_id: uuid.UUID,
+    session: ReadSession,
+    caller: Reader,
+    limit: Limit = 50,
+    cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
+) -> Any:
+    await contacts_service.get(session, contact_id)
+    rows = await history_service.page(session, contact_id, limit=limit, before_id=int(cursor) if cursor else None)
+    next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
+    return JSONBody({"data": [present_history(r, reveal_pii=caller.sees_pii) for r in rows[:limit]],
+                     "next_cursor": next_cursor})
+
+
+@router.put("/{contact_id}/tags/{name}", response_model=ContactRead, responses=problems(ContactNotFound))
+async def add_contact_tag(contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer) -> Any:
+    """Idempotent; the tag is added to the catalogue on first use."""
+    return _one(await contacts_service.add_tag(session, contact_id, name, actor=caller), caller)
+
+
+@router.delete("/{contact_id}/tags/{name}", response_model=ContactRead, responses=problems(ContactNotFound))
+async def remove_contact_tag(contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer) -> Any:
+    return _one(await contacts_service.remove_tag(session, contact_id, name, actor=caller), caller)
+
+
+def _item_problem(error: AppError) -> dict[str, Any]:
+    return {"type": error.type_uri(), "title": error.title, "status": error.status, "detail": error.detail,
+            **error.members}
+

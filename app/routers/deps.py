@@ -1,0 +1,117 @@
+"""Shared route plumbing: the JSON response class, ETag/If-Match, Idempotency-Key, the Problem schema."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request, Response
+from pydantic import BaseModel, Field
+from pydantic_core import to_json
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import WriteSession
+from app.errors import InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
+from app.security import Principal, authenticate
+from app.services import idempotency as idempotency_service
+
+__all__ = [
+    "AUTH_PROBLEMS",
+    "Idempotency",
+    "IfMatch",
+    "JSONBody",
+    "Problem",
+    "etag",
+]
+
+
+class JSONBody(Response):
+    """JSON rendered by pydantic-core: UUIDs, datetimes (RFC 3339) and Decimals (as strings) included."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return to_json(content)
+
+
+class ProblemFieldError(BaseModel):
+    field: str
+    message: str
+    code: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[ProblemFieldError] | None = Field(default=None, description="422 only: one entry per faulty field")
+    existing_id: str | None = Field(default=None, description="409 duplicate-contact: the contact holding the key")
+    missing_scopes: list[str] | None = Field(default=None, description="403 only")
+
+
+AUTH_PROBLEMS = problems(Unauthenticated, MissingScope, InvalidInput)
+
+
+def etag(version: int) -> str:
+    return f'"v{version}"'
+
+
+def _if_match(if_match: Annotated[str | None, Header(description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
+    """The version the caller expects, or None when it did not ask (or said `*`)."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    value = if_match.strip().removeprefix("W/")
+    if value.startswith('"v') and value.endswith('"') and value[2:-1].isdigit():
+        return int(value[2:-1])
+    raise PreconditionFailed("If-Match does not match any version of this resource")
+
+
+IfMatch = Annotated[int | None, Depends(_if_match)]
+
+
+@dataclass(slots=True)
+class _IdempotencyScope:
+    """The request's Idempotency-Key: `replay` is set when a stored first response must be answered."""
+
+    session: AsyncSession
+    subject: str
+    key: str | None
+    replay: Response | None
+
+    async def respond(self, status_code: int, body: Any, headers: dict[str, str] | None = None) -> JSONBody:
+        response = JSONBody(body, status_code=status_code, headers=headers)
+        if self.key is not None:
+            await idempotency_service.complete(
+                self.session, subject=self.subject, key=self.key, status_code=status_code,
+                body=json.loads(response.body),
+            )
+        return response
+
+
+async def _idempotency(
+    request: Request,
+    session: WriteSession,
+    caller: Annotated[Principal, Depends(authenticate)],
+    idempotency_key: Annotated[
+        str | None, Header(description="Replays the first response for 24 h; reused with another body → 422")
+    ] = None,
+) -> _IdempotencyScope:
+    if idempotency_key is None:
+        return _IdempotencyScope(session, caller.subject, None, None)
+    fingerprint = idempotency_service.request_fingerprint(request.method, request.url.path, await request.body())
+    stored = await idempotency_service.claim(
+        session, subject=caller.subject, key=idempotency_key, method=request.method, path=request.url.path,
+        fingerprint=fingerprint,
+    )
+    replay = None
+    if stored is not None:
+        replay = JSONBody(stored.body, status_code=stored.status_code, headers={"Idempotent-Replayed": "true"})
+    return _IdempotencyScope(session, caller.subject, idempotency_key, replay)
+
+
+Idempotency = Annotated[_IdempotencyScope, Depends(_idempotency)]

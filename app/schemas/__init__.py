@@ -1,0 +1,1 @@
+"""Wire schemas: what the API accepts and answers (never the table classes)."""

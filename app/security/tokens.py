@@ -1,0 +1,164 @@
+"""Issuing and verifying access tokens: the one wrapper around python-jose.
+
+python-jose is lax by default (a token without `exp` never expires, a future `iat` passes, `kid` is
+ignored, and CVE-2024-33663 let a public key act as an HMAC secret), so every rule is enforced here
+before and after the library's own checks. HS256 is the only algorithm family of this deployment.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from jose import jwt
+from jose.exceptions import JOSEError
+
+from app.security.scopes import ROLE_SCOPES, Role, Scope
+
+__all__ = ["ALGORITHM", "InvalidToken", "IssuedToken", "TokenClaims", "issue_access_token", "verify_access_token"]
+
+ALGORITHM = "HS256"
+MAX_TOKEN_BYTES = 4096
+LEEWAY_SECONDS = 30
+_REQUIRED = ("exp", "iat", "sub", "jti", "role")
+_ALLOWED_TYP = {None, "JWT", "at+jwt"}
+
+
+class InvalidToken(Exception):
+    """Any reason to refuse a token; the message is safe to show (it never echoes the token)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    subject: str
+    role: Role
+    scopes: frozenset[Scope]
+    token_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    token_id: str
+    expires_at: datetime
+
+
+def issue_access_token(
+    secret: str,
+    *,
+    subject: str,
+    role: Role,
+    scopes: frozenset[Scope] | None = None,
+    ttl_seconds: int,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> IssuedToken:
+    """Sign a token whose scopes are the role's, or a narrower subset of them."""
+    allowed = ROLE_SCOPES[role]
+    granted = allowed if scopes is None else frozenset(scopes)
+    if not granted <= allowed:
+        extra = ", ".join(sorted(granted - allowed))
+        raise ValueError(f"role {role} cannot hold: {extra}")
+    now = int(time.time())
+    jti = uuid.uuid4().hex
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "role": role.value,
+        "scopes": sorted(granted),
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_seconds,
+        "jti": jti,
+    }
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    token = jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"typ": "JWT"})
+    return IssuedToken(token, jti, datetime.fromtimestamp(now + ttl_seconds, UTC))
+
+
+def verify_access_token(
+    token: str,
+    secret: str,
+    *,
+    issuer: str | None = None,
+    audience: str | None = None,
+    now: float | None = None,
+) -> TokenClaims:
+    """Return the claims of a valid token or raise InvalidToken; never trust the token's own header."""
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        raise InvalidToken("token missing or too large")
+    parts = token.split(".")
+    if len(parts) != 3:  # a JWE has five parts; anything else is not a JWS compact token
+        raise InvalidToken("malformed token")
+    header = _decode_segment(parts[0])
+    if header.get("alg") != ALGORITHM:
+        raise InvalidToken("unexpected algorithm")
+    if header.get("typ") not in _ALLOWED_TYP or "crit" in header or "jku" in header or "jwk" in header:
+        raise InvalidToken("unexpected token header")
+    current = time.time() if now is None else now
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            issuer=issuer,
+            audience=audience,
+            options={
+                "require_exp": True,
+                "require_iat": True,
+                "require_sub": True,
+                "require_jti": True,
+                "verify_aud": audience is not None,
+                "verify_iss": issuer is not None,
+                "leeway": LEEWAY_SECONDS,
+            },
+        )
+    except (JOSEError, ValueError, TypeError) as exc:
+        raise InvalidToken("signature or claims invalid") from exc
+    return _claims(claims, current)
+
+
+def _claims(claims: dict[str, Any], now: float) -> TokenClaims:
+    for name in _REQUIRED:
+        if claims.get(name) in (None, ""):
+            raise InvalidToken(f"claim {name} missing")
+    iat, exp = claims["iat"], claims["exp"]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (iat, exp)):
+        raise InvalidToken("time claims must be numbers")
+    if iat > now + LEEWAY_SECONDS:
+        raise InvalidToken("token issued in the future")
+    if exp <= now - LEEWAY_SECONDS:  # python-jose checks this too; kept so the rule lives here
+        raise InvalidToken("token expired")
+    if not isinstance(claims["sub"], str) or not isinstance(claims["jti"], str):
+        raise InvalidToken("sub and jti must be strings")
+    try:
+        role = Role(claims["role"])
+        raw_scopes = claims.get("scopes")
+        if not isinstance(raw_scopes, list):
+            raise InvalidToken("scopes must be a list")
+        scopes = frozenset(Scope(s) for s in raw_scopes)
+    except (ValueError, TypeError) as exc:
+        raise InvalidToken("unknown role or scope") from exc
+    if not scopes <= ROLE_SCOPES[role]:
+        raise InvalidToken("scopes exceed the role")
+    return TokenClaims(claims["sub"], role, scopes, claims["jti"], datetime.fromtimestamp(exp, UTC))
+
+
+def _decode_segment(segment: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidToken("malformed token") from exc
+    if not isinstance(value, dict):
+        raise InvalidToken("malformed token")
+    return value

@@ -1,0 +1,144 @@
+"""Custom attribute definitions, and the check of a contact's `attributes` against them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import date
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, FieldError, InvalidInput
+from app.models import AttributeDefinition, Contact
+from app.models.base import utc_now
+from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeType
+
+__all__ = ["create", "delete_definition", "get", "list_all", "normalize_values", "update_definition"]
+
+_defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
+_contacts = Contact.__table__  # type: ignore[attr-defined]
+MAX_TEXT = 2000
+
+
+async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
+    rows = await session.execute(select(_defs).order_by(_defs.c.name))
+    return [dict(r) for r in rows.mappings()]
+
+
+async def get(session: AsyncSession, name: str) -> dict[str, Any]:
+    row = (await session.execute(select(_defs).where(_defs.c.name == name))).mappings().first()
+    if row is None:
+        raise AttributeNotFound(f"no attribute named {name!r}")
+    return dict(row)
+
+
+async def create(session: AsyncSession, data: AttributeCreate) -> dict[str, Any]:
+    now = utc_now()
+    values = {**data.model_dump(), "created_at": now, "updated_at": now}
+    row = (
+        await session.execute(insert(_defs).values(values).on_conflict_do_nothing().returning(*_defs.c))
+    ).mappings().first()
+    if row is None:
+        raise DuplicateAttribute(f"an attribute named {data.name!r} already exists", existing_name=data.name)
+    return dict(row)
+
+
+async def update_definition(session: AsyncSession, name: str, patch: AttributePatch) -> dict[str, Any]:
+    current = await get(session, name)
+    changes = patch.model_dump(exclude_unset=True)
+    if "options" in changes:
+        if current["type"] not in (AttributeType.ENUM, AttributeType.MULTI_ENUM):
+            raise InvalidInput.one("options", "options are only for enum and multi_enum attributes")
+        new_options = changes["options"] or []
+        removed = sorted(set(current["options"] or []) - set(new_options))
+        if removed:
+            # Stored values would stop matching their definition.
+            raise InvalidInput.one("options", f"options cannot be removed: {', '.join(removed)}", "options_removed")
+        if len(set(new_options)) != len(new_options):
+            raise InvalidInput.one("options", "options must be distinct")
+    if not changes:
+        return current
+    row = (
+        await session.execute(
+            update(_defs).where(_defs.c.name == name).values(**changes, updated_at=utc_now()).returning(*_defs.c)
+        )
+    ).mappings().one()
+    return dict(row)
+
+
+async def delete_definition(session: AsyncSession, name: str) -> None:
+    await get(session, name)
+    holders = await session.scalar(
+        select(func.count()).select_from(_contacts).where(_contacts.c.attributes.has_key(name))
+    )
+    if holders:
+        raise AttributeInUse(
+            f"{holders} contact(s) hold a value for {name!r}; remove those values first", contacts=holders
+        )
+    await session.execute(delete(_defs).where(_defs.c.name == name))
+
+
+async def normalize_values(
+    session: AsyncSession, values: Mapping[str, Any], *, field: str = "attributes"
+) -> dict[str, Any]:
+    """Check each value against its definition and return the stored form; nulls pass through (removals)."""
+    if not values:
+        return {}
+    names = list(values)
+    rows = await session.execute(select(_defs).where(_defs.c.name.in_(names)))
+    definitions = {r["name"]: r for r in rows.mappings()}
+    out: dict[str, Any] = {}
+    errors: list[FieldError] = []
+    for name, value in values.items():
+        where = f"{field}.{name}"
+        definition = definitions.get(name)
+        if definition is None:
+            errors.append(FieldError(where, "unknown attribute: define it with POST /v1/attributes", "unknown_attribute"))
+            continue
+        if value is None:
+            out[name] = None
+            continue
+        try:
+            out[name] = _coerce(AttributeType(definition["type"]), value, definition["options"] or [])
+        except ValueError as exc:
+            errors.append(FieldError(where, str(exc), "attribute_type"))
+    if errors:
+        raise InvalidInput(*errors)
+    return out
+
+
+def _coerce(kind: AttributeType, value: Any, options: list[str]) -> Any:
+    match kind:
+        case AttributeType.TEXT:
+            if not isinstance(value, str):
+                raise ValueError("expected text")
+            if len(value) > MAX_TEXT or "\x00" in value:
+                raise ValueError(f"text must be at most {MAX_TEXT} characters, without NUL")
+            return value
+        case AttributeType.NUMBER:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError("expected a finite number")
+            return value
+        case AttributeType.BOOLEAN:
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        case AttributeType.DATE:
+            if not isinstance(value, str):
+                raise ValueError("expected a date as YYYY-MM-DD")
+            try:
+                return date.fromisoformat(value).isoformat()
+            except ValueError:
+                raise ValueError("expected a date as YYYY-MM-DD") from None
+        case AttributeType.ENUM:
+            if value not in options:
+                raise ValueError(f"expected one of: {', '.join(options)}")
+            return value
+        case AttributeType.MULTI_ENUM:
+            if not isinstance(value, list) or any(v not in options for v in value):
+                raise ValueError(f"expected a list of: {', '.join(options)}")
+            return sorted(set(value), key=value.index)
+    raise ValueError("unsupported attribute type")  # pragma: no cover

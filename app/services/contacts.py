@@ -1,0 +1,423 @@
+"""Contacts: create, upsert, batch, read, search, merge-patch, tags — with field-level history.
+
+Hot paths use SQLAlchemy Core and read `.mappings()`: a row mapping goes straight to the presenter.
+The unique indexes on email and external_id are the only duplicate guard (no check-then-insert race):
+inserts use `ON CONFLICT DO NOTHING` and a missing RETURNING row means "someone holds the key".
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import phonenumbers
+from sqlalchemy import ColumnElement, and_, func, literal, literal_column, or_, select, tuple_
+from sqlalchemy import update as update_statement
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import is_unique_violation
+from app.errors import ContactNotFound, DuplicateContact, InvalidInput, PreconditionFailed
+from app.models import Contact
+from app.models.base import new_id, utc_now
+from app.schemas.contacts import ContactCreate, ContactPatch, ContactSort, ContactUpsert
+from app.schemas.types import normalize_phone
+from app.security import Principal
+from app.services import attributes as attributes_service
+from app.services import history
+from app.services import tags as tags_service
+from app.services.pagination import Cursor, CursorCodec
+
+__all__ = [
+    "ContactFilters",
+    "Upserted",
+    "add_tag",
+    "create",
+    "get",
+    "list_page",
+    "remove_tag",
+    "update",
+    "upsert",
+]
+
+_t = Contact.__table__  # type: ignore[attr-defined]
+_ALL = tuple(_t.c)
+_SIMPLE = (
+    "external_id", "email", "phone", "first_name", "last_name", "company", "job_title", "sector", "gender",
+    "birth_date", "language", "source", "first_contact_at", "first_contact_channel", "kind",
+)
+ADDRESS = {"line1": "address_line1", "line2": "address_line2", "postal_code": "postal_code", "city": "city",
+           "region": "region", "country": "country"}
+_KEYS = ("email", "external_id", "phone")
+_MISSING: Any = object()
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Upserted:
+    row: Row
+    created: bool
+
+
+# ---- use cases -------------------------------------------------------------------------------------------
+
+
+async def get(session: AsyncSession, contact_id: uuid.UUID) -> Row:
+    row = (await session.execute(select(*_ALL).where(_t.c.id == contact_id))).mappings().first()
+    if row is None:
+        raise ContactNotFound(f"no contact with id {contact_id}")
+    return row
+
+
+async def create(session: AsyncSession, payload: ContactCreate, *, actor: Principal, via: str = "api") -> Row:
+    """Insert a contact, or raise DuplicateContact naming the contact that holds the email or external_id."""
+    values = await _new_values(session, payload, via=via)
+    row = await _insert(session, values)
+    if row is None:
+        raise DuplicateContact(
+            "a contact already holds this email or external_id", existing_id=await _holder_id(session, values)
+        )
+    await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+    return row
+
+
+async def upsert(session: AsyncSession, payload: ContactUpsert, *, actor: Principal, via: str = "api") -> Upserted:
+    """Create or update, matched by external_id, else email.
+
+    Scalars given replace stored ones (null clears), attributes merge by key, tags are only added:
+    an upsert from a back office never removes what a marketer set.
+    """
+    for _attempt in range(3):
+        current = await _match_for_update(session, payload.external_id, payload.email)
+        if current is not None:
+            changes = await _changes(session, current, payload, tags_mode="add")
+            return Upserted(await _write(session, current, changes, actor=actor, via=via), created=False)
+        values = await _new_values(session, payload, via=via)
+        row = await _insert(session, values)
+        if row is not None:
+            await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+            return Upserted(row, created=True)
+        # A concurrent request inserted the key between our lookup and insert: match again.
+    raise DuplicateContact("the contact keys are held by another contact",
+                           existing_id=await _holder_id(session, await _new_values(session, payload, via=via)))
+
+
+async def update(
+    session: AsyncSession,
+    contact_id: uuid.UUID,
+    patch: ContactPatch,
+    *,
+    actor: Principal,
+    expected_version: int | None = None,
+    via: str = "api",
+) -> Row:
+    """JSON merge patch: absent fields untouched, null clears, attributes merge by key, tags replace."""
+    current = await _lock(session, contact_id)
+    if expected_version is not None and current["version"] != expected_version:
+        raise PreconditionFailed(f"the contact is at version {current['version']}", current_version=current["version"])
+    changes = await _changes(session, current, patch, tags_mode="replace")
+    merged = {**current, **changes}
+    if not any(merged.get(k) for k in _KEYS):
+        raise InvalidInput.one("body", "a contact keeps at least one of email, phone or external_id", "identifier_required")
+    return await _write(session, current, changes, actor=actor, via=via)
+
+
+async def add_tag(session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal) -> Row:
+    current = await _lock(session, contact_id)
+    if name in current["tags"]:
+        return current
+    await tags_service.ensure(session, [name])
+    return await _write(session, current, {"tags": [*current["tags"], name]}, actor=actor, via="api")
+
+
+async def remove_tag(session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal) -> Row:
+    current = await _lock(session, contact_id)
+    if name not in current["tags"]:
+        return current
+    return await _write(session, current, {"tags": [t for t in current["tags"] if t != name]}, actor=actor, via="api")
+
+
+# ---- listing ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ContactFilters:
+    q: str | None = None
+    email: str | None = None
+    external_id: str | None = None
+    tags: list[str] = field(default_factory=list)
+    kind: str | None = None
+    lifecycle_stage: str | None = None
+    city: str | None = None
+    postal_code: str | None = None
+    country: str | None = None
+    created_after: datetime | None = None
+    updated_after: datetime | None = None
+
+
+# NULL sorts as 1970 (before any order; asyncpg maps year 1 to -infinity) so (expression, id) is a total order the keyset indexes serve.
+NO_ORDER_YET = literal_column("'1970-01-01 00:00:00+00'::timestamptz")
+_SORT_EXPR: dict[str, ColumnElement[Any]] = {
+    "created_at": _t.c.created_at,
+    "updated_at": _t.c.updated_at,
+    "last_name": func.coalesce(func.lower(_t.c.last_name), ""),
+    "last_order_at": func.coalesce(_t.c.last_order_at, NO_ORDER_YET),
+}
+
+
+async def list_page(
+    session: AsyncSession,
+    filters: ContactFilters,
+    *,
+    sort: ContactSort,
+    limit: int,
+    cursor: str | None,
+    codec: CursorCodec,
+) -> tuple[list[Row], str | None]:
+    """One keyset page: rows after the cursor's (sort value, id), and the cursor of the next page."""
+    descending = sort.value.startswith("-")
+    key = sort.value.lstrip("-")
+    expr = _SORT_EXPR[key]
+    query = select(*_ALL, expr.label("_sort")).where(*_conditions(filters))
+    if cursor:
+        after = codec.decode(cursor, sort=sort.value)
+        position = tuple_(expr, _t.c.id)
+        bound = tuple_(literal(_cursor_value(key, after.value), type_=expr.type), literal(_uuid(after.id)))
+        query = query.where(position < bound if descending else position > bound)
+    order = (expr.desc(), _t.c.id.desc()) if descending else (expr.asc(), _t.c.id.asc())
+    rows = list((await session.execute(query.order_by(*order).limit(limit + 1))).mappings())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    token = codec.encode(Cursor(sort.value, _cursor_json(last["_sort"]), str(last["id"])))
+    return rows[:limit], token
+
+
+def _cursor_json(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _cursor_value(key: str, value: Any) -> Any:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return value if key == "last_name" else datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None
+
+
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None
+
+
+def _conditions(f: ContactFilters) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if f.q:
+        where.append(_search(f.q))
+    if f.email is not None:
+        where.append(_t.c.email == f.email)
+    if f.external_id is not None:
+        where.append(_t.c.external_id == f.external_id)
+    if f.tags:
+        where.append(_t.c.tags.contains(f.tags))
+    if f.kind is not None:
+        where.append(_t.c.kind == f.kind)
+    if f.lifecycle_stage is not None:
+        where.append(_t.c.lifecycle_stage == f.lifecycle_stage)
+    if f.city is not None:
+        where.append(func.lower(_t.c.city) == f.city.lower())
+    if f.postal_code is not None:
+        where.append(_t.c.postal_code == f.postal_code)
+    if f.country is not None:
+        where.append(_t.c.country == f.country)
+    if f.created_after is not None:
+        where.append(_t.c.created_at > f.created_after)
+    if f.updated_after is not None:
+        where.append(_t.c.updated_at > f.updated_after)
+    return where
+
+
+def _search(q: str) -> ColumnElement[bool]:
+    """Every word must start one of last name, first name, company or email; or q is the phone number.
+
+    Prefix matching is what `text_pattern_ops` indexes serve without pg_trgm.
+    """
+    words = q.lower().split()[:5]
+    per_word = [
+        or_(
+            func.lower(_t.c.last_name).like(_prefix(w), escape="\\"),
+            func.lower(_t.c.first_name).like(_prefix(w), escape="\\"),
+            func.lower(_t.c.company).like(_prefix(w), escape="\\"),
+            _t.c.email.like(_prefix(w), escape="\\"),
+        )
+        for w in words
+    ]
+    matched = and_(*per_word) if per_word else literal(False)
+    phone = _as_phone(q)
+    return or_(matched, _t.c.phone == phone) if phone else matched
+
+
+def _prefix(word: str) -> str:
+    return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _as_phone(q: str) -> str | None:
+    if sum(c.isdigit() for c in q) < 6:
+        return None
+    try:
+        return normalize_phone(q)
+    except (ValueError, phonenumbers.NumberParseException):
+        return None
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+
+async def _new_values(session: AsyncSession, payload: ContactCreate | ContactUpsert, *, via: str) -> dict[str, Any]:
+    columns, attrs, tags = _columns_from(payload)
+    values = {k: v for k, v in columns.items() if v is not None}
+    if attrs is not _MISSING and attrs:
+        normalized = await attributes_service.normalize_values(session, attrs)
+        values["attributes"] = {k: v for k, v in normalized.items() if v is not None}
+    if tags is not _MISSING and tags:
+        values["tags"] = list(dict.fromkeys(tags))
+        await tags_service.ensure(session, values["tags"])
+    values.setdefault("source", "api" if via == "api" else via)
+    now = utc_now()
+    values.update(id=new_id(), created_at=now, updated_at=now)
+    return values
+
+
+async def _insert(session: AsyncSession, values: dict[str, Any]) -> Row | None:
+    statement = insert(_t).values(values).on_conflict_do_nothing().returning(*_ALL)
+    return (await session.execute(statement)).mappings().first()
+
+
+async def _changes(
+    session: AsyncSession, current: Row, payload: ContactUpsert | ContactPatch, *, tags_mode: str
+) -> dict[str, Any]:
+    """The column values that differ from `current` once the payload is applied."""
+    columns, attrs, tags = _columns_from(payload)
+    changes = {k: v for k, v in columns.items() if current[k] != v}
+    if attrs is not _MISSING:
+        merged = dict(current["attributes"])
+        for name, value in (await attributes_service.normalize_values(session, attrs or {})).items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        if attrs is None:  # "attributes": null in a merge patch removes them all
+            merged = {}
+        if merged != current["attributes"]:
+            changes["attributes"] = merged
+    if tags is not _MISSING:
+        wanted = list(dict.fromkeys(tags or []))
+        new_tags = list(dict.fromkeys([*current["tags"], *wanted])) if tags_mode == "add" else wanted
+        if new_tags != list(current["tags"]):
+            await tags_service.ensure(session, [t for t in new_tags if t not in current["tags"]])
+            changes["tags"] = new_tags
+    return changes
+
+
+async def _write(
+    session: AsyncSession, current: Row, changes: dict[str, Any], *, actor: Principal, via: str
+) -> Row:
+    """Apply changes with a version bump and one history row per changed field."""
+    if not changes:
+        return current
+    statement = (
+        update_statement(_t)
+        .where(_t.c.id == current["id"])
+        .values(**changes, version=_t.c.version + 1, updated_at=utc_now())
+        .returning(*_ALL)
+    )
+    if any(k in changes for k in ("email", "external_id")):
+        try:
+            async with session.begin_nested():  # keep the transaction usable to name the holder
+                row = (await session.execute(statement)).mappings().one()
+        except IntegrityError as exc:
+            if not is_unique_violation(exc):
+                raise
+            raise DuplicateContact(
+                "another contact already holds this email or external_id",
+                existing_id=await _holder_id(session, changes, excluding=current["id"]),
+            ) from None
+    else:
+        row = (await session.execute(statement)).mappings().one()
+    await history.record(session, row["id"], _diff(current, row), actor=actor, via=via)
+    return row
+
+
+async def _lock(session: AsyncSession, contact_id: uuid.UUID) -> Row:
+    row = (await session.execute(select(*_ALL).where(_t.c.id == contact_id).with_for_update())).mappings().first()
+    if row is None:
+        raise ContactNotFound(f"no contact with id {contact_id}")
+    return row
+
+
+async def _match_for_update(session: AsyncSession, external_id: str | None, email: str | None) -> Row | None:
+    """The contact holding external_id, else the one holding email; one round trip, both rows locked."""
+    keys = []
+    if external_id:
+        keys.append(_t.c.external_id == external_id)
+    if email:
+        keys.append(_t.c.email == email)
+    rows = list((await session.execute(select(*_ALL).where(or_(*keys)).with_for_update())).mappings())
+    by_external = next((r for r in rows if external_id and r["external_id"] == external_id), None)
+    if by_external is not None:
+        return by_external
+    by_email = next((r for r in rows if email and r["email"] == email), None)
+    if by_email is not None and external_id and by_email["external_id"] not in (None, external_id):
+        raise DuplicateContact(
+            "this email belongs to a contact with another external_id", existing_id=str(by_email["id"])
+        )
+    return by_email
+
+
+async def _holder_id(
+    session: AsyncSession, values: Mapping[str, Any], *, excluding: uuid.UUID | None = None
+) -> str | None:
+    keys = [_t.c[k] == values[k] for k in ("email", "external_id") if values.get(k) is not None]
+    if not keys:
+        return None
+    query = select(_t.c.id).where(or_(*keys))
+    if excluding is not None:
+        query = query.where(_t.c.id != excluding)
+    holder = await session.scalar(query.limit(1))
+    return str(holder) if holder else None
+
+
+def _columns_from(payload: ContactCreate | ContactUpsert | ContactPatch) -> tuple[dict[str, Any], Any, Any]:
+    """Column values the payload sets (explicit nulls included), its attributes patch and its tags."""
+    data = payload.model_dump(exclude_unset=True)
+    columns = {name: data[name] for name in _SIMPLE if name in data}
+    if "address" in data:
+        address = data["address"]
+        if address is None:
+            columns.update(dict.fromkeys(ADDRESS.values()))
+        else:
+            columns.update({ADDRESS[k]: v for k, v in address.items()})
+    return columns, data.get("attributes", _MISSING), data.get("tags", _MISSING)
+
+
+def _wire_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row as the flat wire fields history speaks of: `email`, `address.city`, `attributes.size`, `tags`."""
+    out = {name: row.get(name) for name in _SIMPLE}
+    out.update({f"address.{k}": row.get(col) for k, col in ADDRESS.items()})
+    out.update({f"attributes.{k}": v for k, v in (row.get("attributes") or {}).items()})
+    out["tags"] = list(row.get("tags") or []) or None
+    return out
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Sequence[history.Change]:
+    before, after = _wire_fields(old), _wire_fields(new)
+    return [(k, before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k)]

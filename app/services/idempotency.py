@@ -1,0 +1,74 @@
+"""Idempotency-Key: the first response of a create is stored with the change it made, and replayed.
+
+The key row is inserted in the request's own transaction, so the unique key itself serializes
+concurrent repeats: a second request with the same key waits for the first to commit, then replays it.
+If the first request fails, its transaction (key row included) rolls back and the key is free again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import FieldError, IdempotencyKeyReused, InvalidInput
+from app.models import IdempotencyRecord
+from app.models.base import utc_now
+
+__all__ = ["KEEP_FOR", "Stored", "claim", "complete", "request_fingerprint"]
+
+KEEP_FOR = timedelta(hours=24)
+_t = IdempotencyRecord.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    status_code: int
+    body: Any
+
+
+def request_fingerprint(method: str, path: str, body: bytes) -> str:
+    """Same JSON (whatever its spacing or key order) → same fingerprint."""
+    try:
+        canonical = json.dumps(json.loads(body or b"null"), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        canonical = body
+    return hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + canonical).hexdigest()
+
+
+async def claim(
+    session: AsyncSession, *, subject: str, key: str, method: str, path: str, fingerprint: str
+) -> Stored | None:
+    """None: go ahead (the key is ours now). Stored: replay it. Raises if the key served another request."""
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidInput.one("Idempotency-Key", "1 to 255 printable characters", "invalid_idempotency_key")
+    now = utc_now()
+    values = {"subject": subject, "key": key, "method": method, "path": path, "request_hash": fingerprint,
+              "created_at": now}
+    claimed = await session.execute(insert(_t).values(values).on_conflict_do_nothing().returning(_t.c.key))
+    if claimed.first() is not None:
+        return None
+    where = and_(_t.c.subject == subject, _t.c.key == key)
+    existing = (await session.execute(select(_t).where(where).with_for_update())).mappings().one()
+    if existing["created_at"] < now - KEEP_FOR:  # expired: the key starts a new life
+        await session.execute(update(_t).where(where).values(values | {"status_code": None, "response_body": None}))
+        return None
+    if existing["request_hash"] != fingerprint:
+        raise IdempotencyKeyReused(
+            FieldError("Idempotency-Key", "already used with another request body or path", "idempotency_key_reused")
+        )
+    return Stored(existing["status_code"], existing["response_body"])
+
+
+async def complete(session: AsyncSession, *, subject: str, key: str, status_code: int, body: Any) -> None:
+    await session.execute(
+        update(_t)
+        .where(and_(_t.c.subject == subject, _t.c.key == key))
+        .values(status_code=status_code, response_body=body)
+    )

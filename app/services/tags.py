@@ -1,0 +1,80 @@
+"""Tags: the catalogue, and adding or removing one on contacts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import Conflict, TagNotFound
+from app.models import Contact, ContactHistory, Tag
+from app.models.base import utc_now
+from app.schemas.attributes import TagCreate
+from app.security import Principal
+
+__all__ = ["create", "delete_tag", "ensure", "list_all"]
+
+_tags = Tag.__table__  # type: ignore[attr-defined]
+_contacts = Contact.__table__  # type: ignore[attr-defined]
+_history = ContactHistory.__table__  # type: ignore[attr-defined]
+
+
+class DuplicateTag(Conflict):
+    slug, title = "duplicate-tag", "A tag with this name already exists"
+
+
+async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
+    rows = await session.execute(select(_tags).order_by(_tags.c.name))
+    return [dict(r) for r in rows.mappings()]
+
+
+async def create(session: AsyncSession, data: TagCreate) -> dict[str, Any]:
+    row = (
+        await session.execute(
+            insert(_tags).values(**data.model_dump(), created_at=utc_now()).on_conflict_do_nothing().returning(*_tags.c)
+        )
+    ).mappings().first()
+    if row is None:
+        raise DuplicateTag(f"a tag named {data.name!r} already exists")
+    return dict(row)
+
+
+async def ensure(session: AsyncSession, names: Sequence[str]) -> None:
+    """Tags named on a contact exist in the catalogue afterwards (created on first use)."""
+    if names:
+        await session.execute(
+            insert(_tags).values([{"name": n, "created_at": utc_now()} for n in names]).on_conflict_do_nothing()
+        )
+
+
+async def delete_tag(session: AsyncSession, name: str, *, actor: Principal) -> int:
+    """Delete a tag and take it off every contact (recorded in each contact's history, set-based)."""
+    found = await session.execute(delete(_tags).where(_tags.c.name == name).returning(_tags.c.name))
+    if found.first() is None:
+        raise TagNotFound(f"no tag named {name!r}")
+    changed = (
+        update(_contacts)
+        .where(_contacts.c.tags.contains([name]))
+        .values(tags=func.array_remove(_contacts.c.tags, name), version=_contacts.c.version + 1, updated_at=utc_now())
+        .returning(_contacts.c.id, _contacts.c.tags)
+        .cte("changed")
+    )
+    old_tags = func.array_append(changed.c.tags, name)
+    result = await session.execute(
+        insert(_history).from_select(
+            ["contact_id", "field", "old_value", "new_value", "subject", "via", "at"],
+            select(
+                changed.c.id,
+                literal("tags"),
+                func.to_jsonb(old_tags),
+                func.to_jsonb(changed.c.tags),
+                literal(actor.subject),
+                literal("api"),
+                literal(utc_now()),
+            ),
+        )
+    )
+    return result.rowcount or 0

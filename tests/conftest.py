@@ -1,0 +1,132 @@
+"""Test database (one per xdist worker, built by `alembic upgrade head`), per-test rollback, app and client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import async_url, get_sessionmaker, make_engine, make_sessionmaker, metadata
+from app.embedded import EmbeddedPostgres
+from app.main import create_app
+from app.migrations import upgrade
+from app.settings import Settings
+from tests.auth import TEST_SECRET
+
+TABLES = ("contact_history", "idempotency_record", "contact", "tag", "attribute_definition")
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """TEST_DATABASE_URL when set (CI: the machine's PostgreSQL), an embedded server otherwise."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield async_url(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="carnet-test-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        yield embedded.start()
+        embedded.stop()
+
+
+def _with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+async def _recreate(url: str, name: str) -> None:
+    admin = make_url(url).set(drivername="postgresql", database="postgres")
+    dsn = admin.render_as_string(hide_password=False)
+    host = admin.query.get("host")
+    kwargs = {"host": host} if isinstance(host, str) else {}
+    try:
+        conn = await asyncpg.connect(dsn.split("?")[0], timeout=10, **kwargs)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.exit(f"cannot reach the test PostgreSQL ({type(exc).__name__}): {exc}", returncode=3)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str, worker_id: str) -> str:
+    """A fresh database for this xdist worker, migrated to head (migrations are exercised, never create_all)."""
+    name = f"carnet_test_{worker_id}"
+    asyncio.run(_recreate(server_url, name))
+    url = _with_database(server_url, name)
+    upgrade(url)
+    return url
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(database_url, pool_size=5)
+    yield engine
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sessions(engine: AsyncEngine) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Every test runs in one outer transaction, rolled back; the app's commits become savepoints."""
+    async with engine.connect() as connection:
+        outer = await connection.begin()
+        yield async_sessionmaker(
+            bind=connection, class_=AsyncSession, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
+        await outer.rollback()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        database_url=database_url,
+        jwt_secret=TEST_SECRET,  # type: ignore[arg-type]
+        data_dir=tmp_path_factory.mktemp("data"),
+        max_body_bytes=1024 * 1024,
+        log_json=True,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(app: FastAPI, sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[httpx.AsyncClient]:
+    app.dependency_overrides[get_sessionmaker] = lambda: sessions
+    app.state.sessionmaker = sessions
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        yield http
+    app.dependency_overrides.clear()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def committing_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    """Real, separate transactions (races); the tables are emptied afterwards."""
+    makers = make_sessionmaker(engine)
+    app.dependency_overrides[get_sessionmaker] = lambda: makers
+    app.state.sessionmaker = makers
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        yield http
+    app.dependency_overrides.clear()
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+
+
+@pytest.fixture(scope="session")
+def table_names() -> list[str]:
+    return sorted(metadata.tables)

@@ -1,0 +1,376 @@
+"""HTTP contract of /v1/contacts: status codes, problem bodies, headers, and what is stored."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from app.security import Role
+from tests.auth import bearer
+from tests.factories import ADMIN, make_attribute, make_contact, unique_email
+
+
+
+def assert_problem(response: httpx.Response, status: int, *fields: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert {"type", "title", "status", "detail", "instance"} <= body.keys()
+    assert body["status"] == status
+    if fields:
+        assert sorted(e["field"] for e in body["errors"]) == sorted(fields), body
+    return body
+
+
+class TestCreateContact:
+    async def test_normalizes_email_and_phone(self, client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            "/v1/contacts",
+            json={"email": "  Claire.Martin@Example.COM ", "phone": "06 12 34 56 78", "first_name": "Claire",
+                  "address": {"city": "Lyon", "country": "fr"}},
+            headers=ADMIN,
+        )
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["email"] == "claire.martin@example.com"
+        assert body["phone"] == "+33612345678"
+        assert body["address"]["country"] == "FR"
+        assert body["source"] == "api" and body["kind"] == "prospect" and body["version"] == 1
+        assert response.headers["etag"] == '"v1"'
+        assert response.headers["location"] == f"/v1/contacts/{body['id']}"
+
+    async def test_duplicate_email_is_409_with_existing_id(self, client: httpx.AsyncClient) -> None:
+        first = await make_contact(client, email="dup@example.com")
+        response = await client.post("/v1/contacts", json={"email": "DUP@example.com"}, headers=ADMIN)
+        assert assert_problem(response, 409)["existing_id"] == first["id"]
+
+    async def test_duplicate_external_id_is_409_with_existing_id(self, client: httpx.AsyncClient) -> None:
+        first = await make_contact(client, external_id="C-1")
+        response = await client.post("/v1/contacts", json={"external_id": "C-1", "email": unique_email()}, headers=ADMIN)
+        assert assert_problem(response, 409)["existing_id"] == first["id"]
+
+    async def test_needs_an_identifier(self, client: httpx.AsyncClient) -> None:
+        assert_problem(await client.post("/v1/contacts", json={"first_name": "X"}, headers=ADMIN), 422, "body")
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"email": "not-an-email"}, "email"),
+            ({"phone": "12"}, "phone"),
+            ({"email": "a@b.fr", "address": {"country": "XX"}}, "address.country"),
+            ({"email": "a@b.fr", "nickname": "typo"}, "nickname"),
+            ({"email": "a@b.fr", "first_name": 42}, "first_name"),
+            ({"email": "a@b.fr", "first_name": "Cl\u0000aire"}, "first_name"),
+            ({"email": "a@b.fr", "kind": "alien"}, "kind"),
+            ({"email": "a@b.fr", "birth_date": "31/12/1990"}, "birth_date"),
+            ({"email": "a@b.fr", "tags": "vip"}, "tags"),
+            ({"email": "a@b.fr", "address": {"city": "Lyon", "planet": "Earth"}}, "address.planet"),
+        ],
+    )
+    async def test_bad_input_is_422_naming_the_field(self, client: httpx.AsyncClient, body: dict, field: str) -> None:
+        assert_problem(await client.post("/v1/contacts", json=body, headers=ADMIN), 422, field)
+        listing = await client.get("/v1/contacts", params={"email": "a@b.fr"}, headers=ADMIN)
+        assert listing.json()["data"] == []  # nothing half-written
+
+    async def test_malformed_json_is_422(self, client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            "/v1/contacts", content=b'{"email": "a@b.fr",', headers={**ADMIN, "content-type": "application/json"}
+        )
+        assert_problem(response, 422)
+
+    async def test_body_over_the_limit_is_413(self, client: httpx.AsyncClient) -> None:
+        big = b'{"email": "a@b.fr", "first_name": "' + b"x" * (10 * 1024 * 1024) + b'"}'
+        response = await client.post("/v1/contacts", content=big, headers={**ADMIN, "content-type": "application/json"})
+        assert_problem(response, 413)
+
+    async def test_unknown_attribute_and_wrong_type_are_422(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "shoe_size", "number")
+        unknown = await client.post("/v1/contacts", json={"email": unique_email(), "attributes": {"hat": 1}}, headers=ADMIN)
+        assert_problem(unknown, 422, "attributes.hat")
+        wrong = await client.post(
+            "/v1/contacts", json={"email": unique_email(), "attributes": {"shoe_size": "big"}}, headers=ADMIN
+        )
+        assert_problem(wrong, 422, "attributes.shoe_size")
+
+    async def test_typed_attributes_are_stored(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "size", "enum", options=["S", "M", "L"])
+        await make_attribute(client, "likes", "multi_enum", options=["wine", "cheese"])
+        await make_attribute(client, "since", "date")
+        await make_attribute(client, "optin_sms", "boolean")
+        contact = await make_contact(
+            client, attributes={"size": "M", "likes": ["cheese", "wine", "cheese"], "since": "2024-02-29",
+                                "optin_sms": False},
+        )
+        assert contact["attributes"] == {"size": "M", "likes": ["cheese", "wine"], "since": "2024-02-29",
+                                         "optin_sms": False}
+        bad = await client.post("/v1/contacts", json={"email": unique_email(), "attributes": {"size": "XL"}}, headers=ADMIN)
+        assert_problem(bad, 422, "attributes.size")
+
+
+class TestIdempotency:
+    async def test_same_key_same_body_replays_the_first_response(self, client: httpx.AsyncClient) -> None:
+        headers = {**ADMIN, "Idempotency-Key": "k-1"}
+        body = {"email": unique_email(), "first_name": "Léa"}
+        first = await client.post("/v1/contacts", json=body, headers=headers)
+        again = await client.post("/v1/contacts", json=dict(reversed(body.items())), headers=headers)
+        assert first.status_code == again.status_code == 201
+        assert again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+
+    async def test_same_key_other_body_is_422(self, client: httpx.AsyncClient) -> None:
+        headers = {**ADMIN, "Idempotency-Key": "k-2"}
+        assert (await client.post("/v1/contacts", json={"email": unique_email()}, headers=headers)).status_code == 201
+        other = await client.post("/v1/contacts", json={"email": unique_email()}, headers=headers)
+        assert_problem(other, 422, "Idempotency-Key")
+
+    async def test_a_failed_request_does_not_burn_the_key(self, client: httpx.AsyncClient) -> None:
+        taken = await make_contact(client)
+        headers = {**ADMIN, "Idempotency-Key": "k-3"}
+        body = {"email": taken["email"]}
+        assert (await client.post("/v1/contacts", json=body, headers=headers)).status_code == 409
+        assert (await client.post("/v1/contacts", json=body, headers=headers)).status_code == 409
+
+
+class TestGetContact:
+    async def test_unknown_id_is_404(self, client: httpx.AsyncClient) -> None:
+        assert_problem(await client.get(f"/v1/contacts/{uuid.uuid4()}", headers=ADMIN), 404)
+
+    async def test_malformed_id_is_422(self, client: httpx.AsyncClient) -> None:
+        assert_problem(await client.get("/v1/contacts/not-a-uuid", headers=ADMIN), 422, "contact_id")
+
+    async def test_viewer_sees_masked_personal_data(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, email="claire.martin@example.com", phone="+33612345612",
+                                     first_name="Claire", last_name="Martin", birth_date="1990-05-01",
+                                     address={"line1": "3 rue de la Paix", "city": "Lyon"})
+        masked = (await client.get(f"/v1/contacts/{contact['id']}", headers=bearer(Role.VIEWER))).json()
+        assert masked["email"] == "c***@example.com"
+        assert masked["phone"] == "+33 6 ** ** ** 12"
+        assert (masked["first_name"], masked["last_name"], masked["birth_date"]) == ("C***", "M***", None)
+        assert masked["address"] == {**contact["address"], "line1": "***"}
+        assert masked["pii_masked"] is True
+        full = (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).json()
+        assert full["email"] == "claire.martin@example.com" and full["pii_masked"] is False
+
+
+class TestUpsert:
+    async def test_creates_then_updates_by_external_id(self, client: httpx.AsyncClient) -> None:
+        body = {"external_id": "shop-42", "email": unique_email(), "first_name": "Ana"}
+        created = await client.post("/v1/contacts/upsert", json=body, headers=ADMIN)
+        assert created.status_code == 201
+        updated = await client.post("/v1/contacts/upsert", json={"external_id": "shop-42", "last_name": "Diaz"},
+                                    headers=ADMIN)
+        assert updated.status_code == 200
+        assert updated.json()["id"] == created.json()["id"]
+        assert (updated.json()["first_name"], updated.json()["last_name"], updated.json()["version"]) == ("Ana", "Diaz", 2)
+
+    async def test_matches_by_email_and_adopts_the_external_id(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        response = await client.post("/v1/contacts/upsert", json={"email": contact["email"], "external_id": "E-9"},
+                                     headers=ADMIN)
+        assert response.status_code == 200 and response.json()["id"] == contact["id"]
+        assert response.json()["external_id"] == "E-9"
+
+    async def test_email_of_a_contact_with_another_external_id_is_409(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, external_id="A-1")
+        response = await client.post("/v1/contacts/upsert", json={"email": contact["email"], "external_id": "B-2"},
+                                     headers=ADMIN)
+        assert assert_problem(response, 409)["existing_id"] == contact["id"]
+
+    async def test_unchanged_upsert_writes_nothing(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, first_name="Zoé")
+        again = await client.post("/v1/contacts/upsert", json={"email": contact["email"], "first_name": "Zoé"},
+                                  headers=ADMIN)
+        assert again.status_code == 200 and again.json()["version"] == 1
+
+    async def test_tags_are_only_added(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, tags=["vip"])
+        response = await client.post("/v1/contacts/upsert", json={"email": contact["email"], "tags": ["newsletter"]},
+                                     headers=ADMIN)
+        assert response.json()["tags"] == ["vip", "newsletter"]
+
+
+class TestBatch:
+    async def test_one_bad_item_never_sinks_the_others(self, client: httpx.AsyncClient) -> None:
+        existing = await make_contact(client, external_id="X-1")
+        items = [{"email": unique_email()}, {"email": "broken"}, {"external_id": "X-1", "last_name": "Roux"},
+                 {"email": unique_email(), "unknown": 1}]
+        response = await client.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [r["status"] for r in body["results"]] == ["created", "error", "updated", "error"]
+        assert (body["created"], body["updated"], body["errors"]) == (1, 1, 2)
+        assert body["results"][1]["error"]["errors"][0]["field"] == "email"
+        assert body["results"][2]["id"] == existing["id"]
+
+    async def test_more_than_1000_items_is_422(self, client: httpx.AsyncClient) -> None:
+        items = [{"email": f"p{i}@example.com"} for i in range(1001)]
+        assert_problem(await client.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN), 422, "items")
+
+
+class TestListContacts:
+    async def test_filters(self, client: httpx.AsyncClient) -> None:
+        lyon = await make_contact(client, last_name="Lefèvre", address={"city": "Lyon", "postal_code": "69001",
+                                  "country": "FR"}, tags=["vip", "b2b"], kind="customer")
+        await make_contact(client, last_name="Lefort", address={"city": "Paris", "postal_code": "75001"}, tags=["vip"])
+        cases = [
+            ({"city": "LYON"}, [lyon["id"]]),
+            ({"postal_code": "69001"}, [lyon["id"]]),
+            ({"tag": ["vip", "b2b"]}, [lyon["id"]]),
+            ({"kind": "customer"}, [lyon["id"]]),
+            ({"q": "lefè"}, [lyon["id"]]),
+            ({"email": lyon["email"].upper()}, [lyon["id"]]),
+            ({"country": "fr", "q": "lef"}, [lyon["id"]]),
+        ]
+        for params, expected in cases:
+            response = await client.get("/v1/contacts", params=params, headers=ADMIN)
+            assert response.status_code == 200, (params, response.text)
+            assert [c["id"] for c in response.json()["data"]] == expected, params
+
+    async def test_q_matches_words_and_phone(self, client: httpx.AsyncClient) -> None:
+        jean = await make_contact(client, first_name="Jean", last_name="Dupont", company="Acme", phone="0611223344")
+        await make_contact(client, first_name="Jeanne", last_name="Martin")
+        for q in ("jean dup", "DUPONT", "acme", "06 11 22 33 44", "+33611223344"):
+            ids = [c["id"] for c in (await client.get("/v1/contacts", params={"q": q}, headers=ADMIN)).json()["data"]]
+            assert ids == [jean["id"]], q
+        # LIKE wildcards in q are literal characters
+        assert (await client.get("/v1/contacts", params={"q": "%"}, headers=ADMIN)).json()["data"] == []
+
+    async def test_keyset_pages_are_stable_under_concurrent_inserts(self, client: httpx.AsyncClient) -> None:
+        names = [f"Page{i:02d}" for i in range(7)]
+        for name in names:
+            await make_contact(client, last_name=name, tags=["paging"])
+        seen: list[str] = []
+        cursor = None
+        while True:
+            params = {"tag": "paging", "sort": "last_name", "limit": 3, **({"cursor": cursor} if cursor else {})}
+            page = (await client.get("/v1/contacts", params=params, headers=ADMIN)).json()
+            seen += [c["last_name"] for c in page["data"]]
+            if len(seen) == 3:  # someone inserts rows sorting before and after the cursor
+                await make_contact(client, last_name="Page00a", tags=["paging"])
+                await make_contact(client, last_name="Page99", tags=["paging"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [*names, "Page99"]
+
+    @pytest.mark.parametrize("sort", ["created_at", "-created_at", "updated_at", "-updated_at", "last_name",
+                                      "-last_name", "last_order_at", "-last_order_at"])
+    async def test_every_sort_pages_through_every_row_once(self, client: httpx.AsyncClient, sort: str) -> None:
+        made = {(await make_contact(client, last_name=n, tags=["sorting"]))["id"] for n in ("b", None, "a", "c", None)}
+        seen: list[str] = []
+        cursor = None
+        for _ in range(10):
+            params = {"tag": "sorting", "sort": sort, "limit": 2, **({"cursor": cursor} if cursor else {})}
+            response = await client.get("/v1/contacts", params=params, headers=ADMIN)
+            assert response.status_code == 200, response.text
+            seen += [c["id"] for c in response.json()["data"]]
+            cursor = response.json()["next_cursor"]
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(made)
+
+    async def test_forged_cursor_is_422(self, client: httpx.AsyncClient) -> None:
+        for cursor in ("garbage", "eyJzIjoiY3JlYXRlZF9hdCJ9", "A" * 60):
+            assert_problem(await client.get("/v1/contacts", params={"cursor": cursor}, headers=ADMIN), 422, "cursor")
+
+    async def test_cursor_of_another_sort_is_422(self, client: httpx.AsyncClient) -> None:
+        for _ in range(3):
+            await make_contact(client)
+        page = (await client.get("/v1/contacts", params={"limit": 1}, headers=ADMIN)).json()
+        response = await client.get("/v1/contacts", params={"limit": 1, "sort": "last_name",
+                                                            "cursor": page["next_cursor"]}, headers=ADMIN)
+        assert_problem(response, 422, "cursor")
+
+    @pytest.mark.parametrize("limit", ["0", "1001", "-1", "lots"])
+    async def test_limit_out_of_range_is_422(self, client: httpx.AsyncClient, limit: str) -> None:
+        assert_problem(await client.get("/v1/contacts", params={"limit": limit}, headers=ADMIN), 422, "limit")
+
+
+class TestUpdateContact:
+    async def test_merge_patch_semantics(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "color", "text")
+        await make_attribute(client, "tier", "number")
+        contact = await make_contact(client, first_name="Marc", company="Acme", address={"city": "Lyon", "line1": "1 rue"},
+                                     attributes={"color": "red", "tier": 2})
+        response = await client.patch(
+            f"/v1/contacts/{contact['id']}",
+            json={"company": None, "address": {"city": "Paris"}, "attributes": {"color": None, "tier": 3}},
+            headers={**ADMIN, "content-type": "application/merge-patch+json"},
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["first_name"], body["company"]) == ("Marc", None)
+        assert (body["address"]["city"], body["address"]["line1"]) == ("Paris", "1 rue")
+        assert body["attributes"] == {"tier": 3}
+        assert body["version"] == 2 and response.headers["etag"] == '"v2"'
+
+    async def test_stale_if_match_is_412_and_changes_nothing(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        url = f"/v1/contacts/{contact['id']}"
+        ok = await client.patch(url, json={"first_name": "A"}, headers={**ADMIN, "If-Match": '"v1"'})
+        assert ok.status_code == 200
+        stale = await client.patch(url, json={"first_name": "B"}, headers={**ADMIN, "If-Match": '"v1"'})
+        assert_problem(stale, 412)
+        assert (await client.get(url, headers=ADMIN)).json()["first_name"] == "A"
+
+    async def test_removing_the_last_identifier_is_422(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        response = await client.patch(f"/v1/contacts/{contact['id']}", json={"email": None}, headers=ADMIN)
+        assert_problem(response, 422, "body")
+
+    async def test_taking_another_contacts_email_is_409(self, client: httpx.AsyncClient) -> None:
+        holder, other = await make_contact(client), await make_contact(client)
+        response = await client.patch(f"/v1/contacts/{other['id']}", json={"email": holder["email"]}, headers=ADMIN)
+        assert assert_problem(response, 409)["existing_id"] == holder["id"]
+        assert (await client.get(f"/v1/contacts/{other['id']}", headers=ADMIN)).json()["email"] == other["email"]
+
+
+class TestHistory:
+    async def test_every_change_is_recorded_with_subject_and_via(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, first_name="Paul")
+        editor = bearer(Role.EDITOR, subject="editor@shop.example")
+        await client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": "Pierre", "address": {"city": "Nice"}},
+                           headers=editor)
+        history = (await client.get(f"/v1/contacts/{contact['id']}/history", headers=ADMIN)).json()["data"]
+        latest = {(h["field"], h["old_value"], h["new_value"], h["subject"], h["via"]) for h in history[:2]}
+        assert latest == {("first_name", "Paul", "Pierre", "editor@shop.example", "api"),
+                          ("address.city", None, "Nice", "editor@shop.example", "api")}
+        created_fields = {h["field"] for h in history[2:]}
+        assert {"email", "first_name", "source"} <= created_fields
+
+    async def test_viewer_sees_masked_values(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, email="paul.durand@example.com")
+        history = (await client.get(f"/v1/contacts/{contact['id']}/history", headers=bearer(Role.VIEWER))).json()
+        email_entry = next(h for h in history["data"] if h["field"] == "email")
+        assert email_entry["new_value"] == "p***@example.com"
+
+    async def test_pages(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, first_name="A", last_name="B", company="C")
+        first = (await client.get(f"/v1/contacts/{contact['id']}/history", params={"limit": 2}, headers=ADMIN)).json()
+        rest = (await client.get(f"/v1/contacts/{contact['id']}/history",
+                                 params={"cursor": first["next_cursor"]}, headers=ADMIN)).json()
+        fields = [h["field"] for h in first["data"] + rest["data"]]
+        assert len(fields) == len(set(fields)) == 6  # email, first_name, last_name, company, source, kind
+
+
+class TestContactTags:
+    async def test_put_and_delete_a_tag(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        url = f"/v1/contacts/{contact['id']}/tags/salon-2026"
+        assert (await client.put(url, headers=ADMIN)).json()["tags"] == ["salon-2026"]
+        assert (await client.put(url, headers=ADMIN)).json()["version"] == 2  # idempotent
+        catalogue = (await client.get("/v1/tags", headers=ADMIN)).json()
+        assert "salon-2026" in [t["name"] for t in catalogue]
+        assert (await client.delete(url, headers=ADMIN)).json()["tags"] == []
+
+    async def test_deleting_a_tag_takes_it_off_every_contact(self, client: httpx.AsyncClient) -> None:
+        a = await make_contact(client, tags=["old", "keep"])
+        b = await make_contact(client, tags=["old"])
+        assert (await client.delete("/v1/tags/old", headers=ADMIN)).status_code == 204
+        for contact, tags in ((a, ["keep"]), (b, [])):
+            assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).json()["tags"] == tags
+        history = (await client.get(f"/v1/contacts/{b['id']}/history", headers=ADMIN)).json()["data"]
+        assert (history[0]["field"], history[0]["old_value"], history[0]["new_value"]) == ("tags", ["old"], [])
+        assert_problem(await client.delete("/v1/tags/old", headers=ADMIN), 404)

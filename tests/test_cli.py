@@ -1,0 +1,51 @@
+"""The `carnet` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app.security.tokens import verify_access_token
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _carnet(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "app", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60,
+        check=False,
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "JWT_SECRET"}}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def test_token_create_prints_the_token_alone_on_the_last_line(tmp_path: Path) -> None:
+    secret = "cli-secret-" + "z" * 40
+    result = _carnet("token", "create", "--role", "viewer", "--subject", "intern@shop.example", "--ttl", "2h",
+                     env=_env(DATABASE_URL="postgresql://db/x", JWT_SECRET=secret), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip().splitlines()[-1]
+    claims = verify_access_token(token, secret)
+    assert (claims.subject, claims.role.value) == ("intern@shop.example", "viewer")
+
+
+def test_boot_without_secret_outside_embedded_mode_fails_clearly(tmp_path: Path) -> None:
+    result = _carnet("token", "create", "--role", "admin", "--subject", "x",
+                     env=_env(DATABASE_URL="postgresql://db/x"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "JWT_SECRET" in result.stderr
+
+
+def test_openapi_writes_the_document(tmp_path: Path) -> None:
+    out = tmp_path / "openapi.json"
+    result = _carnet("openapi", "--output", str(out), env=_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "/v1/contacts" in json.loads(out.read_text())["paths"]

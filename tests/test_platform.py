@@ -1,0 +1,101 @@
+"""Health, metrics, error shapes, settings and the OpenAPI snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.main import create_app
+from app.settings import ConfigurationError, Settings
+from tests.factories import ADMIN, unique_email
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TestProbes:
+    async def test_healthz(self, client: httpx.AsyncClient) -> None:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+    async def test_readyz_reports_the_schema_head(self, client: httpx.AsyncClient, app: FastAPI) -> None:
+        response = await client.get("/readyz")
+        assert response.status_code == 200
+        assert response.json()["schema"] == app.state.schema_head
+
+    async def test_metrics_are_prometheus_text(self, client: httpx.AsyncClient) -> None:
+        await client.get("/healthz")
+        response = await client.get("/metrics")
+        assert response.status_code == 200
+        assert "carnet_http_request_duration_seconds_bucket" in response.text
+
+
+class TestErrorShapes:
+    async def test_unknown_route_is_a_404_problem(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/v1/nowhere", headers=ADMIN)
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+
+    async def test_wrong_method_is_a_405_problem(self, client: httpx.AsyncClient) -> None:
+        response = await client.put("/v1/contacts", headers=ADMIN)
+        assert response.status_code == 405
+        assert response.json()["status"] == 405
+
+    async def test_every_response_carries_a_request_id(self, client: httpx.AsyncClient) -> None:
+        response = await client.get("/v1/contacts", headers={**ADMIN, "X-Request-ID": "abc-123"})
+        assert response.headers["x-request-id"] == "abc-123"
+
+
+class TestRaces:
+    @pytest.mark.committing
+    async def test_concurrent_creates_of_one_email_make_one_contact(self, committing_client: httpx.AsyncClient) -> None:
+        email = unique_email()
+        responses = await asyncio.gather(
+            *(committing_client.post("/v1/contacts", json={"email": email}, headers=ADMIN) for _ in range(10))
+        )
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [201] + [409] * 9
+        winner = next(r for r in responses if r.status_code == 201).json()["id"]
+        assert {r.json()["existing_id"] for r in responses if r.status_code == 409} == {winner}
+
+    @pytest.mark.committing
+    async def test_concurrent_upserts_of_one_key_make_one_contact(self, committing_client: httpx.AsyncClient) -> None:
+        body = {"external_id": "race-1", "email": unique_email()}
+        responses = await asyncio.gather(
+            *(committing_client.post("/v1/contacts/upsert", json=body, headers=ADMIN) for _ in range(10))
+        )
+        assert sorted(r.status_code for r in responses) == [200] * 9 + [201]
+        assert len({r.json()["id"] for r in responses}) == 1
+
+    @pytest.mark.committing
+    async def test_concurrent_idempotent_creates_replay_one_response(self, committing_client: httpx.AsyncClient) -> None:
+        headers = {**ADMIN, "Idempotency-Key": "race-key"}
+        body = {"email": unique_email()}
+        responses = await asyncio.gather(
+            *(committing_client.post("/v1/contacts", json=body, headers=headers) for _ in range(10))
+        )
+        assert {r.status_code for r in responses} == {201}
+        assert len({r.json()["id"] for r in responses}) == 1
+
+
+class TestSettings:
+    def test_database_url_without_jwt_secret_refuses_to_boot(self) -> None:
+        settings = Settings(database_url="postgresql://db/carnet", jwt_secret=None, _env_file=None)  # type: ignore[call-arg]
+        with pytest.raises(ConfigurationError, match="JWT_SECRET"):
+            create_app(settings)
+
+    def test_embedded_mode_keeps_one_generated_secret(self, tmp_path: Path) -> None:
+        settings = Settings(database_url=None, jwt_secret=None, data_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+        first = settings.resolved_jwt_secret()
+        assert len(first) >= 32 and settings.resolved_jwt_secret() == first
+        assert (tmp_path / "jwt_secret").stat().st_mode & 0o077 == 0
+
+
+class TestOpenAPISnapshot:
+    def test_committed_document_matches_the_app(self, app: FastAPI) -> None:
+        committed = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+        assert committed == json.loads(json.dumps(app.openapi())), "run `carnet openapi` and commit the result"
