@@ -38,8 +38,10 @@ def configure_logging(*, json: bool = True, level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.set_name("carnet")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace our own handler only: others (a test's log capture, an APM agent) stay.
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "carnet"] + [handler]
     root.setLevel(level.upper())
     # uvicorn's access log prints full URLs (query strings may hold emails): ours logs the route instead.
     logging.getLogger("uvicorn.access").disabled = True

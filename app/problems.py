@@ -103,8 +103,9 @@ def unexpected_problem(exc: Exception) -> AppError:
         error = ServiceUnavailable("the database cannot be reached; retry shortly")
         error.headers["Retry-After"] = "2"
         return error
-    # Frames only: an exception's message may quote personal data (a driver's "Key (email)=...").
-    log.error("request.crashed", error=type(exc).__name__, frames="".join(traceback.format_tb(exc.__traceback__)))
+    # Where, not what: an exception's message may quote personal data (a driver's "Key (email)=...").
+    frames = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+    log.error("request.crashed", error=type(exc).__name__, frames=frames)
     return AppError(INTERNAL_DETAIL)
 
 

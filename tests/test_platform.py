@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.db import get_sessionmaker, make_engine, make_sessionmaker
 from app.main import create_app
 from app.settings import ConfigurationError, Settings
 from tests.factories import ADMIN, unique_email
@@ -99,3 +101,38 @@ class TestOpenAPISnapshot:
     def test_committed_document_matches_the_app(self, app: FastAPI) -> None:
         committed = json.loads((ROOT / "openapi" / "openapi.json").read_text())
         assert committed == json.loads(json.dumps(app.openapi())), "run `carnet openapi` and commit the result"
+
+
+class TestFailures:
+    async def test_unexpected_error_is_a_fixed_500_and_logs_no_personal_data(
+        self, settings: Settings, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        app = create_app(settings)
+
+        async def explode() -> None:
+            raise RuntimeError("duplicate key (email)=(claire@example.com)")
+
+        app.add_api_route("/boom", explode)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            response = await http.get("/boom")
+        assert response.status_code == 500
+        assert response.json()["detail"] == "An unexpected error occurred; it has been logged with this request's id."
+        assert "claire@example.com" not in caplog.text
+        assert "request.crashed" in caplog.text
+
+    async def test_unreachable_database_is_a_503_problem(self, settings: Settings) -> None:
+        app = create_app(settings)
+        engine = make_engine("postgresql://postgres@127.0.0.1:9/none", pool_timeout=1)
+        app.dependency_overrides[get_sessionmaker] = lambda: make_sessionmaker(engine)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            response = await http.get(f"/v1/contacts/{uuid.uuid4()}", headers=ADMIN)
+        await engine.dispose()
+        assert response.status_code == 503
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["retry-after"] == "2"
+
+    async def test_logs_carry_no_personal_data(self, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+        email = "very.private@example.com"
+        await client.post("/v1/contacts", json={"email": email, "phone": "0612345678"}, headers=ADMIN)
+        await client.get("/v1/contacts", params={"email": email, "q": "0612345678"}, headers=ADMIN)
+        assert caplog.text and email not in caplog.text and "612345678" not in caplog.text
