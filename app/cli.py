@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import make_engine, make_sessionmaker
+from app.embedded import EmbeddedPostgres
+from app.errors import AppError
 from app.security import Role, Scope
-from app.security.tokens import issue_access_token
+from app.security.tokens import IssuedToken, TokenSigner
+from app.services import tokens as tokens_service
 from app.settings import ConfigurationError, Settings, get_settings
+
+T = TypeVar("T")
 
 __all__ = ["main"]
 
@@ -49,7 +58,6 @@ def serve(
     """Migrate the database, then serve the API (starting the embedded PostgreSQL when DATABASE_URL is unset)."""
     import uvicorn
 
-    from app.embedded import EmbeddedPostgres
     from app.main import create_app
     from app.migrations import upgrade
 
@@ -59,7 +67,7 @@ def serve(
     assert url is not None
     try:
         upgrade(url)
-        _print_bootstrap_token(settings)
+        _print_bootstrap_token(settings, url)
         app = create_app(settings, database_url=url)
         uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False)
     finally:
@@ -70,7 +78,6 @@ def serve(
 @cli.command()
 def migrate() -> None:
     """Bring the database schema to the newest migration."""
-    from app.embedded import EmbeddedPostgres
     from app.migrations import upgrade
 
     settings = _settings()
@@ -92,19 +99,45 @@ def token_create(
     ttl: Annotated[str, typer.Option(help="Lifetime: 3600, 90m, 12h, 30d")] = "30d",
     scope: Annotated[list[Scope] | None, typer.Option(help="Narrow to these scopes (repeatable)")] = None,
 ) -> None:
-    """Mint a token; it is printed alone on the last line."""
+    """Mint a token (recorded for audit and revocation); it is printed alone on the last line."""
     settings = _settings()
-    try:
-        issued = issue_access_token(
-            settings.resolved_jwt_secret(), subject=subject, role=role,
-            scopes=frozenset(scope) if scope else None, ttl_seconds=_ttl_seconds(ttl),
-            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+    ttl_seconds = _ttl_seconds(ttl)
+
+    async def create(session: AsyncSession) -> IssuedToken:
+        return await tokens_service.issue(
+            session, _signer(settings), subject=subject, role=role, scopes=frozenset(scope) if scope else None,
+            ttl_seconds=ttl_seconds, issued_by="cli",
         )
-    except ValueError as exc:
-        typer.echo(f"carnet: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"# {role.value} token for {subject}, expires {issued.expires_at.isoformat()}", err=True)
+
+    issued = _in_transaction(settings, create)
+    typer.echo(f"# {role.value} token for {subject}, id {issued.token_id}, expires {issued.expires_at.isoformat()}",
+               err=True)
     typer.echo(issued.token)
+
+
+@token_cli.command("list")
+def token_list(include_expired: Annotated[bool, typer.Option(help="Show expired tokens too")] = False) -> None:
+    """Issued tokens, newest first (ids and claims; tokens themselves are never stored)."""
+    settings = _settings()
+
+    async def rows(session: AsyncSession) -> list[dict[str, Any]]:
+        return await tokens_service.list_page(session, limit=1000, include_expired=include_expired)
+
+    for row in _in_transaction(settings, rows):
+        state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else f"expires {row['expires_at']:%Y-%m-%d}"
+        typer.echo(f"{row['jti']}  {row['role']:<11} {row['subject']}  {state}")
+
+
+@token_cli.command("revoke")
+def token_revoke(jti: Annotated[str, typer.Argument(help="The token id (jti)")]) -> None:
+    """Revoke a token; every API process refuses it from its next request."""
+    settings = _settings()
+
+    async def revoke(session: AsyncSession) -> dict[str, Any]:
+        return await tokens_service.revoke(session, jti, revoked_by="cli")
+
+    _in_transaction(settings, revoke)
+    typer.echo(f"revoked {jti}")
 
 
 @cli.command()
@@ -120,15 +153,47 @@ def openapi(
     typer.echo(f"wrote {output}")
 
 
-def _print_bootstrap_token(settings: Settings) -> None:
+def _signer(settings: Settings) -> TokenSigner:
+    return TokenSigner(settings.resolved_jwt_secret(), settings.jwt_issuer, settings.jwt_audience)
+
+
+def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, url: str | None = None) -> T:
+    """Run one unit of work against the database (the embedded one is started when needed)."""
+    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded and url is None else None
+    target = url or (embedded.start() if embedded else settings.database_url)
+    assert target is not None
+
+    async def run() -> T:
+        engine = make_engine(target, pool_size=1)
+        try:
+            async with make_sessionmaker(engine).begin() as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except AppError as exc:
+        typer.echo(f"carnet: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def _print_bootstrap_token(settings: Settings, url: str) -> None:
     """The first run prints an admin token, so a fresh install can be used at once."""
     marker = settings.data_dir / "bootstrap_token_issued"
     if marker.exists():
         return
-    issued = issue_access_token(
-        settings.resolved_jwt_secret(), subject="bootstrap-admin", role=Role.ADMIN,
-        ttl_seconds=settings.jwt_default_ttl_seconds, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-    )
+
+    async def create(session: AsyncSession) -> IssuedToken:
+        return await tokens_service.issue(
+            session, _signer(settings), subject="bootstrap-admin", role=Role.ADMIN, scopes=None,
+            ttl_seconds=settings.jwt_default_ttl_seconds, issued_by="carnet serve",
+        )
+
+    issued = _in_transaction(settings, create, url=url)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(issued.expires_at.isoformat() + "\n")
     print(

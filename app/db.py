@@ -20,6 +20,7 @@ __all__ = [
     "is_unique_violation",
     "make_engine",
     "make_sessionmaker",
+    "plain_dsn",
 ]
 
 # Stable constraint names that code may match on (never the message text).
@@ -39,6 +40,11 @@ def async_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
     return url
+
+
+def plain_dsn(url: str) -> str:
+    """The libpq-style DSN asyncpg.connect takes (no SQLAlchemy driver suffix)."""
+    return async_url(url).replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
 def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> AsyncEngine:

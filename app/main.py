@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.db import make_engine, make_sessionmaker
+from app.db import make_engine, make_sessionmaker, plain_dsn
 from app.embedded import EmbeddedPostgres
 from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
@@ -19,7 +19,9 @@ from app.problems import install_problem_handlers
 from app.routers import health_router, v1_router
 from app.routers.deps import Problem
 from app.schemas.types import configure_phone_region
-from app.security.principal import TokenVerifier
+from app.security.ratelimit import TokenBuckets
+from app.security.revocation import RevocationList
+from app.security.tokens import TokenSigner
 from app.services.pagination import CursorCodec
 from app.settings import Settings, get_settings
 
@@ -43,7 +45,9 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     )
     app.state.settings = settings
     app.state.database_url = database_url or settings.database_url
-    app.state.token_verifier = TokenVerifier(secret, settings.jwt_issuer, settings.jwt_audience)
+    app.state.token_signer = TokenSigner(secret, settings.jwt_issuer, settings.jwt_audience)
+    app.state.revocations = RevocationList()
+    app.state.rate_limiter = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
     app.state.cursor_codec = CursorCodec(secret)
     app.state.schema_head = head_revision()
 
@@ -66,10 +70,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = embedded.start()
     engine = make_engine(url, pool_size=settings.database_pool_size, pool_timeout=settings.database_pool_timeout)
     app.state.sessionmaker = make_sessionmaker(engine)
+    revocations: RevocationList = app.state.revocations
+    revocations.start(plain_dsn(url))
     log.info("app.started", embedded=embedded is not None)
     try:
         yield
     finally:
+        await revocations.stop()
         await engine.dispose()
         if embedded is not None:
             embedded.stop()

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_default_ttl_seconds: int = 30 * 24 * 3600
+    rate_limit_per_second: float = Field(default=100.0, gt=0)   # per token, per API process
+    rate_limit_burst: int = Field(default=200, ge=1)
 
     # Contacts
     default_phone_region: str = "FR"

@@ -27,14 +27,21 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_token_create_prints_the_token_alone_on_the_last_line(tmp_path: Path) -> None:
+def test_token_create_list_revoke(tmp_path: Path, database_url: str) -> None:
     secret = "cli-secret-" + "z" * 40
+    env = _env(DATABASE_URL=database_url, JWT_SECRET=secret)
     result = _carnet("token", "create", "--role", "viewer", "--subject", "intern@shop.example", "--ttl", "2h",
-                     env=_env(DATABASE_URL="postgresql://db/x", JWT_SECRET=secret), cwd=tmp_path)
+                     env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip().splitlines()[-1]
     claims = verify_access_token(token, secret)
     assert (claims.subject, claims.role.value) == ("intern@shop.example", "viewer")
+    listed = _carnet("token", "list", env=env, cwd=tmp_path)
+    assert claims.token_id in listed.stdout
+    revoked = _carnet("token", "revoke", claims.token_id, env=env, cwd=tmp_path)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked" in _carnet("token", "list", env=env, cwd=tmp_path).stdout
+    assert _carnet("token", "revoke", "no-such-token", env=env, cwd=tmp_path).returncode == 1
 
 
 def test_boot_without_secret_outside_embedded_mode_fails_clearly(tmp_path: Path) -> None:

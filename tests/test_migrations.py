@@ -6,7 +6,6 @@ import asyncio
 import warnings
 
 from alembic import command
-
 from app.migrations import alembic_config
 from tests.conftest import _recreate, _with_database
 

@@ -16,7 +16,6 @@ from app.main import create_app
 from app.settings import ConfigurationError, Settings
 from tests.factories import ADMIN, unique_email
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

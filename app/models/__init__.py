@@ -5,5 +5,6 @@ from app.models.attributes import AttributeDefinition, Tag
 from app.models.contacts import Contact
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
+from app.models.tokens import AccessToken
 
-__all__ = ["AttributeDefinition", "Contact", "ContactHistory", "IdempotencyRecord", "Tag"]
+__all__ = ["AccessToken", "AttributeDefinition", "Contact", "ContactHistory", "IdempotencyRecord", "Tag"]

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends
 
-from app.routers import attributes, contacts, health
+from app.routers import attributes, contacts, health, tokens
 from app.routers.deps import AUTH_PROBLEMS
 from app.security import authenticate
 
@@ -13,5 +13,7 @@ v1_router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], respon
 v1_router.include_router(contacts.router)
 v1_router.include_router(attributes.attributes_router)
 v1_router.include_router(attributes.tags_router)
+v1_router.include_router(tokens.router)
+v1_router.include_router(tokens.me_router)
 
 health_router = health.router

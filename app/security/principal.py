@@ -7,12 +7,16 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.errors import MissingScope, Unauthenticated
+from app.db import get_sessionmaker
+from app.errors import MissingScope, RateLimited, Unauthenticated
+from app.security.ratelimit import TokenBuckets
+from app.security.revocation import RevocationList, revoked_in_database
 from app.security.scopes import Role, Scope
-from app.security.tokens import InvalidToken, verify_access_token
+from app.security.tokens import InvalidToken, TokenSigner
 
-__all__ = ["Principal", "TokenVerifier", "authenticate", "require"]
+__all__ = ["Principal", "authenticate", "require"]
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT minted by `carnet token create` or POST /v1/tokens")
 
@@ -29,34 +33,37 @@ class Principal:
         return Scope.PII_READ in self.scopes
 
 
-@dataclass(frozen=True, slots=True)
-class TokenVerifier:
-    """What `authenticate` needs from the settings, resolved once at app creation."""
-
-    secret: str
-    issuer: str | None = None
-    audience: str | None = None
-
-    def principal(self, token: str) -> Principal:
-        claims = verify_access_token(token, self.secret, issuer=self.issuer, audience=self.audience)
-        return Principal(claims.subject, claims.role, claims.scopes, claims.token_id)
-
-
 async def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
 ) -> Principal:
-    """Verify the bearer token once per request (memoized: FastAPI would run this per scope set)."""
+    """Verify the bearer token once per request (memoized: FastAPI would run this per scope set).
+
+    Signature and claims, then revocation, then the token's rate limit. Reads only.
+    """
     cached: Principal | None = getattr(request.state, "principal", None)
     if cached is not None:
         return cached
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthenticated("a bearer token is required")
-    verifier: TokenVerifier = request.app.state.token_verifier
+    signer: TokenSigner = request.app.state.token_signer
     try:
-        principal = verifier.principal(credentials.credentials)
+        claims = signer.verify(credentials.credentials)
     except InvalidToken as exc:
         raise Unauthenticated(str(exc)) from None
+    revocations: RevocationList = request.app.state.revocations
+    revoked = revocations.is_revoked(claims.token_id)
+    if revoked is None:  # not listening right now: ask the database
+        async with makers() as session:
+            revoked = await revoked_in_database(session, claims.token_id)
+    if revoked:
+        raise Unauthenticated("token revoked")
+    limiter: TokenBuckets = request.app.state.rate_limiter
+    wait = limiter.take(claims.token_id)
+    if wait is not None:
+        raise RateLimited(wait)
+    principal = Principal(claims.subject, claims.role, claims.scopes, claims.token_id)
     request.state.principal = principal
     return principal
 

@@ -21,7 +21,15 @@ from jose.exceptions import JOSEError
 
 from app.security.scopes import ROLE_SCOPES, Role, Scope
 
-__all__ = ["ALGORITHM", "InvalidToken", "IssuedToken", "TokenClaims", "issue_access_token", "verify_access_token"]
+__all__ = [
+    "ALGORITHM",
+    "InvalidToken",
+    "IssuedToken",
+    "TokenClaims",
+    "TokenSigner",
+    "issue_access_token",
+    "verify_access_token",
+]
 
 ALGORITHM = "HS256"
 MAX_TOKEN_BYTES = 4096
@@ -48,6 +56,23 @@ class IssuedToken:
     token: str
     token_id: str
     expires_at: datetime
+    scopes: frozenset[Scope]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSigner:
+    """The deployment's key and claims policy, resolved once from the settings."""
+
+    secret: str
+    issuer: str | None = None
+    audience: str | None = None
+
+    def issue(self, *, subject: str, role: Role, scopes: frozenset[Scope] | None, ttl_seconds: int) -> IssuedToken:
+        return issue_access_token(self.secret, subject=subject, role=role, scopes=scopes, ttl_seconds=ttl_seconds,
+                                  issuer=self.issuer, audience=self.audience)
+
+    def verify(self, token: str) -> TokenClaims:
+        return verify_access_token(token, self.secret, issuer=self.issuer, audience=self.audience)
 
 
 def issue_access_token(
@@ -82,7 +107,7 @@ def issue_access_token(
     if audience:
         claims["aud"] = audience
     token = jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"typ": "JWT"})
-    return IssuedToken(token, jti, datetime.fromtimestamp(now + ttl_seconds, UTC))
+    return IssuedToken(token, jti, datetime.fromtimestamp(now + ttl_seconds, UTC), granted)
 
 
 def verify_access_token(

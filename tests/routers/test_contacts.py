@@ -12,7 +12,6 @@ from tests.auth import bearer
 from tests.factories import ADMIN, make_attribute, make_contact, unique_email
 
 
-
 def assert_problem(response: httpx.Response, status: int, *fields: str) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"

@@ -1,0 +1,54 @@
+"""`/v1/tokens` and `/v1/me`: issuing, listing and revoking access tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+
+from app.db import ReadSession, WriteSession
+from app.errors import problems
+from app.routers.deps import JSONBody
+from app.schemas.tokens import Me, TokenCreate, TokenIssued, TokenRead
+from app.schemas.types import Limit
+from app.security import Principal, Scope, require
+from app.services import tokens as tokens_service
+
+__all__ = ["me_router", "router"]
+
+router = APIRouter(prefix="/tokens", tags=["tokens"])
+me_router = APIRouter(tags=["tokens"])
+
+Admin = Annotated[Principal, require(Scope.TOKENS_ADMIN)]
+TokenId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+@router.post("", status_code=201, response_model=TokenIssued)
+async def create_token(payload: TokenCreate, request: Request, session: WriteSession, caller: Admin) -> Any:
+    settings = request.app.state.settings
+    issued = await tokens_service.issue(
+        session, request.app.state.token_signer, subject=payload.subject, role=payload.role,
+        scopes=frozenset(payload.scopes) if payload.scopes is not None else None,
+        ttl_seconds=payload.ttl_seconds or settings.jwt_default_ttl_seconds, issued_by=caller.subject,
+    )
+    return JSONBody({"token": issued.token, "jti": issued.token_id, "expires_at": issued.expires_at}, status_code=201)
+
+
+@router.get("", response_model=list[TokenRead])
+async def list_tokens(session: ReadSession, _: Admin, limit: Limit = 100, include_expired: bool = False) -> Any:
+    """Newest first; the tokens themselves are never stored, only their ids and claims."""
+    return JSONBody(await tokens_service.list_page(session, limit=limit, include_expired=include_expired))
+
+
+@router.delete("/{jti}", response_model=TokenRead, responses=problems(tokens_service.TokenNotFound))
+async def revoke_token(jti: TokenId, request: Request, session: WriteSession, caller: Admin) -> Any:
+    """Takes effect on the next request, in every API process (LISTEN/NOTIFY, database fallback)."""
+    row = await tokens_service.revoke(session, jti, revoked_by=caller.subject)
+    request.app.state.revocations.add(jti)
+    return JSONBody(row)
+
+
+@me_router.get("/me", response_model=Me)
+async def get_me(caller: Annotated[Principal, require()]) -> Any:
+    return JSONBody({"subject": caller.subject, "role": caller.role, "scopes": sorted(caller.scopes),
+                     "token_id": caller.token_id})

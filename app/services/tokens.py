@@ -1,0 +1,69 @@
+"""Issuing, listing and revoking access tokens; every issuance and revocation is recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import InvalidInput, NotFound
+from app.models import AccessToken
+from app.models.base import utc_now
+from app.security import Role, Scope
+from app.security.revocation import REVOCATION_CHANNEL
+from app.security.tokens import IssuedToken, TokenSigner
+
+__all__ = ["TokenNotFound", "issue", "list_page", "revoke"]
+_t = AccessToken.__table__  # type: ignore[attr-defined]
+
+
+class TokenNotFound(NotFound):
+    slug, title = "token-not-found", "No such token"
+
+
+async def issue(
+    session: AsyncSession,
+    signer: TokenSigner,
+    *,
+    subject: str,
+    role: Role,
+    scopes: frozenset[Scope] | None,
+    ttl_seconds: int,
+    issued_by: str,
+) -> IssuedToken:
+    try:
+        issued = signer.issue(subject=subject, role=role, scopes=scopes, ttl_seconds=ttl_seconds)
+    except ValueError as exc:
+        raise InvalidInput.one("scopes", str(exc), "scope_not_in_role") from None
+    await session.execute(
+        insert(_t).values(jti=issued.token_id, subject=subject, role=role.value, scopes=sorted(issued.scopes),
+                          issued_at=utc_now(), expires_at=issued.expires_at, issued_by=issued_by)
+    )
+    return issued
+
+
+async def list_page(session: AsyncSession, *, limit: int, include_expired: bool) -> list[dict[str, Any]]:
+    query = select(_t)
+    if not include_expired:
+        query = query.where(_t.c.expires_at > func.now())
+    rows = await session.execute(query.order_by(_t.c.issued_at.desc()).limit(limit))
+    return [dict(r) for r in rows.mappings()]
+
+
+async def revoke(session: AsyncSession, jti: str, *, revoked_by: str) -> dict[str, Any]:
+    """Revoke (idempotent) and tell every API process at commit, through NOTIFY."""
+    row = (
+        await session.execute(
+            update(_t).where(and_(_t.c.jti == jti, _t.c.revoked_at.is_(None)))
+            .values(revoked_at=utc_now(), revoked_by=revoked_by).returning(*_t.c)
+        )
+    ).mappings().first()
+    if row is None:
+        row = (await session.execute(select(_t).where(_t.c.jti == jti))).mappings().first()
+        if row is None:
+            raise TokenNotFound(f"no token with id {jti}")
+        return dict(row)
+    await session.execute(text("SELECT pg_notify(:channel, :jti)"), {"channel": REVOCATION_CHANNEL, "jti": jti})
+    return dict(row)
