@@ -61,7 +61,7 @@ class RevocationList:
             try:
                 connection = await asyncpg.connect(dsn, timeout=5)
                 lost = asyncio.Event()
-                connection.add_termination_listener(lambda _c: lost.set())
+                connection.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await connection.add_listener(REVOCATION_CHANNEL, self._on_notify)  # listen first: no gap
                 rows = await connection.fetch(
                     "SELECT jti FROM access_token WHERE revoked_at IS NOT NULL AND expires_at > now()"
