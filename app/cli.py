@@ -19,7 +19,7 @@ from app.errors import AppError
 from app.security import Role, Scope
 from app.security.tokens import IssuedToken, TokenSigner
 from app.services import tokens as tokens_service
-from app.settings import ConfigurationError, Settings, get_settings
+from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
 
 T = TypeVar("T")
 
@@ -154,7 +154,11 @@ def openapi(
 
 
 def _signer(settings: Settings) -> TokenSigner:
-    return TokenSigner(settings.resolved_jwt_secret(), settings.jwt_issuer, settings.jwt_audience)
+    try:
+        return TokenSigner(**token_signer_options(settings))  # type: ignore[arg-type]
+    except (ValueError, ConfigurationError) as exc:
+        typer.echo(f"carnet: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, url: str | None = None) -> T:

@@ -23,7 +23,7 @@ from app.security.ratelimit import TokenBuckets
 from app.security.revocation import RevocationList
 from app.security.tokens import TokenSigner
 from app.services.pagination import CursorCodec
-from app.settings import Settings, get_settings
+from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
 
 __all__ = ["create_app"]
 
@@ -35,7 +35,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     settings = settings or get_settings()
     configure_logging(json=settings.log_json, level=settings.log_level)
     configure_phone_region(settings.default_phone_region)
-    secret = settings.resolved_jwt_secret()  # refuses to boot without a secret outside embedded mode
+    try:
+        signer = TokenSigner(**token_signer_options(settings))  # type: ignore[arg-type]
+    except ValueError as exc:  # refuses to boot on an inconsistent key setup
+        raise ConfigurationError(str(exc)) from None
 
     app = FastAPI(
         title="Carnet",
@@ -45,10 +48,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     )
     app.state.settings = settings
     app.state.database_url = database_url or settings.database_url
-    app.state.token_signer = TokenSigner(secret, settings.jwt_issuer, settings.jwt_audience)
+    app.state.token_signer = signer
     app.state.revocations = RevocationList()
     app.state.rate_limiter = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
-    app.state.cursor_codec = CursorCodec(secret)
+    app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
 
     install_problem_handlers(app)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import secrets
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ConfigurationError", "Settings", "get_settings"]
+__all__ = ["ConfigurationError", "Settings", "get_settings", "token_signer_options"]
 
 
 class ConfigurationError(RuntimeError):
@@ -30,6 +31,11 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_default_ttl_seconds: int = 30 * 24 * 3600
+    # RS256 instead of HS256: sign with one PEM private key, verify by `kid` among public keys (rotation).
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_private_key_file: Path | None = None
+    jwt_signing_kid: str | None = None
+    jwt_public_key_files: dict[str, Path] = Field(default_factory=dict)  # env: JSON {"kid": "/path.pem"}
     rate_limit_per_second: float = Field(default=100.0, gt=0)   # per token, per API process
     rate_limit_burst: int = Field(default=200, ge=1)
 
@@ -73,6 +79,22 @@ def _dev_secret(path: Path) -> str:
     path.touch(mode=0o600)
     path.write_text(value)
     return value
+
+
+def token_signer_options(settings: Settings) -> dict[str, object]:
+    """Keyword arguments for app.security.tokens.TokenSigner, key files read."""
+    options: dict[str, object] = {
+        "secret": settings.resolved_jwt_secret(), "issuer": settings.jwt_issuer, "audience": settings.jwt_audience,
+        "algorithm": settings.jwt_algorithm,
+    }
+    if settings.jwt_algorithm == "RS256":
+        try:
+            options["private_key"] = settings.jwt_private_key_file.read_text() if settings.jwt_private_key_file else None
+            options["public_keys"] = {kid: path.read_text() for kid, path in settings.jwt_public_key_files.items()}
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read a JWT key file: {exc.strerror} ({exc.filename})") from None
+        options["signing_kid"] = settings.jwt_signing_kid
+    return options
 
 
 @cache

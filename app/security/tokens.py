@@ -2,7 +2,9 @@
 
 python-jose is lax by default (a token without `exp` never expires, a future `iat` passes, `kid` is
 ignored, and CVE-2024-33663 let a public key act as an HMAC secret), so every rule is enforced here
-before and after the library's own checks. HS256 is the only algorithm family of this deployment.
+before and after the library's own checks. A deployment uses exactly one algorithm: HS256 with a secret
+(default) or RS256 with PEM keys chosen by `kid` (rotation: several public keys, one signing key). The
+key handed to python-jose is picked by the deployment's algorithm, never by the token's header.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import binascii
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +26,7 @@ from app.security.scopes import ROLE_SCOPES, Role, Scope
 
 __all__ = [
     "ALGORITHM",
+    "ALGORITHMS",
     "InvalidToken",
     "IssuedToken",
     "TokenClaims",
@@ -32,6 +36,7 @@ __all__ = [
 ]
 
 ALGORITHM = "HS256"
+ALGORITHMS = ("HS256", "RS256")
 MAX_TOKEN_BYTES = 4096
 LEEWAY_SECONDS = 30
 _REQUIRED = ("exp", "iat", "sub", "jti", "role")
@@ -61,18 +66,38 @@ class IssuedToken:
 
 @dataclass(frozen=True, slots=True)
 class TokenSigner:
-    """The deployment's key and claims policy, resolved once from the settings."""
+    """The deployment's keys and claims policy, resolved once from the settings.
+
+    `secret` always exists: it signs tokens in HS256 mode and keys Carnet's own HMACs (cursors, links).
+    """
 
     secret: str
     issuer: str | None = None
     audience: str | None = None
+    algorithm: str = ALGORITHM
+    private_key: str | None = None        # RS256: PEM of the signing key
+    signing_kid: str | None = None
+    public_keys: Mapping[str, str] = field(default_factory=dict)  # RS256: kid → PEM public key
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"JWT_ALGORITHM must be one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "RS256":
+            if not self.private_key or not self.signing_kid or self.signing_kid not in self.public_keys:
+                raise ValueError("RS256 needs a private key, a signing kid, and that kid among the public keys")
+            if any("PRIVATE" in pem for pem in self.public_keys.values()):
+                raise ValueError("public key files must hold public keys only")
 
     def issue(self, *, subject: str, role: Role, scopes: frozenset[Scope] | None, ttl_seconds: int) -> IssuedToken:
-        return issue_access_token(self.secret, subject=subject, role=role, scopes=scopes, ttl_seconds=ttl_seconds,
-                                  issuer=self.issuer, audience=self.audience)
+        return issue_access_token(
+            self.private_key if self.algorithm == "RS256" else self.secret,  # type: ignore[arg-type]
+            subject=subject, role=role, scopes=scopes, ttl_seconds=ttl_seconds, issuer=self.issuer,
+            audience=self.audience, algorithm=self.algorithm, kid=self.signing_kid,
+        )
 
     def verify(self, token: str) -> TokenClaims:
-        return verify_access_token(token, self.secret, issuer=self.issuer, audience=self.audience)
+        return verify_access_token(token, self.secret, issuer=self.issuer, audience=self.audience,
+                                   algorithm=self.algorithm, public_keys=self.public_keys)
 
 
 def issue_access_token(
@@ -84,6 +109,8 @@ def issue_access_token(
     ttl_seconds: int,
     issuer: str | None = None,
     audience: str | None = None,
+    algorithm: str = ALGORITHM,
+    kid: str | None = None,
 ) -> IssuedToken:
     """Sign a token whose scopes are the role's, or a narrower subset of them."""
     allowed = ROLE_SCOPES[role]
@@ -106,7 +133,8 @@ def issue_access_token(
         claims["iss"] = issuer
     if audience:
         claims["aud"] = audience
-    token = jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"typ": "JWT"})
+    headers = {"typ": "JWT", **({"kid": kid} if kid else {})}
+    token = jwt.encode(claims, secret, algorithm=algorithm, headers=headers)
     return IssuedToken(token, jti, datetime.fromtimestamp(now + ttl_seconds, UTC), granted)
 
 
@@ -117,6 +145,8 @@ def verify_access_token(
     issuer: str | None = None,
     audience: str | None = None,
     now: float | None = None,
+    algorithm: str = ALGORITHM,
+    public_keys: Mapping[str, str] | None = None,
 ) -> TokenClaims:
     """Return the claims of a valid token or raise InvalidToken; never trust the token's own header."""
     if not token or len(token) > MAX_TOKEN_BYTES:
@@ -125,16 +155,22 @@ def verify_access_token(
     if len(parts) != 3:  # a JWE has five parts; anything else is not a JWS compact token
         raise InvalidToken("malformed token")
     header = _decode_segment(parts[0])
-    if header.get("alg") != ALGORITHM:
+    if header.get("alg") != algorithm:  # the deployment's algorithm, whatever the token claims
         raise InvalidToken("unexpected algorithm")
+    key = secret
+    if algorithm == "RS256":
+        kid = header.get("kid")
+        if not isinstance(kid, str) or kid not in (public_keys or {}):
+            raise InvalidToken("unknown key id")
+        key = (public_keys or {})[kid]
     if header.get("typ") not in _ALLOWED_TYP or "crit" in header or "jku" in header or "jwk" in header:
         raise InvalidToken("unexpected token header")
     current = time.time() if now is None else now
     try:
         claims = jwt.decode(
             token,
-            secret,
-            algorithms=[ALGORITHM],
+            key,
+            algorithms=[algorithm],
             issuer=issuer,
             audience=audience,
             options={
