@@ -44,9 +44,6 @@ def problem_body(error: AppError, *, instance: str) -> bytes:
 
 def _render(request: Request, error: AppError) -> ProblemResponse:
     headers = dict(error.headers)
-    request_id = getattr(request.state, "request_id", None) or request.scope.get("state", {}).get("request_id")
-    if request_id:
-        headers["X-Request-ID"] = request_id
     return ProblemResponse(problem_body(error, instance=request.url.path), status_code=error.status, headers=headers)
 
 
@@ -81,7 +78,8 @@ def validation_problem(raw_errors: Sequence[Any]) -> InvalidInput:
         code = str(err.get("type", "invalid"))
         if code == "extra_forbidden":
             message = "unknown field"
-        errors.append(FieldError(_field(tuple(err.get("loc", ()))), message, code))
+        field = "body" if code == "json_invalid" else _field(tuple(err.get("loc", ())))  # loc is a char offset
+        errors.append(FieldError(field, message, code))
     return InvalidInput(*errors)
 
 

@@ -93,6 +93,7 @@ def upgrade() -> None:
     sa.Column('request_hash', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('response_body', postgresql.JSONB(none_as_null=True, astext_type=sa.Text()), nullable=True),
+    sa.Column('response_headers', postgresql.JSONB(none_as_null=True, astext_type=sa.Text()), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('subject', 'key', name=op.f('pk_idempotency_record'))
     )

@@ -24,4 +24,5 @@ class IdempotencyRecord(SQLModel, table=True):
     request_hash: str
     status_code: int | None = None
     response_body: Any = Field(default=None, sa_column=Column(JSONB(none_as_null=True)))
+    response_headers: dict[str, str] | None = Field(default=None, sa_column=Column(JSONB(none_as_null=True)))
     created_at: datetime = Field(default_factory=utc_now, sa_type=TZ, index=True)

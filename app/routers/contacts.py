@@ -15,6 +15,7 @@ from app.errors import (
     ContactNotFound,
     DuplicateContact,
     IdempotencyKeyReused,
+    MissingScope,
     PreconditionFailed,
     problems,
 )
@@ -34,7 +35,7 @@ from app.schemas.contacts import (
     present_contact,
 )
 from app.schemas.history import HistoryPage, present_history
-from app.schemas.types import CountryCode, Email, Limit, TagName
+from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName
 from app.security import Principal, Scope, require
 from app.services import contacts as contacts_service
 from app.services import history as history_service
@@ -99,14 +100,15 @@ async def list_contacts(
     session: ReadSession,
     request: Request,
     caller: Reader,
-    q: Annotated[str | None, Query(max_length=200, description="Words matching the start of a name, company or email; or a phone number")] = None,
-    email: Email | None = None,
-    external_id: Annotated[str | None, Query(max_length=255)] = None,
+    q: Annotated[SearchText | None, Query(
+        description="Words matching the start of a name, company or email; or a phone number. Needs pii:read")] = None,
+    email: Annotated[Email | None, Query(description="Exact (normalized) email. Needs pii:read")] = None,
+    external_id: SearchText | None = None,
     tag: Annotated[list[TagName], Query(description="Repeatable: contacts holding every tag")] = [],  # noqa: B006
     kind: ContactKind | None = None,
     lifecycle_stage: LifecycleStage | None = None,
-    city: Annotated[str | None, Query(max_length=255)] = None,
-    postal_code: Annotated[str | None, Query(max_length=20)] = None,
+    city: SearchText | None = None,
+    postal_code: SearchText | None = None,
     country: CountryCode | None = None,
     created_after: datetime | None = None,
     updated_after: datetime | None = None,
@@ -114,6 +116,9 @@ async def list_contacts(
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> Any:
+    if (q or email) and not caller.sees_pii:  # else masked data could be recovered by probing searches
+        raise MissingScope("searching by q or email reveals personal data: pii:read is needed",
+                           missing_scopes=[Scope.PII_READ.value])
     filters = contacts_service.ContactFilters(
         q=q, email=email, external_id=external_id, tags=tag, kind=kind, lifecycle_stage=lifecycle_stage,
         city=city, postal_code=postal_code, country=country, created_after=created_after,
@@ -164,15 +169,23 @@ async def get_contact_history(
                      "next_cursor": next_cursor})
 
 
-@router.put("/{contact_id}/tags/{name}", response_model=ContactRead, responses=problems(ContactNotFound))
-async def add_contact_tag(contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer) -> Any:
+@router.put("/{contact_id}/tags/{name}", response_model=ContactRead,
+            responses=problems(ContactNotFound, PreconditionFailed))
+async def add_contact_tag(
+    contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer, expected_version: IfMatch
+) -> Any:
     """Idempotent; the tag is added to the catalogue on first use."""
-    return _one(await contacts_service.add_tag(session, contact_id, name, actor=caller), caller)
+    row = await contacts_service.add_tag(session, contact_id, name, actor=caller, expected_version=expected_version)
+    return _one(row, caller)
 
 
-@router.delete("/{contact_id}/tags/{name}", response_model=ContactRead, responses=problems(ContactNotFound))
-async def remove_contact_tag(contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer) -> Any:
-    return _one(await contacts_service.remove_tag(session, contact_id, name, actor=caller), caller)
+@router.delete("/{contact_id}/tags/{name}", response_model=ContactRead,
+               responses=problems(ContactNotFound, PreconditionFailed))
+async def remove_contact_tag(
+    contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer, expected_version: IfMatch
+) -> Any:
+    row = await contacts_service.remove_tag(session, contact_id, name, actor=caller, expected_version=expected_version)
+    return _one(row, caller)
 
 
 def _item_problem(error: AppError) -> dict[str, Any]:

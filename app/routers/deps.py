@@ -88,7 +88,7 @@ class _IdempotencyScope:
         if self.key is not None:
             await idempotency_service.complete(
                 self.session, subject=self.subject, key=self.key, status_code=status_code,
-                body=json.loads(response.body),
+                body=json.loads(response.body), headers=headers or {},
             )
         return response
 
@@ -110,7 +110,8 @@ async def _idempotency(
     )
     replay = None
     if stored is not None:
-        replay = JSONBody(stored.body, status_code=stored.status_code, headers={"Idempotent-Replayed": "true"})
+        replay = JSONBody(stored.body, status_code=stored.status_code,
+                          headers={**stored.headers, "Idempotent-Replayed": "true"})
     return _IdempotencyScope(session, caller.subject, idempotency_key, replay)
 
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName
@@ -109,11 +109,19 @@ class _ContactFields(InputSchema):
     )
     tags: list[TagName] | None = Field(default=None, max_length=100)
 
-    @model_validator(mode="after")
-    def _birth_date_in_the_past(self) -> Self:
-        if self.birth_date is not None and not date(1900, 1, 1) <= self.birth_date <= date.today():
-            raise ValueError("birth_date must be between 1900-01-01 and today")
-        return self
+    @field_validator("birth_date")
+    @classmethod
+    def _birth_date_in_the_past(cls, value: date | None) -> date | None:
+        if value is not None and not date(1900, 1, 1) <= value <= date.today():
+            raise ValueError("must be between 1900-01-01 and today")
+        return value
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_not_null(cls, value: object) -> object:
+        if value is None:  # the column always has a kind; null would not clear it
+            raise ValueError("kind cannot be null: set customer, prospect, vendor or partner")
+        return value
 
 
 class ContactCreate(_ContactFields):
@@ -125,7 +133,7 @@ class ContactCreate(_ContactFields):
 
 
 class ContactUpsert(_ContactFields):
-    """Matched by external_id, else email; a create needs one of email, phone, external_id."""
+    """Matched by external_id, else email: one of them is required."""
 
     @model_validator(mode="after")
     def _has_a_key(self) -> Self:

@@ -35,6 +35,7 @@ _MASKERS: dict[str, Callable[[Any], Any]] = {
     "phone": mask_phone,
     "first_name": mask_name,
     "last_name": mask_name,
+    "birth_date": lambda _value: None,  # as on the contact itself
 }
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "ExternalId",
     "LongText",
     "Phone",
+    "SearchText",
     "ShortText",
     "TagName",
     "configure_phone_region",
@@ -95,3 +96,4 @@ CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), Afte
 AttributeName = Annotated[str, AfterValidator(_attribute_name)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
+SearchText = Annotated[str, StringConstraints(max_length=255), AfterValidator(_no_control_chars)]

@@ -21,7 +21,7 @@ def mask_email(value: str | None) -> str | None:
 
 
 def mask_phone(value: str | None) -> str | None:
-    """`+33612345678` → `+33 6** ** ** 78`: country, first digit and last two digits stay."""
+    """`+33612345678` → `+33 6 ** ** ** 78`: country code, first digit and last two digits stay."""
     if not value:
         return value
     try:

@@ -117,9 +117,7 @@ async def update(
     via: str = "api",
 ) -> Row:
     """JSON merge patch: absent fields untouched, null clears, attributes merge by key, tags replace."""
-    current = await _lock(session, contact_id)
-    if expected_version is not None and current["version"] != expected_version:
-        raise PreconditionFailed(f"the contact is at version {current['version']}", current_version=current["version"])
+    current = await _lock(session, contact_id, expected_version)
     changes = await _changes(session, current, patch, tags_mode="replace")
     merged = {**current, **changes}
     if not any(merged.get(k) for k in _KEYS):
@@ -127,16 +125,20 @@ async def update(
     return await _write(session, current, changes, actor=actor, via=via)
 
 
-async def add_tag(session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal) -> Row:
-    current = await _lock(session, contact_id)
+async def add_tag(
+    session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal, expected_version: int | None = None
+) -> Row:
+    current = await _lock(session, contact_id, expected_version)
     if name in current["tags"]:
         return current
     await tags_service.ensure(session, [name])
     return await _write(session, current, {"tags": [*current["tags"], name]}, actor=actor, via="api")
 
 
-async def remove_tag(session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal) -> Row:
-    current = await _lock(session, contact_id)
+async def remove_tag(
+    session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal, expected_version: int | None = None
+) -> Row:
+    current = await _lock(session, contact_id, expected_version)
     if name not in current["tags"]:
         return current
     return await _write(session, current, {"tags": [t for t in current["tags"] if t != name]}, actor=actor, via="api")
@@ -356,10 +358,13 @@ async def _write(
     return row
 
 
-async def _lock(session: AsyncSession, contact_id: uuid.UUID) -> Row:
+async def _lock(session: AsyncSession, contact_id: uuid.UUID, expected_version: int | None = None) -> Row:
+    """The contact, locked for this transaction; PreconditionFailed if it moved past `expected_version`."""
     row = (await session.execute(select(*_ALL).where(_t.c.id == contact_id).with_for_update())).mappings().first()
     if row is None:
         raise ContactNotFound(f"no contact with id {contact_id}")
+    if expected_version is not None and row["version"] != expected_version:
+        raise PreconditionFailed(f"the contact is at version {row['version']}", current_version=row["version"])
     return row
 
 

@@ -31,6 +31,7 @@ _t = IdempotencyRecord.__table__  # type: ignore[attr-defined]
 class Stored:
     status_code: int
     body: Any
+    headers: dict[str, str]
 
 
 def request_fingerprint(method: str, path: str, body: bytes) -> str:
@@ -63,12 +64,14 @@ async def claim(
         raise IdempotencyKeyReused(
             FieldError("Idempotency-Key", "already used with another request body or path", "idempotency_key_reused")
         )
-    return Stored(existing["status_code"], existing["response_body"])
+    return Stored(existing["status_code"], existing["response_body"], existing["response_headers"] or {})
 
 
-async def complete(session: AsyncSession, *, subject: str, key: str, status_code: int, body: Any) -> None:
+async def complete(
+    session: AsyncSession, *, subject: str, key: str, status_code: int, body: Any, headers: dict[str, str]
+) -> None:
     await session.execute(
         update(_t)
         .where(and_(_t.c.subject == subject, _t.c.key == key))
-        .values(status_code=status_code, response_body=body)
+        .values(status_code=status_code, response_body=body, response_headers=headers)
     )

@@ -65,6 +65,8 @@ class TestCreateContact:
             ({"email": "a@b.fr", "kind": "alien"}, "kind"),
             ({"email": "a@b.fr", "birth_date": "31/12/1990"}, "birth_date"),
             ({"email": "a@b.fr", "tags": "vip"}, "tags"),
+            ({"email": "a@b.fr", "kind": None}, "kind"),
+            ({"email": "a@b.fr", "birth_date": "1850-01-01"}, "birth_date"),
             ({"email": "a@b.fr", "address": {"city": "Lyon", "planet": "Earth"}}, "address.planet"),
         ],
     )
@@ -77,7 +79,7 @@ class TestCreateContact:
         response = await client.post(
             "/v1/contacts", content=b'{"email": "a@b.fr",', headers={**ADMIN, "content-type": "application/json"}
         )
-        assert_problem(response, 422)
+        assert_problem(response, 422, "body")
 
     async def test_body_over_the_limit_is_413(self, client: httpx.AsyncClient) -> None:
         big = b'{"email": "a@b.fr", "first_name": "' + b"x" * (10 * 1024 * 1024) + b'"}'
@@ -117,6 +119,7 @@ class TestIdempotency:
         assert first.status_code == again.status_code == 201
         assert again.json() == first.json()
         assert again.headers["idempotent-replayed"] == "true"
+        assert (again.headers["etag"], again.headers["location"]) == (first.headers["etag"], first.headers["location"])
 
     async def test_same_key_other_body_is_422(self, client: httpx.AsyncClient) -> None:
         headers = {**ADMIN, "Idempotency-Key": "k-2"}
@@ -188,6 +191,14 @@ class TestUpsert:
         response = await client.post("/v1/contacts/upsert", json={"email": contact["email"], "tags": ["newsletter"]},
                                      headers=ADMIN)
         assert response.json()["tags"] == ["vip", "newsletter"]
+
+
+class TestBatchNullKind:
+    async def test_null_kind_in_a_batch_item_fails_that_item_only(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        items = [{"email": contact["email"], "kind": None}, {"email": unique_email()}]
+        body = (await client.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN)).json()
+        assert [r["status"] for r in body["results"]] == ["error", "created"]
 
 
 class TestBatch:
@@ -282,6 +293,16 @@ class TestListContacts:
                                                             "cursor": page["next_cursor"]}, headers=ADMIN)
         assert_problem(response, 422, "cursor")
 
+    @pytest.mark.parametrize("param", ["q", "city", "postal_code", "external_id"])
+    async def test_nul_in_a_filter_is_422(self, client: httpx.AsyncClient, param: str) -> None:
+        assert_problem(await client.get("/v1/contacts", params={param: "a\x00b"}, headers=ADMIN), 422, param)
+
+    async def test_searching_personal_data_needs_pii_read(self, client: httpx.AsyncClient) -> None:
+        await make_contact(client, email="secret.person@example.com")
+        for params in ({"q": "secret"}, {"email": "secret.person@example.com"}):
+            response = await client.get("/v1/contacts", params=params, headers=bearer(Role.VIEWER))
+            assert assert_problem(response, 403)["missing_scopes"] == ["pii:read"]
+
     @pytest.mark.parametrize("limit", ["0", "1001", "-1", "lots"])
     async def test_limit_out_of_range_is_422(self, client: httpx.AsyncClient, limit: str) -> None:
         assert_problem(await client.get("/v1/contacts", params={"limit": limit}, headers=ADMIN), 422, "limit")
@@ -313,6 +334,7 @@ class TestUpdateContact:
         stale = await client.patch(url, json={"first_name": "B"}, headers={**ADMIN, "If-Match": '"v1"'})
         assert_problem(stale, 412)
         assert (await client.get(url, headers=ADMIN)).json()["first_name"] == "A"
+        assert_problem(await client.put(f"{url}/tags/x", headers={**ADMIN, "If-Match": '"v1"'}), 412)
 
     async def test_removing_the_last_identifier_is_422(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)
