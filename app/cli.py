@@ -140,6 +140,25 @@ def token_revoke(jti: Annotated[str, typer.Argument(help="The token id (jti)")])
     typer.echo(f"revoked {jti}")
 
 
+lifecycle_cli = typer.Typer(help="Lifecycle stages.", no_args_is_help=True)
+cli.add_typer(lifecycle_cli, name="lifecycle")
+
+
+@lifecycle_cli.command("refresh")
+def lifecycle_refresh() -> None:
+    """Move customers whose last order aged past LAPSED_AFTER_DAYS to lapsed (idempotent; for cron)."""
+    from app.jobs import JOB_ACTOR
+    from app.main import lifecycle_policy
+    from app.services.orders import refresh_aged_stages
+
+    settings = _settings()
+
+    async def refresh(session: AsyncSession) -> int:
+        return await refresh_aged_stages(session, policy=lifecycle_policy(settings), actor=JOB_ACTOR)
+
+    typer.echo(f"{_in_transaction(settings, refresh)} contact(s) now lapsed")
+
+
 @cli.command()
 def openapi(
     output: Annotated[Path, typer.Option(help="Where to write the document")] = Path("openapi/openapi.json"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -12,17 +14,19 @@ from fastapi.openapi.utils import get_openapi
 
 from app.db import make_engine, make_sessionmaker, plain_dsn
 from app.embedded import EmbeddedPostgres
+from app.jobs import run_periodically
 from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
 from app.migrations import head_revision
 from app.problems import install_problem_handlers
-from app.routers import health_router, v1_router
+from app.routers import health_router, public_router, v1_router
 from app.routers.deps import Problem
 from app.schemas.types import configure_phone_region
 from app.security.ratelimit import TokenBuckets
 from app.security.revocation import RevocationList
 from app.security.tokens import TokenSigner
 from app.services.pagination import CursorCodec
+from app.services.orders import LifecyclePolicy
 from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
 
 __all__ = ["create_app"]
@@ -53,10 +57,12 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.rate_limiter = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
     app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
+    app.state.lifecycle_policy = lifecycle_policy(settings)
 
     install_problem_handlers(app)
     app.include_router(health_router)
     app.include_router(v1_router)
+    app.include_router(public_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -75,14 +81,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessionmaker = make_sessionmaker(engine)
     revocations: RevocationList = app.state.revocations
     revocations.start(plain_dsn(url))
+    lifecycle = None
+    if settings.lifecycle_refresh_seconds:
+        lifecycle = asyncio.create_task(run_periodically(
+            app.state.sessionmaker, lifecycle_policy(settings), every_seconds=settings.lifecycle_refresh_seconds))
     log.info("app.started", embedded=embedded is not None)
     try:
         yield
     finally:
+        if lifecycle is not None:
+            lifecycle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lifecycle
         await revocations.stop()
         await engine.dispose()
         if embedded is not None:
             embedded.stop()
+
+
+def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
+    return LifecyclePolicy(settings.loyal_min_orders, settings.loyal_window_days, settings.lapsed_after_days)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     loyal_min_orders: int = 3
     loyal_window_days: int = 365
     lapsed_after_days: int = 365
+    lifecycle_refresh_seconds: int = Field(default=3600, ge=0)  # 0: only `carnet lifecycle refresh` (cron)
 
     log_json: bool = True
     log_level: str = "INFO"

@@ -24,7 +24,7 @@ from app.migrations import upgrade
 from app.settings import Settings
 from tests.auth import TEST_SECRET
 
-TABLES = ("contact_history", "idempotency_record", "contact", "tag", "attribute_definition", "access_token")
+TABLES = tuple(f'"{name}"' for name in sorted(metadata.tables))  # quoted: "order" is a keyword
 
 
 @pytest.fixture(scope="session")

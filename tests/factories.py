@@ -27,3 +27,22 @@ async def make_attribute(client: httpx.AsyncClient, name: str, type_: str, **ext
     response = await client.post("/v1/attributes", json={"name": name, "type": type_, **extra}, headers=ADMIN)
     assert response.status_code == 201, response.text
     return response.json()  # type: ignore[no-any-return]
+
+
+PROOF = {"ip": "203.0.113.7", "user_agent": "Mozilla/5.0 (test)", "form_url": "https://shop.example/newsletter",
+         "wording": "Yes, send me the newsletter", "policy_version": "2026-01"}
+
+
+async def make_list(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    body = {"name": f"list-{uuid.uuid4().hex[:8]}", **fields}
+    response = await client.post("/v1/lists", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def grant_marketing(client: httpx.AsyncClient, contact_id: str, **fields: Any) -> dict[str, Any]:
+    """Record an email_marketing grant on the contact's ledger."""
+    body = {"purpose": "email_marketing", "action": "granted", "source": "newsletter_form", "proof": PROOF, **fields}
+    response = await client.post(f"/v1/contacts/{contact_id}/consents", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]

@@ -20,7 +20,8 @@ from tests.auth import bearer
 from tests.conftest import TABLES
 
 OPEN_PREFIXES = ("/v1/public/", "/v1/inbound/")
-PATH_VALUES = {"contact_id": str(uuid.uuid4()), "name": "matrix_probe", "jti": "matrix-probe"}
+PATH_VALUES = {"contact_id": str(uuid.uuid4()), "name": "matrix_probe", "jti": "matrix-probe",
+               "list_id": str(uuid.uuid4()), "token": "matrix-probe", "external_id": "matrix-probe"}
 
 
 def _operations(app: FastAPI) -> list[tuple[str, str, frozenset[str]]]:

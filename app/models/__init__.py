@@ -2,9 +2,26 @@
 
 from app import db as _db  # noqa: F401  (naming convention before any table is declared)
 from app.models.attributes import AttributeDefinition, Tag
+from app.models.consents import ConsentEvent
 from app.models.contacts import Contact
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
+from app.models.lists import ListMembership, MailingList
+from app.models.orders import Event, Order
+from app.models.outbox import OutboxMessage
 from app.models.tokens import AccessToken
 
-__all__ = ["AccessToken", "AttributeDefinition", "Contact", "ContactHistory", "IdempotencyRecord", "Tag"]
+__all__ = [
+    "AccessToken",
+    "AttributeDefinition",
+    "ConsentEvent",
+    "Contact",
+    "ContactHistory",
+    "Event",
+    "IdempotencyRecord",
+    "ListMembership",
+    "MailingList",
+    "Order",
+    "OutboxMessage",
+    "Tag",
+]

@@ -20,7 +20,7 @@ from app.errors import (
     problems,
 )
 from app.problems import validation_problem
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, item_problem
 from app.schemas.contacts import (
     BatchResult,
     ContactBatch,
@@ -85,9 +85,9 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
             async with session.begin_nested():
                 done = await contacts_service.upsert(session, upsert, actor=caller)
         except ValidationError as exc:
-            results.append({"index": index, "status": "error", "error": _item_problem(validation_problem(exc.errors()))})
+            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
         except AppError as exc:
-            results.append({"index": index, "status": "error", "error": _item_problem(exc)})
+            results.append({"index": index, "status": "error", "error": item_problem(exc)})
         else:
             results.append({"index": index, "status": "created" if done.created else "updated", "id": done.row["id"]})
     counts = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "error")}
@@ -105,6 +105,7 @@ async def list_contacts(
     email: Annotated[Email | None, Query(description="Exact (normalized) email. Needs pii:read")] = None,
     external_id: SearchText | None = None,
     tag: Annotated[list[TagName], Query(description="Repeatable: contacts holding every tag")] = [],  # noqa: B006
+    list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Subscribed members of this list")] = None,
     kind: ContactKind | None = None,
     lifecycle_stage: LifecycleStage | None = None,
     city: SearchText | None = None,
@@ -120,7 +121,7 @@ async def list_contacts(
         raise MissingScope("searching by q or email reveals personal data: pii:read is needed",
                            missing_scopes=[Scope.PII_READ.value])
     filters = contacts_service.ContactFilters(
-        q=q, email=email, external_id=external_id, tags=tag, kind=kind, lifecycle_stage=lifecycle_stage,
+        q=q, email=email, external_id=external_id, tags=tag, list_id=list_id, kind=kind, lifecycle_stage=lifecycle_stage,
         city=city, postal_code=postal_code, country=country, created_after=created_after,
         updated_after=updated_after,
     )
@@ -186,9 +187,3 @@ async def remove_contact_tag(
 ) -> Any:
     row = await contacts_service.remove_tag(session, contact_id, name, actor=caller, expected_version=expected_version)
     return _one(row, caller)
-
-
-def _item_problem(error: AppError) -> dict[str, Any]:
-    return {"type": error.type_uri(), "title": error.title, "status": error.status, "detail": error.detail,
-            **error.members}
-

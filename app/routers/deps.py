@@ -12,17 +12,20 @@ from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import WriteSession
-from app.errors import InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
+from app.errors import AppError, InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
 from app.security import Principal, authenticate
 from app.services import idempotency as idempotency_service
+from app.services.links import LinkBuilder, LinkCodec
 
 __all__ = [
     "AUTH_PROBLEMS",
     "Idempotency",
     "IfMatch",
     "JSONBody",
+    "Links",
     "Problem",
     "etag",
+    "item_problem",
 ]
 
 
@@ -55,6 +58,12 @@ class Problem(BaseModel):
 
 
 AUTH_PROBLEMS = problems(Unauthenticated, MissingScope, InvalidInput)
+
+
+def item_problem(error: AppError) -> dict[str, Any]:
+    """The problem body of one failed item of a batch."""
+    return {"type": error.type_uri(), "title": error.title, "status": error.status, "detail": error.detail,
+            **error.members}
 
 
 def etag(version: int) -> str:
@@ -116,3 +125,11 @@ async def _idempotency(
 
 
 Idempotency = Annotated[_IdempotencyScope, Depends(_idempotency)]
+
+
+def _links(request: Request) -> LinkBuilder:
+    """Signed public links (confirm, unsubscribe) under this request's base URL."""
+    return LinkBuilder(LinkCodec(request.app.state.token_signer.secret), str(request.base_url))
+
+
+Links = Annotated[LinkBuilder, Depends(_links)]

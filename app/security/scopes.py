@@ -68,6 +68,8 @@ ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
             Scope.EVENTS_WRITE,
             Scope.CONSENTS_READ,
             Scope.CONSENTS_WRITE,
+            Scope.LISTS_READ,
+            Scope.MEMBERSHIPS_WRITE,  # a newsletter form on the shop subscribes through the back office
         }
     ),
 }

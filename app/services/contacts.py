@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import ColumnElement, and_, func, literal, literal_column, or_, select, tuple_
+from sqlalchemy import ColumnElement, and_, exists, func, literal, literal_column, or_, select, tuple_
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import is_unique_violation
 from app.errors import ContactNotFound, DuplicateContact, InvalidInput, PreconditionFailed
-from app.models import Contact
+from app.models import Contact, ListMembership
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactCreate, ContactPatch, ContactSort, ContactUpsert
 from app.schemas.types import normalize_phone
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _t = Contact.__table__  # type: ignore[attr-defined]
+_members = ListMembership.__table__  # type: ignore[attr-defined]
 _ALL = tuple(_t.c)
 _SIMPLE = (
     "external_id", "email", "phone", "first_name", "last_name", "company", "job_title", "sector", "gender",
@@ -153,6 +154,7 @@ class ContactFilters:
     email: str | None = None
     external_id: str | None = None
     tags: list[str] = field(default_factory=list)
+    list_id: uuid.UUID | None = None
     kind: str | None = None
     lifecycle_stage: str | None = None
     city: str | None = None
@@ -230,6 +232,9 @@ def _conditions(f: ContactFilters) -> list[ColumnElement[bool]]:
         where.append(_t.c.external_id == f.external_id)
     if f.tags:
         where.append(_t.c.tags.contains(f.tags))
+    if f.list_id is not None:
+        where.append(exists().where(and_(_members.c.contact_id == _t.c.id, _members.c.list_id == f.list_id,
+                                         _members.c.status == "subscribed")))
     if f.kind is not None:
         where.append(_t.c.kind == f.kind)
     if f.lifecycle_stage is not None:

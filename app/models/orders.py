@@ -1,0 +1,52 @@
+"""Orders and behaviour events: what contacts buy and do."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import BigInteger, Column, Identity, Index, Numeric
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+from app.models.base import TZ, new_id, utc_now
+
+__all__ = ["Event", "Order"]
+
+
+class Order(SQLModel, table=True):
+    __tablename__: ClassVar[str] = "order"  # type: ignore[misc]
+    __table_args__ = (
+        Index("ix_order_contact_id_placed_at", "contact_id", "placed_at"),
+        Index("ix_order_items", "items", postgresql_using="gin", postgresql_ops={"items": "jsonb_path_ops"}),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    external_id: str = Field(unique=True)
+    contact_id: uuid.UUID = Field(foreign_key="contact.id")
+    placed_at: datetime = Field(sa_type=TZ)
+    status: str
+    currency: str
+    total_amount: Decimal = Field(sa_type=Numeric(14, 2))
+    channel: str | None = None
+    items: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+
+
+class Event(SQLModel, table=True):
+    __tablename__: ClassVar[str] = "event"  # type: ignore[misc]
+    __table_args__ = (
+        Index("ix_event_contact_id_occurred_at", "contact_id", "occurred_at"),
+        Index("ix_event_type_occurred_at", "type", "occurred_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
+    event_id: str | None = Field(default=None, unique=True)
+    contact_id: uuid.UUID = Field(foreign_key="contact.id")
+    type: str
+    occurred_at: datetime = Field(sa_type=TZ)
+    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)

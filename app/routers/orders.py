@@ -1,0 +1,120 @@
+"""`/v1/orders`, `/v1/events` and a contact's orders and events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+
+from app.db import ReadSession, WriteSession
+from app.errors import AppError, ContactNotFound, InvalidInput, problems
+from app.problems import validation_problem
+from app.routers.deps import JSONBody, item_problem
+from app.schemas.orders import (
+    EventBatch,
+    EventBatchResult,
+    EventCreate,
+    EventPage,
+    EventRead,
+    OrderPage,
+    OrderPut,
+    OrderRead,
+)
+from app.schemas.types import ExternalId, Limit
+from app.security import Principal, Scope, require
+from app.services import orders as orders_service
+
+__all__ = ["contact_activity_router", "events_router", "orders_router"]
+
+orders_router = APIRouter(prefix="/orders", tags=["orders"])
+events_router = APIRouter(prefix="/events", tags=["events"])
+contact_activity_router = APIRouter(prefix="/contacts", tags=["orders", "events"])
+
+
+def _policy(request: Request) -> orders_service.LifecyclePolicy:
+    return request.app.state.lifecycle_policy  # type: ignore[no-any-return]
+
+
+@orders_router.put("/{external_id}", response_model=OrderRead,
+                   responses={201: {"description": "Created", "model": OrderRead}})
+async def put_order(
+    external_id: ExternalId, payload: OrderPut, request: Request, session: WriteSession,
+    caller: Annotated[Principal, require(Scope.ORDERS_WRITE)],
+) -> Any:
+    """Idempotent upsert: a replay changes nothing; the contact's stats and stage follow in the same transaction."""
+    row, created = await orders_service.upsert_order(session, external_id, payload, actor=caller,
+                                                     policy=_policy(request))
+    return JSONBody(row, status_code=201 if created else 200)
+
+
+@orders_router.get("/{external_id}", response_model=OrderRead, responses=problems(orders_service.OrderNotFound))
+async def get_order(
+    external_id: ExternalId, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)]
+) -> Any:
+    return JSONBody(await orders_service.get_order(session, external_id))
+
+
+@events_router.post("", status_code=201, response_model=EventRead,
+                    responses={200: {"description": "Replay of a known event_id", "model": EventRead}})
+async def create_event(
+    payload: EventCreate, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)]
+) -> Any:
+    row, created = await orders_service.record_event(session, payload, actor=caller)
+    return JSONBody(row, status_code=201 if created else 200)
+
+
+@events_router.post("/batch", response_model=EventBatchResult)
+async def create_events(
+    payload: EventBatch, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)]
+) -> Any:
+    """Up to 1,000 events; each succeeds or fails alone."""
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(payload.items):
+        try:
+            event = EventCreate.model_validate(item)
+            async with session.begin_nested():
+                row, created = await orders_service.record_event(session, event, actor=caller)
+        except ValidationError as exc:
+            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
+        except AppError as exc:
+            results.append({"index": index, "status": "error", "error": item_problem(exc)})
+        else:
+            results.append({"index": index, "status": "created" if created else "duplicate", "id": row["id"]})
+    return JSONBody({"results": results, "errors": sum(r["status"] == "error" for r in results)})
+
+
+@contact_activity_router.get("/{contact_id}/orders", response_model=OrderPage,
+                             responses=problems(ContactNotFound))
+async def list_contact_orders(
+    contact_id: uuid.UUID, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)],
+    limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=100)] = None,
+) -> Any:
+    """Newest first; `next_cursor` continues."""
+    rows = await orders_service.contact_orders(session, contact_id, limit=limit, before=_order_cursor(cursor))
+    next_cursor = f"{rows[limit - 1]['placed_at'].isoformat()}|{rows[limit - 1]['id']}" if len(rows) > limit else None
+    return JSONBody({"data": rows[:limit], "next_cursor": next_cursor})
+
+
+@contact_activity_router.get("/{contact_id}/events", response_model=EventPage,
+                             responses=problems(ContactNotFound))
+async def list_contact_events(
+    contact_id: uuid.UUID, session: ReadSession, _: Annotated[Principal, require(Scope.EVENTS_READ)],
+    limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
+) -> Any:
+    rows = await orders_service.contact_events(session, contact_id, limit=limit,
+                                               before_id=int(cursor) if cursor else None)
+    next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
+    return JSONBody({"data": rows[:limit], "next_cursor": next_cursor})
+
+
+def _order_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    if not cursor:
+        return None
+    try:
+        placed, _, order_id = cursor.partition("|")
+        return datetime.fromisoformat(placed), uuid.UUID(order_id)
+    except ValueError:
+        raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None

@@ -1,0 +1,204 @@
+"""Lists and memberships on the wire."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, StringConstraints, model_validator
+
+from app.schemas.base import InputSchema
+from app.schemas.consents import ConsentProof
+from app.schemas.contacts import ContactKind
+from app.schemas.types import LongText, ShortText
+
+__all__ = [
+    "ConfirmResult",
+    "LinkTarget",
+    "ListCounts",
+    "ListCreate",
+    "ListPage",
+    "ListPatch",
+    "ListRead",
+    "MemberBatch",
+    "MemberBatchItem",
+    "MemberBatchResult",
+    "MemberPage",
+    "MemberRead",
+    "MemberStatus",
+    "SubscribeConsent",
+    "SubscribeRequest",
+    "UnsubscribePreview",
+    "UnsubscribeResult",
+    "present_list",
+    "present_member",
+]
+
+
+class MemberStatus(StrEnum):
+    PENDING = "pending"
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+def _distinct(kinds: list[ContactKind] | None) -> list[ContactKind] | None:
+    return list(dict.fromkeys(kinds)) if kinds is not None else None
+
+
+ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1), AfterValidator(_distinct)]
+
+
+class ListCreate(InputSchema):
+    name: ListName
+    description: LongText | None = None
+    double_opt_in: bool = False
+    accepted_kinds: AcceptedKinds | None = Field(default=None, description="null: every kind of contact")
+
+
+class ListPatch(InputSchema):
+    """Merge patch: absent fields untouched; null clears description and accepted_kinds (= any kind)."""
+
+    name: ListName | None = None
+    description: LongText | None = None
+    double_opt_in: bool | None = None
+    accepted_kinds: AcceptedKinds | None = None
+
+    @model_validator(mode="after")
+    def _required_fields_stay(self) -> Self:
+        for name in ("name", "double_opt_in"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class ListCounts(BaseModel):
+    subscribed: int
+    pending: int
+    unsubscribed: int
+
+
+class ListRead(BaseModel):
+    id: uuid.UUID
+    name: str
+    description: str | None
+    double_opt_in: bool
+    accepted_kinds: list[str] | None
+    counts: ListCounts
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+class ListPage(BaseModel):
+    data: list[ListRead]
+    next_cursor: str | None
+
+
+class SubscribeConsent(InputSchema):
+    """The newsletter-form case: the email_marketing consent given with the subscription."""
+
+    occurred_at: AwareDatetime | None = Field(default=None, description="When the person agreed (default: now)")
+    source: ShortText | None = None
+    proof: ConsentProof
+
+
+class SubscribeRequest(InputSchema):
+    source: ShortText | None = Field(default=None, description="How the contact joined (default: api)")
+    consent: SubscribeConsent | None = Field(
+        default=None, description="Required unless the ledger already holds a current email_marketing grant"
+    )
+
+
+class MemberRead(BaseModel):
+    list_id: uuid.UUID
+    contact_id: uuid.UUID
+    status: MemberStatus
+    source: str | None
+    subscribed_at: datetime | None
+    unsubscribed_at: datetime | None
+    pending_since: datetime | None
+    updated_at: datetime
+
+
+class MemberPage(BaseModel):
+    data: list[MemberRead]
+    next_cursor: str | None
+
+
+class MemberBatch(InputSchema):
+    add: list[uuid.UUID] = Field(default_factory=list, description="Contacts to subscribe (ledger consent needed)")
+    remove: list[uuid.UUID] = Field(default_factory=list, description="Contacts to unsubscribe")
+    source: ShortText | None = Field(default=None, description="Source recorded on added memberships")
+
+    @model_validator(mode="after")
+    def _size(self) -> Self:
+        total = len(self.add) + len(self.remove)
+        if not 1 <= total <= 1000:
+            raise ValueError("between 1 and 1000 contacts in add and remove together")
+        if set(self.add) & set(self.remove):
+            raise ValueError("a contact cannot be both added and removed")
+        return self
+
+
+class MemberBatchItem(BaseModel):
+    index: int = Field(description="Position in add, then remove")
+    op: str = Field(description="add | remove")
+    contact_id: uuid.UUID
+    status: str = Field(description="pending | subscribed | unsubscribed | error")
+    error: dict[str, Any] | None = Field(default=None, description="problem+json body for this item")
+
+
+class MemberBatchResult(BaseModel):
+    results: list[MemberBatchItem]
+    succeeded: int
+    errors: int
+
+
+class LinkTarget(BaseModel):
+    id: uuid.UUID
+    name: str
+
+
+class ConfirmResult(BaseModel):
+    result: str = Field(description="confirmed | already_confirmed")
+    list: LinkTarget | None
+    status: MemberStatus | None
+
+
+class UnsubscribePreview(BaseModel):
+    """What a one-click link would do; reading it changes nothing (mail scanners follow links)."""
+
+    list: LinkTarget | None
+    status: MemberStatus | None
+    unsubscribe_url: str = Field(description="POST here to leave this list")
+    unsubscribe_all_url: str = Field(description="POST here to withdraw email_marketing consent (every list)")
+
+
+class UnsubscribeResult(BaseModel):
+    result: str = Field(description="unsubscribed")
+    list: LinkTarget | None
+    status: MemberStatus | None
+    unsubscribed_lists: int = Field(description="Memberships this request changed (0 on a replay)")
+
+
+def present_list(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "description": row["description"],
+        "double_opt_in": row["double_opt_in"],
+        "accepted_kinds": row["accepted_kinds"],
+        "counts": {"subscribed": row["subscribed"], "pending": row["pending"], "unsubscribed": row["unsubscribed"]},
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "version": row["version"],
+    }
+
+
+def present_member(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("list_id", "contact_id", "status", "source", "subscribed_at", "unsubscribed_at",
+                                "pending_since", "updated_at")}

@@ -1,0 +1,160 @@
+"""Orders and events on the wire."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+from app.schemas.base import InputSchema
+from app.schemas.types import Email, ExternalId, ShortText
+
+__all__ = [
+    "ContactRef",
+    "EventBatch",
+    "EventBatchItem",
+    "EventBatchResult",
+    "EventPage",
+    "EventCreate",
+    "EventRead",
+    "OrderChannel",
+    "OrderItem",
+    "OrderPage",
+    "OrderPut",
+    "OrderRead",
+    "OrderStatus",
+]
+
+
+def _cents(value: Decimal) -> Decimal:
+    if not value.is_finite() or value.as_tuple().exponent < -2:  # type: ignore[operator]
+        raise ValueError("a decimal amount with at most 2 decimals, e.g. \"49.90\"")
+    return value
+
+
+Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), AfterValidator(_cents)]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217, e.g. EUR")]
+
+
+class OrderStatus(StrEnum):
+    PLACED = "placed"
+    PAID = "paid"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+    REFUNDED = "refunded"
+
+
+class OrderChannel(StrEnum):
+    WEB = "web"
+    STORE = "store"
+    PHONE = "phone"
+    MARKETPLACE = "marketplace"
+
+
+class ContactRef(InputSchema):
+    """Which contact: by id, else external_id, else email (an unknown email creates the contact)."""
+
+    id: uuid.UUID | None = None
+    external_id: ExternalId | None = None
+    email: Email | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        if not (self.id or self.external_id or self.email):
+            raise ValueError("one of id, external_id or email is required")
+        return self
+
+
+class OrderItem(InputSchema):
+    sku: ShortText = Field(min_length=1)
+    name: ShortText | None = None
+    category: ShortText | None = None
+    quantity: int = Field(ge=1, le=1_000_000)
+    unit_price: Money
+
+
+class OrderPut(InputSchema):
+    contact: ContactRef
+    placed_at: datetime
+    status: OrderStatus
+    currency: Currency
+    total_amount: Money
+    items: list[OrderItem] = Field(default_factory=list, max_length=1000)
+    channel: OrderChannel | None = None
+
+    @model_validator(mode="after")
+    def _aware(self) -> Self:
+        if self.placed_at.tzinfo is None:
+            raise ValueError("placed_at needs a time zone (RFC 3339)")
+        return self
+
+
+class OrderRead(BaseModel):
+    id: uuid.UUID
+    external_id: str
+    contact_id: uuid.UUID
+    placed_at: datetime
+    status: OrderStatus
+    currency: str
+    total_amount: Decimal
+    items: list[dict[str, Any]]
+    channel: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class EventCreate(InputSchema):
+    contact: ContactRef
+    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$", description="e.g. page_view, cart_abandoned")]
+    occurred_at: datetime
+    properties: dict[str, Any] = Field(default_factory=dict)
+    event_id: ExternalId | None = Field(default=None, description="Sender's id: a replay with the same id is ignored")
+
+    @model_validator(mode="after")
+    def _checks(self) -> Self:
+        if self.occurred_at.tzinfo is None:
+            raise ValueError("occurred_at needs a time zone (RFC 3339)")
+        if len(repr(self.properties)) > 16_000 or "\\x00" in repr(self.properties):
+            raise ValueError("properties must be under 16 kB of JSON, without NUL characters")
+        return self
+
+
+class EventBatch(InputSchema):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=1000, description="EventCreate bodies")
+
+
+class EventRead(BaseModel):
+    id: int
+    event_id: str | None
+    contact_id: uuid.UUID
+    type: str
+    occurred_at: datetime
+    properties: dict[str, Any]
+    created_at: datetime
+
+
+class OrderPage(BaseModel):
+    data: list[OrderRead]
+    next_cursor: str | None
+
+
+class EventPage(BaseModel):
+    data: list[EventRead]
+    next_cursor: str | None
+
+
+class EventBatchItem(BaseModel):
+    index: int
+    status: str = Field(description="created | duplicate | error")
+    id: int | None = None
+    error: dict[str, Any] | None = None
+
+
+class EventBatchResult(BaseModel):
+    results: list[EventBatchItem]
+    errors: int

@@ -1,0 +1,223 @@
+"""Orders, behaviour events, and the contact stats and lifecycle stage that follow from them."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy import update as update_statement
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import InvalidInput, NotFound
+from app.models import Contact, Event, Order
+from app.models.base import utc_now
+from app.schemas.contacts import ContactUpsert
+from app.schemas.orders import ContactRef, EventCreate, OrderPut
+from app.security import Principal
+from app.services import contacts as contacts_service
+from app.services import history
+
+__all__ = [
+    "LifecyclePolicy",
+    "OrderNotFound",
+    "contact_events",
+    "contact_orders",
+    "get_order",
+    "record_event",
+    "refresh_aged_stages",
+    "refresh_stats",
+    "resolve_contact",
+    "upsert_order",
+]
+
+_orders = Order.__table__  # type: ignore[attr-defined]
+_events = Event.__table__  # type: ignore[attr-defined]
+_contacts = Contact.__table__  # type: ignore[attr-defined]
+NOT_COUNTED = ("cancelled", "refunded")
+
+
+class OrderNotFound(NotFound):
+    slug, title = "order-not-found", "No such order"
+
+
+@dataclass(frozen=True, slots=True)
+class LifecyclePolicy:
+    """Thresholds from the settings (API.md names them)."""
+
+    loyal_min_orders: int = 3
+    loyal_window_days: int = 365
+    lapsed_after_days: int = 365
+
+    def stage(self, *, orders: int, recent: int, last_order_at: datetime | None, now: datetime) -> str:
+        if orders == 0 or last_order_at is None:
+            return "prospect"
+        if last_order_at < now - timedelta(days=self.lapsed_after_days):
+            return "lapsed_customer"
+        if recent >= self.loyal_min_orders:
+            return "loyal_customer"
+        return "new_customer"
+
+
+async def resolve_contact(session: AsyncSession, ref: ContactRef, *, actor: Principal, via: str) -> uuid.UUID:
+    """By id (must exist), else external_id/email through an upsert (an unknown email creates the contact)."""
+    if ref.id is not None:
+        found = await session.scalar(select(_contacts.c.id).where(_contacts.c.id == ref.id))
+        if found is None:
+            raise InvalidInput.one("contact.id", "no contact with this id", "unknown_contact")
+        return found
+    if ref.email is None:
+        found = await session.scalar(select(_contacts.c.id).where(_contacts.c.external_id == ref.external_id))
+        if found is None:
+            raise InvalidInput.one("contact.external_id", "no contact with this external_id; add an email to create one",
+                                   "unknown_contact")
+        return found
+    result = await contacts_service.upsert(
+        session, ContactUpsert(email=ref.email, external_id=ref.external_id), actor=actor, via=via
+    )
+    return result.row["id"]  # type: ignore[no-any-return]
+
+
+async def upsert_order(
+    session: AsyncSession, external_id: str, payload: OrderPut, *, actor: Principal, policy: LifecyclePolicy
+) -> tuple[dict[str, Any], bool]:
+    """Create or replace the order; the contact's stats follow in the same transaction. Replays change nothing."""
+    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="checkout")
+    values = {
+        "contact_id": contact_id, "placed_at": payload.placed_at, "status": payload.status.value,
+        "currency": payload.currency, "total_amount": payload.total_amount, "channel": payload.channel,
+        "items": [item.model_dump(mode="json") for item in payload.items],
+    }
+    current = (await session.execute(
+        select(_orders).where(_orders.c.external_id == external_id).with_for_update()
+    )).mappings().first()
+    now = utc_now()
+    if current is None:
+        statement = (insert(_orders).values(id=uuid.uuid4(), external_id=external_id, created_at=now, updated_at=now,
+                                            **values)
+                     .on_conflict_do_nothing().returning(*_orders.c))
+        row = (await session.execute(statement)).mappings().first()
+        if row is None:  # created concurrently: replace it like any existing order
+            return await upsert_order(session, external_id, payload, actor=actor, policy=policy)
+        await refresh_stats(session, contact_id, actor=actor, policy=policy)
+        return dict(row), True
+    if all(_same(current[k], v) for k, v in values.items()):
+        return dict(current), False
+    row = (await session.execute(
+        update_statement(_orders).where(_orders.c.id == current["id"]).values(**values, updated_at=now)
+        .returning(*_orders.c)
+    )).mappings().one()
+    for affected in {current["contact_id"], contact_id}:
+        await refresh_stats(session, affected, actor=actor, policy=policy)
+    return dict(row), False
+
+
+async def get_order(session: AsyncSession, external_id: str) -> dict[str, Any]:
+    row = (await session.execute(select(_orders).where(_orders.c.external_id == external_id))).mappings().first()
+    if row is None:
+        raise OrderNotFound(f"no order with external_id {external_id!r}")
+    return dict(row)
+
+
+async def contact_orders(session: AsyncSession, contact_id: uuid.UUID, *, limit: int,
+                         before: tuple[datetime, uuid.UUID] | None) -> list[dict[str, Any]]:
+    """Newest first, keyset on (placed_at, id)."""
+    await contacts_service.get(session, contact_id)
+    query = select(_orders).where(_orders.c.contact_id == contact_id)
+    if before is not None:
+        query = query.where(func.row(_orders.c.placed_at, _orders.c.id) < func.row(*before))
+    rows = await session.execute(query.order_by(_orders.c.placed_at.desc(), _orders.c.id.desc()).limit(limit + 1))
+    return [dict(r) for r in rows.mappings()]
+
+
+async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal,
+                        policy: LifecyclePolicy) -> None:
+    """Recompute a contact's stats from its counted orders, in the currency of its latest order."""
+    now = utc_now()
+    counted = and_(_orders.c.contact_id == contact_id, _orders.c.status.not_in(NOT_COUNTED))
+    latest = (await session.execute(
+        select(_orders.c.currency, _orders.c.total_amount, _orders.c.placed_at).where(counted)
+        .order_by(_orders.c.placed_at.desc(), _orders.c.id.desc()).limit(1)
+    )).first()
+    current = (await session.execute(
+        select(_contacts.c.lifecycle_stage).where(_contacts.c.id == contact_id).with_for_update()
+    )).scalar_one()
+    if latest is None:
+        stats: dict[str, Any] = {"orders_count": 0, "total_spent": Decimal(0), "average_basket": None,
+                                 "first_order_at": None, "last_order_at": None, "last_order_amount": None,
+                                 "currency": None}
+        recent = 0
+    else:
+        same_currency = and_(counted, _orders.c.currency == latest.currency)
+        agg = (await session.execute(select(
+            func.count(), func.sum(_orders.c.total_amount), func.min(_orders.c.placed_at),
+            func.count().filter(_orders.c.placed_at >= now - timedelta(days=policy.loyal_window_days)),
+        ).where(same_currency))).one()
+        count, total, first, recent = agg
+        stats = {"orders_count": count, "total_spent": total, "average_basket": round(total / count, 2),
+                 "first_order_at": first, "last_order_at": latest.placed_at,
+                 "last_order_amount": latest.total_amount, "currency": latest.currency}
+    stage = policy.stage(orders=stats["orders_count"], recent=recent, last_order_at=stats["last_order_at"], now=now)
+    await session.execute(update_statement(_contacts).where(_contacts.c.id == contact_id).values(
+        **stats, lifecycle_stage=stage, version=_contacts.c.version + 1, updated_at=now, last_activity_at=func.greatest(_contacts.c.last_activity_at,
+                                                                         stats["last_order_at"])))
+    if stage != current:
+        await history.record(session, contact_id, [("lifecycle_stage", current, stage)], actor=actor, via="orders")
+
+
+async def refresh_aged_stages(session: AsyncSession, *, policy: LifecyclePolicy, actor: Principal) -> int:
+    """Customers whose last order aged past the lapse threshold become lapsed (idempotent, set-based)."""
+    cutoff = utc_now() - timedelta(days=policy.lapsed_after_days)
+    aged = (
+        select(_contacts.c.id, _contacts.c.lifecycle_stage.label("old_stage"))
+        .where(and_(_contacts.c.last_order_at < cutoff,
+                    _contacts.c.lifecycle_stage.in_(("new_customer", "loyal_customer"))))
+        .with_for_update()
+        .subquery()
+    )
+    rows = (await session.execute(
+        update_statement(_contacts).where(_contacts.c.id == aged.c.id)
+        .values(lifecycle_stage="lapsed_customer", version=_contacts.c.version + 1, updated_at=utc_now())
+        .returning(_contacts.c.id, aged.c.old_stage)
+    )).all()
+    for contact_id, old_stage in rows:
+        await history.record(session, contact_id, [("lifecycle_stage", old_stage, "lapsed_customer")],
+                             actor=actor, via="lifecycle")
+    return len(rows)
+
+
+async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> tuple[dict[str, Any], bool]:
+    """Append a behaviour event (a replayed event_id returns the stored one); last_activity_at follows."""
+    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="api")
+    statement = insert(_events).values(
+        event_id=payload.event_id, contact_id=contact_id, type=payload.type, occurred_at=payload.occurred_at,
+        properties=payload.properties, created_at=utc_now(),
+    ).on_conflict_do_nothing().returning(*_events.c)
+    row = (await session.execute(statement)).mappings().first()
+    if row is None:
+        stored = (await session.execute(select(_events).where(_events.c.event_id == payload.event_id))).mappings()
+        return dict(stored.one()), False
+    await session.execute(update_statement(_contacts).where(_contacts.c.id == contact_id).values(
+        last_activity_at=func.greatest(_contacts.c.last_activity_at, payload.occurred_at)))
+    return dict(row), True
+
+
+async def contact_events(session: AsyncSession, contact_id: uuid.UUID, *, limit: int,
+                         before_id: int | None) -> list[dict[str, Any]]:
+    await contacts_service.get(session, contact_id)
+    query = select(_events).where(_events.c.contact_id == contact_id)
+    if before_id is not None:
+        query = query.where(_events.c.id < before_id)
+    rows = await session.execute(query.order_by(_events.c.id.desc()).limit(limit + 1))
+    return [dict(r) for r in rows.mappings()]
+
+
+def _same(stored: Any, given: Any) -> bool:
+    if isinstance(stored, Decimal) and isinstance(given, Decimal):
+        return stored == given
+    return bool(stored == given)
+
