@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter, Depends
 
-from app.routers import attributes, consents, contacts, health, lists, orders, public, tokens
+from app.routers import attributes, consents, contacts, health, lists, orders, public, timeline, tokens
 from app.routers.deps import AUTH_PROBLEMS
 from app.security import authenticate
 
@@ -20,6 +20,7 @@ v1_router.include_router(orders.events_router)
 v1_router.include_router(orders.contact_activity_router)
 v1_router.include_router(lists.router)
 v1_router.include_router(consents.router)
+v1_router.include_router(timeline.router)
 
 health_router = health.router
 # No token: the signed link in the URL is the credential (app.services.links).
