@@ -51,7 +51,7 @@ def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> 
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,                  # overflow connections are opened and closed per burst: costly churn
         pool_timeout=pool_timeout,       # pool exhausted → error quickly, rendered as 503
         pool_pre_ping=False,             # a dead connection is dropped on error instead of pinging every checkout
         connect_args={"timeout": 5, "server_settings": {"application_name": "carnet"}},

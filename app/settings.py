@@ -22,7 +22,7 @@ class Settings(BaseSettings):
 
     # Database: None means the embedded PostgreSQL in data_dir (ARCHITECTURE.md "Embedded default").
     database_url: str | None = None
-    database_pool_size: int = 10
+    database_pool_size: int = 20
     database_pool_timeout: float = 5.0
     data_dir: Path = Path(".carnet")
 

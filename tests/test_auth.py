@@ -19,6 +19,7 @@ from app.db import plain_dsn
 from app.main import create_app
 from app.security import ROLE_SCOPES, Role, Scope
 from app.security.revocation import RevocationList
+from app.security.tokens import InvalidToken, TokenSigner
 from app.settings import Settings
 from tests.auth import TEST_SECRET, bearer
 
@@ -225,3 +226,17 @@ class TestScopesAreDeclared:
                 if not scopes and f"{method.upper()} {path}" not in NO_SCOPE_NEEDED:
                     missing.append(f"{method.upper()} {path}")
         assert missing == []
+
+
+class TestVerifiedTokenCache:
+    def test_a_cached_token_still_expires(self) -> None:
+        signer = TokenSigner(TEST_SECRET)
+        token = forge({"exp": int(time.time()) + 1})
+        assert signer.verify(token).subject == "mallory"
+        time.sleep(0.1)
+        assert signer.verify(token).subject == "mallory"  # from the cache
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(time, "time", lambda: time.monotonic() + 10**10)
+            with pytest.raises(InvalidToken, match="expired"):
+                signer.verify(token)
+        assert token not in signer._verified
