@@ -1,4 +1,4 @@
-"""The `carnet` command: serve, migrate, token, openapi."""
+"""The `carnet` command: serve, migrate, token, lifecycle, retention, openapi."""
 
 from __future__ import annotations
 
@@ -157,6 +157,34 @@ def lifecycle_refresh() -> None:
         return await refresh_aged_stages(session, policy=lifecycle_policy(settings), actor=JOB_ACTOR)
 
     typer.echo(f"{_in_transaction(settings, refresh)} contact(s) now lapsed")
+
+
+@cli.command()
+def retention(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be erased; change nothing")] = False,
+) -> None:
+    """Erase prospects with no activity for RETENTION_PROSPECT_DAYS (CNIL: three years); for cron."""
+    from app.logging import configure_logging
+    from app.security import Principal
+    from app.services import gdpr as gdpr_service
+    from app.services import suppressions as suppressions_service
+
+    settings = _settings()
+    configure_logging(json=settings.log_json, level=settings.log_level)  # log lines to stderr, ids alone on stdout
+    suppressions_service.configure(_signer(settings).secret)  # the same key as the API's
+    actor = Principal("carnet-retention", Role.ADMIN, frozenset(), "cli")
+
+    async def run(session: AsyncSession) -> gdpr_service.RetentionReport:
+        return await gdpr_service.run_retention(
+            session, days=settings.retention_prospect_days, dry_run=dry_run, actor=actor
+        )
+
+    report = _in_transaction(settings, run)
+    for contact_id in report.contact_ids:
+        typer.echo(str(contact_id))
+    verb = "would be erased (dry run)" if dry_run else "erased"
+    typer.echo(f"{len(report.contact_ids)} prospect(s) with no activity since {report.cutoff:%Y-%m-%d} {verb}",
+               err=True)
 
 
 @cli.command()

@@ -25,8 +25,9 @@ from app.schemas.types import configure_phone_region
 from app.security.ratelimit import TokenBuckets
 from app.security.revocation import RevocationList
 from app.security.tokens import TokenSigner
-from app.services.pagination import CursorCodec
+from app.services import suppressions as suppressions_service
 from app.services.orders import LifecyclePolicy
+from app.services.pagination import CursorCodec
 from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
 
 __all__ = ["create_app"]
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         signer = TokenSigner(**token_signer_options(settings))  # type: ignore[arg-type]
     except ValueError as exc:  # refuses to boot on an inconsistent key setup
         raise ConfigurationError(str(exc)) from None
+    suppressions_service.configure(signer.secret)  # keys the suppression list's hashes (GDPR erasure)
 
     app = FastAPI(
         title="Carnet",

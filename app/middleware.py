@@ -66,8 +66,9 @@ class RequestContext:
             REQUEST_SECONDS.labels(scope["method"], route, str(status)).observe(elapsed)
             REQUESTS_TOTAL.labels(f"{status // 100}xx").inc()
             # The route template, never the raw path or query string: those may carry personal data.
-            log.info("http.request", method=scope["method"], route=route, status=status,
-                     ms=round(elapsed * 1000, 2))
+            # Successes at debug (the latency histogram counts them all); problems at info.
+            emit = log.debug if status < 400 else log.info
+            emit("http.request", method=scope["method"], route=route, status=status, ms=round(elapsed * 1000, 2))
 
 
 class BodySizeLimit:

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
     # Names fixed by API.md; used by later features.
-    retention_prospect_days: int = 1095
+    retention_prospect_days: int = Field(default=1095, ge=1, le=36500)  # CNIL: three years for prospects
     loyal_min_orders: int = 3
     loyal_window_days: int = 365
     lapsed_after_days: int = 365

@@ -205,6 +205,7 @@ class TestRateLimit:
                                                                    client: httpx.AsyncClient, app: FastAPI) -> None:
         limited = create_app(settings.model_copy(update={"rate_limit_per_second": 0.5, "rate_limit_burst": 3}))
         limited.dependency_overrides = app.dependency_overrides
+        limited.state.sessionmaker = app.state.sessionmaker
         headers = bearer()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=limited), base_url="http://test") as http:
             statuses = [(await http.get("/v1/me", headers=headers)).status_code for _ in range(4)]

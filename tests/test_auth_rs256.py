@@ -60,6 +60,7 @@ def _hs256_with(secret: bytes, header: dict[str, str]) -> str:
 
 async def _status(app: FastAPI, client_app: FastAPI, token: str) -> int:
     app.dependency_overrides = client_app.dependency_overrides
+    app.state.sessionmaker = client_app.state.sessionmaker
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         return (await http.get("/v1/me", headers={"Authorization": f"Bearer {token}"})).status_code
 

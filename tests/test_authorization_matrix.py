@@ -1,4 +1,4 @@
-"""Every role × every /v1 operation, generated from the OpenAPI document and the role table.
+"""Every role x every /v1 operation, generated from the OpenAPI document and the role table.
 
 Denied → 403 naming the missing scopes and no row changed; allowed → never 401/403.
 """

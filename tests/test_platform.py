@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from pathlib import Path
 
@@ -122,7 +123,8 @@ class TestFailures:
     async def test_unreachable_database_is_a_503_problem(self, settings: Settings) -> None:
         app = create_app(settings)
         engine = make_engine("postgresql://postgres@127.0.0.1:9/none", pool_timeout=1)
-        app.dependency_overrides[get_sessionmaker] = lambda: make_sessionmaker(engine)
+        app.state.sessionmaker = make_sessionmaker(engine)
+        app.dependency_overrides[get_sessionmaker] = lambda: app.state.sessionmaker
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
             response = await http.get(f"/v1/contacts/{uuid.uuid4()}", headers=ADMIN)
         await engine.dispose()
@@ -131,6 +133,7 @@ class TestFailures:
         assert response.headers["retry-after"] == "2"
 
     async def test_logs_carry_no_personal_data(self, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)  # successes log at debug
         email = "very.private@example.com"
         await client.post("/v1/contacts", json={"email": email, "phone": "0612345678"}, headers=ADMIN)
         await client.get("/v1/contacts", params={"email": email, "q": "0612345678"}, headers=ADMIN)

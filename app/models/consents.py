@@ -1,4 +1,7 @@
-"""The consent ledger: append-only events per contact and purpose (a trigger refuses UPDATE and DELETE)."""
+"""The consent ledger: append-only events per contact and purpose.
+
+A trigger refuses DELETE always and UPDATE except the de-identification done by an erasure (migration 0005).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ class ConsentEvent(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
-    contact_id: uuid.UUID = Field(foreign_key="contact.id")
+    # NULL once the contact was erased: the event stays, de-identified (migration 0005, services/gdpr.py)
+    contact_id: uuid.UUID | None = Field(default=None, foreign_key="contact.id")
     purpose: str
     action: str
     source: str | None = None

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import ValidationError
 
-from app.db import ReadSession, WriteSession
+from app.db import ReadConnection, ReadSession, WriteSession
 from app.errors import (
     AppError,
     ContactNotFound,
@@ -39,6 +39,7 @@ from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName
 from app.security import Principal, Scope, require
 from app.services import contacts as contacts_service
 from app.services import history as history_service
+from app.services.suppressions import SuppressedContact
 
 __all__ = ["router"]
 
@@ -54,7 +55,7 @@ def _one(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
 
 
 @router.post("", status_code=201, response_model=ContactRead,
-             responses=problems(DuplicateContact, IdempotencyKeyReused))
+             responses=problems(DuplicateContact, SuppressedContact, IdempotencyKeyReused))
 async def create_contact(payload: ContactCreate, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
     if idem.replay:
         return idem.replay
@@ -64,7 +65,7 @@ async def create_contact(payload: ContactCreate, session: WriteSession, caller: 
 
 
 @router.post("/upsert", response_model=ContactRead,
-             responses={201: {"description": "Created", "model": ContactRead}, **problems(DuplicateContact)})
+             responses={201: {"description": "Created", "model": ContactRead}, **problems(DuplicateContact, SuppressedContact)})
 async def upsert_contact(payload: ContactUpsert, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
     if idem.replay:
         return idem.replay
@@ -132,8 +133,8 @@ async def list_contacts(
 
 
 @router.get("/{contact_id}", response_model=ContactRead, responses=problems(ContactNotFound))
-async def get_contact(contact_id: uuid.UUID, session: ReadSession, caller: Reader) -> Any:
-    return _one(await contacts_service.get(session, contact_id), caller)
+async def get_contact(contact_id: uuid.UUID, connection: ReadConnection, caller: Reader) -> Any:
+    return _one(await contacts_service.get_fast(connection, contact_id), caller)
 
 
 @router.patch(

@@ -70,7 +70,7 @@ def etag(version: int) -> str:
     return f'"v{version}"'
 
 
-def _if_match(if_match: Annotated[str | None, Header(description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
+async def _if_match(if_match: Annotated[str | None, Header(description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
     """The version the caller expects, or None when it did not ask (or said `*`)."""
     if if_match is None or if_match.strip() == "*":
         return None

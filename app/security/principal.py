@@ -9,7 +9,6 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import get_sessionmaker
 from app.errors import MissingScope, RateLimited, Unauthenticated
 from app.security.ratelimit import TokenBuckets
 from app.security.revocation import RevocationList, revoked_in_database
@@ -36,7 +35,6 @@ class Principal:
 async def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
 ) -> Principal:
     """Verify the bearer token once per request (memoized: FastAPI would run this per scope set).
 
@@ -55,6 +53,7 @@ async def authenticate(
     revocations: RevocationList = request.app.state.revocations
     revoked = revocations.is_revoked(claims.token_id)
     if revoked is None:  # not listening right now: ask the database
+        makers: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
         async with makers() as session:
             revoked = await revoked_in_database(session, claims.token_id)
     if revoked:

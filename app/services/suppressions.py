@@ -1,0 +1,136 @@
+"""The suppression list: keyed hashes of the emails and phones of erased people.
+
+An erased person must never be re-created by accident (an import, a checkout, a back-office sync),
+yet Carnet must not keep the address itself. So each address is kept as HMAC-SHA256 of its normalized
+form, keyed with a key derived from the deployment secret: without the key nobody can test guesses
+against the table, which a bare SHA-256 of an email would allow in seconds.
+
+Every path that creates a contact or gives one a new email or phone calls `ensure_not_suppressed`.
+Re-admission is explicit: `release` (admin) records who released the address and the person's fresh
+consent proof, and the address stops being suppressed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import Conflict, NotFound
+from app.models import Suppression
+from app.models.base import new_id, utc_now
+from app.security import Principal
+
+__all__ = [
+    "KINDS",
+    "SuppressedContact",
+    "SuppressionNotFound",
+    "configure",
+    "digest",
+    "ensure_not_suppressed",
+    "release",
+    "suppress",
+    "suppressed_kinds",
+]
+
+KINDS = ("email", "phone")
+_t = Suppression.__table__  # type: ignore[attr-defined]
+_key: bytes | None = None
+
+
+class SuppressedContact(Conflict):
+    slug, title = "suppressed-contact", "This person was erased and may not be added again"
+
+
+class SuppressionNotFound(NotFound):
+    slug, title = "suppression-not-found", "This address is not suppressed"
+
+
+def configure(secret: str) -> None:
+    """Derive the digest key from the deployment secret (the token signer's); called when the app is built.
+
+    A key of its own (HMAC of a fixed label): a suppression digest can never pass as a cursor, a link or a token.
+    """
+    global _key
+    _key = hmac.new(secret.encode(), b"carnet-suppression-v1", hashlib.sha256).digest()
+
+
+def digest(kind: str, value: str) -> str:
+    """HMAC-SHA256 of an already normalized email (lowercased) or phone (E.164)."""
+    if _key is None:  # fail closed: never compare or store unkeyed hashes
+        raise RuntimeError("the suppression key is not configured (app.services.suppressions.configure)")
+    return hmac.new(_key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> list[str]:
+    """Which of the given (normalized) values are currently suppressed: a subset of ["email", "phone"]."""
+    wanted = _digests(email=email, phone=phone)
+    if not wanted:
+        return []
+    rows = await session.execute(
+        select(_t.c.kind, _t.c.digest).where(_keys_in(wanted), _t.c.released_at.is_(None))
+    )
+    found = {(kind, value) for kind, value in rows}
+    return [kind for kind, value in wanted.items() if (kind, value) in found]
+
+
+async def ensure_not_suppressed(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> None:
+    """Raise SuppressedContact (409) when the email or phone belongs to an erased person."""
+    kinds = await suppressed_kinds(session, email=email, phone=phone)
+    if kinds:
+        raise SuppressedContact(
+            f"this {' and '.join(kinds)} belonged to a person who was erased (GDPR art. 17) and may not be added "
+            "again; if the person asked to come back, an admin releases it with POST /v1/suppressions/release",
+            suppressed=kinds,
+        )
+
+
+async def suppress(session: AsyncSession, contacts: Iterable[Mapping[str, Any]], *, reason: str) -> int:
+    """Add the emails and phones of these contact rows to the list (re-suppressing released entries)."""
+    now = utc_now()
+    rows = {
+        (kind, value): {"id": new_id(), "kind": kind, "digest": value, "reason": reason, "created_at": now}
+        for contact in contacts
+        for kind, value in _digests(email=contact["email"], phone=contact["phone"]).items()
+    }
+    if not rows:
+        return 0
+    statement = insert(_t).values(list(rows.values()))
+    await session.execute(statement.on_conflict_do_update(
+        index_elements=[_t.c.kind, _t.c.digest],
+        set_={"reason": statement.excluded.reason, "created_at": statement.excluded.created_at,
+              "released_at": None, "released_by": None, "release_proof": None},
+    ))
+    return len(rows)
+
+
+async def release(
+    session: AsyncSession, *, email: str | None, phone: str | None, proof: Mapping[str, Any], actor: Principal
+) -> list[str]:
+    """Stop suppressing these values; the row keeps who released it, when, and the person's proof."""
+    wanted = _digests(email=email, phone=phone)
+    released = await session.execute(
+        update(_t)
+        .where(_keys_in(wanted), _t.c.released_at.is_(None))
+        .values(released_at=utc_now(), released_by=actor.subject, release_proof=dict(proof))
+        .returning(_t.c.kind, _t.c.digest)
+    )
+    done = {(kind, value) for kind, value in released}
+    kinds = [kind for kind, value in wanted.items() if (kind, value) in done]
+    if not kinds:
+        raise SuppressionNotFound("none of the given values is suppressed")
+    return kinds
+
+
+def _keys_in(wanted: Mapping[str, str]) -> Any:
+    return tuple_(_t.c.kind, _t.c.digest).in_(list(wanted.items()))  # served by uq_suppression_kind_digest
+
+
+def _digests(*, email: str | None, phone: str | None) -> dict[str, str]:
+    given = {"email": email, "phone": phone}
+    return {kind: digest(kind, value) for kind, value in given.items() if value}
