@@ -69,6 +69,9 @@ def serve(
         upgrade(url)
         _print_bootstrap_token(settings, url)
         app = create_app(settings, database_url=url)
+        # The lifespan stops the embedded server: uvicorn re-raises SIGTERM/SIGINT after its shutdown,
+        # so code after run() (this function's finally) does not run on a signal.
+        app.state.embedded = embedded
         uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False)
     finally:
         if embedded:

@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    embedded = None
+    embedded: EmbeddedPostgres | None = getattr(app.state, "embedded", None)  # started by `carnet serve`
     url = app.state.database_url
     if url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
