@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import asyncpg
@@ -13,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import SQLModel
 
 __all__ = [
-    "ReadConnection",
+    "BareConnection",
     "ReadSession",
     "WriteSession",
     "async_url",
+    "bare_connection",
     "constraint_name",
     "get_sessionmaker",
     "is_unique_violation",
@@ -83,11 +85,13 @@ async def _read_session(
         yield session  # never commits
 
 
-async def _read_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """The pooled asyncpg connection itself, for single-statement reads on hot paths.
+@asynccontextmanager
+async def bare_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    """The pooled asyncpg connection itself, for single statements on hot paths.
 
     No session and no transaction: SQLAlchemy's BEGIN/ROLLBACK round trips and statement building cost
-    ~1.0 ms a read against ~0.3 ms this way (bench/, docs/performance.md).
+    ~1.0 ms a read against ~0.3 ms this way (bench/, docs/performance.md). Hold it for one statement only
+    when the same request may also open a session: two held connections per request can starve the pool.
     """
     bind = request.app.state.sessionmaker.kw["bind"]
     if isinstance(bind, AsyncEngine):
@@ -97,10 +101,15 @@ async def _read_connection(request: Request) -> AsyncIterator[asyncpg.Connection
         yield (await bind.get_raw_connection()).driver_connection
 
 
+async def _bare_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    async with bare_connection(request) as connection:
+        yield connection
+
+
 # scope="function": the commit happens before the response is sent (STYLE.md fact 1).
 WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
 ReadSession = Annotated[AsyncSession, Depends(_read_session, scope="function")]
-ReadConnection = Annotated[asyncpg.Connection, Depends(_read_connection, scope="function")]
+BareConnection = Annotated[asyncpg.Connection, Depends(_bare_connection, scope="function")]
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:

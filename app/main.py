@@ -44,7 +44,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         signer = TokenSigner(**token_signer_options(settings))  # type: ignore[arg-type]
     except ValueError as exc:  # refuses to boot on an inconsistent key setup
         raise ConfigurationError(str(exc)) from None
-    suppressions_service.configure(signer.secret)  # keys the suppression list's hashes (GDPR erasure)
+    # Keys the suppression list's hashes (GDPR erasure). Its own setting, because rotating JWT_SECRET must
+    # not silently un-suppress every erased person; it falls back to the JWT secret when unset.
+    suppression_key = settings.suppression_key.get_secret_value() if settings.suppression_key else signer.secret
+    suppressions_service.configure(suppression_key)
 
     app = FastAPI(
         title="Carnet",

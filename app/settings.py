@@ -28,6 +28,7 @@ class Settings(BaseSettings):
 
     # Tokens: HS256 with this secret. None only in embedded mode, where one is made once and kept.
     jwt_secret: SecretStr | None = None
+    suppression_key: SecretStr | None = None  # unset: derived from the JWT secret (set it before rotating that)
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_default_ttl_seconds: int = 30 * 24 * 3600

@@ -21,7 +21,8 @@ from tests.conftest import TABLES
 
 OPEN_PREFIXES = ("/v1/public/", "/v1/inbound/")
 PATH_VALUES = {"contact_id": str(uuid.uuid4()), "name": "matrix_probe", "jti": "matrix-probe",
-               "list_id": str(uuid.uuid4()), "token": "matrix-probe", "external_id": "matrix-probe"}
+               "list_id": str(uuid.uuid4()), "token": "matrix-probe", "external_id": "matrix-probe",
+               "segment_id": str(uuid.uuid4())}
 
 
 def _operations(app: FastAPI) -> list[tuple[str, str, frozenset[str]]]:

@@ -9,6 +9,7 @@ from app.models.idempotency import IdempotencyRecord
 from app.models.lists import ListMembership, MailingList
 from app.models.orders import Event, Order
 from app.models.outbox import OutboxMessage
+from app.models.segments import Segment
 from app.models.suppressions import Suppression
 from app.models.tokens import AccessToken
 
@@ -24,6 +25,7 @@ __all__ = [
     "MailingList",
     "Order",
     "OutboxMessage",
+    "Segment",
     "Suppression",
     "Tag",
 ]

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import ValidationError
 
-from app.db import ReadConnection, ReadSession, WriteSession
+from app.db import BareConnection, ReadSession, WriteSession, bare_connection
 from app.errors import (
     AppError,
     ContactNotFound,
@@ -39,6 +39,7 @@ from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName
 from app.security import Principal, Scope, require
 from app.services import contacts as contacts_service
 from app.services import history as history_service
+from app.services import segments as segments_service
 from app.services.suppressions import SuppressedContact
 
 __all__ = ["router"]
@@ -66,9 +67,16 @@ async def create_contact(payload: ContactCreate, session: WriteSession, caller: 
 
 @router.post("/upsert", response_model=ContactRead,
              responses={201: {"description": "Created", "model": ContactRead}, **problems(DuplicateContact, SuppressedContact)})
-async def upsert_contact(payload: ContactUpsert, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
+async def upsert_contact(
+    payload: ContactUpsert, request: Request, session: WriteSession, caller: Writer, idem: Idempotency
+) -> Any:
     if idem.replay:
         return idem.replay
+    if idem.key is None:  # a keyed request keeps its key row in the same transaction: full path
+        async with bare_connection(request) as connection:  # released before the session takes one
+            created = await contacts_service.try_fast_create(connection, payload, actor=caller)
+        if created is not None:
+            return _one(created, caller, status_code=201)
     result = await contacts_service.upsert(session, payload, actor=caller)
     return await idem.respond(201 if result.created else 200, present_contact(result.row, reveal_pii=caller.sees_pii),
                               {"ETag": etag(result.row["version"])})
@@ -96,7 +104,7 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
     return await idem.respond(200, body)
 
 
-@router.get("", response_model=ContactPage)
+@router.get("", response_model=ContactPage, responses=problems(segments_service.SegmentNotFound))
 async def list_contacts(
     session: ReadSession,
     request: Request,
@@ -114,6 +122,7 @@ async def list_contacts(
     country: CountryCode | None = None,
     created_after: datetime | None = None,
     updated_after: datetime | None = None,
+    segment_id: Annotated[uuid.UUID | None, Query(alias="segment", description="Contacts matching this segment")] = None,
     sort: ContactSort = ContactSort.CREATED_AT_DESC,
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
@@ -125,6 +134,7 @@ async def list_contacts(
         q=q, email=email, external_id=external_id, tags=tag, list_id=list_id, kind=kind, lifecycle_stage=lifecycle_stage,
         city=city, postal_code=postal_code, country=country, created_after=created_after,
         updated_after=updated_after,
+        segment_condition=await segments_service.segment_condition(session, segment_id) if segment_id else None,
     )
     rows, next_cursor = await contacts_service.list_page(
         session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
@@ -133,7 +143,7 @@ async def list_contacts(
 
 
 @router.get("/{contact_id}", response_model=ContactRead, responses=problems(ContactNotFound))
-async def get_contact(contact_id: uuid.UUID, connection: ReadConnection, caller: Reader) -> Any:
+async def get_contact(contact_id: uuid.UUID, connection: BareConnection, caller: Reader) -> Any:
     return _one(await contacts_service.get_fast(connection, contact_id), caller)
 
 

@@ -7,6 +7,7 @@ inserts use `ON CONFLICT DO NOTHING` and a missing RETURNING row means "someone 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "get_fast",
     "list_page",
     "remove_tag",
+    "try_fast_create",
     "update",
     "upsert",
 ]
@@ -83,11 +85,66 @@ _GET_SQL = f"SELECT {_COLUMN_LIST} FROM contact WHERE id = $1"  # noqa: S608 (co
 
 
 async def get_fast(connection: asyncpg.Connection, contact_id: uuid.UUID) -> Row:
-    """`get` on a bare asyncpg connection: one round trip, no transaction (see app.db.ReadConnection)."""
+    """`get` on a bare asyncpg connection: one round trip, no transaction (see app.db.BareConnection)."""
     row = await connection.fetchrow(_GET_SQL, contact_id)
     if row is None:
         raise ContactNotFound(f"no contact with id {contact_id}")
     return row  # type: ignore[no-any-return]  # asyncpg.Record is a read-only mapping
+
+
+# A new contact and its creation history in one statement: nothing is written when a key is already held
+# (ON CONFLICT on either unique index) or the email/phone is suppressed; the caller then takes the full path.
+_INSERT_COLUMNS = [c.name for c in _ALL]
+_FAST_CREATE_SQL = f"""
+WITH new AS (
+    INSERT INTO contact ({", ".join(f'"{name}"' for name in _INSERT_COLUMNS)})
+    SELECT {", ".join(f"${i}" for i in range(1, len(_INSERT_COLUMNS) + 1))}
+    WHERE NOT EXISTS (
+        SELECT 1 FROM suppression s
+        WHERE s.released_at IS NULL
+          AND (s.kind, s.digest) IN (SELECT * FROM unnest(${len(_INSERT_COLUMNS) + 1}::text[],
+                                                          ${len(_INSERT_COLUMNS) + 2}::text[])))
+    ON CONFLICT DO NOTHING
+    RETURNING *
+), history AS (
+    INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
+    SELECT new.id, f.field, NULL, f.value, ${len(_INSERT_COLUMNS) + 5}, ${len(_INSERT_COLUMNS) + 6},
+           new.created_at
+    FROM new, unnest(${len(_INSERT_COLUMNS) + 3}::text[], ${len(_INSERT_COLUMNS) + 4}::jsonb[]) AS f(field, value)
+)
+SELECT * FROM new
+"""  # noqa: S608 (names from our own table; every value is a parameter)
+
+
+async def try_fast_create(
+    connection: asyncpg.Connection, payload: ContactUpsert, *, actor: Principal, via: str = "api"
+) -> Row | None:
+    """Create the contact of an upsert in one round trip when nobody holds its keys; None otherwise.
+
+    Only for payloads without attributes or tags (those need definitions and the tag catalogue).
+    None means "take the full path" (`upsert`), which matches, updates or explains the refusal.
+    """
+    columns, attrs, tags = _columns_from(payload)
+    if attrs is not _MISSING or tags is not _MISSING:
+        return None
+    now = utc_now()
+    values = dict.fromkeys(_INSERT_COLUMNS) | {
+        "email_status": "unverified", "kind": "prospect", "lifecycle_stage": "prospect", "attributes": "{}",
+        "tags": [], "orders_count": 0, "total_spent": 0, "version": 1,
+    } | {k: v for k, v in columns.items() if v is not None}
+    values.setdefault("source", None)
+    values["source"] = values["source"] or ("api" if via == "api" else via)
+    values.update(id=new_id(), created_at=now, updated_at=now)
+    changes = _diff({}, {**values, "attributes": {}})
+    suppressed = suppressions.digests(email=values["email"], phone=values["phone"])
+    row = await connection.fetchrow(
+        _FAST_CREATE_SQL,
+        *(values[name] for name in _INSERT_COLUMNS),
+        list(suppressed), list(suppressed.values()),
+        [field for field, _old, _new in changes], [json.dumps(history.jsonable(new)) for _f, _o, new in changes],
+        actor.subject, via,
+    )
+    return row  # type: ignore[no-any-return]
 
 
 async def create(session: AsyncSession, payload: ContactCreate, *, actor: Principal, via: str = "api") -> Row:
@@ -177,6 +234,7 @@ class ContactFilters:
     country: str | None = None
     created_after: datetime | None = None
     updated_after: datetime | None = None
+    segment_condition: ColumnElement[bool] | None = None   # a compiled segment filter (app.services.segments)
 
 
 # NULL sorts as 1970 (before any order; asyncpg maps year 1 to -infinity) so (expression, id) is a total order the keyset indexes serve.
@@ -264,6 +322,8 @@ def _conditions(f: ContactFilters) -> list[ColumnElement[bool]]:
         where.append(_t.c.created_at > f.created_after)
     if f.updated_after is not None:
         where.append(_t.c.updated_at > f.updated_after)
+    if f.segment_condition is not None:
+        where.append(f.segment_condition)
     return where
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "SuppressionNotFound",
     "configure",
     "digest",
+    "digests",
     "ensure_not_suppressed",
     "release",
     "suppress",
@@ -129,6 +130,11 @@ async def release(
 
 def _keys_in(wanted: Mapping[str, str]) -> Any:
     return tuple_(_t.c.kind, _t.c.digest).in_(list(wanted.items()))  # served by uq_suppression_kind_digest
+
+
+def digests(*, email: str | None, phone: str | None) -> dict[str, str]:
+    """{kind: keyed digest} of the given normalized values."""
+    return _digests(email=email, phone=phone)
 
 
 def _digests(*, email: str | None, phone: str | None) -> dict[str, str]:

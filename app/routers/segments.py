@@ -1,0 +1,114 @@
+"""`/v1/segments`: saved dynamic filters, their count and members, and a preview of an unsaved filter."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request, Response
+
+from app.db import ReadSession, WriteSession
+from app.errors import IdempotencyKeyReused, InvalidInput, problems
+from app.routers.deps import Idempotency, JSONBody
+from app.schemas.contacts import ContactPage, present_contact
+from app.schemas.segments import (
+    SegmentCount,
+    SegmentCreate,
+    SegmentPage,
+    SegmentPatch,
+    SegmentPreview,
+    SegmentPreviewRequest,
+    SegmentRead,
+    present_segment,
+)
+from app.schemas.types import Limit
+from app.security import Principal, Scope, require
+from app.services import segments as segments_service
+from app.services.segments import DuplicateSegment, SegmentNotFound
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/segments", tags=["segments"])
+
+Reader = Annotated[Principal, require(Scope.SEGMENTS_READ)]
+Writer = Annotated[Principal, require(Scope.SEGMENTS_WRITE)]
+# Members are contacts: reading them needs contacts:read as well (masked without pii:read).
+MemberReader = Annotated[Principal, require(Scope.SEGMENTS_READ, Scope.CONTACTS_READ)]
+CursorParam = Annotated[str | None, Query(max_length=1000)]
+PREVIEW_SIZE = 20
+
+
+@router.get("", response_model=SegmentPage)
+async def list_segments(
+    session: ReadSession, request: Request, _: Reader, limit: Limit = 50, cursor: CursorParam = None
+) -> Any:
+    """By name."""
+    rows, next_cursor = await segments_service.list_page(session, limit=limit, cursor=cursor,
+                                                         codec=request.app.state.cursor_codec)
+    return JSONBody({"data": [present_segment(r) for r in rows], "next_cursor": next_cursor})
+
+
+@router.post("", status_code=201, response_model=SegmentRead,
+             responses=problems(DuplicateSegment, IdempotencyKeyReused))
+async def create_segment(payload: SegmentCreate, session: WriteSession, _: Writer, idem: Idempotency) -> Any:
+    """An invalid filter is a 422 whose `errors[].field` is the JSON path of the faulty part."""
+    if idem.replay:
+        return idem.replay
+    row = await segments_service.create(session, name=payload.name, filter_=payload.filter,
+                                        description=payload.description)
+    return await idem.respond(201, present_segment(row), {"Location": f"/v1/segments/{row['id']}"})
+
+
+@router.post("/preview", response_model=SegmentPreview)
+async def preview_segment(
+    payload: SegmentPreviewRequest, session: ReadSession, request: Request, caller: MemberReader
+) -> Any:
+    """Count and first page (at most 20 contacts, id order) of a filter, without saving it."""
+    condition = await segments_service.compile_filter(session, payload.filter)
+    total = await segments_service.count(session, condition)
+    rows, _next = await segments_service.contacts_page(session, condition, limit=PREVIEW_SIZE, cursor=None,
+                                                       codec=request.app.state.cursor_codec)
+    return JSONBody({"count": total, "data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows]})
+
+
+@router.get("/{segment_id}", response_model=SegmentRead, responses=problems(SegmentNotFound))
+async def get_segment(segment_id: uuid.UUID, session: ReadSession, _: Reader) -> Any:
+    return JSONBody(present_segment(await segments_service.get(session, segment_id)))
+
+
+@router.patch("/{segment_id}", response_model=SegmentRead, responses=problems(SegmentNotFound, DuplicateSegment))
+async def update_segment(
+    segment_id: uuid.UUID, patch: Annotated[SegmentPatch, Body()], session: WriteSession, _: Writer
+) -> Any:
+    """Merge patch of name, description and filter."""
+    changes = patch.model_dump(exclude_unset=True)
+    return JSONBody(present_segment(await segments_service.update(session, segment_id, changes)))
+
+
+@router.delete("/{segment_id}", status_code=204, responses=problems(SegmentNotFound))
+async def delete_segment(segment_id: uuid.UUID, session: WriteSession, _: Writer) -> Response:
+    await segments_service.delete_segment(session, segment_id)
+    return Response(status_code=204)
+
+
+@router.get("/{segment_id}/count", response_model=SegmentCount, responses=problems(SegmentNotFound, InvalidInput))
+async def count_segment(segment_id: uuid.UUID, session: ReadSession, _: Reader) -> Any:
+    condition = await segments_service.segment_condition(session, segment_id)
+    return JSONBody({"count": await segments_service.count(session, condition)})
+
+
+@router.get("/{segment_id}/contacts", response_model=ContactPage, responses=problems(SegmentNotFound, InvalidInput))
+async def segment_contacts(
+    segment_id: uuid.UUID,
+    session: ReadSession,
+    request: Request,
+    caller: MemberReader,
+    limit: Limit = 50,
+    cursor: CursorParam = None,
+) -> Any:
+    """The matching contacts now, in id order (masked without pii:read)."""
+    condition = await segments_service.segment_condition(session, segment_id)
+    rows, next_cursor = await segments_service.contacts_page(session, condition, limit=limit, cursor=cursor,
+                                                             codec=request.app.state.cursor_codec)
+    return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows],
+                     "next_cursor": next_cursor})

@@ -1,0 +1,658 @@
+"""Segments: saved filters over contacts, compiled to ONE SQLAlchemy Core boolean expression.
+
+The filter grammar (docs/api.md, "Segments"):
+
+    node      := {"all": [node, ...]} | {"any": [node, ...]} | {"not": node} | condition
+    condition := {"field": F, "op": OP, "value": V, ["within_days": N], ["count": {"op": OP, "value": N}]}
+
+Every field, op and attribute name is checked against an allow-list; every value is a bound parameter.
+A faulty part is reported as a FieldError whose `field` is its JSON path (`filter.all[2].op`).
+
+Each compiled condition is two-valued (never NULL), so `not` is the exact complement of its operand:
+comparisons on nullable values are guarded with `IS NOT NULL`, and `neq`/`nin` match absent values.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Date,
+    Numeric,
+    and_,
+    cast,
+    delete,
+    exists,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy import update as update_statement
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import Text
+
+from app.db import is_unique_violation
+from app.errors import Conflict, FieldError, InvalidInput, NotFound
+from app.models import AttributeDefinition, ConsentEvent, Contact, Event, ListMembership, Order, Segment
+from app.models.base import new_id, utc_now
+from app.schemas.contacts import ContactKind, LifecycleStage
+from app.services.pagination import Cursor, CursorCodec
+
+__all__ = [
+    "MAX_CONDITIONS",
+    "MAX_DEPTH",
+    "DuplicateSegment",
+    "SegmentNotFound",
+    "compile_filter",
+    "contacts_page",
+    "count",
+    "create",
+    "delete_segment",
+    "get",
+    "list_page",
+    "segment_condition",
+    "update",
+]
+
+MAX_DEPTH = 8            # nested groups
+MAX_CONDITIONS = 100     # leaf conditions in one filter
+MAX_VALUES = 100         # items of an `in` / `nin` list
+MAX_DAYS = 36500
+MAX_TEXT = 255
+NOT_COUNTED = ("cancelled", "refunded")       # as app.services.orders: these orders never count
+GRANTING = ("granted", "confirmed")
+
+_t = Contact.__table__  # type: ignore[attr-defined]
+_segments = Segment.__table__  # type: ignore[attr-defined]
+_defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
+_members = ListMembership.__table__  # type: ignore[attr-defined]
+_orders = Order.__table__  # type: ignore[attr-defined]
+_events = Event.__table__  # type: ignore[attr-defined]
+_consents = ConsentEvent.__table__  # type: ignore[attr-defined]
+
+Row = Mapping[str, Any]
+
+
+class SegmentNotFound(NotFound):
+    slug, title = "segment-not-found", "No such segment"
+
+
+class DuplicateSegment(Conflict):
+    slug, title = "duplicate-segment", "A segment with this name already exists"
+
+
+# ---- the grammar: value kinds, their ops, and the fields ---------------------------------------------------
+
+TEXT, ENUM, NUMBER, INTEGER, TIMESTAMP, DATE, BOOLEAN = (
+    "text", "enum", "number", "integer", "timestamp", "date", "boolean",
+)
+TAGS, LISTS, MULTI, ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CONSENT = (
+    "tags", "lists", "multi_enum", "order_item", "order_count", "event_type", "consent",
+)
+_ORDERED = ("gt", "gte", "lt", "lte", "between")
+OPS: dict[str, tuple[str, ...]] = {
+    TEXT: ("eq", "neq", "in", "nin", "contains", "exists"),
+    ENUM: ("eq", "neq", "in", "nin", "exists"),
+    NUMBER: ("eq", "neq", "in", "nin", *_ORDERED, "exists"),
+    INTEGER: ("eq", "neq", "in", "nin", *_ORDERED),
+    TIMESTAMP: (*_ORDERED, "within_days", "older_than_days", "exists"),
+    DATE: ("eq", "neq", *_ORDERED, "within_days", "older_than_days", "exists"),
+    BOOLEAN: ("eq", "neq", "exists"),
+    TAGS: ("eq", "contains", "neq", "in", "nin", "exists"),
+    LISTS: ("eq", "contains", "neq", "in", "nin"),
+    MULTI: ("contains", "neq", "in", "nin", "exists"),
+    ORDER_ITEM: ("eq", "in"),
+    ORDER_COUNT: ("eq", "neq", *_ORDERED),
+    EVENT_TYPE: ("eq", "in"),
+    CONSENT: ("eq",),
+}
+COUNT_OPS = ("eq", "neq", "gt", "gte", "lt", "lte")
+_WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE)   # accept "within_days"
+_WITH_COUNT = (ORDER_ITEM, EVENT_TYPE)                 # accept "count"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    kind: str
+    column: Any = None                       # the contact column, for plain fields
+    choices: tuple[str, ...] | None = None   # allowed values for enums
+    casefold: bool = False                   # compared case-insensitively (the city index is on lower(city))
+    attribute: str | None = None             # attributes.<name>: the JSONB key
+
+
+FIELDS: dict[str, FieldSpec] = {
+    "kind": FieldSpec(ENUM, _t.c.kind, tuple(k.value for k in ContactKind)),
+    "lifecycle_stage": FieldSpec(ENUM, _t.c.lifecycle_stage, tuple(s.value for s in LifecycleStage)),
+    "email_status": FieldSpec(ENUM, _t.c.email_status),
+    "source": FieldSpec(ENUM, _t.c.source),
+    "language": FieldSpec(ENUM, _t.c.language),
+    "company": FieldSpec(TEXT, _t.c.company),
+    "address.city": FieldSpec(TEXT, _t.c.city, casefold=True),
+    "address.postal_code": FieldSpec(ENUM, _t.c.postal_code),
+    "address.country": FieldSpec(ENUM, _t.c.country),
+    "created_at": FieldSpec(TIMESTAMP, _t.c.created_at),
+    "updated_at": FieldSpec(TIMESTAMP, _t.c.updated_at),
+    "last_activity_at": FieldSpec(TIMESTAMP, _t.c.last_activity_at),
+    "tags": FieldSpec(TAGS, _t.c.tags),
+    "lists": FieldSpec(LISTS),
+    "stats.orders_count": FieldSpec(INTEGER, _t.c.orders_count),
+    "stats.total_spent": FieldSpec(NUMBER, _t.c.total_spent),
+    "stats.average_basket": FieldSpec(NUMBER, _t.c.average_basket),
+    "stats.last_order_at": FieldSpec(TIMESTAMP, _t.c.last_order_at),
+    "orders.sku": FieldSpec(ORDER_ITEM, attribute="sku"),            # the key inside order.items
+    "orders.category": FieldSpec(ORDER_ITEM, attribute="category"),
+    "orders.count": FieldSpec(ORDER_COUNT),
+    "events.type": FieldSpec(EVENT_TYPE),
+    "consents.email_marketing": FieldSpec(CONSENT),
+}
+_ATTRIBUTE_KINDS = {"text": TEXT, "enum": ENUM, "number": NUMBER, "date": DATE, "boolean": BOOLEAN,
+                    "multi_enum": MULTI}
+_ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_CONDITION_KEYS = frozenset({"field", "op", "value", "within_days", "count"})
+
+
+# ---- compiling ---------------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """One faulty part of the filter; collected, then raised together as InvalidInput."""
+
+    def __init__(self, path: str, message: str, code: str = "invalid_filter") -> None:
+        super().__init__(message)
+        self.error = FieldError(path, message, code)
+
+
+@dataclass(slots=True)
+class _Compiler:
+    attributes: dict[str, str]                   # name -> attribute type
+    now: datetime
+    errors: list[FieldError] = field(default_factory=list)
+    conditions: int = 0
+
+    def node(self, node: Any, path: str, depth: int) -> ColumnElement[bool]:
+        try:
+            if not isinstance(node, dict):
+                raise _Invalid(path, "expected an object: a group (all, any, not) or a condition")
+            groups = [k for k in ("all", "any", "not") if k in node]
+            if groups:
+                if len(node) != 1:
+                    raise _Invalid(path, "a group has exactly one key: all, any or not")
+                if depth >= MAX_DEPTH:
+                    raise _Invalid(path, f"groups nest at most {MAX_DEPTH} deep", "too_deep")
+                key = groups[0]
+                return self.group(key, node[key], f"{path}.{key}", depth + 1)
+            return self.condition(node, path)
+        except _Invalid as exc:
+            self.errors.append(exc.error)
+            return false()
+
+    def group(self, key: str, children: Any, path: str, depth: int) -> ColumnElement[bool]:
+        if key == "not":
+            return not_(self.node(children, path, depth))
+        if not isinstance(children, list) or not children:
+            raise _Invalid(path, "expected a non-empty array of conditions or groups")
+        parts = [self.node(child, f"{path}[{i}]", depth) for i, child in enumerate(children)]
+        return and_(*parts) if key == "all" else or_(*parts)
+
+    def condition(self, node: dict[str, Any], path: str) -> ColumnElement[bool]:
+        self.conditions += 1
+        if self.conditions > MAX_CONDITIONS:
+            raise _Invalid(path, f"a filter holds at most {MAX_CONDITIONS} conditions", "too_many_conditions")
+        for key in node:
+            if key not in _CONDITION_KEYS:
+                raise _Invalid(f"{path}.{_safe(key)}", "unknown key: a condition has field, op, value "
+                               "(and within_days, count for orders and events)", "unknown_key")
+        name = node.get("field")
+        spec = self.field(name, f"{path}.field")
+        op = node.get("op")
+        if not isinstance(op, str) or op not in OPS[spec.kind]:
+            raise _Invalid(f"{path}.op", f"op must be one of: {', '.join(OPS[spec.kind])} for {name}", "invalid_op")
+        if "within_days" in node and spec.kind not in _WITH_WINDOW:
+            raise _Invalid(f"{path}.within_days", "within_days is only for orders.* and events.type", "unknown_key")
+        if "count" in node and spec.kind not in _WITH_COUNT:
+            raise _Invalid(f"{path}.count", "count is only for orders.sku, orders.category and events.type",
+                           "unknown_key")
+        if "value" not in node and op != "exists":
+            raise _Invalid(f"{path}.value", "a value is required", "missing")
+        value = node.get("value", True)
+        compile_kind = _KINDS[spec.kind]
+        return compile_kind(self, spec, op, value, node, path)
+
+    def field(self, name: Any, path: str) -> FieldSpec:
+        if not isinstance(name, str):
+            raise _Invalid(path, "expected a field name", "unknown_field")
+        if name.startswith("attributes."):
+            attribute = name.removeprefix("attributes.")
+            if not _ATTRIBUTE_NAME.fullmatch(attribute) or attribute not in self.attributes:
+                raise _Invalid(path, "unknown attribute: define it with POST /v1/attributes", "unknown_attribute")
+            kind = _ATTRIBUTE_KINDS[self.attributes[attribute]]
+            # the name is a bound parameter too: attributes -> $1
+            return FieldSpec(kind, _t.c.attributes[attribute], attribute=attribute)
+        spec = FIELDS.get(name)
+        if spec is None:
+            raise _Invalid(path, "unknown field", "unknown_field")
+        return spec
+
+    def cutoff(self, days: Any, path: str) -> datetime:
+        return self.now - timedelta(days=_days(days, path))
+
+
+def _safe(key: Any) -> str:
+    text_key = str(key)
+    return text_key if re.fullmatch(r"[A-Za-z0-9_]{1,40}", text_key) else "?"
+
+
+# ---- values ------------------------------------------------------------------------------------------------
+
+
+def _days(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DAYS:
+        raise _Invalid(path, f"expected a whole number of days between 0 and {MAX_DAYS}")
+    return value
+
+
+def _text(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
+        raise _Invalid(path, f"expected text of at most {MAX_TEXT} characters")
+    if choices is not None and value not in choices:
+        raise _Invalid(path, f"expected one of: {', '.join(choices)}")
+    return value
+
+
+def _integer(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+        raise _Invalid(path, "expected a whole number >= 0")
+    return value
+
+
+def _number(value: Any, path: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Invalid(path, "expected a number")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise _Invalid(path, "expected a number") from None
+    if not number.is_finite() or abs(number) >= Decimal(10) ** 15:
+        raise _Invalid(path, "expected a finite number below 10^15")
+    return number
+
+
+def _timestamp(value: Any, path: str) -> datetime:
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            if len(value) == 10:
+                return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
+            moment = datetime.fromisoformat(value)
+            if moment.tzinfo is not None:
+                return moment
+        except ValueError:
+            pass
+    raise _Invalid(path, "expected an RFC 3339 timestamp with an offset, or a date YYYY-MM-DD")
+
+
+def _date(value: Any, path: str) -> date:
+    if isinstance(value, str) and len(value) == 10:
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise _Invalid(path, "expected a date YYYY-MM-DD")
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(path, "expected true or false")
+    return value
+
+
+def _uuid(value: Any, path: str) -> uuid.UUID:
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise _Invalid(path, "expected a list id (UUID)")
+
+
+def _values(value: Any, path: str, parse: Callable[[Any, str], Any]) -> list[Any]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_VALUES:
+        raise _Invalid(path, f"expected an array of 1 to {MAX_VALUES} values")
+    return [parse(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _pair(value: Any, path: str, parse: Callable[[Any, str], Any]) -> tuple[Any, Any]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Invalid(path, "between expects [low, high]")
+    return parse(value[0], f"{path}[0]"), parse(value[1], f"{path}[1]")
+
+
+# ---- compiling each kind of field ------------------------------------------------------------------------
+
+
+def _scalar(expr: Any, op: str, value: Any, path: str, parse: Callable[[Any, str], Any],
+            *, nullable: bool = True) -> ColumnElement[bool]:
+    """eq/neq/in/nin/gt/gte/lt/lte/between on one value; never NULL (absent values: only neq/nin match)."""
+    present = expr.is_not(None) if nullable else true()
+    match op:
+        case "eq":
+            return and_(present, expr == parse(value, path))
+        case "neq":
+            return expr.is_distinct_from(parse(value, path))
+        case "in":
+            return and_(present, expr.in_(_values(value, path, parse)))
+        case "nin":
+            values = _values(value, path, parse)
+            return or_(expr.is_(None), expr.not_in(values)) if nullable else expr.not_in(values)
+        case "gt":
+            return and_(present, expr > parse(value, path))
+        case "gte":
+            return and_(present, expr >= parse(value, path))
+        case "lt":
+            return and_(present, expr < parse(value, path))
+        case "lte":
+            return and_(present, expr <= parse(value, path))
+        case "between":
+            low, high = _pair(value, path, parse)
+            return and_(present, expr.between(low, high))
+    raise _Invalid(path, "unsupported op")  # pragma: no cover (ops are checked before)
+
+
+def _exists(expr: Any, value: Any, path: str) -> ColumnElement[bool]:
+    return expr.is_not(None) if _boolean(value, path) else expr.is_(None)
+
+
+def _attribute_exists(spec: FieldSpec, value: Any, path: str) -> ColumnElement[bool]:
+    present = _t.c.attributes.has_key(spec.attribute)
+    return present if _boolean(value, path) else not_(present)
+
+
+def _compile_text(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    attribute = spec.attribute is not None
+    expr = spec.column.astext if attribute else spec.column
+    if op == "exists":
+        return _attribute_exists(spec, value, vpath) if attribute else _exists(expr, value, vpath)
+    if op == "contains":
+        needle = _text(value, vpath)
+        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return and_(expr.is_not(None), expr.ilike(f"%{escaped}%", escape="\\"))
+    choices = spec.choices
+    if spec.casefold:
+        return _scalar(func.lower(expr), op, value, vpath, lambda v, p: _text(v, p).lower())
+    return _scalar(expr, op, value, vpath, lambda v, p: _text(v, p, choices),
+                   nullable=attribute or expr.nullable)
+
+
+def _compile_number(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    if spec.attribute is not None:
+        if op == "exists":
+            return _attribute_exists(spec, value, vpath)
+        return _scalar(cast(spec.column.astext, Numeric), op, value, vpath, _number)
+    if op == "exists":
+        return _exists(spec.column, value, vpath)
+    return _scalar(spec.column, op, value, vpath, _number, nullable=spec.column.nullable)
+
+
+def _compile_integer(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    return _scalar(spec.column, op, value, f"{path}.value", _integer, nullable=spec.column.nullable)
+
+
+def _compile_timestamp(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    expr = spec.column
+    if op == "exists":
+        return _exists(expr, value, vpath)
+    if op == "within_days":
+        return and_(expr.is_not(None), expr >= c.cutoff(value, vpath))
+    if op == "older_than_days":
+        return and_(expr.is_not(None), expr < c.cutoff(value, vpath))
+    return _scalar(expr, op, value, vpath, _timestamp, nullable=expr.nullable)
+
+
+def _compile_date(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    expr = cast(spec.column.astext, Date)
+    if op == "exists":
+        return _attribute_exists(spec, value, vpath)
+    if op == "within_days":
+        return and_(expr.is_not(None), expr >= c.cutoff(value, vpath).date())
+    if op == "older_than_days":
+        return and_(expr.is_not(None), expr < c.cutoff(value, vpath).date())
+    return _scalar(expr, op, value, vpath, _date)
+
+
+def _compile_boolean(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    if op == "exists":
+        return _attribute_exists(spec, value, vpath)
+    return _scalar(cast(spec.column.astext, Boolean), op, value, vpath, _boolean)
+
+
+def _compile_multi(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    holds = lambda v: func.coalesce(spec.column.contains([v]), False)  # noqa: E731
+    match op:
+        case "exists":
+            return _attribute_exists(spec, value, vpath)
+        case "contains":
+            return holds(_text(value, vpath))
+        case "neq":
+            return not_(holds(_text(value, vpath)))
+        case "in":
+            return or_(*[holds(v) for v in _values(value, vpath, _text)])
+        case _:  # nin
+            return not_(or_(*[holds(v) for v in _values(value, vpath, _text)]))
+
+
+def _compile_tags(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    tags = _t.c.tags
+    match op:
+        case "exists":
+            has_any = func.cardinality(tags) > 0
+            return has_any if _boolean(value, vpath) else not_(has_any)
+        case "eq" | "contains":
+            return tags.contains(cast([_text(value, vpath)], ARRAY(Text)))
+        case "neq":
+            return not_(tags.contains(cast([_text(value, vpath)], ARRAY(Text))))
+        case "in":
+            return tags.overlap(cast(_values(value, vpath, _text), ARRAY(Text)))
+        case _:  # nin
+            return not_(tags.overlap(cast(_values(value, vpath, _text), ARRAY(Text))))
+
+
+def _compile_lists(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    ids = [_uuid(value, vpath)] if op in ("eq", "contains", "neq") else _values(value, vpath, _uuid)
+    subscribed = exists().where(_members.c.contact_id == _t.c.id, _members.c.list_id.in_(ids),
+                                _members.c.status == "subscribed")
+    return not_(subscribed) if op in ("neq", "nin") else subscribed
+
+
+def _compare_count(counted: Any, spec: Any, path: str) -> ColumnElement[bool]:
+    if not isinstance(spec, dict) or set(spec) != {"op", "value"}:
+        raise _Invalid(path, 'expected {"op": ..., "value": N}')
+    op = spec["op"]
+    if op not in COUNT_OPS:
+        raise _Invalid(f"{path}.op", f"op must be one of: {', '.join(COUNT_OPS)}", "invalid_op")
+    return _scalar(counted, op, spec["value"], f"{path}.value", _integer, nullable=False)
+
+
+def _activity(c: _Compiler, conditions: list[Any], table: Any, moment: Any, node: Mapping[str, Any],
+              path: str) -> ColumnElement[bool]:
+    """EXISTS, or a correlated COUNT compared with `count`, over this contact's matching rows."""
+    where = [table.c.contact_id == _t.c.id, *conditions]
+    if "within_days" in node:
+        where.append(moment >= c.cutoff(node["within_days"], f"{path}.within_days"))
+    if "count" not in node:
+        return exists().where(*where)
+    counted = select(func.count()).select_from(table).where(*where).scalar_subquery()
+    return _compare_count(counted, node["count"], f"{path}.count")
+
+
+def _compile_order_item(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    values = [_text(value, vpath)] if op == "eq" else _values(value, vpath, _text)
+    key = spec.attribute
+    bought = or_(*[_orders.c["items"].contains([{key: v}]) for v in values])  # items @> '[{"sku": ...}]'
+    return _activity(c, [_orders.c.status.not_in(NOT_COUNTED), bought], _orders, _orders.c.placed_at, node, path)
+
+
+def _compile_order_count(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    where = [_orders.c.contact_id == _t.c.id, _orders.c.status.not_in(NOT_COUNTED)]
+    if "within_days" in node:
+        where.append(_orders.c.placed_at >= c.cutoff(node["within_days"], f"{path}.within_days"))
+    counted = select(func.count()).select_from(_orders).where(*where).scalar_subquery()
+    return _scalar(counted, op, value, f"{path}.value", _integer, nullable=False)
+
+
+def _compile_event_type(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    vpath = f"{path}.value"
+    values = [_text(value, vpath)] if op == "eq" else _values(value, vpath, _text)
+    return _activity(c, [_events.c.type.in_(values)], _events, _events.c.occurred_at, node, path)
+
+
+def _compile_consent(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
+    wanted = _boolean(value, f"{path}.value")
+    latest = (
+        select(_consents.c.action)
+        .where(_consents.c.contact_id == _t.c.id, _consents.c.purpose == "email_marketing")
+        .order_by(_consents.c.occurred_at.desc(), _consents.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    granted = func.coalesce(latest, "none").in_(GRANTING)
+    return granted if wanted else not_(granted)
+
+
+_KINDS: dict[str, Callable[..., ColumnElement[bool]]] = {
+    TEXT: _compile_text, ENUM: _compile_text, NUMBER: _compile_number, INTEGER: _compile_integer,
+    TIMESTAMP: _compile_timestamp, DATE: _compile_date, BOOLEAN: _compile_boolean, MULTI: _compile_multi,
+    TAGS: _compile_tags, LISTS: _compile_lists, ORDER_ITEM: _compile_order_item, ORDER_COUNT: _compile_order_count,
+    EVENT_TYPE: _compile_event_type, CONSENT: _compile_consent,
+}
+
+
+async def compile_filter(
+    session: AsyncSession, filter_: Any, *, now: datetime | None = None, path: str = "filter"
+) -> ColumnElement[bool]:
+    """Validate a filter and compile it to one boolean expression over `contact`; 422 naming each faulty part."""
+    definitions = {r.name: r.type for r in await session.execute(select(_defs.c.name, _defs.c.type))}
+    compiler = _Compiler(attributes=definitions, now=now or utc_now())
+    if not isinstance(filter_, dict) or not filter_:
+        raise InvalidInput.one(path, 'expected an object such as {"all": [...]}', "invalid_filter")
+    expression = compiler.node(filter_, path, 0)
+    if compiler.errors:
+        raise InvalidInput(*compiler.errors)
+    return expression
+
+
+# ---- segments: CRUD ----------------------------------------------------------------------------------------
+
+
+async def list_page(
+    session: AsyncSession, *, limit: int, cursor: str | None, codec: CursorCodec
+) -> tuple[list[Row], str | None]:
+    """Segments by name (keyset on the unique name)."""
+    query = select(_segments)
+    if cursor:
+        query = query.where(_segments.c.name > codec.decode(cursor, sort="segments:name").value)
+    rows = list((await session.execute(query.order_by(_segments.c.name).limit(limit + 1))).mappings())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], codec.encode(Cursor("segments:name", last["name"], str(last["id"])))
+
+
+async def get(session: AsyncSession, segment_id: uuid.UUID) -> Row:
+    row = (await session.execute(select(_segments).where(_segments.c.id == segment_id))).mappings().first()
+    if row is None:
+        raise SegmentNotFound(f"no segment with id {segment_id}")
+    return row
+
+
+async def create(session: AsyncSession, *, name: str, filter_: dict[str, Any], description: str | None) -> Row:
+    await compile_filter(session, filter_)
+    now = utc_now()
+    values = {"id": new_id(), "name": name, "filter": filter_, "description": description,
+              "created_at": now, "updated_at": now}
+    row = (await session.execute(
+        insert(_segments).values(values).on_conflict_do_nothing().returning(*_segments.c)
+    )).mappings().first()
+    if row is None:
+        raise DuplicateSegment(f"a segment named {name!r} already exists", existing_id=await _id_of(session, name))
+    return row
+
+
+async def update(session: AsyncSession, segment_id: uuid.UUID, changes: Mapping[str, Any]) -> Row:
+    """Merge patch of name, description, filter; a name held by another segment is a 409."""
+    current = await get(session, segment_id)
+    if "filter" in changes:
+        await compile_filter(session, changes["filter"])
+    changes = {k: v for k, v in changes.items() if current[k] != v}
+    if not changes:
+        return current
+    statement = (update_statement(_segments).where(_segments.c.id == segment_id)
+                 .values(**changes, updated_at=utc_now()).returning(*_segments.c))
+    try:
+        async with session.begin_nested():
+            return (await session.execute(statement)).mappings().one()
+    except IntegrityError as exc:
+        if not is_unique_violation(exc):
+            raise
+        raise DuplicateSegment(f"a segment named {changes['name']!r} already exists",
+                               existing_id=await _id_of(session, changes["name"])) from None
+
+
+async def delete_segment(session: AsyncSession, segment_id: uuid.UUID) -> None:
+    if (await session.execute(delete(_segments).where(_segments.c.id == segment_id))).rowcount == 0:  # type: ignore[attr-defined]
+        raise SegmentNotFound(f"no segment with id {segment_id}")
+
+
+async def _id_of(session: AsyncSession, name: str) -> uuid.UUID | None:
+    return await session.scalar(select(_segments.c.id).where(_segments.c.name == name))  # type: ignore[no-any-return]
+
+
+# ---- segments: members -------------------------------------------------------------------------------------
+
+
+async def segment_condition(session: AsyncSession, segment_id: uuid.UUID) -> ColumnElement[bool]:
+    """The compiled filter of a stored segment (404 when there is none)."""
+    row = await get(session, segment_id)
+    return await compile_filter(session, row["filter"])
+
+
+async def count(session: AsyncSession, condition: ColumnElement[bool]) -> int:
+    return int(await session.scalar(select(func.count()).select_from(_t).where(condition)) or 0)
+
+
+async def contacts_page(
+    session: AsyncSession, condition: ColumnElement[bool], *, limit: int, cursor: str | None, codec: CursorCodec
+) -> tuple[list[Row], str | None]:
+    """Matching contacts in id order (keyset on the primary key)."""
+    query = select(*_t.c).where(condition)
+    if cursor:
+        after = codec.decode(cursor, sort="segment:id")
+        try:
+            query = query.where(_t.c.id > uuid.UUID(str(after.id)))
+        except ValueError:
+            raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None
+    rows = list((await session.execute(query.order_by(_t.c.id).limit(limit + 1))).mappings())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], codec.encode(Cursor("segment:id", None, str(last["id"])))
