@@ -20,9 +20,11 @@ __all__ = [
     "async_url",
     "bare_connection",
     "constraint_name",
+    "get_read_sessionmaker",
     "get_sessionmaker",
     "is_unique_violation",
     "make_engine",
+    "make_read_sessionmaker",
     "make_sessionmaker",
     "plain_dsn",
 ]
@@ -66,6 +68,14 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
+def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions in autocommit for reads: no BEGIN/ROLLBACK round trips around them (same pool).
+
+    Each statement still sees one consistent snapshot; a read session never writes.
+    """
+    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
 async def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     # async: FastAPI runs a plain `def` dependency in the thread pool, a costly hop on every request
     return request.app.state.sessionmaker  # type: ignore[no-any-return]  # built in the lifespan; tests override
@@ -78,8 +88,12 @@ async def _write_session(
         yield session  # clean exit commits; an exception rolls back
 
 
+async def get_read_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    return request.app.state.read_sessionmaker  # type: ignore[no-any-return]  # built in the lifespan; tests override
+
+
 async def _read_session(
-    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_read_sessionmaker)],
 ) -> AsyncIterator[AsyncSession]:
     async with makers() as session:
         yield session  # never commits

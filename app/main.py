@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -12,8 +13,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.db import make_engine, make_sessionmaker, plain_dsn
+from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn
 from app.embedded import EmbeddedPostgres
+from app.errors import InvalidInput, problems
 from app.jobs import run_periodically
 from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
@@ -84,6 +86,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = embedded.start()
     engine = make_engine(url, pool_size=settings.database_pool_size, pool_timeout=settings.database_pool_timeout)
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.read_sessionmaker = make_read_sessionmaker(engine)
     revocations: RevocationList = app.state.revocations
     revocations.start(plain_dsn(url))
     lifecycle = None
@@ -108,6 +111,21 @@ def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
     return LifecyclePolicy(settings.loyal_min_orders, settings.loyal_window_days, settings.lapsed_after_days)
 
 
+def _document_validation_problems(schema: dict[str, Any]) -> None:
+    """FastAPI documents its own 422 shape where a route did not; the app always answers a problem+json."""
+    default = "#/components/schemas/HTTPValidationError"
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            content = operation.get("responses", {}).get("422", {}).get("content", {})
+            if content.get("application/json", {}).get("schema", {}).get("$ref") == default:
+                operation["responses"]["422"] = problems(InvalidInput)[422]
+    components = schema["components"]["schemas"]
+    if default not in json.dumps(schema["paths"]):
+        components.pop("HTTPValidationError", None)
+        if "#/components/schemas/ValidationError" not in json.dumps(schema):
+            components.pop("ValidationError", None)
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
@@ -116,5 +134,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         )
         defs = schema["components"]["schemas"]["Problem"].pop("$defs", {})
         schema["components"]["schemas"].update(defs)
+        _document_validation_problems(schema)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -54,6 +54,9 @@ _HTTP_SLUGS = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Met
 def _http_problem(exc: StarletteHTTPException) -> AppError:
     if isinstance(exc.__cause__, AppError):  # e.g. PayloadTooLarge raised while FastAPI read the body
         return exc.__cause__
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+        # FastAPI's "error parsing the body" (bytes that are not UTF-8): malformed JSON, like json_invalid.
+        return InvalidInput.one("body", "the body is not valid JSON (UTF-8)", "json_invalid")
     slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
     cls = type("HttpProblem", (AppError,), {"status": exc.status_code, "slug": slug, "title": title})
     error = cls(str(exc.detail) if exc.detail else title)
@@ -61,8 +64,15 @@ def _http_problem(exc: StarletteHTTPException) -> AppError:
     return error
 
 
+def _printable(part: Any) -> str:
+    """A location part as printable text: unknown keys are the caller's own, NUL and controls included
+    (PostgreSQL's jsonb refuses \\u0000, so a stored idempotent response holding one would fail)."""
+    text = str(part)
+    return text if text.isprintable() else "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc]
+    parts = [_printable(p) for p in loc]
     if parts and parts[0] in {"body", "query", "path", "header", "cookie"}:
         parts = parts[1:]
     return ".".join(parts) or "body"

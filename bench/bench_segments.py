@@ -249,12 +249,13 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
     from sqlalchemy import func, select
     from sqlalchemy.dialects.postgresql import insert
 
-    from app.db import make_engine, make_sessionmaker
+    from app.db import make_engine, make_read_sessionmaker, make_sessionmaker
     from app.models import Contact, Segment
     from app.services import segments
 
     engine = make_engine(url, pool_size=2)
     makers = make_sessionmaker(engine)
+    readers = make_read_sessionmaker(engine)  # what ReadSession routes use in production
     conn = await asyncpg.connect(url)
     try:
         sizes = {t: await conn.fetchval(f'SELECT count(*) FROM "{t}"') for t in ("contact", "order", "event")}
@@ -302,7 +303,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             return await conn.fetchval(best_sql, CITY.lower(), datetime.now(UTC) - timedelta(days=90))
 
         async def carnet() -> int:  # exactly the service calls of GET /v1/segments/{id}/count, in a read session
-            async with makers() as s:
+            async with readers() as s:
                 cond = await segments.segment_condition(s, segment_id)
                 return await segments.count(s, cond)
 

@@ -17,7 +17,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import async_url, get_sessionmaker, make_engine, make_sessionmaker, metadata
+from app.db import (
+    async_url,
+    get_read_sessionmaker,
+    get_sessionmaker,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    metadata,
+)
 from app.embedded import EmbeddedPostgres
 from app.main import create_app
 from app.migrations import upgrade
@@ -44,6 +52,17 @@ def _with_database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
+async def _drop(url: str, name: str) -> None:
+    admin = make_url(url).set(drivername="postgresql", database="postgres")
+    host = admin.query.get("host")
+    conn = await asyncpg.connect(admin.render_as_string(hide_password=False).split("?")[0], timeout=10,
+                                 **({"host": host} if isinstance(host, str) else {}))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 async def _recreate(url: str, name: str) -> None:
     admin = make_url(url).set(drivername="postgresql", database="postgres")
     dsn = admin.render_as_string(hide_password=False)
@@ -61,13 +80,17 @@ async def _recreate(url: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url(server_url: str, worker_id: str) -> str:
-    """A fresh database for this xdist worker, migrated to head (migrations are exercised, never create_all)."""
-    name = f"carnet_test_{worker_id}"
+def database_url(server_url: str, worker_id: str) -> Iterator[str]:
+    """A fresh database for this xdist worker, migrated to head (migrations are exercised, never create_all).
+
+    Named after the process too, so two test runs on one machine never drop each other's database.
+    """
+    name = f"carnet_test_{worker_id}_{os.getpid()}"
     asyncio.run(_recreate(server_url, name))
     url = _with_database(server_url, name)
     upgrade(url)
-    return url
+    yield url
+    asyncio.run(_drop(server_url, name))
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -108,6 +131,7 @@ def app(settings: Settings) -> FastAPI:
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(app: FastAPI, sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[httpx.AsyncClient]:
     app.dependency_overrides[get_sessionmaker] = lambda: sessions
+    app.dependency_overrides[get_read_sessionmaker] = lambda: sessions
     app.state.sessionmaker = sessions
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
@@ -118,7 +142,9 @@ async def client(app: FastAPI, sessions: async_sessionmaker[AsyncSession]) -> As
 async def committing_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
     """Real, separate transactions (races); the tables are emptied afterwards."""
     makers = make_sessionmaker(engine)
+    readers = make_read_sessionmaker(engine)  # the production read path: autocommit sessions
     app.dependency_overrides[get_sessionmaker] = lambda: makers
+    app.dependency_overrides[get_read_sessionmaker] = lambda: readers
     app.state.sessionmaker = makers
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
@@ -130,3 +156,32 @@ async def committing_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[
 @pytest.fixture(scope="session")
 def table_names() -> list[str]:
     return sorted(metadata.tables)
+
+
+def _fuzz_requests(config: pytest.Config) -> tuple[int, int]:
+    """(requests sent, fuzz tests reported) by tests/test_fuzz.py, summed over the xdist workers."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    total = tests = 0
+    for report in (reporter.stats.get("passed", []) + reporter.stats.get("skipped", [])) if reporter else []:
+        if getattr(report, "when", None) == "call" or report.skipped:
+            if "test_fuzz.py::" not in report.nodeid:
+                continue
+            tests += 1
+            total += sum(int(v) for k, v in getattr(report, "user_properties", []) if k == "fuzz_requests")
+    return total, tests
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    total, tests = _fuzz_requests(config)
+    if tests:
+        terminalreporter.write_line(f"schemathesis: {total} requests over {tests} fuzz tests")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The whole fuzz module ran but sent fewer requests than promised: fail the run (visible budget)."""
+    from tests.test_fuzz import MIN_TOTAL_REQUESTS, MODES, OPERATIONS
+
+    total, tests = _fuzz_requests(session.config)
+    if tests == len(OPERATIONS) * len(MODES) and total < MIN_TOTAL_REQUESTS and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nschemathesis: only {total} requests, fewer than {MIN_TOTAL_REQUESTS}")

@@ -214,6 +214,23 @@ class TestBatch:
         assert body["results"][1]["error"]["errors"][0]["field"] == "email"
         assert body["results"][2]["id"] == existing["id"]
 
+    async def test_unknown_key_with_nul_is_named_printably_and_replayed(self, client: httpx.AsyncClient) -> None:
+        # Found by schemathesis: the field name echoed a NUL, and jsonb refused the idempotent response (500).
+        items = [{"email": unique_email(), "a\u0000b": 1}]
+        headers = {**ADMIN, "Idempotency-Key": "nul-key-1"}
+        response = await client.post("/v1/contacts/batch", json={"items": items}, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["error"]["errors"][0]["field"] == "a\\u0000b"
+        replay = await client.post("/v1/contacts/batch", json={"items": items}, headers=headers)
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.json() == response.json()
+
+    async def test_body_that_is_not_utf8_is_a_422_problem(self, client: httpx.AsyncClient) -> None:
+        # Found by schemathesis: FastAPI's undocumented 400 "error parsing the body".
+        headers = {**ADMIN, "Content-Type": "application/json"}
+        response = await client.post("/v1/contacts", content=b"\xff\xfe{", headers=headers)
+        assert assert_problem(response, 422, "body")["errors"][0]["code"] == "json_invalid"
+
     async def test_more_than_1000_items_is_422(self, client: httpx.AsyncClient) -> None:
         items = [{"email": f"p{i}@example.com"} for i in range(1001)]
         assert_problem(await client.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN), 422, "items")
