@@ -551,7 +551,9 @@ async def compile_filter(
     session: AsyncSession, filter_: Any, *, now: datetime | None = None, path: str = "filter"
 ) -> ColumnElement[bool]:
     """Validate a filter and compile it to one boolean expression over `contact`; 422 naming each faulty part."""
-    definitions = {r.name: r.type for r in await session.execute(select(_defs.c.name, _defs.c.type))}
+    definitions: dict[str, str] = {}
+    if _mentions_attributes(filter_):  # one round trip less for the common filters
+        definitions = {r.name: r.type for r in await session.execute(select(_defs.c.name, _defs.c.type))}
     compiler = _Compiler(attributes=definitions, now=now or utc_now())
     if not isinstance(filter_, dict) or not filter_:
         raise InvalidInput.one(path, 'expected an object such as {"all": [...]}', "invalid_filter")
@@ -559,6 +561,18 @@ async def compile_filter(
     if compiler.errors:
         raise InvalidInput(*compiler.errors)
     return expression
+
+
+def _mentions_attributes(node: Any) -> bool:
+    """Whether any condition of the (not yet validated) filter names an `attributes.` field."""
+    if isinstance(node, dict):
+        field = node.get("field")
+        if isinstance(field, str) and field.startswith("attributes."):
+            return True
+        return any(_mentions_attributes(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_mentions_attributes(item) for item in node)
+    return False
 
 
 # ---- segments: CRUD ----------------------------------------------------------------------------------------
