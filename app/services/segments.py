@@ -49,6 +49,7 @@ from app.errors import Conflict, FieldError, InvalidInput, NotFound
 from app.models import AttributeDefinition, ConsentEvent, Contact, Event, ListMembership, Order, Segment
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
+from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
 from app.services.pagination import Cursor, CursorCodec
 
 __all__ = [
@@ -72,7 +73,6 @@ MAX_CONDITIONS = 100     # leaf conditions in one filter
 MAX_VALUES = 100         # items of an `in` / `nin` list
 MAX_DAYS = 36500
 MAX_TEXT = 255
-NOT_COUNTED = ("cancelled", "refunded")       # as app.services.orders: these orders never count
 GRANTING = ("granted", "confirmed")
 
 _t = Contact.__table__  # type: ignore[attr-defined]
