@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable
 from app.logging import get_logger
 
-__all__ = ["ProblemResponse", "install_problem_handlers", "problem_body", "unexpected_problem", "validation_problem"]
+__all__ = [
+    "ProblemResponse",
+    "install_problem_handlers",
+    "problem_body",
+    "problem_fields",
+    "unexpected_problem",
+    "validation_problem",
+]
 
 log = get_logger("carnet.errors")
 
@@ -30,16 +37,17 @@ class ProblemResponse(Response):
     media_type = "application/problem+json"
 
 
+def problem_fields(error: AppError, *, instance: str | None = None) -> dict[str, Any]:
+    """The RFC 9457 members of an error; `instance` is omitted for a batch item (it has no URL of its own)."""
+    fields: dict[str, Any] = {"type": error.type_uri(), "title": error.title, "status": error.status,
+                              "detail": error.detail}
+    if instance is not None:
+        fields["instance"] = instance
+    return {**fields, **error.members}
+
+
 def problem_body(error: AppError, *, instance: str) -> bytes:
-    body: dict[str, Any] = {
-        "type": error.type_uri(),
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "instance": instance,
-        **error.members,
-    }
-    return json.dumps(body, ensure_ascii=False, default=str).encode()
+    return json.dumps(problem_fields(error, instance=instance), ensure_ascii=False, default=str).encode()
 
 
 def _render(request: Request, error: AppError) -> ProblemResponse:

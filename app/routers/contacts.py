@@ -7,11 +7,9 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from pydantic import ValidationError
 
 from app.db import BareConnection, ReadSession, WriteSession, bare_connection
 from app.errors import (
-    AppError,
     ContactNotFound,
     DuplicateContact,
     IdempotencyKeyReused,
@@ -19,8 +17,7 @@ from app.errors import (
     PreconditionFailed,
     problems,
 )
-from app.problems import validation_problem
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, item_problem
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
 from app.schemas.contacts import (
     BatchResult,
     ContactBatch,
@@ -87,18 +84,11 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
     """Up to 1,000 upserts; each item succeeds or fails alone (a savepoint each)."""
     if idem.replay:
         return idem.replay
-    results: list[dict[str, Any]] = []
-    for index, item in enumerate(payload.items):
-        try:
-            upsert = ContactUpsert.model_validate(item)
-            async with session.begin_nested():
-                done = await contacts_service.upsert(session, upsert, actor=caller)
-        except ValidationError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
-        except AppError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(exc)})
-        else:
-            results.append({"index": index, "status": "created" if done.created else "updated", "id": done.row["id"]})
+    async def upsert(item: ContactUpsert) -> tuple[str, Any]:
+        done = await contacts_service.upsert(session, item, actor=caller)
+        return ("created" if done.created else "updated"), done.row["id"]
+
+    results = await run_each(session, payload.items, ContactUpsert, upsert)
     counts = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "error")}
     body = {"results": results, "created": counts["created"], "updated": counts["updated"], "errors": counts["error"]}
     return await idem.respond(200, body)

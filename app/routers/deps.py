@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import WriteSession
 from app.errors import AppError, InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
+from app.problems import problem_fields, validation_problem
 from app.security import Principal, authenticate
 from app.services import idempotency as idempotency_service
 from app.services.links import LinkBuilder, LinkCodec
@@ -26,6 +28,7 @@ __all__ = [
     "Problem",
     "etag",
     "item_problem",
+    "run_each",
 ]
 
 
@@ -62,8 +65,32 @@ AUTH_PROBLEMS = problems(Unauthenticated, MissingScope, InvalidInput)
 
 def item_problem(error: AppError) -> dict[str, Any]:
     """The problem body of one failed item of a batch."""
-    return {"type": error.type_uri(), "title": error.title, "status": error.status, "detail": error.detail,
-            **error.members}
+    return problem_fields(error)
+
+
+async def run_each(
+    session: AsyncSession,
+    items: Sequence[Any],
+    schema: type[BaseModel],
+    action: Callable[[Any], Awaitable[tuple[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Validate and run each batch item in its own savepoint: one bad item never sinks the others.
+
+    `action` returns (status, id) for an item that went through; a failed one gets its problem body.
+    """
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            payload = schema.model_validate(item)
+            async with session.begin_nested():
+                status, item_id = await action(payload)
+        except ValidationError as exc:
+            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
+        except AppError as exc:
+            results.append({"index": index, "status": "error", "error": item_problem(exc)})
+        else:
+            results.append({"index": index, "status": status, "id": item_id})
+    return results
 
 
 def etag(version: int) -> str:

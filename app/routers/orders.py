@@ -7,12 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import ValidationError
 
 from app.db import ReadSession, WriteSession
-from app.errors import AppError, ContactNotFound, InvalidInput, problems
-from app.problems import validation_problem
-from app.routers.deps import JSONBody, item_problem
+from app.errors import ContactNotFound, InvalidInput, problems
+from app.routers.deps import JSONBody, run_each
 from app.schemas.orders import (
     EventBatch,
     EventBatchResult,
@@ -71,18 +69,11 @@ async def create_events(
     payload: EventBatch, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)]
 ) -> Any:
     """Up to 1,000 events; each succeeds or fails alone."""
-    results: list[dict[str, Any]] = []
-    for index, item in enumerate(payload.items):
-        try:
-            event = EventCreate.model_validate(item)
-            async with session.begin_nested():
-                row, created = await orders_service.record_event(session, event, actor=caller)
-        except ValidationError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
-        except AppError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(exc)})
-        else:
-            results.append({"index": index, "status": "created" if created else "duplicate", "id": row["id"]})
+    async def record(event: EventCreate) -> tuple[str, Any]:
+        row, created = await orders_service.record_event(session, event, actor=caller)
+        return ("created" if created else "duplicate"), row["id"]
+
+    results = await run_each(session, payload.items, EventCreate, record)
     return JSONBody({"results": results, "errors": sum(r["status"] == "error" for r in results)})
 
 
