@@ -132,8 +132,7 @@ async def try_fast_create(
         "email_status": "unverified", "kind": "prospect", "lifecycle_stage": "prospect", "attributes": "{}",
         "tags": [], "orders_count": 0, "total_spent": 0, "version": 1,
     } | {k: v for k, v in columns.items() if v is not None}
-    values.setdefault("source", None)
-    values["source"] = values["source"] or ("api" if via == "api" else via)
+    values["source"] = values["source"] or via  # how it entered: "api" unless a caller says otherwise
     values.update(id=new_id(), created_at=now, updated_at=now)
     changes = _diff({}, {**values, "attributes": {}})
     suppressed = suppressions.digests(email=values["email"], phone=values["phone"])
@@ -176,8 +175,8 @@ async def upsert(session: AsyncSession, payload: ContactUpsert, *, actor: Princi
             await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
             return Upserted(row, created=True)
         # A concurrent request inserted the key between our lookup and insert: match again.
-    raise DuplicateContact("the contact keys are held by another contact",
-                           existing_id=await _holder_id(session, await _new_values(session, payload, via=via)))
+    keys = {"email": payload.email, "external_id": payload.external_id}
+    raise DuplicateContact("the contact keys are held by another contact", existing_id=await _holder_id(session, keys))
 
 
 async def update(
@@ -373,7 +372,7 @@ async def _new_values(session: AsyncSession, payload: ContactCreate | ContactUps
     if tags is not _MISSING and tags:
         values["tags"] = list(dict.fromkeys(tags))
         await tags_service.ensure(session, values["tags"])
-    values.setdefault("source", "api" if via == "api" else via)
+    values.setdefault("source", via)  # how it entered: "api" unless a caller says otherwise
     now = utc_now()
     values.update(id=new_id(), created_at=now, updated_at=now)
     return values
