@@ -1,0 +1,21 @@
+"""Duplicates and merge: merged contacts keep a pointer to the survivor.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-23 19:10:00
+"""
+
+from collections.abc import Sequence
+
+revision: str = '0007'
+down_revision: str | None = '0006'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
