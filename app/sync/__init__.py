@@ -1,0 +1,1 @@
+"""Delivery of Carnet's changes to emailing tools and webhook receivers."""

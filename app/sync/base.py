@@ -1,0 +1,119 @@
+"""What the worker hands to a destination adapter, and what an adapter may answer.
+
+Vendors (Brevo, Mailchimp) are synced by *state*: for each contact the worker reads Carnet's current
+state and the adapter makes the remote side equal to it, so retries and replays are harmless and a
+burst of changes to one contact costs one push. The generic webhook is synced by *event*: each outbox
+message is posted as it was written.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "Adapter",
+    "ContactState",
+    "DeliveryFailed",
+    "Erasure",
+    "EventMessage",
+    "Gone",
+    "MemberStatus",
+    "Outcome",
+    "PushResult",
+    "RetryLater",
+    "WebhookAdapter",
+]
+
+MemberStatus = Literal["subscribed", "unsubscribed", "pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class ContactState:
+    """Carnet's current view of one contact, already translated through the destination's mappings."""
+
+    contact_id: uuid.UUID
+    email: str                                  # normalized (lower-case) address; contacts without one are not synced
+    fields: Mapping[str, Any]                   # vendor field/merge-field name -> value (field_mappings applied)
+    lists: Mapping[str, MemberStatus]           # remote_list_id -> wanted status, for every mapped list it is in
+    tags: Sequence[str] = ()
+    # email_marketing consent withdrawn, bounced or complained: the vendor's global opt-out.
+    marketing_blocked: bool = False
+    # The remote identity known from an earlier push (Mailchimp subscriber hash, Brevo contact id),
+    # so an email change or an erasure can address the old remote record. None on the first push.
+    remote_ref: str | None = None
+    # Set when the previous push used another address (email changed in Carnet).
+    previous_email: str | None = None
+    # Lists whose subscription should go through the vendor's double opt-in (destination setting).
+    vendor_double_opt_in: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """Delete a person at the vendor (GDPR erasure). Only the remote reference survives in Carnet."""
+
+    contact_id: uuid.UUID
+    remote_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    contact_id: uuid.UUID
+    remote_ref: str | None                      # to remember for the next push / erasure
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Per contact: done (with its new remote_ref) or failed for good (the reason goes to the dead letter)."""
+
+    contact_id: uuid.UUID
+    remote_ref: str | None = None
+    error: str | None = None                    # set: permanent failure for this contact only
+
+
+class DeliveryFailed(Exception):
+    """The whole call failed; the worker retries the batch later with backoff (or dead-letters it)."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+class RetryLater(DeliveryFailed):
+    """The vendor asked us to wait (429, Retry-After, x-sib-ratelimit-reset)."""
+
+    def __init__(self, reason: str, *, after_seconds: float) -> None:
+        super().__init__(reason)
+        self.after_seconds = after_seconds
+
+
+class Gone(DeliveryFailed):
+    """The endpoint says it no longer wants deliveries (webhook 410): disable the destination."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, permanent=True)
+
+
+class Adapter(Protocol):
+    """A vendor adapter: push states and erasures in as few calls as the vendor allows."""
+
+    async def push(self, states: Sequence[ContactState]) -> list[Outcome]: ...
+
+    async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EventMessage:
+    """One outbox message as a webhook receiver sees it (ids, never more personal data than the topic needs)."""
+
+    id: str                                     # stable across retries: the `webhook-id`
+    topic: str
+    created_at: str                             # RFC 3339
+    payload: Mapping[str, Any]
+
+
+class WebhookAdapter(Protocol):
+    async def send(self, message: EventMessage) -> None: ...
