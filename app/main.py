@@ -26,6 +26,7 @@ from app.routers.deps import Problem
 from app.schemas.types import configure_phone_region
 from app.security.ratelimit import TokenBuckets
 from app.security.revocation import RevocationList
+from app.security.secrets import SecretBox
 from app.security.tokens import TokenSigner
 from app.services import suppressions as suppressions_service
 from app.services.orders import LifecyclePolicy
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
     app.state.lifecycle_policy = lifecycle_policy(settings)
+    app.state.secret_box = SecretBox.from_setting(
+        settings.secrets_keys.get_secret_value() if settings.secrets_keys else None, fallback_master=signer.secret)
 
     install_problem_handlers(app)
     app.include_router(health_router)

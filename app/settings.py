@@ -51,6 +51,20 @@ class Settings(BaseSettings):
     lapsed_after_days: int = 365
     lifecycle_refresh_seconds: int = Field(default=3600, ge=0)  # 0: only `carnet lifecycle refresh` (cron)
 
+    # Sync (destinations and the outbox worker)
+    # Fernet keys, comma-separated: the first encrypts, all decrypt (rotation). Unset: derived from the JWT secret.
+    secrets_keys: SecretStr | None = None
+    public_base_url: str = "http://127.0.0.1:8000"      # how vendors reach /v1/inbound (shown as inbound_url)
+    sync_allow_private_networks: bool = False           # SSRF guard off: loopback fakes in tests, LAN receivers
+    sync_call_deadline_seconds: float = Field(default=30.0, gt=0)   # whole vendor call, trickling servers included
+    delivery_batch_size: int = Field(default=500, ge=1, le=5000)
+    delivery_lease_seconds: float = Field(default=120.0, gt=0)
+    delivery_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    delivery_backoff_cap_seconds: float = Field(default=60.0, gt=0)
+    delivery_max_attempts: int = Field(default=50, ge=1)   # ~45 min of retries at the cap, then dead letter
+    worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
+    run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL
+
     log_json: bool = True
     log_level: str = "INFO"
 

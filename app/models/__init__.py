@@ -11,6 +11,7 @@ from app.models.orders import Event, Order
 from app.models.outbox import OutboxMessage
 from app.models.segments import Segment
 from app.models.suppressions import Suppression
+from app.models.sync import Delivery, Destination, SyncLink
 from app.models.tokens import AccessToken
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "ConsentEvent",
     "Contact",
     "ContactHistory",
+    "Delivery",
+    "Destination",
     "Event",
     "IdempotencyRecord",
     "ListMembership",
@@ -27,5 +30,6 @@ __all__ = [
     "OutboxMessage",
     "Segment",
     "Suppression",
+    "SyncLink",
     "Tag",
 ]

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, Column, Identity
+from sqlalchemy import BigInteger, Column, Identity, Index, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -17,6 +17,7 @@ __all__ = ["OutboxMessage"]
 
 class OutboxMessage(SQLModel, table=True):
     __tablename__: ClassVar[str] = "outbox_message"  # type: ignore[misc]
+    __table_args__ = (Index("ix_outbox_message_undispatched", "id", postgresql_where=text("dispatched_at IS NULL")),)
 
     # The primary key index on id is the delivery order.
     id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
@@ -24,3 +25,5 @@ class OutboxMessage(SQLModel, table=True):
     contact_id: uuid.UUID | None = None                # no foreign key: a message may outlive an erased contact
     payload: Any = Field(default=None, sa_column=Column(JSONB, nullable=False))
     created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    # Set when the worker has turned the message into deliveries (NULL: still to dispatch).
+    dispatched_at: datetime | None = Field(default=None, sa_type=TZ)

@@ -2,7 +2,20 @@
 
 from fastapi import APIRouter
 
-from app.routers import attributes, consents, contacts, gdpr, health, lists, orders, public, segments, timeline, tokens
+from app.routers import (
+    attributes,
+    consents,
+    contacts,
+    destinations,
+    gdpr,
+    health,
+    lists,
+    orders,
+    public,
+    segments,
+    timeline,
+    tokens,
+)
 from app.routers.deps import AUTH_PROBLEMS
 
 __all__ = ["health_router", "public_router", "v1_router"]
@@ -24,6 +37,8 @@ v1_router.include_router(consents.router)
 v1_router.include_router(timeline.router)
 v1_router.include_router(gdpr.router)
 v1_router.include_router(segments.router)
+v1_router.include_router(destinations.router)
+v1_router.include_router(destinations.deliveries_router)
 
 health_router = health.router
 # No token: the signed link in the URL is the credential (app.services.links).

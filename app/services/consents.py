@@ -23,7 +23,7 @@ from app.models import ConsentEvent, Contact, ListMembership
 from app.models.base import utc_now
 from app.schemas.consents import ConsentAction, ConsentCreate, ConsentPurpose
 from app.security import Principal
-from app.services import memberships
+from app.services import memberships, outbox
 
 __all__ = [
     "MARKETING",
@@ -106,6 +106,9 @@ async def append(
         "proof": _compact(proof),
     }
     row = (await session.execute(insert(_events).values(values).returning(*_events.c))).mappings().one()
+    if action not in _GRANTING:
+        await outbox.add(session, "consent.withdrawn", contact_id=contact_id,
+                         payload={"contact_id": str(contact_id), "purpose": purpose})
     if purpose == MARKETING and action not in _GRANTING and not (await marketing_state(session, contact_id)).granted:
         await memberships.unsubscribe(session, contact_id, list_id=None, at=now, reason="consent_withdrawn")
     return row

@@ -30,7 +30,7 @@ from app.schemas.contacts import ContactCreate, ContactPatch, ContactSort, Conta
 from app.schemas.types import normalize_phone
 from app.security import Principal
 from app.services import attributes as attributes_service
-from app.services import history, suppressions
+from app.services import history, outbox, suppressions
 from app.services import tags as tags_service
 from app.services.pagination import Cursor, CursorCodec
 
@@ -111,6 +111,9 @@ WITH new AS (
     SELECT new.id, f.field, NULL, f.value, ${len(_INSERT_COLUMNS) + 5}, ${len(_INSERT_COLUMNS) + 6},
            new.created_at
     FROM new, unnest(${len(_INSERT_COLUMNS) + 3}::text[], ${len(_INSERT_COLUMNS) + 4}::jsonb[]) AS f(field, value)
+), announced AS (
+    INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+    SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), new.created_at FROM new
 )
 SELECT * FROM new
 """  # noqa: S608 (names from our own table; every value is a parameter)
@@ -154,7 +157,7 @@ async def create(session: AsyncSession, payload: ContactCreate, *, actor: Princi
         raise DuplicateContact(
             "a contact already holds this email or external_id", existing_id=await _holder_id(session, values)
         )
-    await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+    await _created(session, row, actor=actor, via=via)
     return row
 
 
@@ -172,7 +175,7 @@ async def upsert(session: AsyncSession, payload: ContactUpsert, *, actor: Princi
         values = await _new_values(session, payload, via=via)
         row = await _insert(session, values)
         if row is not None:
-            await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+            await _created(session, row, actor=actor, via=via)
             return Upserted(row, created=True)
         # A concurrent request inserted the key between our lookup and insert: match again.
     keys = {"email": payload.email, "external_id": payload.external_id}
@@ -437,7 +440,15 @@ async def _write(
     else:
         row = (await session.execute(statement)).mappings().one()
     await history.record(session, row["id"], _diff(current, row), actor=actor, via=via)
+    await outbox.add(session, "contact.updated", contact_id=row["id"],
+                     payload={"contact_id": str(row["id"]), "fields": sorted(changes)})
     return row
+
+
+async def _created(session: AsyncSession, row: Row, *, actor: Principal, via: str) -> None:
+    """History of a new contact, and the news for destinations (in the creating transaction)."""
+    await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+    await outbox.add(session, "contact.created", contact_id=row["id"], payload={"contact_id": str(row["id"])})
 
 
 async def _lock(session: AsyncSession, contact_id: uuid.UUID, expected_version: int | None = None) -> Row:

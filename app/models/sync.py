@@ -1,0 +1,96 @@
+"""Destinations (emailing tools, webhook receivers) and the deliveries the worker owes them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, ForeignKey, Identity, Index, Uuid, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+from app.models.base import TZ, new_id, utc_now
+
+__all__ = ["DELIVERY_STATUSES", "DESTINATION_KINDS", "Delivery", "Destination", "SyncLink"]
+
+DESTINATION_KINDS = ("brevo", "mailchimp", "webhook")
+DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "dead")
+
+
+class Destination(SQLModel, table=True):
+    __tablename__: ClassVar[str] = "destination"  # type: ignore[misc]
+    __table_args__ = (CheckConstraint("kind IN ('brevo', 'mailchimp', 'webhook')", name="kind"),)
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    kind: str
+    name: str = Field(unique=True)
+    enabled: bool = True
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))  # no secrets
+    secrets: str | None = None           # Fernet token of a JSON object (app.security.secrets)
+    list_mappings: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    field_mappings: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    # Health, written by the worker; last_error never carries personal data.
+    last_success_at: datetime | None = Field(default=None, sa_type=TZ)
+    last_error_at: datetime | None = Field(default=None, sa_type=TZ)
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    disabled_reason: str | None = None   # set when the receiver said 410 Gone
+    version: int = 1
+    created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+
+
+class Delivery(SQLModel, table=True):
+    """What one destination still owes (or got) for one contact (vendors) or one outbox message (webhooks).
+
+    Vendor deliveries *coalesce*: at most one pending row per (destination, contact) — a burst of changes
+    is one push of the latest state. Head of line per (destination, contact): a row is claimable only when
+    no other row of that pair is in flight and no older one is pending, which keeps one contact's changes
+    in order across any number of workers.
+    """
+
+    __tablename__: ClassVar[str] = "delivery"  # type: ignore[misc]
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'in_flight', 'delivered', 'dead')", name="status"),
+        Index("ix_delivery_claim", "destination_id", "next_attempt_at", "id",
+              postgresql_where=text("status = 'pending'")),
+        Index("ix_delivery_destination_id_contact_id_id", "destination_id", "contact_id", "id"),
+        Index("ix_delivery_destination_id_status_id", "destination_id", "status", "id"),
+        Index("ix_delivery_in_flight_lease", "lease_until", postgresql_where=text("status = 'in_flight'")),
+        Index("uq_delivery_one_pending_state", "destination_id", "contact_id", unique=True,
+              postgresql_where=text("status = 'pending' AND coalesces")),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
+    destination_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("destination.id", ondelete="CASCADE"),
+                                                       nullable=False))
+    contact_id: uuid.UUID | None = None          # no foreign key: an erasure is delivered after the row is gone
+    message_id: int = Field(sa_column=Column(BigInteger, nullable=False))  # outbox message (latest, when coalesced)
+    topic: str
+    coalesces: bool = False                      # vendor state push (True) or webhook event (False)
+    # Vendors: False while only list memberships changed since the last push (the profile write can be skipped).
+    profile_changed: bool = True
+    status: str = "pending"
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    lease_until: datetime | None = Field(default=None, sa_type=TZ)
+    last_error: str | None = None
+    created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    delivered_at: datetime | None = Field(default=None, sa_type=TZ)
+
+
+class SyncLink(SQLModel, table=True):
+    """The remote identity of a contact at a vendor (Mailchimp subscriber hash, Brevo contact id).
+
+    Kept after an erasure only until the vendor confirmed the deletion, so the deletion can address it.
+    """
+
+    __tablename__: ClassVar[str] = "sync_link"  # type: ignore[misc]
+
+    destination_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("destination.id", ondelete="CASCADE"),
+                                                       primary_key=True))
+    contact_id: uuid.UUID = Field(primary_key=True)
+    remote_ref: str
+    synced_at: datetime = Field(default_factory=utc_now, sa_type=TZ)

@@ -1,0 +1,128 @@
+"""`/v1/destinations` and `/v1/deliveries`: where changes go, and what each destination is owed."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query, Request, Response
+
+from app.db import ReadSession, WriteSession
+from app.errors import IdempotencyKeyReused, PreconditionFailed, problems
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
+from app.schemas.destinations import (
+    DeliveryPage,
+    DeliveryRead,
+    DeliveryStatus,
+    DestinationCreate,
+    DestinationCreated,
+    DestinationPage,
+    DestinationPatch,
+    DestinationRead,
+    ResyncResult,
+)
+from app.schemas.types import Limit
+from app.security import Principal, Scope, require
+from app.services import destinations as service
+from app.services.destinations import DeliveryNotFound, DestinationNotFound, DuplicateDestination
+
+__all__ = ["deliveries_router", "router"]
+
+router = APIRouter(prefix="/destinations", tags=["sync"])
+deliveries_router = APIRouter(prefix="/deliveries", tags=["sync"])
+
+Reader = Annotated[Principal, require(Scope.DESTINATIONS_READ)]
+Writer = Annotated[Principal, require(Scope.DESTINATIONS_WRITE)]
+CursorParam = Annotated[str | None, Query(max_length=1000)]
+
+
+async def _present(session: Any, request: Request, row: Any) -> dict[str, Any]:
+    state = request.app.state
+    return service.present(row, box=state.secret_box, public_base_url=state.settings.public_base_url,
+                           counts=await service.counts(session, row["id"]))
+
+
+@router.get("", response_model=DestinationPage)
+async def list_destinations(
+    session: ReadSession, request: Request, _: Reader, limit: Limit = 50, cursor: CursorParam = None
+) -> Any:
+    """By name. Secrets are never shown; `secrets_set` names the ones stored."""
+    rows, next_cursor = await service.list_page(session, limit=limit, cursor=cursor,
+                                                codec=request.app.state.cursor_codec)
+    return JSONBody({"data": [await _present(session, request, r) for r in rows], "next_cursor": next_cursor})
+
+
+@router.post("", status_code=201, response_model=DestinationCreated,
+             responses=problems(DuplicateDestination, IdempotencyKeyReused))
+async def create_destination(
+    payload: DestinationCreate, session: WriteSession, request: Request, _: Writer, idem: Idempotency
+) -> Any:
+    """`generated_secrets` holds what Carnet made (`inbound_secret`, the webhook `secret`): shown this once only.
+
+    An idempotent replay answers without them.
+    """
+    if idem.replay:
+        return idem.replay
+    row, generated = await service.create(session, payload, box=request.app.state.secret_box)
+    body = await _present(session, request, row)
+    headers = {"ETag": etag(row["version"]), "Location": f"/v1/destinations/{row['id']}"}
+    await idem.respond(201, {**body, "generated_secrets": {}}, headers)  # stored for replays: no secret kept
+    return JSONBody({**body, "generated_secrets": generated}, status_code=201, headers=headers)
+
+
+@router.get("/{destination_id}", response_model=DestinationRead, responses=problems(DestinationNotFound))
+async def get_destination(destination_id: uuid.UUID, session: ReadSession, request: Request, _: Reader) -> Any:
+    row = await service.get(session, destination_id)
+    return JSONBody(await _present(session, request, row), headers={"ETag": etag(row["version"])})
+
+
+@router.patch("/{destination_id}", response_model=DestinationRead,
+              responses=problems(DestinationNotFound, DuplicateDestination, PreconditionFailed))
+async def update_destination(
+    destination_id: uuid.UUID, patch: Annotated[DestinationPatch, Body()], session: WriteSession,
+    request: Request, _: Writer, expected_version: IfMatch,
+) -> Any:
+    """Merge patch. Re-enabling a destination clears its failure count and `disabled_reason`."""
+    row = await service.update(session, destination_id, patch, box=request.app.state.secret_box,
+                               expected_version=expected_version)
+    return JSONBody(await _present(session, request, row), headers={"ETag": etag(row["version"])})
+
+
+@router.delete("/{destination_id}", status_code=204, responses=problems(DestinationNotFound, PreconditionFailed))
+async def delete_destination(
+    destination_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
+) -> Response:
+    """Stops every delivery to it; what the vendor already holds stays there."""
+    await service.delete_destination(session, destination_id, expected_version=expected_version)
+    return Response(status_code=204)
+
+
+@router.get("/{destination_id}/deliveries", response_model=DeliveryPage, responses=problems(DestinationNotFound))
+async def list_deliveries(
+    destination_id: uuid.UUID, session: ReadSession, request: Request, _: Reader,
+    status: DeliveryStatus | None = None, limit: Limit = 50, cursor: CursorParam = None,
+) -> Any:
+    """Newest first."""
+    rows, next_cursor = await service.deliveries_page(
+        session, destination_id, status=status.value if status else None, limit=limit, cursor=cursor,
+        codec=request.app.state.cursor_codec)
+    return JSONBody({"data": [_delivery(r) for r in rows], "next_cursor": next_cursor})
+
+
+@router.post("/{destination_id}/resync", status_code=202, response_model=ResyncResult,
+             responses=problems(DestinationNotFound))
+async def resync_destination(destination_id: uuid.UUID, session: WriteSession, _: Writer) -> Any:
+    """Queue a full push of every contact of the mapped lists (vendors only)."""
+    return JSONBody({"queued": await service.resync(session, destination_id)}, status_code=202)
+
+
+@deliveries_router.post("/{delivery_id}/retry", response_model=DeliveryRead, responses=problems(DeliveryNotFound))
+async def retry_delivery(
+    delivery_id: Annotated[int, Path(ge=1, le=2**63 - 1)], session: WriteSession, _: Writer
+) -> Any:
+    """A dead delivery goes back in the queue now with a fresh count of attempts (delivered ones stay)."""
+    return JSONBody(_delivery(await service.retry_delivery(session, delivery_id)))
+
+
+def _delivery(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in DeliveryRead.model_fields}

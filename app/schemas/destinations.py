@@ -1,0 +1,203 @@
+"""Destinations and deliveries on the wire. Secrets go in, never out (except once, when Carnet made them)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Self
+
+from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, StringConstraints, field_validator, model_validator
+
+from app.schemas.base import InputSchema
+from app.schemas.types import ShortText
+
+__all__ = [
+    "SECRET_FIELDS",
+    "BrevoConfig",
+    "DeliveryPage",
+    "DeliveryRead",
+    "DeliveryStatus",
+    "DestinationCreate",
+    "DestinationCreated",
+    "DestinationKind",
+    "DestinationPage",
+    "DestinationPatch",
+    "DestinationRead",
+    "ListMapping",
+    "MailchimpConfig",
+    "ResyncResult",
+    "WebhookConfig",
+    "config_model",
+]
+
+# Config keys that are secrets: stored encrypted (app.security.secrets), never returned.
+SECRET_FIELDS = frozenset({"api_key", "secret", "previous_secret", "signing_secret", "inbound_secret"})
+
+
+class DestinationKind(StrEnum):
+    BREVO = "brevo"
+    MAILCHIMP = "mailchimp"
+    WEBHOOK = "webhook"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+Secret = Annotated[SecretStr, Field(min_length=8, max_length=500)]
+RemoteField = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+# Carnet fields a vendor field may be mapped from: the contact's own fields and `attributes.<name>`.
+MAPPABLE_FIELDS = frozenset({
+    "external_id", "phone", "first_name", "last_name", "company", "job_title", "sector", "gender", "birth_date",
+    "language", "source", "kind", "lifecycle_stage", "address.line1", "address.line2", "address.postal_code",
+    "address.city", "address.region", "address.country", "stats.orders_count", "stats.total_spent",
+    "stats.average_basket", "stats.first_order_at", "stats.last_order_at", "stats.last_order_amount",
+})
+_ATTRIBUTE_FIELD = re.compile(r"^attributes\.[a-z][a-z0-9_]{0,62}$")
+
+
+class _Config(InputSchema):
+    base_url: AnyHttpUrl | None = Field(default=None, description="Overrides the vendor's API host (proxies, tests)")
+    inbound_secret: Secret | None = Field(default=None, description="Write-only; generated when absent")
+
+
+class BrevoConfig(_Config):
+    api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
+    double_opt_in_template_id: int | None = Field(default=None, ge=1, description="For vendor double opt-in lists")
+    double_opt_in_redirect_url: AnyHttpUrl | None = None
+
+
+class MailchimpConfig(_Config):
+    api_key: Secret | None = Field(default=None, description="Write-only; its `-usN` suffix names the datacenter")
+    signing_secret: Secret | None = Field(default=None, description="Write-only; checks X-Mailchimp-Signature")
+
+
+class WebhookConfig(_Config):
+    url: AnyHttpUrl | None = None
+    secret: Annotated[SecretStr, StringConstraints(pattern=r"^whsec_[A-Za-z0-9+/=]{16,200}$")] | None = Field(
+        default=None, description="Write-only `whsec_...`; generated when absent")
+    previous_secret: Annotated[SecretStr, StringConstraints(pattern=r"^whsec_[A-Za-z0-9+/=]{16,200}$")] | None = Field(
+        default=None, description="Write-only; also signs during a rotation")
+    topics: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
+        default=None, description="Only these topics (default: all)")
+
+
+def config_model(kind: DestinationKind) -> type[_Config]:
+    return {DestinationKind.BREVO: BrevoConfig, DestinationKind.MAILCHIMP: MailchimpConfig,
+            DestinationKind.WEBHOOK: WebhookConfig}[kind]
+
+
+class ListMapping(InputSchema):
+    list_id: uuid.UUID
+    remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    double_opt_in: bool = Field(default=False, description="Confirm through the vendor (Mailchimp pending, "
+                                                           "Brevo doubleOptinConfirmation)")
+
+
+def _check_field_mappings(value: dict[str, str] | None) -> dict[str, str] | None:
+    for carnet_field in value or {}:
+        if carnet_field not in MAPPABLE_FIELDS and not _ATTRIBUTE_FIELD.fullmatch(carnet_field):
+            raise ValueError(f"{carnet_field!r} is not a mappable contact field")
+    return value
+
+
+class DestinationCreate(InputSchema):
+    kind: DestinationKind
+    name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+    enabled: bool = True
+    config: dict[str, Any] = Field(default_factory=dict, description="Per kind; secrets in it are write-only")
+    list_mappings: Annotated[list[ListMapping], Field(max_length=100)] = Field(default_factory=list)
+    field_mappings: dict[RemoteField, RemoteField] = Field(
+        default_factory=dict, description="Carnet field (`first_name`, `attributes.size`) → vendor field")
+
+    _fields = field_validator("field_mappings")(_check_field_mappings)
+
+    @model_validator(mode="after")
+    def _unique_lists(self) -> Self:
+        ids = [m.list_id for m in self.list_mappings]
+        if len(ids) != len(set(ids)):
+            raise ValueError("a list is mapped twice")
+        return self
+
+
+class DestinationPatch(InputSchema):
+    """Merge patch. `config` is merged key by key (a secret given replaces the stored one; null removes a key)."""
+
+    name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)] | None = None
+    enabled: bool | None = None
+    config: dict[str, Any] | None = None
+    list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = None
+    field_mappings: dict[RemoteField, RemoteField] | None = None
+
+    _fields = field_validator("field_mappings")(_check_field_mappings)
+
+    @model_validator(mode="after")
+    def _not_null(self) -> Self:
+        for name in ("name", "enabled", "list_mappings", "field_mappings"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class DestinationHealth(BaseModel):
+    last_success_at: datetime | None
+    last_error_at: datetime | None
+    last_error: str | None
+    consecutive_failures: int
+    disabled_reason: str | None
+    pending: int
+    dead: int
+
+
+class DestinationRead(BaseModel):
+    id: uuid.UUID
+    kind: DestinationKind
+    name: str
+    enabled: bool
+    config: dict[str, Any] = Field(description="Without secrets")
+    secrets_set: list[str] = Field(description="Names of the secrets stored (their values are never shown)")
+    list_mappings: list[dict[str, Any]]
+    field_mappings: dict[str, str]
+    inbound_url: str | None
+    health: DestinationHealth
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+class DestinationCreated(DestinationRead):
+    generated_secrets: dict[str, str] = Field(
+        description="Secrets Carnet generated (inbound_secret, webhook secret): shown this once only")
+
+
+class DestinationPage(BaseModel):
+    data: list[DestinationRead]
+    next_cursor: str | None
+
+
+class DeliveryRead(BaseModel):
+    id: int
+    destination_id: uuid.UUID
+    contact_id: uuid.UUID | None
+    topic: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+
+
+class DeliveryPage(BaseModel):
+    data: list[DeliveryRead]
+    next_cursor: str | None
+
+
+class ResyncResult(BaseModel):
+    queued: int = Field(description="Contacts queued for a full push")

@@ -1,0 +1,385 @@
+"""The delivery pipeline the worker runs: dispatch outbox messages, claim deliveries, complete them.
+
+Three steps, each its own short transaction so no vendor call ever happens inside one:
+
+1. `dispatch`: undispatched outbox messages (SKIP LOCKED) become deliveries for every enabled destination
+   that cares — one coalescing "push this contact's state" row per contact for vendors, one row per message
+   for webhooks.
+2. `claim`: a batch of due deliveries of one destination goes `in_flight` under a lease (SKIP LOCKED, head of
+   line per contact, so two workers never hold the same contact's deliveries at once).
+3. `complete`: outcomes are written back — delivered, rescheduled with backoff, or dead after the last try —
+   but only while the lease is still ours (a worker that lost its lease writes nothing).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models.base import utc_now
+from app.services.contacts import ADDRESS
+from app.sync.base import ContactState, Erasure, EventMessage, MemberStatus
+
+__all__ = [
+    "Backoff",
+    "Claimed",
+    "Completion",
+    "Plan",
+    "claim",
+    "complete",
+    "dispatch",
+    "enabled_destination_ids",
+    "event_messages",
+    "forget_links",
+    "plan",
+    "reap_expired_leases",
+    "record_health",
+    "remember_links",
+]
+
+Row = Mapping[str, Any]
+DISPATCH_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base_seconds: float
+    cap_seconds: float
+    max_attempts: int
+
+    def delay(self, attempts: int) -> float:
+        """Exponential with full jitter (the thundering herd of a recovering vendor is spread out)."""
+        ceiling = min(self.cap_seconds, self.base_seconds * 2 ** max(attempts - 1, 0))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not security)
+
+
+async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
+    return list((await session.scalars(text("SELECT id FROM destination WHERE enabled ORDER BY name"))).all())
+
+
+# ---- 1. dispatch ----------------------------------------------------------------------------------------
+
+# Vendors: a contact matters when it is in a mapped list or was pushed before (its link must follow it).
+_DISPATCH_VENDORS = text("""
+INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, status,
+                      attempts, next_attempt_at, created_at, updated_at)
+SELECT d.id, m.contact_id, max(m.id), (array_agg(m.topic ORDER BY m.id DESC))[1], true,
+       bool_or(m.topic NOT LIKE 'membership.%'), 'pending', 0, :now, :now, :now
+FROM outbox_message m
+JOIN destination d ON d.enabled AND d.kind <> 'webhook'
+WHERE m.id = ANY(:ids) AND m.contact_id IS NOT NULL
+  AND (EXISTS (SELECT 1 FROM list_membership lm
+               WHERE lm.contact_id = m.contact_id
+                 AND lm.list_id::text IN (SELECT jsonb_array_elements(d.list_mappings) ->> 'list_id'))
+       OR EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = m.contact_id))
+GROUP BY d.id, m.contact_id
+ON CONFLICT (destination_id, contact_id) WHERE status = 'pending' AND coalesces
+DO UPDATE SET message_id = GREATEST(delivery.message_id, excluded.message_id),
+              topic = CASE WHEN excluded.message_id > delivery.message_id THEN excluded.topic ELSE delivery.topic END,
+              profile_changed = delivery.profile_changed OR excluded.profile_changed,
+              updated_at = excluded.updated_at
+""")
+
+_DISPATCH_WEBHOOKS = text("""
+INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, status,
+                      attempts, next_attempt_at, created_at, updated_at)
+SELECT d.id, m.contact_id, m.id, m.topic, false, true, 'pending', 0, :now, :now, :now
+FROM outbox_message m
+JOIN destination d ON d.enabled AND d.kind = 'webhook'
+WHERE m.id = ANY(:ids)
+  AND (d.config -> 'topics' IS NULL OR d.config -> 'topics' ? m.topic)
+ORDER BY m.id
+""")
+
+
+async def dispatch(session: AsyncSession, *, batch: int = DISPATCH_BATCH) -> int:
+    """Turn undispatched outbox messages into deliveries; returns how many messages were dispatched.
+
+    Messages of transactions still open are invisible here and dispatched by a later round; SKIP LOCKED
+    lets several workers dispatch side by side.
+    """
+    ids = list((await session.scalars(
+        text("SELECT id FROM outbox_message WHERE dispatched_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"),
+        {"n": batch},
+    )).all())
+    if not ids:
+        return 0
+    now = utc_now()
+    await session.execute(_DISPATCH_VENDORS, {"ids": ids, "now": now})
+    await session.execute(_DISPATCH_WEBHOOKS, {"ids": ids, "now": now})
+    await session.execute(text("UPDATE outbox_message SET dispatched_at = :now WHERE id = ANY(:ids)"),
+                          {"ids": ids, "now": now})
+    return len(ids)
+
+
+# ---- 2. claim -------------------------------------------------------------------------------------------
+
+_REAP_COALESCED = text("""
+DELETE FROM delivery e
+WHERE e.status = 'in_flight' AND e.lease_until < :now AND e.coalesces
+  AND EXISTS (SELECT 1 FROM delivery p WHERE p.destination_id = e.destination_id AND p.contact_id = e.contact_id
+              AND p.status = 'pending' AND p.coalesces)
+""")
+_REAP = text("""
+UPDATE delivery SET status = 'pending', lease_until = NULL, updated_at = :now
+WHERE status = 'in_flight' AND lease_until < :now
+""")
+
+
+async def reap_expired_leases(session: AsyncSession) -> int:
+    """In-flight rows of a worker that died go back to pending (a newer pending push absorbs a coalesced one)."""
+    now = utc_now()
+    await session.execute(_REAP_COALESCED, {"now": now})
+    return (await session.execute(_REAP, {"now": now})).rowcount or 0
+
+
+_CLAIM = text("""
+WITH candidates AS (
+    SELECT d.id FROM delivery d
+    WHERE d.destination_id = :destination_id AND d.status = 'pending' AND d.next_attempt_at <= :now
+      AND NOT EXISTS (
+          SELECT 1 FROM delivery e
+          WHERE e.destination_id = d.destination_id AND e.contact_id = d.contact_id AND e.id <> d.id
+            AND (e.status = 'in_flight' OR (e.status = 'pending' AND e.id < d.id)))
+    ORDER BY d.next_attempt_at, d.id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE delivery SET status = 'in_flight', lease_until = :lease_until, attempts = delivery.attempts + 1,
+                    updated_at = :now
+FROM candidates WHERE delivery.id = candidates.id
+RETURNING delivery.id, delivery.contact_id, delivery.message_id, delivery.topic, delivery.coalesces,
+          delivery.profile_changed, delivery.attempts, delivery.lease_until
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    destination_id: uuid.UUID
+    lease_until: datetime
+    rows: list[Row]
+
+
+async def claim(session: AsyncSession, destination_id: uuid.UUID, *, limit: int, lease_seconds: float) -> Claimed:
+    now = utc_now()
+    lease_until = now + timedelta(seconds=lease_seconds)
+    rows = list((await session.execute(_CLAIM, {
+        "destination_id": destination_id, "now": now, "lease_until": lease_until, "limit": limit,
+    })).mappings())
+    return Claimed(destination_id, lease_until, sorted(rows, key=lambda r: r["id"]))
+
+
+# ---- what to send ---------------------------------------------------------------------------------------
+
+_STATE_QUERY = text("""
+SELECT c.*,
+       (SELECT e.action FROM consent_event e
+        WHERE e.contact_id = c.id AND e.purpose = 'email_marketing'
+        ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1) AS marketing_action
+FROM contact c WHERE c.id = ANY(:ids)
+""")
+
+
+def _field_value(contact: Mapping[str, Any], path: str) -> Any:
+    if path.startswith("attributes."):
+        value = (contact["attributes"] or {}).get(path.removeprefix("attributes."))
+    elif path.startswith("address."):
+        value = contact[ADDRESS[path.removeprefix("address.")]]
+    elif path.startswith("stats."):
+        value = contact[path.removeprefix("stats.")]
+    else:
+        value = contact[path]
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    return value
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a vendor batch must do, per claimed contact."""
+
+    states: list[ContactState] = field(default_factory=list)    # push
+    erasures: list[Erasure] = field(default_factory=list)        # delete at the vendor
+    nothing: list[uuid.UUID] = field(default_factory=list)       # no email / no mapped list and never pushed
+    vanished: list[uuid.UUID] = field(default_factory=list)      # merged away: the survivor carries the person
+
+
+async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> Plan:
+    """Carnet's view of each claimed contact, translated through the destination's mappings."""
+    ids = [r["contact_id"] for r in rows]
+    topic = {r["contact_id"]: r["topic"] for r in rows}
+    profile_changed = {r["contact_id"]: r["profile_changed"] for r in rows}
+    mappings = {m["list_id"]: m for m in destination["list_mappings"]}
+    contacts = {c["id"]: c for c in (await session.execute(_STATE_QUERY, {"ids": ids})).mappings()}
+    members: dict[uuid.UUID, dict[str, str]] = {}
+    for m in (await session.execute(
+        text("SELECT contact_id, list_id::text AS list_id, status FROM list_membership "
+             "WHERE contact_id = ANY(:ids) AND list_id::text = ANY(:lists)"),
+        {"ids": ids, "lists": list(mappings)},
+    )).mappings():
+        members.setdefault(m["contact_id"], {})[m["list_id"]] = m["status"]
+    links = dict((await session.execute(
+        text("SELECT contact_id, remote_ref FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
+        {"d": destination["id"], "ids": ids},
+    )).all())
+    out = Plan()
+    for contact_id in ids:
+        contact = contacts.get(contact_id)
+        ref = links.get(contact_id)
+        if contact is None:
+            if ref is not None and topic[contact_id] == "contact.erased":
+                out.erasures.append(Erasure(contact_id, ref))
+            else:
+                out.vanished.append(contact_id)
+            continue
+        lists = _wanted_lists(members.get(contact_id, {}), mappings)
+        if contact["email"] is None or (not lists and ref is None):
+            out.nothing.append(contact_id)
+            continue
+        out.states.append(ContactState(
+            contact_id=contact_id,
+            email=contact["email"],
+            fields={remote: _field_value(contact, local) for local, remote in destination["field_mappings"].items()},
+            lists=lists,
+            tags=tuple(contact["tags"] or ()),
+            marketing_blocked=contact["email_status"] in ("bounced", "complained")
+            or contact["marketing_action"] == "withdrawn",
+            remote_ref=ref,
+            profile_changed=ref is None or profile_changed[contact_id],
+            vendor_double_opt_in=frozenset(m["remote_list_id"] for m in mappings.values() if m.get("double_opt_in")),
+        ))
+    return out
+
+
+def _wanted_lists(statuses: Mapping[str, str], mappings: Mapping[str, Row]) -> dict[str, MemberStatus]:
+    """Carnet membership → remote status. Pending stays local unless the vendor runs the double opt-in."""
+    wanted: dict[str, MemberStatus] = {}
+    for list_id, status in statuses.items():
+        mapping = mappings[list_id]
+        if status == "pending":
+            if mapping.get("double_opt_in"):
+                wanted[mapping["remote_list_id"]] = "pending"
+        elif status in ("subscribed", "unsubscribed"):
+            wanted[mapping["remote_list_id"]] = status  # type: ignore[assignment]
+    return wanted
+
+
+async def event_messages(session: AsyncSession, rows: Sequence[Row]) -> dict[int, EventMessage]:
+    found = await session.execute(
+        text("SELECT id, topic, payload, created_at FROM outbox_message WHERE id = ANY(:ids)"),
+        {"ids": [r["message_id"] for r in rows]},
+    )
+    return {m["id"]: EventMessage(id=f"msg_{m['id']}", topic=m["topic"], created_at=m["created_at"].isoformat(),
+                                  payload=m["payload"]) for m in found.mappings()}
+
+
+# ---- 3. complete ----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Completion:
+    """What happened to each claimed row (by delivery id)."""
+
+    delivered: list[int]
+    dead: dict[int, str]                 # id -> reason
+    retry: dict[int, str]                # id -> reason (backoff from attempts)
+    retry_after: float | None = None     # the vendor said when (429): overrides the backoff for `retry`
+
+
+_DELIVERED = text("""
+UPDATE delivery SET status = 'delivered', delivered_at = :now, lease_until = NULL, last_error = NULL,
+                    updated_at = :now
+WHERE id = ANY(:ids) AND status = 'in_flight' AND lease_until = :lease
+""")
+_DEAD = text("""
+UPDATE delivery SET status = 'dead', lease_until = NULL, last_error = :reason, updated_at = :now
+WHERE id = :id AND status = 'in_flight' AND lease_until = :lease
+""")
+# A coalesced push going back to pending absorbs the newer pending row of the same contact (at most one).
+_ABSORB_NEWER = text("""
+DELETE FROM delivery p USING delivery e
+WHERE e.id = :id AND e.status = 'in_flight' AND e.lease_until = :lease AND e.coalesces
+  AND p.destination_id = e.destination_id AND p.contact_id = e.contact_id AND p.status = 'pending' AND p.coalesces
+RETURNING p.message_id, p.topic, p.profile_changed
+""")
+_RESCHEDULE = text("""
+UPDATE delivery SET status = 'pending', lease_until = NULL, next_attempt_at = :at, last_error = :reason,
+                    message_id = GREATEST(message_id, :message_id), topic = COALESCE(:topic, topic),
+                    profile_changed = profile_changed OR :profile_changed, updated_at = :now
+WHERE id = :id AND status = 'in_flight' AND lease_until = :lease
+""")
+
+
+async def complete(
+    session: AsyncSession, claimed: Claimed, outcome: Completion, *, backoff: Backoff
+) -> None:
+    now = utc_now()
+    lease = claimed.lease_until
+    attempts = {r["id"]: r["attempts"] for r in claimed.rows}
+    if outcome.delivered:
+        await session.execute(_DELIVERED, {"ids": outcome.delivered, "now": now, "lease": lease})
+    dead = dict(outcome.dead)
+    for delivery_id, reason in outcome.retry.items():
+        if attempts[delivery_id] >= backoff.max_attempts:
+            dead[delivery_id] = f"gave up after {attempts[delivery_id]} attempts: {reason}"
+            continue
+        newer = (await session.execute(_ABSORB_NEWER, {"id": delivery_id, "lease": lease})).first()
+        delay = outcome.retry_after if outcome.retry_after is not None else backoff.delay(attempts[delivery_id])
+        await session.execute(_RESCHEDULE, {
+            "id": delivery_id, "lease": lease, "now": now, "at": now + timedelta(seconds=delay),
+            "reason": reason[:500], "message_id": newer[0] if newer else 0, "topic": newer[1] if newer else None,
+            "profile_changed": bool(newer and newer[2]),
+        })
+    for delivery_id, reason in dead.items():
+        await session.execute(_DEAD, {"id": delivery_id, "reason": reason[:500], "now": now, "lease": lease})
+
+
+async def remember_links(session: AsyncSession, destination_id: uuid.UUID, refs: Mapping[uuid.UUID, str]) -> None:
+    if not refs:
+        return
+    await session.execute(
+        text("""
+        INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at)
+        SELECT :d, unnest(CAST(:ids AS uuid[])), unnest(CAST(:refs AS text[])), :now
+        ON CONFLICT (destination_id, contact_id) DO UPDATE SET remote_ref = excluded.remote_ref,
+                                                               synced_at = excluded.synced_at
+        """),
+        {"d": destination_id, "ids": list(refs), "refs": list(refs.values()), "now": utc_now()},
+    )
+
+
+async def forget_links(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]) -> None:
+    """After a confirmed remote erasure (or a merge): the last trace of the person at this destination goes."""
+    if contact_ids:
+        await session.execute(
+            text("DELETE FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
+            {"d": destination_id, "ids": list(contact_ids)},
+        )
+
+
+async def record_health(
+    session: AsyncSession, destination_id: uuid.UUID, *, error: str | None, gone: bool = False
+) -> None:
+    now = utc_now()
+    if error is None:
+        await session.execute(text(
+            "UPDATE destination SET last_success_at = :now, consecutive_failures = 0 WHERE id = :d"
+        ), {"now": now, "d": destination_id})
+        return
+    await session.execute(text("""
+        UPDATE destination SET last_error_at = :now, last_error = :error,
+               consecutive_failures = consecutive_failures + 1,
+               enabled = CASE WHEN :gone THEN false ELSE enabled END,
+               disabled_reason = CASE WHEN :gone THEN :error ELSE disabled_reason END
+        WHERE id = :d
+    """), {"now": now, "error": error[:500], "gone": gone, "d": destination_id})

@@ -1,0 +1,334 @@
+"""Destinations: where Carnet's changes go (Brevo, Mailchimp, a webhook receiver), and what they are owed.
+
+Secrets live in one encrypted column (app.security.secrets); `config` keeps only what may be shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets as random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+from sqlalchemy import delete, func, literal, select, text, true
+from sqlalchemy import update as update_statement
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
+from app.models import Delivery, Destination, ListMembership, MailingList, SyncLink
+from app.models.base import new_id, utc_now
+from app.schemas.destinations import (
+    SECRET_FIELDS,
+    DestinationCreate,
+    DestinationKind,
+    DestinationPatch,
+    ListMapping,
+    config_model,
+)
+from app.security.secrets import SecretBox
+from app.services.pagination import Cursor, CursorCodec
+
+__all__ = [
+    "DeliveryNotFound",
+    "DestinationNotFound",
+    "DuplicateDestination",
+    "Loaded",
+    "create",
+    "delete_destination",
+    "deliveries_page",
+    "get",
+    "list_page",
+    "load",
+    "new_webhook_secret",
+    "present",
+    "resync",
+    "retry_delivery",
+    "update",
+]
+
+Row = Mapping[str, Any]
+_t = Destination.__table__  # type: ignore[attr-defined]
+_deliveries = Delivery.__table__  # type: ignore[attr-defined]
+_links = SyncLink.__table__  # type: ignore[attr-defined]
+_lists = MailingList.__table__  # type: ignore[attr-defined]
+_members = ListMembership.__table__  # type: ignore[attr-defined]
+
+
+class DestinationNotFound(NotFound):
+    slug, title = "destination-not-found", "No such destination"
+
+
+class DeliveryNotFound(NotFound):
+    slug, title = "delivery-not-found", "No such delivery"
+
+
+class DuplicateDestination(Conflict):
+    slug, title = "duplicate-destination", "A destination with this name already exists"
+
+
+def new_webhook_secret() -> str:
+    """Standard Webhooks: `whsec_` + base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(random.token_bytes(24)).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A destination as the worker needs it: row, decrypted secrets, mappings by list."""
+
+    row: Row
+    secrets: dict[str, str]
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.row["id"]
+
+    @property
+    def kind(self) -> str:
+        return self.row["kind"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**self.row["config"], **self.secrets}
+
+
+def _split_config(kind: DestinationKind, raw: Mapping[str, Any], *, field: str = "config") -> tuple[dict, dict]:
+    """Validate a config for its kind; return (public part, secret part)."""
+    try:
+        parsed = config_model(kind).model_validate(dict(raw))
+    except ValidationError as exc:
+        raise InvalidInput(*(
+            FieldError(".".join([field, *(str(p) for p in e["loc"])]), e["msg"], e["type"]) for e in exc.errors()
+        )) from None
+    public: dict[str, Any] = {}
+    hidden: dict[str, str] = {}
+    for name, value in parsed.model_dump(mode="json", exclude_none=True).items():
+        if name in SECRET_FIELDS:
+            secret = getattr(parsed, name)
+            hidden[name] = secret.get_secret_value() if isinstance(secret, SecretStr) else str(value)
+        else:
+            public[name] = value
+    return public, hidden
+
+
+def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Mapping[str, Any]) -> None:
+    needed = {"brevo": ("api_key",), "mailchimp": ("api_key",), "webhook": ("url",)}[kind.value]
+    missing = [n for n in needed if n not in public and n not in hidden]
+    if missing:
+        raise InvalidInput(*(FieldError(f"config.{n}", "required for this kind", "missing") for n in missing))
+
+
+async def _check_lists(session: AsyncSession, mappings: list[ListMapping]) -> None:
+    wanted = [m.list_id for m in mappings]
+    found = set((await session.scalars(select(_lists.c.id).where(_lists.c.id.in_(wanted)))).all()) if wanted else set()
+    errors = [FieldError(f"list_mappings[{i}].list_id", "no such list", "not_found")
+              for i, m in enumerate(mappings) if m.list_id not in found]
+    if errors:
+        raise InvalidInput(*errors)
+
+
+def present(row: Row, *, box: SecretBox, public_base_url: str, counts: Mapping[str, int]) -> dict[str, Any]:
+    kind = row["kind"]
+    return {
+        "id": row["id"], "kind": kind, "name": row["name"], "enabled": row["enabled"], "config": row["config"],
+        "secrets_set": sorted(box.open(row["secrets"])), "list_mappings": row["list_mappings"],
+        "field_mappings": row["field_mappings"],
+        "inbound_url": None if kind == "webhook" else f"{public_base_url.rstrip('/')}/v1/inbound/{kind}/{row['id']}",
+        "health": {
+            "last_success_at": row["last_success_at"], "last_error_at": row["last_error_at"],
+            "last_error": row["last_error"], "consecutive_failures": row["consecutive_failures"],
+            "disabled_reason": row["disabled_reason"], "pending": counts.get("pending", 0) + counts.get("in_flight", 0),
+            "dead": counts.get("dead", 0),
+        },
+        "created_at": row["created_at"], "updated_at": row["updated_at"], "version": row["version"],
+    }
+
+
+async def counts(session: AsyncSession, destination_id: uuid.UUID) -> dict[str, int]:
+    rows = await session.execute(
+        select(_deliveries.c.status, func.count())
+        .where(_deliveries.c.destination_id == destination_id, _deliveries.c.status != "delivered")
+        .group_by(_deliveries.c.status)
+    )
+    return dict((tuple(r) for r in rows))
+
+
+async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretBox) -> tuple[Row, dict[str, str]]:
+    """Returns the row and the secrets Carnet generated (to show once)."""
+    public, hidden = _split_config(data.kind, data.config)
+    generated: dict[str, str] = {}
+    if "inbound_secret" not in hidden:
+        generated["inbound_secret"] = hidden["inbound_secret"] = random.token_urlsafe(32)
+    if data.kind is DestinationKind.WEBHOOK and "secret" not in hidden:
+        generated["secret"] = hidden["secret"] = new_webhook_secret()
+    _check_required(data.kind, public, hidden)
+    await _check_lists(session, data.list_mappings)
+    now = utc_now()
+    values = {
+        "id": new_id(), "kind": data.kind.value, "name": data.name, "enabled": data.enabled, "config": public,
+        "secrets": box.seal(hidden), "list_mappings": [m.model_dump(mode="json") for m in data.list_mappings],
+        "field_mappings": data.field_mappings, "consecutive_failures": 0, "version": 1, "created_at": now,
+        "updated_at": now,
+    }
+    statement = insert(_t).values(values).on_conflict_do_nothing().returning(*_t.c)
+    row = (await session.execute(statement)).mappings().first()
+    if row is None:
+        existing = await session.scalar(select(_t.c.id).where(_t.c.name == data.name))
+        raise DuplicateDestination(f"a destination named {data.name!r} already exists", existing_id=existing)
+    return row, generated
+
+
+async def get(session: AsyncSession, destination_id: uuid.UUID, *, lock: bool = False) -> Row:
+    query = select(_t).where(_t.c.id == destination_id)
+    row = (await session.execute(query.with_for_update() if lock else query)).mappings().first()
+    if row is None:
+        raise DestinationNotFound(f"no destination with id {destination_id}")
+    return row
+
+
+async def load(session: AsyncSession, destination_id: uuid.UUID, *, box: SecretBox) -> Loaded:
+    row = await get(session, destination_id)
+    return Loaded(row, box.open(row["secrets"]))
+
+
+async def list_page(
+    session: AsyncSession, *, limit: int, cursor: str | None, codec: CursorCodec
+) -> tuple[list[Row], str | None]:
+    query = select(_t)
+    if cursor:
+        query = query.where(_t.c.name > codec.decode(cursor, sort="destinations:name").value)
+    rows = list((await session.execute(query.order_by(_t.c.name).limit(limit + 1))).mappings())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], codec.encode(Cursor("destinations:name", last["name"], str(last["id"])))
+
+
+async def update(
+    session: AsyncSession, destination_id: uuid.UUID, patch: DestinationPatch, *, box: SecretBox,
+    expected_version: int | None,
+) -> Row:
+    current = await get(session, destination_id, lock=True)
+    if expected_version is not None and current["version"] != expected_version:
+        raise PreconditionFailed(f"the destination is at version {current['version']}",
+                                 current_version=current["version"])
+    kind = DestinationKind(current["kind"])
+    changes: dict[str, Any] = {}
+    given = patch.model_dump(exclude_unset=True)
+    if "config" in given:
+        merged = {**current["config"], **box.open(current["secrets"])}
+        for key, value in (patch.config or {}).items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        public, hidden = _split_config(kind, merged)
+        _check_required(kind, public, hidden)
+        changes["config"], changes["secrets"] = public, box.seal(hidden)
+    if patch.list_mappings is not None:
+        await _check_lists(session, patch.list_mappings)
+        changes["list_mappings"] = [m.model_dump(mode="json") for m in patch.list_mappings]
+    for name in ("name", "enabled", "field_mappings"):
+        if name in given:
+            changes[name] = given[name]
+    if changes.get("enabled") and not current["enabled"]:
+        changes.update(disabled_reason=None, consecutive_failures=0)  # switched back on: a fresh start
+    if "name" in changes and changes["name"] != current["name"]:
+        taken = await session.scalar(select(_t.c.id).where(_t.c.name == changes["name"], _t.c.id != destination_id))
+        if taken is not None:
+            raise DuplicateDestination(f"a destination named {changes['name']!r} already exists", existing_id=taken)
+    if changes:
+        await session.execute(update_statement(_t).where(_t.c.id == destination_id)
+                              .values(**changes, version=_t.c.version + 1, updated_at=utc_now()))
+    return await get(session, destination_id)
+
+
+async def delete_destination(session: AsyncSession, destination_id: uuid.UUID, *, expected_version: int | None) -> None:
+    """Its deliveries and remote references go with it; the vendor's copy is left as it is."""
+    current = await get(session, destination_id, lock=True)
+    if expected_version is not None and current["version"] != expected_version:
+        raise PreconditionFailed(f"the destination is at version {current['version']}",
+                                 current_version=current["version"])
+    await session.execute(delete(_t).where(_t.c.id == destination_id))
+
+
+async def deliveries_page(
+    session: AsyncSession, destination_id: uuid.UUID, *, status: str | None, limit: int, cursor: str | None,
+    codec: CursorCodec,
+) -> tuple[list[Row], str | None]:
+    """Newest first (keyset on the id)."""
+    await get(session, destination_id)
+    query = select(_deliveries).where(_deliveries.c.destination_id == destination_id)
+    if status:
+        query = query.where(_deliveries.c.status == status)
+    if cursor:
+        query = query.where(_deliveries.c.id < int(codec.decode(cursor, sort="deliveries:id").value))
+    rows = list((await session.execute(query.order_by(_deliveries.c.id.desc()).limit(limit + 1))).mappings())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], codec.encode(Cursor("deliveries:id", last["id"], str(last["id"])))
+
+
+async def retry_delivery(session: AsyncSession, delivery_id: int) -> Row:
+    """A dead (or waiting) delivery goes back in the queue now, with a fresh count of attempts.
+
+    A dead vendor delivery whose contact already has a newer pending push is folded into that one.
+    """
+    row = (await session.execute(select(_deliveries).where(_deliveries.c.id == delivery_id).with_for_update())
+           ).mappings().first()
+    if row is None:
+        raise DeliveryNotFound(f"no delivery with id {delivery_id}")
+    if row["status"] in ("delivered", "in_flight"):
+        return row
+    now = utc_now()
+    if row["coalesces"] and row["status"] == "dead":
+        newer = await session.scalar(select(_deliveries.c.id).where(
+            _deliveries.c.destination_id == row["destination_id"], _deliveries.c.contact_id == row["contact_id"],
+            _deliveries.c.status == "pending", _deliveries.c.coalesces,
+        ))
+        if newer is not None:
+            await session.execute(update_statement(_deliveries).where(_deliveries.c.id == newer)
+                                  .values(next_attempt_at=now, updated_at=now))
+            await session.execute(update_statement(_deliveries).where(_deliveries.c.id == delivery_id).values(
+                status="delivered", last_error=f"superseded by delivery {newer}", updated_at=now, delivered_at=now))
+            return (await session.execute(select(_deliveries).where(_deliveries.c.id == newer))).mappings().one()
+    return (await session.execute(
+        update_statement(_deliveries).where(_deliveries.c.id == delivery_id)
+        .values(status="pending", attempts=0, next_attempt_at=now, lease_until=None, updated_at=now)
+        .returning(*_deliveries.c)
+    )).mappings().one()
+
+
+async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
+    """Queue a full push of every contact in the mapped lists (and every contact pushed before)."""
+    row = await get(session, destination_id)
+    if row["kind"] == "webhook":
+        raise InvalidInput.one("kind", "a webhook receives events as they happen; there is no state to resync",
+                               "not_resyncable")
+    list_ids = [uuid.UUID(m["list_id"]) for m in row["list_mappings"]]
+    now = utc_now()
+    contacts = (
+        select(_members.c.contact_id).where(_members.c.list_id.in_(list_ids))
+        .union(select(_links.c.contact_id).where(_links.c.destination_id == destination_id))
+        .subquery()
+    )
+    queued = select(
+        literal(destination_id).label("destination_id"), contacts.c.contact_id, literal(0).label("message_id"),
+        literal("destination.resync").label("topic"), true().label("coalesces"),
+        true().label("profile_changed"), literal("pending").label("status"),
+        literal(0).label("attempts"), literal(now).label("next_attempt_at"), literal(now).label("created_at"),
+        literal(now).label("updated_at"),
+    )
+    statement = (
+        insert(_deliveries)
+        .from_select([c.name for c in queued.selected_columns], queued)
+        .on_conflict_do_nothing(index_elements=["destination_id", "contact_id"],
+                                index_where=text("status = 'pending' AND coalesces"))
+    )
+    result = await session.execute(statement)
+    return result.rowcount or 0
+

@@ -1,0 +1,227 @@
+"""The worker: delivers the outbox to destinations and runs background jobs (imports).
+
+Any number of workers share the work through PostgreSQL (SKIP LOCKED and leases, app.services.delivery);
+`carnet worker` runs one, and `carnet serve` runs one inside the API process in embedded mode.
+No vendor call happens inside a database transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import Counter
+from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.logging import get_logger
+from app.security.secrets import SecretBox
+from app.services import delivery
+from app.services import destinations as destinations_service
+from app.settings import Settings
+from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
+
+__all__ = ["AdapterFactory", "Worker"]
+
+log = get_logger("carnet.worker")
+
+DELIVERIES = Counter("carnet_deliveries_total", "Deliveries by destination kind and outcome", ["kind", "outcome"])
+OUTBOX_DISPATCHED = Counter("carnet_outbox_dispatched_total", "Outbox messages turned into deliveries")
+
+@dataclass(slots=True)
+class BatchResult:
+    completion: delivery.Completion
+    links: dict[uuid.UUID, str] = field(default_factory=dict)     # remote refs learnt
+    forget: list[uuid.UUID] = field(default_factory=list)         # links to drop (erased at the vendor)
+    error: BaseException | None = None                            # the batch's first failure, for health
+
+
+AdapterFactory = Callable[[destinations_service.Loaded, httpx.AsyncClient, Settings], Any]
+JobRunner = Callable[[async_sessionmaker[AsyncSession], Settings], Awaitable[bool]]
+_DB_AWAY = (OSError, DBAPIError, InterfaceError)
+WEBHOOK_CONCURRENCY = 8
+
+
+class Worker:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        *,
+        box: SecretBox,
+        adapters: AdapterFactory,
+        jobs: Sequence[JobRunner] = (),
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.box = box
+        self.adapters = adapters
+        self.jobs = list(jobs)
+        self.backoff = delivery.Backoff(settings.delivery_backoff_base_seconds, settings.delivery_backoff_cap_seconds,
+                                        settings.delivery_max_attempts)
+        # Redirects never followed (SSRF: a receiver could bounce us to an internal address).
+        self.http = http or httpx.AsyncClient(follow_redirects=False, timeout=httpx.Timeout(10.0, connect=5.0))
+        self._owns_http = http is None
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self.http.aclose()
+
+    # ---- loops ------------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliveries and jobs side by side until `stop` is set; database outages are waited out."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._loop(self.deliver_once, stop))
+            for job in self.jobs:
+                tasks.create_task(self._loop(lambda job=job: job(self.sessions, self.settings), stop))
+
+    async def _loop(self, step: Callable[[], Awaitable[bool]], stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = await step()
+            except _DB_AWAY as exc:
+                log.warning("worker.database_unavailable", error=type(exc).__name__)
+                busy = False
+            except Exception:
+                log.exception("worker.step_failed")
+                busy = False
+            if not busy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.worker_idle_seconds)
+
+    async def drain(self) -> None:
+        """Deliver until nothing is due (tests, `carnet worker --once`); callers bound it with a timeout."""
+        while await self.deliver_once():
+            pass
+
+    # ---- one round --------------------------------------------------------------------------------------
+
+    async def deliver_once(self) -> bool:
+        """Dispatch, then one batch per enabled destination (concurrently). True if anything moved."""
+        async with self.sessions.begin() as session:
+            await delivery.reap_expired_leases(session)
+        dispatched = 0
+        while True:
+            async with self.sessions.begin() as session:
+                n = await delivery.dispatch(session)
+            dispatched += n
+            if n < delivery.DISPATCH_BATCH:
+                break
+        OUTBOX_DISPATCHED.inc(dispatched)
+        async with self.sessions() as session:
+            destination_ids = await delivery.enabled_destination_ids(session)
+        results = await asyncio.gather(*(self._deliver_batch(d) for d in destination_ids))
+        return dispatched > 0 or any(results)
+
+    async def _deliver_batch(self, destination_id: uuid.UUID) -> bool:
+        async with self.sessions.begin() as session:
+            destination = await destinations_service.load(session, destination_id, box=self.box)
+            claimed = await delivery.claim(session, destination_id, limit=self.settings.delivery_batch_size,
+                                           lease_seconds=self.settings.delivery_lease_seconds)
+        if not claimed.rows:
+            return False
+        adapter = self.adapters(destination, self.http, self.settings)
+        # The whole batch must end well inside the lease, or another worker could take the same rows.
+        budget = self.settings.delivery_lease_seconds * 0.8
+        if destination.kind == "webhook":
+            result = await self._send_events(adapter, claimed, budget)
+        else:
+            result = await self._push_states(adapter, destination, claimed, budget)
+        error = _reason(result.error) if result.error else None
+        async with self.sessions.begin() as session:
+            await delivery.complete(session, claimed, result.completion, backoff=self.backoff)
+            await delivery.remember_links(session, destination_id, result.links)
+            await delivery.forget_links(session, destination_id, result.forget)
+            await delivery.record_health(session, destination_id, error=error, gone=isinstance(result.error, Gone))
+        kind, completion = destination.kind, result.completion
+        DELIVERIES.labels(kind, "delivered").inc(len(completion.delivered))
+        DELIVERIES.labels(kind, "retry").inc(len(completion.retry))
+        DELIVERIES.labels(kind, "dead").inc(len(completion.dead))
+        if error:
+            log.warning("delivery.failed", destination_id=str(destination_id), kind=kind, error=error,
+                        batch=len(claimed.rows))
+        return True
+
+    async def _push_states(
+        self, adapter: Any, destination: destinations_service.Loaded, claimed: delivery.Claimed, budget: float
+    ) -> BatchResult:
+        by_contact = {r["contact_id"]: r["id"] for r in claimed.rows}
+        async with self.sessions() as session:
+            plan = await delivery.plan(session, destination.row, claimed.rows)
+        states, erasures = plan.states, plan.erasures
+        done = [by_contact[c] for c in plan.nothing + plan.vanished]
+        result = BatchResult(delivery.Completion(delivered=done, dead={}, retry={}), forget=list(plan.vanished))
+        try:
+            async with asyncio.timeout(budget):
+                outcomes: list[Outcome] = []
+                if states:
+                    outcomes += await adapter.push(states)
+                if erasures:
+                    outcomes += await adapter.erase(erasures)
+        except (DeliveryFailed, TimeoutError, httpx.HTTPError) as exc:
+            result.error = exc
+            _fail(result.completion, [by_contact[s.contact_id] for s in states]
+                  + [by_contact[e.contact_id] for e in erasures], exc)
+            return result
+        erased = {e.contact_id for e in erasures}
+        for outcome in outcomes:
+            delivery_id = by_contact[outcome.contact_id]
+            if outcome.error is not None:
+                result.completion.dead[delivery_id] = outcome.error
+            elif outcome.contact_id in erased:
+                result.completion.delivered.append(delivery_id)
+                result.forget.append(outcome.contact_id)
+            else:
+                result.completion.delivered.append(delivery_id)
+                if outcome.remote_ref is not None:
+                    result.links[outcome.contact_id] = outcome.remote_ref
+        return result
+
+    async def _send_events(self, adapter: Any, claimed: delivery.Claimed, budget: float) -> BatchResult:
+        async with self.sessions() as session:
+            messages = await delivery.event_messages(session, claimed.rows)
+        result = BatchResult(delivery.Completion(delivered=[], dead={}, retry={}))
+        limit = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
+
+        async def send(row: Any) -> None:
+            message = messages.get(row["message_id"])
+            if message is not None:  # None: the message was purged (retention); nothing left to send
+                async with limit:
+                    try:
+                        async with asyncio.timeout(budget):
+                            await adapter.send(message)
+                    except (DeliveryFailed, TimeoutError, httpx.HTTPError) as exc:
+                        result.error = result.error or exc
+                        _fail(result.completion, [row["id"]], exc)
+                        return
+            result.completion.delivered.append(row["id"])
+
+        await asyncio.gather(*(send(r) for r in claimed.rows))
+        return result
+
+
+def _fail(completion: delivery.Completion, ids: list[int], exc: BaseException) -> None:
+    """Permanent failures are dead letters at once; the rest are retried (when the vendor said, if it did)."""
+    reason = _reason(exc)
+    if isinstance(exc, DeliveryFailed) and exc.permanent:
+        completion.dead.update(dict.fromkeys(ids, reason))
+        return
+    completion.retry.update(dict.fromkeys(ids, reason))
+    if isinstance(exc, RetryLater):
+        completion.retry_after = max(completion.retry_after or 0.0, exc.after_seconds)
+
+
+def _reason(exc: BaseException) -> str:
+    """What goes in last_error: the adapter's reason (no personal data) or the exception's type."""
+    if isinstance(exc, DeliveryFailed):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__

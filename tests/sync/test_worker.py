@@ -1,0 +1,340 @@
+"""The delivery pipeline: outbox → deliveries → adapter, with leases, order, coalescing, retries, dead letters.
+
+The adapter here records calls in memory (the network edge); the vendor adapters themselves are tested
+against spec-validating fakes in tests/sync/test_brevo.py and friends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import make_sessionmaker
+from app.models.base import utc_now
+from app.services import delivery
+from app.settings import Settings
+from app.sync.base import ContactState, DeliveryFailed, Erasure, EventMessage, Gone, Outcome, RetryLater
+from app.worker import Worker
+from tests.factories import ADMIN, PROOF, make_contact, make_list
+
+pytestmark = pytest.mark.committing
+
+
+class RecordingVendor:
+    """Remembers the last state pushed per email; can be told to fail the next calls."""
+
+    def __init__(self) -> None:
+        self.pushes: list[list[ContactState]] = []
+        self.erased: list[Erasure] = []
+        self.failures: list[Exception] = []
+        self.in_flight: set[uuid.UUID] = set()
+        self.overlaps = 0
+
+    async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
+        return await self._call(states, lambda s: Outcome(s.contact_id, remote_ref=f"ref-{s.email}"))
+
+    async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
+        self.erased.extend(erasures)
+        return [Outcome(e.contact_id) for e in erasures]
+
+    async def _call(self, states: Sequence[ContactState], outcome: Any) -> list[Outcome]:
+        ids = {s.contact_id for s in states}
+        if ids & self.in_flight:
+            self.overlaps += 1
+        self.in_flight |= ids
+        try:
+            await asyncio.sleep(0.01)
+            if self.failures:
+                raise self.failures.pop(0)
+            self.pushes.append(list(states))
+            return [outcome(s) for s in states]
+        finally:
+            self.in_flight -= ids
+
+
+class RecordingWebhook:
+    def __init__(self) -> None:
+        self.received: list[EventMessage] = []
+        self.failures: list[Exception] = []
+
+    async def send(self, message: EventMessage) -> None:
+        await asyncio.sleep(0.001)
+        if self.failures:
+            raise self.failures.pop(0)
+        self.received.append(message)
+
+
+@pytest.fixture
+def sync_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={
+        "delivery_backoff_base_seconds": 0.05, "delivery_backoff_cap_seconds": 0.2, "delivery_max_attempts": 3,
+        "delivery_lease_seconds": 30.0,
+    })
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def makers(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def vendor() -> RecordingVendor:
+    return RecordingVendor()
+
+
+@pytest.fixture
+def hook() -> RecordingWebhook:
+    return RecordingWebhook()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def worker(
+    makers: async_sessionmaker[AsyncSession], sync_settings: Settings, app: FastAPI, vendor: RecordingVendor,
+    hook: RecordingWebhook,
+) -> AsyncIterator[Worker]:
+    def adapters(destination: Any, _http: httpx.AsyncClient, _settings: Settings) -> Any:
+        return hook if destination.kind == "webhook" else vendor
+
+    w = Worker(makers, sync_settings, box=app.state.secret_box, adapters=adapters)
+    yield w
+    await w.aclose()
+
+
+async def drain(worker: Worker) -> None:
+    async with asyncio.timeout(30):
+        await worker.drain()
+
+
+async def mailchimp_destination(client: httpx.AsyncClient, list_id: str, **extra: Any) -> dict[str, Any]:
+    body = {"kind": "mailchimp", "name": f"mc-{uuid.uuid4().hex[:6]}", "config": {"api_key": "0123456789abcdef-us6"},
+            "list_mappings": [{"list_id": list_id, "remote_list_id": "remote-news"}],
+            "field_mappings": {"first_name": "FNAME"}, **extra}
+    response = await client.post("/v1/destinations", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def subscribed_contact(client: httpx.AsyncClient, list_id: str, **fields: Any) -> dict[str, Any]:
+    contact = await make_contact(client, **fields)
+    response = await client.put(f"/v1/lists/{list_id}/members/{contact['id']}",
+                                json={"consent": {"proof": PROOF}}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return contact
+
+
+async def deliveries(makers: async_sessionmaker[AsyncSession], destination_id: str) -> list[dict[str, Any]]:
+    async with makers() as session:
+        rows = await session.execute(text("SELECT * FROM delivery WHERE destination_id = :d ORDER BY id"),
+                                     {"d": destination_id})
+        return [dict(r) for r in rows.mappings()]
+
+
+async def test_a_subscription_reaches_the_vendor_as_state(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"], first_name="Chloé")
+    await make_contact(committing_client)  # in no mapped list: nothing for the vendor
+
+    await drain(worker)
+
+    pushed = [s for batch in vendor.pushes for s in batch]
+    assert [(s.email, dict(s.lists), dict(s.fields)) for s in pushed] == [
+        (contact["email"], {"remote-news": "subscribed"}, {"FNAME": "Chloé"})]
+    rows = await deliveries(makers, destination["id"])
+    assert [r["status"] for r in rows] == ["delivered"]
+    async with makers() as session:
+        assert await session.scalar(text("SELECT remote_ref FROM sync_link WHERE contact_id = :c"),
+                                    {"c": contact["id"]}) == f"ref-{contact['email']}"
+    # Unsubscribing from the list is pushed as such.
+    response = await committing_client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    await drain(worker)
+    assert dict(vendor.pushes[-1][0].lists) == {"remote-news": "unsubscribed"}
+    # Only a membership changed since the last push: the adapter may skip the profile write.
+    assert pushed[0].profile_changed and not vendor.pushes[-1][0].profile_changed
+
+
+async def test_a_burst_of_changes_is_one_push_of_the_latest_state(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+) -> None:
+    the_list = await make_list(committing_client)
+    await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"])
+    for name in ("A", "B", "C", "D"):
+        response = await committing_client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": name},
+                                                  headers=ADMIN)
+        assert response.status_code == 200
+    await drain(worker)
+    assert len(vendor.pushes) == 1
+    assert vendor.pushes[0][0].fields == {"FNAME": "D"}
+
+
+async def test_withdrawn_consent_blocks_marketing_and_erasure_deletes_remotely(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"])
+    await drain(worker)
+    response = await committing_client.post(f"/v1/contacts/{contact['id']}/consents", headers=ADMIN, json={
+        "purpose": "email_marketing", "action": "withdrawn", "source": "preference_center"})
+    assert response.status_code == 201, response.text
+    await drain(worker)
+    last = vendor.pushes[-1][0]
+    assert last.marketing_blocked and dict(last.lists) == {"remote-news": "unsubscribed"}
+
+    assert (await committing_client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+    assert vendor.erased == [Erasure(uuid.UUID(contact["id"]), f"ref-{contact['email']}")]
+    async with makers() as session:
+        assert await session.scalar(text("SELECT count(*) FROM sync_link WHERE destination_id = :d"),
+                                    {"d": destination["id"]}) == 0
+
+
+async def test_failures_back_off_then_dead_letter_then_retry_by_hand(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    await subscribed_contact(committing_client, the_list["id"])
+    vendor.failures = [DeliveryFailed("vendor answered 503")] * 3
+
+    assert await worker.deliver_once()
+    [row] = await deliveries(makers, destination["id"])
+    assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 1, "vendor answered 503")
+    assert row["next_attempt_at"] > utc_now()
+    for _ in range(2):
+        await asyncio.sleep(0.25)
+        await worker.deliver_once()
+    [row] = await deliveries(makers, destination["id"])
+    assert row["status"] == "dead" and "gave up after 3 attempts" in row["last_error"]
+    health = (await committing_client.get(f"/v1/destinations/{destination['id']}", headers=ADMIN)).json()["health"]
+    assert health["consecutive_failures"] == 3 and health["dead"] == 1 and health["last_error"]
+
+    listed = await committing_client.get(f"/v1/destinations/{destination['id']}/deliveries",
+                                         params={"status": "dead"}, headers=ADMIN)
+    assert [d["id"] for d in listed.json()["data"]] == [row["id"]]
+    retried = await committing_client.post(f"/v1/deliveries/{row['id']}/retry", headers=ADMIN)
+    assert retried.status_code == 200 and retried.json()["status"] == "pending"
+    await drain(worker)
+    [row] = await deliveries(makers, destination["id"])
+    assert row["status"] == "delivered"
+    health = (await committing_client.get(f"/v1/destinations/{destination['id']}", headers=ADMIN)).json()["health"]
+    assert health["consecutive_failures"] == 0 and health["last_success_at"]
+
+
+async def test_retry_after_from_the_vendor_is_honoured(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    await subscribed_contact(committing_client, the_list["id"])
+    vendor.failures = [RetryLater("429 too many requests", after_seconds=40)]
+    before = utc_now()
+    await worker.deliver_once()
+    [row] = await deliveries(makers, destination["id"])
+    assert row["status"] == "pending"
+    assert timedelta(seconds=39) < row["next_attempt_at"] - before < timedelta(seconds=45)
+
+
+async def test_a_change_during_a_push_is_pushed_after_it(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"], first_name="Old")
+    async with makers.begin() as session:
+        await delivery.dispatch(session)
+        claimed = await delivery.claim(session, uuid.UUID(destination["id"]), limit=10, lease_seconds=30)
+    assert len(claimed.rows) == 1
+    await committing_client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": "New"}, headers=ADMIN)
+    async with makers.begin() as session:
+        await delivery.dispatch(session)
+        # Head of line: the newer push waits while the contact is in flight.
+        again = await delivery.claim(session, uuid.UUID(destination["id"]), limit=10, lease_seconds=30)
+    assert again.rows == []
+    async with makers.begin() as session:
+        await delivery.complete(session, claimed, delivery.Completion(delivered=[claimed.rows[0]["id"]], dead={},
+                                                                       retry={}), backoff=worker.backoff)
+    await drain(worker)
+    assert vendor.pushes[-1][0].fields == {"FNAME": "New"}
+
+
+async def test_an_expired_lease_is_taken_over(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    await subscribed_contact(committing_client, the_list["id"])
+    async with makers.begin() as session:  # a worker claims, then dies
+        await delivery.dispatch(session)
+        lost = await delivery.claim(session, uuid.UUID(destination["id"]), limit=10, lease_seconds=0.01)
+    await asyncio.sleep(0.05)
+    await drain(worker)
+    assert len(vendor.pushes) == 1
+    # The dead worker coming back late writes nothing over the new owner's result.
+    async with makers.begin() as session:
+        await delivery.complete(session, lost, delivery.Completion(delivered=[], dead={lost.rows[0]["id"]: "late"},
+                                                                    retry={}), backoff=worker.backoff)
+    assert [r["status"] for r in await deliveries(makers, destination["id"])] == ["delivered"]
+
+
+async def test_two_workers_never_hold_one_contact_and_keep_event_order(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor, hook: RecordingWebhook,
+    makers: async_sessionmaker[AsyncSession], sync_settings: Settings, app: FastAPI,
+) -> None:
+    the_list = await make_list(committing_client)
+    await mailchimp_destination(committing_client, the_list["id"])
+    response = await committing_client.post("/v1/destinations", headers=ADMIN, json={
+        "kind": "webhook", "name": "shop-hook", "config": {"url": "https://hooks.shop.example/carnet"}})
+    assert response.status_code == 201, response.text
+    contacts = [await subscribed_contact(committing_client, the_list["id"]) for _ in range(5)]
+    for round_ in range(4):
+        for contact in contacts:
+            await committing_client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": f"n{round_}"},
+                                          headers=ADMIN)
+    second = Worker(makers, sync_settings, box=app.state.secret_box, adapters=worker.adapters)
+    try:
+        async with asyncio.timeout(30):
+            while any(await asyncio.gather(worker.deliver_once(), second.deliver_once())):
+                pass
+    finally:
+        await second.aclose()
+    assert vendor.overlaps == 0
+    final = {s.contact_id: s.fields["FNAME"] for batch in vendor.pushes for s in batch}
+    assert set(final.values()) == {"n3"} and len(final) == 5
+    for contact in contacts:  # per contact, the webhook saw its messages in the order they were written
+        ids = [int(m.id.removeprefix("msg_")) for m in hook.received if m.payload.get("contact_id") == contact["id"]]
+        assert ids == sorted(ids) and len(ids) == len(set(ids)) == 6  # created, subscribed, 4 updates
+
+
+async def test_a_receiver_that_says_gone_disables_the_destination(
+    committing_client: httpx.AsyncClient, worker: Worker, hook: RecordingWebhook,
+) -> None:
+    response = await committing_client.post("/v1/destinations", headers=ADMIN, json={
+        "kind": "webhook", "name": "old-hook", "config": {"url": "https://hooks.shop.example/old"}})
+    destination = response.json()
+    hook.failures = [Gone("receiver answered 410")]
+    await make_contact(committing_client)
+    await drain(worker)
+    shown = (await committing_client.get(f"/v1/destinations/{destination['id']}", headers=ADMIN)).json()
+    assert shown["enabled"] is False and shown["health"]["disabled_reason"] == "receiver answered 410"
+    assert shown["health"]["dead"] == 1
