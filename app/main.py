@@ -21,7 +21,7 @@ from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
 from app.migrations import head_revision
 from app.problems import install_problem_handlers
-from app.routers import health_router, public_router, v1_router
+from app.routers import health_router, inbound_router, public_router, v1_router
 from app.routers.deps import Problem
 from app.schemas.types import configure_phone_region
 from app.security.ratelimit import TokenBuckets
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.include_router(health_router)
     app.include_router(v1_router)
     app.include_router(public_router)
+    app.include_router(inbound_router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from app.routers import (
     destinations,
     gdpr,
     health,
+    inbound,
     lists,
     orders,
     public,
@@ -18,7 +19,7 @@ from app.routers import (
 )
 from app.routers.deps import AUTH_PROBLEMS
 
-__all__ = ["health_router", "public_router", "v1_router"]
+__all__ = ["health_router", "inbound_router", "public_router", "v1_router"]
 
 # Every route declares its scopes with `require(...)`, which authenticates; tests/test_auth.py fails the
 # build for any /v1 operation without declared scopes. (A router-level `Depends(authenticate)` as well
@@ -43,3 +44,5 @@ v1_router.include_router(destinations.deliveries_router)
 health_router = health.router
 # No token: the signed link in the URL is the credential (app.services.links).
 public_router = public.router
+# No token: each destination's own secret or signature (app.routers.inbound).
+inbound_router = inbound.router

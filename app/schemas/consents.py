@@ -94,6 +94,7 @@ class ProofRead(BaseModel):
     form_url: str | None = None
     wording: str | None = None
     policy_version: str | None = None
+    vendor: str | None = Field(default=None, description="Set when an emailing tool reported the event (inbound sync)")
 
 
 class ConsentEventRead(BaseModel):
@@ -123,7 +124,7 @@ class CanEmail(BaseModel):
     transactional: bool = Field(description="An address that does not bounce (order confirmations and the like)")
 
 
-_PROOF_KEYS = ("ip", "user_agent", "form_url", "wording", "policy_version")
+_PROOF_KEYS = ("ip", "user_agent", "form_url", "wording", "policy_version", "vendor")
 
 
 def present_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]:

@@ -43,6 +43,7 @@ __all__ = [
     "get_fast",
     "list_page",
     "remove_tag",
+    "set_delivery_facts",
     "try_fast_create",
     "update",
     "upsert",
@@ -217,6 +218,27 @@ async def remove_tag(
     if name not in current["tags"]:
         return current
     return await _write(session, current, {"tags": [t for t in current["tags"] if t != name]}, actor=actor, via="api")
+
+
+async def set_delivery_facts(
+    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, via: str, email_status: str | None = None,
+    email: str | None = None,
+) -> Row:
+    """What an emailing tool tells us about an address (bounced, complained, changed by the person there).
+
+    Not part of the public write model: `email_status` is Carnet's to set from such facts only.
+    """
+    current = await _lock(session, contact_id)
+    changes: dict[str, Any] = {}
+    if email_status is not None and current["email_status"] != email_status:
+        changes["email_status"] = email_status
+    if email is not None and current["email"] != email:
+        changes.update(email=email, email_status="unverified")
+    row = await _write(session, current, changes, actor=actor, via=via)
+    if row["email_status"] != current["email_status"]:  # not a wire-writable field, so _write's diff skips it
+        await history.record(session, row["id"], [("email_status", current["email_status"], row["email_status"])],
+                             actor=actor, via=via)
+    return row
 
 
 # ---- listing ---------------------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""What the emailing tools tell us back: unsubscribes, complaints, bounces, address changes, confirmations.
+
+Each vendor payload is first read into `InboundEvent`s (pure parsing, testable without a database), then
+applied as state changes that are no-ops when the state already holds — so a replayed delivery, or the
+vendor echoing a change we pushed ourselves, changes nothing and writes no outbox row (no ping-pong).
+Profile edits made in the vendor's UI are not taken back: Carnet is the source of truth for profiles.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import AppError
+from app.logging import get_logger
+from app.models import Contact
+from app.models.base import utc_now
+from app.schemas.consents import ConsentAction
+from app.schemas.types import normalize_email
+from app.security import Principal, Role
+from app.services import consents, memberships
+from app.services import contacts as contacts_service
+
+__all__ = [
+    "InboundEvent",
+    "apply",
+    "mailchimp_signature",
+    "parse_brevo",
+    "parse_mailchimp",
+]
+
+log = get_logger("carnet.inbound")
+_contacts = Contact.__table__  # type: ignore[attr-defined]
+VIA = "inbound_sync"
+
+Kind = Literal["unsubscribe", "complaint", "bounce", "subscribe", "email_changed"]
+
+
+@dataclass(frozen=True, slots=True)
+class InboundEvent:
+    kind: Kind
+    email: str
+    remote_list_ids: tuple[str, ...] = ()      # empty: every mapped list (a global unsubscribe)
+    new_email: str | None = None
+    vendor_event: str = ""                     # the vendor's own name for it, kept in proofs
+
+
+# ---- Mailchimp: form-encoded `type=...&data[email]=...` ----------------------------------------------------
+
+
+def parse_mailchimp(form: Mapping[str, str]) -> list[InboundEvent]:
+    kind = form.get("type", "")
+    lists = tuple(filter(None, [form.get("data[list_id]")]))
+    email = (form.get("data[email]") or "").strip().lower()
+    reason = form.get("data[reason]", "")
+    if kind == "unsubscribe" and email:
+        events = [InboundEvent("unsubscribe", email, lists, vendor_event="unsubscribe")]
+        if reason == "abuse":
+            events.append(InboundEvent("complaint", email, lists, vendor_event="unsubscribe:abuse"))
+        return events
+    if kind == "cleaned" and email:
+        return [InboundEvent("complaint" if reason == "abuse" else "bounce", email, lists,
+                             vendor_event=f"cleaned:{reason or 'hard'}")]
+    if kind == "subscribe" and email:
+        return [InboundEvent("subscribe", email, lists, vendor_event="subscribe")]
+    if kind == "upemail":
+        old, new = (form.get("data[old_email]") or "").strip().lower(), (form.get("data[new_email]") or "").strip()
+        if old and new:
+            return [InboundEvent("email_changed", old, lists, new_email=new, vendor_event="upemail")]
+    return []  # profile, campaign and anything newer: nothing for Carnet to take back
+
+
+def mailchimp_signature(key: str, url: str, form: Iterable[tuple[str, str]]) -> str:
+    """Mailchimp's webhook signature: base64 HMAC-SHA1 of the URL followed by each key+value, keys sorted."""
+    message = url + "".join(k + v for k, v in sorted(form))
+    return base64.b64encode(hmac.new(key.encode(), message.encode(), hashlib.sha1).digest()).decode()
+
+
+# ---- Brevo: JSON, one event or a batch ----------------------------------------------------------------------
+
+_BREVO_KINDS: dict[str, Kind] = {
+    "unsubscribe": "unsubscribe", "unsubscribed": "unsubscribe",
+    "spam": "complaint", "complaint": "complaint",
+    "hard_bounce": "bounce", "hardbounce": "bounce",
+    "list_addition": "subscribe", "listaddition": "subscribe",
+}
+
+
+def parse_brevo(body: Any) -> list[InboundEvent]:
+    items = body if isinstance(body, list) else [body]
+    events = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        name = str(item.get("event", ""))
+        kind = _BREVO_KINDS.get(name.lower())
+        email = item.get("email")
+        if kind is None or not isinstance(email, str) or not email.strip():
+            continue
+        raw_lists = item.get("list_id", item.get("listId", []))
+        lists = tuple(str(x) for x in (raw_lists if isinstance(raw_lists, list) else [raw_lists]) if x is not None)
+        events.append(InboundEvent(kind, email.strip().lower(), lists, vendor_event=name))
+    return events
+
+
+# ---- applying -----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Applied:
+    changed: int = 0
+    ignored: int = 0
+
+
+async def apply(
+    session: AsyncSession, destination: Mapping[str, Any], events: Sequence[InboundEvent], *, vendor: str
+) -> Applied:
+    """Apply each event in its own savepoint: one the data cannot take (say, an address now held by another
+    contact) is skipped and logged, the others go through."""
+    actor = Principal(f"inbound:{vendor}", Role.INTEGRATION, frozenset(), f"destination:{destination['id']}")
+    by_remote = {m["remote_list_id"]: m for m in destination["list_mappings"]}
+    result = Applied()
+    for event in events:
+        contact_id = await session.scalar(select(_contacts.c.id).where(func.lower(_contacts.c.email) == event.email))
+        if contact_id is None:
+            result.ignored += 1
+            continue
+        try:
+            async with session.begin_nested():
+                changed = await _apply_one(session, contact_id, event, by_remote, actor=actor, vendor=vendor)
+        except AppError as exc:
+            log.info("inbound.skipped", vendor=vendor, kind=event.kind, reason=exc.slug)
+            changed = False
+        result.changed += changed
+        result.ignored += not changed
+    return result
+
+
+async def _apply_one(
+    session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, by_remote: Mapping[str, Mapping[str, Any]],
+    *, actor: Principal, vendor: str,
+) -> bool:
+    await consents.lock_contact(session, contact_id)
+    now = utc_now()
+    list_ids = [uuid.UUID(by_remote[r]["list_id"]) for r in event.remote_list_ids if r in by_remote] \
+        if event.remote_list_ids else [uuid.UUID(m["list_id"]) for m in by_remote.values()]
+    if event.kind == "unsubscribe":
+        changed = [row for list_id in list_ids for row in await memberships.unsubscribe(
+            session, contact_id, list_id=list_id, at=now, reason=f"{vendor}:{event.vendor_event}")]
+        return bool(changed)
+    if event.kind == "complaint":
+        before = await contacts_service.get(session, contact_id)
+        await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA, email_status="complained")
+        withdrawn = await _withdraw_marketing(session, contact_id, actor=actor, vendor=vendor, event=event, at=now)
+        return withdrawn or before["email_status"] != "complained"
+    if event.kind == "bounce":
+        before = await contacts_service.get(session, contact_id)
+        await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA, email_status="bounced")
+        return before["email_status"] != "bounced"
+    if event.kind == "email_changed":
+        try:
+            new_email = normalize_email(event.new_email or "")
+        except ValueError:
+            return False
+        before = await contacts_service.get(session, contact_id)
+        after = await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA, email=new_email)
+        return after["email"] != before["email"]
+    return await _confirm_vendor_double_opt_in(session, contact_id, event, by_remote, vendor=vendor, at=now)
+
+
+async def _withdraw_marketing(
+    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, vendor: str, event: InboundEvent, at: datetime
+) -> bool:
+    state = await consents.marketing_state(session, contact_id)
+    if not state.granted and state.since is not None:
+        return False  # already withdrawn: a replay does not stack withdrawals
+    await consents.append(
+        session, contact_id, purpose=consents.MARKETING, action=ConsentAction.WITHDRAWN.value,
+        source=f"{vendor}_complaint", occurred_at=at,
+        proof={"vendor": vendor, "wording": f"{vendor} reported a spam complaint ({event.vendor_event})"},
+        recorded_by=actor.subject,
+    )
+    return True
+
+
+async def _confirm_vendor_double_opt_in(
+    session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, by_remote: Mapping[str, Mapping[str, Any]],
+    *, vendor: str, at: datetime,
+) -> bool:
+    """The vendor ran the double opt-in (destination setting) and says the person confirmed."""
+    confirmed = False
+    for remote in event.remote_list_ids:
+        mapping = by_remote.get(remote)
+        if mapping is None or not mapping.get("double_opt_in"):
+            continue  # a subscription made at the vendor without Carnet's consent rules is not taken back
+        list_id = uuid.UUID(mapping["list_id"])
+        current = await memberships.get(session, list_id, contact_id, lock=True)
+        if current is None or current["status"] != memberships.PENDING:
+            continue
+        await consents.append(
+            session, contact_id, purpose=consents.MARKETING, action=ConsentAction.CONFIRMED.value,
+            source=f"{vendor}_double_opt_in", occurred_at=at,
+            proof={"vendor": vendor,
+                   "wording": f"confirmed through {vendor}'s double opt-in ({event.vendor_event}, list {remote})"},
+            recorded_by=f"inbound:{vendor}",
+        )
+        await memberships.confirm(session, list_id, contact_id, at=at)
+        confirmed = True
+    return confirmed
