@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Column
+from sqlalchemy import Column, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -22,5 +22,6 @@ class Segment(SQLModel, table=True):
     name: str = Field(unique=True)
     filter: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
     description: str | None = None
+    version: int = Field(default=1, sa_column_kwargs={"server_default": text("1")})
     created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
     updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Request, Response
 
 from app.db import ReadSession, WriteSession
-from app.errors import IdempotencyKeyReused, InvalidInput, problems
-from app.routers.deps import Idempotency, JSONBody
+from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactPage, present_contact
 from app.schemas.segments import (
     SegmentCount,
@@ -56,7 +56,8 @@ async def create_segment(payload: SegmentCreate, session: WriteSession, _: Write
         return idem.replay
     row = await segments_service.create(session, name=payload.name, filter_=payload.filter,
                                         description=payload.description)
-    return await idem.respond(201, present_segment(row), {"Location": f"/v1/segments/{row['id']}"})
+    return await idem.respond(201, present_segment(row),
+                              {"ETag": etag(row["version"]), "Location": f"/v1/segments/{row['id']}"})
 
 
 @router.post("/preview", response_model=SegmentPreview)
@@ -71,23 +72,31 @@ async def preview_segment(
     return JSONBody({"count": total, "data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows]})
 
 
+def _one(row: Any) -> JSONBody:
+    return JSONBody(present_segment(row), headers={"ETag": etag(row["version"])})
+
+
 @router.get("/{segment_id}", response_model=SegmentRead, responses=problems(SegmentNotFound))
 async def get_segment(segment_id: uuid.UUID, session: ReadSession, _: Reader) -> Any:
-    return JSONBody(present_segment(await segments_service.get(session, segment_id)))
+    return _one(await segments_service.get(session, segment_id))
 
 
-@router.patch("/{segment_id}", response_model=SegmentRead, responses=problems(SegmentNotFound, DuplicateSegment))
+@router.patch("/{segment_id}", response_model=SegmentRead,
+              responses=problems(SegmentNotFound, DuplicateSegment, PreconditionFailed))
 async def update_segment(
-    segment_id: uuid.UUID, patch: Annotated[SegmentPatch, Body()], session: WriteSession, _: Writer
+    segment_id: uuid.UUID, patch: Annotated[SegmentPatch, Body()], session: WriteSession, _: Writer,
+    expected_version: IfMatch,
 ) -> Any:
     """Merge patch of name, description and filter."""
     changes = patch.model_dump(exclude_unset=True)
-    return JSONBody(present_segment(await segments_service.update(session, segment_id, changes)))
+    return _one(await segments_service.update(session, segment_id, changes, expected_version=expected_version))
 
 
-@router.delete("/{segment_id}", status_code=204, responses=problems(SegmentNotFound))
-async def delete_segment(segment_id: uuid.UUID, session: WriteSession, _: Writer) -> Response:
-    await segments_service.delete_segment(session, segment_id)
+@router.delete("/{segment_id}", status_code=204, responses=problems(SegmentNotFound, PreconditionFailed))
+async def delete_segment(
+    segment_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
+) -> Response:
+    await segments_service.delete_segment(session, segment_id, expected_version=expected_version)
     return Response(status_code=204)
 
 

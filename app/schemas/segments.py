@@ -65,6 +65,7 @@ class SegmentRead(BaseModel):
     filter: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    version: int
 
 
 class SegmentPage(BaseModel):
@@ -82,4 +83,4 @@ class SegmentPreview(BaseModel):
 
 
 def present_segment(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("id", "name", "description", "filter", "created_at", "updated_at")}
+    return {k: row[k] for k in ("id", "name", "description", "filter", "created_at", "updated_at", "version")}

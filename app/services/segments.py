@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import Text
 
 from app.db import is_unique_violation
-from app.errors import Conflict, FieldError, InvalidInput, NotFound
+from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
 from app.models import AttributeDefinition, ConsentEvent, Contact, Event, ListMembership, Order, Segment
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
@@ -592,8 +592,9 @@ async def list_page(
     return rows[:limit], codec.encode(Cursor("segments:name", last["name"], str(last["id"])))
 
 
-async def get(session: AsyncSession, segment_id: uuid.UUID) -> Row:
-    row = (await session.execute(select(_segments).where(_segments.c.id == segment_id))).mappings().first()
+async def get(session: AsyncSession, segment_id: uuid.UUID, *, lock: bool = False) -> Row:
+    query = select(_segments).where(_segments.c.id == segment_id)
+    row = (await session.execute(query.with_for_update() if lock else query)).mappings().first()
     if row is None:
         raise SegmentNotFound(f"no segment with id {segment_id}")
     return row
@@ -602,7 +603,7 @@ async def get(session: AsyncSession, segment_id: uuid.UUID) -> Row:
 async def create(session: AsyncSession, *, name: str, filter_: dict[str, Any], description: str | None) -> Row:
     await compile_filter(session, filter_)
     now = utc_now()
-    values = {"id": new_id(), "name": name, "filter": filter_, "description": description,
+    values = {"id": new_id(), "name": name, "filter": filter_, "description": description, "version": 1,
               "created_at": now, "updated_at": now}
     row = (await session.execute(
         insert(_segments).values(values).on_conflict_do_nothing().returning(*_segments.c)
@@ -612,16 +613,19 @@ async def create(session: AsyncSession, *, name: str, filter_: dict[str, Any], d
     return row
 
 
-async def update(session: AsyncSession, segment_id: uuid.UUID, changes: Mapping[str, Any]) -> Row:
+async def update(
+    session: AsyncSession, segment_id: uuid.UUID, changes: Mapping[str, Any], *, expected_version: int | None = None
+) -> Row:
     """Merge patch of name, description, filter; a name held by another segment is a 409."""
-    current = await get(session, segment_id)
+    current = await get(session, segment_id, lock=True)
+    _check_version(current, expected_version)
     if "filter" in changes:
         await compile_filter(session, changes["filter"])
     changes = {k: v for k, v in changes.items() if current[k] != v}
     if not changes:
         return current
     statement = (update_statement(_segments).where(_segments.c.id == segment_id)
-                 .values(**changes, updated_at=utc_now()).returning(*_segments.c))
+                 .values(**changes, version=_segments.c.version + 1, updated_at=utc_now()).returning(*_segments.c))
     try:
         async with session.begin_nested():
             return (await session.execute(statement)).mappings().one()
@@ -632,9 +636,16 @@ async def update(session: AsyncSession, segment_id: uuid.UUID, changes: Mapping[
                                existing_id=await _id_of(session, changes["name"])) from None
 
 
-async def delete_segment(session: AsyncSession, segment_id: uuid.UUID) -> None:
-    if (await session.execute(delete(_segments).where(_segments.c.id == segment_id))).rowcount == 0:  # type: ignore[attr-defined]
-        raise SegmentNotFound(f"no segment with id {segment_id}")
+async def delete_segment(
+    session: AsyncSession, segment_id: uuid.UUID, *, expected_version: int | None = None
+) -> None:
+    _check_version(await get(session, segment_id, lock=True), expected_version)
+    await session.execute(delete(_segments).where(_segments.c.id == segment_id))
+
+
+def _check_version(current: Row, expected_version: int | None) -> None:
+    if expected_version is not None and current["version"] != expected_version:
+        raise PreconditionFailed(f"the segment is at version {current['version']}", current_version=current["version"])
 
 
 async def _id_of(session: AsyncSession, name: str) -> uuid.UUID | None:

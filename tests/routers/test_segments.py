@@ -95,6 +95,20 @@ class TestCrud:
         again = await client.post("/v1/segments", json=body, headers=headers)
         assert (first.status_code, again.status_code) == (201, 201) and again.json() == first.json()
 
+    async def test_etag_and_if_match(self, client: httpx.AsyncClient) -> None:
+        created = await client.post("/v1/segments", json={"name": f"seg-{uuid.uuid4().hex[:8]}", "filter": LYON},
+                                    headers=ADMIN)
+        url = f"/v1/segments/{created.json()['id']}"
+        assert created.headers["ETag"] == '"v1"'
+        got = await client.get(url, headers=ADMIN)
+        assert got.headers["ETag"] == '"v1"' and got.json()["version"] == 1
+        patched = await client.patch(url, json={"description": "Lyonnais"}, headers={**ADMIN, "If-Match": '"v1"'})
+        assert patched.status_code == 200 and patched.headers["ETag"] == '"v2"'
+        stale = await client.patch(url, json={"description": "x"}, headers={**ADMIN, "If-Match": '"v1"'})
+        assert_problem(stale, 412)
+        assert (await client.delete(url, headers={**ADMIN, "If-Match": '"v1"'})).status_code == 412
+        assert (await client.delete(url, headers={**ADMIN, "If-Match": '"v2"'})).status_code == 204
+
 
 class TestMembers:
     async def test_count_contacts_and_contacts_filter(self, client: httpx.AsyncClient) -> None:
