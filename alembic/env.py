@@ -3,6 +3,7 @@
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -12,10 +13,16 @@ from app.db import async_url, metadata
 config = context.config
 
 
+# Any number of processes may boot at once (`carnet serve` migrates on start): one migrates, the others wait
+# on this lock and then find nothing left to do.
+MIGRATION_LOCK = 0x6361726E6574  # "carnet"
+
+
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, compare_type=True,
                       compare_server_default=False)
     with context.begin_transaction():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
 
 
