@@ -1,10 +1,11 @@
-"""The `carnet` command: serve, migrate, token, lifecycle, retention, openapi."""
+"""The `carnet` command: serve, worker, migrate, token, lifecycle, retention, openapi."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -188,6 +189,46 @@ def retention(
     verb = "would be erased (dry run)" if dry_run else "erased"
     typer.echo(f"{len(report.contact_ids)} prospect(s) with no activity since {report.cutoff:%Y-%m-%d} {verb}",
                err=True)
+
+
+@cli.command()
+def worker(
+    once: Annotated[bool, typer.Option(help="Deliver what is due, then exit (cron, tests)")] = False,
+) -> None:
+    """Deliver the outbox to destinations and run background jobs, until SIGTERM/SIGINT.
+
+    Run as many as you like against one database (they share the work with SKIP LOCKED and leases).
+    In embedded mode `carnet serve` runs the worker itself.
+    """
+    settings = _settings()
+    if settings.embedded:
+        typer.echo("carnet: `carnet worker` needs DATABASE_URL; in embedded mode `carnet serve` runs the worker.",
+                   err=True)
+        raise typer.Exit(2)
+    asyncio.run(_run_worker(settings, once=once))
+
+
+async def _run_worker(settings: Settings, *, once: bool) -> None:
+    from app.security.secrets import SecretBox
+    from app.worker import create_worker
+
+    assert settings.database_url is not None
+    engine = make_engine(settings.database_url, pool_size=4)
+    box = SecretBox.from_setting(settings.secrets_keys.get_secret_value() if settings.secrets_keys else None,
+                                 fallback_master=_signer(settings).secret)
+    the_worker = create_worker(make_sessionmaker(engine), settings, box=box)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # finish the batch in hand, then stop
+    try:
+        if once:
+            await the_worker.drain()
+        else:
+            await the_worker.run(stop)
+    finally:
+        await the_worker.aclose()
+        await engine.dispose()
 
 
 @cli.command()

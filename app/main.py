@@ -32,6 +32,7 @@ from app.services import suppressions as suppressions_service
 from app.services.orders import LifecyclePolicy
 from app.services.pagination import CursorCodec
 from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
+from app.worker import create_worker, run_in_background
 
 __all__ = ["create_app"]
 
@@ -98,9 +99,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         lifecycle = asyncio.create_task(run_periodically(
             app.state.sessionmaker, lifecycle_policy(settings), every_seconds=settings.lifecycle_refresh_seconds))
     log.info("app.started", embedded=embedded is not None)
+    in_process_worker = settings.run_worker_in_api if settings.run_worker_in_api is not None else settings.embedded
+    background = contextlib.AsyncExitStack()
+    if in_process_worker:
+        await background.enter_async_context(run_in_background(
+            create_worker(app.state.sessionmaker, settings, box=app.state.secret_box)))
     try:
         yield
     finally:
+        await background.aclose()
         if lifecycle is not None:
             lifecycle.cancel()
             with contextlib.suppress(asyncio.CancelledError):

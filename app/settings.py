@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
     run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL
 
+    # CSV imports (app.services.imports)
+    import_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)  # upload cap of POST /v1/imports (413 above)
+    import_lease_seconds: float = Field(default=120.0, gt=0)   # a killed worker's job is taken over after this
+    import_batch_rows: int = Field(default=20_000, ge=1, le=200_000)    # rows per checkpointed transaction
+    import_workers: int = Field(default=2, ge=0, le=32)         # validating processes; 0: in the runner itself
+    import_inline_bytes: int = Field(default=1024 * 1024, ge=0)  # smaller files are validated in the runner
+    import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
+
     log_json: bool = True
     log_level: str = "INFO"
 

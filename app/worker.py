@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from app.services import destinations as destinations_service
 from app.settings import Settings
 from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
 
-__all__ = ["AdapterFactory", "Worker"]
+__all__ = ["AdapterFactory", "Worker", "create_worker", "run_in_background"]
 
 log = get_logger("carnet.worker")
 
@@ -67,11 +67,9 @@ class Worker:
                                         settings.delivery_max_attempts)
         # Redirects never followed (SSRF: a receiver could bounce us to an internal address).
         self.http = http or httpx.AsyncClient(follow_redirects=False, timeout=httpx.Timeout(10.0, connect=5.0))
-        self._owns_http = http is None
 
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self.http.aclose()
+        await self.http.aclose()
 
     # ---- loops ------------------------------------------------------------------------------------------
 
@@ -225,3 +223,32 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return type(exc).__name__
+
+
+def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings, *, box: SecretBox) -> Worker:
+    """The production worker: real adapters over the SSRF-guarded client, and the background jobs."""
+    from app.sync.factory import build_adapter, build_http_client
+
+    return Worker(sessions, settings, box=box, adapters=build_adapter, http=build_http_client(settings),
+                  jobs=_jobs())
+
+
+def _jobs() -> list[JobRunner]:
+    return []
+
+
+@contextlib.asynccontextmanager
+async def run_in_background(worker: Worker) -> AsyncIterator[None]:
+    """Run the worker beside the API (embedded mode) and stop it cleanly with the app."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await asyncio.wait_for(task, timeout=10)
+            except TimeoutError:
+                task.cancel()
+        await worker.aclose()

@@ -48,6 +48,7 @@ def upgrade() -> None:
     sa.Column('topic', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('coalesces', sa.Boolean(), nullable=False),
     sa.Column('profile_changed', sa.Boolean(), nullable=False),
+    sa.Column('changed_lists', postgresql.ARRAY(sa.Text()), nullable=False),
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=False),

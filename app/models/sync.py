@@ -6,8 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, ForeignKey, Identity, Index, Uuid, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import BigInteger, CheckConstraint, Column, ForeignKey, Identity, Index, Text, Uuid, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlmodel import Field, SQLModel
 
 from app.models.base import TZ, new_id, utc_now
@@ -71,6 +71,9 @@ class Delivery(SQLModel, table=True):
     coalesces: bool = False                      # vendor state push (True) or webhook event (False)
     # Vendors: False while only list memberships changed since the last push (the profile write can be skipped).
     profile_changed: bool = True
+    # Vendors: Carnet lists whose membership changed since the last push (an explicit status goes out only
+    # for these; the others are sent as `status_if_new`, so a vendor-side unsubscribe is never overridden).
+    changed_lists: list[str] = Field(default_factory=list, sa_column=Column(ARRAY(Text), nullable=False))
     status: str = "pending"
     attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utc_now, sa_type=TZ)

@@ -69,10 +69,12 @@ async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
 
 # Vendors: a contact matters when it is in a mapped list or was pushed before (its link must follow it).
 _DISPATCH_VENDORS = text("""
-INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, status,
-                      attempts, next_attempt_at, created_at, updated_at)
+INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
+                      status, attempts, next_attempt_at, created_at, updated_at)
 SELECT d.id, m.contact_id, max(m.id), (array_agg(m.topic ORDER BY m.id DESC))[1], true,
-       bool_or(m.topic NOT LIKE 'membership.%'), 'pending', 0, :now, :now, :now
+       bool_or(m.topic NOT LIKE 'membership.%'),
+       coalesce(array_agg(DISTINCT m.payload ->> 'list_id') FILTER (WHERE m.topic LIKE 'membership.%'), '{}'),
+       'pending', 0, :now, :now, :now
 FROM outbox_message m
 JOIN destination d ON d.enabled AND d.kind <> 'webhook'
 WHERE m.id = ANY(:ids) AND m.contact_id IS NOT NULL
@@ -85,13 +87,14 @@ ON CONFLICT (destination_id, contact_id) WHERE status = 'pending' AND coalesces
 DO UPDATE SET message_id = GREATEST(delivery.message_id, excluded.message_id),
               topic = CASE WHEN excluded.message_id > delivery.message_id THEN excluded.topic ELSE delivery.topic END,
               profile_changed = delivery.profile_changed OR excluded.profile_changed,
+              changed_lists = ARRAY(SELECT DISTINCT unnest(delivery.changed_lists || excluded.changed_lists)),
               updated_at = excluded.updated_at
 """)
 
 _DISPATCH_WEBHOOKS = text("""
-INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, status,
-                      attempts, next_attempt_at, created_at, updated_at)
-SELECT d.id, m.contact_id, m.id, m.topic, false, true, 'pending', 0, :now, :now, :now
+INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
+                      status, attempts, next_attempt_at, created_at, updated_at)
+SELECT d.id, m.contact_id, m.id, m.topic, false, true, '{}', 'pending', 0, :now, :now, :now
 FROM outbox_message m
 JOIN destination d ON d.enabled AND d.kind = 'webhook'
 WHERE m.id = ANY(:ids)
@@ -157,7 +160,7 @@ UPDATE delivery SET status = 'in_flight', lease_until = :lease_until, attempts =
                     updated_at = :now
 FROM candidates WHERE delivery.id = candidates.id
 RETURNING delivery.id, delivery.contact_id, delivery.message_id, delivery.topic, delivery.coalesces,
-          delivery.profile_changed, delivery.attempts, delivery.lease_until
+          delivery.profile_changed, delivery.changed_lists, delivery.attempts, delivery.lease_until
 """)
 
 
@@ -219,6 +222,7 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
     ids = [r["contact_id"] for r in rows]
     topic = {r["contact_id"]: r["topic"] for r in rows}
     profile_changed = {r["contact_id"]: r["profile_changed"] for r in rows}
+    changed_lists = {r["contact_id"]: r["changed_lists"] for r in rows}
     mappings = {m["list_id"]: m for m in destination["list_mappings"]}
     contacts = {c["id"]: c for c in (await session.execute(_STATE_QUERY, {"ids": ids})).mappings()}
     members: dict[uuid.UUID, dict[str, str]] = {}
@@ -256,6 +260,9 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
             or contact["marketing_action"] == "withdrawn",
             remote_ref=ref,
             profile_changed=ref is None or profile_changed[contact_id],
+            # First push: everything is news. Later: only the lists whose membership changed in Carnet.
+            status_changed=None if ref is None else frozenset(
+                mappings[c]["remote_list_id"] for c in changed_lists[contact_id] if c in mappings),
             vendor_double_opt_in=frozenset(m["remote_list_id"] for m in mappings.values() if m.get("double_opt_in")),
         ))
     return out
@@ -310,12 +317,14 @@ _ABSORB_NEWER = text("""
 DELETE FROM delivery p USING delivery e
 WHERE e.id = :id AND e.status = 'in_flight' AND e.lease_until = :lease AND e.coalesces
   AND p.destination_id = e.destination_id AND p.contact_id = e.contact_id AND p.status = 'pending' AND p.coalesces
-RETURNING p.message_id, p.topic, p.profile_changed
+RETURNING p.message_id, p.topic, p.profile_changed, p.changed_lists
 """)
 _RESCHEDULE = text("""
 UPDATE delivery SET status = 'pending', lease_until = NULL, next_attempt_at = :at, last_error = :reason,
                     message_id = GREATEST(message_id, :message_id), topic = COALESCE(:topic, topic),
-                    profile_changed = profile_changed OR :profile_changed, updated_at = :now
+                    profile_changed = profile_changed OR :profile_changed,
+                    changed_lists = ARRAY(SELECT DISTINCT unnest(changed_lists || CAST(:changed_lists AS text[]))),
+                    updated_at = :now
 WHERE id = :id AND status = 'in_flight' AND lease_until = :lease
 """)
 
@@ -338,7 +347,7 @@ async def complete(
         await session.execute(_RESCHEDULE, {
             "id": delivery_id, "lease": lease, "now": now, "at": now + timedelta(seconds=delay),
             "reason": reason[:500], "message_id": newer[0] if newer else 0, "topic": newer[1] if newer else None,
-            "profile_changed": bool(newer and newer[2]),
+            "profile_changed": bool(newer and newer[2]), "changed_lists": list(newer[3]) if newer else [],
         })
     for delivery_id, reason in dead.items():
         await session.execute(_DEAD, {"id": delivery_id, "reason": reason[:500], "now": now, "lease": lease})

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import delete, func, literal, select, text, true
+from sqlalchemy import Text, delete, func, literal, select, text, true
 from sqlalchemy import update as update_statement
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
@@ -153,7 +153,7 @@ async def counts(session: AsyncSession, destination_id: uuid.UUID) -> dict[str, 
         .where(_deliveries.c.destination_id == destination_id, _deliveries.c.status != "delivered")
         .group_by(_deliveries.c.status)
     )
-    return dict((tuple(r) for r in rows))
+    return dict(tuple(r) for r in rows)
 
 
 async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretBox) -> tuple[Row, dict[str, str]]:
@@ -319,7 +319,9 @@ async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
     queued = select(
         literal(destination_id).label("destination_id"), contacts.c.contact_id, literal(0).label("message_id"),
         literal("destination.resync").label("topic"), true().label("coalesces"),
-        true().label("profile_changed"), literal("pending").label("status"),
+        true().label("profile_changed"),
+        # No list counts as changed: statuses go "if new", never re-subscribing a vendor-side unsubscribe.
+        literal([], ARRAY(Text)).label("changed_lists"), literal("pending").label("status"),
         literal(0).label("attempts"), literal(now).label("next_attempt_at"), literal(now).label("created_at"),
         literal(now).label("updated_at"),
     )

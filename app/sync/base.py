@@ -48,6 +48,15 @@ class ContactState:
     previous_email: str | None = None
     # Lists whose subscription should go through the vendor's double opt-in (destination setting).
     vendor_double_opt_in: frozenset[str] = field(default_factory=frozenset)
+    # What changed since the last successful push, when the worker knows it (added for the adapters;
+    # the defaults mean "unknown", and adapters then write everything, which is always correct):
+    # False when only list memberships changed, so the profile write (fields, blacklist, tags) may be skipped.
+    profile_changed: bool = True
+    # Remote list ids whose wanted status changed; None: unknown (first push, resync). Mailchimp sends an
+    # explicit `status` only for these, `status_if_new` for the rest.
+    status_changed: frozenset[str] | None = None
+    # Tags removed in Carnet since the last push (Mailchimp marks them inactive).
+    removed_tags: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,8 +163,10 @@ async def test_a_subscription_reaches_the_vendor_as_state(
     assert response.status_code == 200, response.text
     await drain(worker)
     assert dict(vendor.pushes[-1][0].lists) == {"remote-news": "unsubscribed"}
-    # Only a membership changed since the last push: the adapter may skip the profile write.
-    assert pushed[0].profile_changed and not vendor.pushes[-1][0].profile_changed
+    # Only a membership changed since the last push: the adapter may skip the profile write, and only that
+    # list's status is news (the others go as "if new", never overriding an unsubscribe made at the vendor).
+    assert pushed[0].profile_changed and pushed[0].status_changed is None
+    assert not vendor.pushes[-1][0].profile_changed and vendor.pushes[-1][0].status_changed == {"remote-news"}
 
 
 async def test_a_burst_of_changes_is_one_push_of_the_latest_state(

@@ -1,0 +1,277 @@
+"""Brevo API v3 adapter: make Brevo's contacts and list memberships equal to Carnet's state.
+
+Per push (see docs/sync.md for the reasoning):
+1. profile write per contact (skipped when only memberships changed): `POST /contacts` with
+   `updateEnabled: true`, `attributes` from the field mappings and `emailBlacklisted` (the global
+   opt-out); an address change is `PUT /contacts/{id}?identifierType=contact_id` with `attributes.EMAIL`.
+2. list memberships, grouped over all contacts of the push: `POST /contacts/lists/{id}/contacts/add|remove`
+   with at most 150 emails per call.
+3. double opt-in: `POST /contacts/doubleOptinConfirmation` (template id and redirection URL from the
+   config) for contacts `pending` on a list of `vendor_double_opt_in`.
+Erasure: `DELETE /contacts/{id}?identifierType=contact_id` (404 counts as done).
+
+Every request waits for the process-wide limiter of its API key (10 req/s with 5% headroom); a 429
+pauses that limiter for `x-sib-ratelimit-reset`/`Retry-After` seconds, is retried in place when the
+wait is short, and otherwise becomes `RetryLater`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import decimal
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from app.logging import get_logger
+from app.sync import net
+from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
+
+__all__ = ["LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
+
+LIST_BATCH = 150            # addContactToListByEmails / removeContactFromListByEmails: maxItems 150
+_HEADROOM = 0.95            # the limiter runs at 95% of the vendor's rate: network jitter never makes 11/s
+_INLINE_RETRY_MAX_WAIT = 5.0
+_ALREADY = ("already in list", "already removed from list")
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BrevoConfig:
+    api_key: str
+    base_url: str = "https://api.brevo.com/v3"
+    doi_template_id: int | None = None          # required when a list is in vendor_double_opt_in
+    doi_redirection_url: str | None = None
+    requests_per_second: float = 10.0           # Brevo's contacts limit per API key
+    deadline_seconds: float = 30.0              # settings.sync_call_deadline_seconds
+    retry_after_default: float = 1.0            # 429 without any reset header
+    concurrency: int = 8                        # requests in flight (hides latency; the limiter sets the pace)
+
+
+class BrevoAdapter:
+    def __init__(self, config: BrevoConfig, client: httpx.AsyncClient) -> None:
+        self.config = config
+        self.client = client
+        self._base = config.base_url.rstrip("/")
+        account = hashlib.sha256(config.api_key.encode()).hexdigest()[:16]
+        self._limiter = net.rate_limiter("brevo", account, config.requests_per_second * _HEADROOM)
+
+    # -- Adapter ------------------------------------------------------------------------------------
+    async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
+        refs: dict[uuid.UUID, str | None] = {s.contact_id: s.remote_ref for s in states}
+        errors: dict[uuid.UUID, str] = {}
+        gate = asyncio.Semaphore(self.config.concurrency)
+
+        async def profile(state: ContactState) -> None:
+            async with gate:
+                refs[state.contact_id], error = await self._write_profile(state)
+                if error:
+                    errors[state.contact_id] = error
+
+        await net.run_all(
+            profile(state) for state in states
+            if state.profile_changed or state.remote_ref is None or _email_changed(state)
+        )
+
+        live = [s for s in states if s.contact_id not in errors]
+        adds, removes, doi = self._plan_lists(live, errors)
+
+        async def list_call(list_id: int, batch: list[ContactState], *, add: bool) -> None:
+            async with gate:
+                error = await self._list_call(list_id, [s.email for s in batch], add=add)
+                for state in batch if error else ():
+                    errors.setdefault(state.contact_id, error)
+
+        async def doi_call(state: ContactState, list_ids: list[int]) -> None:
+            async with gate:
+                error = await self._double_opt_in(state, list_ids)
+                if error:
+                    errors.setdefault(state.contact_id, error)
+
+        await net.run_all([
+            *(list_call(list_id, members[start:start + LIST_BATCH], add=add)
+              for plan, add in ((adds, True), (removes, False))
+              for list_id, members in plan.items()
+              for start in range(0, len(members), LIST_BATCH)),
+            *(doi_call(state, list_ids) for state, list_ids in doi),
+        ])
+
+        log.info("sync.brevo.push", contacts=len(states), failed=len(errors))
+        return [
+            Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors
+            else Outcome(s.contact_id, remote_ref=refs[s.contact_id])
+            for s in states
+        ]
+
+    async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
+        outcomes = []
+        for erasure in erasures:
+            kind = "contact_id" if erasure.remote_ref.isdigit() else "email_id"
+            response = await self._request("DELETE", f"/contacts/{quote(erasure.remote_ref, safe='')}",
+                                           params={"identifierType": kind})
+            if response.status_code in (204, 404):
+                outcomes.append(Outcome(erasure.contact_id))
+            else:
+                outcomes.append(Outcome(erasure.contact_id, error=_reason("delete", response)))
+        log.info("sync.brevo.erase", contacts=len(erasures))
+        return outcomes
+
+    # -- steps --------------------------------------------------------------------------------------
+    async def _write_profile(self, state: ContactState) -> tuple[str | None, str | None]:
+        """(remote_ref, error) after making the Brevo contact carry this state's attributes and opt-out."""
+        attributes = _attributes(state.fields)
+        if _email_changed(state):
+            if state.remote_ref and state.remote_ref.isdigit():
+                identifier, kind = state.remote_ref, "contact_id"
+            else:
+                identifier, kind = state.previous_email or "", "email_id"
+            response = await self._request(
+                "PUT", f"/contacts/{quote(identifier, safe='')}", params={"identifierType": kind},
+                json={"attributes": {**attributes, "EMAIL": state.email}, "emailBlacklisted": state.marketing_blocked},
+            )
+            if response.status_code == 204:
+                return state.remote_ref if kind == "contact_id" else await self._lookup_id(state.email), None
+            if response.status_code == 400 and _code(response) == "duplicate_parameter":
+                # The new address already has its own Brevo contact: that one becomes ours (upsert below).
+                log.warning("sync.brevo.email_change_conflict", contact_id=str(state.contact_id))
+            elif response.status_code != 404:
+                return state.remote_ref, _reason("address change", response)
+        response = await self._request("POST", "/contacts", json={
+            "email": state.email, "attributes": attributes, "emailBlacklisted": state.marketing_blocked,
+            "updateEnabled": True,
+        })
+        if response.status_code == 201:
+            return str(response.json()["id"]), None
+        if response.status_code == 204:
+            if state.remote_ref and state.remote_ref.isdigit() and not _email_changed(state):
+                return state.remote_ref, None
+            return await self._lookup_id(state.email), None
+        return state.remote_ref, _reason("upsert", response)
+
+    def _plan_lists(
+        self, states: Sequence[ContactState], errors: dict[uuid.UUID, str]
+    ) -> tuple[dict[int, list[ContactState]], dict[int, list[ContactState]], list[tuple[ContactState, list[int]]]]:
+        adds: dict[int, list[ContactState]] = {}
+        removes: dict[int, list[ContactState]] = {}
+        doi: list[tuple[ContactState, list[int]]] = []
+        for state in states:
+            confirm: list[int] = []
+            for remote_list, status in state.lists.items():
+                if not remote_list.isdigit():
+                    errors[state.contact_id] = f"Brevo list ids are integers, got {remote_list!r}"
+                    break
+                list_id = int(remote_list)
+                if status == "subscribed":
+                    adds.setdefault(list_id, []).append(state)
+                elif status == "pending" and remote_list in state.vendor_double_opt_in:
+                    confirm.append(list_id)
+                else:  # unsubscribed, or pending on Carnet's own confirmation: not on the Brevo list
+                    removes.setdefault(list_id, []).append(state)
+            if confirm and state.contact_id not in errors:
+                doi.append((state, confirm))
+        for plan in (adds, removes):
+            for list_id, members in plan.items():
+                plan[list_id] = [s for s in members if s.contact_id not in errors]
+        return adds, removes, doi
+
+    async def _list_call(self, list_id: int, emails: list[str], *, add: bool) -> str | None:
+        action = "add" if add else "remove"
+        response = await self._request("POST", f"/contacts/lists/{list_id}/contacts/{action}", json={"emails": emails})
+        if response.status_code == 201:
+            return None
+        if response.status_code == 400 and any(text in _message(response) for text in _ALREADY):
+            return None  # nothing to change: every address is already where it should be
+        return _reason(f"list {action}", response)
+
+    async def _double_opt_in(self, state: ContactState, list_ids: list[int]) -> str | None:
+        config = self.config
+        if config.doi_template_id is None or not config.doi_redirection_url:
+            return "double opt-in through Brevo needs doi_template_id and doi_redirection_url in the destination"
+        response = await self._request("POST", "/contacts/doubleOptinConfirmation", json={
+            "email": state.email, "attributes": _attributes(state.fields), "includeListIds": list_ids,
+            "templateId": config.doi_template_id, "redirectionUrl": config.doi_redirection_url,
+        })
+        return None if response.status_code in (201, 204) else _reason("double opt-in", response)
+
+    async def _lookup_id(self, email: str) -> str | None:
+        response = await self._request("GET", f"/contacts/{quote(email, safe='')}",
+                                       params={"identifierType": "email_id"})
+        if response.status_code == 200:
+            return str(response.json()["id"])
+        return None
+
+    # -- transport ----------------------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One rate-limited request; 429/5xx/auth problems raise, other answers go back to the caller."""
+        headers = {"api-key": self.config.api_key, "accept": "application/json"}
+        for attempt in range(3):
+            await self._limiter.acquire()
+            response = await net.call(self.client, method, self._base + path, deadline=self.config.deadline_seconds,
+                                      headers=headers, **kwargs)
+            status = response.status_code
+            if status == 429:
+                wait = net.retry_after(response.headers, default=self.config.retry_after_default)
+                self._limiter.pause(wait)
+                if wait <= _INLINE_RETRY_MAX_WAIT and attempt < 2:
+                    continue
+                raise RetryLater("Brevo rate limit (429)", after_seconds=wait)
+            if status >= 500:
+                if "retry-after" in response.headers:
+                    raise RetryLater(f"Brevo answered {status}",
+                                     after_seconds=net.retry_after(response.headers, default=1.0))
+                raise DeliveryFailed(f"Brevo answered {status}")
+            if status in (401, 403):
+                raise DeliveryFailed(f"Brevo refused the API key ({status}): check the destination's api_key")
+            return response
+        raise AssertionError("unreachable")
+
+
+def _email_changed(state: ContactState) -> bool:
+    return bool(state.previous_email) and state.previous_email != state.email
+
+
+def _attributes(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Brevo attribute values are numbers, strings, booleans or lists of strings; None is left out."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif isinstance(value, dt.date | dt.datetime):
+            out[name] = value.isoformat()
+        elif isinstance(value, decimal.Decimal):
+            out[name] = float(value)
+        elif isinstance(value, list | tuple | set | frozenset):
+            out[name] = [str(v) for v in value]
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _json(response: httpx.Response) -> Mapping[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, Mapping) else {}
+
+
+def _code(response: httpx.Response) -> str:
+    return str(_json(response).get("code", ""))
+
+
+def _message(response: httpx.Response) -> str:
+    return str(_json(response).get("message", ""))
+
+
+def _reason(step: str, response: httpx.Response) -> str:
+    """Dead-letter text: the step, the status and Brevo's code (its message may quote the address: left out)."""
+    return f"Brevo {step}: {response.status_code} {_code(response) or 'error'}"

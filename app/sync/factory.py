@@ -1,0 +1,40 @@
+"""From a stored destination to the adapter that speaks its vendor's API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from app.services.destinations import Loaded
+from app.settings import Settings
+from app.sync import net
+from app.sync.brevo import BrevoAdapter, BrevoConfig
+from app.sync.mailchimp import MailchimpAdapter, MailchimpConfig
+from app.sync.webhook import WebhookAdapter, WebhookConfig
+
+__all__ = ["build_adapter", "build_http_client"]
+
+
+def build_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The worker's one shared client: SSRF-guarded connections, no redirects, no proxy from the environment."""
+    return net.build_client(allow_private_networks=settings.sync_allow_private_networks)
+
+
+def build_adapter(destination: Loaded, client: httpx.AsyncClient, settings: Settings) -> Any:
+    config = destination.config  # public config and decrypted secrets
+    deadline = settings.sync_call_deadline_seconds
+    if destination.kind == "brevo":
+        return BrevoAdapter(BrevoConfig(
+            api_key=config["api_key"], base_url=config.get("base_url") or BrevoConfig.base_url,
+            doi_template_id=config.get("double_opt_in_template_id"),
+            doi_redirection_url=config.get("double_opt_in_redirect_url"), deadline_seconds=deadline,
+        ), client)
+    if destination.kind == "mailchimp":
+        return MailchimpAdapter(MailchimpConfig(
+            api_key=config["api_key"], base_url=config.get("base_url"), deadline_seconds=deadline,
+            list_ids=tuple(m["remote_list_id"] for m in destination.row["list_mappings"]),
+        ), client)
+    secrets = tuple(s for s in (config.get("secret"), config.get("previous_secret")) if s)
+    return WebhookAdapter(WebhookConfig(url=config["url"], secrets=secrets,
+                                        allow_private_networks=settings.sync_allow_private_networks), client)

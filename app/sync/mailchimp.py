@@ -1,0 +1,261 @@
+"""Mailchimp Marketing API 3.0 adapter: make each mapped audience's member equal to Carnet's state.
+
+Per push (see docs/sync.md):
+1. address change: `PATCH /lists/{list}/members/{md5(old)}` with the new `email_address` (404: nothing to move).
+2. membership per mapped list: the wanted remote status is `subscribed`, `unsubscribed`, or `pending`
+   for `vendor_double_opt_in` lists (Mailchimp sends its confirmation mail); a contact pending on
+   Carnet's own confirmation is not sent at all; a globally blocked contact is `unsubscribed` everywhere.
+   The status is sent explicitly only when it changed (`status_changed`, or unknown); otherwise only
+   `status_if_new`, so an unsubscribe done in Mailchimp is never overwritten by a profile update.
+   Many explicit changes for one list go in batch subscribe calls (`POST /lists/{list}`, ≤ 500 members,
+   `update_existing: true`); the rest are `PUT /lists/{list}/members/{hash}` upserts.
+3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive.
+Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list (404: done).
+
+At most `max_connections` (10) requests in flight per account in this process (a semaphore per key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from app.logging import get_logger
+from app.sync import net
+from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
+
+__all__ = ["BATCH_MAX", "MailchimpAdapter", "MailchimpConfig", "api_base_url", "subscriber_hash"]
+
+BATCH_MAX = 500
+_INLINE_RETRY_MAX_WAIT = 5.0
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MailchimpConfig:
+    api_key: str                                # "<key>-<dc>", e.g. "...-us6"
+    list_ids: tuple[str, ...] = ()              # every mapped audience: erasure deletes the member from each
+    base_url: str | None = None                 # overrides https://<dc>.api.mailchimp.com/3.0 (tests, proxies)
+    max_connections: int = 10                   # Mailchimp: 10 simultaneous connections per account
+    batch_threshold: int = 10                   # this many explicit status changes for one list → batch call
+    deadline_seconds: float = 30.0              # settings.sync_call_deadline_seconds
+    retry_after_default: float = 1.0            # 429 without Retry-After (too many connections: short)
+
+
+def api_base_url(api_key: str) -> str:
+    """https://<dc>.api.mailchimp.com/3.0 from the key's data-center suffix."""
+    _, _, dc = api_key.rpartition("-")
+    if not re.fullmatch(r"[a-z]{2,8}\d{1,4}", dc):
+        raise ValueError("a Mailchimp API key ends with its data center, like -us6")
+    return f"https://{dc}.api.mailchimp.com/3.0"
+
+
+def subscriber_hash(email: str) -> str:
+    return hashlib.md5(email.lower().encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(slots=True)
+class _Write:
+    state: ContactState
+    list_id: str
+    status: str                  # wanted remote status
+    explicit: bool               # send `status` (a real change), not only `status_if_new`
+
+
+class MailchimpAdapter:
+    def __init__(self, config: MailchimpConfig, client: httpx.AsyncClient) -> None:
+        self.config = config
+        self.client = client
+        self._base = (config.base_url or api_base_url(config.api_key)).rstrip("/")
+        self._account = hashlib.sha256(config.api_key.encode()).hexdigest()[:16]
+        self._auth = httpx.BasicAuth("carnet", config.api_key)
+
+    # -- Adapter ------------------------------------------------------------------------------------
+    async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
+        errors: dict[uuid.UUID, str] = {}
+
+        def fail(state: ContactState, reason: str) -> None:
+            errors.setdefault(state.contact_id, reason)
+
+        await net.run_all(self._move(state, list_id, fail) for state in states if _email_changed(state)
+                          for list_id in state.lists)
+
+        writes = [w for state in states for w in _writes(state)]
+        batched: dict[str, list[_Write]] = {}
+        singles: list[_Write] = []
+        for write in writes:
+            if write.explicit:
+                batched.setdefault(write.list_id, []).append(write)
+            else:
+                singles.append(write)
+        for list_id, group in list(batched.items()):
+            if len(group) < self.config.batch_threshold:
+                singles += batched.pop(list_id)
+        await net.run_all([
+            *(self._batch(list_id, group[i:i + BATCH_MAX], fail)
+              for list_id, group in batched.items() for i in range(0, len(group), BATCH_MAX)),
+            *(self._put(write, fail) for write in singles
+              if write.explicit or write.state.profile_changed or write.state.remote_ref is None),
+        ])
+        await net.run_all(self._tags(write, fail) for write in writes
+                          if write.state.contact_id not in errors and write.state.profile_changed
+                          and (write.state.tags or write.state.removed_tags))
+
+        log.info("sync.mailchimp.push", contacts=len(states), failed=len(errors))
+        return [
+            Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors
+            else Outcome(s.contact_id, remote_ref=subscriber_hash(s.email))
+            for s in states
+        ]
+
+    async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
+        errors: dict[uuid.UUID, str] = {}
+
+        async def delete(erasure: Erasure, list_id: str) -> None:
+            ref = subscriber_hash(erasure.remote_ref) if "@" in erasure.remote_ref else erasure.remote_ref
+            response = await self._request("POST", f"/lists/{list_id}/members/{ref}/actions/delete-permanent")
+            if response.status_code not in (204, 404):
+                errors.setdefault(erasure.contact_id, _reason("delete-permanent", response))
+
+        await net.run_all(delete(e, list_id) for e in erasures for list_id in self.config.list_ids)
+        log.info("sync.mailchimp.erase", contacts=len(erasures), lists=len(self.config.list_ids))
+        return [Outcome(e.contact_id, error=errors.get(e.contact_id)) for e in erasures]
+
+    # -- steps --------------------------------------------------------------------------------------
+    async def _move(self, state: ContactState, list_id: str, fail: Any) -> None:
+        old = subscriber_hash(state.previous_email or "")
+        response = await self._request("PATCH", f"/lists/{list_id}/members/{old}",
+                                       json={"email_address": state.email})
+        if response.status_code in (200, 404):
+            return
+        if response.status_code == 400 and _title(response) == "Member Exists":
+            # The new address is already on the list: the upsert below updates that member.
+            log.warning("sync.mailchimp.email_change_conflict", contact_id=str(state.contact_id))
+            return
+        fail(state, _reason("address change", response))
+
+    async def _put(self, write: _Write, fail: Any) -> None:
+        state = write.state
+        body: dict[str, Any] = {"email_address": state.email, "status_if_new": write.status}
+        if write.explicit:
+            body["status"] = write.status
+        if state.fields:
+            body["merge_fields"] = _merge_fields(state.fields)
+        response = await self._request("PUT", f"/lists/{write.list_id}/members/{subscriber_hash(state.email)}",
+                                       json=body)
+        if response.status_code != 200:
+            fail(state, _reason("upsert", response))
+
+    async def _batch(self, list_id: str, group: list[_Write], fail: Any) -> None:
+        members = []
+        for write in group:
+            member: dict[str, Any] = {"email_address": write.state.email, "status": write.status}
+            if write.state.fields:
+                member["merge_fields"] = _merge_fields(write.state.fields)
+            members.append(member)
+        response = await self._request("POST", f"/lists/{list_id}", json={"members": members, "update_existing": True})
+        if response.status_code != 200:
+            for write in group:
+                fail(write.state, _reason("batch subscribe", response))
+            return
+        by_email = {w.state.email: w.state for w in group}
+        for item in _json(response).get("errors") or ():
+            state = by_email.get(str(item.get("email_address", "")).lower())
+            if state is not None:
+                fail(state, f"Mailchimp batch subscribe: {item.get('error_code') or 'ERROR_GENERIC'}")
+
+    async def _tags(self, write: _Write, fail: Any) -> None:
+        state = write.state
+        tags = [{"name": t, "status": "active"} for t in state.tags]
+        tags += [{"name": t, "status": "inactive"} for t in state.removed_tags if t not in state.tags]
+        response = await self._request("POST", f"/lists/{write.list_id}/members/{subscriber_hash(state.email)}/tags",
+                                       json={"tags": tags})
+        if response.status_code != 204:
+            fail(state, _reason("tags", response))
+
+    # -- transport ----------------------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request under the account's connection cap; 429/5xx/auth problems raise."""
+        gate = net.semaphore("mailchimp", self._account, self.config.max_connections)
+        for attempt in range(3):
+            async with gate:
+                response = await net.call(self.client, method, self._base + path, auth=self._auth,
+                                          deadline=self.config.deadline_seconds, **kwargs)
+            status = response.status_code
+            if status == 429:
+                wait = net.retry_after(response.headers, default=self.config.retry_after_default)
+                if wait <= _INLINE_RETRY_MAX_WAIT and attempt < 2:
+                    await asyncio.sleep(wait)
+                    continue
+                raise RetryLater("Mailchimp rate limit (429)", after_seconds=wait)
+            if status >= 500:
+                if "retry-after" in response.headers:
+                    raise RetryLater(f"Mailchimp answered {status}",
+                                     after_seconds=net.retry_after(response.headers, default=1.0))
+                raise DeliveryFailed(f"Mailchimp answered {status}")
+            if status in (401, 403):
+                raise DeliveryFailed(f"Mailchimp refused the API key ({status}): check the destination's api_key")
+            return response
+        raise AssertionError("unreachable")
+
+
+def _writes(state: ContactState) -> list[_Write]:
+    out = []
+    for list_id, status in state.lists.items():
+        if state.marketing_blocked:
+            wanted = "unsubscribed"
+        elif status == "pending":
+            if list_id not in state.vendor_double_opt_in:
+                continue  # Carnet sends its own confirmation; Mailchimp hears of the member once confirmed
+            wanted = "pending"
+        else:
+            wanted = status
+        explicit = state.status_changed is None or list_id in state.status_changed or state.marketing_blocked
+        out.append(_Write(state, list_id, wanted, explicit))
+    return out
+
+
+def _email_changed(state: ContactState) -> bool:
+    return bool(state.previous_email) and state.previous_email != state.email
+
+
+def _merge_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge field values are strings, numbers or address objects; None clears the field ("")."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if value is None:
+            out[name] = ""
+        elif isinstance(value, bool):
+            out[name] = "true" if value else "false"
+        elif isinstance(value, int | float | str | dict):
+            out[name] = value
+        elif hasattr(value, "isoformat"):
+            out[name] = value.isoformat()
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _json(response: httpx.Response) -> Mapping[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, Mapping) else {}
+
+
+def _title(response: httpx.Response) -> str:
+    return str(_json(response).get("title", ""))
+
+
+def _reason(step: str, response: httpx.Response) -> str:
+    """Dead-letter text: step, status and Mailchimp's problem title (its detail quotes the address: left out)."""
+    return f"Mailchimp {step}: {response.status_code} {_title(response) or 'error'}"

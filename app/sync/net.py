@@ -1,0 +1,308 @@
+"""The network edge shared by the adapters: SSRF guard, overall deadline per call, Retry-After, rate limits.
+
+SSRF: the guard sits in the connection layer of the shared `httpx.AsyncClient` built by `build_client`.
+Every new TCP connection resolves the host once, refuses it when any resolved address is private,
+loopback, link-local, multicast, unspecified, reserved or a cloud metadata address, and then connects
+to one of the addresses it has just checked. There is no second resolution between the check and the
+connect, so a DNS rebinding answer cannot slip in; TLS still verifies the certificate against the
+host name (httpcore passes the original host as SNI). Keep-alive connections are reused only for the
+same origin, which was checked when the connection was opened. `check_url` runs the same check ahead
+of time (destination creation, clear error messages); it is advisory, the transport is the guard.
+
+Deadline: `call` wraps the whole exchange (connect, send, headers, body) in `asyncio.timeout`, since
+httpx's read timeout restarts on every byte and a trickling server could hold a worker forever.
+
+Exceptions raised here are the adapters' contract types (`app.sync.base`):
+
+    DeliveryFailed            network error, deadline exceeded, 5xx (retry)
+    ├── DeliveryFailed(permanent=True)   refused address (BlockedAddress), bad URL
+    └── RetryLater            429 (after `retry_after(...)` seconds)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from app.sync.base import DeliveryFailed, RetryLater
+
+__all__ = [
+    "BlockedAddress",
+    "GuardedBackend",
+    "RateLimiter",
+    "Resolver",
+    "address_refusal",
+    "build_client",
+    "call",
+    "check_url",
+    "rate_limiter",
+    "retry_after",
+    "run_all",
+    "semaphore",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+# Cloud metadata endpoints, named even where the generic rules already cover them (they are the prize).
+_METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254", "fd00:ec2::23")
+)
+_CARRIER_NAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space (RFC 6598): not the internet
+
+
+class BlockedAddress(DeliveryFailed):
+    """The target resolves to an address Carnet must not call (SSRF guard): a permanent failure."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, permanent=True)
+
+
+def address_refusal(address: IPAddress) -> str | None:
+    """Why this address is refused (None: it is a public unicast address)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped or address.sixtofour
+        if mapped is not None:
+            return address_refusal(mapped)
+    if address in _METADATA:
+        return "cloud metadata address"
+    checks = (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+        ("shared (carrier-grade NAT)", isinstance(address, ipaddress.IPv4Address) and address in _CARRIER_NAT),
+        ("not globally routable", not address.is_global),
+    )
+    return next((name for name, hit in checks if hit), None)
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def resolve_checked(host: str, port: int, *, allow_private: bool, resolver: Resolver | None = None) -> list[str]:
+    """The addresses of host, all of them checked; BlockedAddress when any is refused."""
+    host = host.strip("[]")
+    try:
+        literal: IPAddress | None = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addresses = [str(literal)]
+    else:
+        try:
+            addresses = await (resolver or system_resolver)(host, port)
+        except OSError as exc:
+            raise DeliveryFailed(f"cannot resolve the destination host ({type(exc).__name__})") from None
+        if not addresses:
+            raise DeliveryFailed("the destination host has no address")
+    if not allow_private:
+        for text in addresses:
+            reason = address_refusal(ipaddress.ip_address(text.split("%")[0]))
+            if reason is not None:
+                # One refused address refuses the host: a round-robin answer must not pick the bad one later.
+                raise BlockedAddress(f"the destination resolves to a {reason} address (SSRF guard)")
+    return addresses
+
+
+async def check_url(url: str, *, allow_private: bool, resolver: Resolver | None = None) -> None:
+    """Refuse URLs Carnet must not call: not http(s), credentials in the URL, or a refused address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DeliveryFailed("the destination URL must be an absolute http(s) URL", permanent=True)
+    if parts.username or parts.password:
+        raise DeliveryFailed("the destination URL must not carry credentials", permanent=True)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise DeliveryFailed("the destination URL has an invalid port", permanent=True) from None
+    await resolve_checked(parts.hostname, port, allow_private=allow_private, resolver=resolver)
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore network backend: resolve, check, then connect to the checked address (no rebinding window)."""
+
+    def __init__(self, *, allow_private: bool, resolver: Resolver | None = None) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._allow_private = allow_private
+        self._resolver = resolver
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await resolve_checked(host, port, allow_private=self._allow_private, resolver=self._resolver)
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
+                                  socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+        raise BlockedAddress("unix sockets are not a destination")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _GuardedTransport(httpx.AsyncHTTPTransport):
+    def __init__(self, *, allow_private: bool, resolver: Resolver | None, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, retries=0)
+        # httpx builds its pool without a backend argument; this one is identical plus the guard.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            http1=True, http2=False, retries=0,
+            network_backend=GuardedBackend(allow_private=allow_private, resolver=resolver),
+        )
+
+
+def build_client(
+    *, allow_private_networks: bool, resolver: Resolver | None = None, max_connections: int = 100,
+    timeout: float = 10.0,
+) -> httpx.AsyncClient:
+    """The one shared client for every adapter: guarded connections, no redirects, no proxy from the env."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(
+        transport=_GuardedTransport(allow_private=allow_private_networks, resolver=resolver, limits=limits),
+        follow_redirects=False,
+        trust_env=False,            # an HTTPS_PROXY from the environment would bypass the address check
+        timeout=httpx.Timeout(timeout),
+        headers={"user-agent": "carnet-sync/1"},
+    )
+
+
+async def call(
+    client: httpx.AsyncClient, method: str, url: str, *, deadline: float, **kwargs: Any
+) -> httpx.Response:
+    """One vendor request with its body read, under an overall deadline; network trouble → DeliveryFailed."""
+    try:
+        async with asyncio.timeout(deadline):
+            return await client.request(method, url, follow_redirects=False, **kwargs)
+    except TimeoutError:
+        raise DeliveryFailed(f"no complete answer within {deadline:g} s") from None
+    except httpx.TransportError as exc:
+        raise DeliveryFailed(f"network error: {type(exc).__name__}") from None
+
+
+def retry_after(headers: Mapping[str, str], *, default: float, now: float | None = None,
+                ceiling: float = 3600.0) -> float:
+    """Seconds to wait from Retry-After (seconds or HTTP date) and Brevo's x-sib-ratelimit-reset; the longest."""
+    waits: list[float] = []
+    value = headers.get("retry-after")
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            waits.append(float(value))
+        else:
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                waits.append(parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now))
+    reset = headers.get("x-sib-ratelimit-reset")
+    if reset:
+        with contextlib.suppress(ValueError):
+            waits.append(float(reset))
+    if not waits:
+        return default
+    return min(max(max(waits), 0.0), ceiling)
+
+
+class RateLimiter:
+    """Evenly spaced request starts: at most `rate` per second, including retries; shared per API key.
+
+    No lock: a slot is reserved synchronously, then awaited, so the limiter works on any event loop.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = 0.0
+
+    def reserve(self) -> float:
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self.interval
+        return slot - now
+
+    async def acquire(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def pause(self, seconds: float) -> None:
+        """The vendor said wait: no request from anyone sharing this key before then."""
+        self._next = max(self._next, time.monotonic() + seconds)
+
+
+_limiters: dict[tuple[str, str], RateLimiter] = {}
+_semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def rate_limiter(vendor: str, account: str, rate: float) -> RateLimiter:
+    """The process-wide limiter of one vendor account (the key's fingerprint, never the key, is the name)."""
+    limiter = _limiters.get((vendor, account))
+    if limiter is None or limiter.interval != 1.0 / rate:
+        limiter = _limiters[(vendor, account)] = RateLimiter(rate)
+    return limiter
+
+
+def semaphore(vendor: str, account: str, size: int) -> asyncio.Semaphore:
+    """The process-wide cap on concurrent requests to one vendor account (per event loop)."""
+    per_loop = _semaphores.setdefault(asyncio.get_running_loop(), {})
+    sem = per_loop.get((vendor, account))
+    if sem is None:
+        sem = per_loop[(vendor, account)] = asyncio.Semaphore(size)
+    return sem
+
+
+async def run_all(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run vendor calls concurrently; the first failure cancels the rest and is raised as itself.
+
+    From a group of failures: the longest RetryLater (the vendor's wait applies to all), else the
+    first retryable DeliveryFailed, else the first one; anything else (a bug) propagates as the group.
+    """
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for coroutine in coroutines:
+                tasks.create_task(coroutine)
+    except BaseExceptionGroup as group:
+        failures = _leaves(group)
+        if not all(isinstance(e, DeliveryFailed) for e in failures):
+            raise
+        waits = [e for e in failures if isinstance(e, RetryLater)]
+        if waits:
+            raise max(waits, key=lambda e: e.after_seconds) from None
+        retryable = [e for e in failures if isinstance(e, DeliveryFailed) and not e.permanent]
+        raise (retryable or failures)[0] from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out

@@ -1,0 +1,209 @@
+"""Fake Mailchimp Marketing API 3.0 (list members): spec-checked requests, problem+json errors, state.
+
+Members are keyed by subscriber hash (md5 of the lower-case address; a PUT whose hash does not match its
+`email_address` is a violation). `Member Exists` on POST /members and on a PATCH to an address already on
+the list; `Resource Not Found` for unknown lists/members; `Forgotten Email Not Subscribed` when a
+permanently deleted address is re-added by the API. More than `max_connections` simultaneous requests
+per account (basic-auth password) → 429 "Too Many Requests", counted in `over_limit`. Batch subscribe
+takes at most 500 members (Mailchimp's documented cap; the spec file has no maxItems).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from tests.fakes.server import FakeVendor, Seen
+from tests.fakes.spec import Operation, mailchimp_spec
+
+__all__ = ["FakeMailchimp", "Member"]
+
+BATCH_MAX = 500
+
+
+def subscriber_hash(email: str) -> str:
+    return hashlib.md5(email.lower().encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass
+class Member:
+    email_address: str
+    status: str
+    merge_fields: dict[str, Any] = field(default_factory=dict)
+    tags: set[str] = field(default_factory=set)
+    status_writes: int = 0          # requests that set `status` explicitly on an existing member
+
+    def wire(self, list_id: str) -> dict[str, Any]:
+        return {
+            "id": subscriber_hash(self.email_address), "email_address": self.email_address,
+            "unique_email_id": subscriber_hash(self.email_address)[:10], "status": self.status,
+            "merge_fields": self.merge_fields, "list_id": list_id,
+            "tags": [{"id": i, "name": t} for i, t in enumerate(sorted(self.tags))], "tags_count": len(self.tags),
+        }
+
+
+class FakeMailchimp(FakeVendor):
+    def __init__(self, *, api_key: str = "0123456789abcdef-us6", lists: set[str] | None = None,
+                 max_connections: int | None = 10) -> None:
+        super().__init__()
+        self.spec = mailchimp_spec()
+        self.api_key = api_key
+        self.lists: dict[str, dict[str, Member]] = {name: {} for name in (lists or {"list1", "list2"})}
+        self.max_connections = max_connections
+        self.forgotten: set[tuple[str, str]] = set()
+        self.batch_sizes: list[int] = []
+
+    def member(self, list_id: str, email: str) -> Member | None:
+        return self.lists[list_id].get(subscriber_hash(email))
+
+    # -- FakeVendor hooks ---------------------------------------------------------------------------
+    def account(self, headers: Mapping[str, str]) -> str:
+        kind, _, credentials = headers.get("authorization", "").partition(" ")
+        if kind.lower() == "basic":
+            try:
+                return base64.b64decode(credentials).decode().partition(":")[2]
+            except ValueError:
+                return ""
+        return credentials if kind.lower() == "bearer" else ""
+
+    def authorized(self, account: str) -> bool:
+        return account == self.api_key
+
+    def limit(self, account: str, now: float) -> Response | None:
+        if self.max_connections is not None and self._in_flight[account] > self.max_connections:
+            return self.error(429, "Too Many Requests", "You have exceeded the limit of 10 simultaneous connections.")
+        return None
+
+    def error(self, status: int, title: str, detail: str, headers: Mapping[str, str] | None = None) -> Response:
+        return JSONResponse(
+            {"type": "https://mailchimp.com/developer/marketing/docs/errors/", "title": title, "status": status,
+             "detail": detail, "instance": str(uuid.uuid4())},
+            status, headers=dict(headers or {}), media_type="application/problem+json",
+        )
+
+    async def handle(self, op: Operation, params: dict[str, str], query: dict[str, str], body: Any,
+                     seen: Seen) -> Response:
+        members = self.lists.get(params.get("list_id", ""))
+        if members is None:
+            return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+        return getattr(self, "_" + op.operation_id)(params["list_id"], members, params, body or {}, seen)
+
+    # -- operations ---------------------------------------------------------------------------------
+    def _putListsIdMembersId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                             body: dict[str, Any], seen: Seen) -> Response:
+        key = params["subscriber_hash"]
+        if key != subscriber_hash(body["email_address"]):
+            self.violation(seen, "subscriber_hash is not md5(lower-case email_address)")
+            return self.error(400, "Invalid Resource", "The subscriber hash does not match the email address.")
+        member = members.get(key)
+        if member is None:
+            if (list_id, key) in self.forgotten:
+                return self._forgotten(body["email_address"])
+            member = members[key] = Member(body["email_address"].lower(), body.get("status") or body["status_if_new"])
+        elif "status" in body:
+            member.status = body["status"]
+            member.status_writes += 1
+        member.merge_fields.update(body.get("merge_fields", {}))
+        return JSONResponse(member.wire(list_id))
+
+    def _postListsIdMembers(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                            body: dict[str, Any], seen: Seen) -> Response:
+        key = subscriber_hash(body["email_address"])
+        if key in members:
+            return self._member_exists(body["email_address"])
+        member = Member(body["email_address"].lower(), body["status"], dict(body.get("merge_fields", {})))
+        members[key] = member
+        return JSONResponse(member.wire(list_id))
+
+    def _patchListsIdMembersId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                               body: dict[str, Any], seen: Seen) -> Response:
+        member = members.get(params["subscriber_hash"])
+        if member is None:
+            return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+        new_email = body.get("email_address")
+        if new_email and new_email.lower() != member.email_address:
+            new_key = subscriber_hash(new_email)
+            if new_key in members:
+                return self._member_exists(new_email)
+            del members[params["subscriber_hash"]]
+            member.email_address = new_email.lower()
+            members[new_key] = member
+        if "status" in body:
+            member.status = body["status"]
+            member.status_writes += 1
+        member.merge_fields.update(body.get("merge_fields", {}))
+        return JSONResponse(member.wire(list_id))
+
+    def _getListsIdMembersId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                             body: dict[str, Any], seen: Seen) -> Response:
+        member = members.get(params["subscriber_hash"])
+        if member is None:
+            return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+        return JSONResponse(member.wire(list_id))
+
+    def _postListMemberTags(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                            body: dict[str, Any], seen: Seen) -> Response:
+        member = members.get(params["subscriber_hash"])
+        if member is None:
+            return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+        for tag in body["tags"]:
+            (member.tags.add if tag["status"] == "active" else member.tags.discard)(tag["name"])
+        return Response(status_code=204)
+
+    def _postListsIdMembersHashActionsDeletePermanent(self, list_id: str, members: dict[str, Member],
+                                                      params: dict[str, str], body: dict[str, Any],
+                                                      seen: Seen) -> Response:
+        if members.pop(params["subscriber_hash"], None) is None:
+            return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+        self.forgotten.add((list_id, params["subscriber_hash"]))
+        return Response(status_code=204)
+
+    def _postListsId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                     body: dict[str, Any], seen: Seen) -> Response:
+        batch = body["members"]
+        self.batch_sizes.append(len(batch))
+        if len(batch) > BATCH_MAX:
+            self.violation(seen, f"batch subscribe takes at most {BATCH_MAX} members, got {len(batch)}")
+            return self.error(400, "Invalid Resource", f"You may only subscribe {BATCH_MAX} members at a time.")
+        created, updated, errors = [], [], []
+        for item in batch:
+            email = item.get("email_address", "")
+            key = subscriber_hash(email)
+            member = members.get(key)
+            if "status" not in item or not email:
+                errors.append({"email_address": email, "error": "status and email_address are required",
+                               "error_code": "ERROR_GENERIC"})
+            elif member is None and (list_id, key) in self.forgotten:
+                errors.append({"email_address": email, "error": f"{email} was permanently deleted and cannot be "
+                               "re-imported. The contact must re-subscribe to get back on the list.",
+                               "error_code": "ERROR_GENERIC"})
+            elif member is None:
+                member = members[key] = Member(email.lower(), item["status"], dict(item.get("merge_fields", {})))
+                created.append(member.wire(list_id))
+            elif body.get("update_existing"):
+                if member.status != item["status"]:
+                    member.status_writes += 1
+                member.status = item["status"]
+                member.merge_fields.update(item.get("merge_fields", {}))
+                updated.append(member.wire(list_id))
+            else:
+                errors.append({"email_address": email, "error": f"{email} is already a list member, do you want to "
+                               "update? please provide update_existing:true in the request body",
+                               "error_code": "ERROR_CONTACT_EXISTS"})
+        return JSONResponse({"new_members": created, "updated_members": updated, "errors": errors,
+                             "total_created": len(created), "total_updated": len(updated),
+                             "error_count": len(errors)})
+
+    def _member_exists(self, email: str) -> Response:
+        return self.error(400, "Member Exists", f"{email} is already a list member. Use PUT to insert or update "
+                          "list members.")
+
+    def _forgotten(self, email: str) -> Response:
+        return self.error(400, "Forgotten Email Not Subscribed", f"{email} was permanently deleted and cannot be "
+                          "re-imported. The contact must re-subscribe to get back on the list.")

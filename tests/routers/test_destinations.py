@@ -1,0 +1,107 @@
+"""`/v1/destinations`: kinds and their config, write-only encrypted secrets, mappings, scopes."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.security import Role
+from tests.auth import bearer
+from tests.factories import ADMIN, make_list
+from tests.routers.test_contacts import assert_problem
+
+MANAGER = bearer(Role.MANAGER, subject="lead@shop.example")
+API_KEY = "xkeysib-0123456789abcdef0123456789abcdef"
+
+
+async def create(client: httpx.AsyncClient, headers: dict[str, str] = ADMIN, **body: Any) -> httpx.Response:
+    return await client.post("/v1/destinations", json={"name": f"d-{uuid.uuid4().hex[:6]}", **body}, headers=headers)
+
+
+async def test_secrets_are_write_only_and_encrypted_at_rest(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    the_list = await make_list(client)
+    response = await create(client, kind="brevo", config={"api_key": API_KEY, "double_opt_in_template_id": 12},
+                            list_mappings=[{"list_id": the_list["id"], "remote_list_id": "7"}],
+                            field_mappings={"first_name": "FIRSTNAME", "attributes.size": "SIZE"})
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert API_KEY not in response.text
+    assert created["config"] == {"double_opt_in_template_id": 12}
+    assert created["secrets_set"] == ["api_key", "inbound_secret"]
+    assert set(created["generated_secrets"]) == {"inbound_secret"}
+    assert created["inbound_url"].endswith(f"/v1/inbound/brevo/{created['id']}")
+    assert response.headers["ETag"] == '"v1"'
+    shown = await client.get(f"/v1/destinations/{created['id']}", headers=ADMIN)
+    assert API_KEY not in shown.text and created["generated_secrets"]["inbound_secret"] not in shown.text
+    assert "generated_secrets" not in shown.json()
+    listed = await client.get("/v1/destinations", headers=MANAGER)
+    assert API_KEY not in listed.text and listed.json()["data"][0]["secrets_set"]
+    async with sessions() as session:
+        stored = (await session.execute(text("SELECT config::text, secrets FROM destination WHERE id = :i"),
+                                        {"i": created["id"]})).one()
+    assert API_KEY not in stored.config and API_KEY not in stored.secrets
+    assert stored.secrets.startswith("gAAAA")  # a Fernet token
+
+
+async def test_config_is_checked_per_kind_and_names_the_field(client: httpx.AsyncClient) -> None:
+    assert_problem(await create(client, kind="brevo", config={}), 422, "config.api_key")
+    assert_problem(await create(client, kind="brevo", config={"api_key": API_KEY, "apikey": "typo"}), 422,
+                   "config.apikey")
+    assert_problem(await create(client, kind="webhook", config={"url": "ftp://x.example"}), 422, "config.url")
+    assert_problem(await create(client, kind="webhook", config={"url": "https://h.example", "secret": "nope"}), 422,
+                   "config.secret")
+    assert_problem(await create(client, kind="carrier-pigeon"), 422, "kind")
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20},
+                                list_mappings=[{"list_id": str(uuid.uuid4()), "remote_list_id": "x"}]), 422,
+                   "list_mappings[0].list_id")
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20},
+                                field_mappings={"password": "PWD"}), 422, "field_mappings")
+
+
+async def test_webhook_secret_is_generated_once_and_rotation_keeps_two(client: httpx.AsyncClient) -> None:
+    response = await create(client, kind="webhook", config={"url": "https://hooks.shop.example/carnet"})
+    created = response.json()
+    secret = created["generated_secrets"]["secret"]
+    assert secret.startswith("whsec_") and created["inbound_url"] is None
+    assert created["secrets_set"] == ["inbound_secret", "secret"]
+    rotated = await client.patch(f"/v1/destinations/{created['id']}", headers={**ADMIN, "If-Match": '"v1"'},
+                                 json={"config": {"previous_secret": secret,
+                                                  "secret": "whsec_" + "QUJD" * 8}})
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json()["secrets_set"] == ["inbound_secret", "previous_secret", "secret"]
+    assert rotated.headers["ETag"] == '"v2"'
+    stale = await client.patch(f"/v1/destinations/{created['id']}", json={"enabled": False},
+                               headers={**ADMIN, "If-Match": '"v1"'})
+    assert_problem(stale, 412)
+    dropped = await client.patch(f"/v1/destinations/{created['id']}", json={"config": {"previous_secret": None}},
+                                 headers=ADMIN)
+    assert dropped.json()["secrets_set"] == ["inbound_secret", "secret"]
+
+
+async def test_duplicate_name_delete_and_not_found(client: httpx.AsyncClient) -> None:
+    first = (await create(client, kind="webhook", name="same", config={"url": "https://a.example"})).json()
+    assert_problem(await create(client, kind="webhook", name="same", config={"url": "https://b.example"}), 409)
+    assert (await client.delete(f"/v1/destinations/{first['id']}", headers=ADMIN)).status_code == 204
+    assert_problem(await client.get(f"/v1/destinations/{first['id']}", headers=ADMIN), 404)
+    assert_problem(await client.post(f"/v1/deliveries/{2**40}/retry", headers=ADMIN), 404)
+
+
+async def test_resync_queues_every_member_of_the_mapped_lists(client: httpx.AsyncClient) -> None:
+    the_list = await make_list(client)
+    created = (await create(client, kind="mailchimp", config={"api_key": "k" * 20 + "-us6"},
+                            list_mappings=[{"list_id": the_list["id"], "remote_list_id": "x"}])).json()
+    assert (await client.post(f"/v1/destinations/{created['id']}/resync", headers=ADMIN)).json() == {"queued": 0}
+    hook = (await create(client, kind="webhook", config={"url": "https://a.example"})).json()
+    assert_problem(await client.post(f"/v1/destinations/{hook['id']}/resync", headers=ADMIN), 422, "kind")
+
+
+async def test_roles(client: httpx.AsyncClient) -> None:
+    for role in (Role.VIEWER, Role.EDITOR, Role.INTEGRATION):
+        assert_problem(await client.get("/v1/destinations", headers=bearer(role)), 403)
+    assert (await create(client, MANAGER, kind="webhook", config={"url": "https://m.example"})).status_code == 201

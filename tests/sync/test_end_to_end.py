@@ -1,0 +1,152 @@
+"""API → outbox → worker → real adapters → live spec-checking fakes of Mailchimp, Brevo and a webhook receiver.
+
+The remote state the fakes hold must equal Carnet's after every drain, with zero spec violations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db import make_sessionmaker
+from app.settings import Settings
+from app.worker import Worker, create_worker
+from tests.fakes.brevo import FakeBrevo
+from tests.fakes.mailchimp import FakeMailchimp
+from tests.fakes.server import LiveServer
+from tests.fakes.webhook_receiver import FakeWebhookReceiver
+from tests.factories import ADMIN, PROOF, make_contact, make_list
+
+pytestmark = pytest.mark.committing
+
+MC_KEY = f"{uuid.uuid4().hex}-us6"
+BREVO_KEY = "xkeysib-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def mailchimp() -> Iterator[tuple[FakeMailchimp, LiveServer]]:
+    fake = FakeMailchimp(api_key=MC_KEY, lists={"mc-news", "mc-vip"})
+    with LiveServer(fake) as live:
+        yield fake, live
+    assert fake.violations == []
+
+
+@pytest.fixture
+def brevo() -> Iterator[tuple[FakeBrevo, LiveServer]]:
+    fake = FakeBrevo(api_key=BREVO_KEY, lists={7, 8})
+    with LiveServer(fake) as live:
+        yield fake, live
+    assert fake.violations == []
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def worker(engine: AsyncEngine, settings: Settings, app: FastAPI) -> AsyncIterator[Worker]:
+    local = settings.model_copy(update={"sync_allow_private_networks": True, "sync_call_deadline_seconds": 5.0})
+    w = create_worker(make_sessionmaker(engine), local, box=app.state.secret_box)
+    yield w
+    await w.aclose()
+
+
+async def drain(worker: Worker) -> None:
+    async with asyncio.timeout(60):
+        await worker.drain()
+
+
+async def destination(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    response = await client.post("/v1/destinations", json={"name": f"d-{uuid.uuid4().hex[:6]}", **body},
+                                 headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def subscribe(client: httpx.AsyncClient, list_id: str, contact_id: str) -> None:
+    response = await client.put(f"/v1/lists/{list_id}/members/{contact_id}", json={"consent": {"proof": PROOF}},
+                                headers=ADMIN)
+    assert response.status_code in (200, 201), response.text
+
+
+async def test_mailchimp_follows_carnet(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    fake, live = mailchimp
+    news, vip = await make_list(committing_client), await make_list(committing_client)
+    await destination(committing_client, kind="mailchimp", config={"api_key": MC_KEY, "base_url": live.url},
+                      list_mappings=[{"list_id": news["id"], "remote_list_id": "mc-news"},
+                                     {"list_id": vip["id"], "remote_list_id": "mc-vip"}],
+                      field_mappings={"first_name": "FNAME", "address.city": "CITY"})
+    people = [await make_contact(committing_client, first_name=f"P{i}", address={"city": "Lyon"}) for i in range(3)]
+    for person in people:
+        await subscribe(committing_client, news["id"], person["id"])
+    await subscribe(committing_client, vip["id"], people[0]["id"])
+    await drain(worker)
+    for person in people:
+        member = fake.member("mc-news", person["email"])
+        assert member is not None and member.status == "subscribed"
+        assert member.merge_fields == {"FNAME": person["first_name"], "CITY": "Lyon"}
+    assert fake.member("mc-vip", people[0]["email"]).status == "subscribed"  # type: ignore[union-attr]
+    assert fake.member("mc-vip", people[1]["email"]) is None
+
+    # Unsubscribing from one list is exactly that at Mailchimp too.
+    await committing_client.delete(f"/v1/lists/{news['id']}/members/{people[0]['id']}", headers=ADMIN)
+    await committing_client.patch(f"/v1/contacts/{people[1]['id']}", json={"first_name": "Renamed"}, headers=ADMIN)
+    await drain(worker)
+    assert fake.member("mc-news", people[0]["email"]).status == "unsubscribed"  # type: ignore[union-attr]
+    assert fake.member("mc-vip", people[0]["email"]).status == "subscribed"  # type: ignore[union-attr]
+    assert fake.member("mc-news", people[1]["email"]).merge_fields["FNAME"] == "Renamed"  # type: ignore[union-attr]
+
+    # Erasure deletes the person permanently from every mapped audience.
+    assert (await committing_client.delete(f"/v1/contacts/{people[0]['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+    assert fake.member("mc-news", people[0]["email"]) is None and fake.member("mc-vip", people[0]["email"]) is None
+
+
+async def test_brevo_follows_carnet(
+    committing_client: httpx.AsyncClient, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    fake, live = brevo
+    news = await make_list(committing_client)
+    await destination(committing_client, kind="brevo", config={"api_key": BREVO_KEY, "base_url": live.url},
+                      list_mappings=[{"list_id": news["id"], "remote_list_id": "7"}],
+                      field_mappings={"first_name": "FIRSTNAME"})
+    people = [await make_contact(committing_client, first_name=f"B{i}") for i in range(3)]
+    for person in people:
+        await subscribe(committing_client, news["id"], person["id"])
+    await drain(worker)
+    assert fake.members(7) == {p["email"] for p in people}
+    assert fake.by_email(people[0]["email"]).attributes["FIRSTNAME"] == "B0"  # type: ignore[union-attr]
+
+    await committing_client.delete(f"/v1/lists/{news['id']}/members/{people[0]['id']}", headers=ADMIN)
+    await committing_client.post(f"/v1/contacts/{people[1]['id']}/consents", headers=ADMIN, json={
+        "purpose": "email_marketing", "action": "withdrawn", "source": "preference_center"})
+    await drain(worker)
+    assert fake.members(7) == {people[2]["email"]}
+    assert fake.by_email(people[1]["email"]).email_blacklisted  # type: ignore[union-attr]
+
+    assert (await committing_client.delete(f"/v1/contacts/{people[2]['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+    assert fake.by_email(people[2]["email"]) is None
+
+
+async def test_webhook_receives_signed_events_in_order(committing_client: httpx.AsyncClient, worker: Worker) -> None:
+    hook = await destination(committing_client, kind="webhook", config={"url": "http://placeholder.invalid/"})
+    secret = hook["generated_secrets"]["secret"]
+    receiver = FakeWebhookReceiver(secret)
+    with LiveServer(receiver) as live:
+        response = await committing_client.patch(f"/v1/destinations/{hook['id']}",
+                                                 json={"config": {"url": live.url + "/carnet"}}, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        person = await make_contact(committing_client)
+        await committing_client.patch(f"/v1/contacts/{person['id']}", json={"first_name": "Zoé"}, headers=ADMIN)
+        await drain(worker)
+    topics = [(d.payload["type"] if "type" in d.payload else d.payload.get("topic")) for d in receiver.deliveries]
+    assert all(d.valid for d in receiver.deliveries), [d.reason for d in receiver.deliveries]
+    assert topics == ["contact.created", "contact.updated"]
+    assert len({d.id for d in receiver.deliveries}) == 2

@@ -1,0 +1,319 @@
+"""Mailchimp adapter against the live fake Mailchimp: every request checked against the 3.0.55 spec."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from app.sync import net
+from app.sync.base import ContactState, DeliveryFailed, Erasure, RetryLater
+from app.sync.mailchimp import BATCH_MAX, MailchimpAdapter, MailchimpConfig, api_base_url, subscriber_hash
+from tests.fakes.mailchimp import FakeMailchimp, Member
+from tests.fakes.server import LiveServer
+
+
+@pytest.fixture
+def mailchimp() -> Iterator[tuple[FakeMailchimp, LiveServer]]:
+    fake = FakeMailchimp(api_key=f"{uuid.uuid4().hex}-us6", lists={"list1", "list2"})
+    with LiveServer(fake) as live:
+        yield fake, live
+    assert fake.violations == []
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with net.build_client(allow_private_networks=True) as http:
+        yield http
+
+
+def adapter(mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient, **config: Any) -> MailchimpAdapter:
+    fake, live = mailchimp
+    options: dict[str, Any] = {"list_ids": ("list1", "list2"), "deadline_seconds": 5.0, **config}
+    return MailchimpAdapter(MailchimpConfig(api_key=fake.api_key, base_url=live.url, **options), client)
+
+
+def state(email: str, **overrides: Any) -> ContactState:
+    values: dict[str, Any] = {"contact_id": uuid.uuid4(), "email": email, "fields": {"FNAME": "Claire"},
+                              "lists": {"list1": "subscribed"}}
+    return ContactState(**{**values, **overrides})
+
+
+class TestConfig:
+    def test_the_datacenter_comes_from_the_key(self) -> None:
+        assert api_base_url("0123456789abcdef0123456789abcdef-us6") == "https://us6.api.mailchimp.com/3.0"
+        with pytest.raises(ValueError, match="data center"):
+            api_base_url("0123456789abcdef")
+
+    def test_subscriber_hash_is_md5_of_the_lower_case_address(self) -> None:
+        assert subscriber_hash("Urist.McVankab@FreddiesJokes.com") == "62eeb292278cc15f5817cb78f7790b08"
+
+
+class TestPush:
+    async def test_upserts_members_with_status_and_merge_fields(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                                client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        states = [
+            state("a@example.com", lists={"list1": "subscribed", "list2": "unsubscribed"}),
+            state("b@example.com", fields={"FNAME": "Bob", "ORDERS": 3, "NOTE": None}),
+        ]
+        outcomes = await adapter(mailchimp, client).push(states)
+        assert [o.error for o in outcomes] == [None, None]
+        assert [o.remote_ref for o in outcomes] == [subscriber_hash("a@example.com"), subscriber_hash("b@example.com")]
+        assert fake.member("list1", "a@example.com").status == "subscribed"
+        assert fake.member("list2", "a@example.com").status == "unsubscribed"
+        assert fake.member("list1", "b@example.com").merge_fields == {"FNAME": "Bob", "ORDERS": 3, "NOTE": ""}
+        puts = [s.body for s in fake.calls("putListsIdMembersId")]
+        assert len(puts) == 3 and all(b["status_if_new"] == b["status"] for b in puts)  # status unknown: explicit
+
+    async def test_status_is_sent_only_for_real_changes(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                        client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        [outcome] = await sync.push([state("a@example.com")])
+        fake.member("list1", "a@example.com").status = "unsubscribed"   # the person unsubscribed in Mailchimp
+        # A profile change arrives before the inbound unsubscribe: no status change in Carnet.
+        await sync.push([state("a@example.com", fields={"FNAME": "Clara"}, remote_ref=outcome.remote_ref,
+                               status_changed=frozenset())])
+        member = fake.member("list1", "a@example.com")
+        assert member.status == "unsubscribed" and member.merge_fields["FNAME"] == "Clara"
+        assert "status" not in fake.calls("putListsIdMembersId")[-1].body
+        # A real change in Carnet is sent explicitly.
+        await sync.push([state("a@example.com", lists={"list1": "unsubscribed"}, remote_ref=outcome.remote_ref,
+                               status_changed=frozenset({"list1"}))])
+        assert fake.calls("putListsIdMembersId")[-1].body["status"] == "unsubscribed"
+
+    async def test_nothing_is_sent_when_nothing_changed(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                        client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        await adapter(mailchimp, client).push([state("a@example.com", remote_ref="x", profile_changed=False,
+                                                     status_changed=frozenset())])
+        assert fake.seen == []
+
+    async def test_pending_on_a_vendor_double_opt_in_list(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                          client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        s = state("a@example.com", lists={"list1": "pending", "list2": "pending"},
+                  vendor_double_opt_in=frozenset({"list1"}))
+        [outcome] = await adapter(mailchimp, client).push([s])
+        assert outcome.error is None
+        assert fake.member("list1", "a@example.com").status == "pending"
+        assert fake.member("list2", "a@example.com") is None   # Carnet's own confirmation: not sent yet
+
+    async def test_global_opt_out_unsubscribes_everywhere(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                          client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        lists = {"list1": "subscribed", "list2": "subscribed"}
+        await sync.push([state("a@example.com", lists=lists)])
+        await sync.push([state("a@example.com", lists=lists, marketing_blocked=True, status_changed=frozenset())])
+        assert {fake.member(name, "a@example.com").status for name in lists} == {"unsubscribed"}
+
+    async def test_tags_are_set_and_removed(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                            client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        await sync.push([state("a@example.com", tags=("vip", "b2b"))])
+        assert fake.member("list1", "a@example.com").tags == {"vip", "b2b"}
+        await sync.push([state("a@example.com", tags=("vip",), removed_tags=("b2b",), status_changed=frozenset())])
+        assert fake.member("list1", "a@example.com").tags == {"vip"}
+        assert fake.calls("postListMemberTags")[-1].body == {"tags": [{"name": "vip", "status": "active"},
+                                                                      {"name": "b2b", "status": "inactive"}]}
+
+    async def test_an_address_change_patches_the_old_hash(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                          client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        [outcome] = await sync.push([state("old@example.com")])
+        [moved] = await sync.push([state("new@example.com", previous_email="old@example.com",
+                                         remote_ref=outcome.remote_ref, status_changed=frozenset())])
+        assert moved.error is None and moved.remote_ref == subscriber_hash("new@example.com")
+        assert fake.member("list1", "old@example.com") is None
+        assert fake.member("list1", "new@example.com").status == "subscribed"
+        [patch] = fake.calls("patchListsIdMembersId")
+        assert patch.path.endswith(subscriber_hash("old@example.com"))
+
+    async def test_an_address_change_to_an_existing_member_is_handled(
+        self, mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        await sync.push([state("old@example.com"), state("new@example.com")])
+        [moved] = await sync.push([state("new@example.com", previous_email="old@example.com",
+                                         fields={"FNAME": "Moved"})])
+        assert moved.error is None
+        assert [s.status for s in fake.seen if s.method == "PATCH"] == [400]   # "Member Exists"
+        assert fake.member("list1", "new@example.com").merge_fields["FNAME"] == "Moved"
+
+    async def test_an_unknown_list_fails_only_its_contacts(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                           client: httpx.AsyncClient) -> None:
+        outcomes = await adapter(mailchimp, client).push([state("a@example.com"),
+                                                          state("b@example.com", lists={"nope": "subscribed"})])
+        assert outcomes[0].error is None
+        assert outcomes[1].error == "Mailchimp upsert: 404 Resource Not Found"
+
+
+class TestBatch:
+    async def test_many_changes_to_one_list_go_500_per_batch(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                             client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        fake.lists["list1"][subscriber_hash("c0@example.com")] = Member("c0@example.com", "unsubscribed")
+        states = [state(f"c{i}@example.com") for i in range(1200)]
+        outcomes = await adapter(mailchimp, client).push(states)
+        assert all(o.error is None for o in outcomes)
+        assert sorted(fake.batch_sizes) == [200, BATCH_MAX, BATCH_MAX]
+        assert all(c.body["update_existing"] is True for c in fake.calls("postListsId"))
+        assert len(fake.lists["list1"]) == 1200
+        assert {m.status for m in fake.lists["list1"].values()} == {"subscribed"}
+
+    async def test_batch_errors_fail_only_their_contacts(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                         client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        fake.forgotten.add(("list1", subscriber_hash("c3@example.com")))
+        outcomes = await adapter(mailchimp, client).push([state(f"c{i}@example.com") for i in range(20)])
+        assert [i for i, o in enumerate(outcomes) if o.error] == [3]
+        assert outcomes[3].error == "Mailchimp batch subscribe: ERROR_GENERIC"
+
+
+class TestConnections:
+    async def test_never_more_than_10_in_flight_and_the_cap_is_used(
+        self, mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        fake, _ = mailchimp
+        fake.delay = 0.2   # a vendor-like latency (the fake shares this process's CPU: shorter ones measure the GIL)
+        states = [state(f"c{i}@example.com") for i in range(100)]
+        first = adapter(mailchimp, client, batch_threshold=10**6)
+        second = adapter(mailchimp, client, batch_threshold=10**6)   # another destination, same account
+        await net.run_all([first.push(states[:50]), second.push(states[50:])])
+        assert fake.over_limit == 0
+        assert fake.peak_concurrency[fake.api_key] == 10
+        # ≈ 9.2-9.5 measured; 8.5 leaves room for a loaded CI machine (fake and adapter share one GIL).
+        assert fake.mean_concurrency(fake.api_key) >= 8.5, fake.mean_concurrency(fake.api_key)
+        assert len(fake.lists["list1"]) == 100
+
+    async def test_500_member_batches_at_10_concurrent(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                       client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        fake.delay = 1.0   # a vendor-like latency per 500-member batch call
+        states = [state(f"c{i}@example.com", lists={"list1": "subscribed", "list2": "unsubscribed"})
+                  for i in range(5000)]
+        outcomes = await adapter(mailchimp, client).push(states)
+        assert all(o.error is None for o in outcomes)
+        assert sorted(set(fake.batch_sizes)) == [BATCH_MAX] and len(fake.batch_sizes) == 20
+        assert fake.over_limit == 0 and fake.peak_concurrency[fake.api_key] == 10
+        # Two waves of 10: ramp-up and tail count against the mean (about 9.0 measured on a quiet machine).
+        assert fake.mean_concurrency(fake.api_key) >= 8.5, fake.mean_concurrency(fake.api_key)
+
+    async def test_the_fake_refuses_an_11th_connection(self, mailchimp: tuple[FakeMailchimp, LiveServer]) -> None:
+        fake, live = mailchimp
+        fake.delay = 0.3
+        async with httpx.AsyncClient(base_url=live.url, auth=("x", fake.api_key),
+                                     limits=httpx.Limits(max_connections=20)) as raw:
+            answers = await _gather([raw.get(f"/lists/list1/members/{i:032x}") for i in range(12)])
+        assert sorted(a.status_code for a in answers).count(429) == 2 and fake.over_limit == 2
+        assert answers[0].headers["content-type"] == "application/problem+json"
+
+
+class TestFailures:
+    async def test_a_429_with_a_short_wait_is_retried_in_place(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                               client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        fake.force(429, headers={"retry-after": "1"})
+        [outcome] = await adapter(mailchimp, client).push([state("a@example.com")])
+        assert outcome.error is None and [s.status for s in fake.seen] == [429, 200]
+
+    async def test_a_429_with_a_long_wait_is_retry_later(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                         client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        fake.force(429, headers={"retry-after": "60"})
+        with pytest.raises(RetryLater) as caught:
+            await adapter(mailchimp, client).push([state("a@example.com")])
+        assert caught.value.after_seconds == 60
+
+    async def test_5xx_down_and_bad_key(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                        client: httpx.AsyncClient) -> None:
+        fake, live = mailchimp
+        fake.force(500)
+        with pytest.raises(DeliveryFailed) as caught:
+            await adapter(mailchimp, client).push([state("a@example.com")])
+        assert not caught.value.permanent
+        bad = MailchimpAdapter(MailchimpConfig(api_key="wrong-us6", base_url=live.url), client)
+        with pytest.raises(DeliveryFailed, match="API key"):
+            await bad.push([state("a@example.com")])
+        live.stop()
+        with pytest.raises(DeliveryFailed, match="network error"):
+            await adapter(mailchimp, client).push([state("a@example.com")])
+        live.start()
+
+    async def test_a_trickling_answer_is_cut_at_the_deadline(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                             client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        fake.trickle = 0.2
+        with pytest.raises(DeliveryFailed, match="no complete answer within 1 s"):
+            await adapter(mailchimp, client, deadline_seconds=1.0).push([state("a@example.com")])
+
+
+class TestErase:
+    async def test_delete_permanent_on_every_mapped_list(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                         client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        s = state("a@example.com", lists={"list1": "subscribed"})
+        [outcome] = await sync.push([s])
+        erasure = Erasure(s.contact_id, outcome.remote_ref or "")
+        assert [o.error for o in await sync.erase([erasure])] == [None]
+        assert fake.member("list1", "a@example.com") is None
+        assert len(fake.calls("postListsIdMembersHashActionsDeletePermanent")) == 1   # list2: 404, done
+        assert [o.error for o in await sync.erase([erasure])] == [None]
+        # Mailchimp refuses to re-add a permanently deleted address through the API: a permanent contact error.
+        [again] = await sync.push([s])
+        assert again.error == "Mailchimp upsert: 400 Forgotten Email Not Subscribed"
+
+
+class TestFakeMailchimp:
+    """The fake itself: requests that break the spec are caught, recorded and answered 400 problem+json."""
+
+    @pytest.mark.parametrize(("method", "path", "body", "expected"), [
+        ("PUT", f"/lists/list1/members/{subscriber_hash('a@example.com')}", {"email_address": "a@example.com"},
+         "status_if_new"),
+        ("PUT", f"/lists/list1/members/{subscriber_hash('a@example.com')}",
+         {"email_address": "a@example.com", "status_if_new": "active"}, "status_if_new"),
+        ("PUT", "/lists/list1/members/0123", {"email_address": "a@example.com", "status_if_new": "subscribed"},
+         "subscriber_hash"),
+        ("POST", "/lists/list1", {"members": [{"email_address": f"{i}@example.com", "status": "subscribed"}
+                                              for i in range(501)]}, "at most 500"),
+        ("POST", f"/lists/list1/members/{subscriber_hash('a@example.com')}/tags", {"tags": [{"name": "vip"}]},
+         "status"),
+        ("PATCH", f"/lists/list1/members/{subscriber_hash('a@example.com')}", {"emailAddress": "b@example.com"},
+         "emailAddress"),
+    ])
+    async def test_a_wrong_request_is_a_violation(self, method: str, path: str, body: Any, expected: str) -> None:
+        fake = FakeMailchimp()
+        with LiveServer(fake) as live:
+            async with httpx.AsyncClient(base_url=live.url, auth=("x", fake.api_key)) as raw:
+                response = await raw.request(method, path, json=body)
+        assert response.status_code == 400
+        assert response.headers["content-type"] == "application/problem+json"
+        assert fake.violations and any(expected in v for v in fake.violations), fake.violations
+
+    async def test_member_exists(self) -> None:
+        fake = FakeMailchimp()
+        with LiveServer(fake) as live:
+            async with httpx.AsyncClient(base_url=live.url, auth=("x", fake.api_key)) as raw:
+                body = {"email_address": "a@example.com", "status": "subscribed"}
+                first = await raw.post("/lists/list1/members", json=body)
+                second = await raw.post("/lists/list1/members", json=body)
+                anonymous = await raw.post("/lists/list1/members", json=body, auth=None)
+        assert first.status_code == 200 and first.json()["id"] == subscriber_hash("a@example.com")
+        assert second.status_code == 400 and second.json()["title"] == "Member Exists"
+        assert set(second.json()) == {"type", "title", "status", "detail", "instance"}
+        assert anonymous.status_code == 400 and "credentials" in fake.violations[0]
+
+
+async def _gather(requests: list[Any]) -> list[httpx.Response]:
+    return list(await asyncio.gather(*requests))

@@ -1,0 +1,206 @@
+"""The network edge: SSRF refusals (at connect time, no rebinding), the overall deadline, Retry-After, pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
+
+from app.sync import net
+from app.sync.base import DeliveryFailed, RetryLater
+from tests.fakes.server import LiveServer, max_in_window
+
+
+class _Echo:
+    """Answers the Host header it saw; `trickle` makes it drip a long body one byte at a time."""
+
+    def __init__(self) -> None:
+        self.hosts: list[str] = []
+        self.trickle: float | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        self.hosts.append(request.headers.get("host", ""))
+        if self.trickle is None:
+            await PlainTextResponse("ok")(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]})
+        for _ in range(100):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(self.trickle)
+
+
+@pytest.fixture
+def echo() -> Iterator[tuple[_Echo, LiveServer]]:
+    app = _Echo()
+    with LiveServer(app) as live:
+        yield app, live
+
+
+@pytest_asyncio.fixture
+async def guarded() -> AsyncIterator[net.httpx.AsyncClient]:
+    async with net.build_client(allow_private_networks=False) as client:
+        yield client
+
+
+class TestAddressRefusal:
+    @pytest.mark.parametrize(("address", "reason"), [
+        ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"), ("169.254.169.254", "cloud metadata address"),
+        ("fd00:ec2::254", "cloud metadata address"), ("169.254.10.1", "link-local"), ("fe80::1", "link-local"),
+        ("0.0.0.0", "unspecified"),  # noqa: S104 ("::", "unspecified"), ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
+        ("240.0.0.1", "private"), ("100.64.0.1", "shared (carrier-grade NAT)"), ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "cloud metadata address"), ("fc00::1", "private"), ("198.18.0.1", "private"),
+    ])
+    def test_refused(self, address: str, reason: str) -> None:
+        assert net.address_refusal(ipaddress.ip_address(address)) == reason
+
+    @pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"])
+    def test_public_addresses_pass(self, address: str) -> None:
+        assert net.address_refusal(ipaddress.ip_address(address)) is None
+
+
+class TestCheckUrl:
+    async def test_a_name_resolving_to_loopback_is_refused(self) -> None:
+        async def resolver(host: str, port: int) -> list[str]:
+            return ["127.0.0.1"]
+
+        with pytest.raises(net.BlockedAddress, match="loopback") as caught:
+            await net.check_url("https://hooks.shop.example/in", allow_private=False, resolver=resolver)
+        assert caught.value.permanent
+
+    async def test_localhost_is_refused_through_the_system_resolver(self) -> None:
+        with pytest.raises(net.BlockedAddress):
+            await net.check_url("http://localhost:8080/", allow_private=False)
+
+    async def test_one_refused_address_among_several_refuses_the_host(self) -> None:
+        async def resolver(host: str, port: int) -> list[str]:
+            return ["93.184.216.34", "10.0.0.5"]
+
+        with pytest.raises(net.BlockedAddress, match="private"):
+            await net.check_url("https://shop.example/", allow_private=False, resolver=resolver)
+
+    async def test_the_allow_flag_lets_private_targets_through(self) -> None:
+        await net.check_url("http://127.0.0.1:9/", allow_private=True)
+
+    @pytest.mark.parametrize("url", ["ftp://shop.example/", "file:///etc/passwd", "https://user:pw@shop.example/",
+                                     "not a url", "https://shop.example:99999/"])
+    async def test_malformed_or_non_http_urls_are_permanent_failures(self, url: str) -> None:
+        with pytest.raises(DeliveryFailed) as caught:
+            await net.check_url(url, allow_private=True)
+        assert caught.value.permanent
+
+
+class TestGuardedClient:
+    async def test_connecting_to_loopback_is_refused(self, echo: tuple[_Echo, LiveServer],
+                                                     guarded: net.httpx.AsyncClient) -> None:
+        app, live = echo
+        for url in (live.url, f"http://localhost:{live.port}/"):
+            with pytest.raises(net.BlockedAddress):
+                await net.call(guarded, "GET", url, deadline=5)
+        assert app.hosts == []
+
+    async def test_the_checked_address_is_the_one_connected(self, echo: tuple[_Echo, LiveServer]) -> None:
+        app, live = echo
+        calls: list[str] = []
+
+        async def resolver(host: str, port: int) -> list[str]:
+            calls.append(host)
+            return ["127.0.0.1"]
+
+        async with net.build_client(allow_private_networks=True, resolver=resolver) as client:
+            response = await net.call(client, "GET", f"http://vendor.test:{live.port}/", deadline=5)
+        assert response.text == "ok"
+        assert calls == ["vendor.test"]                       # one resolution, used for the connection
+        assert app.hosts == [f"vendor.test:{live.port}"]      # the name travels in Host (and SNI for TLS)
+
+    async def test_dns_rebinding_after_the_advisory_check_is_caught_at_connect(
+        self, echo: tuple[_Echo, LiveServer]
+    ) -> None:
+        app, live = echo
+        answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+
+        async def rebinding(host: str, port: int) -> list[str]:
+            return next(answers)
+
+        url = f"http://rebind.test:{live.port}/"
+        await net.check_url(url, allow_private=False, resolver=rebinding)   # first answer: public
+        async with net.build_client(allow_private_networks=False, resolver=rebinding) as client:
+            with pytest.raises(net.BlockedAddress):
+                await net.call(client, "GET", url, deadline=5)             # second answer: loopback
+        assert app.hosts == []
+
+
+class TestDeadline:
+    async def test_a_trickling_server_is_cut_at_the_overall_deadline(self, echo: tuple[_Echo, LiveServer]) -> None:
+        app, live = echo
+        app.trickle = 0.2  # a byte every 0.2 s: httpx's 10 s read timeout never fires
+        async with net.build_client(allow_private_networks=True, timeout=10) as client:
+            started = time.monotonic()
+            with pytest.raises(DeliveryFailed, match="no complete answer within 1 s") as caught:
+                await net.call(client, "GET", live.url, deadline=1.0)
+        assert 0.9 <= time.monotonic() - started < 2.0
+        assert not caught.value.permanent
+
+    async def test_connection_refused_is_a_retryable_failure(self) -> None:
+        live = LiveServer(_Echo()).start()
+        live.stop()
+        async with net.build_client(allow_private_networks=True) as client:
+            with pytest.raises(DeliveryFailed, match="network error") as caught:
+                await net.call(client, "GET", live.url, deadline=5)
+        assert not caught.value.permanent
+
+
+class TestRetryAfter:
+    def test_seconds(self) -> None:
+        assert net.retry_after({"retry-after": "7"}, default=1) == 7
+
+    def test_http_date(self) -> None:
+        assert net.retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:20 GMT"}, default=1,
+                               now=1445412480.0) == pytest.approx(20)
+
+    def test_brevo_reset_header_and_the_longest_wins(self) -> None:
+        assert net.retry_after({"x-sib-ratelimit-reset": "3"}, default=1) == 3
+        assert net.retry_after({"retry-after": "2", "x-sib-ratelimit-reset": "9"}, default=1) == 9
+
+    def test_garbage_negative_and_huge_values(self) -> None:
+        assert net.retry_after({"retry-after": "soon"}, default=1.5) == 1.5
+        assert net.retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, default=1) == 0
+        assert net.retry_after({"retry-after": "999999"}, default=1) == 3600
+
+
+class TestPacing:
+    async def test_the_limiter_spaces_starts(self) -> None:
+        limiter = net.RateLimiter(50)
+        starts = []
+        began = time.monotonic()
+        for _ in range(30):
+            await limiter.acquire()
+            starts.append(time.monotonic())
+        assert time.monotonic() - began >= 29 / 50 - 0.01
+        assert max_in_window(starts) <= 50
+
+    async def test_a_pause_holds_everyone_sharing_the_key(self) -> None:
+        limiter = net.rate_limiter("test", "k1", 100)
+        assert net.rate_limiter("test", "k1", 100) is limiter
+        limiter.pause(0.3)
+        began = time.monotonic()
+        await limiter.acquire()
+        assert time.monotonic() - began >= 0.29
+
+    async def test_run_all_raises_the_longest_wait(self) -> None:
+        async def wait(seconds: float) -> None:
+            raise RetryLater("429", after_seconds=seconds)
+
+        with pytest.raises(RetryLater) as caught:
+            await net.run_all([wait(1), wait(5), wait(2)])
+        assert caught.value.after_seconds == 5
