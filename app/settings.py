@@ -57,19 +57,20 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"      # how vendors reach /v1/inbound (shown as inbound_url)
     sync_allow_private_networks: bool = False           # SSRF guard off: loopback fakes in tests, LAN receivers
     sync_call_deadline_seconds: float = Field(default=30.0, gt=0)   # whole vendor call, trickling servers included
-    delivery_batch_size: int = Field(default=500, ge=1, le=5000)
+    delivery_batch_size: int = Field(default=1500, ge=1, le=5000)  # 10 Brevo list calls, 3 Mailchimp batches
     delivery_lease_seconds: float = Field(default=120.0, gt=0)
     delivery_backoff_base_seconds: float = Field(default=1.0, gt=0)
-    delivery_backoff_cap_seconds: float = Field(default=60.0, gt=0)
-    delivery_max_attempts: int = Field(default=50, ge=1)   # ~45 min of retries at the cap, then dead letter
+    # A vendor back from an outage is retried within the cap: 30 s keeps "delivered within 60 s of recovery".
+    delivery_backoff_cap_seconds: float = Field(default=30.0, gt=0)
+    delivery_max_attempts: int = Field(default=8640, ge=1)   # three days at the cap, then dead letter
     worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
     run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL
 
     # CSV imports (app.services.imports)
     import_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)  # upload cap of POST /v1/imports (413 above)
     import_lease_seconds: float = Field(default=120.0, gt=0)   # a killed worker's job is taken over after this
-    import_batch_rows: int = Field(default=20_000, ge=1, le=200_000)    # rows per checkpointed transaction
-    import_workers: int = Field(default=2, ge=0, le=32)         # validating processes; 0: in the runner itself
+    import_batch_rows: int = Field(default=10_000, ge=1, le=200_000)    # rows per checkpointed transaction
+    import_workers: int = Field(default=1, ge=0, le=32)         # validating processes; 0: in the runner itself
     import_inline_bytes: int = Field(default=1024 * 1024, ge=0)  # smaller files are validated in the runner
     import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
 

@@ -45,6 +45,10 @@ AdapterFactory = Callable[[destinations_service.Loaded, httpx.AsyncClient, Setti
 JobRunner = Callable[[async_sessionmaker[AsyncSession], Settings], Awaitable[bool]]
 _DB_AWAY = (OSError, DBAPIError, InterfaceError)
 WEBHOOK_CONCURRENCY = 8
+DISPATCH_ROUNDS = 5          # x delivery.DISPATCH_BATCH outbox messages per round
+LANES = 3                    # batches of one destination in flight at once
+LANE_STAGGER_SECONDS = 0.3
+LANE_BATCHES = 10            # batches per lane before the next dispatch round
 
 
 class Worker:
@@ -106,7 +110,7 @@ class Worker:
         async with self.sessions.begin() as session:
             await delivery.reap_expired_leases(session)
         dispatched = 0
-        while True:
+        for _round in range(DISPATCH_ROUNDS):  # bounded, so a big backlog does not hold deliveries back
             async with self.sessions.begin() as session:
                 n = await delivery.dispatch(session)
             dispatched += n
@@ -115,16 +119,36 @@ class Worker:
         OUTBOX_DISPATCHED.inc(dispatched)
         async with self.sessions() as session:
             destination_ids = await delivery.enabled_destination_ids(session)
-        results = await asyncio.gather(*(self._deliver_batch(d) for d in destination_ids))
+        results = await asyncio.gather(*(self._drain_destination(d) for d in destination_ids))
         return dispatched > 0 or any(results)
 
-    async def _deliver_batch(self, destination_id: uuid.UUID) -> bool:
+    async def _drain_destination(self, destination_id: uuid.UUID) -> bool:
+        """One batch; if it was full (a backlog), several lanes, started apart, keep the vendor busy: one claims
+        and reads while another waits on the vendor (the adapters' rate limiters and connection caps are per
+        API key, shared by every lane). Back to the round after LANE_BATCHES, so new outbox messages are
+        dispatched even while a backlog drains."""
+        moved, full = await self._deliver_batch(destination_id)
+        if not (moved and full):
+            return moved
+        await asyncio.gather(*(self._lane(destination_id, start_after=i * LANE_STAGGER_SECONDS)
+                               for i in range(LANES)))
+        return True
+
+    async def _lane(self, destination_id: uuid.UUID, *, start_after: float) -> None:
+        await asyncio.sleep(start_after)
+        for _ in range(LANE_BATCHES):
+            moved, full = await self._deliver_batch(destination_id)
+            if not (moved and full):
+                return
+
+    async def _deliver_batch(self, destination_id: uuid.UUID) -> tuple[bool, bool]:
+        """(anything delivered or dead-lettered, the claim was a full batch)."""
         async with self.sessions.begin() as session:
             destination = await destinations_service.load(session, destination_id, box=self.box)
             claimed = await delivery.claim(session, destination_id, limit=self.settings.delivery_batch_size,
                                            lease_seconds=self.settings.delivery_lease_seconds)
         if not claimed.rows:
-            return False
+            return False, False
         adapter = self.adapters(destination, self.http, self.settings)
         # The whole batch must end well inside the lease, or another worker could take the same rows.
         budget = self.settings.delivery_lease_seconds * 0.8
@@ -145,7 +169,8 @@ class Worker:
         if error:
             log.warning("delivery.failed", destination_id=str(destination_id), kind=kind, error=error,
                         batch=len(claimed.rows))
-        return True
+        moved = bool(completion.delivered or completion.dead)  # False: all put back for later
+        return moved, len(claimed.rows) == self.settings.delivery_batch_size
 
     async def _push_states(
         self, adapter: Any, destination: destinations_service.Loaded, claimed: delivery.Claimed, budget: float
@@ -169,6 +194,7 @@ class Worker:
                   + [by_contact[e.contact_id] for e in erasures], exc)
             return result
         erased = {e.contact_id for e in erasures}
+        known_refs = {s.contact_id: s.remote_ref for s in states}
         for outcome in outcomes:
             delivery_id = by_contact[outcome.contact_id]
             if outcome.error is not None:
@@ -178,7 +204,7 @@ class Worker:
                 result.forget.append(outcome.contact_id)
             else:
                 result.completion.delivered.append(delivery_id)
-                if outcome.remote_ref is not None:
+                if outcome.remote_ref is not None and outcome.remote_ref != known_refs.get(outcome.contact_id):
                     result.links[outcome.contact_id] = outcome.remote_ref
         return result
 

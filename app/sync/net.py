@@ -234,23 +234,23 @@ def retry_after(headers: Mapping[str, str], *, default: float, now: float | None
 class RateLimiter:
     """Evenly spaced request starts: at most `rate` per second, including retries; shared per API key.
 
-    No lock: a slot is reserved synchronously, then awaited, so the limiter works on any event loop.
+    No lock: the check and the reservation happen without an await between them, so the limiter works on
+    any event loop.
     """
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate
         self._next = 0.0
 
-    def reserve(self) -> float:
-        now = time.monotonic()
-        slot = max(now, self._next)
-        self._next = slot + self.interval
-        return slot - now
-
     async def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Wait for a slot measured when the request really starts: if the event loop was busy when a slot
+        came due, the next requests are not sent in a burst behind it (the vendor counts arrivals)."""
+        while True:
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + self.interval
+                return
+            await asyncio.sleep(self._next - now)
 
     def pause(self, seconds: float) -> None:
         """The vendor said wait: no request from anyone sharing this key before then."""

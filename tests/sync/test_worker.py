@@ -77,7 +77,7 @@ class RecordingWebhook:
 @pytest.fixture
 def sync_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={
-        "delivery_backoff_base_seconds": 0.05, "delivery_backoff_cap_seconds": 0.2, "delivery_max_attempts": 3,
+        "delivery_backoff_base_seconds": 1.0, "delivery_backoff_cap_seconds": 1.0, "delivery_max_attempts": 3,
         "delivery_lease_seconds": 30.0,
     })
 
@@ -221,7 +221,7 @@ async def test_failures_back_off_then_dead_letter_then_retry_by_hand(
     assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 1, "vendor answered 503")
     assert row["next_attempt_at"] > utc_now()
     for _ in range(2):
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(1.05)
         await worker.deliver_once()
     [row] = await deliveries(makers, destination["id"])
     assert row["status"] == "dead" and "gave up after 3 attempts" in row["last_error"]
@@ -340,3 +340,21 @@ async def test_a_receiver_that_says_gone_disables_the_destination(
     shown = (await committing_client.get(f"/v1/destinations/{destination['id']}", headers=ADMIN)).json()
     assert shown["enabled"] is False and shown["health"]["disabled_reason"] == "receiver answered 410"
     assert shown["health"]["dead"] == 1
+
+
+async def test_a_backlog_drains_through_several_lanes_without_overlap(
+    committing_client: httpx.AsyncClient, vendor: RecordingVendor, makers: async_sessionmaker[AsyncSession],
+    sync_settings: Settings, app: FastAPI, worker: Worker,
+) -> None:
+    the_list = await make_list(committing_client)
+    await mailchimp_destination(committing_client, the_list["id"])
+    contacts = [await subscribed_contact(committing_client, the_list["id"]) for _ in range(9)]
+    small = Worker(makers, sync_settings.model_copy(update={"delivery_batch_size": 2}), box=app.state.secret_box,
+                   adapters=worker.adapters)
+    try:
+        await drain(small)
+    finally:
+        await small.aclose()
+    assert vendor.overlaps == 0
+    assert sorted(s.email for batch in vendor.pushes for s in batch) == sorted(c["email"] for c in contacts)
+    assert max(len(batch) for batch in vendor.pushes) == 2

@@ -1,0 +1,205 @@
+"""Outbox drain to the local fake vendors, with the vendors' limits enforced by the fakes.
+
+    .venv/bin/python bench/bench_drain.py [--messages 100000] [--vendor brevo|mailchimp|both]
+
+What it does, per vendor, in one database created for the run (`carnet_bench_drain`, dropped after):
+  1. Seeds N contacts already known to the vendor (sync links and remote records exist: the steady state
+     of a shop), one mapped list, and N outbox messages `membership.subscribed` (COPY-speed SQL).
+  2. Starts the fake (the same spec-checking fake the tests use) on loopback with its limit on:
+     Brevo 10 requests/s per API key (429 beyond), Mailchimp 10 simultaneous connections (429 beyond), each
+     answer taking --latency seconds (a real vendor is not instant).
+  3. Runs Carnet's worker (the production `create_worker`) until the outbox is drained; measures the vendor
+     calls, the busiest 1-second window, the 429s, the mean concurrency, and the final remote state.
+  4. The bar (ARCHITECTURE.md): >= 90% of the vendor's allowed rate, 0 requests over the limit, 0 lost.
+     For Brevo the allowed rate is 10 calls/s; for Mailchimp, 10 calls in flight at all times.
+Writes bench/out/drain.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+
+from app.migrations import upgrade  # noqa: E402
+from app.security.secrets import SecretBox  # noqa: E402
+from tests.fakes.brevo import FakeBrevo, RemoteContact  # noqa: E402
+from tests.fakes.mailchimp import FakeMailchimp, Member, subscriber_hash  # noqa: E402
+from tests.fakes.server import LiveServer, max_in_window  # noqa: E402
+
+SERVER = "postgresql://postgres@127.0.0.1:5432"
+DB = "carnet_bench_drain"
+BREVO_KEY = "xkeysib-bench"
+MC_KEY = "0123456789abcdef0123456789abcdef-us6"
+MASTER = "bench-master-secret-" + "x" * 32
+
+
+async def recreate(url: str) -> None:
+    admin = await asyncpg.connect(f"{SERVER}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{DB}"')
+    finally:
+        await admin.close()
+    await asyncio.to_thread(upgrade, url)
+
+
+async def drop() -> None:
+    admin = await asyncpg.connect(f"{SERVER}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def seed(url: str, vendor: str, n: int, remote_list: str) -> tuple[str, list[str]]:
+    """N contacts in one mapped list, already pushed once (links), and one outbox message each."""
+    box = SecretBox.from_setting(None, fallback_master=MASTER)
+    conn = await asyncpg.connect(url)
+    try:
+        list_id, destination_id = uuid.uuid4(), uuid.uuid4()
+        await conn.execute("INSERT INTO list (id, name, double_opt_in, version, created_at, updated_at) "
+                           "VALUES ($1, 'newsletter', false, 1, now(), now())", list_id)
+        await conn.execute("""
+            INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count,
+                                 total_spent, version, created_at, updated_at, source)
+            SELECT gen_random_uuid(), 'p' || g || '@bench.example', 'unverified', 'prospect', 'prospect', '{}',
+                   '{}', 0, 0, 1, now(), now(), 'import'
+            FROM generate_series(1, $1) g""", n)
+        await conn.execute("""
+            INSERT INTO list_membership (list_id, contact_id, status, source, subscribed_at, updated_at)
+            SELECT $1, id, 'subscribed', 'import', now(), now() FROM contact""", list_id)
+        secrets = {"api_key": BREVO_KEY if vendor == "brevo" else MC_KEY, "inbound_secret": "bench-inbound"}
+        await conn.execute("""
+            INSERT INTO destination (id, kind, name, enabled, config, secrets, list_mappings, field_mappings,
+                                     consecutive_failures, version, created_at, updated_at)
+            VALUES ($1, $2, $2, true, $3::jsonb, $4, $5::jsonb, '{}'::jsonb, 0, 1, now(), now())""",
+            destination_id, vendor, json.dumps({"base_url": "http://placeholder"}), box.seal(secrets),
+            json.dumps([{"list_id": str(list_id), "remote_list_id": remote_list, "double_opt_in": False}]))
+        ref = "md5(email)" if vendor == "mailchimp" else "row_number() OVER ()::text"
+        await conn.execute(f"""
+            INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at)
+            SELECT $1, id, {ref}, now() FROM contact""", destination_id)
+        await conn.execute("""
+            INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+            SELECT 'membership.subscribed', id,
+                   jsonb_build_object('list_id', $1::text, 'contact_id', id::text), now()
+            FROM contact""", str(list_id))
+        await conn.execute("ANALYZE")
+        emails = [r["email"] for r in await conn.fetch("SELECT email FROM contact")]
+        return str(destination_id), emails
+    finally:
+        await conn.close()
+
+
+async def point_at(url: str, destination_id: str, base_url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("UPDATE destination SET config = jsonb_build_object('base_url', $2::text) WHERE id = $1",
+                           uuid.UUID(destination_id), base_url)
+    finally:
+        await conn.close()
+
+
+async def remaining(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT status, count(*) AS n FROM delivery GROUP BY status")
+        undispatched = await conn.fetchval("SELECT count(*) FROM outbox_message WHERE dispatched_at IS NULL")
+        return {**{r["status"]: r["n"] for r in rows}, "undispatched": undispatched}
+    finally:
+        await conn.close()
+
+
+async def run_vendor(vendor: str, n: int, latency: float) -> dict[str, Any]:
+    url = f"{SERVER}/{DB}"
+    await recreate(url)
+    remote_list = "7" if vendor == "brevo" else "mc-news"
+    t0 = time.perf_counter()
+    destination_id, emails = await seed(url, vendor, n, remote_list)
+    seed_s = time.perf_counter() - t0
+    if vendor == "brevo":
+        fake: Any = FakeBrevo(api_key=BREVO_KEY, lists={7}, rate_limit=10)
+        for i, email in enumerate(emails, start=1):  # the vendor already knows them (ids = our refs)
+            fake.contacts[i] = RemoteContact(i, email)
+        fake._next_id = len(emails) + 1
+    else:
+        fake = FakeMailchimp(api_key=MC_KEY, lists={"mc-news"}, max_connections=10)
+        fake.lists["mc-news"] = {subscriber_hash(e): Member(e, "unsubscribed") for e in emails}
+    fake.delay = latency
+    with LiveServer(fake) as live:
+        await point_at(url, destination_id, live.url)
+        # The production worker in its own process (`carnet worker --once`): the fake keeps this process's
+        # CPU to itself, so the times it records are the vendor's, not our scheduler's.
+        env = {**os.environ, "DATABASE_URL": url, "JWT_SECRET": MASTER, "SYNC_ALLOW_PRIVATE_NETWORKS": "true",
+               "LOG_LEVEL": "WARNING"}
+        start = time.perf_counter()
+        worker = await asyncio.create_subprocess_exec(str(ROOT / ".venv" / "bin" / "carnet"), "worker", "--once",
+                                                      env=env, cwd=str(ROOT))
+        code = await worker.wait()
+        wall = time.perf_counter() - start
+        if code != 0:
+            raise SystemExit(f"carnet worker exited with {code}")
+    calls = [s for s in fake.seen if s.method != "GET"]
+    arrivals = [s.at for s in calls]
+    window = (max(arrivals) - min(arrivals)) if len(arrivals) > 1 else 0.0
+    refused = sum(1 for s in calls if s.status == 429)
+    state = await remaining(url)
+    if vendor == "brevo":
+        lost = n - len(fake.members(7))
+        allowed = 10.0
+        achieved = len(calls) / window if window else 0.0
+        measure = {"calls_per_second": round(achieved, 2), "allowed_per_second": allowed,
+                   "busiest_1s_window": max_in_window(arrivals)}
+        ratio = achieved / allowed
+    else:
+        lost = sum(1 for m in fake.lists["mc-news"].values() if m.status != "subscribed")
+        busy = sum((s.done_at - s.at) for s in calls)
+        mean_in_flight = busy / window if window else 0.0
+        measure = {"mean_in_flight": round(mean_in_flight, 2), "allowed_in_flight": 10,
+                   "batch_sizes": sorted(set(fake.batch_sizes))[-3:]}
+        ratio = mean_in_flight / 10
+    result = {
+        "vendor": vendor, "messages": n, "latency_s": latency, "seed_s": round(seed_s, 1),
+        "drain_wall_s": round(wall, 1), "vendor_calls": len(calls), "calls_window_s": round(window, 1),
+        "refused_429": refused, "violations": len(fake.violations), "lost": lost, "deliveries": state,
+        **measure, "ratio_of_allowed": round(ratio, 3),
+        "bar": ">= 0.90 of the allowed rate, 0 over the limit, 0 lost",
+        "pass": ratio >= 0.9 and refused == 0 and lost == 0 and not fake.violations,
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--vendor", choices=["brevo", "mailchimp", "both"], default="both")
+    parser.add_argument("--latency", type=float, default=0.2, help="seconds per fake vendor answer")
+    args = parser.parse_args()
+    vendors = ["brevo", "mailchimp"] if args.vendor == "both" else [args.vendor]
+    results = []
+    try:
+        for vendor in vendors:
+            results.append(await run_vendor(vendor, args.messages, args.latency))
+    finally:
+        await drop()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "drain.json").write_text(json.dumps(results, indent=1))
+    sys.exit(0 if all(r["pass"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

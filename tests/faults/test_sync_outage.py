@@ -1,0 +1,262 @@
+"""Sync drill (ARCHITECTURE.md "Reliability bars"): the vendor down, the worker killed, PostgreSQL restarted.
+
+A private PostgreSQL cluster, a live `carnet serve` (API only) and `carnet worker` processes against it, the
+spec-checking fake Mailchimp on loopback. 10,000 list changes go through the API while the vendor refuses
+connections for 60 s; once it is back, every change must be delivered within 60 s, and the fake's final
+state must equal Carnet's (0 lost). Then more changes while the worker is SIGKILLed mid-run and restarted,
+and while PostgreSQL is restarted under the worker: still 0 lost, and never a spec violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from app.security import Role
+from tests.auth import TEST_SECRET, bearer
+from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
+from tests.fakes.server import LiveServer as FakeServer
+from tests.faults.harness import CARNET, LiveServer, PgCluster
+
+pytestmark = pytest.mark.fault
+
+CONTACTS = 2500                 # x 4 list changes = 10,000
+DOWN_SECONDS = float(os.environ.get("DRILL_DOWN_SECONDS", "60"))
+DELIVERED_WITHIN = 60.0
+ADMIN = bearer(Role.ADMIN, subject="sync-drill@shop.example")
+MC_KEY = f"{uuid.uuid4().hex}-us6"
+REMOTE = ("mc-a", "mc-b", "mc-c")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PgCluster]:
+    pg = PgCluster(Path(tempfile.mkdtemp(prefix="carnet-sync-drill-pg-")))
+    try:
+        pg.init()
+        pg.start()
+        asyncio.run(_create_database(pg.url, "carnet_sync"))
+        yield pg
+    finally:
+        pg.destroy()
+
+
+async def _create_database(url: str, name: str) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+class WorkerProcess:
+    """`carnet worker` in its own process, so it can be SIGKILLed like a crashed machine."""
+
+    def __init__(self, workdir: Path, database_url: str) -> None:
+        self.log = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "JWT_", "TEST_"))},
+            "DATABASE_URL": database_url, "JWT_SECRET": TEST_SECRET, "SYNC_ALLOW_PRIVATE_NETWORKS": "true",
+            "DELIVERY_LEASE_SECONDS": "15", "LIFECYCLE_REFRESH_SECONDS": "0",
+        }
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log.open("ab") as handle:
+            self.proc = subprocess.Popen([str(CARNET), "worker"], cwd=self.workdir, env=self.env,  # noqa: S603
+                                         stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="carnet-sync-drill-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture(scope="module")
+def api(cluster: PgCluster, workdir: Path) -> Iterator[LiveServer]:
+    server = LiveServer(workdir, cluster.url_for("carnet_sync"), TEST_SECRET, RUN_WORKER_IN_API="false")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def vendor() -> Iterator[tuple[FakeMailchimp, FakeServer]]:
+    fake = FakeMailchimp(api_key=MC_KEY, lists=set(REMOTE))
+    fake.delay = 0.05
+    server = FakeServer(fake).start()
+    try:
+        yield fake, server
+    finally:
+        server.stop()
+    assert fake.violations == []
+
+
+async def _seed(http: httpx.AsyncClient, db_url: str, fake_url: str) -> tuple[list[str], list[str]]:
+    """Lists, the destination, and CONTACTS contacts with an email_marketing grant each."""
+    lists = []
+    for name in ("a", "b", "c"):
+        response = await http.post("/v1/lists", json={"name": f"drill-{name}"}, headers=ADMIN)
+        assert response.status_code == 201, response.text
+        lists.append(response.json()["id"])
+    response = await http.post("/v1/destinations", headers=ADMIN, json={
+        "kind": "mailchimp", "name": "drill", "config": {"api_key": MC_KEY, "base_url": fake_url},
+        "list_mappings": [{"list_id": i, "remote_list_id": r} for i, r in zip(lists, REMOTE, strict=True)]})
+    assert response.status_code == 201, response.text
+    ids: list[str] = []
+    for start in range(0, CONTACTS, 1000):
+        items = [{"email": f"drill-{i}@shop.example", "first_name": f"D{i}"}
+                 for i in range(start, min(start + 1000, CONTACTS))]
+        response = await http.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        ids += [r["id"] for r in response.json()["results"]]
+    conn = await asyncpg.connect(db_url)
+    try:  # the grants themselves are not under test here: one statement
+        await conn.execute("""
+            INSERT INTO consent_event (contact_id, purpose, action, source, occurred_at, recorded_at, recorded_by,
+                                       proof)
+            SELECT id, 'email_marketing', 'granted', 'drill', now() - interval '1 day', now(), 'drill',
+                   '{"wording": "yes"}'::jsonb
+            FROM contact""")
+    finally:
+        await conn.close()
+    return lists, ids
+
+
+async def _batch(http: httpx.AsyncClient, list_id: str, *, add: list[str] | None = None,
+                 remove: list[str] | None = None) -> None:
+    add, remove = add or [], remove or []
+    for start in range(0, max(len(add), len(remove)), 1000):
+        body = {"add": list(add[start:start + 1000]), "remove": list(remove[start:start + 1000])}
+        response = await http.post(f"/v1/lists/{list_id}/members/batch", json=body, headers=ADMIN)
+        assert response.status_code == 200, response.text
+
+
+async def _undelivered(db_url: str) -> int:
+    conn = await asyncpg.connect(db_url)
+    try:
+        pending = await conn.fetchval("SELECT count(*) FROM delivery WHERE status IN ('pending', 'in_flight')")
+        undispatched = await conn.fetchval("SELECT count(*) FROM outbox_message WHERE dispatched_at IS NULL")
+        dead = await conn.fetchval("SELECT count(*) FROM delivery WHERE status = 'dead'")
+        assert dead == 0
+        return int(pending) + int(undispatched)
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+async def _wait_delivered(db_url: str, *, within: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            if await _undelivered(db_url) == 0:
+                return time.monotonic() - start
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not delivered within {within} s ({await _undelivered(db_url)} left)")
+
+
+async def _wait_in_flight(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        async with asyncio.timeout(30):
+            while not await conn.fetchval("SELECT count(*) FROM delivery WHERE status = 'in_flight'"):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def _carnet_state(db_url: str) -> dict[tuple[str, str], str]:
+    """(remote list, subscriber hash) -> status, from Carnet's memberships of the mapped lists."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch("""
+            SELECT c.email, l.name, m.status FROM list_membership m JOIN contact c ON c.id = m.contact_id
+            JOIN list l ON l.id = m.list_id""")
+    finally:
+        await conn.close()
+    remote = {"drill-a": "mc-a", "drill-b": "mc-b", "drill-c": "mc-c"}
+    return {(remote[r["name"]], subscriber_hash(r["email"])): r["status"] for r in rows}
+
+
+def _remote_state(fake: FakeMailchimp) -> dict[tuple[str, str], str]:
+    return {(list_id, key): member.status for list_id, members in fake.lists.items()
+            for key, member in members.items()}
+
+
+async def test_vendor_down_worker_killed_database_restarted(
+    cluster: PgCluster, api: LiveServer, workdir: Path, vendor: tuple[FakeMailchimp, FakeServer]
+) -> None:
+    fake, fake_server = vendor
+    db_url = cluster.url_for("carnet_sync")
+    report: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
+        lists, ids = await _seed(http, db_url, fake_server.url)
+        worker = WorkerProcess(workdir, db_url).start()
+        try:
+            # 1. The vendor refuses connections; 10,000 list changes are made meanwhile.
+            fake_server.stop()
+            down_at = time.monotonic()
+            for list_id in lists:
+                await _batch(http, list_id, add=ids)
+            await _batch(http, lists[1], remove=ids)
+            report["changes_made_s"] = round(time.monotonic() - down_at, 1)
+            await asyncio.sleep(max(0.0, DOWN_SECONDS - (time.monotonic() - down_at)))
+            fake_server.start()
+            report["delivered_after_recovery_s"] = round(await _wait_delivered(db_url, within=DELIVERED_WITHIN), 1)
+            assert _remote_state(fake) == await _carnet_state(db_url)
+
+            # 2. More changes; the worker is SIGKILLed mid-run and a new one takes over after the lease.
+            fake.delay = 2.0  # a slow vendor: the kill lands while batches are in flight
+            await _batch(http, lists[0], remove=ids[:1000])
+            await _wait_in_flight(db_url)
+            worker.kill()
+            fake.delay = 0.05
+            worker = WorkerProcess(workdir, db_url).start()
+            report["delivered_after_kill_s"] = round(await _wait_delivered(db_url, within=120), 1)
+            assert _remote_state(fake) == await _carnet_state(db_url)
+
+            # 3. More changes; PostgreSQL restarts under the worker (fast shutdown: sessions are cut).
+            fake.delay = 2.0
+            await _batch(http, lists[2], remove=ids[:1500])
+            await _wait_in_flight(db_url)
+            cluster.stop("fast")
+            fake.delay = 0.05
+            await asyncio.sleep(3.0)
+            cluster.start()
+            report["delivered_after_db_restart_s"] = round(await _wait_delivered(db_url, within=120), 1)
+            assert _remote_state(fake) == await _carnet_state(db_url)
+        finally:
+            worker.stop()
+    assert fake.violations == []
+    report["vendor_requests"] = len(fake.seen)
+    print("sync drill:", report)
