@@ -191,6 +191,26 @@ def retention(
                err=True)
 
 
+secrets_cli = typer.Typer(help="Secrets at rest (destination API keys and signing secrets).", no_args_is_help=True)
+cli.add_typer(secrets_cli, name="secrets")
+
+
+@secrets_cli.command("rotate")
+def secrets_rotate() -> None:
+    """Re-encrypt every stored destination secret with the first key of SECRETS_KEYS (then drop the old key)."""
+    from app.security.secrets import SecretBox
+    from app.services import destinations as destinations_service
+
+    settings = _settings()
+    box = SecretBox.from_setting(settings.secrets_keys.get_secret_value() if settings.secrets_keys else None,
+                                 fallback_master=_signer(settings).secret)
+
+    async def rotate(session: AsyncSession) -> int:
+        return await destinations_service.rotate_secrets(session, box=box)
+
+    typer.echo(f"re-encrypted the secrets of {_in_transaction(settings, rotate)} destination(s)")
+
+
 @cli.command()
 def worker(
     once: Annotated[bool, typer.Option(help="Deliver what is due, then exit (cron, tests)")] = False,
@@ -229,6 +249,58 @@ async def _run_worker(settings: Settings, *, once: bool) -> None:
     finally:
         await the_worker.aclose()
         await engine.dispose()
+
+
+@cli.command("export")
+def export_contacts(
+    format: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "csv",
+    segment: Annotated[str | None, typer.Option(help="Only contacts matching this segment (id)")] = None,
+    list_id: Annotated[str | None, typer.Option("--list", help="Only members of this list (id)")] = None,
+    list_status: Annotated[str, typer.Option(help="With --list: subscribed|pending|unsubscribed|any")] = "subscribed",
+    delimiter: Annotated[str, typer.Option(help="CSV: ',' or ';' (French Excel)")] = ",",
+    bom: Annotated[bool, typer.Option("--bom", help="CSV: start with a UTF-8 BOM (Excel)")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout)")] = None,
+) -> None:
+    """Export contacts as CSV or JSON Lines (as GET /v1/exports/contacts, unmasked), with a progress bar."""
+    import uuid
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from app.services import exports as exports_service
+
+    try:
+        options = exports_service.ExportOptions(
+            format=exports_service.ExportFormat(format), segment_id=uuid.UUID(segment) if segment else None,
+            list_id=uuid.UUID(list_id) if list_id else None, list_status=exports_service.ListStatus(list_status),
+            delimiter=exports_service.Delimiter(delimiter), bom=bom)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings = _settings()
+    sink = output.open("wb") if output else sys.stdout.buffer
+    progress = Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TextColumn("contacts"),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+
+    async def run(session: AsyncSession) -> int:
+        query = await exports_service.prepare(session, options, masked=False)
+        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        total = int(await connection.fetchval(query.count_sql, *query.count_args))
+        lines = -1 if options.format is exports_service.ExportFormat.CSV else 0  # the header line
+        with progress:
+            task = progress.add_task("export", total=total)
+            async for chunk in exports_service.stream(connection, query):
+                sink.write(chunk)
+                lines += chunk.count(b"\n")  # rows (a cell holding a line break counts twice: capped below)
+                progress.update(task, completed=min(max(lines, 0), total))
+            progress.update(task, completed=total)
+        return total
+
+    try:
+        count = _in_transaction(settings, run)
+    finally:
+        if output:
+            sink.close()
+    typer.echo(f"{count} contact(s) exported" + (f" to {output}" if output else ""), err=True)
 
 
 @cli.command()
@@ -297,6 +369,88 @@ def _print_bootstrap_token(settings: Settings, url: str) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+@cli.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The CSV file")],
+    list_id: Annotated[str | None, typer.Option("--list", help="Subscribe every imported row to this list id")] = None,
+    consent_source: Annotated[
+        str | None, typer.Option(help="Where the file's consent was collected (needed with --list)")] = None,
+    consent_wording: Annotated[
+        str | None, typer.Option(help="The wording people agreed to (default: the source)")] = None,
+    mode: Annotated[str, typer.Option(help="upsert | create_only | update_only")] = "upsert",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and report; write no contact")] = False,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag added to every row (repeatable)")] = None,
+    blank_erases: Annotated[bool, typer.Option("--blank-erases", help="Empty cells clear stored values")] = False,
+    mapping: Annotated[
+        str | None, typer.Option(help='JSON {"column": "field"}; guessed from headers when absent')] = None,
+) -> None:
+    """Import a CSV file (Excel's UTF-8 or Windows-1252, `,` `;` or tab) with a progress bar; prints the summary."""
+    import getpass
+
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from app.logging import configure_logging
+    from app.schemas.imports import ImportOptions
+    from app.security import Principal
+    from app.services.imports.local import import_file
+
+    settings = _settings()
+    configure_logging(json=settings.log_json, level="WARNING")
+    try:
+        consent = None
+        if list_id is not None:
+            if not consent_source:
+                raise typer.BadParameter("--list needs --consent-source (where people agreed to be emailed)")
+            consent = {"source": consent_source, "proof": {"wording": consent_wording or consent_source}}
+        options = ImportOptions.model_validate({
+            "mode": mode, "dry_run": dry_run, "tags": tag or [], "blank_erases": blank_erases, "list_id": list_id,
+            "consent": consent, "mapping": json.loads(mapping) if mapping else None,
+        })
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"carnet: {exc}", err=True)
+        raise typer.Exit(2) from None
+    actor = Principal(f"cli:{getpass.getuser()}", Role.ADMIN, frozenset(), "cli")
+    lines = 0
+    with file.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            lines += block.count(b"\n")
+    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
+    url = embedded.start() if embedded else settings.database_url
+    assert url is not None
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[summary]}"), TimeElapsedColumn()) as bar:
+            task = bar.add_task(file.name, total=max(lines - 1, 1), summary="")
+
+            def show(counts: Any) -> None:
+                bar.update(task, completed=counts["processed_rows"],
+                           summary=f"{counts['created']} new, {counts['updated']} updated, "
+                                   f"{counts['rejected']} rejected")
+
+            job = asyncio.run(import_file(settings, url, file, options, actor=actor, progress=show))
+            bar.update(task, total=job["processed_rows"] or 1, completed=job["processed_rows"])
+    except AppError as exc:
+        typer.echo(f"carnet: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if embedded:
+            embedded.stop()
+    elapsed = (job["finished_at"] - job["started_at"]).total_seconds() if job["finished_at"] else 0
+    typer.echo(
+        f"import {job['id']}: {job['status']}{' (dry run)' if dry_run else ''} — {job['processed_rows']} rows: "
+        f"{job['created']} created, {job['updated']} updated, {job['unchanged']} unchanged, {job['skipped']} skipped, "
+        f"{job['rejected']} rejected, {job['subscribed']} subscribed; "
+        f"{job['processed_rows'] / max(elapsed, 1e-9):.0f} rows/s"
+    )
+    if job["error"]:
+        typer.echo(f"carnet: {job['error']}", err=True)
+    if job["rejected"] or job["skipped"]:
+        typer.echo(f"reasons per row: GET /v1/imports/{job['id']}/rejects")
+    if job["status"] != "done":
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -56,3 +56,40 @@ def test_openapi_writes_the_document(tmp_path: Path) -> None:
     result = _carnet("openapi", "--output", str(out), env=_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "/v1/contacts" in json.loads(out.read_text())["paths"]
+
+
+def test_secrets_rotate_reencrypts_under_the_new_first_key(tmp_path: Path, database_url: str) -> None:
+    """Key rotation: add a new key first, rotate, drop the old key: secrets still open."""
+    import asyncio
+
+    import asyncpg
+    from cryptography.fernet import Fernet
+
+    from app.db import plain_dsn
+    from app.security.secrets import SecretBox
+
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    name = f"rotate-{os.getpid()}"
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(plain_dsn(database_url))
+        try:
+            await conn.execute(
+                "INSERT INTO destination (id, kind, name, enabled, config, secrets, list_mappings, field_mappings,"
+                " consecutive_failures, version, created_at, updated_at) VALUES (gen_random_uuid(), 'webhook', $1,"
+                " false, '{}', $2, '[]', '{}', 0, 1, now(), now())", name, SecretBox([old]).seal({"secret": "s3"}))
+        finally:
+            await conn.close()
+
+    async def stored() -> str:
+        conn = await asyncpg.connect(plain_dsn(database_url))
+        try:
+            return await conn.fetchval("SELECT secrets FROM destination WHERE name = $1", name)  # type: ignore[no-any-return]
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    env = _env(DATABASE_URL=database_url, JWT_SECRET="cli-secret-" + "z" * 40, SECRETS_KEYS=f"{new},{old}")
+    result = _carnet("secrets", "rotate", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert SecretBox([new]).open(asyncio.run(stored())) == {"secret": "s3"}

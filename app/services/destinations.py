@@ -46,6 +46,7 @@ __all__ = [
     "new_webhook_secret",
     "present",
     "resync",
+    "rotate_secrets",
     "retry_delivery",
     "update",
 ]
@@ -179,6 +180,15 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
         existing = await session.scalar(select(_t.c.id).where(_t.c.name == data.name))
         raise DuplicateDestination(f"a destination named {data.name!r} already exists", existing_id=existing)
     return row, generated
+
+
+async def rotate_secrets(session: AsyncSession, *, box: SecretBox) -> int:
+    """Every destination's secrets under the box's first key (SecretsUnreadable if a key is missing)."""
+    rows = (await session.execute(select(_t.c.id, _t.c.secrets).where(_t.c.secrets.is_not(None))
+                                  .with_for_update())).all()
+    for destination_id, token in rows:
+        await session.execute(update_statement(_t).where(_t.c.id == destination_id).values(secrets=box.rotate(token)))
+    return len(rows)
 
 
 async def get(session: AsyncSession, destination_id: uuid.UUID, *, lock: bool = False) -> Row:
