@@ -110,9 +110,27 @@ async def bare_connection(request: Request) -> AsyncIterator[asyncpg.Connection]
     bind = request.app.state.sessionmaker.kw["bind"]
     if isinstance(bind, AsyncEngine):
         async with bind.connect() as connection:
-            yield (await connection.get_raw_connection()).driver_connection
+            pooled = await connection.get_raw_connection()
+            raw = pooled.driver_connection
+            try:
+                yield raw
+            except Exception as exc:
+                if not _disconnected(exc, raw):
+                    raise
+                # SQLAlchemy never saw this error: do what it does on a disconnect it sees (outage drill,
+                # tests/faults): drop this connection, and recycle at their next checkout all those opened
+                # before it (they died with the same server). Then report it as SQLAlchemy would (→ 503).
+                bind.sync_engine.pool._invalidate(pooled, exc)
+                raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
     else:  # a sessionmaker bound to one connection (the tests' per-test transaction)
         yield (await bind.get_raw_connection()).driver_connection
+
+
+def _disconnected(exc: Exception, raw: asyncpg.Connection) -> bool:
+    """The asyncpg dialect's own test (the connection is closed), or the server going away or shutting down."""
+    return raw.is_closed() or isinstance(
+        exc, OSError | asyncpg.PostgresConnectionError | asyncpg.exceptions.OperatorInterventionError
+    )
 
 
 async def _bare_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:

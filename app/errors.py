@@ -10,7 +10,7 @@ AppError
  ├── PreconditionFailed (412)
  ├── InvalidInput (422, errors[{field, message, code}]) ── IdempotencyKeyReused
  ├── RateLimited (429, Retry-After)
- └── ServiceUnavailable (503)
+ └── ServiceUnavailable (503, Retry-After)
 """
 
 from __future__ import annotations
@@ -149,6 +149,10 @@ class RateLimited(AppError):
 
 class ServiceUnavailable(AppError):
     status, slug, title = 503, "service-unavailable", "The service is temporarily unavailable"
+
+    def __init__(self, detail: str | None = None, /, *, retry_after: int = 2, **members: Any) -> None:
+        super().__init__(detail, **members)
+        self.headers["Retry-After"] = str(retry_after)  # every 503 says when to retry (the outage drill checks it)
 
 
 def problems(*classes: type[AppError]) -> dict[int | str, dict[str, Any]]:
