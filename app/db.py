@@ -16,11 +16,13 @@ from sqlmodel import SQLModel
 __all__ = [
     "BareConnection",
     "ReadSession",
+    "ReplicaSession",
     "WriteSession",
     "async_url",
     "bare_connection",
     "constraint_name",
     "get_read_sessionmaker",
+    "get_replica_sessionmaker",
     "get_sessionmaker",
     "is_unique_violation",
     "make_engine",
@@ -99,15 +101,28 @@ async def _read_session(
         yield session  # never commits
 
 
+async def get_replica_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    """Exports and segment reads: the replica when DATABASE_REPLICA_URL is set, else the primary's readers."""
+    return request.app.state.replica_sessionmaker  # type: ignore[no-any-return]  # built in the lifespan
+
+
+async def _replica_session(
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_replica_sessionmaker)],
+) -> AsyncIterator[AsyncSession]:
+    async with makers() as session:
+        yield session  # never commits
+
+
 @asynccontextmanager
-async def bare_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+async def bare_connection(request: Request, *, replica: bool = False) -> AsyncIterator[asyncpg.Connection]:
     """The pooled asyncpg connection itself, for single statements on hot paths.
 
     No session and no transaction: SQLAlchemy's BEGIN/ROLLBACK round trips and statement building cost
     ~1.0 ms a read against ~0.3 ms this way (bench/, docs/performance.md). Hold it for one statement only
     when the same request may also open a session: two held connections per request can starve the pool.
     """
-    bind = request.app.state.sessionmaker.kw["bind"]
+    makers = request.app.state.replica_sessionmaker if replica else request.app.state.sessionmaker
+    bind = makers.kw["bind"]
     if isinstance(bind, AsyncEngine):
         async with bind.connect() as connection:
             pooled = await connection.get_raw_connection()
@@ -141,6 +156,7 @@ async def _bare_connection(request: Request) -> AsyncIterator[asyncpg.Connection
 # scope="function": the commit happens before the response is sent (STYLE.md fact 1).
 WriteSession = Annotated[AsyncSession, Depends(_write_session, scope="function")]
 ReadSession = Annotated[AsyncSession, Depends(_read_session, scope="function")]
+ReplicaSession = Annotated[AsyncSession, Depends(_replica_session, scope="function")]
 BareConnection = Annotated[asyncpg.Connection, Depends(_bare_connection, scope="function")]
 
 

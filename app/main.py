@@ -23,6 +23,8 @@ from app.migrations import head_revision
 from app.problems import install_problem_handlers
 from app.routers import health_router, inbound_router, public_router, v1_router
 from app.routers.deps import Problem
+from app.routers.duplicates import router as duplicates_router
+from app.routers.exports import router as exports_router
 from app.schemas.types import configure_phone_region
 from app.security.ratelimit import TokenBuckets
 from app.security.revocation import RevocationList
@@ -72,10 +74,13 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
     install_problem_handlers(app)
     app.include_router(health_router)
+    app.include_router(duplicates_router)  # before v1_router: /v1/contacts/duplicates is not a contact id
+    app.include_router(exports_router)
     app.include_router(v1_router)
     app.include_router(public_router)
     app.include_router(inbound_router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       uploads={"/v1/imports": settings.import_max_bytes})
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -92,6 +97,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = make_engine(url, pool_size=settings.database_pool_size, pool_timeout=settings.database_pool_timeout)
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.read_sessionmaker = make_read_sessionmaker(engine)
+    replica = make_engine(settings.database_replica_url, pool_size=settings.database_pool_size,
+                          pool_timeout=settings.database_pool_timeout) if settings.database_replica_url else None
+    app.state.replica_sessionmaker = make_read_sessionmaker(replica) if replica else app.state.read_sessionmaker
     revocations: RevocationList = app.state.revocations
     revocations.start(plain_dsn(url))
     lifecycle = None
@@ -114,6 +122,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await lifecycle
         await revocations.stop()
         await engine.dispose()
+        if replica is not None:
+            await replica.dispose()
         if embedded is not None:
             embedded.stop()
 

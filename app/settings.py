@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     database_pool_size: int = 20
     database_pool_timeout: float = 5.0
+    # A streaming replica (or a pooler over several) for exports and segment reads; unset: the primary.
+    database_replica_url: str | None = None
     data_dir: Path = Path(".carnet")
 
     # Tokens: HS256 with this secret. None only in embedded mode, where one is made once and kept.

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.db import (
     async_url,
     get_read_sessionmaker,
+    get_replica_sessionmaker,
     get_sessionmaker,
     make_engine,
     make_read_sessionmaker,
@@ -132,7 +133,9 @@ def app(settings: Settings) -> FastAPI:
 async def client(app: FastAPI, sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[httpx.AsyncClient]:
     app.dependency_overrides[get_sessionmaker] = lambda: sessions
     app.dependency_overrides[get_read_sessionmaker] = lambda: sessions
+    app.dependency_overrides[get_replica_sessionmaker] = lambda: sessions
     app.state.sessionmaker = sessions
+    app.state.replica_sessionmaker = sessions
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
     app.dependency_overrides.clear()
@@ -145,7 +148,9 @@ async def committing_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[
     readers = make_read_sessionmaker(engine)  # the production read path: autocommit sessions
     app.dependency_overrides[get_sessionmaker] = lambda: makers
     app.dependency_overrides[get_read_sessionmaker] = lambda: readers
+    app.dependency_overrides[get_replica_sessionmaker] = lambda: readers
     app.state.sessionmaker = makers
+    app.state.replica_sessionmaker = readers
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
     app.dependency_overrides.clear()

@@ -7,6 +7,7 @@ from app.models.contacts import Contact
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
 from app.models.lists import ListMembership, MailingList
+from app.models.merges import ContactMerge
 from app.models.orders import Event, Order
 from app.models.outbox import OutboxMessage
 from app.models.segments import Segment
@@ -20,6 +21,7 @@ __all__ = [
     "ConsentEvent",
     "Contact",
     "ContactHistory",
+    "ContactMerge",
     "Delivery",
     "Destination",
     "Event",

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
-from app.db import ReadSession, WriteSession
+from app.db import ReadSession, ReplicaSession, WriteSession
 from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
 from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactPage, present_contact
@@ -62,7 +62,7 @@ async def create_segment(payload: SegmentCreate, session: WriteSession, _: Write
 
 @router.post("/preview", response_model=SegmentPreview)
 async def preview_segment(
-    payload: SegmentPreviewRequest, session: ReadSession, request: Request, caller: MemberReader
+    payload: SegmentPreviewRequest, session: ReplicaSession, request: Request, caller: MemberReader
 ) -> Any:
     """Count and first page (at most 20 contacts, id order) of a filter, without saving it."""
     condition = await segments_service.compile_filter(session, payload.filter)
@@ -101,7 +101,7 @@ async def delete_segment(
 
 
 @router.get("/{segment_id}/count", response_model=SegmentCount, responses=problems(SegmentNotFound, InvalidInput))
-async def count_segment(segment_id: uuid.UUID, session: ReadSession, _: Reader) -> Any:
+async def count_segment(segment_id: uuid.UUID, session: ReplicaSession, _: Reader) -> Any:
     condition = await segments_service.segment_condition(session, segment_id)
     return JSONBody({"count": await segments_service.count(session, condition)})
 
@@ -109,7 +109,7 @@ async def count_segment(segment_id: uuid.UUID, session: ReadSession, _: Reader) 
 @router.get("/{segment_id}/contacts", response_model=ContactPage, responses=problems(SegmentNotFound, InvalidInput))
 async def segment_contacts(
     segment_id: uuid.UUID,
-    session: ReadSession,
+    session: ReplicaSession,
     request: Request,
     caller: MemberReader,
     limit: Limit = 50,
