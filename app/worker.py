@@ -260,7 +260,9 @@ def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings
 
 
 def _jobs() -> list[JobRunner]:
-    return []
+    from app.services.imports.runner import run_next as run_next_import
+
+    return [run_next_import]
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,7 @@ from app.models.consents import ConsentEvent
 from app.models.contacts import Contact
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
+from app.models.imports import ImportChunk, ImportJob, ImportKey, ImportReject
 from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
 from app.models.orders import Event, Order
@@ -26,6 +27,10 @@ __all__ = [
     "Destination",
     "Event",
     "IdempotencyRecord",
+    "ImportChunk",
+    "ImportJob",
+    "ImportKey",
+    "ImportReject",
     "ListMembership",
     "MailingList",
     "Order",

@@ -9,6 +9,7 @@ from app.routers import (
     destinations,
     gdpr,
     health,
+    imports,
     inbound,
     lists,
     orders,
@@ -38,6 +39,7 @@ v1_router.include_router(consents.router)
 v1_router.include_router(timeline.router)
 v1_router.include_router(gdpr.router)
 v1_router.include_router(segments.router)
+v1_router.include_router(imports.router)
 v1_router.include_router(destinations.router)
 v1_router.include_router(destinations.deliveries_router)
 

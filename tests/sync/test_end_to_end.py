@@ -150,3 +150,25 @@ async def test_webhook_receives_signed_events_in_order(committing_client: httpx.
     assert all(d.valid for d in receiver.deliveries), [d.reason for d in receiver.deliveries]
     assert topics == ["contact.created", "contact.updated"]
     assert len({d.id for d in receiver.deliveries}) == 2
+
+
+async def test_the_worker_runs_imports_beside_deliveries(committing_client: httpx.AsyncClient, worker: Worker) -> None:
+    """`carnet worker` (and the worker inside `carnet serve` in embedded mode) picks up queued imports."""
+    csv = "Prénom;Nom;E-mail\nChloé;Durand;chloe.durand@shop.example\nMarc;Petit;marc.petit@shop.example\n"
+    response = await committing_client.post("/v1/imports", files={"file": ("clients.csv", csv.encode("cp1252"),
+                                                                            "text/csv")}, headers=ADMIN)
+    assert response.status_code == 202, response.text
+    job_url = f"/v1/imports/{response.json()['id']}"
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            while (await committing_client.get(job_url, headers=ADMIN)).json()["status"] not in ("done", "failed"):
+                await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await running
+    job = (await committing_client.get(job_url, headers=ADMIN)).json()
+    assert (job["status"], job["created"], job["rejected"]) == ("done", 2, 0)
+    found = await committing_client.get("/v1/contacts", params={"email": "chloe.durand@shop.example"}, headers=ADMIN)
+    assert found.json()["data"][0]["first_name"] == "Chloé"

@@ -1,0 +1,185 @@
+"""`/v1/imports`: upload a CSV file (202, run by the worker), follow its progress, read its reject report.
+
+Every route needs `imports:write`: the progress and the report show the file's own values, so they belong
+to whoever may import; values in the report are masked for tokens without `pii:read`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.datastructures import UploadFile
+
+from app.db import ReadSession, WriteSession, get_read_sessionmaker
+from app.errors import BadRequest, FieldError, InvalidInput, PayloadTooLarge, problems
+from app.models.base import utc_now
+from app.routers.deps import JSONBody
+from app.schemas.imports import ImportAccepted, ImportOptions, ImportRead, present_import
+from app.security import Principal, Scope, require
+from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
+from app.services.imports import store as imports_service
+from app.services.imports.store import ImportNotFound
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/imports", tags=["imports"])
+
+Importer = Annotated[Principal, require(Scope.IMPORTS_WRITE)]
+_FIELDS = ("mapping", "mode", "list_id", "tags", "consent", "blank_erases", "dry_run")
+_JSON_FIELDS = ("mapping", "consent")
+_PAGE = 5000
+
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description":
+                                 "CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab"},
+                        "mapping": {"type": "string", "description": 'JSON {"column name": "field" or null}'},
+                        "mode": {"type": "string", "enum": ["upsert", "create_only", "update_only"]},
+                        "list_id": {"type": "string", "format": "uuid"},
+                        "tags": {"type": "array", "items": {"type": "string"},
+                                 "description": "Repeat the field, or separate names with commas"},
+                        "consent": {"type": "string", "description":
+                                    'JSON {"occurred_at"?, "source"?, "proof": {...}}; required with list_id'},
+                        "blank_erases": {"type": "boolean"},
+                        "dry_run": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+}
+_CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "One line per problem: row, column, field, reason, value",
+          "content": {"text/csv": {"schema": {"type": "string"}}}},
+}
+
+
+@router.post("", status_code=202, response_model=ImportAccepted, openapi_extra=_UPLOAD_BODY,
+             responses=problems(BadRequest, InvalidInput, PayloadTooLarge))
+async def create_import(request: Request, session: WriteSession, caller: Importer) -> Any:
+    """Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it)."""
+    settings = request.app.state.settings
+    form = await request.form(max_files=1, max_fields=len(_FIELDS) + 100)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput.one("file", "a CSV file is required in the multipart field `file`", "missing")
+        options = _options(form.multi_items())
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while piece := await upload.read(imports_service.CHUNK_BYTES):
+                yield piece
+
+        row = await imports_service.create(
+            session, chunks(), filename=upload.filename, options=options, actor=caller,
+            max_bytes=settings.import_max_bytes,
+        )
+    finally:
+        await form.close()
+    return JSONBody({"id": row["id"], "status": row["status"]}, status_code=202,
+                    headers={"Location": f"/v1/imports/{row['id']}"})
+
+
+@router.get("/{import_id}", response_model=ImportRead, responses=problems(ImportNotFound))
+async def get_import(import_id: uuid.UUID, session: ReadSession, _: Importer) -> Any:
+    """Status, counts and speed; `total_rows` is known once the whole file was read."""
+    return JSONBody(present_import(await imports_service.get(session, import_id), now=utc_now()))
+
+
+@router.get("/{import_id}/rejects", response_class=StreamingResponse, responses={**_CSV_RESPONSE,
+            **problems(ImportNotFound)})
+async def get_import_rejects(
+    import_id: uuid.UUID,
+    session: ReadSession,
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_read_sessionmaker)],
+    caller: Importer,
+) -> StreamingResponse:
+    """The reject report as CSV, in file order; values masked without `pii:read`."""
+    job = await imports_service.get(session, import_id)
+    fields = {job["header"][int(i)]: field for i, field in job["mapping"].items()}
+    reveal = caller.sees_pii
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield _csv_line(["row", "column", "field", "reason", "value"])
+        after = 0
+        while True:
+            async with makers() as reader:
+                page = await imports_service.rejects(reader, import_id, after_id=after, limit=_PAGE)
+            for r in page:
+                field = fields.get(r["column"]) if r["column"] else None
+                value = r["value"] if reveal else _mask(field, r["value"])
+                yield _csv_line([r["row_number"], r["column"] or "", field or "", r["reason"], value or ""])
+            if len(page) < _PAGE:
+                return
+            after = page[-1]["id"]
+
+    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="import-{import_id}-rejects.csv"'})
+
+
+def _options(items: list[tuple[str, Any]]) -> ImportOptions:
+    data: dict[str, Any] = {}
+    tags: list[str] = []
+    for key, value in items:
+        if key == "file":
+            continue
+        if key not in _FIELDS:
+            raise InvalidInput.one(key, "unknown field", "unknown_field")
+        if not isinstance(value, str):
+            raise InvalidInput.one(key, "a plain form field is expected here, not a file", "type")
+        if key == "tags":
+            tags += [t.strip() for t in value.split(",") if t.strip()]
+            continue
+        if key in data:
+            raise InvalidInput.one(key, "given twice", "duplicate_field")
+        if key in _JSON_FIELDS:
+            try:
+                data[key] = json.loads(value)
+            except ValueError:
+                raise InvalidInput.one(key, "not valid JSON", "json_invalid") from None
+        else:
+            data[key] = value
+    if tags:
+        data["tags"] = tags
+    try:
+        return ImportOptions.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(*[
+            FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"], e["type"]) for e in exc.errors()
+        ]) from None
+
+
+def _mask(field: str | None, value: str | None) -> str | None:
+    """A reported cell as a reader without `pii:read` may see it (the fields masking.py calls personal)."""
+    if value is None or field not in PII_FIELDS:
+        return value
+    if field == "email":
+        return mask_email(value)
+    if field == "phone":
+        return mask_phone(value)
+    if field in ("first_name", "last_name"):
+        return mask_name(value)
+    return mask_text(value)
+
+
+def _csv_line(cells: list[Any]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow(cells)
+    return out.getvalue().encode()

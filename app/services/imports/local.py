@@ -1,0 +1,44 @@
+"""Import a file from the local disk (`carnet import`): the same job and runner as the API and the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from app.db import make_engine, make_sessionmaker
+from app.schemas.imports import ImportOptions
+from app.schemas.types import configure_phone_region
+from app.security import Principal
+from app.services.imports import store
+from app.services.imports.runner import Progress, digest_key, new_owner, run_job
+from app.settings import Settings
+
+__all__ = ["import_file"]
+
+
+async def import_file(
+    settings: Settings, url: str, path: Path, options: ImportOptions, *, actor: Principal,
+    progress: Progress | None = None,
+) -> Mapping[str, Any]:
+    """Store the file as a job claimed by this process, run it here, and answer the finished job row."""
+    configure_phone_region(settings.default_phone_region)
+    digest_key(settings)  # the suppression key, as the API derives it
+    engine = make_engine(url, pool_size=2)
+    try:
+        sessions = make_sessionmaker(engine)
+        owner = new_owner()
+        async with sessions.begin() as session:
+            job = await store.create(session, _read(path), filename=path.name, options=options, actor=actor,
+                                     max_bytes=settings.import_max_bytes,
+                                     lease=(owner, settings.import_lease_seconds))
+        return await run_job(sessions, settings, job["id"], owner=owner, progress=progress)
+    finally:
+        await engine.dispose()
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as file:
+        while chunk := await asyncio.to_thread(file.read, store.CHUNK_BYTES):
+            yield chunk

@@ -1,0 +1,333 @@
+"""Row validation and normalization: pure functions, run in worker processes over batches of rows.
+
+Values are checked exactly as the API checks them (the same normalizers from app.schemas.types, the same
+length limits as app.schemas.contacts, the attribute rules of app.services.attributes), so an import never
+stores what the API would refuse. Two fast paths keep 1M rows affordable and are proven equivalent to the
+slow path by tests/services/test_import_rows.py (hypothesis):
+
+- email: a plain ASCII dot-atom address on an ordinary domain is what email-validator accepts and
+  normalizes to its lowercase form; anything else goes through email-validator (~35 µs a value).
+- phone: with default region FR, `0X XX XX XX XX` / `+33 X XX XX XX XX` are checked against the same
+  phonenumbers metadata is_valid_number uses, without parse/format (~5 µs instead of ~50 µs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
+from phonenumbers import PhoneMetadata
+
+from app.schemas import types
+
+__all__ = [
+    "STAGE_COLUMNS",
+    "Spec",
+    "Validated",
+    "fast_email",
+    "fast_phone",
+    "init_worker",
+    "validate",
+]
+
+# Order of a staged record (what the runner COPYs into the staging table).
+STAGE_COLUMNS = (
+    "row_number", "new_id", "external_id", "email", "phone", "first_name", "last_name", "company", "job_title",
+    "sector", "gender", "birth_date", "address_line1", "address_line2", "postal_code", "city", "region", "country",
+    "language", "source", "kind", "first_contact_channel", "attributes", "blank_attributes", "email_digest",
+    "phone_digest",
+)
+_POS = {name: i for i, name in enumerate(STAGE_COLUMNS)}
+# Wire field → staging column, with the API's length limit (after trimming, as InputSchema trims).
+_TEXT_FIELDS: dict[str, tuple[str, int]] = {
+    "first_name": ("first_name", 255), "last_name": ("last_name", 255), "company": ("company", 255),
+    "job_title": ("job_title", 255), "sector": ("sector", 255), "gender": ("gender", 32),
+    "address.line1": ("address_line1", 255), "address.line2": ("address_line2", 255),
+    "address.postal_code": ("postal_code", 20), "address.city": ("city", 255), "address.region": ("region", 255),
+    "language": ("language", 35), "first_contact_channel": ("first_contact_channel", 255),
+}
+_KINDS = {"customer": "customer", "prospect": "prospect", "vendor": "vendor", "partner": "partner",
+          "client": "customer", "cliente": "customer", "fournisseur": "vendor", "partenaire": "partner"}
+_SOURCES = frozenset({"newsletter_form", "website_signup", "checkout", "social", "contest", "white_paper",
+                      "contact_request", "survey", "purchased_file", "store", "import", "api"})
+_COUNTRY_NAMES = {
+    "france": "FR", "belgique": "BE", "belgium": "BE", "suisse": "CH", "switzerland": "CH", "luxembourg": "LU",
+    "allemagne": "DE", "germany": "DE", "espagne": "ES", "spain": "ES", "italie": "IT", "italy": "IT",
+    "royaume-uni": "GB", "royaume uni": "GB", "united kingdom": "GB", "uk": "GB", "canada": "CA",
+    "etats-unis": "US", "états-unis": "US", "united states": "US", "usa": "US", "monaco": "MC",
+    "pays-bas": "NL", "netherlands": "NL", "portugal": "PT", "maroc": "MA", "morocco": "MA",
+    "algérie": "DZ", "algerie": "DZ", "tunisie": "TN", "tunisia": "TN", "réunion": "RE", "reunion": "RE",
+}
+_TRUE = frozenset({"true", "1", "yes", "y", "oui", "o", "vrai", "x"})
+_FALSE = frozenset({"false", "0", "no", "n", "non", "faux"})
+_DATE_DMY = re.compile(r"(\d{1,2})[/.\-](\d{1,2})[/.\-](\d{4})")
+_DATE_ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+_MIN_BIRTH = date(1900, 1, 1)
+# What pydantic's str_strip_whitespace trims (Unicode White_Space); Python's str.strip() also eats \x1c-\x1f,
+# control characters the API refuses.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+MAX_ATTRIBUTE_TEXT = 2000  # app.services.attributes.MAX_TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What a worker needs to validate rows of one import (picklable)."""
+
+    columns: tuple[tuple[int, str, str], ...]             # (column index, field, column name)
+    attributes: dict[str, tuple[str, tuple[str, ...]]]    # name → (type, options)
+    digest_key: bytes                                     # the suppression list's HMAC key
+    width: int                                            # columns in the header
+    blank_erases: bool = False
+
+
+@dataclass(slots=True)
+class Validated:
+    records: list[tuple[Any, ...]] = field(default_factory=list)   # STAGE_COLUMNS order
+    rejects: list[tuple[int, str | None, str, str | None]] = field(default_factory=list)  # row, column, reason, value
+    rejected_rows: int = 0
+
+
+def init_worker(phone_region: str) -> None:
+    """Process initializer: national numbers are read in the deployment's region, as in the API."""
+    types.configure_phone_region(phone_region)
+
+
+def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
+    """Check and normalize rows given as (row number, cells); one bad cell rejects its row (as a 422 would)."""
+    out = Validated()
+    for row_number, cells in rows:
+        record: list[Any] = [None] * len(STAGE_COLUMNS)
+        record[0] = row_number
+        attributes: dict[str, Any] = {}
+        blank_attributes: list[str] = []
+        problems: list[tuple[str | None, str, str | None]] = []
+        if len(cells) > spec.width and any(c.strip(_WS) for c in cells[spec.width:]):
+            problems.append((None, f"the row has {len(cells)} cells, the header {spec.width}", None))
+        for index, target, column in spec.columns:
+            raw = cells[index] if index < len(cells) else ""
+            value = raw.strip(_WS)
+            if not value:
+                if target.startswith("attributes."):
+                    blank_attributes.append(target.removeprefix("attributes."))
+                continue
+            try:
+                if target.startswith("attributes."):
+                    name = target.removeprefix("attributes.")
+                    kind, options = spec.attributes[name]
+                    attributes[name] = _attribute(kind, options, value)
+                else:
+                    _set(record, target, value)
+            except ValueError as exc:
+                problems.append((column, str(exc), _shown(raw)))
+        if not problems and record[_POS["email"]] is None and record[_POS["external_id"]] is None:
+            problems.append((None, "no email and no external_id: a row needs one to be matched", None))
+        if problems:
+            out.rejected_rows += 1
+            out.rejects.extend((row_number, column, reason, value) for column, reason, value in problems)
+            continue
+        record[_POS["new_id"]] = uuid.uuid4()
+        record[_POS["attributes"]] = json.dumps(attributes) if attributes else None
+        record[_POS["blank_attributes"]] = blank_attributes or None
+        if record[_POS["email"]] is not None:
+            record[_POS["email_digest"]] = _digest(spec.digest_key, "email", record[_POS["email"]])
+        if record[_POS["phone"]] is not None:
+            record[_POS["phone_digest"]] = _digest(spec.digest_key, "phone", record[_POS["phone"]])
+        out.records.append(tuple(record))
+    return out
+
+
+# ---- fields ----------------------------------------------------------------------------------------------
+
+
+def _set(record: list[Any], target: str, value: str) -> None:
+    if target == "email":
+        if len(value) > 320:
+            raise ValueError("an email has at most 320 characters")
+        record[_POS["email"]] = fast_email(value) or types.normalize_email(value)
+    elif target == "phone":
+        if len(value) > 40:
+            raise ValueError("a phone number has at most 40 characters")
+        record[_POS["phone"]] = fast_phone(value) or types.normalize_phone(value)
+    elif target == "external_id":
+        record[_POS["external_id"]] = _text(value, 255)
+    elif target == "birth_date":
+        record[_POS["birth_date"]] = _birth_date(value)
+    elif target == "address.country":
+        record[_POS["country"]] = _country(value)
+    elif target == "kind":
+        kind = _KINDS.get(value.lower())
+        if kind is None:
+            raise ValueError("expected one of customer, prospect, vendor, partner")
+        record[_POS["kind"]] = kind
+    elif target == "source":
+        source = value.lower().replace(" ", "_").replace("-", "_")
+        if source not in _SOURCES:
+            raise ValueError(f"expected one of {', '.join(sorted(_SOURCES))}")
+        record[_POS["source"]] = source
+    else:
+        column, limit = _TEXT_FIELDS[target]
+        record[_POS[column]] = _text(value, limit)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # app.schemas.types._no_control_chars, as a regex
+
+
+def _text(value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise ValueError(f"at most {limit} characters (this one has {len(value)})")
+    if _CONTROL.search(value):
+        raise ValueError("control characters (such as NUL) are not allowed")
+    return value
+
+
+def _parse_date(value: str) -> date:
+    match = _DATE_DMY.fullmatch(value)
+    try:
+        if match:
+            return date(int(match[3]), int(match[2]), int(match[1]))
+        match = _DATE_ISO.fullmatch(value)
+        if match:
+            return date(int(match[1]), int(match[2]), int(match[3]))
+    except ValueError:
+        pass
+    raise ValueError("not a date: expected dd/mm/yyyy or yyyy-mm-dd")
+
+
+def _birth_date(value: str) -> date:
+    parsed = _parse_date(value)
+    if not _MIN_BIRTH <= parsed <= date.today():
+        raise ValueError("must be between 1900-01-01 and today")
+    return parsed
+
+
+def _country(value: str) -> str:
+    code = _COUNTRY_NAMES.get(value.lower(), value)
+    if len(code) != 2:
+        raise ValueError("not an ISO 3166-1 alpha-2 country code (or a known country name)")
+    return types._country(code)  # the API's own check
+
+
+def _attribute(kind: str, options: tuple[str, ...], value: str) -> Any:
+    match kind:
+        case "text":
+            if len(value) > MAX_ATTRIBUTE_TEXT or "\x00" in value:
+                raise ValueError(f"text must be at most {MAX_ATTRIBUTE_TEXT} characters, without NUL")
+            return value
+        case "number":
+            return _number(value)
+        case "boolean":
+            folded = value.lower()
+            if folded in _TRUE:
+                return True
+            if folded in _FALSE:
+                return False
+            raise ValueError("expected true or false (oui/non, yes/no, 1/0)")
+        case "date":
+            return _parse_date(value).isoformat()
+        case "enum":
+            return _option(options, value)
+        case "multi_enum":
+            parts = [p.strip(_WS) for p in re.split(r"[,|]", value) if p.strip(_WS)]
+            chosen = [_option(options, p) for p in parts]
+            return sorted(set(chosen), key=chosen.index)
+    raise ValueError("unsupported attribute type")
+
+
+def _number(value: str) -> int | float:
+    text = value.replace("\u00a0", "").replace("\u202f", "").replace(" ", "")
+    if "," in text and "." not in text:
+        text = text.replace(",", ".")
+    try:
+        number = int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
+
+
+def _option(options: tuple[str, ...], value: str) -> str:
+    if value in options:
+        return value
+    folded = value.casefold()
+    for option in options:
+        if option.casefold() == folded:
+            return option
+    raise ValueError(f"not one of the attribute's options ({', '.join(options)})")
+
+
+def _shown(raw: str) -> str:
+    return raw if len(raw) <= 200 else raw[:200] + "…"
+
+
+def _digest(key: bytes, kind: str, value: str) -> str:
+    # app.services.suppressions.digest, with the key handed to the worker process
+    return hmac.digest(key, f"{kind}:{value}".encode(), hashlib.sha256).hex()
+
+
+# ---- fast paths ------------------------------------------------------------------------------------------
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FAST_EMAIL = re.compile(rf"({_ATEXT}+(?:\.{_ATEXT}+)*)@((?:{_LABEL}\.)+[A-Za-z]{{2,63}})")
+_SPECIAL = frozenset(SPECIAL_USE_DOMAIN_NAMES)
+
+
+def fast_email(value: str) -> str | None:
+    """The normalized form of an ordinary address, or None: then email-validator decides."""
+    match = _FAST_EMAIL.fullmatch(value)
+    if match is None:
+        return None
+    local, domain = match[1], match[2]
+    if len(local) > 64 or len(value) > 254 or len(domain) > 253 or "--" in domain:
+        return None  # the slow path knows the exact rules (IDNA labels, lengths)
+    if domain.rsplit(".", 1)[1].lower() in _SPECIAL:
+        return None
+    return value.lower()
+
+
+_FR = PhoneMetadata.metadata_for_region("FR")
+_FR_NATIONAL = re.compile(r"(?:0|\+33)([1-9]\d{8})")
+_SEPARATORS = str.maketrans("", "", " .-")
+# phonenumbers' _number_type_helper for FR, with its patterns compiled once: a number is valid when it
+# matches the general description and one of the number types (fixed line, mobile, VoIP, ...).
+_FR_TYPES = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager", "uan", "voicemail",
+             "fixed_line", "mobile")
+
+
+def _desc_check(desc: Any) -> tuple[frozenset[int], re.Pattern[str]] | None:
+    if desc is None or desc.national_number_pattern is None:
+        return None
+    return frozenset(desc.possible_length or ()), re.compile(desc.national_number_pattern)
+
+
+_FR_GENERAL = _desc_check(_FR.general_desc)
+_FR_CHECKS = [c for c in (_desc_check(getattr(_FR, t)) for t in _FR_TYPES) if c is not None]
+
+
+def _matches(check: tuple[frozenset[int], re.Pattern[str]] | None, national: str) -> bool:
+    if check is None:
+        return False
+    lengths, pattern = check
+    return (not lengths or len(national) in lengths) and pattern.fullmatch(national) is not None
+
+
+def fast_phone(value: str) -> str | None:
+    """E.164 of a plainly written French number when the region is FR, or None: then phonenumbers decides."""
+    if types._phone_region != "FR":
+        return None
+    match = _FR_NATIONAL.fullmatch(value.translate(_SEPARATORS))
+    if match is None:
+        return None
+    national = match[1]
+    if not (_matches(_FR_GENERAL, national) and any(_matches(c, national) for c in _FR_CHECKS)):
+        raise ValueError("not a valid phone number")
+    return "+33" + national

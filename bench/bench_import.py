@@ -1,0 +1,222 @@
+"""CSV import at scale: Carnet's import vs a raw `\\copy` of the same file, side by side, in one run.
+
+    .venv/bin/python bench/bench_import.py [--rows 1000000] [--keep-db] [--keep-file]
+
+What it does:
+  1. Generates a CSV as a French shop's Excel export: `;`, UTF-8 with BOM, columns Nom; Prénom; E-mail;
+     Téléphone (80% filled, national format); Code postal; Ville; Société (30%); Date de naissance
+     (dd/mm/yyyy, 60%); 0.5% of rows carry a bad email or phone (Carnet rejects them). Emails are unique,
+     so that the raw `\\copy` into a table with a unique index can load every line.
+  2. (Re)creates the database `carnet_bench_import`, runs Carnet's migrations.
+  3. Floor: `psql -c "\\copy bare FROM file CSV HEADER"` into a bare table with the same primary key
+     (uuid, default gen_random_uuid()) and a unique index on lower(email). Wall time and peak RSS (psql).
+  4. Carnet: `carnet import FILE` (a subprocess: upload into import_chunk, parse + validate in worker
+     processes, COPY into staging, set-based writes into contact with history and outbox rows).
+     Wall time and peak RSS of the whole process tree (the command and its validating processes), sampled
+     every 20 ms with psutil. PostgreSQL's own memory is in neither number.
+  5. Prints both, the ratios (bars: <= 3x wall time, <= 300 MB RSS), writes bench/out/import.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+import asyncpg
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.migrations import upgrade  # noqa: E402
+
+DB = "carnet_bench_import"
+FIRST = ["Camille", "Léa", "Hélène", "François", "Zoé", "Noël", "Chloé", "Jérôme", "Anaïs", "Loïc", "Inès", "Marc"]
+LAST = ["Martin", "Bernard", "Lefèvre", "Dubois", "Moreau", "Laurent", "Girard", "Rousseau", "Fontaine", "Mercier"]
+CITIES = [("75011", "Paris"), ("69003", "Lyon"), ("13008", "Marseille"), ("25000", "Besançon"),
+          ("31000", "Toulouse"), ("44000", "Nantes"), ("67000", "Strasbourg"), ("59000", "Lille")]
+ASCII_FIRST = [unicodedata.normalize("NFKD", n).encode("ascii", "ignore").decode().lower() for n in FIRST]
+ASCII_LAST = [unicodedata.normalize("NFKD", n).encode("ascii", "ignore").decode().lower() for n in LAST]
+COMPANIES = ["Café des Arts", "Boulangerie Saint-Éloi", "Garage Dupré", "Atelier Noé"]
+
+
+def generate(path: Path, rows: int) -> None:
+    rnd = random.Random(42)
+    with path.open("w", encoding="utf-8-sig", newline="") as out:
+        out.write("Nom;Prénom;E-mail;Téléphone;Code postal;Ville;Société;Date de naissance\r\n")
+        for i in range(rows):
+            postal, city = CITIES[i % len(CITIES)]
+            email = f"{ASCII_FIRST[i % 12]}.{ASCII_LAST[i % 10]}{i}@exemple.fr"
+            phone = f"0{6 + i % 2} {80 + i // 1000000 % 20} {i // 10000 % 100:02d} {i // 100 % 100:02d} {i % 100:02d}" \
+                if rnd.random() < 0.8 else ""
+            if i % 200 == 7:
+                email = f"bad{i}@@exemple.fr"
+            elif i % 200 == 107:
+                phone = "01 23"
+            company = COMPANIES[i % 4] if rnd.random() < 0.3 else ""
+            birth = f"{rnd.randint(1, 28):02d}/{rnd.randint(1, 12):02d}/{rnd.randint(1940, 2005)}" \
+                if rnd.random() < 0.6 else ""
+            out.write(f"{LAST[i % 10]};{FIRST[i % 12]};{email};{phone};{postal};{city};{company};{birth}\r\n")
+
+
+class PeakRss:
+    """Peak of the summed RSS of a process and its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self.per_process: dict[int, int] = {}  # pid → its own peak
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                sizes = {root.pid: root.memory_info().rss}
+                for child in root.children(recursive=True):
+                    sizes[child.pid] = child.memory_info().rss
+                self.peak = max(self.peak, sum(sizes.values()))
+                for pid, rss in sizes.items():
+                    self.per_process[pid] = max(self.per_process.get(pid, 0), rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, list[int]]:
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    rss = PeakRss(process.pid)
+    out, err = process.communicate()
+    elapsed = time.perf_counter() - started
+    peak = rss.stop()
+    if process.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed ({process.returncode}):\n{out}\n{err}")
+    return elapsed, peak, out, sorted(rss.per_process.values(), reverse=True)
+
+
+async def recreate(server: str) -> str:
+    admin = await asyncpg.connect(server.rsplit("/", 1)[0] + "/postgres")
+    await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{DB}"')
+    await admin.close()
+    return server.rsplit("/", 1)[0] + f"/{DB}"
+
+
+async def prepare_bare(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    await conn.execute("DROP TABLE IF EXISTS bare")
+    await conn.execute("""CREATE TABLE bare (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), last_name text,
+        first_name text, email text, phone text, postal_code text, city text, company text, birth text)""")
+    await conn.execute("CREATE UNIQUE INDEX bare_email ON bare (lower(email))")
+    await conn.execute("CHECKPOINT")
+    await conn.close()
+
+
+async def prepare_contact_copy(url: str) -> None:
+    """Empty Carnet's tables and give `contact` the defaults a bare \\copy needs (bench database only)."""
+    conn = await asyncpg.connect(url)
+    await conn.execute("TRUNCATE contact, contact_history, outbox_message, import_job CASCADE")
+    for column, default in (("id", "gen_random_uuid()"), ("email_status", "'unverified'"), ("kind", "'prospect'"),
+                            ("lifecycle_stage", "'prospect'"), ("version", "1"), ("created_at", "now()"),
+                            ("updated_at", "now()")):
+        await conn.execute(f"ALTER TABLE contact ALTER COLUMN {column} SET DEFAULT {default}")
+    await conn.execute("CHECKPOINT")
+    await conn.close()
+
+
+async def counts(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    out = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in
+           ("bare", "contact", "contact_history", "outbox_message", "import_reject")}
+    await conn.execute("CHECKPOINT")
+    await conn.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--server", default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument("--keep-file", action="store_true")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-import-"))
+    path = workdir / "clients.csv"
+    started = time.perf_counter()
+    generate(path, args.rows)
+    print(f"generated {args.rows} rows, {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s",
+          flush=True)
+    url = asyncio.run(recreate(args.server))
+    upgrade(url)
+    asyncio.run(prepare_bare(url))
+    env = {**os.environ, "DATABASE_URL": url, "JWT_SECRET": "bench-" + "x" * 40, "LOG_JSON": "true",
+           "PGOPTIONS": "-c client_min_messages=warning"}
+
+    raw_s, raw_rss, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
+                               f"\\copy bare (last_name, first_name, email, phone, postal_code, city, company, birth) "
+                               f"FROM '{path}' WITH (FORMAT csv, HEADER true, DELIMITER ';', ENCODING 'UTF8')"], env)
+    print(f"raw \\copy: {raw_s:.2f} s, peak RSS {raw_rss / 1e6:.0f} MB", flush=True)
+
+    carnet_s, carnet_rss, out, processes = timed([sys.executable, "-m", "app", "import", str(path)], env)
+    print(out.strip().splitlines()[-2] if out.strip() else "", flush=True)
+    print(f"carnet import: {carnet_s:.2f} s, peak RSS {carnet_rss / 1e6:.0f} MB "
+          f"(per process: {', '.join(f'{p / 1e6:.0f}' for p in processes)} MB)", flush=True)
+    tables = asyncio.run(counts(url))
+
+    # A second floor: the same raw \copy into Carnet's real `contact` table (its 18 indexes), no validation.
+    asyncio.run(prepare_contact_copy(url))
+    table_s, _, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
+                              f"\\copy contact (last_name, first_name, email, phone, postal_code, city, company, "
+                              f"birth_date) FROM '{path}' "
+                              "WITH (FORMAT csv, HEADER true, DELIMITER ';', ENCODING 'UTF8')"],
+                             {**env, "PGOPTIONS": "-c datestyle=ISO,DMY"})
+    print(f"raw \\copy into contact: {table_s:.2f} s", flush=True)
+
+    result = {
+        "rows": args.rows, "file_mb": round(path.stat().st_size / 1e6, 1),
+        "raw_copy_seconds": round(raw_s, 2), "raw_copy_rss_mb": round(raw_rss / 1e6),
+        "carnet_seconds": round(carnet_s, 2), "carnet_rss_mb": round(carnet_rss / 1e6),
+        "ratio_wall": round(carnet_s / raw_s, 2), "carnet_rows_per_second": round(args.rows / carnet_s),
+        "carnet_rss_per_process_mb": [round(p / 1e6) for p in processes],
+        "raw_copy_into_contact_seconds": round(table_s, 2), "ratio_wall_vs_contact_copy": round(carnet_s / table_s, 2),
+        "tables": tables, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                      "load_1m_before": os.getloadavg()[0]},
+    }
+    print(json.dumps(result, indent=2))
+    print(f"ratio wall {result['ratio_wall']}x (bar <= 3x); peak RSS {result['carnet_rss_mb']} MB (bar <= 300 MB)")
+    (ROOT / "bench" / "out").mkdir(exist_ok=True)
+    (ROOT / "bench" / "out" / "import.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not args.keep_file:
+        path.unlink()
+        workdir.rmdir()
+    if not args.keep_db:
+        async def drop() -> None:
+            admin = await asyncpg.connect(args.server.rsplit("/", 1)[0] + "/postgres")
+            await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+            await admin.close()
+        asyncio.run(drop())
+
+
+if __name__ == "__main__":
+    main()

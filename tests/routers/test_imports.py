@@ -1,0 +1,441 @@
+"""HTTP contract of /v1/imports, with real-world files generated in the tests and the runner called directly."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db import get_read_sessionmaker, get_sessionmaker
+from app.main import create_app
+from app.security import Role, Scope
+from app.services import suppressions
+from app.services.imports import runner
+from app.services.imports.runner import run_next
+from app.settings import Settings
+from tests.auth import bearer
+from tests.csv_samples import FRENCH_HEADER, build_csv, french_file, plain_file
+from tests.factories import ADMIN, PROOF, grant_marketing, make_attribute, make_contact, make_list
+from tests.routers.test_contacts import assert_problem
+
+MASKED = bearer(Role.MANAGER, scopes={Scope.IMPORTS_WRITE}, subject="importer@shop.example")
+
+
+async def upload(
+    client: httpx.AsyncClient, data: bytes, *, headers: dict[str, str] = ADMIN, filename: str = "clients.csv",
+    **fields: Any,
+) -> httpx.Response:
+    form: dict[str, str | list[str]] = {}
+    for key, value in fields.items():
+        if isinstance(value, list):
+            form[key] = value
+        elif isinstance(value, dict):
+            form[key] = json.dumps(value)
+        else:
+            form[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return await client.post("/v1/imports", files={"file": (filename, data, "text/csv")}, data=form,
+                             headers=headers)
+
+
+async def run_import(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings, data: bytes,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Upload, run the job as the worker would, and answer its final state."""
+    response = await upload(client, data, **fields)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
+    assert await run_next(sessions, settings) is True
+    job = await client.get(f"/v1/imports/{response.json()['id']}", headers=ADMIN)
+    assert job.status_code == 200, job.text
+    return job.json()  # type: ignore[no-any-return]
+
+
+async def report(client: httpx.AsyncClient, import_id: str, headers: dict[str, str] = ADMIN) -> list[dict[str, str]]:
+    response = await client.get(f"/v1/imports/{import_id}/rejects", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/csv")
+    return list(csv.DictReader(io.StringIO(response.text)))
+
+
+async def contacts_by_email(sessions: async_sessionmaker[AsyncSession]) -> dict[str, dict[str, Any]]:
+    async with sessions() as session:
+        rows = await session.execute(text("SELECT * FROM contact WHERE email IS NOT NULL"))
+        return {r["email"]: dict(r) for r in rows.mappings()}
+
+
+async def rows(sessions: async_sessionmaker[AsyncSession], sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    async with sessions() as session:
+        return [tuple(r) for r in await session.execute(text(sql), params)]
+
+
+async def count(sessions: async_sessionmaker[AsyncSession], sql: str, **params: Any) -> int:
+    async with sessions() as session:
+        return int(await session.scalar(text(sql), params) or 0)
+
+
+class TestFrenchExcelFile:
+    async def test_counts_reasons_and_values(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        await make_attribute(client, "taille", "enum", options=["S", "M", "L"])
+        sample = french_file()
+        async with sessions.begin() as session:
+            await suppressions.suppress(session, [{"email": e, "phone": None} for e in sample.suppressed],
+                                        reason="erasure")
+        existing = await make_contact(client, email="client.5@exemple.fr", first_name="Ancien", company="Avant")
+
+        job = await run_import(client, sessions, settings, sample.data)
+
+        assert job["status"] == "done", job
+        assert (job["encoding"], job["delimiter"]) == ("cp1252", ";")
+        assert job["columns"] == {
+            "Nom": "last_name", "Prénom": "first_name", "E-mail": "email", "Téléphone": "phone",
+            "Adresse": "address.line1", "Code postal": "address.postal_code", "Ville": "address.city",
+            "Société": "company", "Date de naissance": "birth_date", "Pays": "address.country",
+            "Taille": "attributes.taille",
+        }
+        good = len(sample.good)
+        assert job["total_rows"] == job["processed_rows"] == sample.rows
+        assert job["created"] == good - 1
+        assert job["updated"] == 1
+        assert job["rejected"] == len(sample.bad) + len(sample.duplicates)
+        assert job["skipped"] == len(sample.suppressed)
+        assert job["rows_per_second"] > 0
+
+        lines = await report(client, job["id"])
+        by_row: dict[int, list[dict[str, str]]] = {}
+        for line in lines:
+            by_row.setdefault(int(line["row"]), []).append(line)
+        for row_number, reason in sample.bad.items():
+            assert any(reason in line["reason"] for line in by_row[row_number]), (row_number, by_row[row_number])
+        for row_number, original in sample.duplicates.items():
+            assert by_row[row_number] == [{"row": str(row_number), "column": "E-mail", "field": "email",
+                                           "reason": f"duplicate of row {original}",
+                                           "value": by_row[row_number][0]["value"]}]
+        for row_number in sample.suppressed_rows:
+            assert "erased" in by_row[row_number][0]["reason"]
+        assert set(by_row) == set(sample.bad) | set(sample.duplicates) | set(sample.suppressed_rows)
+
+        stored = await contacts_by_email(sessions)
+        first = stored["client.0@exemple.fr"]
+        assert (first["last_name"], first["first_name"], first["city"], first["company"]) == (
+            "Lefèvre0", "François", "Besançon", "Café des Arts")
+        assert (first["phone"], first["country"], first["birth_date"].isoformat()) == ("+33612340000", "FR",
+                                                                                      "1960-01-01")
+        assert first["attributes"] == {"taille": "S"} and first["source"] == "import"
+        assert stored["client.3@exemple.fr"]["address_line1"] == "12 rue de l'Église\r\nBâtiment B"
+        updated = stored["client.5@exemple.fr"]
+        assert updated["id"] == uuid.UUID(existing["id"]) and updated["first_name"] == "Hélène"
+        assert updated["company"] == "Avant"  # a blank cell never erases
+        assert not any(e.startswith("efface.") for e in stored)
+        # one `created` entry per new contact; one entry per changed field of the updated one
+        assert await count(sessions, "SELECT count(*) FROM contact_history WHERE via = 'import' "
+                                     "AND field = 'created'") == good - 1
+        changed = {r: (o, n) for r, o, n in await rows(
+            sessions, "SELECT field, old_value, new_value FROM contact_history WHERE via = 'import' "
+                      "AND contact_id = :id", id=updated["id"])}
+        assert sorted(changed) == ["address.city", "address.country", "address.line1", "address.postal_code",
+                                   "attributes.taille", "birth_date", "first_name", "last_name", "phone"]
+        assert changed["first_name"] == ("Ancien", "Hélène")
+        # good - 1 created by the import, plus the existing contact created through the API
+        assert await count(sessions, "SELECT count(*) FROM outbox_message WHERE topic = 'contact.created'") == good
+        assert await count(sessions, "SELECT count(*) FROM outbox_message WHERE topic = 'contact.updated' "
+                                     "AND contact_id = :id", id=updated["id"]) == 1
+        subjects = await rows(sessions, "SELECT DISTINCT subject FROM contact_history WHERE via = 'import'")
+        assert subjects == [("tester@shop.example",)]
+
+
+class TestFormats:
+    async def test_utf8_bom_commas_english_headers(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = build_csv(["E-mail address", "First Name", "Last name", "Mobile", "Zip", "City", "Country"],
+                         [["zoé@exemple.fr", "Zoé", "Ñúñez", "+32 470 12 34 56", "1000", "Bruxelles", "BE"],
+                          ["Ana@Example.com", "Ana", "", "06 98 76 54 32", "75001", "Paris", "fr"]],
+                         delimiter=",", encoding="utf-8", bom=True)
+        job = await run_import(client, sessions, settings, data)
+        assert (job["status"], job["encoding"], job["delimiter"], job["created"]) == ("done", "utf-8-sig", ",", 2)
+        stored = await contacts_by_email(sessions)
+        assert stored["zoé@exemple.fr"]["last_name"] == "Ñúñez"
+        assert stored["zoé@exemple.fr"]["phone"] == "+32470123456"
+        assert stored["ana@example.com"]["phone"] == "+33698765432"
+        assert stored["ana@example.com"]["country"] == "FR"
+
+    async def test_tabs_utf8_without_bom_and_quoted_newlines(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = build_csv(["Courriel", "Nom", "Adresse"],
+                         [["a@exemple.fr", "Dupont", "1 rue A\nescalier B\n3e étage"], ["b@exemple.fr", "Durand", ""]],
+                         delimiter="\t", encoding="utf-8", newline="\n")
+        job = await run_import(client, sessions, settings, data)
+        assert (job["delimiter"], job["encoding"], job["created"], job["total_rows"]) == ("\t", "utf-8", 2, 2)
+        stored = await contacts_by_email(sessions)
+        assert stored["a@exemple.fr"]["address_line1"] == "1 rue A\nescalier B\n3e étage"
+
+    async def test_blank_lines_are_not_rows_and_row_numbers_follow_the_file(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = b"Email;Nom\r\nx@exemple.fr;X\r\n;;\r\nnot-an-email;Y\r\n\r\n"
+        job = await run_import(client, sessions, settings, data)
+        assert (job["created"], job["rejected"], job["total_rows"]) == (1, 1, 2)
+        assert [(r["row"], r["column"]) for r in await report(client, job["id"])] == [("4", "Email")]
+
+
+class TestRejectReport:
+    async def test_values_are_masked_without_pii_read(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = build_csv(["Email", "Nom", "Téléphone", "Ville"],
+                         [["claire@exemple.fr", "Martin", "06 12 34 56 78", "Lyon"],
+                          ["CLAIRE@exemple.fr", "Martin", "", "Lyon"],
+                          ["paul@exemple.fr", "Durand", "0612", "Lyon"],
+                          ["marc@exemple.fr", "D" * 300, "", "L" * 300]])
+        job = await run_import(client, sessions, settings, data)
+        assert job["rejected"] == 3
+        plain = await report(client, job["id"])
+        masked = await report(client, job["id"], headers=MASKED)
+        assert [r["value"] for r in plain] == ["claire@exemple.fr", "0612", "D" * 200 + "…", "L" * 200 + "…"]
+        assert [r["value"] for r in masked] == ["c***@exemple.fr", "***", "D***", "L" * 200 + "…"]
+        assert [r["reason"] for r in masked] == [r["reason"] for r in plain]
+        assert masked[0]["reason"] == "duplicate of row 2"
+
+    async def test_unknown_import_is_404(self, client: httpx.AsyncClient) -> None:
+        assert_problem(await client.get(f"/v1/imports/{uuid.uuid4()}/rejects", headers=ADMIN), 404)
+        assert_problem(await client.get(f"/v1/imports/{uuid.uuid4()}", headers=ADMIN), 404)
+
+
+class TestPolicies:
+    async def test_create_only_skips_existing_and_update_only_skips_new(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        await make_contact(client, email="old@exemple.fr", first_name="Old")
+        data = build_csv(["Email", "Prénom"], [["old@exemple.fr", "Changed"], ["new@exemple.fr", "New"]])
+        job = await run_import(client, sessions, settings, data, mode="create_only")
+        assert (job["created"], job["updated"], job["skipped"]) == (1, 0, 1)
+        assert (await contacts_by_email(sessions))["old@exemple.fr"]["first_name"] == "Old"
+        assert "create_only" in (await report(client, job["id"]))[0]["reason"]
+
+        data = build_csv(["Email", "Prénom"], [["old@exemple.fr", "Changed"], ["newer@exemple.fr", "New"]])
+        job = await run_import(client, sessions, settings, data, mode="update_only")
+        assert (job["created"], job["updated"], job["skipped"]) == (0, 1, 1)
+        stored = await contacts_by_email(sessions)
+        assert stored["old@exemple.fr"]["first_name"] == "Changed" and "newer@exemple.fr" not in stored
+
+    async def test_blank_cells_keep_values_unless_blank_erases(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        await make_attribute(client, "points", "number")
+        await make_contact(client, email="k@exemple.fr", first_name="Keep", company="Acme", attributes={"points": 3})
+        data = build_csv(["Email", "Prénom", "Société", "Points"], [["k@exemple.fr", "", "", ""]])
+        job = await run_import(client, sessions, settings, data)
+        assert (job["updated"], job["unchanged"]) == (0, 1)
+        kept = (await contacts_by_email(sessions))["k@exemple.fr"]
+        assert (kept["first_name"], kept["company"], kept["attributes"]) == ("Keep", "Acme", {"points": 3})
+
+        job = await run_import(client, sessions, settings, data, blank_erases=True)
+        assert job["updated"] == 1
+        erased = (await contacts_by_email(sessions))["k@exemple.fr"]
+        assert (erased["first_name"], erased["company"], erased["attributes"]) == (None, None, {})
+
+    async def test_external_id_matching_and_refusals(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        a = await make_contact(client, email="a@exemple.fr", external_id="C-1")
+        await make_contact(client, email="b@exemple.fr", external_id="C-2")
+        await make_contact(client, email="c@exemple.fr")
+        data = build_csv(["Code client", "Email", "Nom"], [
+            ["C-1", "a2@exemple.fr", "New email for C-1"],      # matched by external_id, email changes
+            ["C-9", "b@exemple.fr", "Email of C-2"],            # refused: that email belongs to C-2
+            ["C-2", "a@exemple.fr", "Takes a's email"],          # refused: another contact holds it
+            ["C-3", "c@exemple.fr", "c gets an external_id"],   # matched by email, external_id set
+        ])
+        job = await run_import(client, sessions, settings, data)
+        assert (job["updated"], job["rejected"], job["created"]) == (2, 2, 0)
+        reasons = [r["reason"] for r in await report(client, job["id"])]
+        assert reasons == ["this email belongs to a contact with another external_id",
+                           "another contact already holds this email"]
+        stored = await contacts_by_email(sessions)
+        assert stored["a2@exemple.fr"]["id"] == uuid.UUID(a["id"])
+        assert stored["c@exemple.fr"]["external_id"] == "C-3"
+
+    async def test_dry_run_writes_nothing(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        await make_contact(client, email="exists@exemple.fr", first_name="A")
+        before = await count(sessions, "SELECT (SELECT count(*) FROM contact) + (SELECT count(*) FROM contact_history)"
+                                       " + (SELECT count(*) FROM outbox_message) + (SELECT count(*) FROM tag)")
+        data = build_csv(["Email", "Prénom"], [["exists@exemple.fr", "B"], ["exists@exemple.fr", "C"],
+                                                ["new@exemple.fr", "N"], ["bad", "X"]])
+        job = await run_import(client, sessions, settings, data, dry_run=True, tags=["salon-2026"])
+        assert (job["status"], job["created"], job["updated"], job["rejected"]) == ("done", 1, 1, 2)
+        after = await count(sessions, "SELECT (SELECT count(*) FROM contact) + (SELECT count(*) FROM contact_history)"
+                                      " + (SELECT count(*) FROM outbox_message) + (SELECT count(*) FROM tag)")
+        assert after == before
+        assert (await contacts_by_email(sessions))["exists@exemple.fr"]["first_name"] == "A"
+
+    async def test_tags_are_added_to_every_imported_row(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        await make_contact(client, email="t@exemple.fr", tags=["vip"])
+        data = build_csv(["Email"], [["t@exemple.fr"], ["u@exemple.fr"]])
+        job = await run_import(client, sessions, settings, data, tags=["salon-2026, lyon"])
+        assert (job["created"], job["updated"]) == (1, 1)
+        stored = await contacts_by_email(sessions)
+        assert stored["t@exemple.fr"]["tags"] == ["vip", "salon-2026", "lyon"]
+        assert stored["u@exemple.fr"]["tags"] == ["salon-2026", "lyon"]
+        assert await count(sessions, "SELECT count(*) FROM tag WHERE name IN ('salon-2026', 'lyon')") == 2
+
+
+class TestListAndConsent:
+    async def test_subscribes_with_the_consent_and_changes_no_other_status(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        newsletter = await make_list(client)
+        other = await make_list(client)
+        left = await make_contact(client, email="left@exemple.fr")
+        await grant_marketing(client, left["id"], occurred_at="2026-01-01T00:00:00Z")
+        assert (await client.put(f"/v1/lists/{newsletter['id']}/members/{left['id']}", headers=ADMIN)).status_code \
+            in (200, 201)
+        assert (await client.delete(f"/v1/lists/{newsletter['id']}/members/{left['id']}", headers=ADMIN)
+                ).status_code == 200
+        in_other = await make_contact(client, email="other@exemple.fr")
+        await grant_marketing(client, in_other["id"])
+        assert (await client.put(f"/v1/lists/{other['id']}/members/{in_other['id']}", headers=ADMIN)).status_code \
+            in (200, 201)
+        data = build_csv(["Email", "Nom"], [["new@exemple.fr", "N"], ["left@exemple.fr", "L"],
+                                             ["other@exemple.fr", "O"]])
+        consent = {"occurred_at": "2025-06-01T10:00:00Z", "source": "salon-2025", "proof": PROOF}
+        job = await run_import(client, sessions, settings, data, list_id=newsletter["id"], consent=consent)
+        assert (job["created"], job["subscribed"]) == (1, 2)
+        lines = await report(client, job["id"])
+        assert [(r["row"], r["reason"]) for r in lines] == [
+            ("3", "not subscribed: the contact unsubscribed from this list after the import's consent")]
+        statuses = dict(await rows(sessions, "SELECT c.email, m.status FROM list_membership m JOIN contact c "
+                                             "ON c.id = m.contact_id WHERE m.list_id = :l", l=newsletter["id"]))
+        assert statuses == {"new@exemple.fr": "subscribed", "left@exemple.fr": "unsubscribed",
+                            "other@exemple.fr": "subscribed"}
+        assert await count(sessions, "SELECT count(*) FROM list_membership WHERE list_id = :l", l=other["id"]) == 1
+        grants = await rows(sessions, "SELECT e.source, e.recorded_by, e.proof->>'wording' FROM consent_event e "
+                                      "JOIN contact c ON c.id = e.contact_id WHERE c.email = 'new@exemple.fr'")
+        assert grants == [("salon-2025", "tester@shop.example", PROOF["wording"])]
+        assert await count(sessions, "SELECT count(*) FROM outbox_message WHERE topic = 'membership.subscribed' "
+                                     "AND payload->>'list_id' = :l", l=newsletter["id"]) == 3  # 1 by the API
+
+    async def test_double_opt_in_list_makes_pending_members_and_asks_confirmation(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        the_list = await make_list(client, double_opt_in=True)
+        data = build_csv(["Email"], [["d@exemple.fr"]])
+        job = await run_import(client, sessions, settings, data, list_id=the_list["id"], consent={"proof": PROOF})
+        assert job["subscribed"] == 1
+        assert await rows(sessions, "SELECT status FROM list_membership WHERE list_id = :l", l=the_list["id"]) == [
+            ("pending",)]
+        payloads = await rows(sessions, "SELECT payload FROM outbox_message "
+                                        "WHERE topic = 'membership.confirmation_requested'")
+        assert payloads[0][0]["confirm_url"].startswith(settings.public_base_url + "/v1/public/confirm/")
+
+    async def test_list_needs_consent_and_must_exist(self, client: httpx.AsyncClient) -> None:
+        data = build_csv(["Email"], [["x@exemple.fr"]])
+        the_list = await make_list(client)
+        assert_problem(await upload(client, data, list_id=the_list["id"]), 422, "consent")
+        assert_problem(await upload(client, data, list_id=str(uuid.uuid4()), consent={"proof": PROOF}), 422,
+                       "list_id")
+        assert_problem(await upload(client, data, consent={"proof": PROOF}), 422, "consent")
+        assert_problem(await upload(client, data, list_id=the_list["id"], consent={"proof": {}}), 422,
+                       "consent.proof")
+
+
+class TestUploadValidation:
+    async def test_bad_requests_name_the_field(self, client: httpx.AsyncClient) -> None:
+        data = build_csv(["Email", "Nom"], [["x@exemple.fr", "X"]])
+        assert_problem(await client.post("/v1/imports", json={}, headers=ADMIN), 422, "file")
+        assert_problem(await upload(client, b""), 422, "file")
+        assert_problem(await upload(client, data, mode="merge"), 422, "mode")
+        assert_problem(await upload(client, data, colour="blue"), 422, "colour")
+        assert_problem(await upload(client, data, mapping="{not json"), 422, "mapping")
+        assert_problem(await upload(client, data, mapping={"Missing": "email"}), 422, "mapping.Missing")
+        assert_problem(await upload(client, data, mapping={"Email": "shoe_size"}), 422, "mapping.Email")
+        assert_problem(await upload(client, data, mapping={"Nom": "last_name"}), 422, "file")
+        assert_problem(await upload(client, build_csv(["Nom", "Ville"], [["X", "Y"]])), 422, "file")
+
+    async def test_explicit_mapping_is_used_as_given(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = build_csv(["Adresse électronique", "Col2", "Nom"], [["m@exemple.fr", "Dupont", "ignored"]])
+        job = await run_import(client, sessions, settings, data,
+                               mapping={"Adresse électronique": "email", "Col2": "last_name", "Nom": None})
+        assert job["columns"] == {"Adresse électronique": "email", "Col2": "last_name", "Nom": None}
+        assert (await contacts_by_email(sessions))["m@exemple.fr"]["last_name"] == "Dupont"
+
+    async def test_scopes(self, client: httpx.AsyncClient) -> None:
+        data = build_csv(["Email"], [["x@exemple.fr"]])
+        assert_problem(await client.post("/v1/imports", files={"file": ("a.csv", data)}), 401)
+        assert_problem(await upload(client, data, headers=bearer(Role.VIEWER)), 403)
+        assert_problem(await upload(client, data, headers=bearer(Role.EDITOR)), 403)
+        assert (await upload(client, data, headers=MASKED)).status_code == 202
+
+
+async def test_plain_file_helper_is_valid(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    job = await run_import(client, sessions, settings, plain_file(50))
+    assert (job["created"], job["rejected"]) == (50, 0)
+    assert FRENCH_HEADER[0] == "Nom"
+
+
+async def test_binary_garbage_and_control_characters_are_422(client: httpx.AsyncClient) -> None:
+    assert_problem(await upload(client, bytes(range(256)) * 10), 422, "file")
+    assert_problem(await upload(client, b"Email\x00;Nom\r\nx@exemple.fr;X\r\n"), 422, "file")
+    response = await upload(client, b"Email;Nom\r\nx@exemple.fr;X\r\n", filename="a\x00b.csv")
+    assert response.status_code == 202, response.text
+
+
+async def test_imports_have_their_own_body_cap(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    big = plain_file(20000)
+    assert len(big) > settings.max_body_bytes  # the general limit (1 MB in tests) does not apply to imports
+    assert (await upload(client, big)).status_code == 202
+    capped = create_app(settings.model_copy(update={"import_max_bytes": 4096}))
+    capped.dependency_overrides[get_sessionmaker] = lambda: sessions
+    capped.dependency_overrides[get_read_sessionmaker] = lambda: sessions
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=capped), base_url="http://test") as http:
+        assert_problem(await upload(http, plain_file(200)), 413)
+
+
+async def test_a_job_that_keeps_killing_its_runner_fails(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    response = await upload(client, build_csv(["Email"], [["x@exemple.fr"]]))
+    async with sessions.begin() as session:
+        await session.execute(text("UPDATE import_job SET status = 'running', attempts = :n, "
+                                   "lease_until = now() - interval '1 second' WHERE id = :id"),
+                              {"n": settings.import_max_attempts, "id": response.json()["id"]})
+    assert await run_next(sessions, settings) is True
+    job = (await client.get(f"/v1/imports/{response.json()['id']}", headers=ADMIN)).json()
+    assert (job["status"], job["created"]) == ("failed", 0)
+    assert job["error"].startswith("gave up after")
+    assert await run_next(sessions, settings) is False
+
+
+async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await make_contact(client, email="raced@exemple.fr", first_name="Other writer")
+    # As if the contact appeared between the matching and the insert: the match sees nobody.
+    monkeypatch.setattr(runner, "_MATCH_SQL", "UPDATE import_stage SET action = 'create' WHERE action IS NULL "
+                                              "AND $1::text IS NOT NULL")
+    data = build_csv(["Email"], [["raced@exemple.fr"], ["free@exemple.fr"]])
+    job = await run_import(client, sessions, settings, data)
+    assert (job["created"], job["rejected"]) == (1, 1)
+    assert "another writer" in (await report(client, job["id"]))[0]["reason"]
+    assert (await contacts_by_email(sessions))["raced@exemple.fr"]["first_name"] == "Other writer"
