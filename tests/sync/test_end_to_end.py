@@ -163,7 +163,7 @@ async def test_the_worker_runs_imports_beside_deliveries(committing_client: http
     running = asyncio.create_task(worker.run(stop))
     try:
         async with asyncio.timeout(30):
-            while (await committing_client.get(job_url, headers=ADMIN)).json()["status"] not in ("done", "failed"):
+            while (await committing_client.get(job_url, headers=ADMIN)).json()["status"] not in ("done", "failed"):  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
     finally:
         stop.set()
