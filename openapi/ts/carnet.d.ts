@@ -50,7 +50,7 @@ export interface paths {
         };
         /**
          * Readyz
-         * @description The database answers and its schema is at this code's migration head.
+         * @description The database answers and its schema is at this code's migration head (or ahead: a rolling upgrade).
          */
         get: operations["readyz_readyz_get"];
         put?: never;
@@ -133,6 +133,26 @@ export interface paths {
          * @description Up to 1,000 upserts; each item succeeds or fails alone (a savepoint each).
          */
         post: operations["batch_upsert_contacts_v1_contacts_batch_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/contacts/duplicates": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Duplicate Candidates
+         * @description Pairs of contacts that are probably one person, each with its reasons (masked without pii:read).
+         */
+        get: operations["list_duplicate_candidates_v1_contacts_duplicates_get"];
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
@@ -282,6 +302,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/contacts/{contact_id}/merge": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Merge Contact
+         * @description Merge `duplicate_id` into this contact, which is kept (If-Match applies to it); the duplicate is deleted.
+         */
+        post: operations["merge_contact_v1_contacts__contact_id__merge_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/contacts/{contact_id}/orders": {
         parameters: {
             query?: never;
@@ -343,6 +383,117 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/deliveries/{delivery_id}/retry": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Retry Delivery
+         * @description A dead delivery goes back in the queue now with a fresh count of attempts (delivered ones stay).
+         */
+        post: operations["retry_delivery_v1_deliveries__delivery_id__retry_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/destinations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Destinations
+         * @description By name. Secrets are never shown; `secrets_set` names the ones stored.
+         */
+        get: operations["list_destinations_v1_destinations_get"];
+        put?: never;
+        /**
+         * Create Destination
+         * @description `generated_secrets` holds what Carnet made (`inbound_secret`, the webhook `secret`): shown this once only.
+         *
+         *     An idempotent replay answers without them.
+         */
+        post: operations["create_destination_v1_destinations_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/destinations/{destination_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get Destination */
+        get: operations["get_destination_v1_destinations__destination_id__get"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete Destination
+         * @description Stops every delivery to it; what the vendor already holds stays there.
+         */
+        delete: operations["delete_destination_v1_destinations__destination_id__delete"];
+        options?: never;
+        head?: never;
+        /**
+         * Update Destination
+         * @description Merge patch. Re-enabling a destination clears its failure count and `disabled_reason`.
+         */
+        patch: operations["update_destination_v1_destinations__destination_id__patch"];
+        trace?: never;
+    };
+    "/v1/destinations/{destination_id}/deliveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Deliveries
+         * @description Newest first.
+         */
+        get: operations["list_deliveries_v1_destinations__destination_id__deliveries_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/destinations/{destination_id}/resync": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resync Destination
+         * @description Queue a full push of every contact of the mapped lists (vendors only).
+         */
+        post: operations["resync_destination_v1_destinations__destination_id__resync_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/events": {
         parameters: {
             query?: never;
@@ -374,6 +525,130 @@ export interface paths {
          * @description Up to 1,000 events; each succeeds or fails alone.
          */
         post: operations["create_events_v1_events_batch_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/exports/contacts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Export Contacts
+         * @description Masked for tokens without pii:read. Everything is checked before the first byte is sent.
+         */
+        get: operations["export_contacts_v1_exports_contacts_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/imports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Create Import
+         * @description Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it).
+         */
+        post: operations["create_import_v1_imports_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/imports/{import_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get Import
+         * @description Status, counts and speed; `total_rows` is known once the whole file was read.
+         */
+        get: operations["get_import_v1_imports__import_id__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/imports/{import_id}/rejects": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get Import Rejects
+         * @description The reject report as CSV, in file order; values masked without `pii:read`.
+         */
+        get: operations["get_import_rejects_v1_imports__import_id__rejects_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/inbound/brevo/{destination_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Brevo Webhook
+         * @description JSON: one event, or a list of them (Brevo's batched webhooks).
+         */
+        post: operations["brevo_webhook_v1_inbound_brevo__destination_id__post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/inbound/mailchimp/{destination_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Mailchimp Url Check
+         * @description Mailchimp checks the URL with a GET before saving the webhook: 200, nothing else.
+         */
+        get: operations["mailchimp_url_check_v1_inbound_mailchimp__destination_id__get"];
+        put?: never;
+        /**
+         * Mailchimp Webhook
+         * @description Form-encoded `type=unsubscribe|cleaned|upemail|subscribe|profile&data[...]=...`.
+         */
+        post: operations["mailchimp_webhook_v1_inbound_mailchimp__destination_id__post"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1351,6 +1626,258 @@ export interface components {
             /** Tags */
             tags?: string[] | null;
         };
+        /**
+         * Delimiter
+         * @enum {string}
+         */
+        Delimiter: "," | ";";
+        /** DeliveryPage */
+        DeliveryPage: {
+            /** Data */
+            data: components["schemas"]["DeliveryRead"][];
+            /** Next Cursor */
+            next_cursor: string | null;
+        };
+        /** DeliveryRead */
+        DeliveryRead: {
+            /** Attempts */
+            attempts: number;
+            /** Contact Id */
+            contact_id: string | null;
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            /** Delivered At */
+            delivered_at: string | null;
+            /**
+             * Destination Id
+             * Format: uuid
+             */
+            destination_id: string;
+            /** Id */
+            id: number;
+            /** Last Error */
+            last_error: string | null;
+            /**
+             * Next Attempt At
+             * Format: date-time
+             */
+            next_attempt_at: string;
+            status: components["schemas"]["DeliveryStatus"];
+            /** Topic */
+            topic: string;
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+        };
+        /**
+         * DeliveryStatus
+         * @enum {string}
+         */
+        DeliveryStatus: "pending" | "in_flight" | "delivered" | "dead";
+        /** DestinationCreate */
+        DestinationCreate: {
+            /**
+             * Config
+             * @description Per kind; secrets in it are write-only
+             */
+            config?: {
+                [key: string]: unknown;
+            };
+            /**
+             * Enabled
+             * @default true
+             */
+            enabled: boolean;
+            /**
+             * Field Mappings
+             * @description Carnet field (`first_name`, `attributes.size`) → vendor field
+             */
+            field_mappings?: {
+                [key: string]: string;
+            };
+            kind: components["schemas"]["DestinationKind"];
+            /** List Mappings */
+            list_mappings?: components["schemas"]["ListMapping"][];
+            /** Name */
+            name: string;
+        };
+        /** DestinationCreated */
+        DestinationCreated: {
+            /**
+             * Config
+             * @description Without secrets
+             */
+            config: {
+                [key: string]: unknown;
+            };
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            /** Enabled */
+            enabled: boolean;
+            /** Field Mappings */
+            field_mappings: {
+                [key: string]: string;
+            };
+            /**
+             * Generated Secrets
+             * @description Secrets Carnet generated (inbound_secret, webhook secret): shown this once only
+             */
+            generated_secrets: {
+                [key: string]: string;
+            };
+            health: components["schemas"]["DestinationHealth"];
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /** Inbound Url */
+            inbound_url: string | null;
+            kind: components["schemas"]["DestinationKind"];
+            /** List Mappings */
+            list_mappings: {
+                [key: string]: unknown;
+            }[];
+            /** Name */
+            name: string;
+            /**
+             * Secrets Set
+             * @description Names of the secrets stored (their values are never shown)
+             */
+            secrets_set: string[];
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+            /** Version */
+            version: number;
+        };
+        /** DestinationHealth */
+        DestinationHealth: {
+            /** Consecutive Failures */
+            consecutive_failures: number;
+            /** Dead */
+            dead: number;
+            /** Disabled Reason */
+            disabled_reason: string | null;
+            /** Last Error */
+            last_error: string | null;
+            /** Last Error At */
+            last_error_at: string | null;
+            /** Last Success At */
+            last_success_at: string | null;
+            /** Pending */
+            pending: number;
+        };
+        /**
+         * DestinationKind
+         * @enum {string}
+         */
+        DestinationKind: "brevo" | "mailchimp" | "webhook";
+        /** DestinationPage */
+        DestinationPage: {
+            /** Data */
+            data: components["schemas"]["DestinationRead"][];
+            /** Next Cursor */
+            next_cursor: string | null;
+        };
+        /**
+         * DestinationPatch
+         * @description Merge patch. `config` is merged key by key (a secret given replaces the stored one; null removes a key).
+         */
+        DestinationPatch: {
+            /** Config */
+            config?: {
+                [key: string]: unknown;
+            } | null;
+            /** Enabled */
+            enabled?: boolean | null;
+            /** Field Mappings */
+            field_mappings?: {
+                [key: string]: string;
+            } | null;
+            /** List Mappings */
+            list_mappings?: components["schemas"]["ListMapping"][] | null;
+            /** Name */
+            name?: string | null;
+        };
+        /** DestinationRead */
+        DestinationRead: {
+            /**
+             * Config
+             * @description Without secrets
+             */
+            config: {
+                [key: string]: unknown;
+            };
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            /** Enabled */
+            enabled: boolean;
+            /** Field Mappings */
+            field_mappings: {
+                [key: string]: string;
+            };
+            health: components["schemas"]["DestinationHealth"];
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /** Inbound Url */
+            inbound_url: string | null;
+            kind: components["schemas"]["DestinationKind"];
+            /** List Mappings */
+            list_mappings: {
+                [key: string]: unknown;
+            }[];
+            /** Name */
+            name: string;
+            /**
+             * Secrets Set
+             * @description Names of the secrets stored (their values are never shown)
+             */
+            secrets_set: string[];
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+            /** Version */
+            version: number;
+        };
+        /** DuplicatePairRead */
+        DuplicatePairRead: {
+            /**
+             * Contacts
+             * @description The two contacts, smaller id first (masked without pii:read)
+             */
+            contacts: components["schemas"]["ContactRead"][];
+            /**
+             * Reasons
+             * @description phone | name_postal_code | email, sorted
+             */
+            reasons: string[];
+        };
+        /** DuplicatesPage */
+        DuplicatesPage: {
+            /** Data */
+            data: components["schemas"]["DuplicatePairRead"][];
+            /** Next Cursor */
+            next_cursor: string | null;
+        };
         /** EventBatch */
         EventBatch: {
             /**
@@ -1442,6 +1969,11 @@ export interface components {
             /** Type */
             type: string;
         };
+        /**
+         * ExportFormat
+         * @enum {string}
+         */
+        ExportFormat: "csv" | "jsonl";
         /** ExportedMembership */
         ExportedMembership: {
             /**
@@ -1499,6 +2031,120 @@ export interface components {
             /** Next Cursor */
             next_cursor: string | null;
         };
+        /** ImportAccepted */
+        ImportAccepted: {
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            status: components["schemas"]["ImportStatus"];
+        };
+        /**
+         * ImportMode
+         * @enum {string}
+         */
+        ImportMode: "upsert" | "create_only" | "update_only";
+        /** ImportRead */
+        ImportRead: {
+            /** Attempts */
+            attempts: number;
+            /** Blank Erases */
+            blank_erases: boolean;
+            /**
+             * Columns
+             * @description Each column of the file and the field it fills (null: ignored)
+             */
+            columns: {
+                [key: string]: string | null;
+            };
+            /** Created */
+            created: number;
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            /** Delimiter */
+            delimiter: string;
+            /** Dry Run */
+            dry_run: boolean;
+            /**
+             * Encoding
+             * @description utf-8, utf-8-sig (with BOM) or cp1252 (Windows-1252), as detected
+             */
+            encoding: string;
+            /** Error */
+            error: string | null;
+            /** Filename */
+            filename: string | null;
+            /** Finished At */
+            finished_at: string | null;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /** List Id */
+            list_id: string | null;
+            mode: components["schemas"]["ImportMode"];
+            /** Processed Rows */
+            processed_rows: number;
+            /**
+             * Rejected
+             * @description Invalid rows and duplicates inside the file (see /rejects)
+             */
+            rejected: number;
+            /** Rows Per Second */
+            rows_per_second: number | null;
+            /** Size Bytes */
+            size_bytes: number;
+            /**
+             * Skipped
+             * @description Suppressed (erased) people, and rows the mode excludes
+             */
+            skipped: number;
+            /** Started At */
+            started_at: string | null;
+            status: components["schemas"]["ImportStatus"];
+            /**
+             * Subscribed
+             * @description Rows newly subscribed (or pending on a double opt-in list) to list_id
+             */
+            subscribed: number;
+            /** Tags */
+            tags: string[];
+            /**
+             * Total Rows
+             * @description Data rows in the file; known once the file was read to the end
+             */
+            total_rows: number | null;
+            /**
+             * Unchanged
+             * @description Matched rows that changed nothing
+             */
+            unchanged: number;
+            /** Updated */
+            updated: number;
+        };
+        /**
+         * ImportStatus
+         * @enum {string}
+         */
+        ImportStatus: "queued" | "running" | "done" | "failed";
+        /** InboundResult */
+        InboundResult: {
+            /**
+             * Changed
+             * @description Events that changed something in Carnet
+             */
+            changed: number;
+            /**
+             * Ignored
+             * @description Replays, echoes of our own changes, unknown addresses, other event kinds
+             */
+            ignored: number;
+        };
         /**
          * LifecycleStage
          * @enum {string}
@@ -1539,6 +2185,22 @@ export interface components {
             double_opt_in: boolean;
             /** Name */
             name: string;
+        };
+        /** ListMapping */
+        ListMapping: {
+            /**
+             * Double Opt In
+             * @description Confirm through the vendor (Mailchimp pending, Brevo doubleOptinConfirmation)
+             * @default false
+             */
+            double_opt_in: boolean;
+            /**
+             * List Id
+             * Format: uuid
+             */
+            list_id: string;
+            /** Remote List Id */
+            remote_list_id: string;
         };
         /** ListPage */
         ListPage: {
@@ -1590,6 +2252,11 @@ export interface components {
             /** Version */
             version: number;
         };
+        /**
+         * ListStatus
+         * @enum {string}
+         */
+        ListStatus: "subscribed" | "pending" | "unsubscribed" | "any";
         /** Me */
         Me: {
             role: components["schemas"]["Role"];
@@ -1696,6 +2363,15 @@ export interface components {
          * @enum {string}
          */
         MemberStatus: "pending" | "subscribed" | "unsubscribed";
+        /** MergeRequest */
+        MergeRequest: {
+            /**
+             * Duplicate Id
+             * Format: uuid
+             * @description The contact merged into this one, then deleted
+             */
+            duplicate_id: string;
+        };
         /**
          * OrderChannel
          * @enum {string}
@@ -1840,6 +2516,11 @@ export interface components {
             policy_version?: string | null;
             /** User Agent */
             user_agent?: string | null;
+            /**
+             * Vendor
+             * @description Set when an emailing tool reported the event (inbound sync)
+             */
+            vendor?: string | null;
             /** Wording */
             wording?: string | null;
         };
@@ -1852,6 +2533,19 @@ export interface components {
              * @description When the current state began (null: never asked)
              */
             since: string | null;
+        };
+        /**
+         * Reason
+         * @enum {string}
+         */
+        Reason: "phone" | "name_postal_code" | "email";
+        /** ResyncResult */
+        ResyncResult: {
+            /**
+             * Queued
+             * @description Contacts queued for a full push
+             */
+            queued: number;
         };
         /** RetentionReportRead */
         RetentionReportRead: {
@@ -2006,6 +2700,8 @@ export interface components {
              * Format: date-time
              */
             updated_at: string;
+            /** Version */
+            version: number;
         };
         /**
          * SubscribeConsent
@@ -2756,6 +3452,58 @@ export interface operations {
             };
         };
     };
+    list_duplicate_candidates_v1_contacts_duplicates_get: {
+        parameters: {
+            query?: {
+                /** @description Repeatable: only pairs matched by these rules */
+                reason?: components["schemas"]["Reason"][];
+                limit?: number;
+                cursor?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DuplicatesPage"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     upsert_contact_v1_contacts_upsert_post: {
         parameters: {
             query?: never;
@@ -3399,6 +4147,91 @@ export interface operations {
             };
         };
     };
+    merge_contact_v1_contacts__contact_id__merge_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
+            path: {
+                contact_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MergeRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ContactRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such contact */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This contact was merged into another one */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This Idempotency-Key was used with another request */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     list_contact_orders_v1_contacts__contact_id__orders_get: {
         parameters: {
             query?: {
@@ -3663,6 +4496,506 @@ export interface operations {
             };
         };
     };
+    retry_delivery_v1_deliveries__delivery_id__retry_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                delivery_id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DeliveryRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such delivery */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_destinations_v1_destinations_get: {
+        parameters: {
+            query?: {
+                limit?: number;
+                cursor?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DestinationPage"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    create_destination_v1_destinations_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DestinationCreate"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DestinationCreated"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A destination with this name already exists */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This Idempotency-Key was used with another request */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_destination_v1_destinations__destination_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DestinationRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    delete_destination_v1_destinations__destination_id__delete: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+            };
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    update_destination_v1_destinations__destination_id__patch: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+            };
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DestinationPatch"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DestinationRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A destination with this name already exists */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_deliveries_v1_destinations__destination_id__deliveries_get: {
+        parameters: {
+            query?: {
+                status?: components["schemas"]["DeliveryStatus"] | null;
+                limit?: number;
+                cursor?: string | null;
+            };
+            header?: never;
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DeliveryPage"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    resync_destination_v1_destinations__destination_id__resync_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ResyncResult"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     create_event_v1_events_post: {
         parameters: {
             query?: never;
@@ -3756,6 +5089,432 @@ export interface operations {
             };
             /** @description The token lacks a required scope */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    export_contacts_v1_exports_contacts_get: {
+        parameters: {
+            query?: {
+                format?: components["schemas"]["ExportFormat"];
+                /** @description Only contacts matching this segment */
+                segment?: string | null;
+                /** @description Only members of this list */
+                list?: string | null;
+                /** @description With `list`: members with this status (default subscribed: who may be mailed) */
+                list_status?: components["schemas"]["ListStatus"];
+                /** @description CSV only: `;` for a French Excel */
+                delimiter?: components["schemas"]["Delimiter"];
+                /** @description CSV only: start with a UTF-8 BOM, so Excel reads the accents */
+                bom?: boolean;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The contacts, streamed: CSV (header line first) or one JSON contact per line */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-ndjson": string;
+                    "text/csv": string;
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such segment; No such list */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    create_import_v1_imports_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": {
+                    blank_erases?: boolean;
+                    /** @description JSON {"occurred_at"?, "source"?, "proof": {...}}; required with list_id */
+                    consent?: string;
+                    dry_run?: boolean;
+                    /**
+                     * Format: binary
+                     * @description CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab
+                     */
+                    file: string;
+                    /** Format: uuid */
+                    list_id?: string;
+                    /** @description JSON {"column name": "field" or null} */
+                    mapping?: string;
+                    /** @enum {string} */
+                    mode?: "upsert" | "create_only" | "update_only";
+                    /** @description Repeat the field, or separate names with commas */
+                    tags?: string[];
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImportAccepted"];
+                };
+            };
+            /** @description Bad request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request body is too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_import_v1_imports__import_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                import_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImportRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such import */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_import_rejects_v1_imports__import_id__rejects_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                import_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description One line per problem: row, column, field, reason, value */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/csv": string;
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such import */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    brevo_webhook_v1_inbound_brevo__destination_id__post: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InboundResult"];
+                };
+            };
+            /** @description Bad request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The webhook's secret or signature does not match this destination */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    mailchimp_url_check_v1_inbound_mailchimp__destination_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InboundResult"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    mailchimp_webhook_v1_inbound_mailchimp__destination_id__post: {
+        parameters: {
+            query?: {
+                /** @description The destination's inbound_secret */
+                secret?: string | null;
+            };
+            header?: {
+                "x-mailchimp-signature"?: string | null;
+            };
+            path: {
+                destination_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InboundResult"];
+                };
+            };
+            /** @description Bad request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The webhook's secret or signature does not match this destination */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such destination */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4982,7 +6741,10 @@ export interface operations {
     delete_segment_v1_segments__segment_id__delete: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+            };
             path: {
                 segment_id: string;
             };
@@ -5024,6 +6786,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The resource changed since the given ETag */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -5038,7 +6809,10 @@ export interface operations {
     update_segment_v1_segments__segment_id__patch: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+            };
             path: {
                 segment_id: string;
             };
@@ -5088,6 +6862,15 @@ export interface operations {
             };
             /** @description A segment with this name already exists */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
                 headers: {
                     [name: string]: unknown;
                 };
