@@ -22,6 +22,7 @@ from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_li
 from tests.routers.test_contacts import assert_problem
 
 CODEC = LinkCodec(TEST_SECRET)
+LIST_MESSAGES = "membership.%"  # contact.created and the like are in the outbox too (tests/sync)
 EDITOR = bearer(Role.EDITOR, subject="editor@shop.example")
 
 
@@ -41,12 +42,12 @@ async def ledger(client: httpx.AsyncClient, contact_id: str) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-async def outbox(sessions: async_sessionmaker[AsyncSession], contact_id: str) -> list[tuple[str, dict[str, Any]]]:
+async def outbox(sessions: async_sessionmaker[AsyncSession], contact_id: str,
+                 topics: str = "%") -> list[tuple[str, dict[str, Any]]]:
     async with sessions() as session:
         rows = await session.execute(
-            # The list messages only (contact.created and the like are written too: tests/sync).
-            text("SELECT topic, payload FROM outbox_message WHERE contact_id = :c AND topic LIKE 'membership.%' "
-                 "ORDER BY id"), {"c": contact_id}
+            text("SELECT topic, payload FROM outbox_message WHERE contact_id = :c AND topic LIKE :t ORDER BY id"),
+            {"c": contact_id, "t": topics}
         )
         return [(r.topic, r.payload) for r in rows]
 
@@ -177,7 +178,7 @@ class TestSubscribe:
         assert {k: events[0][k] for k in ("purpose", "action", "source", "occurred_at", "recorded_by", "proof")} == {
             "purpose": "email_marketing", "action": "granted", "source": "footer_form",
             "occurred_at": "2026-11-01T10:00:00Z", "recorded_by": "tester@shop.example", "proof": PROOF}
-        assert [t for t, _ in await outbox(sessions, contact["id"])] == ["membership.subscribed"]
+        assert [t for t, _ in await outbox(sessions, contact["id"], LIST_MESSAGES)] == ["membership.subscribed"]
         again = await subscribe(client, made["id"], contact["id"])
         assert again.status_code == 200 and again.json()["subscribed_at"] == member["subscribed_at"]
         counts = (await client.get(f"/v1/lists/{made['id']}", headers=ADMIN)).json()["counts"]
@@ -251,7 +252,7 @@ class TestUnsubscribe:
         assert can == {"marketing": True, "transactional": True}
         state = (await ledger(client, contact["id"]))["state"]["email_marketing"]
         assert state["granted"] is True  # leaving one list is not a withdrawal
-        topics = [(t, p.get("list_id")) for t, p in await outbox(sessions, contact["id"])]
+        topics = [(t, p.get("list_id")) for t, p in await outbox(sessions, contact["id"], LIST_MESSAGES)]
         assert topics[-1] == ("membership.unsubscribed", list_a["id"])
         again = await client.delete(f"/v1/lists/{list_a['id']}/members/{contact['id']}", headers=ADMIN)
         assert again.json()["unsubscribed_at"] == response.json()["unsubscribed_at"]  # idempotent
@@ -305,7 +306,7 @@ class TestDoubleOptIn:
         assert response.status_code == 201, response.text
         assert (response.json()["status"], response.json()["subscribed_at"]) == ("pending", None)
         assert response.json()["pending_since"] is not None
-        messages = await outbox(sessions, contact["id"])
+        messages = await outbox(sessions, contact["id"], LIST_MESSAGES)
         assert [t for t, _ in messages] == ["membership.confirmation_requested"]
         payload = messages[0][1]
         assert (payload["list_id"], payload["contact_id"], payload["list_name"]) == (made["id"], contact["id"],
@@ -331,7 +332,7 @@ class TestDoubleOptIn:
             ("granted", "tester@shop.example", None), ("confirmed", "link:confirm", "double_opt_in")]
         assert events[1]["proof"] == {"ip": "127.0.0.1", "user_agent": "MailApp/2.1", "form_url": None,
                                       "wording": None, "policy_version": None}
-        assert [t for t, _ in await outbox(sessions, contact["id"])][-1] == "membership.subscribed"
+        assert [t for t, _ in await outbox(sessions, contact["id"], LIST_MESSAGES)][-1] == "membership.subscribed"
 
         replay = await client.post(url_path(payload["confirm_url"]))
         assert replay.status_code == 200 and replay.json()["result"] == "already_confirmed"
@@ -384,7 +385,7 @@ class TestDoubleOptIn:
         first = (await subscribe(client, made["id"], contact["id"], {"consent": {"proof": PROOF}})).json()
         again = await subscribe(client, made["id"], contact["id"])
         assert (again.status_code, again.json()["pending_since"]) == (200, first["pending_since"])
-        assert [t for t, _ in await outbox(sessions, contact["id"])] == ["membership.confirmation_requested"] * 2
+        assert [t for t, _ in await outbox(sessions, contact["id"], LIST_MESSAGES)] == ["membership.confirmation_requested"] * 2
 
 
 class TestOneClickUnsubscribe:
@@ -453,7 +454,7 @@ class TestOneClickUnsubscribe:
     ) -> None:
         made, contact = await make_list(client, double_opt_in=True), await make_contact(client)
         await subscribe(client, made["id"], contact["id"], {"consent": {"proof": PROOF}})
-        payload = (await outbox(sessions, contact["id"]))[0][1]
+        payload = (await outbox(sessions, contact["id"], LIST_MESSAGES))[0][1]
         assert (await client.post(url_path(payload["unsubscribe_url"]))).status_code == 200
         assert await member_status(client, made["id"], contact["id"]) == "unsubscribed"
 
