@@ -145,7 +145,7 @@ async def test_two_apis_two_workers_keep_every_invariant(cluster: PgCluster, tmp
 
             # Exactly once, signed, in order per contact.
             ids = [d.id for d in receiver.deliveries]
-            assert all(d.valid for d in receiver.deliveries)
+            assert all(d.valid for d in receiver.deliveries), [d.reason for d in receiver.deliveries if not d.valid]
             assert sorted(ids) == sorted(f"msg_{m['id']}" for m in messages) and len(ids) == len(set(ids))
             per_contact: dict[str, list[int]] = defaultdict(list)
             for d in receiver.deliveries:

@@ -47,6 +47,7 @@ __all__ = [
 
 Row = Mapping[str, Any]
 DISPATCH_BATCH = 1000
+DISPATCH_LOCK = 0x6361726E6574_01  # pg advisory lock key: "carnet" + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,10 @@ async def dispatch(session: AsyncSession, *, batch: int = DISPATCH_BATCH) -> int
     Messages of transactions still open are invisible here and dispatched by a later round; SKIP LOCKED
     lets several workers dispatch side by side.
     """
+    # One dispatcher at a time: two in parallel would each take a slice of the backlog, and a later message
+    # could become a claimable delivery before an earlier one of the same contact exists at all.
+    if not await session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK}):
+        return 0
     ids = list((await session.scalars(
         text("SELECT id FROM outbox_message WHERE dispatched_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"),
         {"n": batch},
@@ -151,8 +156,8 @@ WITH candidates AS (
       AND NOT EXISTS (
           SELECT 1 FROM delivery e
           WHERE e.destination_id = d.destination_id AND e.contact_id = d.contact_id AND e.id <> d.id
-            AND (e.status = 'in_flight' OR (e.status = 'pending' AND e.id < d.id)))
-    ORDER BY d.next_attempt_at, d.id
+            AND (e.status = 'in_flight' OR (e.status = 'pending' AND e.message_id < d.message_id)))
+    ORDER BY d.next_attempt_at, d.message_id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )

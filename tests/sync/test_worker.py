@@ -358,3 +358,14 @@ async def test_a_backlog_drains_through_several_lanes_without_overlap(
     assert vendor.overlaps == 0
     assert sorted(s.email for batch in vendor.pushes for s in batch) == sorted(c["email"] for c in contacts)
     assert max(len(batch) for batch in vendor.pushes) == 2
+
+
+async def test_one_dispatcher_at_a_time(
+    committing_client: httpx.AsyncClient, makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """Two dispatchers would each take a slice of the backlog: a contact's later message could be claimable
+    before its earlier one even had a delivery. The second one waits its turn (does nothing this round)."""
+    await make_contact(committing_client)
+    async with makers.begin() as first, makers.begin() as second:
+        assert await delivery.dispatch(first) >= 1
+        assert await delivery.dispatch(second) == 0
