@@ -256,20 +256,12 @@ def _attributes(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json(response: httpx.Response) -> Mapping[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, Mapping) else {}
-
-
 def _code(response: httpx.Response) -> str:
-    return str(_json(response).get("code", ""))
+    return str(net.json_body(response).get("code", ""))
 
 
 def _message(response: httpx.Response) -> str:
-    return str(_json(response).get("message", ""))
+    return str(net.json_body(response).get("message", ""))
 
 
 def _reason(step: str, response: httpx.Response) -> str:

@@ -167,7 +167,7 @@ class MailchimpAdapter:
                 fail(write.state, _reason("batch subscribe", response))
             return
         by_email = {w.state.email: w.state for w in group}
-        for item in _json(response).get("errors") or ():
+        for item in net.json_body(response).get("errors") or ():
             state = by_email.get(str(item.get("email_address", "")).lower())
             if state is not None:
                 fail(state, f"Mailchimp batch subscribe: {item.get('error_code') or 'ERROR_GENERIC'}")
@@ -244,16 +244,8 @@ def _merge_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json(response: httpx.Response) -> Mapping[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, Mapping) else {}
-
-
 def _title(response: httpx.Response) -> str:
-    return str(_json(response).get("title", ""))
+    return str(net.json_body(response).get("title", ""))
 
 
 def _reason(step: str, response: httpx.Response) -> str:

@@ -46,6 +46,7 @@ __all__ = [
     "build_client",
     "call",
     "check_url",
+    "json_body",
     "rate_limiter",
     "retry_after",
     "run_all",
@@ -306,3 +307,12 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return out
+
+
+def json_body(response: httpx.Response) -> Mapping[str, Any]:
+    """A vendor's JSON object answer, or {} when it is not one (error pages, empty bodies)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, Mapping) else {}
