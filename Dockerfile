@@ -3,7 +3,7 @@
 # Carnet image: one image, three roles chosen by the first argument (docker/entrypoint.sh):
 #   api (default)  migrate, then serve on 0.0.0.0:$PORT (8000)
 #   migrate        bring the schema to head and exit
-#   worker         `carnet worker` (exits 64 until the app has that command)
+#   worker         `carnet worker` (outbox deliveries, imports)
 #   anything else  run as given, e.g. `carnet token create --role admin --subject me@shop.example`
 #
 # Needs DATABASE_URL (postgresql://user:pass@host:5432/db) and JWT_SECRET (32+ characters) at run time:

@@ -3,7 +3,7 @@
 #
 #   api       migrate, then serve on 0.0.0.0:$PORT ($PORT defaults to 8000)
 #   migrate   bring the schema to the newest migration and exit
-#   worker    run `carnet worker` (exits 64 while this version of Carnet has no such command)
+#   worker    deliver the outbox to destinations and run imports (`carnet worker`)
 #   other     run as given: `carnet token create --role admin --subject me@shop.example`, `bash`, ...
 #
 # api, migrate and worker need DATABASE_URL and JWT_SECRET (32+ characters). They wait up to
@@ -66,11 +66,6 @@ PY
   esac
 }
 
-has_carnet_command() {
-  # Typer answers `--help` of an existing command with 0 and of an unknown one with 2 ("No such command").
-  carnet "$1" --help >/dev/null 2>&1
-}
-
 role="${1:-api}"
 if (($#)); then shift; fi
 
@@ -89,11 +84,6 @@ case "$role" in
     exec carnet migrate "$@"
     ;;
   worker)
-    if ! has_carnet_command worker; then
-      log "this version of Carnet has no \`carnet worker\` command yet (it arrives with destination sync);"
-      log "there is nothing for a worker container to run: remove it or leave its compose profile off"
-      exit 64  # EX_USAGE
-    fi
     require_config
     wait_for_database
     exec carnet worker "$@"
