@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_default_ttl_seconds: int = 30 * 24 * 3600
-    # RS256 instead of HS256: sign with one PEM private key, verify by `kid` among public keys (rotation).
-    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    # RS256 or EdDSA (Ed25519) instead of HS256: sign with one PEM private key, verify by `kid` among
+    # public keys (rotation). EdDSA needs Ed25519 PEMs (`openssl genpkey -algorithm ed25519`).
+    jwt_algorithm: Literal["HS256", "RS256", "EdDSA"] = "HS256"
     jwt_private_key_file: Path | None = None
     jwt_signing_kid: str | None = None
     jwt_public_key_files: dict[str, Path] = Field(default_factory=dict)  # env: JSON {"kid": "/path.pem"}
@@ -115,7 +116,7 @@ def token_signer_options(settings: Settings) -> dict[str, object]:
         "secret": settings.resolved_jwt_secret(), "issuer": settings.jwt_issuer, "audience": settings.jwt_audience,
         "algorithm": settings.jwt_algorithm,
     }
-    if settings.jwt_algorithm == "RS256":
+    if settings.jwt_algorithm in ("RS256", "EdDSA"):
         try:
             options["private_key"] = settings.jwt_private_key_file.read_text() if settings.jwt_private_key_file else None
             options["public_keys"] = {kid: path.read_text() for kid, path in settings.jwt_public_key_files.items()}
