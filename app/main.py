@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn
 from app.embedded import EmbeddedPostgres
 from app.errors import InvalidInput, problems
+from app.fastpath import ContactReadFastPath, contact_read_route
 from app.jobs import run_periodically
 from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
@@ -79,6 +81,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.include_router(v1_router)
     app.include_router(public_router)
     app.include_router(inbound_router)
+    if settings.fast_read_path:  # innermost of ours: inside BodySizeLimit and RequestContext (docs/performance.md)
+        app.add_middleware(ContactReadFastPath, read=contact_read_route(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/imports": settings.import_max_bytes})
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
@@ -112,9 +116,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if in_process_worker:
         await background.enter_async_context(run_in_background(
             create_worker(app.state.sessionmaker, settings, box=app.state.secret_box)))
+    # What exists now lives as long as the process: frozen, it is out of every collection's scan. Unfrozen, each
+    # full collection walked it all, ~100 ms stalls about once a second under load (p99; docs/performance.md).
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
+        gc.unfreeze()
         await background.aclose()
         if lifecycle is not None:
             lifecycle.cancel()

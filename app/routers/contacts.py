@@ -39,7 +39,7 @@ from app.services import history as history_service
 from app.services import segments as segments_service
 from app.services.suppressions import SuppressedContact
 
-__all__ = ["router"]
+__all__ = ["contact_response", "router"]
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
 
@@ -47,7 +47,8 @@ Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
 Writer = Annotated[Principal, require(Scope.CONTACTS_WRITE)]
 
 
-def _one(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
+def contact_response(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
+    """One contact as the caller may see it, with its ETag (app.fastpath answers GET with this too)."""
     return JSONBody(present_contact(row, reveal_pii=caller.sees_pii), status_code=status_code,
                     headers={"ETag": etag(row["version"])})
 
@@ -73,7 +74,7 @@ async def upsert_contact(
         async with bare_connection(request) as connection:  # released before the session takes one
             created = await contacts_service.try_fast_create(connection, payload, actor=caller)
         if created is not None:
-            return _one(created, caller, status_code=201)
+            return contact_response(created, caller, status_code=201)
     result = await contacts_service.upsert(session, payload, actor=caller)
     return await idem.respond(201 if result.created else 200, present_contact(result.row, reveal_pii=caller.sees_pii),
                               {"ETag": etag(result.row["version"])})
@@ -134,7 +135,7 @@ async def list_contacts(
 
 @router.get("/{contact_id}", response_model=ContactRead, responses=problems(ContactNotFound))
 async def get_contact(contact_id: uuid.UUID, connection: BareConnection, caller: Reader) -> Any:
-    return _one(await contacts_service.get_fast(connection, contact_id), caller)
+    return contact_response(await contacts_service.get_fast(connection, contact_id), caller)
 
 
 @router.patch(
@@ -153,7 +154,7 @@ async def update_contact(
 ) -> Any:
     """JSON merge patch (RFC 7396): absent fields are untouched, null clears a field."""
     row = await contacts_service.update(session, contact_id, patch, actor=caller, expected_version=expected_version)
-    return _one(row, caller)
+    return contact_response(row, caller)
 
 
 @router.get("/{contact_id}/history", response_model=HistoryPage, responses=problems(ContactNotFound))
@@ -178,7 +179,7 @@ async def add_contact_tag(
 ) -> Any:
     """Idempotent; the tag is added to the catalogue on first use."""
     row = await contacts_service.add_tag(session, contact_id, name, actor=caller, expected_version=expected_version)
-    return _one(row, caller)
+    return contact_response(row, caller)
 
 
 @router.delete("/{contact_id}/tags/{name}", response_model=ContactRead,
@@ -187,4 +188,4 @@ async def remove_contact_tag(
     contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer, expected_version: IfMatch
 ) -> Any:
     row = await contacts_service.remove_tag(session, contact_id, name, actor=caller, expected_version=expected_version)
-    return _one(row, caller)
+    return contact_response(row, caller)

@@ -15,7 +15,7 @@ from app.security.revocation import RevocationList, revoked_in_database
 from app.security.scopes import Role, Scope
 from app.security.tokens import InvalidToken, TokenSigner
 
-__all__ = ["Principal", "authenticate", "require"]
+__all__ = ["Principal", "authenticate", "authorize", "check_scopes", "require"]
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT minted by `carnet token create` or POST /v1/tokens")
 
@@ -72,10 +72,21 @@ class ScopeCheck:
     needed: frozenset[Scope]
 
     async def __call__(self, caller: Annotated[Principal, Depends(authenticate)]) -> Principal:
-        missing = sorted(self.needed - caller.scopes)
-        if missing:
-            raise MissingScope(f"missing scope: {', '.join(missing)}", missing_scopes=missing)
-        return caller
+        return check_scopes(caller, self.needed)
+
+
+def check_scopes(caller: Principal, needed: frozenset[Scope]) -> Principal:
+    """The caller, if it holds every scope in `needed`; else a 403 naming the missing ones."""
+    missing = sorted(needed - caller.scopes)
+    if missing:
+        raise MissingScope(f"missing scope: {', '.join(missing)}", missing_scopes=missing)
+    return caller
+
+
+async def authorize(request: Request, needed: frozenset[Scope]) -> Principal:
+    """What `require(*needed)` runs, as one plain call for ASGI code outside FastAPI's dependency injection
+    (app.fastpath): the same bearer parsing, `authenticate` and scope check, so the same 401/403/429."""
+    return check_scopes(await authenticate(request, await _bearer(request)), needed)
 
 
 def require(*needed: Scope) -> Any:
