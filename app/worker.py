@@ -45,10 +45,10 @@ AdapterFactory = Callable[[destinations_service.Loaded, httpx.AsyncClient, Setti
 JobRunner = Callable[[async_sessionmaker[AsyncSession], Settings], Awaitable[bool]]
 _DB_AWAY = (OSError, DBAPIError, InterfaceError)
 WEBHOOK_CONCURRENCY = 8
-DISPATCH_ROUNDS = 5          # x delivery.DISPATCH_BATCH outbox messages per round
-LANES = 3                    # batches of one destination in flight at once
-LANE_STAGGER_SECONDS = 0.3
-LANE_BATCHES = 10            # batches per lane before the next dispatch round
+DISPATCH_ROUNDS = 100        # x delivery.DISPATCH_BATCH outbox messages per round, beside the deliveries
+LANES = 6                    # batches of one destination in flight at once
+LANE_STAGGER_SECONDS = 0.1
+LANE_BATCHES = 20            # batches per lane before the next round
 
 
 class Worker:
@@ -106,49 +106,67 @@ class Worker:
     # ---- one round --------------------------------------------------------------------------------------
 
     async def deliver_once(self) -> bool:
-        """Dispatch, then one batch per enabled destination (concurrently). True if anything moved."""
+        """Dispatch and deliver side by side (a big backlog is dispatched while the first batches go out).
+
+        True if anything moved."""
         async with self.sessions.begin() as session:
             await delivery.reap_expired_leases(session)
+        # Enough of what is waiting for one full batch, so a backlog shows at the first claim (more lanes).
+        first = await self._dispatch(rounds=-(-self.settings.delivery_batch_size // delivery.DISPATCH_BATCH))
+        async with self.sessions() as session:
+            destination_ids = await delivery.enabled_destination_ids(session)
+        more, *results = await asyncio.gather(
+            self._dispatch(rounds=DISPATCH_ROUNDS) if first and first % delivery.DISPATCH_BATCH == 0 else _nothing(),
+            *(self._drain_destination(d) for d in destination_ids),
+        )
+        return first + more > 0 or any(results)
+
+    async def _dispatch(self, *, rounds: int) -> int:
         dispatched = 0
-        for _round in range(DISPATCH_ROUNDS):  # bounded, so a big backlog does not hold deliveries back
+        for _round in range(rounds):  # bounded: the next round's deliveries are not held back
             async with self.sessions.begin() as session:
                 n = await delivery.dispatch(session)
             dispatched += n
             if n < delivery.DISPATCH_BATCH:
                 break
         OUTBOX_DISPATCHED.inc(dispatched)
-        async with self.sessions() as session:
-            destination_ids = await delivery.enabled_destination_ids(session)
-        results = await asyncio.gather(*(self._drain_destination(d) for d in destination_ids))
-        return dispatched > 0 or any(results)
+        return dispatched
 
     async def _drain_destination(self, destination_id: uuid.UUID) -> bool:
-        """One batch; if it was full (a backlog), several lanes, started apart, keep the vendor busy: one claims
-        and reads while another waits on the vendor (the adapters' rate limiters and connection caps are per
-        API key, shared by every lane). Back to the round after LANE_BATCHES, so new outbox messages are
-        dispatched even while a backlog drains."""
-        moved, full = await self._deliver_batch(destination_id)
-        if not (moved and full):
-            return moved
-        await asyncio.gather(*(self._lane(destination_id, start_after=i * LANE_STAGGER_SECONDS)
-                               for i in range(LANES)))
-        return True
+        """One lane; as soon as its first claim comes back full (a backlog), more lanes, started apart, keep the
+        vendor busy: one claims and reads while another waits on the vendor (the adapters' rate limiters and
+        connection caps are per API key, shared by every lane). Back to the round after LANE_BATCHES."""
+        backlog = asyncio.Event()
+        lead = asyncio.create_task(self._lane(destination_id, backlog=backlog))
+        noticed = asyncio.create_task(backlog.wait())
+        await asyncio.wait({lead, noticed}, return_when=asyncio.FIRST_COMPLETED)
+        noticed.cancel()
+        if backlog.is_set():
+            await asyncio.gather(*(self._lane(destination_id, backlog=backlog, start_after=i * LANE_STAGGER_SECONDS)
+                                   for i in range(1, LANES)))
+        return await lead
 
-    async def _lane(self, destination_id: uuid.UUID, *, start_after: float) -> None:
+    async def _lane(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, start_after: float = 0.0) -> bool:
         await asyncio.sleep(start_after)
+        moved_any = False
         for _ in range(LANE_BATCHES):
-            moved, full = await self._deliver_batch(destination_id)
+            moved, full = await self._deliver_batch(destination_id, backlog=backlog)
+            moved_any |= moved
             if not (moved and full):
-                return
+                break
+        return moved_any
 
-    async def _deliver_batch(self, destination_id: uuid.UUID) -> tuple[bool, bool]:
-        """(anything delivered or dead-lettered, the claim was a full batch)."""
+    async def _deliver_batch(self, destination_id: uuid.UUID, *, backlog: asyncio.Event) -> tuple[bool, bool]:
+        """(anything delivered or dead-lettered, the claim was a full batch); a full claim sets `backlog`."""
         async with self.sessions.begin() as session:
             destination = await destinations_service.load(session, destination_id, box=self.box)
             claimed = await delivery.claim(session, destination_id, limit=self.settings.delivery_batch_size,
                                            lease_seconds=self.settings.delivery_lease_seconds)
         if not claimed.rows:
             return False, False
+        full = len(claimed.rows) == self.settings.delivery_batch_size
+        if full:
+            backlog.set()
         adapter = self.adapters(destination, self.http, self.settings)
         # The whole batch must end well inside the lease, or another worker could take the same rows.
         budget = self.settings.delivery_lease_seconds * 0.8
@@ -170,7 +188,7 @@ class Worker:
             log.warning("delivery.failed", destination_id=str(destination_id), kind=kind, error=error,
                         batch=len(claimed.rows))
         moved = bool(completion.delivered or completion.dead)  # False: all put back for later
-        return moved, len(claimed.rows) == self.settings.delivery_batch_size
+        return moved, full
 
     async def _push_states(
         self, adapter: Any, destination: destinations_service.Loaded, claimed: delivery.Claimed, budget: float
@@ -229,6 +247,10 @@ class Worker:
 
         await asyncio.gather(*(send(r) for r in claimed.rows))
         return result
+
+
+async def _nothing() -> int:
+    return 0
 
 
 def _fail(completion: delivery.Completion, ids: list[int], exc: BaseException) -> None:

@@ -7,7 +7,7 @@ What it does, per vendor, in one database created for the run (`carnet_bench_dra
      of a shop), one mapped list, and N outbox messages `membership.subscribed` (COPY-speed SQL).
   2. Starts the fake (the same spec-checking fake the tests use) on loopback with its limit on:
      Brevo 10 requests/s per API key (429 beyond), Mailchimp 10 simultaneous connections (429 beyond), each
-     answer taking --latency seconds (a real vendor is not instant).
+     answer taking --brevo-latency / --mailchimp-latency seconds (a real vendor is not instant).
   3. Runs Carnet's worker (the production `create_worker`) until the outbox is drained; measures the vendor
      calls, the busiest 1-second window, the 429s, the mean concurrency, and the final remote state.
   4. The bar (ARCHITECTURE.md): >= 90% of the vendor's allowed rate, 0 requests over the limit, 0 lost.
@@ -35,7 +35,7 @@ OUT = ROOT / "bench" / "out"
 
 from app.migrations import upgrade  # noqa: E402
 from app.security.secrets import SecretBox  # noqa: E402
-from tests.fakes.brevo import FakeBrevo, RemoteContact  # noqa: E402
+from tests.fakes.brevo import FakeBrevo  # noqa: E402
 from tests.fakes.mailchimp import FakeMailchimp, Member, subscriber_hash  # noqa: E402
 from tests.fakes.server import LiveServer, max_in_window  # noqa: E402
 
@@ -132,9 +132,7 @@ async def run_vendor(vendor: str, n: int, latency: float) -> dict[str, Any]:
     seed_s = time.perf_counter() - t0
     if vendor == "brevo":
         fake: Any = FakeBrevo(api_key=BREVO_KEY, lists={7}, rate_limit=10)
-        for i, email in enumerate(emails, start=1):  # the vendor already knows them (ids = our refs)
-            fake.contacts[i] = RemoteContact(i, email)
-        fake._next_id = len(emails) + 1
+        fake.seed(emails)  # the vendor already knows them (ids 1..n = the seeded sync links, in order)
     else:
         fake = FakeMailchimp(api_key=MC_KEY, lists={"mc-news"}, max_connections=10)
         fake.lists["mc-news"] = {subscriber_hash(e): Member(e, "unsubscribed") for e in emails}
@@ -154,6 +152,9 @@ async def run_vendor(vendor: str, n: int, latency: float) -> dict[str, Any]:
             raise SystemExit(f"carnet worker exited with {code}")
     calls = [s for s in fake.seen if s.method != "GET"]
     arrivals = [s.at for s in calls]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"drain_{vendor}_calls.json").write_text(json.dumps(
+        [{"at": s.at, "done_at": s.done_at, "status": s.status, "path": s.path} for s in calls]))
     window = (max(arrivals) - min(arrivals)) if len(arrivals) > 1 else 0.0
     refused = sum(1 for s in calls if s.status == 429)
     state = await remaining(url)
@@ -187,13 +188,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--vendor", choices=["brevo", "mailchimp", "both"], default="both")
-    parser.add_argument("--latency", type=float, default=0.2, help="seconds per fake vendor answer")
+    parser.add_argument("--brevo-latency", type=float, default=0.2, help="seconds per Brevo answer (a list call)")
+    parser.add_argument("--mailchimp-latency", type=float, default=1.0,
+                        help="seconds per Mailchimp answer (a 500-member batch takes seconds at the real one)")
     args = parser.parse_args()
     vendors = ["brevo", "mailchimp"] if args.vendor == "both" else [args.vendor]
     results = []
     try:
         for vendor in vendors:
-            results.append(await run_vendor(vendor, args.messages, args.latency))
+            latency = args.brevo_latency if vendor == "brevo" else args.mailchimp_latency
+            results.append(await run_vendor(vendor, args.messages, latency))
     finally:
         await drop()
     OUT.mkdir(parents=True, exist_ok=True)

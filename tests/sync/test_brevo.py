@@ -114,7 +114,7 @@ class TestPush:
     async def test_an_existing_brevo_contact_gets_its_id_remembered(self, brevo: tuple[FakeBrevo, LiveServer],
                                                                     client: httpx.AsyncClient) -> None:
         fake, _ = brevo
-        fake.contacts[41] = RemoteContact(41, "known@example.com")
+        fake.put(RemoteContact(41, "known@example.com"))
         [outcome] = await adapter(brevo, client).push([state("known@example.com")])
         assert outcome.remote_ref == "41"   # 204 from the upsert, then one lookup by email
         assert len(fake.calls("getContactInfo")) == 1
