@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["configure_logging", "get_logger", "where"]
 
 get_logger = structlog.stdlib.get_logger
+
+
+def where(exc: BaseException) -> dict[str, Any]:
+    """Where an unexpected error happened, never what it says: a message may quote personal data (a driver's
+    "Key (email)=(...) already exists", a statement's parameters). Groups list their leaves' types."""
+    fields: dict[str, Any] = {
+        "error": type(exc).__name__,
+        "frames": [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)],
+    }
+    if isinstance(exc, BaseExceptionGroup):
+        fields["errors"] = [type(e).__name__ for e in exc.exceptions]
+    return fields
 
 
 def configure_logging(*, json: bool = True, level: str = "INFO") -> None:

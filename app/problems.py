@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable
-from app.logging import get_logger
+from app.logging import get_logger, where
 
 __all__ = [
     "ProblemResponse",
@@ -119,9 +118,7 @@ def unexpected_problem(exc: Exception) -> AppError:
         error = ServiceUnavailable("the database cannot be reached; retry shortly")
         error.headers["Retry-After"] = "2"
         return error
-    # Where, not what: an exception's message may quote personal data (a driver's "Key (email)=...").
-    frames = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
-    log.error("request.crashed", error=type(exc).__name__, frames=frames)
+    log.error("request.crashed", **where(exc))
     return AppError(INTERNAL_DETAIL)
 
 

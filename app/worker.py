@@ -19,7 +19,7 @@ from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.logging import get_logger
+from app.logging import get_logger, where
 from app.security.secrets import SecretBox
 from app.services import delivery
 from app.services import destinations as destinations_service
@@ -88,11 +88,11 @@ class Worker:
         while not stop.is_set():
             try:
                 busy = await step()
-            except _DB_AWAY as exc:
-                log.warning("worker.database_unavailable", error=type(exc).__name__)
-                busy = False
-            except Exception:
-                log.exception("worker.step_failed")
+            except Exception as exc:  # the worker carries on; the database may be away, or a lane failed
+                if isinstance(exc, _DB_AWAY) or (isinstance(exc, ExceptionGroup) and exc.subgroup(_DB_AWAY)):
+                    log.warning("worker.database_unavailable", error=type(exc).__name__)
+                else:
+                    log.error("worker.step_failed", **where(exc))
                 busy = False
             if not busy:
                 with contextlib.suppress(TimeoutError):
@@ -137,14 +137,18 @@ class Worker:
         vendor busy: one claims and reads while another waits on the vendor (the adapters' rate limiters and
         connection caps are per API key, shared by every lane). Back to the round after LANE_BATCHES."""
         backlog = asyncio.Event()
-        lead = asyncio.create_task(self._lane(destination_id, backlog=backlog))
-        noticed = asyncio.create_task(backlog.wait())
+        async with asyncio.TaskGroup() as lanes:  # one lane failing stops them all, and the error is raised
+            lead = lanes.create_task(self._lane(destination_id, backlog=backlog))
+            lanes.create_task(self._more_lanes(destination_id, backlog=backlog, lead=lead))
+        return lead.result()
+
+    async def _more_lanes(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, lead: asyncio.Task[bool]) -> None:
+        noticed = asyncio.ensure_future(backlog.wait())
         await asyncio.wait({lead, noticed}, return_when=asyncio.FIRST_COMPLETED)
         noticed.cancel()
         if backlog.is_set():
             await asyncio.gather(*(self._lane(destination_id, backlog=backlog, start_after=i * LANE_STAGGER_SECONDS)
                                    for i in range(1, LANES)))
-        return await lead
 
     async def _lane(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, start_after: float = 0.0) -> bool:
         await asyncio.sleep(start_after)
@@ -206,7 +210,8 @@ class Worker:
                     outcomes += await adapter.push(states)
                 if erasures:
                     outcomes += await adapter.erase(erasures)
-        except (DeliveryFailed, TimeoutError, httpx.HTTPError) as exc:
+        except Exception as exc:  # a bug in an adapter too: retried with backoff, not held until the lease ends
+            _log_unexpected(exc)
             result.error = exc
             _fail(result.completion, [by_contact[s.contact_id] for s in states]
                   + [by_contact[e.contact_id] for e in erasures], exc)
@@ -239,7 +244,8 @@ class Worker:
                     try:
                         async with asyncio.timeout(budget):
                             await adapter.send(message)
-                    except (DeliveryFailed, TimeoutError, httpx.HTTPError) as exc:
+                    except Exception as exc:
+                        _log_unexpected(exc)
                         result.error = result.error or exc
                         _fail(result.completion, [row["id"]], exc)
                         return
@@ -251,6 +257,11 @@ class Worker:
 
 async def _nothing() -> int:
     return 0
+
+
+def _log_unexpected(exc: Exception) -> None:
+    if not isinstance(exc, DeliveryFailed | TimeoutError | httpx.HTTPError):
+        log.error("delivery.adapter_failed", **where(exc))
 
 
 def _fail(completion: delivery.Completion, ids: list[int], exc: BaseException) -> None:

@@ -369,3 +369,24 @@ async def test_one_dispatcher_at_a_time(
     async with makers.begin() as first, makers.begin() as second:
         assert await delivery.dispatch(first) >= 1
         assert await delivery.dispatch(second) == 0
+
+
+async def test_an_unexpected_failure_is_logged_without_its_message(
+    committing_client: httpx.AsyncClient, vendor: RecordingVendor, worker: Worker, caplog: pytest.LogCaptureFixture,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """A bug in an adapter stops neither the worker nor the batch (retried later), and no log line or
+    delivery error quotes its message (personal data)."""
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"])
+    vendor.failures = [ValueError(f"cannot handle {contact['email']}")]
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(0.5)
+    stop.set()
+    await running
+    assert "delivery.adapter_failed" in caplog.text and "ValueError" in caplog.text
+    assert contact["email"] not in caplog.text
+    [row] = await deliveries(makers, destination["id"])
+    assert (row["status"], row["last_error"]) in {("pending", "ValueError"), ("delivered", None)}

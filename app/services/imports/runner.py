@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import is_unique_violation
-from app.logging import get_logger
+from app.logging import get_logger, where
 from app.models.base import utc_now
 from app.schemas import types
 from app.services import suppressions
@@ -174,7 +174,7 @@ async def _run(
     except Exception as exc:
         with contextlib.suppress(*_DB_AWAY):
             await _finish(sessions, job_id, owner, status="failed", error=f"internal error ({type(exc).__name__})")
-        log.exception("import.crashed", import_id=str(job_id))
+        log.error("import.crashed", import_id=str(job_id), **where(exc))
 
 
 class _JobProblem(Exception):
