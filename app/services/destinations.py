@@ -30,7 +30,7 @@ from app.schemas.destinations import (
     config_model,
 )
 from app.security.secrets import SecretBox
-from app.services.pagination import Cursor, CursorCodec
+from app.services.pagination import Cursor, CursorCodec, page_by_name
 
 __all__ = [
     "DeliveryNotFound",
@@ -46,8 +46,8 @@ __all__ = [
     "new_webhook_secret",
     "present",
     "resync",
-    "rotate_secrets",
     "retry_delivery",
+    "rotate_secrets",
     "update",
 ]
 
@@ -207,14 +207,9 @@ async def load(session: AsyncSession, destination_id: uuid.UUID, *, box: SecretB
 async def list_page(
     session: AsyncSession, *, limit: int, cursor: str | None, codec: CursorCodec
 ) -> tuple[list[Row], str | None]:
-    query = select(_t)
-    if cursor:
-        query = query.where(_t.c.name > codec.decode(cursor, sort="destinations:name").value)
-    rows = list((await session.execute(query.order_by(_t.c.name).limit(limit + 1))).mappings())
-    if len(rows) <= limit:
-        return rows, None
-    last = rows[limit - 1]
-    return rows[:limit], codec.encode(Cursor("destinations:name", last["name"], str(last["id"])))
+    """Destinations by name (keyset on the unique name)."""
+    return await page_by_name(session, select(_t), _t.c.name, sort="destinations:name",
+                              limit=limit, cursor=cursor, codec=codec)
 
 
 async def update(

@@ -29,7 +29,7 @@ from app.schemas.lists import ListCreate, ListPatch, SubscribeRequest
 from app.security import Principal
 from app.services import consents, memberships, outbox
 from app.services.links import CONFIRM_LINK_TTL, Link, LinkBuilder
-from app.services.pagination import Cursor, CursorCodec
+from app.services.pagination import CursorCodec, page_by_name
 
 __all__ = [
     "ConfirmationCancelled",
@@ -86,14 +86,8 @@ async def list_page(
     session: AsyncSession, *, limit: int, cursor: str | None, codec: CursorCodec
 ) -> tuple[list[Row], str | None]:
     """Lists by name (keyset on the unique name)."""
-    query = _with_counts()
-    if cursor:
-        query = query.where(_lists.c.name > codec.decode(cursor, sort="lists:name").value)
-    rows = list((await session.execute(query.order_by(_lists.c.name).limit(limit + 1))).mappings())
-    if len(rows) <= limit:
-        return rows, None
-    last = rows[limit - 1]
-    return rows[:limit], codec.encode(Cursor("lists:name", last["name"], str(last["id"])))
+    return await page_by_name(session, _with_counts(), _lists.c.name, sort="lists:name",
+                              limit=limit, cursor=cursor, codec=codec)
 
 
 async def get(session: AsyncSession, list_id: uuid.UUID) -> Row:

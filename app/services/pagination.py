@@ -6,12 +6,16 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import ColumnElement, Select
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from app.errors import InvalidInput
 
-__all__ = ["Cursor", "CursorCodec"]
+__all__ = ["Cursor", "CursorCodec", "page_by_name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +48,17 @@ class CursorCodec:
         if sort_name != sort:
             raise InvalidInput.one("cursor", "this cursor belongs to another sort order", "invalid_cursor")
         return Cursor(sort_name, value, row_id)
+
+
+async def page_by_name(
+    session: AsyncSession, query: Select[Any], name: ColumnElement[str], *, sort: str, limit: int,
+    cursor: str | None, codec: CursorCodec,
+) -> tuple[list[Mapping[str, Any]], str | None]:
+    """A page of rows by a unique `name` column (lists, segments, destinations): keyset on the name."""
+    if cursor:
+        query = query.where(name > codec.decode(cursor, sort=sort).value)
+    rows = list((await session.execute(query.order_by(name).limit(limit + 1))).mappings())
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], codec.encode(Cursor(sort, last["name"], str(last["id"])))

@@ -57,7 +57,7 @@ from app.models import AttributeDefinition, ConsentEvent, Contact, Event, ListMe
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
-from app.services.pagination import Cursor, CursorCodec
+from app.services.pagination import Cursor, CursorCodec, page_by_name
 
 __all__ = [
     "MAX_CONDITIONS",
@@ -616,14 +616,8 @@ async def list_page(
     session: AsyncSession, *, limit: int, cursor: str | None, codec: CursorCodec
 ) -> tuple[list[Row], str | None]:
     """Segments by name (keyset on the unique name)."""
-    query = select(_segments)
-    if cursor:
-        query = query.where(_segments.c.name > codec.decode(cursor, sort="segments:name").value)
-    rows = list((await session.execute(query.order_by(_segments.c.name).limit(limit + 1))).mappings())
-    if len(rows) <= limit:
-        return rows, None
-    last = rows[limit - 1]
-    return rows[:limit], codec.encode(Cursor("segments:name", last["name"], str(last["id"])))
+    return await page_by_name(session, select(_segments), _segments.c.name, sort="segments:name",
+                              limit=limit, cursor=cursor, codec=codec)
 
 
 async def get(session: AsyncSession, segment_id: uuid.UUID, *, lock: bool = False) -> Row:

@@ -22,7 +22,6 @@ __all__ = [
     "Gone",
     "MemberStatus",
     "Outcome",
-    "PushResult",
     "RetryLater",
     "WebhookAdapter",
 ]
@@ -65,12 +64,6 @@ class Erasure:
 
     contact_id: uuid.UUID
     remote_ref: str
-
-
-@dataclass(frozen=True, slots=True)
-class PushResult:
-    contact_id: uuid.UUID
-    remote_ref: str | None                      # to remember for the next push / erasure
 
 
 @dataclass(frozen=True, slots=True)
