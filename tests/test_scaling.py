@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -30,8 +29,8 @@ from tests.auth import TEST_SECRET, bearer
 from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
 from tests.fakes.server import LiveServer as FakeServer
 from tests.fakes.webhook_receiver import FakeWebhookReceiver
-from tests.faults.harness import LiveServer, PgCluster
-from tests.faults.test_sync_outage import WorkerProcess, _create_database
+from tests.faults.harness import LiveServer, PgCluster, private_cluster
+from tests.faults.test_sync_outage import WorkerProcess
 
 CONTACTS = 40
 CLIENTS = 16
@@ -42,14 +41,8 @@ MC_KEY = f"{uuid.uuid4().hex}-us6"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    pg = PgCluster(Path(tempfile.mkdtemp(prefix="carnet-scale-pg-")))
-    try:
-        pg.init()
-        pg.start()
-        asyncio.run(_create_database(pg.url, "carnet_scale"))
+    with private_cluster("carnet-scale-pg-", "carnet_scale") as pg:
         yield pg
-    finally:
-        pg.destroy()
 
 
 async def _bump(http: httpx.AsyncClient, contact_id: str, client_no: int) -> int:

@@ -6,6 +6,7 @@ directory, listens on its own port, and is stopped and removed by its owner.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import os
@@ -15,9 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 
 __all__ = ["LiveServer", "PgCluster", "free_port", "rss_kib"]
@@ -169,3 +173,25 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def private_cluster(prefix: str, *databases: str) -> Iterator[PgCluster]:
+    """A started throw-away cluster holding `databases`, destroyed afterwards (never the machine's server)."""
+    pg = PgCluster(Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        pg.init()
+        pg.start()
+        asyncio.run(_create_databases(pg.url, databases))
+        yield pg
+    finally:
+        pg.destroy()
+
+
+async def _create_databases(url: str, names: tuple[str, ...]) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        for name in names:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()

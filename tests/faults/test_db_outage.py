@@ -32,7 +32,7 @@ import pytest
 from app.security import Role
 from tests.auth import TEST_SECRET, bearer
 from tests.factories import PROOF
-from tests.faults.harness import LiveServer, PgCluster
+from tests.faults.harness import LiveServer, PgCluster, private_cluster
 
 pytestmark = pytest.mark.fault
 
@@ -45,23 +45,8 @@ ADMIN = bearer(Role.ADMIN, subject="drill@shop.example")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    pg = PgCluster(Path(tempfile.mkdtemp(prefix="carnet-drill-pg-")))
-    try:
-        pg.init()
-        pg.start()
-        asyncio.run(_create_databases(pg, "carnet_outage", "carnet_pool"))
+    with private_cluster("carnet-drill-pg-", "carnet_outage", "carnet_pool") as pg:
         yield pg
-    finally:
-        pg.destroy()
-
-
-async def _create_databases(pg: PgCluster, *names: str) -> None:
-    conn = await asyncpg.connect(pg.url, timeout=10)
-    try:
-        for name in names:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from app.security import Role
 from tests.auth import TEST_SECRET, bearer
 from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
 from tests.fakes.server import LiveServer as FakeServer
-from tests.faults.harness import CARNET, LiveServer, PgCluster
+from tests.faults.harness import CARNET, LiveServer, PgCluster, private_cluster
 
 pytestmark = pytest.mark.fault
 
@@ -43,22 +43,8 @@ REMOTE = ("mc-a", "mc-b", "mc-c")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    pg = PgCluster(Path(tempfile.mkdtemp(prefix="carnet-sync-drill-pg-")))
-    try:
-        pg.init()
-        pg.start()
-        asyncio.run(_create_database(pg.url, "carnet_sync"))
+    with private_cluster("carnet-sync-drill-pg-", "carnet_sync") as pg:
         yield pg
-    finally:
-        pg.destroy()
-
-
-async def _create_database(url: str, name: str) -> None:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 class WorkerProcess:
