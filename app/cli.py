@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -84,16 +85,9 @@ def migrate() -> None:
     """Bring the database schema to the newest migration."""
     from app.migrations import upgrade
 
-    settings = _settings()
-    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
-    url = embedded.start() if embedded else settings.database_url
-    assert url is not None
-    try:
+    with _database(_settings()) as url:
         upgrade(url)
         typer.echo("schema is at head")
-    finally:
-        if embedded:
-            embedded.stop()
 
 
 @token_cli.command("create")
@@ -324,13 +318,27 @@ def _signer(settings: Settings) -> TokenSigner:
         raise typer.Exit(2) from None
 
 
-def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, url: str | None = None) -> T:
-    """Run one unit of work against the database (the embedded one is started when needed)."""
+@contextlib.contextmanager
+def _database(settings: Settings, *, url: str | None = None) -> Iterator[str]:
+    """The database of one command: the embedded server is started for it when needed, and stopped after;
+    a refusal by the service layer is a clean `carnet: ...` and exit 1."""
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded and url is None else None
     target = url or (embedded.start() if embedded else settings.database_url)
     assert target is not None
+    try:
+        yield target
+    except AppError as exc:
+        typer.echo(f"carnet: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if embedded:
+            embedded.stop()
 
-    async def run() -> T:
+
+def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, url: str | None = None) -> T:
+    """Run one unit of work against the database (the embedded one is started when needed)."""
+
+    async def run(target: str) -> T:
         engine = make_engine(target, pool_size=1)
         try:
             async with make_sessionmaker(engine).begin() as session:
@@ -338,14 +346,8 @@ def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable
         finally:
             await engine.dispose()
 
-    try:
-        return asyncio.run(run())
-    except AppError as exc:
-        typer.echo(f"carnet: {exc.detail}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        if embedded:
-            embedded.stop()
+    with _database(settings, url=url) as target:
+        return asyncio.run(run(target))
 
 
 def _print_bootstrap_token(settings: Settings, url: str) -> None:
@@ -417,27 +419,16 @@ def import_command(
     with file.open("rb") as handle:
         while block := handle.read(1 << 20):
             lines += block.count(b"\n")
-    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
-    url = embedded.start() if embedded else settings.database_url
-    assert url is not None
-    try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with _database(settings) as url, Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[summary]}"), TimeElapsedColumn()) as bar:
-            task = bar.add_task(file.name, total=max(lines - 1, 1), summary="")
+        task = bar.add_task(file.name, total=max(lines - 1, 1), summary="")
 
-            def show(counts: Any) -> None:
-                bar.update(task, completed=counts["processed_rows"],
-                           summary=f"{counts['created']} new, {counts['updated']} updated, "
-                                   f"{counts['rejected']} rejected")
+        def show(counts: Any) -> None:
+            bar.update(task, completed=counts["processed_rows"],
+                       summary=f"{counts['created']} new, {counts['updated']} updated, {counts['rejected']} rejected")
 
-            job = asyncio.run(import_file(settings, url, file, options, actor=actor, progress=show))
-            bar.update(task, total=job["processed_rows"] or 1, completed=job["processed_rows"])
-    except AppError as exc:
-        typer.echo(f"carnet: {exc.detail}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        if embedded:
-            embedded.stop()
+        job = asyncio.run(import_file(settings, url, file, options, actor=actor, progress=show))
+        bar.update(task, total=job["processed_rows"] or 1, completed=job["processed_rows"])
     elapsed = (job["finished_at"] - job["started_at"]).total_seconds() if job["finished_at"] else 0
     typer.echo(
         f"import {job['id']}: {job['status']}{' (dry run)' if dry_run else ''} — {job['processed_rows']} rows: "
