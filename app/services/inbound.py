@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AppError
@@ -130,7 +130,8 @@ async def apply(
     by_remote = {m["remote_list_id"]: m for m in destination["list_mappings"]}
     result = Applied()
     for event in events:
-        contact_id = await session.scalar(select(_contacts.c.id).where(func.lower(_contacts.c.email) == event.email))
+        # Stored addresses are lower-cased (schemas.types.normalize_email), so the unique index answers this.
+        contact_id = await session.scalar(select(_contacts.c.id).where(_contacts.c.email == event.email))
         if contact_id is None:
             result.ignored += 1
             continue
