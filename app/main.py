@@ -54,8 +54,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         raise ConfigurationError(str(exc)) from None
     # Keys the suppression list's hashes (GDPR erasure). Its own setting, because rotating JWT_SECRET must
     # not silently un-suppress every erased person; it falls back to the JWT secret when unset.
-    suppression_key = settings.suppression_key.get_secret_value() if settings.suppression_key else signer.secret
-    suppressions_service.configure(suppression_key)
+    suppressions_service.configure(settings.resolved_suppression_key())
 
     app = FastAPI(
         title="Carnet",

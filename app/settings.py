@@ -99,6 +99,10 @@ class Settings(BaseSettings):
             )
         return _dev_secret(self.data_dir / "jwt_secret")
 
+    def resolved_suppression_key(self) -> str:
+        """SUPPRESSION_KEY, else the JWT secret (set it before ever rotating that: docs/operations.md)."""
+        return self.suppression_key.get_secret_value() if self.suppression_key else self.resolved_jwt_secret()
+
 
 def _dev_secret(path: Path) -> str:
     if path.exists():

@@ -31,9 +31,12 @@ __all__ = [
     "SuppressedContact",
     "SuppressionNotFound",
     "configure",
+    "configured",
     "digest",
     "digests",
     "ensure_not_suppressed",
+    "key",
+    "keyed_digest",
     "release",
     "suppress",
     "suppressed_kinds",
@@ -63,9 +66,22 @@ def configure(secret: str) -> None:
 
 def digest(kind: str, value: str) -> str:
     """HMAC-SHA256 of an already normalized email (lowercased) or phone (E.164)."""
+    return keyed_digest(key(), kind, value)
+
+
+def configured() -> bool:
+    return _key is not None
+
+
+def key() -> bytes:
+    """The configured digest key (handed to the import's validating processes, which compute digests too)."""
     if _key is None:  # fail closed: never compare or store unkeyed hashes
         raise RuntimeError("the suppression key is not configured (app.services.suppressions.configure)")
-    return hmac.new(_key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+    return _key
+
+
+def keyed_digest(key: bytes, kind: str, value: str) -> str:
+    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
 
 
 async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> list[str]:

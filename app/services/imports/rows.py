@@ -13,8 +13,6 @@ slow path by tests/services/test_import_rows.py (hypothesis):
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import re
@@ -27,6 +25,7 @@ from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from phonenumbers import PhoneMetadata
 
 from app.schemas import types
+from app.services.suppressions import keyed_digest
 
 __all__ = [
     "STAGE_COLUMNS",
@@ -137,9 +136,9 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
         record[_POS["attributes"]] = json.dumps(attributes) if attributes else None
         record[_POS["blank_attributes"]] = blank_attributes or None
         if record[_POS["email"]] is not None:
-            record[_POS["email_digest"]] = _digest(spec.digest_key, "email", record[_POS["email"]])
+            record[_POS["email_digest"]] = keyed_digest(spec.digest_key, "email", record[_POS["email"]])
         if record[_POS["phone"]] is not None:
-            record[_POS["phone_digest"]] = _digest(spec.digest_key, "phone", record[_POS["phone"]])
+            record[_POS["phone_digest"]] = keyed_digest(spec.digest_key, "phone", record[_POS["phone"]])
         out.records.append(tuple(record))
     return out
 
@@ -266,11 +265,6 @@ def _option(options: tuple[str, ...], value: str) -> str:
 
 def _shown(raw: str) -> str:
     return raw if len(raw) <= 200 else raw[:200] + "…"
-
-
-def _digest(key: bytes, kind: str, value: str) -> str:
-    # app.services.suppressions.digest, with the key handed to the worker process
-    return hmac.digest(key, f"{kind}:{value}".encode(), hashlib.sha256).hex()
 
 
 # ---- fast paths ------------------------------------------------------------------------------------------

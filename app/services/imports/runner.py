@@ -674,11 +674,8 @@ async def _raw(session: AsyncSession) -> asyncpg.Connection:
 
 
 def digest_key(settings: Settings) -> bytes:
-    """The suppression list's HMAC key, for the worker processes (same derivation as the API's)."""
-    if suppressions._key is None:
-        secret = settings.suppression_key.get_secret_value() if settings.suppression_key \
-            else settings.resolved_jwt_secret()
-        suppressions.configure(secret)
-    assert suppressions._key is not None
-    return suppressions._key
+    """The suppression list's HMAC key, for the worker processes (configured as the API does, if not yet)."""
+    if not suppressions.configured():
+        suppressions.configure(settings.resolved_suppression_key())
+    return suppressions.key()
 
