@@ -85,8 +85,8 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_problem(raw_errors: Sequence[Any]) -> InvalidInput:
-    """pydantic/FastAPI validation errors as one 422 naming each field."""
+def validation_problem(raw_errors: Sequence[Any], *, prefix: tuple[str, ...] = ()) -> InvalidInput:
+    """pydantic/FastAPI validation errors as one 422 naming each field (under `prefix`: a nested document)."""
     errors = []
     for err in raw_errors:
         message = str(err.get("msg", "invalid value"))
@@ -95,7 +95,7 @@ def validation_problem(raw_errors: Sequence[Any]) -> InvalidInput:
         code = str(err.get("type", "invalid"))
         if code == "extra_forbidden":
             message = "unknown field"
-        field = "body" if code == "json_invalid" else _field(tuple(err.get("loc", ())))  # loc is a char offset
+        field = "body" if code == "json_invalid" else _field((*prefix, *err.get("loc", ())))  # loc: a char offset
         errors.append(FieldError(field, message, code))
     return InvalidInput(*errors)
 

@@ -20,8 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import UploadFile
 
 from app.db import ReadSession, WriteSession, get_read_sessionmaker
-from app.errors import BadRequest, FieldError, InvalidInput, PayloadTooLarge, problems
+from app.errors import BadRequest, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
+from app.problems import validation_problem
 from app.routers.deps import JSONBody
 from app.schemas.imports import ImportAccepted, ImportOptions, ImportRead, present_import
 from app.security import Principal, Scope, require
@@ -161,9 +162,7 @@ def _options(items: list[tuple[str, Any]]) -> ImportOptions:
     try:
         return ImportOptions.model_validate(data)
     except ValidationError as exc:
-        raise InvalidInput(*[
-            FieldError(".".join(str(p) for p in e["loc"]) or "body", e["msg"], e["type"]) for e in exc.errors()
-        ]) from None
+        raise validation_problem(exc.errors()) from None
 
 
 def _mask(field: str | None, value: str | None) -> str | None:

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
 from app.models import Delivery, Destination, ListMembership, MailingList, SyncLink
 from app.models.base import new_id, utc_now
+from app.problems import validation_problem
 from app.schemas.destinations import (
     SECRET_FIELDS,
     DestinationCreate,
@@ -101,9 +102,7 @@ def _split_config(kind: DestinationKind, raw: Mapping[str, Any], *, field: str =
     try:
         parsed = config_model(kind).model_validate(dict(raw))
     except ValidationError as exc:
-        raise InvalidInput(*(
-            FieldError(".".join([field, *(str(p) for p in e["loc"])]), e["msg"], e["type"]) for e in exc.errors()
-        )) from None
+        raise validation_problem(exc.errors(), prefix=(field,)) from None
     public: dict[str, Any] = {}
     hidden: dict[str, str] = {}
     for name, value in parsed.model_dump(mode="json", exclude_none=True).items():
