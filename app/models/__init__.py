@@ -11,7 +11,7 @@ from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
 from app.models.orders import Event, Order
 from app.models.outbox import OutboxMessage
-from app.models.segments import Segment
+from app.models.segments import Segment, SegmentMember
 from app.models.suppressions import Suppression
 from app.models.sync import Delivery, Destination, SyncLink
 from app.models.tokens import AccessToken
@@ -36,6 +36,7 @@ __all__ = [
     "Order",
     "OutboxMessage",
     "Segment",
+    "SegmentMember",
     "Suppression",
     "SyncLink",
     "Tag",

@@ -30,6 +30,9 @@ class Destination(SQLModel, table=True):
     secrets: str | None = None           # Fernet token of a JSON object (app.security.secrets)
     list_mappings: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
     field_mappings: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    # [{segment_id, remote_list_id, tag}]: segments synced as a vendor list (Brevo), a tag (Mailchimp), events (webhook).
+    segment_mappings: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(
+        JSONB, nullable=False, server_default=text("'[]'::jsonb")))
     # Health, written by the worker; last_error never carries personal data.
     last_success_at: datetime | None = Field(default=None, sa_type=TZ)
     last_error_at: datetime | None = Field(default=None, sa_type=TZ)
