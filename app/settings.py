@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     delivery_backoff_cap_seconds: float = Field(default=30.0, gt=0)
     delivery_max_attempts: int = Field(default=8640, ge=1)   # three days at the cap, then dead letter
     worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
+    # How often a synced segment's members are compared with its last snapshot (entries and exits go out then).
+    segment_refresh_seconds: float = Field(default=300.0, gt=0)
     run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL
 
     # CSV imports (app.services.imports)

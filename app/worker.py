@@ -1,4 +1,4 @@
-"""The worker: delivers the outbox to destinations and runs background jobs (imports).
+"""The worker: delivers the outbox to destinations and runs background jobs (imports, synced segments).
 
 Any number of workers share the work through PostgreSQL (SKIP LOCKED and leases, app.services.delivery);
 `carnet worker` runs one, and `carnet serve` runs one inside the API process in embedded mode.
@@ -37,6 +37,7 @@ OUTBOX_DISPATCHED = Counter("carnet_outbox_dispatched_total", "Outbox messages t
 class BatchResult:
     completion: delivery.Completion
     links: dict[uuid.UUID, str] = field(default_factory=dict)     # remote refs learnt
+    tags: dict[uuid.UUID, tuple[str, ...]] = field(default_factory=dict)  # tags pushed (profile writes)
     forget: list[uuid.UUID] = field(default_factory=list)         # links to drop (erased at the vendor)
     error: BaseException | None = None                            # the batch's first failure, for health
 
@@ -182,6 +183,7 @@ class Worker:
         async with self.sessions.begin() as session:
             await delivery.complete(session, claimed, result.completion, backoff=self.backoff)
             await delivery.remember_links(session, destination_id, result.links)
+            await delivery.remember_tags(session, destination_id, result.tags)
             await delivery.forget_links(session, destination_id, result.forget)
             await delivery.record_health(session, destination_id, error=error, gone=isinstance(result.error, Gone))
         kind, completion = destination.kind, result.completion
@@ -218,6 +220,7 @@ class Worker:
             return result
         erased = {e.contact_id for e in erasures}
         known_refs = {s.contact_id: s.remote_ref for s in states}
+        pushed_tags = {s.contact_id: s.tags for s in states if s.profile_changed}
         for outcome in outcomes:
             delivery_id = by_contact[outcome.contact_id]
             if outcome.error is not None:
@@ -229,6 +232,8 @@ class Worker:
                 result.completion.delivered.append(delivery_id)
                 if outcome.remote_ref is not None and outcome.remote_ref != known_refs.get(outcome.contact_id):
                     result.links[outcome.contact_id] = outcome.remote_ref
+                if outcome.contact_id in pushed_tags:
+                    result.tags[outcome.contact_id] = tuple(pushed_tags[outcome.contact_id])
         return result
 
     async def _send_events(self, adapter: Any, claimed: delivery.Claimed, budget: float) -> BatchResult:
@@ -293,9 +298,10 @@ def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings
 
 
 def _jobs() -> list[JobRunner]:
+    from app.services import segment_sync
     from app.services.imports.runner import run_next as run_next_import
 
-    return [run_next_import]
+    return [run_next_import, segment_sync.run_next]
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
 from app.models.orders import Event, Order
 from app.models.outbox import OutboxMessage
-from app.models.segments import Segment, SegmentMember
+from app.models.segments import Segment, SegmentMember, SegmentSync
 from app.models.suppressions import Suppression
 from app.models.sync import Delivery, Destination, SyncLink
 from app.models.tokens import AccessToken
@@ -37,6 +37,7 @@ __all__ = [
     "OutboxMessage",
     "Segment",
     "SegmentMember",
+    "SegmentSync",
     "Suppression",
     "SyncLink",
     "Tag",

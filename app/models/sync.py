@@ -30,7 +30,7 @@ class Destination(SQLModel, table=True):
     secrets: str | None = None           # Fernet token of a JSON object (app.security.secrets)
     list_mappings: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
     field_mappings: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
-    # [{segment_id, remote_list_id, tag}]: segments synced as a vendor list (Brevo), a tag (Mailchimp), events (webhook).
+    # [{segment_id, remote_list_id, tag}]: segments synced as a Brevo list, a Mailchimp tag, webhook events.
     segment_mappings: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(
         JSONB, nullable=False, server_default=text("'[]'::jsonb")))
     # Health, written by the worker; last_error never carries personal data.
@@ -75,7 +75,8 @@ class Delivery(SQLModel, table=True):
     # Vendors: False while only list memberships changed since the last push (the profile write can be skipped).
     profile_changed: bool = True
     # Vendors: Carnet lists whose membership changed since the last push (an explicit status goes out only
-    # for these; the others are sent as `status_if_new`, so a vendor-side unsubscribe is never overridden).
+    # for these; the others are sent as `status_if_new`, so a vendor-side unsubscribe is never overridden),
+    # and `segment:<id>` for each synced segment the contact entered or left.
     changed_lists: list[str] = Field(default_factory=list, sa_column=Column(ARRAY(Text), nullable=False))
     status: str = "pending"
     attempts: int = 0
@@ -100,3 +101,5 @@ class SyncLink(SQLModel, table=True):
     contact_id: uuid.UUID = Field(primary_key=True)
     remote_ref: str
     synced_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    # The contact's tags as last pushed (NULL: not known), so tags removed since can be removed remotely.
+    tags: list[str] | None = Field(default=None, sa_column=Column(ARRAY(Text), nullable=True))

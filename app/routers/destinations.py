@@ -38,8 +38,7 @@ CursorParam = Annotated[str | None, Query(max_length=1000)]
 
 async def _present(session: Any, request: Request, row: Any) -> dict[str, Any]:
     state = request.app.state
-    return service.present(row, box=state.secret_box, public_base_url=state.settings.public_base_url,
-                           counts=await service.counts(session, row["id"]))
+    return await service.describe(session, row, box=state.secret_box, public_base_url=state.settings.public_base_url)
 
 
 @router.get("", response_model=DestinationPage)

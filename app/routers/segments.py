@@ -24,7 +24,7 @@ from app.schemas.segments import (
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
 from app.services import segments as segments_service
-from app.services.segments import DuplicateSegment, SegmentNotFound
+from app.services.segments import DuplicateSegment, SegmentInUse, SegmentNotFound
 
 __all__ = ["router"]
 
@@ -92,7 +92,8 @@ async def update_segment(
     return _one(await segments_service.update(session, segment_id, changes, expected_version=expected_version))
 
 
-@router.delete("/{segment_id}", status_code=204, responses=problems(SegmentNotFound, PreconditionFailed))
+@router.delete("/{segment_id}", status_code=204,
+               responses=problems(SegmentNotFound, SegmentInUse, PreconditionFailed))
 async def delete_segment(
     segment_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
 ) -> Response:

@@ -8,7 +8,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.schemas.base import InputSchema
 from app.schemas.types import ShortText
@@ -108,6 +117,15 @@ class ListMapping(InputSchema):
                                                            "Brevo doubleOptinConfirmation)")
 
 
+class SegmentMapping(InputSchema):
+    segment_id: uuid.UUID
+    remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="Brevo: the list the segment fills; Mailchimp: the audience whose members get "
+                                  "the tag (an audience of list_mappings); webhook: none")
+    tag: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="Mailchimp only: the tag that marks the segment's members")
+
+
 def _check_field_mappings(value: dict[str, str] | None) -> dict[str, str] | None:
     for carnet_field in value or {}:
         if carnet_field not in MAPPABLE_FIELDS and not _ATTRIBUTE_FIELD.fullmatch(carnet_field):
@@ -115,39 +133,46 @@ def _check_field_mappings(value: dict[str, str] | None) -> dict[str, str] | None
     return value
 
 
-class DestinationCreate(InputSchema):
+class _Mapped(InputSchema):
+    @field_validator("list_mappings", "segment_mappings", check_fields=False)
+    @classmethod
+    def _mapped_once(cls, mappings: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        key = "list_id" if info.field_name == "list_mappings" else "segment_id"
+        ids = [getattr(m, key) for m in mappings or ()]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"a {key.removesuffix('_id')} is mapped twice")
+        return mappings
+
+
+class DestinationCreate(_Mapped):
     kind: DestinationKind
     name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
     enabled: bool = True
     config: dict[str, Any] = Field(default_factory=dict, description="Per kind; secrets in it are write-only")
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] = Field(default_factory=list)
+    segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] = Field(
+        default_factory=list, description="Segments synced: their members enter and leave as the segment changes")
     field_mappings: dict[RemoteField, RemoteField] = Field(
         default_factory=dict, description="Carnet field (`first_name`, `attributes.size`) → vendor field")
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
-    @model_validator(mode="after")
-    def _unique_lists(self) -> Self:
-        ids = [m.list_id for m in self.list_mappings]
-        if len(ids) != len(set(ids)):
-            raise ValueError("a list is mapped twice")
-        return self
 
-
-class DestinationPatch(InputSchema):
+class DestinationPatch(_Mapped):
     """Merge patch. `config` is merged key by key (a secret given replaces the stored one; null removes a key)."""
 
     name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)] | None = None
     enabled: bool | None = None
     config: dict[str, Any] | None = None
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = None
+    segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = None
     field_mappings: dict[RemoteField, RemoteField] | None = None
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
     @model_validator(mode="after")
     def _not_null(self) -> Self:
-        for name in ("name", "enabled", "list_mappings", "field_mappings"):
+        for name in ("name", "enabled", "list_mappings", "segment_mappings", "field_mappings"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null")
         return self
@@ -163,6 +188,14 @@ class DestinationHealth(BaseModel):
     dead: int
 
 
+class SegmentMappingRead(BaseModel):
+    segment_id: uuid.UUID
+    remote_list_id: str | None
+    tag: str | None
+    members: int = Field(description="Members in the last snapshot (before the consent rule of vendors)")
+    refreshed_at: datetime | None = Field(description="When the snapshot was last taken; null: due now")
+
+
 class DestinationRead(BaseModel):
     id: uuid.UUID
     kind: DestinationKind
@@ -171,6 +204,7 @@ class DestinationRead(BaseModel):
     config: dict[str, Any] = Field(description="Without secrets")
     secrets_set: list[str] = Field(description="Names of the secrets stored (their values are never shown)")
     list_mappings: list[dict[str, Any]]
+    segment_mappings: list[SegmentMappingRead]
     field_mappings: dict[str, str]
     inbound_url: str | None
     health: DestinationHealth

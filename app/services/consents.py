@@ -105,13 +105,29 @@ async def append(
         "occurred_at": occurred_at or now, "recorded_at": now, "recorded_by": recorded_by,
         "proof": _compact(proof),
     }
+    # A grant is news only when it makes the purpose granted (a vendor lifts its opt-out, a synced segment's
+    # members may now be sent): not when it was granted already, nor when a later withdrawal still stands.
+    news = action in _GRANTING and not await _granted_at(session, contact_id, purpose, values["occurred_at"])
     row = (await session.execute(insert(_events).values(values).returning(*_events.c))).mappings().one()
+    if news:
+        await outbox.add(session, "consent.granted", contact_id=contact_id,
+                         payload={"contact_id": str(contact_id), "purpose": purpose})
     if action not in _GRANTING:
         await outbox.add(session, "consent.withdrawn", contact_id=contact_id,
                          payload={"contact_id": str(contact_id), "purpose": purpose})
     if purpose == MARKETING and action not in _GRANTING and not (await marketing_state(session, contact_id)).granted:
         await memberships.unsubscribe(session, contact_id, list_id=None, at=now, reason="consent_withdrawn")
     return row
+
+
+async def _granted_at(session: AsyncSession, contact_id: uuid.UUID, purpose: str, at: datetime) -> bool:
+    """Whether the purpose already counts as granted for an event dated `at` (or is withdrawn after it)."""
+    latest = (await session.execute(
+        select(_events.c.action, _events.c.occurred_at)
+        .where(_events.c.contact_id == contact_id, _events.c.purpose == purpose)
+        .order_by(_events.c.occurred_at.desc(), _events.c.id.desc()).limit(1)
+    )).first()
+    return latest is not None and (latest.action in _GRANTING or latest.occurred_at > at)
 
 
 async def ledger(session: AsyncSession, contact_id: uuid.UUID) -> dict[str, Any]:

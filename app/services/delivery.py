@@ -13,6 +13,7 @@ Three steps, each its own short transaction so no vendor call ever happens insid
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.base import utc_now
 from app.services.contacts import ADDRESS
+from app.services.segments import GRANTING
 from app.sync.base import ContactState, Erasure, EventMessage, MemberStatus
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "reap_expired_leases",
     "record_health",
     "remember_links",
+    "remember_tags",
 ]
 
 Row = Mapping[str, Any]
@@ -68,21 +71,29 @@ async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
 
 # ---- 1. dispatch ----------------------------------------------------------------------------------------
 
-# Vendors: a contact matters when it is in a mapped list or was pushed before (its link must follow it).
+# Vendors: a contact matters when it is in a mapped list, in a synced segment's snapshot, or was pushed before
+# (its link must follow it). Segment messages go only to the destination whose snapshot they come from.
+# A delivery remembers which lists (`<list id>`) and segments (`segment:<id>`) changed, and whether anything
+# else did (`profile_changed`).
 _DISPATCH_VENDORS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
                       status, attempts, next_attempt_at, created_at, updated_at)
 SELECT d.id, m.contact_id, max(m.id), (array_agg(m.topic ORDER BY m.id DESC))[1], true,
-       bool_or(m.topic NOT LIKE 'membership.%'),
-       coalesce(array_agg(DISTINCT m.payload ->> 'list_id') FILTER (WHERE m.topic LIKE 'membership.%'), '{}'),
+       bool_or(m.topic NOT LIKE 'membership.%' AND m.topic NOT LIKE 'segment.%'),
+       coalesce(array_agg(DISTINCT CASE WHEN m.topic LIKE 'segment.%' THEN 'segment:' || (m.payload ->> 'segment_id')
+                                        ELSE m.payload ->> 'list_id' END)
+                FILTER (WHERE m.topic LIKE 'membership.%' OR m.topic LIKE 'segment.%'), '{}'),
        'pending', 0, :now, :now, :now
 FROM outbox_message m
 JOIN destination d ON d.enabled AND d.kind <> 'webhook'
 WHERE m.id = ANY(:ids) AND m.contact_id IS NOT NULL
-  AND (EXISTS (SELECT 1 FROM list_membership lm
-               WHERE lm.contact_id = m.contact_id
-                 AND lm.list_id::text IN (SELECT jsonb_array_elements(d.list_mappings) ->> 'list_id'))
-       OR EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = m.contact_id))
+  AND CASE WHEN m.topic LIKE 'segment.%' THEN m.payload ->> 'destination_id' = d.id::text
+      ELSE EXISTS (SELECT 1 FROM list_membership lm
+                   WHERE lm.contact_id = m.contact_id
+                     AND lm.list_id::text IN (SELECT jsonb_array_elements(d.list_mappings) ->> 'list_id'))
+           OR EXISTS (SELECT 1 FROM segment_member sm WHERE sm.destination_id = d.id AND sm.contact_id = m.contact_id)
+           OR EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = m.contact_id)
+      END
 GROUP BY d.id, m.contact_id
 ON CONFLICT (destination_id, contact_id) WHERE status = 'pending' AND coalesces
 DO UPDATE SET message_id = GREATEST(delivery.message_id, excluded.message_id),
@@ -100,6 +111,7 @@ FROM outbox_message m
 JOIN destination d ON d.enabled AND d.kind = 'webhook'
 WHERE m.id = ANY(:ids)
   AND (d.config -> 'topics' IS NULL OR d.config -> 'topics' ? m.topic)
+  AND (m.topic NOT LIKE 'segment.%' OR m.payload ->> 'destination_id' = d.id::text)
 ORDER BY m.id
 """)
 
@@ -237,21 +249,39 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
         {"ids": ids, "lists": list(mappings)},
     )).mappings():
         members.setdefault(m["contact_id"], {})[m["list_id"]] = m["status"]
-    links = dict((await session.execute(
-        text("SELECT contact_id, remote_ref FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
+    in_segments: dict[uuid.UUID, set[str]] = {}
+    if destination["segment_mappings"]:
+        for contact_id, segment_id in (await session.execute(
+            text("SELECT contact_id, segment_id::text FROM segment_member WHERE destination_id = :d "
+                 "AND contact_id = ANY(:ids)"), {"d": destination["id"], "ids": ids},
+        )).all():
+            in_segments.setdefault(contact_id, set()).add(segment_id)
+    links = {link.contact_id: link for link in (await session.execute(
+        text("SELECT contact_id, remote_ref, tags FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
         {"d": destination["id"], "ids": ids},
-    )).all())
+    )).all()}
     out = Plan()
     for contact_id in ids:
         contact = contacts.get(contact_id)
-        ref = links.get(contact_id)
+        link = links.get(contact_id)
+        ref = link.remote_ref if link else None
         if contact is None:
             if ref is not None and topic[contact_id] == "contact.erased":
                 out.erasures.append(Erasure(contact_id, ref))
             else:
                 out.vanished.append(contact_id)
             continue
+        blocked = contact["email_status"] in ("bounced", "complained") or contact["marketing_action"] == "withdrawn"
         lists = _wanted_lists(members.get(contact_id, {}), mappings)
+        segments = _wanted_segments(
+            destination["segment_mappings"], in_segments.get(contact_id, set()), changed_lists[contact_id],
+            may_market=not blocked and contact["marketing_action"] in GRANTING, pushed_before=ref is not None)
+        segment_tags: dict[str, dict[str, bool]] = {}
+        for mapping, wanted in segments:
+            if destination["kind"] == "mailchimp":
+                segment_tags.setdefault(mapping["remote_list_id"], {})[mapping["tag"]] = wanted
+            else:
+                lists[mapping["remote_list_id"]] = "subscribed" if wanted else "unsubscribed"
         if contact["email"] is None or (not lists and ref is None):
             out.nothing.append(contact_id)
             continue
@@ -261,15 +291,37 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
             fields={remote: _field_value(contact, local) for local, remote in destination["field_mappings"].items()},
             lists=lists,
             tags=tuple(contact["tags"] or ()),
-            marketing_blocked=contact["email_status"] in ("bounced", "complained")
-            or contact["marketing_action"] == "withdrawn",
+            removed_tags=tuple(sorted(set(link.tags or ()) - set(contact["tags"] or ()))) if link else (),
+            marketing_blocked=blocked,
             remote_ref=ref,
             profile_changed=ref is None or profile_changed[contact_id],
             # First push: everything is news. Later: only the lists whose membership changed in Carnet.
             status_changed=None if ref is None else frozenset(
                 mappings[c]["remote_list_id"] for c in changed_lists[contact_id] if c in mappings),
             vendor_double_opt_in=frozenset(m["remote_list_id"] for m in mappings.values() if m.get("double_opt_in")),
+            segment_tags=segment_tags,
         ))
+    return out
+
+
+def _wanted_segments(
+    segment_mappings: Sequence[Row], in_segments: set[str], changed: Sequence[str], *, may_market: bool,
+    pushed_before: bool,
+) -> list[tuple[Row, bool]]:
+    """(mapping, in it at the vendor?) for the synced segments this push must state.
+
+    The consent rule: a segment never decides that someone may receive marketing. Only a member whose latest
+    email_marketing consent is a grant, with a deliverable address, is put in the segment's list (or tagged);
+    a member without it, or someone who left, is taken out, if the vendor ever heard of them.
+    """
+    out = []
+    for mapping in segment_mappings:
+        segment_id = mapping["segment_id"]
+        member = segment_id in in_segments
+        if member and may_market:
+            out.append((mapping, True))
+        elif pushed_before and (member or f"segment:{segment_id}" in changed):
+            out.append((mapping, False))
     return out
 
 
@@ -370,6 +422,21 @@ async def remember_links(session: AsyncSession, destination_id: uuid.UUID, refs:
         """),
         {"d": destination_id, "ids": list(refs), "refs": list(refs.values()), "now": utc_now()},
     )
+
+
+async def remember_tags(
+    session: AsyncSession, destination_id: uuid.UUID, tags: Mapping[uuid.UUID, Sequence[str]]
+) -> None:
+    """The tags a successful profile push carried: the next push removes remotely what Carnet removed since."""
+    if tags:
+        await session.execute(
+            text("""
+            UPDATE sync_link l SET tags = ARRAY(SELECT jsonb_array_elements_text(t.value))
+            FROM jsonb_each(CAST(:tags AS jsonb)) t
+            WHERE l.destination_id = :d AND l.contact_id = t.key::uuid
+            """),
+            {"d": destination_id, "tags": json.dumps({str(k): list(v) for k, v in tags.items()})},
+        )
 
 
 async def forget_links(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]) -> None:

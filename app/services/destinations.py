@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
-from app.models import Delivery, Destination, ListMembership, MailingList, SyncLink
+from app.models import Delivery, Destination, ListMembership, MailingList, SegmentMember, SyncLink
 from app.models.base import new_id, utc_now
 from app.problems import validation_problem
 from app.schemas.destinations import (
@@ -28,9 +28,11 @@ from app.schemas.destinations import (
     DestinationKind,
     DestinationPatch,
     ListMapping,
+    SegmentMapping,
     config_model,
 )
 from app.security.secrets import SecretBox
+from app.services import segment_sync
 from app.services.pagination import Cursor, CursorCodec, page_by_name
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "create",
     "delete_destination",
     "deliveries_page",
+    "describe",
     "get",
     "list_page",
     "load",
@@ -58,6 +61,7 @@ _deliveries = Delivery.__table__  # type: ignore[attr-defined]
 _links = SyncLink.__table__  # type: ignore[attr-defined]
 _lists = MailingList.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
+_segment_members = SegmentMember.__table__  # type: ignore[attr-defined]
 
 
 class DestinationNotFound(NotFound):
@@ -130,11 +134,21 @@ async def _check_lists(session: AsyncSession, mappings: list[ListMapping]) -> No
         raise InvalidInput(*errors)
 
 
-def present(row: Row, *, box: SecretBox, public_base_url: str, counts: Mapping[str, int]) -> dict[str, Any]:
+async def describe(session: AsyncSession, row: Row, *, box: SecretBox, public_base_url: str) -> dict[str, Any]:
+    """The read model: the row without secrets, its health and its segment snapshots."""
+    return present(row, box=box, public_base_url=public_base_url, counts=await counts(session, row["id"]),
+                   segments=await segment_sync.state(session, row["id"]))
+
+
+def present(
+    row: Row, *, box: SecretBox, public_base_url: str, counts: Mapping[str, int], segments: Mapping[uuid.UUID, Row]
+) -> dict[str, Any]:
     kind = row["kind"]
     return {
         "id": row["id"], "kind": kind, "name": row["name"], "enabled": row["enabled"], "config": row["config"],
         "secrets_set": sorted(box.open(row["secrets"])), "list_mappings": row["list_mappings"],
+        "segment_mappings": [_segment_mapping(m, segments.get(uuid.UUID(m["segment_id"])))
+                             for m in row["segment_mappings"]],
         "field_mappings": row["field_mappings"],
         "inbound_url": None if kind == "webhook" else f"{public_base_url.rstrip('/')}/v1/inbound/{kind}/{row['id']}",
         "health": {
@@ -145,6 +159,11 @@ def present(row: Row, *, box: SecretBox, public_base_url: str, counts: Mapping[s
         },
         "created_at": row["created_at"], "updated_at": row["updated_at"], "version": row["version"],
     }
+
+
+def _segment_mapping(mapping: Row, snapshot: Row | None) -> dict[str, Any]:
+    return {**mapping, "members": snapshot["members"] if snapshot else 0,
+            "refreshed_at": snapshot["refreshed_at"] if snapshot else None}
 
 
 async def counts(session: AsyncSession, destination_id: uuid.UUID) -> dict[str, int]:
@@ -166,10 +185,13 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
         generated["secret"] = hidden["secret"] = new_webhook_secret()
     _check_required(data.kind, public, hidden)
     await _check_lists(session, data.list_mappings)
+    list_mappings = [m.model_dump(mode="json") for m in data.list_mappings]
+    await segment_sync.check_mappings(session, data.kind.value, data.segment_mappings, list_mappings=list_mappings)
     now = utc_now()
     values = {
         "id": new_id(), "kind": data.kind.value, "name": data.name, "enabled": data.enabled, "config": public,
-        "secrets": box.seal(hidden), "list_mappings": [m.model_dump(mode="json") for m in data.list_mappings],
+        "secrets": box.seal(hidden), "list_mappings": list_mappings,
+        "segment_mappings": _dump_segment_mappings(data.segment_mappings),
         "field_mappings": data.field_mappings, "consecutive_failures": 0, "version": 1, "created_at": now,
         "updated_at": now,
     }
@@ -178,7 +200,12 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
     if row is None:
         existing = await session.scalar(select(_t.c.id).where(_t.c.name == data.name))
         raise DuplicateDestination(f"a destination named {data.name!r} already exists", existing_id=existing)
+    await segment_sync.apply_mappings(session, row["id"], [m.segment_id for m in data.segment_mappings])
     return row, generated
+
+
+def _dump_segment_mappings(mappings: list[SegmentMapping]) -> list[dict[str, Any]]:
+    return [m.model_dump(mode="json", exclude_none=True) for m in mappings]
 
 
 async def rotate_secrets(session: AsyncSession, *, box: SecretBox) -> int:
@@ -235,6 +262,19 @@ async def update(
     if patch.list_mappings is not None:
         await _check_lists(session, patch.list_mappings)
         changes["list_mappings"] = [m.model_dump(mode="json") for m in patch.list_mappings]
+    if patch.list_mappings is not None or patch.segment_mappings is not None:
+        # Checked against the lists it will have (a Mailchimp segment tags the members of a mapped audience).
+        segment_mappings = patch.segment_mappings
+        if segment_mappings is None:
+            segment_mappings = [SegmentMapping.model_validate(m) for m in current["segment_mappings"]]
+        await segment_sync.check_mappings(session, kind.value, segment_mappings,
+                                          list_mappings=changes.get("list_mappings", current["list_mappings"]))
+        changes["segment_mappings"] = _dump_segment_mappings(segment_mappings)
+        before = {m["segment_id"]: m for m in current["segment_mappings"]}
+        retargeted = [m.segment_id for m in segment_mappings
+                      if before.get(str(m.segment_id), {}) != _dump_segment_mappings([m])[0]]
+        await segment_sync.apply_mappings(session, destination_id, [m.segment_id for m in segment_mappings],
+                                          fresh=retargeted)
     for name in ("name", "enabled", "field_mappings"):
         if name in given:
             changes[name] = given[name]
@@ -308,7 +348,7 @@ async def retry_delivery(session: AsyncSession, delivery_id: int) -> Row:
 
 
 async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
-    """Queue a full push of every contact in the mapped lists (and every contact pushed before)."""
+    """Queue a full push of every contact in the mapped lists or synced segments, and every one pushed before."""
     row = await get(session, destination_id)
     if row["kind"] == "webhook":
         raise InvalidInput.one("kind", "a webhook receives events as they happen; there is no state to resync",
@@ -317,7 +357,8 @@ async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
     now = utc_now()
     contacts = (
         select(_members.c.contact_id).where(_members.c.list_id.in_(list_ids))
-        .union(select(_links.c.contact_id).where(_links.c.destination_id == destination_id))
+        .union(select(_links.c.contact_id).where(_links.c.destination_id == destination_id),
+               select(_segment_members.c.contact_id).where(_segment_members.c.destination_id == destination_id))
         .subquery()
     )
     queued = select(

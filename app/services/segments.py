@@ -53,7 +53,17 @@ from sqlalchemy.types import Text
 
 from app.db import is_unique_violation
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
-from app.models import AttributeDefinition, ConsentEvent, Contact, Event, ListMembership, Order, Segment
+from app.models import (
+    AttributeDefinition,
+    ConsentEvent,
+    Contact,
+    Destination,
+    Event,
+    ListMembership,
+    Order,
+    Segment,
+    SegmentSync,
+)
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
@@ -63,6 +73,7 @@ __all__ = [
     "MAX_CONDITIONS",
     "MAX_DEPTH",
     "DuplicateSegment",
+    "SegmentInUse",
     "SegmentNotFound",
     "compile_filter",
     "contacts_page",
@@ -90,12 +101,18 @@ _members = ListMembership.__table__  # type: ignore[attr-defined]
 _orders = Order.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _consents = ConsentEvent.__table__  # type: ignore[attr-defined]
+_syncs = SegmentSync.__table__  # type: ignore[attr-defined]
+_destinations = Destination.__table__  # type: ignore[attr-defined]
 
 Row = Mapping[str, Any]
 
 
 class SegmentNotFound(NotFound):
     slug, title = "segment-not-found", "No such segment"
+
+
+class SegmentInUse(Conflict):
+    slug, title = "segment-in-use", "The segment is synced by a destination"
 
 
 class DuplicateSegment(Conflict):
@@ -652,6 +669,9 @@ async def update(
     changes = {k: v for k, v in changes.items() if current[k] != v}
     if not changes:
         return current
+    if "filter" in changes:  # every destination syncing it takes a new snapshot at the worker's next round
+        await session.execute(update_statement(_syncs).where(_syncs.c.segment_id == segment_id)
+                              .values(refreshed_at=None))
     statement = (update_statement(_segments).where(_segments.c.id == segment_id)
                  .values(**changes, version=_segments.c.version + 1, updated_at=utc_now()).returning(*_segments.c))
     try:
@@ -668,6 +688,12 @@ async def delete_segment(
     session: AsyncSession, segment_id: uuid.UUID, *, expected_version: int | None = None
 ) -> None:
     _check_version(await get(session, segment_id, lock=True), expected_version)
+    syncing = list((await session.scalars(
+        select(_destinations.c.name).join(_syncs, _syncs.c.destination_id == _destinations.c.id)
+        .where(_syncs.c.segment_id == segment_id).order_by(_destinations.c.name)
+    )).all())
+    if syncing:
+        raise SegmentInUse(f"synced by {', '.join(map(repr, syncing))}: remove it from their segment_mappings first")
     await session.execute(delete(_segments).where(_segments.c.id == segment_id))
 
 

@@ -56,6 +56,8 @@ class ContactState:
     status_changed: frozenset[str] | None = None
     # Tags removed in Carnet since the last push (Mailchimp marks them inactive).
     removed_tags: Sequence[str] = ()
+    # Synced segments shown as tags (Mailchimp): remote list id -> {tag: active?}, for that audience's member only.
+    segment_tags: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

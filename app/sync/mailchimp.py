@@ -9,7 +9,8 @@ Per push (see docs/sync.md):
    `status_if_new`, so an unsubscribe done in Mailchimp is never overwritten by a profile update.
    Many explicit changes for one list go in batch subscribe calls (`POST /lists/{list}`, ≤ 500 members,
    `update_existing: true`); the rest are `PUT /lists/{list}/members/{hash}` upserts.
-3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive.
+3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive, and the tag of
+   each synced segment of that audience (active for members who may receive marketing, inactive otherwise).
 Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list (404: done).
 
 At most `max_connections` (10) requests in flight per account in this process (a semaphore per key).
@@ -105,9 +106,8 @@ class MailchimpAdapter:
             *(self._put(write, fail) for write in singles
               if write.explicit or write.state.profile_changed or write.state.remote_ref is None),
         ])
-        await net.run_all(self._tags(write, fail) for write in writes
-                          if write.state.contact_id not in errors and write.state.profile_changed
-                          and (write.state.tags or write.state.removed_tags))
+        await net.run_all(self._tags(write, tags, fail) for write in writes
+                          if write.state.contact_id not in errors and (tags := _tag_changes(write)))
 
         log.info("sync.mailchimp.push", contacts=len(states), failed=len(errors))
         return [
@@ -172,10 +172,8 @@ class MailchimpAdapter:
             if state is not None:
                 fail(state, f"Mailchimp batch subscribe: {item.get('error_code') or 'ERROR_GENERIC'}")
 
-    async def _tags(self, write: _Write, fail: Any) -> None:
+    async def _tags(self, write: _Write, tags: list[dict[str, str]], fail: Any) -> None:
         state = write.state
-        tags = [{"name": t, "status": "active"} for t in state.tags]
-        tags += [{"name": t, "status": "inactive"} for t in state.removed_tags if t not in state.tags]
         response = await self._request("POST", f"/lists/{write.list_id}/members/{subscriber_hash(state.email)}/tags",
                                        json={"tags": tags})
         if response.status_code != 204:
@@ -221,6 +219,19 @@ def _writes(state: ContactState) -> list[_Write]:
         explicit = state.status_changed is None or list_id in state.status_changed or state.marketing_blocked
         out.append(_Write(state, list_id, wanted, explicit))
     return out
+
+
+def _tag_changes(write: _Write) -> list[dict[str, str]]:
+    """Contact tags when the profile changed (removed ones inactive), and the synced segments' tags of this audience."""
+    state = write.state
+    status: dict[str, str] = {}
+    if state.profile_changed:
+        status.update((t, "active") for t in state.tags)
+        for t in state.removed_tags:
+            status.setdefault(t, "inactive")
+    status.update((t, "active" if active else "inactive")
+                  for t, active in state.segment_tags.get(write.list_id, {}).items())
+    return [{"name": name, "status": value} for name, value in status.items()]
 
 
 def _email_changed(state: ContactState) -> bool:

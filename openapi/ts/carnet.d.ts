@@ -1705,6 +1705,11 @@ export interface components {
             list_mappings?: components["schemas"]["ListMapping"][];
             /** Name */
             name: string;
+            /**
+             * Segment Mappings
+             * @description Segments synced: their members enter and leave as the segment changes
+             */
+            segment_mappings?: components["schemas"]["SegmentMapping"][];
         };
         /** DestinationCreated */
         DestinationCreated: {
@@ -1753,6 +1758,8 @@ export interface components {
              * @description Names of the secrets stored (their values are never shown)
              */
             secrets_set: string[];
+            /** Segment Mappings */
+            segment_mappings: components["schemas"]["SegmentMappingRead"][];
             /**
              * Updated At
              * Format: date-time
@@ -1809,6 +1816,8 @@ export interface components {
             list_mappings?: components["schemas"]["ListMapping"][] | null;
             /** Name */
             name?: string | null;
+            /** Segment Mappings */
+            segment_mappings?: components["schemas"]["SegmentMapping"][] | null;
         };
         /** DestinationRead */
         DestinationRead: {
@@ -1850,6 +1859,8 @@ export interface components {
              * @description Names of the secrets stored (their values are never shown)
              */
             secrets_set: string[];
+            /** Segment Mappings */
+            segment_mappings: components["schemas"]["SegmentMappingRead"][];
             /**
              * Updated At
              * Format: date-time
@@ -2618,6 +2629,46 @@ export interface components {
             };
             /** Name */
             name: string;
+        };
+        /** SegmentMapping */
+        SegmentMapping: {
+            /**
+             * Remote List Id
+             * @description Brevo: the list the segment fills; Mailchimp: the audience whose members get the tag (an audience of list_mappings); webhook: none
+             */
+            remote_list_id?: string | null;
+            /**
+             * Segment Id
+             * Format: uuid
+             */
+            segment_id: string;
+            /**
+             * Tag
+             * @description Mailchimp only: the tag that marks the segment's members
+             */
+            tag?: string | null;
+        };
+        /** SegmentMappingRead */
+        SegmentMappingRead: {
+            /**
+             * Members
+             * @description Members in the last snapshot (before the consent rule of vendors)
+             */
+            members: number;
+            /**
+             * Refreshed At
+             * @description When the snapshot was last taken; null: due now
+             */
+            refreshed_at: string | null;
+            /** Remote List Id */
+            remote_list_id: string | null;
+            /**
+             * Segment Id
+             * Format: uuid
+             */
+            segment_id: string;
+            /** Tag */
+            tag: string | null;
         };
         /** SegmentPage */
         SegmentPage: {
@@ -6779,6 +6830,15 @@ export interface operations {
             };
             /** @description No such segment */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The segment is synced by a destination */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -325,7 +325,7 @@ async def test_two_workers_never_hold_one_contact_and_keep_event_order(
     assert set(final.values()) == {"n3"} and len(final) == 5
     for contact in contacts:  # per contact, the webhook saw its messages in the order they were written
         ids = [int(m.id.removeprefix("msg_")) for m in hook.received if m.payload.get("contact_id") == contact["id"]]
-        assert ids == sorted(ids) and len(ids) == len(set(ids)) == 6  # created, subscribed, 4 updates
+        assert ids == sorted(ids) and len(ids) == len(set(ids)) == 7  # created, granted, subscribed, 4 updates
 
 
 async def test_a_receiver_that_says_gone_disables_the_destination(

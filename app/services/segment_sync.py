@@ -1,0 +1,211 @@
+"""Segments as a sync source: who entered and who left a mapped segment, as outbox messages.
+
+A segment is a query, not a list: people enter and leave it with their orders, their events, their consents
+and with time alone (`within_days`). So each (destination, segment) mapping keeps a snapshot of the last
+answer (`segment_member`), and a periodic job (the worker, every SEGMENT_REFRESH_SECONDS) compares it with
+the current answer in ONE statement that inserts who entered, deletes who left and writes a
+`segment.entered` / `segment.left` outbox message for each. From there the ordinary pipeline delivers:
+vendors get a state push (the consent rule is applied then, app.services.delivery.plan), webhooks the event.
+
+The snapshot is per destination: a destination that maps a segment later sees every current member enter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Integer, String, Uuid, cast, delete, exists, func, literal, or_, select, union_all
+from sqlalchemy import update as update_statement
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.errors import FieldError, InvalidInput
+from app.logging import get_logger
+from app.models import Contact, Destination, OutboxMessage, Segment, SegmentMember, SegmentSync
+from app.models.base import utc_now
+from app.services.segments import compile_filter
+from app.settings import Settings
+
+__all__ = ["Refreshed", "apply_mappings", "check_mappings", "refresh_next", "run_next", "state"]
+
+_contacts = Contact.__table__  # type: ignore[attr-defined]
+_destinations = Destination.__table__  # type: ignore[attr-defined]
+_outbox = OutboxMessage.__table__  # type: ignore[attr-defined]
+_segments = Segment.__table__  # type: ignore[attr-defined]
+_members = SegmentMember.__table__  # type: ignore[attr-defined]
+_syncs = SegmentSync.__table__  # type: ignore[attr-defined]
+
+Row = Mapping[str, Any]
+log = get_logger("carnet.segment_sync")
+
+
+# ---- mappings (destinations service) -----------------------------------------------------------------------
+
+
+async def check_mappings(
+    session: AsyncSession, kind: str, mappings: Sequence[Any], *, list_mappings: Sequence[Mapping[str, Any]]
+) -> None:
+    """422 naming `segment_mappings[i].<field>` for what this kind of destination cannot sync."""
+    found = set((await session.scalars(
+        select(_segments.c.id).where(_segments.c.id.in_([m.segment_id for m in mappings]))
+    )).all()) if mappings else set()
+    audiences = {m["remote_list_id"] for m in list_mappings}
+    errors = []
+    for i, m in enumerate(mappings):
+        at = f"segment_mappings[{i}]"
+        if m.segment_id not in found:
+            errors.append(FieldError(f"{at}.segment_id", "no such segment", "not_found"))
+        if kind == "webhook":
+            errors += [FieldError(f"{at}.{name}", "a webhook receives segment events; nothing to name here",
+                                  "not_allowed") for name in ("remote_list_id", "tag") if getattr(m, name)]
+            continue
+        if m.remote_list_id is None:
+            errors.append(FieldError(f"{at}.remote_list_id", "required for this kind", "missing"))
+        elif kind == "brevo" and not m.remote_list_id.isdigit():
+            errors.append(FieldError(f"{at}.remote_list_id", "Brevo list ids are integers", "invalid"))
+        elif kind == "brevo" and m.remote_list_id in audiences:
+            errors.append(FieldError(f"{at}.remote_list_id", "this Brevo list is already filled by a Carnet list; "
+                                     "a segment needs a list of its own", "conflict"))
+        elif kind == "mailchimp" and m.remote_list_id not in audiences:
+            errors.append(FieldError(f"{at}.remote_list_id", "not an audience of list_mappings: Mailchimp tags "
+                                     "live on the members of a mapped audience", "not_mapped"))
+        if kind == "brevo" and m.tag is not None:
+            errors.append(FieldError(f"{at}.tag", "Brevo has no tags: the segment fills remote_list_id",
+                                     "not_allowed"))
+        if kind == "mailchimp" and m.tag is None:
+            errors.append(FieldError(f"{at}.tag", "required for Mailchimp: the tag that marks the members",
+                                     "missing"))
+    if kind == "brevo":
+        remote = [m.remote_list_id for m in mappings]
+        errors += [FieldError(f"segment_mappings[{i}].remote_list_id", "two segments cannot fill one list",
+                              "conflict") for i, r in enumerate(remote) if r is not None and remote.index(r) != i]
+    if errors:
+        raise InvalidInput(*errors)
+
+
+async def apply_mappings(
+    session: AsyncSession, destination_id: uuid.UUID, segment_ids: Sequence[uuid.UUID],
+    *, fresh: Sequence[uuid.UUID] = (),
+) -> None:
+    """One sync row per mapped segment (due at once); an unmapped segment's snapshot goes, and so does the
+    snapshot of a segment sent somewhere else now (`fresh`: its members enter the new list or tag)."""
+    await session.execute(delete(_syncs).where(
+        _syncs.c.destination_id == destination_id,
+        or_(_syncs.c.segment_id.not_in(segment_ids), _syncs.c.segment_id.in_(fresh))))
+    if segment_ids:
+        await session.execute(insert(_syncs).values([
+            {"destination_id": destination_id, "segment_id": s, "refreshed_at": None, "members": 0}
+            for s in segment_ids
+        ]).on_conflict_do_nothing())
+
+
+async def state(session: AsyncSession, destination_id: uuid.UUID) -> dict[uuid.UUID, Row]:
+    """Per mapped segment: members in the last snapshot and when it was taken (the destination's read model)."""
+    rows = await session.execute(select(_syncs).where(_syncs.c.destination_id == destination_id))
+    return {r["segment_id"]: r for r in rows.mappings()}
+
+
+# ---- refresh (worker) ---------------------------------------------------------------------------------------
+
+
+async def run_next(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> bool:
+    """The worker's job: refresh one due snapshot; True if there was one (the worker then asks again at once)."""
+    async with sessions.begin() as session:
+        done = await refresh_next(session, every_seconds=settings.segment_refresh_seconds)
+    if done is not None:
+        log.info("segment_sync.refreshed", destination_id=str(done.destination_id), segment_id=str(done.segment_id),
+                 members=done.members, entered=done.entered, left=done.left)
+    return done is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    destination_id: uuid.UUID
+    segment_id: uuid.UUID
+    members: int
+    entered: int
+    left: int
+
+
+async def refresh_next(
+    session: AsyncSession, *, every_seconds: float, now: datetime | None = None
+) -> Refreshed | None:
+    """Refresh the most overdue snapshot of an enabled destination, if any is due; None when none is.
+
+    The sync row stays locked until the caller commits (SKIP LOCKED: workers refresh different ones), so the
+    snapshot, its outbox messages and `refreshed_at` land together or not at all. `now` is the clock the
+    filter's time windows are measured against (tests move it).
+    """
+    now = now or utc_now()
+    due = (await session.execute(
+        select(_syncs.c.destination_id, _syncs.c.segment_id, _segments.c.filter)
+        .join(_destinations, (_destinations.c.id == _syncs.c.destination_id) & _destinations.c.enabled)
+        .join(_segments, _segments.c.id == _syncs.c.segment_id)
+        .where(or_(_syncs.c.refreshed_at.is_(None), _syncs.c.refreshed_at <= now - timedelta(seconds=every_seconds)))
+        .order_by(_syncs.c.refreshed_at.asc().nulls_first())
+        .limit(1)
+        .with_for_update(of=_syncs, skip_locked=True)
+    )).first()
+    if due is None:
+        return None
+    destination_id, segment_id, filter_ = due
+    condition = await compile_filter(session, filter_, now=now)
+    members, entered, left = (await session.execute(
+        _diff_statement(destination_id, segment_id, condition, now)
+    )).one()
+    await session.execute(
+        update_statement(_syncs)
+        .where(_syncs.c.destination_id == destination_id, _syncs.c.segment_id == segment_id)
+        .values(refreshed_at=now, members=members)
+    )
+    return Refreshed(destination_id, segment_id, members, entered, left)
+
+
+def _diff_statement(destination_id: uuid.UUID, segment_id: uuid.UUID, condition: Any, now: Any) -> Any:
+    """ONE statement: the current answer against the snapshot, both changes applied, one message per change.
+
+        WITH current AS (SELECT id FROM contact WHERE <filter>),
+             entered AS (INSERT INTO segment_member ... SELECT ... FROM current ON CONFLICT DO NOTHING RETURNING ...),
+             left    AS (DELETE FROM segment_member ... WHERE NOT EXISTS (current) RETURNING ...),
+             written AS (INSERT INTO outbox_message ... SELECT ... FROM entered UNION ALL ... FROM left RETURNING topic)
+        SELECT (SELECT count(*) FROM current), count(entered), count(left) FROM written
+    """
+    pair = (_members.c.destination_id == destination_id) & (_members.c.segment_id == segment_id)
+    current = select(_contacts.c.id).where(condition).cte("current")
+    entered = (
+        insert(_members)
+        .from_select(["destination_id", "segment_id", "contact_id", "entered_at"],
+                     select(literal(destination_id, Uuid), literal(segment_id, Uuid), current.c.id, literal(now)))
+        .on_conflict_do_nothing()
+        .returning(_members.c.contact_id)
+        .cte("entered")
+    )
+    left = (
+        delete(_members)
+        .where(pair, ~exists().where(current.c.id == _members.c.contact_id))
+        .returning(_members.c.contact_id)
+        .cte("left")
+    )
+
+    def messages(changed: Any, topic: str) -> Any:
+        payload = func.jsonb_build_object(
+            "segment_id", literal(str(segment_id)), "destination_id", literal(str(destination_id)),
+            "contact_id", cast(changed.c.contact_id, String))
+        return select(literal(topic), changed.c.contact_id, cast(payload, JSONB), literal(now))
+
+    written = (
+        insert(_outbox)
+        .from_select(["topic", "contact_id", "payload", "created_at"],
+                     union_all(messages(entered, "segment.entered"), messages(left, "segment.left")))
+        .returning(_outbox.c.topic)
+        .cte("written")
+    )
+    return select(
+        select(func.count()).select_from(current).scalar_subquery(),
+        cast(func.count().filter(written.c.topic == "segment.entered"), Integer),
+        cast(func.count().filter(written.c.topic == "segment.left"), Integer),
+    ).select_from(written)

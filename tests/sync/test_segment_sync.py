@@ -1,0 +1,276 @@
+"""Segments as a sync source: API → snapshot diff → outbox → worker → spec-checking fakes.
+
+People enter and leave a synced segment with their data, their consent and with time alone; the vendor
+follows, and only people whose email_marketing consent is granted are ever sent to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import make_sessionmaker
+from app.models.base import utc_now
+from app.services import segment_sync
+from app.worker import Worker
+from tests.factories import ADMIN, grant_marketing, make_contact, make_list
+from tests.fakes.brevo import FakeBrevo
+from tests.fakes.mailchimp import FakeMailchimp
+from tests.fakes.server import LiveServer
+from tests.fakes.webhook_receiver import FakeWebhookReceiver
+from tests.routers.test_contacts import assert_problem
+from tests.routers.test_segments import make_segment, place_order
+from tests.sync.keys import BREVO_KEY, MC_KEY
+from tests.sync.test_end_to_end import destination, drain, subscribe
+
+pytestmark = pytest.mark.committing
+
+VIP = {"all": [{"field": "tags", "op": "contains", "value": "vip"}]}
+
+
+async def refresh(engine: AsyncEngine, destination_id: str, *, now: Any = None) -> list[segment_sync.Refreshed]:
+    """As if SEGMENT_REFRESH_SECONDS had elapsed for this destination: every due snapshot refreshed once."""
+    sessions = make_sessionmaker(engine)
+    async with sessions.begin() as session:
+        await session.execute(text("UPDATE segment_sync SET refreshed_at = NULL WHERE destination_id = :d"),
+                              {"d": destination_id})
+    done = []
+    while True:
+        async with sessions.begin() as session:
+            refreshed = await segment_sync.refresh_next(session, every_seconds=3600, now=now)
+        if refreshed is None:
+            return [r for r in done if str(r.destination_id) == destination_id]
+        done.append(refreshed)
+
+
+async def tag(client: httpx.AsyncClient, contact: dict[str, Any], *tags: str) -> None:
+    response = await client.patch(f"/v1/contacts/{contact['id']}", json={"tags": list(tags)}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+
+
+async def withdraw(client: httpx.AsyncClient, contact: dict[str, Any]) -> None:
+    body = {"purpose": "email_marketing", "action": "withdrawn", "source": "preference_center"}
+    response = await client.post(f"/v1/contacts/{contact['id']}/consents", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.text
+
+
+async def test_brevo_list_follows_the_segment_and_the_consent_rule(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    fake, live = brevo
+    client = committing_client
+    segment = await make_segment(client, VIP)
+    consented, unconsented, outsider = [await make_contact(client, tags=t) for t in (["vip"], ["vip"], [])]
+    await grant_marketing(client, consented["id"])
+    await grant_marketing(client, outsider["id"])
+    sink = await destination(client, kind="brevo", config={"api_key": BREVO_KEY, "base_url": live.url},
+                             segment_mappings=[{"segment_id": segment["id"], "remote_list_id": "9"}])
+
+    [first] = await refresh(engine, sink["id"])
+    assert (first.members, first.entered, first.left) == (2, 2, 0)
+    await drain(worker)
+    # The member without consent is not sent at all: a segment never decides who may receive marketing.
+    assert fake.members(9) == {consented["email"]}
+    assert fake.by_email(unconsented["email"]) is None and fake.by_email(outsider["email"]) is None
+
+    # Nothing changed: the next refresh writes nothing.
+    [again] = await refresh(engine, sink["id"])
+    assert (again.members, again.entered, again.left) == (2, 0, 0)
+
+    # A grant is enough to send a member who was held back; no refresh needed.
+    await grant_marketing(client, unconsented["id"])
+    await drain(worker)
+    assert fake.members(9) == {consented["email"], unconsented["email"]}
+
+    # Leaving the segment takes the person out of the list, and only out of it.
+    await tag(client, consented)
+    await tag(client, outsider, "vip")
+    [moved] = await refresh(engine, sink["id"])
+    assert (moved.members, moved.entered, moved.left) == (2, 1, 1)
+    await drain(worker)
+    assert fake.members(9) == {unconsented["email"], outsider["email"]}
+    assert fake.by_email(consented["email"]) is not None  # still a Brevo contact, just not in the segment's list
+
+    # A withdrawal takes a member out at once (and blacklists the address), before any refresh.
+    await withdraw(client, unconsented)
+    await drain(worker)
+    assert fake.members(9) == {outsider["email"]}
+    assert fake.by_email(unconsented["email"]).email_blacklisted  # type: ignore[union-attr]
+
+    shown = (await client.get(f"/v1/destinations/{sink['id']}", headers=ADMIN)).json()
+    [mapping] = shown["segment_mappings"]
+    assert mapping["segment_id"] == segment["id"] and mapping["remote_list_id"] == "9"
+    assert mapping["members"] == 2 and mapping["refreshed_at"] is not None
+
+
+async def test_mailchimp_tag_marks_the_segment_in_a_mapped_audience(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
+    mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    fake, live = mailchimp
+    client = committing_client
+    news = await make_list(client)
+    segment = await make_segment(client, VIP)
+    inside = await make_contact(client, tags=["vip", "shoes"])
+    not_in_audience = await make_contact(client, tags=["vip"])
+    await subscribe(client, news["id"], inside["id"])
+    await grant_marketing(client, not_in_audience["id"])
+    sink = await destination(client, kind="mailchimp", config={"api_key": MC_KEY, "base_url": live.url},
+                             list_mappings=[{"list_id": news["id"], "remote_list_id": "mc-news"}],
+                             segment_mappings=[{"segment_id": segment["id"], "remote_list_id": "mc-news",
+                                                "tag": "Segment VIP"}])
+    await drain(worker)
+    [entered] = await refresh(engine, sink["id"])
+    assert (entered.members, entered.entered) == (2, 2)
+    await drain(worker)
+    member = fake.member("mc-news", inside["email"])
+    assert member is not None and member.status == "subscribed"
+    assert member.tags == {"vip", "shoes", "Segment VIP"}
+    # Tags live on audience members: the segment never adds someone to an audience.
+    assert fake.member("mc-news", not_in_audience["email"]) is None
+
+    await tag(client, inside, "shoes")
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    member = fake.member("mc-news", inside["email"])
+    assert member is not None and member.tags == {"shoes"} and member.status == "subscribed"
+
+
+async def test_webhook_gets_entered_and_left_events_of_its_segments_only(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
+) -> None:
+    client = committing_client
+    segment = await make_segment(client, VIP)
+    person = await make_contact(client, tags=["vip"])
+    mapped = await destination(client, kind="webhook", config={"url": "http://placeholder.invalid/"},
+                               segment_mappings=[{"segment_id": segment["id"]}])
+    unmapped = await destination(client, kind="webhook", config={"url": "http://placeholder.invalid/"})
+    receivers = [FakeWebhookReceiver(mapped["generated_secrets"]["secret"]),
+                 FakeWebhookReceiver(unmapped["generated_secrets"]["secret"])]
+    with LiveServer(receivers[0]) as first, LiveServer(receivers[1]) as second:
+        for hook, live in ((mapped, first), (unmapped, second)):
+            response = await client.patch(f"/v1/destinations/{hook['id']}", json={"config": {"url": live.url}},
+                                          headers=ADMIN)
+            assert response.status_code == 200, response.text
+        await refresh(engine, mapped["id"])
+        await drain(worker)
+        await tag(client, person)
+        await refresh(engine, mapped["id"])
+        await drain(worker)
+    events = [d.payload for r in receivers for d in r.deliveries if d.payload["type"].startswith("segment.")]
+    assert all(d.valid for r in receivers for d in r.deliveries)
+    assert [e["type"] for e in events] == ["segment.entered", "segment.left"]  # the unmapped receiver got none
+    assert all(e["data"] == {"segment_id": segment["id"], "destination_id": mapped["id"], "contact_id": person["id"]}
+               for e in events)
+
+
+async def test_members_leave_with_time_alone(committing_client: httpx.AsyncClient, engine: AsyncEngine) -> None:
+    client = committing_client
+    recent = await make_segment(client, {"all": [{"field": "stats.last_order_at", "op": "within_days", "value": 30}]})
+    buyer = await make_contact(client)
+    await place_order(client, buyer["id"], sku="SHOE-1", category="shoes", days_ago=20)
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": recent["id"]}])
+    [today] = await refresh(engine, sink["id"])
+    [later] = await refresh(engine, sink["id"], now=utc_now() + timedelta(days=15))
+    assert (today.members, today.entered, today.left) == (1, 1, 0)
+    assert (later.members, later.entered, later.left) == (0, 0, 1)
+    sessions = make_sessionmaker(engine)
+    async with sessions() as session:
+        topics = (await session.scalars(text(
+            "SELECT topic FROM outbox_message WHERE contact_id = :c AND topic LIKE 'segment.%' ORDER BY id"
+        ), {"c": buyer["id"]})).all()
+    assert topics == ["segment.entered", "segment.left"]
+
+
+async def test_two_workers_refresh_without_double_messages(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine,
+) -> None:
+    client = committing_client
+    segment = await make_segment(client, VIP)
+    people = [await make_contact(client, tags=["vip"]) for _ in range(20)]
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": segment["id"]}])
+    sessions = make_sessionmaker(engine)
+
+    async def one(maker: async_sessionmaker[AsyncSession]) -> None:
+        while True:
+            async with maker.begin() as session:
+                if await segment_sync.refresh_next(session, every_seconds=3600) is None:
+                    return
+
+    await asyncio.gather(one(sessions), one(sessions))
+    async with sessions() as session:
+        count = await session.scalar(text(
+            "SELECT count(*) FROM outbox_message WHERE topic = 'segment.entered' AND payload ->> 'destination_id' = :d"
+        ), {"d": sink["id"]})
+    assert count == len(people)
+
+
+class TestMappingRules:
+    async def test_each_kind_names_what_it_cannot_sync(self, committing_client: httpx.AsyncClient) -> None:
+        client = committing_client
+        news = await make_list(client)
+        segment = await make_segment(client, VIP)
+        s = segment["id"]
+        brevo = {"kind": "brevo", "config": {"api_key": BREVO_KEY},
+                 "list_mappings": [{"list_id": news["id"], "remote_list_id": "7"}]}
+        mailchimp = {"kind": "mailchimp", "config": {"api_key": MC_KEY},
+                     "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}]}
+        webhook = {"kind": "webhook", "config": {"url": "https://hooks.example/x"}}
+        cases = [
+            (brevo, [{"segment_id": s, "remote_list_id": "abc"}], ["segment_mappings[0].remote_list_id"]),
+            (brevo, [{"segment_id": s, "remote_list_id": "7"}], ["segment_mappings[0].remote_list_id"]),
+            (brevo, [{"segment_id": s}], ["segment_mappings[0].remote_list_id"]),
+            (brevo, [{"segment_id": s, "remote_list_id": "9", "tag": "x"}], ["segment_mappings[0].tag"]),
+            (brevo, [{"segment_id": str(uuid.uuid4()), "remote_list_id": "9"}], ["segment_mappings[0].segment_id"]),
+            (mailchimp, [{"segment_id": s, "remote_list_id": "mc-news"}], ["segment_mappings[0].tag"]),
+            (mailchimp, [{"segment_id": s, "remote_list_id": "mc-other", "tag": "t"}],
+             ["segment_mappings[0].remote_list_id"]),
+            (webhook, [{"segment_id": s, "remote_list_id": "9"}], ["segment_mappings[0].remote_list_id"]),
+            (webhook, [{"segment_id": s}, {"segment_id": s}], ["segment_mappings"]),
+        ]
+        for body, mappings, fields in cases:
+            response = await client.post("/v1/destinations", json={
+                "name": f"d-{uuid.uuid4().hex[:6]}", **body, "segment_mappings": mappings}, headers=ADMIN)
+            assert_problem(response, 422, *fields)
+
+    async def test_patch_delete_and_the_snapshot(
+        self, committing_client: httpx.AsyncClient, engine: AsyncEngine,
+    ) -> None:
+        client = committing_client
+        segment = await make_segment(client, VIP)
+        await make_contact(client, tags=["vip"])
+        sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/x"},
+                                 segment_mappings=[{"segment_id": segment["id"]}])
+        [first] = await refresh(engine, sink["id"])
+        assert first.members == 1
+
+        # A segment a destination syncs cannot be deleted: 409 naming the destination.
+        body = assert_problem(await client.delete(f"/v1/segments/{segment['id']}", headers=ADMIN), 409)
+        assert sink["name"] in body["detail"]
+
+        # A new filter makes the snapshot due at once.
+        response = await client.patch(f"/v1/segments/{segment['id']}",
+                                      json={"filter": {"all": [{"field": "tags", "op": "contains", "value": "x"}]}},
+                                      headers=ADMIN)
+        assert response.status_code == 200, response.text
+        shown = (await client.get(f"/v1/destinations/{sink['id']}", headers=ADMIN)).json()
+        assert shown["segment_mappings"][0]["refreshed_at"] is None
+
+        # Unmapping drops the snapshot; then the segment can go.
+        response = await client.patch(f"/v1/destinations/{sink['id']}", json={"segment_mappings": []}, headers=ADMIN)
+        assert response.status_code == 200 and response.json()["segment_mappings"] == []
+        sessions = make_sessionmaker(engine)
+        async with sessions() as session:
+            left = await session.scalar(text("SELECT count(*) FROM segment_member WHERE destination_id = :d"),
+                                        {"d": sink["id"]})
+        assert left == 0
+        assert (await client.delete(f"/v1/segments/{segment['id']}", headers=ADMIN)).status_code == 204
