@@ -207,7 +207,7 @@ def secrets_rotate() -> None:
 
 @cli.command()
 def worker(
-    once: Annotated[bool, typer.Option(help="Deliver what is due, then exit (cron, tests)")] = False,
+    once: Annotated[bool, typer.Option(help="Run due jobs, deliver what is due, then exit (cron, tests)")] = False,
 ) -> None:
     """Deliver the outbox to destinations and run background jobs, until SIGTERM/SIGINT.
 
@@ -237,7 +237,7 @@ async def _run_worker(settings: Settings, *, once: bool) -> None:
         loop.add_signal_handler(sig, stop.set)  # finish the batch in hand, then stop
     try:
         if once:
-            await the_worker.drain()
+            await the_worker.catch_up()
         else:
             await the_worker.run(stop)
     finally:

@@ -100,9 +100,16 @@ class Worker:
                     await asyncio.wait_for(stop.wait(), self.settings.worker_idle_seconds)
 
     async def drain(self) -> None:
-        """Deliver until nothing is due (tests, `carnet worker --once`); callers bound it with a timeout."""
+        """Deliver until nothing is due (tests); callers bound it with a timeout."""
         while await self.deliver_once():
             pass
+
+    async def catch_up(self) -> None:
+        """Every due job (queued imports, due segment snapshots), then every due delivery: `carnet worker --once`."""
+        for job in self.jobs:
+            while await job(self.sessions, self.settings):
+                pass
+        await self.drain()
 
     # ---- one round --------------------------------------------------------------------------------------
 

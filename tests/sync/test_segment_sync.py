@@ -7,8 +7,12 @@ follows, and only people whose email_marketing consent is granted are ever sent 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +24,7 @@ from app.db import make_sessionmaker
 from app.models.base import utc_now
 from app.services import segment_sync
 from app.worker import Worker
+from tests.auth import TEST_SECRET
 from tests.factories import ADMIN, grant_marketing, make_contact, make_list
 from tests.fakes.brevo import FakeBrevo
 from tests.fakes.mailchimp import FakeMailchimp
@@ -31,6 +36,7 @@ from tests.sync.keys import BREVO_KEY, MC_KEY
 from tests.sync.test_end_to_end import destination, drain, subscribe
 
 pytestmark = pytest.mark.committing
+ROOT = Path(__file__).resolve().parents[2]
 
 VIP = {"all": [{"field": "tags", "op": "contains", "value": "vip"}]}
 
@@ -274,3 +280,25 @@ class TestMappingRules:
                                         {"d": sink["id"]})
         assert left == 0
         assert (await client.delete(f"/v1/segments/{segment['id']}", headers=ADMIN)).status_code == 204
+
+
+async def test_worker_once_refreshes_due_snapshots(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, database_url: str, tmp_path: Path,
+) -> None:
+    """`carnet worker --once` (cron) runs the due jobs before delivering: a new mapping's members enter."""
+    segment = await make_segment(committing_client, VIP)
+    person = await make_contact(committing_client, tags=["vip"])
+    sink = await destination(committing_client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": segment["id"]}])
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PYTHONPATH=str(ROOT))
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "app", "worker", "--once"],
+                                   env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    async with make_sessionmaker(engine)() as session:
+        entered = await session.scalar(text(
+            "SELECT count(*) FROM outbox_message WHERE topic = 'segment.entered' AND contact_id = :c "
+            "AND payload ->> 'destination_id' = :d"), {"c": person["id"], "d": sink["id"]})
+        refreshed = await session.scalar(text("SELECT refreshed_at FROM segment_sync WHERE destination_id = :d"),
+                                         {"d": sink["id"]})
+    assert entered == 1 and refreshed is not None
