@@ -128,6 +128,7 @@ async def apply(
     contact) is skipped and logged, the others go through."""
     actor = Principal(f"inbound:{vendor}", Role.INTEGRATION, frozenset(), f"destination:{destination['id']}")
     by_remote = {m["remote_list_id"]: m for m in destination["list_mappings"]}
+    segment_lists = frozenset(m.get("remote_list_id") for m in destination.get("segment_mappings") or ())
     result = Applied()
     for event in events:
         # Stored addresses are lower-cased (schemas.types.normalize_email), so the unique index answers this.
@@ -137,7 +138,8 @@ async def apply(
             continue
         try:
             async with session.begin_nested():
-                changed = await _apply_one(session, contact_id, event, by_remote, actor=actor, vendor=vendor)
+                changed = await _apply_one(session, contact_id, event, by_remote, segment_lists,
+                                           actor=actor, vendor=vendor)
         except AppError as exc:
             log.info("inbound.skipped", vendor=vendor, kind=event.kind, reason=exc.slug)
             changed = False
@@ -148,7 +150,7 @@ async def apply(
 
 async def _apply_one(
     session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, by_remote: Mapping[str, Mapping[str, Any]],
-    *, actor: Principal, vendor: str,
+    segment_lists: frozenset[str | None], *, actor: Principal, vendor: str,
 ) -> bool:
     await consents.lock_contact(session, contact_id)
     now = utc_now()
@@ -157,11 +159,18 @@ async def _apply_one(
     if event.kind == "unsubscribe":
         changed = [row for list_id in list_ids for row in await memberships.unsubscribe(
             session, contact_id, list_id=list_id, at=now, reason=f"{vendor}:{event.vendor_event}")]
-        return bool(changed)
+        if segment_lists.intersection(event.remote_list_ids):
+            # A synced segment's list is no subscription: the person was sent its campaigns on their
+            # email_marketing consent alone, so leaving it withdraws that consent (else the next push would
+            # put them back, and lift the vendor's opt-out).
+            changed.append(await _withdraw_marketing(session, contact_id, actor=actor, vendor=vendor, event=event,
+                                                     at=now, why="unsubscribed from a synced segment's list"))
+        return any(changed)
     if event.kind == "complaint":
         before = await contacts_service.get(session, contact_id)
         await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA, email_status="complained")
-        withdrawn = await _withdraw_marketing(session, contact_id, actor=actor, vendor=vendor, event=event, at=now)
+        withdrawn = await _withdraw_marketing(session, contact_id, actor=actor, vendor=vendor, event=event, at=now,
+                                              why="reported a spam complaint")
         return withdrawn or before["email_status"] != "complained"
     if event.kind == "bounce":
         before = await contacts_service.get(session, contact_id)
@@ -179,15 +188,16 @@ async def _apply_one(
 
 
 async def _withdraw_marketing(
-    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, vendor: str, event: InboundEvent, at: datetime
+    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, vendor: str, event: InboundEvent, at: datetime,
+    why: str,
 ) -> bool:
     state = await consents.marketing_state(session, contact_id)
     if not state.granted and state.since is not None:
         return False  # already withdrawn: a replay does not stack withdrawals
     await consents.append(
         session, contact_id, purpose=consents.MARKETING, action=ConsentAction.WITHDRAWN.value,
-        source=f"{vendor}_complaint", occurred_at=at,
-        proof={"vendor": vendor, "wording": f"{vendor} reported a spam complaint ({event.vendor_event})"},
+        source=f"{vendor}_{event.kind}", occurred_at=at,
+        proof={"vendor": vendor, "wording": f"{vendor}: {why} ({event.vendor_event})"},
         recorded_by=actor.subject,
     )
     return True

@@ -116,6 +116,35 @@ async def test_brevo_list_follows_the_segment_and_the_consent_rule(
     assert mapping["members"] == 2 and mapping["refreshed_at"] is not None
 
 
+async def test_unsubscribing_from_a_segment_list_at_brevo_withdraws_marketing(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """The segment's list is no subscription: leaving it at Brevo must not be undone by the next push."""
+    fake, live = brevo
+    client = committing_client
+    segment = await make_segment(client, VIP)
+    person = await make_contact(client, tags=["vip"])
+    await grant_marketing(client, person["id"])
+    sink = await destination(client, kind="brevo",
+                             config={"api_key": BREVO_KEY, "base_url": live.url, "inbound_secret": "in-" + "s" * 30},
+                             segment_mappings=[{"segment_id": segment["id"], "remote_list_id": "9"}])
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    assert fake.members(9) == {person["email"]}
+
+    event = {"event": "unsubscribe", "email": person["email"], "list_id": [9], "camp_id": 3, "ts_event": 1763633100}
+    response = await client.post(f"/v1/inbound/brevo/{sink['id']}", json=event,
+                                 headers={"Authorization": "Bearer in-" + "s" * 30})
+    assert response.status_code == 200 and response.json()["changed"] == 1
+    ledger = (await client.get(f"/v1/contacts/{person['id']}/consents", headers=ADMIN)).json()
+    assert ledger["state"]["email_marketing"]["granted"] is False
+    await client.patch(f"/v1/contacts/{person['id']}", json={"first_name": "Later"}, headers=ADMIN)
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    remote = fake.by_email(person["email"])
+    assert remote is not None and remote.email_blacklisted and 9 not in remote.list_ids
+
+
 async def test_mailchimp_tag_marks_the_segment_in_a_mapped_audience(
     committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
     mailchimp: tuple[FakeMailchimp, LiveServer],
