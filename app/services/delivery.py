@@ -229,9 +229,9 @@ class Plan:
     """What a vendor batch must do, per claimed contact."""
 
     states: list[ContactState] = field(default_factory=list)    # push
-    erasures: list[Erasure] = field(default_factory=list)        # delete at the vendor
+    erasures: list[Erasure] = field(default_factory=list)        # delete (or archive: merged away) at the vendor
     nothing: list[uuid.UUID] = field(default_factory=list)       # no email / no mapped list and never pushed
-    vanished: list[uuid.UUID] = field(default_factory=list)      # merged away: the survivor carries the person
+    vanished: list[uuid.UUID] = field(default_factory=list)      # merged away, address kept by the survivor
 
 
 async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> Plan:
@@ -260,6 +260,7 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
         text("SELECT contact_id, remote_ref, tags FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
         {"d": destination["id"], "ids": ids},
     )).all()}
+    retired = await _retired_addresses(session, [r for r in rows if r["topic"] == "contact.merged"])
     out = Plan()
     for contact_id in ids:
         contact = contacts.get(contact_id)
@@ -268,6 +269,8 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
         if contact is None:
             if ref is not None and topic[contact_id] == "contact.erased":
                 out.erasures.append(Erasure(contact_id, ref))
+            elif ref is not None and contact_id in retired:
+                out.erasures.append(Erasure(contact_id, ref, archive=True))
             else:
                 out.vanished.append(contact_id)
             continue
@@ -302,6 +305,17 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
             segment_tags=segment_tags,
         ))
     return out
+
+
+async def _retired_addresses(session: AsyncSession, merged: Sequence[Row]) -> set[uuid.UUID]:
+    """Contacts merged away whose address the survivor did not keep (their remote record must go)."""
+    if not merged:
+        return set()
+    found = await session.execute(
+        text("SELECT contact_id FROM outbox_message WHERE id = ANY(:ids) AND (payload ->> 'address_retired')::boolean"),
+        {"ids": [r["message_id"] for r in merged]},
+    )
+    return set(found.scalars())
 
 
 def _wanted_segments(

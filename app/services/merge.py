@@ -127,8 +127,12 @@ async def merge(
         await refresh_stats(session, survivor_id, actor=actor, policy=policy)
     await session.execute(insert(_merges).values(
         merged_id=duplicate_id, survivor_id=survivor_id, merged_at=now, subject=actor.subject))
+    # The duplicate's address is retired when the survivor keeps another one: destinations then remove its
+    # remote record (else the person gets every campaign twice). Taken over, the record becomes the survivor's.
+    retired = duplicate["email"] is not None and duplicate["email"] != row["email"]
     await outbox.add(session, "contact.merged", contact_id=duplicate_id,
-                     payload={"survivor_id": str(survivor_id), "merged_id": str(duplicate_id)})
+                     payload={"survivor_id": str(survivor_id), "merged_id": str(duplicate_id),
+                              "address_retired": retired})
     fields = sorted({field for field, _old, _new in _wire_changes(survivor, row)}
                     | ({"stats"} if moved["orders"] else set()) | ({"lists"} if moved["memberships"] else set()))
     await outbox.add(session, "contact.updated", contact_id=survivor_id,

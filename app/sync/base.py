@@ -62,10 +62,15 @@ class ContactState:
 
 @dataclass(frozen=True, slots=True)
 class Erasure:
-    """Delete a person at the vendor (GDPR erasure). Only the remote reference survives in Carnet."""
+    """Delete a person at the vendor (GDPR erasure). Only the remote reference survives in Carnet.
+
+    `archive`: not an erasure but a contact merged into another one under another address. Its remote record
+    goes, but the address must stay usable (Mailchimp archives instead of deleting permanently).
+    """
 
     contact_id: uuid.UUID
     remote_ref: str
+    archive: bool = False
 
 
 @dataclass(frozen=True, slots=True)

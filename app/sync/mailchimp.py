@@ -11,7 +11,8 @@ Per push (see docs/sync.md):
    `update_existing: true`); the rest are `PUT /lists/{list}/members/{hash}` upserts.
 3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive, and the tag of
    each synced segment of that audience (active for members who may receive marketing, inactive otherwise).
-Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list (404: done).
+Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list (404: done); a
+contact merged away under another address is archived instead (`DELETE /lists/{list}/members/{hash}`).
 
 At most `max_connections` (10) requests in flight per account in this process (a semaphore per key).
 """
@@ -121,9 +122,13 @@ class MailchimpAdapter:
 
         async def delete(erasure: Erasure, list_id: str) -> None:
             ref = subscriber_hash(erasure.remote_ref) if "@" in erasure.remote_ref else erasure.remote_ref
-            response = await self._request("POST", f"/lists/{list_id}/members/{ref}/actions/delete-permanent")
+            if erasure.archive:  # merged away: archived, so the address can come back one day
+                response, step = await self._request("DELETE", f"/lists/{list_id}/members/{ref}"), "archive"
+            else:
+                response = await self._request("POST", f"/lists/{list_id}/members/{ref}/actions/delete-permanent")
+                step = "delete-permanent"
             if response.status_code not in (204, 404):
-                errors.setdefault(erasure.contact_id, _reason("delete-permanent", response))
+                errors.setdefault(erasure.contact_id, _reason(step, response))
 
         await net.run_all(delete(e, list_id) for e in erasures for list_id in self.config.list_ids)
         log.info("sync.mailchimp.erase", contacts=len(erasures), lists=len(self.config.list_ids))

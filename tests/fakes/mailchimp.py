@@ -57,6 +57,7 @@ class FakeMailchimp(FakeVendor):
         self.lists: dict[str, dict[str, Member]] = {name: {} for name in (lists or {"list1", "list2"})}
         self.max_connections = max_connections
         self.forgotten: set[tuple[str, str]] = set()
+        self.archived: set[tuple[str, str]] = set()
         self.batch_sizes: list[int] = []
 
     def member(self, list_id: str, email: str) -> Member | None:
@@ -154,6 +155,14 @@ class FakeMailchimp(FakeVendor):
             return self.error(404, "Resource Not Found", "The requested resource could not be found.")
         for tag in body["tags"]:
             (member.tags.add if tag["status"] == "active" else member.tags.discard)(tag["name"])
+        return Response(status_code=204)
+
+    def _deleteListsIdMembersId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                                body: dict[str, Any], seen: Seen) -> Response:
+        """Archive: the member leaves the audience; unlike a permanent deletion the address can be added again."""
+        if members.pop(params["subscriber_hash"], None) is None:
+            return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+        self.archived.add((list_id, params["subscriber_hash"]))
         return Response(status_code=204)
 
     def _postListsIdMembersHashActionsDeletePermanent(self, list_id: str, members: dict[str, Member],

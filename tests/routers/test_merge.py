@@ -100,7 +100,7 @@ class TestMerge:
             )).one()
         assert tuple(recorded) == (survivor["id"], "tester@shop.example")
         assert (await outbox(sessions, duplicate["id"]))[-1] == (
-            "contact.merged", {"survivor_id": survivor["id"], "merged_id": duplicate["id"]})
+            "contact.merged", {"survivor_id": survivor["id"], "merged_id": duplicate["id"], "address_retired": True})
         topic, payload = (await outbox(sessions, survivor["id"]))[-1]
         assert topic == "contact.updated" and payload["merged_id"] == duplicate["id"]
         assert {"external_id", "phone", "tags", "stats", "lists"} <= set(payload["fields"])

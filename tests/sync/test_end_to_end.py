@@ -15,7 +15,7 @@ import pytest
 from app.worker import Worker
 from tests.factories import ADMIN, PROOF, make_contact, make_list
 from tests.fakes.brevo import FakeBrevo
-from tests.fakes.mailchimp import FakeMailchimp
+from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
 from tests.fakes.server import LiveServer
 from tests.fakes.webhook_receiver import FakeWebhookReceiver
 from tests.sync.keys import BREVO_KEY, MC_KEY
@@ -141,3 +141,37 @@ async def test_the_worker_runs_imports_beside_deliveries(committing_client: http
     assert (job["status"], job["created"], job["rejected"]) == ("done", 2, 0)
     found = await committing_client.get("/v1/contacts", params={"email": "chloe.durand@shop.example"}, headers=ADMIN)
     assert found.json()["data"][0]["first_name"] == "Chloé"
+
+
+async def test_a_merged_away_address_leaves_the_vendors(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+    brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """Merge two synced contacts: the duplicate's address no longer gets campaigns (archived at Mailchimp, so
+    it may come back; deleted at Brevo); an address the survivor takes over stays where it is."""
+    (chimp, chimp_live), (sib, sib_live) = mailchimp, brevo
+    client = committing_client
+    news = await make_list(client)
+    await destination(client, kind="mailchimp", config={"api_key": MC_KEY, "base_url": chimp_live.url},
+                      list_mappings=[{"list_id": news["id"], "remote_list_id": "mc-news"}])
+    await destination(client, kind="brevo", config={"api_key": BREVO_KEY, "base_url": sib_live.url},
+                      list_mappings=[{"list_id": news["id"], "remote_list_id": "7"}])
+    survivor, duplicate = await make_contact(client), await make_contact(client)
+    no_address = await make_contact(client, email=None, phone="+33612345678")
+    taken_over = await make_contact(client)
+    for person in (survivor, duplicate, taken_over):
+        await subscribe(client, news["id"], person["id"])
+    await drain(worker)
+    assert chimp.member("mc-news", duplicate["email"]) is not None and sib.by_email(duplicate["email"]) is not None
+
+    for keeper, gone in ((survivor, duplicate), (no_address, taken_over)):
+        response = await client.post(f"/v1/contacts/{keeper['id']}/merge", json={"duplicate_id": gone["id"]},
+                                     headers=ADMIN)
+        assert response.status_code == 200, response.text
+    await drain(worker)
+    assert chimp.member("mc-news", duplicate["email"]) is None and sib.by_email(duplicate["email"]) is None
+    assert ("mc-news", subscriber_hash(duplicate["email"])) in chimp.archived and not chimp.forgotten
+    assert chimp.member("mc-news", survivor["email"]).status == "subscribed"  # type: ignore[union-attr]
+    # The survivor took the address over: its remote record is the survivor's now, subscribed as before.
+    assert chimp.member("mc-news", taken_over["email"]).status == "subscribed"  # type: ignore[union-attr]
+    assert sib.members(7) == {survivor["email"], taken_over["email"]}
