@@ -19,6 +19,14 @@ What it does:
      prints p50s and ratios,
      captures EXPLAIN (ANALYZE, BUFFERS) of both, writes bench/out/segments.json.
   4. Drops the database unless --keep-db.
+
+With `--phase sync` (or `all`): segments as a sync source (app.services.segment_sync), on the same data. A
+webhook destination (inserted directly; no worker runs, nothing is delivered) maps a segment; per segment of
+SYNC_CASES, alternated with the hand count of the same segment (ABBA) on one pooled connection: the first
+refresh (every member enters, one outbox row each: the backfill), the steady refresh (nothing changed; also the
+diff statement alone, rolled back) and a refresh after ~1% of the members changed (vip tag removed from 1% of
+them and added to as many people it brings in, one UPDATE). Each refresh's members/entered/left are checked
+against set arithmetic in SQL, and its outbox rows counted. Writes bench/out/segment_sync.json.
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import re
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,6 +109,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--db", default="carnet_bench_seg")
     p.add_argument("--keep-db", action="store_true", help="do not drop the database at the end")
     p.add_argument("--reuse-db", action="store_true", help="skip generation: use the existing database")
+    p.add_argument("--phase", choices=["count", "sync", "all"], default="count",
+                   help="count: segment count vs hand SQL; sync: segments as a sync source (refresh cost)")
+    p.add_argument("--sync-cases", nargs="+", choices=list(SYNC_CASES), default=list(SYNC_CASES))
+    p.add_argument("--sync-first-runs", type=int, default=6, help="first refreshes per case (alternating)")
+    p.add_argument("--sync-change-runs", type=int, default=10, help="refreshes after ~1%% changed, per case")
+    p.add_argument("--sync-timeout", type=int, default=60, help="statement_timeout (s) of the unanalyzed check")
     return p.parse_args()
 
 
@@ -249,6 +267,23 @@ def summary(ms: list[float]) -> dict[str, float]:
             "min_ms": round(min(ms), 3), "max_ms": round(max(ms), 3), "n": len(ms)}
 
 
+async def fastest_hand(pooled: Callable[..., Any]) -> tuple[dict[str, dict[str, float]], str]:
+    """The fastest hand variant: 1 warm-up + 7 runs each, interleaved."""
+    for sql in HAND.values():
+        await pooled(sql, CITY.lower(), datetime.now(UTC) - timedelta(days=90))
+    trial: dict[str, list[float]] = {k: [] for k in HAND}
+    for _ in range(7):
+        for name, sql in HAND.items():
+            t = time.perf_counter()
+            await pooled(sql, CITY.lower(), datetime.now(UTC) - timedelta(days=90))
+            trial[name].append((time.perf_counter() - t) * 1000)
+    variants = {k: summary(v) for k, v in trial.items()}
+    best = min(variants, key=lambda k: variants[k]["p50_ms"])
+    log("hand variants p50 ms: " + ", ".join(f"{k}={v['p50_ms']:.2f}" for k, v in variants.items())
+        + f" -> best {best}")
+    return variants, best
+
+
 async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
     from sqlalchemy import delete, func, select
     from sqlalchemy.dialects.postgresql import insert
@@ -309,19 +344,7 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         log(f"counts: {counts}")
         counts_match = len(set(counts.values())) == 1
 
-        # -- pick the fastest hand variant (1 warm-up + 7 runs each, interleaved)
-        for sql in HAND.values():
-            await pooled(sql, CITY.lower(), cutoff)
-        trial: dict[str, list[float]] = {k: [] for k in HAND}
-        for _ in range(7):
-            for name, sql in HAND.items():
-                t = time.perf_counter()
-                await pooled(sql, CITY.lower(), datetime.now(UTC) - timedelta(days=90))
-                trial[name].append((time.perf_counter() - t) * 1000)
-        variants = {k: summary(v) for k, v in trial.items()}
-        best = min(variants, key=lambda k: variants[k]["p50_ms"])
-        log("hand variants p50 ms: " + ", ".join(f"{k}={v['p50_ms']:.2f}" for k, v in variants.items())
-            + f" -> best {best}")
+        variants, best = await fastest_hand(pooled)
         best_sql = HAND[best]
 
         async def hand() -> int:
@@ -375,6 +398,348 @@ async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
         await engine.dispose()
 
 
+# ---- segments as a sync source (--phase sync) -----------------------------------------------------------
+
+SYNC_DESTINATION = "bench: segment sync webhook"
+SYNC_SEGMENT_PREFIX = "bench: synced "
+# The bench's question as a set ($1 = lower(city), $2 = cutoff): the reference the snapshot is checked against,
+# and the people one tag away from it (Lyon repeat buyers without `vip`), who enter when tagged.
+REPEAT_BUYERS = """
+    SELECT c.id FROM contact c
+    WHERE lower(c.city) = $1 AND {tag}
+      AND EXISTS (SELECT 1 FROM "order" o
+                  WHERE o.contact_id = c.id AND o.placed_at >= $2
+                    AND o.status NOT IN ('cancelled', 'refunded')
+                  OFFSET 1)"""
+# ~1% of the members leave (tag removed) and as many near-members enter (tag added), in ONE statement
+TOGGLE_VIP = """
+    UPDATE contact SET tags = CASE WHEN id = ANY($1::uuid[]) THEN array_remove(tags, 'vip')
+                                   ELSE array_append(tags, 'vip') END
+    WHERE id = ANY($1::uuid[]) OR id = ANY($2::uuid[])"""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncCase:
+    filter: dict[str, Any]
+    count_sql: str | None          # the hand count; None: the fastest of HAND, picked in the run
+    members_sql: str               # the same question as a set of ids
+    near_sql: str                  # people the vip tag alone would bring in
+    params: Callable[[datetime], tuple[Any, ...]]
+
+
+def _city_and_cutoff(now: datetime) -> tuple[Any, ...]:
+    return CITY.lower(), now - timedelta(days=90)
+
+
+def _no_params(now: datetime) -> tuple[Any, ...]:
+    return ()
+
+
+SYNC_CASES = {
+    # the count phase's 3-condition segment (a few hundred members)
+    "vip_lyon_repeat": SyncCase(FILTER, None, REPEAT_BUYERS.format(tag="c.tags @> ARRAY['vip']::text[]"),
+                                REPEAT_BUYERS.format(tag="NOT c.tags @> ARRAY['vip']::text[]"), _city_and_cutoff),
+    # one wide condition (5% of the contacts): what a large snapshot costs
+    "vip": SyncCase({"all": [{"field": "tags", "op": "contains", "value": "vip"}]},
+                    "SELECT count(*) FROM contact c WHERE c.tags @> ARRAY['vip']::text[]",
+                    "SELECT c.id FROM contact c WHERE c.tags @> ARRAY['vip']::text[]",
+                    "SELECT c.id FROM contact c WHERE NOT c.tags @> ARRAY['vip']::text[]", _no_params),
+}
+
+
+async def measure_sync(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """Per case: the first refresh (backfill), the steady refresh and a refresh after ~1% changed, each
+    alternated with the hand count (ABBA) on one pooled connection, entered/left checked by set arithmetic."""
+    from app.db import make_engine, make_sessionmaker
+
+    engine = make_engine(url, pool_size=1)  # one backend for every system, as in measure()
+    try:
+        makers = make_sessionmaker(engine)
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+            sessionmaker=makers, replica_sessionmaker=makers)))
+        return {name: await _sync_case(args, engine, request, name, SYNC_CASES[name]) for name in args.sync_cases}
+    finally:
+        await engine.dispose()
+
+
+async def _sync_case(args: argparse.Namespace, engine: Any, request: Any, name: str,
+                     case: SyncCase) -> dict[str, Any]:
+    from sqlalchemy import delete
+    from sqlalchemy.dialects.postgresql import insert
+
+    from app.db import bare_connection
+    from app.models import Destination, Segment
+    from app.services import segment_sync
+
+    makers = request.app.state.sessionmaker
+
+    async def sql(method: str, statement: str, *params: Any) -> Any:  # on the one pooled connection
+        async with bare_connection(request) as connection:
+            return await getattr(connection, method)(statement, *params)
+
+    segment_id, destination_id = uuid.uuid4(), uuid.uuid4()
+    async with makers.begin() as s:  # --reuse-db: the previous run's rows go first
+        await s.execute(delete(Destination.__table__).where(Destination.__table__.c.name == SYNC_DESTINATION))
+        await s.execute(delete(Segment.__table__).where(Segment.__table__.c.name == SYNC_SEGMENT_PREFIX + name))
+        await s.execute(insert(Segment.__table__).values(
+            id=segment_id, name=SYNC_SEGMENT_PREFIX + name, filter=case.filter, created_at=datetime.now(UTC),
+            updated_at=datetime.now(UTC)))
+        await s.execute(insert(Destination.__table__).values(
+            id=destination_id, kind="webhook", name=SYNC_DESTINATION, enabled=True,
+            config={"url": "https://hooks.example/x"}, list_mappings=[], field_mappings={},
+            segment_mappings=[{"segment_id": str(segment_id), "remote_list_id": None, "tag": None}],
+            consecutive_failures=0, version=1, created_at=datetime.now(UTC), updated_at=datetime.now(UTC)))
+        await segment_sync.apply_mappings(s, destination_id, [segment_id])
+    await sql("execute", "DELETE FROM outbox_message WHERE topic LIKE 'segment.%'")
+
+    if case.count_sql is None:
+        variants, best = await fastest_hand(lambda q, *p: sql("fetchval", q, *p))
+        count_sql = HAND[best]
+    else:
+        variants, best, count_sql = {}, "given", case.count_sql
+    n = len(case.params(datetime.now(UTC)))
+    snapshot = f"SELECT contact_id AS id FROM segment_member WHERE destination_id = ${n + 1} AND segment_id = ${n + 2}"
+    arithmetic = (f"WITH cur AS ({case.members_sql}), snap AS ({snapshot}) "
+                  "SELECT (SELECT count(*) FROM cur) AS members, "
+                  "(SELECT count(*) FROM (SELECT id FROM cur EXCEPT SELECT id FROM snap) e) AS entered, "
+                  "(SELECT count(*) FROM (SELECT id FROM snap EXCEPT SELECT id FROM cur) l) AS left")
+
+    async def expected(now: datetime) -> dict[str, int]:
+        return dict(await sql("fetchrow", arithmetic, *case.params(now), destination_id, segment_id))
+
+    async def count() -> int:
+        return await sql("fetchval", count_sql, *case.params(datetime.now(UTC)))  # type: ignore[no-any-return]
+
+    async def reset() -> None:  # the snapshot as never taken: the next refresh is a first one
+        await sql("execute", f"DELETE FROM segment_member WHERE destination_id = '{destination_id}';"
+                  f"UPDATE segment_sync SET refreshed_at = NULL, members = 0 WHERE destination_id = '{destination_id}';"
+                  "DELETE FROM outbox_message WHERE topic LIKE 'segment.%'")
+        await sql("execute", "VACUUM (ANALYZE) segment_member, outbox_message")
+
+    async def toggle() -> dict[str, int]:  # ~1% of the members out, as many near-members in, one UPDATE
+        members = (await expected(datetime.now(UTC)))["members"]
+        k = max(1, round(members * 0.01))
+        out = [r[0] for r in await sql(
+            "fetch", f"SELECT contact_id FROM segment_member WHERE destination_id = $1 AND segment_id = $2 "
+                     f"ORDER BY random() LIMIT {k}", destination_id, segment_id)]
+        near = [r[0] for r in await sql("fetch", f"{case.near_sql} ORDER BY random() LIMIT {k}",
+                                        *case.params(datetime.now(UTC)))]
+        await sql("execute", TOGGLE_VIP, out, near)
+        return {"tag_removed": len(out), "tag_added": len(near)}
+
+    async def refresh(now: datetime, checked: dict[str, int]) -> tuple[float, dict[str, Any]]:
+        last = await sql("fetchval", "SELECT coalesce(max(id), 0) FROM outbox_message")
+        t = time.perf_counter()
+        async with makers.begin() as s:  # what segment_sync.run_next does, minus the log line
+            done = await segment_sync.refresh_next(s, every_seconds=0, now=now)
+            before_commit = time.perf_counter()
+        ms = (time.perf_counter() - t) * 1000
+        commit_ms = (time.perf_counter() - before_commit) * 1000
+        assert done is not None and done.segment_id == segment_id
+        written = dict(await sql("fetch", "SELECT topic, count(*) FROM outbox_message WHERE id > $1 GROUP BY topic",
+                                 last))
+        after = await expected(now)
+        got = {"members": done.members, "entered": done.entered, "left": done.left}
+        ok = (got == checked and after["entered"] == after["left"] == 0
+              and written.get("segment.entered", 0) == done.entered and written.get("segment.left", 0) == done.left)
+        return ms, {**got, "expected": checked, "outbox": written, "ok": ok, "commit_ms": round(commit_ms, 3)}
+
+    async def diff_sql(now: datetime, variant: str) -> tuple[float, dict[str, int]]:  # the statement, rolled back
+        statement, params = await _compiled_diff(makers, engine, case.filter, destination_id, segment_id, now)
+        async with bare_connection(request) as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            t = time.perf_counter()
+            row = await connection.fetchrow(DIFF_VARIANTS[variant](statement), *params)
+            ms = (time.perf_counter() - t) * 1000
+            await transaction.rollback()
+        return ms, dict(zip(("members", "entered", "left"), row, strict=True))
+
+    async def rounds(kind: str, runs: int, prepare: Callable[[], Any], *, variants: str = "") -> dict[str, Any]:
+        """`variants`: "alternated" (with count and refresh, ABBA) or "before" (each round, before the refresh:
+        rolled back, they must see the changes the refresh then applies; their results are checked too)."""
+        times: dict[str, list[float]] = {k: [] for k in ["count", "refresh", *(DIFF_VARIANTS if variants else [])]}
+        checks: list[dict[str, Any]] = []
+        for r in range(runs):
+            change = await prepare()
+            now = datetime.now(UTC)
+            checked = await expected(now)
+            ab = list(times) if variants == "alternated" else ["count", "refresh"]
+            first = [] if variants != "before" else list(DIFF_VARIANTS)
+            order = first + (ab if r % 2 == 0 else list(reversed(ab)))  # AB BA ...
+            load = os.getloadavg()[0]
+            for system in order:
+                if system == "refresh":
+                    ms, check = await refresh(now, checked)
+                    checks.append({**check, "change": change, "load1": load})
+                elif system == "count":
+                    t = time.perf_counter()
+                    await count()
+                    ms = (time.perf_counter() - t) * 1000
+                else:
+                    ms, got = await diff_sql(now, system)
+                    checks.append({"variant": system, **got, "expected": checked, "ok": got == checked,
+                                   "commit_ms": None})
+                times[system].append(ms)
+        result = {k: summary_p95(v) for k, v in times.items()}
+        checks_refresh = [c for c in checks if "variant" not in c]
+        result["refresh_commit"] = summary_p95([c["commit_ms"] for c in checks_refresh])  # part of `refresh`
+        log(f"{name} {kind}: " + ", ".join(f"{k} p50 {v['p50_ms']:.1f} ms" for k, v in result.items())
+            + f", refresh/count {result['refresh']['p50_ms'] / result['count']['p50_ms']:.2f}x, "
+            f"all checks ok: {all(c['ok'] for c in checks)}")
+        return {"results": result, "ratio_refresh_over_count": round(
+            result["refresh"]["p50_ms"] / result["count"]["p50_ms"], 2), "runs": times, "checks": checks,
+            "all_ok": all(c["ok"] for c in checks)}
+
+    async def nothing() -> None:
+        return None
+
+    report: dict[str, Any] = {"filter": case.filter, "hand_variants": variants, "hand_best": best,
+                              "hand_sql": count_sql.strip(), "load_before": os.getloadavg()}
+    await reset()
+    report["first_plan"] = await _explain_diff(makers, engine, request, case.filter, destination_id, segment_id)
+    report["first"] = await rounds("first refresh", args.sync_first_runs, reset)
+    report["outbox_rows_after_first"] = await sql(
+        "fetchval", "SELECT count(*) FROM outbox_message WHERE topic = 'segment.entered'")
+    await sql("execute", "VACUUM (ANALYZE) segment_member, outbox_message")  # as autovacuum would, soon after
+    for _ in range(args.warmup):
+        await refresh(datetime.now(UTC), await expected(datetime.now(UTC)))
+        await count()
+    report["steady"] = await rounds("steady refresh", args.runs, nothing, variants="alternated")
+    report["steady_plans"] = {variant: await _explain_diff(makers, engine, request, case.filter, destination_id,
+                                                           segment_id, variant) for variant in DIFF_VARIANTS}
+    report["changed"] = await rounds("refresh after ~1% changed", args.sync_change_runs, toggle, variants="before")
+    report["second_destination_unanalyzed"] = await _second_destination_unanalyzed(
+        engine, request, case.filter, segment_id, timeout_s=args.sync_timeout)
+    report["load_after"] = os.getloadavg()
+    return report
+
+
+async def _second_destination_unanalyzed(engine: Any, request: Any, filter_: dict[str, Any], segment_id: uuid.UUID,
+                                         *, timeout_s: int) -> dict[str, Any]:
+    """A second destination maps the segment; its first refresh fills its snapshot, and its next refresh runs
+    before ANALYZE has seen those rows (autovacuum off on segment_member meanwhile: analyzes come when 10% of
+    the table changed, so a new snapshot in a big table waits long). Each diff variant is then timed on it,
+    rolled back, under a statement_timeout; then once more after ANALYZE. Custom plans, as a worker connection
+    gets for its first five executions of a statement (after that PostgreSQL may keep a generic plan)."""
+    from app.db import bare_connection
+    from app.services import segment_sync
+
+    makers = request.app.state.sessionmaker
+    second = uuid.uuid4()
+    out: dict[str, Any] = {"timeout_s": timeout_s}
+    async with bare_connection(request) as connection:
+        await connection.execute(
+            "INSERT INTO destination (id, kind, name, enabled, config, list_mappings, field_mappings, segment_mappings,"
+            " consecutive_failures, version, created_at, updated_at) VALUES ($1, 'webhook', $2, true, "
+            "'{\"url\": \"https://hooks.example/y\"}', '[]', '{}', '[]', 0, 1, now(), now())",
+            second, SYNC_DESTINATION + " (second)")
+        await connection.execute("UPDATE segment_sync SET refreshed_at = now() + interval '1 day'")  # others not due
+        await connection.execute("INSERT INTO segment_sync (destination_id, segment_id) VALUES ($1, $2)", second,
+                                 segment_id)
+        await connection.execute("ALTER TABLE segment_member SET (autovacuum_enabled = false); ANALYZE segment_member")
+    try:
+        async with makers.begin() as s:
+            done = await segment_sync.refresh_next(s, every_seconds=0)
+        assert done is not None and done.destination_id == second
+        out["first_refresh_members"] = done.members
+        for stats in ("before_analyze", "after_analyze"):
+            if stats == "after_analyze":
+                async with bare_connection(request) as connection:
+                    await connection.execute("ANALYZE segment_member")
+            statement, params = await _compiled_diff(makers, engine, filter_, second, segment_id, datetime.now(UTC))
+            for variant, rewrite in DIFF_VARIANTS.items():
+                async with bare_connection(request) as connection:
+                    transaction = connection.transaction()
+                    await transaction.start()
+                    await connection.execute(f"SET LOCAL statement_timeout = '{timeout_s}s'; "
+                                             "SET LOCAL plan_cache_mode = force_custom_plan")
+                    t = time.perf_counter()
+                    try:
+                        await connection.fetchrow(rewrite(statement), *params)
+                        out[f"{stats}_{variant}_ms"] = round((time.perf_counter() - t) * 1000, 1)
+                    except asyncpg.QueryCanceledError:
+                        out[f"{stats}_{variant}_ms"] = f"> {timeout_s * 1000} (cancelled)"
+                    await transaction.rollback()
+        log(f"second destination, unanalyzed snapshot: {out}")
+        return out
+    finally:
+        async with bare_connection(request) as connection:
+            await connection.execute("ALTER TABLE segment_member RESET (autovacuum_enabled)")
+            await connection.execute("DELETE FROM destination WHERE id = $1", second)
+
+
+def summary_p95(ms: list[float]) -> dict[str, float]:
+    return {**summary(ms), "p95_ms": round(pct(ms, 0.95), 3)}
+
+
+async def _compiled_diff(makers: Any, engine: Any, filter_: dict[str, Any], destination_id: uuid.UUID,
+                         segment_id: uuid.UUID, now: datetime) -> tuple[str, list[Any]]:
+    """segment_sync's diff statement as asyncpg runs it: SQL text and positional parameters."""
+    from app.services import segment_sync, segments
+
+    async with makers() as s:
+        condition = await segments.compile_filter(s, filter_, now=now)
+    statement = segment_sync._diff_statement(destination_id, segment_id, condition, now)
+    compiled = statement.compile(dialect=engine.dialect, compile_kwargs={"render_postcompile": True})
+    return compiled.string, [compiled.params[k] for k in compiled.positiontup]  # type: ignore[union-attr]
+
+
+def _prefiltered(statement: str) -> str:
+    """A scratch variant of the diff statement (not Carnet's): `entered` inserts only the people the snapshot
+    lacks (an anti-join), instead of offering every member to ON CONFLICT DO NOTHING (kept, for races)."""
+    entered = re.compile(r"SELECT (\$\d+)::UUID AS anon_\d+, (\$\d+)::UUID AS anon_\d+, current\.id AS id, "
+                         r"(.*?)\s+FROM current ON CONFLICT DO NOTHING", re.S)
+    assert len(entered.findall(statement)) == 1, "the diff statement changed shape: update _prefiltered"
+    return entered.sub(
+        r"SELECT \1::UUID, \2::UUID, current.id, \3 FROM current WHERE NOT EXISTS (SELECT FROM segment_member AS s "
+        r"WHERE s.destination_id = \1::UUID AND s.segment_id = \2::UUID AND s.contact_id = current.id) "
+        r"ON CONFLICT DO NOTHING", statement)
+
+
+def _full_join(statement: str) -> str:
+    """A scratch variant of the diff statement (not Carnet's): the current answer and the snapshot meet ONCE, in
+    a full join (`changed`: hash or merge, never a nested loop, whatever the estimates); `entered` inserts its
+    new ids, `left` deletes its gone ids by primary key (an array, so no join to misplan either)."""
+    pattern = re.compile(
+        r"entered AS \n\(INSERT INTO segment_member \(destination_id, segment_id, contact_id, entered_at\) "
+        r"SELECT (\$\d+)::UUID AS anon_\d+, (\$\d+)::UUID AS anon_\d+, current\.id AS id, (.*?)\s+FROM current "
+        r"ON CONFLICT DO NOTHING RETURNING segment_member\.contact_id\), \n\"left\" AS \n\(DELETE FROM segment_member "
+        r"WHERE segment_member\.destination_id = (\$\d+::UUID) AND segment_member\.segment_id = (\$\d+::UUID) AND "
+        r"NOT \(EXISTS \(SELECT \* \nFROM current \nWHERE current\.id = segment_member\.contact_id\)\) RETURNING", re.S)
+    assert len(pattern.findall(statement)) == 1, "the diff statement changed shape: update _full_join"
+    return pattern.sub(
+        r"changed AS (SELECT current.id AS entering, s.contact_id AS leaving FROM current FULL JOIN "
+        r"(SELECT contact_id FROM segment_member WHERE destination_id = \4 AND segment_id = \5) AS s "
+        r"ON s.contact_id = current.id WHERE current.id IS NULL OR s.contact_id IS NULL), "
+        r"entered AS (INSERT INTO segment_member (destination_id, segment_id, contact_id, entered_at) "
+        r"SELECT \1::UUID, \2::UUID, entering, \3 FROM changed WHERE entering IS NOT NULL "
+        r"ON CONFLICT DO NOTHING RETURNING segment_member.contact_id), "
+        r'"left" AS (DELETE FROM segment_member WHERE destination_id = \4 AND segment_id = \5 '
+        r"AND contact_id = ANY (ARRAY(SELECT leaving FROM changed WHERE leaving IS NOT NULL)) RETURNING", statement)
+
+
+DIFF_VARIANTS: dict[str, Callable[[str], str]] = {
+    "diff_sql": lambda statement: statement,   # Carnet's statement alone
+    "diff_prefiltered": _prefiltered,
+    "diff_full_join": _full_join,
+}
+
+
+async def _explain_diff(makers: Any, engine: Any, request: Any, filter_: dict[str, Any],
+                        destination_id: uuid.UUID, segment_id: uuid.UUID, variant: str = "diff_sql") -> str:
+    from app.db import bare_connection
+
+    statement, params = await _compiled_diff(makers, engine, filter_, destination_id, segment_id, datetime.now(UTC))
+    statement = DIFF_VARIANTS[variant](statement)
+    async with bare_connection(request) as connection:
+        transaction = connection.transaction()
+        await transaction.start()
+        rows = await connection.fetch("EXPLAIN (ANALYZE, BUFFERS) " + statement, *params)
+        await transaction.rollback()
+    return "\n".join(r[0] for r in rows)
+
+
 async def main() -> int:
     args = parse_args()
     url = f"{args.pg}/{args.db}"
@@ -397,13 +762,27 @@ async def main() -> int:
             finally:
                 await conn.close()
             log(f"generation total {report['generation_s']['total']:.0f} s")
-        report.update(await measure(args, url))
+        if args.phase in ("count", "all"):
+            report.update(await measure(args, url))
+        if args.phase in ("sync", "all"):
+            sync = {"command": report["command"], "started_at": datetime.now(UTC).isoformat(),
+                    "cases": await measure_sync(args, url)}
     finally:
         if not args.keep_db:
             await drop_db(args)
             log(f"dropped {args.db}")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "segments.json").write_text(json.dumps(report, indent=2, default=str))
+    ok = True
+    if args.phase in ("count", "all"):
+        (OUT / "segments.json").write_text(json.dumps(report, indent=2, default=str))
+        ok = print_count(report)
+    if args.phase in ("sync", "all"):
+        (OUT / "segment_sync.json").write_text(json.dumps(sync, indent=2, default=str))
+        ok = print_sync(sync["cases"]) and ok
+    return 0 if ok else 1
+
+
+def print_count(report: dict[str, Any]) -> bool:
     r = report["results"]
     print()
     print(f"sizes: {report['sizes']}")
@@ -417,7 +796,30 @@ async def main() -> int:
     for k, v in report["plans"].items():
         print(f"\n--- EXPLAIN {k}\n{v}")
     print(f"\nwrote {OUT / 'segments.json'}")
-    return 0 if report["counts_match"] else 1
+    return bool(report["counts_match"])
+
+
+def print_sync(cases: dict[str, Any]) -> bool:
+    for name, case in cases.items():
+        print(f"\n=== segment sync: {name} (hand count: {case['hand_best']}; load {case['load_before']} -> "
+              f"{case['load_after']})")
+        print(f"{'phase':<10}{'system':<16}{'p50 ms':>10}{'p95 ms':>10}{'min ms':>10}{'n':>4}  refresh/count  checks")
+        for phase in ("first", "steady", "changed"):
+            for system, v in case[phase]["results"].items():
+                print(f"{phase:<10}{system:<16}{v['p50_ms']:>10.2f}{v['p95_ms']:>10.2f}{v['min_ms']:>10.2f}{v['n']:>4}"
+                      + (f"  {case[phase]['ratio_refresh_over_count']:>12.2f}x  "
+                         f"{'ok' if case[phase]['all_ok'] else 'MISMATCH'}" if system == "refresh" else ""))
+        for phase in ("first", "changed"):
+            last = [c for c in case[phase]["checks"] if "variant" not in c][-1]
+            print(f"{phase}: last refresh members={last['members']} entered={last['entered']} left={last['left']} "
+                  f"expected={last['expected']} outbox={last['outbox']}")
+        print(f"outbox rows after the first refresh: {case['outbox_rows_after_first']}")
+        print(f"second destination, its snapshot not yet analyzed: {case['second_destination_unanalyzed']}")
+        print(f"\n--- EXPLAIN first refresh statement ({name}, rolled back)\n{case['first_plan']}")
+        for variant, plan in case["steady_plans"].items():
+            print(f"\n--- EXPLAIN steady refresh, {variant} ({name}, rolled back)\n{plan}")
+    print(f"\nwrote {OUT / 'segment_sync.json'}")
+    return all(case[phase]["all_ok"] for case in cases.values() for phase in ("first", "steady", "changed"))
 
 
 if __name__ == "__main__":
