@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn
 from app.embedded import EmbeddedPostgres
 from app.errors import InvalidInput, problems
-from app.fastpath import ContactReadFastPath, contact_read_route
+from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_read_route, contact_upsert_route
 from app.jobs import run_periodically
 from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
@@ -80,8 +80,11 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.include_router(v1_router)
     app.include_router(public_router)
     app.include_router(inbound_router)
-    if settings.fast_read_path:  # innermost of ours: inside BodySizeLimit and RequestContext (docs/performance.md)
+    # Innermost of ours: inside BodySizeLimit and RequestContext (docs/performance.md).
+    if settings.fast_read_path:
         app.add_middleware(ContactReadFastPath, read=contact_read_route(app))
+    if settings.fast_upsert_path:
+        app.add_middleware(ContactUpsertFastPath, upsert=contact_upsert_route(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/imports": settings.import_max_bytes})
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID

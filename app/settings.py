@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # Contacts
     default_phone_region: str = "FR"
     fast_read_path: bool = True  # GET /v1/contacts/{id} by app.fastpath, ahead of FastAPI's router (same answers)
+    fast_upsert_path: bool = True  # POST /v1/contacts/upsert by app.fastpath, likewise
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
     # Names fixed by API.md; used by later features.

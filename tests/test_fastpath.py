@@ -1,16 +1,21 @@
-"""app.fastpath answers `GET /v1/contacts/{id}` exactly as FastAPI's route does.
+"""app.fastpath answers `GET /v1/contacts/{id}` and `POST /v1/contacts/upsert` exactly as FastAPI's routes do.
 
-Every request is sent twice: to the app as configured (the fast path on) and to the same app built with
-FAST_READ_PATH=false (FastAPI's router and dependency injection). Status, headers (in order, X-Request-ID
-pinned) and bodies must be equal, and a recorder checks which path answered and the route RequestContext saw.
+Every request is sent twice: to the app as configured (the fast paths on) and to the same app built with
+FAST_READ_PATH=false and FAST_UPSERT_PATH=false (FastAPI's router and dependency injection). Status, headers (in
+order, X-Request-ID pinned) and bodies must be equal, and a recorder checks which path answered and the route
+RequestContext saw. Upserts are also sent a third time with the autocommit statements switched off (the
+transactional `contacts.upsert`), each of the three from the same database state, ids and clock: the rows written
+(contacts, history, outbox) must be equal too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -19,24 +24,28 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.db import get_read_sessionmaker, get_sessionmaker, make_engine, make_sessionmaker, plain_dsn
-from app.fastpath import ContactReadFastPath, contact_read_route
+from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_read_route, contact_upsert_route
 from app.main import create_app
 from app.security import Role, Scope
 from app.security.ratelimit import TokenBuckets
 from app.security.tokens import issue_access_token
+from app.services import contacts as contacts_service
+from app.services import history as history_service
+from app.services import outbox as outbox_service
+from app.services import tags as tags_service
 from app.settings import Settings
 from tests.auth import TEST_SECRET, bearer
-from tests.factories import ADMIN, make_contact
+from tests.factories import ADMIN, make_attribute, make_contact
 
 REQUEST_ID = {"X-Request-ID": "fastpath-identity"}
 
 
 @pytest.fixture(scope="module")
 def slow_app(settings: Settings) -> FastAPI:
-    return create_app(settings.model_copy(update={"fast_read_path": False}))
+    return create_app(settings.model_copy(update={"fast_read_path": False, "fast_upsert_path": False}))
 
 
 @dataclass
@@ -64,16 +73,19 @@ class Pair:
     slow: Side
 
     async def same(self, method: str, path: str, headers: dict[str, str] | None = None,
-                   *, by: str = "fastpath") -> httpx.Response:
+                   *, by: str = "fastpath", **body: Any) -> httpx.Response:
         """Send to both; assert the same answer; `by`: who must answer on the fast side (fastpath, fastapi, neither)."""
-        sent = {**REQUEST_ID, **(headers or {})}
-        a = await self.fast.http.request(method, path, headers=sent)
-        b = await self.slow.http.request(method, path, headers=sent)
-        assert (a.status_code, a.headers.raw, a.content) == (b.status_code, b.headers.raw, b.content), path
+        a = await self.fast.http.request(method, path, headers={**REQUEST_ID, **(headers or {})}, **body)
+        b = await self.slow.http.request(method, path, headers={**REQUEST_ID, **(headers or {})}, **body)
+        assert_same(a, b)
         assert self.fast.seen[-1]["by"] == by
         assert self.slow.seen[-1]["by"] == ("neither" if by == "neither" else "fastapi")
         assert self.fast.seen[-1]["route"] == self.slow.seen[-1]["route"]  # metrics and logs label it alike
         return a
+
+
+def assert_same(a: httpx.Response, b: httpx.Response) -> None:
+    assert (a.status_code, a.headers.raw, a.content) == (b.status_code, b.headers.raw, b.content), a.request.url
 
 
 def _point(app: FastAPI, makers: async_sessionmaker[AsyncSession]) -> None:
@@ -94,9 +106,10 @@ async def pair(client: httpx.AsyncClient, app: FastAPI, slow_app: FastAPI,
     await pair.slow.http.aclose()
 
 
-def test_the_setting_mounts_or_removes_the_fast_path(app: FastAPI, slow_app: FastAPI) -> None:
-    assert any(m.cls is ContactReadFastPath for m in app.user_middleware)
-    assert not any(m.cls is ContactReadFastPath for m in slow_app.user_middleware)
+def test_the_settings_mount_or_remove_the_fast_paths(app: FastAPI, slow_app: FastAPI) -> None:
+    for layer in (ContactReadFastPath, ContactUpsertFastPath):
+        assert any(m.cls is layer for m in app.user_middleware)
+        assert not any(m.cls is layer for m in slow_app.user_middleware)
 
 
 async def test_a_read_and_a_masked_read(client: httpx.AsyncClient, pair: Pair) -> None:
@@ -221,6 +234,244 @@ async def test_an_oversized_body_is_refused_first(pair: Pair) -> None:
     await pair.same("GET", f"/v1/contacts/{uuid.uuid4()}", {**ADMIN, "Content-Length": str(10**9)}, by="neither")
 
 
+# ---- POST /v1/contacts/upsert ----------------------------------------------------------------------------------
+
+UPSERT = "/v1/contacts/upsert"
+NOW = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
+# Everything an upsert may write; identity ids are left out (sequences move on when a savepoint is rolled back).
+WRITTEN = {
+    "contact": "SELECT * FROM contact ORDER BY id",
+    "history": "SELECT contact_id, field, old_value, new_value, subject, via, at FROM contact_history ORDER BY id",
+    "outbox": "SELECT topic, contact_id, payload, created_at, dispatched_at FROM outbox_message ORDER BY id",
+    "tags": "SELECT * FROM tag ORDER BY name",
+}
+
+
+@dataclass
+class Replayable:
+    """The contact services' clock and ids made repeatable: a write replayed from a savepoint makes the same rows."""
+
+    issued: int = 0
+
+    def new_id(self) -> uuid.UUID:
+        self.issued += 1
+        return uuid.UUID(int=0x0190_0000_0000_7000_8000_0000_0000_0000 + self.issued)
+
+
+@dataclass
+class Writes:
+    """Each upsert sent three ways from the same state: fast path, FastAPI's route, the transactional path alone."""
+
+    pair: Pair
+    connection: AsyncConnection
+    ids: Replayable
+    monkeypatch: pytest.MonkeyPatch
+
+    async def same(self, body: Any, headers: dict[str, str] | None = None, *, by: str = "fastpath",
+                   **sent: Any) -> httpx.Response:
+        sent = {"json": body, **sent} if body is not None else sent
+        start = self.ids.issued
+        fast, fast_rows = await self._rolled_back(self.pair.fast, headers, sent)
+        self.ids.issued = start
+        with self.monkeypatch.context() as patch:
+            patch.setattr(contacts_service, "fast_upsert", _declined)
+            slowest, slowest_rows = await self._rolled_back(self.pair.slow, headers, sent)
+        self.ids.issued = start
+        slow = await self.pair.slow.http.post(UPSERT, headers={**REQUEST_ID, **(headers or {})}, **sent)
+        assert_same(fast, slow)
+        assert_same(fast, slowest)
+        assert fast_rows == slowest_rows == await self._written()
+        assert self.pair.fast.seen[-1]["by"] == by
+        assert self.pair.slow.seen[-1]["by"] == self.pair.slow.seen[-2]["by"] == "fastapi"
+        assert self.pair.fast.seen[-1]["route"] == self.pair.slow.seen[-1]["route"]
+        return slow
+
+    async def _rolled_back(self, side: Side, headers: dict[str, str] | None,
+                           sent: dict[str, Any]) -> tuple[httpx.Response, dict[str, list[Any]]]:
+        savepoint = await self.connection.begin_nested()
+        try:
+            response = await side.http.post(UPSERT, headers={**REQUEST_ID, **(headers or {})}, **sent)
+            return response, await self._written()
+        finally:
+            await savepoint.rollback()
+
+    async def _written(self) -> dict[str, list[Any]]:
+        return {name: [tuple(row) for row in await self.connection.execute(text(sql))] for name, sql in WRITTEN.items()}
+
+
+async def _declined(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def writes(pair: Pair, sessions: async_sessionmaker[AsyncSession],
+                 monkeypatch: pytest.MonkeyPatch) -> Writes:
+    ids = Replayable()
+    monkeypatch.setattr(contacts_service, "new_id", ids.new_id)
+    for module in (contacts_service, history_service, outbox_service, tags_service):
+        monkeypatch.setattr(module, "utc_now", lambda: NOW)
+    return Writes(pair, sessions.kw["bind"], ids, monkeypatch)
+
+
+def _upsert(**fields: Any) -> dict[str, Any]:
+    return {"external_id": f"shop-{uuid.uuid4().hex[:8]}", "email": f"{uuid.uuid4().hex[:10]}@example.com",
+            "first_name": "Zoé", "last_name": "Martin", "phone": "06 12 34 56 78", **fields}
+
+
+async def test_upsert_creates_updates_and_leaves_alone(writes: Writes) -> None:
+    body = _upsert(address={"city": "Lyon", "country": "fr"}, birth_date="1990-05-01", kind="customer")
+    created = await writes.same(body, ADMIN)
+    assert created.status_code == 201 and created.headers["etag"] == '"v1"'
+    again = await writes.same(body, ADMIN)
+    assert again.status_code == 200 and again.json()["version"] == 1  # unchanged: nothing written
+    renamed = await writes.same({"external_id": body["external_id"], "first_name": "Zoe", "company": "Acme"}, ADMIN)
+    assert renamed.status_code == 200 and renamed.headers["etag"] == '"v2"'
+    cleared = await writes.same({"external_id": body["external_id"], "phone": None, "address": None}, ADMIN)
+    assert cleared.json()["phone"] is None and cleared.json()["address"]["city"] is None
+    by_email = await writes.same({"email": body["email"].upper(), "language": "fr"}, ADMIN)  # normalized, matched
+    assert by_email.json()["id"] == created.json()["id"] and by_email.json()["version"] == 4
+
+
+async def test_upsert_adopts_an_external_id_and_refuses_another(writes: Writes) -> None:
+    first = await writes.same(_upsert(external_id=None), ADMIN)
+    email = first.json()["email"]
+    adopted = await writes.same({"email": email, "external_id": "E-1"}, ADMIN)
+    assert adopted.status_code == 200 and adopted.json()["external_id"] == "E-1"
+    refused = await writes.same({"email": email, "external_id": "E-2"}, ADMIN)
+    assert refused.status_code == 409 and refused.json()["existing_id"] == first.json()["id"]
+
+
+async def test_upsert_taking_a_held_key_falls_back_and_is_409(writes: Writes) -> None:
+    holder = (await writes.same(_upsert(), ADMIN)).json()
+    other = await writes.same(_upsert(), ADMIN)
+    taken = await writes.same({"external_id": other.json()["external_id"], "email": holder["email"]}, ADMIN,
+                              by="fastapi")
+    assert taken.status_code == 409 and taken.json()["existing_id"] == holder["id"]
+
+
+async def test_upsert_timestamps_keep_their_instant_in_history(writes: Writes) -> None:
+    body = _upsert(first_contact_at="2024-01-01T10:00:00+02:00")
+    await writes.same(body, ADMIN)
+    await writes.same({"external_id": body["external_id"], "first_contact_at": "2024-02-01T09:30:00.5"}, ADMIN)
+    await writes.same({"external_id": body["external_id"], "first_contact_at": "2024-02-01T09:30:00.5Z"}, ADMIN)
+
+
+async def test_upsert_of_an_erased_person_falls_back_and_is_409(client: httpx.AsyncClient, writes: Writes) -> None:
+    erased = await make_contact(client, phone="+33612345679")
+    assert (await client.delete(f"/v1/contacts/{erased['id']}", headers=ADMIN)).status_code == 204
+    again = await writes.same(_upsert(email=erased["email"], phone=None), ADMIN, by="fastapi")
+    assert again.status_code == 409 and again.json()["suppressed"] == ["email"]
+    someone = await writes.same(_upsert(), ADMIN)
+    moved = await writes.same({"external_id": someone.json()["external_id"], "phone": "06 12 34 56 79"}, ADMIN,
+                              by="fastapi")
+    assert moved.status_code == 409 and moved.json()["suppressed"] == ["phone"]
+
+
+async def test_upsert_with_tags_or_attributes_goes_to_the_transactional_path(client: httpx.AsyncClient,
+                                                                            writes: Writes) -> None:
+    await make_attribute(client, "shoe_size", "number")
+    tagged = await writes.same(_upsert(tags=["vip"]), ADMIN, by="fastapi")
+    assert tagged.status_code == 201 and tagged.json()["tags"] == ["vip"]
+    sized = await writes.same({"external_id": tagged.json()["external_id"], "attributes": {"shoe_size": 38}}, ADMIN,
+                              by="fastapi")
+    assert sized.json()["attributes"] == {"shoe_size": 38}
+
+
+async def test_upsert_masked_for_a_writer_without_pii_read(writes: Writes) -> None:
+    masked = await writes.same(_upsert(), _token(Role.EDITOR, scopes={Scope.CONTACTS_WRITE}))
+    assert masked.status_code == 201 and masked.json()["pii_masked"] is True
+    assert masked.json()["email"].endswith("@example.com") and "***" in masked.json()["email"]
+
+
+@pytest.mark.parametrize("body", [
+    {"external_id": "x", "email": "not an email"},
+    {"external_id": "x", "phone": "12"},
+    {"first_name": "no key"},
+    {"external_id": "x", "kind": None},
+    {"external_id": "x", "unknown": 1},
+    [],
+    "text",
+    None,
+], ids=["email", "phone", "no-key", "null-kind", "unknown-field", "array", "string", "null"])
+async def test_invalid_bodies_get_fastapis_422(writes: Writes, body: Any) -> None:
+    for headers in (ADMIN, {}):  # without a token FastAPI answers 401 before looking at the body: so does it
+        response = await writes.same(None, {**headers, "Content-Type": "application/json"}, by="fastapi",
+                                     content=json.dumps(body).encode())
+        assert response.status_code == (422 if headers else 401)
+
+
+@pytest.mark.parametrize(("content", "statuses"), [
+    (b"", (422, 401)),                         # no body: FastAPI's dependencies run first, then "field required"
+    (b"{", (422, 422)),                        # JSON that does not parse: refused before any dependency
+    (b'{"external_id": "x",}', (422, 422)),
+    (b"\xff\xfe", (422, 422)),
+    (b"[" * 5000, (400, 400)),                 # too deep for the parser
+], ids=["empty", "cut", "trailing-comma", "not-utf8", "deep"])
+async def test_unparsable_bodies_get_fastapis_answer(writes: Writes, content: bytes, statuses: tuple[int, int]) -> None:
+    for headers, status in zip((ADMIN, {}), statuses, strict=True):
+        response = await writes.same(None, {**headers, "Content-Type": "application/json"}, by="fastapi",
+                                     content=content)
+        assert response.status_code == status
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Content-Type": "application/json; charset=utf-8"}, 201),
+    ({"Content-Type": "application/merge-patch+json"}, 201),  # FastAPI reads any +json body as JSON
+    ({"Content-Type": "text/plain"}, 422),
+    ({"Idempotency-Key": "k-1"}, 201),
+], ids=["charset", "json-suffix", "text", "idempotency-key"])
+async def test_other_requests_fall_through_to_fastapi(writes: Writes, headers: dict[str, str], status: int) -> None:
+    body = json.dumps(_upsert()).encode()
+    response = await writes.same(None, {**ADMIN, "Content-Type": "application/json", **headers}, by="fastapi",
+                                 content=body)
+    assert response.status_code == status
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer not-a-jwt"},
+    {"Authorization": "Basic dXNlcjpwYXNz"},
+], ids=["none", "garbage", "basic"])
+async def test_upsert_refused_tokens(writes: Writes, headers: dict[str, str]) -> None:
+    response = await writes.same(_upsert(), headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+async def test_upsert_missing_scope(writes: Writes) -> None:
+    response = await writes.same(_upsert(), bearer(Role.VIEWER))
+    assert response.status_code == 403 and response.json()["missing_scopes"] == ["contacts:write"]
+
+
+async def test_upsert_rate_limited_token_is_counted_once(writes: Writes) -> None:
+    pair, token = writes.pair, _token()
+    saved = pair.fast.app.state.rate_limiter, pair.slow.app.state.rate_limiter
+    try:
+        for side in (pair.fast, pair.slow):  # the fast side gets one request per `same`, the slow side two
+            side.app.state.rate_limiter = TokenBuckets(rate=0.001, burst=2 if side is pair.fast else 4)
+        first = await writes.same(_upsert(tags=["vip"]), token, by="fastapi")  # falls through: one token taken
+        second = await writes.same(_upsert(), token)
+        limited = await writes.same(_upsert(), token)
+        assert [first.status_code, second.status_code, limited.status_code] == [201, 201, 429]
+    finally:
+        pair.fast.app.state.rate_limiter, pair.slow.app.state.rate_limiter = saved
+
+
+async def test_an_oversized_upsert_is_413_either_way(pair: Pair) -> None:
+    big = json.dumps(_upsert(company="x" * (2 * 1024 * 1024))).encode()
+    declared = await pair.same("POST", UPSERT, {**ADMIN, "Content-Type": "application/json"}, by="neither",
+                               content=big)
+    assert declared.status_code == 413
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: BodySizeLimit refuses while the body streams in
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    answers = [await side.http.post(UPSERT, headers={**REQUEST_ID, **ADMIN, "Content-Type": "application/json"},
+                                    content=chunks()) for side in (pair.fast, pair.slow)]
+    assert_same(*answers)
+    assert answers[0].status_code == 413 and pair.fast.seen[-1]["by"] == "fastapi"
+
+
 # ---- the production pool (not the test transaction): reads and a dead connection ------------------------------
 
 
@@ -281,6 +532,19 @@ async def test_pooled_reads_and_a_dead_connection_is_503_then_recovers(
     assert (await pair.same("GET", path, ADMIN)).status_code == 200  # the dead connection was dropped: recovered
 
 
+@pytest.mark.committing
+async def test_pooled_upsert_on_a_dead_connection_is_503_then_recovers(
+    pooled_pair: tuple[Pair, str], database_url: str
+) -> None:
+    pair, _contact_id = pooled_pair
+    for side in (pair.fast, pair.slow):
+        await _kill_pooled_connection(side.app, database_url)
+    down = await pair.same("POST", UPSERT, ADMIN, json=_upsert())  # nothing written: the same body twice
+    assert down.status_code == 503 and down.headers["retry-after"] == "2"
+    for side in (pair.fast, pair.slow):
+        assert (await side.http.post(UPSERT, json=_upsert(), headers=ADMIN)).status_code == 201
+
+
 def test_refuses_to_mount_on_a_route_of_another_shape() -> None:
     other = FastAPI()
 
@@ -288,7 +552,15 @@ def test_refuses_to_mount_on_a_route_of_another_shape() -> None:
     async def get_contact(contact_id: uuid.UUID) -> None:
         return None
 
+    @other.post("/v1/contacts/upsert")
+    async def upsert_contact(payload: dict[str, Any]) -> None:
+        return None
+
     with pytest.raises(RuntimeError, match="changed shape"):
         contact_read_route(other)
+    with pytest.raises(RuntimeError, match="changed shape"):
+        contact_upsert_route(other)
     with pytest.raises(RuntimeError, match="no GET"):
         contact_read_route(FastAPI())
+    with pytest.raises(RuntimeError, match="no POST"):
+        contact_upsert_route(FastAPI())

@@ -39,7 +39,7 @@ from app.services import history as history_service
 from app.services import segments as segments_service
 from app.services.suppressions import SuppressedContact
 
-__all__ = ["contact_response", "router"]
+__all__ = ["contact_response", "router", "upsert_in_autocommit"]
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
 
@@ -71,13 +71,24 @@ async def upsert_contact(
     if idem.replay:
         return idem.replay
     if idem.key is None:  # a keyed request keeps its key row in the same transaction: full path
-        async with bare_connection(request) as connection:  # released before the session takes one
-            created = await contacts_service.try_fast_create(connection, payload, actor=caller)
-        if created is not None:
-            return contact_response(created, caller, status_code=201)
+        done = await upsert_in_autocommit(request, payload, caller)
+        if done is not None:
+            return done
     result = await contacts_service.upsert(session, payload, actor=caller)
     return await idem.respond(201 if result.created else 200, present_contact(result.row, reveal_pii=caller.sees_pii),
                               {"ETag": etag(result.row["version"])})
+
+
+async def upsert_in_autocommit(request: Request, payload: ContactUpsert, caller: Principal) -> JSONBody | None:
+    """The upsert in one or two autocommit statements (`contacts.fast_upsert`); None: the transactional path.
+
+    app.fastpath answers POST /v1/contacts/upsert with this too.
+    """
+    async with bare_connection(request) as connection:  # released before the session takes one
+        done = await contacts_service.fast_upsert(connection, payload, actor=caller)
+    if done is None:
+        return None
+    return contact_response(done.row, caller, status_code=201 if done.created else 200)
 
 
 @router.post("/batch", response_model=BatchResult, responses=problems(IdempotencyKeyReused))
