@@ -1,13 +1,14 @@
 """CSV import at scale: Carnet's import vs a raw `\\copy` of the same file, side by side, in one run.
 
-    .venv/bin/python bench/bench_import.py [--rows 1000000] [--keep-db] [--keep-file]
+    .venv/bin/python bench/bench_import.py [--rows 1000000] [--db NAME] [--keep-db] [--keep-file]
 
 What it does:
   1. Generates a CSV as a French shop's Excel export: `;`, UTF-8 with BOM, columns Nom; Prénom; E-mail;
      Téléphone (80% filled, national format); Code postal; Ville; Société (30%); Date de naissance
      (dd/mm/yyyy, 60%); 0.5% of rows carry a bad email or phone (Carnet rejects them). Emails are unique,
      so that the raw `\\copy` into a table with a unique index can load every line.
-  2. (Re)creates the database `carnet_bench_import`, runs Carnet's migrations.
+  2. (Re)creates the database `carnet_bench_import` (or --db NAME, so that benches running at the same time on
+     one server do not drop each other's database), runs Carnet's migrations.
   3. Floor: `psql -c "\\copy bare FROM file CSV HEADER"` into a bare table with the same primary key
      (uuid, default gen_random_uuid()) and a unique index on lower(email). Wall time and peak RSS (psql).
   4. Carnet: `carnet import FILE` (a subprocess: upload into import_chunk, parse + validate in worker
@@ -41,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from app.migrations import upgrade  # noqa: E402
 
-DB = "carnet_bench_import"
 FIRST = ["Camille", "Léa", "Hélène", "François", "Zoé", "Noël", "Chloé", "Jérôme", "Anaïs", "Loïc", "Inès", "Marc"]
 LAST = ["Martin", "Bernard", "Lefèvre", "Dubois", "Moreau", "Laurent", "Girard", "Rousseau", "Fontaine", "Mercier"]
 CITIES = [("75011", "Paris"), ("69003", "Lyon"), ("13008", "Marseille"), ("25000", "Besançon"),
@@ -114,12 +114,12 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, list[in
     return elapsed, peak, out, sorted(rss.per_process.values(), reverse=True)
 
 
-async def recreate(server: str) -> str:
+async def recreate(server: str, db: str) -> str:
     admin = await asyncpg.connect(server.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-    await admin.execute(f'CREATE DATABASE "{DB}"')
+    await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{db}"')
     await admin.close()
-    return server.rsplit("/", 1)[0] + f"/{DB}"
+    return server.rsplit("/", 1)[0] + f"/{db}"
 
 
 async def prepare_bare(url: str) -> None:
@@ -148,6 +148,7 @@ async def counts(url: str) -> dict[str, int]:
     conn = await asyncpg.connect(url)
     out = {t: await conn.fetchval(f"SELECT count(*) FROM {t}") for t in
            ("bare", "contact", "contact_history", "outbox_message", "import_reject")}
+    out["contact_indexes"] = await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = 'contact'")
     await conn.execute("CHECKPOINT")
     await conn.close()
     return out
@@ -157,9 +158,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--server", default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--db", default="carnet_bench_import", help="the bench database (dropped and recreated)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--keep-file", action="store_true")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
 
     workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-import-"))
     path = workdir / "clients.csv"
@@ -167,7 +170,7 @@ def main() -> None:
     generate(path, args.rows)
     print(f"generated {args.rows} rows, {path.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s",
           flush=True)
-    url = asyncio.run(recreate(args.server))
+    url = asyncio.run(recreate(args.server, args.db))
     upgrade(url)
     asyncio.run(prepare_bare(url))
     env = {**os.environ, "DATABASE_URL": url, "JWT_SECRET": "bench-" + "x" * 40, "LOG_JSON": "true",
@@ -184,7 +187,7 @@ def main() -> None:
           f"(per process: {', '.join(f'{p / 1e6:.0f}' for p in processes)} MB)", flush=True)
     tables = asyncio.run(counts(url))
 
-    # A second floor: the same raw \copy into Carnet's real `contact` table (its 18 indexes), no validation.
+    # A second floor: the same raw \copy into Carnet's real `contact` table (all its indexes), no validation.
     asyncio.run(prepare_contact_copy(url))
     table_s, _, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
                               f"\\copy contact (last_name, first_name, email, phone, postal_code, city, company, "
@@ -201,7 +204,7 @@ def main() -> None:
         "carnet_rss_per_process_mb": [round(p / 1e6) for p in processes],
         "raw_copy_into_contact_seconds": round(table_s, 2), "ratio_wall_vs_contact_copy": round(carnet_s / table_s, 2),
         "tables": tables, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                      "load_1m_before": os.getloadavg()[0]},
+                                      "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]},
     }
     print(json.dumps(result, indent=2))
     print(f"ratio wall {result['ratio_wall']}x (bar <= 3x); peak RSS {result['carnet_rss_mb']} MB (bar <= 300 MB)")
@@ -213,7 +216,7 @@ def main() -> None:
     if not args.keep_db:
         async def drop() -> None:
             admin = await asyncpg.connect(args.server.rsplit("/", 1)[0] + "/postgres")
-            await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+            await admin.execute(f'DROP DATABASE IF EXISTS "{args.db}" WITH (FORCE)')
             await admin.close()
         asyncio.run(drop())
 

@@ -28,14 +28,15 @@ class Contact(SQLModel, table=True):
         Index("ix_contact_q_last_name", func.lower(text("last_name")).label("q_last"), postgresql_ops={"q_last": "text_pattern_ops"}),
         Index("ix_contact_q_first_name", func.lower(text("first_name")).label("q_first"), postgresql_ops={"q_first": "text_pattern_ops"}),
         Index("ix_contact_q_company", func.lower(text("company")).label("q_company"), postgresql_ops={"q_company": "text_pattern_ops"}),
-        Index("ix_contact_q_email", "email", postgresql_ops={"email": "text_pattern_ops"}),
+        # Unique, and the `q` prefix search on email: text_pattern_ops has `=` too (migration 0012).
+        Index("uq_contact_email", "email", unique=True, postgresql_ops={"email": "text_pattern_ops"}),
         Index("ix_contact_city", func.lower(text("city"))),
         Index("ix_contact_tags", "tags", postgresql_using="gin"),
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
     external_id: str | None = Field(default=None, unique=True)
-    email: str | None = Field(default=None, unique=True)
+    email: str | None = None  # unique: uq_contact_email above
     email_status: str = Field(default="unverified")
     phone: str | None = Field(default=None, index=True)
     first_name: str | None = None

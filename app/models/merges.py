@@ -5,8 +5,9 @@ foreign keys: the merged row is deleted by the merge, and the survivor may later
 
 The candidate indexes sit on `contact` (declared here, built by migration 0007) and serve the self-joins
 of `app/services/duplicates.py`: an expression index on the folded name + postal code, and one on the
-email as the provider's rules read it. Both SQL functions return NULL when there is no key, and the
-indexes are partial on `IS NOT NULL`, so contacts without a name or with a non-provider email cost nothing.
+email as the provider's rules read it. Both SQL functions return NULL when there is no key. The email
+index is partial on `IS NOT NULL` (most addresses have no key); the name index is not (migration 0012:
+a predicate made every insert compute the costly name key twice).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _contact = Contact.__table__  # type: ignore[attr-defined]
 NAME_KEY = func.carnet_name_key(_contact.c.first_name, _contact.c.last_name, _contact.c.postal_code)
 EMAIL_KEY = func.carnet_email_key(_contact.c.email)
 
-Index("ix_contact_name_key", NAME_KEY, postgresql_where=NAME_KEY.is_not(None))
+Index("ix_contact_name_key", NAME_KEY)
 Index("ix_contact_email_key", EMAIL_KEY, postgresql_where=EMAIL_KEY.is_not(None))
 
 

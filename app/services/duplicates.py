@@ -9,7 +9,7 @@ Reasons (docs/api.md "Duplicate candidates"):
   Hotmail, Live, MSN, iCloud, Proton, Fastmail and Yandex ignore `+tag`) — `carnet_email_key(email)`.
 
 One set-based query: contacts `a` in id order, and for each, the contacts `b` with a greater id sharing a
-key (a LATERAL self-join per reason, each served by an index: `ix_contact_phone` and the two partial
+key (a LATERAL self-join per reason, each served by an index: `ix_contact_phone` and the two
 expression indexes). The keyset is `(a.id, b.id)`, so a page reads contacts only until it is full.
 """
 

@@ -281,6 +281,34 @@ class TestPolicies:
         assert after == before
         assert (await contacts_by_email(sessions))["exists@exemple.fr"]["first_name"] == "A"
 
+    @pytest.mark.parametrize("options", [{}, {"mode": "create_only"}, {"dry_run": True}], ids=str)
+    async def test_duplicates_of_created_rows_in_later_batches(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings,
+        options: dict[str, Any],
+    ) -> None:
+        # Two rows a batch; rows 4-6, 8 and 10 repeat a key of a row that created a contact in an earlier batch.
+        data = build_csv(["Email", "Code client", "Nom"], [
+            ["a@exemple.fr", "C1", "A"], ["b@exemple.fr", None, "B"],
+            ["a@exemple.fr", None, "again A"], ["z@exemple.fr", "C1", "again C1"],
+            ["b@exemple.fr", "C9", "again B"], ["new@exemple.fr", None, "N"],
+            ["a@exemple.fr", None, "third A"], ["y@exemple.fr", "C9", "Y"],  # C9's first row was a duplicate
+            ["b@exemple.fr", "C5", "again B"], ["c@exemple.fr", "C5", "C"],  # so was C5's, in the same batch
+        ])
+        small = settings.model_copy(update={"import_batch_rows": 2})
+        job = await run_import(client, sessions, small, data, **options)
+        assert (job["created"], job["updated"], job["skipped"], job["rejected"]) == (5, 0, 0, 5)
+        assert [(r["row"], r["column"], r["reason"], r["value"]) for r in await report(client, job["id"])] == [
+            ("4", "Email", "duplicate of row 2", "a@exemple.fr"),
+            ("5", "Code client", "duplicate of row 2", "C1"),
+            ("6", "Email", "duplicate of row 3", "b@exemple.fr"),
+            ("8", "Email", "duplicate of row 2", "a@exemple.fr"),
+            ("10", "Email", "duplicate of row 3", "b@exemple.fr"),
+        ]
+        if not options.get("dry_run"):
+            names = {e: c["last_name"] for e, c in (await contacts_by_email(sessions)).items()}
+            assert names == {"a@exemple.fr": "A", "b@exemple.fr": "B", "new@exemple.fr": "N", "y@exemple.fr": "Y",
+                             "c@exemple.fr": "C"}
+
     async def test_tags_are_added_to_every_imported_row(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
     ) -> None:
@@ -432,8 +460,7 @@ async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(
 ) -> None:
     await make_contact(client, email="raced@exemple.fr", first_name="Other writer")
     # As if the contact appeared between the matching and the insert: the match sees nobody.
-    monkeypatch.setattr(runner, "_MATCH_SQL", "UPDATE import_stage SET action = 'create' WHERE action IS NULL "
-                                              "AND $1::text IS NOT NULL")
+    monkeypatch.setattr(runner, "_MATCH_SQL", "SELECT $1::text")  # every row stays 'create'
     data = build_csv(["Email"], [["raced@exemple.fr"], ["free@exemple.fr"]])
     job = await run_import(client, sessions, settings, data)
     assert (job["created"], job["rejected"]) == (1, 1)

@@ -4,6 +4,8 @@ API would refuse the same values (hypothesis). Also the sniffing of files and th
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 from datetime import date
 
 import pytest
@@ -190,6 +192,15 @@ class TestSniffing:
             got += reader.feed(data[i:i + size])
         assert got + reader.close() == expected
         assert len(expected) == 61 + 6 and expected[4][4] == "12 rue de l'Église\r\nBâtiment B"
+
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(["a", "é", ";", ",", " ", "\t", "\r\n", "\n", "\x00"]), max_size=80).map("".join),
+           st.sampled_from([";", ",", "\t"]))
+    def test_lines_without_quotes_are_what_the_csv_module_reads(self, text: str, delimiter: str) -> None:
+        reader = sniff.RecordReader("utf-8", delimiter)  # such lines skip the csv module: same records
+        got = reader.feed(text.encode()) + reader.close()
+        assert got == list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=False))
 
 
 class TestHeaders:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import uuid
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from phonenumbers import PhoneMetadata
 
+from app.models.base import new_id
 from app.schemas import types
 from app.services.suppressions import keyed_digest
 
@@ -132,7 +132,7 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
             out.rejected_rows += 1
             out.rejects.extend((row_number, column, reason, value) for column, reason, value in problems)
             continue
-        record[_POS["new_id"]] = uuid.uuid4()
+        record[_POS["new_id"]] = new_id()  # time-ordered: the contact indexes grow at their right edge
         record[_POS["attributes"]] = json.dumps(attributes) if attributes else None
         record[_POS["blank_attributes"]] = blank_attributes or None
         if record[_POS["email"]] is not None:

@@ -68,10 +68,14 @@ _FIELD_COLUMN = {
 _COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
 _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
     "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest"}]
+# `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
+# when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
+# Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
+# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact.
 _STAGE_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS import_stage ("
     + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
-    + ", target_id uuid, action text, PRIMARY KEY (row_number))"
+    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number))"
 )
 _REASONS = {
     "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
@@ -82,6 +86,7 @@ _REASONS = {
     "conflict": "another writer created a contact with this email or external_id meanwhile; import the row again",
 }
 _SKIPS = ("suppressed", "skip_exists", "skip_missing")
+_PARSE_BYTES = 64 * 1024  # parsed at once (~2 ms): how long the writer may wait for the event loop
 _REJECTS = ("other_external_id", "email_held", "conflict")
 
 
@@ -145,6 +150,9 @@ class _Job:
     list_row: Mapping[str, Any] | None
     links: LinkBuilder | None
     counts: dict[str, int] = field(default_factory=dict)
+    # False while no earlier row left its email and external_id in import_key (a file of new contacts):
+    # then a batch does not look its keys up there.
+    row_keys_kept: bool = True
 
     @property
     def id(self) -> uuid.UUID:
@@ -205,12 +213,19 @@ async def _prepare(
         attributes=definitions, digest_key=digest_key(settings), width=len(header),
         blank_erases=row["blank_erases"],
     )
+    async with sessions() as session:
+        row_keys_kept = await (await _raw(session)).fetchval(_ROW_KEYS_KEPT_SQL, row["id"])
     links = None
     if list_row is not None and list_row["double_opt_in"]:
         links = LinkBuilder(LinkCodec(settings.resolved_jwt_secret()), settings.public_base_url)
     return _Job(row=row, owner=owner, settings=settings, spec=spec,
                 columns_by_field={f: header[int(i)] for i, f in mapping.items()}, list_row=list_row, links=links,
-                counts={k: row[k] for k in ("created", "updated", "unchanged", "skipped", "rejected", "subscribed")})
+                counts={k: row[k] for k in ("created", "updated", "unchanged", "skipped", "rejected", "subscribed")},
+                row_keys_kept=row_keys_kept)
+
+
+_ROW_KEYS_KEPT_SQL = "SELECT EXISTS (SELECT 1 FROM import_key WHERE import_id = $1 AND key > 'd')"  # 'e:', 'x:' > 'c:'
+
 
 
 async def _process(sessions: async_sessionmaker[AsyncSession], job: _Job, progress: Progress | None) -> None:
@@ -220,22 +235,20 @@ async def _process(sessions: async_sessionmaker[AsyncSession], job: _Job, progre
             await (await _raw(session)).execute(
                 "INSERT INTO tag (name, created_at) SELECT unnest($1::text[]), now() ON CONFLICT DO NOTHING",
                 job.row["tags"])
-    processed = job.row["processed_rows"]
     pool = _pool(settings) if settings.import_workers and job.row["size_bytes"] > settings.import_inline_bytes else None
     loop = asyncio.get_running_loop()
     pending: deque[tuple[Awaitable[Validated], int]] = deque()
+    writer = _Writer(sessions, job, progress, processed=job.row["processed_rows"])
     try:
-        async for batch in _batches(sessions, job, skip=processed, size=settings.import_batch_rows):
+        async for batch in _batches(sessions, job, skip=writer.processed, size=settings.import_batch_rows):
             pending.append((_validate(loop, pool, job.spec, batch), len(batch)))
             if len(pending) > (settings.import_workers if pool else 0):
-                validated, count = pending.popleft()
-                processed = await _write(sessions, job, await validated, processed + count)
-                _report(progress, job, processed)
+                await writer.start(*pending.popleft())
         while pending:
-            validated, count = pending.popleft()
-            processed = await _write(sessions, job, await validated, processed + count)
-            _report(progress, job, processed)
+            await writer.start(*pending.popleft())
+        processed = await writer.wait()
     finally:
+        await writer.abandon()
         for validated, _count in pending:
             if isinstance(validated, asyncio.Future):
                 validated.cancel()
@@ -243,6 +256,40 @@ async def _process(sessions: async_sessionmaker[AsyncSession], job: _Job, progre
             pool.shutdown(wait=False, cancel_futures=True)
     await _finish(sessions, job.id, job.owner, status="done", error=None, total_rows=processed)
     log.info("import.done", import_id=str(job.id), rows=processed, **job.counts)
+
+
+class _Writer:
+    """Writes validated batches one after the other in a task of its own, so that the runner reads, parses and
+    hands out the next batches while PostgreSQL writes this one (neither waits for the other)."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], job: _Job, progress: Progress | None, *, processed: int
+    ) -> None:
+        self._sessions, self._job, self._progress = sessions, job, progress
+        self.processed = processed  # the committed checkpoint
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, validated: Awaitable[Validated], count: int) -> None:
+        """Wait for the batch being written (its error is raised here), then start writing this one."""
+        await self.wait()
+        self._task = asyncio.create_task(self._write(validated, count))
+
+    async def wait(self) -> int:
+        if self._task is not None:
+            task, self._task = self._task, None
+            await task
+        return self.processed
+
+    async def abandon(self) -> None:
+        """Stop a write still running because the job stops for another reason: its transaction rolls back."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _write(self, validated: Awaitable[Validated], count: int) -> None:
+        self.processed = await _write(self._sessions, self._job, await validated, self.processed + count)
+        _report(self._progress, self._job, self.processed)
 
 
 def _pool(settings: Settings) -> Executor:
@@ -273,22 +320,14 @@ async def _batches(
     sessions: async_sessionmaker[AsyncSession], job: _Job, *, skip: int, size: int
 ) -> AsyncIterator[list[tuple[int, list[str]]]]:
     """Data records as (row number, cells), in batches, after the first `skip` (the checkpoint)."""
-    reader = RecordReader(job.row["encoding"], job.row["delimiter"])
     record_number = 0   # every record of the file, header included: the report's row numbers
     seen = 0            # non-empty data records
     header_done = False
     batch: list[tuple[int, list[str]]] = []
-    for seq in range(job.row["chunks"] + 1):
-        if seq < job.row["chunks"]:
-            async with sessions() as session:
-                data = await (await _raw(session)).fetchval(
-                    "SELECT data FROM import_chunk WHERE import_id = $1 AND seq = $2", job.id, seq)
-            records = reader.feed(data)
-        else:
-            records = reader.close()
+    async for records in _records(sessions, job):
         for cells in records:
             record_number += 1
-            if not any(c.strip() for c in cells):
+            if not "".join(cells).strip():
                 continue  # blank lines (Excel leaves some at the end) are not rows
             if not header_done:
                 header_done = True
@@ -302,6 +341,20 @@ async def _batches(
                 batch = []
     if batch:
         yield batch
+
+
+async def _records(sessions: async_sessionmaker[AsyncSession], job: _Job) -> AsyncIterator[list[list[str]]]:
+    """The file's records in order, parsed a piece at a time: between pieces the event loop runs the writer's
+    statements, so PostgreSQL does not wait while a 1 MB chunk is parsed."""
+    reader = RecordReader(job.row["encoding"], job.row["delimiter"])
+    for seq in range(job.row["chunks"]):
+        async with sessions() as session:
+            data = await (await _raw(session)).fetchval(
+                "SELECT data FROM import_chunk WHERE import_id = $1 AND seq = $2", job.id, seq)
+        for start in range(0, len(data), _PARSE_BYTES):
+            yield reader.feed(data[start:start + _PARSE_BYTES])
+            await asyncio.sleep(0)
+    yield reader.close()
 
 
 # ---- one batch -------------------------------------------------------------------------------------------
@@ -332,6 +385,9 @@ async def _write(
 async def _write_batch(
     connection: asyncpg.Connection, job: _Job, validated: Validated, processed: int
 ) -> dict[str, int]:
+    # The batch and its checkpoint commit together, so a commit that a PostgreSQL crash loses takes its checkpoint
+    # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing.
+    await connection.execute("SET LOCAL synchronous_commit = off")
     now = utc_now()
     rejects: list[tuple[Any, ...]] = [(job.id, r, c, reason, v) for r, c, reason, v in validated.rejects]
     counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
@@ -345,27 +401,21 @@ async def _write_batch(
         await connection.execute(_SUPPRESSED_SQL)
         await connection.execute(_MATCH_SQL, job.row["mode"])
         dry = job.row["dry_run"]
-        if dry:
-            await connection.execute("UPDATE import_stage SET action = 'created', target_id = new_id "
-                                     "WHERE action = 'create'")
-        else:
+        if not dry:
             inserted, wanted = await connection.fetchrow(
-                _CREATE_SQL, job.row["tags"], job.row["subject"], now, str(job.id))
-            if inserted == wanted:
-                await connection.execute("UPDATE import_stage SET target_id = new_id, action = 'created' "
-                                         "WHERE action = 'create'")
-            else:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
+                _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+            if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
                 await connection.execute(
-                    "UPDATE import_stage s SET target_id = s.new_id, action = CASE WHEN EXISTS "
-                    "(SELECT 1 FROM contact c WHERE c.id = s.new_id) THEN 'created' ELSE 'conflict' END "
-                    "WHERE s.action = 'create'")
+                    "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
+                    "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
         await connection.execute(_update_sql(job, dry=dry), *_update_args(job, now, dry=dry))
-        await connection.execute("UPDATE import_stage SET action = 'unchanged' WHERE action = 'update'")
+        await connection.execute(_SEEN_SQL, job.id, dry)
         outcome = {r["action"]: r["n"] for r in await connection.fetch(
             "SELECT action, count(*) AS n FROM import_stage GROUP BY action")}
-        counts["created"] = outcome.get("created", 0)
+        job.row_keys_kept = job.row_keys_kept or any(n for action, n in outcome.items() if action != "create" or dry)
+        counts["created"] = outcome.get("create", 0)
         counts["updated"] = outcome.get("updated", 0)
-        counts["unchanged"] = outcome.get("unchanged", 0)
+        counts["unchanged"] = outcome.get("update", 0)
         counts["skipped"] = sum(outcome.get(a, 0) for a in _SKIPS)
         counts["rejected"] += sum(outcome.get(a, 0) for a in _REJECTS)
         for r in await connection.fetch(
@@ -396,28 +446,28 @@ async def _write_batch(
 async def _drop_duplicates(
     connection: asyncpg.Connection, job: _Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]]
 ) -> list[tuple[Any, ...]]:
-    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept)."""
+    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept).
+
+    The keys of earlier batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
+    contact, as the email and external_id of the contact for rows that created one.
+    """
     email_at, external_at = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
-    keys = [k for r in records for k in _keys(r, email_at, external_at)]
+    keys_by_row = [_keys(r, email_at, external_at) for r in records]
+    row_keys = [k for keys in keys_by_row for k in keys] if job.row_keys_kept else []
     seen: dict[str, int] = {r["key"]: r["row_number"] for r in await connection.fetch(
-        "SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])", job.id, keys)}
+        _EARLIER_KEYS_SQL, job.id, row_keys, [r[email_at] for r in records if r[email_at] is not None],
+        [r[external_at] for r in records if r[external_at] is not None])}
     kept: list[tuple[Any, ...]] = []
-    new_keys: list[tuple[Any, ...]] = []
-    for record in records:
-        row_keys = _keys(record, email_at, external_at)
-        earlier = [(seen[k], k) for k in row_keys if k in seen]
+    for record, keys in zip(records, keys_by_row, strict=True):
+        earlier = [(seen[k], k) for k in keys if k in seen]
         if earlier:
             first, key = min(earlier)
             column = job.columns_by_field.get("email" if key.startswith("e:") else "external_id")
             rejects.append((job.id, record[0], column, f"duplicate of row {first}", key[2:]))
             continue
-        for key in row_keys:
+        for key in keys:
             seen[key] = record[0]
-            new_keys.append((job.id, key, record[0]))
         kept.append(record)
-    if new_keys:
-        await connection.copy_records_to_table("import_key", records=new_keys,
-                                               columns=["import_id", "key", "row_number"])
     return kept
 
 
@@ -462,9 +512,37 @@ FROM (
     FROM import_stage s
     LEFT JOIN contact cx ON cx.external_id = s.external_id
     LEFT JOIN contact ce ON ce.email = s.email
-    WHERE s.action IS NULL
+    WHERE s.action = 'create'
 ) m
-WHERE s.row_number = m.row_number
+WHERE s.row_number = m.row_number AND m.action <> 'create'
+"""
+
+# What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
+# A row that created a contact leaves the contact's id, appended at the index's right edge (ids are time-ordered),
+# instead of its email and external_id that would land on random pages of the index: the contact carries them.
+# Every other row leaves its email and external_id (a dry run creates nothing).
+_SEEN_SQL = """
+INSERT INTO import_key (import_id, key, row_number)
+SELECT $1::uuid, 'c:' || s.new_id::text, s.row_number FROM import_stage s WHERE s.action = 'create' AND NOT $2
+UNION ALL
+SELECT $1::uuid, k.key, s.row_number
+FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
+WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
+"""
+
+# The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
+# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids).
+_EARLIER_KEYS_SQL = """
+SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])
+UNION ALL
+SELECT k.key, created.row_number
+FROM (
+    SELECT c.email, c.external_id, i.row_number
+    FROM contact c JOIN import_key i ON i.import_id = $1 AND i.key = 'c:' || c.id::text
+    WHERE c.email = ANY($3::text[]) OR c.external_id = ANY($4::text[])
+) AS created
+CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS k(key)
+WHERE k.key IS NOT NULL
 """
 
 _CREATE_SQL = f"""
@@ -479,7 +557,7 @@ WITH new AS (
     RETURNING id
 ), history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT new.id, 'created', NULL, jsonb_build_object('import_id', $4::text), $2, 'import', $3 FROM new
+    SELECT new.id, 'created', NULL, $4::jsonb, $2, 'import', $3 FROM new
 ), announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), $3 FROM new
@@ -561,9 +639,9 @@ SELECT s.row_number, c.id, c.email, c.email_status, c.kind, m.status, m.unsubscr
        (SELECT max(e.occurred_at) FROM consent_event e
          WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action <> 'withdrawn') AS granted_at
 FROM import_stage s
-JOIN contact c ON c.id = s.target_id
+JOIN contact c ON c.id = coalesce(s.target_id, s.new_id)
 LEFT JOIN list_membership m ON m.list_id = $1 AND m.contact_id = c.id
-WHERE s.action IN ('created', 'updated', 'unchanged')
+WHERE s.action IN ('create', 'update', 'updated')
 ORDER BY c.id
 FOR NO KEY UPDATE OF c
 """
