@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from app.security.secrets import SecretBox
 from app.services import delivery
 from app.services import destinations as destinations_service
 from app.settings import Settings
+from app.sync import net
 from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
 
 __all__ = ["AdapterFactory", "Worker", "create_worker", "run_in_background"]
@@ -50,6 +53,8 @@ DISPATCH_ROUNDS = 100        # x delivery.DISPATCH_BATCH outbox messages per rou
 LANES = 6                    # batches of one destination in flight at once
 LANE_STAGGER_SECONDS = 0.1
 LANE_BATCHES = 20            # batches per lane before the next round
+HEARTBEAT_SECONDS = 2.0      # workers alive are counted from their heartbeats (vendor limits are split)
+LIVE_SECONDS = 10.0          # a worker not heard of for this long no longer counts
 
 
 class Worker:
@@ -65,6 +70,7 @@ class Worker:
     ) -> None:
         self.sessions = sessions
         self.settings = settings
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.box = box
         self.adapters = adapters
         self.jobs = list(jobs)
@@ -81,9 +87,48 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliveries and jobs side by side until `stop` is set; database outages are waited out."""
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._loop(self.deliver_once, stop))
+            tasks.create_task(self._deliveries(stop))
             for job in self.jobs:
                 tasks.create_task(self._loop(lambda job=job: job(self.sessions, self.settings), stop))
+
+    async def _deliveries(self, stop: asyncio.Event) -> None:
+        async with self._heartbeats():
+            await self._loop(self.deliver_once, stop)
+
+    @contextlib.asynccontextmanager
+    async def _heartbeats(self) -> AsyncIterator[None]:
+        """While the worker runs, every HEARTBEAT_SECONDS: tell the others, and take 1/N of each vendor limit.
+
+        Vendors limit an API key, not a process: two workers each keeping the whole rate would send twice
+        too much. Nothing is sent before a second beat, one interval after the first: the workers already
+        running have seen this one by then (and two starting together see each other). A clean stop signs
+        off at once."""
+        await self._beat()
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        await self._beat()
+        beating = asyncio.create_task(self._beat_forever())
+        try:
+            yield
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            with contextlib.suppress(*_DB_AWAY):
+                async with self.sessions.begin() as session:
+                    await delivery.sign_off(session, self.worker_id)
+            net.set_share(1)
+
+    async def _beat(self) -> None:
+        try:
+            async with self.sessions.begin() as session:
+                net.set_share(await delivery.heartbeat(session, self.worker_id, live_seconds=LIVE_SECONDS))
+        except _DB_AWAY:
+            log.warning("worker.heartbeat_failed")  # the last known share stays; deliveries will wait anyway
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await self._beat()
 
     async def _loop(self, step: Callable[[], Awaitable[bool]], stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -109,7 +154,8 @@ class Worker:
         for job in self.jobs:
             while await job(self.sessions, self.settings):
                 pass
-        await self.drain()
+        async with self._heartbeats():
+            await self.drain()
 
     # ---- one round --------------------------------------------------------------------------------------
 
@@ -212,6 +258,12 @@ class Worker:
         states, erasures = plan.states, plan.erasures
         done = [by_contact[c] for c in plan.nothing + plan.vanished]
         result = BatchResult(delivery.Completion(delivered=done, dead={}, retry={}), forget=list(plan.vanished))
+        if hasattr(adapter, "affordable"):  # a rate-limited vendor: send what fits, hand the rest back untried
+            # The lanes of this destination share its rate, so each keeps to its part of the time.
+            n_erasures, n_states = adapter.affordable(states, erasures, budget * 0.8 / LANES)
+            untried = (*erasures[n_erasures:], *states[n_states:])
+            result.completion.deferred = [by_contact[x.contact_id] for x in untried]
+            states, erasures = states[:n_states], erasures[:n_erasures]
         try:
             async with asyncio.timeout(budget):
                 outcomes: list[Outcome] = []

@@ -1,4 +1,4 @@
-"""Beyond one process (docs/scaling.md): 2 API processes and 2 workers on one PostgreSQL (~25 s, in CI).
+"""Beyond one process (docs/scaling.md): 2 API processes and 2 workers on one PostgreSQL (~50 s, in CI).
 
 Clients spread over both APIs write the same contacts concurrently (If-Match read-modify-write), subscribe
 and unsubscribe them, while both workers deliver to a webhook receiver (one delivery per event) and to the
@@ -26,6 +26,7 @@ import pytest
 
 from app.security import Role
 from tests.auth import TEST_SECRET, bearer
+from tests.fakes.brevo import FakeBrevo
 from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
 from tests.fakes.server import LiveServer as FakeServer
 from tests.fakes.webhook_receiver import FakeWebhookReceiver
@@ -37,6 +38,8 @@ CLIENTS = 16
 ROUNDS = 12          # increments per client
 ADMIN = bearer(Role.ADMIN, subject="scale@shop.example")
 MC_KEY = f"{uuid.uuid4().hex}-us6"
+BREVO_KEY = "xkeysib-" + uuid.uuid4().hex
+SPLIT_CONTACTS = 200
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +161,47 @@ async def test_two_apis_two_workers_keep_every_invariant(cluster: PgCluster, tmp
             worker.stop()
         for api in apis:
             api.stop()
+
+
+async def test_two_workers_split_a_vendor_limit(cluster: PgCluster, tmp_path: Path) -> None:
+    """Brevo allows 10 requests/s per API key, not per process: two workers (small batches, so both claim)
+    keep under it together, from their heartbeats, and still use most of it."""
+    db_url = cluster.url_for("carnet_scale")
+    api = LiveServer(tmp_path / "api", db_url, TEST_SECRET, RUN_WORKER_IN_API="false")
+    api.start()
+    fake = FakeBrevo(api_key=BREVO_KEY, lists={7}, rate_limit=10)
+    workers: list[WorkerProcess] = []
+    try:
+        with FakeServer(fake) as vendor:
+            async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as http:
+                news = (await http.post("/v1/lists", json={"name": "split"}, headers=ADMIN)).json()
+                response = await http.post("/v1/destinations", headers=ADMIN, json={
+                    "kind": "brevo", "name": "split", "config": {"api_key": BREVO_KEY, "base_url": vendor.url},
+                    "list_mappings": [{"list_id": news["id"], "remote_list_id": "7"}]})
+                assert response.status_code == 201, response.text
+                for i in range(SPLIT_CONTACTS):
+                    contact = (await http.post("/v1/contacts", json={"email": f"split-{i}@shop.example"},
+                                               headers=ADMIN)).json()
+                    response = await http.put(f"/v1/lists/{news['id']}/members/{contact['id']}", headers=ADMIN,
+                                              json={"consent": {"proof": {"wording": "yes"}}})
+                    assert response.status_code == 201, response.text
+            workers = [WorkerProcess(tmp_path, db_url) for _ in range(2)]
+            for worker in workers:
+                worker.env["DELIVERY_BATCH_SIZE"] = "10"
+                worker.start()
+            started = time.monotonic()
+            deadline = started + 120
+            while len(fake.members(7)) < SPLIT_CONTACTS and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            took = time.monotonic() - started
+    finally:
+        for worker in workers:
+            worker.stop()
+        api.stop()
+    assert len(fake.members(7)) == SPLIT_CONTACTS
+    assert fake.over_limit == 0 and fake.violations == []
+    arrivals = sorted(fake.arrivals())
+    rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    print(f"split: {len(arrivals)} requests at {rate:.1f}/s by 2 workers (limit 10/s), 0 × 429; "
+          f"{took:.1f} s from the workers' start")
+    assert rate > 6  # both workers sent: one alone keeps 4.8/s once it has seen the other

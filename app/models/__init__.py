@@ -13,7 +13,7 @@ from app.models.orders import Event, Order
 from app.models.outbox import OutboxMessage
 from app.models.segments import Segment, SegmentMember, SegmentSync
 from app.models.suppressions import Suppression
-from app.models.sync import Delivery, Destination, SyncLink
+from app.models.sync import Delivery, Destination, SyncLink, WorkerHeartbeat
 from app.models.tokens import AccessToken
 
 __all__ = [
@@ -40,5 +40,6 @@ __all__ = [
     "SegmentSync",
     "Suppression",
     "SyncLink",
+    "WorkerHeartbeat",
     "Tag",
 ]

@@ -12,7 +12,7 @@ from sqlmodel import Field, SQLModel
 
 from app.models.base import TZ, new_id, utc_now
 
-__all__ = ["DELIVERY_STATUSES", "DESTINATION_KINDS", "Delivery", "Destination", "SyncLink"]
+__all__ = ["DELIVERY_STATUSES", "DESTINATION_KINDS", "Delivery", "Destination", "SyncLink", "WorkerHeartbeat"]
 
 DESTINATION_KINDS = ("brevo", "mailchimp", "webhook")
 DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "dead")
@@ -103,3 +103,12 @@ class SyncLink(SQLModel, table=True):
     synced_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
     # The contact's tags as last pushed (NULL: not known), so tags removed since can be removed remotely.
     tags: list[str] | None = Field(default=None, sa_column=Column(ARRAY(Text), nullable=True))
+
+
+class WorkerHeartbeat(SQLModel, table=True):
+    """A worker process alive at `seen_at`: the live ones split each vendor account's limits between them."""
+
+    __tablename__: ClassVar[str] = "worker_heartbeat"  # type: ignore[misc]
+
+    worker_id: str = Field(sa_column=Column(Text, primary_key=True))  # host:pid:random, never reused
+    seen_at: datetime = Field(sa_type=TZ)

@@ -41,11 +41,13 @@ __all__ = [
     "enabled_destination_ids",
     "event_messages",
     "forget_links",
+    "heartbeat",
     "plan",
     "reap_expired_leases",
     "record_health",
     "remember_links",
     "remember_tags",
+    "sign_off",
 ]
 
 Row = Mapping[str, Any]
@@ -63,6 +65,29 @@ class Backoff:
         """Exponential with full jitter (the thundering herd of a recovering vendor is spread out)."""
         ceiling = min(self.cap_seconds, self.base_seconds * 2 ** max(attempts - 1, 0))
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not security)
+
+
+# ---- worker processes ------------------------------------------------------------------------------------
+
+_HEARTBEAT = text("""
+WITH beat AS (
+    INSERT INTO worker_heartbeat (worker_id, seen_at) VALUES (:worker, now())
+    ON CONFLICT (worker_id) DO UPDATE SET seen_at = excluded.seen_at
+), long_gone AS (
+    DELETE FROM worker_heartbeat WHERE seen_at < now() - interval '1 day'
+)
+SELECT 1 + count(*) FROM worker_heartbeat WHERE worker_id <> :worker AND seen_at > now() - make_interval(secs => :live)
+""")
+
+
+async def heartbeat(session: AsyncSession, worker_id: str, *, live_seconds: float) -> int:
+    """Say this worker is alive; returns how many workers are (itself included)."""
+    return int(await session.scalar(_HEARTBEAT, {"worker": worker_id, "live": live_seconds}) or 1)
+
+
+async def sign_off(session: AsyncSession, worker_id: str) -> None:
+    """A clean stop: the others take this worker's share at their next heartbeat."""
+    await session.execute(text("DELETE FROM worker_heartbeat WHERE worker_id = :worker"), {"worker": worker_id})
 
 
 async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
@@ -372,10 +397,16 @@ class Completion:
     dead: dict[int, str]                 # id -> reason
     retry: dict[int, str]                # id -> reason (backoff from attempts)
     retry_after: float | None = None     # the vendor said when (429): overrides the backoff for `retry`
+    deferred: list[int] = field(default_factory=list)  # not tried (no time left in the lease): due again now
 
 
 _DELIVERED = text("""
 UPDATE delivery SET status = 'delivered', delivered_at = :now, lease_until = NULL, last_error = NULL,
+                    updated_at = :now
+WHERE id = ANY(:ids) AND status = 'in_flight' AND lease_until = :lease
+""")
+_DEFERRED = text("""
+UPDATE delivery SET status = 'pending', lease_until = NULL, attempts = attempts - 1, next_attempt_at = :now,
                     updated_at = :now
 WHERE id = ANY(:ids) AND status = 'in_flight' AND lease_until = :lease
 """)
@@ -408,6 +439,8 @@ async def complete(
     attempts = {r["id"]: r["attempts"] for r in claimed.rows}
     if outcome.delivered:
         await session.execute(_DELIVERED, {"ids": outcome.delivered, "now": now, "lease": lease})
+    if outcome.deferred:
+        await session.execute(_DEFERRED, {"ids": outcome.deferred, "now": now, "lease": lease})
     dead = dict(outcome.dead)
     for delivery_id, reason in outcome.retry.items():
         if attempts[delivery_id] >= backoff.max_attempts:

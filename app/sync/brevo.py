@@ -112,6 +112,24 @@ class BrevoAdapter:
             for s in states
         ]
 
+    def affordable(
+        self, states: Sequence[ContactState], erasures: Sequence[Erasure], seconds: float
+    ) -> tuple[int, int]:
+        """How many erasures, then states (in order), fit in `seconds` at this process's share of the rate.
+
+        One request per contact for a profile write (two when the Brevo id must be looked up), per erasure and
+        per double opt-in; list calls carry 150 contacts. A batch of first pushes (1,500 profile writes, 160 s
+        at 10/s) would outlive its lease and be retried whole forever: the worker hands back the rest.
+        """
+        capacity = seconds / self._limiter.interval
+        erased = min(len(erasures), int(capacity))
+        capacity -= erased
+        for kept, state in enumerate(states):
+            capacity -= _requests(state)
+            if capacity < 0:
+                return erased, max(kept, 1 if not erased else 0)
+        return erased, len(states)
+
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         outcomes = []
         for erasure in erasures:
@@ -233,6 +251,15 @@ class BrevoAdapter:
                 raise DeliveryFailed(f"Brevo refused the API key ({status}): check the destination's api_key")
             return response
         raise AssertionError("unreachable")
+
+
+def _requests(state: ContactState) -> float:
+    """What one state costs in requests (list calls shared by LIST_BATCH contacts)."""
+    profile = 0 if not (state.profile_changed or state.remote_ref is None or _email_changed(state)) else (
+        1 if state.remote_ref and state.remote_ref.isdigit() else 2)
+    doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in
+                   for remote, status in state.lists.items()) else 0
+    return profile + doi + len(state.lists) / LIST_BATCH
 
 
 def _email_changed(state: ContactState) -> bool:

@@ -258,27 +258,56 @@ class RateLimiter:
         self._next = max(self._next, time.monotonic() + seconds)
 
 
+class Gate:
+    """At most `size` holders at once; unlike asyncio.Semaphore, `size` may change while it is in use."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._holders = 0
+        self._changed = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._holders < self.size)
+            self._holders += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._changed:
+            self._holders -= 1
+            self._changed.notify_all()
+
+
+# How many worker processes share each vendor account's limits right now (the worker's heartbeat sets it):
+# each process keeps 1/share of the rate and of the connections, so together they stay within the limit.
+_share = 1
+SHARED_HEADROOM = 0.9
 _limiters: dict[tuple[str, str], RateLimiter] = {}
-_semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Semaphore]] = (
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], Gate]] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def set_share(processes: int) -> None:
+    """The number of worker processes delivering now (>= 1); the limits apply from the next request."""
+    global _share
+    _share = max(1, processes)
+
+
 def rate_limiter(vendor: str, account: str, rate: float) -> RateLimiter:
-    """The process-wide limiter of one vendor account (the key's fingerprint, never the key, is the name)."""
-    limiter = _limiters.get((vendor, account))
-    if limiter is None or limiter.interval != 1.0 / rate:
-        limiter = _limiters[(vendor, account)] = RateLimiter(rate)
+    """This process's limiter for one vendor account (the key's fingerprint, never the key, is the name)."""
+    limiter = _limiters.setdefault((vendor, account), RateLimiter(rate))
+    # In place, so a vendor-asked pause already booked is kept. Shared, a little less: the processes' request
+    # starts are not in step, and a jittered arrival from each can land in the same second at the vendor.
+    limiter.interval = _share / (rate * (SHARED_HEADROOM if _share > 1 else 1.0))
     return limiter
 
 
-def semaphore(vendor: str, account: str, size: int) -> asyncio.Semaphore:
-    """The process-wide cap on concurrent requests to one vendor account (per event loop)."""
-    per_loop = _semaphores.setdefault(asyncio.get_running_loop(), {})
-    sem = per_loop.get((vendor, account))
-    if sem is None:
-        sem = per_loop[(vendor, account)] = asyncio.Semaphore(size)
-    return sem
+def semaphore(vendor: str, account: str, size: int) -> Gate:
+    """This process's cap on concurrent requests to one vendor account (per event loop)."""
+    per_loop = _gates.setdefault(asyncio.get_running_loop(), {})
+    gate = per_loop.setdefault((vendor, account), Gate(size))
+    gate.size = max(1, size // _share)
+    return gate
 
 
 async def run_all(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:

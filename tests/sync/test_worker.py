@@ -24,7 +24,7 @@ from app.models.base import utc_now
 from app.services import delivery
 from app.settings import Settings
 from app.sync.base import ContactState, DeliveryFailed, Erasure, EventMessage, Gone, Outcome, RetryLater
-from app.worker import Worker
+from app.worker import HEARTBEAT_SECONDS, Worker
 from tests.factories import ADMIN, PROOF, make_contact, make_list
 
 pytestmark = pytest.mark.committing
@@ -383,10 +383,44 @@ async def test_an_unexpected_failure_is_logged_without_its_message(
     vendor.failures = [ValueError(f"cannot handle {contact['email']}")]
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(HEARTBEAT_SECONDS + 0.5)  # a worker sends from its second heartbeat on
     stop.set()
     await running
     assert "delivery.adapter_failed" in caplog.text and "ValueError" in caplog.text
     assert contact["email"] not in caplog.text
     [row] = await deliveries(makers, destination["id"])
     assert (row["status"], row["last_error"]) in {("pending", "ValueError"), ("delivered", None)}
+
+
+class SlowVendor(RecordingVendor):
+    """A rate-limited vendor that can afford two contacts per batch in the time of a lease."""
+
+    def affordable(
+        self, states: Sequence[ContactState], erasures: Sequence[Erasure], seconds: float
+    ) -> tuple[int, int]:
+        return min(len(erasures), 2), min(len(states), max(0, 2 - len(erasures)))
+
+
+async def test_what_does_not_fit_the_lease_is_handed_back_untried(
+    committing_client: httpx.AsyncClient, makers: async_sessionmaker[AsyncSession], sync_settings: Settings,
+    app: FastAPI,
+) -> None:
+    """A batch a rate-limited vendor cannot send within its lease would time out and be retried whole forever:
+    the worker sends what fits and puts the rest back as due now, without counting an attempt."""
+    slow = SlowVendor()
+    worker = Worker(makers, sync_settings, box=app.state.secret_box, adapters=lambda *_: slow)
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contacts = [await subscribed_contact(committing_client, the_list["id"]) for _ in range(5)]
+    try:
+        await worker._dispatch(rounds=10)
+        assert await worker._deliver_batch(uuid.UUID(destination["id"]), backlog=asyncio.Event()) == (True, False)
+        rows = await deliveries(makers, destination["id"])
+        assert sorted(r["status"] for r in rows) == ["delivered"] * 2 + ["pending"] * 3
+        assert {r["attempts"] for r in rows if r["status"] == "pending"} == {0}
+        await drain(worker)
+    finally:
+        await worker.aclose()
+    assert [len(batch) for batch in slow.pushes] == [2, 2, 1]
+    assert {s.contact_id for batch in slow.pushes for s in batch} == {uuid.UUID(c["id"]) for c in contacts}
+    assert all(r["status"] == "delivered" for r in await deliveries(makers, destination["id"]))
