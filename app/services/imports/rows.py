@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from email_validator import SPECIAL_USE_DOMAIN_NAMES
-from phonenumbers import PhoneMetadata
-
 from app.models.base import new_id
 from app.schemas import types
 from app.services.suppressions import keyed_digest
@@ -31,8 +28,6 @@ __all__ = [
     "STAGE_COLUMNS",
     "Spec",
     "Validated",
-    "fast_email",
-    "fast_phone",
     "init_worker",
     "validate",
 ]
@@ -150,11 +145,11 @@ def _set(record: list[Any], target: str, value: str) -> None:
     if target == "email":
         if len(value) > 320:
             raise ValueError("an email has at most 320 characters")
-        record[_POS["email"]] = fast_email(value) or types.normalize_email(value)
+        record[_POS["email"]] = types.normalize_email(value)
     elif target == "phone":
         if len(value) > 40:
             raise ValueError("a phone number has at most 40 characters")
-        record[_POS["phone"]] = fast_phone(value) or types.normalize_phone(value)
+        record[_POS["phone"]] = types.normalize_phone(value)
     elif target == "external_id":
         record[_POS["external_id"]] = _text(value, 255)
     elif target == "birth_date":
@@ -265,63 +260,3 @@ def _option(options: tuple[str, ...], value: str) -> str:
 
 def _shown(raw: str) -> str:
     return raw if len(raw) <= 200 else raw[:200] + "…"
-
-
-# ---- fast paths ------------------------------------------------------------------------------------------
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_FAST_EMAIL = re.compile(rf"({_ATEXT}+(?:\.{_ATEXT}+)*)@((?:{_LABEL}\.)+[A-Za-z]{{2,63}})")
-_SPECIAL = frozenset(SPECIAL_USE_DOMAIN_NAMES)
-
-
-def fast_email(value: str) -> str | None:
-    """The normalized form of an ordinary address, or None: then email-validator decides."""
-    match = _FAST_EMAIL.fullmatch(value)
-    if match is None:
-        return None
-    local, domain = match[1], match[2]
-    if len(local) > 64 or len(value) > 254 or len(domain) > 253 or "--" in domain:
-        return None  # the slow path knows the exact rules (IDNA labels, lengths)
-    if domain.rsplit(".", 1)[1].lower() in _SPECIAL:
-        return None
-    return value.lower()
-
-
-_FR = PhoneMetadata.metadata_for_region("FR")
-_FR_NATIONAL = re.compile(r"(?:0|\+33)([1-9]\d{8})")
-_SEPARATORS = str.maketrans("", "", " .-")
-# phonenumbers' _number_type_helper for FR, with its patterns compiled once: a number is valid when it
-# matches the general description and one of the number types (fixed line, mobile, VoIP, ...).
-_FR_TYPES = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager", "uan", "voicemail",
-             "fixed_line", "mobile")
-
-
-def _desc_check(desc: Any) -> tuple[frozenset[int], re.Pattern[str]] | None:
-    if desc is None or desc.national_number_pattern is None:
-        return None
-    return frozenset(desc.possible_length or ()), re.compile(desc.national_number_pattern)
-
-
-_FR_GENERAL = _desc_check(_FR.general_desc)
-_FR_CHECKS = [c for c in (_desc_check(getattr(_FR, t)) for t in _FR_TYPES) if c is not None]
-
-
-def _matches(check: tuple[frozenset[int], re.Pattern[str]] | None, national: str) -> bool:
-    if check is None:
-        return False
-    lengths, pattern = check
-    return (not lengths or len(national) in lengths) and pattern.fullmatch(national) is not None
-
-
-def fast_phone(value: str) -> str | None:
-    """E.164 of a plainly written French number when the region is FR, or None: then phonenumbers decides."""
-    if types._phone_region != "FR":
-        return None
-    match = _FR_NATIONAL.fullmatch(value.translate(_SEPARATORS))
-    if match is None:
-        return None
-    national = match[1]
-    if not (_matches(_FR_GENERAL, national) and any(_matches(c, national) for c in _FR_CHECKS)):
-        raise ValueError("not a valid phone number")
-    return "+33" + national
