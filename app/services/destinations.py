@@ -205,7 +205,11 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
 
 
 def _dump_segment_mappings(mappings: list[SegmentMapping]) -> list[dict[str, Any]]:
-    return [m.model_dump(mode="json", exclude_none=True) for m in mappings]
+    return [_dump(m) for m in mappings]
+
+
+def _dump(mapping: SegmentMapping) -> dict[str, Any]:
+    return mapping.model_dump(mode="json", exclude_none=True)
 
 
 async def rotate_secrets(session: AsyncSession, *, box: SecretBox) -> int:
@@ -271,8 +275,7 @@ async def update(
                                           list_mappings=changes.get("list_mappings", current["list_mappings"]))
         changes["segment_mappings"] = _dump_segment_mappings(segment_mappings)
         before = {m["segment_id"]: m for m in current["segment_mappings"]}
-        retargeted = [m.segment_id for m in segment_mappings
-                      if before.get(str(m.segment_id), {}) != _dump_segment_mappings([m])[0]]
+        retargeted = [m.segment_id for m in segment_mappings if before.get(str(m.segment_id)) != _dump(m)]
         await segment_sync.apply_mappings(session, destination_id, [m.segment_id for m in segment_mappings],
                                           fresh=retargeted)
     for name in ("name", "enabled", "field_mappings"):

@@ -79,7 +79,7 @@ class BrevoAdapter:
 
         await net.run_all(
             profile(state) for state in states
-            if state.profile_changed or state.remote_ref is None or _email_changed(state)
+            if _writes_profile(state)
         )
 
         live = [s for s in states if s.contact_id not in errors]
@@ -255,11 +255,15 @@ class BrevoAdapter:
 
 def _requests(state: ContactState) -> float:
     """What one state costs in requests (list calls shared by LIST_BATCH contacts)."""
-    profile = 0 if not (state.profile_changed or state.remote_ref is None or _email_changed(state)) else (
-        1 if state.remote_ref and state.remote_ref.isdigit() else 2)
+    profile = 0 if not _writes_profile(state) else (1 if state.remote_ref and state.remote_ref.isdigit() else 2)
     doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in
                    for remote, status in state.lists.items()) else 0
     return profile + doi + len(state.lists) / LIST_BATCH
+
+
+def _writes_profile(state: ContactState) -> bool:
+    """The push writes the contact itself (not only list changes): new to Brevo, changed, or a new address."""
+    return state.profile_changed or state.remote_ref is None or _email_changed(state)
 
 
 def _email_changed(state: ContactState) -> bool:

@@ -295,7 +295,7 @@ def set_share(processes: int) -> None:
 
 def rate_limiter(vendor: str, account: str, rate: float) -> RateLimiter:
     """This process's limiter for one vendor account (the key's fingerprint, never the key, is the name)."""
-    limiter = _limiters.setdefault((vendor, account), RateLimiter(rate))
+    limiter = _limiters.get((vendor, account)) or _limiters.setdefault((vendor, account), RateLimiter(rate))
     # In place, so a vendor-asked pause already booked is kept. Shared, a little less: the processes' request
     # starts are not in step, and a jittered arrival from each can land in the same second at the vendor.
     limiter.interval = _share / (rate * (SHARED_HEADROOM if _share > 1 else 1.0))
@@ -305,7 +305,7 @@ def rate_limiter(vendor: str, account: str, rate: float) -> RateLimiter:
 def semaphore(vendor: str, account: str, size: int) -> Gate:
     """This process's cap on concurrent requests to one vendor account (per event loop)."""
     per_loop = _gates.setdefault(asyncio.get_running_loop(), {})
-    gate = per_loop.setdefault((vendor, account), Gate(size))
+    gate = per_loop.get((vendor, account)) or per_loop.setdefault((vendor, account), Gate(size))
     gate.size = max(1, size // _share)
     return gate
 
