@@ -14,7 +14,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from prometheus_client import Counter
@@ -53,6 +53,7 @@ DISPATCH_ROUNDS = 100        # x delivery.DISPATCH_BATCH outbox messages per rou
 LANES = 6                    # batches of one destination in flight at once
 LANE_STAGGER_SECONDS = 0.1
 LANE_BATCHES = 20            # batches per lane before the next round
+FEED_WAIT_SECONDS = 0.05     # a lane's pause after a short claim while the backlog is still being dispatched
 HEARTBEAT_SECONDS = 2.0      # workers alive are counted from their heartbeats (vendor limits are split)
 LIVE_SECONDS = 10.0          # a worker not heard of for this long no longer counts
 
@@ -169,11 +170,19 @@ class Worker:
         first = await self._dispatch(rounds=-(-self.settings.delivery_batch_size // delivery.DISPATCH_BATCH))
         async with self.sessions() as session:
             destination_ids = await delivery.enabled_destination_ids(session)
+        feeding = asyncio.Event()  # set while the dispatcher is still turning outbox messages into deliveries
         more, *results = await asyncio.gather(
-            self._dispatch(rounds=DISPATCH_ROUNDS) if first and first % delivery.DISPATCH_BATCH == 0 else _nothing(),
-            *(self._drain_destination(d) for d in destination_ids),
+            self._feed(feeding) if first and first % delivery.DISPATCH_BATCH == 0 else _nothing(),
+            *(self._drain_destination(d, feeding=feeding) for d in destination_ids),
         )
         return first + more > 0 or any(results)
+
+    async def _feed(self, feeding: asyncio.Event) -> int:
+        feeding.set()
+        try:
+            return await self._dispatch(rounds=DISPATCH_ROUNDS)
+        finally:
+            feeding.clear()
 
     async def _dispatch(self, *, rounds: int) -> int:
         dispatched = 0
@@ -186,44 +195,49 @@ class Worker:
         OUTBOX_DISPATCHED.inc(dispatched)
         return dispatched
 
-    async def _drain_destination(self, destination_id: uuid.UUID) -> bool:
+    async def _drain_destination(self, destination_id: uuid.UUID, *, feeding: asyncio.Event) -> bool:
         """One lane; as soon as its first claim comes back full (a backlog), more lanes, started apart, keep the
         vendor busy: one claims and reads while another waits on the vendor (the adapters' rate limiters and
         connection caps are per API key, shared by every lane). Back to the round after LANE_BATCHES."""
         backlog = asyncio.Event()
         async with asyncio.TaskGroup() as lanes:  # one lane failing stops them all, and the error is raised
-            lead = lanes.create_task(self._lane(destination_id, backlog=backlog))
-            lanes.create_task(self._more_lanes(destination_id, backlog=backlog, lead=lead))
+            lead = lanes.create_task(self._lane(destination_id, backlog=backlog, feeding=feeding))
+            lanes.create_task(self._more_lanes(destination_id, backlog=backlog, feeding=feeding, lead=lead))
         return lead.result()
 
-    async def _more_lanes(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, lead: asyncio.Task[bool]) -> None:
+    async def _more_lanes(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, feeding: asyncio.Event,
+                          lead: asyncio.Task[bool]) -> None:
         noticed = asyncio.ensure_future(backlog.wait())
         await asyncio.wait({lead, noticed}, return_when=asyncio.FIRST_COMPLETED)
         noticed.cancel()
         if backlog.is_set():
-            await asyncio.gather(*(self._lane(destination_id, backlog=backlog, start_after=i * LANE_STAGGER_SECONDS)
-                                   for i in range(1, LANES)))
+            await asyncio.gather(*(self._lane(destination_id, backlog=backlog, feeding=feeding,
+                                              start_after=i * LANE_STAGGER_SECONDS) for i in range(1, LANES)))
 
-    async def _lane(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, start_after: float = 0.0) -> bool:
+    async def _lane(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, feeding: asyncio.Event,
+                    start_after: float = 0.0) -> bool:
         await asyncio.sleep(start_after)
         moved_any = False
         for _ in range(LANE_BATCHES):
-            moved, full = await self._deliver_batch(destination_id, backlog=backlog)
+            moved, claimed = await self._deliver_batch(destination_id, backlog=backlog)
             moved_any |= moved
-            if not (moved and full):
+            step = lane_step(moved, claimed, batch_size=self.settings.delivery_batch_size,
+                             feeding_backlog=backlog.is_set() and feeding.is_set())
+            if step == "stop":
                 break
+            if step == "wait":
+                await asyncio.sleep(FEED_WAIT_SECONDS)
         return moved_any
 
-    async def _deliver_batch(self, destination_id: uuid.UUID, *, backlog: asyncio.Event) -> tuple[bool, bool]:
-        """(anything delivered or dead-lettered, the claim was a full batch); a full claim sets `backlog`."""
+    async def _deliver_batch(self, destination_id: uuid.UUID, *, backlog: asyncio.Event) -> tuple[bool, int]:
+        """(anything delivered or dead-lettered, how many deliveries were claimed); a full claim sets `backlog`."""
         async with self.sessions.begin() as session:
             destination = await destinations_service.load(session, destination_id, box=self.box)
             claimed = await delivery.claim(session, destination_id, limit=self.settings.delivery_batch_size,
                                            lease_seconds=self.settings.delivery_lease_seconds)
         if not claimed.rows:
-            return False, False
-        full = len(claimed.rows) == self.settings.delivery_batch_size
-        if full:
+            return False, 0
+        if len(claimed.rows) == self.settings.delivery_batch_size:
             backlog.set()
         adapter = self.adapters(destination, self.http, self.settings)
         # The whole batch must end well inside the lease, or another worker could take the same rows.
@@ -247,7 +261,7 @@ class Worker:
             log.warning("delivery.failed", destination_id=str(destination_id), kind=kind, error=error,
                         batch=len(claimed.rows))
         moved = bool(completion.delivered or completion.dead)  # False: all put back for later
-        return moved, full
+        return moved, len(claimed.rows)
 
     async def _push_states(
         self, adapter: Any, destination: destinations_service.Loaded, claimed: delivery.Claimed, budget: float
@@ -317,6 +331,18 @@ class Worker:
 
         await asyncio.gather(*(send(r) for r in claimed.rows))
         return result
+
+
+def lane_step(moved: bool, claimed: int, *, batch_size: int, feeding_backlog: bool) -> Literal["go", "wait", "stop"]:
+    """What a lane does after a batch: a full batch that moved, go on; a short (or empty) claim while the dispatcher
+    is still feeding this destination's backlog, wait a moment and go on, since more is coming (a lane that retired
+    there stayed retired until the round ended, and half the vendor's capacity went unused); else stop. A batch
+    that moved nothing (the vendor refused it all) always stops the lane."""
+    if moved and claimed == batch_size:
+        return "go"
+    if (moved or not claimed) and feeding_backlog:
+        return "wait"
+    return "stop"
 
 
 async def _nothing() -> int:

@@ -24,7 +24,7 @@ from app.models.base import utc_now
 from app.services import delivery
 from app.settings import Settings
 from app.sync.base import ContactState, DeliveryFailed, Erasure, EventMessage, Gone, Outcome, RetryLater
-from app.worker import HEARTBEAT_SECONDS, Worker
+from app.worker import HEARTBEAT_SECONDS, Worker, lane_step
 from tests.factories import ADMIN, PROOF, make_contact, make_list
 
 pytestmark = pytest.mark.committing
@@ -414,7 +414,7 @@ async def test_what_does_not_fit_the_lease_is_handed_back_untried(
     contacts = [await subscribed_contact(committing_client, the_list["id"]) for _ in range(5)]
     try:
         await worker._dispatch(rounds=10)
-        assert await worker._deliver_batch(uuid.UUID(destination["id"]), backlog=asyncio.Event()) == (True, False)
+        assert await worker._deliver_batch(uuid.UUID(destination["id"]), backlog=asyncio.Event()) == (True, 5)
         rows = await deliveries(makers, destination["id"])
         assert sorted(r["status"] for r in rows) == ["delivered"] * 2 + ["pending"] * 3
         assert {r["attempts"] for r in rows if r["status"] == "pending"} == {0}
@@ -424,3 +424,21 @@ async def test_what_does_not_fit_the_lease_is_handed_back_untried(
     assert [len(batch) for batch in slow.pushes] == [2, 2, 1]
     assert {s.contact_id for batch in slow.pushes for s in batch} == {uuid.UUID(c["id"]) for c in contacts}
     assert all(r["status"] == "delivered" for r in await deliveries(makers, destination["id"]))
+
+
+@pytest.mark.parametrize(
+    ("moved", "claimed", "feeding_backlog", "step"),
+    [
+        (True, 1500, False, "go"),     # a full batch: there is more
+        (True, 1500, True, "go"),
+        (True, 200, False, "stop"),    # the end of the backlog
+        (True, 200, True, "wait"),     # the dispatcher has not caught up yet: more is coming
+        (False, 0, True, "wait"),
+        (False, 0, False, "stop"),
+        (False, 1500, True, "stop"),   # the vendor refused everything: no hammering while dispatch runs
+    ],
+)
+def test_a_lane_waits_for_the_dispatcher_instead_of_retiring(
+    moved: bool, claimed: int, feeding_backlog: bool, step: str
+) -> None:
+    assert lane_step(moved, claimed, batch_size=1500, feeding_backlog=feeding_backlog) == step
