@@ -70,6 +70,42 @@ def generate(path: Path, rows: int) -> None:
             out.write(f"{LAST[i % 10]};{FIRST[i % 12]};{email};{phone};{postal};{city};{company};{birth}\r\n")
 
 
+def postgres_cpu() -> float:
+    """CPU seconds used so far by the PostgreSQL servers on this machine: each postmaster's own, its live children's
+    (backends, WAL writer, checkpointer) and its exited children's (a backend whose connection closed)."""
+    total = 0.0
+    for process in psutil.process_iter(["name", "ppid"]):
+        if process.info["name"] not in ("postgres", "postmaster"):
+            continue
+        try:
+            times = process.cpu_times()
+            parent = psutil.Process(process.info["ppid"]).name()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+        if parent not in ("postgres", "postmaster"):  # the postmaster: its waited-for children too
+            total += times.children_user + times.children_system
+    return total
+
+
+class CpuSplit:
+    """CPU seconds of one phase: PostgreSQL's processes, and this bench's children (the command under test)."""
+
+    def __enter__(self) -> CpuSplit:
+        self._pg, self._children = postgres_cpu(), _children_cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.postgres = round(postgres_cpu() - self._pg, 1)
+        self.client = round(_children_cpu() - self._children, 1)
+
+
+def _children_cpu() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class PeakRss:
     """Peak of the summed RSS of a process and its descendants, sampled in a thread."""
 
@@ -176,25 +212,31 @@ def main() -> None:
     env = {**os.environ, "DATABASE_URL": url, "JWT_SECRET": "bench-" + "x" * 40, "LOG_JSON": "true",
            "PGOPTIONS": "-c client_min_messages=warning"}
 
-    raw_s, raw_rss, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
-                               f"\\copy bare (last_name, first_name, email, phone, postal_code, city, company, birth) "
-                               f"FROM '{path}' WITH (FORMAT csv, HEADER true, DELIMITER ';', ENCODING 'UTF8')"], env)
-    print(f"raw \\copy: {raw_s:.2f} s, peak RSS {raw_rss / 1e6:.0f} MB", flush=True)
+    with CpuSplit() as raw_cpu:
+        raw_s, raw_rss, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
+                                   f"\\copy bare (last_name, first_name, email, phone, postal_code, city, company, "
+                                   f"birth) FROM '{path}' "
+                                   "WITH (FORMAT csv, HEADER true, DELIMITER ';', ENCODING 'UTF8')"], env)
+    print(f"raw \\copy: {raw_s:.2f} s, peak RSS {raw_rss / 1e6:.0f} MB; CPU s: PostgreSQL {raw_cpu.postgres}, "
+          f"psql {raw_cpu.client}", flush=True)
 
-    carnet_s, carnet_rss, out, processes = timed([sys.executable, "-m", "app", "import", str(path)], env)
+    with CpuSplit() as carnet_cpu:
+        carnet_s, carnet_rss, out, processes = timed([sys.executable, "-m", "app", "import", str(path)], env)
     print(out.strip().splitlines()[-2] if out.strip() else "", flush=True)
     print(f"carnet import: {carnet_s:.2f} s, peak RSS {carnet_rss / 1e6:.0f} MB "
-          f"(per process: {', '.join(f'{p / 1e6:.0f}' for p in processes)} MB)", flush=True)
+          f"(per process: {', '.join(f'{p / 1e6:.0f}' for p in processes)} MB); CPU s: PostgreSQL "
+          f"{carnet_cpu.postgres}, Carnet's processes {carnet_cpu.client}", flush=True)
     tables = asyncio.run(counts(url))
 
     # A second floor: the same raw \copy into Carnet's real `contact` table (all its indexes), no validation.
     asyncio.run(prepare_contact_copy(url))
-    table_s, _, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
-                              f"\\copy contact (last_name, first_name, email, phone, postal_code, city, company, "
-                              f"birth_date) FROM '{path}' "
-                              "WITH (FORMAT csv, HEADER true, DELIMITER ';', ENCODING 'UTF8')"],
-                             {**env, "PGOPTIONS": "-c datestyle=ISO,DMY"})
-    print(f"raw \\copy into contact: {table_s:.2f} s", flush=True)
+    with CpuSplit() as table_cpu:
+        table_s, _, _, _ = timed(["psql", url, "-v", "ON_ERROR_STOP=1", "-c",
+                                  f"\\copy contact (last_name, first_name, email, phone, postal_code, city, company, "
+                                  f"birth_date) FROM '{path}' "
+                                  "WITH (FORMAT csv, HEADER true, DELIMITER ';', ENCODING 'UTF8')"],
+                                 {**env, "PGOPTIONS": "-c datestyle=ISO,DMY"})
+    print(f"raw \\copy into contact: {table_s:.2f} s; CPU s: PostgreSQL {table_cpu.postgres}", flush=True)
 
     result = {
         "rows": args.rows, "file_mb": round(path.stat().st_size / 1e6, 1),
@@ -203,6 +245,9 @@ def main() -> None:
         "ratio_wall": round(carnet_s / raw_s, 2), "carnet_rows_per_second": round(args.rows / carnet_s),
         "carnet_rss_per_process_mb": [round(p / 1e6) for p in processes],
         "raw_copy_into_contact_seconds": round(table_s, 2), "ratio_wall_vs_contact_copy": round(carnet_s / table_s, 2),
+        "cpu_seconds": {"raw_copy": {"postgres": raw_cpu.postgres, "psql": raw_cpu.client},
+                        "carnet": {"postgres": carnet_cpu.postgres, "carnet": carnet_cpu.client},
+                        "raw_copy_into_contact": {"postgres": table_cpu.postgres}},
         "tables": tables, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                       "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]},
     }

@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, NotFound
+from app.ids import keyed_digest
 from app.models import Suppression
 from app.models.base import new_id, utc_now
 from app.security import Principal
@@ -78,10 +79,6 @@ def key() -> bytes:
     if _key is None:  # fail closed: never compare or store unkeyed hashes
         raise RuntimeError("the suppression key is not configured (app.services.suppressions.configure)")
     return _key
-
-
-def keyed_digest(key: bytes, kind: str, value: str) -> str:
-    return hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
 
 
 async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> list[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import subprocess
+import sys
 from datetime import date
 
 import pytest
@@ -224,3 +226,14 @@ class TestHeaders:
         with pytest.raises(headers.MappingProblem) as problem:
             headers.resolve(["Nom", "Ville"], None, [])
         assert problem.value.field == "file"
+
+
+def test_the_validating_process_imports_no_web_or_database_stack() -> None:
+    """Each validating process imports app.services.imports.rows (spawned, nothing inherited): importing the app's
+    models, FastAPI and the database drivers there was ~85 MB of its ~120 MB, and the import's RSS bar is 300 MB."""
+    heavy = "{'fastapi', 'starlette', 'sqlalchemy', 'sqlmodel', 'asyncpg', 'structlog', 'rich', 'jose'}"
+    script = ("import sys, app.services.imports.rows; "
+              f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy} or m.startswith('app.models')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,  # noqa: S603
+                          check=True)
+    assert done.stdout.strip() == "[]"

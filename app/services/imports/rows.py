@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from app.models.base import new_id
+from app.ids import keyed_digest, new_id
 from app.schemas import types
-from app.services.suppressions import keyed_digest
 
 __all__ = [
     "STAGE_COLUMNS",
