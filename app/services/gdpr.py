@@ -145,6 +145,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
         await _forget_idempotency_records(session, ids)
         await _deidentify_ledger(session, ids)
+        await _scrub_import_reports(session, ids)
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
     return len(contacts)
@@ -158,6 +159,21 @@ async def _forget_idempotency_records(session: AsyncSession, ids: Sequence[uuid.
         cast(_idempotency.c.response_body, Text).like(any_(patterns)),
         cast(_idempotency.c.response_headers, Text).like(any_(patterns)),
     )))
+
+
+# A reject report names the cell it refused: an erased person's address, name or customer number may be one
+# (a duplicate row of the file, a refused value). The report keeps its row, column and reason, not the value.
+_SCRUB_IMPORT_REPORTS = text("""
+    UPDATE import_reject SET value = NULL
+    WHERE value IS NOT NULL AND lower(value) IN (
+        SELECT lower(v) FROM contact c
+        CROSS JOIN unnest(ARRAY[c.email, c.phone, c.external_id, c.first_name, c.last_name]::text[]) AS v
+        WHERE c.id = ANY(:ids) AND v IS NOT NULL)
+""")
+
+
+async def _scrub_import_reports(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:
+    await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": list(ids)})
 
 
 async def _deidentify_ledger(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:

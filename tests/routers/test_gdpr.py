@@ -20,9 +20,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role, Scope
+from app.settings import Settings
 from tests.auth import bearer
 from tests.factories import ADMIN, PROOF, make_attribute, make_contact, make_list, unique_email
+from tests.csv_samples import build_csv
 from tests.routers.test_contacts import assert_problem
+from tests.routers.test_imports import report, run_import
 from tests.routers.test_lists import ledger, outbox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +198,29 @@ class TestErase:
                          for t in ("contact_history", "event", "order", "list_membership", "consent_event")}
         assert leftovers == dict.fromkeys(leftovers, 0)
         assert (await outbox(sessions, person.id))[-1] == ("contact.erased", {"contact_id": person.id})
+
+    async def test_leaves_no_trace_in_import_reject_reports(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        """A person imported from a file whose rows also held them twice: the report named their address (the
+        duplicate) and their too-long name. Erased, the report keeps its rows and reasons, not those values."""
+        tag = uuid.uuid4().hex[:8]
+        email, first, last = f"gwenn.{tag}@example.org", f"Gwenn{tag}", f"Le Goff{tag}"
+        data = build_csv(["E-mail", "Prénom", "Nom", "Code client"],
+                         [(email, first, last, f"C-{tag}"), (email.upper(), first, last, ""),
+                          (f"other.{tag}@example.org", first, "x" * 300, "")])
+        job = await run_import(client, sessions, settings, data)
+        assert (job["status"], job["created"], job["rejected"]) == ("done", 1, 2)
+        needles = [email, first, last, f"C-{tag}"]
+        assert "import_reject.value" in await occurrences(sessions, needles)
+        contact = (await client.get("/v1/contacts", params={"email": email}, headers=ADMIN)).json()["data"][0]
+
+        assert (await erase(client, contact["id"])).status_code == 204
+
+        assert await occurrences(sessions, needles) == {}
+        lines = await report(client, job["id"])
+        assert [(line["row"], line["reason"], line["value"][:3]) for line in lines] == [
+            ("3", "duplicate of row 2", ""), ("4", "at most 255 characters (this one has 300)", "xxx")]  # not theirs
 
     async def test_ledger_is_de_identified_not_deleted(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]

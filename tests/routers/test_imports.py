@@ -122,6 +122,7 @@ class TestFrenchExcelFile:
                                            "value": by_row[row_number][0]["value"]}]
         for row_number in sample.suppressed_rows:
             assert "erased" in by_row[row_number][0]["reason"]
+            assert by_row[row_number][0]["value"] == ""  # the erased address is not written back in the report
         assert set(by_row) == set(sample.bad) | set(sample.duplicates) | set(sample.suppressed_rows)
 
         stored = await contacts_by_email(sessions)
@@ -452,6 +453,9 @@ async def test_a_job_that_keeps_killing_its_runner_fails(
     assert (job["status"], job["created"]) == ("failed", 0)
     assert job["error"].startswith("gave up after")
     assert await run_next(sessions, settings) is False
+    # over: the file (every person in it) is not kept past the job
+    assert await count(sessions, "SELECT count(*) FROM import_chunk WHERE import_id = :id",
+                       id=uuid.UUID(job["id"])) == 0
 
 
 async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(

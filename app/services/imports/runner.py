@@ -423,6 +423,8 @@ async def _write_batch(
             [*_SKIPS, *_REJECTS],
         ):
             column, value = _key_cell(job, r)
+            if r["action"] == "suppressed":
+                value = None  # an erased person's address is never written back, not even in the report
             rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
         if job.list_row is not None and not dry:
             counts["subscribed"] = await _subscribe(connection, job, rejects, now)
@@ -730,7 +732,8 @@ async def _finish(
     sessions: async_sessionmaker[AsyncSession], job_id: uuid.UUID, owner: str, *, status: str, error: str | None,
     total_rows: int | None = None,
 ) -> None:
-    """Done or failed; a done job no longer needs its file or its key table."""
+    """Done or failed: either way the job is over (a failed import is re-run by uploading the file again), so its
+    file and its key table go. The file holds every person of the file: kept, it would outlive their erasure."""
     async with sessions.begin() as session:
         connection = await _raw(session)
         moved = await connection.fetchval(
@@ -742,8 +745,7 @@ async def _finish(
         if moved is None:
             raise LeaseLost(f"import {job_id} was taken over by another runner")
         await connection.execute("DELETE FROM import_key WHERE import_id = $1", job_id)
-        if status == "done":
-            await connection.execute("DELETE FROM import_chunk WHERE import_id = $1", job_id)
+        await connection.execute("DELETE FROM import_chunk WHERE import_id = $1", job_id)
 
 
 async def _raw(session: AsyncSession) -> asyncpg.Connection:
