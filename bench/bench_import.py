@@ -168,6 +168,18 @@ async def prepare_bare(url: str) -> None:
     await conn.close()
 
 
+async def drop_secondary_indexes(url: str) -> None:
+    """--only-key-indexes (a what-if on the bench database, never a migration)."""
+    conn = await asyncpg.connect(url)
+    names = [r["indexname"] for r in await conn.fetch(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'contact' "
+        "AND indexname NOT IN ('pk_contact', 'uq_contact_email', 'uq_contact_external_id')")]
+    for name in names:
+        await conn.execute(f'DROP INDEX "{name}"')
+    print(f"what-if: dropped {len(names)} indexes of contact: {', '.join(sorted(names))}", flush=True)
+    await conn.close()
+
+
 async def prepare_contact_copy(url: str) -> None:
     """Empty Carnet's tables and give `contact` the defaults a bare \\copy needs (bench database only)."""
     conn = await asyncpg.connect(url)
@@ -197,6 +209,10 @@ def main() -> None:
     parser.add_argument("--db", default="carnet_bench_import", help="the bench database (dropped and recreated)")
     parser.add_argument("--keep-db", action="store_true")
     parser.add_argument("--keep-file", action="store_true")
+    parser.add_argument("--only-key-indexes", action="store_true",
+                        help="what-if: drop every index of `contact` but the primary key and the unique email and "
+                             "external_id ones before measuring (the API's search, sorts, filters and duplicate "
+                             "finder would lose theirs): how much of the gap to the floor the indexes are")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
 
@@ -208,6 +224,8 @@ def main() -> None:
           flush=True)
     url = asyncio.run(recreate(args.server, args.db))
     upgrade(url)
+    if args.only_key_indexes:
+        asyncio.run(drop_secondary_indexes(url))
     asyncio.run(prepare_bare(url))
     env = {**os.environ, "DATABASE_URL": url, "JWT_SECRET": "bench-" + "x" * 40, "LOG_JSON": "true",
            "PGOPTIONS": "-c client_min_messages=warning"}
@@ -248,6 +266,7 @@ def main() -> None:
         "cpu_seconds": {"raw_copy": {"postgres": raw_cpu.postgres, "psql": raw_cpu.client},
                         "carnet": {"postgres": carnet_cpu.postgres, "carnet": carnet_cpu.client},
                         "raw_copy_into_contact": {"postgres": table_cpu.postgres}},
+        "only_key_indexes": args.only_key_indexes,
         "tables": tables, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                       "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0]},
     }
