@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     import_workers: int = Field(default=1, ge=0, le=32)         # validating processes; 0: in the runner itself
     import_inline_bytes: int = Field(default=1024 * 1024, ge=0)  # smaller files are validated in the runner
     import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
+    import_report_values_days: int = Field(default=30, ge=1, le=3650)  # refused cells kept in reports, then cleared
 
     log_json: bool = True
     log_level: str = "INFO"

@@ -385,8 +385,9 @@ def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings
 def _jobs() -> list[JobRunner]:
     from app.services import segment_sync
     from app.services.imports.runner import run_next as run_next_import
+    from app.services.imports.store import ReportValueExpiry
 
-    return [run_next_import, segment_sync.run_next]
+    return [run_next_import, segment_sync.run_next, ReportValueExpiry()]
 
 
 @contextlib.asynccontextmanager

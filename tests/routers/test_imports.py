@@ -17,7 +17,7 @@ from app.db import get_read_sessionmaker, get_sessionmaker
 from app.main import create_app
 from app.security import Role, Scope
 from app.services import suppressions
-from app.services.imports import runner
+from app.services.imports import runner, store
 from app.services.imports.runner import run_next
 from app.settings import Settings
 from tests.auth import bearer
@@ -470,3 +470,24 @@ async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(
     assert (job["created"], job["rejected"]) == (1, 1)
     assert "another writer" in (await report(client, job["id"]))[0]["reason"]
     assert (await contacts_by_email(sessions))["raced@exemple.fr"]["first_name"] == "Other writer"
+
+
+async def test_report_values_are_cleared_some_days_after_the_import(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """Storage limitation: a reject report keeps the refused cells (real people's data) for
+    IMPORT_REPORT_VALUES_DAYS after the job ends, then only each line's row, column and reason."""
+    old = await run_import(client, sessions, settings, build_csv(["Email", "Nom"], [["a@@exemple.fr", "Old"]]))
+    recent = await run_import(client, sessions, settings, build_csv(["Email", "Nom"], [["b@@exemple.fr", "New"]]))
+    async with sessions.begin() as session:
+        await session.execute(text("UPDATE import_job SET finished_at = now() - make_interval(days => :d) "
+                                   "WHERE id = :id"), {"d": settings.import_report_values_days + 1, "id": old["id"]})
+    expiry = store.ReportValueExpiry(batch=1)
+
+    assert await expiry(sessions, settings) is True       # a full batch: more may wait
+    assert await expiry(sessions, settings) is False      # done; the next sweep is an interval away
+    assert await expiry(sessions, settings) is False
+
+    assert [(r["row"], r["column"], r["value"]) for r in await report(client, old["id"])] == [("2", "Email", "")]
+    assert "not a valid email address" in (await report(client, old["id"]))[0]["reason"]
+    assert [r["value"] for r in await report(client, recent["id"])] == ["b@@exemple.fr"]
