@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import is_insufficient_privilege
 from app.logging import get_logger, where
 from app.security.secrets import SecretBox
 from app.services import delivery
@@ -54,6 +55,7 @@ LANES = 6                    # batches of one destination in flight at once
 LANE_STAGGER_SECONDS = 0.1
 LANE_BATCHES = 20            # batches per lane before the next round
 FEED_WAIT_SECONDS = 0.05     # a lane's pause after a short claim while the backlog is still being dispatched
+ANALYZE_AFTER_DISPATCHED = 20_000  # a burst this big refreshes `delivery`'s planner statistics
 HEARTBEAT_SECONDS = 2.0      # workers alive are counted from their heartbeats (vendor limits are split)
 LIVE_SECONDS = 10.0          # a worker not heard of for this long no longer counts
 
@@ -180,9 +182,18 @@ class Worker:
     async def _feed(self, feeding: asyncio.Event) -> int:
         feeding.set()
         try:
-            return await self._dispatch(rounds=DISPATCH_ROUNDS)
+            dispatched = await self._dispatch(rounds=DISPATCH_ROUNDS)
         finally:
             feeding.clear()
+        if dispatched >= ANALYZE_AFTER_DISPATCHED:
+            try:
+                async with self.sessions.begin() as session:
+                    await delivery.analyze(session)
+            except DBAPIError as exc:
+                if not is_insufficient_privilege(exc):
+                    raise
+                log.info("delivery.analyze_skipped")  # not the table's owner: autovacuum will analyze it, later
+        return dispatched
 
     async def _dispatch(self, *, rounds: int) -> int:
         dispatched = 0

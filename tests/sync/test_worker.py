@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app import worker as worker_module
 from app.db import make_sessionmaker
 from app.models.base import utc_now
 from app.services import delivery
@@ -442,3 +443,27 @@ def test_a_lane_waits_for_the_dispatcher_instead_of_retiring(
     moved: bool, claimed: int, feeding_backlog: bool, step: str
 ) -> None:
     assert lane_step(moved, claimed, batch_size=1500, feeding_backlog=feeding_backlog) == step
+
+
+async def test_a_dispatch_burst_refreshes_the_planner_statistics(
+    committing_client: httpx.AsyncClient, makers: async_sessionmaker[AsyncSession], sync_settings: Settings,
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a big dispatch `delivery` is analyzed at once: a claim planned on statistics from before the burst
+    reads every pending row instead of walking its index (docs/performance.md, "Drain")."""
+    monkeypatch.setattr(worker_module, "ANALYZE_AFTER_DISPATCHED", 3)
+    worker = Worker(makers, sync_settings, box=app.state.secret_box, adapters=lambda *_: RecordingVendor())
+    the_list = await make_list(committing_client)
+    await mailchimp_destination(committing_client, the_list["id"])
+    for _ in range(3):
+        await subscribed_contact(committing_client, the_list["id"])
+    async with makers() as session:
+        before = await session.scalar(text("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'delivery'"))
+    try:
+        feeding = asyncio.Event()
+        assert await worker._feed(feeding) >= 3
+    finally:
+        await worker.aclose()
+    async with makers() as session:
+        after = await session.scalar(text("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'delivery'"))
+    assert after == before + 1
