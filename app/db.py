@@ -24,7 +24,6 @@ __all__ = [
     "get_read_sessionmaker",
     "get_replica_sessionmaker",
     "get_sessionmaker",
-    "is_insufficient_privilege",
     "is_unique_violation",
     "make_engine",
     "make_read_sessionmaker",
@@ -167,10 +166,6 @@ def _sqlstate(exc: DBAPIError) -> str | None:
 
 def is_unique_violation(exc: IntegrityError) -> bool:
     return _sqlstate(exc) == "23505"
-
-
-def is_insufficient_privilege(exc: DBAPIError) -> bool:
-    return _sqlstate(exc) == "42501"
 
 
 def constraint_name(exc: DBAPIError) -> str | None:

@@ -21,7 +21,6 @@ from prometheus_client import Counter
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import is_insufficient_privilege
 from app.logging import get_logger, where
 from app.security.secrets import SecretBox
 from app.services import delivery
@@ -186,13 +185,8 @@ class Worker:
         finally:
             feeding.clear()
         if dispatched >= ANALYZE_AFTER_DISPATCHED:
-            try:
-                async with self.sessions.begin() as session:
-                    await delivery.analyze(session)
-            except DBAPIError as exc:
-                if not is_insufficient_privilege(exc):
-                    raise
-                log.info("delivery.analyze_skipped")  # not the table's owner: autovacuum will analyze it, later
+            async with self.sessions.begin() as session:
+                await delivery.analyze(session)
         return dispatched
 
     async def _dispatch(self, *, rounds: int) -> int:

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,6 @@ class CpuSplit:
 
 
 def _children_cpu() -> float:
-    import resource
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
