@@ -161,15 +161,50 @@ async def _forget_idempotency_records(session: AsyncSession, ids: Sequence[uuid.
     )))
 
 
-# A reject report names the cell it refused: an erased person's address, name or customer number may be one
-# (a duplicate row of the file, a refused value). The report keeps its row, column and reason, not the value.
-_SCRUB_IMPORT_REPORTS = text("""
-    UPDATE import_reject SET value = NULL
-    WHERE value IS NOT NULL AND lower(value) IN (
-        SELECT lower(v) FROM contact c
-        CROSS JOIN unnest(ARRAY[c.email, c.phone, c.external_id, c.first_name, c.last_name]::text[]) AS v
-        WHERE c.id = ANY(:ids) AND v IS NOT NULL)
-""")
+# A reject report names the cell it refused: an erased person's address, number, customer number or name may be
+# that cell or part of it (an email cell holding two addresses, a name cut at 200 characters). The report keeps
+# its row, column and reason, not the value. Values are compared as runs of words (`_words`): an email, phone
+# or external id anywhere in a value, the full name ("Gwenn Le Goff", either order) anywhere, a first or last
+# name alone only as the whole value (erasing one Martin must not clear every report line naming a Martin).
+# Each value is split once and meets the needles in a hash join on their first word.
+def _words(sql: str) -> str:
+    """SQL: ' word word ', lower-cased, digits joined across a space, dot or dash ('06 12 34' → '061234'), words
+    split on anything but letters, digits and @._+'- (those dropped at a word's edges)."""
+    joined = f"regexp_replace(lower({sql}), '([0-9])[ .-](?=[0-9])', '\\1', 'g')"
+    spaced = f"regexp_replace({joined}, '[^[:alnum:]@._+''-]+', ' ', 'g')"
+    edged = f"regexp_replace(' ' || {spaced} || ' ', '(^| )[._+''-]+|[._+''-]+( |$)', ' ', 'g')"
+    return f"(' ' || trim(regexp_replace({edged}, ' +', ' ', 'g')) || ' ')"
+
+
+# A stored phone is E.164; a file writes it +33 6.., 0033 6.. or 06..: the national forms are its digits after a
+# country code of 1, 2 or 3 digits, with or without the trunk 0 (a wrong split only clears a stranger's value).
+_PHONE_FORMS = ", ".join(
+    ["('00' || d.digits, false)"]
+    + [f"({prefix}substr(d.digits, {n}), false)" for n in (2, 3, 4) for prefix in ("", "'0' || ")]
+)
+_SCRUB_IMPORT_REPORTS = text(f"""
+    WITH needle AS (
+        SELECT DISTINCT n.words, split_part(trim(n.words), ' ', 1) AS head, v.whole
+        FROM contact c
+        CROSS JOIN LATERAL (SELECT regexp_replace(c.phone, '[^0-9]', '', 'g') AS digits) d
+        CROSS JOIN LATERAL (VALUES (c.email, false), (c.phone, false), (c.external_id, false),
+                                   (c.first_name || ' ' || c.last_name, false),
+                                   (c.last_name || ' ' || c.first_name, false),
+                                   (c.first_name, true), (c.last_name, true), {_PHONE_FORMS}) AS v(value, whole)
+        CROSS JOIN LATERAL (SELECT {_words("v.value")} AS words) n
+        WHERE c.id = ANY(:ids) AND v.value IS NOT NULL AND trim(n.words) <> ''
+    ), report AS MATERIALIZED (
+        SELECT r.id, {_words("r.value")} AS words FROM import_reject r WHERE r.value IS NOT NULL
+    ), hit AS (
+        SELECT DISTINCT report.id
+        FROM report
+        CROSS JOIN LATERAL regexp_split_to_table(trim(report.words), ' ') AS w(word)
+        JOIN needle ON needle.head = w.word
+        WHERE CASE WHEN needle.whole THEN report.words = needle.words
+                   ELSE position(needle.words IN report.words) > 0 END
+    )
+    UPDATE import_reject r SET value = NULL FROM hit WHERE r.id = hit.id
+""")  # noqa: S608 (built from our own SQL fragments; the ids are a parameter)
 
 
 async def _scrub_import_reports(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:

@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.security import Role, Scope
 from app.settings import Settings
 from tests.auth import bearer
-from tests.factories import ADMIN, PROOF, make_attribute, make_contact, make_list, unique_email
 from tests.csv_samples import build_csv
+from tests.factories import ADMIN, PROOF, make_attribute, make_contact, make_list, unique_email
 from tests.routers.test_contacts import assert_problem
 from tests.routers.test_imports import report, run_import
 from tests.routers.test_lists import ledger, outbox
@@ -221,6 +221,37 @@ class TestErase:
         lines = await report(client, job["id"])
         assert [(line["row"], line["reason"], line["value"][:3]) for line in lines] == [
             ("3", "duplicate of row 2", ""), ("4", "at most 255 characters (this one has 300)", "xxx")]  # not theirs
+
+    async def test_clears_reject_values_that_contain_the_person(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        """Refused cells holding the person among other text: two addresses in one cell, their mobile written
+        with a second number, their full name in a cell cut at 200 characters. Strangers who only share the
+        last name keep their lines' values."""
+        tag = uuid.uuid4().hex[:8]
+        email, first, last = f"maiwenn.{tag}@example.org", f"Maiwenn{tag}", f"Martin{tag}"
+        mobile = f"6{random.randint(10_000_000, 99_999_999)}"  # noqa: S311
+        national = "0" + " ".join([mobile[0], *(mobile[i:i + 2] for i in range(1, 9, 2))])  # 06 12 34 56 78
+        data = build_csv(["E-mail", "Prénom", "Nom", "Portable"], [
+            (email, first, last, national),
+            (f"{email.upper()}, contact.{tag}@example.org", "", "", ""),        # an invalid email cell
+            (f"b.{tag}@example.org", "", "", f"{national} / 07 00"),            # an invalid phone cell
+            (f"c.{tag}@example.org", f"{first} {last} " + "x" * 300, "", ""),  # too long, cut at 200
+            (f"d.{tag}@example.org", "Paul", f"{last} Dupont " + "y" * 300, ""),  # a stranger: Paul Martin… Dupont
+            (f"e.{tag}@example.org", "", f"{last} " + "z" * 300, ""),            # a stranger named Martin… too
+        ])
+        job = await run_import(client, sessions, settings, data)
+        assert (job["status"], job["created"], job["rejected"]) == ("done", 1, 5)
+        contact = (await client.get("/v1/contacts", params={"email": email}, headers=ADMIN)).json()["data"][0]
+        needles = [email, f"{first} {last}", national, mobile]
+        assert "import_reject.value" in await occurrences(sessions, needles)
+
+        assert (await erase(client, contact["id"])).status_code == 204
+
+        assert await occurrences(sessions, needles) == {}
+        values = {line["row"]: line["value"] for line in await report(client, job["id"])}
+        assert (values["3"], values["4"], values["5"]) == ("", "", "")
+        assert values["6"].startswith(f"{last} Dupont yyy") and values["7"].startswith(f"{last} zzz")
 
     async def test_ledger_is_de_identified_not_deleted(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
