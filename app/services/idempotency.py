@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import FieldError, IdempotencyKeyReused, InvalidInput
 from app.models import IdempotencyRecord
 from app.models.base import utc_now
+from app.services.sweeps import Sweep
+from app.settings import Settings
 
-__all__ = ["KEEP_FOR", "Stored", "claim", "complete", "request_fingerprint"]
+__all__ = ["KEEP_FOR", "IdempotencyExpiry", "Stored", "claim", "complete", "request_fingerprint"]
 
 KEEP_FOR = timedelta(hours=24)
 _t = IdempotencyRecord.__table__  # type: ignore[attr-defined]
@@ -75,3 +77,18 @@ async def complete(
         .where(and_(_t.c.subject == subject, _t.c.key == key))
         .values(status_code=status_code, response_body=body, response_headers=headers)
     )
+
+
+class IdempotencyExpiry(Sweep):
+    """Stored responses (a create's body names the person) are deleted once they can no longer be replayed
+    (`KEEP_FOR`): kept, they would be personal data with no purpose left."""
+
+    statement = text("""
+        DELETE FROM idempotency_record WHERE (subject, key) IN (
+            SELECT subject, key FROM idempotency_record WHERE created_at < now() - make_interval(secs => :seconds)
+            LIMIT :limit)
+    """)
+
+    def params(self, settings: Settings) -> dict[str, Any]:
+        return {"seconds": KEEP_FOR.total_seconds()}
+

@@ -114,6 +114,13 @@ async def suppress(session: AsyncSession, contacts: Iterable[Mapping[str, Any]],
     }
     if not rows:
         return 0
+    # The person's proof of an earlier release (their IP, their browser, the form's URL) goes from every entry
+    # released with theirs, not only from those suppressed again: they came back with an email, not their phone.
+    released = select(_t.c.released_at, _t.c.released_by).where(
+        tuple_(_t.c.kind, _t.c.digest).in_(list(rows)), _t.c.released_at.is_not(None)).subquery()
+    await session.execute(
+        update(_t).where(_t.c.released_at == released.c.released_at, _t.c.released_by == released.c.released_by)
+        .values(release_proof=None))
     statement = insert(_t).values(list(rows.values()))
     await session.execute(statement.on_conflict_do_update(
         index_elements=[_t.c.kind, _t.c.digest],

@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role, Scope
+from app.services.idempotency import IdempotencyExpiry
 from app.settings import Settings
 from tests.auth import bearer
 from tests.csv_samples import build_csv
@@ -465,3 +466,25 @@ def test_cli_retention_dry_run(tmp_path: Path, database_url: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "would be erased (dry run)" in result.stderr
     assert all(uuid.UUID(line) for line in result.stdout.split())  # stdout: the ids alone, for scripts
+
+
+async def test_stored_idempotent_responses_are_deleted_once_they_cannot_be_replayed(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """A create's stored response names the person; after KEEP_FOR (24 h) nothing can replay it, so it goes."""
+    tag = uuid.uuid4().hex[:8]
+    for key in (f"old-{tag}", f"new-{tag}"):
+        created = await client.post("/v1/contacts", headers={**ADMIN, "Idempotency-Key": key},
+                                    json={"email": f"{key}@example.org"})
+        assert created.status_code == 201, created.text
+    async with sessions.begin() as session:
+        await session.execute(text("UPDATE idempotency_record SET created_at = now() - interval '25 hours' "
+                                   "WHERE key = :key"), {"key": f"old-{tag}"})
+    expiry = IdempotencyExpiry()
+
+    assert await expiry(sessions, settings) is False      # less than a batch: done until the next interval
+
+    async with sessions() as session:
+        kept = (await session.execute(text("SELECT key FROM idempotency_record WHERE key LIKE :k"),
+                                      {"k": f"%-{tag}"})).scalars().all()
+    assert kept == [f"new-{tag}"]

@@ -71,7 +71,8 @@ _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
 # `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
 # when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
 # Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
-# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact.
+# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact. The batch empties it
+# before it commits: a pooled connection's temporary table is out of an erasure's reach.
 _STAGE_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS import_stage ("
     + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
@@ -395,7 +396,6 @@ async def _write_batch(
     kept = await _drop_duplicates(connection, job, validated.records, rejects)
     counts["rejected"] += len(validated.records) - len(kept)
     await connection.execute(_STAGE_DDL)
-    await connection.execute("TRUNCATE import_stage")
     if kept:
         await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
         await connection.execute(_SUPPRESSED_SQL)
@@ -428,6 +428,7 @@ async def _write_batch(
             rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
         if job.list_row is not None and not dry:
             counts["subscribed"] = await _subscribe(connection, job, rejects, now)
+        await connection.execute("TRUNCATE import_stage")
     if rejects:
         rejects.sort(key=lambda r: r[1])
         await connection.copy_records_to_table(

@@ -8,14 +8,13 @@ so that a file nobody can import is a 422 at once rather than a failed job later
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.models import AttributeDefinition, ImportJob, ImportReject
@@ -25,6 +24,7 @@ from app.security import Principal
 from app.services import lists as lists_service
 from app.services.consents import MAX_CLOCK_SKEW
 from app.services.imports import headers, sniff
+from app.services.sweeps import Sweep
 from app.settings import Settings
 
 __all__ = ["CHUNK_BYTES", "ImportNotFound", "ReportValueExpiry", "create", "get", "rechunk", "rejects"]
@@ -169,23 +169,12 @@ _EXPIRE_VALUES_SQL = text("""
 """)
 
 
-class ReportValueExpiry:
-    """A worker job: `IMPORT_REPORT_VALUES_DAYS` after an import ended, its reject report loses the refused values
-    (cells of real people's rows: an address, a name) and keeps each line's row, column and reason (GDPR art.
-    5(1)(e), storage limitation). Sweeps at most every `every_seconds`, `batch` lines per statement."""
+class ReportValueExpiry(Sweep):
+    """`IMPORT_REPORT_VALUES_DAYS` after an import ended, its reject report loses the refused values (cells of
+    real people's rows: an address, a name) and keeps each line's row, column and reason."""
 
-    def __init__(self, *, every_seconds: float = 3600.0, batch: int = 5000) -> None:
-        self.every_seconds, self.batch = every_seconds, batch
-        self._next_sweep = 0.0
+    statement = _EXPIRE_VALUES_SQL
 
-    async def __call__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> bool:
-        """True while there is more to clear now (the worker calls again at once); False: idle until next time."""
-        if time.monotonic() < self._next_sweep:
-            return False
-        async with sessions.begin() as session:
-            cleared = (await session.execute(
-                _EXPIRE_VALUES_SQL, {"days": settings.import_report_values_days, "limit": self.batch})).rowcount
-        if cleared < self.batch:
-            self._next_sweep = time.monotonic() + self.every_seconds
-        return cleared == self.batch
+    def params(self, settings: Settings) -> dict[str, Any]:
+        return {"days": settings.import_report_values_days}
 
