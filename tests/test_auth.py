@@ -174,6 +174,18 @@ class TestTokens:
     async def test_unknown_token_id_is_404(self, client: httpx.AsyncClient) -> None:
         assert (await client.delete("/v1/tokens/nope", headers=bearer())).status_code == 404
 
+    async def test_the_list_is_a_bare_array_cut_at_limit(self, client: httpx.AsyncClient) -> None:
+        # A documented deviation from the {data, next_cursor} pages (docs/decisions.md): pinned here.
+        for _ in range(3):
+            assert (await client.post("/v1/tokens", json={"subject": "s", "role": "viewer"},
+                                      headers=bearer())).status_code == 201
+        listed = await client.get("/v1/tokens", params={"limit": 2}, headers=bearer())
+        assert listed.status_code == 200 and isinstance(listed.json(), list) and len(listed.json()) == 2
+        issued = [t["issued_at"] for t in listed.json()]
+        assert issued == sorted(issued, reverse=True)  # newest first
+        too_many = await client.get("/v1/tokens", params={"limit": 1001}, headers=bearer())
+        assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "limit"
+
 
 class TestRevocationAcrossProcesses:
     @pytest.mark.committing

@@ -7,8 +7,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Response
 
 from app.db import ReadSession, WriteSession
-from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, TagNotFound, problems
-from app.routers.deps import JSONBody
+from app.errors import (
+    AttributeInUse,
+    AttributeNotFound,
+    DuplicateAttribute,
+    IdempotencyKeyReused,
+    TagNotFound,
+    problems,
+)
+from app.routers.deps import Idempotency, JSONBody
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeRead, TagCreate, TagRead
 from app.schemas.types import AttributeName, TagName
 from app.security import Principal, Scope, require
@@ -25,14 +32,21 @@ Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
 
 @attributes_router.get("", response_model=list[AttributeRead])
 async def list_attributes(session: ReadSession, _: Reader) -> Any:
+    """Every definition, by name: a bare array, not a cursor page (a small catalogue; docs/decisions.md)."""
     return JSONBody(await attributes_service.list_all(session))
 
 
-@attributes_router.post("", status_code=201, response_model=AttributeRead, responses=problems(DuplicateAttribute))
+@attributes_router.post("", status_code=201, response_model=AttributeRead,
+                        responses=problems(DuplicateAttribute, IdempotencyKeyReused))
 async def create_attribute(
-    payload: AttributeCreate, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)]
+    payload: AttributeCreate,
+    session: WriteSession,
+    _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+    idem: Idempotency,
 ) -> Any:
-    return JSONBody(await attributes_service.create(session, payload), status_code=201)
+    if idem.replay:
+        return idem.replay
+    return await idem.respond(201, await attributes_service.create(session, payload))
 
 
 @attributes_router.get("/{name}", response_model=AttributeRead, responses=problems(AttributeNotFound))
@@ -61,14 +75,18 @@ async def delete_attribute(
 
 @tags_router.get("", response_model=list[TagRead])
 async def list_tags(session: ReadSession, _: Reader) -> Any:
+    """The whole catalogue, by name: a bare array, not a cursor page (a small catalogue; docs/decisions.md)."""
     return JSONBody(await tags_service.list_all(session))
 
 
-@tags_router.post("", status_code=201, response_model=TagRead, responses=problems(tags_service.DuplicateTag))
+@tags_router.post("", status_code=201, response_model=TagRead,
+                  responses=problems(tags_service.DuplicateTag, IdempotencyKeyReused))
 async def create_tag(
-    payload: TagCreate, session: WriteSession, _: Annotated[Principal, require(Scope.TAGS_WRITE)]
+    payload: TagCreate, session: WriteSession, _: Annotated[Principal, require(Scope.TAGS_WRITE)], idem: Idempotency
 ) -> Any:
-    return JSONBody(await tags_service.create(session, payload), status_code=201)
+    if idem.replay:
+        return idem.replay
+    return await idem.respond(201, await tags_service.create(session, payload))
 
 
 @tags_router.delete("/{name}", status_code=204, responses=problems(TagNotFound))

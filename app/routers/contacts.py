@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
@@ -32,7 +31,7 @@ from app.schemas.contacts import (
     present_contact,
 )
 from app.schemas.history import HistoryPage, present_history
-from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName
+from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName, Timestamp
 from app.security import Principal, Scope, require
 from app.services import contacts as contacts_service
 from app.services import history as history_service
@@ -122,8 +121,8 @@ async def list_contacts(
     city: SearchText | None = None,
     postal_code: SearchText | None = None,
     country: CountryCode | None = None,
-    created_after: datetime | None = None,
-    updated_after: datetime | None = None,
+    created_after: Timestamp | None = None,
+    updated_after: Timestamp | None = None,
     segment_id: Annotated[uuid.UUID | None, Query(alias="segment", description="Contacts matching this segment")] = None,
     sort: ContactSort = ContactSort.CREATED_AT_DESC,
     limit: Limit = 50,
@@ -177,7 +176,7 @@ async def get_contact_history(
     cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
 ) -> Any:
     await contacts_service.get(session, contact_id)
-    rows = await history_service.page(session, contact_id, limit=limit, before_id=int(cursor) if cursor else None)
+    rows = await history_service.page(session, contact_id, limit=limit, before_id=history_service.id_cursor(cursor))
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
     return JSONBody({"data": [present_history(r, reveal_pii=caller.sees_pii) for r in rows[:limit]],
                      "next_cursor": next_cursor})

@@ -7,26 +7,29 @@ to whoever may import; values in the report are masked for tokens without `pii:r
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.db import ReadSession, WriteSession, get_read_sessionmaker
-from app.errors import BadRequest, InvalidInput, PayloadTooLarge, problems
+from app.errors import BadRequest, IdempotencyKeyReused, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
 from app.problems import validation_problem
 from app.routers.deps import JSONBody
 from app.schemas.imports import ImportAccepted, ImportOptions, ImportRead, present_import
 from app.security import Principal, Scope, require
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
+from app.services import idempotency as idempotency_service
 from app.services.imports import store as imports_service
 from app.services.imports.store import ImportNotFound
 
@@ -73,9 +76,20 @@ _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("", status_code=202, response_model=ImportAccepted, openapi_extra=_UPLOAD_BODY,
-             responses=problems(BadRequest, InvalidInput, PayloadTooLarge))
-async def create_import(request: Request, session: WriteSession, caller: Importer) -> Any:
-    """Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it)."""
+             responses=problems(BadRequest, InvalidInput, PayloadTooLarge, IdempotencyKeyReused))
+async def create_import(
+    request: Request,
+    session: WriteSession,
+    caller: Importer,
+    idempotency_key: Annotated[
+        str | None, Header(description="Replays the first response for 24 h; reused with another file or fields → 422")
+    ] = None,
+) -> Any:
+    """Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it).
+
+    With an `Idempotency-Key`, a repeat with the same file bytes and fields queues nothing and replays the first
+    202 (the multipart boundary and the order of distinct fields do not matter).
+    """
     settings = request.app.state.settings
     form = await request.form(max_files=1, max_fields=len(_FIELDS) + 100)
     try:
@@ -83,6 +97,15 @@ async def create_import(request: Request, session: WriteSession, caller: Importe
         if not isinstance(upload, UploadFile):
             raise InvalidInput.one("file", "a CSV file is required in the multipart field `file`", "missing")
         options = _options(form.multi_items())
+        if idempotency_key is not None:
+            fingerprint = await _upload_fingerprint(request, form.multi_items(), upload)
+            stored = await idempotency_service.claim(
+                session, subject=caller.subject, key=idempotency_key, method=request.method,
+                path=request.url.path, fingerprint=fingerprint,
+            )
+            if stored is not None:
+                return JSONBody(stored.body, status_code=stored.status_code,
+                                headers={**stored.headers, "Idempotent-Replayed": "true"})
 
         async def chunks() -> AsyncIterator[bytes]:
             while piece := await upload.read(imports_service.CHUNK_BYTES):
@@ -94,8 +117,11 @@ async def create_import(request: Request, session: WriteSession, caller: Importe
         )
     finally:
         await form.close()
-    return JSONBody({"id": row["id"], "status": row["status"]}, status_code=202,
-                    headers={"Location": f"/v1/imports/{row['id']}"})
+    body, headers = {"id": str(row["id"]), "status": row["status"]}, {"Location": f"/v1/imports/{row['id']}"}
+    if idempotency_key is not None:
+        await idempotency_service.complete(session, subject=caller.subject, key=idempotency_key, status_code=202,
+                                           body=body, headers=headers)
+    return JSONBody(body, status_code=202, headers=headers)
 
 
 @router.get("/{import_id}", response_model=ImportRead, responses=problems(ImportNotFound))
@@ -133,6 +159,27 @@ async def get_import_rejects(
 
     return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers={
         "Content-Disposition": f'attachment; filename="import-{import_id}-rejects.csv"'})
+
+
+async def _upload_fingerprint(request: Request, items: list[tuple[str, Any]], upload: UploadFile) -> str:
+    """The request's Idempotency-Key fingerprint from what it means, not its bytes on the wire (the multipart
+    boundary changes on every send): the file's name, size and SHA-256, and the other fields. Fields keep their
+    order among equal names (`tags` repeated), not across names."""
+    digest, size = await run_in_threadpool(_hash_file, upload.file)
+    fields = sorted(([k, v] for k, v in items if k != "file" and isinstance(v, str)), key=lambda kv: kv[0])
+    meaning = {"file": {"filename": upload.filename, "size": size, "sha256": digest}, "fields": fields}
+    return idempotency_service.request_fingerprint(request.method, request.url.path, json.dumps(meaning).encode())
+
+
+def _hash_file(file: IO[bytes]) -> tuple[str, int]:
+    """SHA-256 and size of the spooled upload, read in chunks; the file is rewound for the import."""
+    digest, size = hashlib.sha256(), 0
+    file.seek(0)
+    while piece := file.read(imports_service.CHUNK_BYTES):
+        digest.update(piece)
+        size += len(piece)
+    file.seek(0)
+    return digest.hexdigest(), size
 
 
 def _options(items: list[tuple[str, Any]]) -> ImportOptions:

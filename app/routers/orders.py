@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app.db import ReadSession, WriteSession
-from app.errors import ContactNotFound, InvalidInput, problems
-from app.routers.deps import JSONBody, run_each
+from app.errors import ContactNotFound, IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
 from app.schemas.orders import (
     EventBatch,
     EventBatchResult,
@@ -21,8 +21,9 @@ from app.schemas.orders import (
     OrderPut,
     OrderRead,
 )
-from app.schemas.types import ExternalId, Limit
+from app.schemas.types import ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
+from app.services import history as history_service
 from app.services import orders as orders_service
 
 __all__ = ["contact_activity_router", "events_router", "orders_router"]
@@ -36,45 +37,57 @@ def _policy(request: Request) -> orders_service.LifecyclePolicy:
     return request.app.state.lifecycle_policy  # type: ignore[no-any-return]
 
 
+def _order_response(row: Any, *, status_code: int = 200) -> JSONBody:
+    """One order with its ETag (its version: see `orders.order_version`)."""
+    return JSONBody(row, status_code=status_code, headers={"ETag": etag(orders_service.order_version(row))})
+
+
 @orders_router.put("/{external_id}", response_model=OrderRead,
-                   responses={201: {"description": "Created", "model": OrderRead}})
+                   responses={201: {"description": "Created", "model": OrderRead}, **problems(PreconditionFailed)})
 async def put_order(
     external_id: ExternalId, payload: OrderPut, request: Request, session: WriteSession,
-    caller: Annotated[Principal, require(Scope.ORDERS_WRITE)],
+    caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
 ) -> Any:
     """Idempotent upsert: a replay changes nothing; the contact's stats and stage follow in the same transaction."""
     row, created = await orders_service.upsert_order(session, external_id, payload, actor=caller,
-                                                     policy=_policy(request))
-    return JSONBody(row, status_code=201 if created else 200)
+                                                     policy=_policy(request), expected_version=expected_version)
+    return _order_response(row, status_code=201 if created else 200)
 
 
 @orders_router.get("/{external_id}", response_model=OrderRead, responses=problems(orders_service.OrderNotFound))
 async def get_order(
     external_id: ExternalId, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)]
 ) -> Any:
-    return JSONBody(await orders_service.get_order(session, external_id))
+    return _order_response(await orders_service.get_order(session, external_id))
 
 
 @events_router.post("", status_code=201, response_model=EventRead,
-                    responses={200: {"description": "Replay of a known event_id", "model": EventRead}})
+                    responses={200: {"description": "Replay of a known event_id", "model": EventRead},
+                               **problems(IdempotencyKeyReused)})
 async def create_event(
-    payload: EventCreate, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)]
+    payload: EventCreate, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)],
+    idem: Idempotency,
 ) -> Any:
+    if idem.replay:
+        return idem.replay
     row, created = await orders_service.record_event(session, payload, actor=caller)
-    return JSONBody(row, status_code=201 if created else 200)
+    return await idem.respond(201 if created else 200, row)
 
 
-@events_router.post("/batch", response_model=EventBatchResult)
+@events_router.post("/batch", response_model=EventBatchResult, responses=problems(IdempotencyKeyReused))
 async def create_events(
-    payload: EventBatch, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)]
+    payload: EventBatch, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)],
+    idem: Idempotency,
 ) -> Any:
     """Up to 1,000 events; each succeeds or fails alone."""
+    if idem.replay:
+        return idem.replay
     async def record(event: EventCreate) -> tuple[str, Any]:
         row, created = await orders_service.record_event(session, event, actor=caller)
         return ("created" if created else "duplicate"), row["id"]
 
     results = await run_each(session, payload.items, EventCreate, record)
-    return JSONBody({"results": results, "errors": sum(r["status"] == "error" for r in results)})
+    return await idem.respond(200, {"results": results, "errors": sum(r["status"] == "error" for r in results)})
 
 
 @contact_activity_router.get("/{contact_id}/orders", response_model=OrderPage,
@@ -96,7 +109,7 @@ async def list_contact_events(
     limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
 ) -> Any:
     rows = await orders_service.contact_events(session, contact_id, limit=limit,
-                                               before_id=int(cursor) if cursor else None)
+                                               before_id=history_service.id_cursor(cursor))
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
     return JSONBody({"data": rows[:limit], "next_cursor": next_cursor})
 
@@ -106,6 +119,6 @@ def _order_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
         return None
     try:
         placed, _, order_id = cursor.partition("|")
-        return datetime.fromisoformat(placed), uuid.UUID(order_id)
+        return utc_instant(datetime.fromisoformat(placed)), uuid.UUID(order_id)
     except ValueError:
         raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None

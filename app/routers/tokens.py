@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
 from app.db import ReadSession, WriteSession
-from app.errors import problems
-from app.routers.deps import JSONBody
+from app.errors import IdempotencyKeyReused, problems
+from app.routers.deps import Idempotency, JSONBody
 from app.schemas.tokens import Me, TokenCreate, TokenIssued, TokenRead
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
+from app.services import idempotency as idempotency_service
 from app.services import tokens as tokens_service
 
 __all__ = ["me_router", "router"]
@@ -23,20 +25,31 @@ Admin = Annotated[Principal, require(Scope.TOKENS_ADMIN)]
 TokenId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-@router.post("", status_code=201, response_model=TokenIssued)
-async def create_token(payload: TokenCreate, request: Request, session: WriteSession, caller: Admin) -> Any:
+@router.post("", status_code=201, response_model=TokenIssued,
+             responses=problems(tokens_service.TokenAlreadyIssued, IdempotencyKeyReused))
+async def create_token(
+    payload: TokenCreate, request: Request, session: WriteSession, caller: Admin, idem: Idempotency
+) -> Any:
+    """The token is in this response only. With an `Idempotency-Key`, a repeat mints nothing and is a 409
+    `token-already-issued` naming the first token's `jti`: the token itself is never stored, not even for a replay."""
+    if idem.replay:
+        raise tokens_service.already_issued(json.loads(idem.replay.body))
     settings = request.app.state.settings
     issued = await tokens_service.issue(
         session, request.app.state.token_signer, subject=payload.subject, role=payload.role,
         scopes=frozenset(payload.scopes) if payload.scopes is not None else None,
         ttl_seconds=payload.ttl_seconds or settings.jwt_default_ttl_seconds, issued_by=caller.subject,
     )
+    if idem.key is not None:
+        await idempotency_service.complete(session, subject=idem.subject, key=idem.key, status_code=201,
+                                           body=tokens_service.replay_record(issued), headers={})
     return JSONBody({"token": issued.token, "jti": issued.token_id, "expires_at": issued.expires_at}, status_code=201)
 
 
 @router.get("", response_model=list[TokenRead])
 async def list_tokens(session: ReadSession, _: Admin, limit: Limit = 100, include_expired: bool = False) -> Any:
-    """Newest first; the tokens themselves are never stored, only their ids and claims."""
+    """Newest first, at most `limit`, as a bare array (not a cursor page; docs/decisions.md). The tokens themselves
+    are never stored, only their ids and claims."""
     return JSONBody(await tokens_service.list_page(session, limit=limit, include_expired=include_expired))
 
 

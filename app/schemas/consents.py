@@ -9,7 +9,6 @@ from enum import StrEnum
 from typing import Any, Self
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     Field,
     IPvAnyAddress,
@@ -20,7 +19,7 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import LongText, ShortText
+from app.schemas.types import AwareTimestamp, LongText, ShortText
 from app.security.masking import mask_text
 
 __all__ = [
@@ -75,7 +74,7 @@ class ConsentCreate(InputSchema):
     purpose: ConsentPurpose
     action: ConsentAction
     source: ShortText | None = Field(default=None, description="Where it happened: newsletter_form, checkout, ...")
-    occurred_at: AwareDatetime | None = Field(
+    occurred_at: AwareTimestamp | None = Field(
         default=None, description="When the person acted (default: now); never in the future"
     )
     proof: ConsentProof | None = Field(default=None, validate_default=True, description="Required for `granted`")

@@ -12,7 +12,7 @@ from typing import Any, Self
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.schemas.base import InputSchema
-from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName
+from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName, Timestamp
 from app.security.masking import mask_email, mask_name, mask_phone, mask_text
 
 __all__ = [
@@ -101,7 +101,7 @@ class _ContactFields(InputSchema):
     address: Address | None = None
     language: ShortText | None = Field(default=None, max_length=35, description="BCP 47 tag, e.g. fr or fr-BE")
     source: ContactSource | None = None
-    first_contact_at: datetime | None = None
+    first_contact_at: Timestamp | None = None
     first_contact_channel: ShortText | None = None
     kind: ContactKind | None = None
     attributes: dict[str, Any] | None = Field(
@@ -147,7 +147,8 @@ class ContactPatch(_ContactFields):
 
 
 class ContactBatch(InputSchema):
-    items: list[dict[str, Any]] = Field(min_length=1, max_length=1000, description="ContactUpsert bodies")
+    # Any JSON value: an item that is not an object fails alone, in its own result.
+    items: list[Any] = Field(min_length=1, max_length=1000, description="ContactUpsert bodies")
 
 
 class ContactStats(BaseModel):

@@ -1,18 +1,22 @@
-"""Constrained field types shared by the schemas: normalized email and phone, country, safe text."""
+"""Constrained field types shared by the schemas: normalized email and phone, country, currency, safe text,
+timestamps PostgreSQL can store."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import phonenumbers
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from phonenumbers import PhoneMetadata
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
 
 __all__ = [
     "AttributeName",
+    "AwareTimestamp",
     "CountryCode",
+    "CurrencyCode",
     "Email",
     "ExternalId",
     "LongText",
@@ -20,6 +24,7 @@ __all__ = [
     "SearchText",
     "ShortText",
     "TagName",
+    "Timestamp",
     "configure_phone_region",
     "email_by_validator",
     "fast_email",
@@ -27,6 +32,7 @@ __all__ = [
     "normalize_email",
     "normalize_phone",
     "phone_by_phonenumbers",
+    "utc_instant",
 ]
 
 _phone_region = "FR"
@@ -86,6 +92,48 @@ def _country(value: str) -> str:
     return code
 
 
+# ISO 4217 List One, "current currency & funds" (SIX Financial Information, the maintenance agency), as published
+# 2026-01-01: 178 codes. Withdrawn ones (ANG, BGN, CUC, HRK, SLL, ZWL, ...) are refused like any other.
+_CURRENCIES = frozenset({
+    "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BHD", "BIF", "BMD", "BND",
+    "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHE", "CHF", "CHW", "CLF", "CLP", "CNY",
+    "COP", "COU", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP",
+    "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD",
+    "IRR", "ISK", "JMD", "JOD", "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP",
+    "LKR", "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN",
+    "MXV", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN",
+    "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD",
+    "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX",
+    "USD", "USN", "UYI", "UYU", "UYW", "UZS", "VED", "VES", "VND", "VUV", "WST", "XAD", "XAF", "XAG", "XAU", "XBA",
+    "XBB", "XBC", "XBD", "XCD", "XCG", "XDR", "XOF", "XPD", "XPF", "XPT", "XSU", "XTS", "XUA", "XXX", "YER", "ZAR",
+    "ZMW", "ZWG",
+})
+
+
+def _currency(value: str) -> str:
+    if value not in _CURRENCIES:
+        raise ValueError("not an active ISO 4217 currency code, e.g. EUR")
+    return value
+
+
+# What asyncpg can write to a timestamptz as itself: it sends these two exact instants as -infinity/infinity, which
+# come back as naive datetimes (no offset on the wire); anything beyond them does not fit a Python datetime in UTC.
+_FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+
+
+def utc_instant(value: datetime) -> datetime:
+    """The instant in UTC (a naive value is read as UTC), or ValueError when timestamptz cannot hold it as itself."""
+    try:
+        moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # the offset pushes it past year 9999 or before year 1
+        moment = None
+    if moment is None or not _FIRST_INSTANT < moment < _LAST_INSTANT:
+        raise ValueError("out of range: in UTC, a timestamp must fall after 0001-01-01T00:00:00Z and before "
+                         "9999-12-31T23:59:59.999999Z")
+    return moment
+
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -108,6 +156,10 @@ ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), Aft
 Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email)]
 Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone)]
 CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country)]
+CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), AfterValidator(_currency)]
+# Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`).
+Timestamp = Annotated[datetime, AfterValidator(utc_instant)]  # no offset: UTC
+AwareTimestamp = Annotated[AwareDatetime, AfterValidator(utc_instant)]  # the offset is required
 AttributeName = Annotated[str, AfterValidator(_attribute_name)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name)]
 Limit = Annotated[int, Field(ge=1, le=1000)]

@@ -11,14 +11,16 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.errors import InvalidInput
 from app.models import ContactHistory
 from app.models.base import utc_now
 from app.security import Principal
 
-__all__ = ["Change", "jsonable", "page", "record"]
+__all__ = ["Change", "id_cursor", "jsonable", "page", "record"]
 
 Change = tuple[str, Any, Any]  # (field, old, new), field as on the wire: "email", "address.city", "attributes.size"
 _table = ContactHistory.__table__  # type: ignore[attr-defined]
+_BIGINT_MAX = 2**63 - 1
 
 
 def jsonable(value: Any) -> Any:
@@ -55,3 +57,16 @@ async def page(
         query = query.where(_table.c.id < before_id)
     rows = await session.execute(query.order_by(_table.c.id.desc()).limit(limit + 1))
     return [dict(r) for r in rows.mappings()]
+
+
+def id_cursor(cursor: str | None) -> int | None:
+    """A cursor that is a row id (history, events), or a 422 naming `cursor` when no bigint id can be it."""
+    if not cursor:
+        return None
+    try:
+        value = int(cursor)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= _BIGINT_MAX:
+        raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor")
+    return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from app.schemas.lists import ListCreate, ListPatch, SubscribeRequest
 from app.security import Principal
 from app.services import consents, memberships, outbox
 from app.services.links import CONFIRM_LINK_TTL, Link, LinkBuilder
+from app.services.merge import survivor_of
 from app.services.pagination import CursorCodec, page_by_name
 
 __all__ = [
@@ -53,6 +54,10 @@ __all__ = [
 
 CONFIRMED_BY = "link:confirm"          # recorded_by of events made through the public links
 UNSUBSCRIBED_BY = "link:unsubscribe"
+# A link follows merges to the contact that holds its person now; a merge committing while the link waits
+# for that contact's lock moves it on again. Merges of merges are followed in one step (`survivor_of`), so a
+# few retries only ever cover merges racing the click.
+_MAX_FOLLOWS = 5
 
 _lists = MailingList.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
@@ -226,25 +231,24 @@ async def lock_contacts(session: AsyncSession, contact_ids: Sequence[uuid.UUID])
 
 
 async def link_target(session: AsyncSession, link: Link) -> dict[str, Any]:
-    """What a link points at, for the page shown before anything changes: list name and membership status."""
-    row = (await session.execute(
-        select(_lists.c.id, _lists.c.name, _members.c.status)
-        .select_from(_lists.outerjoin(_members, (_members.c.list_id == _lists.c.id)
-                                      & (_members.c.contact_id == link.contact_id)))
-        .where(_lists.c.id == link.list_id)
-    )).mappings().first()
-    return {"list": {"id": row["id"], "name": row["name"]} if row else None,
-            "status": row["status"] if row else None}
+    """What a link points at, for the page shown before anything changes: list name and membership status.
+
+    The status is that of the contact the link acts on now (its own, or its survivor's after a merge).
+    """
+    return await _target(session, await _follow(session, link))
 
 
 async def confirm(session: AsyncSession, link: Link, *, ip: str | None, user_agent: str | None) -> dict[str, Any]:
-    """Double opt-in click: pending → subscribed and a `confirmed` ledger event. A replay changes nothing."""
+    """Double opt-in click: pending → subscribed and a `confirmed` ledger event. A replay changes nothing.
+
+    After a merge the survivor holds the pending membership, so it is the survivor that confirms.
+    """
     try:
-        await consents.lock_contact(session, link.contact_id)
+        link = await _lock_holder(session, link)
     except ContactNotFound:
         raise ConfirmationCancelled("this subscription no longer exists") from None
     current = await memberships.get(session, link.list_id, link.contact_id, lock=True)
-    target = await link_target(session, link)
+    target = await _target(session, link)
     if current is not None and current["status"] == memberships.SUBSCRIBED:
         return {**target, "result": "already_confirmed"}
     if current is None or current["status"] != memberships.PENDING:
@@ -262,9 +266,13 @@ async def confirm(session: AsyncSession, link: Link, *, ip: str | None, user_age
 async def unsubscribe_by_link(
     session: AsyncSession, link: Link, *, everything: bool, ip: str | None, user_agent: str | None
 ) -> dict[str, Any]:
-    """One-click unsubscribe: that list, or with `everything` withdraw email_marketing (= every list)."""
+    """One-click unsubscribe: that list, or with `everything` withdraw email_marketing (= every list).
+
+    It acts on the contact that holds the person now: the one the link names, or the survivor it was merged
+    into (which holds its memberships and consents). An erased contact has nothing left to unsubscribe.
+    """
     try:
-        await consents.lock_contact(session, link.contact_id)
+        link = await _lock_holder(session, link)
     except ContactNotFound:
         return {"list": None, "status": None, "unsubscribed_lists": 0}  # nothing left to unsubscribe
     now = utc_now()
@@ -281,8 +289,47 @@ async def unsubscribe_by_link(
     else:
         changed = await memberships.unsubscribe(session, link.contact_id, list_id=link.list_id, at=now,
                                                 reason="one_click")
-    target = await link_target(session, link)
+    target = await _target(session, link)
     return {**target, "unsubscribed_lists": len(changed)}
+
+
+async def _target(session: AsyncSession, link: Link) -> dict[str, Any]:
+    row = (await session.execute(
+        select(_lists.c.id, _lists.c.name, _members.c.status)
+        .select_from(_lists.outerjoin(_members, (_members.c.list_id == _lists.c.id)
+                                      & (_members.c.contact_id == link.contact_id)))
+        .where(_lists.c.id == link.list_id)
+    )).mappings().first()
+    return {"list": {"id": row["id"], "name": row["name"]} if row else None,
+            "status": row["status"] if row else None}
+
+
+async def _follow(session: AsyncSession, link: Link) -> Link:
+    """The link as it acts now: on its own contact, or, if that contact was merged away, on the survivor
+    (`contact_merge`, merges of merges followed). An erased contact has no survivor: the link is unchanged."""
+    if await session.scalar(select(_contacts.c.id).where(_contacts.c.id == link.contact_id)) is not None:
+        return link
+    survivor = await survivor_of(session, link.contact_id)
+    return link if survivor is None else replace(link, contact_id=survivor)
+
+
+async def _lock_holder(session: AsyncSession, link: Link) -> Link:
+    """Lock the contact the link acts on now (see `_follow`) and return the link aimed at it.
+
+    ContactNotFound when the person was erased (merged or not). A merge that commits while this waits for
+    the lock deletes the row waited for: the link then follows that merge too.
+    """
+    for _ in range(_MAX_FOLLOWS):
+        try:
+            await consents.lock_contact(session, link.contact_id)
+        except ContactNotFound:
+            survivor = await survivor_of(session, link.contact_id)
+            if survivor is None:
+                raise
+            link = replace(link, contact_id=survivor)
+        else:
+            return link
+    raise ContactNotFound(f"no contact with id {link.contact_id}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -13,7 +14,7 @@ from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import InvalidInput, NotFound
+from app.errors import InvalidInput, NotFound, PreconditionFailed
 from app.models import Contact, Event, Order
 from app.models.base import utc_now
 from app.schemas.contacts import ContactUpsert
@@ -28,6 +29,7 @@ __all__ = [
     "contact_events",
     "contact_orders",
     "get_order",
+    "order_version",
     "record_event",
     "refresh_aged_stages",
     "refresh_stats",
@@ -39,6 +41,7 @@ _orders = Order.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 NOT_COUNTED = ("cancelled", "refunded")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class OrderNotFound(NotFound):
@@ -76,16 +79,25 @@ async def resolve_contact(session: AsyncSession, ref: ContactRef, *, actor: Prin
             raise InvalidInput.one("contact.external_id", "no contact with this external_id; add an email to create one",
                                    "unknown_contact")
         return found
-    result = await contacts_service.upsert(
-        session, ContactUpsert(email=ref.email, external_id=ref.external_id), actor=actor, via=via
-    )
+    # Only the keys the reference names: an absent external_id must not read as "clear it" (merge semantics).
+    keys = ContactUpsert(**ref.model_dump(include={"email", "external_id"}, exclude_none=True))
+    result = await contacts_service.upsert(session, keys, actor=actor, via=via)
     return result.row["id"]  # type: ignore[no-any-return]
 
 
+def order_version(row: Mapping[str, Any]) -> int:
+    """An order's version for ETag/If-Match: its updated_at in microseconds (a change moves it, a replay does not)."""
+    return (row["updated_at"] - _EPOCH) // timedelta(microseconds=1)  # type: ignore[no-any-return]
+
+
 async def upsert_order(
-    session: AsyncSession, external_id: str, payload: OrderPut, *, actor: Principal, policy: LifecyclePolicy
+    session: AsyncSession, external_id: str, payload: OrderPut, *, actor: Principal, policy: LifecyclePolicy,
+    expected_version: int | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Create or replace the order; the contact's stats follow in the same transaction. Replays change nothing."""
+    """Create or replace the order; the contact's stats follow in the same transaction. Replays change nothing.
+
+    With `expected_version` (If-Match), PreconditionFailed unless the order exists at that version.
+    """
     contact_id = await resolve_contact(session, payload.contact, actor=actor, via="checkout")
     values = {
         "contact_id": contact_id, "placed_at": payload.placed_at, "status": payload.status.value,
@@ -95,6 +107,12 @@ async def upsert_order(
     current = (await session.execute(
         select(_orders).where(_orders.c.external_id == external_id).with_for_update()
     )).mappings().first()
+    if expected_version is not None:
+        if current is None:
+            raise PreconditionFailed("the order does not exist yet: send no If-Match to create it")
+        if order_version(current) != expected_version:
+            raise PreconditionFailed(f"the order is at version {order_version(current)}",
+                                     current_version=order_version(current))
     now = utc_now()
     if current is None:
         statement = (insert(_orders).values(id=uuid.uuid4(), external_id=external_id, created_at=now, updated_at=now,
@@ -102,7 +120,8 @@ async def upsert_order(
                      .on_conflict_do_nothing().returning(*_orders.c))
         row = (await session.execute(statement)).mappings().first()
         if row is None:  # created concurrently: replace it like any existing order
-            return await upsert_order(session, external_id, payload, actor=actor, policy=policy)
+            return await upsert_order(session, external_id, payload, actor=actor, policy=policy,
+                                      expected_version=expected_version)
         await refresh_stats(session, contact_id, actor=actor, policy=policy)
         return dict(row), True
     if all(_same(current[k], v) for k, v in values.items()):

@@ -66,6 +66,7 @@ from app.models import (
 )
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
+from app.schemas.types import utc_instant
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
 from app.services.pagination import Cursor, CursorCodec, page_by_name
 
@@ -337,7 +338,7 @@ def _timestamp(value: Any, path: str) -> datetime:
                 return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
             moment = datetime.fromisoformat(value)
             if moment.tzinfo is not None:
-                return moment
+                return utc_instant(moment)  # ValueError when timestamptz cannot hold it
         except ValueError:
             pass
     raise _Invalid(path, "expected an RFC 3339 timestamp with an offset, or a date YYYY-MM-DD")

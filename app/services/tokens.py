@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import and_, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound
 from app.models import AccessToken
 from app.models.base import utc_now
 from app.security import Role, Scope
 from app.security.revocation import REVOCATION_CHANNEL
 from app.security.tokens import IssuedToken, TokenSigner
 
-__all__ = ["TokenNotFound", "issue", "list_page", "revoke"]
+__all__ = ["TokenAlreadyIssued", "TokenNotFound", "already_issued", "issue", "list_page", "replay_record", "revoke"]
 _t = AccessToken.__table__  # type: ignore[attr-defined]
 
 
 class TokenNotFound(NotFound):
     slug, title = "token-not-found", "No such token"
+
+
+class TokenAlreadyIssued(Conflict):
+    slug, title = "token-already-issued", "This Idempotency-Key already issued a token"
+
+
+def replay_record(issued: IssuedToken) -> dict[str, Any]:
+    """What an Idempotency-Key keeps of an issuance: its id and expiry, never the token itself.
+
+    A stored copy of the response would be a usable bearer token in clear in `idempotency_record` for 24 h,
+    while Carnet keeps no token anywhere else (docs/decisions.md, "Idempotency").
+    """
+    return {"jti": issued.token_id, "expires_at": issued.expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+
+
+def already_issued(record: Any) -> TokenAlreadyIssued:
+    """The answer to a repeat of a keyed issuance: a 409 naming the token the key issued (to use or revoke)."""
+    jti = record.get("jti") if isinstance(record, dict) else None
+    return TokenAlreadyIssued(
+        f"this Idempotency-Key already issued token {jti}; a token is shown only once and is not kept for "
+        "replays: use the token from the first response, or revoke it and ask again with a new key",
+        jti=jti, expires_at=record.get("expires_at") if isinstance(record, dict) else None,
+    )
 
 
 async def issue(

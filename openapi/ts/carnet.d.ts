@@ -68,7 +68,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List Attributes */
+        /**
+         * List Attributes
+         * @description Every definition, by name: a bare array, not a cursor page (a small catalogue; docs/decisions.md).
+         */
         get: operations["list_attributes_v1_attributes_get"];
         put?: never;
         /** Create Attribute */
@@ -563,6 +566,9 @@ export interface paths {
         /**
          * Create Import
          * @description Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it).
+         *
+         *     With an `Idempotency-Key`, a repeat with the same file bytes and fields queues nothing and replays the first
+         *     202 (the multipart boundary and the order of distinct fields do not matter).
          */
         post: operations["create_import_v1_imports_post"];
         delete?: never;
@@ -1024,7 +1030,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List Tags */
+        /**
+         * List Tags
+         * @description The whole catalogue, by name: a bare array, not a cursor page (a small catalogue; docs/decisions.md).
+         */
         get: operations["list_tags_v1_tags_get"];
         put?: never;
         /** Create Tag */
@@ -1064,11 +1073,16 @@ export interface paths {
         };
         /**
          * List Tokens
-         * @description Newest first; the tokens themselves are never stored, only their ids and claims.
+         * @description Newest first, at most `limit`, as a bare array (not a cursor page; docs/decisions.md). The tokens themselves
+         *     are never stored, only their ids and claims.
          */
         get: operations["list_tokens_v1_tokens_get"];
         put?: never;
-        /** Create Token */
+        /**
+         * Create Token
+         * @description The token is in this response only. With an `Idempotency-Key`, a repeat mints nothing and is a 409
+         *     `token-already-issued` naming the first token's `jti`: the token itself is never stored, not even for a replay.
+         */
         post: operations["create_token_v1_tokens_post"];
         delete?: never;
         options?: never;
@@ -1321,9 +1335,7 @@ export interface components {
              * Items
              * @description ContactUpsert bodies
              */
-            items: {
-                [key: string]: unknown;
-            }[];
+            items: unknown[];
         };
         /** ContactCreate */
         ContactCreate: {
@@ -1895,9 +1907,7 @@ export interface components {
              * Items
              * @description EventCreate bodies
              */
-            items: {
-                [key: string]: unknown;
-            }[];
+            items: unknown[];
         };
         /** EventBatchItem */
         EventBatchItem: {
@@ -2414,7 +2424,7 @@ export interface components {
             contact: components["schemas"]["ContactRef"];
             /**
              * Currency
-             * @description ISO 4217, e.g. EUR
+             * @description ISO 4217 (an active code), e.g. EUR
              */
             currency: string;
             /** Items */
@@ -3066,7 +3076,10 @@ export interface operations {
     create_attribute_v1_attributes_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -3112,7 +3125,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5050,7 +5063,10 @@ export interface operations {
     create_event_v1_events_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -5096,7 +5112,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5110,7 +5126,10 @@ export interface operations {
     create_events_v1_events_batch_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -5147,7 +5166,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5230,7 +5249,10 @@ export interface operations {
     create_import_v1_imports_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another file or fields → 422 */
+                "idempotency-key"?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -5303,7 +5325,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description The request is not valid; This Idempotency-Key was used with another request */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -6272,7 +6294,10 @@ export interface operations {
     put_order_v1_orders__external_id__put: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+            };
             path: {
                 external_id: string;
             };
@@ -6313,6 +6338,15 @@ export interface operations {
             };
             /** @description The token lacks a required scope */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7230,7 +7264,10 @@ export interface operations {
     create_tag_v1_tags_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -7276,7 +7313,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -7396,7 +7433,10 @@ export interface operations {
     create_token_v1_tokens_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                "idempotency-key"?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -7433,7 +7473,16 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description This Idempotency-Key already issued a token */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
                     [name: string]: unknown;

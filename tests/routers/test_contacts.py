@@ -231,6 +231,18 @@ class TestBatch:
         response = await client.post("/v1/contacts", content=b"\xff\xfe{", headers=headers)
         assert assert_problem(response, 422, "body")["errors"][0]["code"] == "json_invalid"
 
+    @pytest.mark.parametrize("bad", [None, "n@x.fr", ["n@x.fr"], 42])
+    async def test_an_item_that_is_not_an_object_fails_alone(self, client: httpx.AsyncClient, bad: object) -> None:
+        email = unique_email()
+        response = await client.post("/v1/contacts/batch", json={"items": [bad, {"email": email}]}, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [r["status"] for r in body["results"]] == ["error", "created"]
+        assert (body["created"], body["updated"], body["errors"]) == (1, 0, 1)
+        error = body["results"][0]["error"]
+        assert (error["status"], error["errors"][0]["field"]) == (422, "body")
+        assert (await client.get("/v1/contacts", params={"email": email}, headers=ADMIN)).json()["data"]
+
     async def test_more_than_1000_items_is_422(self, client: httpx.AsyncClient) -> None:
         items = [{"email": f"p{i}@example.com"} for i in range(1001)]
         assert_problem(await client.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN), 422, "items")
@@ -392,6 +404,12 @@ class TestHistory:
         fields = [h["field"] for h in first["data"] + rest["data"]]
         assert len(fields) == len(set(fields)) == 6  # email, first_name, last_name, company, source, kind
 
+    @pytest.mark.parametrize("cursor", ["9223372036854775808", "99999999999999999999"])
+    async def test_cursor_beyond_int64_is_422(self, client: httpx.AsyncClient, cursor: str) -> None:
+        contact = await make_contact(client)
+        response = await client.get(f"/v1/contacts/{contact['id']}/history", params={"cursor": cursor}, headers=ADMIN)
+        assert_problem(response, 422, "cursor")
+
 
 class TestContactTags:
     async def test_put_and_delete_a_tag(self, client: httpx.AsyncClient) -> None:
@@ -412,3 +430,59 @@ class TestContactTags:
         history = (await client.get(f"/v1/contacts/{b['id']}/history", headers=ADMIN)).json()["data"]
         assert (history[0]["field"], history[0]["old_value"], history[0]["new_value"]) == ("tags", ["old"], [])
         assert_problem(await client.delete("/v1/tags/old", headers=ADMIN), 404)
+
+
+TOO_LATE = "9999-12-31T23:59:59-23:59"  # year 10000 in UTC
+TOO_EARLY = "0001-01-01T00:00:00+23:59"  # year 0 in UTC
+
+
+class TestTimestampRange:
+    """An offset that pushes a timestamp outside years 1-9999 in UTC (what timestamptz stores): 422, never 500."""
+
+    @pytest.mark.parametrize("moment", [TOO_LATE, TOO_EARLY])
+    @pytest.mark.parametrize("param", ["created_after", "updated_after"])
+    async def test_list_filters(self, client: httpx.AsyncClient, param: str, moment: str) -> None:
+        assert_problem(await client.get("/v1/contacts", params={param: moment}, headers=ADMIN), 422, param)
+
+    @pytest.mark.parametrize("moment", [TOO_LATE, TOO_EARLY])
+    async def test_first_contact_at(self, client: httpx.AsyncClient, moment: str) -> None:
+        body = {"email": unique_email(), "first_contact_at": moment}
+        assert_problem(await client.post("/v1/contacts", json=body, headers=ADMIN), 422, "first_contact_at")
+        contact = await make_contact(client)
+        patched = await client.patch(f"/v1/contacts/{contact['id']}", json={"first_contact_at": moment}, headers=ADMIN)
+        assert_problem(patched, 422, "first_contact_at")
+
+    @pytest.mark.parametrize("moment", [TOO_LATE, TOO_EARLY])
+    async def test_consent_occurred_at(self, client: httpx.AsyncClient, moment: str) -> None:
+        contact = await make_contact(client)
+        body = {"purpose": "email_marketing", "action": "withdrawn", "occurred_at": moment}
+        response = await client.post(f"/v1/contacts/{contact['id']}/consents", json=body, headers=ADMIN)
+        assert_problem(response, 422, "occurred_at")
+
+    @pytest.mark.parametrize("moment", [TOO_LATE, TOO_EARLY])
+    async def test_segment_condition(self, client: httpx.AsyncClient, moment: str) -> None:
+        filter_ = {"all": [{"field": "created_at", "op": "gt", "value": moment}]}
+        response = await client.post("/v1/segments/preview", json={"filter": filter_}, headers=ADMIN)
+        assert_problem(response, 422, "filter.all[0].value")
+
+    # The two ends themselves: asyncpg sends them as -infinity/infinity, which came back without an offset.
+    @pytest.mark.parametrize("moment", ["0001-01-01T00:00:00", "0001-01-01T01:00:00+01:00",
+                                        "9999-12-31T23:59:59.999999Z"])
+    async def test_the_two_ends_are_refused(self, client: httpx.AsyncClient, moment: str) -> None:
+        body = {"email": unique_email(), "first_contact_at": moment}
+        assert_problem(await client.post("/v1/contacts", json=body, headers=ADMIN), 422, "first_contact_at")
+
+    @pytest.mark.parametrize(("sent", "echoed"), [
+        ("0001-01-01T00:00:01", "0001-01-01T00:00:01Z"),  # no offset: UTC
+        ("0001-01-01T01:00:00.000001+01:00", "0001-01-01T00:00:00.000001Z"),
+        ("9999-12-31T23:59:59.999998", "9999-12-31T23:59:59.999998Z"),
+        ("9999-12-30T23:59:59-23:59", "9999-12-31T23:58:59Z"),
+    ])
+    async def test_the_edges_are_stored_and_echoed_in_utc(self, client: httpx.AsyncClient, sent: str,
+                                                          echoed: str) -> None:
+        created = await make_contact(client, first_contact_at=sent)
+        assert created["first_contact_at"] == echoed
+        read = (await client.get(f"/v1/contacts/{created['id']}", headers=ADMIN)).json()
+        assert read["first_contact_at"] == echoed
+        listing = await client.get("/v1/contacts", params={"created_after": sent}, headers=ADMIN)
+        assert listing.status_code == 200

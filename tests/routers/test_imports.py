@@ -412,6 +412,52 @@ class TestUploadValidation:
         assert (await upload(client, data, headers=MASKED)).status_code == 202
 
 
+class TestIdempotencyKey:
+    """Multipart uploads: "the same body" is the same file bytes and fields, whatever the boundary."""
+
+    async def test_a_repeat_replays_the_first_202_and_queues_one_job(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        headers = {**ADMIN, "Idempotency-Key": "upload-1"}
+        data = plain_file(20)
+        first = await upload(client, data, headers=headers, tags=["salon", "vip"], mode="upsert")
+        assert first.status_code == 202, first.text
+        again = await upload(client, data, headers=headers, mode="upsert", tags=["salon", "vip"])  # other order
+        assert again.status_code == 202, again.text
+        assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+        assert again.headers["location"] == first.headers["location"] == f"/v1/imports/{first.json()['id']}"
+        assert await count(sessions, "SELECT count(*) FROM import_job") == 1
+        assert await count(sessions, "SELECT count(*) FROM import_chunk") == 1
+
+    async def test_another_file_or_other_fields_with_the_key_are_422(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        headers = {**ADMIN, "Idempotency-Key": "upload-2"}
+        data = plain_file(20)
+        assert (await upload(client, data, headers=headers, tags=["a", "b"])).status_code == 202
+        changes: list[tuple[bytes, dict[str, Any]]] = [
+            (plain_file(21), {"tags": ["a", "b"]}),                         # another file
+            (data, {"tags": ["b", "a"]}),                                   # tags in another order
+            (data, {"tags": ["a", "b"], "dry_run": True}),                  # another field
+            (data, {"tags": ["a", "b"], "filename": "other.csv"}),          # another file name
+        ]
+        for content, fields in changes:
+            assert_problem(await upload(client, content, headers=headers, **fields), 422, "Idempotency-Key")
+        assert await count(sessions, "SELECT count(*) FROM import_job") == 1
+
+    async def test_without_a_key_each_upload_queues_a_job_and_a_failed_one_frees_the_key(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        data = plain_file(5)
+        assert (await upload(client, data)).status_code == 202
+        assert (await upload(client, data)).status_code == 202
+        assert await count(sessions, "SELECT count(*) FROM import_job") == 2
+        headers = {**ADMIN, "Idempotency-Key": "upload-3"}
+        assert_problem(await upload(client, b"", headers=headers), 422, "file")  # stores nothing
+        assert (await upload(client, data, headers=headers)).status_code == 202
+        assert_problem(await upload(client, data, headers={**ADMIN, "Idempotency-Key": ""}), 422, "Idempotency-Key")
+
+
 async def test_plain_file_helper_is_valid(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:

@@ -459,6 +459,88 @@ class TestOneClickUnsubscribe:
         assert await member_status(client, made["id"], contact["id"]) == "unsubscribed"
 
 
+class TestLinksAfterMerge:
+    """Links emailed to a contact that was later merged act on the survivor, which holds its person now."""
+
+    async def _merge(self, client: httpx.AsyncClient, survivor: dict, duplicate: dict) -> None:
+        response = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                     headers=ADMIN)
+        assert response.status_code == 200, response.text
+
+    async def _merged_pair(self, client: httpx.AsyncClient) -> tuple[dict, dict, dict, str]:
+        """X on list alpha, Y on list beta; Y's beta link is emailed, then Y is merged into X."""
+        alpha, beta = await make_list(client, name="alpha"), await make_list(client, name="beta")
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        for contact, made in ((survivor, alpha), (duplicate, beta)):
+            await grant_marketing(client, contact["id"])
+            assert (await subscribe(client, made["id"], contact["id"])).status_code == 201
+        token = CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uuid.UUID(duplicate["id"]), uuid.UUID(beta["id"])))
+        await self._merge(client, survivor, duplicate)
+        assert await member_status(client, beta["id"], survivor["id"]) == "subscribed"  # moved by the merge
+        return alpha, beta, survivor, token
+
+    async def test_preview_and_one_click_act_on_the_survivor(self, client: httpx.AsyncClient) -> None:
+        alpha, beta, survivor, token = await self._merged_pair(client)
+        preview = await client.get(f"/v1/public/unsubscribe/{token}")
+        assert preview.status_code == 200 and preview.json()["status"] == "subscribed"
+        done = await client.post(f"/v1/public/unsubscribe/{token}")
+        assert done.status_code == 200, done.text
+        assert done.json() == {"result": "unsubscribed", "list": {"id": beta["id"], "name": "beta"},
+                               "status": "unsubscribed", "unsubscribed_lists": 1}
+        assert await member_status(client, beta["id"], survivor["id"]) == "unsubscribed"
+        assert await member_status(client, alpha["id"], survivor["id"]) == "subscribed"  # that list only
+        assert (await client.get(f"/v1/public/unsubscribe/{token}")).json()["status"] == "unsubscribed"
+
+    async def test_all_withdraws_the_survivors_email_marketing(self, client: httpx.AsyncClient) -> None:
+        alpha, beta, survivor, token = await self._merged_pair(client)
+        done = await client.post(f"/v1/public/unsubscribe/{token}", params={"all": "1"})
+        assert done.status_code == 200 and done.json()["unsubscribed_lists"] == 2
+        for made in (alpha, beta):
+            assert await member_status(client, made["id"], survivor["id"]) == "unsubscribed"
+        book = await ledger(client, survivor["id"])
+        assert (book["events"][-1]["action"], book["events"][-1]["recorded_by"]) == ("withdrawn", "link:unsubscribe")
+        assert book["state"]["email_marketing"]["granted"] is False
+        can = (await client.get(f"/v1/contacts/{survivor['id']}/can-email", headers=ADMIN)).json()
+        assert can["marketing"] is False
+
+    async def test_merges_of_merges_are_followed(self, client: httpx.AsyncClient) -> None:
+        _, beta, survivor, token = await self._merged_pair(client)
+        last = await make_contact(client)
+        await self._merge(client, last, survivor)  # X is merged into Z in turn
+        assert (await client.get(f"/v1/public/unsubscribe/{token}")).json()["status"] == "subscribed"
+        done = await client.post(f"/v1/public/unsubscribe/{token}")
+        assert done.json()["unsubscribed_lists"] == 1
+        assert await member_status(client, beta["id"], last["id"]) == "unsubscribed"
+
+    async def test_a_pending_confirmation_moved_by_a_merge_can_be_confirmed(self, client: httpx.AsyncClient) -> None:
+        made = await make_list(client, name="doi", double_opt_in=True)
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        assert (await subscribe(client, made["id"], duplicate["id"], {"consent": {"proof": PROOF}})).status_code == 201
+        token = CODEC.encode(Link(LinkKind.CONFIRM, uuid.UUID(duplicate["id"]), uuid.UUID(made["id"]),
+                                  int(time.time()) + 3600))
+        await self._merge(client, survivor, duplicate)
+        confirmed = await client.get(f"/v1/public/confirm/{token}")
+        assert confirmed.status_code == 200, confirmed.text
+        assert confirmed.json() == {"result": "confirmed", "list": {"id": made["id"], "name": "doi"},
+                                    "status": "subscribed"}
+        assert await member_status(client, made["id"], survivor["id"]) == "subscribed"
+        events = (await ledger(client, survivor["id"]))["events"]
+        assert [(e["action"], e["recorded_by"]) for e in events] == [
+            ("granted", "tester@shop.example"), ("confirmed", "link:confirm")]
+        assert (await client.post(f"/v1/public/confirm/{token}")).json()["result"] == "already_confirmed"
+
+    async def test_an_erased_survivor_leaves_nothing_to_act_on(self, client: httpx.AsyncClient) -> None:
+        _, beta, survivor, token = await self._merged_pair(client)
+        confirm = CODEC.encode(Link(LinkKind.CONFIRM, uuid.UUID(survivor["id"]), uuid.UUID(beta["id"]),
+                                    int(time.time()) + 3600))
+        assert (await client.delete(f"/v1/contacts/{survivor['id']}", headers=ADMIN)).status_code in (200, 204)
+        assert (await client.get(f"/v1/public/unsubscribe/{token}")).json()["status"] is None
+        done = await client.post(f"/v1/public/unsubscribe/{token}", params={"all": "1"})
+        assert done.status_code == 200
+        assert done.json() == {"result": "unsubscribed", "list": None, "status": None, "unsubscribed_lists": 0}
+        assert_problem(await client.get(f"/v1/public/confirm/{confirm}"), 410)
+
+
 class TestMembers:
     async def test_pages_and_status_filter(self, client: httpx.AsyncClient) -> None:
         made = await make_list(client)

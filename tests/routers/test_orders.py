@@ -78,7 +78,7 @@ class TestPutOrder:
             ({**order({"id": contact["id"]}), "total_amount": "-1"}, "total_amount"),
             ({**order({"id": contact["id"]}), "currency": "euro"}, "currency"),
             ({**order({"id": contact["id"]}), "status": "lost"}, "status"),
-            ({**order({"id": contact["id"]}), "placed_at": "2026-01-01T10:00:00"}, "body"),
+            ({**order({"id": contact["id"]}), "placed_at": "2026-01-01T10:00:00"}, "placed_at"),
             (order({}), "contact"),
             (order({"id": "00000000-0000-0000-0000-000000000000"}), "contact.id"),
             (order({"external_id": "nobody"}), "contact.external_id"),
@@ -150,3 +150,155 @@ class TestEvents:
         assert (await client.put("/v1/orders/V1", json=order({"id": contact["id"]}), headers=viewer)).status_code == 403
         event = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
         assert (await client.post("/v1/events", json=event, headers=viewer)).status_code == 403
+
+
+TOO_LATE = "9999-12-31T23:59:59-23:59"  # year 10000 in UTC
+TOO_EARLY = "0001-01-01T00:00:00+23:59"  # year 0 in UTC
+
+
+class TestContactReference:
+    async def test_an_order_by_email_keeps_the_contacts_external_id(self, client: httpx.AsyncClient) -> None:
+        # Audit: the reference was upserted with external_id=None, which erased the stored one.
+        contact = await make_contact(client, external_id="SHOP-7", first_name="Léa")
+        assert (await put(client, "REF-1", order({"email": contact["email"]}))).status_code == 201
+        after = await contact_of(client, contact["id"])
+        assert (after["external_id"], after["first_name"]) == ("SHOP-7", "Léa")
+        history = (await client.get(f"/v1/contacts/{contact['id']}/history", headers=ADMIN)).json()["data"]
+        assert "external_id" not in {h["field"] for h in history if h["via"] == "checkout"}
+
+    async def test_events_by_email_keep_the_contacts_external_id(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client, external_id="SHOP-8")
+        event = {"contact": {"email": contact["email"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
+        assert (await client.post("/v1/events", json=event, headers=INTEGRATION)).status_code == 201
+        batch = await client.post("/v1/events/batch", json={"items": [event]}, headers=INTEGRATION)
+        assert [r["status"] for r in batch.json()["results"]] == ["created"]
+        assert (await contact_of(client, contact["id"]))["external_id"] == "SHOP-8"
+
+
+class TestTimestampRange:
+    """An offset that pushes a timestamp outside years 1-9999 in UTC (what timestamptz stores): 422, never 500."""
+
+    async def test_placed_at_outside_the_range_is_422(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        # the two ends themselves: asyncpg would store them as -infinity/infinity, read back without an offset
+        for moment in (TOO_LATE, TOO_EARLY, "0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"):
+            assert_problem(await put(client, "RANGE", {**order({"id": contact["id"]}), "placed_at": moment}), 422,
+                           "placed_at")
+        assert_problem(await client.get("/v1/orders/RANGE", headers=ADMIN), 404)
+
+    async def test_occurred_at_outside_the_range_is_422_alone_or_in_a_batch(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        for moment in (TOO_LATE, TOO_EARLY):
+            event = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": moment}
+            assert_problem(await client.post("/v1/events", json=event, headers=INTEGRATION), 422, "occurred_at")
+            batch = (await client.post("/v1/events/batch", json={"items": [event]}, headers=INTEGRATION)).json()
+            assert batch["results"][0]["error"]["errors"][0]["field"] == "occurred_at"
+
+    async def test_a_time_zone_is_required_and_the_edges_are_stored_in_utc(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        naive = {**order({"id": contact["id"]}), "placed_at": "2026-01-01T10:00:00"}
+        assert_problem(await put(client, "EDGE", naive), 422, "placed_at")
+        for moment, stored in (("0001-01-01T23:59:01+23:59", "0001-01-01T00:00:01Z"),
+                               ("9999-12-31T00:00:00-23:59", "9999-12-31T23:59:00Z")):
+            response = await put(client, "EDGE", {**order({"id": contact["id"]}), "placed_at": moment})
+            assert response.status_code in (200, 201), response.text
+            assert response.json()["placed_at"] == stored
+            assert (await client.get("/v1/orders/EDGE", headers=ADMIN)).json()["placed_at"] == stored
+
+    async def test_a_forged_order_cursor_outside_the_range_is_422(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        cursor = f"{TOO_LATE}|00000000-0000-0000-0000-000000000000"
+        response = await client.get(f"/v1/contacts/{contact['id']}/orders", params={"cursor": cursor}, headers=ADMIN)
+        assert_problem(response, 422, "cursor")
+
+
+class TestCurrency:
+    async def test_only_iso_4217_codes_are_accepted(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        for code in ("XYZ", "EUX", "ABC"):
+            assert_problem(await put(client, f"CUR-{code}", order({"id": contact["id"]}, currency=code)), 422,
+                           "currency")
+        for code in ("EUR", "CHF", "JPY", "XOF"):
+            assert (await put(client, f"CUR-{code}", order({"id": contact["id"]}, currency=code))).status_code == 201
+
+
+class TestOrderETag:
+    async def test_get_and_put_carry_an_etag_that_if_match_checks(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        body = order({"id": contact["id"]}, total="10.00")
+        created = await put(client, "ET-1", body)
+        etag = created.headers["etag"]
+        read = await client.get("/v1/orders/ET-1", headers=ADMIN)
+        assert read.headers["etag"] == etag
+        replay = await client.put("/v1/orders/ET-1", json=body, headers={**INTEGRATION, "If-Match": etag})
+        assert (replay.status_code, replay.headers["etag"]) == (200, etag)  # a replay changes nothing
+
+        changed = await client.put("/v1/orders/ET-1", json=order({"id": contact["id"]}, total="12.00"),
+                                   headers={**INTEGRATION, "If-Match": etag})
+        assert changed.status_code == 200, changed.text
+        assert changed.headers["etag"] != etag
+        assert (await client.get("/v1/orders/ET-1", headers=ADMIN)).headers["etag"] == changed.headers["etag"]
+
+        stale = await client.put("/v1/orders/ET-1", json=order({"id": contact["id"]}, total="99.00"),
+                                 headers={**INTEGRATION, "If-Match": etag})
+        assert_problem(stale, 412)
+        assert (await client.get("/v1/orders/ET-1", headers=ADMIN)).json()["total_amount"] == "12.00"
+        assert (await contact_of(client, contact["id"]))["stats"]["total_spent"] == "12.00"
+
+    async def test_if_match_on_an_order_that_does_not_exist_is_412(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        response = await client.put("/v1/orders/ET-NEW", json=order({"id": contact["id"]}),
+                                    headers={**INTEGRATION, "If-Match": '"v1"'})
+        assert_problem(response, 412)
+        assert_problem(await client.get("/v1/orders/ET-NEW", headers=ADMIN), 404)
+        star = await client.put("/v1/orders/ET-NEW", json=order({"id": contact["id"]}),
+                                headers={**INTEGRATION, "If-Match": "*"})
+        assert star.status_code == 201
+
+
+class TestEventIdempotency:
+    async def test_same_key_and_body_replays_the_first_event(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        headers = {**INTEGRATION, "Idempotency-Key": "ev-key-1"}
+        body = {"contact": {"id": contact["id"]}, "type": "page_view", "occurred_at": "2026-11-01T10:00:00Z"}
+        first = await client.post("/v1/events", json=body, headers=headers)
+        again = await client.post("/v1/events", json=body, headers=headers)
+        assert first.status_code == again.status_code == 201
+        assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+        assert_problem(await client.post("/v1/events", json={**body, "type": "call"}, headers=headers), 422,
+                       "Idempotency-Key")
+        page = (await client.get(f"/v1/contacts/{contact['id']}/events", headers=ADMIN)).json()
+        assert len(page["data"]) == 1
+
+    async def test_same_key_and_body_replays_the_first_batch(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        headers = {**INTEGRATION, "Idempotency-Key": "ev-batch-key-1"}
+        item = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
+        first = await client.post("/v1/events/batch", json={"items": [item, item]}, headers=headers)
+        again = await client.post("/v1/events/batch", json={"items": [item, item]}, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+        page = (await client.get(f"/v1/contacts/{contact['id']}/events", headers=ADMIN)).json()
+        assert len(page["data"]) == 2
+
+
+class TestEventPages:
+    async def test_cursor_beyond_int64_is_422(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        for cursor in ("9223372036854775808", "99999999999999999999"):
+            response = await client.get(f"/v1/contacts/{contact['id']}/events", params={"cursor": cursor},
+                                        headers=ADMIN)
+            assert_problem(response, 422, "cursor")
+        largest = await client.get(f"/v1/contacts/{contact['id']}/events", params={"cursor": "9223372036854775807"},
+                                   headers=ADMIN)
+        assert largest.status_code == 200
+
+    async def test_batch_items_that_are_not_objects_fail_alone(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        ok = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
+        response = await client.post("/v1/events/batch", json={"items": [None, ok, "x", [1]]}, headers=INTEGRATION)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [r["status"] for r in body["results"]] == ["error", "created", "error", "error"]
+        assert body["errors"] == 3
+        assert body["results"][0]["error"]["status"] == 422
