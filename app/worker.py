@@ -41,7 +41,8 @@ class BatchResult:
     completion: delivery.Completion
     links: dict[uuid.UUID, str] = field(default_factory=dict)     # remote refs learnt
     tags: dict[uuid.UUID, tuple[str, ...]] = field(default_factory=dict)  # tags pushed (profile writes)
-    forget: list[uuid.UUID] = field(default_factory=list)         # links to drop (erased at the vendor)
+    forget: list[delivery.Ref] = field(default_factory=list)      # links / retired records erased at the vendor
+    retired: dict[uuid.UUID, tuple[str, ...]] = field(default_factory=dict)  # records the vendor archived (kept)
     error: BaseException | None = None                            # the batch's first failure, for health
 
 
@@ -254,9 +255,10 @@ class Worker:
         error = _reason(result.error) if result.error else None
         async with self.sessions.begin() as session:
             await delivery.complete(session, claimed, result.completion, backoff=self.backoff)
+            await delivery.forget_refs(session, destination_id, result.forget)
             await delivery.remember_links(session, destination_id, result.links)
             await delivery.remember_tags(session, destination_id, result.tags)
-            await delivery.forget_links(session, destination_id, result.forget)
+            await delivery.retire_refs(session, destination_id, result.retired)
             await delivery.record_health(session, destination_id, error=error, gone=isinstance(result.error, Gone))
         kind, completion = destination.kind, result.completion
         DELIVERIES.labels(kind, "delivered").inc(len(completion.delivered))
@@ -276,7 +278,8 @@ class Worker:
             plan = await delivery.plan(session, destination.row, claimed.rows)
         states, erasures = plan.states, plan.erasures
         done = [by_contact[c] for c in plan.nothing + plan.vanished]
-        result = BatchResult(delivery.Completion(delivered=done, dead={}, retry={}), forget=list(plan.vanished))
+        result = BatchResult(delivery.Completion(delivered=done, dead={}, retry={}),
+                             forget=[ref for c in plan.vanished for ref in plan.forget.get(c, ())])
         if hasattr(adapter, "affordable"):  # a rate-limited vendor: send what fits, hand the rest back untried
             # The lanes of this destination share its rate, so each keeps to its part of the time.
             n_erasures, n_states = adapter.affordable(states, erasures, budget * 0.8 / LANES)
@@ -303,15 +306,17 @@ class Worker:
             delivery_id = by_contact[outcome.contact_id]
             if outcome.error is not None:
                 result.completion.dead[delivery_id] = outcome.error
-            elif outcome.contact_id in erased:
-                result.completion.delivered.append(delivery_id)
-                result.forget.append(outcome.contact_id)
-            else:
-                result.completion.delivered.append(delivery_id)
-                if outcome.remote_ref is not None and outcome.remote_ref != known_refs.get(outcome.contact_id):
-                    result.links[outcome.contact_id] = outcome.remote_ref
-                if outcome.contact_id in pushed_tags:
-                    result.tags[outcome.contact_id] = tuple(pushed_tags[outcome.contact_id])
+                continue
+            result.completion.delivered.append(delivery_id)
+            if outcome.retired:
+                result.retired[outcome.contact_id] = outcome.retired
+            if outcome.contact_id in erased:
+                result.forget += plan.forget.get(outcome.contact_id, ())
+                continue
+            if outcome.remote_ref is not None and outcome.remote_ref != known_refs.get(outcome.contact_id):
+                result.links[outcome.contact_id] = outcome.remote_ref
+            if outcome.contact_id in pushed_tags:
+                result.tags[outcome.contact_id] = tuple(pushed_tags[outcome.contact_id])
         return result
 
     async def _send_events(self, adapter: Any, claimed: delivery.Claimed, budget: float) -> BatchResult:

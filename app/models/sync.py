@@ -12,7 +12,8 @@ from sqlmodel import Field, SQLModel
 
 from app.models.base import TZ, new_id, utc_now
 
-__all__ = ["DELIVERY_STATUSES", "DESTINATION_KINDS", "Delivery", "Destination", "SyncLink", "WorkerHeartbeat"]
+__all__ = ["DELIVERY_STATUSES", "DESTINATION_KINDS", "Delivery", "Destination", "RetiredRef", "SyncLink",
+           "WorkerHeartbeat"]
 
 DESTINATION_KINDS = ("brevo", "mailchimp", "webhook")
 DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "dead")
@@ -95,6 +96,8 @@ class SyncLink(SQLModel, table=True):
     """
 
     __tablename__: ClassVar[str] = "sync_link"  # type: ignore[misc]
+    # Who else holds a remote record: a ref is never renamed or deleted for one contact while another has it.
+    __table_args__ = (Index("ix_sync_link_destination_id_remote_ref", "destination_id", "remote_ref"),)
 
     destination_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("destination.id", ondelete="CASCADE"),
                                                        primary_key=True))
@@ -103,6 +106,25 @@ class SyncLink(SQLModel, table=True):
     synced_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
     # The contact's tags as last pushed (NULL: not known), so tags removed since can be removed remotely.
     tags: list[str] | None = Field(default=None, sa_column=Column(ARRAY(Text), nullable=True))
+
+
+class RetiredRef(SQLModel, table=True):
+    """A remote record the vendor keeps for a person though it no longer carries their current address.
+
+    Mailchimp archives (restorable) the member of an address retired by a merge, or of a former address that
+    could not be moved onto the new one: `contact_id` is the contact whose record it was (the merged-away one).
+    An erasure of the person, or of anyone it was merged into, deletes it permanently, then forgets this row;
+    so does the address coming back (another contact's push takes the record over: the row goes).
+    """
+
+    __tablename__: ClassVar[str] = "sync_retired_ref"  # type: ignore[misc]
+    __table_args__ = (Index("ix_sync_retired_ref_destination_id_remote_ref", "destination_id", "remote_ref"),)
+
+    destination_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("destination.id", ondelete="CASCADE"),
+                                                       primary_key=True))
+    contact_id: uuid.UUID = Field(primary_key=True)   # no foreign key: that contact is usually gone
+    remote_ref: str = Field(sa_column=Column(Text, primary_key=True))
+    retired_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
 
 
 class WorkerHeartbeat(SQLModel, table=True):

@@ -24,7 +24,12 @@ from app.schemas.destinations import (
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
 from app.services import destinations as service
-from app.services.destinations import DeliveryNotFound, DestinationNotFound, DuplicateDestination
+from app.services.destinations import (
+    DeliveryNotFound,
+    DestinationNotFound,
+    DestinationOwesErasures,
+    DuplicateDestination,
+)
 
 __all__ = ["deliveries_router", "router"]
 
@@ -87,7 +92,8 @@ async def update_destination(
     return JSONBody(await _present(session, request, row), headers={"ETag": etag(row["version"])})
 
 
-@router.delete("/{destination_id}", status_code=204, responses=problems(DestinationNotFound, PreconditionFailed))
+@router.delete("/{destination_id}", status_code=204,
+               responses=problems(DestinationNotFound, DestinationOwesErasures, PreconditionFailed))
 async def delete_destination(
     destination_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
 ) -> Response:

@@ -4,7 +4,8 @@ Three steps, each its own short transaction so no vendor call ever happens insid
 
 1. `dispatch`: undispatched outbox messages (SKIP LOCKED) become deliveries for every enabled destination
    that cares — one coalescing "push this contact's state" row per contact for vendors, one row per message
-   for webhooks.
+   for webhooks. An erasure (and a merge) also goes to disabled destinations, where it waits to be claimed
+   once the destination is enabled again: a person erased while a destination was paused still leaves it.
 2. `claim`: a batch of due deliveries of one destination goes `in_flight` under a lease (SKIP LOCKED, head of
    line per contact, so two workers never hold the same contact's deliveries at once).
 3. `complete`: outcomes are written back — delivered, rescheduled with backoff, or dead after the last try —
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.base import utc_now
 from app.services.contacts import ADDRESS
+from app.services.merge import survivor_of
 from app.services.segments import GRANTING
 from app.sync.base import ContactState, Erasure, EventMessage, MemberStatus
 
@@ -35,22 +37,26 @@ __all__ = [
     "Claimed",
     "Completion",
     "Plan",
+    "Ref",
     "claim",
     "complete",
     "dispatch",
     "enabled_destination_ids",
+    "erasures_owed",
     "event_messages",
-    "forget_links",
+    "forget_refs",
     "heartbeat",
     "plan",
     "reap_expired_leases",
     "record_health",
     "remember_links",
     "remember_tags",
+    "retire_refs",
     "sign_off",
 ]
 
 Row = Mapping[str, Any]
+Ref = tuple[uuid.UUID, str]    # (contact id, remote reference): a sync_link or sync_retired_ref row of a destination
 DISPATCH_BATCH = 1000
 DISPATCH_LOCK = 0x6361726E6574_01  # pg advisory lock key: "carnet" + 1
 
@@ -100,6 +106,9 @@ async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
 # (its link must follow it). Segment messages go only to the destination whose snapshot they come from.
 # A delivery remembers which lists (`<list id>`) and segments (`segment:<id>`) changed, and whether anything
 # else did (`profile_changed`).
+# An erasure or a merge goes to every vendor destination, enabled or not (a disabled one claims nothing: the row
+# waits), that may hold something of the person: a link or a retired record of theirs or of anyone merged into
+# them, or any delivery at all (a first push still in flight makes its link after this message).
 _DISPATCH_VENDORS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
                       status, attempts, next_attempt_at, created_at, updated_at)
@@ -110,9 +119,19 @@ SELECT d.id, m.contact_id, max(m.id), (array_agg(m.topic ORDER BY m.id DESC))[1]
                 FILTER (WHERE m.topic LIKE 'membership.%' OR m.topic LIKE 'segment.%'), '{}'),
        'pending', 0, :now, :now, :now
 FROM outbox_message m
-JOIN destination d ON d.enabled AND d.kind <> 'webhook'
+JOIN destination d ON d.kind <> 'webhook' AND (d.enabled OR m.topic IN ('contact.erased', 'contact.merged'))
 WHERE m.id = ANY(:ids) AND m.contact_id IS NOT NULL
   AND CASE WHEN m.topic LIKE 'segment.%' THEN m.payload ->> 'destination_id' = d.id::text
+      WHEN m.topic IN ('contact.erased', 'contact.merged') THEN
+           EXISTS (SELECT 1 FROM delivery x WHERE x.destination_id = d.id AND x.contact_id = m.contact_id)
+           OR EXISTS (WITH RECURSIVE people(id) AS (
+                          SELECT m.contact_id
+                          UNION
+                          SELECT cm.merged_id FROM contact_merge cm JOIN people p ON cm.survivor_id = p.id)
+                      SELECT 1 FROM people p
+                      WHERE EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = p.id)
+                         OR EXISTS (SELECT 1 FROM sync_retired_ref r
+                                    WHERE r.destination_id = d.id AND r.contact_id = p.id))
       ELSE EXISTS (SELECT 1 FROM list_membership lm
                    WHERE lm.contact_id = m.contact_id
                      AND lm.list_id::text IN (SELECT jsonb_array_elements(d.list_mappings) ->> 'list_id'))
@@ -128,12 +147,14 @@ DO UPDATE SET message_id = GREATEST(delivery.message_id, excluded.message_id),
               updated_at = excluded.updated_at
 """)
 
+# Webhooks: every message its topics filter lets through; `contact.erased` to a disabled receiver too (it waits
+# there, so that a receiver paused at the time still hears of the erasure once it is enabled again).
 _DISPATCH_WEBHOOKS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
                       status, attempts, next_attempt_at, created_at, updated_at)
 SELECT d.id, m.contact_id, m.id, m.topic, false, true, '{}', 'pending', 0, :now, :now, :now
 FROM outbox_message m
-JOIN destination d ON d.enabled AND d.kind = 'webhook'
+JOIN destination d ON d.kind = 'webhook' AND (d.enabled OR m.topic = 'contact.erased')
 WHERE m.id = ANY(:ids)
   AND (d.config -> 'topics' IS NULL OR d.config -> 'topics' ? m.topic)
   AND (m.topic NOT LIKE 'segment.%' OR m.payload ->> 'destination_id' = d.id::text)
@@ -268,11 +289,25 @@ class Plan:
     states: list[ContactState] = field(default_factory=list)    # push
     erasures: list[Erasure] = field(default_factory=list)        # delete (or archive: merged away) at the vendor
     nothing: list[uuid.UUID] = field(default_factory=list)       # no email / no mapped list and never pushed
-    vanished: list[uuid.UUID] = field(default_factory=list)      # merged away, address kept by the survivor
+    vanished: list[uuid.UUID] = field(default_factory=list)      # gone, nothing left to send: forget its refs now
+    # Per claimed contact, the rows (link or retired record: contact, ref) its erasure settles: forgotten once the
+    # vendor confirmed (for `vanished`: at once). Exactly these, not "all of the contact's": a record retired
+    # meanwhile was not deleted by this batch and must stay known.
+    forget: dict[uuid.UUID, list[Ref]] = field(default_factory=dict)
 
 
 async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> Plan:
-    """Carnet's view of each claimed contact, translated through the destination's mappings."""
+    """Carnet's view of each claimed contact, translated through the destination's mappings.
+
+    A contact that is gone was erased or merged away; what to do follows from the facts, not from the topic of
+    the delivery (a resync or a retried one for a gone contact is handled the same way):
+    - merged into someone still there: its address retired by that merge (`contact.merged`): its record is
+      archived (Mailchimp) or deleted (Brevo); taken over by the survivor: its link is forgotten (the survivor's
+      push carries the record on); any other delivery: nothing (its link stays for the person's erasure);
+    - otherwise (erased, or merged into someone since erased): every record of the person at this vendor is
+      deleted permanently, theirs and those of every contact merged into them (links and retired records).
+    A record another contact still in Carnet now holds (its address came back) is never moved nor deleted.
+    """
     ids = [r["contact_id"] for r in rows]
     topic = {r["contact_id"]: r["topic"] for r in rows}
     profile_changed = {r["contact_id"]: r["profile_changed"] for r in rows}
@@ -297,20 +332,39 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
         text("SELECT contact_id, remote_ref, tags FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
         {"d": destination["id"], "ids": ids},
     )).all()}
-    retired = await _retired_addresses(session, [r for r in rows if r["topic"] == "contact.merged"])
     out = Plan()
-    for contact_id in ids:
-        contact = contacts.get(contact_id)
+    gone = [c for c in ids if c not in contacts]
+    erased, merged = await _fates(session, gone) if gone else (set(), set())
+    records = await _records(session, destination["id"], sorted(erased)) if erased else {}
+    held = await _held(session, destination["id"], [link.remote_ref for link in links.values()]
+                       + [ref for refs in records.values() for _owner, ref in refs])
+    retired = await _retired_addresses(session, [r for r in rows if r["contact_id"] in merged
+                                                 and r["topic"] == "contact.merged"])
+    for contact_id in gone:
         link = links.get(contact_id)
-        ref = link.remote_ref if link else None
-        if contact is None:
-            if ref is not None and topic[contact_id] == "contact.erased":
-                out.erasures.append(Erasure(contact_id, ref))
-            elif ref is not None and contact_id in retired:
-                out.erasures.append(Erasure(contact_id, ref, archive=True))
+        if contact_id in erased:
+            owned = records.get(contact_id, [])
+            refs = [ref for _owner, ref in owned if not held.get(ref, set())]
+            out.forget[contact_id] = owned
+            if refs:
+                out.erasures.append(Erasure(contact_id, refs[0], other_refs=tuple(dict.fromkeys(refs[1:]))))
             else:
                 out.vanished.append(contact_id)
+        elif link is not None and topic[contact_id] == "contact.merged":
+            out.forget[contact_id] = [(contact_id, link.remote_ref)]
+            if contact_id in retired and not held.get(link.remote_ref, set()):
+                out.erasures.append(Erasure(contact_id, link.remote_ref, archive=True))
+            else:
+                out.vanished.append(contact_id)
+        else:
+            out.nothing.append(contact_id)
+    for contact_id in ids:
+        contact = contacts.get(contact_id)
+        if contact is None:
             continue
+        link = links.get(contact_id)
+        # A record another contact holds now is not this one's any more: pushed anew (never renamed from under it).
+        ref = link.remote_ref if link and not held.get(link.remote_ref, set()) - {contact_id} else None
         blocked = contact["email_status"] in ("bounced", "complained") or contact["marketing_action"] == "withdrawn"
         lists = _wanted_lists(members.get(contact_id, {}), mappings)
         segments = _wanted_segments(
@@ -342,6 +396,64 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
             segment_tags=segment_tags,
         ))
     return out
+
+
+# For contacts that are gone: which were merged into someone still in Carnet (the end of the chain of merges).
+_FATES = text("""
+WITH RECURSIVE chain(start, id, depth) AS (
+    SELECT merged_id, survivor_id, 1 FROM contact_merge WHERE merged_id = ANY(:ids)
+    UNION ALL
+    SELECT chain.start, m.survivor_id, chain.depth + 1 FROM contact_merge m JOIN chain ON m.merged_id = chain.id
+    WHERE chain.depth < 100
+)
+SELECT DISTINCT ON (start) start, EXISTS (SELECT 1 FROM contact c WHERE c.id = chain.id) AS alive
+FROM chain ORDER BY start, depth DESC
+""")
+
+
+async def _fates(session: AsyncSession, gone: Sequence[uuid.UUID]) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+    """(erased, merged into someone still there): gone contacts never merged, or merged into an erased person,
+    are erased."""
+    alive = {start for start, is_alive in (await session.execute(_FATES, {"ids": list(gone)})).all() if is_alive}
+    return set(gone) - alive, alive
+
+
+# Every record of a person at one destination: links and retired records of the person and of everyone merged
+# into them (merges of merges included).
+_RECORDS = text("""
+WITH RECURSIVE people(root, id) AS (
+    SELECT r, r FROM unnest(CAST(:ids AS uuid[])) AS r
+    UNION
+    SELECT p.root, m.merged_id FROM contact_merge m JOIN people p ON m.survivor_id = p.id
+)
+SELECT p.root, l.contact_id, l.remote_ref FROM people p
+JOIN sync_link l ON l.destination_id = :d AND l.contact_id = p.id
+UNION ALL
+SELECT p.root, r.contact_id, r.remote_ref FROM people p
+JOIN sync_retired_ref r ON r.destination_id = :d AND r.contact_id = p.id
+""")
+
+
+async def _records(session: AsyncSession, destination_id: uuid.UUID, ids: Sequence[uuid.UUID]
+                   ) -> dict[uuid.UUID, list[Ref]]:
+    found: dict[uuid.UUID, list[Ref]] = {}
+    for root, owner, ref in (await session.execute(_RECORDS, {"d": destination_id, "ids": list(ids)})).all():
+        found.setdefault(root, []).append((owner, ref))
+    return found
+
+
+async def _held(session: AsyncSession, destination_id: uuid.UUID, refs: Sequence[str]) -> dict[str, set[uuid.UUID]]:
+    """Which contacts still in Carnet hold each of these remote records (by their link)."""
+    if not refs:
+        return {}
+    held: dict[str, set[uuid.UUID]] = {}
+    for ref, contact_id in (await session.execute(
+        text("SELECT l.remote_ref, l.contact_id FROM sync_link l JOIN contact c ON c.id = l.contact_id "
+             "WHERE l.destination_id = :d AND l.remote_ref = ANY(:refs)"),
+        {"d": destination_id, "refs": sorted(set(refs))},
+    )).all():
+        held.setdefault(ref, set()).add(contact_id)
+    return held
 
 
 async def _retired_addresses(session: AsyncSession, merged: Sequence[Row]) -> set[uuid.UUID]:
@@ -470,8 +582,11 @@ async def complete(
 
 
 async def remember_links(session: AsyncSession, destination_id: uuid.UUID, refs: Mapping[uuid.UUID, str]) -> None:
+    """The remote records pushes made or found. A retired record one of them took over (its address came back to
+    Carnet) is someone's live record now: no longer retired, so no erasure of its former owner deletes it."""
     if not refs:
         return
+    values = {"d": destination_id, "ids": list(refs), "refs": list(refs.values()), "now": utc_now()}
     await session.execute(
         text("""
         INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at)
@@ -479,7 +594,11 @@ async def remember_links(session: AsyncSession, destination_id: uuid.UUID, refs:
         ON CONFLICT (destination_id, contact_id) DO UPDATE SET remote_ref = excluded.remote_ref,
                                                                synced_at = excluded.synced_at
         """),
-        {"d": destination_id, "ids": list(refs), "refs": list(refs.values()), "now": utc_now()},
+        values,
+    )
+    await session.execute(
+        text("DELETE FROM sync_retired_ref WHERE destination_id = :d AND remote_ref = ANY(CAST(:refs AS text[]))"),
+        values,
     )
 
 
@@ -498,13 +617,90 @@ async def remember_tags(
         )
 
 
-async def forget_links(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]) -> None:
-    """After a confirmed remote erasure (or a merge): the last trace of the person at this destination goes."""
-    if contact_ids:
-        await session.execute(
-            text("DELETE FROM sync_link WHERE destination_id = :d AND contact_id = ANY(:ids)"),
-            {"d": destination_id, "ids": list(contact_ids)},
-        )
+_FORGET = """
+DELETE FROM {table} t USING unnest(CAST(:ids AS uuid[]), CAST(:refs AS text[])) AS f(contact_id, remote_ref)
+WHERE t.destination_id = :d AND t.contact_id = f.contact_id AND t.remote_ref = f.remote_ref
+"""
+
+
+async def forget_refs(session: AsyncSession, destination_id: uuid.UUID, refs: Sequence[Ref]) -> None:
+    """After a confirmed remote erasure (or a merge): these traces of the person at this destination go, and only
+    these (a record retired, or a link made, since the batch was planned was not deleted by it)."""
+    if refs:
+        values = {"d": destination_id, "ids": [c for c, _ in refs], "refs": [r for _, r in refs]}
+        for table in ("sync_link", "sync_retired_ref"):
+            await session.execute(text(_FORGET.format(table=table)), values)
+
+
+# A pending erasure for one (destination, contact): the plan finds what is left of the person (message 0: first in
+# line, like a resync).
+_QUEUE_ERASURE = text("""
+INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
+                      status, attempts, next_attempt_at, created_at, updated_at)
+VALUES (:d, :c, 0, 'contact.erased', true, true, '{}', 'pending', 0, :now, :now, :now)
+ON CONFLICT (destination_id, contact_id) WHERE status = 'pending' AND coalesces DO NOTHING
+""")
+
+
+async def retire_refs(
+    session: AsyncSession, destination_id: uuid.UUID, retired: Mapping[uuid.UUID, Sequence[str]]
+) -> None:
+    """Records the vendor archived (kept) for these contacts: remembered until the person's erasure deletes them.
+
+    The person (the end of the contact's chain of merges) is locked while this commits, so their erasure cannot
+    be planned in between without seeing these rows; a person already erased gets another erasure queued, which
+    finds the rows."""
+    if not retired:
+        return
+    pairs = [(c, ref) for c, refs in retired.items() for ref in refs]
+    now = utc_now()
+    await session.execute(text("""
+        INSERT INTO sync_retired_ref (destination_id, contact_id, remote_ref, retired_at)
+        SELECT :d, unnest(CAST(:ids AS uuid[])), unnest(CAST(:refs AS text[])), :now
+        ON CONFLICT DO NOTHING
+    """), {"d": destination_id, "ids": [c for c, _ in pairs], "refs": [r for _, r in pairs], "now": now})
+    for contact_id in retired:
+        if not await _lock_person(session, contact_id):
+            await session.execute(_QUEUE_ERASURE, {"d": destination_id, "c": contact_id, "now": now})
+
+
+async def _lock_person(session: AsyncSession, contact_id: uuid.UUID) -> bool:
+    """Lock (FOR SHARE) the contact that now carries `contact_id` (itself, or the end of its merges); False if that
+    person was erased. A merge or erasure of them waits for this transaction; one that just ran is seen."""
+    person = await survivor_of(session, contact_id) or contact_id
+    for _ in range(100):  # each turn follows one more merge that committed while we waited
+        if await session.scalar(text("SELECT 1 FROM contact WHERE id = :id FOR SHARE"), {"id": person}):
+            return True
+        after = await survivor_of(session, contact_id) or contact_id
+        if after == person:
+            return False
+        person = after
+    return False
+
+
+async def erasures_owed(session: AsyncSession, destination_id: uuid.UUID) -> int:
+    """People erased in Carnet of whom this destination may still hold a record (a link or retired record whose
+    contact, or the contact it was merged into, is gone): what its erasure deliveries have yet to delete."""
+    return int(await session.scalar(_OWED, {"d": destination_id}) or 0)
+
+
+_OWED = text("""
+WITH RECURSIVE held AS (
+    SELECT contact_id FROM sync_link WHERE destination_id = :d
+    UNION
+    SELECT contact_id FROM sync_retired_ref WHERE destination_id = :d
+), orphan AS (
+    SELECT h.contact_id FROM held h WHERE NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = h.contact_id)
+), chain(start, id, depth) AS (
+    SELECT contact_id, contact_id, 0 FROM orphan
+    UNION ALL
+    SELECT chain.start, m.survivor_id, chain.depth + 1 FROM contact_merge m JOIN chain ON m.merged_id = chain.id
+    WHERE chain.depth < 100
+), person AS (
+    SELECT DISTINCT ON (start) start, id FROM chain ORDER BY start, depth DESC
+)
+SELECT count(*) FROM person WHERE NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = person.id)
+""")
 
 
 async def record_health(

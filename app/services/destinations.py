@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
 from app.models import Delivery, Destination, ListMembership, MailingList, SegmentMember, SyncLink
 from app.models.base import new_id, utc_now
+from app.models.sync import RetiredRef
 from app.problems import validation_problem
 from app.schemas.destinations import (
     SECRET_FIELDS,
@@ -32,12 +33,14 @@ from app.schemas.destinations import (
     config_model,
 )
 from app.security.secrets import SecretBox
+from app.services import delivery as delivery_service
 from app.services import segment_sync
 from app.services.pagination import Cursor, CursorCodec, page_by_name
 
 __all__ = [
     "DeliveryNotFound",
     "DestinationNotFound",
+    "DestinationOwesErasures",
     "DuplicateDestination",
     "Loaded",
     "create",
@@ -59,6 +62,7 @@ Row = Mapping[str, Any]
 _t = Destination.__table__  # type: ignore[attr-defined]
 _deliveries = Delivery.__table__  # type: ignore[attr-defined]
 _links = SyncLink.__table__  # type: ignore[attr-defined]
+_retired = RetiredRef.__table__  # type: ignore[attr-defined]
 _lists = MailingList.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
 _segment_members = SegmentMember.__table__  # type: ignore[attr-defined]
@@ -74,6 +78,10 @@ class DeliveryNotFound(NotFound):
 
 class DuplicateDestination(Conflict):
     slug, title = "duplicate-destination", "A destination with this name already exists"
+
+
+class DestinationOwesErasures(Conflict):
+    slug, title = "destination-owes-erasures", "This destination still holds people erased in Carnet"
 
 
 def new_webhook_secret() -> str:
@@ -294,11 +302,20 @@ async def update(
 
 
 async def delete_destination(session: AsyncSession, destination_id: uuid.UUID, *, expected_version: int | None) -> None:
-    """Its deliveries and remote references go with it; the vendor's copy is left as it is."""
+    """Its deliveries and remote references go with it; the vendor's copy is left as it is.
+
+    Refused (409) while it still holds people erased in Carnet: their remote references are the only way to
+    delete them there, and the erasure deliveries need the destination's credentials. Enable it and let the
+    worker delete them (a dead erasure: retry it, or resync), then delete it."""
     current = await get(session, destination_id, lock=True)
     if expected_version is not None and current["version"] != expected_version:
         raise PreconditionFailed(f"the destination is at version {current['version']}",
                                  current_version=current["version"])
+    owed = await delivery_service.erasures_owed(session, destination_id)
+    if owed:
+        raise DestinationOwesErasures(
+            f"{owed} people erased in Carnet may still be held by this destination: enable it and let the worker "
+            "delete them there first", erasures_owed=owed)
     await session.execute(delete(_t).where(_t.c.id == destination_id))
 
 
@@ -351,7 +368,10 @@ async def retry_delivery(session: AsyncSession, delivery_id: int) -> Row:
 
 
 async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
-    """Queue a full push of every contact in the mapped lists or synced segments, and every one pushed before."""
+    """Queue a full push of every contact in the mapped lists or synced segments, and every one pushed before.
+
+    A contact pushed before and gone since is queued too: its delivery is the erasure (or archive) still owed,
+    so a resync also retries every erasure that ended dead."""
     row = await get(session, destination_id)
     if row["kind"] == "webhook":
         raise InvalidInput.one("kind", "a webhook receives events as they happen; there is no state to resync",
@@ -361,6 +381,7 @@ async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
     contacts = (
         select(_members.c.contact_id).where(_members.c.list_id.in_(list_ids))
         .union(select(_links.c.contact_id).where(_links.c.destination_id == destination_id),
+               select(_retired.c.contact_id).where(_retired.c.destination_id == destination_id),
                select(_segment_members.c.contact_id).where(_segment_members.c.destination_id == destination_id))
         .subquery()
     )

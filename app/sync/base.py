@@ -40,10 +40,12 @@ class ContactState:
     tags: Sequence[str] = ()
     # email_marketing consent withdrawn, bounced or complained: the vendor's global opt-out.
     marketing_blocked: bool = False
-    # The remote identity known from an earlier push (Mailchimp subscriber hash, Brevo contact id),
-    # so an email change or an erasure can address the old remote record. None on the first push.
+    # The remote identity known from an earlier push (Mailchimp subscriber hash, Brevo contact id), so an
+    # address change moves that record rather than making a second one. None on the first push. The worker
+    # knows no former address, only this: Mailchimp's hash differs from md5(email) when the address changed, and
+    # Brevo's profile write renames the contact by id (attributes.EMAIL) whatever it was.
     remote_ref: str | None = None
-    # Set when the previous push used another address (email changed in Carnet).
+    # The address of the previous push, when the caller knows it (the worker does not keep addresses: remote_ref).
     previous_email: str | None = None
     # Lists whose subscription should go through the vendor's double opt-in (destination setting).
     vendor_double_opt_in: frozenset[str] = field(default_factory=frozenset)
@@ -62,15 +64,23 @@ class ContactState:
 
 @dataclass(frozen=True, slots=True)
 class Erasure:
-    """Delete a person at the vendor (GDPR erasure). Only the remote reference survives in Carnet.
+    """Delete a person at the vendor (GDPR erasure). Only the remote references survive in Carnet.
 
+    `other_refs`: more records of the same person at that vendor, deleted permanently too (Mailchimp members
+    archived when an address was retired: by a merge into this contact, or a change the vendor could not move).
     `archive`: not an erasure but a contact merged into another one under another address. Its remote record
-    goes, but the address must stay usable (Mailchimp archives instead of deleting permanently).
+    goes, but the address must stay usable (Mailchimp archives instead of deleting permanently, and says so in
+    `Outcome.retired`, so that the person's erasure can delete it one day).
     """
 
     contact_id: uuid.UUID
     remote_ref: str
     archive: bool = False
+    other_refs: tuple[str, ...] = ()
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.remote_ref, *self.other_refs)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +90,9 @@ class Outcome:
     contact_id: uuid.UUID
     remote_ref: str | None = None
     error: str | None = None                    # set: permanent failure for this contact only
+    # Records of this contact the vendor keeps (archived) though they no longer carry its current address: the
+    # worker remembers them (sync_retired_ref) until the person's erasure deletes them permanently.
+    retired: tuple[str, ...] = ()
 
 
 class DeliveryFailed(Exception):

@@ -1,14 +1,15 @@
 """Brevo API v3 adapter: make Brevo's contacts and list memberships equal to Carnet's state.
 
 Per push (see docs/sync.md for the reasoning):
-1. profile write per contact (skipped when only memberships changed): `POST /contacts` with
-   `updateEnabled: true`, `attributes` from the field mappings and `emailBlacklisted` (the global
-   opt-out); an address change is `PUT /contacts/{id}?identifierType=contact_id` with `attributes.EMAIL`.
+1. profile write per contact (skipped when only memberships changed): a contact whose Brevo id is known is
+   updated by id, `PUT /contacts/{id}?identifierType=contact_id` with `attributes` from the field mappings,
+   `attributes.EMAIL` (so an address changed in Carnet renames that contact rather than making a second one)
+   and `emailBlacklisted` (the global opt-out); a new one is `POST /contacts` with `updateEnabled: true`.
 2. list memberships, grouped over all contacts of the push: `POST /contacts/lists/{id}/contacts/add|remove`
    with at most 150 emails per call.
 3. double opt-in: `POST /contacts/doubleOptinConfirmation` (template id and redirection URL from the
    config) for contacts `pending` on a list of `vendor_double_opt_in`.
-Erasure: `DELETE /contacts/{id}?identifierType=contact_id` (404 counts as done).
+Erasure: `DELETE /contacts/{id}?identifierType=contact_id` for each of the person's records (404 counts as done).
 
 Every request waits for the process-wide limiter of its API key (10 req/s with 5% headroom); a 429
 pauses that limiter for `x-sib-ratelimit-reset`/`Retry-After` seconds, is retried in place when the
@@ -117,13 +118,18 @@ class BrevoAdapter:
     ) -> tuple[int, int]:
         """How many erasures, then states (in order), fit in `seconds` at this process's share of the rate.
 
-        One request per contact for a profile write (two when the Brevo id must be looked up), per erasure and
-        per double opt-in; list calls carry 150 contacts. A batch of first pushes (1,500 profile writes, 160 s
-        at 10/s) would outlive its lease and be retried whole forever: the worker hands back the rest.
+        One request per contact for a profile write (two when the Brevo id must be looked up), per record an
+        erasure deletes and per double opt-in; list calls carry 150 contacts. A batch of first pushes (1,500
+        profile writes, 160 s at 10/s) would outlive its lease and be retried whole forever: the worker hands
+        back the rest.
         """
         capacity = seconds / self._limiter.interval
-        erased = min(len(erasures), int(capacity))
-        capacity -= erased
+        erased = 0
+        for erasure in erasures:
+            if capacity < len(erasure.refs) and erased:
+                break
+            capacity -= len(erasure.refs)   # the first one always goes, however many records it has
+            erased += 1
         for kept, state in enumerate(states):
             capacity -= _requests(state)
             if capacity < 0:
@@ -131,49 +137,58 @@ class BrevoAdapter:
         return erased, len(states)
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
+        """Brevo has no archive: a merged-away contact is deleted like an erased one (nothing stays retired)."""
         outcomes = []
         for erasure in erasures:
-            kind = "contact_id" if erasure.remote_ref.isdigit() else "email_id"
-            response = await self._request("DELETE", f"/contacts/{quote(erasure.remote_ref, safe='')}",
-                                           params={"identifierType": kind})
-            if response.status_code in (204, 404):
-                outcomes.append(Outcome(erasure.contact_id))
-            else:
-                outcomes.append(Outcome(erasure.contact_id, error=_reason("delete", response)))
+            error = None
+            for ref in erasure.refs:
+                error = error or await self._delete(ref)
+            outcomes.append(Outcome(erasure.contact_id, error=error))
         log.info("sync.brevo.erase", contacts=len(erasures))
         return outcomes
+
+    async def _delete(self, ref: str) -> str | None:
+        kind = "contact_id" if ref.isdigit() else "email_id"
+        response = await self._request("DELETE", f"/contacts/{quote(ref, safe='')}", params={"identifierType": kind})
+        return None if response.status_code in (204, 404) else _reason("delete", response)
 
     # -- steps --------------------------------------------------------------------------------------
     async def _write_profile(self, state: ContactState) -> tuple[str | None, str | None]:
         """(remote_ref, error) after making the Brevo contact carry this state's attributes and opt-out."""
         attributes = _attributes(state.fields)
-        if _email_changed(state):
-            if state.remote_ref and state.remote_ref.isdigit():
-                identifier, kind = state.remote_ref, "contact_id"
-            else:
-                identifier, kind = state.previous_email or "", "email_id"
+        known = state.remote_ref if state.remote_ref and state.remote_ref.isdigit() else None
+        former: str | None = None        # our record, when the address turned out to have a Brevo contact of its own
+        if known or _email_changed(state):
+            # By id, EMAIL included: the record we made follows the address wherever it went in Carnet.
+            identifier, kind = (known, "contact_id") if known else (state.previous_email or "", "email_id")
             response = await self._request(
                 "PUT", f"/contacts/{quote(identifier, safe='')}", params={"identifierType": kind},
                 json={"attributes": {**attributes, "EMAIL": state.email}, "emailBlacklisted": state.marketing_blocked},
             )
             if response.status_code == 204:
-                return state.remote_ref if kind == "contact_id" else await self._lookup_id(state.email), None
+                return known or await self._lookup_id(state.email), None
             if response.status_code == 400 and _code(response) == "duplicate_parameter":
-                # The new address already has its own Brevo contact: that one becomes ours (upsert below).
+                # The new address already has its own Brevo contact: that one becomes ours (upsert below), and
+                # ours under the former address is deleted (Brevo has no archive; else campaigns come twice).
                 log.warning("sync.brevo.email_change_conflict", contact_id=str(state.contact_id))
+                former = identifier
             elif response.status_code != 404:
-                return state.remote_ref, _reason("address change", response)
+                return state.remote_ref, _reason("address change" if _email_changed(state) else "update", response)
         response = await self._request("POST", "/contacts", json={
             "email": state.email, "attributes": attributes, "emailBlacklisted": state.marketing_blocked,
             "updateEnabled": True,
         })
         if response.status_code == 201:
-            return str(response.json()["id"]), None
-        if response.status_code == 204:
-            if state.remote_ref and state.remote_ref.isdigit() and not _email_changed(state):
-                return state.remote_ref, None
-            return await self._lookup_id(state.email), None
-        return state.remote_ref, _reason("upsert", response)
+            ref: str | None = str(response.json()["id"])
+        elif response.status_code == 204:
+            ref = await self._lookup_id(state.email)
+        else:
+            return state.remote_ref, _reason("upsert", response)
+        if former is not None and former != ref:
+            error = await self._delete(former)
+            if error:
+                return state.remote_ref, error
+        return ref, None
 
     def _plan_lists(
         self, states: Sequence[ContactState], errors: dict[uuid.UUID, str]

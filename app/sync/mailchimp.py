@@ -1,7 +1,9 @@
 """Mailchimp Marketing API 3.0 adapter: make each mapped audience's member equal to Carnet's state.
 
 Per push (see docs/sync.md):
-1. address change: `PATCH /lists/{list}/members/{md5(old)}` with the new `email_address` (404: nothing to move).
+1. address change (the known subscriber hash is not md5 of the current address): `PATCH
+   /lists/{list}/members/{old hash}` with the new `email_address` on every mapped audience (404: nothing to move);
+   "Member Exists" (the new address is already a member): the old member is archived and reported as retired.
 2. membership per mapped list: the wanted remote status is `subscribed`, `unsubscribed`, or `pending`
    for `vendor_double_opt_in` lists (Mailchimp sends its confirmation mail); a contact pending on
    Carnet's own confirmation is not sent at all; a globally blocked contact is `unsubscribed` everywhere.
@@ -11,8 +13,9 @@ Per push (see docs/sync.md):
    `update_existing: true`); the rest are `PUT /lists/{list}/members/{hash}` upserts.
 3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive, and the tag of
    each synced segment of that audience (active for members who may receive marketing, inactive otherwise).
-Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list (404: done); a
-contact merged away under another address is archived instead (`DELETE /lists/{list}/members/{hash}`).
+Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list for each of the
+person's hashes (404: done); a contact merged away under another address is archived instead
+(`DELETE /lists/{list}/members/{hash}`) and reported as retired, so the person's erasure deletes it for good.
 
 At most `max_connections` (10) requests in flight per account in this process (a semaphore per key).
 """
@@ -36,6 +39,7 @@ from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryL
 __all__ = ["BATCH_MAX", "MailchimpAdapter", "MailchimpConfig", "api_base_url", "subscriber_hash"]
 
 BATCH_MAX = 500
+_HASH = re.compile(r"[0-9a-f]{32}")
 _INLINE_RETRY_MAX_WAIT = 5.0
 
 log = get_logger(__name__)
@@ -83,14 +87,17 @@ class MailchimpAdapter:
     # -- Adapter ------------------------------------------------------------------------------------
     async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
         errors: dict[uuid.UUID, str] = {}
+        retired: dict[uuid.UUID, str] = {}
 
         def fail(state: ContactState, reason: str) -> None:
             errors.setdefault(state.contact_id, reason)
 
-        await net.run_all(self._move(state, list_id, fail) for state in states if _email_changed(state)
-                          for list_id in state.lists)
+        await net.run_all(self._move(state, old, list_id, fail, retired)
+                          for state in states if (old := _former_hash(state))
+                          for list_id in dict.fromkeys((*self.config.list_ids, *state.lists)))
 
-        writes = [w for state in states for w in _writes(state)]
+        # A record that could not be moved is not written under the new address (that would make a second one).
+        writes = [w for state in states if state.contact_id not in errors for w in _writes(state)]
         batched: dict[str, list[_Write]] = {}
         singles: list[_Write] = []
         for write in writes:
@@ -113,37 +120,48 @@ class MailchimpAdapter:
         log.info("sync.mailchimp.push", contacts=len(states), failed=len(errors))
         return [
             Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors
-            else Outcome(s.contact_id, remote_ref=subscriber_hash(s.email))
+            else Outcome(s.contact_id, remote_ref=subscriber_hash(s.email),
+                         retired=(retired[s.contact_id],) if s.contact_id in retired else ())
             for s in states
         ]
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         errors: dict[uuid.UUID, str] = {}
+        archived: set[uuid.UUID] = set()
 
-        async def delete(erasure: Erasure, list_id: str) -> None:
-            ref = subscriber_hash(erasure.remote_ref) if "@" in erasure.remote_ref else erasure.remote_ref
+        async def delete(erasure: Erasure, ref: str, list_id: str) -> None:
             if erasure.archive:  # merged away: archived, so the address can come back one day
                 response, step = await self._request("DELETE", f"/lists/{list_id}/members/{ref}"), "archive"
+                if response.status_code == 204:
+                    archived.add(erasure.contact_id)
             else:
                 response = await self._request("POST", f"/lists/{list_id}/members/{ref}/actions/delete-permanent")
                 step = "delete-permanent"
             if response.status_code not in (204, 404):
                 errors.setdefault(erasure.contact_id, _reason(step, response))
 
-        await net.run_all(delete(e, list_id) for e in erasures for list_id in self.config.list_ids)
+        await net.run_all(delete(e, _hash(ref), list_id) for e in erasures for ref in e.refs
+                          for list_id in self.config.list_ids)
         log.info("sync.mailchimp.erase", contacts=len(erasures), lists=len(self.config.list_ids))
-        return [Outcome(e.contact_id, error=errors.get(e.contact_id)) for e in erasures]
+        return [Outcome(e.contact_id, error=errors.get(e.contact_id),
+                        retired=(_hash(e.remote_ref),) if e.contact_id in archived else ()) for e in erasures]
 
     # -- steps --------------------------------------------------------------------------------------
-    async def _move(self, state: ContactState, list_id: str, fail: Any) -> None:
-        old = subscriber_hash(state.previous_email or "")
+    async def _move(self, state: ContactState, old: str, list_id: str, fail: Any, retired: dict[uuid.UUID, str]
+                    ) -> None:
         response = await self._request("PATCH", f"/lists/{list_id}/members/{old}",
                                        json={"email_address": state.email})
         if response.status_code in (200, 404):
             return
         if response.status_code == 400 and _title(response) == "Member Exists":
-            # The new address is already on the list: the upsert below updates that member.
+            # The new address is already on the list: the upsert below updates that member, and the old one is
+            # archived (else the person gets every campaign twice), remembered as retired until their erasure.
             log.warning("sync.mailchimp.email_change_conflict", contact_id=str(state.contact_id))
+            archive = await self._request("DELETE", f"/lists/{list_id}/members/{old}")
+            if archive.status_code in (204, 404):
+                retired[state.contact_id] = old
+            else:
+                fail(state, _reason("archive of the former address", archive))
             return
         fail(state, _reason("address change", response))
 
@@ -239,8 +257,19 @@ def _tag_changes(write: _Write) -> list[dict[str, str]]:
     return [{"name": name, "status": value} for name, value in status.items()]
 
 
-def _email_changed(state: ContactState) -> bool:
-    return bool(state.previous_email) and state.previous_email != state.email
+def _former_hash(state: ContactState) -> str | None:
+    """The subscriber hash of the member to move onto the current address, if the address changed since."""
+    if state.previous_email and state.previous_email.lower() != state.email.lower():
+        return subscriber_hash(state.previous_email)
+    ref = state.remote_ref
+    if ref and _HASH.fullmatch(ref) and ref != subscriber_hash(state.email):
+        return ref
+    return None
+
+
+def _hash(ref: str) -> str:
+    """A remote reference as a subscriber hash (an address, in references made before hashes were kept)."""
+    return subscriber_hash(ref) if "@" in ref else ref
 
 
 def _merge_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

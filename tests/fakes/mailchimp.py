@@ -58,6 +58,7 @@ class FakeMailchimp(FakeVendor):
         self.max_connections = max_connections
         self.forgotten: set[tuple[str, str]] = set()
         self.archived: set[tuple[str, str]] = set()
+        self.archived_members: dict[tuple[str, str], Member] = {}   # kept by Mailchimp: restorable, deletable
         self.batch_sizes: list[int] = []
 
     def member(self, list_id: str, email: str) -> Member | None:
@@ -102,7 +103,7 @@ class FakeMailchimp(FakeVendor):
         if key != subscriber_hash(body["email_address"]):
             self.violation(seen, "subscriber_hash is not md5(lower-case email_address)")
             return self.error(400, "Invalid Resource", "The subscriber hash does not match the email address.")
-        member = members.get(key)
+        member = members.get(key) or self._restore(list_id, members, key)
         if member is None:
             if (list_id, key) in self.forgotten:
                 return self._forgotten(body["email_address"])
@@ -159,18 +160,22 @@ class FakeMailchimp(FakeVendor):
 
     def _deleteListsIdMembersId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
                                 body: dict[str, Any], seen: Seen) -> Response:
-        """Archive: the member leaves the audience; unlike a permanent deletion the address can be added again."""
-        if members.pop(params["subscriber_hash"], None) is None:
+        """Archive: the member leaves the audience; unlike a permanent deletion the address can be added again.
+        Mailchimp keeps it (status `archived`): a PUT restores it, delete-permanent deletes it."""
+        member = members.pop(params["subscriber_hash"], None)
+        if member is None:
             return self.error(404, "Resource Not Found", "The requested resource could not be found.")
         self.archived.add((list_id, params["subscriber_hash"]))
+        self.archived_members[(list_id, params["subscriber_hash"])] = member
         return Response(status_code=204)
 
     def _postListsIdMembersHashActionsDeletePermanent(self, list_id: str, members: dict[str, Member],
                                                       params: dict[str, str], body: dict[str, Any],
                                                       seen: Seen) -> Response:
-        if members.pop(params["subscriber_hash"], None) is None:
+        key = params["subscriber_hash"]
+        if members.pop(key, None) is None and self._restore(list_id, members, key, keep=False) is None:
             return self.error(404, "Resource Not Found", "The requested resource could not be found.")
-        self.forgotten.add((list_id, params["subscriber_hash"]))
+        self.forgotten.add((list_id, key))
         return Response(status_code=204)
 
     def _postListsId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
@@ -208,6 +213,15 @@ class FakeMailchimp(FakeVendor):
         return JSONResponse({"new_members": created, "updated_members": updated, "errors": errors,
                              "total_created": len(created), "total_updated": len(updated),
                              "error_count": len(errors)})
+
+    def _restore(self, list_id: str, members: dict[str, Member], key: str, *, keep: bool = True) -> Member | None:
+        """An archived member back in the audience (`keep`), or just out of the archive (deleted permanently)."""
+        member = self.archived_members.pop((list_id, key), None)
+        if member is not None:
+            self.archived.discard((list_id, key))
+            if keep:
+                members[key] = member
+        return member
 
     def _member_exists(self, email: str) -> Response:
         return self.error(400, "Member Exists", f"{email} is already a list member. Use PUT to insert or update "

@@ -111,6 +111,33 @@ class TestPush:
         [update] = fake.calls("updateContact")
         assert update.body["attributes"]["EMAIL"] == "new@example.com"
 
+    async def test_a_known_contact_is_updated_by_id_so_a_new_address_renames_it(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """The worker keeps no former address: a profile write by id carries EMAIL, whatever it was before."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        [outcome] = await sync.push([state("old@example.com")])
+        [same] = await sync.push([state("old@example.com", remote_ref=outcome.remote_ref, fields={"FIRSTNAME": "C"})])
+        [moved] = await sync.push([state("new@example.com", remote_ref=outcome.remote_ref)])
+        assert same.remote_ref == moved.remote_ref == outcome.remote_ref and moved.error is None
+        assert fake.by_email("old@example.com") is None and fake.by_email("new@example.com").id == int(moved.remote_ref)
+        assert len(fake.calls("createContact")) == 1 and len(fake.calls("updateContact")) == 2
+        assert fake.members(1) == {"new@example.com"}
+
+    async def test_a_new_address_brevo_already_has_takes_over_and_the_old_record_goes(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        [outcome] = await sync.push([state("old@example.com")])
+        fake.put(RemoteContact(99, "new@example.com"))
+        [moved] = await sync.push([state("new@example.com", remote_ref=outcome.remote_ref)])
+        assert moved.error is None and moved.remote_ref == "99"
+        # No second record of the person under the former address (Brevo has no archive: deleted).
+        assert fake.deleted == ["old@example.com"] and set(fake.contacts) == {99}
+        assert fake.members(1) == {"new@example.com"}
+
     async def test_an_existing_brevo_contact_gets_its_id_remembered(self, brevo: tuple[FakeBrevo, LiveServer],
                                                                     client: httpx.AsyncClient) -> None:
         fake, _ = brevo
@@ -252,6 +279,18 @@ class TestErase:
         assert fake.contacts == {} and fake.deleted == ["a@example.com"]
         assert [o.error for o in await sync.erase([erasure])] == [None]   # 404: already gone
         assert all(c.path.startswith("/contacts/") for c in fake.seen if c.method == "DELETE")
+
+    async def test_every_record_of_the_person_goes(self, brevo: tuple[FakeBrevo, LiveServer],
+                                                   client: httpx.AsyncClient) -> None:
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        pushed = [(s, (await sync.push([s]))[0]) for s in (state("a@example.com"), state("b@example.com"))]
+        [(first, one), (_, two)] = pushed
+        erasure = Erasure(first.contact_id, one.remote_ref or "", other_refs=(two.remote_ref or "", "12345"))
+        # Three requests each; the first one always goes (however many records), the next only if it fits.
+        assert sync.affordable([], [erasure, erasure], 0.25) == (1, 0)
+        assert [o.error for o in await sync.erase([erasure])] == [None]   # 12345: never there (404), done
+        assert fake.contacts == {} and sorted(fake.deleted) == ["a@example.com", "b@example.com"]
 
 
 class TestFakeBrevo:

@@ -147,8 +147,41 @@ class TestPush:
         [moved] = await sync.push([state("new@example.com", previous_email="old@example.com",
                                          fields={"FNAME": "Moved"})])
         assert moved.error is None
-        assert [s.status for s in fake.seen if s.method == "PATCH"] == [400]   # "Member Exists"
+        # list1: "Member Exists"; list2 (mapped, the member was never there): nothing to move.
+        assert sorted(s.status for s in fake.seen if s.method == "PATCH") == [400, 404]
         assert fake.member("list1", "new@example.com").merge_fields["FNAME"] == "Moved"
+        # The former address's member is archived (no campaign twice) and reported, for the person's erasure.
+        assert fake.member("list1", "old@example.com") is None
+        assert ("list1", subscriber_hash("old@example.com")) in fake.archived
+        assert moved.retired == (subscriber_hash("old@example.com"),)
+
+    async def test_an_address_change_is_seen_from_the_known_hash(
+        self, mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """The worker keeps no former address: a known subscriber hash that is not md5 of the address is one."""
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        [outcome] = await sync.push([state("old@example.com", lists={"list1": "subscribed", "list2": "subscribed"})])
+        [moved] = await sync.push([state("new@example.com", remote_ref=outcome.remote_ref, status_changed=frozenset(),
+                                         lists={"list1": "subscribed"})])
+        assert moved.error is None and moved.remote_ref == subscriber_hash("new@example.com")
+        # Moved on every mapped audience, the one the contact left in Carnet too: no record keeps the old address.
+        assert {p.path.rsplit("/", 3)[-3] for p in fake.calls("patchListsIdMembersId")} == {"list1", "list2"}
+        assert [fake.member(lst, "old@example.com") for lst in ("list1", "list2")] == [None, None]
+        assert fake.member("list2", "new@example.com") is not None
+        assert len(fake.lists["list1"]) == 1 and fake.calls("putListsIdMembersId")[-1].path.endswith(
+            subscriber_hash("new@example.com"))
+
+    async def test_a_failed_move_writes_nothing_under_the_new_address(
+        self, mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client, list_ids=("list1",))
+        [outcome] = await sync.push([state("old@example.com")])
+        fake.force(400)
+        [moved] = await sync.push([state("new@example.com", remote_ref=outcome.remote_ref)])
+        assert moved.error == "Mailchimp address change: 400 Forced"
+        assert fake.member("list1", "new@example.com") is None and fake.member("list1", "old@example.com")
 
     async def test_an_unknown_list_fails_only_its_contacts(self, mailchimp: tuple[FakeMailchimp, LiveServer],
                                                            client: httpx.AsyncClient) -> None:

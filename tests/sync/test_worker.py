@@ -280,6 +280,31 @@ async def test_a_change_during_a_push_is_pushed_after_it(
     assert vendor.pushes[-1][0].fields == {"FNAME": "New"}
 
 
+async def test_an_erasure_during_a_first_push_deletes_what_that_push_made(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """Erased while its first push is in flight: no link yet, but the erasure is owed once the push made one."""
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"])
+    async with makers.begin() as session:
+        await delivery.dispatch(session)
+        claimed = await delivery.claim(session, uuid.UUID(destination["id"]), limit=10, lease_seconds=30)
+    assert (await committing_client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+    async with makers.begin() as session:
+        await delivery.dispatch(session)
+        await delivery.complete(session, claimed, delivery.Completion(delivered=[claimed.rows[0]["id"]], dead={},
+                                                                       retry={}), backoff=worker.backoff)
+        await delivery.remember_links(session, uuid.UUID(destination["id"]),
+                                      {uuid.UUID(contact["id"]): f"ref-{contact['email']}"})
+    await drain(worker)
+    assert vendor.erased == [Erasure(uuid.UUID(contact["id"]), f"ref-{contact['email']}")]
+    async with makers() as session:
+        assert await session.scalar(text("SELECT count(*) FROM sync_link WHERE destination_id = :d"),
+                                    {"d": destination["id"]}) == 0
+
+
 async def test_an_expired_lease_is_taken_over(
     committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
     makers: async_sessionmaker[AsyncSession],
