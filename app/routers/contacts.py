@@ -35,6 +35,7 @@ from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName, Ti
 from app.security import Principal, Scope, require
 from app.services import contacts as contacts_service
 from app.services import history as history_service
+from app.services import lists as lists_service
 from app.services import segments as segments_service
 from app.services.suppressions import SuppressedContact
 
@@ -105,7 +106,8 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
     return await idem.respond(200, body)
 
 
-@router.get("", response_model=ContactPage, responses=problems(segments_service.SegmentNotFound))
+@router.get("", response_model=ContactPage,
+            responses=problems(segments_service.SegmentNotFound, lists_service.ListNotFound))
 async def list_contacts(
     session: ReadSession,
     request: Request,
@@ -131,6 +133,8 @@ async def list_contacts(
     if (q or email) and not caller.sees_pii:  # else masked data could be recovered by probing searches
         raise MissingScope("searching by q or email reveals personal data: pii:read is needed",
                            missing_scopes=[Scope.PII_READ.value])
+    if list_id is not None:
+        await lists_service.ensure_exists(session, list_id)
     filters = contacts_service.ContactFilters(
         q=q, email=email, external_id=external_id, tags=tag, list_id=list_id, kind=kind, lifecycle_stage=lifecycle_stage,
         city=city, postal_code=postal_code, country=country, created_after=created_after,

@@ -48,8 +48,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import AttributeDefinition, Contact, ListMembership, MailingList
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
+from app.services import lists as lists_service
 from app.services import segments as segments_service
-from app.services.lists import ListNotFound
 
 __all__ = ["Delimiter", "ExportFormat", "ExportOptions", "ExportQuery", "ListStatus", "prepare", "stream"]
 
@@ -204,8 +204,7 @@ async def prepare(session: AsyncSession, options: ExportOptions, *, masked: bool
     if options.segment_id is not None:
         where.append(await segments_service.segment_condition(session, options.segment_id))
     if options.list_id is not None:
-        if await session.scalar(select(_lists.c.id).where(_lists.c.id == options.list_id)) is None:
-            raise ListNotFound(f"no list with id {options.list_id}")
+        await lists_service.ensure_exists(session, options.list_id)
         membership = and_(_members.c.contact_id == _t.c.id, _members.c.list_id == options.list_id)
         if options.list_status is not ListStatus.ANY:
             membership = and_(membership, _members.c.status == options.list_status.value)

@@ -40,6 +40,7 @@ __all__ = [
     "confirm",
     "create",
     "delete_list",
+    "ensure_exists",
     "get",
     "link_target",
     "list_page",
@@ -93,6 +94,12 @@ async def list_page(
     """Lists by name (keyset on the unique name)."""
     return await page_by_name(session, _with_counts(), _lists.c.name, sort="lists:name",
                               limit=limit, cursor=cursor, codec=codec)
+
+
+async def ensure_exists(session: AsyncSession, list_id: uuid.UUID) -> None:
+    """A filter on an unknown list is a 404, as an unknown segment is, not an empty answer."""
+    if await session.scalar(select(_lists.c.id).where(_lists.c.id == list_id)) is None:
+        raise ListNotFound(f"no list with id {list_id}")
 
 
 async def get(session: AsyncSession, list_id: uuid.UUID) -> Row:

@@ -3379,7 +3379,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description No such segment */
+            /** @description No such segment; No such list */
             404: {
                 headers: {
                     [name: string]: unknown;

@@ -643,3 +643,9 @@ class TestContactsListFilter:
         listed = (await client.get("/v1/contacts", params={"list": newsletter["id"]}, headers=ADMIN)).json()["data"]
         assert [c["id"] for c in listed] == [stays["id"]]
         assert never["id"] not in [c["id"] for c in listed]
+
+    async def test_an_unknown_list_is_a_404_not_an_empty_page(self, client: httpx.AsyncClient) -> None:
+        """As an unknown segment is, and as the export answers: an empty page would hide a typo in the id."""
+        response = await client.get("/v1/contacts", params={"list": str(uuid.uuid4())}, headers=ADMIN)
+        assert response.status_code == 404, response.text
+        assert response.json()["type"].endswith("/list-not-found")
