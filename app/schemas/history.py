@@ -40,6 +40,7 @@ _MASKERS: dict[str, Callable[[Any], Any]] = {
 
 
 def _mask(field: str, value: Any) -> Any:
+    field = field.removeprefix("merged_contact.")  # what a merged record was known by: masked as its own fields
     if value is None or field not in PII_FIELDS:
         return value
     return _MASKERS.get(field, mask_text)(value)

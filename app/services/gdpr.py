@@ -197,7 +197,7 @@ def _words(sql: str) -> str:
 
 
 # Who the erased people were: identifiers (email, external id, phone) and names as they are now, and as their own
-# history says they were (an address changed since, the fields of a record merged into theirs).
+# history says they were (an address changed since; `merged_contact.*`: what a record merged into theirs was).
 _IDENTITY = """
     identity(kind, value) AS (
         SELECT k.kind, k.value
@@ -208,11 +208,12 @@ _IDENTITY = """
                                    ('full', c.last_name || ' ' || c.first_name)) AS k(kind, value)
         WHERE c.id = ANY(:ids) AND k.value IS NOT NULL
         UNION
-        SELECT CASE WHEN h.field IN ('first_name', 'last_name') THEN 'name'
-                    WHEN h.field = 'phone' THEN 'phone' ELSE 'key' END, v.value
+        SELECT CASE WHEN f.name IN ('first_name', 'last_name') THEN 'name'
+                    WHEN f.name = 'phone' THEN 'phone' ELSE 'key' END, v.value
         FROM contact_history h
+        CROSS JOIN LATERAL (SELECT replace(h.field, 'merged_contact.', '') AS name) f
         CROSS JOIN LATERAL (VALUES (h.old_value #>> '{}'), (h.new_value #>> '{}')) AS v(value)
-        WHERE h.contact_id = ANY(:ids) AND h.field IN ('email', 'external_id', 'phone', 'first_name', 'last_name')
+        WHERE h.contact_id = ANY(:ids) AND f.name IN ('email', 'external_id', 'phone', 'first_name', 'last_name')
           AND v.value IS NOT NULL
     )"""
 

@@ -121,7 +121,8 @@ async def merge(
         )).mappings().one()
     await history.record(
         session, survivor_id,
-        [("merged_contact", None, str(duplicate_id)), *_wire_changes(survivor, row)], actor=actor, via="merge",
+        [("merged_contact", None, str(duplicate_id)), *_merged_identity(duplicate), *_wire_changes(survivor, row)],
+        actor=actor, via="merge",
     )
     if moved["orders"]:
         await refresh_stats(session, survivor_id, actor=actor, policy=policy)
@@ -264,6 +265,17 @@ def _wire(row: Row) -> dict[str, Any]:
     out["first_contact_channel"] = row["first_contact_channel"]
     out["email_status"] = row["email_status"]
     return out
+
+
+# What the duplicate was known by, kept on the survivor's history (old value; new value null): the duplicate's
+# row is gone, and an erasure of the person must still find what names that record elsewhere (a refused import
+# cell, another contact's history: services/gdpr.py reads `merged_contact.*` as the person's former identity).
+_IDENTITY_FIELDS = ("email", "phone", "external_id", "first_name", "last_name")
+
+
+def _merged_identity(duplicate: Row) -> list[history.Change]:
+    return [(f"merged_contact.{name}", duplicate[name], None) for name in _IDENTITY_FIELDS
+            if duplicate[name] is not None]
 
 
 def _wire_changes(before: Row, after: Row) -> Sequence[history.Change]:

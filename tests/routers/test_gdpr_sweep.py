@@ -361,6 +361,27 @@ async def test_import_reject_value_of_a_former_address(
     assert "import_reject.value" not in await sweep(sessions, [old])
 
 
+async def test_import_reject_value_of_an_imported_record_merged_into_theirs(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    # An imported record's history holds no address (one `created` entry), and a merge deletes the record: the
+    # merge keeps what it was known by on the survivor's history (`merged_contact.*`), where erasure finds it.
+    person = new_person()
+    await create_person(client, person)
+    second = f"second.{person.tag}@example.org"
+    person.extra.append(second)
+    data = build_csv(["E-mail", "Prénom"], [(second, person.first_name), (second.upper(), person.first_name)])
+    job = await run_import(client, sessions, settings, data)
+    assert (job["created"], job["rejected"]) == (1, 1), job
+    duplicate = (await client.get("/v1/contacts", params={"email": second}, headers=ADMIN)).json()["data"][0]
+    await ok(await client.post(f"/v1/contacts/{person.id}/merge", json={"duplicate_id": duplicate["id"]},
+                               headers=ADMIN))
+
+    assert (await erase(client, person.id)).status_code == 204
+
+    assert await sweep(sessions, person.needles) == {}
+
+
 async def test_import_staging_table_is_emptied(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:

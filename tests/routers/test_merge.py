@@ -90,6 +90,12 @@ class TestMerge:
                                     headers=ADMIN)).json()["data"]
         by_merge = {h["field"]: h for h in history if h["via"] == "merge"}
         assert by_merge["merged_contact"]["new_value"] == duplicate["id"]
+        assert (by_merge["merged_contact.email"]["old_value"], by_merge["merged_contact.email"]["new_value"]) == (
+            duplicate["email"], None), "what the duplicate was known by stays on the survivor's history"
+        masked = (await client.get(f"/v1/contacts/{survivor['id']}/history", params={"limit": 200},
+                                   headers=bearer(Role.VIEWER))).json()["data"]
+        assert {h["field"]: h["old_value"] for h in masked if h["via"] == "merge"}["merged_contact.email"] \
+            != duplicate["email"], "masked for a token without pii:read, as the contact's own email is"
         assert by_merge["external_id"]["new_value"] == "SHOP-42" and by_merge["tags"]["old_value"] == ["vip"]
         assert any(h["field"] == "email" and h["new_value"] == "claire.martin@example.com" for h in history), \
             "the duplicate's own history moved with it"
