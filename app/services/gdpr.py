@@ -250,8 +250,8 @@ _SCRUB_IMPORT_REPORTS = text(f"""
 # personal value it changed at that moment (the name, the address typed with it). A name alone is not enough to
 # tell the person from a namesake, so it is only cleared with an identifier. The history is read in full (no
 # index on values): ~0.1 s per million history rows, once per erased chunk of 1,000 people.
-_PERSONAL_FIELDS = "h.field IN ('email', 'external_id', 'phone', 'first_name', 'last_name', 'birth_date') " \
-                   "OR h.field LIKE 'address.%'"
+_PERSONAL_FIELDS = "replace(h.field, 'merged_contact.', '') IN ('email', 'external_id', 'phone', 'first_name', " \
+                   "'last_name', 'birth_date') OR h.field LIKE 'address.%'"
 _SCRUB_OTHERS_HISTORY = text(f"""
     WITH {_IDENTITY}, identifier AS (
         SELECT DISTINCT lower(value) AS value FROM identity WHERE kind IN ('key', 'phone')
@@ -259,7 +259,9 @@ _SCRUB_OTHERS_HISTORY = text(f"""
         SELECT h.contact_id, h.at, bool_or(lower(h.old_value #>> '{{}}') IN (SELECT value FROM identifier)) AS old,
                bool_or(lower(h.new_value #>> '{{}}') IN (SELECT value FROM identifier)) AS new
         FROM contact_history h
-        WHERE h.field IN ('email', 'external_id', 'phone') AND h.contact_id <> ALL(:ids)
+        WHERE h.field IN ('email', 'external_id', 'phone', 'merged_contact.email', 'merged_contact.external_id',
+                          'merged_contact.phone')
+          AND h.contact_id <> ALL(:ids)
           AND (lower(h.old_value #>> '{{}}') IN (SELECT value FROM identifier)
                OR lower(h.new_value #>> '{{}}') IN (SELECT value FROM identifier))
         GROUP BY h.contact_id, h.at

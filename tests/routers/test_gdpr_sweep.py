@@ -382,6 +382,27 @@ async def test_import_reject_value_of_an_imported_record_merged_into_theirs(
     assert await sweep(sessions, person.needles) == {}
 
 
+async def test_their_address_on_a_record_wrongly_merged_into_another_contact(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    # An imported record holding the person's address merged into someone else's (a wrong merge); the address,
+    # freed, comes back as the person's own contact, which is then erased: the other contact's history keeps
+    # the merged record's address (`merged_contact.email`), which goes with the person.
+    person = new_person()
+    job = await run_import(client, sessions, settings, build_csv(["E-mail"], [(person.email,)]))
+    assert job["created"] == 1, job
+    imported = (await client.get("/v1/contacts", params={"email": person.email}, headers=ADMIN)).json()["data"][0]
+    other = await make_contact(client, first_name="Gwenn")
+    await ok(await client.post(f"/v1/contacts/{other['id']}/merge", json={"duplicate_id": imported["id"]},
+                               headers=ADMIN))
+    await create_person(client, person)
+
+    assert (await erase(client, person.id)).status_code == 204
+
+    assert await sweep(sessions, person.needles) == {}
+    assert (await client.get(f"/v1/contacts/{other['id']}", headers=ADMIN)).status_code == 200
+
+
 async def test_import_staging_table_is_emptied(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:
