@@ -37,7 +37,8 @@ def _cents(value: Decimal) -> Decimal:
 
 
 Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), AfterValidator(_cents)]
-Currency = Annotated[CurrencyCode, Field(description="ISO 4217 (an active code), e.g. EUR")]
+Currency = Annotated[CurrencyCode, Field(
+    description="ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR")]
 
 
 class OrderStatus(StrEnum):

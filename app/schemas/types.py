@@ -93,7 +93,7 @@ def _country(value: str) -> str:
 
 
 # ISO 4217 List One, "current currency & funds" (SIX Financial Information, the maintenance agency), as published
-# 2026-01-01: 178 codes. Withdrawn ones (ANG, BGN, CUC, HRK, SLL, ZWL, ...) are refused like any other.
+# 2026-01-01: 178 codes.
 _CURRENCIES = frozenset({
     "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BHD", "BIF", "BMD", "BND",
     "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHE", "CHF", "CHW", "CLF", "CLP", "CNY",
@@ -110,9 +110,17 @@ _CURRENCIES = frozenset({
 })
 
 
+# Withdrawn since 2007 (ISO 4217 List Three): a shop's order history predates its country's changeover (Croatia's
+# kuna until 2023, Bulgaria's lev until 2026, ...), and an imported past order keeps the currency it was paid in.
+_WITHDRAWN_CURRENCIES = frozenset({
+    "ANG", "BGN", "BYR", "CUC", "CYP", "EEK", "HRK", "LTL", "LVL", "MRO", "MTL", "SIT", "SKK", "SLL", "STD", "VEF",
+    "ZMK", "ZWL",
+})
+
+
 def _currency(value: str) -> str:
-    if value not in _CURRENCIES:
-        raise ValueError("not an active ISO 4217 currency code, e.g. EUR")
+    if value not in _CURRENCIES and value not in _WITHDRAWN_CURRENCIES:
+        raise ValueError("not an ISO 4217 currency code (current, or withdrawn since 2007), e.g. EUR")
     return value
 
 

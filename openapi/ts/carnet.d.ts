@@ -2424,7 +2424,7 @@ export interface components {
             contact: components["schemas"]["ContactRef"];
             /**
              * Currency
-             * @description ISO 4217 (an active code), e.g. EUR
+             * @description ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR
              */
             currency: string;
             /** Items */

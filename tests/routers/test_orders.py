@@ -218,7 +218,7 @@ class TestCurrency:
         for code in ("XYZ", "EUX", "ABC"):
             assert_problem(await put(client, f"CUR-{code}", order({"id": contact["id"]}, currency=code)), 422,
                            "currency")
-        for code in ("EUR", "CHF", "JPY", "XOF"):
+        for code in ("EUR", "CHF", "JPY", "XOF", "HRK", "BGN"):  # HRK, BGN: past orders from before the euro
             assert (await put(client, f"CUR-{code}", order({"id": contact["id"]}, currency=code))).status_code == 201
 
 
