@@ -36,9 +36,16 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _settings() -> Settings:
-    settings = get_settings()
+    from pydantic import ValidationError
+
     try:
+        settings = get_settings()
         settings.resolved_jwt_secret()
+    except ValidationError as exc:  # a variable out of range: say which, in one line each, not a traceback
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            typer.echo(f"carnet: {name}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
     except ConfigurationError as exc:
         typer.echo(f"carnet: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -326,6 +333,10 @@ def _database(settings: Settings, *, url: str | None = None) -> Iterator[str]:
     target = url or (embedded.start() if embedded else settings.database_url)
     assert target is not None
     try:
+        if embedded:  # this checkout's own database: brought to head by any command, as `serve` does
+            from app.migrations import upgrade
+
+            upgrade(target)
         yield target
     except AppError as exc:
         typer.echo(f"carnet: {exc.detail}", err=True)

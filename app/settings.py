@@ -13,12 +13,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["ConfigurationError", "Settings", "get_settings", "token_signer_options"]
 
 
+# Carnet is installed editable (bin/setup-venv, the Dockerfile): app/ stays in the checkout, beside .carnet and .env.
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 class ConfigurationError(RuntimeError):
     """The deployment is misconfigured; the message says what to set."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # The checkout's .env, then one in the working directory (which wins where both set a variable).
+    model_config = SettingsConfigDict(env_file=(CHECKOUT / ".env", ".env"), env_file_encoding="utf-8", extra="ignore")
 
     # Database: None means the embedded PostgreSQL in data_dir (ARCHITECTURE.md "Embedded default").
     database_url: str | None = None
@@ -26,7 +31,7 @@ class Settings(BaseSettings):
     database_pool_timeout: float = 5.0
     # A streaming replica (or a pooler over several) for exports and segment reads; unset: the primary.
     database_replica_url: str | None = None
-    data_dir: Path = Path(".carnet")
+    data_dir: Path = CHECKOUT / ".carnet"  # the checkout's, wherever a command runs from (DATA_DIR to move it)
 
     # Tokens: HS256 with this secret. None only in embedded mode, where one is made once and kept.
     jwt_secret: SecretStr | None = None
