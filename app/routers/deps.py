@@ -155,8 +155,9 @@ Idempotency = Annotated[_IdempotencyScope, Depends(_idempotency)]
 
 
 def _links(request: Request) -> LinkBuilder:
-    """Signed public links (confirm, unsubscribe) under this request's base URL."""
-    return LinkBuilder(LinkCodec(request.app.state.token_signer.secret), str(request.base_url))
+    """Signed public links (confirm, unsubscribe) under PUBLIC_BASE_URL, as imports make them: the request's
+    Host is the API's address as its caller reached it (behind a proxy, an internal one), not the emails'."""
+    return LinkBuilder(LinkCodec(request.app.state.token_signer.secret), request.app.state.settings.public_base_url)
 
 
 Links = Annotated[LinkBuilder, Depends(_links)]

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role
 from app.services.links import Link, LinkCodec, LinkKind
+from app.settings import Settings
 from tests.auth import TEST_SECRET, bearer
 from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_list
 from tests.routers.test_contacts import assert_problem
@@ -311,8 +312,9 @@ class TestDoubleOptIn:
         payload = messages[0][1]
         assert (payload["list_id"], payload["contact_id"], payload["list_name"]) == (made["id"], contact["id"],
                                                                                      "doi-news")
-        assert payload["confirm_url"].startswith("http://test/v1/public/confirm/")
-        assert payload["unsubscribe_url"].startswith("http://test/v1/public/unsubscribe/")
+        public = Settings().public_base_url  # PUBLIC_BASE_URL, not the API request's Host (http://test here)
+        assert payload["confirm_url"].startswith(f"{public}/v1/public/confirm/")
+        assert payload["unsubscribe_url"].startswith(f"{public}/v1/public/unsubscribe/")
         link = CODEC.decode(payload["confirm_url"].rsplit("/", 1)[1], kind=LinkKind.CONFIRM)
         assert (str(link.contact_id), str(link.list_id)) == (contact["id"], made["id"])
         assert link.expires_at == int(datetime.fromisoformat(payload["confirm_expires_at"]).timestamp())
