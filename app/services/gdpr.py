@@ -199,22 +199,27 @@ def _words(sql: str) -> str:
 # Who the erased people were: identifiers (email, external id, phone) and names as they are now, and as their own
 # history says they were (an address changed since; `merged_contact.*`: what a record merged into theirs was).
 _IDENTITY = """
-    identity(kind, value) AS (
-        SELECT k.kind, k.value
+    known(person, kind, value) AS (
+        SELECT c.id, k.kind, k.value
         FROM contact c
         CROSS JOIN LATERAL (VALUES ('key', c.email), ('key', c.external_id), ('phone', c.phone),
-                                   ('name', c.first_name), ('name', c.last_name),
-                                   ('full', c.first_name || ' ' || c.last_name),
-                                   ('full', c.last_name || ' ' || c.first_name)) AS k(kind, value)
+                                   ('first', c.first_name), ('last', c.last_name)) AS k(kind, value)
         WHERE c.id = ANY(:ids) AND k.value IS NOT NULL
         UNION
-        SELECT CASE WHEN f.name IN ('first_name', 'last_name') THEN 'name'
-                    WHEN f.name = 'phone' THEN 'phone' ELSE 'key' END, v.value
+        SELECT h.contact_id, CASE f.name WHEN 'first_name' THEN 'first' WHEN 'last_name' THEN 'last'
+                                         WHEN 'phone' THEN 'phone' ELSE 'key' END, v.value
         FROM contact_history h
         CROSS JOIN LATERAL (SELECT replace(h.field, 'merged_contact.', '') AS name) f
         CROSS JOIN LATERAL (VALUES (h.old_value #>> '{}'), (h.new_value #>> '{}')) AS v(value)
         WHERE h.contact_id = ANY(:ids) AND f.name IN ('email', 'external_id', 'phone', 'first_name', 'last_name')
           AND v.value IS NOT NULL
+    ), identity(kind, value) AS (
+        SELECT CASE WHEN kind IN ('first', 'last') THEN 'name' ELSE kind END, value FROM known
+        UNION  -- full names, either order, from any first and last name the same person has had
+        SELECT 'full', n.value
+        FROM known f
+        JOIN known l ON l.person = f.person AND f.kind = 'first' AND l.kind = 'last'
+        CROSS JOIN LATERAL (VALUES (f.value || ' ' || l.value), (l.value || ' ' || f.value)) AS n(value)
     )"""
 
 # A stored phone is E.164; a file writes it +33 6.., 0033 6.. or 06..: the national forms are its digits after a

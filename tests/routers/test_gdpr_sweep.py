@@ -403,6 +403,25 @@ async def test_their_address_on_a_record_wrongly_merged_into_another_contact(
     assert (await client.get(f"/v1/contacts/{other['id']}", headers=ADMIN)).status_code == 200
 
 
+async def test_import_reject_value_with_a_former_full_name(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    # A name changed since (a marriage): the full name they had is still theirs, in a refused cell among other text.
+    person = new_person()
+    await create_person(client, person)
+    former = f"{person.first_name} Lovelace{person.tag}"
+    await ok(await client.patch(f"/v1/contacts/{person.id}", json={"last_name": f"Lovelace{person.tag}"},
+                                headers=ADMIN))
+    await ok(await client.patch(f"/v1/contacts/{person.id}", json={"last_name": person.last_name}, headers=ADMIN))
+    data = build_csv(["E-mail", "Téléphone"], [(f"other.{person.tag}@example.org", f"call {former}")])
+    job = await run_import(client, sessions, settings, data)
+    assert job["rejected"] == 1, job
+
+    assert (await erase(client, person.id)).status_code == 204
+
+    assert "import_reject.value" not in await sweep(sessions, [former])
+
+
 async def test_import_staging_table_is_emptied(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:
