@@ -22,7 +22,7 @@ from app.schemas.destinations import (
     ResyncResult,
 )
 from app.schemas.types import Limit
-from app.security import Principal, Scope, require
+from app.security import Principal, Role, Scope, require
 from app.services import destinations as service
 from app.services.destinations import (
     DeliveryNotFound,
@@ -59,11 +59,11 @@ async def list_destinations(
 @router.post("", status_code=201, response_model=DestinationCreated,
              responses=problems(DuplicateDestination, IdempotencyKeyReused))
 async def create_destination(
-    payload: DestinationCreate, session: WriteSession, request: Request, _: Writer, idem: Idempotency
+    payload: DestinationCreate, session: WriteSession, request: Request, caller: Writer, idem: Idempotency
 ) -> Any:
-    """`generated_secrets` holds what Carnet made (`inbound_secret`, the webhook `secret`): shown this once only.
-
-    An idempotent replay answers without them.
+    """`generated_secrets` holds what Carnet made (`inbound_secret`, the webhook `secret`): shown this once only,
+    and to an admin only (API.md: a manager never sees secrets; one who needs to know them gives them in
+    `config`). An idempotent replay answers without them.
     """
     if idem.replay:
         return idem.replay
@@ -71,7 +71,8 @@ async def create_destination(
     body = await _present(session, request, row)
     headers = {"ETag": etag(row["version"]), "Location": f"/v1/destinations/{row['id']}"}
     await idem.respond(201, {**body, "generated_secrets": {}}, headers)  # stored for replays: no secret kept
-    return JSONBody({**body, "generated_secrets": generated}, status_code=201, headers=headers)
+    shown = generated if caller.role is Role.ADMIN else {}
+    return JSONBody({**body, "generated_secrets": shown}, status_code=201, headers=headers)
 
 
 @router.get("/{destination_id}", response_model=DestinationRead, responses=problems(DestinationNotFound))

@@ -70,9 +70,21 @@ MAPPABLE_FIELDS = frozenset({
 _ATTRIBUTE_FIELD = re.compile(r"^attributes\.[a-z][a-z0-9_]{0,62}$")
 
 
+def _without_credentials(value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+    # `config` is shown to every reader of destinations: a password in a URL would be a secret in clear there.
+    if value is not None and (value.username or value.password):
+        raise ValueError("no credentials in the URL: secrets go in the write-only fields (`api_key`, `secret`)")
+    return value
+
+
 class _Config(InputSchema):
     base_url: AnyHttpUrl | None = Field(default=None, description="Overrides the vendor's API host (proxies, tests)")
     inbound_secret: Secret | None = Field(default=None, description="Write-only; generated when absent")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        return _without_credentials(value)
 
 
 class BrevoConfig(_Config):
@@ -93,6 +105,11 @@ class WebhookConfig(_Config):
     topics: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
         default=None, description="Only these topics (default: all)")
 
+
+    @field_validator("url")
+    @classmethod
+    def _no_url_credentials(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        return _without_credentials(value)
 
     @field_validator("secret", "previous_secret")
     @classmethod

@@ -105,3 +105,16 @@ async def test_roles(client: httpx.AsyncClient) -> None:
     for role in (Role.VIEWER, Role.EDITOR, Role.INTEGRATION):
         assert_problem(await client.get("/v1/destinations", headers=bearer(role)), 403)
     assert (await create(client, MANAGER, kind="webhook", config={"url": "https://m.example"})).status_code == 201
+
+
+async def test_a_manager_never_sees_secrets_and_urls_carry_none(client: httpx.AsyncClient) -> None:
+    """API.md: a manager writes destinations but never sees secrets, not even the ones Carnet generates; and a
+    URL with credentials is refused, since `config` is shown to every reader."""
+    made = await create(client, MANAGER, kind="webhook", config={"url": "https://m2.example"})
+    assert made.status_code == 201, made.text
+    assert made.json()["generated_secrets"] == {}
+    assert set(made.json()["secrets_set"]) >= {"inbound_secret", "secret"}  # generated all the same
+    admin_made = (await create(client, kind="webhook", config={"url": "https://a2.example"})).json()
+    assert set(admin_made["generated_secrets"]) == {"inbound_secret", "secret"}
+    for config in ({"url": "https://user:pw@h.example"}, {"url": "https://h.example", "base_url": "https://u:p@h.example"}):
+        assert_problem(await create(client, kind="webhook", config=config), 422)
