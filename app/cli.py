@@ -226,6 +226,9 @@ def worker(
         typer.echo("carnet: `carnet worker` needs DATABASE_URL; in embedded mode `carnet serve` runs the worker.",
                    err=True)
         raise typer.Exit(2)
+    from app.logging import configure_logging
+
+    configure_logging(json=settings.log_json, level=settings.log_level)  # the API's format: JSON lines, no PII
     asyncio.run(_run_worker(settings, once=once))
 
 

@@ -7,6 +7,7 @@ follows, and only people whose email_marketing consent is granted are ever sent 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -324,6 +325,8 @@ async def test_worker_once_refreshes_due_snapshots(
     done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "app", "worker", "--once"],
                                    env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+    logged = [line for line in done.stderr.splitlines() if line.strip()]
+    assert logged and all(json.loads(line)["event"] for line in logged), "JSON log lines, as the API's"
     async with make_sessionmaker(engine)() as session:
         entered = await session.scalar(text(
             "SELECT count(*) FROM outbox_message WHERE topic = 'segment.entered' AND contact_id = :c "
