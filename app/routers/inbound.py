@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from app.db import WriteSession
 from app.errors import BadRequest, Unauthenticated, problems
 from app.routers.deps import JSONBody
+from app.schemas.freeform import MAX_JSON_DEPTH, json_problem
 from app.services import destinations as destinations_service
 from app.services import inbound
 from app.services.destinations import DestinationNotFound
@@ -93,7 +94,9 @@ async def brevo_webhook(
         raise BadSignature("Authorization: Bearer <inbound_secret> is missing or does not match")
     try:
         body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past the parser's limit
+        raise BadRequest("the body is not JSON (or is nested too deep)") from None
+    if json_problem(body, text=False) is not None:  # Brevo's events are flat: deeper is not Brevo
+        raise BadRequest(f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
     applied = await inbound.apply(session, destination.row, inbound.parse_brevo(body), vendor="brevo")
     return JSONBody({"changed": applied.changed, "ignored": applied.ignored})

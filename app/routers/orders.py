@@ -20,6 +20,7 @@ from app.schemas.orders import (
     OrderPage,
     OrderPut,
     OrderRead,
+    present_contact_event,
 )
 from app.schemas.types import ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
@@ -105,13 +106,15 @@ async def list_contact_orders(
 @contact_activity_router.get("/{contact_id}/events", response_model=EventPage,
                              responses=problems(ContactNotFound))
 async def list_contact_events(
-    contact_id: uuid.UUID, session: ReadSession, _: Annotated[Principal, require(Scope.EVENTS_READ)],
+    contact_id: uuid.UUID, session: ReadSession, caller: Annotated[Principal, require(Scope.EVENTS_READ)],
     limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
 ) -> Any:
+    """Newest first. Without `pii:read`, string values inside `properties` are masked (keys kept)."""
     rows = await orders_service.contact_events(session, contact_id, limit=limit,
                                                before_id=history_service.id_cursor(cursor))
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
-    return JSONBody({"data": rows[:limit], "next_cursor": next_cursor})
+    return JSONBody({"data": [present_contact_event(r, reveal_pii=caller.sees_pii) for r in rows[:limit]],
+                     "next_cursor": next_cursor})
 
 
 def _order_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:

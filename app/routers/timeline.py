@@ -15,6 +15,7 @@ from app.routers.deps import JSONBody
 from app.schemas.history import present_history
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
+from app.security.masking import mask_json
 from app.services import timeline as timeline_service
 
 __all__ = ["router"]
@@ -52,4 +53,6 @@ async def get_contact_timeline(
             masked = present_history({**row["data"], "id": 0, "at": row["at"], "contact_id": contact_id},
                                      reveal_pii=caller.sees_pii)
             row["data"] = {k: masked[k] for k in row["data"]}
+        elif row["kind"] == "event" and not caller.sees_pii:  # free-form: masked like GET .../events
+            row["data"] = {**row["data"], "properties": mask_json(row["data"]["properties"])}
     return JSONBody({"data": rows, "next_cursor": next_cursor})

@@ -127,13 +127,15 @@ _PROOF_KEYS = ("ip", "user_agent", "form_url", "wording", "policy_version", "ven
 
 
 def present_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]:
-    """A ledger event on the wire; the IP and user agent are personal data, masked without pii:read."""
+    """A ledger event on the wire; the IP, user agent and form URL are personal data, masked without pii:read
+    (a form URL can carry the person: `?email=...`). The wording and policy version are the shop's own text."""
     proof = {k: row["proof"].get(k) for k in _PROOF_KEYS} if row["proof"] else None
     if proof is not None and proof["vendor"] is None:
         del proof["vendor"]  # only events an emailing tool reported carry it
     if proof is not None and not reveal_pii:
         proof["ip"] = mask_text(proof.get("ip"))
         proof["user_agent"] = mask_text(proof.get("user_agent"))
+        proof["form_url"] = mask_text(proof.get("form_url"))
     return {k: row[k] for k in ("id", "purpose", "action", "source", "occurred_at", "recorded_at", "recorded_by")} | {
         "proof": proof
     }

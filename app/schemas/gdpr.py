@@ -12,7 +12,7 @@ from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentLedger, ConsentProof, present_event
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.history import HistoryEntry, present_history
-from app.schemas.orders import EventRead, OrderRead
+from app.schemas.orders import EventRead, OrderRead, present_contact_event
 from app.schemas.types import Email, Phone
 
 __all__ = [
@@ -107,6 +107,6 @@ def present_export(data: Any, *, reveal_pii: bool, generated_at: datetime) -> di
         "consents": {**data.consents,
                      "events": [present_event(e, reveal_pii=reveal_pii) for e in data.consents["events"]]},
         "orders": [dict(o) for o in data.orders],
-        "events": [dict(e) for e in data.events],
+        "events": [present_contact_event(e, reveal_pii=reveal_pii) for e in data.events],
         "history": [present_history(h, reveal_pii=reveal_pii) for h in data.history],
     }

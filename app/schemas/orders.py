@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -11,7 +12,9 @@ from typing import Annotated, Any, Self
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from app.schemas.base import InputSchema
+from app.schemas.freeform import FreeJSONObject
 from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText
+from app.security.masking import mask_json
 
 __all__ = [
     "ContactRef",
@@ -27,6 +30,7 @@ __all__ = [
     "OrderPut",
     "OrderRead",
     "OrderStatus",
+    "present_contact_event",
 ]
 
 
@@ -107,7 +111,9 @@ class EventCreate(InputSchema):
     contact: ContactRef
     type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$", description="e.g. page_view, cart_abandoned")]
     occurred_at: AwareTimestamp
-    properties: dict[str, Any] = Field(default_factory=dict)
+    properties: FreeJSONObject = Field(default_factory=dict, description=(
+        "Any JSON object, at most 32 levels deep; string values are masked (keys kept) for a token without "
+        "pii:read"))
     event_id: ExternalId | None = Field(default=None, description="Sender's id: a replay with the same id is ignored")
 
     @model_validator(mode="after")
@@ -152,3 +158,11 @@ class EventBatchItem(BaseModel):
 class EventBatchResult(BaseModel):
     results: list[EventBatchItem]
     errors: int
+
+
+def present_contact_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]:
+    """An event on the wire: without pii:read, its free-form `properties` are masked (security.masking.mask_json)."""
+    event = dict(row)
+    if not reveal_pii:
+        event["properties"] = mask_json(event["properties"])
+    return event

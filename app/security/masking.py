@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import phonenumbers
 
-__all__ = ["PII_FIELDS", "mask_email", "mask_name", "mask_phone", "mask_text"]
+__all__ = ["PII_FIELDS", "mask_email", "mask_json", "mask_name", "mask_phone", "mask_text"]
 
 # Wire fields that identify a person; every presenter masks exactly these.
 PII_FIELDS = frozenset({
@@ -49,3 +51,15 @@ def mask_name(value: str | None) -> str | None:
 
 def mask_text(value: str | None) -> str | None:
     return "***" if value else value
+
+
+def mask_json(value: Any) -> Any:
+    """Free-form JSON (event properties): every non-empty string masked, keys, numbers, booleans and nulls
+    kept. Nobody knows which of a sender's strings are personal (`{"email": ...}`, `{"note": ...}`), so all are."""
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {key: mask_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_json(item) for item in value]
+    return value

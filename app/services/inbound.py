@@ -25,6 +25,7 @@ from app.logging import get_logger
 from app.models import Contact
 from app.models.base import utc_now
 from app.schemas.consents import ConsentAction
+from app.schemas.freeform import unstorable_text
 from app.schemas.types import normalize_email
 from app.security import Principal, Role
 from app.services import consents, memberships
@@ -57,7 +58,17 @@ class InboundEvent:
 # ---- Mailchimp: form-encoded `type=...&data[email]=...` ----------------------------------------------------
 
 
+def _usable(events: list[InboundEvent]) -> list[InboundEvent]:
+    """Events whose addresses PostgreSQL can hold: one with a NUL or a lone surrogate can match no contact and
+    must not reach the database (a 500); it is dropped, as an event about an unknown address is ignored."""
+    return [e for e in events if not unstorable_text(e.email) and not unstorable_text(e.new_email or "")]
+
+
 def parse_mailchimp(form: Mapping[str, str]) -> list[InboundEvent]:
+    return _usable(_parse_mailchimp(form))
+
+
+def _parse_mailchimp(form: Mapping[str, str]) -> list[InboundEvent]:
     kind = form.get("type", "")
     lists = tuple(filter(None, [form.get("data[list_id]")]))
     email = (form.get("data[email]") or "").strip().lower()
@@ -109,7 +120,7 @@ def parse_brevo(body: Any) -> list[InboundEvent]:
         raw_lists = item.get("list_id", item.get("listId", []))
         lists = tuple(str(x) for x in (raw_lists if isinstance(raw_lists, list) else [raw_lists]) if x is not None)
         events.append(InboundEvent(kind, email.strip().lower(), lists, vendor_event=name))
-    return events
+    return _usable(events)
 
 
 # ---- applying -----------------------------------------------------------------------------------------------

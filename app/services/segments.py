@@ -66,6 +66,7 @@ from app.models import (
 )
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
+from app.schemas.freeform import json_problem, unstorable_text
 from app.schemas.types import utc_instant
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
 from app.services.pagination import Cursor, CursorCodec, page_by_name
@@ -306,8 +307,8 @@ def _days(value: Any, path: str) -> int:
 
 
 def _text(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str) or len(value) > MAX_TEXT or "\x00" in value:
-        raise _Invalid(path, f"expected text of at most {MAX_TEXT} characters")
+    if not isinstance(value, str) or len(value) > MAX_TEXT or unstorable_text(value):
+        raise _Invalid(path, f"expected text of at most {MAX_TEXT} characters (UTF-8, without NUL)")
     if choices is not None and value not in choices:
         raise _Invalid(path, f"expected one of: {', '.join(choices)}")
     return value
@@ -603,9 +604,14 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     compiler = _Compiler(attributes=definitions, now=now)
     if not isinstance(filter_, dict) or not filter_:
         raise InvalidInput.one(path, 'expected an object such as {"all": [...]}', "invalid_filter")
+    _check_depth(filter_, path)
     expression = compiler.node(filter_, path, 0)
     if compiler.errors:
         raise InvalidInput(*compiler.errors)
+    # what the compiler did not read (a value nested in a list, ...) is stored too, and must render back
+    problem = json_problem(filter_)
+    if problem is not None:
+        raise InvalidInput.one(path, problem, "invalid_filter")
     return _Compiled(expression, compiler.clock)
 
 
@@ -616,15 +622,38 @@ class _Compiled:
 
 
 def _mentions_attributes(node: Any) -> bool:
-    """Whether any condition of the (not yet validated) filter names an `attributes.` field."""
-    if isinstance(node, dict):
-        field = node.get("field")
-        if isinstance(field, str) and field.startswith("attributes."):
-            return True
-        return any(_mentions_attributes(value) for value in node.values())
-    if isinstance(node, list):
-        return any(_mentions_attributes(item) for item in node)
+    """Whether any condition of the (not yet validated) filter names an `attributes.` field. Iterative: the
+    filter may be nested far deeper than the recursion limit (it is checked after this)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            field_ = item.get("field")
+            if isinstance(field_, str) and field_.startswith("attributes."):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
+
+
+def _check_depth(filter_: Any, path: str) -> None:
+    """422 `too_deep` naming the first group nested deeper than MAX_DEPTH, before the compiler recurses."""
+    stack: list[tuple[Any, str, int]] = [(filter_, path, 0)]
+    while stack:
+        node, at, depth = stack.pop()
+        if not isinstance(node, dict) or len(node) != 1:
+            continue  # a condition, or a malformed node the compiler names without descending
+        key = next(iter(node))
+        if key not in ("all", "any", "not"):
+            continue
+        if depth >= MAX_DEPTH:
+            raise InvalidInput.one(at, f"groups nest at most {MAX_DEPTH} deep", "too_deep")
+        children = node[key]
+        if key == "not":
+            stack.append((children, f"{at}.not", depth + 1))
+        elif isinstance(children, list):
+            stack.extend((child, f"{at}.{key}[{i}]", depth + 1) for i, child in enumerate(children))
 
 
 # ---- segments: CRUD ----------------------------------------------------------------------------------------

@@ -256,7 +256,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List Contact Events */
+        /**
+         * List Contact Events
+         * @description Newest first. Without `pii:read`, string values inside `properties` are masked (keys kept).
+         */
         get: operations["list_contact_events_v1_contacts__contact_id__events_get"];
         put?: never;
         post?: never;
@@ -421,9 +424,9 @@ export interface paths {
         put?: never;
         /**
          * Create Destination
-         * @description `generated_secrets` holds what Carnet made (`inbound_secret`, the webhook `secret`): shown this once only.
-         *
-         *     An idempotent replay answers without them.
+         * @description `generated_secrets` holds what Carnet made (`inbound_secret`, the webhook `secret`): shown this once only,
+         *     and to an admin only (API.md: a manager never sees secrets; one who needs to know them gives them in
+         *     `config`). An idempotent replay answers without them.
          */
         post: operations["create_destination_v1_destinations_post"];
         delete?: never;
@@ -1945,7 +1948,10 @@ export interface components {
              * Format: date-time
              */
             occurred_at: string;
-            /** Properties */
+            /**
+             * Properties
+             * @description Any JSON object, at most 32 levels deep; string values are masked (keys kept) for a token without pii:read
+             */
             properties?: {
                 [key: string]: unknown;
             };

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.security import Role
+from app.security import Role, Scope
 from tests.auth import bearer
 from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_list
 from tests.routers.test_contacts import assert_problem
@@ -112,7 +112,23 @@ class TestLedger:
         await grant_marketing(client, contact["id"])
         event = (await client.get(f"/v1/contacts/{contact['id']}/consents",
                                   headers=bearer(Role.VIEWER))).json()["events"][0]
-        assert event["proof"] == {**PROOF, "ip": "***", "user_agent": "***"}
+        assert event["proof"] == {**PROOF, "ip": "***", "user_agent": "***", "form_url": "***"}
+
+    async def test_viewer_never_sees_the_form_url(self, client: httpx.AsyncClient) -> None:
+        # Audit: a form URL can carry the person (`?email=claire.martin@example.com`), as the ip and user agent do.
+        contact = await make_contact(client)
+        form_url = "https://shop.example/newsletter?email=claire.martin%40example.com"
+        await grant_marketing(client, contact["id"], proof={**PROOF, "form_url": form_url})
+        viewer = bearer(Role.VIEWER)
+        exporter = bearer(Role.MANAGER, scopes={Scope.EXPORTS_READ})  # no pii:read
+        for path, headers in (("consents", viewer), ("timeline", viewer), ("export", exporter)):
+            response = await client.get(f"/v1/contacts/{contact['id']}/{path}", headers=headers)
+            assert response.status_code == 200, response.text
+            assert "claire.martin" not in response.text and PROOF["ip"] not in response.text, path
+        export = (await client.get(f"/v1/contacts/{contact['id']}/export", headers=exporter)).json()
+        assert export["consents"]["events"][0]["proof"]["form_url"] == "***"
+        full = (await client.get(f"/v1/contacts/{contact['id']}/consents", headers=ADMIN)).json()
+        assert full["events"][0]["proof"]["form_url"] == form_url
 
     async def test_the_ledger_cannot_be_edited_or_deleted(self, client: httpx.AsyncClient,
                                                            sessions: async_sessionmaker[AsyncSession]) -> None:

@@ -159,6 +159,7 @@ class TestExport:
         assert doc["profile"]["email"] == f"{person.email[0]}***@example.org"
         assert doc["profile"]["first_name"] == f"{person.first_name[0]}***"
         assert doc["consents"]["events"][0]["proof"]["ip"] == "***"
+        assert [e["properties"] for e in doc["events"]] == [{"form": "***", "email": "***", "name": "***"}]
         email_changes = [h for h in doc["history"] if h["field"] == "email"]
         assert email_changes and all(h["new_value"] != person.email for h in email_changes)
 

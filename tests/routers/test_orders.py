@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -302,3 +303,69 @@ class TestEventPages:
         assert [r["status"] for r in body["results"]] == ["error", "created", "error", "error"]
         assert body["errors"] == 3
         assert body["results"][0]["error"]["status"] == 422
+
+
+def nested(depth: int, leaf: Any = "x") -> Any:
+    """`{"a": {"a": ... leaf}}`, `depth` objects deep."""
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+DEEP = "__deep__"  # raw_json() writes a `nested(deep)` object in its place, however deep
+
+
+def raw_json(body: Any, headers: dict[str, str] | None = None, *, deep: int = 0) -> dict[str, Any]:
+    """`content=` and headers for a body httpx would not encode itself: a lone surrogate (as `\\ud800`), or
+    `DEEP` replaced by an object nested `deep` levels (json.dumps would recurse)."""
+    text = json.dumps(body).replace(f'"{DEEP}"', '{"a":' * deep + '"x"' + "}" * deep)
+    return {"content": text, "headers": {**(headers or INTEGRATION), "Content-Type": "application/json"}}
+
+
+class TestFreeFormProperties:
+    """Audit: deep or unencodable `properties` were stored, then broke every read of the person's events."""
+
+    async def test_too_deep_properties_are_422_and_nothing_is_stored(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        event = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
+        for depth in (33, 252, 260):
+            response = await client.post("/v1/events", **raw_json({**event, "properties": DEEP}, deep=depth))
+            assert_problem(response, 422, "properties")
+        # deeper than Python's JSON parser goes: a malformed body, answered before any route runs
+        assert_problem(await client.post("/v1/events", **raw_json({**event, "properties": DEEP}, deep=2000)), 400)
+        batch = await client.post("/v1/events/batch", **raw_json({"items": [{**event, "properties": DEEP}]}, deep=300))
+        assert batch.status_code == 200, batch.text
+        assert batch.json()["results"][0]["error"]["errors"][0]["field"] == "properties"
+        ok = await client.post("/v1/events", json={**event, "properties": nested(31)}, headers=INTEGRATION)
+        assert ok.status_code == 201, ok.text
+        for path in ("events", "timeline", "export"):
+            response = await client.get(f"/v1/contacts/{contact['id']}/{path}", headers=ADMIN)
+            assert response.status_code == 200, (path, response.text)
+        events = (await client.get(f"/v1/contacts/{contact['id']}/events", headers=ADMIN)).json()["data"]
+        assert len(events) == 1
+
+    async def test_lone_surrogates_and_nul_are_422(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        event = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
+        for properties in ({"k": "\ud800"}, {"\udfff": 1}, {"k": ["ok", {"deep": "a\x00b"}]}, {"k\x00": 1}):
+            response = await client.post("/v1/events", **raw_json({**event, "properties": properties}))
+            assert_problem(response, 422, "properties")
+
+    async def test_viewer_sees_properties_masked(self, client: httpx.AsyncClient) -> None:
+        contact = await make_contact(client)
+        properties = {"email": "claire.martin@example.com", "items": [{"sku": "A1", "qty": 2}], "paid": True,
+                      "note": None, "empty": ""}
+        event = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z",
+                 "properties": properties}
+        assert (await client.post("/v1/events", json=event, headers=INTEGRATION)).status_code == 201
+        viewer = bearer(Role.VIEWER)
+        masked = {"email": "***", "items": [{"sku": "***", "qty": 2}], "paid": True, "note": None, "empty": ""}
+        seen = (await client.get(f"/v1/contacts/{contact['id']}/events", headers=viewer)).json()["data"]
+        assert seen[0]["properties"] == masked
+        timeline = (await client.get(f"/v1/contacts/{contact['id']}/timeline", headers=viewer)).json()["data"]
+        assert next(e for e in timeline if e["kind"] == "event")["data"]["properties"] == masked
+        assert "claire.martin" not in (await client.get(f"/v1/contacts/{contact['id']}/timeline",
+                                                        headers=viewer)).text
+        full = (await client.get(f"/v1/contacts/{contact['id']}/events", headers=ADMIN)).json()["data"]
+        assert full[0]["properties"] == properties

@@ -258,6 +258,37 @@ class TestFilterErrors:
         assert assert_problem(await preview(client, many), 422)["errors"][0]["code"] == "too_many_conditions"
 
 
+class TestHostileFilters:
+    """Audit: deep filters overflowed the recursion of the attribute look-up (500) before the depth check ran,
+    and a value PostgreSQL cannot encode reached the database (500)."""
+
+    @staticmethod
+    async def post_raw(client: httpx.AsyncClient, url: str, body: str) -> httpx.Response:
+        return await client.post(url, content=body, headers={**ADMIN, "Content-Type": "application/json"})
+
+    @pytest.mark.parametrize(("opening", "closing", "depth"), [('{"all":[', "]}", 200), ('{"not":', "}", 900),
+                                                               ('{"any":[', "]}", 9)])
+    async def test_deep_groups_are_422_naming_the_path(self, client: httpx.AsyncClient, opening: str, closing: str,
+                                                       depth: int) -> None:
+        filter_ = opening * depth + '{"field":"attributes.x","op":"eq","value":1}' + closing * depth
+        for url, body in (("/v1/segments/preview", f'{{"filter":{filter_}}}'),
+                          ("/v1/segments", f'{{"name":"deep","filter":{filter_}}}')):
+            problem = assert_problem(await self.post_raw(client, url, body), 422)
+            assert [(e["code"], e["field"].startswith("filter.")) for e in problem["errors"]] == [("too_deep", True)]
+        assert (await client.get("/v1/segments", headers=ADMIN)).json()["data"] == []
+
+    async def test_deep_or_unencodable_values_are_422(self, client: httpx.AsyncClient) -> None:
+        surrogate = '{"all":[{"field":"company","op":"eq","value":"\\ud800"}]}'
+        for url, body in (("/v1/segments/preview", f'{{"filter":{surrogate}}}'),
+                          ("/v1/segments", f'{{"name":"bad","filter":{surrogate}}}')):
+            assert_problem(await self.post_raw(client, url, body), 422, "filter.all[0].value")
+        in_list = '{"all":[{"field":"company","op":"in","value":["a","\\udfff"]}]}'
+        assert_problem(await self.post_raw(client, "/v1/segments/preview", f'{{"filter":{in_list}}}'), 422)
+        deep_value = '{"all":[{"field":"company","op":"eq","value":' + "[" * 500 + "]" * 500 + "}]}"
+        assert_problem(await self.post_raw(client, "/v1/segments/preview", f'{{"filter":{deep_value}}}'), 422)
+        assert (await client.get("/v1/segments", headers=ADMIN)).json()["data"] == []
+
+
 class TestAuth:
     async def test_401_without_token(self, client: httpx.AsyncClient) -> None:
         assert (await client.get("/v1/segments")).status_code == 401

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.services.inbound import mailchimp_signature
 from tests.factories import ADMIN, PROOF, make_contact, make_list
+from tests.routers.test_contacts import assert_problem
 
 REMOTE = "a6b5da1054"
 FIRED = "2026-11-23 10:40:57"
@@ -214,3 +215,35 @@ async def test_a_destination_of_another_kind_is_not_found(client: httpx.AsyncCli
                                  headers={"Authorization": f"Bearer {secret}"})
     assert response.status_code == 404
     assert (await client.post(f"/v1/inbound/brevo/{uuid.uuid4()}", json={})).status_code == 404
+
+
+async def test_brevo_hostile_bodies_are_4xx_and_change_nothing(client: httpx.AsyncClient) -> None:
+    # Audit: a 10,000-deep JSON body escaped the parser's error handling as a RecursionError (500).
+    destination, secret, person, lists = await setup(client, "brevo")
+    url = f"/v1/inbound/brevo/{destination['id']}"
+    auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    for body in ("[" * 10_000 + "]" * 10_000, '{"a":' * 10_000 + "1" + "}" * 10_000,
+                 '{"event":"unsubscribe","email":"' + person["email"] + '","list_id":[' + "[" * 900 + "]" * 900 + "]}"):
+        assert_problem(await client.post(url, content=body, headers=auth), 400)
+    # events whose address PostgreSQL cannot hold (lone surrogate, NUL) are ignored, as unknown addresses are
+    for body in ('[{"event":"unsubscribe","email":"\\ud800@example.com","list_id":["' + REMOTE + '"]}]',
+                 '{"event":"unsubscribe","email":"x\\u0000@example.com","subject":"\\udfff"}'):
+        response = await client.post(url, content=body, headers=auth)
+        assert response.status_code == 200 and response.json()["changed"] == 0, (body[:60], response.text)
+    assert await membership(client, lists["mapped"]["id"], person["id"]) == "subscribed"
+
+
+async def test_mailchimp_hostile_forms_change_nothing(client: httpx.AsyncClient) -> None:
+    destination, secret, person, lists = await setup(client, "mailchimp")
+    url = f"/v1/inbound/mailchimp/{destination['id']}?secret={secret}"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for email in ("x%00%40example.com", "%ED%A0%80%40example.com", "x%C0%40example.com"):
+        body = f"type=unsubscribe&data[list_id]={REMOTE}&data[email]={email}"
+        response = await client.post(url, content=body, headers=form)
+        assert response.status_code == 200 and response.json()["changed"] == 0, response.text
+    upemail = f"type=upemail&data[list_id]={REMOTE}&data[old_email]={person['email']}&data[new_email]=n%00@example.com"
+    assert (await client.post(url, content=upemail, headers=form)).status_code in (200, 422)
+    deep = "&".join(f"data[merges][{'[x]' * 2000}]=1" for _ in range(3)) + "&type=unsubscribe"
+    assert (await client.post(url, content=deep, headers=form)).status_code == 200
+    assert await membership(client, lists["mapped"]["id"], person["id"]) == "subscribed"
+    assert (await contact(client, person["id"]))["email"] == person["email"]
