@@ -537,3 +537,51 @@ async def test_report_values_are_cleared_some_days_after_the_import(
     assert [(r["row"], r["column"], r["value"]) for r in await report(client, old["id"])] == [("2", "Email", "")]
     assert "not a valid email address" in (await report(client, old["id"]))[0]["reason"]
     assert [r["value"] for r in await report(client, recent["id"])] == ["b@@exemple.fr"]
+
+
+class TestUnreadableInput:
+    """Security audit: bad bytes in a file are rejected rows with a reason, never a failed job or a 500."""
+
+    async def test_a_nul_a_huge_quoted_cell_and_an_overlong_line_are_rejected_rows(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = (b"Email,Nom\r\n"
+                b"q1@example.com,A\r\n"
+                b"q5@example.com,a\x00b\r\n"                                      # NUL in a cell
+                b'q6@example.com,"' + b"x" * (130 * 1024) + b'"\r\n'              # quoted cell over 128 KiB
+                b"q7@example.com," + b"y" * (2**20 + 10) + b"\r\n"               # a record over 1 MiB
+                b"q8@example.com,B\r\n")
+        small = settings.model_copy(update={"import_batch_rows": 2})  # rows written before and after the bad ones
+        job = await run_import(client, sessions, small, data)
+        assert job["status"] == "done", job
+        assert (job["total_rows"], job["created"], job["rejected"]) == (5, 2, 3)
+        assert set(await contacts_by_email(sessions)) == {"q1@example.com", "q8@example.com"}
+        lines = await report(client, job["id"])
+        assert [(r["row"], r["column"], r["value"]) for r in lines] == [
+            ("3", "Nom", "a\\0b"), ("4", "", ""), ("5", "", "")]
+        assert "control characters" in lines[0]["reason"]
+        assert lines[1]["reason"] == "unreadable row: a quoted cell is longer than 131072 characters"
+        assert lines[2]["reason"] == "unreadable row: longer than 1048576 characters"
+
+    async def test_a_single_overlong_line_without_newline_is_one_rejected_row(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = b"Email,Nom\r\nq1@example.com,A\r\n" + b"z" * (3 * 2**20)
+        job = await run_import(client, sessions, settings, data)
+        assert (job["status"], job["total_rows"], job["created"], job["rejected"]) == ("done", 2, 1, 1)
+        assert [(r["row"], r["reason"]) for r in await report(client, job["id"])] == [
+            ("3", "unreadable row: longer than 1048576 characters")]
+
+    async def test_report_cells_from_the_file_cannot_run_as_formulas(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        data = build_csv(["Email", "+Tel", "Nom"], [["f1@exemple.fr", "=2+3", "A"], ["@SUM(1)", "", "B"],
+                                                     ["f3@exemple.fr", "-1", "C"]])
+        job = await run_import(client, sessions, settings, data,
+                               mapping={"Email": "email", "+Tel": "phone", "Nom": "last_name"})
+        assert job["rejected"] == 3, job
+        lines = await report(client, job["id"])
+        assert [(r["row"], r["column"], r["field"], r["value"]) for r in lines] == [
+            ("2", "'+Tel", "phone", "'=2+3"), ("3", "Email", "email", "'@SUM(1)"), ("4", "'+Tel", "phone", "'-1")]
+        for line in await report(client, job["id"], headers=MASKED):
+            assert not any(cell[:1] in "=+-@\t\r" and cell for cell in line.values()), line

@@ -8,6 +8,8 @@ import csv
 import io
 import subprocess
 import sys
+import time
+import tracemalloc
 from datetime import date
 
 import pytest
@@ -237,3 +239,54 @@ def test_the_validating_process_imports_no_web_or_database_stack() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,  # noqa: S603
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+class TestUnreadable:
+    """Bad bytes end as one rejected row each, with a reason; a reject value never holds a NUL (PostgreSQL text)."""
+
+    def test_a_nul_is_rejected_and_shown_escaped(self) -> None:
+        out = rows.validate(_spec("email", "last_name"), [(3, ["q5@example.com", "a\x00b"])])
+        assert out.rejected_rows == 1
+        assert out.rejects == [(3, "last_name", "control characters (such as NUL) are not allowed", "a\\0b")]
+
+    def test_an_unreadable_record_is_a_rejected_row(self) -> None:
+        reader = sniff.RecordReader("utf-8", ",")
+        records = reader.feed(b'a@x.fr,"' + b"x" * (130 * 1024) + b'"\nb@x.fr,ok\n') + reader.close()
+        assert records[1] == ["b@x.fr", "ok"]
+        out = rows.validate(_spec("email", "last_name"), [(2, records[0]), (3, records[1])])
+        assert out.rejects == [(2, None, "unreadable row: a quoted cell is longer than 131072 characters", None)]
+        assert len(out.records) == 1
+
+    @pytest.mark.parametrize("size", [1000, 64 * 1024, 2**20, 10 * 2**20])
+    def test_an_overlong_record_is_one_unreadable_row_and_reading_resumes(self, size: int) -> None:
+        limit = sniff.RecordReader.MAX_RECORD_CHARS
+        data = (b"Email,Nom\r\n" + b"a@x.fr," + b"y" * limit + b"\r\n"            # one line too long
+                + b'b@x.fr,"' + b"w" * limit + b'\nmore",tail\r\n'                # a quoted record too long
+                + b"c@x.fr," + b"v" * (limit - 9) + b"\r\n"                       # at the limit exactly: read
+                + b"d@x.fr,fine\r\n" + b"z" * (limit + 1))                        # too long, at the end
+        reader = sniff.RecordReader("utf-8", ",")
+        got: list[list[str]] = []
+        for i in range(0, len(data), size):
+            got += reader.feed(data[i:i + size])
+        got += reader.close()
+        assert [type(r).__name__ for r in got] == ["list", "Unreadable", "Unreadable", "list", "list", "Unreadable"]
+        assert got[1].reason == f"unreadable row: longer than {limit} characters"  # type: ignore[attr-defined]
+        assert got[3][0] == "c@x.fr" and len(got[3][1]) == limit - 9
+        assert got[4] == ["d@x.fr", "fine"]
+
+    def test_reading_a_huge_line_is_linear_and_bounded(self) -> None:
+        reader = sniff.RecordReader("utf-8", ",")
+        chunk = b"y" * 2**20
+        tracemalloc.start()
+        try:
+            reader.feed(b"Email,Nom\na@x.fr,")
+            started = time.perf_counter()
+            for _ in range(64):  # 64 MiB without a newline
+                assert reader.feed(chunk) == []
+            elapsed = time.perf_counter() - started
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * 2**20, peak
+        assert elapsed < 5, elapsed
+        assert len(reader.close()) == 1

@@ -22,6 +22,7 @@ from typing import Any
 
 from app.ids import keyed_digest, new_id
 from app.schemas import types
+from app.services.imports.sniff import Unreadable
 
 __all__ = [
     "STAGE_COLUMNS",
@@ -97,6 +98,10 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
     """Check and normalize rows given as (row number, cells); one bad cell rejects its row (as a 422 would)."""
     out = Validated()
     for row_number, cells in rows:
+        if isinstance(cells, Unreadable):  # too long or not CSV (sniff.RecordReader): no cells to check
+            out.rejected_rows += 1
+            out.rejects.append((row_number, None, cells.reason, None))
+            continue
         record: list[Any] = [None] * len(STAGE_COLUMNS)
         record[0] = row_number
         attributes: dict[str, Any] = {}
@@ -260,4 +265,7 @@ def _option(options: tuple[str, ...], value: str) -> str:
 
 
 def _shown(raw: str) -> str:
-    return raw if len(raw) <= 200 else raw[:200] + "…"
+    """A refused cell as the report shows it: at most 200 characters, a NUL written `\\0` (PostgreSQL text
+    cannot hold a NUL; the reason says the cell held a control character)."""
+    shown = raw if len(raw) <= 200 else raw[:200] + "…"
+    return shown.replace("\x00", "\\0") if "\x00" in shown else shown

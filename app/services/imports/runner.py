@@ -41,7 +41,7 @@ from app.schemas import types
 from app.services import suppressions
 from app.services.imports import rows as rows_module
 from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
-from app.services.imports.sniff import RecordReader
+from app.services.imports.sniff import RecordReader, Unreadable
 from app.services.links import CONFIRM_LINK_TTL, LinkBuilder, LinkCodec
 from app.settings import Settings
 
@@ -328,7 +328,7 @@ async def _batches(
     async for records in _records(sessions, job):
         for cells in records:
             record_number += 1
-            if not "".join(cells).strip():
+            if not "".join(cells).strip() and not isinstance(cells, Unreadable):
                 continue  # blank lines (Excel leaves some at the end) are not rows
             if not header_done:
                 header_done = True
@@ -390,7 +390,8 @@ async def _write_batch(
     # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing.
     await connection.execute("SET LOCAL synchronous_commit = off")
     now = utc_now()
-    rejects: list[tuple[Any, ...]] = [(job.id, r, c, reason, v) for r, c, reason, v in validated.rejects]
+    rejects: list[tuple[Any, ...]] = [
+        (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
     counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
     counts["rejected"] = validated.rejected_rows
     kept = await _drop_duplicates(connection, job, validated.records, rejects)
@@ -747,6 +748,11 @@ async def _finish(
             raise LeaseLost(f"import {job_id} was taken over by another runner")
         await connection.execute("DELETE FROM import_key WHERE import_id = $1", job_id)
         await connection.execute("DELETE FROM import_chunk WHERE import_id = $1", job_id)
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold a NUL (rows._shown already writes it `\\0`; a reason quoting a cell might not)."""
+    return text.replace("\x00", "\\0") if text is not None and "\x00" in text else text
 
 
 async def _raw(session: AsyncSession) -> asyncpg.Connection:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
-__all__ = ["BOM", "DELIMITERS", "EncodingCheck", "decode_lines", "detect_delimiter", "read_header"]
+__all__ = ["BOM", "DELIMITERS", "EncodingCheck", "RecordReader", "Unreadable", "detect_delimiter",
+           "read_header"]
 
 BOM = codecs.BOM_UTF8
 DELIMITERS = (";", ",", "\t")
@@ -56,21 +57,6 @@ def _cp1252_lenient(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error("carnet-cp1252", _cp1252_lenient)
 
 
-def decode_lines(chunks: Iterable[bytes], encoding: str) -> Iterator[str]:
-    """Physical lines (with their ending) of a file given in byte chunks; what csv.reader expects."""
-    decoder = codecs.getincrementaldecoder(encoding)(errors="carnet-cp1252" if encoding == "cp1252" else "strict")
-    pending = ""
-    for chunk in chunks:
-        text = pending + decoder.decode(chunk)
-        lines = text.split("\n")
-        pending = lines.pop()
-        for line in lines:
-            yield line + "\n"
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        yield pending
-
-
 def detect_delimiter(sample: str) -> str:
     """The delimiter giving the most columns with a consistent count over the first records."""
     best, best_score = ";", (-1, -1)
@@ -110,56 +96,139 @@ def _records(sample: str, delimiter: str) -> list[list[str]]:
     return out
 
 
+class Unreadable(list[str]):
+    """A record the reader cannot hand out as cells (too long, or not CSV): one row, rejected with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[Unreadable], tuple[str]]:  # crosses to the validating process pickled
+        return Unreadable, (self.reason,)
+
+
 class RecordReader:
     """Turns byte chunks into CSV records, one chunk at a time (never the whole file in memory).
 
     Lines are grouped into records by quote parity (a quoted cell may hold newlines; quotes inside it are
     doubled), then parsed by the csv module. A group that never closes its quote is cut after
-    `MAX_RECORD_LINES` lines so a stray quote cannot swallow the rest of the file.
+    `MAX_RECORD_LINES` lines so a stray quote cannot swallow the rest of the file. A record longer than
+    `MAX_RECORD_CHARS` (line endings included) is not kept: its text is dropped as it arrives (only its quotes
+    are counted, to find where it ends), and it comes out as one `Unreadable` record; reading resumes after it.
+    So memory stays bounded and every byte is looked at a constant number of times, whatever the file holds.
+    A quoted cell longer than the csv module's limit (`CSV_FIELD_LIMIT`) makes its record `Unreadable` too.
     """
 
     MAX_RECORD_LINES = 200
+    MAX_RECORD_CHARS = 1024 * 1024
+    CSV_FIELD_LIMIT = csv.field_size_limit()
 
     def __init__(self, encoding: str, delimiter: str) -> None:
         errors = "carnet-cp1252" if encoding == "cp1252" else "strict"
         self._decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
         self._delimiter = delimiter
-        self._pending = ""           # an incomplete line
+        self._tail: list[str] = []   # pieces of an incomplete line (joined once the line ends: linear)
+        self._tail_size = 0
         self._group: list[str] = []  # lines of a record whose quotes are still open
+        self._group_size = 0
+        self._group_lines = 0        # lines of the open record (kept or dropped)
         self._quotes = 0
+        self._dropping = False       # the open record went over MAX_RECORD_CHARS: its text is not kept
 
     def feed(self, chunk: bytes) -> list[list[str]]:
-        text = self._pending + self._decoder.decode(chunk)
-        lines = text.split("\n")
-        self._pending = lines.pop()
-        return self._parse(line + "\n" for line in lines)
+        return self._take(self._decoder.decode(chunk))
 
     def close(self) -> list[list[str]]:
-        tail = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
-        records = self._parse([tail] if tail else [])
+        records = self._take(self._decoder.decode(b"", final=True))
+        if self._tail or self._dropping:  # the last line has no line ending
+            records += self._parse([self._end_tail("", "")])
         if self._group:
             records += self._flush()
+        if self._dropping:
+            records.append(self._dropped())
         return records
+
+    def _take(self, text: str) -> list[list[str]]:
+        if not text:
+            return []
+        lines = text.split("\n")
+        rest = lines.pop()
+        records: list[list[str]] = []
+        if lines and (self._tail or self._dropping):
+            records = self._parse([self._end_tail(lines[0], "\n")])
+            del lines[0]
+        if lines:
+            records += self._parse([line + "\n" for line in lines])
+        if rest:
+            if self._dropping:
+                self._quotes += rest.count('"')
+            else:
+                self._tail.append(rest)
+                self._tail_size += len(rest)
+                if self._tail_size + self._group_size > self.MAX_RECORD_CHARS:
+                    self._drop()
+        return records
+
+    def _end_tail(self, last: str, ending: str) -> str:
+        """The line the tail pieces, `last` and `ending` make (only `ending` while dropping: the line's text
+        does not matter then, its quotes do)."""
+        if not self._dropping and self._tail_size + len(last) + len(ending) + self._group_size > self.MAX_RECORD_CHARS:
+            self._tail.append(last)
+            self._drop()
+            return ending
+        if self._dropping:
+            self._quotes += last.count('"')
+            return ending
+        line = "".join(self._tail) + last + ending
+        self._tail, self._tail_size = [], 0
+        return line
+
+    def _drop(self) -> None:
+        """The open record is too long: forget its text, keep counting its quotes."""
+        self._quotes += sum(piece.count('"') for piece in self._tail)
+        self._tail, self._tail_size = [], 0
+        self._group, self._group_size = [], 0
+        self._dropping = True
+
+    def _dropped(self) -> Unreadable:
+        self._dropping, self._quotes, self._group_lines = False, 0, 0
+        return Unreadable(f"unreadable row: longer than {self.MAX_RECORD_CHARS} characters")
 
     def _parse(self, lines: Iterable[str]) -> list[list[str]]:
         records: list[list[str]] = []
+        delimiter, limit = self._delimiter, self.MAX_RECORD_CHARS
         for line in lines:
-            if not self._group and '"' not in line:
+            if not self._group and not self._dropping and '"' not in line:
                 # Most lines: no quote, so the csv module would only split them (~5x faster than a reader each).
+                if len(line) > limit:
+                    records.append(Unreadable(f"unreadable row: longer than {limit} characters"))
+                    continue
                 body = line[:-2] if line.endswith("\r\n") else line.removesuffix("\n")
                 if "\r" not in body:
-                    records.append(body.split(self._delimiter) if body else [])
+                    records.append(body.split(delimiter) if body else [])
                     continue
-            self._group.append(line)
+            self._group_lines += 1
             self._quotes += line.count('"')
-            if self._quotes % 2 == 0 or len(self._group) >= self.MAX_RECORD_LINES:
-                records += self._flush()
+            if not self._dropping:
+                self._group.append(line)
+                self._group_size += len(line)
+                if self._group_size > self.MAX_RECORD_CHARS:
+                    self._drop()
+            if self._quotes % 2 == 0 or self._group_lines >= self.MAX_RECORD_LINES:
+                if self._dropping:
+                    records.append(self._dropped())
+                else:
+                    records += self._flush()
         return records
 
     def _flush(self) -> list[list[str]]:
-        group, self._group, self._quotes = self._group, [], 0
+        group = self._group
+        self._group, self._group_size, self._group_lines, self._quotes = [], 0, 0, 0
         try:
             return list(csv.reader(group, delimiter=self._delimiter, strict=False))
-        except csv.Error:
-            return [["\x00unparsable"]]  # refused by validation as a control character
+        except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                return [Unreadable(f"unreadable row: a quoted cell is longer than {self.CSV_FIELD_LIMIT} characters")]
+            if "new-line character seen in unquoted field" in str(exc):
+                return [Unreadable("unreadable row: a line break (CR) inside a cell that is not quoted")]
+            return [Unreadable(f"unreadable row: not valid CSV ({exc})")]
