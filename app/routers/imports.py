@@ -30,7 +30,7 @@ from app.schemas.imports import ImportAccepted, ImportOptions, ImportRead, prese
 from app.security import Principal, Scope, require
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import idempotency as idempotency_service
-from app.services.exports import FORMULA_START
+from app.services.exports import inert
 from app.services.imports import store as imports_service
 from app.services.imports.store import ImportNotFound
 
@@ -153,8 +153,8 @@ async def get_import_rejects(
             for r in page:
                 field = fields.get(r["column"]) if r["column"] else None
                 value = r["value"] if reveal else _mask(field, r["value"])
-                yield _csv_line([r["row_number"], _inert(r["column"] or ""), field or "", r["reason"],
-                                 _inert(value or "")])
+                yield _csv_line([r["row_number"], inert(r["column"] or ""), field or "", r["reason"],
+                                 inert(value or "")])
             if len(page) < _PAGE:
                 return
             after = page[-1]["id"]
@@ -225,12 +225,6 @@ def _mask(field: str | None, value: str | None) -> str | None:
     if field in ("first_name", "last_name"):
         return mask_name(value)
     return mask_text(value)
-
-
-def _inert(cell: str) -> str:
-    """A cell that comes from the file (a column name, a refused value), as the contact export writes free text:
-    with a leading `'` when a spreadsheet would run it as a formula (app.services.exports.FORMULA_START)."""
-    return "'" + cell if cell[:1] and cell[0] in FORMULA_START else cell
 
 
 def _csv_line(cells: list[Any]) -> bytes:

@@ -51,7 +51,7 @@ from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, 
 from app.services import lists as lists_service
 from app.services import segments as segments_service
 
-__all__ = ["Delimiter", "ExportFormat", "ExportOptions", "ExportQuery", "ListStatus", "prepare", "stream"]
+__all__ = ["Delimiter", "ExportFormat", "ExportOptions", "ExportQuery", "ListStatus", "inert", "prepare", "stream"]
 
 _t = Contact.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
@@ -65,6 +65,12 @@ QUEUE_CHUNKS = 8            # COPY path: chunks in flight between PostgreSQL and
 BOM = "\ufeff".encode()
 FORMULA_START = "=+-@\t\r"  # first characters that make a spreadsheet run a cell as a formula
 _FORMULA_CODES = literal_column("ARRAY[" + ", ".join(str(ord(c)) for c in FORMULA_START) + "]")
+
+
+def inert(cell: str) -> str:
+    """Free text as a spreadsheet must show it: a leading `'` when its first character would run it as a formula
+    (the contact export, the import reject report)."""
+    return "'" + cell if cell[:1] and cell[0] in FORMULA_START else cell
 _QUOTE = literal_column("''''", Text)  # the SQL literal '
 TIMESTAMP_S = TIMESTAMP(precision=0)
 TAG_SEPARATOR = "|"         # tags and multi_enum values inside one CSV cell
@@ -317,8 +323,8 @@ def _masked_csv_row(query: ExportQuery) -> Callable[[Mapping[str, Any]], str]:
         for i, mask in enumerate(maskers):
             if mask is not None and values[i] is not None:
                 values[i] = mask(values[i])
-            if free[i] and values[i] and values[i][0] in FORMULA_START:
-                values[i] = "'" + values[i]
+            if free[i] and values[i]:
+                values[i] = inert(values[i])
         out.seek(0)
         out.truncate()
         writer.writerow(values)

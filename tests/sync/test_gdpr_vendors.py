@@ -89,10 +89,7 @@ async def test_erased_while_a_destination_is_disabled(
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    destination = await ok(await client.post("/v1/destinations", headers=ADMIN, json={
-        "name": f"d-{uuid.uuid4().hex[:6]}", "kind": "mailchimp",
-        "config": {"api_key": MC_KEY, "base_url": mc_live.url},
-        "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}]}), 201)
+    destination = await mailchimp_destination(client, mc_live, news["id"])
     person = await subscribed_person(client, news["id"])
     await drain(worker)
     assert mc.member("mc-news", person.email) is not None
@@ -154,10 +151,7 @@ async def test_vendor_forgets_the_address_of_a_record_merged_into_theirs(
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    await ok(await client.post("/v1/destinations", headers=ADMIN, json={
-        "name": f"d-{uuid.uuid4().hex[:6]}", "kind": "mailchimp",
-        "config": {"api_key": MC_KEY, "base_url": mc_live.url},
-        "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}]}), 201)
+    await mailchimp_destination(client, mc_live, news["id"])
     person = await subscribed_person(client, news["id"])
     second = await make_contact(client, email=f"y.kervella.{person.tag}@example.net", last_name=person.last_name)
     await ok(await client.put(f"/v1/lists/{news['id']}/members/{second['id']}", headers=ADMIN,
@@ -174,12 +168,15 @@ async def test_vendor_forgets_the_address_of_a_record_merged_into_theirs(
     assert mc.forgotten >= gone, "archived, not deleted: " + str(mc.archived & gone)
 
 
-async def mailchimp_destination(client: httpx.AsyncClient, live: LiveServer, list_id: str) -> dict[str, Any]:
+async def mailchimp_destination(
+    client: httpx.AsyncClient, live: LiveServer, list_id: str, *, fields: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A Mailchimp destination syncing `list_id` to the audience `mc-news` of the fake."""
     return await ok(await client.post("/v1/destinations", headers=ADMIN, json={
         "name": f"d-{uuid.uuid4().hex[:6]}", "kind": "mailchimp",
         "config": {"api_key": MC_KEY, "base_url": live.url},
         "list_mappings": [{"list_id": list_id, "remote_list_id": "mc-news"}],
-        "field_mappings": {"last_name": "LNAME"}}), 201)
+        **({"field_mappings": fields} if fields else {})}), 201)
 
 
 def deleted_permanently(mc: FakeMailchimp) -> list[str]:
@@ -195,7 +192,7 @@ async def test_a_destination_that_still_holds_erased_people_cannot_be_deleted(
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    destination = await mailchimp_destination(client, mc_live, news["id"])
+    destination = await mailchimp_destination(client, mc_live, news["id"], fields={"last_name": "LNAME"})
     person = await subscribed_person(client, news["id"])
     await drain(worker)
     await ok(await client.patch(f"/v1/destinations/{destination['id']}", json={"enabled": False}, headers=ADMIN))
@@ -220,7 +217,7 @@ async def test_a_dead_erasure_stays_visible_and_a_resync_delivers_it(
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    destination = await mailchimp_destination(client, mc_live, news["id"])
+    destination = await mailchimp_destination(client, mc_live, news["id"], fields={"last_name": "LNAME"})
     person = await subscribed_person(client, news["id"])
     await drain(worker)
     assert (await erase(client, person.id)).status_code == 204
@@ -251,7 +248,7 @@ async def test_a_former_address_the_vendor_could_not_move_is_archived_then_delet
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    await mailchimp_destination(client, mc_live, news["id"])
+    await mailchimp_destination(client, mc_live, news["id"], fields={"last_name": "LNAME"})
     person = await subscribed_person(client, news["id"])
     old, new = person.email, f"new.{person.tag}@example.org"
     await drain(worker)
@@ -277,7 +274,7 @@ async def test_merges_of_merges_are_all_deleted_with_the_person(
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    await mailchimp_destination(client, mc_live, news["id"])
+    await mailchimp_destination(client, mc_live, news["id"], fields={"last_name": "LNAME"})
     person = await subscribed_person(client, news["id"])
     others = [await make_contact(client, email=f"{n}.{person.tag}@example.net") for n in ("second", "third")]
     for other in others:
@@ -310,7 +307,7 @@ async def test_a_retired_address_that_comes_back_is_not_deleted_with_its_former_
     client = committing_client
     mc, mc_live = mailchimp
     news = await make_list(client)
-    await mailchimp_destination(client, mc_live, news["id"])
+    await mailchimp_destination(client, mc_live, news["id"], fields={"last_name": "LNAME"})
     person = await subscribed_person(client, news["id"])
     second = await make_contact(client, email=f"back.{person.tag}@example.net")
     for contact_id in (person.id, second["id"]):
