@@ -15,6 +15,7 @@ from app.routers import (
     orders,
     public,
     segments,
+    signup,
     timeline,
     tokens,
 )
@@ -44,7 +45,9 @@ v1_router.include_router(destinations.router)
 v1_router.include_router(destinations.deliveries_router)
 
 health_router = health.router
-# No token: the signed link in the URL is the credential (app.services.links).
-public_router = public.router
+# No token: the signed link in the URL is the credential (app.services.links); signups carry CORS and limits.
+public_router = APIRouter()
+public_router.include_router(public.router)
+public_router.include_router(signup.router)
 # No token: each destination's own secret or signature (app.routers.inbound).
 inbound_router = inbound.router
