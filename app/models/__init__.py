@@ -42,6 +42,6 @@ __all__ = [
     "SegmentSync",
     "Suppression",
     "SyncLink",
-    "WorkerHeartbeat",
     "Tag",
+    "WorkerHeartbeat",
 ]

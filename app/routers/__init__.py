@@ -7,12 +7,14 @@ from app.routers import (
     consents,
     contacts,
     destinations,
+    erasure_requests,
     gdpr,
     health,
     imports,
     inbound,
     lists,
     orders,
+    preferences,
     public,
     segments,
     signup,
@@ -39,6 +41,8 @@ v1_router.include_router(lists.router)
 v1_router.include_router(consents.router)
 v1_router.include_router(timeline.router)
 v1_router.include_router(gdpr.router)
+v1_router.include_router(preferences.links_router)
+v1_router.include_router(erasure_requests.router)
 v1_router.include_router(segments.router)
 v1_router.include_router(imports.router)
 v1_router.include_router(destinations.router)
@@ -49,5 +53,6 @@ health_router = health.router
 public_router = APIRouter()
 public_router.include_router(public.router)
 public_router.include_router(signup.router)
+public_router.include_router(preferences.router)
 # No token: each destination's own secret or signature (app.routers.inbound).
 inbound_router = inbound.router

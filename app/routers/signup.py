@@ -9,11 +9,9 @@ new address from a known, subscribed or suppressed one (app.services.signup deci
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
@@ -32,27 +30,23 @@ from app.services import signup as signup_service
 from app.services.lists import ListNotFound
 from app.services.signup import open_list
 from app.web.cors import PREFLIGHT_HEADERS, allow_headers, origin_of, request_origin
+from app.web.forms import FORM, JSON, UnsupportedMediaType, form_pairs, json_object, read_body
 from app.web.pages import Brand, language, render, translate, wants_html
 
-__all__ = ["OriginNotAllowed", "UnsupportedMediaType", "router"]
+__all__ = ["OriginNotAllowed", "router"]
 
 log = get_logger("carnet.signup")
 
 router = APIRouter(prefix="/v1/public", tags=["public"])
 
-_JSON, _FORM = "application/json", "application/x-www-form-urlencoded"
 _TRUE = frozenset({"true", "on", "1", "yes"})
 _FORM_SCHEMA = SignupForm.model_json_schema()
-_BODY = {"requestBody": {"required": True, "content": {_JSON: {"schema": _FORM_SCHEMA},
-                                                       _FORM: {"schema": _FORM_SCHEMA}}}}
+_BODY = {"requestBody": {"required": True, "content": {JSON: {"schema": _FORM_SCHEMA},
+                                                       FORM: {"schema": _FORM_SCHEMA}}}}
 
 
 class OriginNotAllowed(AppError):
     status, slug, title = 403, "origin-not-allowed", "Signups to this list are not accepted from this page"
-
-
-class UnsupportedMediaType(AppError):
-    status, slug, title = 415, "unsupported-media-type", "Send JSON or a form (application/x-www-form-urlencoded)"
 
 
 @router.options("/lists/{list_id}/signup", status_code=204, response_class=Response,
@@ -143,41 +137,17 @@ def _form_url(request: Request, origin: str) -> str:
 
 async def _read_form(request: Request) -> SignupForm:
     """The body as JSON or a form, bounded before it is read whole; a 422 names each faulty field."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media not in (_JSON, _FORM):
-        raise UnsupportedMediaType(f"content-type {media or '(none)'} is not {_JSON} or {_FORM}")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_SIGNUP_BYTES:
-        raise PayloadTooLarge(f"a signup is at most {MAX_SIGNUP_BYTES} bytes")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_SIGNUP_BYTES:
-            raise PayloadTooLarge(f"a signup is at most {MAX_SIGNUP_BYTES} bytes")
-    data = _json_fields(raw) if media == _JSON else _form_fields(raw)
+    media, raw = await read_body(request, max_bytes=MAX_SIGNUP_BYTES)
+    data = json_object(raw) if media == JSON else _form_fields(raw)
     try:
         return SignupForm.model_validate(data)
     except ValidationError as exc:
         raise validation_problem(exc.errors()) from None
 
 
-def _json_fields(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise InvalidInput.one("body", "the body is not valid JSON (UTF-8)", "json_invalid") from None
-    if not isinstance(data, dict):
-        raise InvalidInput.one("body", "a JSON object is expected", "model_type")
-    return data
-
-
 def _form_fields(raw: bytes) -> dict[str, Any]:
-    try:
-        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidInput.one("body", "not a form in UTF-8 with at most 20 fields", "form_invalid") from None
     data: dict[str, Any] = {}
-    for key, value in pairs:
+    for key, value in form_pairs(raw, max_fields=20):
         if key in data:
             raise InvalidInput.one(key[:100], "given more than once", "duplicate_field")
         data[key] = value or None  # an empty field is an absent one

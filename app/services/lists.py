@@ -41,11 +41,13 @@ __all__ = [
     "create",
     "delete_list",
     "ensure_exists",
+    "follow_link",
     "get",
     "link_target",
     "list_page",
     "lock",
     "lock_contacts",
+    "lock_link_holder",
     "members_page",
     "public_face",
     "request_confirmation",
@@ -53,6 +55,7 @@ __all__ = [
     "unsubscribe",
     "unsubscribe_by_link",
     "update",
+    "withdraw_marketing",
 ]
 
 CONFIRMED_BY = "link:confirm"          # recorded_by of events made through the public links
@@ -296,24 +299,46 @@ async def unsubscribe_by_link(
         return {"list": None, "status": None, "unsubscribed_lists": 0}  # nothing left to unsubscribe
     now = utc_now()
     if everything:
-        changed = await memberships.unsubscribe(session, link.contact_id, list_id=None, at=now,
-                                                reason="one_click_all")
-        state = await consents.marketing_state(session, link.contact_id)
-        if state.granted or state.since is None:  # a replay does not stack withdrawals
-            await consents.append(
-                session, link.contact_id, purpose=consents.MARKETING, action=ConsentAction.WITHDRAWN.value,
-                source="one_click_unsubscribe", occurred_at=now, proof={"ip": ip, "user_agent": user_agent},
-                recorded_by=UNSUBSCRIBED_BY,
-            )
+        changed = await withdraw_marketing(session, link.contact_id, source="one_click_unsubscribe",
+                                           proof={"ip": ip, "user_agent": user_agent}, recorded_by=UNSUBSCRIBED_BY,
+                                           reason="one_click_all")
     else:
-        changed = await memberships.unsubscribe(session, link.contact_id, list_id=link.list_id, at=now,
-                                                reason="one_click")
+        rows = await memberships.unsubscribe(session, link.contact_id, list_id=link.list_id, at=now,
+                                             reason="one_click")
+        changed = len(rows)
         if changed:  # on the ledger too, with its proof; a replay stacks nothing
             await consents.append_list_withdrawal(
                 session, link.contact_id, link.list_id, source="one_click_unsubscribe",
                 proof={"ip": ip, "user_agent": user_agent}, recorded_by=UNSUBSCRIBED_BY, at=now)
     target = await _target(session, link)
-    return {**target, "unsubscribed_lists": len(changed)}
+    return {**target, "unsubscribed_lists": changed}
+
+
+async def withdraw_marketing(
+    session: AsyncSession, contact_id: uuid.UUID, *, source: str, proof: Mapping[str, Any], recorded_by: str,
+    reason: str,
+) -> int:
+    """Unsubscribe from everything (the contact locked by the caller): every list, and email_marketing withdrawn
+    unless it already is (a replay stacks nothing). Returns how many memberships changed."""
+    now = utc_now()
+    changed = await memberships.unsubscribe(session, contact_id, list_id=None, at=now, reason=reason)
+    state = await consents.marketing_state(session, contact_id)
+    if state.granted or state.since is None:
+        await consents.append(
+            session, contact_id, purpose=consents.MARKETING, action=ConsentAction.WITHDRAWN.value, source=source,
+            occurred_at=now, proof=proof, recorded_by=recorded_by,
+        )
+    return len(changed)
+
+
+async def follow_link(session: AsyncSession, link: Link) -> Link:
+    """The link aimed at the contact that holds its person now (merges followed); unchanged once erased."""
+    return await _follow(session, link)
+
+
+async def lock_link_holder(session: AsyncSession, link: Link) -> Link:
+    """As follow_link, with that contact locked; ContactNotFound once the person was erased."""
+    return await _lock_holder(session, link)
 
 
 async def public_face(session: AsyncSession, list_id: uuid.UUID) -> Row | None:
