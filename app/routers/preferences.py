@@ -13,13 +13,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, ContactNotFound, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
-from app.problems import validation_problem
 from app.routers.deps import JSONBody, Links
 from app.routers.public import decode_link, link_error, proof_of
 from app.schemas.gdpr import ContactExportRead, present_export
@@ -37,7 +35,7 @@ from app.services import gdpr as gdpr_service
 from app.services import lists as lists_service
 from app.services import preferences as preferences_service
 from app.services.links import ERASE_CONFIRM_TTL, Link, LinkCodec, LinkExpired, LinkInvalid, LinkKind
-from app.web.forms import FORM, JSON, UnsupportedMediaType, form_pairs, json_object, read_body
+from app.web.forms import FORM, JSON, UnsupportedMediaType, form_pairs, read_model
 from app.web.pages import Brand, language, render, translate, wants_html
 
 __all__ = ["PreferencesGone", "links_router", "router"]
@@ -100,7 +98,7 @@ async def change_preferences(token: str, request: Request, session: WriteSession
     """
     try:
         link = decode_link(request, token, LinkKind.PREFERENCES)
-        change = await _read_change(request)
+        change = await read_model(request, PreferencesChange, max_bytes=_MAX_BYTES, from_form=_form_change)
         async with session.begin_nested():  # a refused change leaves nothing half written
             try:
                 link = await lists_service.lock_link_holder(session, link)
@@ -203,15 +201,6 @@ async def _erase(request: Request, session: AsyncSession, link: Link, confirmati
 # ---- helpers -------------------------------------------------------------------------------------------------
 
 _PRIVATE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
-
-
-async def _read_change(request: Request) -> PreferencesChange:
-    media, raw = await read_body(request, max_bytes=_MAX_BYTES)
-    data = json_object(raw) if media == JSON else _form_change(raw)
-    try:
-        return PreferencesChange.model_validate(data)
-    except ValidationError as exc:
-        raise validation_problem(exc.errors()) from None
 
 
 def _form_change(raw: bytes) -> dict[str, Any]:

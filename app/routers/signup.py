@@ -14,14 +14,12 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, InvalidInput, PayloadTooLarge, RateLimited, problems
 from app.logging import get_logger
 from app.models.base import utc_now
-from app.problems import validation_problem
 from app.routers.deps import JSONBody, Links
 from app.routers.public import proof_of
 from app.schemas.signup import HONEYPOT, MAX_SIGNUP_BYTES, SignupAccepted, SignupForm
@@ -30,7 +28,7 @@ from app.services import signup as signup_service
 from app.services.lists import ListNotFound
 from app.services.signup import open_list
 from app.web.cors import PREFLIGHT_HEADERS, allow_headers, origin_of, request_origin
-from app.web.forms import FORM, JSON, UnsupportedMediaType, form_pairs, json_object, read_body
+from app.web.forms import FORM, JSON, UnsupportedMediaType, form_pairs, read_model
 from app.web.pages import Brand, language, render, translate, wants_html
 
 __all__ = ["OriginNotAllowed", "router"]
@@ -79,7 +77,7 @@ async def sign_up(list_id: uuid.UUID, request: Request, session: WriteSession, l
     cors = allow_headers(origin)
     try:
         _take(limits.per_list, str(list_id))
-        form = await _read_form(request)
+        form = await read_model(request, SignupForm, max_bytes=MAX_SIGNUP_BYTES, from_form=_form_fields)
         if limits.address_allows(list_id, form.email):
             outcome = await signup_service.sign_up(
                 session, list_id, form, links=links, at=utc_now(),
@@ -133,16 +131,6 @@ def _form_url(request: Request, origin: str) -> str:
     """The page the form was on: the Referer when it is on the allowed origin, else the origin itself."""
     referer = request.headers.get("referer", "")
     return referer[:2000] if referer and origin_of(referer) == origin else origin + "/"
-
-
-async def _read_form(request: Request) -> SignupForm:
-    """The body as JSON or a form, bounded before it is read whole; a 422 names each faulty field."""
-    media, raw = await read_body(request, max_bytes=MAX_SIGNUP_BYTES)
-    data = json_object(raw) if media == JSON else _form_fields(raw)
-    try:
-        return SignupForm.model_validate(data)
-    except ValidationError as exc:
-        raise validation_problem(exc.errors()) from None
 
 
 def _form_fields(raw: bytes) -> dict[str, Any]:
