@@ -122,13 +122,21 @@ def proof_of(request: Request) -> dict[str, str | None]:
     }
 
 
+# What a person reads for the errors of the public links (the problem's detail is for developers, in English).
+_ERROR_PAGES = {"invalid-link": ("error_title", "link_invalid_text"),
+                "link-expired": ("error_title", "link_expired_text"),
+                "confirmation-cancelled": ("error_title", "confirmation_cancelled_text"),
+                "preferences-gone": ("gone_title", "gone_text")}
+
+
 def link_error(request: Request, error: AppError) -> Response:
     """A browser gets the error as a page (in its language); anything else gets the problem."""
     if not wants_html(request):
         raise error
-    brand = Brand.of(request.app.state.settings)
-    return render("message.html", lang=language(request), brand=brand, title_key="error_title",
-                  paragraphs=[error.detail], status_code=error.status)
+    lang = language(request)
+    title_key, text_key = _ERROR_PAGES.get(error.slug, ("error_title", ""))
+    return render("message.html", lang=lang, brand=Brand.of(request.app.state.settings), title_key=title_key,
+                  paragraphs=[translate(lang, text_key) if text_key else error.detail], status_code=error.status)
 
 
 async def _face(request: Request, session: AsyncSession, target: Mapping[str, Any]) -> tuple[Brand, str]:

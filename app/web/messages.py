@@ -9,6 +9,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "site_default": "Email preferences",
         "footer_private": "This page is meant for you alone: do not forward its address.",
         "error_title": "This link cannot be used",
+        "link_invalid_text": "This link is incomplete or was changed. Open it again from the email, as it is.",
+        "link_expired_text": "This link has expired. Sign up again to get a new one.",
+        "confirmation_cancelled_text": "This subscription was cancelled meanwhile: there is nothing to confirm.",
         "back_to_shop": "Back to the site",
         # signup
         "signup_title": "Check your inbox",
@@ -70,6 +73,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "site_default": "Préférences e-mail",
         "footer_private": "Cette page vous est personnelle : ne transférez pas son adresse.",
         "error_title": "Ce lien ne peut pas être utilisé",
+        "link_invalid_text": "Ce lien est incomplet ou a été modifié. Ouvrez-le à nouveau depuis l'e-mail, tel quel.",
+        "link_expired_text": "Ce lien a expiré. Inscrivez-vous à nouveau pour en recevoir un nouveau.",
+        "confirmation_cancelled_text": "Cette inscription a été annulée entre-temps : il n'y a rien à confirmer.",
         "back_to_shop": "Retour au site",
         "signup_title": "Consultez votre boîte de réception",
         "signup_sent": "Si cette adresse peut recevoir {list}, un e-mail est en route pour confirmer votre "
