@@ -49,9 +49,10 @@ class OriginNotAllowed(AppError):
 
 @router.options("/lists/{list_id}/signup", status_code=204, response_class=Response,
                 responses={204: {"description": "Allowed: CORS headers for this origin"},
-                           **problems(ListNotFound, OriginNotAllowed)})
+                           **problems(ListNotFound, OriginNotAllowed, RateLimited)})
 async def signup_preflight(list_id: uuid.UUID, request: Request, session: ReadSession) -> Response:
     """CORS preflight: `Access-Control-Allow-Origin` only for one of the list's `signup_origins`."""
+    _take(request.app.state.signup_limits.per_ip, proof_of(request)["ip"] or "unknown")  # it reads the database
     origin = _allowed_origin(request, await open_list(session, list_id))
     return Response(status_code=204, headers={**allow_headers(origin), **PREFLIGHT_HEADERS})
 
