@@ -125,7 +125,7 @@ async def _apply(request: Request, session: AsyncSession, link: Link, change: Pr
     if change.export:
         return _export(await gdpr_service.export(session, contact_id))
     if change.erase:
-        return _confirm_erasure(request, session, link)
+        return _confirm_erasure(request, link)
     return await _erase(request, session, link, change.erase_confirmation or "")
 
 
@@ -167,7 +167,7 @@ def _export(data: Any) -> Response:
         **_PRIVATE, "Content-Disposition": f'attachment; filename="my-data-{now:%Y-%m-%d}.json"'})
 
 
-def _confirm_erasure(request: Request, session: AsyncSession, link: Link) -> Response:
+def _confirm_erasure(request: Request, link: Link) -> Response:
     """First step: nothing happens yet; the answer carries a confirmation valid for ERASE_CONFIRM_TTL."""
     expires = utc_now() + ERASE_CONFIRM_TTL
     token = _codec(request).encode(Link(LinkKind.ERASE, link.contact_id, None, int(expires.timestamp())))

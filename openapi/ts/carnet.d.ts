@@ -2305,6 +2305,13 @@ export interface components {
             list_id: string;
             /** List Name */
             list_name: string;
+            /**
+             * Pending Proof
+             * @description A public signup waiting for confirmation: what the request showed (ip, user agent, page, wording); masked without pii:read
+             */
+            pending_proof?: {
+                [key: string]: unknown;
+            } | null;
             /** Pending Since */
             pending_since: string | null;
             /** Source */

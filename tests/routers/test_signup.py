@@ -197,6 +197,8 @@ class TestLedgerAndProof:
         contact = await contact_by_email(client, email)
         assert contact is not None
         assert (await ledger(client, contact["id"]))["events"] == []  # not consent yet: nobody confirmed
+        export = (await client.get(f"/v1/contacts/{contact['id']}/export", headers=ADMIN)).json()
+        assert export["memberships"][0]["pending_proof"]["form_url"] == f"{SHOP}/newsletter?utm=footer"  # art. 15
         payload = (await outbox(sessions, contact["id"], "membership.confirmation_requested"))[0][1]
         confirm = url_path(payload["confirm_url"])
         assert (await client.get(confirm)).json()["status"] == "pending"  # following the link changes nothing
