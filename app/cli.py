@@ -81,7 +81,9 @@ def serve(
         # The lifespan stops the embedded server: uvicorn re-raises SIGTERM/SIGINT after its shutdown,
         # so code after run() (this function's finally) does not run on a signal.
         app.state.embedded = embedded
-        uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=False)
+        trusted = settings.forwarded_allow_ips  # the client address behind a proxy (per-IP signup limits, proofs)
+        uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=trusted is not None,
+                    forwarded_allow_ips=trusted)
     finally:
         if embedded:
             embedded.stop()

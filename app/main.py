@@ -28,7 +28,7 @@ from app.routers.deps import Problem
 from app.routers.duplicates import router as duplicates_router
 from app.routers.exports import router as exports_router
 from app.schemas.types import configure_phone_region
-from app.security.ratelimit import TokenBuckets
+from app.security.ratelimit import SignupLimits, TokenBuckets
 from app.security.revocation import RevocationList
 from app.security.secrets import SecretBox
 from app.security.tokens import TokenSigner
@@ -67,6 +67,9 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.token_signer = signer
     app.state.revocations = RevocationList()
     app.state.rate_limiter = TokenBuckets(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
+    app.state.signup_limits = SignupLimits(
+        ip_per_minute=settings.signup_ip_per_minute, ip_burst=settings.signup_ip_burst,
+        list_per_minute=settings.signup_list_per_minute, list_burst=settings.signup_list_burst)
     app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
     app.state.lifecycle_policy = lifecycle_policy(settings)

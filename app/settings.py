@@ -87,6 +87,22 @@ class Settings(BaseSettings):
     import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
     import_report_values_days: int = Field(default=30, ge=1, le=3650)  # refused cells kept in reports, then cleared
 
+    # Public pages: newsletter signup from the shop's pages and the preference center (docs/api.md "Public signup")
+    public_name: str | None = Field(default=None, max_length=100)   # the shop's name on public pages
+    public_color: str = Field(default="#1d4e89", pattern=r"^#[0-9a-fA-F]{6}$")  # their accent (a list may set its own)
+    # `self_service`: a confirmed erasure request from the preference center erases at once; `request`: it files a
+    # request an admin answers (GET /v1/erasure-requests).
+    preferences_erasure: Literal["self_service", "request"] = "self_service"
+    signup_ip_per_minute: float = Field(default=10.0, gt=0)       # signups per client address (per API process)
+    signup_ip_burst: int = Field(default=20, ge=1)
+    signup_list_per_minute: float = Field(default=300.0, gt=0)    # signups per list (per API process)
+    signup_list_burst: int = Field(default=600, ge=1)
+    # Every signup answer takes at least this long: a new, a known and a suppressed address look alike in time too.
+    signup_answer_seconds: float = Field(default=0.3, ge=0, le=5)
+    # Proxies whose X-Forwarded-For uvicorn trusts for the client address (uvicorn's --forwarded-allow-ips);
+    # unset: the connecting address, which behind a proxy is the proxy's (per-IP signup limits then count it).
+    forwarded_allow_ips: str | None = None
+
     log_json: bool = True
     log_level: str = "INFO"
 

@@ -25,6 +25,7 @@ from app.logging import get_logger, where
 from app.security.secrets import SecretBox
 from app.services import delivery
 from app.services import destinations as destinations_service
+from app.services.links import LinkBuilder, LinkCodec
 from app.settings import Settings
 from app.sync import net
 from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
@@ -79,6 +80,8 @@ class Worker:
         self.jobs = list(jobs)
         self.backoff = delivery.Backoff(settings.delivery_backoff_base_seconds, settings.delivery_backoff_cap_seconds,
                                         settings.delivery_max_attempts)
+        # The signed links people get in emails (preferences_url in vendor fields and webhook payloads).
+        self.links = LinkBuilder(LinkCodec(settings.resolved_jwt_secret()), settings.public_base_url)
         # Redirects never followed (SSRF: a receiver could bounce us to an internal address).
         self.http = http or httpx.AsyncClient(follow_redirects=False, timeout=httpx.Timeout(10.0, connect=5.0))
 
@@ -275,7 +278,7 @@ class Worker:
     ) -> BatchResult:
         by_contact = {r["contact_id"]: r["id"] for r in claimed.rows}
         async with self.sessions() as session:
-            plan = await delivery.plan(session, destination.row, claimed.rows)
+            plan = await delivery.plan(session, destination.row, claimed.rows, urls=self.links)
         states, erasures = plan.states, plan.erasures
         done = [by_contact[c] for c in plan.nothing + plan.vanished]
         result = BatchResult(delivery.Completion(delivered=done, dead={}, retry={}),
@@ -321,7 +324,7 @@ class Worker:
 
     async def _send_events(self, adapter: Any, claimed: delivery.Claimed, budget: float) -> BatchResult:
         async with self.sessions() as session:
-            messages = await delivery.event_messages(session, claimed.rows)
+            messages = await delivery.event_messages(session, claimed.rows, links=self.links)
         result = BatchResult(delivery.Completion(delivered=[], dead={}, retry={}))
         limit = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
 

@@ -23,7 +23,7 @@ OPEN_PREFIXES = ("/v1/public/", "/v1/inbound/")
 PATH_VALUES = {"contact_id": str(uuid.uuid4()), "name": "matrix_probe", "jti": "matrix-probe",
                "list_id": str(uuid.uuid4()), "token": "matrix-probe", "external_id": "matrix-probe",
                "segment_id": str(uuid.uuid4()), "destination_id": str(uuid.uuid4()), "delivery_id": "9000000001",
-               "import_id": str(uuid.uuid4())}
+               "import_id": str(uuid.uuid4()), "request_id": str(uuid.uuid4())}
 
 
 def _operations(app: FastAPI) -> list[tuple[str, str, frozenset[str]]]:

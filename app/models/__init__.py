@@ -4,6 +4,7 @@ from app import db as _db  # noqa: F401  (naming convention before any table is 
 from app.models.attributes import AttributeDefinition, Tag
 from app.models.consents import ConsentEvent
 from app.models.contacts import Contact
+from app.models.erasure_requests import ErasureRequest
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
 from app.models.imports import ImportChunk, ImportJob, ImportKey, ImportReject
@@ -25,6 +26,7 @@ __all__ = [
     "ContactMerge",
     "Delivery",
     "Destination",
+    "ErasureRequest",
     "Event",
     "IdempotencyRecord",
     "ImportChunk",
@@ -40,6 +42,6 @@ __all__ = [
     "SegmentSync",
     "Suppression",
     "SyncLink",
-    "WorkerHeartbeat",
     "Tag",
+    "WorkerHeartbeat",
 ]

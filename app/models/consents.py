@@ -28,8 +28,11 @@ class ConsentEvent(SQLModel, table=True):
     id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
     # NULL once the contact was erased: the event stays, de-identified (migration 0005, services/gdpr.py)
     contact_id: uuid.UUID | None = Field(default=None, foreign_key="contact.id")
-    purpose: str
+    purpose: str                                       # a ConsentPurpose, or `list_subscription` (below)
     action: str
+    # The list the event is about: a grant given while subscribing to it, or (purpose `list_subscription`) leaving
+    # that list alone, which never changes the state of a purpose. No foreign key: a deleted list's events stay.
+    list_id: uuid.UUID | None = None
     source: str | None = None
     occurred_at: datetime = Field(sa_type=TZ)          # when the person acted (may be earlier than recorded_at)
     recorded_at: datetime = Field(default_factory=utc_now, sa_type=TZ)

@@ -7,14 +7,17 @@ from app.routers import (
     consents,
     contacts,
     destinations,
+    erasure_requests,
     gdpr,
     health,
     imports,
     inbound,
     lists,
     orders,
+    preferences,
     public,
     segments,
+    signup,
     timeline,
     tokens,
 )
@@ -38,13 +41,18 @@ v1_router.include_router(lists.router)
 v1_router.include_router(consents.router)
 v1_router.include_router(timeline.router)
 v1_router.include_router(gdpr.router)
+v1_router.include_router(preferences.links_router)
+v1_router.include_router(erasure_requests.router)
 v1_router.include_router(segments.router)
 v1_router.include_router(imports.router)
 v1_router.include_router(destinations.router)
 v1_router.include_router(destinations.deliveries_router)
 
 health_router = health.router
-# No token: the signed link in the URL is the credential (app.services.links).
-public_router = public.router
+# No token: the signed link in the URL is the credential (app.services.links); signups carry CORS and limits.
+public_router = APIRouter()
+public_router.include_router(public.router)
+public_router.include_router(signup.router)
+public_router.include_router(preferences.router)
 # No token: each destination's own secret or signature (app.routers.inbound).
 inbound_router = inbound.router

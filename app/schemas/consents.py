@@ -98,8 +98,10 @@ class ProofRead(BaseModel):
 
 class ConsentEventRead(BaseModel):
     id: int
-    purpose: str
+    purpose: str = Field(description="A purpose, or `list_subscription`: leaving the list `list_id` (no purpose "
+                                     "changes)")
     action: str
+    list_id: uuid.UUID | None = Field(default=None, description="The list the event was about, if any")
     source: str | None
     occurred_at: datetime
     recorded_at: datetime
@@ -136,6 +138,7 @@ def present_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]
         proof["ip"] = mask_text(proof.get("ip"))
         proof["user_agent"] = mask_text(proof.get("user_agent"))
         proof["form_url"] = mask_text(proof.get("form_url"))
-    return {k: row[k] for k in ("id", "purpose", "action", "source", "occurred_at", "recorded_at", "recorded_by")} | {
+    return {k: row[k] for k in ("id", "purpose", "action", "list_id", "source", "occurred_at", "recorded_at",
+                                "recorded_by")} | {
         "proof": proof
     }

@@ -66,6 +66,7 @@ MAPPABLE_FIELDS = frozenset({
     "language", "source", "kind", "lifecycle_stage", "address.line1", "address.line2", "address.postal_code",
     "address.city", "address.region", "address.country", "stats.orders_count", "stats.total_spent",
     "stats.average_basket", "stats.first_order_at", "stats.last_order_at", "stats.last_order_amount",
+    "preferences_url",  # the person's signed preference center link, for the vendor's templates
 })
 _ATTRIBUTE_FIELD = re.compile(r"^attributes\.[a-z][a-z0-9_]{0,62}$")
 

@@ -14,6 +14,7 @@ from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.history import HistoryEntry, present_history
 from app.schemas.orders import EventRead, OrderRead, present_contact_event
 from app.schemas.types import Email, Phone
+from app.security.masking import mask_text
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -38,6 +39,9 @@ class ExportedMembership(BaseModel):
     subscribed_at: datetime | None
     unsubscribed_at: datetime | None
     pending_since: datetime | None
+    pending_proof: dict[str, Any] | None = Field(
+        default=None, description="A public signup waiting for confirmation: what the request showed (ip, user "
+                                  "agent, page, wording); masked without pii:read")
     updated_at: datetime
 
 
@@ -103,10 +107,18 @@ def present_export(data: Any, *, reveal_pii: bool, generated_at: datetime) -> di
         "profile": present_contact(contact, reveal_pii=reveal_pii),
         "attributes": contact["attributes"],
         "tags": contact["tags"],
-        "memberships": [{k: m[k] for k in ExportedMembership.model_fields} for m in data.memberships],
+        "memberships": [_membership(m, reveal_pii=reveal_pii) for m in data.memberships],
         "consents": {**data.consents,
                      "events": [present_event(e, reveal_pii=reveal_pii) for e in data.consents["events"]]},
         "orders": [dict(o) for o in data.orders],
         "events": [present_contact_event(e, reveal_pii=reveal_pii) for e in data.events],
         "history": [present_history(h, reveal_pii=reveal_pii) for h in data.history],
     }
+
+
+def _membership(row: Any, *, reveal_pii: bool) -> dict[str, Any]:
+    out = {k: row[k] for k in ExportedMembership.model_fields}
+    if out["pending_proof"] and not reveal_pii:
+        out["pending_proof"] = {k: mask_text(v) if k in ("ip", "user_agent", "form_url") else v
+                                for k, v in out["pending_proof"].items()}
+    return out

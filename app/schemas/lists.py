@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, StringConstraints, model_validator
 
@@ -16,6 +17,7 @@ from app.schemas.contacts import ContactKind
 from app.schemas.types import LongText, ShortText
 
 __all__ = [
+    "ConfirmPreview",
     "ConfirmResult",
     "LinkTarget",
     "ListCounts",
@@ -48,8 +50,45 @@ def _distinct(kinds: list[ContactKind] | None) -> list[ContactKind] | None:
     return list(dict.fromkeys(kinds)) if kinds is not None else None
 
 
+def _origin(value: str) -> str:
+    """`scheme://host[:port]` exactly as a browser sends it in `Origin` (lower case, default port left out)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError("not an origin such as https://shop.example") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username is not None \
+            or parts.password is not None or parts.path not in ("", "/") or parts.query or parts.fragment \
+            or value.endswith("/") or "#" in value or "?" in value:
+        raise ValueError("an origin is scheme://host[:port], without a path, e.g. https://shop.example")
+    default = {"https": 443, "http": 80}[parts.scheme]
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+def _distinct_origins(origins: list[str]) -> list[str]:
+    return list(dict.fromkeys(origins))
+
+
 ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
 AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1), AfterValidator(_distinct)]
+Origin = Annotated[str, StringConstraints(min_length=8, max_length=200), AfterValidator(_origin)]
+SignupOrigins = Annotated[list[Origin], Field(max_length=20), AfterValidator(_distinct_origins)]
+Color = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
+DisplayName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+PolicyVersion = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+Wording = Annotated[LongText, StringConstraints(min_length=1)]
+
+_PUBLIC_FIELDS = {
+    "public_signup": Field(default=False, description="Browsers may sign up at POST /v1/public/lists/{id}/signup"),
+    "signup_origins": Field(default_factory=list, description="Exact origins allowed to sign up (CORS), at most 20"),
+    "signup_wording": Field(default=None, description="The consent text shown on the form; kept as the proof's "
+                                                      "wording. Required for public_signup"),
+    "signup_policy_version": Field(default=None, description="The privacy policy version the form shows; kept in "
+                                                             "the proof"),
+    "display_name": Field(default=None, description="The name people see on public pages (default: name)"),
+    "color": Field(default=None, description="Accent colour of this list's public pages, #rrggbb"),
+}
 
 
 class ListCreate(InputSchema):
@@ -57,19 +96,32 @@ class ListCreate(InputSchema):
     description: LongText | None = None
     double_opt_in: bool = False
     accepted_kinds: AcceptedKinds | None = Field(default=None, description="null: every kind of contact")
+    public_signup: bool = _PUBLIC_FIELDS["public_signup"]
+    signup_origins: SignupOrigins = _PUBLIC_FIELDS["signup_origins"]
+    signup_wording: Wording | None = _PUBLIC_FIELDS["signup_wording"]
+    signup_policy_version: PolicyVersion | None = _PUBLIC_FIELDS["signup_policy_version"]
+    display_name: DisplayName | None = _PUBLIC_FIELDS["display_name"]
+    color: Color | None = _PUBLIC_FIELDS["color"]
 
 
 class ListPatch(InputSchema):
-    """Merge patch: absent fields untouched; null clears description and accepted_kinds (= any kind)."""
+    """Merge patch: absent fields untouched; null clears description, accepted_kinds (= any kind) and the
+    public page texts."""
 
     name: ListName | None = None
     description: LongText | None = None
     double_opt_in: bool | None = None
     accepted_kinds: AcceptedKinds | None = None
+    public_signup: bool | None = None
+    signup_origins: SignupOrigins | None = None
+    signup_wording: Wording | None = None
+    signup_policy_version: PolicyVersion | None = None
+    display_name: DisplayName | None = None
+    color: Color | None = None
 
     @model_validator(mode="after")
     def _required_fields_stay(self) -> Self:
-        for name in ("name", "double_opt_in"):
+        for name in ("name", "double_opt_in", "public_signup", "signup_origins"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null")
         return self
@@ -87,6 +139,12 @@ class ListRead(BaseModel):
     description: str | None
     double_opt_in: bool
     accepted_kinds: list[str] | None
+    public_signup: bool
+    signup_origins: list[str]
+    signup_wording: str | None
+    signup_policy_version: str | None
+    display_name: str | None
+    color: str | None
     counts: ListCounts
     created_at: datetime
     updated_at: datetime
@@ -169,6 +227,14 @@ class ConfirmResult(BaseModel):
     status: MemberStatus | None
 
 
+class ConfirmPreview(BaseModel):
+    """What a confirmation link would do; reading it changes nothing (mail scanners follow links)."""
+
+    list: LinkTarget | None
+    status: MemberStatus | None
+    confirm_url: str = Field(description="POST here to confirm")
+
+
 class UnsubscribePreview(BaseModel):
     """What a one-click link would do; reading it changes nothing (mail scanners follow links)."""
 
@@ -192,6 +258,8 @@ def present_list(row: Mapping[str, Any]) -> dict[str, Any]:
         "description": row["description"],
         "double_opt_in": row["double_opt_in"],
         "accepted_kinds": row["accepted_kinds"],
+        **{k: row[k] for k in ("public_signup", "signup_origins", "signup_wording", "signup_policy_version",
+                               "display_name", "color")},
         "counts": {"subscribed": row["subscribed"], "pending": row["pending"], "unsubscribed": row["unsubscribed"]},
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],

@@ -1,11 +1,13 @@
-"""Per-token rate limiting: a token bucket per token id, in this process."""
+"""Rate limiting in this process: token buckets per token id, and the public signup's limits."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import uuid
 
-__all__ = ["TokenBuckets"]
+__all__ = ["SignupLimits", "TokenBuckets"]
 
 
 class TokenBuckets:
@@ -26,3 +28,18 @@ class TokenBuckets:
             self._buckets.clear()  # bounded memory; a reset only ever lets requests through
         self._buckets[key] = (tokens - 1, now)
         return None
+
+
+class SignupLimits:
+    """Public signups (no token to count by): per client address and per list, answered 429 + Retry-After; and
+    per address signed up, silently (at most two confirmation emails per address and list in ten minutes, so
+    the form cannot be used to flood someone's inbox, and a refusal tells nothing about the address)."""
+
+    def __init__(self, *, ip_per_minute: float, ip_burst: int, list_per_minute: float, list_burst: int) -> None:
+        self.per_ip = TokenBuckets(rate=ip_per_minute / 60, burst=ip_burst)
+        self.per_list = TokenBuckets(rate=list_per_minute / 60, burst=list_burst)
+        self.per_address = TokenBuckets(rate=1 / 300, burst=2)
+
+    def address_allows(self, list_id: uuid.UUID, email: str) -> bool:
+        key = hashlib.sha256(f"{list_id}:{email}".encode()).hexdigest()[:32]  # no address kept, even in memory
+        return self.per_address.take(key) is None

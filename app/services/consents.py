@@ -26,12 +26,16 @@ from app.security import Principal
 from app.services import memberships, outbox
 
 __all__ = [
+    "LIST_SUBSCRIPTION",
     "MARKETING",
+    "SIGNUP_BY",
     "ConsentRequired",
     "PurposeState",
     "append",
+    "append_list_withdrawal",
     "can_email",
     "fold",
+    "grant_from_signup",
     "ledger",
     "lock_contact",
     "mailable",
@@ -40,6 +44,9 @@ __all__ = [
 ]
 
 MARKETING = ConsentPurpose.EMAIL_MARKETING.value
+# Events about one list only (leaving it): never part of a purpose's state, so they touch no other list.
+LIST_SUBSCRIPTION = "list_subscription"
+SIGNUP_BY = "public:signup"            # recorded_by of the grant a public signup gave once it is confirmed
 _GRANTING = frozenset({ConsentAction.GRANTED.value, ConsentAction.CONFIRMED.value})
 _UNMAILABLE = frozenset({"bounced", "complained"})
 # A client clock slightly ahead is tolerated; a grant dated later than that could jump ahead of a withdrawal.
@@ -92,8 +99,9 @@ async def append(
     proof: Mapping[str, Any] | None,
     recorded_by: str,
     field: str = "occurred_at",
+    list_id: uuid.UUID | None = None,
 ) -> Row:
-    """Append an event (the contact must already be locked by the caller).
+    """Append an event (the contact must already be locked by the caller); `list_id`: the list it was given for.
 
     If email_marketing is no longer granted afterwards, every membership of the contact is unsubscribed.
     """
@@ -103,7 +111,7 @@ async def append(
     values = {
         "contact_id": contact_id, "purpose": purpose, "action": action, "source": source,
         "occurred_at": occurred_at or now, "recorded_at": now, "recorded_by": recorded_by,
-        "proof": _compact(proof),
+        "proof": _compact(proof), "list_id": list_id,
     }
     # A grant is news only when it makes the purpose granted (a vendor lifts its opt-out, a synced segment's
     # members may now be sent): not when it was granted already, nor when a later withdrawal still stands.
@@ -118,6 +126,30 @@ async def append(
     if purpose == MARKETING and action not in _GRANTING and not (await marketing_state(session, contact_id)).granted:
         await memberships.unsubscribe(session, contact_id, list_id=None, at=now, reason="consent_withdrawn")
     return row
+
+
+async def append_list_withdrawal(
+    session: AsyncSession, contact_id: uuid.UUID, list_id: uuid.UUID, *, source: str, proof: Mapping[str, Any] | None,
+    recorded_by: str, at: datetime,
+) -> Row:
+    """The person left one list: on the ledger with its proof, without changing any purpose (nor any other list).
+    The membership change itself tells the destinations (`membership.unsubscribed`)."""
+    values = {"contact_id": contact_id, "purpose": LIST_SUBSCRIPTION, "action": ConsentAction.WITHDRAWN.value,
+              "source": source, "occurred_at": at, "recorded_at": utc_now(), "recorded_by": recorded_by,
+              "proof": _compact(proof), "list_id": list_id}
+    return (await session.execute(insert(_events).values(values).returning(*_events.c))).mappings().one()
+
+
+async def grant_from_signup(session: AsyncSession, membership: Mapping[str, Any]) -> None:
+    """A public signup's grant, kept with its proof on the pending membership, goes on the ledger when the person
+    confirms (dated when they signed up): an unconfirmed form never lifts an opt-out nor counts as consent."""
+    proof = dict(membership["pending_proof"] or {})
+    if not proof:
+        return
+    signed_up_at = datetime.fromisoformat(proof.pop("at"))
+    await append(session, membership["contact_id"], purpose=MARKETING, action=ConsentAction.GRANTED.value,
+                 source="public_signup", occurred_at=signed_up_at, proof=proof, recorded_by=SIGNUP_BY,
+                 list_id=membership["list_id"])
 
 
 async def _granted_at(session: AsyncSession, contact_id: uuid.UUID, purpose: str, at: datetime) -> bool:

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.base import utc_now
 from app.services.contacts import ADDRESS
+from app.services.links import LinkBuilder
 from app.services.merge import survivor_of
 from app.services.segments import GRANTING
 from app.sync.base import ContactState, Erasure, EventMessage, MemberStatus
@@ -58,6 +59,7 @@ __all__ = [
 Row = Mapping[str, Any]
 Ref = tuple[uuid.UUID, str]    # (contact id, remote reference): a sync_link or sync_retired_ref row of a destination
 DISPATCH_BATCH = 1000
+PREFERENCES_FIELD = "preferences_url"  # a field_mappings source: the signed preference center link
 DISPATCH_LOCK = 0x6361726E6574_01  # pg advisory lock key: "carnet" + 1
 
 
@@ -266,7 +268,9 @@ FROM contact c WHERE c.id = ANY(:ids)
 """)
 
 
-def _field_value(contact: Mapping[str, Any], path: str) -> Any:
+def _field_value(contact: Mapping[str, Any], path: str, urls: LinkBuilder | None) -> Any:
+    if path == PREFERENCES_FIELD:  # the person's preference center, for the vendor's templates
+        return urls.preferences_url(contact["id"]) if urls is not None else None
     if path.startswith("attributes."):
         value = (contact["attributes"] or {}).get(path.removeprefix("attributes."))
     elif path.startswith("address."):
@@ -296,7 +300,8 @@ class Plan:
     forget: dict[uuid.UUID, list[Ref]] = field(default_factory=dict)
 
 
-async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> Plan:
+async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
+               urls: LinkBuilder | None = None) -> Plan:
     """Carnet's view of each claimed contact, translated through the destination's mappings.
 
     A contact that is gone was erased or merged away; what to do follows from the facts, not from the topic of
@@ -382,7 +387,8 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row]) -> 
         out.states.append(ContactState(
             contact_id=contact_id,
             email=contact["email"],
-            fields={remote: _field_value(contact, local) for local, remote in destination["field_mappings"].items()},
+            fields={remote: _field_value(contact, local, urls)
+                    for local, remote in destination["field_mappings"].items()},
             lists=lists,
             tags=tuple(contact["tags"] or ()),
             removed_tags=tuple(sorted(set(link.tags or ()) - set(contact["tags"] or ()))) if link else (),
@@ -501,13 +507,23 @@ def _wanted_lists(statuses: Mapping[str, str], mappings: Mapping[str, Row]) -> d
     return wanted
 
 
-async def event_messages(session: AsyncSession, rows: Sequence[Row]) -> dict[int, EventMessage]:
+async def event_messages(
+    session: AsyncSession, rows: Sequence[Row], *, links: LinkBuilder | None = None
+) -> dict[int, EventMessage]:
+    """The messages as webhooks receive them. A message about a contact carries the person's `preferences_url`
+    (made at send time from the key, never stored), so the shop's own emails can include it; not an erasure."""
     found = await session.execute(
-        text("SELECT id, topic, payload, created_at FROM outbox_message WHERE id = ANY(:ids)"),
+        text("SELECT id, topic, contact_id, payload, created_at FROM outbox_message WHERE id = ANY(:ids)"),
         {"ids": [r["message_id"] for r in rows]},
     )
     return {m["id"]: EventMessage(id=f"msg_{m['id']}", topic=m["topic"], created_at=m["created_at"].isoformat(),
-                                  payload=m["payload"]) for m in found.mappings()}
+                                  payload=_with_preferences(m, links)) for m in found.mappings()}
+
+
+def _with_preferences(message: Row, links: LinkBuilder | None) -> Mapping[str, Any]:
+    if links is None or message["contact_id"] is None or message["topic"] == "contact.erased":
+        return message["payload"]  # type: ignore[no-any-return]
+    return {**message["payload"], "preferences_url": links.preferences_url(message["contact_id"])}
 
 
 # ---- 3. complete ----------------------------------------------------------------------------------------

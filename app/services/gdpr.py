@@ -37,6 +37,7 @@ from app.models import (
     ConsentEvent,
     Contact,
     ContactHistory,
+    ErasureRequest,
     Event,
     IdempotencyRecord,
     ListMembership,
@@ -63,6 +64,7 @@ _members = ListMembership.__table__  # type: ignore[attr-defined]
 _lists = MailingList.__table__  # type: ignore[attr-defined]
 _ledger = ConsentEvent.__table__  # type: ignore[attr-defined]
 _idempotency = IdempotencyRecord.__table__  # type: ignore[attr-defined]
+_erasure_requests = ErasureRequest.__table__  # type: ignore[attr-defined]
 
 Row = Mapping[str, Any]
 
@@ -134,12 +136,12 @@ async def erase(
         raise ContactNotFound(f"no contact with id {contact_id}")
     if expected_version is not None and row["version"] != expected_version:
         raise PreconditionFailed(f"the contact is at version {row['version']}", current_version=row["version"])
-    await erase_many(session, [row], reason="erasure")
+    await erase_many(session, [row], reason="erasure", by=actor.subject)
     log.info("contact.erased", contact_id=str(contact_id), subject=actor.subject)
 
 
-async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: str) -> int:
-    """Erase locked contact rows (`id`, `email`, `phone`), in this transaction, set-based."""
+async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: str, by: str | None = None) -> int:
+    """Erase locked contact rows (`id`, `email`, `phone`), in this transaction, set-based; `by`: who (a subject)."""
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
@@ -151,6 +153,10 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
         await _forget_idempotency_records(session, [*ids, *await _merged_into(session, ids)])
         await _deidentify_ledger(session, ids)
+        await session.execute(  # an erasure asked for in the preference center is answered by this one
+            update(_erasure_requests)
+            .where(_erasure_requests.c.contact_id.in_(ids), _erasure_requests.c.status == "open")
+            .values(status="completed", resolved_at=utc_now(), resolved_by=by or reason))
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
     return len(contacts)

@@ -228,6 +228,7 @@ async def _confirm_vendor_double_opt_in(
         current = await memberships.get(session, list_id, contact_id, lock=True)
         if current is None or current["status"] != memberships.PENDING:
             continue
+        await consents.grant_from_signup(session, current)
         await consents.append(
             session, contact_id, purpose=consents.MARKETING, action=ConsentAction.CONFIRMED.value,
             source=f"{vendor}_double_opt_in", occurred_at=at,

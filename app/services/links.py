@@ -1,8 +1,10 @@
-"""Signed links sent to people: confirm a double opt-in, unsubscribe in one click (RFC 8058).
+"""Signed links sent to people: confirm a double opt-in, unsubscribe in one click (RFC 8058), and the
+preference center.
 
-A token is `base64url(JSON {k, c, l, exp?}) . base64url(HMAC-SHA256)`: compact, tamper-evident, and
-readable without a database lookup. Confirmation links expire; unsubscribe links never do (a person
-must always be able to leave, even from a years-old email).
+A token is `base64url(JSON {k, c, l?, exp?}) . base64url(HMAC-SHA256)`: compact, tamper-evident, and
+readable without a database lookup. Confirmation links expire; unsubscribe and preference links never do (a
+person must always be able to leave, even from a years-old email). An erasure confirmation (the second step
+of "erase my data" in the preference center) is valid for minutes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from app.errors import AppError, BadRequest
 
 __all__ = [
     "CONFIRM_LINK_TTL",
+    "ERASE_CONFIRM_TTL",
     "Link",
     "LinkBuilder",
     "LinkCodec",
@@ -32,6 +35,8 @@ __all__ = [
 
 # How long a double opt-in confirmation link stays valid (a setting later: CONFIRM_LINK_TTL_DAYS).
 CONFIRM_LINK_TTL = timedelta(days=7)
+# How long the "yes, erase my data" step of the preference center waits for the person's second click.
+ERASE_CONFIRM_TTL = timedelta(minutes=15)
 _MAC_BYTES = 16  # 128-bit tag: plenty against forgery, keeps the URL short
 _MAX_TOKEN_CHARS = 512
 
@@ -47,13 +52,18 @@ class LinkExpired(AppError):
 class LinkKind(StrEnum):
     CONFIRM = "confirm"
     UNSUBSCRIBE = "unsubscribe"
+    PREFERENCES = "preferences"    # no list: the person's whole preference center
+    ERASE = "erase"                # no list: the second step of an erasure asked for in the preference center
+
+
+_LISTLESS = frozenset({LinkKind.PREFERENCES, LinkKind.ERASE})
 
 
 @dataclass(frozen=True, slots=True)
 class Link:
     kind: LinkKind
     contact_id: uuid.UUID
-    list_id: uuid.UUID
+    list_id: uuid.UUID | None  # None only for the kinds that act on the whole person
     expires_at: int | None = None  # Unix seconds; None never expires
 
 
@@ -65,7 +75,9 @@ class LinkCodec:
         self._key = hashlib.sha256(b"carnet-link:" + secret.encode()).digest()
 
     def encode(self, link: Link) -> str:
-        claims: dict[str, object] = {"k": link.kind.value, "c": str(link.contact_id), "l": str(link.list_id)}
+        claims: dict[str, object] = {"k": link.kind.value, "c": str(link.contact_id)}
+        if link.list_id is not None:
+            claims["l"] = str(link.list_id)
         if link.expires_at is not None:
             claims["exp"] = link.expires_at
         payload = json.dumps(claims, separators=(",", ":")).encode()
@@ -81,9 +93,10 @@ class LinkCodec:
             if not hmac.compare_digest(mac, self._mac(payload)):
                 raise ValueError("bad signature")
             claims = json.loads(payload)
+            link_kind = LinkKind(claims["k"])
             link = Link(
-                LinkKind(claims["k"]), uuid.UUID(claims["c"]), uuid.UUID(claims["l"]),
-                _expiry(claims.get("exp")),
+                link_kind, uuid.UUID(claims["c"]),
+                None if link_kind in _LISTLESS else uuid.UUID(claims["l"]), _expiry(claims.get("exp")),
             )
         except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
             raise LinkInvalid("this link is damaged or was not issued by this service") from None
@@ -109,6 +122,9 @@ class LinkBuilder:
 
     def unsubscribe_url(self, contact_id: uuid.UUID, list_id: uuid.UUID) -> str:
         return self._url("unsubscribe", Link(LinkKind.UNSUBSCRIBE, contact_id, list_id))
+
+    def preferences_url(self, contact_id: uuid.UUID) -> str:
+        return self._url("preferences", Link(LinkKind.PREFERENCES, contact_id, None))
 
     def _url(self, route: str, link: Link) -> str:
         return f"{self.base_url.rstrip('/')}/v1/public/{route}/{self.codec.encode(link)}"

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import is_unique_violation
-from app.errors import AppError, Conflict, ContactNotFound, InvalidInput, NotFound, PreconditionFailed
+from app.errors import AppError, Conflict, ContactNotFound, FieldError, InvalidInput, NotFound, PreconditionFailed
 from app.models import Contact, ListMembership, MailingList
 from app.models.base import new_id, utc_now
 from app.schemas.consents import ConsentAction
@@ -41,16 +41,21 @@ __all__ = [
     "create",
     "delete_list",
     "ensure_exists",
+    "follow_link",
     "get",
     "link_target",
     "list_page",
     "lock",
     "lock_contacts",
+    "lock_link_holder",
     "members_page",
+    "public_face",
+    "request_confirmation",
     "subscribe",
     "unsubscribe",
     "unsubscribe_by_link",
     "update",
+    "withdraw_marketing",
 ]
 
 CONFIRMED_BY = "link:confirm"          # recorded_by of events made through the public links
@@ -112,6 +117,7 @@ async def get(session: AsyncSession, list_id: uuid.UUID) -> Row:
 async def create(session: AsyncSession, data: ListCreate) -> Row:
     now = utc_now()
     values = {**data.model_dump(mode="json"), "id": new_id(), "version": 1, "created_at": now, "updated_at": now}
+    _check_public_signup(values)
     inserted = await session.scalar(insert(_lists).values(values).on_conflict_do_nothing().returning(_lists.c.id))
     if inserted is None:
         raise DuplicateList(f"a list named {data.name!r} already exists", existing_id=await _id_of(session, data.name))
@@ -125,6 +131,7 @@ async def update(
     current = await _lock_list(session, list_id, for_update=True)
     _check_version(current, expected_version)
     changes = {k: v for k, v in patch.model_dump(mode="json", exclude_unset=True).items() if current[k] != v}
+    _check_public_signup({**current, **changes})
     if changes:
         statement = (
             update_statement(_lists)
@@ -198,16 +205,23 @@ async def subscribe(
         row = current  # asked again: send a fresh confirmation link, keep pending_since
     else:
         row = await memberships.put(session, list_id, contact_id, status=memberships.PENDING, source=source, at=now)
-    expires_at = now + CONFIRM_LINK_TTL
+    await request_confirmation(session, the_list, contact_id, links=links, at=now)
+    return Subscribed(row, created=current is None)
+
+
+async def request_confirmation(
+    session: AsyncSession, the_list: Row, contact_id: uuid.UUID, *, links: LinkBuilder, at: datetime
+) -> None:
+    """Ask (through the outbox: a vendor's double opt-in or a webhook event) for the confirmation email."""
+    expires_at = at + CONFIRM_LINK_TTL
     await outbox.add(session, "membership.confirmation_requested", contact_id=contact_id, payload={
-        "list_id": str(list_id),
+        "list_id": str(the_list["id"]),
         "list_name": the_list["name"],
         "contact_id": str(contact_id),
-        "confirm_url": links.confirm_url(contact_id, list_id, expires_at=expires_at),
+        "confirm_url": links.confirm_url(contact_id, the_list["id"], expires_at=expires_at),
         "confirm_expires_at": rfc3339(expires_at),
-        "unsubscribe_url": links.unsubscribe_url(contact_id, list_id),
+        "unsubscribe_url": links.unsubscribe_url(contact_id, the_list["id"]),
     })
-    return Subscribed(row, created=current is None)
 
 
 async def unsubscribe(session: AsyncSession, list_id: uuid.UUID, contact_id: uuid.UUID) -> Row:
@@ -261,10 +275,11 @@ async def confirm(session: AsyncSession, link: Link, *, ip: str | None, user_age
     if current is None or current["status"] != memberships.PENDING:
         raise ConfirmationCancelled("this subscription was cancelled or unsubscribed since the email was sent")
     now = utc_now()
+    await consents.grant_from_signup(session, current)  # a public signup's consent counts from now on
     await consents.append(
         session, link.contact_id, purpose=consents.MARKETING, action=ConsentAction.CONFIRMED.value,
         source="double_opt_in", occurred_at=now, proof={"ip": ip, "user_agent": user_agent},
-        recorded_by=CONFIRMED_BY,
+        recorded_by=CONFIRMED_BY, list_id=link.list_id,
     )
     row = await memberships.confirm(session, link.list_id, link.contact_id, at=now)
     return {**target, "status": row["status"], "result": "confirmed"}
@@ -284,20 +299,53 @@ async def unsubscribe_by_link(
         return {"list": None, "status": None, "unsubscribed_lists": 0}  # nothing left to unsubscribe
     now = utc_now()
     if everything:
-        changed = await memberships.unsubscribe(session, link.contact_id, list_id=None, at=now,
-                                                reason="one_click_all")
-        state = await consents.marketing_state(session, link.contact_id)
-        if state.granted or state.since is None:  # a replay does not stack withdrawals
-            await consents.append(
-                session, link.contact_id, purpose=consents.MARKETING, action=ConsentAction.WITHDRAWN.value,
-                source="one_click_unsubscribe", occurred_at=now, proof={"ip": ip, "user_agent": user_agent},
-                recorded_by=UNSUBSCRIBED_BY,
-            )
+        changed = await withdraw_marketing(session, link.contact_id, source="one_click_unsubscribe",
+                                           proof={"ip": ip, "user_agent": user_agent}, recorded_by=UNSUBSCRIBED_BY,
+                                           reason="one_click_all")
     else:
-        changed = await memberships.unsubscribe(session, link.contact_id, list_id=link.list_id, at=now,
-                                                reason="one_click")
+        rows = await memberships.unsubscribe(session, link.contact_id, list_id=link.list_id, at=now,
+                                             reason="one_click")
+        changed = len(rows)
+        if changed:  # on the ledger too, with its proof; a replay stacks nothing
+            await consents.append_list_withdrawal(
+                session, link.contact_id, link.list_id, source="one_click_unsubscribe",
+                proof={"ip": ip, "user_agent": user_agent}, recorded_by=UNSUBSCRIBED_BY, at=now)
     target = await _target(session, link)
-    return {**target, "unsubscribed_lists": len(changed)}
+    return {**target, "unsubscribed_lists": changed}
+
+
+async def withdraw_marketing(
+    session: AsyncSession, contact_id: uuid.UUID, *, source: str, proof: Mapping[str, Any], recorded_by: str,
+    reason: str,
+) -> int:
+    """Unsubscribe from everything (the contact locked by the caller): every list, and email_marketing withdrawn
+    unless it already is (a replay stacks nothing). Returns how many memberships changed."""
+    now = utc_now()
+    changed = await memberships.unsubscribe(session, contact_id, list_id=None, at=now, reason=reason)
+    state = await consents.marketing_state(session, contact_id)
+    if state.granted or state.since is None:
+        await consents.append(
+            session, contact_id, purpose=consents.MARKETING, action=ConsentAction.WITHDRAWN.value, source=source,
+            occurred_at=now, proof=proof, recorded_by=recorded_by,
+        )
+    return len(changed)
+
+
+async def follow_link(session: AsyncSession, link: Link) -> Link:
+    """The link aimed at the contact that holds its person now (merges followed); unchanged once erased."""
+    return await _follow(session, link)
+
+
+async def lock_link_holder(session: AsyncSession, link: Link) -> Link:
+    """As follow_link, with that contact locked; ContactNotFound once the person was erased."""
+    return await _lock_holder(session, link)
+
+
+async def public_face(session: AsyncSession, list_id: uuid.UUID) -> Row | None:
+    """How a list shows itself on public pages: name, display name and colour (None once deleted)."""
+    return (await session.execute(
+        select(_lists.c.id, _lists.c.name, _lists.c.display_name, _lists.c.color).where(_lists.c.id == list_id)
+    )).mappings().first()
 
 
 async def _target(session: AsyncSession, link: Link) -> dict[str, Any]:
@@ -366,6 +414,21 @@ async def _lock_list(session: AsyncSession, list_id: uuid.UUID, *, for_update: b
     if row is None:
         raise ListNotFound(f"no list with id {list_id}")
     return row
+
+
+def _check_public_signup(values: Mapping[str, Any]) -> None:
+    """A list open to browser signups says what people agree to (the proof's wording) and from where."""
+    if not values["public_signup"]:
+        return
+    errors = []
+    if not values["signup_wording"]:
+        errors.append(FieldError("signup_wording", "required when public_signup is true: the consent text shown "
+                                 "on the form, kept as the proof's wording", "required"))
+    if not values["signup_origins"]:
+        errors.append(FieldError("signup_origins", "required when public_signup is true: the origins of the "
+                                 "shop's pages that show the form", "required"))
+    if errors:
+        raise InvalidInput(*errors)
 
 
 def _check_version(current: Row, expected_version: int | None) -> None:

@@ -19,7 +19,7 @@ from app.models import ListMembership
 from app.services import outbox
 from app.services.pagination import Cursor, CursorCodec
 
-__all__ = ["MembershipNotFound", "confirm", "get", "page", "put", "unsubscribe"]
+__all__ = ["MembershipNotFound", "confirm", "get", "keep_pending_proof", "page", "put", "unsubscribe"]
 
 PENDING, SUBSCRIBED, UNSUBSCRIBED = "pending", "subscribed", "unsubscribed"
 
@@ -41,13 +41,16 @@ async def get(session: AsyncSession, list_id: uuid.UUID, contact_id: uuid.UUID, 
 
 async def put(
     session: AsyncSession, list_id: uuid.UUID, contact_id: uuid.UUID, *, status: str, source: str | None,
-    at: datetime,
+    at: datetime, pending_proof: Mapping[str, Any] | None = None,
 ) -> Row:
-    """Set a membership to `pending` or `subscribed` (created if needed); the timestamps describe the new state."""
+    """Set a membership to `pending` or `subscribed` (created if needed); the timestamps describe the new state.
+
+    `pending_proof`: a public signup's proof, kept until the person confirms (consents.grant_from_signup)."""
     values = {
         "status": status,
         "subscribed_at": at if status == SUBSCRIBED else None,
         "pending_since": at if status == PENDING else None,
+        "pending_proof": dict(pending_proof) if status == PENDING and pending_proof else None,
         "unsubscribed_at": None,
         "updated_at": at,
     }
@@ -64,13 +67,21 @@ async def put(
     return row
 
 
+async def keep_pending_proof(
+    session: AsyncSession, list_id: uuid.UUID, contact_id: uuid.UUID, proof: Mapping[str, Any]
+) -> None:
+    """A pending membership asked for again: the newest request's proof is the one a confirmation will record."""
+    await session.execute(update(_t).where(_t.c.list_id == list_id, _t.c.contact_id == contact_id,
+                                           _t.c.status == PENDING).values(pending_proof=dict(proof)))
+
+
 async def confirm(session: AsyncSession, list_id: uuid.UUID, contact_id: uuid.UUID, *, at: datetime) -> Row:
     """pending → subscribed, keeping the source the subscription came with."""
     row = (
         await session.execute(
             update(_t)
             .where(_t.c.list_id == list_id, _t.c.contact_id == contact_id)
-            .values(status=SUBSCRIBED, subscribed_at=at, pending_since=None, updated_at=at)
+            .values(status=SUBSCRIBED, subscribed_at=at, pending_since=None, pending_proof=None, updated_at=at)
             .returning(*_t.c)
         )
     ).mappings().one()
@@ -89,7 +100,7 @@ async def unsubscribe(
     statement = (
         update(_t)
         .where(_t.c.contact_id == contact_id, _t.c.status != UNSUBSCRIBED)
-        .values(status=UNSUBSCRIBED, unsubscribed_at=at, pending_since=None, updated_at=at)
+        .values(status=UNSUBSCRIBED, unsubscribed_at=at, pending_since=None, pending_proof=None, updated_at=at)
         .returning(*_t.c)
     )
     if list_id is not None:

@@ -198,7 +198,8 @@ async def _move_memberships(
             await session.execute(
                 update(_members).where(_members.c.list_id == row["list_id"], _members.c.contact_id == survivor_id)
                 .values(status=row["status"], source=row["source"], subscribed_at=row["subscribed_at"],
-                        unsubscribed_at=row["unsubscribed_at"], pending_since=row["pending_since"], updated_at=now))
+                        unsubscribed_at=row["unsubscribed_at"], pending_since=row["pending_since"],
+                        pending_proof=row["pending_proof"], updated_at=now))
     shared = [r["list_id"] for r in theirs if r["list_id"] in kept]
     if shared:
         await session.execute(delete(_members).where(_members.c.contact_id == duplicate_id,

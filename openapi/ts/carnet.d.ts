@@ -308,6 +308,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/contacts/{contact_id}/links": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Get Contact Links
+         * @description The person's signed preference center link, to put in any email (also pushed to the emailing tools as
+         *     the `preferences_url` field and carried in webhook payloads). A credential for that person: `pii:read`.
+         */
+        get: operations["get_contact_links_v1_contacts__contact_id__links_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/contacts/{contact_id}/merge": {
         parameters: {
             query?: never;
@@ -494,6 +515,83 @@ export interface paths {
          * @description Queue a full push of every contact of the mapped lists (vendors only).
          */
         post: operations["resync_destination_v1_destinations__destination_id__resync_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/erasure-requests": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Erasure Requests
+         * @description Oldest first (the first due): who asked, when, by when the answer is due, and what was answered.
+         */
+        get: operations["list_erasure_requests_v1_erasure_requests_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/erasure-requests/{request_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get Erasure Request */
+        get: operations["get_erasure_request_v1_erasure_requests__request_id__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/erasure-requests/{request_id}/complete": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Complete Erasure Request
+         * @description Erase the person now (exactly as DELETE /v1/contacts/{id}, docs/gdpr.md) and close the request.
+         */
+        post: operations["complete_erasure_request_v1_erasure_requests__request_id__complete_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/erasure-requests/{request_id}/refuse": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Refuse Erasure Request
+         * @description Close the request without erasing, with the reason (art. 17(3)); the person's data stays.
+         */
+        post: operations["refuse_erasure_request_v1_erasure_requests__request_id__refuse_post"];
         delete?: never;
         options?: never;
         head?: never;
@@ -824,13 +922,72 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Confirm Subscription Link
-         * @description Double opt-in confirmation, from the emailed link. Following it again changes nothing.
+         * Show Confirmation
+         * @description The double opt-in link from the email: a page with the confirm button. Changes nothing (mail scanners
+         *     open every link, and a scanner is not the person's proof); the button POSTs to the same URL.
          */
-        get: operations["confirm_subscription_link_v1_public_confirm__token__get"];
+        get: operations["show_confirmation_v1_public_confirm__token__get"];
         put?: never;
-        /** Confirm Subscription */
+        /**
+         * Confirm Subscription
+         * @description Confirm: `pending` → `subscribed`, and a `confirmed` ledger event with the clicker's IP and user agent.
+         *     Following it again changes nothing.
+         */
         post: operations["confirm_subscription_v1_public_confirm__token__post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/public/lists/{list_id}/signup": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Sign Up
+         * @description Sign up to a list that takes browser signups (`public_signup`): always double opt-in.
+         *
+         *     JSON or form-encoded `{email, first_name?, last_name?, consent: true, website?}` (`website` is the honeypot),
+         *     at most 4 kB. The same 202 for every address. Limits per client address and per list: 429 + Retry-After.
+         */
+        post: operations["sign_up_v1_public_lists__list_id__signup_post"];
+        delete?: never;
+        /**
+         * Signup Preflight
+         * @description CORS preflight: `Access-Control-Allow-Origin` only for one of the list's `signup_origins`.
+         */
+        options: operations["signup_preflight_v1_public_lists__list_id__signup_options"];
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/public/preferences/{token}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Show Preferences
+         * @description The preference center. Changes nothing (mail scanners follow links).
+         */
+        get: operations["show_preferences_v1_public_preferences__token__get"];
+        put?: never;
+        /**
+         * Change Preferences
+         * @description One change: lists, unsubscribe from everything, download my data (art. 15), erasure (art. 17, two steps).
+         *
+         *     Joining a list records a `granted` email_marketing event, leaving one a `list_subscription` `withdrawn`
+         *     event, each naming the list, with the request's proof; no other list changes.
+         */
+        post: operations["change_preferences_v1_public_preferences__token__post"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1238,6 +1395,19 @@ export interface components {
              */
             transactional: boolean;
         };
+        /**
+         * ConfirmPreview
+         * @description What a confirmation link would do; reading it changes nothing (mail scanners follow links).
+         */
+        ConfirmPreview: {
+            /**
+             * Confirm Url
+             * @description POST here to confirm
+             */
+            confirm_url: string;
+            list: components["schemas"]["LinkTarget"] | null;
+            status: components["schemas"]["MemberStatus"] | null;
+        };
         /** ConfirmResult */
         ConfirmResult: {
             list: components["schemas"]["LinkTarget"] | null;
@@ -1277,12 +1447,20 @@ export interface components {
             /** Id */
             id: number;
             /**
+             * List Id
+             * @description The list the event was about, if any
+             */
+            list_id?: string | null;
+            /**
              * Occurred At
              * Format: date-time
              */
             occurred_at: string;
             proof: components["schemas"]["ProofRead"] | null;
-            /** Purpose */
+            /**
+             * Purpose
+             * @description A purpose, or `list_subscription`: leaving the list `list_id` (no purpose changes)
+             */
             purpose: string;
             /**
              * Recorded At
@@ -1904,6 +2082,123 @@ export interface components {
             /** Next Cursor */
             next_cursor: string | null;
         };
+        /** ErasureConfirmationRequired */
+        ErasureConfirmationRequired: {
+            /**
+             * Confirmation
+             * @description POST it back as `erase_confirmation` to go ahead
+             */
+            confirmation: string;
+            /**
+             * Erasure
+             * @constant
+             */
+            erasure: "confirmation_required";
+            /**
+             * Expires At
+             * Format: date-time
+             */
+            expires_at: string;
+        };
+        /** ErasureDone */
+        ErasureDone: {
+            /**
+             * Erasure
+             * @enum {string}
+             */
+            erasure: "completed" | "requested";
+            request: components["schemas"]["ErasureRequestSummary"];
+        };
+        /** ErasureRequestPage */
+        ErasureRequestPage: {
+            /** Data */
+            data: components["schemas"]["ErasureRequestRead"][];
+            /** Next Cursor */
+            next_cursor: string | null;
+        };
+        /** ErasureRequestRead */
+        ErasureRequestRead: {
+            /** @description Who asked (null once erased); masked without pii:read */
+            contact: components["schemas"]["RequestedBy"] | null;
+            /**
+             * Contact Id
+             * Format: uuid
+             */
+            contact_id: string;
+            /**
+             * Due By
+             * Format: date-time
+             * @description One month after the request (GDPR art. 12(3))
+             */
+            due_by: string;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Note
+             * @description Why it was refused
+             */
+            note: string | null;
+            /**
+             * Requested At
+             * Format: date-time
+             */
+            requested_at: string;
+            /** Resolved At */
+            resolved_at: string | null;
+            /**
+             * Resolved By
+             * @description The admin's subject, or self_service
+             */
+            resolved_by: string | null;
+            /**
+             * Source
+             * @description preference_center
+             */
+            source: string;
+            status: components["schemas"]["ErasureRequestStatus"];
+        };
+        /**
+         * ErasureRequestStatus
+         * @enum {string}
+         */
+        ErasureRequestStatus: "open" | "completed" | "refused";
+        /** ErasureRequestSummary */
+        ErasureRequestSummary: {
+            /**
+             * Due By
+             * @description GDPR art. 12(3): one month after the request
+             */
+            due_by?: string | null;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Requested At
+             * Format: date-time
+             */
+            requested_at: string;
+            /**
+             * Status
+             * @description open | completed | refused
+             */
+            status: string;
+        };
+        /** ErasureState */
+        ErasureState: {
+            /**
+             * Mode
+             * @description self_service: a confirmed request erases at once; request: an admin answers it
+             * @enum {string}
+             */
+            mode: "self_service" | "request";
+            /** @description The open request, if any */
+            request: components["schemas"]["ErasureRequestSummary"] | null;
+        };
         /** EventBatch */
         EventBatch: {
             /**
@@ -2010,6 +2305,13 @@ export interface components {
             list_id: string;
             /** List Name */
             list_name: string;
+            /**
+             * Pending Proof
+             * @description A public signup waiting for confirmation: what the request showed (ip, user agent, page, wording); masked without pii:read
+             */
+            pending_proof?: {
+                [key: string]: unknown;
+            } | null;
             /** Pending Since */
             pending_since: string | null;
             /** Source */
@@ -2203,8 +2505,18 @@ export interface components {
              * @description null: every kind of contact
              */
             accepted_kinds?: components["schemas"]["ContactKind"][] | null;
+            /**
+             * Color
+             * @description Accent colour of this list's public pages, #rrggbb
+             */
+            color?: string | null;
             /** Description */
             description?: string | null;
+            /**
+             * Display Name
+             * @description The name people see on public pages (default: name)
+             */
+            display_name?: string | null;
             /**
              * Double Opt In
              * @default false
@@ -2212,6 +2524,27 @@ export interface components {
             double_opt_in: boolean;
             /** Name */
             name: string;
+            /**
+             * Public Signup
+             * @description Browsers may sign up at POST /v1/public/lists/{id}/signup
+             * @default false
+             */
+            public_signup: boolean;
+            /**
+             * Signup Origins
+             * @description Exact origins allowed to sign up (CORS), at most 20
+             */
+            signup_origins?: string[];
+            /**
+             * Signup Policy Version
+             * @description The privacy policy version the form shows; kept in the proof
+             */
+            signup_policy_version?: string | null;
+            /**
+             * Signup Wording
+             * @description The consent text shown on the form; kept as the proof's wording. Required for public_signup
+             */
+            signup_wording?: string | null;
         };
         /** ListMapping */
         ListMapping: {
@@ -2238,22 +2571,37 @@ export interface components {
         };
         /**
          * ListPatch
-         * @description Merge patch: absent fields untouched; null clears description and accepted_kinds (= any kind).
+         * @description Merge patch: absent fields untouched; null clears description, accepted_kinds (= any kind) and the
+         *     public page texts.
          */
         ListPatch: {
             /** Accepted Kinds */
             accepted_kinds?: components["schemas"]["ContactKind"][] | null;
+            /** Color */
+            color?: string | null;
             /** Description */
             description?: string | null;
+            /** Display Name */
+            display_name?: string | null;
             /** Double Opt In */
             double_opt_in?: boolean | null;
             /** Name */
             name?: string | null;
+            /** Public Signup */
+            public_signup?: boolean | null;
+            /** Signup Origins */
+            signup_origins?: string[] | null;
+            /** Signup Policy Version */
+            signup_policy_version?: string | null;
+            /** Signup Wording */
+            signup_wording?: string | null;
         };
         /** ListRead */
         ListRead: {
             /** Accepted Kinds */
             accepted_kinds: string[] | null;
+            /** Color */
+            color: string | null;
             counts: components["schemas"]["ListCounts"];
             /**
              * Created At
@@ -2262,6 +2610,8 @@ export interface components {
             created_at: string;
             /** Description */
             description: string | null;
+            /** Display Name */
+            display_name: string | null;
             /** Double Opt In */
             double_opt_in: boolean;
             /**
@@ -2271,6 +2621,14 @@ export interface components {
             id: string;
             /** Name */
             name: string;
+            /** Public Signup */
+            public_signup: boolean;
+            /** Signup Origins */
+            signup_origins: string[];
+            /** Signup Policy Version */
+            signup_policy_version: string | null;
+            /** Signup Wording */
+            signup_wording: string | null;
             /**
              * Updated At
              * Format: date-time
@@ -2284,6 +2642,11 @@ export interface components {
          * @enum {string}
          */
         ListStatus: "subscribed" | "pending" | "unsubscribed" | "any";
+        /** MarketingState */
+        MarketingState: {
+            /** Granted */
+            granted: boolean;
+        };
         /** Me */
         Me: {
             role: components["schemas"]["Role"];
@@ -2490,6 +2853,48 @@ export interface components {
          * @enum {string}
          */
         OrderStatus: "placed" | "paid" | "shipped" | "delivered" | "cancelled" | "refunded";
+        /** PreferenceList */
+        PreferenceList: {
+            /** Description */
+            description: string | null;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Name
+             * @description The list's display name (else its name)
+             */
+            name: string;
+            /** @description null: never subscribed */
+            status: components["schemas"]["MemberStatus"] | null;
+        };
+        /** PreferencesLinks */
+        PreferencesLinks: {
+            /**
+             * Preferences Url
+             * @description The person's preference center: a signed link, no account needed. Never expires; a GET changes nothing
+             */
+            preferences_url: string;
+        };
+        /** PreferencesRead */
+        PreferencesRead: {
+            /**
+             * Changed
+             * @description After a POST: memberships this request changed
+             */
+            changed?: number | null;
+            /** Email */
+            email: string;
+            email_marketing: components["schemas"]["MarketingState"];
+            erasure: components["schemas"]["ErasureState"];
+            /**
+             * Lists
+             * @description Lists taking public signups, and the lists the person is on
+             */
+            lists: components["schemas"]["PreferenceList"][];
+        };
         /**
          * Problem
          * @description RFC 9457 problem details.
@@ -2566,6 +2971,23 @@ export interface components {
          * @enum {string}
          */
         Reason: "phone" | "name_postal_code" | "email";
+        /** Refusal */
+        Refusal: {
+            /**
+             * Note
+             * @description The reason (GDPR art. 17(3): a legal obligation to keep, e.g. invoices); kept with the request
+             */
+            note: string;
+        };
+        /** RequestedBy */
+        RequestedBy: {
+            /** Email */
+            email: string | null;
+            /** First Name */
+            first_name: string | null;
+            /** Last Name */
+            last_name: string | null;
+        };
         /** ResyncResult */
         ResyncResult: {
             /**
@@ -2769,6 +3191,23 @@ export interface components {
             updated_at: string;
             /** Version */
             version: number;
+        };
+        /**
+         * SignupAccepted
+         * @description The same answer for every address: whether one was subscribed is never told (no enumeration).
+         */
+        SignupAccepted: {
+            /**
+             * Detail
+             * @description What happens next, for the person
+             */
+            detail: string;
+            /**
+             * Status
+             * @default accepted
+             * @constant
+             */
+            status: "accepted";
         };
         /**
          * SubscribeConsent
@@ -4217,6 +4656,64 @@ export interface operations {
             };
         };
     };
+    get_contact_links_v1_contacts__contact_id__links_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                contact_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PreferencesLinks"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such contact */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     merge_contact_v1_contacts__contact_id__merge_post: {
         parameters: {
             query?: never;
@@ -5057,6 +5554,254 @@ export interface operations {
             };
             /** @description No such destination */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_erasure_requests_v1_erasure_requests_get: {
+        parameters: {
+            query?: {
+                /** @description Default: open */
+                status?: "open" | "completed" | "refused" | "all";
+                limit?: number;
+                cursor?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErasureRequestPage"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_erasure_request_v1_erasure_requests__request_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                request_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErasureRequestRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such erasure request */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    complete_erasure_request_v1_erasure_requests__request_id__complete_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                request_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErasureRequestRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such erasure request; No such contact */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This erasure request was already answered */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    refuse_erasure_request_v1_erasure_requests__request_id__refuse_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                request_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Refusal"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErasureRequestRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such erasure request */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This erasure request was already answered */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6380,7 +7125,7 @@ export interface operations {
             };
         };
     };
-    confirm_subscription_link_v1_public_confirm__token__get: {
+    show_confirmation_v1_public_confirm__token__get: {
         parameters: {
             query?: never;
             header?: never;
@@ -6397,7 +7142,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ConfirmResult"];
+                    "application/json": components["schemas"]["ConfirmPreview"];
                     "text/html": unknown;
                 };
             };
@@ -6410,7 +7155,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description This link has expired; This subscription is no longer waiting for confirmation */
+            /** @description This link has expired */
             410: {
                 headers: {
                     [name: string]: unknown;
@@ -6462,6 +7207,346 @@ export interface operations {
             };
             /** @description This link has expired; This subscription is no longer waiting for confirmation */
             410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    sign_up_v1_public_lists__list_id__signup_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                list_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Consent
+                     * @description The person ticked the consent box (the list's signup_wording); form encoding: true, on, 1 or yes
+                     * @constant
+                     */
+                    consent: true;
+                    /** Email */
+                    email: string;
+                    /** First Name */
+                    first_name?: string | null;
+                    /** Last Name */
+                    last_name?: string | null;
+                    /**
+                     * Website
+                     * @description Honeypot: keep it empty and hidden from people (CSS, tabindex=-1, autocomplete=off). A filled one is answered like any signup, and nothing happens
+                     */
+                    website?: string | null;
+                };
+                "application/x-www-form-urlencoded": {
+                    /**
+                     * Consent
+                     * @description The person ticked the consent box (the list's signup_wording); form encoding: true, on, 1 or yes
+                     * @constant
+                     */
+                    consent: true;
+                    /** Email */
+                    email: string;
+                    /** First Name */
+                    first_name?: string | null;
+                    /** Last Name */
+                    last_name?: string | null;
+                    /**
+                     * Website
+                     * @description Honeypot: keep it empty and hidden from people (CSS, tabindex=-1, autocomplete=off). A filled one is answered like any signup, and nothing happens
+                     */
+                    website?: string | null;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SignupAccepted"];
+                    "text/html": unknown;
+                };
+            };
+            /** @description Signups to this list are not accepted from this page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such list */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request body is too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Send JSON or a form (application/x-www-form-urlencoded) */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Too many requests */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    signup_preflight_v1_public_lists__list_id__signup_options: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                list_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Allowed: CORS headers for this origin */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Signups to this list are not accepted from this page */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such list */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Too many requests */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    show_preferences_v1_public_preferences__token__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                token: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PreferencesRead"];
+                    "text/html": unknown;
+                };
+            };
+            /** @description This link is not valid */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Nothing is held about this person any more */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    change_preferences_v1_public_preferences__token__post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                token: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * Erase
+                     * @description Ask for erasure: answers a confirmation
+                     */
+                    erase?: "request" | null;
+                    /**
+                     * Erase Confirmation
+                     * @description The confirmation from `erase`
+                     */
+                    erase_confirmation?: string | null;
+                    /**
+                     * Export
+                     * @description Download everything held (GDPR art. 15)
+                     */
+                    export?: true | null;
+                    /**
+                     * Lists
+                     * @description Lists to set; lists not named are left as they are
+                     */
+                    lists?: {
+                        [key: string]: "subscribed" | "unsubscribed";
+                    } | null;
+                    /**
+                     * Unsubscribe All
+                     * @description Withdraw email_marketing (every list)
+                     */
+                    unsubscribe_all?: true | null;
+                };
+                "application/x-www-form-urlencoded": {
+                    /** @enum {string} */
+                    action: "update" | "unsubscribe_all" | "export" | "erase" | "erase_confirm";
+                    confirmation?: string;
+                    list?: string[];
+                    subscribed?: string[];
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PreferencesRead"] | components["schemas"]["ErasureConfirmationRequired"] | components["schemas"]["ErasureDone"] | components["schemas"]["ContactExportRead"];
+                    "text/html": unknown;
+                };
+            };
+            /** @description Erasure request filed */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErasureDone"];
+                };
+            };
+            /** @description This link is not valid */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This link has expired; Nothing is held about this person any more */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request body is too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Send JSON or a form (application/x-www-form-urlencoded) */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -171,7 +171,7 @@ async def tour(client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSess
                               json={"consent": {"proof": proof(person)}}))
     requested = [p for t, p in await outbox(sessions, cid) if t == "membership.confirmation_requested"]
     browser = {"User-Agent": person.user_agent}
-    await ok(await client.get(url_path(requested[0]["confirm_url"]), headers=browser))
+    await ok(await client.post(url_path(requested[0]["confirm_url"]), headers=browser))
     await ok(await client.post(f"/v1/lists/{third['id']}/members/batch", json={"add": [cid]},
                                headers={**ADMIN, "Idempotency-Key": f"m-{person.tag}"}))
     # consents with their proof

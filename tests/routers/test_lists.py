@@ -324,14 +324,20 @@ class TestDoubleOptIn:
         can = (await client.get(f"/v1/contacts/{contact['id']}/can-email", headers=ADMIN)).json()
         assert can["marketing"] is False  # pending is not subscribed
 
-        confirmed = await client.get(url_path(payload["confirm_url"]), headers={"User-Agent": "MailApp/2.1"})
+        preview = await client.get(url_path(payload["confirm_url"]), headers={"User-Agent": "MailScanner/1.0"})
+        assert preview.status_code == 200, preview.text  # a scanner opening the link confirms nothing
+        assert preview.json() == {"list": {"id": made["id"], "name": "doi-news"}, "status": "pending",
+                                  "confirm_url": "http://test" + url_path(payload["confirm_url"])}
+        assert await member_status(client, made["id"], contact["id"]) == "pending"
+        assert len((await ledger(client, contact["id"]))["events"]) == 1
+        confirmed = await client.post(url_path(payload["confirm_url"]), headers={"User-Agent": "MailApp/2.1"})
         assert confirmed.status_code == 200, confirmed.text
         assert confirmed.json() == {"result": "confirmed", "list": {"id": made["id"], "name": "doi-news"},
                                     "status": "subscribed"}
         assert await member_status(client, made["id"], contact["id"]) == "subscribed"
         events = (await ledger(client, contact["id"]))["events"]
-        assert [(e["action"], e["recorded_by"], e["source"]) for e in events] == [
-            ("granted", "tester@shop.example", None), ("confirmed", "link:confirm", "double_opt_in")]
+        assert [(e["action"], e["recorded_by"], e["source"], e["list_id"]) for e in events] == [
+            ("granted", "tester@shop.example", None, None), ("confirmed", "link:confirm", "double_opt_in", made["id"])]
         assert events[1]["proof"] == {"ip": "127.0.0.1", "user_agent": "MailApp/2.1", "form_url": None,
                                       "wording": None, "policy_version": None}
         assert [t for t, _ in await outbox(sessions, contact["id"], LIST_MESSAGES)][-1] == "membership.subscribed"
@@ -348,14 +354,14 @@ class TestDoubleOptIn:
         genuine = CODEC.encode(Link(LinkKind.CONFIRM, uuid.UUID(contact["id"]), uuid.UUID(made["id"]),
                                     int(time.time()) + 3600))
         for token in (forge(genuine, c=other["id"]), genuine[:-2], "garbage", "a.b", genuine + "x" * 600):
-            body = assert_problem(await client.get(f"/v1/public/confirm/{token}"), 400)
+            body = assert_problem(await client.post(f"/v1/public/confirm/{token}"), 400)
             assert body["type"].endswith("/invalid-link")
         expired = CODEC.encode(Link(LinkKind.CONFIRM, uuid.UUID(contact["id"]), uuid.UUID(made["id"]),
                                     int(time.time()) - 1))
         assert assert_problem(await client.post(f"/v1/public/confirm/{expired}"), 410)["type"].endswith(
             "/link-expired")
         unsubscribe_token = CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uuid.UUID(contact["id"]), uuid.UUID(made["id"])))
-        assert_problem(await client.get(f"/v1/public/confirm/{unsubscribe_token}"), 400)
+        assert_problem(await client.post(f"/v1/public/confirm/{unsubscribe_token}"), 400)
         for who in (contact, other):
             assert await member_status(client, made["id"], who["id"]) == "pending"
             assert [e["action"] for e in (await ledger(client, who["id"]))["events"]] == ["granted"]
@@ -378,7 +384,7 @@ class TestDoubleOptIn:
         await client.delete(f"/v1/lists/{made['id']}/members/{contact['id']}", headers=ADMIN)
         token = CODEC.encode(Link(LinkKind.CONFIRM, uuid.UUID(contact["id"]), uuid.UUID(made["id"]),
                                   int(time.time()) + 60))
-        assert_problem(await client.get(f"/v1/public/confirm/{token}"), 410)
+        assert_problem(await client.post(f"/v1/public/confirm/{token}"), 410)
         assert await member_status(client, made["id"], contact["id"]) == "unsubscribed"
 
     async def test_asking_again_while_pending_sends_a_new_link(self, client: httpx.AsyncClient,
@@ -415,9 +421,14 @@ class TestOneClickUnsubscribe:
                                "status": "unsubscribed", "unsubscribed_lists": 1}
         assert await member_status(client, list_a["id"], contact["id"]) == "unsubscribed"
         assert await member_status(client, list_b["id"], contact["id"]) == "subscribed"
-        assert [e["action"] for e in (await ledger(client, contact["id"]))["events"]] == ["granted"]
+        book = await ledger(client, contact["id"])  # leaving one list is on the ledger, scoped to that list
+        assert [(e["purpose"], e["action"], e["list_id"]) for e in book["events"]] == [
+            ("email_marketing", "granted", None), ("list_subscription", "withdrawn", list_a["id"])]
+        assert book["events"][1]["proof"]["ip"] == "127.0.0.1"
+        assert book["state"]["email_marketing"]["granted"] is True  # no purpose changed
         replay = await client.post(f"/v1/public/unsubscribe/{token}")
         assert replay.status_code == 200 and replay.json()["unsubscribed_lists"] == 0
+        assert len((await ledger(client, contact["id"]))["events"]) == 2  # a replay stacks nothing
 
     async def test_all_withdraws_email_marketing(self, client: httpx.AsyncClient) -> None:
         list_a, list_b, contact = await self._two_lists(client)
@@ -521,7 +532,7 @@ class TestLinksAfterMerge:
         token = CODEC.encode(Link(LinkKind.CONFIRM, uuid.UUID(duplicate["id"]), uuid.UUID(made["id"]),
                                   int(time.time()) + 3600))
         await self._merge(client, survivor, duplicate)
-        confirmed = await client.get(f"/v1/public/confirm/{token}")
+        confirmed = await client.post(f"/v1/public/confirm/{token}")
         assert confirmed.status_code == 200, confirmed.text
         assert confirmed.json() == {"result": "confirmed", "list": {"id": made["id"], "name": "doi"},
                                     "status": "subscribed"}
@@ -540,7 +551,7 @@ class TestLinksAfterMerge:
         done = await client.post(f"/v1/public/unsubscribe/{token}", params={"all": "1"})
         assert done.status_code == 200
         assert done.json() == {"result": "unsubscribed", "list": None, "status": None, "unsubscribed_lists": 0}
-        assert_problem(await client.get(f"/v1/public/confirm/{confirm}"), 410)
+        assert_problem(await client.post(f"/v1/public/confirm/{confirm}"), 410)
 
 
 class TestMembers:

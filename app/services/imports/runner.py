@@ -702,7 +702,8 @@ async def _subscribe(connection: asyncpg.Connection, job: _Job, rejects: list[tu
                   CASE WHEN $3::text = 'pending' THEN $5::timestamptz END, NULL, $5
            ON CONFLICT (list_id, contact_id) DO UPDATE
            SET status = excluded.status, source = excluded.source, subscribed_at = excluded.subscribed_at,
-               pending_since = excluded.pending_since, unsubscribed_at = NULL, updated_at = excluded.updated_at""",
+               pending_since = excluded.pending_since, pending_proof = NULL, unsubscribed_at = NULL,
+               updated_at = excluded.updated_at""",
         the_list["id"], joining, status, source, now,
     )
     list_id = str(the_list["id"])
