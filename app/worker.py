@@ -239,6 +239,11 @@ class Worker:
         """(anything delivered or dead-lettered, how many deliveries were claimed); a full claim sets `backlog`."""
         async with self.sessions.begin() as session:
             destination = await destinations_service.load(session, destination_id, box=self.box)
+            refusal = destination.refusal()
+            if refusal is not None:  # its secrets would go where they were not given for: nothing is sent
+                await delivery.record_health(session, destination_id, error=refusal, disable=True)
+                log.warning("delivery.destination_refused", destination_id=str(destination_id))
+                return False, 0
             claimed = await delivery.claim(session, destination_id, limit=self.settings.delivery_batch_size,
                                            lease_seconds=self.settings.delivery_lease_seconds)
         if not claimed.rows:
@@ -259,7 +264,7 @@ class Worker:
             await delivery.remember_links(session, destination_id, result.links)
             await delivery.remember_tags(session, destination_id, result.tags)
             await delivery.retire_refs(session, destination_id, result.retired)
-            await delivery.record_health(session, destination_id, error=error, gone=isinstance(result.error, Gone))
+            await delivery.record_health(session, destination_id, error=error, disable=isinstance(result.error, Gone))
         kind, completion = destination.kind, result.completion
         DELIVERIES.labels(kind, "delivered").inc(len(completion.delivered))
         DELIVERIES.labels(kind, "retry").inc(len(completion.retry))

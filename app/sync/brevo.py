@@ -34,8 +34,9 @@ from app.logging import get_logger
 from app.sync import net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
 
-__all__ = ["LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
+__all__ = ["API_URL", "LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
 
+API_URL = "https://api.brevo.com/v3"
 LIST_BATCH = 150            # addContactToListByEmails / removeContactFromListByEmails: maxItems 150
 # The limiter runs at 96% of the vendor's rate (starts 104 ms apart): arrivals at the fake jitter by about
 # +-5 ms (bench_drain's trace), so 11 requests in one second at the vendor would need ten short gaps in a row.
@@ -49,7 +50,7 @@ log = get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class BrevoConfig:
     api_key: str
-    base_url: str = "https://api.brevo.com/v3"
+    base_url: str = API_URL                     # (a slots dataclass has no class attribute to read it from)
     doi_template_id: int | None = None          # required when a list is in vendor_double_opt_in
     doi_redirection_url: str | None = None
     requests_per_second: float = 10.0           # Brevo's contacts limit per API key
