@@ -141,8 +141,8 @@ async def _idempotency(
         return _IdempotencyScope(session, caller.subject, None, None)
     fingerprint = idempotency_service.request_fingerprint(request.method, request.url.path, await request.body())
     stored = await idempotency_service.claim(
-        session, subject=caller.subject, key=idempotency_key, method=request.method, path=request.url.path,
-        fingerprint=fingerprint,
+        session, subject=caller.subject, token_id=caller.token_id, key=idempotency_key, method=request.method,
+        path=request.url.path, fingerprint=fingerprint,
     )
     replay = None
     if stored is not None:

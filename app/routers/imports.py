@@ -101,8 +101,8 @@ async def create_import(
         if idempotency_key is not None:
             fingerprint = await _upload_fingerprint(request, form.multi_items(), upload)
             stored = await idempotency_service.claim(
-                session, subject=caller.subject, key=idempotency_key, method=request.method,
-                path=request.url.path, fingerprint=fingerprint,
+                session, subject=caller.subject, token_id=caller.token_id, key=idempotency_key,
+                method=request.method, path=request.url.path, fingerprint=fingerprint,
             )
             if stored is not None:
                 return JSONBody(stored.body, status_code=stored.status_code,
