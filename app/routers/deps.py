@@ -133,9 +133,9 @@ async def _idempotency(
     request: Request,
     session: WriteSession,
     caller: Annotated[Principal, Depends(authenticate)],
-    idempotency_key: Annotated[
-        str | None, Header(description="Replays the first response for 24 h; reused with another body → 422")
-    ] = None,
+    idempotency_key: Annotated[str | None, Header(
+        description="Replays the first response for 24 h, to the same token only; reused with another body, or by "
+                    "another token → 422")] = None,
 ) -> _IdempotencyScope:
     if idempotency_key is None:
         return _IdempotencyScope(session, caller.subject, None, None)

@@ -83,7 +83,8 @@ async def create_import(
     session: WriteSession,
     caller: Importer,
     idempotency_key: Annotated[
-        str | None, Header(description="Replays the first response for 24 h; reused with another file or fields → 422")
+        str | None, Header(description="Replays the first response for 24 h, to the same token only; reused "
+                                   "with another file or fields, or by another token → 422")
     ] = None,
 ) -> Any:
     """Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it).

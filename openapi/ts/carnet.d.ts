@@ -151,7 +151,10 @@ export interface paths {
         };
         /**
          * List Duplicate Candidates
-         * @description Pairs of contacts that are probably one person, each with its reasons (masked without pii:read).
+         * @description Pairs of contacts that are probably one person, each with its reasons.
+         *
+         *     Needs `pii:read`: every rule compares masked values (the same phone, name, mailbox), so a pair alone tells a
+         *     masked reader that two hidden values are equal.
          */
         get: operations["list_duplicate_candidates_v1_contacts_duplicates_get"];
         put?: never;
@@ -994,6 +997,8 @@ export interface paths {
         /**
          * Check Suppression
          * @description Whether an address belongs to an erased person (one suppressed value is enough).
+         *
+         *     Needs `pii:read`: it is a lookup by an address, like `?email=`, telling a prober who was a customer.
          */
         get: operations["check_suppression_v1_suppressions_check_get"];
         put?: never;
@@ -3083,7 +3088,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -3348,6 +3353,7 @@ export interface operations {
                 updated_after?: string | null;
                 /** @description Contacts matching this segment */
                 segment?: string | null;
+                /** @description `last_name`, `-last_name`: need pii:read */
                 sort?: components["schemas"]["ContactSort"];
                 limit?: number;
                 cursor?: string | null;
@@ -3409,7 +3415,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -3472,7 +3478,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -3578,7 +3584,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -3976,7 +3982,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path: {
@@ -4223,7 +4229,7 @@ export interface operations {
             header?: {
                 /** @description ETag from a GET, e.g. "v3"; 412 if stale */
                 "if-match"?: string | null;
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path: {
@@ -4678,7 +4684,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -5079,7 +5085,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -5142,7 +5148,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -5265,7 +5271,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another file or fields → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another file or fields, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -5675,7 +5681,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -6009,7 +6015,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path: {
@@ -6670,7 +6676,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -7280,7 +7286,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -7449,7 +7455,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
