@@ -26,6 +26,7 @@ from app.security.secrets import SecretBox
 from app.services import delivery
 from app.services import destinations as destinations_service
 from app.settings import Settings
+from app.sync import ids as vendor_ids
 from app.sync import net
 from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
 
@@ -309,8 +310,9 @@ class Worker:
         pushed_tags = {s.contact_id: s.tags for s in states if s.profile_changed}
         for outcome in outcomes:
             delivery_id = by_contact[outcome.contact_id]
-            if outcome.error is not None:
-                result.completion.dead[delivery_id] = outcome.error
+            error = outcome.error or _unfit_refs(destination.kind, outcome)
+            if error is not None:
+                result.completion.dead[delivery_id] = error
                 continue
             result.completion.delivered.append(delivery_id)
             if outcome.retired:
@@ -367,6 +369,15 @@ async def _nothing() -> int:
 def _log_unexpected(exc: Exception) -> None:
     if not isinstance(exc, DeliveryFailed | TimeoutError | httpx.HTTPError):
         log.error("delivery.adapter_failed", **where(exc))
+
+
+def _unfit_refs(kind: str, outcome: Outcome) -> str | None:
+    """Remote records are stored, then put in vendor URLs: one not in the vendor's documented format is never kept
+    (issue 15, class 7), whatever the adapter let through."""
+    refs = (*([outcome.remote_ref] if outcome.remote_ref is not None else []), *outcome.retired)
+    if all(vendor_ids.is_remote_ref(kind, ref) for ref in refs):
+        return None
+    return f"{kind}: the vendor's answer named a record in no valid id format; nothing of it was stored"
 
 
 def _fail(completion: delivery.Completion, ids: list[int], exc: BaseException) -> None:

@@ -36,6 +36,7 @@ from app.security.secrets import SecretBox
 from app.services import delivery as delivery_service
 from app.services import secret_targets, segment_sync
 from app.services.pagination import Cursor, CursorCodec, page_by_name
+from app.sync import ids as vendor_ids
 
 __all__ = [
     "DeliveryNotFound",
@@ -111,11 +112,17 @@ class Loaded:
 
     def refusal(self) -> str | None:
         """Why the worker must not use this destination as stored (None: it may): a secret that would now go
-        elsewhere than where it was given for (its config changed behind the API)."""
+        elsewhere than where it was given for, or a remote list id the vendor does not document (both checked
+        when given through the API: this catches rows changed behind it, or stored before the checks)."""
         moved = secret_targets.unbound(self.kind, self.config, self.bound)
         if moved:
             return (f"{', '.join(moved)} was given for another address than the one configured now: give it again "
                     "(PATCH config) to send it there")
+        invalid = [f"{name}[{i}].remote_list_id" for name in ("list_mappings", "segment_mappings")
+                   for i, m in enumerate(self.row[name]) if m.get("remote_list_id") is not None
+                   and vendor_ids.list_id_problem(self.kind, m["remote_list_id"])]
+        if invalid:
+            return f"{', '.join(invalid)}: not a list id of this vendor; fix the mapping"
         return None
 
 
@@ -158,11 +165,14 @@ def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Ma
         raise InvalidInput(*(FieldError(f"config.{n}", "required for this kind", "missing") for n in missing))
 
 
-async def _check_lists(session: AsyncSession, mappings: list[ListMapping]) -> None:
+async def _check_lists(session: AsyncSession, kind: DestinationKind, mappings: list[ListMapping]) -> None:
+    """Each mapped list exists, and its remote id is in the vendor's format (it goes in vendor URLs)."""
     wanted = [m.list_id for m in mappings]
     found = set((await session.scalars(select(_lists.c.id).where(_lists.c.id.in_(wanted)))).all()) if wanted else set()
     errors = [FieldError(f"list_mappings[{i}].list_id", "no such list", "not_found")
               for i, m in enumerate(mappings) if m.list_id not in found]
+    errors += [FieldError(f"list_mappings[{i}].remote_list_id", problem, "invalid")
+               for i, m in enumerate(mappings) if (problem := vendor_ids.list_id_problem(kind.value, m.remote_list_id))]
     if errors:
         raise InvalidInput(*errors)
 
@@ -217,7 +227,7 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
     if data.kind is DestinationKind.WEBHOOK and "secret" not in hidden:
         generated["secret"] = hidden["secret"] = new_webhook_secret()
     _check_required(data.kind, public, hidden)
-    await _check_lists(session, data.list_mappings)
+    await _check_lists(session, data.kind, data.list_mappings)
     list_mappings = [m.model_dump(mode="json") for m in data.list_mappings]
     await segment_sync.check_mappings(session, data.kind.value, data.segment_mappings, list_mappings=list_mappings)
     now = utc_now()
@@ -303,7 +313,7 @@ async def update(
         bound = secret_targets.rebind(kind.value, {**public, **hidden}, bound=bound, given=given_keys)
         changes["config"], changes["secrets"] = public, _seal(box, hidden, bound)
     if patch.list_mappings is not None:
-        await _check_lists(session, patch.list_mappings)
+        await _check_lists(session, kind, patch.list_mappings)
         changes["list_mappings"] = [m.model_dump(mode="json") for m in patch.list_mappings]
     if patch.list_mappings is not None or patch.segment_mappings is not None:
         # Checked against the lists it will have (a Mailchimp segment tags the members of a mapped audience).
