@@ -310,7 +310,8 @@ class Worker:
         pushed_tags = {s.contact_id: s.tags for s in states if s.profile_changed}
         for outcome in outcomes:
             delivery_id = by_contact[outcome.contact_id]
-            error = outcome.error or _unfit_refs(destination.kind, outcome)
+            learnt = outcome.remote_ref if outcome.remote_ref != known_refs.get(outcome.contact_id) else None
+            error = outcome.error or _unfit_refs(destination.kind, (*([learnt] if learnt else []), *outcome.retired))
             if error is not None:
                 result.completion.dead[delivery_id] = error
                 continue
@@ -320,8 +321,8 @@ class Worker:
             if outcome.contact_id in erased:
                 result.forget += plan.forget.get(outcome.contact_id, ())
                 continue
-            if outcome.remote_ref is not None and outcome.remote_ref != known_refs.get(outcome.contact_id):
-                result.links[outcome.contact_id] = outcome.remote_ref
+            if learnt is not None:
+                result.links[outcome.contact_id] = learnt
             if outcome.contact_id in pushed_tags:
                 result.tags[outcome.contact_id] = tuple(pushed_tags[outcome.contact_id])
         return result
@@ -371,10 +372,9 @@ def _log_unexpected(exc: Exception) -> None:
         log.error("delivery.adapter_failed", **where(exc))
 
 
-def _unfit_refs(kind: str, outcome: Outcome) -> str | None:
-    """Remote records are stored, then put in vendor URLs: one not in the vendor's documented format is never kept
-    (issue 15, class 7), whatever the adapter let through."""
-    refs = (*([outcome.remote_ref] if outcome.remote_ref is not None else []), *outcome.retired)
+def _unfit_refs(kind: str, refs: Sequence[str]) -> str | None:
+    """Remote records about to be stored are later put in vendor URLs: one not in the vendor's documented format is
+    never kept (issue 15, class 7), whatever the adapter let through."""
     if all(vendor_ids.is_remote_ref(kind, ref) for ref in refs):
         return None
     return f"{kind}: the vendor's answer named a record in no valid id format; nothing of it was stored"

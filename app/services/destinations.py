@@ -159,7 +159,8 @@ def _split_config(kind: DestinationKind, raw: Mapping[str, Any], *, field: str =
 
 
 def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Mapping[str, Any]) -> None:
-    needed = {"brevo": ("api_key",), "mailchimp": ("api_key",), "webhook": ("url",)}[kind.value]
+    # A webhook without a signing secret could not be sent (nor verified): removing the last one is refused.
+    needed = {"brevo": ("api_key",), "mailchimp": ("api_key",), "webhook": ("url", "secret")}[kind.value]
     missing = [n for n in needed if n not in public and n not in hidden]
     if missing:
         raise InvalidInput(*(FieldError(f"config.{n}", "required for this kind", "missing") for n in missing))

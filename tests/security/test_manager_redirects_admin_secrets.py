@@ -124,6 +124,9 @@ async def test_a_manager_cannot_have_the_admins_webhook_secret_sign_for_their_re
         _refused_for(await client.patch(url, headers=MANAGER,
                                         json={"config": {"url": honest_live.url + "/carnet?tenant=thief"}}),
                      "config.secret")
+        # Nor by dropping the secret with the move: a webhook cannot be left without one.
+        dropped = await client.patch(url, headers=MANAGER, json={"config": {"url": thief_live.url, "secret": None}})
+        assert dropped.status_code == 422 and [e["field"] for e in dropped.json()["errors"]] == ["config.secret"]
         await make_contact(client)
         await _drain(worker)
     assert thief.deliveries == []

@@ -166,3 +166,22 @@ async def test_list_ids_bound_for_vendor_urls_are_checked_where_they_enter_and_w
     assert state["enabled"] is False
     assert state["health"]["disabled_reason"] == (
         "list_mappings[0].remote_list_id: not a list id of this vendor; fix the mapping")
+
+
+async def test_a_reference_kept_as_an_address_by_an_earlier_version_still_syncs(
+    committing_client: httpx.AsyncClient, worker: Worker, engine: AsyncEngine,
+) -> None:
+    """The checks refuse to *store* a malformed id; a legacy reference (the address) already held is still used for
+    a membership-only push, and replaced by the id at the next profile write."""
+    brevo = FakeBrevo(api_key=BREVO_KEY, lists={7})
+    with LiveServer(brevo) as live:
+        destination, person = await _synced_person(committing_client, live.url, worker)
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE sync_link SET remote_ref = :email WHERE contact_id = :c"),
+                                     {"email": person["email"], "c": person["id"]})
+        news_id = destination["list_mappings"][0]["list_id"]
+        left = await committing_client.delete(f"/v1/lists/{news_id}/members/{person['id']}", headers=ADMIN)
+        assert left.status_code == 200, left.text
+        await _drain(worker)
+    assert {d["status"] for d in await _deliveries(committing_client, destination["id"])} == {"delivered"}
+    assert brevo.members(7) == set() and brevo.violations == []
