@@ -27,6 +27,7 @@ from app.services import delivery
 from app.services import destinations as destinations_service
 from app.services.links import LinkBuilder, LinkCodec
 from app.settings import Settings
+from app.sync import ids as vendor_ids
 from app.sync import net
 from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
 
@@ -242,6 +243,11 @@ class Worker:
         """(anything delivered or dead-lettered, how many deliveries were claimed); a full claim sets `backlog`."""
         async with self.sessions.begin() as session:
             destination = await destinations_service.load(session, destination_id, box=self.box)
+            refusal = destination.refusal()
+            if refusal is not None:  # its secrets would go where they were not given for: nothing is sent
+                await delivery.record_health(session, destination_id, error=refusal, disable=True)
+                log.warning("delivery.destination_refused", destination_id=str(destination_id))
+                return False, 0
             claimed = await delivery.claim(session, destination_id, limit=self.settings.delivery_batch_size,
                                            lease_seconds=self.settings.delivery_lease_seconds)
         if not claimed.rows:
@@ -262,7 +268,7 @@ class Worker:
             await delivery.remember_links(session, destination_id, result.links)
             await delivery.remember_tags(session, destination_id, result.tags)
             await delivery.retire_refs(session, destination_id, result.retired)
-            await delivery.record_health(session, destination_id, error=error, gone=isinstance(result.error, Gone))
+            await delivery.record_health(session, destination_id, error=error, disable=isinstance(result.error, Gone))
         kind, completion = destination.kind, result.completion
         DELIVERIES.labels(kind, "delivered").inc(len(completion.delivered))
         DELIVERIES.labels(kind, "retry").inc(len(completion.retry))
@@ -307,8 +313,10 @@ class Worker:
         pushed_tags = {s.contact_id: s.tags for s in states if s.profile_changed}
         for outcome in outcomes:
             delivery_id = by_contact[outcome.contact_id]
-            if outcome.error is not None:
-                result.completion.dead[delivery_id] = outcome.error
+            learnt = outcome.remote_ref if outcome.remote_ref != known_refs.get(outcome.contact_id) else None
+            error = outcome.error or _unfit_refs(destination.kind, (*([learnt] if learnt else []), *outcome.retired))
+            if error is not None:
+                result.completion.dead[delivery_id] = error
                 continue
             result.completion.delivered.append(delivery_id)
             if outcome.retired:
@@ -316,8 +324,8 @@ class Worker:
             if outcome.contact_id in erased:
                 result.forget += plan.forget.get(outcome.contact_id, ())
                 continue
-            if outcome.remote_ref is not None and outcome.remote_ref != known_refs.get(outcome.contact_id):
-                result.links[outcome.contact_id] = outcome.remote_ref
+            if learnt is not None:
+                result.links[outcome.contact_id] = learnt
             if outcome.contact_id in pushed_tags:
                 result.tags[outcome.contact_id] = tuple(pushed_tags[outcome.contact_id])
         return result
@@ -365,6 +373,14 @@ async def _nothing() -> int:
 def _log_unexpected(exc: Exception) -> None:
     if not isinstance(exc, DeliveryFailed | TimeoutError | httpx.HTTPError):
         log.error("delivery.adapter_failed", **where(exc))
+
+
+def _unfit_refs(kind: str, refs: Sequence[str]) -> str | None:
+    """Remote records about to be stored are later put in vendor URLs: one not in the vendor's documented format is
+    never kept (issue 15, class 7), whatever the adapter let through."""
+    if all(vendor_ids.is_remote_ref(kind, ref) for ref in refs):
+        return None
+    return f"{kind}: the vendor's answer named a record in no valid id format; nothing of it was stored"
 
 
 def _fail(completion: delivery.Completion, ids: list[int], exc: BaseException) -> None:

@@ -82,8 +82,9 @@ async def test_two_apis_two_workers_keep_every_invariant(cluster: PgCluster, tmp
                 "kind": "webhook", "name": "hook", "config": {"url": "http://placeholder.invalid/"}})).json()
             receiver = FakeWebhookReceiver(hook["generated_secrets"]["secret"])
             with FakeServer(receiver) as receiver_server:
-                await first.patch(f"/v1/destinations/{hook['id']}", headers=ADMIN,
-                                  json={"config": {"url": receiver_server.url + "/carnet"}})
+                moved = await first.patch(f"/v1/destinations/{hook['id']}", headers=ADMIN, json={"config": {
+                    "url": receiver_server.url + "/carnet", "secret": hook["generated_secrets"]["secret"]}})
+                assert moved.status_code == 200, moved.text  # a new URL takes the secret again (docs/security.md)
                 await first.post("/v1/destinations", headers=ADMIN, json={
                     "kind": "mailchimp", "name": "mc", "config": {"api_key": MC_KEY, "base_url": vendor.url},
                     "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}]})

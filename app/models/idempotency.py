@@ -19,6 +19,7 @@ class IdempotencyRecord(SQLModel, table=True):
 
     subject: str = Field(primary_key=True)
     key: str = Field(primary_key=True)
+    token_id: str | None = None          # the token the response was sent to: the only one it is replayed to
     method: str
     path: str
     request_hash: str

@@ -18,6 +18,7 @@ from app.errors import (
 )
 from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
 from app.schemas.contacts import (
+    MASKED_SORTS,
     BatchResult,
     ContactBatch,
     ContactCreate,
@@ -126,13 +127,15 @@ async def list_contacts(
     created_after: Timestamp | None = None,
     updated_after: Timestamp | None = None,
     segment_id: Annotated[uuid.UUID | None, Query(alias="segment", description="Contacts matching this segment")] = None,
-    sort: ContactSort = ContactSort.CREATED_AT_DESC,
+    sort: Annotated[ContactSort, Query(description="`last_name`, `-last_name`: need pii:read")] = (
+        ContactSort.CREATED_AT_DESC),
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> Any:
-    if (q or email) and not caller.sees_pii:  # else masked data could be recovered by probing searches
-        raise MissingScope("searching by q or email reveals personal data: pii:read is needed",
-                           missing_scopes=[Scope.PII_READ.value])
+    # A search on, or an order of, masked values would let a masked reader recover them by probing.
+    if (q or email or sort in MASKED_SORTS) and not caller.sees_pii:
+        raise MissingScope("searching by q or email, or sorting by last_name, reveals personal data: pii:read is "
+                           "needed", missing_scopes=[Scope.PII_READ.value])
     if list_id is not None:
         await lists_service.ensure_exists(session, list_id)
     filters = contacts_service.ContactFilters(

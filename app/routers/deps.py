@@ -133,16 +133,16 @@ async def _idempotency(
     request: Request,
     session: WriteSession,
     caller: Annotated[Principal, Depends(authenticate)],
-    idempotency_key: Annotated[
-        str | None, Header(description="Replays the first response for 24 h; reused with another body → 422")
-    ] = None,
+    idempotency_key: Annotated[str | None, Header(
+        description="Replays the first response for 24 h, to the same token only; reused with another body, or by "
+                    "another token → 422")] = None,
 ) -> _IdempotencyScope:
     if idempotency_key is None:
         return _IdempotencyScope(session, caller.subject, None, None)
     fingerprint = idempotency_service.request_fingerprint(request.method, request.url.path, await request.body())
     stored = await idempotency_service.claim(
-        session, subject=caller.subject, key=idempotency_key, method=request.method, path=request.url.path,
-        fingerprint=fingerprint,
+        session, subject=caller.subject, token_id=caller.token_id, key=idempotency_key, method=request.method,
+        path=request.url.path, fingerprint=fingerprint,
     )
     replay = None
     if stored is not None:

@@ -31,12 +31,15 @@ router = APIRouter(prefix="/v1/contacts", tags=["contacts"], responses=AUTH_PROB
 async def list_duplicate_candidates(
     session: ReadSession,
     request: Request,
-    caller: Annotated[Principal, require(Scope.CONTACTS_READ)],
+    caller: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.PII_READ)],
     reason: Annotated[list[Reason], Query(description="Repeatable: only pairs matched by these rules")] = [],  # noqa: B006
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> Any:
-    """Pairs of contacts that are probably one person, each with its reasons (masked without pii:read)."""
+    """Pairs of contacts that are probably one person, each with its reasons.
+
+    Needs `pii:read`: every rule compares masked values (the same phone, name, mailbox), so a pair alone tells a
+    masked reader that two hidden values are equal."""
     pairs, next_cursor = await duplicates_service.candidates_page(
         session, reasons=reason, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec)
     return JSONBody({

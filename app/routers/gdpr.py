@@ -60,11 +60,13 @@ async def erase_contact(
 @router.get("/suppressions/check", response_model=SuppressionCheck)
 async def check_suppression(
     session: ReadSession,
-    _: Annotated[Principal, require(Scope.CONTACTS_READ)],
+    _: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.PII_READ)],
     email: Annotated[Email | None, Query(description="An email address (normalized like a contact's)")] = None,
     phone: Annotated[Phone | None, Query(description="A phone number (normalized to E.164)")] = None,
 ) -> Any:
-    """Whether an address belongs to an erased person (one suppressed value is enough)."""
+    """Whether an address belongs to an erased person (one suppressed value is enough).
+
+    Needs `pii:read`: it is a lookup by an address, like `?email=`, telling a prober who was a customer."""
     if not (email or phone):
         raise InvalidInput.one("email", "email or phone is required", "missing")
     kinds = await suppressions_service.suppressed_kinds(session, email=email, phone=phone)

@@ -83,7 +83,8 @@ async def create_import(
     session: WriteSession,
     caller: Importer,
     idempotency_key: Annotated[
-        str | None, Header(description="Replays the first response for 24 h; reused with another file or fields → 422")
+        str | None, Header(description="Replays the first response for 24 h, to the same token only; reused "
+                                   "with another file or fields, or by another token → 422")
     ] = None,
 ) -> Any:
     """Store the file and queue the import; the worker runs it (`GET /v1/imports/{id}` follows it).
@@ -101,8 +102,8 @@ async def create_import(
         if idempotency_key is not None:
             fingerprint = await _upload_fingerprint(request, form.multi_items(), upload)
             stored = await idempotency_service.claim(
-                session, subject=caller.subject, key=idempotency_key, method=request.method,
-                path=request.url.path, fingerprint=fingerprint,
+                session, subject=caller.subject, token_id=caller.token_id, key=idempotency_key,
+                method=request.method, path=request.url.path, fingerprint=fingerprint,
             )
             if stored is not None:
                 return JSONBody(stored.body, status_code=stored.status_code,

@@ -16,6 +16,7 @@ from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, 
 from app.security.masking import mask_email, mask_name, mask_phone, mask_text
 
 __all__ = [
+    "MASKED_SORTS",
     "Address",
     "AddressRead",
     "BatchItemResult",
@@ -73,6 +74,10 @@ class ContactSort(StrEnum):
     LAST_NAME_DESC = "-last_name"
     LAST_ORDER_AT = "last_order_at"
     LAST_ORDER_AT_DESC = "-last_order_at"
+
+
+# Orders of masked values: a masked reader paging through them learns how the hidden names compare (pii:read).
+MASKED_SORTS = frozenset({ContactSort.LAST_NAME, ContactSort.LAST_NAME_DESC})
 
 
 class Address(InputSchema):

@@ -720,8 +720,10 @@ SELECT count(*) FROM person WHERE NOT EXISTS (SELECT 1 FROM contact c WHERE c.id
 
 
 async def record_health(
-    session: AsyncSession, destination_id: uuid.UUID, *, error: str | None, gone: bool = False
+    session: AsyncSession, destination_id: uuid.UUID, *, error: str | None, disable: bool = False
 ) -> None:
+    """A batch's outcome on the destination's health; `disable`: it must not be used any more (a webhook 410, a
+    config it cannot be trusted with), `error` saying why in `disabled_reason` until someone enables it again."""
     now = utc_now()
     if error is None:
         await session.execute(text(
@@ -731,7 +733,7 @@ async def record_health(
     await session.execute(text("""
         UPDATE destination SET last_error_at = :now, last_error = :error,
                consecutive_failures = consecutive_failures + 1,
-               enabled = CASE WHEN :gone THEN false ELSE enabled END,
-               disabled_reason = CASE WHEN :gone THEN :error ELSE disabled_reason END
+               enabled = CASE WHEN :disable THEN false ELSE enabled END,
+               disabled_reason = CASE WHEN :disable THEN :error ELSE disabled_reason END
         WHERE id = :d
-    """), {"now": now, "error": error[:500], "gone": gone, "d": destination_id})
+    """), {"now": now, "error": error[:500], "disable": disable, "d": destination_id})

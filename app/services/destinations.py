@@ -9,7 +9,7 @@ import base64
 import secrets as random
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
@@ -34,8 +34,9 @@ from app.schemas.destinations import (
 )
 from app.security.secrets import SecretBox
 from app.services import delivery as delivery_service
-from app.services import segment_sync
+from app.services import secret_targets, segment_sync
 from app.services.pagination import Cursor, CursorCodec, page_by_name
+from app.sync import ids as vendor_ids
 
 __all__ = [
     "DeliveryNotFound",
@@ -95,6 +96,7 @@ class Loaded:
 
     row: Row
     secrets: dict[str, str]
+    bound: dict[str, str] = field(default_factory=dict)   # secret name -> the address it was given for
 
     @property
     def id(self) -> uuid.UUID:
@@ -107,6 +109,36 @@ class Loaded:
     @property
     def config(self) -> dict[str, Any]:
         return {**self.row["config"], **self.secrets}
+
+    def refusal(self) -> str | None:
+        """Why the worker must not use this destination as stored (None: it may): a secret that would now go
+        elsewhere than where it was given for, or a remote list id the vendor does not document (both checked
+        when given through the API: this catches rows changed behind it, or stored before the checks)."""
+        moved = secret_targets.unbound(self.kind, self.config, self.bound)
+        if moved:
+            return (f"{', '.join(moved)} was given for another address than the one configured now: give it again "
+                    "(PATCH config) to send it there")
+        invalid = [f"{name}[{i}].remote_list_id" for name in ("list_mappings", "segment_mappings")
+                   for i, m in enumerate(self.row[name]) if m.get("remote_list_id") is not None
+                   and vendor_ids.list_id_problem(self.kind, m["remote_list_id"])]
+        if invalid:
+            return f"{', '.join(invalid)}: not a list id of this vendor; fix the mapping"
+        return None
+
+
+# The sealed secrets carry, under this name, the address each sent secret was given for (app.services.secret_targets).
+_TARGETS = "_targets"
+
+
+def _open(box: SecretBox, token: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(secrets, their targets) of a destination's sealed column."""
+    opened = box.open(token)
+    bound = opened.pop(_TARGETS, None) or {}
+    return opened, bound
+
+
+def _seal(box: SecretBox, secrets: Mapping[str, str], bound: Mapping[str, str]) -> str:
+    return box.seal({**secrets, _TARGETS: dict(bound)})
 
 
 def _split_config(kind: DestinationKind, raw: Mapping[str, Any], *, field: str = "config") -> tuple[dict, dict]:
@@ -127,17 +159,21 @@ def _split_config(kind: DestinationKind, raw: Mapping[str, Any], *, field: str =
 
 
 def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Mapping[str, Any]) -> None:
-    needed = {"brevo": ("api_key",), "mailchimp": ("api_key",), "webhook": ("url",)}[kind.value]
+    # A webhook without a signing secret could not be sent (nor verified): removing the last one is refused.
+    needed = {"brevo": ("api_key",), "mailchimp": ("api_key",), "webhook": ("url", "secret")}[kind.value]
     missing = [n for n in needed if n not in public and n not in hidden]
     if missing:
         raise InvalidInput(*(FieldError(f"config.{n}", "required for this kind", "missing") for n in missing))
 
 
-async def _check_lists(session: AsyncSession, mappings: list[ListMapping]) -> None:
+async def _check_lists(session: AsyncSession, kind: DestinationKind, mappings: list[ListMapping]) -> None:
+    """Each mapped list exists, and its remote id is in the vendor's format (it goes in vendor URLs)."""
     wanted = [m.list_id for m in mappings]
     found = set((await session.scalars(select(_lists.c.id).where(_lists.c.id.in_(wanted)))).all()) if wanted else set()
     errors = [FieldError(f"list_mappings[{i}].list_id", "no such list", "not_found")
               for i, m in enumerate(mappings) if m.list_id not in found]
+    errors += [FieldError(f"list_mappings[{i}].remote_list_id", problem, "invalid")
+               for i, m in enumerate(mappings) if (problem := vendor_ids.list_id_problem(kind.value, m.remote_list_id))]
     if errors:
         raise InvalidInput(*errors)
 
@@ -154,7 +190,7 @@ def present(
     kind = row["kind"]
     return {
         "id": row["id"], "kind": kind, "name": row["name"], "enabled": row["enabled"], "config": row["config"],
-        "secrets_set": sorted(box.open(row["secrets"])), "list_mappings": row["list_mappings"],
+        "secrets_set": sorted(_open(box, row["secrets"])[0]), "list_mappings": row["list_mappings"],
         "segment_mappings": [_segment_mapping(m, segments.get(uuid.UUID(m["segment_id"])))
                              for m in row["segment_mappings"]],
         "field_mappings": row["field_mappings"],
@@ -192,13 +228,14 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
     if data.kind is DestinationKind.WEBHOOK and "secret" not in hidden:
         generated["secret"] = hidden["secret"] = new_webhook_secret()
     _check_required(data.kind, public, hidden)
-    await _check_lists(session, data.list_mappings)
+    await _check_lists(session, data.kind, data.list_mappings)
     list_mappings = [m.model_dump(mode="json") for m in data.list_mappings]
     await segment_sync.check_mappings(session, data.kind.value, data.segment_mappings, list_mappings=list_mappings)
     now = utc_now()
     values = {
         "id": new_id(), "kind": data.kind.value, "name": data.name, "enabled": data.enabled, "config": public,
-        "secrets": box.seal(hidden), "list_mappings": list_mappings,
+        "secrets": _seal(box, hidden, secret_targets.targets(data.kind.value, {**public, **hidden})),
+        "list_mappings": list_mappings,
         "segment_mappings": _dump_segment_mappings(data.segment_mappings),
         "field_mappings": data.field_mappings, "consecutive_failures": 0, "version": 1, "created_at": now,
         "updated_at": now,
@@ -239,7 +276,7 @@ async def get(session: AsyncSession, destination_id: uuid.UUID, *, lock: bool = 
 
 async def load(session: AsyncSession, destination_id: uuid.UUID, *, box: SecretBox) -> Loaded:
     row = await get(session, destination_id)
-    return Loaded(row, box.open(row["secrets"]))
+    return Loaded(row, *_open(box, row["secrets"]))
 
 
 async def list_page(
@@ -262,7 +299,10 @@ async def update(
     changes: dict[str, Any] = {}
     given = patch.model_dump(exclude_unset=True)
     if "config" in given:
-        merged = {**current["config"], **box.open(current["secrets"])}
+        secrets, bound = _open(box, current["secrets"])
+        merged = {**current["config"], **secrets}
+        # Sealed before targets were: bound to where they went until now.
+        bound = {**secret_targets.targets(kind.value, merged), **bound}
         for key, value in (patch.config or {}).items():
             if value is None:
                 merged.pop(key, None)
@@ -270,9 +310,11 @@ async def update(
                 merged[key] = value
         public, hidden = _split_config(kind, merged)
         _check_required(kind, public, hidden)
-        changes["config"], changes["secrets"] = public, box.seal(hidden)
+        given_keys = {key for key, value in (patch.config or {}).items() if value is not None}
+        bound = secret_targets.rebind(kind.value, {**public, **hidden}, bound=bound, given=given_keys)
+        changes["config"], changes["secrets"] = public, _seal(box, hidden, bound)
     if patch.list_mappings is not None:
-        await _check_lists(session, patch.list_mappings)
+        await _check_lists(session, kind, patch.list_mappings)
         changes["list_mappings"] = [m.model_dump(mode="json") for m in patch.list_mappings]
     if patch.list_mappings is not None or patch.segment_mappings is not None:
         # Checked against the lists it will have (a Mailchimp segment tags the members of a mapped audience).

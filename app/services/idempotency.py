@@ -3,6 +3,7 @@
 The key row is inserted in the request's own transaction, so the unique key itself serializes
 concurrent repeats: a second request with the same key waits for the first to commit, then replays it.
 If the first request fails, its transaction (key row included) rolls back and the key is free again.
+Keys are per subject; a stored response is replayed only to the token it was sent to (docs/security.md).
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ def request_fingerprint(method: str, path: str, body: bytes) -> str:
 
 
 async def claim(
-    session: AsyncSession, *, subject: str, key: str, method: str, path: str, fingerprint: str
+    session: AsyncSession, *, subject: str, token_id: str, key: str, method: str, path: str, fingerprint: str
 ) -> Stored | None:
-    """None: go ahead (the key is ours now). Stored: replay it. Raises if the key served another request."""
+    """None: go ahead (the key is ours now). Stored: replay it. Raises if the key served another request, or
+    another token: a stored response is replayed only to the token it was sent to, which could receive it (its
+    masking and scopes are the same); any other token, even of the same subject, gets a 422 and nothing of it."""
     if not key or len(key) > 255 or not key.isprintable():
         raise InvalidInput.one("Idempotency-Key", "1 to 255 printable characters", "invalid_idempotency_key")
     now = utc_now()
-    values = {"subject": subject, "key": key, "method": method, "path": path, "request_hash": fingerprint,
-              "created_at": now}
+    values = {"subject": subject, "key": key, "token_id": token_id, "method": method, "path": path,
+              "request_hash": fingerprint, "created_at": now}
     claimed = await session.execute(insert(_t).values(values).on_conflict_do_nothing().returning(_t.c.key))
     if claimed.first() is not None:
         return None
@@ -62,6 +65,10 @@ async def claim(
     if existing["created_at"] < now - KEEP_FOR:  # expired: the key starts a new life
         await session.execute(update(_t).where(where).values(values | {"status_code": None, "response_body": None}))
         return None
+    if existing["token_id"] != token_id:
+        raise IdempotencyKeyReused(FieldError(
+            "Idempotency-Key", "already used by another token: its response is replayed only to that token",
+            "idempotency_key_other_token"))
     if existing["request_hash"] != fingerprint:
         raise IdempotencyKeyReused(
             FieldError("Idempotency-Key", "already used with another request body or path", "idempotency_key_reused")

@@ -29,6 +29,7 @@ from app.models import Contact, Destination, OutboxMessage, Segment, SegmentMemb
 from app.models.base import utc_now
 from app.services.segments import compile_filter
 from app.settings import Settings
+from app.sync import ids as vendor_ids
 
 __all__ = ["Refreshed", "apply_mappings", "check_mappings", "refresh_next", "run_next", "state"]
 
@@ -65,8 +66,8 @@ async def check_mappings(
             continue
         if m.remote_list_id is None:
             errors.append(FieldError(f"{at}.remote_list_id", "required for this kind", "missing"))
-        elif kind == "brevo" and not m.remote_list_id.isdigit():
-            errors.append(FieldError(f"{at}.remote_list_id", "Brevo list ids are integers", "invalid"))
+        elif problem := vendor_ids.list_id_problem(kind, m.remote_list_id):
+            errors.append(FieldError(f"{at}.remote_list_id", problem, "invalid"))
         elif kind == "brevo" and m.remote_list_id in audiences:
             errors.append(FieldError(f"{at}.remote_list_id", "this Brevo list is already filled by a Carnet list; "
                                      "a segment needs a list of its own", "conflict"))

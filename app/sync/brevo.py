@@ -22,6 +22,7 @@ import asyncio
 import datetime as dt
 import decimal
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,17 +32,20 @@ from urllib.parse import quote
 import httpx
 
 from app.logging import get_logger
-from app.sync import net
+from app.sync import ids, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
 
-__all__ = ["LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
+__all__ = ["API_URL", "LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
 
+API_URL = "https://api.brevo.com/v3"
 LIST_BATCH = 150            # addContactToListByEmails / removeContactFromListByEmails: maxItems 150
 # The limiter runs at 96% of the vendor's rate (starts 104 ms apart): arrivals at the fake jitter by about
 # +-5 ms (bench_drain's trace), so 11 requests in one second at the vendor would need ten short gaps in a row.
 _HEADROOM = 0.96
 _INLINE_RETRY_MAX_WAIT = 5.0
 _ALREADY = ("already in list", "already removed from list")
+_ADDRESS = re.compile(r"[^@\s/?#]+@[^@\s/?#]+")
+_NO_ID = "Brevo upsert: no valid contact id (a positive integer) in Brevo's answers"
 
 log = get_logger(__name__)
 
@@ -49,7 +53,7 @@ log = get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class BrevoConfig:
     api_key: str
-    base_url: str = "https://api.brevo.com/v3"
+    base_url: str = API_URL                     # (a slots dataclass has no class attribute to read it from)
     doi_template_id: int | None = None          # required when a list is in vendor_double_opt_in
     doi_redirection_url: str | None = None
     requests_per_second: float = 10.0           # Brevo's contacts limit per API key
@@ -148,7 +152,12 @@ class BrevoAdapter:
         return outcomes
 
     async def _delete(self, ref: str) -> str | None:
-        kind = "contact_id" if ref.isdigit() else "email_id"
+        if ids.is_brevo_id(ref):
+            kind = "contact_id"
+        elif _ADDRESS.fullmatch(ref):
+            kind = "email_id"  # a reference kept as the address, before ids were
+        else:  # never a request built from it (issue 15, class 7)
+            return "Brevo delete: the stored reference is not a Brevo contact id"
         response = await self._request("DELETE", f"/contacts/{quote(ref, safe='')}", params={"identifierType": kind})
         return None if response.status_code in (204, 404) else _reason("delete", response)
 
@@ -156,7 +165,7 @@ class BrevoAdapter:
     async def _write_profile(self, state: ContactState) -> tuple[str | None, str | None]:
         """(remote_ref, error) after making the Brevo contact carry this state's attributes and opt-out."""
         attributes = _attributes(state.fields)
-        known = state.remote_ref if state.remote_ref and state.remote_ref.isdigit() else None
+        known = state.remote_ref if state.remote_ref and ids.is_brevo_id(state.remote_ref) else None
         former: str | None = None        # our record, when the address turned out to have a Brevo contact of its own
         if known or _email_changed(state):
             # By id, EMAIL included: the record we made follows the address wherever it went in Carnet.
@@ -166,7 +175,8 @@ class BrevoAdapter:
                 json={"attributes": {**attributes, "EMAIL": state.email}, "emailBlacklisted": state.marketing_blocked},
             )
             if response.status_code == 204:
-                return known or await self._lookup_id(state.email), None
+                ref = known or await self._lookup_id(state.email)
+                return (ref, None) if ref else (state.remote_ref, _NO_ID)
             if response.status_code == 400 and _code(response) == "duplicate_parameter":
                 # The new address already has its own Brevo contact: that one becomes ours (upsert below), and
                 # ours under the former address is deleted (Brevo has no archive; else campaigns come twice).
@@ -178,10 +188,11 @@ class BrevoAdapter:
             "email": state.email, "attributes": attributes, "emailBlacklisted": state.marketing_blocked,
             "updateEnabled": True,
         })
-        if response.status_code == 201:
-            ref: str | None = str(response.json()["id"])
-        elif response.status_code == 204:
-            ref = await self._lookup_id(state.email)
+        if response.status_code in (201, 204):
+            # 201 names the new contact (an id that is not one is asked again by address); 204: it existed.
+            ref = ids.brevo_id(net.json_body(response).get("id")) or await self._lookup_id(state.email)
+            if ref is None:
+                return state.remote_ref, _NO_ID
         else:
             return state.remote_ref, _reason("upsert", response)
         if former is not None and former != ref:
@@ -199,8 +210,8 @@ class BrevoAdapter:
         for state in states:
             confirm: list[int] = []
             for remote_list, status in state.lists.items():
-                if not remote_list.isdigit():
-                    errors[state.contact_id] = f"Brevo list ids are integers, got {remote_list!r}"
+                if not ids.is_brevo_id(remote_list):
+                    errors[state.contact_id] = "Brevo list: a mapped remote_list_id is not a Brevo list id"
                     break
                 list_id = int(remote_list)
                 if status == "subscribed":
@@ -236,11 +247,10 @@ class BrevoAdapter:
         return None if response.status_code in (201, 204) else _reason("double opt-in", response)
 
     async def _lookup_id(self, email: str) -> str | None:
+        """The Brevo id of this address, if Brevo knows it and gives a valid one."""
         response = await self._request("GET", f"/contacts/{quote(email, safe='')}",
                                        params={"identifierType": "email_id"})
-        if response.status_code == 200:
-            return str(response.json()["id"])
-        return None
+        return ids.brevo_id(net.json_body(response).get("id")) if response.status_code == 200 else None
 
     # -- transport ----------------------------------------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -305,7 +315,7 @@ def _attributes(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _code(response: httpx.Response) -> str:
-    return str(net.json_body(response).get("code", ""))
+    return ids.vendor_word(net.json_body(response).get("code"))
 
 
 def _message(response: httpx.Response) -> str:
@@ -314,4 +324,4 @@ def _message(response: httpx.Response) -> str:
 
 def _reason(step: str, response: httpx.Response) -> str:
     """Dead-letter text: the step, the status and Brevo's code (its message may quote the address: left out)."""
-    return f"Brevo {step}: {response.status_code} {_code(response) or 'error'}"
+    return f"Brevo {step}: {response.status_code} {_code(response)}"

@@ -7,9 +7,10 @@ from typing import Any
 import httpx
 
 from app.services.destinations import Loaded
+from app.services.secret_targets import api_url
 from app.settings import Settings
 from app.sync import net
-from app.sync.brevo import BrevoAdapter, BrevoConfig
+from app.sync.brevo import API_URL, BrevoAdapter, BrevoConfig
 from app.sync.mailchimp import MailchimpAdapter, MailchimpConfig
 from app.sync.webhook import WebhookAdapter, WebhookConfig
 
@@ -22,19 +23,21 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def build_adapter(destination: Loaded, client: httpx.AsyncClient, settings: Settings) -> Any:
+    """The adapter sends the secrets to `api_url(...)` only: the address they are bound to (the worker checked)."""
     config = destination.config  # public config and decrypted secrets
     deadline = settings.sync_call_deadline_seconds
+    url = api_url(destination.kind, config)
     if destination.kind == "brevo":
         return BrevoAdapter(BrevoConfig(
-            api_key=config["api_key"], base_url=config.get("base_url") or BrevoConfig.base_url,
+            api_key=config["api_key"], base_url=url or API_URL,
             doi_template_id=config.get("double_opt_in_template_id"),
             doi_redirection_url=config.get("double_opt_in_redirect_url"), deadline_seconds=deadline,
         ), client)
     if destination.kind == "mailchimp":
         return MailchimpAdapter(MailchimpConfig(
-            api_key=config["api_key"], base_url=config.get("base_url"), deadline_seconds=deadline,
+            api_key=config["api_key"], base_url=url, deadline_seconds=deadline,
             list_ids=tuple(m["remote_list_id"] for m in destination.row["list_mappings"]),
         ), client)
     secrets = tuple(s for s in (config.get("secret"), config.get("previous_secret")) if s)
-    return WebhookAdapter(WebhookConfig(url=config["url"], secrets=secrets,
+    return WebhookAdapter(WebhookConfig(url=url or "", secrets=secrets,
                                         allow_private_networks=settings.sync_allow_private_networks), client)

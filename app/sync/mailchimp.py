@@ -33,13 +33,13 @@ from typing import Any
 import httpx
 
 from app.logging import get_logger
-from app.sync import net
+from app.sync import ids, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
 
 __all__ = ["BATCH_MAX", "MailchimpAdapter", "MailchimpConfig", "api_base_url", "subscriber_hash"]
 
 BATCH_MAX = 500
-_HASH = re.compile(r"[0-9a-f]{32}")
+_NOT_A_HASH = "Mailchimp delete: the stored reference is not a subscriber hash"
 _INLINE_RETRY_MAX_WAIT = 5.0
 
 log = get_logger(__name__)
@@ -127,13 +127,16 @@ class MailchimpAdapter:
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         errors: dict[uuid.UUID, str] = {}
-        archived: set[uuid.UUID] = set()
+        archived: dict[uuid.UUID, str] = {}   # contact -> the hash archived
 
-        async def delete(erasure: Erasure, ref: str, list_id: str) -> None:
+        async def delete(erasure: Erasure, ref: str | None, list_id: str) -> None:
+            if ref is None:  # never a request built from it (issue 15, class 7)
+                errors.setdefault(erasure.contact_id, _NOT_A_HASH)
+                return
             if erasure.archive:  # merged away: archived, so the address can come back one day
                 response, step = await self._request("DELETE", f"/lists/{list_id}/members/{ref}"), "archive"
                 if response.status_code == 204:
-                    archived.add(erasure.contact_id)
+                    archived[erasure.contact_id] = ref
             else:
                 response = await self._request("POST", f"/lists/{list_id}/members/{ref}/actions/delete-permanent")
                 step = "delete-permanent"
@@ -144,7 +147,7 @@ class MailchimpAdapter:
                           for list_id in self.config.list_ids)
         log.info("sync.mailchimp.erase", contacts=len(erasures), lists=len(self.config.list_ids))
         return [Outcome(e.contact_id, error=errors.get(e.contact_id),
-                        retired=(_hash(e.remote_ref),) if e.contact_id in archived else ()) for e in erasures]
+                        retired=(archived[e.contact_id],) if e.contact_id in archived else ()) for e in erasures]
 
     # -- steps --------------------------------------------------------------------------------------
     async def _move(self, state: ContactState, old: str, list_id: str, fail: Any, retired: dict[uuid.UUID, str]
@@ -193,7 +196,7 @@ class MailchimpAdapter:
         for item in net.json_body(response).get("errors") or ():
             state = by_email.get(str(item.get("email_address", "")).lower())
             if state is not None:
-                fail(state, f"Mailchimp batch subscribe: {item.get('error_code') or 'ERROR_GENERIC'}")
+                fail(state, f"Mailchimp batch subscribe: {ids.vendor_word(item.get('error_code'))}")
 
     async def _tags(self, write: _Write, tags: list[dict[str, str]], fail: Any) -> None:
         state = write.state
@@ -262,14 +265,17 @@ def _former_hash(state: ContactState) -> str | None:
     if state.previous_email and state.previous_email.lower() != state.email.lower():
         return subscriber_hash(state.previous_email)
     ref = state.remote_ref
-    if ref and _HASH.fullmatch(ref) and ref != subscriber_hash(state.email):
+    if ref and ids.is_subscriber_hash(ref) and ref != subscriber_hash(state.email):
         return ref
     return None
 
 
-def _hash(ref: str) -> str:
-    """A remote reference as a subscriber hash (an address, in references made before hashes were kept)."""
-    return subscriber_hash(ref) if "@" in ref else ref
+def _hash(ref: str) -> str | None:
+    """A remote reference as a subscriber hash (an address, in references made before hashes were kept); None
+    when it is neither."""
+    if "@" in ref:
+        return subscriber_hash(ref)
+    return ref if ids.is_subscriber_hash(ref) else None
 
 
 def _merge_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,9 +296,9 @@ def _merge_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _title(response: httpx.Response) -> str:
-    return str(net.json_body(response).get("title", ""))
+    return ids.vendor_word(net.json_body(response).get("title"))
 
 
 def _reason(step: str, response: httpx.Response) -> str:
     """Dead-letter text: step, status and Mailchimp's problem title (its detail quotes the address: left out)."""
-    return f"Mailchimp {step}: {response.status_code} {_title(response) or 'error'}"
+    return f"Mailchimp {step}: {response.status_code} {_title(response)}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import socket
 import time
 import weakref
@@ -227,6 +228,7 @@ def retry_after(headers: Mapping[str, str], *, default: float, now: float | None
     if reset:
         with contextlib.suppress(ValueError):
             waits.append(float(reset))
+    waits = [w for w in waits if not math.isnan(w)]  # a "nan" wait became 0: the vendor that asked would be hammered
     if not waits:
         return default
     return min(max(max(waits), 0.0), ceiling)

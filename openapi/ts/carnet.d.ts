@@ -151,7 +151,10 @@ export interface paths {
         };
         /**
          * List Duplicate Candidates
-         * @description Pairs of contacts that are probably one person, each with its reasons (masked without pii:read).
+         * @description Pairs of contacts that are probably one person, each with its reasons.
+         *
+         *     Needs `pii:read`: every rule compares masked values (the same phone, name, mailbox), so a pair alone tells a
+         *     masked reader that two hidden values are equal.
          */
         get: operations["list_duplicate_candidates_v1_contacts_duplicates_get"];
         put?: never;
@@ -1151,6 +1154,8 @@ export interface paths {
         /**
          * Check Suppression
          * @description Whether an address belongs to an erased person (one suppressed value is enough).
+         *
+         *     Needs `pii:read`: it is a lookup by an address, like `?email=`, telling a prober who was a customer.
          */
         get: operations["check_suppression_v1_suppressions_check_get"];
         put?: never;
@@ -3522,7 +3527,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -3787,6 +3792,7 @@ export interface operations {
                 updated_after?: string | null;
                 /** @description Contacts matching this segment */
                 segment?: string | null;
+                /** @description `last_name`, `-last_name`: need pii:read */
                 sort?: components["schemas"]["ContactSort"];
                 limit?: number;
                 cursor?: string | null;
@@ -3848,7 +3854,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -3911,7 +3917,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -4017,7 +4023,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -4415,7 +4421,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path: {
@@ -4720,7 +4726,7 @@ export interface operations {
             header?: {
                 /** @description ETag from a GET, e.g. "v3"; 412 if stale */
                 "if-match"?: string | null;
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path: {
@@ -5175,7 +5181,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -5824,7 +5830,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -5887,7 +5893,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -6010,7 +6016,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another file or fields → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another file or fields, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -6420,7 +6426,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -6754,7 +6760,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path: {
@@ -7755,7 +7761,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -8365,7 +8371,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;
@@ -8534,7 +8540,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h; reused with another body → 422 */
+                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
                 "idempotency-key"?: string | null;
             };
             path?: never;

@@ -316,12 +316,12 @@ class TestListContacts:
             assert_problem(await client.get("/v1/contacts", params={"cursor": cursor}, headers=ADMIN), 422, "cursor")
 
     async def test_a_cursor_does_not_reveal_the_sort_value(self, client: httpx.AsyncClient) -> None:
-        """A viewer paging by last name, one contact a page, must not read every last name off the cursors."""
+        """Cursors are opaque: one handed on (to a token without pii:read, a log) carries no last name."""
         tag = uuid.uuid4().hex[:8]
         for name in (f"Zyx{tag}a", f"Zyx{tag}b"):
             await make_contact(client, last_name=name)
         cursor = (await client.get("/v1/contacts", params={"limit": 1, "sort": "-last_name"},
-                                   headers=bearer(Role.VIEWER))).json()["next_cursor"]
+                                   headers=ADMIN)).json()["next_cursor"]
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         assert f"zyx{tag}".encode() not in raw.lower() and b"last_name" not in raw
 

@@ -98,21 +98,17 @@ class TestPages:
 
 
 class TestAccess:
-    async def test_masked_without_pii_read(self, client: httpx.AsyncClient) -> None:
+    async def test_needs_pii_read_since_every_rule_compares_masked_values(self, client: httpx.AsyncClient) -> None:
+        """A pair tells that two hidden values are equal (docs/security.md, "Class 8"): no masked answer exists."""
         await make_contact(client, email="jean.dupont@gmail.com", last_name="Dupont")
         await make_contact(client, email="jeandupont@gmail.com", last_name="Dupont")
-        response = await client.get(URL, headers=VIEWER)
-        assert response.status_code == 200
-        [pair] = response.json()["data"]
-        assert pair["reasons"] == ["email"]
-        assert {c["email"] for c in pair["contacts"]} == {"j***@gmail.com"}
-        assert {c["last_name"] for c in pair["contacts"]} == {"D***"}
-        assert all(c["pii_masked"] for c in pair["contacts"]) and "dupont@" not in response.text
+        body = assert_problem(await client.get(URL, headers=VIEWER), 403)
+        assert body["missing_scopes"] == ["pii:read"] and "dupont" not in str(body).lower()
 
     async def test_anonymous_is_401_and_missing_scope_is_403(self, client: httpx.AsyncClient) -> None:
         assert_problem(await client.get(URL), 401)
         body = assert_problem(await client.get(URL, headers=bearer(Role.MANAGER, scopes={Scope.EXPORTS_READ})), 403)
-        assert body["missing_scopes"] == ["contacts:read"]
+        assert body["missing_scopes"] == ["contacts:read", "pii:read"]
 
     async def test_the_path_is_not_taken_for_a_contact_id(self, client: httpx.AsyncClient) -> None:
         response = await client.get(URL, headers=ADMIN)

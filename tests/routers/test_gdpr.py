@@ -340,9 +340,10 @@ class TestSuppression:
                                                                  f"email:{person.email}", f"phone:{person.phone}")}
         assert not bare & {r.digest for r in rows}  # keyed HMAC, never a bare SHA-256
 
-    async def test_check_needs_contacts_read_and_an_address(self, client: httpx.AsyncClient) -> None:
-        assert (await client.get("/v1/suppressions/check", params={"email": unique_email()},
-                                 headers=bearer(Role.VIEWER))).status_code == 200
+    async def test_check_needs_contacts_read_pii_read_and_an_address(self, client: httpx.AsyncClient) -> None:
+        body = assert_problem(await client.get("/v1/suppressions/check", params={"email": unique_email()},
+                                               headers=bearer(Role.VIEWER)), 403)
+        assert body["missing_scopes"] == ["pii:read"]  # a lookup by address, like ?email= (docs/security.md)
         assert_problem(await client.get("/v1/suppressions/check", headers=ADMIN), 422, "email")
         assert_problem(await client.get("/v1/suppressions/check", params={"email": "nope"}, headers=ADMIN), 422,
                        "email")

@@ -109,8 +109,9 @@ async def test_webhook_receives_signed_events_in_order(committing_client: httpx.
     secret = hook["generated_secrets"]["secret"]
     receiver = FakeWebhookReceiver(secret)
     with LiveServer(receiver) as live:
-        response = await committing_client.patch(f"/v1/destinations/{hook['id']}",
-                                                 json={"config": {"url": live.url + "/carnet"}}, headers=ADMIN)
+        # A new URL takes the secret again in the same request (docs/security.md, "Class 1").
+        response = await committing_client.patch(f"/v1/destinations/{hook['id']}", headers=ADMIN,
+                                                 json={"config": {"url": live.url + "/carnet", "secret": secret}})
         assert response.status_code == 200, response.text
         person = await make_contact(committing_client)
         await committing_client.patch(f"/v1/contacts/{person['id']}", json={"first_name": "Zoé"}, headers=ADMIN)

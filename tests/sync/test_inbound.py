@@ -18,7 +18,8 @@ from app.services.inbound import mailchimp_signature
 from tests.factories import ADMIN, PROOF, make_contact, make_list
 from tests.routers.test_contacts import assert_problem
 
-REMOTE = "a6b5da1054"
+REMOTE = "a6b5da1054"      # a Mailchimp audience id
+BREVO_LIST = 7             # a Brevo list id (an integer, in Brevo's webhooks too)
 FIRED = "2026-11-23 10:40:57"
 
 
@@ -30,7 +31,8 @@ async def setup(client: httpx.AsyncClient, kind: str = "mailchimp", *, double_op
     response = await client.post("/v1/destinations", headers=ADMIN, json={
         "kind": kind, "name": f"{kind}-{uuid.uuid4().hex[:6]}",
         "config": {"api_key": "0123456789abcdef0123-us6", **(config or {})},
-        "list_mappings": [{"list_id": mapped["id"], "remote_list_id": REMOTE, "double_opt_in": double_opt_in}]})
+        "list_mappings": [{"list_id": mapped["id"], "double_opt_in": double_opt_in,
+                           "remote_list_id": REMOTE if kind == "mailchimp" else str(BREVO_LIST)}]})
     assert response.status_code == 201, response.text
     destination = response.json()
     contact = await make_contact(client, email=f"{uuid.uuid4().hex[:10]}@example.com")
@@ -182,7 +184,7 @@ async def test_brevo_single_and_batched_events(client: httpx.AsyncClient) -> Non
     url = f"/v1/inbound/brevo/{destination['id']}"
     unsubscribe = {"id": 1, "camp_id": 12, "email": person["email"], "campaign name": "Soldes", "date_sent":
                    "2026-11-20 10:00:00", "date_event": "2026-11-20 10:05:00", "event": "unsubscribe",
-                   "list_id": [REMOTE], "tag": "", "ts_sent": 1763632800, "ts_event": 1763633100, "ts": 1763633100}
+                   "list_id": [BREVO_LIST], "tag": "", "ts_sent": 1763632800, "ts_event": 1763633100, "ts": 1763633100}
     assert (await client.post(url, json=unsubscribe)).status_code == 401
     assert (await client.post(url, json=unsubscribe, headers={"Authorization": "Bearer nope"})).status_code == 401
     auth = {"Authorization": f"Bearer {secret}"}
@@ -198,7 +200,7 @@ async def test_brevo_single_and_batched_events(client: httpx.AsyncClient) -> Non
          "subject": "Soldes", "tag": "", "sending_ip": "185.41.28.109", "ts_epoch": 1763712000000,
          "reason": "mailbox does not exist"},
         {"event": "opened", "email": person["email"], "id": 3},
-        {"event": "unsubscribe", "email": "nobody-we-know@example.com", "list_id": [REMOTE]},
+        {"event": "unsubscribe", "email": "nobody-we-know@example.com", "list_id": [BREVO_LIST]},
     ]
     response = await client.post(url, json=batch, headers=auth)
     assert response.json() == {"changed": 1, "ignored": 2}
@@ -226,7 +228,7 @@ async def test_brevo_hostile_bodies_are_4xx_and_change_nothing(client: httpx.Asy
                  '{"event":"unsubscribe","email":"' + person["email"] + '","list_id":[' + "[" * 900 + "]" * 900 + "]}"):
         assert_problem(await client.post(url, content=body, headers=auth), 400)
     # events whose address PostgreSQL cannot hold (lone surrogate, NUL) are ignored, as unknown addresses are
-    for body in ('[{"event":"unsubscribe","email":"\\ud800@example.com","list_id":["' + REMOTE + '"]}]',
+    for body in ('[{"event":"unsubscribe","email":"\\ud800@example.com","list_id":[' + str(BREVO_LIST) + ']}]',
                  '{"event":"unsubscribe","email":"x\\u0000@example.com","subject":"\\udfff"}'):
         response = await client.post(url, content=body, headers=auth)
         assert response.status_code == 200 and response.json()["changed"] == 0, (body[:60], response.text)

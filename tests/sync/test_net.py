@@ -177,6 +177,12 @@ class TestRetryAfter:
         assert net.retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, default=1) == 0
         assert net.retry_after({"retry-after": "999999"}, default=1) == 3600
 
+    def test_a_vendor_wait_that_is_not_a_number_is_not_zero(self) -> None:
+        """A wait taken from a vendor answer is checked like any vendor value (issue 15, class 7): `nan` made it 0,
+        so the vendor that asked for a pause was called again at once."""
+        assert net.retry_after({"x-sib-ratelimit-reset": "nan"}, default=1.5) == 1.5
+        assert net.retry_after({"x-sib-ratelimit-reset": "inf"}, default=1) == 3600
+
 
 class TestPacing:
     async def test_the_limiter_spaces_starts(self) -> None:

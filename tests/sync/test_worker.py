@@ -25,6 +25,7 @@ from app.models.base import utc_now
 from app.services import delivery
 from app.settings import Settings
 from app.sync.base import ContactState, DeliveryFailed, Erasure, EventMessage, Gone, Outcome, RetryLater
+from app.sync.mailchimp import subscriber_hash
 from app.worker import HEARTBEAT_SECONDS, Worker, lane_step
 from tests.factories import ADMIN, PROOF, make_contact, make_list
 
@@ -42,7 +43,7 @@ class RecordingVendor:
         self.overlaps = 0
 
     async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
-        return await self._call(states, lambda s: Outcome(s.contact_id, remote_ref=f"ref-{s.email}"))
+        return await self._call(states, lambda s: Outcome(s.contact_id, remote_ref=subscriber_hash(s.email)))
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         self.erased.extend(erasures)
@@ -158,7 +159,7 @@ async def test_a_subscription_reaches_the_vendor_as_state(
     assert [r["status"] for r in rows] == ["delivered"]
     async with makers() as session:
         assert await session.scalar(text("SELECT remote_ref FROM sync_link WHERE contact_id = :c"),
-                                    {"c": contact["id"]}) == f"ref-{contact['email']}"
+                                    {"c": contact["id"]}) == subscriber_hash(contact['email'])
     # Unsubscribing from the list is pushed as such.
     response = await committing_client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
     assert response.status_code == 200, response.text
@@ -202,7 +203,7 @@ async def test_withdrawn_consent_blocks_marketing_and_erasure_deletes_remotely(
 
     assert (await committing_client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
     await drain(worker)
-    assert vendor.erased == [Erasure(uuid.UUID(contact["id"]), f"ref-{contact['email']}")]
+    assert vendor.erased == [Erasure(uuid.UUID(contact["id"]), subscriber_hash(contact['email']))]
     async with makers() as session:
         assert await session.scalar(text("SELECT count(*) FROM sync_link WHERE destination_id = :d"),
                                     {"d": destination["id"]}) == 0
@@ -297,9 +298,9 @@ async def test_an_erasure_during_a_first_push_deletes_what_that_push_made(
         await delivery.complete(session, claimed, delivery.Completion(delivered=[claimed.rows[0]["id"]], dead={},
                                                                        retry={}), backoff=worker.backoff)
         await delivery.remember_links(session, uuid.UUID(destination["id"]),
-                                      {uuid.UUID(contact["id"]): f"ref-{contact['email']}"})
+                                      {uuid.UUID(contact["id"]): subscriber_hash(contact['email'])})
     await drain(worker)
-    assert vendor.erased == [Erasure(uuid.UUID(contact["id"]), f"ref-{contact['email']}")]
+    assert vendor.erased == [Erasure(uuid.UUID(contact["id"]), subscriber_hash(contact['email']))]
     async with makers() as session:
         assert await session.scalar(text("SELECT count(*) FROM sync_link WHERE destination_id = :d"),
                                     {"d": destination["id"]}) == 0
