@@ -28,7 +28,7 @@ from app.schemas.consents import ConsentAction
 from app.schemas.freeform import unstorable_text
 from app.schemas.types import normalize_email
 from app.security import Principal, Role
-from app.services import consents, memberships
+from app.services import consents, locks, memberships
 from app.services import contacts as contacts_service
 
 __all__ = [
@@ -163,7 +163,12 @@ async def _apply_one(
     session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, by_remote: Mapping[str, Mapping[str, Any]],
     segment_lists: frozenset[str | None], *, actor: Principal, vendor: str,
 ) -> bool:
-    await consents.lock_contact(session, contact_id)
+    # Locked in the mode the change needs (an address change may take the email: FOR UPDATE at once); a contact
+    # merged away since it was found by its address is followed to its survivor, which holds the person's lists.
+    holder = await locks.lock_following_merges(session, contact_id, key_change=event.kind == "email_changed")
+    if holder is None:
+        return False  # erased meanwhile: nothing left to change
+    contact_id = holder
     now = utc_now()
     list_ids = [uuid.UUID(by_remote[r]["list_id"]) for r in event.remote_list_ids if r in by_remote] \
         if event.remote_list_ids else [uuid.UUID(m["list_id"]) for m in by_remote.values()]
