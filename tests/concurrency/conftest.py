@@ -1,6 +1,6 @@
 """Live processes for the integrity invariants (issue 21): a `carnet serve` and a `carnet worker`.
 
-Both run in their own processes against this test run's (migrated) database, so requests overlap across
+Both run in their own processes against this test process's (migrated) database, so requests overlap across
 processes and many PostgreSQL connections as in a deployment, while the worker dispatches and delivers the
 outbox. Nothing runs in a test transaction: every table is emptied after each test.
 
@@ -64,9 +64,10 @@ def live_api(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def live_worker(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """`carnet worker`, per module: while it runs it sees only this module's data (imports, deliveries)."""
+    """`carnet worker` while this package's tests run (a test process runs them in one stretch): it never sees
+    the data of other tests (their import jobs, their outbox)."""
     with WorkerProcess(tmp_path_factory.mktemp("race-worker"), database_url, WORKER_IDLE_SECONDS="0.2",
                        LOG_LEVEL="WARNING") as worker:
         yield worker
@@ -132,12 +133,17 @@ async def gather(*calls: Awaitable[httpx.Response]) -> list[httpx.Response]:
 
 @pytest_asyncio.fixture
 async def race(live_api: LiveServer, live_worker: WorkerProcess, database_url: str) -> AsyncIterator[Race]:
-    limits = httpx.Limits(max_connections=120, max_keepalive_connections=120)
+    # Idle connections are dropped before uvicorn's keep-alive timeout (5 s) closes them: reusing one the server
+    # is closing at that moment is a ReadError on a busy machine, not an answer.
+    limits = httpx.Limits(max_connections=120, max_keepalive_connections=120, keepalive_expiry=2)
     db = await asyncpg.connect(plain_dsn(database_url))
     marks = (len(_failures(live_api.log)), len(_failures(live_worker.log)))
     try:
         async with httpx.AsyncClient(base_url=live_api.base_url, limits=limits, timeout=60) as http:
-            yield Race(http, db, live_api, live_worker, _crash_marks=marks)
+            race = Race(http, db, live_api, live_worker, _crash_marks=marks)
+            yield race
+        for failure in race.crashes():  # shown with a failing test's output
+            print("logged failure:", json.dumps(failure)[:600])
         assert live_api.alive() and live_worker.alive(), "the server or the worker died during the test"
     finally:
         await db.execute(f"TRUNCATE {_TABLES} CASCADE")
