@@ -23,7 +23,19 @@ def where(exc: BaseException) -> dict[str, Any]:
     }
     if isinstance(exc, BaseExceptionGroup):
         fields["errors"] = [type(e).__name__ for e in exc.exceptions]
+    sqlstate = _sqlstate(exc)
+    if sqlstate:  # a code, never text: tells a deadlock (40P01) from a foreign-key violation (23503)
+        fields["sqlstate"] = sqlstate
     return fields
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (asyncpg's, possibly wrapped by SQLAlchemy), else None."""
+    for candidate in (exc, getattr(exc, "orig", None), getattr(getattr(exc, "orig", None), "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
 
 
 def configure_logging(*, json: bool = True, level: str = "INFO") -> None:

@@ -30,8 +30,7 @@ from tests.fakes.brevo import FakeBrevo
 from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
 from tests.fakes.server import LiveServer as FakeServer
 from tests.fakes.webhook_receiver import FakeWebhookReceiver
-from tests.faults.harness import LiveServer, PgCluster, private_cluster
-from tests.faults.test_sync_outage import WorkerProcess
+from tests.faults.harness import LiveServer, PgCluster, WorkerProcess, private_cluster
 
 CONTACTS = 40
 CLIENTS = 16

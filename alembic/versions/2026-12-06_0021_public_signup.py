@@ -3,7 +3,7 @@ pending public signup waits with, the list a consent event is about (`consent_ev
 is on the ledger without touching the others), and the erasure requests people file from the preference center.
 
 Revision ID: 0021
-Revises: 0014
+Revises: 0019
 Create Date: 2026-12-06 15:00:00
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = '0021'
-down_revision: str | None = '0014'
+down_revision: str | None = '0019'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -3,6 +3,11 @@
 Hot paths use SQLAlchemy Core and read `.mappings()`: a row mapping goes straight to the presenter.
 The unique indexes on email and external_id are the only duplicate guard (no check-then-insert race):
 inserts use `ON CONFLICT DO NOTHING` and a missing RETURNING row means "someone holds the key".
+
+The unique index on email is also what serializes a write with the erasure of that address: a write giving a
+contact the email of a person being erased waits on the index until the erasure commits, then goes through. So
+the suppression list is checked after the write, in the same transaction (`_refuse_suppressed`), where that
+erasure's suppression entry is visible; a check before would have read the list too early.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ _SCALAR_DEFAULTS = {c.name: c.default.arg for c in _ALL if c.default is not None
 @functools.lru_cache(maxsize=256)  # one text per column set; a payload sets few of them
 def _fast_create_sql(columns: tuple[str, ...]) -> str:
     """Match by either key, else insert these columns with the creation's history and outbox rows."""
+    guard = _GUARD.format(kinds="$3", digests="$4") if _ADDRESSES.intersection(columns) else ""
     names = ", ".join(f'"{name}"' for name in columns)
     params = ", ".join(f"${i}" for i in range(8, 8 + len(columns)))
     return f"""
@@ -132,7 +138,7 @@ WITH matched AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), new.created_at FROM new
 )
-SELECT true AS created, {_COLUMN_LIST} FROM new
+SELECT true AS created, {_COLUMN_LIST} FROM new {guard}
 UNION ALL
 SELECT false, {_COLUMN_LIST} FROM matched
 """  # noqa: S608 (names from our own table; every value is a parameter)
@@ -141,6 +147,7 @@ SELECT false, {_COLUMN_LIST} FROM matched
 @functools.lru_cache(maxsize=256)  # one text per column set; a payload sets few of them
 def _fast_update_sql(columns: tuple[str, ...]) -> str:
     """Update these columns if the contact is still at the version read, with the history and outbox rows."""
+    guard = _GUARD.format(kinds="$4", digests="$5") if _ADDRESSES.intersection(columns) else ""
     assignments = ", ".join(f'"{name}" = ${i}' for i, name in enumerate(columns, start=12))
     return f"""
 WITH updated AS (
@@ -158,12 +165,16 @@ WITH updated AS (
     SELECT 'contact.updated', updated.id, jsonb_build_object('contact_id', updated.id, 'fields', $11::jsonb), $3
     FROM updated
 )
-SELECT {_COLUMN_LIST} FROM updated
+SELECT {_COLUMN_LIST} FROM updated {guard}
 """  # noqa: S608 (names from our own table; every value is a parameter)
 
 
 _SUPPRESSED = """SELECT 1 FROM suppression s WHERE s.released_at IS NULL
     AND (s.kind, s.digest) IN (SELECT * FROM unnest({kinds}::text[], {digests}::text[]))"""
+# The check after the write (see the module docstring), inside the statement: the row is written before this filter
+# reads it; the function reads the list with a fresh snapshot and raises SUPPRESSED_SQLSTATE, undoing the statement.
+_GUARD = "WHERE carnet_refuse_suppressed({kinds}::text[], {digests}::text[])"
+_ADDRESSES = frozenset({"email", "phone"})
 
 
 async def fast_upsert(
@@ -179,10 +190,16 @@ async def fast_upsert(
         return None
     values = _SCALAR_DEFAULTS | _row_values(columns, via=via)
     suppressed = suppressions.digests(email=values.get("email"), phone=values.get("phone"))
-    rows = await connection.fetch(
-        _fast_create_sql(tuple(values)), payload.external_id, payload.email, list(suppressed),
-        list(suppressed.values()), _history_json(_diff({}, _as_stored(values))), actor.subject, via, *values.values(),
-    )
+    try:
+        rows = await connection.fetch(
+            _fast_create_sql(tuple(values)), payload.external_id, payload.email, list(suppressed),
+            list(suppressed.values()), _history_json(_diff({}, _as_stored(values))), actor.subject, via,
+            *values.values(),
+        )
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate != suppressions.SUPPRESSED_SQLSTATE:
+            raise
+        return None  # erased meanwhile: nothing was written, the transactional path explains
     if rows and rows[0]["created"]:
         return Upserted(rows[0], created=True)
     current = _pick_match(rows, payload.external_id, payload.email)
@@ -210,6 +227,10 @@ async def _fast_write(
         )
     except asyncpg.UniqueViolationError:  # a key taken after the holder check: nothing was written
         return None
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate != suppressions.SUPPRESSED_SQLSTATE:
+            raise
+        return None  # the address was erased meanwhile: nothing was written
 
 
 def _as_stored(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,7 +301,7 @@ async def update(
 async def add_tag(
     session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal, expected_version: int | None = None
 ) -> Row:
-    current = await _lock(session, contact_id, expected_version)
+    current = await _lock(session, contact_id, expected_version, key_change=False)
     if name in current["tags"]:
         return current
     await tags_service.ensure(session, [name])
@@ -290,7 +311,7 @@ async def add_tag(
 async def remove_tag(
     session: AsyncSession, contact_id: uuid.UUID, name: str, *, actor: Principal, expected_version: int | None = None
 ) -> Row:
-    current = await _lock(session, contact_id, expected_version)
+    current = await _lock(session, contact_id, expected_version, key_change=False)
     if name not in current["tags"]:
         return current
     return await _write(session, current, {"tags": [t for t in current["tags"] if t != name]}, actor=actor, via="api")
@@ -304,7 +325,7 @@ async def set_delivery_facts(
 
     Not part of the public write model: `email_status` is Carnet's to set from such facts only.
     """
-    current = await _lock(session, contact_id)
+    current = await _lock(session, contact_id, key_change=email is not None)
     changes: dict[str, Any] = {}
     if email_status is not None and current["email_status"] != email_status:
         changes["email_status"] = email_status
@@ -465,7 +486,6 @@ def _as_phone(q: str) -> str | None:
 
 async def _new_values(session: AsyncSession, payload: ContactCreate | ContactUpsert, *, via: str) -> dict[str, Any]:
     columns, attrs, tags = _columns_from(payload)
-    await suppressions.ensure_not_suppressed(session, email=columns.get("email"), phone=columns.get("phone"))
     values = _row_values(columns, via=via)
     if attrs is not _MISSING and attrs:
         normalized = await attributes_service.normalize_values(session, attrs)
@@ -522,8 +542,6 @@ async def _write(
     """Apply changes with a version bump and one history row per changed field."""
     if not changes:
         return current
-    if changes.get("email") or changes.get("phone"):  # an erased person's address may not come back by an edit
-        await suppressions.ensure_not_suppressed(session, email=changes.get("email"), phone=changes.get("phone"))
     statement = (
         update_statement(_t)
         .where(_t.c.id == current["id"])
@@ -543,6 +561,8 @@ async def _write(
             ) from None
     else:
         row = (await session.execute(statement)).mappings().one()
+    # An erased person's address may not come back by an edit (checked after the write: module docstring).
+    await _refuse_suppressed(session, email=changes.get("email"), phone=changes.get("phone"))
     await history.record(session, row["id"], _diff(current, row), actor=actor, via=via)
     await outbox.add(session, "contact.updated", contact_id=row["id"],
                      payload={"contact_id": str(row["id"]), "fields": sorted(changes)})
@@ -550,14 +570,32 @@ async def _write(
 
 
 async def _created(session: AsyncSession, row: Row, *, actor: Principal, via: str) -> None:
-    """History of a new contact, and the news for destinations (in the creating transaction)."""
+    """History of a new contact, and the news for destinations (in the creating transaction).
+
+    An erased person's address refuses the creation (checked after the insert: module docstring).
+    """
+    await _refuse_suppressed(session, email=row["email"], phone=row["phone"])
     await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
     await outbox.add(session, "contact.created", contact_id=row["id"], payload={"contact_id": str(row["id"])})
 
 
-async def _lock(session: AsyncSession, contact_id: uuid.UUID, expected_version: int | None = None) -> Row:
-    """The contact, locked for this transaction; PreconditionFailed if it moved past `expected_version`."""
-    row = (await session.execute(select(*_ALL).where(_t.c.id == contact_id).with_for_update())).mappings().first()
+async def _refuse_suppressed(session: AsyncSession, *, email: str | None, phone: str | None) -> None:
+    """SuppressedContact (409) when the address just written belongs to an erased person; the caller's transaction
+    (or savepoint, in a batch) then undoes the write."""
+    if email or phone:
+        await suppressions.ensure_not_suppressed(session, email=email, phone=phone)
+
+
+async def _lock(
+    session: AsyncSession, contact_id: uuid.UUID, expected_version: int | None = None, *, key_change: bool = True
+) -> Row:
+    """The contact, locked for this transaction; PreconditionFailed if it moved past `expected_version`.
+
+    FOR UPDATE when the write may change its email or external_id, else FOR NO KEY UPDATE (services/locks.py).
+    """
+    query = select(*_ALL).where(_t.c.id == contact_id)
+    query = query.with_for_update() if key_change else query.with_for_update(key_share=True)
+    row = (await session.execute(query)).mappings().first()
     if row is None:
         raise ContactNotFound(f"no contact with id {contact_id}")
     if expected_version is not None and row["version"] != expected_version:

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.models.base import utc_now
 from app.services.contacts import ADDRESS
 from app.services.links import LinkBuilder
-from app.services.merge import survivor_of
+from app.services.locks import survivor_of
 from app.services.segments import GRANTING
 from app.sync.base import ContactState, Erasure, EventMessage, MemberStatus
 

@@ -20,7 +20,7 @@ from app.models import Contact, ErasureRequest
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import gdpr
-from app.services.merge import survivor_of
+from app.services.locks import survivor_of
 from app.services.pagination import Cursor, CursorCodec
 from app.services.preferences import ANSWER_WITHIN
 

@@ -28,7 +28,7 @@ from app.schemas.consents import ConsentAction
 from app.schemas.freeform import unstorable_text
 from app.schemas.types import normalize_email
 from app.security import Principal, Role
-from app.services import consents, memberships
+from app.services import consents, locks, memberships
 from app.services import contacts as contacts_service
 
 __all__ = [
@@ -163,7 +163,17 @@ async def _apply_one(
     session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, by_remote: Mapping[str, Mapping[str, Any]],
     segment_lists: frozenset[str | None], *, actor: Principal, vendor: str,
 ) -> bool:
-    await consents.lock_contact(session, contact_id)
+    # Locked in the mode the change needs (an address change may take the email: FOR UPDATE at once); a contact
+    # merged away since it was found by its address is followed to its survivor, which holds the person's lists
+    # and consents. What is said of the address itself (bounced, complained, changed) only applies where the
+    # address went: a survivor that kept its own address is not the one that bounced.
+    holder = await locks.lock_following_merges(session, contact_id, key_change=event.kind == "email_changed")
+    if holder is None:
+        return False  # erased meanwhile: nothing left to change
+    same_address = holder == contact_id or (await contacts_service.get(session, holder))["email"] == event.email
+    if event.kind in ("bounce", "email_changed") and not same_address:
+        return False
+    contact_id = holder
     now = utc_now()
     list_ids = [uuid.UUID(by_remote[r]["list_id"]) for r in event.remote_list_ids if r in by_remote] \
         if event.remote_list_ids else [uuid.UUID(m["list_id"]) for m in by_remote.values()]
@@ -179,10 +189,12 @@ async def _apply_one(
         return any(changed)
     if event.kind == "complaint":
         before = await contacts_service.get(session, contact_id)
-        await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA, email_status="complained")
+        if same_address:
+            await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA,
+                                                      email_status="complained")
         withdrawn = await _withdraw_marketing(session, contact_id, actor=actor, vendor=vendor, event=event, at=now,
                                               why="reported a spam complaint")
-        return withdrawn or before["email_status"] != "complained"
+        return withdrawn or (same_address and before["email_status"] != "complained")
     if event.kind == "bounce":
         before = await contacts_service.get(session, contact_id)
         await contacts_service.set_delivery_facts(session, contact_id, actor=actor, via=VIA, email_status="bounced")

@@ -27,9 +27,9 @@ from app.models.base import new_id, utc_now
 from app.schemas.consents import ConsentAction
 from app.schemas.lists import ListCreate, ListPatch, SubscribeRequest
 from app.security import Principal
-from app.services import consents, memberships, outbox
+from app.services import consents, locks, memberships, outbox
 from app.services.links import CONFIRM_LINK_TTL, Link, LinkBuilder
-from app.services.merge import survivor_of
+from app.services.locks import survivor_of
 from app.services.pagination import CursorCodec, page_by_name
 
 __all__ = [
@@ -60,10 +60,6 @@ __all__ = [
 
 CONFIRMED_BY = "link:confirm"          # recorded_by of events made through the public links
 UNSUBSCRIBED_BY = "link:unsubscribe"
-# A link follows merges to the contact that holds its person now; a merge committing while the link waits
-# for that contact's lock moves it on again. Merges of merges are followed in one step (`survivor_of`), so a
-# few retries only ever cover merges racing the click.
-_MAX_FOLLOWS = 5
 
 _lists = MailingList.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
@@ -242,10 +238,7 @@ async def lock(session: AsyncSession, list_id: uuid.UUID) -> Row:
 
 async def lock_contacts(session: AsyncSession, contact_ids: Sequence[uuid.UUID]) -> None:
     """Lock many contacts in one consistent order, so two overlapping batches cannot deadlock."""
-    await session.execute(
-        select(_contacts.c.id).where(_contacts.c.id.in_(sorted(set(contact_ids))))
-        .order_by(_contacts.c.id).with_for_update(key_share=True)
-    )
+    await locks.lock_contacts(session, contact_ids)
 
 
 # ---- public links ----------------------------------------------------------------------------------------
@@ -374,17 +367,10 @@ async def _lock_holder(session: AsyncSession, link: Link) -> Link:
     ContactNotFound when the person was erased (merged or not). A merge that commits while this waits for
     the lock deletes the row waited for: the link then follows that merge too.
     """
-    for _ in range(_MAX_FOLLOWS):
-        try:
-            await consents.lock_contact(session, link.contact_id)
-        except ContactNotFound:
-            survivor = await survivor_of(session, link.contact_id)
-            if survivor is None:
-                raise
-            link = replace(link, contact_id=survivor)
-        else:
-            return link
-    raise ContactNotFound(f"no contact with id {link.contact_id}")
+    holder = await locks.lock_following_merges(session, link.contact_id)
+    if holder is None:
+        raise ContactNotFound(f"no contact with id {link.contact_id}")
+    return replace(link, contact_id=holder)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@
    survivor while this transaction has set `carnet.merging` to `<duplicate>:<survivor>` (migration 0007),
    and the flag is cleared right after;
 3. list memberships move; where both were on a list, the person's latest decision wins
-   (`_duplicate_wins`);
+   (`_duplicate_wins`); then the survivor's consent state is derived again from its merged ledger: a purpose
+   that flipped is announced, and without a current email_marketing grant every membership is unsubscribed
+   (`_follow_the_ledger`);
 4. the duplicate row is deleted, then the survivor takes its empty fields from it (email and external_id
    included, now free), the union of tags, missing attribute keys, the earlier first contact; its stats and
    lifecycle stage are recomputed from the orders it now holds;
 5. `contact_merge` records it; history rows (via "merge") and outbox messages (`contact.merged` for the
-   duplicate's id, `contact.updated` for the survivor) go in the same transaction.
+   duplicate's id; `consent.*`, `membership.*` and `contact.updated` for the survivor) go in the same transaction.
 
 Logs carry ids and counts only.
 """
@@ -35,10 +37,12 @@ from app.logging import get_logger
 from app.models import ConsentEvent, Contact, ContactHistory, ContactMerge, Event, ListMembership, Order
 from app.models.base import utc_now
 from app.security import Principal
-from app.services import history, outbox
+from app.services import consents, history, memberships, outbox
+from app.services.consents import PurposeState
+from app.services.locks import survivor_of
 from app.services.orders import LifecyclePolicy, refresh_stats
 
-__all__ = ["ContactAlreadyMerged", "Merged", "merge", "survivor_of"]
+__all__ = ["ContactAlreadyMerged", "Merged", "merge"]
 
 log = get_logger("carnet.merge")
 
@@ -103,6 +107,7 @@ async def merge(
                                  current_version=survivor["version"])
 
     now = utc_now()
+    consents_before, lists_before = await _consent_states(session, survivor_id), await _lists(session, survivor_id)
     moved = {
         "orders": await _repoint(session, _orders, duplicate_id, survivor_id),
         "events": await _repoint(session, _events, duplicate_id, survivor_id),
@@ -110,6 +115,7 @@ async def merge(
         "consents": await _move_consents(session, duplicate_id, survivor_id),
         "memberships": await _move_memberships(session, duplicate_id, survivor_id, now=now),
     }
+    lists_changed = await _follow_the_ledger(session, survivor_id, consents_before, lists_before, now=now)
     await session.execute(delete(_t).where(_t.c.id == duplicate_id))  # frees its email and external_id
 
     changes = _fills(survivor, duplicate)
@@ -135,26 +141,14 @@ async def merge(
                      payload={"survivor_id": str(survivor_id), "merged_id": str(duplicate_id),
                               "address_retired": retired})
     fields = sorted({field for field, _old, _new in _wire_changes(survivor, row)}
-                    | ({"stats"} if moved["orders"] else set()) | ({"lists"} if moved["memberships"] else set()))
+                    | ({"stats"} if moved["orders"] else set())
+                    | ({"lists"} if moved["memberships"] or lists_changed else set()))
     await outbox.add(session, "contact.updated", contact_id=survivor_id,
                      payload={"contact_id": str(survivor_id), "fields": fields, "merged_id": str(duplicate_id)})
     final = (await session.execute(select(*_t.c).where(_t.c.id == survivor_id))).mappings().one()
     log.info("contact.merged", survivor_id=str(survivor_id), merged_id=str(duplicate_id), subject=actor.subject,
              **moved)
     return Merged(survivor=final, merged_id=duplicate_id, merged_at=now, moved=moved)
-
-
-async def survivor_of(session: AsyncSession, contact_id: uuid.UUID) -> uuid.UUID | None:
-    """The contact that now carries a merged contact (following merges of merges), or None if never merged."""
-    return await session.scalar(text("""
-        WITH RECURSIVE chain(id, depth) AS (
-            SELECT survivor_id, 1 FROM contact_merge WHERE merged_id = :id
-            UNION ALL
-            SELECT m.survivor_id, c.depth + 1 FROM contact_merge m JOIN chain c ON m.merged_id = c.id
-            WHERE c.depth < 100
-        )
-        SELECT id FROM chain ORDER BY depth DESC LIMIT 1
-    """), {"id": contact_id})
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -208,6 +202,49 @@ async def _move_memberships(
         await session.execute(update(_members).where(_members.c.contact_id == duplicate_id)
                               .values(contact_id=survivor_id, updated_at=now))
     return len(theirs)
+
+
+async def _follow_the_ledger(
+    session: AsyncSession, survivor_id: uuid.UUID, consents_before: Mapping[str, PurposeState],
+    lists_before: Mapping[uuid.UUID, str], *, now: datetime,
+) -> bool:
+    """The ledger moved: derive the survivor's state from it again, as appending those events would have.
+
+    Each purpose whose state flipped is announced (`consent.granted`, `consent.withdrawn`); without a current
+    email_marketing grant, every membership is unsubscribed (the duplicate's withdrawal may be the person's
+    latest decision); each list whose status changed on the survivor is announced (`membership.*`), so the
+    emailing tools hear what the merge decided. Whether any list changed.
+    """
+    consents_after = await _consent_states(session, survivor_id)
+    for purpose in sorted(consents_before.keys() | consents_after.keys()):
+        granted = consents_after.get(purpose, PurposeState()).granted
+        if granted != consents_before.get(purpose, PurposeState()).granted:
+            await outbox.add(session, "consent.granted" if granted else "consent.withdrawn", contact_id=survivor_id,
+                             payload={"contact_id": str(survivor_id), "purpose": purpose})
+    marketing = consents_after.get(consents.MARKETING)
+    told: set[uuid.UUID] = set()
+    if marketing is not None and not marketing.granted:
+        told = {r["list_id"] for r in await memberships.unsubscribe(
+            session, survivor_id, list_id=None, at=now, reason="consent_withdrawn")}
+    lists_after = await _lists(session, survivor_id)
+    for list_id, status in lists_after.items():
+        if list_id not in told and status != lists_before.get(list_id) and status in _DECIDED:
+            await outbox.add(session, f"membership.{status}", contact_id=survivor_id,
+                             payload={"list_id": str(list_id), "contact_id": str(survivor_id), "reason": "merge"})
+    return lists_after != lists_before
+
+
+async def _consent_states(session: AsyncSession, contact_id: uuid.UUID) -> dict[str, PurposeState]:
+    rows = await session.execute(
+        select(_ledger.c.purpose, _ledger.c.action, _ledger.c.occurred_at)
+        .where(_ledger.c.contact_id == contact_id).order_by(_ledger.c.occurred_at, _ledger.c.id))
+    return consents.fold(rows.mappings())
+
+
+async def _lists(session: AsyncSession, contact_id: uuid.UUID) -> dict[uuid.UUID, str]:
+    rows = await session.execute(
+        select(_members.c.list_id, _members.c.status).where(_members.c.contact_id == contact_id))
+    return {row.list_id: row.status for row in rows}
 
 
 def _duplicate_wins(mine: Row, theirs: Row) -> bool:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,7 +21,7 @@ from app.schemas.contacts import ContactUpsert
 from app.schemas.orders import ContactRef, EventCreate, OrderPut
 from app.security import Principal
 from app.services import contacts as contacts_service
-from app.services import history
+from app.services import history, locks
 
 __all__ = [
     "LifecyclePolicy",
@@ -66,23 +66,39 @@ class LifecyclePolicy:
         return "new_customer"
 
 
-async def resolve_contact(session: AsyncSession, ref: ContactRef, *, actor: Principal, via: str) -> uuid.UUID:
-    """By id (must exist), else external_id/email through an upsert (an unknown email creates the contact)."""
+async def resolve_contact(
+    session: AsyncSession, ref: ContactRef, *, actor: Principal, via: str, along: uuid.UUID | None = None
+) -> uuid.UUID:
+    """Who an order or event is for, locked for this transaction together with `along` (an order's previous
+    contact), in id order, before anything referencing it is written (services/locks.py).
+
+    By id: that contact, or the survivor it was merged into (the merge moved the person's orders and events
+    there). By external_id alone: the contact holding it. Unknown or erased: 422 on `contact.*`. Else by email,
+    through an upsert (an unknown email creates the contact).
+    """
+    if ref.id is None and ref.email is not None:
+        # The upsert may change keys (FOR UPDATE): the contacts it can match are locked with `along` first.
+        keyed = [_contacts.c.email == ref.email]
+        if ref.external_id is not None:
+            keyed.append(_contacts.c.external_id == ref.external_id)
+        holders = select(_contacts.c.id).where(or_(*keyed))
+        await locks.lock_contacts(session, [*(await session.scalars(holders)), along], key_change=True)
+        # Only the keys the reference names: an absent external_id must not read as "clear it" (merge semantics).
+        keys = ContactUpsert(**ref.model_dump(include={"email", "external_id"}, exclude_none=True))
+        result = await contacts_service.upsert(session, keys, actor=actor, via=via)
+        contact_id: uuid.UUID = result.row["id"]
+        return contact_id
     if ref.id is not None:
-        found = await session.scalar(select(_contacts.c.id).where(_contacts.c.id == ref.id))
-        if found is None:
-            raise InvalidInput.one("contact.id", "no contact with this id", "unknown_contact")
-        return found
-    if ref.email is None:
+        field, found = "contact.id", ref.id
+    else:
+        field = "contact.external_id"
         found = await session.scalar(select(_contacts.c.id).where(_contacts.c.external_id == ref.external_id))
-        if found is None:
-            raise InvalidInput.one("contact.external_id", "no contact with this external_id; add an email to create one",
-                                   "unknown_contact")
-        return found
-    # Only the keys the reference names: an absent external_id must not read as "clear it" (merge semantics).
-    keys = ContactUpsert(**ref.model_dump(include={"email", "external_id"}, exclude_none=True))
-    result = await contacts_service.upsert(session, keys, actor=actor, via=via)
-    return result.row["id"]  # type: ignore[no-any-return]
+    locked = None if found is None else await locks.lock_following_merges(session, found, along=along)
+    if locked is None:
+        message = ("no contact with this id" if ref.id is not None
+                   else "no contact with this external_id; add an email to create one")
+        raise InvalidInput.one(field, message, "unknown_contact")
+    return locked
 
 
 def order_version(row: Mapping[str, Any]) -> int:
@@ -98,7 +114,8 @@ async def upsert_order(
 
     With `expected_version` (If-Match), PreconditionFailed unless the order exists at that version.
     """
-    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="checkout")
+    previous = await session.scalar(select(_orders.c.contact_id).where(_orders.c.external_id == external_id))
+    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="checkout", along=previous)
     values = {
         "contact_id": contact_id, "placed_at": payload.placed_at, "status": payload.status.value,
         "currency": payload.currency, "total_amount": payload.total_amount, "channel": payload.channel,
@@ -107,6 +124,8 @@ async def upsert_order(
     current = (await session.execute(
         select(_orders).where(_orders.c.external_id == external_id).with_for_update()
     )).mappings().first()
+    if current is not None and current["contact_id"] not in (contact_id, previous):
+        await locks.lock_contacts(session, [current["contact_id"]])  # moved meanwhile: its stats follow too
     if expected_version is not None:
         if current is None:
             raise PreconditionFailed("the order does not exist yet: send no If-Match to create it")
@@ -155,16 +174,20 @@ async def contact_orders(session: AsyncSession, contact_id: uuid.UUID, *, limit:
 
 async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal,
                         policy: LifecyclePolicy) -> None:
-    """Recompute a contact's stats from its counted orders, in the currency of its latest order."""
+    """Recompute a contact's stats from its counted orders, in the currency of its latest order.
+
+    The contact is locked first (FOR NO KEY UPDATE: rows referencing it may still be inserted), so what is read
+    next includes every order change committed before ours: stats never point at an order cancelled meanwhile.
+    """
     now = utc_now()
+    current = (await session.execute(
+        select(_contacts.c.lifecycle_stage).where(_contacts.c.id == contact_id).with_for_update(key_share=True)
+    )).scalar_one()
     counted = and_(_orders.c.contact_id == contact_id, _orders.c.status.not_in(NOT_COUNTED))
     latest = (await session.execute(
         select(_orders.c.currency, _orders.c.total_amount, _orders.c.placed_at).where(counted)
         .order_by(_orders.c.placed_at.desc(), _orders.c.id.desc()).limit(1)
     )).first()
-    current = (await session.execute(
-        select(_contacts.c.lifecycle_stage).where(_contacts.c.id == contact_id).with_for_update()
-    )).scalar_one()
     if latest is None:
         stats: dict[str, Any] = {"orders_count": 0, "total_spent": Decimal(0), "average_basket": None,
                                  "first_order_at": None, "last_order_at": None, "last_order_amount": None,
@@ -182,8 +205,8 @@ async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: 
                  "last_order_amount": latest.total_amount, "currency": latest.currency}
     stage = policy.stage(orders=stats["orders_count"], recent=recent, last_order_at=stats["last_order_at"], now=now)
     await session.execute(update_statement(_contacts).where(_contacts.c.id == contact_id).values(
-        **stats, lifecycle_stage=stage, version=_contacts.c.version + 1, updated_at=now, last_activity_at=func.greatest(_contacts.c.last_activity_at,
-                                                                         stats["last_order_at"])))
+        **stats, lifecycle_stage=stage, version=_contacts.c.version + 1, updated_at=now,
+        last_activity_at=func.greatest(_contacts.c.last_activity_at, stats["last_order_at"])))
     if stage != current:
         await history.record(session, contact_id, [("lifecycle_stage", current, stage)], actor=actor, via="orders")
 
@@ -195,7 +218,7 @@ async def refresh_aged_stages(session: AsyncSession, *, policy: LifecyclePolicy,
         select(_contacts.c.id, _contacts.c.lifecycle_stage.label("old_stage"))
         .where(and_(_contacts.c.last_order_at < cutoff,
                     _contacts.c.lifecycle_stage.in_(("new_customer", "loyal_customer"))))
-        .with_for_update()
+        .order_by(_contacts.c.id).with_for_update(key_share=True)  # many contacts: in id order (services/locks.py)
         .subquery()
     )
     rows = (await session.execute(

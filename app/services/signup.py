@@ -34,6 +34,7 @@ from app.security import Principal, Role
 from app.services import consents, contacts, memberships, suppressions
 from app.services import lists as lists_service
 from app.services.links import LinkBuilder
+from app.services.suppressions import SuppressedContact
 from app.services.lists import ListNotFound, rfc3339
 
 __all__ = ["PUBLIC_SIGNUP", "open_list", "sign_up"]
@@ -69,7 +70,10 @@ async def sign_up(
     the_list = await lists_service.lock(session, list_id)  # cannot be deleted or closed under us
     if not the_list["public_signup"]:
         return "closed"
-    contact = await _find_or_create(session, form)
+    try:
+        contact = await _find_or_create(session, form)
+    except SuppressedContact:  # erased while this request ran (contacts.create checks after its insert)
+        return "suppressed"
     accepted = the_list["accepted_kinds"]
     if not consents.mailable(contact) or (accepted is not None and contact["kind"] not in accepted):
         return "not_mailable"
@@ -96,9 +100,10 @@ async def _find_or_create(session: AsyncSession, form: SignupForm) -> Mapping[st
         )).scalar_one_or_none()
         if found is None:
             try:
-                found = (await contacts.create(session, ContactCreate(
-                    email=form.email, first_name=form.first_name, last_name=form.last_name, source=_SOURCE,
-                ), actor=PUBLIC_SIGNUP, via="public_signup"))["id"]
+                async with session.begin_nested():  # a refusal raised after the insert undoes it
+                    found = (await contacts.create(session, ContactCreate(
+                        email=form.email, first_name=form.first_name, last_name=form.last_name, source=_SOURCE,
+                    ), actor=PUBLIC_SIGNUP, via="public_signup"))["id"]
             except DuplicateContact:
                 continue  # created meanwhile by a concurrent request: find it
         try:

@@ -5,7 +5,8 @@ yet Carnet must not keep the address itself. So each address is kept as HMAC-SHA
 form, keyed with a key derived from the deployment secret: without the key nobody can test guesses
 against the table, which a bare SHA-256 of an email would allow in seconds.
 
-Every path that creates a contact or gives one a new email or phone calls `ensure_not_suppressed`.
+Every path that creates a contact or gives one a new email or phone calls `ensure_not_suppressed` after its
+write, in the same transaction (app/services/contacts.py says why after).
 Re-admission is explicit: `release` (admin) records who released the address and the person's fresh
 consent proof, and the address stops being suppressed.
 """
@@ -29,6 +30,7 @@ from app.security import Principal
 
 __all__ = [
     "KINDS",
+    "SUPPRESSED_SQLSTATE",
     "SuppressedContact",
     "SuppressionNotFound",
     "configure",
@@ -44,6 +46,7 @@ __all__ = [
 ]
 
 KINDS = ("email", "phone")
+SUPPRESSED_SQLSTATE = "CS001"  # raised by the SQL function carnet_refuse_suppressed (migration 0019)
 _t = Suppression.__table__  # type: ignore[attr-defined]
 _key: bytes | None = None
 

@@ -1,4 +1,4 @@
-"""Live processes for fault drills: a private PostgreSQL cluster and a real `carnet serve` on a free port.
+"""Live processes for fault drills: a private PostgreSQL cluster, a real `carnet serve` on a free port, workers.
 
 Nothing here touches the machine's shared PostgreSQL (:5432): the cluster is initdb'ed into a temporary
 directory, listens on its own port, and is stopped and removed by its owner.
@@ -18,13 +18,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
 
-__all__ = ["LiveServer", "PgCluster", "free_port", "rss_kib"]
+from tests.auth import TEST_SECRET
+
+__all__ = ["LiveServer", "PgCluster", "WorkerProcess", "free_port", "rss_kib"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CARNET = Path(sys.executable).with_name("carnet")
@@ -173,6 +176,61 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def __enter__(self) -> LiveServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """`carnet worker` in its own process, so it can be SIGKILLed like a crashed machine."""
+
+    def __init__(self, workdir: Path, database_url: str, jwt_secret: str = TEST_SECRET, **env: str) -> None:
+        self.log = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "JWT_", "TEST_"))},
+            "DATABASE_URL": database_url, "JWT_SECRET": jwt_secret, "SYNC_ALLOW_PRIVATE_NETWORKS": "true",
+            "DELIVERY_LEASE_SECONDS": "15", "LIFECYCLE_REFRESH_SECONDS": "0",
+            **env,
+        }
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log.open("ab") as handle:
+            self.proc = subprocess.Popen([str(CARNET), "worker"], cwd=self.workdir, env=self.env,  # noqa: S603
+                                         stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_lines(self, event: str) -> list[str]:
+        """The worker's JSON log lines for one event."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if f'"event": "{event}"' in line]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -29,7 +27,7 @@ from app.security import Role
 from tests.auth import TEST_SECRET, bearer
 from tests.fakes.mailchimp import FakeMailchimp, subscriber_hash
 from tests.fakes.server import LiveServer as FakeServer
-from tests.faults.harness import CARNET, LiveServer, PgCluster, private_cluster
+from tests.faults.harness import LiveServer, PgCluster, WorkerProcess, private_cluster
 
 pytestmark = pytest.mark.fault
 
@@ -45,39 +43,6 @@ REMOTE = ("mc-a", "mc-b", "mc-c")
 def cluster() -> Iterator[PgCluster]:
     with private_cluster("carnet-sync-drill-pg-", "carnet_sync") as pg:
         yield pg
-
-
-class WorkerProcess:
-    """`carnet worker` in its own process, so it can be SIGKILLed like a crashed machine."""
-
-    def __init__(self, workdir: Path, database_url: str) -> None:
-        self.log = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "JWT_", "TEST_"))},
-            "DATABASE_URL": database_url, "JWT_SECRET": TEST_SECRET, "SYNC_ALLOW_PRIVATE_NETWORKS": "true",
-            "DELIVERY_LEASE_SECONDS": "15", "LIFECYCLE_REFRESH_SECONDS": "0",
-        }
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> WorkerProcess:
-        with self.log.open("ab") as handle:
-            self.proc = subprocess.Popen([str(CARNET), "worker"], cwd=self.workdir, env=self.env,  # noqa: S603
-                                         stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope="module")

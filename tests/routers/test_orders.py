@@ -175,6 +175,23 @@ class TestContactReference:
         assert [r["status"] for r in batch.json()["results"]] == ["created"]
         assert (await contact_of(client, contact["id"]))["external_id"] == "SHOP-8"
 
+    async def test_a_merged_contact_is_followed_to_its_survivor_an_erased_one_is_422(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        # Issue 21: the merge moved the person's orders and events to the survivor; a late one goes there too.
+        survivor, duplicate, erased = [await make_contact(client) for _ in range(3)]
+        merged = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                   headers=ADMIN)
+        assert merged.status_code == 200
+        assert (await put(client, "LATE-1", order({"id": duplicate["id"]}))).json()["contact_id"] == survivor["id"]
+        event = {"contact": {"id": duplicate["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z"}
+        created = await client.post("/v1/events", json=event, headers=INTEGRATION)
+        assert created.json()["contact_id"] == survivor["id"]
+        assert (await contact_of(client, survivor["id"]))["stats"]["orders_count"] == 1
+        assert (await client.delete(f"/v1/contacts/{erased['id']}", headers=ADMIN)).status_code == 204
+        gone = await put(client, "LATE-2", order({"id": erased["id"]}))
+        assert assert_problem(gone, 422, "contact.id")["errors"][0]["code"] == "unknown_contact"
+
 
 class TestTimestampRange:
     """An offset that pushes a timestamp outside years 1-9999 in UTC (what timestamptz stores): 422, never 500."""

@@ -1,0 +1,68 @@
+"""Row locks on contacts, taken the same way by every write (docs/operations.md, "Locking rules").
+
+A write locks the contacts it touches before it reads what decides it and before it inserts a row referencing
+them (an order's, an event's foreign-key check takes a KEY SHARE lock: one taken first and "upgraded" later
+deadlocks against another writer doing the same). It takes the mode it will need at once, never upgrading:
+FOR UPDATE when it may change a contact's email or external_id or delete it, else FOR NO KEY UPDATE. Several
+contacts are locked in one statement, in id order.
+
+A contact merged away is followed to its survivor (`contact_merge`, merges of merges in one step), as emailed
+links follow it: the merge moved the person's orders, events, consents and memberships there.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import Contact
+
+__all__ = ["lock_contacts", "lock_following_merges", "survivor_of"]
+
+_contacts = Contact.__table__  # type: ignore[attr-defined]
+# A merge committing while a writer waits for the merged contact's lock moves the writer on to the survivor; a
+# few steps only ever cover merges racing that one write.
+_MAX_FOLLOWS = 5
+
+
+async def lock_contacts(
+    session: AsyncSession, contact_ids: Iterable[uuid.UUID | None], *, key_change: bool = False
+) -> set[uuid.UUID]:
+    """Lock these contacts for this transaction, in id order; the ids that exist (a deleted one is skipped)."""
+    wanted = sorted({i for i in contact_ids if i is not None})
+    if not wanted:
+        return set()
+    query = select(_contacts.c.id).where(_contacts.c.id.in_(wanted)).order_by(_contacts.c.id)
+    query = query.with_for_update() if key_change else query.with_for_update(key_share=True)  # FOR NO KEY UPDATE
+    return set((await session.scalars(query)).all())
+
+
+async def lock_following_merges(
+    session: AsyncSession, contact_id: uuid.UUID, *, along: uuid.UUID | None = None, key_change: bool = False
+) -> uuid.UUID | None:
+    """Lock the contact, or the survivor it was merged into, with `along` (locked in the same statement); the id
+    locked, or None when the person was erased (merged or not)."""
+    for _ in range(_MAX_FOLLOWS):
+        if contact_id in await lock_contacts(session, [contact_id, along], key_change=key_change):
+            return contact_id
+        survivor = await survivor_of(session, contact_id)
+        if survivor is None:
+            return None
+        contact_id = survivor
+    return None
+
+
+async def survivor_of(session: AsyncSession, contact_id: uuid.UUID) -> uuid.UUID | None:
+    """The contact that now carries a merged contact (following merges of merges), or None if never merged."""
+    return await session.scalar(text("""
+        WITH RECURSIVE chain(id, depth) AS (
+            SELECT survivor_id, 1 FROM contact_merge WHERE merged_id = :id
+            UNION ALL
+            SELECT m.survivor_id, c.depth + 1 FROM contact_merge m JOIN chain c ON m.merged_id = c.id
+            WHERE c.depth < 100
+        )
+        SELECT id FROM chain ORDER BY depth DESC LIMIT 1
+    """), {"id": contact_id})
