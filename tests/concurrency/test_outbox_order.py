@@ -34,7 +34,8 @@ async def test_each_contact_hears_its_changes_in_order_exactly_once(race: Race) 
         "kind": "webhook", "name": "shop", "config": {"url": "http://placeholder.invalid/"}})
     receiver = FakeWebhookReceiver(hook["generated_secrets"]["secret"])
     with FakeServer(receiver) as server:
-        await race.ok("PATCH", f"/v1/destinations/{hook['id']}", json={"config": {"url": server.url + "/carnet"}})
+        await race.ok("PATCH", f"/v1/destinations/{hook['id']}", json={  # a secret goes with its address
+            "config": {"url": server.url + "/carnet", "secret": hook["generated_secrets"]["secret"]}})
         contacts = [str((await race.ok("POST", "/v1/contacts", json={"email": unique_email()}))["id"])
                     for _ in range(CONTACTS)]
         spares = [str((await race.ok("POST", "/v1/contacts", json={"email": unique_email()}))["id"])

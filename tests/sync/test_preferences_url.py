@@ -53,8 +53,9 @@ async def test_webhook_payloads_carry_it(
     hook = await destination(committing_client, kind="webhook", config={"url": "http://placeholder.invalid/"})
     receiver = FakeWebhookReceiver(hook["generated_secrets"]["secret"])
     with LiveServer(receiver) as live:
-        await committing_client.patch(f"/v1/destinations/{hook['id']}", json={"config": {"url": live.url}},
-                                      headers=ADMIN)
+        moved = await committing_client.patch(f"/v1/destinations/{hook['id']}", headers=ADMIN, json={
+            "config": {"url": live.url, "secret": hook["generated_secrets"]["secret"]}})  # a secret goes with its address
+        assert moved.status_code == 200, moved.text
         news = await make_list(committing_client, double_opt_in=True)
         person = await make_contact(committing_client)
         await subscribe(committing_client, news["id"], person["id"])
