@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
     import_report_values_days: int = Field(default=30, ge=1, le=3650)  # refused cells kept in reports, then cleared
 
+    # The access journal (docs/gdpr.md "Access journal"): read entries are buffered per process and chained
+    # every JOURNAL_FLUSH_SECONDS (the most a crash can lose); a full buffer (database away) → 503 on reveals.
+    journal_enabled: bool = True     # false: no journal at all (benchmarks only: accesses go unrecorded)
+    journal_flush_seconds: float = Field(default=0.25, gt=0, le=60)
+    journal_buffer_max: int = Field(default=50_000, ge=100, le=10_000_000)
+    journal_retention_days: int = Field(default=365, ge=1, le=36500)
+
     log_json: bool = True
     log_level: str = "INFO"
 

@@ -7,6 +7,7 @@ from app.models.contacts import Contact
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
 from app.models.imports import ImportChunk, ImportJob, ImportKey, ImportReject
+from app.models.journal import JournalAnchor, JournalEntry, JournalErasure, JournalPending
 from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
 from app.models.orders import Event, Order
@@ -31,6 +32,10 @@ __all__ = [
     "ImportJob",
     "ImportKey",
     "ImportReject",
+    "JournalAnchor",
+    "JournalEntry",
+    "JournalErasure",
+    "JournalPending",
     "ListMembership",
     "MailingList",
     "Order",
@@ -40,6 +45,6 @@ __all__ = [
     "SegmentSync",
     "Suppression",
     "SyncLink",
-    "WorkerHeartbeat",
     "Tag",
+    "WorkerHeartbeat",
 ]
