@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import make_engine, make_sessionmaker
 from app.embedded import EmbeddedPostgres
 from app.errors import AppError
-from app.security import Role, Scope
+from app.security import Principal, Role, Scope
 from app.security.tokens import IssuedToken, TokenSigner
 from app.services import tokens as tokens_service
 from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
@@ -31,6 +31,12 @@ cli = typer.Typer(help="Carnet: the customer file as an API.", no_args_is_help=T
 token_cli = typer.Typer(help="Access tokens.", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
 
+def cli_actor(name: str) -> Principal:
+    """Who a command acts as, in tokens' `issued_by` and the access journal: the command, not a token."""
+    return Principal(name, Role.ADMIN, frozenset(), name)
+
+
+CLI_ACTOR = cli_actor("cli")
 _TTL = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -113,7 +119,7 @@ def token_create(
     async def create(session: AsyncSession) -> IssuedToken:
         return await tokens_service.issue(
             session, _signer(settings), subject=subject, role=role, scopes=frozenset(scope) if scope else None,
-            ttl_seconds=ttl_seconds, issued_by="cli",
+            ttl_seconds=ttl_seconds, actor=CLI_ACTOR,
         )
 
     issued = _in_transaction(settings, create)
@@ -141,7 +147,7 @@ def token_revoke(jti: Annotated[str, typer.Argument(help="The token id (jti)")])
     settings = _settings()
 
     async def revoke(session: AsyncSession) -> dict[str, Any]:
-        return await tokens_service.revoke(session, jti, revoked_by="cli")
+        return await tokens_service.revoke(session, jti, actor=CLI_ACTOR)
 
     _in_transaction(settings, revoke)
     typer.echo(f"revoked {jti}")
@@ -274,6 +280,7 @@ def export_contacts(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from app.services import exports as exports_service
+    from app.services import journal as journal_service
 
     try:
         options = exports_service.ExportOptions(
@@ -299,6 +306,10 @@ def export_contacts(
                 lines += chunk.count(b"\n")  # rows (a cell holding a line break counts twice: capped below)
                 progress.update(task, completed=min(max(lines, 0), total))
             progress.update(task, completed=total)
+        await journal_service.record(session, journal_service.act(
+            CLI_ACTOR, "exports.contacts", kind="export", count=total, detail={
+                "format": options.format.value, "segment_id": segment, "list_id": list_id,
+                "list_status": list_status if list_id else None, "output": str(output) if output else "stdout"}))
         return total
 
     try:
@@ -307,6 +318,79 @@ def export_contacts(
         if output:
             sink.close()
     typer.echo(f"{count} contact(s) exported" + (f" to {output}" if output else ""), err=True)
+
+
+journal_cli = typer.Typer(help="The access journal (docs/gdpr.md).", no_args_is_help=True)
+cli.add_typer(journal_cli, name="journal")
+
+
+@journal_cli.command("verify")
+def journal_verify() -> None:
+    """Check the hash chain from its first kept entry; exit 1 at the first broken link."""
+    from app.services import journal as journal_service
+
+    settings = _settings()
+
+    async def run(session: AsyncSession) -> tuple[int, Any, Any]:
+        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        await journal_service.append(connection, [])  # acts still pending join the chain first
+        checked, broken = await journal_service.verify(connection)
+        head = await connection.fetchrow("SELECT seq, hash FROM journal_entry ORDER BY seq DESC LIMIT 1")
+        return checked, broken, head
+
+    checked, broken, head = _in_transaction(settings, run)
+    if broken is not None:
+        typer.echo(f"journal: BROKEN at entry {broken.seq}: {broken.reason} ({checked} entries before it hold)",
+                   err=True)
+        raise typer.Exit(1)
+    where = f"; head {head['seq']} {head['hash'].hex()}" if head else ""
+    typer.echo(f"journal: {checked} entries verified{where}")
+
+
+@journal_cli.command("export")
+def journal_export(
+    since: Annotated[str | None, typer.Option(help="ISO date or time (UTC): entries at or after")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date or time (UTC): entries before")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout)")] = None,
+) -> None:
+    """Entries as JSON Lines, oldest first, with their hashes (verifiable elsewhere)."""
+    from datetime import UTC, datetime
+
+    from app.schemas.journal import present_entry
+
+    def instant(value: str | None) -> datetime | None:
+        if value is None:
+            return None
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise typer.BadParameter(f"not an ISO date or time: {value}") from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    start, end = instant(since), instant(until)
+    settings = _settings()
+    sink = output.open("w", encoding="utf-8") if output else sys.stdout
+
+    async def run(session: AsyncSession) -> int:
+        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        written, after = 0, 0
+        while True:
+            rows = await connection.fetch(
+                "SELECT * FROM journal_entry WHERE seq > $1 AND ($2::timestamptz IS NULL OR at >= $2) "
+                "AND ($3::timestamptz IS NULL OR at < $3) ORDER BY seq LIMIT 5000", after, start, end)
+            for row in rows:
+                sink.write(json.dumps(present_entry(row), default=str, ensure_ascii=False) + "\n")
+            written += len(rows)
+            if len(rows) < 5000:
+                return written
+            after = rows[-1]["seq"]
+
+    try:
+        count = _in_transaction(settings, run)
+    finally:
+        if output:
+            sink.close()
+    typer.echo(f"{count} journal entr{'y' if count == 1 else 'ies'} exported", err=True)
 
 
 @cli.command()
@@ -375,7 +459,7 @@ def _print_bootstrap_token(settings: Settings, url: str) -> None:
     async def create(session: AsyncSession) -> IssuedToken:
         return await tokens_service.issue(
             session, _signer(settings), subject="bootstrap-admin", role=Role.ADMIN, scopes=None,
-            ttl_seconds=settings.jwt_default_ttl_seconds, issued_by="carnet serve",
+            ttl_seconds=settings.jwt_default_ttl_seconds, actor=cli_actor("carnet serve"),
         )
 
     issued = _in_transaction(settings, create, url=url)

@@ -19,6 +19,7 @@ from app.embedded import EmbeddedPostgres
 from app.errors import InvalidInput, problems
 from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_read_route, contact_upsert_route
 from app.jobs import run_periodically
+from app.journal import Journal, JournalReads
 from app.logging import configure_logging, get_logger
 from app.middleware import BodySizeLimit, RequestContext
 from app.migrations import head_revision
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
     app.state.lifecycle_policy = lifecycle_policy(settings)
+    app.state.journal = Journal(flush_seconds=settings.journal_flush_seconds,
+                                max_buffer=settings.journal_buffer_max) if settings.journal_enabled else None
     app.state.secret_box = SecretBox.from_setting(
         settings.secrets_keys.get_secret_value() if settings.secrets_keys else None, fallback_master=signer.secret)
 
@@ -90,6 +93,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         app.add_middleware(ContactUpsertFastPath, upsert=contact_upsert_route(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/imports": settings.import_max_bytes})
+    if app.state.journal is not None:  # inside RequestContext (the request id), around everything that answers
+        app.add_middleware(JournalReads, journal=app.state.journal)
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -115,6 +120,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.lifecycle_refresh_seconds:
         lifecycle = asyncio.create_task(run_periodically(
             app.state.sessionmaker, lifecycle_policy(settings), every_seconds=settings.lifecycle_refresh_seconds))
+    journal: Journal | None = app.state.journal
+    journaling = asyncio.create_task(journal.run(app.state.sessionmaker)) if journal is not None else None
     log.info("app.started", embedded=embedded is not None)
     in_process_worker = settings.run_worker_in_api if settings.run_worker_in_api is not None else settings.embedded
     background = contextlib.AsyncExitStack()
@@ -130,6 +137,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         gc.unfreeze()
         await background.aclose()
+        if journaling is not None:  # after the in-process worker: its last acts are chained too
+            journaling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await journaling
         if lifecycle is not None:
             lifecycle.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     # Proxies whose X-Forwarded-For uvicorn trusts for the client address (uvicorn's --forwarded-allow-ips);
     # unset: the connecting address, which behind a proxy is the proxy's (per-IP signup limits then count it).
     forwarded_allow_ips: str | None = None
+    # The access journal (docs/gdpr.md "Access journal"): read entries are buffered per process and chained
+    # every JOURNAL_FLUSH_SECONDS (the most a crash can lose); a full buffer (database away) → 503 on reveals.
+    journal_enabled: bool = True     # false: no journal at all (benchmarks only: accesses go unrecorded)
+    journal_flush_seconds: float = Field(default=0.25, gt=0, le=60)
+    journal_buffer_max: int = Field(default=50_000, ge=100, le=10_000_000)
+    journal_retention_days: int = Field(default=365, ge=1, le=36500)
 
     log_json: bool = True
     log_level: str = "INFO"

@@ -1,6 +1,10 @@
 """Carnet vs a raw asyncpg "floor", side by side, in one run.
 
     .venv/bin/python bench/bench_api.py [--seconds N] [--concurrency C] [--rounds R] [--client wrk|httpx]
+    .venv/bin/python bench/bench_api.py --baseline-env JOURNAL_ENABLED=false   # the access journal's cost
+
+With --baseline-env, the "floor" is Carnet itself with those settings (same code, same flags), and the bars are
+the journal's (docs/performance.md "Access journal"): read >= 0.8x, upsert >= 0.9x of the journal-off build.
 
 What it does:
   1. (Re)creates the database `carnet_bench` on 127.0.0.1:5432, runs Carnet's migrations, seeds 20k
@@ -53,6 +57,10 @@ TARGETS = {
     "read": {"throughput_ratio": 0.7, "p99_ratio": 2.0},
     "upsert": {"throughput_ratio": 0.5, "p99_ratio": None},
 }
+BASELINE_TARGETS = {  # Carnet against Carnet with --baseline-env (ARCHITECTURE.md: the journal's bars)
+    "read": {"throughput_ratio": 0.8, "p99_ratio": None},
+    "upsert": {"throughput_ratio": 0.9, "p99_ratio": None},
+}
 PATHS = {
     ("floor", "read"): "/floor/contacts/",
     ("carnet", "read"): "/v1/contacts/",
@@ -84,6 +92,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--carnet-app-dir", default=None, help="directory to import --carnet-app from")
     p.add_argument("--carnet-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for Carnet, e.g. DATABASE_POOL_SIZE=20 (repeatable)")
+    p.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="instead of the raw floor, compare with Carnet run with these settings "
+                        "(e.g. JOURNAL_ENABLED=false); repeatable")
     p.add_argument("--profile", action="store_true",
                    help="after the measurements, one extra Carnet slice per scenario under py-spy "
                         "(bench/out/profile_<scenario>.txt, collapsed stacks); not counted in the numbers")
@@ -561,19 +572,29 @@ def main() -> None:
     token = issue_access_token(secret, subject="bench", role=Role.ADMIN, ttl_seconds=3600).token
     servers: dict[str, Server] = {}
     try:
-        servers["floor"] = start_server("floor", ["--app-dir", str(BENCH), "floor_app:app"],
-                                        {"FLOOR_DATABASE_URL": db_url})
         app_dir = ["--app-dir", args.carnet_app_dir] if args.carnet_app_dir else []
-        servers["carnet"] = start_server("carnet", [*app_dir, "--factory", args.carnet_app], {
+        carnet_env = {
             "DATABASE_URL": db_url, "JWT_SECRET": secret, "LOG_LEVEL": "WARNING",
             # One token drives all the load: lift its per-token rate limit (the limiter still runs).
             "RATE_LIMIT_PER_SECOND": "1000000", "RATE_LIMIT_BURST": "1000000",
             **dict(kv.split("=", 1) for kv in args.carnet_env),
-        })
-        wait_ready(servers["floor"], "/healthz")
+        }
+        if args.baseline_env:  # Carnet against itself: same app, the baseline's settings on the "floor" side
+            TARGETS.update(BASELINE_TARGETS)
+            for scenario in ("read", "upsert"):
+                PATHS[("floor", scenario)] = PATHS[("carnet", scenario)]
+            servers["floor"] = start_server("floor", [*app_dir, "--factory", args.carnet_app], {
+                **carnet_env, **dict(kv.split("=", 1) for kv in args.baseline_env)})
+            wait_ready(servers["floor"], "/readyz")
+        else:
+            servers["floor"] = start_server("floor", ["--app-dir", str(BENCH), "floor_app:app"],
+                                            {"FLOOR_DATABASE_URL": db_url})
+            wait_ready(servers["floor"], "/healthz")
+        servers["carnet"] = start_server("carnet", [*app_dir, "--factory", args.carnet_app], carnet_env)
         wait_ready(servers["carnet"], "/readyz")
-        sanity_check(servers["floor"], servers["carnet"], token, keys[0][0])
-        tokens = {"floor": None, "carnet": token}
+        if not args.baseline_env:
+            sanity_check(servers["floor"], servers["carnet"], token, keys[0][0])
+        tokens = {"floor": token if args.baseline_env else None, "carnet": token}
         print(f"[setup] ready in {time.monotonic() - t0:.0f}s: floor :{servers['floor'].port}, "
               f"carnet :{servers['carnet'].port}, client {args.client}, concurrency {args.concurrency}", flush=True)
 
@@ -636,6 +657,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "servers": "uvicorn, 1 worker each, uvloop + httptools, --no-access-log; Carnet LOG_LEVEL=WARNING",
         "carnet_app": args.carnet_app, "carnet_env": args.carnet_env,
+        "baseline": {"carnet_env": args.baseline_env} if args.baseline_env else "raw floor (bench/floor_app.py)",
         "wall_time_s": round(time.monotonic() - t0, 1),
     }
     results["meta"]["code_fingerprint"] = code_fingerprint()

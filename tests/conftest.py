@@ -139,6 +139,14 @@ async def client(app: FastAPI, sessions: async_sessionmaker[AsyncSession]) -> As
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
     app.dependency_overrides.clear()
+    _forget_journal(app)
+
+
+def _forget_journal(app: FastAPI) -> None:
+    """No lifespan runs under ASGITransport, so nothing flushes the journal's buffer: a test that wants its
+    entries flushes them (tests/routers/test_journal.py); the others' must not pile up across the session."""
+    if app.state.journal is not None:
+        app.state.journal.discard()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -154,6 +162,7 @@ async def committing_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         yield http
     app.dependency_overrides.clear()
+    _forget_journal(app)
     async with engine.begin() as conn:
         await conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
 

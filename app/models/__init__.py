@@ -8,6 +8,7 @@ from app.models.erasure_requests import ErasureRequest
 from app.models.history import ContactHistory
 from app.models.idempotency import IdempotencyRecord
 from app.models.imports import ImportChunk, ImportJob, ImportKey, ImportReject
+from app.models.journal import JournalAnchor, JournalEntry, JournalErasure, JournalPending
 from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
 from app.models.orders import Event, Order
@@ -33,6 +34,10 @@ __all__ = [
     "ImportJob",
     "ImportKey",
     "ImportReject",
+    "JournalAnchor",
+    "JournalEntry",
+    "JournalErasure",
+    "JournalPending",
     "ListMembership",
     "MailingList",
     "Order",

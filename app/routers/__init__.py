@@ -12,6 +12,7 @@ from app.routers import (
     health,
     imports,
     inbound,
+    journal,
     lists,
     orders,
     preferences,
@@ -47,6 +48,7 @@ v1_router.include_router(segments.router)
 v1_router.include_router(imports.router)
 v1_router.include_router(destinations.router)
 v1_router.include_router(destinations.deliveries_router)
+v1_router.include_router(journal.router)
 
 health_router = health.router
 # No token: the signed link in the URL is the credential (app.services.links); signups carry CORS and limits.

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter
 
+from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, problems
 from app.routers.deps import Idempotency, JSONBody
@@ -42,6 +43,8 @@ async def get_consents(contact_id: uuid.UUID, session: ReadSession, caller: Read
     """The current state of every purpose, and the whole ledger in the order things happened."""
     ledger = await consents_service.ledger(session, contact_id)
     events = [present_event(r, reveal_pii=caller.sees_pii) for r in ledger["events"]]
+    if events and caller.sees_pii:  # the proofs' IP, user agent and form URL in clear
+        reveal(contact_id)
     return JSONBody({**ledger, "events": events})
 
 

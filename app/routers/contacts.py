@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 
+from app.access import note
 from app.db import BareConnection, ReadSession, WriteSession, bare_connection
 from app.errors import (
     ContactNotFound,
@@ -36,6 +37,7 @@ from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName, Ti
 from app.security import Principal, Scope, require
 from app.services import contacts as contacts_service
 from app.services import history as history_service
+from app.services import journal as journal_service
 from app.services import lists as lists_service
 from app.services import segments as segments_service
 from app.services.suppressions import SuppressedContact
@@ -147,6 +149,7 @@ async def list_contacts(
     rows, next_cursor = await contacts_service.list_page(
         session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
     )
+    note(filter=journal_service.search_detail(request.query_params, hidden=("q", "email"), drop=("cursor",)))
     return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows], "next_cursor": next_cursor})
 
 

@@ -67,7 +67,7 @@ async def create_destination(
     """
     if idem.replay:
         return idem.replay
-    row, generated = await service.create(session, payload, box=request.app.state.secret_box)
+    row, generated = await service.create(session, payload, box=request.app.state.secret_box, actor=caller)
     body = await _present(session, request, row)
     headers = {"ETag": etag(row["version"]), "Location": f"/v1/destinations/{row['id']}"}
     await idem.respond(201, {**body, "generated_secrets": {}}, headers)  # stored for replays: no secret kept
@@ -85,11 +85,11 @@ async def get_destination(destination_id: uuid.UUID, session: ReadSession, reque
               responses=problems(DestinationNotFound, DuplicateDestination, PreconditionFailed))
 async def update_destination(
     destination_id: uuid.UUID, patch: Annotated[DestinationPatch, Body()], session: WriteSession,
-    request: Request, _: Writer, expected_version: IfMatch,
+    request: Request, caller: Writer, expected_version: IfMatch,
 ) -> Any:
     """Merge patch. Re-enabling a destination clears its failure count and `disabled_reason`."""
     row = await service.update(session, destination_id, patch, box=request.app.state.secret_box,
-                               expected_version=expected_version)
+                               expected_version=expected_version, actor=caller)
     return JSONBody(await _present(session, request, row), headers={"ETag": etag(row["version"])})
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from app.access import describe
 from app.db import ReplicaSession, bare_connection
 from app.errors import InvalidInput, problems
 from app.logging import get_logger
@@ -59,6 +60,9 @@ async def export_contacts(
     options = ExportOptions(format=format, segment_id=segment, list_id=list_id, list_status=list_status,
                             delimiter=delimiter, bom=bom)
     query = await exports_service.prepare(session, options, masked=not caller.sees_pii)
+    if not query.masked:  # a masked export is not an access to personal data (docs/gdpr.md)
+        describe("exports.contacts", kind="export", format=format.value, segment_id=segment, list_id=list_id,
+                 list_status=list_status.value if list_id else None)
     filename = f"contacts-{utc_now():%Y%m%d-%H%M%S}.{format.value}"
     log.info("export.started", format=format.value, masked=query.masked, subject=caller.subject,
              segment_id=str(segment) if segment else None, list_id=str(list_id) if list_id else None)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.access import count_rows, describe
 from app.db import ReadSession, WriteSession, get_read_sessionmaker
 from app.errors import BadRequest, IdempotencyKeyReused, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
@@ -144,6 +145,8 @@ async def get_import_rejects(
     job = await imports_service.get(session, import_id)
     fields = {job["header"][int(i)]: field for i, field in job["mapping"].items()}
     reveal = caller.sees_pii
+    if reveal:  # refused cells in clear: the people in the file (docs/gdpr.md "Access journal")
+        describe("imports.rejects", import_id=import_id)
 
     async def lines() -> AsyncIterator[bytes]:
         yield _csv_line(["row", "column", "field", "reason", "value"])
@@ -151,6 +154,8 @@ async def get_import_rejects(
         while True:
             async with makers() as reader:
                 page = await imports_service.rejects(reader, import_id, after_id=after, limit=_PAGE)
+            if reveal:
+                count_rows(len(page))
             for r in page:
                 field = fields.get(r["column"]) if r["column"] else None
                 value = r["value"] if reveal else _mask(field, r["value"])

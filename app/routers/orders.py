@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
 from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
@@ -59,7 +60,9 @@ async def put_order(
 async def get_order(
     external_id: ExternalId, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)]
 ) -> Any:
-    return _order_response(await orders_service.get_order(session, external_id))
+    row = await orders_service.get_order(session, external_id)
+    reveal(row["contact_id"])  # a person's purchases: never masked, always journaled (docs/gdpr.md)
+    return _order_response(row)
 
 
 @events_router.post("", status_code=201, response_model=EventRead,
@@ -99,6 +102,8 @@ async def list_contact_orders(
 ) -> Any:
     """Newest first; `next_cursor` continues."""
     rows = await orders_service.contact_orders(session, contact_id, limit=limit, before=_order_cursor(cursor))
+    if rows:
+        reveal(contact_id)
     next_cursor = f"{rows[limit - 1]['placed_at'].isoformat()}|{rows[limit - 1]['id']}" if len(rows) > limit else None
     return JSONBody({"data": rows[:limit], "next_cursor": next_cursor})
 

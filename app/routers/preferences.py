@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, ContactNotFound, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
@@ -68,6 +69,7 @@ async def get_contact_links(
     """The person's signed preference center link, to put in any email (also pushed to the emailing tools as
     the `preferences_url` field and carried in webhook payloads). A credential for that person: `pii:read`."""
     await contacts_service.get(session, contact_id)
+    reveal(contact_id)  # a credential for the person's data: journaled like a read of it
     return JSONBody({"preferences_url": links.preferences_url(contact_id)})
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 
+from app.access import note
 from app.db import ReadSession, ReplicaSession, WriteSession, bare_connection
 from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
 from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
@@ -23,6 +24,7 @@ from app.schemas.segments import (
 )
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
+from app.services import journal as journal_service
 from app.services import segments as segments_service
 from app.services.segments import DuplicateSegment, SegmentInUse, SegmentNotFound
 
@@ -69,6 +71,7 @@ async def preview_segment(
     total = await segments_service.count(session, condition)
     rows, _next = await segments_service.contacts_page(session, condition, limit=PREVIEW_SIZE, cursor=None,
                                                        codec=request.app.state.cursor_codec)
+    note(count=total, filter_sha256=journal_service.fingerprint(payload.filter))  # the filter may hold an address
     return JSONBody({"count": total, "data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows]})
 
 
@@ -122,5 +125,6 @@ async def segment_contacts(
     condition = await segments_service.segment_condition(session, segment_id)
     rows, next_cursor = await segments_service.contacts_page(session, condition, limit=limit, cursor=cursor,
                                                              codec=request.app.state.cursor_codec)
+    note(segment_id=segment_id)
     return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows],
                      "next_cursor": next_cursor})

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
+from app.access import reveal
 from app.db import ReadSession
 from app.errors import ContactNotFound, problems
 from app.routers.deps import JSONBody
@@ -55,4 +56,6 @@ async def get_contact_timeline(
             row["data"] = {k: masked[k] for k in row["data"]}
         elif row["kind"] == "event" and not caller.sees_pii:  # free-form: masked like GET .../events
             row["data"] = {**row["data"], "properties": mask_json(row["data"]["properties"])}
+    if rows and (caller.sees_pii or any(row["kind"] == "order" for row in rows)):  # orders are never masked
+        reveal(contact_id)
     return JSONBody({"data": rows, "next_cursor": next_cursor})

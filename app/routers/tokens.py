@@ -38,7 +38,7 @@ async def create_token(
     issued = await tokens_service.issue(
         session, request.app.state.token_signer, subject=payload.subject, role=payload.role,
         scopes=frozenset(payload.scopes) if payload.scopes is not None else None,
-        ttl_seconds=payload.ttl_seconds or settings.jwt_default_ttl_seconds, issued_by=caller.subject,
+        ttl_seconds=payload.ttl_seconds or settings.jwt_default_ttl_seconds, actor=caller,
     )
     if idem.key is not None:
         await idempotency_service.complete(session, subject=idem.subject, key=idem.key, status_code=201,
@@ -56,7 +56,7 @@ async def list_tokens(session: ReadSession, _: Admin, limit: Limit = 100, includ
 @router.delete("/{jti}", response_model=TokenRead, responses=problems(tokens_service.TokenNotFound))
 async def revoke_token(jti: TokenId, request: Request, session: WriteSession, caller: Admin) -> Any:
     """Takes effect on the next request, in every API process (LISTEN/NOTIFY, database fallback)."""
-    row = await tokens_service.revoke(session, jti, revoked_by=caller.subject)
+    row = await tokens_service.revoke(session, jti, actor=caller)
     request.app.state.revocations.add(jti)
     return JSONBody(row)
 

@@ -11,6 +11,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName, Timestamp
 from app.security.masking import mask_email, mask_name, mask_phone, mask_text
@@ -226,7 +227,11 @@ class BatchResult(BaseModel):
 
 
 def present_contact(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]:
-    """The wire form of a contact row (ContactRead's shape), masked unless the caller may see PII."""
+    """The wire form of a contact row (ContactRead's shape), masked unless the caller may see PII.
+
+    Unmasked, it is an access to the person's data: the request's journal entry names the contact."""
+    if reveal_pii:
+        reveal(row["id"])
     data = {
         "id": row["id"],
         "external_id": row["external_id"],

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, StringConstraints
 
+from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.types import LongText
 from app.security.masking import mask_email, mask_name
@@ -59,6 +60,8 @@ def present_request(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, An
         out["contact"] = None
     elif reveal_pii:
         out["contact"] = {k: row[k] for k in ("email", "first_name", "last_name")}
+        if row["contact_id"] is not None:
+            reveal(row["contact_id"])  # journaled (app.access)
     else:
         out["contact"] = {"email": mask_email(row["email"]), "first_name": mask_name(row["first_name"]),
                           "last_name": mask_name(row["last_name"])}

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from app.access import reveal
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 
 __all__ = ["HistoryEntry", "HistoryPage", "present_history"]
@@ -48,7 +49,9 @@ def _mask(field: str, value: Any) -> Any:
 
 def present_history(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]:
     entry = {k: row[k] for k in ("id", "field", "old_value", "new_value", "subject", "via", "at", "contact_id")}
-    if not reveal_pii:
+    if reveal_pii:
+        reveal(row["contact_id"])  # journaled (app.access)
+    else:
         entry["old_value"] = _mask(row["field"], row["old_value"])
         entry["new_value"] = _mask(row["field"], row["new_value"])
     return entry

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
+from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.freeform import FreeJSONObject
 from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText
@@ -163,6 +164,8 @@ class EventBatchResult(BaseModel):
 def present_contact_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, Any]:
     """An event on the wire: without pii:read, its free-form `properties` are masked (security.masking.mask_json)."""
     event = dict(row)
-    if not reveal_pii:
+    if reveal_pii:
+        reveal(row["contact_id"])  # journaled (app.access)
+    else:
         event["properties"] = mask_json(event["properties"])
     return event

@@ -32,6 +32,7 @@ class Scope(StrEnum):
     DESTINATIONS_WRITE = "destinations:write"
     RETENTION_RUN = "retention:run"
     TOKENS_ADMIN = "tokens:admin"
+    JOURNAL_READ = "journal:read"
 
 
 class Role(StrEnum):
@@ -42,8 +43,8 @@ class Role(StrEnum):
     INTEGRATION = "integration"
 
 
-_READS = frozenset(s for s in Scope if s.endswith(":read") and s not in {Scope.PII_READ, Scope.EXPORTS_READ})
-_OWNER_ONLY = frozenset({Scope.CONTACTS_ERASE, Scope.RETENTION_RUN, Scope.TOKENS_ADMIN})
+_OWNER_ONLY = frozenset({Scope.CONTACTS_ERASE, Scope.RETENTION_RUN, Scope.TOKENS_ADMIN, Scope.JOURNAL_READ})
+_READS = frozenset(s for s in Scope if s.endswith(":read")) - {Scope.PII_READ, Scope.EXPORTS_READ} - _OWNER_ONLY
 
 ROLE_SCOPES: dict[Role, frozenset[Scope]] = {
     Role.ADMIN: frozenset(Scope),

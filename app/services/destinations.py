@@ -32,9 +32,10 @@ from app.schemas.destinations import (
     SegmentMapping,
     config_model,
 )
+from app.security import Principal
 from app.security.secrets import SecretBox
 from app.services import delivery as delivery_service
-from app.services import secret_targets, segment_sync
+from app.services import journal, secret_targets, segment_sync
 from app.services.pagination import Cursor, CursorCodec, page_by_name
 from app.sync import ids as vendor_ids
 
@@ -219,7 +220,9 @@ async def counts(session: AsyncSession, destination_id: uuid.UUID) -> dict[str, 
     return dict(tuple(r) for r in rows)
 
 
-async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretBox) -> tuple[Row, dict[str, str]]:
+async def create(
+    session: AsyncSession, data: DestinationCreate, *, box: SecretBox, actor: Principal
+) -> tuple[Row, dict[str, str]]:
     """Returns the row and the secrets Carnet generated (to show once)."""
     public, hidden = _split_config(data.kind, data.config)
     generated: dict[str, str] = {}
@@ -246,7 +249,16 @@ async def create(session: AsyncSession, data: DestinationCreate, *, box: SecretB
         existing = await session.scalar(select(_t.c.id).where(_t.c.name == data.name))
         raise DuplicateDestination(f"a destination named {data.name!r} already exists", existing_id=existing)
     await segment_sync.apply_mappings(session, row["id"], [m.segment_id for m in data.segment_mappings])
+    await _journal_secrets(session, actor, row, sorted(hidden))
     return row, generated
+
+
+async def _journal_secrets(session: AsyncSession, actor: Principal, row: Row, keys: list[str]) -> None:
+    """Destination secrets set or changed are an administrative act (docs/gdpr.md "Access journal"): which keys,
+    never their values."""
+    if keys:
+        await journal.record(session, journal.act(actor, "destinations.secrets_set", detail={
+            "destination_id": str(row["id"]), "kind": row["kind"], "keys": keys}))
 
 
 def _dump_segment_mappings(mappings: list[SegmentMapping]) -> list[dict[str, Any]]:
@@ -289,7 +301,7 @@ async def list_page(
 
 async def update(
     session: AsyncSession, destination_id: uuid.UUID, patch: DestinationPatch, *, box: SecretBox,
-    expected_version: int | None,
+    expected_version: int | None, actor: Principal,
 ) -> Row:
     current = await get(session, destination_id, lock=True)
     if expected_version is not None and current["version"] != expected_version:
@@ -297,6 +309,7 @@ async def update(
                                  current_version=current["version"])
     kind = DestinationKind(current["kind"])
     changes: dict[str, Any] = {}
+    secret_keys: list[str] = []
     given = patch.model_dump(exclude_unset=True)
     if "config" in given:
         secrets, bound = _open(box, current["secrets"])
@@ -313,6 +326,7 @@ async def update(
         given_keys = {key for key, value in (patch.config or {}).items() if value is not None}
         bound = secret_targets.rebind(kind.value, {**public, **hidden}, bound=bound, given=given_keys)
         changes["config"], changes["secrets"] = public, _seal(box, hidden, bound)
+        secret_keys = sorted(k for k, v in (patch.config or {}).items() if k in hidden or (v is None and k in secrets))
     if patch.list_mappings is not None:
         await _check_lists(session, kind, patch.list_mappings)
         changes["list_mappings"] = [m.model_dump(mode="json") for m in patch.list_mappings]
@@ -340,7 +354,9 @@ async def update(
     if changes:
         await session.execute(update_statement(_t).where(_t.c.id == destination_id)
                               .values(**changes, version=_t.c.version + 1, updated_at=utc_now()))
-    return await get(session, destination_id)
+    row = await get(session, destination_id)
+    await _journal_secrets(session, actor, row, secret_keys)
+    return row
 
 
 async def delete_destination(session: AsyncSession, destination_id: uuid.UUID, *, expected_version: int | None) -> None:

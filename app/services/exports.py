@@ -46,6 +46,7 @@ from sqlalchemy.dialects.postgresql import TIMESTAMP
 from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.access import count_rows
 from app.models import AttributeDefinition, Contact, ListMembership, MailingList
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import lists as lists_service
@@ -290,7 +291,8 @@ async def _copy(connection: asyncpg.Connection, query: ExportQuery, options: Map
 
     async def produce() -> None:
         try:
-            await connection.copy_from_query(query.sql, *query.args, output=forward, **options)
+            status = await connection.copy_from_query(query.sql, *query.args, output=forward, **options)
+            count_rows(int(status.rsplit(" ", 1)[-1]))  # "COPY 1234": the journal's row count
         finally:
             await queue.put(None)
 

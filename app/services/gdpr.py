@@ -47,7 +47,7 @@ from app.models import (
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import consents as consents_service
-from app.services import outbox, suppressions
+from app.services import journal, outbox, suppressions
 
 __all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
 
@@ -137,6 +137,7 @@ async def erase(
     if expected_version is not None and row["version"] != expected_version:
         raise PreconditionFailed(f"the contact is at version {row['version']}", current_version=row["version"])
     await erase_many(session, [row], reason="erasure", by=actor.subject)
+    await journal.record(session, journal.act(actor, "contacts.erased", refs=journal.person_refs(row)))
     log.info("contact.erased", contact_id=str(contact_id), subject=actor.subject)
 
 
@@ -146,6 +147,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
         await suppressions.suppress(session, chunk, reason=reason)
+        await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
@@ -324,5 +326,9 @@ async def run_retention(
     rows = list((await session.execute(query)).mappings())
     if not dry_run:
         await erase_many(session, rows, reason="retention")
+    await journal.record(session, journal.act(
+        actor, "retention.run", refs=[] if dry_run else [ref for r in rows for ref in journal.person_refs(r)],
+        detail={"dry_run": dry_run, "erased": 0 if dry_run else len(rows), "listed": len(rows),
+                "retention_days": days}))
     log.info("retention.ran", dry_run=dry_run, count=len(rows), retention_days=days, subject=actor.subject)
     return RetentionReport(dry_run=dry_run, retention_days=days, cutoff=cutoff, contact_ids=[r["id"] for r in rows])

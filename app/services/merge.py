@@ -37,7 +37,7 @@ from app.logging import get_logger
 from app.models import ConsentEvent, Contact, ContactHistory, ContactMerge, Event, ListMembership, Order
 from app.models.base import utc_now
 from app.security import Principal
-from app.services import consents, history, memberships, outbox
+from app.services import consents, history, journal, memberships, outbox
 from app.services.consents import PurposeState
 from app.services.locks import survivor_of
 from app.services.orders import LifecyclePolicy, refresh_stats
@@ -134,6 +134,8 @@ async def merge(
         await refresh_stats(session, survivor_id, actor=actor, policy=policy)
     await session.execute(insert(_merges).values(
         merged_id=duplicate_id, survivor_id=survivor_id, merged_at=now, subject=actor.subject))
+    await journal.record(session, journal.act(actor, "contacts.merged", refs=[str(survivor_id), str(duplicate_id)],
+                                              detail={"survivor_id": str(survivor_id), "merged_id": str(duplicate_id)}))
     # The duplicate's address is retired when the survivor keeps another one: destinations then remove its
     # remote record (else the person gets every campaign twice). Taken over, the record becomes the survivor's.
     retired = duplicate["email"] is not None and duplicate["email"] != row["email"]

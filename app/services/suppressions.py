@@ -27,6 +27,7 @@ from app.ids import keyed_digest
 from app.models import Suppression
 from app.models.base import new_id, utc_now
 from app.security import Principal
+from app.services import journal
 
 __all__ = [
     "KINDS",
@@ -148,6 +149,9 @@ async def release(
     kinds = [kind for kind, value in wanted.items() if (kind, value) in done]
     if not kinds:
         raise SuppressionNotFound("none of the given values is suppressed")
+    await journal.record(session, journal.act(actor, "suppressions.released",
+                                              refs=journal.erased_refs(wanted[k] for k in kinds),
+                                              detail={"kinds": kinds}))
     return kinds
 
 

@@ -12,9 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import AccessToken
 from app.models.base import utc_now
-from app.security import Role, Scope
+from app.security import Principal, Role, Scope
 from app.security.revocation import REVOCATION_CHANNEL
 from app.security.tokens import IssuedToken, TokenSigner
+from app.services import journal
 
 __all__ = ["TokenAlreadyIssued", "TokenNotFound", "already_issued", "issue", "list_page", "replay_record", "revoke"]
 _t = AccessToken.__table__  # type: ignore[attr-defined]
@@ -55,7 +56,7 @@ async def issue(
     role: Role,
     scopes: frozenset[Scope] | None,
     ttl_seconds: int,
-    issued_by: str,
+    actor: Principal,
 ) -> IssuedToken:
     try:
         issued = signer.issue(subject=subject, role=role, scopes=scopes, ttl_seconds=ttl_seconds)
@@ -63,8 +64,11 @@ async def issue(
         raise InvalidInput.one("scopes", str(exc), "scope_not_in_role") from None
     await session.execute(
         insert(_t).values(jti=issued.token_id, subject=subject, role=role.value, scopes=sorted(issued.scopes),
-                          issued_at=utc_now(), expires_at=issued.expires_at, issued_by=issued_by)
+                          issued_at=utc_now(), expires_at=issued.expires_at, issued_by=actor.subject)
     )
+    await journal.record(session, journal.act(actor, "tokens.created", detail={
+        "jti": issued.token_id, "for_subject": subject, "role": role.value, "scopes": sorted(issued.scopes),
+        "expires_at": issued.expires_at.isoformat()}))
     return issued
 
 
@@ -76,12 +80,12 @@ async def list_page(session: AsyncSession, *, limit: int, include_expired: bool)
     return [dict(r) for r in rows.mappings()]
 
 
-async def revoke(session: AsyncSession, jti: str, *, revoked_by: str) -> dict[str, Any]:
+async def revoke(session: AsyncSession, jti: str, *, actor: Principal) -> dict[str, Any]:
     """Revoke (idempotent) and tell every API process at commit, through NOTIFY."""
     row = (
         await session.execute(
             update(_t).where(and_(_t.c.jti == jti, _t.c.revoked_at.is_(None)))
-            .values(revoked_at=utc_now(), revoked_by=revoked_by).returning(*_t.c)
+            .values(revoked_at=utc_now(), revoked_by=actor.subject).returning(*_t.c)
         )
     ).mappings().first()
     if row is None:
@@ -90,4 +94,5 @@ async def revoke(session: AsyncSession, jti: str, *, revoked_by: str) -> dict[st
             raise TokenNotFound(f"no token with id {jti}")
         return dict(row)
     await session.execute(text("SELECT pg_notify(:channel, :jti)"), {"channel": REVOCATION_CHANNEL, "jti": jti})
+    await journal.record(session, journal.act(actor, "tokens.revoked", detail={"jti": jti}))
     return dict(row)

@@ -765,6 +765,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/journal": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Journal Entries
+         * @description Newest first. `contact_id`, `email` and `phone` together match any of them: "who reached this person?".
+         */
+        get: operations["list_journal_entries_v1_journal_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/lists": {
         parameters: {
             query?: never;
@@ -2479,6 +2499,84 @@ export interface components {
              */
             ignored: number;
         };
+        /** JournalEntryRead */
+        JournalEntryRead: {
+            /**
+             * Action
+             * @description e.g. personal_data.read, exports.contacts, tokens.created, contacts.erased
+             */
+            action: string;
+            /**
+             * At
+             * Format: date-time
+             * @description When the access or act happened
+             */
+            at: string;
+            /** Client Addr */
+            client_addr: string | null;
+            /**
+             * Contact Ids
+             * @description The contacts whose data the answer carried
+             */
+            contact_ids: string[];
+            /**
+             * Count
+             * @description Contacts answered, or rows exported
+             */
+            count: number;
+            /**
+             * Detail
+             * @description The filter, format or target; searched addresses as digests
+             */
+            detail: {
+                [key: string]: unknown;
+            } | null;
+            /**
+             * Erased Refs
+             * @description People erased since: keyed digests of their email and phone
+             */
+            erased_refs: string[];
+            /**
+             * Hash
+             * @description SHA-256 of the previous entry's hash and this entry (hex)
+             */
+            hash: string;
+            /**
+             * Kind
+             * @description read | export | admin
+             */
+            kind: string;
+            /** Prev Hash */
+            prev_hash: string;
+            /** Request Id */
+            request_id: string | null;
+            /** Role */
+            role: string | null;
+            /**
+             * Route
+             * @description Method and route template, e.g. `GET /v1/contacts/{contact_id}`
+             */
+            route: string | null;
+            /**
+             * Seq
+             * @description Position in the hash chain
+             */
+            seq: number;
+            /**
+             * Subject
+             * @description Who: the token's subject, or the command (`cli`)
+             */
+            subject: string;
+            /** Token Id */
+            token_id: string | null;
+        };
+        /** JournalPage */
+        JournalPage: {
+            /** Data */
+            data: components["schemas"]["JournalEntryRead"][];
+            /** Next Cursor */
+            next_cursor: string | null;
+        };
         /**
          * LifecycleStage
          * @enum {string}
@@ -3038,7 +3136,7 @@ export interface components {
          * Scope
          * @enum {string}
          */
-        Scope: "contacts:read" | "contacts:write" | "contacts:erase" | "pii:read" | "attributes:write" | "tags:write" | "tags:delete" | "lists:read" | "lists:write" | "memberships:write" | "consents:read" | "consents:write" | "orders:read" | "orders:write" | "events:read" | "events:write" | "segments:read" | "segments:write" | "imports:write" | "exports:read" | "destinations:read" | "destinations:write" | "retention:run" | "tokens:admin";
+        Scope: "contacts:read" | "contacts:write" | "contacts:erase" | "pii:read" | "attributes:write" | "tags:write" | "tags:delete" | "lists:read" | "lists:write" | "memberships:write" | "consents:read" | "consents:write" | "orders:read" | "orders:write" | "events:read" | "events:write" | "segments:read" | "segments:write" | "imports:write" | "exports:read" | "destinations:read" | "destinations:write" | "retention:run" | "tokens:admin" | "journal:read";
         /** SegmentCount */
         SegmentCount: {
             /** Count */
@@ -6354,6 +6452,66 @@ export interface operations {
             };
             /** @description No such destination */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    list_journal_entries_v1_journal_get: {
+        parameters: {
+            query?: {
+                /** @description Entries that reached this contact */
+                contact_id?: string | null;
+                /** @description Entries that reached this address's person, erased since or not (its keyed digest) */
+                email?: string | null;
+                /** @description Likewise, by phone */
+                phone?: string | null;
+                subject?: string | null;
+                token_id?: string | null;
+                since?: string | null;
+                until?: string | null;
+                limit?: number;
+                cursor?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JournalPage"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,0 +1,355 @@
+"""The access journal over HTTP: what is journaled (and what is not), the hash chain, erasure, retention."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.models.base import utc_now
+from app.security import Role, Scope
+from app.services import journal as journal_service
+from app.services import suppressions as suppressions_service
+from tests.auth import bearer
+from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, unique_email
+
+ROLES = {role: bearer(role, subject=f"{role.value}@shop.example") for role in Role}
+ORDER = {"placed_at": "2026-11-01T10:00:00Z", "status": "paid", "currency": "EUR", "total_amount": "49.90",
+         "channel": "web", "items": [{"sku": "T-M", "name": "T-shirt", "category": "apparel", "quantity": 1,
+                                      "unit_price": "49.90"}]}
+
+
+async def flushed(app: FastAPI) -> list[dict[str, Any]]:
+    """Flush this process's buffer (no lifespan runs under ASGITransport) and read the whole chain, oldest first."""
+    await app.state.journal.flush(app.state.sessionmaker)
+    async with app.state.sessionmaker() as session:
+        rows = await session.execute(text("SELECT * FROM journal_entry ORDER BY seq"))
+        return [dict(r) for r in rows.mappings()]
+
+
+async def entries_after(app: FastAPI, call: Callable[[], Any]) -> list[dict[str, Any]]:
+    before = len(await flushed(app))
+    await call()
+    return (await flushed(app))[before:]
+
+
+async def verify(app: FastAPI) -> tuple[int, journal_service.Break | None]:
+    async with app.state.sessionmaker() as session:
+        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        return await journal_service.verify(raw)
+
+
+class TestReadsAreJournaled:
+    @pytest.mark.parametrize("role", list(Role))
+    async def test_a_contact_read_is_journaled_for_every_role_that_sees_it_unmasked(
+        self, client: httpx.AsyncClient, app: FastAPI, role: Role
+    ) -> None:
+        contact = await make_contact(client, first_name="Claire")
+
+        async def read() -> None:
+            response = await client.get(f"/v1/contacts/{contact['id']}", headers={
+                **ROLES[role], "X-Request-ID": "req-matrix-1"})
+            assert response.status_code == 200, response.text
+
+        new = await entries_after(app, read)
+        unmasked = Scope.PII_READ in ROLE_SCOPES[role]
+        assert len(new) == (1 if unmasked else 0), new
+        if unmasked:
+            entry = new[0]
+            assert entry["kind"] == "read" and entry["refs"] == [contact["id"]] and entry["ref_count"] == 1
+            assert entry["subject"] == f"{role.value}@shop.example" and entry["role"] == role.value
+            assert entry["route"] == "GET /v1/contacts/{contact_id}"
+            assert entry["request_id"] == "req-matrix-1" and entry["token_id"]
+
+    async def test_every_route_that_answers_personal_data_is_journaled_once(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        contact = await make_contact(client, first_name="Zoé", phone="06 12 34 56 78")
+        await grant_marketing(client, contact["id"])
+        put = await client.put("/v1/orders/J-1", json={**ORDER, "contact": {"id": contact["id"]}}, headers=ADMIN)
+        assert put.status_code == 201, put.text
+        event = {"contact": {"id": contact["id"]}, "type": "page_view", "occurred_at": "2026-11-02T10:00:00Z",
+                 "properties": {"path": "/"}}
+        assert (await client.post("/v1/events", json=event, headers=ADMIN)).status_code == 201
+        cid = contact["id"]
+        routes = {
+            f"/v1/contacts/{cid}": "GET /v1/contacts/{contact_id}",
+            f"/v1/contacts/{cid}/history": "GET /v1/contacts/{contact_id}/history",
+            f"/v1/contacts/{cid}/timeline": "GET /v1/contacts/{contact_id}/timeline",
+            f"/v1/contacts/{cid}/consents": "GET /v1/contacts/{contact_id}/consents",
+            f"/v1/contacts/{cid}/orders": "GET /v1/contacts/{contact_id}/orders",
+            f"/v1/contacts/{cid}/events": "GET /v1/contacts/{contact_id}/events",
+            f"/v1/contacts/{cid}/export": "GET /v1/contacts/{contact_id}/export",
+            "/v1/orders/J-1": "GET /v1/orders/{external_id}",
+            f"/v1/contacts?email={contact['email']}": "GET /v1/contacts",
+        }
+        for path, template in routes.items():
+            async def read(path: str = path) -> None:
+                response = await client.get(path, headers=ADMIN)
+                assert response.status_code == 200, (path, response.text)
+
+            new = await entries_after(app, read)
+            assert [(e["route"], e["refs"]) for e in new] == [(template, [cid])], path
+
+    async def test_a_page_names_its_contacts_its_count_and_its_filter_never_the_address(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        email = unique_email()
+        contact = await make_contact(client, email=email)
+
+        async def search() -> None:
+            assert (await client.get(f"/v1/contacts?email={email}&kind=prospect", headers=ADMIN)).status_code == 200
+
+        [entry] = await entries_after(app, search)
+        assert entry["refs"] == [contact["id"]] and entry["ref_count"] == 1
+        detail = json.loads(entry["detail"]) if isinstance(entry["detail"], str) else entry["detail"]
+        assert detail["filter"]["kind"] == "prospect"
+        assert detail["filter"]["email"] == "hmac:" + suppressions_service.digest("email", email)
+        assert email not in json.dumps(detail)
+
+    async def test_masked_reads_and_failed_answers_are_not_accesses(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        contact = await make_contact(client)
+        viewer = ROLES[Role.VIEWER]
+
+        async def reads() -> None:
+            for path in (f"/v1/contacts/{contact['id']}", f"/v1/contacts/{contact['id']}/history", "/v1/contacts",
+                         f"/v1/contacts/{contact['id']}/timeline", f"/v1/contacts/{contact['id']}/consents"):
+                assert (await client.get(path, headers=viewer)).status_code == 200, path
+            assert (await client.get("/v1/contacts/00000000-0000-7000-8000-000000000000",
+                                     headers=ADMIN)).status_code == 404
+
+        assert await entries_after(app, reads) == []
+
+    async def test_an_unmasked_export_is_journaled_with_its_filter_format_and_row_count(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        for _ in range(3):
+            await make_contact(client)
+
+        lines: list[str] = []
+
+        async def export(headers: dict[str, str] = ADMIN) -> None:
+            response = await client.get("/v1/exports/contacts?format=jsonl", headers=headers)
+            assert response.status_code == 200, response.text
+            lines[:] = response.text.splitlines()
+
+        [entry] = await entries_after(app, export)
+        assert entry["kind"] == "export" and entry["action"] == "exports.contacts"
+        assert entry["ref_count"] == len(lines) >= 3 and entry["refs"] == []
+        assert entry["detail"]["format"] == "jsonl" and entry["detail"]["segment_id"] is None
+        masked = bearer(Role.MANAGER, scopes={Scope.EXPORTS_READ, Scope.CONTACTS_READ})  # no pii:read
+        assert await entries_after(app, lambda: export(masked)) == []
+
+
+ROLE_SCOPES = __import__("app.security.scopes", fromlist=["ROLE_SCOPES"]).ROLE_SCOPES
+
+
+class TestAdministrativeActs:
+    async def test_each_act_is_journaled_exactly_once_in_its_own_transaction(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        async def issue() -> None:
+            issued = await client.post("/v1/tokens", json={"subject": "intern@shop.example", "role": "viewer"},
+                                       headers=ADMIN)
+            assert issued.status_code == 201
+            assert (await client.delete(f"/v1/tokens/{issued.json()['jti']}", headers=ADMIN)).status_code == 200
+
+        new = await entries_after(app, issue)
+        assert [(e["action"], e["kind"]) for e in new] == [("tokens.created", "admin"), ("tokens.revoked", "admin")]
+        assert new[0]["detail"]["for_subject"] == "intern@shop.example"
+        assert new[0]["route"] == "POST /v1/tokens" and new[0]["subject"] == "tester@shop.example"
+
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+
+        async def merge() -> None:
+            response = await client.post(f"/v1/contacts/{survivor['id']}/merge",
+                                         json={"duplicate_id": duplicate["id"]}, headers=ADMIN)
+            assert response.status_code == 200, response.text
+
+        acts = [e for e in await entries_after(app, merge) if e["kind"] == "admin"]
+        assert [(e["action"], e["refs"]) for e in acts] == [("contacts.merged", [survivor["id"], duplicate["id"]])]
+
+        async def retention() -> None:
+            assert (await client.post("/v1/retention/run", json={"dry_run": True}, headers=ADMIN)).status_code == 200
+
+        [run] = await entries_after(app, retention)
+        assert run["action"] == "retention.run" and run["detail"]["dry_run"] is True
+
+    async def test_destination_secrets_set_or_changed_name_their_keys_never_their_values(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        created: dict[str, Any] = {}
+
+        async def create() -> None:
+            response = await client.post("/v1/destinations", headers=ADMIN, json={
+                "kind": "brevo", "name": "brevo-journal", "config": {"api_key": "xkeysib-journal-secret-1"}})
+            assert response.status_code == 201, response.text
+            created.update(response.json())
+
+        [made] = await entries_after(app, create)
+        assert made["action"] == "destinations.secrets_set"
+        assert made["detail"] == {"destination_id": created["id"], "kind": "brevo",
+                                  "keys": ["api_key", "inbound_secret"]}
+
+        async def rename() -> None:  # no secret in the change: no entry
+            response = await client.patch(f"/v1/destinations/{created['id']}", json={"name": "brevo-2"},
+                                          headers=ADMIN)
+            assert response.status_code == 200, response.text
+
+        assert await entries_after(app, rename) == []
+
+        async def change_key() -> None:
+            response = await client.patch(f"/v1/destinations/{created['id']}", headers=ROLES[Role.MANAGER],
+                                          json={"config": {"api_key": "xkeysib-journal-secret-2"}})
+            assert response.status_code == 200, response.text
+
+        [changed] = await entries_after(app, change_key)
+        assert changed["subject"] == "manager@shop.example" and changed["detail"]["keys"] == ["api_key"]
+        assert "xkeysib" not in json.dumps([made, changed], default=str)
+
+    async def test_a_refused_act_leaves_no_entry(self, client: httpx.AsyncClient, app: FastAPI) -> None:
+        async def refused() -> None:
+            response = await client.delete("/v1/tokens/no-such-token", headers=ADMIN)
+            assert response.status_code == 404
+
+        assert await entries_after(app, refused) == []
+
+
+class TestErasure:
+    async def test_erasure_turns_the_persons_id_into_their_address_digests_and_stays_answerable(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        contact = await make_contact(client, phone="06 11 22 33 44")
+        other = await make_contact(client)
+        assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 200
+        assert (await client.get(f"/v1/contacts/{other['id']}", headers=ADMIN)).status_code == 200
+        await flushed(app)
+        assert (await client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+        entries = await flushed(app)
+        everything = json.dumps([e["refs"] for e in entries])
+        assert contact["id"] not in everything  # nowhere, not in the reads nor in the erasure's own entry
+        digests = journal_service.erased_refs(
+            suppressions_service.digests(email=contact["email"], phone=contact["phone"]).values())
+        read = next(e for e in entries if e["route"] == "GET /v1/contacts/{contact_id}" and set(digests) <= set(e["refs"]))
+        assert read["kind"] == "read"
+        assert [(e["route"], e["action"]) for e in entries if set(digests) <= set(e["refs"])] == [
+            ("POST /v1/contacts", "personal_data.read"),  # the creation's answer carried the contact too
+            ("GET /v1/contacts/{contact_id}", "personal_data.read"),
+            ("DELETE /v1/contacts/{contact_id}", "contacts.erased")]
+        assert any(e["refs"] == [other["id"]] for e in entries)  # the others' entries are untouched
+        assert (await verify(app))[1] is None  # the rewrite keeps the chain verifiable
+
+        found = await client.get("/v1/journal", params={"email": contact["email"]}, headers=ADMIN)
+        assert found.status_code == 200, found.text
+        assert [e["action"] for e in found.json()["data"]] == ["contacts.erased", "personal_data.read",
+                                                               "personal_data.read"]
+        assert found.json()["data"][0]["erased_refs"] and not found.json()["data"][0]["contact_ids"]
+
+    async def test_a_read_still_buffered_when_the_person_is_erased_is_chained_under_their_digest(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        contact = await make_contact(client)
+        assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 200
+        assert (await client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+        entries = await flushed(app)  # the read was buffered all along
+        assert contact["id"] not in json.dumps([e["refs"] for e in entries])
+        assert any(e["route"] == "GET /v1/contacts/{contact_id}" for e in entries)
+
+
+class TestChain:
+    async def test_the_chain_verifies_and_an_edited_row_is_found(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        contact = await make_contact(client)
+        for _ in range(3):
+            await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        entries = await flushed(app)
+        checked, broken = await verify(app)
+        assert broken is None and checked == len(entries) >= 3
+        async with sessions.begin() as session:  # an insider hides who read it
+            await session.execute(text("UPDATE journal_entry SET subject = 'nobody' WHERE seq = :seq"),
+                                  {"seq": entries[1]["seq"]})
+        checked, broken = await verify(app)
+        assert broken is not None and broken.seq == entries[1]["seq"] and "altered" in broken.reason
+        async with sessions.begin() as session:  # or removes the row altogether
+            await session.execute(text("DELETE FROM journal_entry WHERE seq = :seq"), {"seq": entries[1]["seq"]})
+        assert (await verify(app))[1] == journal_service.Break(entries[2]["seq"],
+                                                               f"entries {entries[1]['seq']}..{entries[1]['seq']} "
+                                                               "are missing")
+
+    async def test_retention_removes_whole_old_days_and_the_rest_still_verifies(
+        self, client: httpx.AsyncClient, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        contact = await make_contact(client)
+        long_ago = utc_now() - timedelta(days=400)
+        monkeypatch.setattr(journal_service, "utc_now", lambda: long_ago)
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        old = await flushed(app)
+        monkeypatch.undo()
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        await flushed(app)
+        async with app.state.sessionmaker.begin() as session:
+            raw = (await (await session.connection()).get_raw_connection()).driver_connection
+            removed = await journal_service.prune(raw, keep_days=365, erasure_hold=timedelta(hours=1))
+        assert removed == len(old)
+        kept = await flushed(app)
+        assert kept[0]["seq"] == old[-1]["seq"] + 1 and kept[-1]["action"] == "journal.pruned"
+        assert (await verify(app)) == (len(kept), None)
+
+
+class TestQuery:
+    async def test_only_the_owner_reads_the_journal_and_reading_it_is_journaled(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        for role in (Role.MANAGER, Role.EDITOR, Role.VIEWER, Role.INTEGRATION):
+            response = await client.get("/v1/journal", headers=ROLES[role])
+            assert response.status_code == 403 and response.json()["missing_scopes"] == ["journal:read"]
+        contact = await make_contact(client)
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ROLES[Role.EDITOR])
+        await flushed(app)
+        page = await client.get("/v1/journal", params={"contact_id": contact["id"]}, headers=ADMIN)
+        assert page.status_code == 200, page.text
+        [entry] = [e for e in page.json()["data"] if e["route"] == "GET /v1/contacts/{contact_id}"]
+        assert entry["subject"] == "editor@shop.example" and entry["contact_ids"] == [contact["id"]]
+        [read] = (await flushed(app))[-1:]
+        assert read["action"] == "journal.read" and read["kind"] == "admin"
+
+    async def test_pages_follow_the_cursor_newest_first(self, client: httpx.AsyncClient, app: FastAPI) -> None:
+        contact = await make_contact(client)
+        for _ in range(5):
+            await client.get(f"/v1/contacts/{contact['id']}", headers=ROLES[Role.MANAGER])
+        await flushed(app)
+        seen, cursor = [], None
+        while True:
+            page = (await client.get("/v1/journal", params={"subject": "manager@shop.example", "limit": 2,
+                                                            **({"cursor": cursor} if cursor else {})},
+                                     headers=ADMIN)).json()
+            seen += [e["seq"] for e in page["data"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == 5 and seen == sorted(seen, reverse=True)
+
+
+async def test_a_full_journal_refuses_to_reveal_rather_than_forget(client: httpx.AsyncClient, app: FastAPI) -> None:
+    contact = await make_contact(client)
+    journal = app.state.journal
+    saved, journal.max_buffer = journal.max_buffer, len(journal)
+    try:
+        refused = await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert refused.json()["type"].endswith("/journal-unavailable")
+        masked = await client.get(f"/v1/contacts/{contact['id']}", headers=ROLES[Role.VIEWER])
+        assert masked.status_code == 200  # nothing personal in clear: nothing to journal
+    finally:
+        journal.max_buffer = saved
+    assert PROOF  # (factories imported for the ledger fixtures above)
