@@ -1,0 +1,441 @@
+"""One import batch: its rows written set-based in one transaction that also commits the job's checkpoint.
+
+Per batch (at most `IMPORT_BATCH_ROWS` rows):
+  1. rows already validated by a worker process (app.services.imports.rows) arrive as records;
+  2. duplicates inside the file: keys (email, external_id) seen in earlier rows (`import_key`) reject the row;
+  3. COPY into a per-connection staging table, then set-based: suppression check (HMAC digests), matching
+     (external_id, else email, as the API's upsert), INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM
+     for changed ones, with history rows and outbox messages written by the same statements;
+  4. the list subscription (list_id + consent), the reject report, the counters and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from app.models.base import utc_now
+from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
+from app.services.links import CONFIRM_LINK_TTL, LinkBuilder
+from app.settings import Settings
+
+__all__ = ["Job", "LeaseLost", "write_batch"]
+
+# staging column → (wire field for history, SQL type)
+_STAGE_TYPES = {
+    "row_number": "integer", "new_id": "uuid", "external_id": "text", "email": "text", "phone": "text",
+    "first_name": "text", "last_name": "text", "company": "text", "job_title": "text", "sector": "text",
+    "gender": "text", "birth_date": "date", "address_line1": "text", "address_line2": "text", "postal_code": "text",
+    "city": "text", "region": "text", "country": "text", "language": "text", "source": "text", "kind": "text",
+    "first_contact_channel": "text", "attributes": "jsonb", "blank_attributes": "text[]", "email_digest": "text",
+    "phone_digest": "text",
+}
+_FIELD_COLUMN = {
+    "address.line1": "address_line1", "address.line2": "address_line2", "address.postal_code": "postal_code",
+    "address.city": "city", "address.region": "region", "address.country": "country",
+}
+_COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
+_CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
+    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest"}]
+# `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
+# when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
+# Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
+# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact. The batch empties it
+# before it commits: a pooled connection's temporary table is out of an erasure's reach.
+_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS import_stage ("
+    + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
+    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number))"
+)
+_REASONS = {
+    "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
+    "skip_exists": "skipped: a contact with this email or external_id exists (mode create_only)",
+    "skip_missing": "skipped: no contact with this email or external_id (mode update_only)",
+    "other_external_id": "this email belongs to a contact with another external_id",
+    "email_held": "another contact already holds this email",
+    "conflict": "another writer created a contact with this email or external_id meanwhile; import the row again",
+}
+_SKIPS = ("suppressed", "skip_exists", "skip_missing")
+_REJECTS = ("other_external_id", "email_held", "conflict")
+
+
+class LeaseLost(RuntimeError):
+    """Another runner took the job over (our lease expired): stop without writing."""
+
+
+@dataclass(slots=True)
+class Job:
+    row: dict[str, Any]
+    owner: str
+    settings: Settings
+    spec: Spec
+    columns_by_field: dict[str, str]       # field → the file's column name
+    list_row: Mapping[str, Any] | None
+    links: LinkBuilder | None
+    counts: dict[str, int] = field(default_factory=dict)
+    # False while no earlier row left its email and external_id in import_key (a file of new contacts):
+    # then a batch does not look its keys up there.
+    row_keys_kept: bool = True
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.row["id"]  # type: ignore[no-any-return]
+
+
+async def write_batch(
+    connection: asyncpg.Connection, job: Job, validated: Validated, processed: int
+) -> dict[str, int]:
+    """Write one validated batch and the checkpoint `processed`, in the caller's transaction; the counts."""
+    # The batch and its checkpoint commit together, so a commit that a PostgreSQL crash loses takes its checkpoint
+    # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing.
+    await connection.execute("SET LOCAL synchronous_commit = off")
+    now = utc_now()
+    rejects: list[tuple[Any, ...]] = [
+        (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
+    counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
+    counts["rejected"] = validated.rejected_rows
+    kept = await _drop_duplicates(connection, job, validated.records, rejects)
+    counts["rejected"] += len(validated.records) - len(kept)
+    await connection.execute(_STAGE_DDL)
+    if kept:
+        await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
+        await connection.execute(_SUPPRESSED_SQL)
+        await connection.execute(_MATCH_SQL, job.row["mode"])
+        dry = job.row["dry_run"]
+        if not dry:
+            inserted, wanted = await connection.fetchrow(
+                _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+            if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
+                await connection.execute(
+                    "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
+                    "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
+        await connection.execute(_update_sql(job, dry=dry), *_update_args(job, now, dry=dry))
+        await connection.execute(_SEEN_SQL, job.id, dry)
+        outcome = {r["action"]: r["n"] for r in await connection.fetch(
+            "SELECT action, count(*) AS n FROM import_stage GROUP BY action")}
+        job.row_keys_kept = job.row_keys_kept or any(n for action, n in outcome.items() if action != "create" or dry)
+        counts["created"] = outcome.get("create", 0)
+        counts["updated"] = outcome.get("updated", 0)
+        counts["unchanged"] = outcome.get("update", 0)
+        counts["skipped"] = sum(outcome.get(a, 0) for a in _SKIPS)
+        counts["rejected"] += sum(outcome.get(a, 0) for a in _REJECTS)
+        for r in await connection.fetch(
+            "SELECT row_number, action, email, external_id FROM import_stage WHERE action = ANY($1::text[])",
+            [*_SKIPS, *_REJECTS],
+        ):
+            column, value = _key_cell(job, r)
+            if r["action"] == "suppressed":
+                value = None  # an erased person's address is never written back, not even in the report
+            rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
+        if job.list_row is not None and not dry:
+            counts["subscribed"] = await _subscribe(connection, job, rejects, now)
+        await connection.execute("TRUNCATE import_stage")
+    if rejects:
+        rejects.sort(key=lambda r: r[1])
+        await connection.copy_records_to_table(
+            "import_reject", records=rejects, columns=["import_id", "row_number", "column", "reason", "value"])
+    moved = await connection.fetchval(
+        """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
+               unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
+               subscribed = subscribed + $9, lease_until = now() + make_interval(secs => $10), updated_at = now()
+           WHERE id = $1 AND lease_owner = $2 AND status = 'running' RETURNING id""",
+        job.id, job.owner, processed, counts["created"], counts["updated"], counts["unchanged"], counts["skipped"],
+        counts["rejected"], counts["subscribed"], job.settings.import_lease_seconds,
+    )
+    if moved is None:
+        raise LeaseLost(f"import {job.id} was taken over by another runner")
+    return counts
+
+
+async def _drop_duplicates(
+    connection: asyncpg.Connection, job: Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept).
+
+    The keys of earlier batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
+    contact, as the email and external_id of the contact for rows that created one.
+    """
+    email_at, external_at = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
+    keys_by_row = [_keys(r, email_at, external_at) for r in records]
+    row_keys = [k for keys in keys_by_row for k in keys] if job.row_keys_kept else []
+    seen: dict[str, int] = {r["key"]: r["row_number"] for r in await connection.fetch(
+        _EARLIER_KEYS_SQL, job.id, row_keys, [r[email_at] for r in records if r[email_at] is not None],
+        [r[external_at] for r in records if r[external_at] is not None])}
+    kept: list[tuple[Any, ...]] = []
+    for record, keys in zip(records, keys_by_row, strict=True):
+        earlier = [(seen[k], k) for k in keys if k in seen]
+        if earlier:
+            first, key = min(earlier)
+            column = job.columns_by_field.get("email" if key.startswith("e:") else "external_id")
+            rejects.append((job.id, record[0], column, f"duplicate of row {first}", key[2:]))
+            continue
+        for key in keys:
+            seen[key] = record[0]
+        kept.append(record)
+    return kept
+
+
+def _keys(record: tuple[Any, ...], email_at: int, external_at: int) -> list[str]:
+    out = []
+    if record[email_at] is not None:
+        out.append("e:" + record[email_at])
+    if record[external_at] is not None:
+        out.append("x:" + record[external_at])
+    return out
+
+
+def _key_cell(job: Job, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    if row["email"] is not None and "email" in job.columns_by_field:
+        return job.columns_by_field["email"], row["email"]
+    return job.columns_by_field.get("external_id"), row["external_id"]
+
+
+_SUPPRESSED_SQL = """
+UPDATE import_stage s SET action = 'suppressed'
+WHERE EXISTS (
+    SELECT 1 FROM suppression p
+    WHERE p.released_at IS NULL
+      AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest))
+)
+"""
+
+# The API's upsert matching: external_id first, else email; an email held by a contact with another
+# external_id is refused (409 in the API), and so is a new email another contact already holds.
+_MATCH_SQL = """
+UPDATE import_stage s SET target_id = m.target_id, action = m.action
+FROM (
+    SELECT s.row_number,
+           coalesce(cx.id, ce.id) AS target_id,
+           CASE
+             WHEN cx.id IS NULL AND ce.id IS NOT NULL AND s.external_id IS NOT NULL
+                  AND ce.external_id IS NOT NULL AND ce.external_id <> s.external_id THEN 'other_external_id'
+             WHEN cx.id IS NOT NULL AND ce.id IS NOT NULL AND ce.id <> cx.id THEN 'email_held'
+             WHEN coalesce(cx.id, ce.id) IS NULL THEN CASE WHEN $1 = 'update_only' THEN 'skip_missing' ELSE 'create' END
+             ELSE CASE WHEN $1 = 'create_only' THEN 'skip_exists' ELSE 'update' END
+           END AS action
+    FROM import_stage s
+    LEFT JOIN contact cx ON cx.external_id = s.external_id
+    LEFT JOIN contact ce ON ce.email = s.email
+    WHERE s.action = 'create'
+) m
+WHERE s.row_number = m.row_number AND m.action <> 'create'
+"""
+
+# What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
+# A row that created a contact leaves the contact's id, appended at the index's right edge (ids are time-ordered),
+# instead of its email and external_id that would land on random pages of the index: the contact carries them.
+# Every other row leaves its email and external_id (a dry run creates nothing).
+_SEEN_SQL = """
+INSERT INTO import_key (import_id, key, row_number)
+SELECT $1::uuid, 'c:' || s.new_id::text, s.row_number FROM import_stage s WHERE s.action = 'create' AND NOT $2
+UNION ALL
+SELECT $1::uuid, k.key, s.row_number
+FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
+WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
+"""
+
+# The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
+# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids).
+_EARLIER_KEYS_SQL = """
+SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])
+UNION ALL
+SELECT k.key, created.row_number
+FROM (
+    SELECT c.email, c.external_id, i.row_number
+    FROM contact c JOIN import_key i ON i.import_id = $1 AND i.key = 'c:' || c.id::text
+    WHERE c.email = ANY($3::text[]) OR c.external_id = ANY($4::text[])
+) AS created
+CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS k(key)
+WHERE k.key IS NOT NULL
+"""
+
+_CREATE_SQL = f"""
+WITH new AS (
+    INSERT INTO contact ({", ".join(_CONTACT_COLUMNS)}, id, email_status, lifecycle_stage, attributes, tags,
+                         orders_count, total_spent, version, created_at, updated_at)
+    SELECT {", ".join("coalesce(s.kind, 'prospect')" if c == "kind" else "coalesce(s.source, 'import')"
+                      if c == "source" else f"s.{c}" for c in _CONTACT_COLUMNS)},
+           s.new_id, 'unverified', 'prospect', coalesce(s.attributes, '{{}}'::jsonb), $1::text[], 0, 0, 1, $3, $3
+    FROM import_stage s WHERE s.action = 'create'
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), history AS (
+    INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
+    SELECT new.id, 'created', NULL, $4::jsonb, $2, 'import', $3 FROM new
+), announced AS (
+    INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+    SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), $3 FROM new
+)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM import_stage WHERE action = 'create')
+"""  # noqa: S608 (column names from our own tables; every value is a parameter)
+
+
+def _update_sql(job: Job, *, dry: bool) -> str:
+    """The changed matched contacts, updated with their history and outbox rows, in one statement."""
+    fields = [f for f in job.columns_by_field if not f.startswith("attributes.")]
+    columns = [_FIELD_COLUMN.get(f, f) for f in fields]
+    attributes = [f.removeprefix("attributes.") for f in job.columns_by_field if f.startswith("attributes.")]
+    blank_erases = job.row["blank_erases"]
+    new: dict[str, str] = {}
+    for column in columns:
+        if column == "kind" or not blank_erases:
+            new[column] = f"coalesce(s.{column}, c.{column})"
+        else:
+            new[column] = f"s.{column}"  # a blank cell is NULL in the staging table
+    if attributes:
+        base = "(c.attributes - coalesce(s.blank_attributes, '{}'::text[]))" if blank_erases else "c.attributes"
+        new["attributes"] = f"{base} || coalesce(s.attributes, '{{}}'::jsonb)"
+    if job.row["tags"]:
+        new["tags"] = ("c.tags || ARRAY(SELECT t FROM unnest($3::text[]) WITH ORDINALITY u(t, i) "
+                       "WHERE t <> ALL(c.tags) ORDER BY i)")
+    if not new:
+        return "SELECT $1::text, $2::timestamptz, $3::text[]"
+    selected = ", ".join(f"c.{name} AS o_{name}, {expr} AS n_{name}" for name, expr in new.items())
+    changed = " OR ".join(f"n_{name} IS DISTINCT FROM o_{name}" for name in new)
+    cur = f"""
+        cur AS (
+            SELECT c.id, s.row_number, {selected}
+            FROM contact c JOIN import_stage s ON s.target_id = c.id
+            WHERE s.action = 'update' AND cardinality($3::text[]) >= 0
+            {"" if dry else "FOR NO KEY UPDATE OF c"}
+        ), changed AS (SELECT * FROM cur WHERE {changed})"""  # noqa: S608 (our own names; values are parameters)
+    if dry:
+        return (f"WITH {cur} UPDATE import_stage s SET action = 'updated' FROM changed ch "  # noqa: S608
+                "WHERE s.row_number = ch.row_number AND $1::text IS NOT NULL AND $2::timestamptz IS NOT NULL")
+    entries = []
+    for name in new:
+        if name == "attributes":
+            entries += [f"('attributes.{a}', ch.o_attributes -> '{a}', ch.n_attributes -> '{a}')" for a in attributes]
+        elif name == "tags":
+            entries.append("('tags', CASE WHEN cardinality(ch.o_tags) = 0 THEN NULL ELSE to_jsonb(ch.o_tags) END, "
+                           "CASE WHEN cardinality(ch.n_tags) = 0 THEN NULL ELSE to_jsonb(ch.n_tags) END)")
+        else:
+            entries.append(f"('{_COLUMN_FIELD.get(name, name)}', to_jsonb(ch.o_{name}), to_jsonb(ch.n_{name}))")
+    assignments = ", ".join(f"{name} = ch.n_{name}" for name in new)
+    return f"""
+        WITH {cur},
+        written AS (
+            UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = $2
+            FROM changed ch WHERE c.id = ch.id
+        ), history AS (
+            INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
+            SELECT ch.id, f.field, f.old, f.new, $1, 'import', $2
+            FROM changed ch CROSS JOIN LATERAL (VALUES {", ".join(entries)}) AS f(field, old, new)
+            WHERE f.old IS DISTINCT FROM f.new
+        ), announced AS (
+            INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+            SELECT 'contact.updated', ch.id, jsonb_build_object('contact_id', ch.id), $2 FROM changed ch
+        )
+        UPDATE import_stage s SET action = 'updated' FROM changed ch WHERE s.row_number = ch.row_number
+    """  # noqa: S608 (names from our own tables and attribute definitions; values are parameters)
+
+
+def _update_args(job: Job, now: datetime, *, dry: bool) -> list[Any]:
+    return [job.row["subject"], now, job.row["tags"]]
+
+
+# ---- list subscription -----------------------------------------------------------------------------------
+
+_ELIGIBLE_SQL = """
+SELECT s.row_number, c.id, c.email, c.email_status, c.kind, m.status, m.unsubscribed_at,
+       (SELECT max(e.occurred_at) FROM consent_event e
+         WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action = 'withdrawn') AS withdrawn_at,
+       (SELECT max(e.occurred_at) FROM consent_event e
+         WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action <> 'withdrawn') AS granted_at
+FROM import_stage s
+JOIN contact c ON c.id = coalesce(s.target_id, s.new_id)
+LEFT JOIN list_membership m ON m.list_id = $1 AND m.contact_id = c.id
+WHERE s.action IN ('create', 'update', 'updated')
+ORDER BY c.id
+FOR NO KEY UPDATE OF c
+"""
+
+
+async def _subscribe(connection: asyncpg.Connection, job: Job, rejects: list[tuple[Any, ...]], now: datetime) -> int:
+    """lists.subscribe's rules, set-based: mailable email, accepted kind, the consent (appended), no later
+    withdrawal or unsubscribe from this list; then subscribed, or pending with a confirmation request."""
+    the_list = job.list_row
+    assert the_list is not None
+    consent = job.row["consent"]
+    consent_at = datetime.fromisoformat(consent["occurred_at"]).astimezone(UTC)
+    accepted = the_list["accepted_kinds"]
+    grants: list[uuid.UUID] = []
+    joining: list[uuid.UUID] = []
+    for r in await connection.fetch(_ELIGIBLE_SQL, the_list["id"]):
+        reason = None
+        if r["email"] is None:
+            reason = "not subscribed: the contact has no email address"
+        elif r["email_status"] in ("bounced", "complained"):
+            reason = f"not subscribed: the address is {r['email_status']}"
+        elif accepted is not None and r["kind"] not in accepted:
+            reason = f"not subscribed: the list accepts {', '.join(accepted)}; the contact is a {r['kind']}"
+        if reason is None:
+            grants.append(r["id"])
+            last_grant = max(consent_at, r["granted_at"] or consent_at)
+            if r["status"] in ("subscribed", "pending"):
+                continue
+            if r["withdrawn_at"] is not None and r["withdrawn_at"] > last_grant:
+                reason = "not subscribed: email_marketing was withdrawn after the import's consent"
+            elif r["status"] == "unsubscribed" and r["unsubscribed_at"] is not None \
+                    and last_grant <= r["unsubscribed_at"]:
+                reason = "not subscribed: the contact unsubscribed from this list after the import's consent"
+            else:
+                joining.append(r["id"])
+        if reason is not None:
+            rejects.append((job.id, r["row_number"], None, reason, None))
+    source = consent.get("source") or "import"
+    if grants:
+        await connection.execute(
+            """INSERT INTO consent_event (contact_id, purpose, action, source, occurred_at, recorded_at, recorded_by,
+                                          proof)
+               SELECT unnest($1::uuid[]), 'email_marketing', 'granted', $2, $3, $4, $5, $6::jsonb""",
+            grants, source, consent_at, now, job.row["subject"], json.dumps(consent["proof"]),
+        )
+    if not joining:
+        return 0
+    pending = bool(the_list["double_opt_in"])
+    status = "pending" if pending else "subscribed"
+    await connection.execute(
+        """INSERT INTO list_membership (list_id, contact_id, status, source, subscribed_at, pending_since,
+                                        unsubscribed_at, updated_at)
+           SELECT $1, unnest($2::uuid[]), $3::text, $4, CASE WHEN $3::text = 'subscribed' THEN $5::timestamptz END,
+                  CASE WHEN $3::text = 'pending' THEN $5::timestamptz END, NULL, $5
+           ON CONFLICT (list_id, contact_id) DO UPDATE
+           SET status = excluded.status, source = excluded.source, subscribed_at = excluded.subscribed_at,
+               pending_since = excluded.pending_since, unsubscribed_at = NULL, updated_at = excluded.updated_at""",
+        the_list["id"], joining, status, source, now,
+    )
+    list_id = str(the_list["id"])
+    if pending:
+        assert job.links is not None
+        expires_at = now + CONFIRM_LINK_TTL
+        payloads = [json.dumps({
+            "list_id": list_id, "list_name": the_list["name"], "contact_id": str(c),
+            "confirm_url": job.links.confirm_url(c, the_list["id"], expires_at=expires_at),
+            "confirm_expires_at": expires_at.isoformat().replace("+00:00", "Z"),
+            "unsubscribe_url": job.links.unsubscribe_url(c, the_list["id"]),
+        }) for c in joining]
+        topic = "membership.confirmation_requested"
+    else:
+        payloads = [json.dumps({"list_id": list_id, "contact_id": str(c)}) for c in joining]
+        topic = "membership.subscribed"
+    await connection.execute(
+        """INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+           SELECT $1, u.c, u.p::jsonb, $4 FROM unnest($2::uuid[], $3::text[]) AS u(c, p)""",
+        topic, joining, payloads, now,
+    )
+    return len(joining)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold a NUL (rows._shown already writes it `\\0`; a reason quoting a cell might not)."""
+    return text.replace("\x00", "\\0") if text is not None and "\x00" in text else text
