@@ -510,7 +510,7 @@ async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(
 ) -> None:
     await make_contact(client, email="raced@exemple.fr", first_name="Other writer")
     # As if the contact appeared between the matching and the insert: the match sees nobody.
-    monkeypatch.setattr(batch, "_MATCH_SQL", "SELECT $1::text")  # every row stays 'create'
+    monkeypatch.setattr(batch, "_MATCH_SQL", "SELECT $1::text, $2::uuid[], $3::text[], $4::text[]")  # all 'create'
     data = build_csv(["Email"], [["raced@exemple.fr"], ["free@exemple.fr"]])
     job = await run_import(client, sessions, settings, data)
     assert (job["created"], job["rejected"]) == (1, 1)

@@ -1,12 +1,24 @@
 """One import batch: its rows written set-based in one transaction that also commits the job's checkpoint.
 
-Per batch (at most `IMPORT_BATCH_ROWS` rows):
-  1. rows already validated by a worker process (app.services.imports.rows) arrive as records;
-  2. duplicates inside the file: keys (email, external_id) seen in earlier rows (`import_key`) reject the row;
-  3. COPY into a per-connection staging table, then set-based: suppression check (HMAC digests), matching
-     (external_id, else email, as the API's upsert), INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM
-     for changed ones, with history rows and outbox messages written by the same statements;
-  4. the list subscription (list_id + consent), the reject report, the counters and the checkpoint.
+Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
+  1. the import's list is locked (FOR KEY SHARE) and read: it cannot be deleted while the batch subscribes to it;
+  2. rows already validated by a worker process (app.services.imports.rows) arrive as records; duplicates inside
+     the file (keys seen in earlier rows, `import_key`) are rejected;
+  3. COPY into a staging table that lives for this transaction only (ON COMMIT DROP);
+  4. the contacts holding the rows' external_ids and emails are locked, in id order (FOR NO KEY UPDATE), and read
+     as they are once locked; matching (external_id, else email, as the API's upsert) decides among them, then the
+     suppression check (HMAC digests) overrides it;
+  5. the batch's time is taken after those locks, so that it dates its writes after every write they overwrite;
+     INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM for changed ones, with history rows and outbox
+     messages written by the same statements;
+  6. the list subscription (list_id + consent), decided on the locked contacts, the reject report, the counters
+     and the checkpoint.
+
+The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
+after the lock with one of the file's keys is met by the unique indexes: a new row's insert skips it (`conflict`),
+an updated row whose new email it holds is refused (`email_held`), as in the API. A race that the transaction
+cannot settle itself (a deadlock, a lock held past the lock timeout) raises, and the runner writes the whole batch
+again.
 """
 
 from __future__ import annotations
@@ -20,12 +32,15 @@ from typing import Any
 
 import asyncpg
 
+from app.logging import get_logger
 from app.models.base import utc_now
 from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
 from app.services.links import CONFIRM_LINK_TTL, LinkBuilder
 from app.settings import Settings
 
-__all__ = ["Job", "LeaseLost", "write_batch"]
+__all__ = ["Job", "JobProblem", "LeaseLost", "Raced", "write_batch"]
+
+log = get_logger("carnet.imports")
 
 # staging column → (wire field for history, SQL type)
 _STAGE_TYPES = {
@@ -46,12 +61,13 @@ _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
 # `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
 # when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
 # Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
-# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact. The batch empties it
-# before it commits: a pooled connection's temporary table is out of an erasure's reach.
+# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact. The table lives for the
+# batch's transaction only (dropped at its end, and by PostgreSQL on commit or rollback): a pooled connection keeps
+# no staged row, which would be out of an erasure's reach and in the way of the next batch.
 _STAGE_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS import_stage ("
+    "CREATE TEMP TABLE import_stage ("
     + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
-    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number))"
+    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number)) ON COMMIT DROP"
 )
 _REASONS = {
     "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
@@ -63,10 +79,20 @@ _REASONS = {
 }
 _SKIPS = ("suppressed", "skip_exists", "skip_missing")
 _REJECTS = ("other_external_id", "email_held", "conflict")
+_KEY_RACES = 20  # UPDATE attempts, each after a contact took one of its new keys: each settles at least one row
+_LOCK_TIMEOUT = "10s"
 
 
 class LeaseLost(RuntimeError):
     """Another runner took the job over (our lease expired): stop without writing."""
+
+
+class JobProblem(Exception):
+    """The job cannot go on (its list or an attribute was deleted meanwhile): it fails with this message."""
+
+
+class Raced(Exception):
+    """The batch lost a race it cannot settle in its own transaction: roll it back and write it again."""
 
 
 @dataclass(slots=True)
@@ -76,8 +102,7 @@ class Job:
     settings: Settings
     spec: Spec
     columns_by_field: dict[str, str]       # field → the file's column name
-    list_row: Mapping[str, Any] | None
-    links: LinkBuilder | None
+    links: LinkBuilder | None              # set when the job subscribes to a list
     counts: dict[str, int] = field(default_factory=dict)
     # False while no earlier row left its email and external_id in import_key (a file of new contacts):
     # then a batch does not look its keys up there.
@@ -93,21 +118,29 @@ async def write_batch(
 ) -> dict[str, int]:
     """Write one validated batch and the checkpoint `processed`, in the caller's transaction; the counts."""
     # The batch and its checkpoint commit together, so a commit that a PostgreSQL crash loses takes its checkpoint
-    # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing.
-    await connection.execute("SET LOCAL synchronous_commit = off")
-    now = utc_now()
+    # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing. No statement
+    # outlasts the lease (the batch could not commit after it anyway), nor waits on another writer's lock past
+    # _LOCK_TIMEOUT (the API holds a contact for milliseconds: the runner writes the batch again).
+    statement_ms = int(job.settings.import_lease_seconds * 1000)
+    await connection.execute(f"SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'; "
+                             f"SET LOCAL statement_timeout = {statement_ms}")
+    dry = job.row["dry_run"]
+    the_list = None if dry else await _lock_list(connection, job)
     rejects: list[tuple[Any, ...]] = [
         (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
     counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
     counts["rejected"] = validated.rejected_rows
     kept = await _drop_duplicates(connection, job, validated.records, rejects)
     counts["rejected"] += len(validated.records) - len(kept)
-    await connection.execute(_STAGE_DDL)
     if kept:
+        await connection.execute(_STAGE_DDL)
         await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
-        await connection.execute(_SUPPRESSED_SQL)
-        await connection.execute(_MATCH_SQL, job.row["mode"])
-        dry = job.row["dry_run"]
+        held = await connection.fetch(_holders_sql(lock=not dry))
+        if held or job.row["mode"] == "update_only":  # else every row stays 'create' (a file of new people)
+            await connection.execute(_MATCH_SQL, job.row["mode"], [h["id"] for h in held],
+                                     [h["email"] for h in held], [h["external_id"] for h in held])
+        await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
+        now = utc_now()  # after the locks: later than every committed write this batch overwrites
         if not dry:
             inserted, wanted = await connection.fetchrow(
                 _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
@@ -115,7 +148,7 @@ async def write_batch(
                 await connection.execute(
                     "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
                     "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
-        await connection.execute(_update_sql(job, dry=dry), *_update_args(job, now, dry=dry))
+        await _update(connection, job, now, dry=dry)
         await connection.execute(_SEEN_SQL, job.id, dry)
         outcome = {r["action"]: r["n"] for r in await connection.fetch(
             "SELECT action, count(*) AS n FROM import_stage GROUP BY action")}
@@ -133,9 +166,9 @@ async def write_batch(
             if r["action"] == "suppressed":
                 value = None  # an erased person's address is never written back, not even in the report
             rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
-        if job.list_row is not None and not dry:
-            counts["subscribed"] = await _subscribe(connection, job, rejects, now)
-        await connection.execute("TRUNCATE import_stage")
+        if the_list is not None:
+            counts["subscribed"] = await _subscribe(connection, job, the_list, rejects, now)
+        await connection.execute("DROP TABLE import_stage")  # in a test's outer transaction, commit is a savepoint
     if rejects:
         rejects.sort(key=lambda r: r[1])
         await connection.copy_records_to_table(
@@ -144,12 +177,13 @@ async def write_batch(
         """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
                unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
                subscribed = subscribed + $9, lease_until = now() + make_interval(secs => $10), updated_at = now()
-           WHERE id = $1 AND lease_owner = $2 AND status = 'running' RETURNING id""",
+           WHERE id = $1 AND lease_owner = $2 AND status = 'running' AND lease_until > clock_timestamp()
+           RETURNING id""",
         job.id, job.owner, processed, counts["created"], counts["updated"], counts["unchanged"], counts["skipped"],
         counts["rejected"], counts["subscribed"], job.settings.import_lease_seconds,
     )
-    if moved is None:
-        raise LeaseLost(f"import {job.id} was taken over by another runner")
+    if moved is None:  # taken over, or our lease ran out: a batch never commits later than its lease allows
+        raise LeaseLost(f"import {job.id}: the lease ran out or another runner took the job over")
     return counts
 
 
@@ -196,6 +230,29 @@ def _key_cell(job: Job, row: Mapping[str, Any]) -> tuple[str | None, str | None]
     return job.columns_by_field.get("external_id"), row["external_id"]
 
 
+def _holders_sql(*, lock: bool) -> str:
+    """Every contact holding one of the staged external_ids or emails: their id and keys, locked in id order.
+
+    FOR NO KEY UPDATE, as the API's consent and list writes: rows referencing these contacts (orders, events) can
+    still be inserted meanwhile; a contact whose email or external_id the batch changes is upgraded by the UPDATE.
+    A contact changed while the lock waited is returned as it is now. The holders are found by one index probe
+    per staged key (scalar subqueries: never a scan of `contact`, whatever the planner guesses of a temporary
+    table it has no statistics for). A dry run writes nothing, so it locks nothing.
+    """
+    return f"""
+        SELECT id, email, external_id FROM contact
+        WHERE id = ANY (ARRAY(
+            SELECT (SELECT x.id FROM contact x WHERE x.external_id = s.external_id) FROM import_stage s
+            WHERE s.external_id IS NOT NULL
+            UNION ALL
+            SELECT (SELECT e.id FROM contact e WHERE e.email = s.email) FROM import_stage s WHERE s.email IS NOT NULL
+        ))
+        ORDER BY id
+        {"FOR NO KEY UPDATE" if lock else ""}
+    """  # noqa: S608 (no value in it)
+
+
+# After matching, so that it overrides whatever matching decided.
 _SUPPRESSED_SQL = """
 UPDATE import_stage s SET action = 'suppressed'
 WHERE EXISTS (
@@ -206,8 +263,11 @@ WHERE EXISTS (
 """
 
 # The API's upsert matching: external_id first, else email; an email held by a contact with another
-# external_id is refused (409 in the API), and so is a new email another contact already holds.
+# external_id is refused (409 in the API), and so is a new email another contact already holds. Among the holders
+# locked (_holders_sql: $2 ids, $3 emails, $4 external ids), as they are now: nothing decides on an unlocked read.
+# A contact that takes one of the keys after the lock is met by the unique indexes (ON CONFLICT, _update).
 _MATCH_SQL = """
+WITH held AS (SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS h(id, email, external_id))
 UPDATE import_stage s SET target_id = m.target_id, action = m.action
 FROM (
     SELECT s.row_number,
@@ -220,8 +280,8 @@ FROM (
              ELSE CASE WHEN $1 = 'create_only' THEN 'skip_exists' ELSE 'update' END
            END AS action
     FROM import_stage s
-    LEFT JOIN contact cx ON cx.external_id = s.external_id
-    LEFT JOIN contact ce ON ce.email = s.email
+    LEFT JOIN held cx ON cx.external_id = s.external_id
+    LEFT JOIN held ce ON ce.email = s.email
     WHERE s.action = 'create'
 ) m
 WHERE s.row_number = m.row_number AND m.action <> 'create'
@@ -298,12 +358,14 @@ def _update_sql(job: Job, *, dry: bool) -> str:
         return "SELECT $1::text, $2::timestamptz, $3::text[]"
     selected = ", ".join(f"c.{name} AS o_{name}, {expr} AS n_{name}" for name, expr in new.items())
     changed = " OR ".join(f"n_{name} IS DISTINCT FROM o_{name}" for name in new)
+    # The contacts are locked already (_holders_sql). `stamp`: the batch's time, or just after the contact's own if a
+    # clock ahead of ours dated it later: a change is never dated before the one it overwrites.
     cur = f"""
         cur AS (
-            SELECT c.id, s.row_number, {selected}
+            SELECT c.id, s.row_number, greatest($2::timestamptz, c.updated_at + interval '1 microsecond') AS stamp,
+                   {selected}
             FROM contact c JOIN import_stage s ON s.target_id = c.id
             WHERE s.action = 'update' AND cardinality($3::text[]) >= 0
-            {"" if dry else "FOR NO KEY UPDATE OF c"}
         ), changed AS (SELECT * FROM cur WHERE {changed})"""  # noqa: S608 (our own names; values are parameters)
     if dry:
         return (f"WITH {cur} UPDATE import_stage s SET action = 'updated' FROM changed ch "  # noqa: S608
@@ -321,16 +383,16 @@ def _update_sql(job: Job, *, dry: bool) -> str:
     return f"""
         WITH {cur},
         written AS (
-            UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = $2
+            UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = ch.stamp
             FROM changed ch WHERE c.id = ch.id
         ), history AS (
             INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-            SELECT ch.id, f.field, f.old, f.new, $1, 'import', $2
+            SELECT ch.id, f.field, f.old, f.new, $1, 'import', ch.stamp
             FROM changed ch CROSS JOIN LATERAL (VALUES {", ".join(entries)}) AS f(field, old, new)
             WHERE f.old IS DISTINCT FROM f.new
         ), announced AS (
             INSERT INTO outbox_message (topic, contact_id, payload, created_at)
-            SELECT 'contact.updated', ch.id, jsonb_build_object('contact_id', ch.id), $2 FROM changed ch
+            SELECT 'contact.updated', ch.id, jsonb_build_object('contact_id', ch.id), ch.stamp FROM changed ch
         )
         UPDATE import_stage s SET action = 'updated' FROM changed ch WHERE s.row_number = ch.row_number
     """  # noqa: S608 (names from our own tables and attribute definitions; values are parameters)
@@ -340,8 +402,49 @@ def _update_args(job: Job, now: datetime, *, dry: bool) -> list[Any]:
     return [job.row["subject"], now, job.row["tags"]]
 
 
+async def _update(connection: asyncpg.Connection, job: Job, now: datetime, *, dry: bool) -> None:
+    """The UPDATE of the matched rows (_update_sql).
+
+    Matching saw the contacts holding the file's keys when it read them; a contact created since then with one of
+    the rows' new emails (or given it, or one of their external ids) shows only as a unique violation here. The
+    statement is then undone to its savepoint, the rows whose new key another contact now holds become
+    `email_held` (the API's upsert refuses them the same way), and it runs again. That contact is committed by
+    then (the violation waited for its transaction), so every round settles at least one row.
+    """
+    sql, args = _update_sql(job, dry=dry), _update_args(job, now, dry=dry)
+    if dry:
+        await connection.execute(sql, *args)
+        return
+    for _round in range(_KEY_RACES):
+        try:
+            async with connection.transaction():  # a savepoint in the batch's transaction
+                await connection.execute(sql, *args)
+            return
+        except asyncpg.UniqueViolationError:
+            held = await connection.fetchval(_HELD_SQL)
+            if not held:
+                raise  # not a key another contact took: a bug, not a race
+            log.info("import.keys_taken_meanwhile", import_id=str(job.id), rows=held)
+    raise Raced(f"contacts kept taking the batch's new emails during {_KEY_RACES} attempts")
+
+
+# The rows about to give their contact an email or external_id that another contact holds now.
+_HELD_SQL = """
+WITH held AS (
+    UPDATE import_stage s SET action = 'email_held'
+    WHERE s.action = 'update'
+      AND EXISTS (SELECT 1 FROM contact c
+                  WHERE c.id <> s.target_id AND (c.email = s.email OR c.external_id = s.external_id))
+    RETURNING 1
+)
+SELECT count(*) FROM held
+"""
+
+
 # ---- list subscription -----------------------------------------------------------------------------------
 
+# The contacts are locked (_holders_sql, or created by this batch), and every writer of their consents and memberships
+# locks them first: this reads the ledger and memberships as they stay until the batch commits.
 _ELIGIBLE_SQL = """
 SELECT s.row_number, c.id, c.email, c.email_status, c.kind, m.status, m.unsubscribed_at,
        (SELECT max(e.occurred_at) FROM consent_event e
@@ -352,16 +455,27 @@ FROM import_stage s
 JOIN contact c ON c.id = coalesce(s.target_id, s.new_id)
 LEFT JOIN list_membership m ON m.list_id = $1 AND m.contact_id = c.id
 WHERE s.action IN ('create', 'update', 'updated')
-ORDER BY c.id
-FOR NO KEY UPDATE OF c
 """
 
 
-async def _subscribe(connection: asyncpg.Connection, job: Job, rejects: list[tuple[Any, ...]], now: datetime) -> int:
+async def _lock_list(connection: asyncpg.Connection, job: Job) -> Mapping[str, Any] | None:
+    """The job's list, read now and locked FOR KEY SHARE (it cannot be deleted before the batch commits); first, as
+    lists.subscribe locks the list before the contact."""
+    if job.row["list_id"] is None:
+        return None
+    row: Mapping[str, Any] | None = await connection.fetchrow(
+        "SELECT * FROM list WHERE id = $1 FOR KEY SHARE", job.row["list_id"])
+    if row is None:
+        raise JobProblem(f"the list {job.row['list_id']} was deleted while the import ran")
+    return row
+
+
+async def _subscribe(
+    connection: asyncpg.Connection, job: Job, the_list: Mapping[str, Any], rejects: list[tuple[Any, ...]],
+    now: datetime,
+) -> int:
     """lists.subscribe's rules, set-based: mailable email, accepted kind, the consent (appended), no later
     withdrawal or unsubscribe from this list; then subscribed, or pending with a confirmation request."""
-    the_list = job.list_row
-    assert the_list is not None
     consent = job.row["consent"]
     consent_at = datetime.fromisoformat(consent["occurred_at"]).astimezone(UTC)
     accepted = the_list["accepted_kinds"]

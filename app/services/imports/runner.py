@@ -21,15 +21,15 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
 import asyncpg
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError
+from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import is_unique_violation
+from app.db import driver_connection
 from app.logging import get_logger, where
 from app.schemas import types
 from app.services import suppressions
 from app.services.imports import rows as rows_module
-from app.services.imports.batch import Job, LeaseLost, write_batch
+from app.services.imports.batch import Job, JobProblem, LeaseLost, Raced, write_batch
 from app.services.imports.rows import Spec, Validated
 from app.services.imports.sniff import RecordReader, Unreadable
 from app.services.links import LinkBuilder, LinkCodec
@@ -53,7 +53,7 @@ async def run_next(sessions: async_sessionmaker[AsyncSession], settings: Setting
     """Claim one queued job (or a running one whose lease expired), run it; True if there was one."""
     owner = new_owner()
     async with sessions.begin() as session:
-        connection = await _raw(session)
+        connection = await driver_connection(session)
         job = await connection.fetchrow(_CLAIM_SQL, owner, settings.import_lease_seconds)
     if job is None:
         return False
@@ -67,10 +67,10 @@ async def run_job(
 ) -> Mapping[str, Any]:
     """Run a job this caller already holds the lease of (the CLI creates it claimed); returns the final row."""
     async with sessions() as session:
-        job = await (await _raw(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id)
+        job = await (await driver_connection(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id)
     await _run(sessions, settings, dict(job), owner=owner, progress=progress)
     async with sessions() as session:
-        return dict(await (await _raw(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id))
+        return dict(await (await driver_connection(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id))
 
 
 _CLAIM_SQL = """
@@ -117,10 +117,6 @@ async def _run(
         log.error("import.crashed", import_id=str(job_id), **where(exc))
 
 
-class JobProblem(Exception):
-    """The job cannot go on (its list or an attribute was deleted meanwhile): it fails with this message."""
-
-
 async def _prepare(
     sessions: async_sessionmaker[AsyncSession], settings: Settings, row: dict[str, Any], owner: str
 ) -> Job:
@@ -129,14 +125,12 @@ async def _prepare(
     attribute_names = [f.removeprefix("attributes.") for f in mapping.values() if f.startswith("attributes.")]
     types.configure_phone_region(settings.default_phone_region)  # inline validation reads national numbers too
     async with sessions() as session:
-        connection = await _raw(session)
+        connection = await driver_connection(session)
         definitions = {r["name"]: (r["type"], tuple(r["options"] or ())) for r in await connection.fetch(
             "SELECT name, type, options FROM attribute_definition WHERE name = ANY($1::text[])", attribute_names)}
-        list_row = None
-        if row["list_id"] is not None:
-            list_row = await connection.fetchrow("SELECT * FROM list WHERE id = $1", row["list_id"])
-            if list_row is None:
-                raise JobProblem(f"the list {row['list_id']} was deleted before the import ran")
+        if row["list_id"] is not None and not await connection.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM list WHERE id = $1)", row["list_id"]):
+            raise JobProblem(f"the list {row['list_id']} was deleted before the import ran")
     missing = sorted(set(attribute_names) - set(definitions))
     if missing:
         raise JobProblem(f"attribute definitions deleted before the import ran: {', '.join(missing)}")
@@ -146,25 +140,24 @@ async def _prepare(
         blank_erases=row["blank_erases"],
     )
     async with sessions() as session:
-        row_keys_kept = await (await _raw(session)).fetchval(_ROW_KEYS_KEPT_SQL, row["id"])
-    links = None
-    if list_row is not None and list_row["double_opt_in"]:
+        row_keys_kept = await (await driver_connection(session)).fetchval(_ROW_KEYS_KEPT_SQL, row["id"])
+    links = None  # the list may become double opt-in while the job runs: each batch reads it again
+    if row["list_id"] is not None:
         links = LinkBuilder(LinkCodec(settings.resolved_jwt_secret()), settings.public_base_url)
     return Job(row=row, owner=owner, settings=settings, spec=spec,
-                columns_by_field={f: header[int(i)] for i, f in mapping.items()}, list_row=list_row, links=links,
-                counts={k: row[k] for k in ("created", "updated", "unchanged", "skipped", "rejected", "subscribed")},
-                row_keys_kept=row_keys_kept)
+               columns_by_field={f: header[int(i)] for i, f in mapping.items()}, links=links,
+               counts={k: row[k] for k in ("created", "updated", "unchanged", "skipped", "rejected", "subscribed")},
+               row_keys_kept=row_keys_kept)
 
 
 _ROW_KEYS_KEPT_SQL = "SELECT EXISTS (SELECT 1 FROM import_key WHERE import_id = $1 AND key > 'd')"  # 'e:', 'x:' > 'c:'
-
 
 
 async def _process(sessions: async_sessionmaker[AsyncSession], job: Job, progress: Progress | None) -> None:
     settings = job.settings
     if job.row["tags"] and not job.row["dry_run"]:
         async with sessions.begin() as session:
-            await (await _raw(session)).execute(
+            await (await driver_connection(session)).execute(
                 "INSERT INTO tag (name, created_at) SELECT unnest($1::text[]), now() ON CONFLICT DO NOTHING",
                 job.row["tags"])
     pool = _pool(settings) if settings.import_workers and job.row["size_bytes"] > settings.import_inline_bytes else None
@@ -281,7 +274,7 @@ async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> Asyn
     reader = RecordReader(job.row["encoding"], job.row["delimiter"])
     for seq in range(job.row["chunks"]):
         async with sessions() as session:
-            data = await (await _raw(session)).fetchval(
+            data = await (await driver_connection(session)).fetchval(
                 "SELECT data FROM import_chunk WHERE import_id = $1 AND seq = $2", job.id, seq)
         for start in range(0, len(data), _PARSE_BYTES):
             yield reader.feed(data[start:start + _PARSE_BYTES])
@@ -292,21 +285,24 @@ async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> Asyn
 # ---- one batch -------------------------------------------------------------------------------------------
 
 
+# Races a batch's transaction cannot settle itself: rolled back whole (nothing of the batch stays) and written again.
+_RACES = (Raced, asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.LockNotAvailableError)
+_BATCH_ATTEMPTS = 3
+
+
 async def _write(
     sessions: async_sessionmaker[AsyncSession], job: Job, validated: Validated, processed: int
 ) -> int:
-    """Write one validated batch and its checkpoint in one transaction (retried on a racing unique key)."""
-    for attempt in range(3):
+    """Write one validated batch and its checkpoint in one transaction; again, from the start, after a race."""
+    for attempt in range(1, _BATCH_ATTEMPTS + 1):
         try:
             async with sessions.begin() as session:
-                counts = await write_batch(await _raw(session), job, validated, processed)
-        except IntegrityError as exc:  # a concurrent writer took a key between our check and our write
-            if not is_unique_violation(exc) or attempt == 2:
-                raise
-            continue
-        except asyncpg.UniqueViolationError:
-            if attempt == 2:
-                raise
+                counts = await write_batch(await driver_connection(session), job, validated, processed)
+        except _RACES as exc:
+            log.info("import.batch_raced", import_id=str(job.id), attempt=attempt, race=type(exc).__name__)
+            if attempt == _BATCH_ATTEMPTS:
+                raise JobProblem(f"a batch of rows kept losing races with other writers ({type(exc).__name__}, "
+                                 f"{attempt} attempts); nothing of it was written: import the file again") from exc
             continue
         for key, value in counts.items():
             job.counts[key] += value
@@ -324,7 +320,7 @@ async def _finish(
     """Done or failed: either way the job is over (a failed import is re-run by uploading the file again), so its
     file and its key table go. The file holds every person of the file: kept, it would outlive their erasure."""
     async with sessions.begin() as session:
-        connection = await _raw(session)
+        connection = await driver_connection(session)
         moved = await connection.fetchval(
             """UPDATE import_job SET status = $3, error = $4, total_rows = coalesce($5, total_rows),
                    finished_at = clock_timestamp(), lease_owner = NULL, lease_until = NULL, updated_at = now()
@@ -335,11 +331,6 @@ async def _finish(
             raise LeaseLost(f"import {job_id} was taken over by another runner")
         await connection.execute("DELETE FROM import_key WHERE import_id = $1", job_id)
         await connection.execute("DELETE FROM import_chunk WHERE import_id = $1", job_id)
-
-
-async def _raw(session: AsyncSession) -> asyncpg.Connection:
-    """The session's asyncpg connection, inside the session's transaction (COPY needs the driver itself)."""
-    return (await (await session.connection()).get_raw_connection()).driver_connection  # type: ignore[no-any-return]
 
 
 def digest_key(settings: Settings) -> bytes:
