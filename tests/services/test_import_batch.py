@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -84,4 +85,23 @@ async def test_a_list_deleted_while_the_import_runs_fails_the_job_cleanly(
     job = await _one(sessions, "SELECT status, error FROM import_job WHERE id = :id", id=uuid.UUID(job_id))
     assert job.status == "failed"
     assert job.error == f"the list {the_list} was deleted while the import ran"
+    assert (await _one(sessions, "SELECT count(*) FROM contact"))[0] == 0
+
+
+async def test_a_batch_committing_later_than_the_lease_after_its_date_is_written_again_then_fails(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An incremental reader's overlap (docs/decisions.md) must cover it: a batch never commits later than
+    IMPORT_LEASE_SECONDS after the date it gives its changes; it rolls back and is written again instead."""
+    sessions = make_sessionmaker(engine)
+    clock = iter([False, True] * 3)  # each attempt: the batch's date, then its end, one lease and a second later
+    real = batch.utc_now
+    monkeypatch.setattr(batch, "utc_now", lambda: real() + next(clock) * timedelta(
+        seconds=settings.import_lease_seconds + 1))
+    job_id = await _upload(committing_client, plain_file(3))
+    assert await runner.run_next(sessions, settings) is True
+    job = await _one(sessions, "SELECT status, error FROM import_job WHERE id = :id", id=uuid.UUID(job_id))
+    assert job.status == "failed"
+    assert job.error == ("a batch could not be written in 3 attempts (the batch took longer than "
+                         "IMPORT_LEASE_SECONDS after its date); nothing of it was written: import the file again")
     assert (await _one(sessions, "SELECT count(*) FROM contact"))[0] == 0

@@ -301,8 +301,9 @@ async def _write(
         except _RACES as exc:
             log.info("import.batch_raced", import_id=str(job.id), attempt=attempt, race=type(exc).__name__)
             if attempt == _BATCH_ATTEMPTS:
-                raise JobProblem(f"a batch of rows kept losing races with other writers ({type(exc).__name__}, "
-                                 f"{attempt} attempts); nothing of it was written: import the file again") from exc
+                reason = str(exc) if isinstance(exc, Raced) else f"{type(exc).__name__}, with another writer"
+                raise JobProblem(f"a batch could not be written in {attempt} attempts ({reason}); nothing of it "
+                                 "was written: import the file again") from exc
             continue
         for key, value in counts.items():
             job.counts[key] += value
