@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import make_engine, make_sessionmaker
+from app.db import driver_connection, make_engine, make_sessionmaker
 from app.embedded import EmbeddedPostgres
 from app.errors import AppError
 from app.security import Principal, Role, Scope
@@ -296,7 +296,7 @@ def export_contacts(
 
     async def run(session: AsyncSession) -> int:
         query = await exports_service.prepare(session, options, masked=False)
-        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        connection = await driver_connection(session)
         total = int(await connection.fetchval(query.count_sql, *query.count_args))
         lines = -1 if options.format is exports_service.ExportFormat.CSV else 0  # the header line
         with progress:

@@ -21,6 +21,7 @@ __all__ = [
     "async_url",
     "bare_connection",
     "constraint_name",
+    "driver_connection",
     "get_read_sessionmaker",
     "get_replica_sessionmaker",
     "get_sessionmaker",
@@ -139,6 +140,21 @@ async def bare_connection(request: Request, *, replica: bool = False) -> AsyncIt
                 raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
     else:  # a sessionmaker bound to one connection (the tests' per-test transaction)
         yield (await bind.get_raw_connection()).driver_connection
+
+
+async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
+    """The session's asyncpg connection, inside the session's transaction (COPY needs the driver itself).
+
+    SQLAlchemy's asyncpg dialect sends BEGIN lazily, with the first statement SQLAlchemy executes: statements
+    sent to the driver before that run in autocommit, each committed at once, with no lock held past it and no
+    rollback. So the transaction is begun here first (nothing is sent when it already is).
+    """
+    connection = await session.connection()
+    pooled = await connection.get_raw_connection()
+    raw: asyncpg.Connection = pooled.driver_connection
+    if not raw.is_in_transaction() and not pooled.dbapi_connection.autocommit:  # type: ignore[union-attr]
+        await connection.exec_driver_sql("SELECT 1")  # the dialect begins the transaction before it
+    return raw
 
 
 def _disconnected(exc: Exception, raw: asyncpg.Connection) -> bool:

@@ -17,7 +17,7 @@ from app.db import get_read_sessionmaker, get_sessionmaker
 from app.main import create_app
 from app.security import Role, Scope
 from app.services import suppressions
-from app.services.imports import runner, store
+from app.services.imports import batch, store
 from app.services.imports.runner import run_next
 from app.settings import Settings
 from tests.auth import bearer
@@ -510,7 +510,7 @@ async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(
 ) -> None:
     await make_contact(client, email="raced@exemple.fr", first_name="Other writer")
     # As if the contact appeared between the matching and the insert: the match sees nobody.
-    monkeypatch.setattr(runner, "_MATCH_SQL", "SELECT $1::text")  # every row stays 'create'
+    monkeypatch.setattr(batch, "_MATCH_SQL", "SELECT $1::text, $2::uuid[], $3::text[], $4::text[]")  # all 'create'
     data = build_csv(["Email"], [["raced@exemple.fr"], ["free@exemple.fr"]])
     job = await run_import(client, sessions, settings, data)
     assert (job["created"], job["rejected"]) == (1, 1)

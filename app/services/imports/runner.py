@@ -1,13 +1,6 @@
 """The import job runner: claim a job, read its file from PostgreSQL, validate rows in worker processes,
-and write each batch set-based in one transaction that also commits the checkpoint.
-
-Per batch (one transaction, at most `IMPORT_BATCH_ROWS` rows):
-  1. rows already validated by a worker process (app.services.imports.rows) arrive as records;
-  2. duplicates inside the file: keys (email, external_id) seen in earlier rows (`import_key`) reject the row;
-  3. COPY into a per-connection staging table, then set-based: suppression check (HMAC digests), matching
-     (external_id, else email, as the API's upsert), INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM
-     for changed ones, with history rows and outbox messages written by the same statements;
-  4. the list subscription (list_id + consent), the reject report, the counters and the checkpoint.
+and hand each batch to `batch.write_batch`, which writes it set-based in one transaction that also commits the
+checkpoint (retried here when it loses a race with another writer).
 
 A killed runner leaves its last batch uncommitted; once the lease expires another runner claims the job and
 resumes after `processed_rows`. Parsing is deterministic, so the final contact table is the same as after an
@@ -18,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import socket
@@ -26,23 +18,21 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError
+from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import is_unique_violation
+from app.db import driver_connection
 from app.logging import get_logger, where
-from app.models.base import utc_now
 from app.schemas import types
 from app.services import suppressions
 from app.services.imports import rows as rows_module
-from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
+from app.services.imports.batch import Job, JobProblem, LeaseLost, Raced, write_batch
+from app.services.imports.rows import Spec, Validated
 from app.services.imports.sniff import RecordReader, Unreadable
-from app.services.links import CONFIRM_LINK_TTL, LinkBuilder, LinkCodec
+from app.services.links import LinkBuilder, LinkCodec
 from app.settings import Settings
 
 __all__ = ["LeaseLost", "Progress", "digest_key", "new_owner", "run_job", "run_next"]
@@ -52,47 +42,7 @@ log = get_logger("carnet.imports")
 Progress = Callable[[Mapping[str, Any]], None]
 _DB_AWAY = (OSError, DBAPIError, InterfaceError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
-# staging column → (wire field for history, SQL type)
-_STAGE_TYPES = {
-    "row_number": "integer", "new_id": "uuid", "external_id": "text", "email": "text", "phone": "text",
-    "first_name": "text", "last_name": "text", "company": "text", "job_title": "text", "sector": "text",
-    "gender": "text", "birth_date": "date", "address_line1": "text", "address_line2": "text", "postal_code": "text",
-    "city": "text", "region": "text", "country": "text", "language": "text", "source": "text", "kind": "text",
-    "first_contact_channel": "text", "attributes": "jsonb", "blank_attributes": "text[]", "email_digest": "text",
-    "phone_digest": "text",
-}
-_FIELD_COLUMN = {
-    "address.line1": "address_line1", "address.line2": "address_line2", "address.postal_code": "postal_code",
-    "address.city": "city", "address.region": "region", "address.country": "country",
-}
-_COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
-_CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
-    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest"}]
-# `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
-# when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
-# Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
-# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact. The batch empties it
-# before it commits: a pooled connection's temporary table is out of an erasure's reach.
-_STAGE_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS import_stage ("
-    + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
-    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number))"
-)
-_REASONS = {
-    "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
-    "skip_exists": "skipped: a contact with this email or external_id exists (mode create_only)",
-    "skip_missing": "skipped: no contact with this email or external_id (mode update_only)",
-    "other_external_id": "this email belongs to a contact with another external_id",
-    "email_held": "another contact already holds this email",
-    "conflict": "another writer created a contact with this email or external_id meanwhile; import the row again",
-}
-_SKIPS = ("suppressed", "skip_exists", "skip_missing")
 _PARSE_BYTES = 64 * 1024  # parsed at once (~2 ms): how long the writer may wait for the event loop
-_REJECTS = ("other_external_id", "email_held", "conflict")
-
-
-class LeaseLost(RuntimeError):
-    """Another runner took the job over (our lease expired): stop without writing."""
 
 
 def new_owner() -> str:
@@ -103,7 +53,7 @@ async def run_next(sessions: async_sessionmaker[AsyncSession], settings: Setting
     """Claim one queued job (or a running one whose lease expired), run it; True if there was one."""
     owner = new_owner()
     async with sessions.begin() as session:
-        connection = await _raw(session)
+        connection = await driver_connection(session)
         job = await connection.fetchrow(_CLAIM_SQL, owner, settings.import_lease_seconds)
     if job is None:
         return False
@@ -117,10 +67,10 @@ async def run_job(
 ) -> Mapping[str, Any]:
     """Run a job this caller already holds the lease of (the CLI creates it claimed); returns the final row."""
     async with sessions() as session:
-        job = await (await _raw(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id)
+        job = await (await driver_connection(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id)
     await _run(sessions, settings, dict(job), owner=owner, progress=progress)
     async with sessions() as session:
-        return dict(await (await _raw(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id))
+        return dict(await (await driver_connection(session)).fetchrow("SELECT * FROM import_job WHERE id = $1", job_id))
 
 
 _CLAIM_SQL = """
@@ -141,25 +91,6 @@ RETURNING j.*
 # ---- one job ---------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Job:
-    row: dict[str, Any]
-    owner: str
-    settings: Settings
-    spec: Spec
-    columns_by_field: dict[str, str]       # field → the file's column name
-    list_row: Mapping[str, Any] | None
-    links: LinkBuilder | None
-    counts: dict[str, int] = field(default_factory=dict)
-    # False while no earlier row left its email and external_id in import_key (a file of new contacts):
-    # then a batch does not look its keys up there.
-    row_keys_kept: bool = True
-
-    @property
-    def id(self) -> uuid.UUID:
-        return self.row["id"]  # type: ignore[no-any-return]
-
-
 async def _run(
     sessions: async_sessionmaker[AsyncSession], settings: Settings, row: dict[str, Any], *, owner: str,
     progress: Progress | None,
@@ -173,7 +104,7 @@ async def _run(
     try:
         job = await _prepare(sessions, settings, row, owner)
         await _process(sessions, job, progress)
-    except _JobProblem as exc:
+    except JobProblem as exc:
         await _finish(sessions, job_id, owner, status="failed", error=str(exc))
         log.warning("import.failed", import_id=str(job_id), error=str(exc))
     except LeaseLost:
@@ -186,54 +117,47 @@ async def _run(
         log.error("import.crashed", import_id=str(job_id), **where(exc))
 
 
-class _JobProblem(Exception):
-    """The job cannot go on (its list or an attribute was deleted meanwhile): it fails with this message."""
-
-
 async def _prepare(
     sessions: async_sessionmaker[AsyncSession], settings: Settings, row: dict[str, Any], owner: str
-) -> _Job:
+) -> Job:
     mapping: dict[str, str] = row["mapping"]
     header: list[str] = row["header"]
     attribute_names = [f.removeprefix("attributes.") for f in mapping.values() if f.startswith("attributes.")]
     types.configure_phone_region(settings.default_phone_region)  # inline validation reads national numbers too
     async with sessions() as session:
-        connection = await _raw(session)
+        connection = await driver_connection(session)
         definitions = {r["name"]: (r["type"], tuple(r["options"] or ())) for r in await connection.fetch(
             "SELECT name, type, options FROM attribute_definition WHERE name = ANY($1::text[])", attribute_names)}
-        list_row = None
-        if row["list_id"] is not None:
-            list_row = await connection.fetchrow("SELECT * FROM list WHERE id = $1", row["list_id"])
-            if list_row is None:
-                raise _JobProblem(f"the list {row['list_id']} was deleted before the import ran")
+        if row["list_id"] is not None and not await connection.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM list WHERE id = $1)", row["list_id"]):
+            raise JobProblem(f"the list {row['list_id']} was deleted before the import ran")
     missing = sorted(set(attribute_names) - set(definitions))
     if missing:
-        raise _JobProblem(f"attribute definitions deleted before the import ran: {', '.join(missing)}")
+        raise JobProblem(f"attribute definitions deleted before the import ran: {', '.join(missing)}")
     spec = Spec(
         columns=tuple((int(i), f, header[int(i)]) for i, f in sorted(mapping.items(), key=lambda kv: int(kv[0]))),
         attributes=definitions, digest_key=digest_key(settings), width=len(header),
         blank_erases=row["blank_erases"],
     )
     async with sessions() as session:
-        row_keys_kept = await (await _raw(session)).fetchval(_ROW_KEYS_KEPT_SQL, row["id"])
-    links = None
-    if list_row is not None and list_row["double_opt_in"]:
+        row_keys_kept = await (await driver_connection(session)).fetchval(_ROW_KEYS_KEPT_SQL, row["id"])
+    links = None  # the list may become double opt-in while the job runs: each batch reads it again
+    if row["list_id"] is not None:
         links = LinkBuilder(LinkCodec(settings.resolved_jwt_secret()), settings.public_base_url)
-    return _Job(row=row, owner=owner, settings=settings, spec=spec,
-                columns_by_field={f: header[int(i)] for i, f in mapping.items()}, list_row=list_row, links=links,
-                counts={k: row[k] for k in ("created", "updated", "unchanged", "skipped", "rejected", "subscribed")},
-                row_keys_kept=row_keys_kept)
+    return Job(row=row, owner=owner, settings=settings, spec=spec,
+               columns_by_field={f: header[int(i)] for i, f in mapping.items()}, links=links,
+               counts={k: row[k] for k in ("created", "updated", "unchanged", "skipped", "rejected", "subscribed")},
+               row_keys_kept=row_keys_kept)
 
 
 _ROW_KEYS_KEPT_SQL = "SELECT EXISTS (SELECT 1 FROM import_key WHERE import_id = $1 AND key > 'd')"  # 'e:', 'x:' > 'c:'
 
 
-
-async def _process(sessions: async_sessionmaker[AsyncSession], job: _Job, progress: Progress | None) -> None:
+async def _process(sessions: async_sessionmaker[AsyncSession], job: Job, progress: Progress | None) -> None:
     settings = job.settings
     if job.row["tags"] and not job.row["dry_run"]:
         async with sessions.begin() as session:
-            await (await _raw(session)).execute(
+            await (await driver_connection(session)).execute(
                 "INSERT INTO tag (name, created_at) SELECT unnest($1::text[]), now() ON CONFLICT DO NOTHING",
                 job.row["tags"])
     pool = _pool(settings) if settings.import_workers and job.row["size_bytes"] > settings.import_inline_bytes else None
@@ -264,7 +188,7 @@ class _Writer:
     hands out the next batches while PostgreSQL writes this one (neither waits for the other)."""
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], job: _Job, progress: Progress | None, *, processed: int
+        self, sessions: async_sessionmaker[AsyncSession], job: Job, progress: Progress | None, *, processed: int
     ) -> None:
         self._sessions, self._job, self._progress = sessions, job, progress
         self.processed = processed  # the committed checkpoint
@@ -312,13 +236,13 @@ def _validate(
     return asyncio.wrap_future(future)
 
 
-def _report(progress: Progress | None, job: _Job, processed: int) -> None:
+def _report(progress: Progress | None, job: Job, processed: int) -> None:
     if progress is not None:
         progress({"processed_rows": processed, **job.counts})
 
 
 async def _batches(
-    sessions: async_sessionmaker[AsyncSession], job: _Job, *, skip: int, size: int
+    sessions: async_sessionmaker[AsyncSession], job: Job, *, skip: int, size: int
 ) -> AsyncIterator[list[tuple[int, list[str]]]]:
     """Data records as (row number, cells), in batches, after the first `skip` (the checkpoint)."""
     record_number = 0   # every record of the file, header included: the report's row numbers
@@ -344,13 +268,13 @@ async def _batches(
         yield batch
 
 
-async def _records(sessions: async_sessionmaker[AsyncSession], job: _Job) -> AsyncIterator[list[list[str]]]:
+async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> AsyncIterator[list[list[str]]]:
     """The file's records in order, parsed a piece at a time: between pieces the event loop runs the writer's
     statements, so PostgreSQL does not wait while a 1 MB chunk is parsed."""
     reader = RecordReader(job.row["encoding"], job.row["delimiter"])
     for seq in range(job.row["chunks"]):
         async with sessions() as session:
-            data = await (await _raw(session)).fetchval(
+            data = await (await driver_connection(session)).fetchval(
                 "SELECT data FROM import_chunk WHERE import_id = $1 AND seq = $2", job.id, seq)
         for start in range(0, len(data), _PARSE_BYTES):
             yield reader.feed(data[start:start + _PARSE_BYTES])
@@ -361,371 +285,30 @@ async def _records(sessions: async_sessionmaker[AsyncSession], job: _Job) -> Asy
 # ---- one batch -------------------------------------------------------------------------------------------
 
 
+# Races a batch's transaction cannot settle itself: rolled back whole (nothing of the batch stays) and written again.
+_RACES = (Raced, asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.LockNotAvailableError)
+_BATCH_ATTEMPTS = 3
+
+
 async def _write(
-    sessions: async_sessionmaker[AsyncSession], job: _Job, validated: Validated, processed: int
+    sessions: async_sessionmaker[AsyncSession], job: Job, validated: Validated, processed: int
 ) -> int:
-    """Write one validated batch and its checkpoint in one transaction (retried on a racing unique key)."""
-    for attempt in range(3):
+    """Write one validated batch and its checkpoint in one transaction; again, from the start, after a race."""
+    for attempt in range(1, _BATCH_ATTEMPTS + 1):
         try:
             async with sessions.begin() as session:
-                counts = await _write_batch(await _raw(session), job, validated, processed)
-        except IntegrityError as exc:  # a concurrent writer took a key between our check and our write
-            if not is_unique_violation(exc) or attempt == 2:
-                raise
-            continue
-        except asyncpg.UniqueViolationError:
-            if attempt == 2:
-                raise
+                counts = await write_batch(await driver_connection(session), job, validated, processed)
+        except _RACES as exc:
+            log.info("import.batch_raced", import_id=str(job.id), attempt=attempt, race=type(exc).__name__)
+            if attempt == _BATCH_ATTEMPTS:
+                reason = str(exc) if isinstance(exc, Raced) else f"{type(exc).__name__}, with another writer"
+                raise JobProblem(f"a batch could not be written in {attempt} attempts ({reason}); nothing of it "
+                                 "was written: import the file again") from exc
             continue
         for key, value in counts.items():
             job.counts[key] += value
         return processed
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _write_batch(
-    connection: asyncpg.Connection, job: _Job, validated: Validated, processed: int
-) -> dict[str, int]:
-    # The batch and its checkpoint commit together, so a commit that a PostgreSQL crash loses takes its checkpoint
-    # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing.
-    await connection.execute("SET LOCAL synchronous_commit = off")
-    now = utc_now()
-    rejects: list[tuple[Any, ...]] = [
-        (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
-    counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
-    counts["rejected"] = validated.rejected_rows
-    kept = await _drop_duplicates(connection, job, validated.records, rejects)
-    counts["rejected"] += len(validated.records) - len(kept)
-    await connection.execute(_STAGE_DDL)
-    if kept:
-        await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
-        await connection.execute(_SUPPRESSED_SQL)
-        await connection.execute(_MATCH_SQL, job.row["mode"])
-        dry = job.row["dry_run"]
-        if not dry:
-            inserted, wanted = await connection.fetchrow(
-                _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
-            if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
-                await connection.execute(
-                    "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
-                    "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
-        await connection.execute(_update_sql(job, dry=dry), *_update_args(job, now, dry=dry))
-        await connection.execute(_SEEN_SQL, job.id, dry)
-        outcome = {r["action"]: r["n"] for r in await connection.fetch(
-            "SELECT action, count(*) AS n FROM import_stage GROUP BY action")}
-        job.row_keys_kept = job.row_keys_kept or any(n for action, n in outcome.items() if action != "create" or dry)
-        counts["created"] = outcome.get("create", 0)
-        counts["updated"] = outcome.get("updated", 0)
-        counts["unchanged"] = outcome.get("update", 0)
-        counts["skipped"] = sum(outcome.get(a, 0) for a in _SKIPS)
-        counts["rejected"] += sum(outcome.get(a, 0) for a in _REJECTS)
-        for r in await connection.fetch(
-            "SELECT row_number, action, email, external_id FROM import_stage WHERE action = ANY($1::text[])",
-            [*_SKIPS, *_REJECTS],
-        ):
-            column, value = _key_cell(job, r)
-            if r["action"] == "suppressed":
-                value = None  # an erased person's address is never written back, not even in the report
-            rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
-        if job.list_row is not None and not dry:
-            counts["subscribed"] = await _subscribe(connection, job, rejects, now)
-        await connection.execute("TRUNCATE import_stage")
-    if rejects:
-        rejects.sort(key=lambda r: r[1])
-        await connection.copy_records_to_table(
-            "import_reject", records=rejects, columns=["import_id", "row_number", "column", "reason", "value"])
-    moved = await connection.fetchval(
-        """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
-               unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
-               subscribed = subscribed + $9, lease_until = now() + make_interval(secs => $10), updated_at = now()
-           WHERE id = $1 AND lease_owner = $2 AND status = 'running' RETURNING id""",
-        job.id, job.owner, processed, counts["created"], counts["updated"], counts["unchanged"], counts["skipped"],
-        counts["rejected"], counts["subscribed"], job.settings.import_lease_seconds,
-    )
-    if moved is None:
-        raise LeaseLost(f"import {job.id} was taken over by another runner")
-    return counts
-
-
-async def _drop_duplicates(
-    connection: asyncpg.Connection, job: _Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]]
-) -> list[tuple[Any, ...]]:
-    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept).
-
-    The keys of earlier batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
-    contact, as the email and external_id of the contact for rows that created one.
-    """
-    email_at, external_at = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
-    keys_by_row = [_keys(r, email_at, external_at) for r in records]
-    row_keys = [k for keys in keys_by_row for k in keys] if job.row_keys_kept else []
-    seen: dict[str, int] = {r["key"]: r["row_number"] for r in await connection.fetch(
-        _EARLIER_KEYS_SQL, job.id, row_keys, [r[email_at] for r in records if r[email_at] is not None],
-        [r[external_at] for r in records if r[external_at] is not None])}
-    kept: list[tuple[Any, ...]] = []
-    for record, keys in zip(records, keys_by_row, strict=True):
-        earlier = [(seen[k], k) for k in keys if k in seen]
-        if earlier:
-            first, key = min(earlier)
-            column = job.columns_by_field.get("email" if key.startswith("e:") else "external_id")
-            rejects.append((job.id, record[0], column, f"duplicate of row {first}", key[2:]))
-            continue
-        for key in keys:
-            seen[key] = record[0]
-        kept.append(record)
-    return kept
-
-
-def _keys(record: tuple[Any, ...], email_at: int, external_at: int) -> list[str]:
-    out = []
-    if record[email_at] is not None:
-        out.append("e:" + record[email_at])
-    if record[external_at] is not None:
-        out.append("x:" + record[external_at])
-    return out
-
-
-def _key_cell(job: _Job, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    if row["email"] is not None and "email" in job.columns_by_field:
-        return job.columns_by_field["email"], row["email"]
-    return job.columns_by_field.get("external_id"), row["external_id"]
-
-
-_SUPPRESSED_SQL = """
-UPDATE import_stage s SET action = 'suppressed'
-WHERE EXISTS (
-    SELECT 1 FROM suppression p
-    WHERE p.released_at IS NULL
-      AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest))
-)
-"""
-
-# The API's upsert matching: external_id first, else email; an email held by a contact with another
-# external_id is refused (409 in the API), and so is a new email another contact already holds.
-_MATCH_SQL = """
-UPDATE import_stage s SET target_id = m.target_id, action = m.action
-FROM (
-    SELECT s.row_number,
-           coalesce(cx.id, ce.id) AS target_id,
-           CASE
-             WHEN cx.id IS NULL AND ce.id IS NOT NULL AND s.external_id IS NOT NULL
-                  AND ce.external_id IS NOT NULL AND ce.external_id <> s.external_id THEN 'other_external_id'
-             WHEN cx.id IS NOT NULL AND ce.id IS NOT NULL AND ce.id <> cx.id THEN 'email_held'
-             WHEN coalesce(cx.id, ce.id) IS NULL THEN CASE WHEN $1 = 'update_only' THEN 'skip_missing' ELSE 'create' END
-             ELSE CASE WHEN $1 = 'create_only' THEN 'skip_exists' ELSE 'update' END
-           END AS action
-    FROM import_stage s
-    LEFT JOIN contact cx ON cx.external_id = s.external_id
-    LEFT JOIN contact ce ON ce.email = s.email
-    WHERE s.action = 'create'
-) m
-WHERE s.row_number = m.row_number AND m.action <> 'create'
-"""
-
-# What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
-# A row that created a contact leaves the contact's id, appended at the index's right edge (ids are time-ordered),
-# instead of its email and external_id that would land on random pages of the index: the contact carries them.
-# Every other row leaves its email and external_id (a dry run creates nothing).
-_SEEN_SQL = """
-INSERT INTO import_key (import_id, key, row_number)
-SELECT $1::uuid, 'c:' || s.new_id::text, s.row_number FROM import_stage s WHERE s.action = 'create' AND NOT $2
-UNION ALL
-SELECT $1::uuid, k.key, s.row_number
-FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
-WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
-"""
-
-# The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
-# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids).
-_EARLIER_KEYS_SQL = """
-SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])
-UNION ALL
-SELECT k.key, created.row_number
-FROM (
-    SELECT c.email, c.external_id, i.row_number
-    FROM contact c JOIN import_key i ON i.import_id = $1 AND i.key = 'c:' || c.id::text
-    WHERE c.email = ANY($3::text[]) OR c.external_id = ANY($4::text[])
-) AS created
-CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS k(key)
-WHERE k.key IS NOT NULL
-"""
-
-_CREATE_SQL = f"""
-WITH new AS (
-    INSERT INTO contact ({", ".join(_CONTACT_COLUMNS)}, id, email_status, lifecycle_stage, attributes, tags,
-                         orders_count, total_spent, version, created_at, updated_at)
-    SELECT {", ".join("coalesce(s.kind, 'prospect')" if c == "kind" else "coalesce(s.source, 'import')"
-                      if c == "source" else f"s.{c}" for c in _CONTACT_COLUMNS)},
-           s.new_id, 'unverified', 'prospect', coalesce(s.attributes, '{{}}'::jsonb), $1::text[], 0, 0, 1, $3, $3
-    FROM import_stage s WHERE s.action = 'create'
-    ON CONFLICT DO NOTHING
-    RETURNING id
-), history AS (
-    INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT new.id, 'created', NULL, $4::jsonb, $2, 'import', $3 FROM new
-), announced AS (
-    INSERT INTO outbox_message (topic, contact_id, payload, created_at)
-    SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), $3 FROM new
-)
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM import_stage WHERE action = 'create')
-"""  # noqa: S608 (column names from our own tables; every value is a parameter)
-
-
-def _update_sql(job: _Job, *, dry: bool) -> str:
-    """The changed matched contacts, updated with their history and outbox rows, in one statement."""
-    fields = [f for f in job.columns_by_field if not f.startswith("attributes.")]
-    columns = [_FIELD_COLUMN.get(f, f) for f in fields]
-    attributes = [f.removeprefix("attributes.") for f in job.columns_by_field if f.startswith("attributes.")]
-    blank_erases = job.row["blank_erases"]
-    new: dict[str, str] = {}
-    for column in columns:
-        if column == "kind" or not blank_erases:
-            new[column] = f"coalesce(s.{column}, c.{column})"
-        else:
-            new[column] = f"s.{column}"  # a blank cell is NULL in the staging table
-    if attributes:
-        base = "(c.attributes - coalesce(s.blank_attributes, '{}'::text[]))" if blank_erases else "c.attributes"
-        new["attributes"] = f"{base} || coalesce(s.attributes, '{{}}'::jsonb)"
-    if job.row["tags"]:
-        new["tags"] = ("c.tags || ARRAY(SELECT t FROM unnest($3::text[]) WITH ORDINALITY u(t, i) "
-                       "WHERE t <> ALL(c.tags) ORDER BY i)")
-    if not new:
-        return "SELECT $1::text, $2::timestamptz, $3::text[]"
-    selected = ", ".join(f"c.{name} AS o_{name}, {expr} AS n_{name}" for name, expr in new.items())
-    changed = " OR ".join(f"n_{name} IS DISTINCT FROM o_{name}" for name in new)
-    cur = f"""
-        cur AS (
-            SELECT c.id, s.row_number, {selected}
-            FROM contact c JOIN import_stage s ON s.target_id = c.id
-            WHERE s.action = 'update' AND cardinality($3::text[]) >= 0
-            {"" if dry else "FOR NO KEY UPDATE OF c"}
-        ), changed AS (SELECT * FROM cur WHERE {changed})"""  # noqa: S608 (our own names; values are parameters)
-    if dry:
-        return (f"WITH {cur} UPDATE import_stage s SET action = 'updated' FROM changed ch "  # noqa: S608
-                "WHERE s.row_number = ch.row_number AND $1::text IS NOT NULL AND $2::timestamptz IS NOT NULL")
-    entries = []
-    for name in new:
-        if name == "attributes":
-            entries += [f"('attributes.{a}', ch.o_attributes -> '{a}', ch.n_attributes -> '{a}')" for a in attributes]
-        elif name == "tags":
-            entries.append("('tags', CASE WHEN cardinality(ch.o_tags) = 0 THEN NULL ELSE to_jsonb(ch.o_tags) END, "
-                           "CASE WHEN cardinality(ch.n_tags) = 0 THEN NULL ELSE to_jsonb(ch.n_tags) END)")
-        else:
-            entries.append(f"('{_COLUMN_FIELD.get(name, name)}', to_jsonb(ch.o_{name}), to_jsonb(ch.n_{name}))")
-    assignments = ", ".join(f"{name} = ch.n_{name}" for name in new)
-    return f"""
-        WITH {cur},
-        written AS (
-            UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = $2
-            FROM changed ch WHERE c.id = ch.id
-        ), history AS (
-            INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-            SELECT ch.id, f.field, f.old, f.new, $1, 'import', $2
-            FROM changed ch CROSS JOIN LATERAL (VALUES {", ".join(entries)}) AS f(field, old, new)
-            WHERE f.old IS DISTINCT FROM f.new
-        ), announced AS (
-            INSERT INTO outbox_message (topic, contact_id, payload, created_at)
-            SELECT 'contact.updated', ch.id, jsonb_build_object('contact_id', ch.id), $2 FROM changed ch
-        )
-        UPDATE import_stage s SET action = 'updated' FROM changed ch WHERE s.row_number = ch.row_number
-    """  # noqa: S608 (names from our own tables and attribute definitions; values are parameters)
-
-
-def _update_args(job: _Job, now: datetime, *, dry: bool) -> list[Any]:
-    return [job.row["subject"], now, job.row["tags"]]
-
-
-# ---- list subscription -----------------------------------------------------------------------------------
-
-_ELIGIBLE_SQL = """
-SELECT s.row_number, c.id, c.email, c.email_status, c.kind, m.status, m.unsubscribed_at,
-       (SELECT max(e.occurred_at) FROM consent_event e
-         WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action = 'withdrawn') AS withdrawn_at,
-       (SELECT max(e.occurred_at) FROM consent_event e
-         WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action <> 'withdrawn') AS granted_at
-FROM import_stage s
-JOIN contact c ON c.id = coalesce(s.target_id, s.new_id)
-LEFT JOIN list_membership m ON m.list_id = $1 AND m.contact_id = c.id
-WHERE s.action IN ('create', 'update', 'updated')
-ORDER BY c.id
-FOR NO KEY UPDATE OF c
-"""
-
-
-async def _subscribe(connection: asyncpg.Connection, job: _Job, rejects: list[tuple[Any, ...]], now: datetime) -> int:
-    """lists.subscribe's rules, set-based: mailable email, accepted kind, the consent (appended), no later
-    withdrawal or unsubscribe from this list; then subscribed, or pending with a confirmation request."""
-    the_list = job.list_row
-    assert the_list is not None
-    consent = job.row["consent"]
-    consent_at = datetime.fromisoformat(consent["occurred_at"]).astimezone(UTC)
-    accepted = the_list["accepted_kinds"]
-    grants: list[uuid.UUID] = []
-    joining: list[uuid.UUID] = []
-    for r in await connection.fetch(_ELIGIBLE_SQL, the_list["id"]):
-        reason = None
-        if r["email"] is None:
-            reason = "not subscribed: the contact has no email address"
-        elif r["email_status"] in ("bounced", "complained"):
-            reason = f"not subscribed: the address is {r['email_status']}"
-        elif accepted is not None and r["kind"] not in accepted:
-            reason = f"not subscribed: the list accepts {', '.join(accepted)}; the contact is a {r['kind']}"
-        if reason is None:
-            grants.append(r["id"])
-            last_grant = max(consent_at, r["granted_at"] or consent_at)
-            if r["status"] in ("subscribed", "pending"):
-                continue
-            if r["withdrawn_at"] is not None and r["withdrawn_at"] > last_grant:
-                reason = "not subscribed: email_marketing was withdrawn after the import's consent"
-            elif r["status"] == "unsubscribed" and r["unsubscribed_at"] is not None \
-                    and last_grant <= r["unsubscribed_at"]:
-                reason = "not subscribed: the contact unsubscribed from this list after the import's consent"
-            else:
-                joining.append(r["id"])
-        if reason is not None:
-            rejects.append((job.id, r["row_number"], None, reason, None))
-    source = consent.get("source") or "import"
-    if grants:
-        await connection.execute(
-            """INSERT INTO consent_event (contact_id, purpose, action, source, occurred_at, recorded_at, recorded_by,
-                                          proof)
-               SELECT unnest($1::uuid[]), 'email_marketing', 'granted', $2, $3, $4, $5, $6::jsonb""",
-            grants, source, consent_at, now, job.row["subject"], json.dumps(consent["proof"]),
-        )
-    if not joining:
-        return 0
-    pending = bool(the_list["double_opt_in"])
-    status = "pending" if pending else "subscribed"
-    await connection.execute(
-        """INSERT INTO list_membership (list_id, contact_id, status, source, subscribed_at, pending_since,
-                                        unsubscribed_at, updated_at)
-           SELECT $1, unnest($2::uuid[]), $3::text, $4, CASE WHEN $3::text = 'subscribed' THEN $5::timestamptz END,
-                  CASE WHEN $3::text = 'pending' THEN $5::timestamptz END, NULL, $5
-           ON CONFLICT (list_id, contact_id) DO UPDATE
-           SET status = excluded.status, source = excluded.source, subscribed_at = excluded.subscribed_at,
-               pending_since = excluded.pending_since, pending_proof = NULL, unsubscribed_at = NULL,
-               updated_at = excluded.updated_at""",
-        the_list["id"], joining, status, source, now,
-    )
-    list_id = str(the_list["id"])
-    if pending:
-        assert job.links is not None
-        expires_at = now + CONFIRM_LINK_TTL
-        payloads = [json.dumps({
-            "list_id": list_id, "list_name": the_list["name"], "contact_id": str(c),
-            "confirm_url": job.links.confirm_url(c, the_list["id"], expires_at=expires_at),
-            "confirm_expires_at": expires_at.isoformat().replace("+00:00", "Z"),
-            "unsubscribe_url": job.links.unsubscribe_url(c, the_list["id"]),
-        }) for c in joining]
-        topic = "membership.confirmation_requested"
-    else:
-        payloads = [json.dumps({"list_id": list_id, "contact_id": str(c)}) for c in joining]
-        topic = "membership.subscribed"
-    await connection.execute(
-        """INSERT INTO outbox_message (topic, contact_id, payload, created_at)
-           SELECT $1, u.c, u.p::jsonb, $4 FROM unnest($2::uuid[], $3::text[]) AS u(c, p)""",
-        topic, joining, payloads, now,
-    )
-    return len(joining)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -738,7 +321,7 @@ async def _finish(
     """Done or failed: either way the job is over (a failed import is re-run by uploading the file again), so its
     file and its key table go. The file holds every person of the file: kept, it would outlive their erasure."""
     async with sessions.begin() as session:
-        connection = await _raw(session)
+        connection = await driver_connection(session)
         moved = await connection.fetchval(
             """UPDATE import_job SET status = $3, error = $4, total_rows = coalesce($5, total_rows),
                    finished_at = clock_timestamp(), lease_owner = NULL, lease_until = NULL, updated_at = now()
@@ -749,16 +332,6 @@ async def _finish(
             raise LeaseLost(f"import {job_id} was taken over by another runner")
         await connection.execute("DELETE FROM import_key WHERE import_id = $1", job_id)
         await connection.execute("DELETE FROM import_chunk WHERE import_id = $1", job_id)
-
-
-def _no_nul(text: str | None) -> str | None:
-    """PostgreSQL text cannot hold a NUL (rows._shown already writes it `\\0`; a reason quoting a cell might not)."""
-    return text.replace("\x00", "\\0") if text is not None and "\x00" in text else text
-
-
-async def _raw(session: AsyncSession) -> asyncpg.Connection:
-    """The session's asyncpg connection, inside the session's transaction (COPY needs the driver itself)."""
-    return (await (await session.connection()).get_raw_connection()).driver_connection  # type: ignore[no-any-return]
 
 
 def digest_key(settings: Settings) -> bytes:

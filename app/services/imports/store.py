@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import driver_connection
 from app.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.models import AttributeDefinition, ImportJob, ImportReject
 from app.models.base import new_id, utc_now
@@ -64,7 +65,7 @@ async def create(
         blank_erases=options.blank_erases, dry_run=options.dry_run, processed_rows=0, created=0, updated=0,
         unchanged=0, skipped=0, rejected=0, subscribed=0, attempts=0, created_at=now, updated_at=now,
     ))
-    connection = (await (await session.connection()).get_raw_connection()).driver_connection
+    connection = await driver_connection(session)
     check = sniff.EncodingCheck()
     sample = b""
     size = seq = 0

@@ -1,0 +1,560 @@
+"""One import batch: its rows written set-based in one transaction that also commits the job's checkpoint.
+
+Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
+  1. the import's list is locked (FOR KEY SHARE) and read: it cannot be deleted while the batch subscribes to it;
+  2. rows already validated by a worker process (app.services.imports.rows) arrive as records; duplicates inside
+     the file (keys seen in earlier rows, `import_key`) are rejected;
+  3. COPY into a staging table that lives for this transaction only (ON COMMIT DROP);
+  4. the contacts holding the rows' external_ids and emails are locked, in id order (FOR NO KEY UPDATE), and read
+     as they are once locked; matching (external_id, else email, as the API's upsert) decides among them, then the
+     suppression check (HMAC digests) overrides it;
+  5. the batch's time is taken after those locks, so that it dates its writes after every write they overwrite;
+     INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM for changed ones, with history rows and outbox
+     messages written by the same statements;
+  6. the list subscription (list_id + consent), decided on the locked contacts, the reject report, the counters
+     and the checkpoint.
+
+The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
+after the lock with one of the file's keys is met by the unique indexes: a new row's insert skips it (`conflict`),
+an updated row whose new email it holds is refused (`email_held`), as in the API. A race that the transaction
+cannot settle itself (a deadlock, a lock held past the lock timeout) raises, and the runner writes the whole batch
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from app.logging import get_logger
+from app.models.base import utc_now
+from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
+from app.services.links import CONFIRM_LINK_TTL, LinkBuilder
+from app.settings import Settings
+
+__all__ = ["Job", "JobProblem", "LeaseLost", "Raced", "write_batch"]
+
+log = get_logger("carnet.imports")
+
+# staging column → (wire field for history, SQL type)
+_STAGE_TYPES = {
+    "row_number": "integer", "new_id": "uuid", "external_id": "text", "email": "text", "phone": "text",
+    "first_name": "text", "last_name": "text", "company": "text", "job_title": "text", "sector": "text",
+    "gender": "text", "birth_date": "date", "address_line1": "text", "address_line2": "text", "postal_code": "text",
+    "city": "text", "region": "text", "country": "text", "language": "text", "source": "text", "kind": "text",
+    "first_contact_channel": "text", "attributes": "jsonb", "blank_attributes": "text[]", "email_digest": "text",
+    "phone_digest": "text",
+}
+_FIELD_COLUMN = {
+    "address.line1": "address_line1", "address.line2": "address_line2", "address.postal_code": "postal_code",
+    "address.city": "city", "address.region": "region", "address.country": "country",
+}
+_COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
+_CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
+    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest"}]
+# `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
+# when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
+# Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
+# matched and left unchanged, 'updated' rows changed. `target_id` is the matched contact. The table lives for the
+# batch's transaction only (dropped at its end, and by PostgreSQL on commit or rollback): a pooled connection keeps
+# no staged row, which would be out of an erasure's reach and in the way of the next batch.
+_STAGE_DDL = (
+    "CREATE TEMP TABLE import_stage ("
+    + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
+    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number)) ON COMMIT DROP"
+)
+_REASONS = {
+    "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
+    "skip_exists": "skipped: a contact with this email or external_id exists (mode create_only)",
+    "skip_missing": "skipped: no contact with this email or external_id (mode update_only)",
+    "other_external_id": "this email belongs to a contact with another external_id",
+    "email_held": "another contact already holds this email",
+    "conflict": "another writer created a contact with this email or external_id meanwhile; import the row again",
+}
+_SKIPS = ("suppressed", "skip_exists", "skip_missing")
+_REJECTS = ("other_external_id", "email_held", "conflict")
+_KEY_RACES = 20  # UPDATE attempts, each after a contact took one of its new keys: each settles at least one row
+_LOCK_TIMEOUT = "10s"
+
+
+class LeaseLost(RuntimeError):
+    """Another runner took the job over (our lease expired): stop without writing."""
+
+
+class JobProblem(Exception):
+    """The job cannot go on (its list or an attribute was deleted meanwhile): it fails with this message."""
+
+
+class Raced(Exception):
+    """The batch lost a race it cannot settle in its own transaction: roll it back and write it again."""
+
+
+@dataclass(slots=True)
+class Job:
+    row: dict[str, Any]
+    owner: str
+    settings: Settings
+    spec: Spec
+    columns_by_field: dict[str, str]       # field → the file's column name
+    links: LinkBuilder | None              # set when the job subscribes to a list
+    counts: dict[str, int] = field(default_factory=dict)
+    # False while no earlier row left its email and external_id in import_key (a file of new contacts):
+    # then a batch does not look its keys up there.
+    row_keys_kept: bool = True
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.row["id"]  # type: ignore[no-any-return]
+
+
+async def write_batch(
+    connection: asyncpg.Connection, job: Job, validated: Validated, processed: int
+) -> dict[str, int]:
+    """Write one validated batch and the checkpoint `processed`, in the caller's transaction; the counts."""
+    # The batch and its checkpoint commit together, so a commit that a PostgreSQL crash loses takes its checkpoint
+    # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing. No statement
+    # outlasts the lease (nor may the batch, after its date: see the end), nor waits on another writer's lock past
+    # _LOCK_TIMEOUT (the API holds a contact for milliseconds: the runner writes the batch again).
+    statement_ms = int(job.settings.import_lease_seconds * 1000)
+    await connection.execute(f"SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'; "
+                             f"SET LOCAL statement_timeout = {statement_ms}")
+    dry = job.row["dry_run"]
+    the_list = None if dry else await _lock_list(connection, job)
+    rejects: list[tuple[Any, ...]] = [
+        (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
+    counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
+    counts["rejected"] = validated.rejected_rows
+    kept = await _drop_duplicates(connection, job, validated.records, rejects)
+    counts["rejected"] += len(validated.records) - len(kept)
+    stamped_at: datetime | None = None
+    if kept:
+        await connection.execute(_STAGE_DDL)
+        await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
+        held = await connection.fetch(_holders_sql(lock=not dry))
+        if held or job.row["mode"] == "update_only":  # else every row stays 'create' (a file of new people)
+            await connection.execute(_MATCH_SQL, job.row["mode"], [h["id"] for h in held],
+                                     [h["email"] for h in held], [h["external_id"] for h in held])
+        await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
+        now = utc_now()  # after the locks: later than every committed write this batch overwrites
+        stamped_at = None if dry else now
+        if not dry:
+            inserted, wanted = await connection.fetchrow(
+                _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+            if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
+                await connection.execute(
+                    "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
+                    "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
+        await _update(connection, job, now, dry=dry)
+        await connection.execute(_SEEN_SQL, job.id, dry)
+        outcome = {r["action"]: r["n"] for r in await connection.fetch(
+            "SELECT action, count(*) AS n FROM import_stage GROUP BY action")}
+        job.row_keys_kept = job.row_keys_kept or any(n for action, n in outcome.items() if action != "create" or dry)
+        counts["created"] = outcome.get("create", 0)
+        counts["updated"] = outcome.get("updated", 0)
+        counts["unchanged"] = outcome.get("update", 0)
+        counts["skipped"] = sum(outcome.get(a, 0) for a in _SKIPS)
+        counts["rejected"] += sum(outcome.get(a, 0) for a in _REJECTS)
+        for r in await connection.fetch(
+            "SELECT row_number, action, email, external_id FROM import_stage WHERE action = ANY($1::text[])",
+            [*_SKIPS, *_REJECTS],
+        ):
+            column, value = _key_cell(job, r)
+            if r["action"] == "suppressed":
+                value = None  # an erased person's address is never written back, not even in the report
+            rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
+        if the_list is not None:
+            counts["subscribed"] = await _subscribe(connection, job, the_list, rejects, now)
+        await connection.execute("DROP TABLE import_stage")  # in a test's outer transaction, commit is a savepoint
+    if rejects:
+        rejects.sort(key=lambda r: r[1])
+        await connection.copy_records_to_table(
+            "import_reject", records=rejects, columns=["import_id", "row_number", "column", "reason", "value"])
+    moved = await connection.fetchval(
+        """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
+               unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
+               subscribed = subscribed + $9, lease_until = now() + make_interval(secs => $10), updated_at = now()
+           WHERE id = $1 AND lease_owner = $2 AND status = 'running' RETURNING id""",
+        job.id, job.owner, processed, counts["created"], counts["updated"], counts["unchanged"], counts["skipped"],
+        counts["rejected"], counts["subscribed"], job.settings.import_lease_seconds,
+    )
+    if moved is None:
+        raise LeaseLost(f"import {job.id} was taken over by another runner")
+    if stamped_at is not None and utc_now() - stamped_at > timedelta(seconds=job.settings.import_lease_seconds):
+        # Its changes would show up later than an incremental reader's overlap (docs/decisions.md) after their date.
+        raise Raced("the batch took longer than IMPORT_LEASE_SECONDS after its date")
+    return counts
+
+
+async def _drop_duplicates(
+    connection: asyncpg.Connection, job: Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]]
+) -> list[tuple[Any, ...]]:
+    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept).
+
+    The keys of earlier batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
+    contact, as the email and external_id of the contact for rows that created one.
+    """
+    email_at, external_at = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
+    keys_by_row = [_keys(r, email_at, external_at) for r in records]
+    row_keys = [k for keys in keys_by_row for k in keys] if job.row_keys_kept else []
+    seen: dict[str, int] = {r["key"]: r["row_number"] for r in await connection.fetch(
+        _EARLIER_KEYS_SQL, job.id, row_keys, [r[email_at] for r in records if r[email_at] is not None],
+        [r[external_at] for r in records if r[external_at] is not None])}
+    kept: list[tuple[Any, ...]] = []
+    for record, keys in zip(records, keys_by_row, strict=True):
+        earlier = [(seen[k], k) for k in keys if k in seen]
+        if earlier:
+            first, key = min(earlier)
+            column = job.columns_by_field.get("email" if key.startswith("e:") else "external_id")
+            rejects.append((job.id, record[0], column, f"duplicate of row {first}", key[2:]))
+            continue
+        for key in keys:
+            seen[key] = record[0]
+        kept.append(record)
+    return kept
+
+
+def _keys(record: tuple[Any, ...], email_at: int, external_at: int) -> list[str]:
+    out = []
+    if record[email_at] is not None:
+        out.append("e:" + record[email_at])
+    if record[external_at] is not None:
+        out.append("x:" + record[external_at])
+    return out
+
+
+def _key_cell(job: Job, row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    if row["email"] is not None and "email" in job.columns_by_field:
+        return job.columns_by_field["email"], row["email"]
+    return job.columns_by_field.get("external_id"), row["external_id"]
+
+
+def _holders_sql(*, lock: bool) -> str:
+    """Every contact holding one of the staged external_ids or emails: their id and keys, locked in id order.
+
+    FOR NO KEY UPDATE, as the API's consent and list writes: rows referencing these contacts (orders, events) can
+    still be inserted meanwhile; a contact whose email or external_id the batch changes is upgraded by the UPDATE.
+    A contact changed while the lock waited is returned as it is now. The holders are found by one index probe
+    per staged key (scalar subqueries: never a scan of `contact`, whatever the planner guesses of a temporary
+    table it has no statistics for). A dry run writes nothing, so it locks nothing.
+    """
+    return f"""
+        SELECT id, email, external_id FROM contact
+        WHERE id = ANY (ARRAY(
+            SELECT (SELECT x.id FROM contact x WHERE x.external_id = s.external_id) FROM import_stage s
+            WHERE s.external_id IS NOT NULL
+            UNION ALL
+            SELECT (SELECT e.id FROM contact e WHERE e.email = s.email) FROM import_stage s WHERE s.email IS NOT NULL
+        ))
+        ORDER BY id
+        {"FOR NO KEY UPDATE" if lock else ""}
+    """  # noqa: S608 (no value in it)
+
+
+# After matching, so that it overrides whatever matching decided.
+_SUPPRESSED_SQL = """
+UPDATE import_stage s SET action = 'suppressed'
+WHERE EXISTS (
+    SELECT 1 FROM suppression p
+    WHERE p.released_at IS NULL
+      AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest))
+)
+"""
+
+# The API's upsert matching: external_id first, else email; an email held by a contact with another
+# external_id is refused (409 in the API), and so is a new email another contact already holds. Among the holders
+# locked (_holders_sql: $2 ids, $3 emails, $4 external ids), as they are now: nothing decides on an unlocked read.
+# A contact that takes one of the keys after the lock is met by the unique indexes (ON CONFLICT, _update).
+_MATCH_SQL = """
+WITH held AS (SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS h(id, email, external_id))
+UPDATE import_stage s SET target_id = m.target_id, action = m.action
+FROM (
+    SELECT s.row_number,
+           coalesce(cx.id, ce.id) AS target_id,
+           CASE
+             WHEN cx.id IS NULL AND ce.id IS NOT NULL AND s.external_id IS NOT NULL
+                  AND ce.external_id IS NOT NULL AND ce.external_id <> s.external_id THEN 'other_external_id'
+             WHEN cx.id IS NOT NULL AND ce.id IS NOT NULL AND ce.id <> cx.id THEN 'email_held'
+             WHEN coalesce(cx.id, ce.id) IS NULL THEN CASE WHEN $1 = 'update_only' THEN 'skip_missing' ELSE 'create' END
+             ELSE CASE WHEN $1 = 'create_only' THEN 'skip_exists' ELSE 'update' END
+           END AS action
+    FROM import_stage s
+    LEFT JOIN held cx ON cx.external_id = s.external_id
+    LEFT JOIN held ce ON ce.email = s.email
+    WHERE s.action = 'create'
+) m
+WHERE s.row_number = m.row_number AND m.action <> 'create'
+"""
+
+# What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
+# A row that created a contact leaves the contact's id, appended at the index's right edge (ids are time-ordered),
+# instead of its email and external_id that would land on random pages of the index: the contact carries them.
+# Every other row leaves its email and external_id (a dry run creates nothing).
+_SEEN_SQL = """
+INSERT INTO import_key (import_id, key, row_number)
+SELECT $1::uuid, 'c:' || s.new_id::text, s.row_number FROM import_stage s WHERE s.action = 'create' AND NOT $2
+UNION ALL
+SELECT $1::uuid, k.key, s.row_number
+FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
+WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
+"""
+
+# The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
+# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids).
+_EARLIER_KEYS_SQL = """
+SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])
+UNION ALL
+SELECT k.key, created.row_number
+FROM (
+    SELECT c.email, c.external_id, i.row_number
+    FROM contact c JOIN import_key i ON i.import_id = $1 AND i.key = 'c:' || c.id::text
+    WHERE c.email = ANY($3::text[]) OR c.external_id = ANY($4::text[])
+) AS created
+CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS k(key)
+WHERE k.key IS NOT NULL
+"""
+
+_CREATE_SQL = f"""
+WITH new AS (
+    INSERT INTO contact ({", ".join(_CONTACT_COLUMNS)}, id, email_status, lifecycle_stage, attributes, tags,
+                         orders_count, total_spent, version, created_at, updated_at)
+    SELECT {", ".join("coalesce(s.kind, 'prospect')" if c == "kind" else "coalesce(s.source, 'import')"
+                      if c == "source" else f"s.{c}" for c in _CONTACT_COLUMNS)},
+           s.new_id, 'unverified', 'prospect', coalesce(s.attributes, '{{}}'::jsonb), $1::text[], 0, 0, 1, $3, $3
+    FROM import_stage s WHERE s.action = 'create'
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), history AS (
+    INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
+    SELECT new.id, 'created', NULL, $4::jsonb, $2, 'import', $3 FROM new
+), announced AS (
+    INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+    SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), $3 FROM new
+)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM import_stage WHERE action = 'create')
+"""  # noqa: S608 (column names from our own tables; every value is a parameter)
+
+
+def _update_sql(job: Job, *, dry: bool) -> str:
+    """The changed matched contacts, updated with their history and outbox rows, in one statement."""
+    fields = [f for f in job.columns_by_field if not f.startswith("attributes.")]
+    columns = [_FIELD_COLUMN.get(f, f) for f in fields]
+    attributes = [f.removeprefix("attributes.") for f in job.columns_by_field if f.startswith("attributes.")]
+    blank_erases = job.row["blank_erases"]
+    new: dict[str, str] = {}
+    for column in columns:
+        if column == "kind" or not blank_erases:
+            new[column] = f"coalesce(s.{column}, c.{column})"
+        else:
+            new[column] = f"s.{column}"  # a blank cell is NULL in the staging table
+    if attributes:
+        base = "(c.attributes - coalesce(s.blank_attributes, '{}'::text[]))" if blank_erases else "c.attributes"
+        new["attributes"] = f"{base} || coalesce(s.attributes, '{{}}'::jsonb)"
+    if job.row["tags"]:
+        new["tags"] = ("c.tags || ARRAY(SELECT t FROM unnest($3::text[]) WITH ORDINALITY u(t, i) "
+                       "WHERE t <> ALL(c.tags) ORDER BY i)")
+    if not new:
+        return "SELECT $1::text, $2::timestamptz, $3::text[]"
+    selected = ", ".join(f"c.{name} AS o_{name}, {expr} AS n_{name}" for name, expr in new.items())
+    changed = " OR ".join(f"n_{name} IS DISTINCT FROM o_{name}" for name in new)
+    # The contacts are locked already (_holders_sql). `stamp`: the batch's time, or just after the contact's own if a
+    # clock ahead of ours dated it later: a change is never dated before the one it overwrites.
+    cur = f"""
+        cur AS (
+            SELECT c.id, s.row_number, greatest($2::timestamptz, c.updated_at + interval '1 microsecond') AS stamp,
+                   {selected}
+            FROM contact c JOIN import_stage s ON s.target_id = c.id
+            WHERE s.action = 'update' AND cardinality($3::text[]) >= 0
+        ), changed AS (SELECT * FROM cur WHERE {changed})"""  # noqa: S608 (our own names; values are parameters)
+    if dry:
+        return (f"WITH {cur} UPDATE import_stage s SET action = 'updated' FROM changed ch "  # noqa: S608
+                "WHERE s.row_number = ch.row_number AND $1::text IS NOT NULL AND $2::timestamptz IS NOT NULL")
+    entries = []
+    for name in new:
+        if name == "attributes":
+            entries += [f"('attributes.{a}', ch.o_attributes -> '{a}', ch.n_attributes -> '{a}')" for a in attributes]
+        elif name == "tags":
+            entries.append("('tags', CASE WHEN cardinality(ch.o_tags) = 0 THEN NULL ELSE to_jsonb(ch.o_tags) END, "
+                           "CASE WHEN cardinality(ch.n_tags) = 0 THEN NULL ELSE to_jsonb(ch.n_tags) END)")
+        else:
+            entries.append(f"('{_COLUMN_FIELD.get(name, name)}', to_jsonb(ch.o_{name}), to_jsonb(ch.n_{name}))")
+    assignments = ", ".join(f"{name} = ch.n_{name}" for name in new)
+    return f"""
+        WITH {cur},
+        written AS (
+            UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = ch.stamp
+            FROM changed ch WHERE c.id = ch.id
+        ), history AS (
+            INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
+            SELECT ch.id, f.field, f.old, f.new, $1, 'import', ch.stamp
+            FROM changed ch CROSS JOIN LATERAL (VALUES {", ".join(entries)}) AS f(field, old, new)
+            WHERE f.old IS DISTINCT FROM f.new
+        ), announced AS (
+            INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+            SELECT 'contact.updated', ch.id, jsonb_build_object('contact_id', ch.id), ch.stamp FROM changed ch
+        )
+        UPDATE import_stage s SET action = 'updated' FROM changed ch WHERE s.row_number = ch.row_number
+    """  # noqa: S608 (names from our own tables and attribute definitions; values are parameters)
+
+
+def _update_args(job: Job, now: datetime, *, dry: bool) -> list[Any]:
+    return [job.row["subject"], now, job.row["tags"]]
+
+
+async def _update(connection: asyncpg.Connection, job: Job, now: datetime, *, dry: bool) -> None:
+    """The UPDATE of the matched rows (_update_sql).
+
+    Matching saw the contacts holding the file's keys when it read them; a contact created since then with one of
+    the rows' new emails (or given it, or one of their external ids) shows only as a unique violation here. The
+    statement is then undone to its savepoint, the rows whose new key another contact now holds become
+    `email_held` (the API's upsert refuses them the same way), and it runs again. That contact is committed by
+    then (the violation waited for its transaction), so every round settles at least one row.
+    """
+    sql, args = _update_sql(job, dry=dry), _update_args(job, now, dry=dry)
+    if dry:
+        await connection.execute(sql, *args)
+        return
+    for _round in range(_KEY_RACES):
+        try:
+            async with connection.transaction():  # a savepoint in the batch's transaction
+                await connection.execute(sql, *args)
+            return
+        except asyncpg.UniqueViolationError:
+            held = await connection.fetchval(_HELD_SQL)
+            if not held:
+                raise  # not a key another contact took: a bug, not a race
+            log.info("import.keys_taken_meanwhile", import_id=str(job.id), rows=held)
+    raise Raced(f"contacts kept taking the batch's new emails during {_KEY_RACES} attempts")
+
+
+# The rows about to give their contact an email or external_id that another contact holds now.
+_HELD_SQL = """
+WITH held AS (
+    UPDATE import_stage s SET action = 'email_held'
+    WHERE s.action = 'update'
+      AND EXISTS (SELECT 1 FROM contact c
+                  WHERE c.id <> s.target_id AND (c.email = s.email OR c.external_id = s.external_id))
+    RETURNING 1
+)
+SELECT count(*) FROM held
+"""
+
+
+# ---- list subscription -----------------------------------------------------------------------------------
+
+# The contacts are locked (_holders_sql, or created by this batch), and every writer of their consents and memberships
+# locks them first: this reads the ledger and memberships as they stay until the batch commits.
+_ELIGIBLE_SQL = """
+SELECT s.row_number, c.id, c.email, c.email_status, c.kind, m.status, m.unsubscribed_at,
+       (SELECT max(e.occurred_at) FROM consent_event e
+         WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action = 'withdrawn') AS withdrawn_at,
+       (SELECT max(e.occurred_at) FROM consent_event e
+         WHERE e.contact_id = c.id AND e.purpose = 'email_marketing' AND e.action <> 'withdrawn') AS granted_at
+FROM import_stage s
+JOIN contact c ON c.id = coalesce(s.target_id, s.new_id)
+LEFT JOIN list_membership m ON m.list_id = $1 AND m.contact_id = c.id
+WHERE s.action IN ('create', 'update', 'updated')
+"""
+
+
+async def _lock_list(connection: asyncpg.Connection, job: Job) -> Mapping[str, Any] | None:
+    """The job's list, read now and locked FOR KEY SHARE (it cannot be deleted before the batch commits); first, as
+    lists.subscribe locks the list before the contact."""
+    if job.row["list_id"] is None:
+        return None
+    row: Mapping[str, Any] | None = await connection.fetchrow(
+        "SELECT * FROM list WHERE id = $1 FOR KEY SHARE", job.row["list_id"])
+    if row is None:
+        raise JobProblem(f"the list {job.row['list_id']} was deleted while the import ran")
+    return row
+
+
+async def _subscribe(
+    connection: asyncpg.Connection, job: Job, the_list: Mapping[str, Any], rejects: list[tuple[Any, ...]],
+    now: datetime,
+) -> int:
+    """lists.subscribe's rules, set-based: mailable email, accepted kind, the consent (appended), no later
+    withdrawal or unsubscribe from this list; then subscribed, or pending with a confirmation request."""
+    consent = job.row["consent"]
+    consent_at = datetime.fromisoformat(consent["occurred_at"]).astimezone(UTC)
+    accepted = the_list["accepted_kinds"]
+    grants: list[uuid.UUID] = []
+    joining: list[uuid.UUID] = []
+    for r in await connection.fetch(_ELIGIBLE_SQL, the_list["id"]):
+        reason = None
+        if r["email"] is None:
+            reason = "not subscribed: the contact has no email address"
+        elif r["email_status"] in ("bounced", "complained"):
+            reason = f"not subscribed: the address is {r['email_status']}"
+        elif accepted is not None and r["kind"] not in accepted:
+            reason = f"not subscribed: the list accepts {', '.join(accepted)}; the contact is a {r['kind']}"
+        if reason is None:
+            grants.append(r["id"])
+            last_grant = max(consent_at, r["granted_at"] or consent_at)
+            if r["status"] in ("subscribed", "pending"):
+                continue
+            if r["withdrawn_at"] is not None and r["withdrawn_at"] > last_grant:
+                reason = "not subscribed: email_marketing was withdrawn after the import's consent"
+            elif r["status"] == "unsubscribed" and r["unsubscribed_at"] is not None \
+                    and last_grant <= r["unsubscribed_at"]:
+                reason = "not subscribed: the contact unsubscribed from this list after the import's consent"
+            else:
+                joining.append(r["id"])
+        if reason is not None:
+            rejects.append((job.id, r["row_number"], None, reason, None))
+    source = consent.get("source") or "import"
+    if grants:
+        await connection.execute(
+            """INSERT INTO consent_event (contact_id, purpose, action, source, occurred_at, recorded_at, recorded_by,
+                                          proof)
+               SELECT unnest($1::uuid[]), 'email_marketing', 'granted', $2, $3, $4, $5, $6::jsonb""",
+            grants, source, consent_at, now, job.row["subject"], json.dumps(consent["proof"]),
+        )
+    if not joining:
+        return 0
+    pending = bool(the_list["double_opt_in"])
+    status = "pending" if pending else "subscribed"
+    await connection.execute(
+        """INSERT INTO list_membership (list_id, contact_id, status, source, subscribed_at, pending_since,
+                                        unsubscribed_at, updated_at)
+           SELECT $1, unnest($2::uuid[]), $3::text, $4, CASE WHEN $3::text = 'subscribed' THEN $5::timestamptz END,
+                  CASE WHEN $3::text = 'pending' THEN $5::timestamptz END, NULL, $5
+           ON CONFLICT (list_id, contact_id) DO UPDATE
+           SET status = excluded.status, source = excluded.source, subscribed_at = excluded.subscribed_at,
+               pending_since = excluded.pending_since, pending_proof = NULL, unsubscribed_at = NULL,
+               updated_at = excluded.updated_at""",
+        the_list["id"], joining, status, source, now,
+    )
+    list_id = str(the_list["id"])
+    if pending:
+        assert job.links is not None
+        expires_at = now + CONFIRM_LINK_TTL
+        payloads = [json.dumps({
+            "list_id": list_id, "list_name": the_list["name"], "contact_id": str(c),
+            "confirm_url": job.links.confirm_url(c, the_list["id"], expires_at=expires_at),
+            "confirm_expires_at": expires_at.isoformat().replace("+00:00", "Z"),
+            "unsubscribe_url": job.links.unsubscribe_url(c, the_list["id"]),
+        }) for c in joining]
+        topic = "membership.confirmation_requested"
+    else:
+        payloads = [json.dumps({"list_id": list_id, "contact_id": str(c)}) for c in joining]
+        topic = "membership.subscribed"
+    await connection.execute(
+        """INSERT INTO outbox_message (topic, contact_id, payload, created_at)
+           SELECT $1, u.c, u.p::jsonb, $4 FROM unnest($2::uuid[], $3::text[]) AS u(c, p)""",
+        topic, joining, payloads, now,
+    )
+    return len(joining)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold a NUL (rows._shown already writes it `\\0`; a reason quoting a cell might not)."""
+    return text.replace("\x00", "\\0") if text is not None and "\x00" in text else text

@@ -1,0 +1,107 @@
+"""An import batch is one transaction on a connection left clean (issue 21, item 2), checked without races.
+
+The runner works on the driver's connection (COPY needs it): these tests commit for real through a pool like the
+worker's, since a test's outer transaction would hide statements that run outside the batch's transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import make_sessionmaker
+from app.services.imports import batch, runner
+from app.settings import Settings
+from tests.csv_samples import plain_file
+from tests.factories import ADMIN, PROOF
+
+pytestmark = pytest.mark.committing
+
+_STAGED_TABLES = "SELECT count(*) FROM pg_class WHERE relname = 'import_stage' AND relpersistence = 't'"
+
+
+async def _upload(client: httpx.AsyncClient, data: bytes, **form: str) -> str:
+    response = await client.post("/v1/imports", files={"file": ("export.csv", data, "text/csv")}, data=form,
+                                 headers=ADMIN)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def _one(sessions: async_sessionmaker[AsyncSession], sql: str, **params: Any) -> Any:
+    async with sessions() as session:
+        return (await session.execute(text(sql), params)).one()
+
+
+async def test_a_batch_failing_half_way_leaves_nothing_and_the_next_import_counts_right(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sessions = make_sessionmaker(engine)  # one pool, as the worker has
+    small = settings.model_copy(update={"import_batch_rows": 3})
+    # The statement after the contacts, their history and outbox rows are written fails.
+    monkeypatch.setattr(batch, "_SEEN_SQL", "SELECT $1::uuid, $2::boolean, no_such_column FROM import_stage")
+    failing = await _upload(committing_client, plain_file(5))
+    assert await runner.run_next(sessions, small) is True
+    job = await _one(sessions, "SELECT status, error, processed_rows FROM import_job WHERE id = :id", id=failing)
+    assert (job.status, job.processed_rows) == ("failed", 0)
+    assert job.error == "internal error (UndefinedColumnError)"
+    written = await _one(sessions, "SELECT (SELECT count(*) FROM contact), (SELECT count(*) FROM contact_history), "
+                                   "(SELECT count(*) FROM outbox_message)")
+    assert tuple(written) == (0, 0, 0)  # the batch rolled back whole
+    assert (await _one(sessions, _STAGED_TABLES))[0] == 0  # no staged row kept in a pooled connection
+
+    monkeypatch.undo()
+    again = await _upload(committing_client, plain_file(5, start=100))
+    assert await runner.run_next(sessions, small) is True
+    job = await _one(sessions, "SELECT status, created, processed_rows FROM import_job WHERE id = :id", id=again)
+    assert tuple(job) == ("done", 5, 5)
+    assert (await _one(sessions, "SELECT count(*) FROM contact"))[0] == 5
+    assert (await _one(sessions, _STAGED_TABLES))[0] == 0
+
+
+async def test_a_list_deleted_while_the_import_runs_fails_the_job_cleanly(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sessions = make_sessionmaker(engine)
+    the_list = (await committing_client.post("/v1/lists", json={"name": "news"}, headers=ADMIN)).json()["id"]
+    job_id = await _upload(committing_client, plain_file(5), list_id=the_list,
+                           consent=f'{{"proof": {{"wording": "{PROOF["wording"]}"}}}}')
+    prepare: Callable[..., Awaitable[batch.Job]] = runner._prepare
+
+    async def prepared_then_list_deleted(*args: Any) -> batch.Job:
+        job = await prepare(*args)
+        deleted = await committing_client.delete(f"/v1/lists/{the_list}", headers=ADMIN)
+        assert deleted.status_code == 204, deleted.text
+        return job
+
+    monkeypatch.setattr(runner, "_prepare", prepared_then_list_deleted)
+    assert await runner.run_next(sessions, settings) is True
+    job = await _one(sessions, "SELECT status, error FROM import_job WHERE id = :id", id=uuid.UUID(job_id))
+    assert job.status == "failed"
+    assert job.error == f"the list {the_list} was deleted while the import ran"
+    assert (await _one(sessions, "SELECT count(*) FROM contact"))[0] == 0
+
+
+async def test_a_batch_committing_later_than_the_lease_after_its_date_is_written_again_then_fails(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An incremental reader's overlap (docs/decisions.md) must cover it: a batch never commits later than
+    IMPORT_LEASE_SECONDS after the date it gives its changes; it rolls back and is written again instead."""
+    sessions = make_sessionmaker(engine)
+    clock = iter([False, True] * 3)  # each attempt: the batch's date, then its end, one lease and a second later
+    real = batch.utc_now
+    monkeypatch.setattr(batch, "utc_now", lambda: real() + next(clock) * timedelta(
+        seconds=settings.import_lease_seconds + 1))
+    job_id = await _upload(committing_client, plain_file(3))
+    assert await runner.run_next(sessions, settings) is True
+    job = await _one(sessions, "SELECT status, error FROM import_job WHERE id = :id", id=uuid.UUID(job_id))
+    assert job.status == "failed"
+    assert job.error == ("a batch could not be written in 3 attempts (the batch took longer than "
+                         "IMPORT_LEASE_SECONDS after its date); nothing of it was written: import the file again")
+    assert (await _one(sessions, "SELECT count(*) FROM contact"))[0] == 0
