@@ -42,12 +42,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 def served_base_url(sock: socket.socket, host: str) -> str:
     """`http://host:port` as a person reaches it: the host as given (the machine's name for a wildcard bind, which
-    is no address to browse to), the port actually bound (`--port 0` picks one)."""
+    is no address to browse to; no DNS lookup, which could stall a start), the port actually bound (`--port 0`)."""
     port = sock.getsockname()[1]
     name = host
     try:
         if ipaddress.ip_address(host).is_unspecified:
-            name = socket.getfqdn()
+            name = socket.gethostname()
     except ValueError:
         pass  # a name such as localhost: kept as given
     return f"http://{_bracketed(name)}:{port}"

@@ -63,7 +63,11 @@ async def write_report(url: str, import_id: Any, path: Path) -> None:
 
 
 def _open_private(path: Path) -> BinaryIO:
-    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")  # noqa: SIM115 (closed by caller)
+    """Never through a symbolic link (a planted one would have us overwrite its target), and owner-only even when
+    an older report was readable by others."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(descriptor, 0o600)
+    return open(descriptor, "wb")  # noqa: SIM115 (closed by caller)
 
 
 async def _read(path: Path) -> AsyncIterator[bytes]:
