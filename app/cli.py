@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import make_engine, make_sessionmaker
 from app.embedded import EmbeddedPostgres
 from app.errors import AppError
+from app.migrations import Applied
 from app.security import Role, Scope
 from app.security.tokens import IssuedToken, TokenSigner
 from app.services import tokens as tokens_service
@@ -116,13 +117,17 @@ def _say(message: str) -> None:
     typer.echo(f"carnet: {message}", err=True)
 
 
-def _say_schema(applied: list[Any], *, out: bool = False) -> None:
+def _say_schema(applied: list[Applied], *, out: bool = False) -> None:
+    """The schema's state after an upgrade: on stdout for `carnet migrate`, as progress for `carnet serve`."""
     from app.migrations import head_revision
 
     head = head_revision()
     line = (f"schema at {head}, the newest: applied {len(applied)} migration(s)" if applied
             else f"schema already at {head}, the newest: nothing to apply")
-    typer.echo(line) if out else _say(line)
+    if out:
+        typer.echo(line)
+    else:
+        _say(line)
 
 
 @token_cli.command("create")
@@ -401,8 +406,8 @@ def _print_bootstrap_token(settings: Settings, url: str, base: str) -> None:
 
     issued = _in_transaction(settings, create, url=url)
     if issued is None:
-        _say("admin tokens: `carnet token create --role admin --subject you@shop.example` (this database's first "
-             "one was printed when it was first served)")
+        _say("admin tokens: `carnet token create --role admin --subject you@shop.example` (this database already "
+             "had one: its first was printed, or minted, before)")
         return
     print(
         "\nFirst run on this database: an admin token, shown once (mint more with `carnet token create`):\n\n"
