@@ -8,47 +8,43 @@
 #
 # Needs DATABASE_URL (postgresql://user:pass@host:5432/db) and JWT_SECRET (32+ characters) at run time:
 # the app refuses to boot without JWT_SECRET once DATABASE_URL is set, and the image never uses the
-# embedded PostgreSQL.
+# embedded PostgreSQL. Set PUBLIC_BASE_URL to the address people and emailing tools reach Carnet at.
 #
-# Why an editable install at /srv/carnet rather than `pip install .` into site-packages:
-# app/migrations.py finds Alembic's files at `Path(app.__file__).parents[1] / "alembic.ini"`. After a
-# plain `pip install .` app/ lives in site-packages, so that path is site-packages/alembic.ini, which
-# does not exist. `pip install -e /srv/carnet` keeps app/ in /srv/carnet, next to alembic.ini and
-# alembic/, while still installing the `carnet` console script and the distribution metadata that
-# create_app reads (importlib.metadata.version("carnet")); that metadata is also why PYTHONPATH alone
-# would not do. The editable hook points at /srv/carnet, so the runtime stage puts the source at
-# exactly that path.
+# Carnet is installed from its wheel, as on any server: the wheel carries the migrations (app/migration_scripts),
+# so the image holds no source tree and no editable install. bin/check-wheel (run by CI) does the same steps
+# outside a container: build, install into a fresh virtualenv, migrate and serve from an empty directory.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# ---- builder: the virtual environment ------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS builder
+# ---- wheel: built from the sources, which stay in this stage ----------------------------------------
+FROM ${PYTHON_IMAGE} AS wheel
 
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
-
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-
-WORKDIR /srv/carnet
-# Metadata first so the dependency layer is reused while only app code changes.
-# README.md* is a glob on purpose: pyproject names it, but the build tolerates its absence.
-COPY pyproject.toml README.md* ./
-RUN mkdir app && touch app/__init__.py \
- && pip install --upgrade pip setuptools wheel \
- && pip install -e . \
- && rm -rf app
-
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY alembic ./alembic
-COPY alembic.ini ./
-# Same dependencies as above (already satisfied): this refreshes the editable hook for the real tree.
-RUN pip install --no-deps -e . \
- && python -m compileall -q app alembic \
- && carnet --help >/dev/null
+RUN pip wheel --no-deps --wheel-dir /dist .
 
-# ---- runtime --------------------------------------------------------------------------------------
+# ---- venv: dependencies first (a layer reused while only Carnet's code changes), then the wheel -------
+FROM ${PYTHON_IMAGE} AS venv
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install --upgrade pip \
+ && pip install -r /tmp/requirements.txt \
+ && (pip uninstall --yes setuptools || true)
+COPY --from=wheel /dist /tmp/dist
+RUN pip install --no-deps /tmp/dist/carnet-*.whl \
+ && rm -rf /tmp/dist /tmp/requirements.txt /tmp/pyproject.toml \
+ && cd / && carnet --help >/dev/null \
+ && python -c "import app.migrations as m; assert str(m.script_location()).startswith('/opt/venv/')"
+
+# ---- runtime ----------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="carnet" \
@@ -67,20 +63,17 @@ RUN groupadd --system --gid 10001 carnet \
  && mkdir -p /var/lib/carnet \
  && chown carnet:carnet /var/lib/carnet
 
-COPY --from=builder /opt/venv /opt/venv
-# Source, alembic.ini and alembic/ together, owned by root and read-only for the service user.
-COPY --from=builder /srv/carnet /srv/carnet
+# The virtualenv alone (Carnet and its dependencies), owned by root and read-only for the service user.
+COPY --from=venv /opt/venv /opt/venv
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/carnet-entrypoint
 
-# DATA_DIR holds the "bootstrap admin token already printed" marker (`carnet serve` prints an admin
-# token to stderr once per data dir); keep it on a volume so restarts do not print a new one.
-VOLUME ["/var/lib/carnet"]
-WORKDIR /srv/carnet
+# Nothing to keep on disk: the bootstrap admin token is printed once per database (the database remembers it).
+WORKDIR /var/lib/carnet
 USER carnet:carnet
 
 EXPOSE 8000
 
-# /healthz is "the process answers"; readiness (database + schema) is /readyz, for orchestrators.
+# /healthz is "the process answers"; readiness (database + schema, workers seen) is /readyz, for orchestrators.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
 

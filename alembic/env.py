@@ -3,12 +3,14 @@
 import asyncio
 
 from alembic import context
+from alembic.runtime.migration import MigrationInfo
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import app.models  # noqa: F401  (registers every table)
 from app.db import async_url, metadata
+from app.migrations import Applied
 
 config = context.config
 
@@ -18,9 +20,22 @@ config = context.config
 MIGRATION_LOCK = 0x6361726E6574  # "carnet"
 
 
+def _record(ctx: object, step: MigrationInfo, heads: object, run_args: object) -> None:
+    """Tell app.migrations.upgrade what ran, so `carnet migrate` and `carnet serve` can say it."""
+    revision = step.up_revision
+    if step.is_upgrade and revision is not None and "on_applied" in config.attributes:
+        config.attributes["on_applied"](Applied(revision.revision, _headline(revision.doc or "")))
+
+
+def _headline(doc: str) -> str:
+    """A migration's first sentence, on one line, at most 100 characters."""
+    first = " ".join(doc.split()).split(". ")[0].rstrip(".")
+    return first if len(first) <= 100 else first[:99] + "…"
+
+
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, compare_type=True,
-                      compare_server_default=False)
+                      compare_server_default=False, on_version_apply=_record)
     with context.begin_transaction():
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import driver_connection, make_engine, make_sessionmaker
 from app.embedded import EmbeddedPostgres
 from app.errors import AppError
+from app.migrations import Applied
 from app.security import Principal, Role, Scope
 from app.security.tokens import IssuedToken, TokenSigner
 from app.services import tokens as tokens_service
@@ -67,42 +68,73 @@ def _ttl_seconds(value: str) -> int:
 
 @cli.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port; the address is printed)")] = 8000,
 ) -> None:
     """Migrate the database, then serve the API (starting the embedded PostgreSQL when DATABASE_URL is unset)."""
-    import uvicorn
-
     from app.main import create_app
     from app.migrations import upgrade
+    from app.serving import PortUnavailable, bind, serve_on, served_base_url
 
     settings = _settings()
+    try:
+        sock = bind(host, port)  # first: a busy port is said at once, not after the database has started
+    except PortUnavailable as exc:
+        typer.echo(f"carnet: {exc}", err=True)
+        raise typer.Exit(1) from None
+    base = served_base_url(sock, host)
+    if "public_base_url" not in settings.model_fields_set:  # links sent to people point at this server
+        settings = settings.model_copy(update={"public_base_url": base})
+        if host in ("0.0.0.0", "::"):  # noqa: S104 (a comparison, not a bind)
+            _say(f"PUBLIC_BASE_URL is unset: links sent to people point at {base}; set it to the address they "
+                 "reach Carnet at")
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
+    if embedded:
+        _say(f"starting the embedded PostgreSQL in {embedded.pgdata}")
     url = embedded.start() if embedded else settings.database_url
     assert url is not None
     try:
-        upgrade(url)
-        _print_bootstrap_token(settings, url)
+        _say_schema(upgrade(url, on_applied=lambda step: _say(f"applied migration {step.revision}: {step.doc}")))
+        _print_bootstrap_token(settings, url, base)
         app = create_app(settings, database_url=url)
         # The lifespan stops the embedded server: uvicorn re-raises SIGTERM/SIGINT after its shutdown,
-        # so code after run() (this function's finally) does not run on a signal.
+        # so code after serve_on() (this function's finally) does not run on a signal.
         app.state.embedded = embedded
-        trusted = settings.forwarded_allow_ips  # the client address behind a proxy (per-IP signup limits, proofs)
-        uvicorn.run(app, host=host, port=port, log_config=None, proxy_headers=trusted is not None,
-                    forwarded_allow_ips=trusted)
+        links = "" if settings.public_base_url == base else f"; links in emails point at {settings.public_base_url}"
+        serve_on(app, sock, forwarded_allow_ips=settings.forwarded_allow_ips,
+                 on_ready=lambda: _say(f"serving {base} (docs: {base}/docs{links}); Ctrl-C stops it"))
     finally:
+        sock.close()
         if embedded:
             embedded.stop()
 
 
 @cli.command()
 def migrate() -> None:
-    """Bring the database schema to the newest migration."""
+    """Bring the database schema to the newest migration, naming each migration it applies."""
     from app.migrations import upgrade
 
-    with _database(_settings()) as url:
-        upgrade(url)
-        typer.echo("schema is at head")
+    with _database(_settings(), migrate=False) as url:
+        _say_schema(upgrade(url, on_applied=lambda step: typer.echo(f"applied {step.revision}: {step.doc}")),
+                    out=True)
+
+
+def _say(message: str) -> None:
+    """Progress for the person at the terminal (stderr, plain text: the JSON log lines are for machines)."""
+    typer.echo(f"carnet: {message}", err=True)
+
+
+def _say_schema(applied: list[Applied], *, out: bool = False) -> None:
+    """The schema's state after an upgrade: on stdout for `carnet migrate`, as progress for `carnet serve`."""
+    from app.migrations import head_revision
+
+    head = head_revision()
+    line = (f"schema at {head}, the newest: applied {len(applied)} migration(s)" if applied
+            else f"schema already at {head}, the newest: nothing to apply")
+    if out:
+        typer.echo(line)
+    else:
+        _say(line)
 
 
 @token_cli.command("create")
@@ -415,14 +447,14 @@ def _signer(settings: Settings) -> TokenSigner:
 
 
 @contextlib.contextmanager
-def _database(settings: Settings, *, url: str | None = None) -> Iterator[str]:
-    """The database of one command: the embedded server is started for it when needed, and stopped after;
-    a refusal by the service layer is a clean `carnet: ...` and exit 1."""
+def _database(settings: Settings, *, url: str | None = None, migrate: bool = True) -> Iterator[str]:
+    """The database of one command: the embedded server is started for it when needed (and migrated, unless the
+    command is `migrate` itself), and stopped after; a refusal by the service layer is a clean `carnet: ...`, exit 1."""
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded and url is None else None
     target = url or (embedded.start() if embedded else settings.database_url)
     assert target is not None
     try:
-        if embedded:  # this checkout's own database: brought to head by any command, as `serve` does
+        if embedded and migrate:  # this checkout's own database: brought to head by any command, as `serve` does
             from app.migrations import upgrade
 
             upgrade(target)
@@ -450,24 +482,22 @@ def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable
         return asyncio.run(run(target))
 
 
-def _print_bootstrap_token(settings: Settings, url: str) -> None:
-    """The first run prints an admin token, so a fresh install can be used at once."""
-    marker = settings.data_dir / "bootstrap_token_issued"
-    if marker.exists():
-        return
+def _print_bootstrap_token(settings: Settings, url: str, base: str) -> None:
+    """A database that never had an admin token gets one, printed, so a fresh install can be used at once."""
 
-    async def create(session: AsyncSession) -> IssuedToken:
-        return await tokens_service.issue(
-            session, _signer(settings), subject="bootstrap-admin", role=Role.ADMIN, scopes=None,
-            ttl_seconds=settings.jwt_default_ttl_seconds, actor=cli_actor("carnet serve"),
-        )
+    async def create(session: AsyncSession) -> IssuedToken | None:
+        return await tokens_service.bootstrap_admin(session, _signer(settings),
+                                                    ttl_seconds=settings.jwt_default_ttl_seconds,
+                                                    actor=cli_actor("carnet serve"))
 
     issued = _in_transaction(settings, create, url=url)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(issued.expires_at.isoformat() + "\n")
+    if issued is None:
+        _say("admin tokens: `carnet token create --role admin --subject you@shop.example` (this database already "
+             "had one: its first was printed, or minted, before)")
+        return
     print(
-        "\nFirst run: an admin token (shown once; mint more with `carnet token create`):\n\n"
-        f"  {issued.token}\n\n  curl -H 'Authorization: Bearer <token>' http://HOST:PORT/v1/contacts\n",
+        "\nFirst run on this database: an admin token, shown once (mint more with `carnet token create`):\n\n"
+        f"  {issued.token}\n\n  curl -H 'Authorization: Bearer <the token>' {base}/v1/contacts\n",
         file=sys.stderr,
         flush=True,
     )
@@ -529,6 +559,7 @@ def import_command(
 
         job = asyncio.run(import_file(settings, url, file, options, actor=actor, progress=show))
         bar.update(task, total=job["processed_rows"] or 1, completed=job["processed_rows"])
+        report = _write_rejects(url, job, file) if job["rejected"] or job["skipped"] else None
     elapsed = (job["finished_at"] - job["started_at"]).total_seconds() if job["finished_at"] else 0
     typer.echo(
         f"import {job['id']}: {job['status']}{' (dry run)' if dry_run else ''} — {job['processed_rows']} rows: "
@@ -538,10 +569,23 @@ def import_command(
     )
     if job["error"]:
         typer.echo(f"carnet: {job['error']}", err=True)
-    if job["rejected"] or job["skipped"]:
-        typer.echo(f"reasons per row: GET /v1/imports/{job['id']}/rejects")
+    if report:
+        typer.echo(report)
     if job["status"] != "done":
         raise typer.Exit(1)
+
+
+def _write_rejects(url: str, job: Any, file: Path) -> str:
+    """The rejected and skipped rows, with their reasons, beside the imported file: where to read them."""
+    from app.services.imports.local import write_report
+
+    target = file.with_name(f"{file.stem}.rejects.csv")
+    try:
+        asyncio.run(write_report(url, job["id"], target))
+    except OSError as exc:
+        return (f"rejected and skipped rows: could not write {target} ({exc.strerror}); read them with "
+                f"GET /v1/imports/{job['id']}/rejects")
+    return f"rejected and skipped rows, with the reason for each: {target}"
 
 
 def main() -> None:

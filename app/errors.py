@@ -7,6 +7,7 @@ AppError
  ├── NotFound (404) ── ContactNotFound, AttributeNotFound, TagNotFound
  ├── Conflict (409) ── DuplicateContact, DuplicateAttribute, AttributeInUse
  ├── PayloadTooLarge (413)
+ ├── UnsupportedMediaType (415)
  ├── PreconditionFailed (412)
  ├── InvalidInput (422, errors[{field, message, code}]) ── IdempotencyKeyReused
  ├── RateLimited (429, Retry-After)
@@ -37,6 +38,7 @@ __all__ = [
     "ServiceUnavailable",
     "TagNotFound",
     "Unauthenticated",
+    "UnsupportedMediaType",
     "problems",
 ]
 
@@ -113,6 +115,10 @@ class PreconditionFailed(AppError):
 
 class PayloadTooLarge(AppError):
     status, slug, title = 413, "payload-too-large", "The request body is too large"
+
+
+class UnsupportedMediaType(AppError):
+    status, slug, title = 415, "unsupported-media-type", "The body's Content-Type is not one this route reads"
 
 
 class FieldError(dict[str, str]):

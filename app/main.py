@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 
 from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn
 from app.embedded import EmbeddedPostgres
-from app.errors import InvalidInput, problems
+from app.errors import InvalidInput, UnsupportedMediaType, problems
 from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_read_route, contact_upsert_route
 from app.jobs import run_periodically
 from app.journal import Journal, JournalReads
@@ -26,6 +26,7 @@ from app.migrations import head_revision
 from app.problems import install_problem_handlers
 from app.routers import health_router, inbound_router, public_router, v1_router
 from app.routers.deps import Problem
+from app.routers.docs import install as install_docs
 from app.routers.duplicates import router as duplicates_router
 from app.routers.exports import router as exports_router
 from app.schemas.types import configure_phone_region
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         version=version("carnet"),
         summary="The customer file of an e-commerce business, as an API.",
         lifespan=_lifespan,
+        docs_url=None,  # served by app.routers.docs from installed files, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.database_url = database_url or settings.database_url
@@ -81,6 +84,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
 
     install_problem_handlers(app)
     app.include_router(health_router)
+    install_docs(app)
     app.include_router(duplicates_router)  # before v1_router: /v1/contacts/duplicates is not a contact id
     app.include_router(exports_router)
     app.include_router(v1_router)
@@ -172,6 +176,14 @@ def _document_validation_problems(schema: dict[str, Any]) -> None:
             components.pop("ValidationError", None)
 
 
+def _document_media_type_problems(schema: dict[str, Any]) -> None:
+    """A JSON body sent without `Content-Type: application/json` is a 415 (app.problems), on every such route."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                operation["responses"].setdefault("415", problems(UnsupportedMediaType)[415])
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
@@ -181,5 +193,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         defs = schema["components"]["schemas"]["Problem"].pop("$defs", {})
         schema["components"]["schemas"].update(defs)
         _document_validation_problems(schema)
+        _document_media_type_problems(schema)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable
+from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable, UnsupportedMediaType
 from app.logging import get_logger, where
 
 __all__ = [
@@ -100,6 +100,21 @@ def validation_problem(raw_errors: Sequence[Any], *, prefix: tuple[str, ...] = (
     return InvalidInput(*errors)
 
 
+def _media_type_problem(request: Request, raw_errors: Sequence[Any]) -> UnsupportedMediaType | None:
+    """FastAPI parses a body as JSON only when Content-Type says JSON; otherwise the whole body fails validation
+    ("Input should be a valid dictionary"), which hides the real mistake. Name the header instead."""
+    if not any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in raw_errors):
+        return None
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type.startswith("application/") and (media_type == "application/json" or media_type.endswith("+json")):
+        return None  # it was JSON: a real validation error about the body's shape
+    had = f"Content-Type {_printable(content_type[:80])!r}" if content_type.strip() else "no Content-Type"
+    message = f"this route reads a JSON body: send it with `Content-Type: application/json` (the request had {had})"
+    return UnsupportedMediaType(message, errors=[
+        FieldError("Content-Type", message, "missing" if not content_type.strip() else "unsupported")])
+
+
 def _is_connection_problem(exc: BaseException) -> bool:
     if isinstance(exc, PoolTimeout | InterfaceError | ConnectionError | OSError | asyncio.TimeoutError):
         return True
@@ -132,7 +147,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return _render(request, validation_problem(exc.errors()))
+        return _render(request, _media_type_problem(request, exc.errors()) or validation_problem(exc.errors()))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -7,14 +7,24 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ConfigurationError", "Settings", "get_settings", "token_signer_options"]
 
 
-# Carnet is installed editable (bin/setup-venv, the Dockerfile): app/ stays in the checkout, beside .carnet and .env.
-CHECKOUT = Path(__file__).resolve().parents[1]
+def _checkout() -> Path | None:
+    """The source checkout app/ runs from (bin/setup-venv's editable install, the tests); None for an installed
+    wheel, whose app/ sits in site-packages."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "alembic").is_dir() else None
+
+
+CHECKOUT = _checkout()
+# The embedded database and its secret: the checkout's .carnet (wherever a command runs from), else the user's data
+# directory (~/.local/share/carnet on Linux). DATA_DIR moves it.
+DEFAULT_DATA_DIR = CHECKOUT / ".carnet" if CHECKOUT else platformdirs.user_data_path("carnet")
 
 
 class ConfigurationError(RuntimeError):
@@ -22,8 +32,9 @@ class ConfigurationError(RuntimeError):
 
 
 class Settings(BaseSettings):
-    # The checkout's .env, then one in the working directory (which wins where both set a variable).
-    model_config = SettingsConfigDict(env_file=(CHECKOUT / ".env", ".env"), env_file_encoding="utf-8", extra="ignore")
+    # The checkout's .env (if any), then one in the working directory (which wins where both set a variable).
+    model_config = SettingsConfigDict(env_file=(*([CHECKOUT / ".env"] if CHECKOUT else []), ".env"),
+                                      env_file_encoding="utf-8", extra="ignore")
 
     # Database: None means the embedded PostgreSQL in data_dir (ARCHITECTURE.md "Embedded default").
     database_url: str | None = None
@@ -31,7 +42,7 @@ class Settings(BaseSettings):
     database_pool_timeout: float = 5.0
     # A streaming replica (or a pooler over several) for exports and segment reads; unset: the primary.
     database_replica_url: str | None = None
-    data_dir: Path = CHECKOUT / ".carnet"  # the checkout's, wherever a command runs from (DATA_DIR to move it)
+    data_dir: Path = DEFAULT_DATA_DIR
 
     # Tokens: HS256 with this secret. None only in embedded mode, where one is made once and kept.
     jwt_secret: SecretStr | None = None

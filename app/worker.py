@@ -26,6 +26,7 @@ from app.security.secrets import SecretBox
 from app.services import delivery
 from app.services import destinations as destinations_service
 from app.services.links import LinkBuilder, LinkCodec
+from app.services.workers import LIVE_SECONDS
 from app.settings import Settings
 from app.sync import ids as vendor_ids
 from app.sync import net
@@ -59,7 +60,6 @@ LANE_BATCHES = 20            # batches per lane before the next round
 FEED_WAIT_SECONDS = 0.05     # a lane's pause after a short claim while the backlog is still being dispatched
 ANALYZE_AFTER_DISPATCHED = 20_000  # a burst this big refreshes `delivery`'s planner statistics
 HEARTBEAT_SECONDS = 2.0      # workers alive are counted from their heartbeats (vendor limits are split)
-LIVE_SECONDS = 10.0          # a worker not heard of for this long no longer counts
 
 
 class Worker:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def database_url(server_url: str, worker_id: str) -> Iterator[str]:
     url = _with_database(server_url, name)
     upgrade(url)
     yield url
+    asyncio.run(_drop(server_url, name))
+
+
+@pytest.fixture
+def fresh_database(server_url: str, worker_id: str) -> Iterator[str]:
+    """An empty database of the test's own, not even migrated (what a new deployment points Carnet at)."""
+    name = f"carnet_fresh_{worker_id}_{os.getpid()}_{time.monotonic_ns() % 10**9}"
+    asyncio.run(_recreate(server_url, name))
+    yield _with_database(server_url, name)
     asyncio.run(_drop(server_url, name))
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alembic.script import ScriptDirectory
+
 from app.security.tokens import verify_access_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +44,22 @@ def test_token_create_list_revoke(tmp_path: Path, database_url: str) -> None:
     assert revoked.returncode == 0, revoked.stderr
     assert "revoked" in _carnet("token", "list", env=env, cwd=tmp_path).stdout
     assert _carnet("token", "revoke", "no-such-token", env=env, cwd=tmp_path).returncode == 1
+
+
+def test_migrate_names_each_migration_it_applies(tmp_path: Path, fresh_database: str) -> None:
+    from app.migrations import alembic_config, head_revision
+
+    env = _env(DATABASE_URL=fresh_database, JWT_SECRET="cli-secret-" + "z" * 40)
+    first = _carnet("migrate", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    revisions = [r.revision for r in reversed(list(ScriptDirectory.from_config(alembic_config()).walk_revisions()))]
+    lines = first.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"applied {r}" for r in revisions]
+    assert lines[0].startswith("applied 0001: ") and len(lines[0]) > len("applied 0001: ")  # and what it does
+    assert lines[-1] == f"schema at {head_revision()}, the newest: applied {len(revisions)} migration(s)"
+
+    again = _carnet("migrate", env=env, cwd=tmp_path)
+    assert again.stdout.splitlines() == [f"schema already at {head_revision()}, the newest: nothing to apply"]
 
 
 def test_boot_without_secret_outside_embedded_mode_fails_clearly(tmp_path: Path) -> None:

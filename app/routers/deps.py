@@ -55,7 +55,8 @@ class Problem(BaseModel):
     status: int
     detail: str
     instance: str
-    errors: list[ProblemFieldError] | None = Field(default=None, description="422 only: one entry per faulty field")
+    errors: list[ProblemFieldError] | None = Field(
+        default=None, description="422 (and 415, naming the Content-Type header): one entry per faulty field")
     existing_id: str | None = Field(default=None, description="409 duplicate-contact: the contact holding the key")
     missing_scopes: list[str] | None = Field(default=None, description="403 only")
 

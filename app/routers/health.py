@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from app.errors import ServiceUnavailable, problems
 from app.migrations import schema_state
 from app.routers.deps import JSONBody
+from app.schemas.workers import WorkersSeen
+from app.services import workers as workers_service
 
 __all__ = ["router"]
 
@@ -23,19 +26,30 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=problems(ServiceUnavailable))
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    schema_: str = Field(alias="schema", description="The database's migration revision")
+    workers: WorkersSeen = Field(description="Worker processes (imports, deliveries); not part of readiness: the "
+                                 "API serves without them, but queued work waits for one")
+
+
+@router.get("/readyz", response_model=Readiness, responses=problems(ServiceUnavailable))
 async def readyz(request: Request) -> Any:
-    """The database answers and its schema is at this code's migration head (or ahead: a rolling upgrade)."""
+    """The database answers and its schema is at this code's migration head (or ahead: a rolling upgrade); also
+    says which workers were heard from."""
     makers = request.app.state.sessionmaker
     expected = request.app.state.schema_head
     try:
         async with makers() as session:
             current = await session.scalar(text("SELECT version_num FROM alembic_version"))
+            if current != expected and schema_state(current) == "behind":
+                raise ServiceUnavailable(f"schema at {current}, code expects {expected}: run `carnet migrate`")
+            workers = await workers_service.presence(session)
+    except ServiceUnavailable:
+        raise
     except Exception as exc:
         raise ServiceUnavailable("the database cannot be reached") from exc
-    if current != expected and schema_state(current) == "behind":
-        raise ServiceUnavailable(f"schema at {current}, code expects {expected}: run `carnet migrate`")
-    return JSONBody({"status": "ready", "schema": current})
+    return JSONBody({"status": "ready", "schema": current, "workers": workers})
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -6,9 +6,7 @@ to whoever may import; values in the report are masked for tokens without `pii:r
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +29,8 @@ from app.schemas.imports import ImportAccepted, ImportOptions, ImportRead, prese
 from app.security import Principal, Scope, require
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import idempotency as idempotency_service
-from app.services.exports import inert
+from app.services import workers as workers_service
+from app.services.imports import report as imports_report
 from app.services.imports import store as imports_service
 from app.services.imports.store import ImportNotFound
 
@@ -120,7 +119,8 @@ async def create_import(
         )
     finally:
         await form.close()
-    body, headers = {"id": str(row["id"]), "status": row["status"]}, {"Location": f"/v1/imports/{row['id']}"}
+    body = {"id": str(row["id"]), "status": row["status"], **_workers_note(await workers_service.presence(session))}
+    headers = {"Location": f"/v1/imports/{row['id']}"}
     if idempotency_key is not None:
         await idempotency_service.complete(session, subject=caller.subject, key=idempotency_key, status_code=202,
                                            body=body, headers=headers)
@@ -143,29 +143,11 @@ async def get_import_rejects(
 ) -> StreamingResponse:
     """The reject report as CSV, in file order; values masked without `pii:read`."""
     job = await imports_service.get(session, import_id)
-    fields = {job["header"][int(i)]: field for i, field in job["mapping"].items()}
-    reveal = caller.sees_pii
-    if reveal:  # refused cells in clear: the people in the file (docs/gdpr.md "Access journal")
+    if caller.sees_pii:  # refused cells in clear: the people in the file (docs/gdpr.md "Access journal")
         describe("imports.rejects", import_id=import_id)
-
-    async def lines() -> AsyncIterator[bytes]:
-        yield _csv_line(["row", "column", "field", "reason", "value"])
-        after = 0
-        while True:
-            async with makers() as reader:
-                page = await imports_service.rejects(reader, import_id, after_id=after, limit=_PAGE)
-            if reveal:
-                count_rows(len(page))
-            for r in page:
-                field = fields.get(r["column"]) if r["column"] else None
-                value = r["value"] if reveal else _mask(field, r["value"])
-                yield _csv_line([r["row_number"], inert(r["column"] or ""), field or "", r["reason"],
-                                 inert(value or "")])
-            if len(page) < _PAGE:
-                return
-            after = page[-1]["id"]
-
-    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers={
+    lines = imports_report.lines(makers, job, shown=imports_report.unmasked if caller.sees_pii else _mask,
+                                 on_page=count_rows if caller.sees_pii else None)
+    return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers={
         "Content-Disposition": f'attachment; filename="import-{import_id}-rejects.csv"'})
 
 
@@ -188,6 +170,20 @@ def _hash_file(file: IO[bytes]) -> tuple[str, int]:
         size += len(piece)
     file.seek(0)
     return digest.hexdigest(), size
+
+
+def _workers_note(seen: dict[str, Any]) -> dict[str, Any]:
+    """The 202 says who will run the import: with no worker alive it would stay queued, silently."""
+    note: dict[str, Any] = {"workers": {"live": seen["live"], "last_seen_at": _iso(seen["last_seen_at"])}}
+    if not seen["live"]:
+        since = f"since {_iso(seen['last_seen_at'])}" if seen["last_seen_at"] else "at all"
+        note["warning"] = (f"no worker has been heard from {since}: this import stays queued until one runs "
+                           "(start `carnet worker` beside the API)")
+    return note
+
+
+def _iso(moment: Any) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
 
 
 def _options(items: list[tuple[str, Any]]) -> ImportOptions:
@@ -231,9 +227,3 @@ def _mask(field: str | None, value: str | None) -> str | None:
     if field in ("first_name", "last_name"):
         return mask_name(value)
     return mask_text(value)
-
-
-def _csv_line(cells: list[Any]) -> bytes:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerow(cells)
-    return out.getvalue().encode()

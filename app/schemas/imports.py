@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from app.schemas.base import InputSchema
 from app.schemas.lists import SubscribeConsent
 from app.schemas.types import TagName
+from app.schemas.workers import WorkersSeen
 
 __all__ = ["ImportAccepted", "ImportMode", "ImportOptions", "ImportRead", "ImportStatus", "present_import"]
 
@@ -48,6 +49,9 @@ class ImportOptions(InputSchema):
 class ImportAccepted(BaseModel):
     id: uuid.UUID
     status: ImportStatus
+    workers: WorkersSeen = Field(description="The worker processes that run imports, as last heard from")
+    warning: str | None = Field(default=None, description="Set when no worker has been heard from lately: the "
+                                "import stays queued until one runs (`carnet worker`)")
 
 
 class ImportRead(BaseModel):

@@ -17,8 +17,12 @@ from app.security.revocation import REVOCATION_CHANNEL
 from app.security.tokens import IssuedToken, TokenSigner
 from app.services import journal
 
-__all__ = ["TokenAlreadyIssued", "TokenNotFound", "already_issued", "issue", "list_page", "replay_record", "revoke"]
+__all__ = [
+    "TokenAlreadyIssued", "TokenNotFound", "already_issued", "bootstrap_admin", "issue", "list_page", "replay_record",
+    "revoke",
+]
 _t = AccessToken.__table__  # type: ignore[attr-defined]
+BOOTSTRAP_LOCK = 0x6361726E6574_02  # pg advisory lock key: "carnet" + 2
 
 
 class TokenNotFound(NotFound):
@@ -70,6 +74,23 @@ async def issue(
         "jti": issued.token_id, "for_subject": subject, "role": role.value, "scopes": sorted(issued.scopes),
         "expires_at": issued.expires_at.isoformat()}))
     return issued
+
+
+async def bootstrap_admin(
+    session: AsyncSession, signer: TokenSigner, *, ttl_seconds: int, actor: Principal
+) -> IssuedToken | None:
+    """An admin token for a database that never had one (the first `carnet serve` against it prints it), else None.
+
+    Decided by the database, not by the machine: a checkout switched to another DATABASE_URL gets its token. "Never
+    had one" counts revoked and expired admin tokens too, so a server's log shows at most one admin token in its
+    whole life; later ones come from `carnet token create`. Processes booting together: the lock is taken before
+    the check, in the transaction that inserts, so exactly one of them issues.
+    """
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": BOOTSTRAP_LOCK})
+    if await session.scalar(select(select(_t.c.jti).where(_t.c.role == Role.ADMIN.value).exists())):
+        return None
+    return await issue(session, signer, subject="bootstrap-admin", role=Role.ADMIN, scopes=None,
+                       ttl_seconds=ttl_seconds, actor=actor)
 
 
 async def list_page(session: AsyncSession, *, limit: int, include_expired: bool) -> list[dict[str, Any]]:

@@ -50,7 +50,8 @@ export interface paths {
         };
         /**
          * Readyz
-         * @description The database answers and its schema is at this code's migration head (or ahead: a rolling upgrade).
+         * @description The database answers and its schema is at this code's migration head (or ahead: a rolling upgrade); also
+         *     says which workers were heard from.
          */
         get: operations["readyz_readyz_get"];
         put?: never;
@@ -2393,6 +2394,13 @@ export interface components {
              */
             id: string;
             status: components["schemas"]["ImportStatus"];
+            /**
+             * Warning
+             * @description Set when no worker has been heard from lately: the import stays queued until one runs (`carnet worker`)
+             */
+            warning?: string | null;
+            /** @description The worker processes that run imports, as last heard from */
+            workers: components["schemas"]["WorkersSeen"];
         };
         /**
          * ImportMode
@@ -3007,7 +3015,7 @@ export interface components {
             detail: string;
             /**
              * Errors
-             * @description 422 only: one entry per faulty field
+             * @description 422 (and 415, naming the Content-Type header): one entry per faulty field
              * @default null
              */
             errors: components["schemas"]["ProblemFieldError"][] | null;
@@ -3068,6 +3076,21 @@ export interface components {
              * @description When the current state began (null: never asked)
              */
             since: string | null;
+        };
+        /** Readiness */
+        Readiness: {
+            /**
+             * Schema
+             * @description The database's migration revision
+             */
+            schema: string;
+            /**
+             * Status
+             * @constant
+             */
+            status: "ready";
+            /** @description Worker processes (imports, deliveries); not part of readiness: the API serves without them, but queued work waits for one */
+            workers: components["schemas"]["WorkersSeen"];
         };
         /**
          * Reason
@@ -3494,6 +3517,19 @@ export interface components {
              */
             unsubscribed_lists: number;
         };
+        /** WorkersSeen */
+        WorkersSeen: {
+            /**
+             * Last Seen At
+             * @description The newest heartbeat of any worker; null: none heard from since the last one stopped cleanly
+             */
+            last_seen_at: string | null;
+            /**
+             * Live
+             * @description Worker processes heard from in the last 10 seconds
+             */
+            live: number;
+        };
     };
     responses: never;
     parameters: never;
@@ -3560,7 +3596,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": unknown;
+                    "application/json": components["schemas"]["Readiness"];
                 };
             };
             /** @description The service is temporarily unavailable */
@@ -3666,6 +3702,15 @@ export interface operations {
             };
             /** @description An attribute with this name already exists */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3858,6 +3903,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -4000,6 +4054,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
@@ -4047,6 +4110,15 @@ export interface operations {
             };
             /** @description The token lacks a required scope */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4171,6 +4243,15 @@ export interface operations {
             };
             /** @description A contact already holds this email or external_id; This person was erased and may not be added again */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4388,6 +4469,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -4562,6 +4652,15 @@ export interface operations {
             };
             /** @description No such contact */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4885,6 +4984,15 @@ export interface operations {
             };
             /** @description The resource changed since the given ETag */
             412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5327,6 +5435,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
@@ -5538,6 +5655,15 @@ export interface operations {
             };
             /** @description The resource changed since the given ETag */
             412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5913,6 +6039,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -5976,6 +6111,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
@@ -6023,6 +6167,15 @@ export interface operations {
             };
             /** @description The token lacks a required scope */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6632,6 +6785,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
@@ -6841,6 +7003,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -6968,6 +7139,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
@@ -7033,6 +7213,15 @@ export interface operations {
             };
             /** @description No such list; No such contact */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7271,6 +7460,15 @@ export interface operations {
             };
             /** @description The resource changed since the given ETag */
             412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7854,6 +8052,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -7967,6 +8174,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description This Idempotency-Key was used with another request */
             422: {
                 headers: {
@@ -8011,6 +8227,15 @@ export interface operations {
             };
             /** @description The token lacks a required scope */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8229,6 +8454,15 @@ export interface operations {
             };
             /** @description The resource changed since the given ETag */
             412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8467,6 +8701,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -8570,6 +8813,15 @@ export interface operations {
             };
             /** @description A tag with this name already exists */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8739,6 +8991,15 @@ export interface operations {
             };
             /** @description This Idempotency-Key already issued a token */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
                 headers: {
                     [name: string]: unknown;
                 };

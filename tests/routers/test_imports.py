@@ -585,3 +585,43 @@ class TestUnreadableInput:
             ("2", "'+Tel", "phone", "'=2+3"), ("3", "Email", "email", "'@SUM(1)"), ("4", "'+Tel", "phone", "'-1")]
         for line in await report(client, job["id"], headers=MASKED):
             assert not any(cell[:1] in "=+-@\t\r" and cell for cell in line.values()), line
+
+
+class TestWhoRunsTheImport:
+    """With an external database nothing runs the queue unless `carnet worker` does: the 202 says so."""
+
+    async def test_with_no_worker_heard_from_the_202_warns_that_the_import_stays_queued(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        async with sessions.begin() as session:
+            await session.execute(text("DELETE FROM worker_heartbeat"))  # rolled back with the test
+        response = await upload(client, plain_file(3))
+        assert response.status_code == 202
+        accepted = response.json()
+        assert accepted["status"] == "queued"
+        assert accepted["workers"] == {"live": 0, "last_seen_at": None}
+        assert "carnet worker" in accepted["warning"] and "stays queued" in accepted["warning"]
+        ready = (await client.get("/readyz")).json()
+        assert ready["workers"] == {"live": 0, "last_seen_at": None}
+
+    async def test_a_live_worker_is_counted_and_no_warning_given(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        async with sessions.begin() as session:
+            await session.execute(text("DELETE FROM worker_heartbeat"))
+            await session.execute(text("INSERT INTO worker_heartbeat VALUES ('gone:1:a', now() - interval '1 hour'),"
+                                       " ('alive:2:b', now())"))
+        accepted = (await upload(client, plain_file(3))).json()
+        assert accepted["workers"]["live"] == 1 and accepted["workers"]["last_seen_at"] is not None
+        assert "warning" not in accepted
+        assert (await client.get("/readyz")).json()["workers"]["live"] == 1
+
+    async def test_a_worker_that_died_is_named_by_its_last_heartbeat(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        async with sessions.begin() as session:
+            await session.execute(text("DELETE FROM worker_heartbeat"))
+            await session.execute(text("INSERT INTO worker_heartbeat VALUES ('gone:1:a', now() - interval '1 minute')"))
+        accepted = (await upload(client, plain_file(3))).json()
+        assert accepted["workers"]["live"] == 0
+        assert accepted["warning"].startswith(f"no worker has been heard from since {accepted['workers']['last_seen_at']}")

@@ -48,7 +48,9 @@ async def test_import_command_runs_the_job_and_prints_the_summary(
     good = len(sample.good)
     assert f"{good + len(sample.suppressed)} created" in done.stdout, done.stdout  # nobody was erased here
     assert f"{len(sample.bad) + len(sample.duplicates)} rejected" in done.stdout
-    assert "/rejects" in done.stdout
+    report = tmp_path / "clients.rejects.csv"  # beside the file, and the command says where
+    assert done.stdout.splitlines()[-1] == f"rejected and skipped rows, with the reason for each: {report}"
+    assert report.stat().st_mode & 0o777 == 0o600  # the refused cells are personal data
     async with engine.connect() as connection:
         assert await connection.scalar(text("SELECT count(*) FROM contact WHERE 'salon' = ANY(tags)")) == good + 3
         subject = await connection.scalar(text("SELECT DISTINCT subject FROM contact_history WHERE via = 'import'"))
@@ -56,7 +58,27 @@ async def test_import_command_runs_the_job_and_prints_the_summary(
     assert str(subject).startswith("cli:")
     rejects = await committing_client.get(f"/v1/imports/{job_id}/rejects", headers=ADMIN)
     assert rejects.status_code == 200 and len(rejects.text.splitlines()) == 1 + len(sample.bad) + 3
+    assert report.read_bytes() == rejects.content  # the same report as the API's, unmasked
 
     bad = _carnet("import", str(path), "--list", "0b7e0000-0000-4000-8000-000000000000", database_url=database_url,
                   cwd=root)
     assert bad.returncode == 2 and "--consent-source" in bad.stderr
+
+
+def test_the_report_file_is_never_written_through_a_link_and_stays_private(tmp_path: Path) -> None:
+    from app.services.imports.local import _open_private
+
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    planted = tmp_path / "clients.rejects.csv"
+    planted.symlink_to(precious)  # someone else's link where the report goes (a shared /tmp)
+    with pytest.raises(OSError):
+        _open_private(planted)
+    assert precious.read_text() == "keep me"
+
+    older = tmp_path / "older.rejects.csv"
+    older.write_text("old report")
+    older.chmod(0o644)
+    with _open_private(older) as out:
+        out.write(b"row,column\r\n")
+    assert older.read_bytes() == b"row,column\r\n" and older.stat().st_mode & 0o777 == 0o600
