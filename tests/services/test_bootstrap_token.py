@@ -25,7 +25,8 @@ async def test_concurrent_boots_of_a_new_database_issue_exactly_one_admin_token(
 
     async def boot() -> IssuedToken | None:
         async with makers.begin() as session:
-            return await tokens_service.bootstrap_admin(session, signer, ttl_seconds=3600, actor=cli_actor("carnet serve"))
+            return await tokens_service.bootstrap_admin(session, signer, ttl_seconds=3600,
+                                                        actor=cli_actor("carnet serve"))
 
     try:
         issued = [t for t in await asyncio.gather(*(boot() for _ in range(5))) if t is not None]
@@ -36,7 +37,7 @@ async def test_concurrent_boots_of_a_new_database_issue_exactly_one_admin_token(
 
         # Revoked or expired, an admin token still counts: a server's log shows one admin token in its life.
         async with makers.begin() as session:
-            await tokens_service.revoke(session, issued[0].token_id, revoked_by="test")
+            await tokens_service.revoke(session, issued[0].token_id, actor=cli_actor("test"))
         assert await boot() is None
     finally:
         async with engine.begin() as connection:
