@@ -364,7 +364,7 @@ def journal_verify() -> None:
     settings = _settings()
 
     async def run(session: AsyncSession) -> tuple[int, Any, Any]:
-        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        connection = await driver_connection(session)
         await journal_service.append(connection, [])  # acts still pending join the chain first
         checked, broken = await journal_service.verify(connection)
         head = await connection.fetchrow("SELECT seq, hash FROM journal_entry ORDER BY seq DESC LIMIT 1")
@@ -404,7 +404,7 @@ def journal_export(
     sink = output.open("w", encoding="utf-8") if output else sys.stdout
 
     async def run(session: AsyncSession) -> int:
-        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        connection = await driver_connection(session)
         written, after = 0, 0
         while True:
             rows = await connection.fetch(

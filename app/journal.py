@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import access as access_context
+from app.db import driver_connection
 from app.logging import get_logger
 from app.services import journal as journal_service
 from app.services.journal import Entry
@@ -59,19 +60,22 @@ class Journal:
             self._wake.set()
 
     async def flush(self, sessions: async_sessionmaker[AsyncSession], *, pending: bool = True) -> int:
-        """Chain what is buffered (and the pending acts); on failure the entries stay, in order, for next time."""
+        """Chain what is buffered now (and the pending acts), a transaction per FLUSH_BATCH entries. Entries added
+        meanwhile wait for the next tick (chained as they come, each would cost a transaction); on failure the
+        unwritten ones go back in front, in order, for next time."""
+        taken, self._buffer = self._buffer, []
         written = 0
-        while self._buffer or pending:
-            batch, self._buffer = self._buffer[:FLUSH_BATCH], self._buffer[FLUSH_BATCH:]
-            try:
+        try:
+            while written < len(taken) or pending:
+                batch = taken[written:written + FLUSH_BATCH]
                 async with sessions() as session, session.begin():
-                    connection = await session.connection()
-                    raw = (await connection.get_raw_connection()).driver_connection
-                    written += await journal_service.append(raw, batch)
-            except BaseException:
-                self._buffer[:0] = batch
-                raise
-            pending = False
+                    raw = await driver_connection(session)  # inside the transaction: the lock holds until commit
+                    await journal_service.append(raw, batch)
+                written += len(batch)
+                pending = False
+        except BaseException:
+            self._buffer[:0] = taken[written:]
+            raise
         return written
 
     async def run(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -168,11 +172,11 @@ class JournalUpkeep:
             return False
         self._next = now + self.every_seconds
         async with sessions.begin() as session:
-            raw = (await (await session.connection()).get_raw_connection()).driver_connection
+            raw = await driver_connection(session)
             await journal_service.append(raw, [])
         if now >= self._next_prune:
             async with sessions.begin() as session:
-                raw = (await (await session.connection()).get_raw_connection()).driver_connection
+                raw = await driver_connection(session)
                 removed = await journal_service.prune(raw, keep_days=settings.journal_retention_days,
                                                       erasure_hold=ERASURE_HOLD)
             self._next_prune = now + self.prune_every_seconds

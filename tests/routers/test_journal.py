@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import timedelta
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import driver_connection, make_sessionmaker
 from app.models.base import utc_now
 from app.security import Role, Scope
 from app.services import journal as journal_service
@@ -42,7 +44,7 @@ async def entries_after(app: FastAPI, call: Callable[[], Any]) -> list[dict[str,
 
 async def verify(app: FastAPI) -> tuple[int, journal_service.Break | None]:
     async with app.state.sessionmaker() as session:
-        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        raw = await driver_connection(session)
         return await journal_service.verify(raw)
 
 
@@ -298,7 +300,7 @@ class TestChain:
         await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
         await flushed(app)
         async with app.state.sessionmaker.begin() as session:
-            raw = (await (await session.connection()).get_raw_connection()).driver_connection
+            raw = await driver_connection(session)
             removed = await journal_service.prune(raw, keep_days=365, erasure_hold=timedelta(hours=1))
         assert removed == len(old)
         kept = await flushed(app)
@@ -353,3 +355,24 @@ async def test_a_full_journal_refuses_to_reveal_rather_than_forget(client: httpx
     finally:
         journal.max_buffer = saved
     assert PROOF  # (factories imported for the ledger fixtures above)
+
+
+@pytest.mark.committing
+async def test_processes_flushing_at_once_extend_one_chain(
+    committing_client: httpx.AsyncClient, engine: Any
+) -> None:
+    """Several API processes flush at the same moment: each append holds the chain's lock in its transaction,
+    so no two entries share a seq and every link holds (real, separate transactions)."""
+    from app.journal import Journal
+
+    makers = make_sessionmaker(engine)
+    journals = [Journal(flush_seconds=1, max_buffer=1000) for _ in range(4)]
+    for round_ in range(5):
+        for n, journal in enumerate(journals):
+            for i in range(20):
+                journal.add(journal_service.Entry("read", "personal_data.read", f"p{n}", refs=[f"r{round_}-{i}"]))
+        await asyncio.gather(*(journal.flush(makers) for journal in journals))
+    async with makers() as session:
+        raw = await driver_connection(session)
+        checked, broken = await journal_service.verify(raw)
+    assert broken is None and checked == 4 * 5 * 20
