@@ -130,8 +130,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     """Expected errors; unexpected ones are answered by RequestContext (so no server logs their text)."""
     async def app_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, AppError)
-        if exc.status >= 500:
-            log.error("request.failed", problem=exc.slug)
+        if exc.status >= 500:  # a 503 sheds load on purpose (busy, timeout): worth a look, not a page
+            (log.warning if isinstance(exc, ServiceUnavailable) else log.error)("request.failed", problem=exc.slug)
         return _render(request, exc)
 
     async def validation_error(request: Request, exc: Exception) -> Response:

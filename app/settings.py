@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     statement_timeout_export_seconds: float = Field(default=3600.0, gt=0, le=86_400)  # a whole COPY export
     statement_timeout_worker_seconds: float = Field(default=600.0, gt=0, le=86_400)  # worker, CLI, bulk writes
     costly_reads_per_token: int = Field(default=2, ge=1, le=1000)    # in flight, per API process: then 429
-    costly_reads_per_process: int = Field(default=4, ge=1, le=1000)  # running at once (< DATABASE_POOL_SIZE)
+    # running at once (< DATABASE_POOL_SIZE); None: half this machine's cores, at least 1 (the embedded database's)
+    costly_reads_per_process: int | None = Field(default=None, ge=1, le=1000)
 
     # Contacts
     default_phone_region: str = "FR"

@@ -34,6 +34,7 @@ from app.errors import ServiceUnavailable
 from app.settings import Settings
 
 __all__ = [
+    "ONE_CORE",
     "BulkWriteSession",
     "StatementTimeout",
     "StatementTimeouts",
@@ -75,6 +76,12 @@ def set_local(seconds: float) -> str:
     return f"SET LOCAL statement_timeout = {milliseconds(seconds)}"
 
 
+# A costly read runs on one core. With parallel workers (2 a query by default, plus the leader) each of the
+# COSTLY_READS_PER_PROCESS reads took up to 3 cores: 4 worst-case previews kept 11 backends busy on 2 cores, and
+# contact reads waited seconds behind them (bench/bench_costly.py). The cap must bound the CPU, not just statements.
+ONE_CORE = "SET LOCAL max_parallel_workers_per_gather = 0"
+
+
 def is_statement_timeout(exc: BaseException) -> bool:
     """A statement stopped by the server (raw asyncpg on a bare connection, or wrapped by SQLAlchemy)."""
     if isinstance(exc, DBAPIError):
@@ -85,19 +92,20 @@ def is_statement_timeout(exc: BaseException) -> bool:
 
 @asynccontextmanager
 async def within(connection: asyncpg.Connection, seconds: float, *, kind: str) -> AsyncIterator[None]:
-    """The block's reads in one read-only transaction under `seconds` instead of the connection's default.
+    """The block's reads in one read-only transaction under `seconds` instead of the connection's default, on one
+    core (ONE_CORE).
 
     SET LOCAL ends with the transaction, which is always rolled back (reads only): the pooled connection goes back
-    with its own default. BEGIN and SET LOCAL travel in one round trip. In a caller's transaction (the CLI, the
+    with its own defaults. BEGIN and the settings travel in one round trip. In a caller's transaction (the CLI, the
     tests) it is a savepoint, rolled back as well. A statement cut by the timeout becomes StatementTimeout naming
     the `kind` and its limit.
     """
     nested = connection.transaction() if connection.is_in_transaction() else None
     if nested is not None:
         await nested.start()
-        await connection.execute(set_local(seconds))
+        await connection.execute(f"{set_local(seconds)}; {ONE_CORE}")
     else:
-        await connection.execute(f"BEGIN READ ONLY; {set_local(seconds)}")
+        await connection.execute(f"BEGIN READ ONLY; {set_local(seconds)}; {ONE_CORE}")
     try:
         yield
     except Exception as exc:

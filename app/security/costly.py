@@ -5,9 +5,10 @@ everyone else got 503 (issue 15, class 3). Two bounds, both counted in this API 
 
 - per token, COSTLY_READS_PER_TOKEN in flight (waiting ones included): one more is refused at once with 429
   `costly-reads-per-token` and Retry-After; the token's other requests go on;
-- per process, COSTLY_READS_PER_PROCESS running: at most that many of the DATABASE_POOL_SIZE pooled connections serve
-  costly reads, the others stay free for everything else. One more waits its turn (first come, first served) for up
-  to DATABASE_POOL_TIMEOUT, then gets 503 `costly-reads-busy` with Retry-After.
+- per process, COSTLY_READS_PER_PROCESS running (default: half the machine's cores): at most that many of the
+  database's cores and of the DATABASE_POOL_SIZE pooled connections serve costly reads, the others stay free for
+  everything else. One more waits its turn (first come, first served) for up to DATABASE_POOL_TIMEOUT, then gets
+  503 `costly-reads-busy` with Retry-After.
 
 Each costly read runs under STATEMENT_TIMEOUT_COSTLY_SECONDS (app.timeouts), so a slot is never held long. With N
 API processes each counts its own: a token holds at most N x COSTLY_READS_PER_TOKEN costly reads, the database
@@ -17,6 +18,7 @@ serves at most N x COSTLY_READS_PER_PROCESS (docs/security.md, "Class 3").
 # No `from __future__ import annotations`: FastAPI reads `costly`'s closure annotations, which name a local.
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Self
@@ -60,11 +62,12 @@ class CostlyReads:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
-        if settings.costly_reads_per_process >= settings.database_pool_size:
+        per_process = settings.costly_reads_per_process or default_per_process()
+        if per_process >= settings.database_pool_size:
             raise ConfigurationError(
-                f"COSTLY_READS_PER_PROCESS ({settings.costly_reads_per_process}) must stay below DATABASE_POOL_SIZE "
+                f"COSTLY_READS_PER_PROCESS ({per_process}) must stay below DATABASE_POOL_SIZE "
                 f"({settings.database_pool_size}): costly reads would otherwise be able to take every connection.")
-        return cls(per_token=settings.costly_reads_per_token, per_process=settings.costly_reads_per_process,
+        return cls(per_token=settings.costly_reads_per_token, per_process=per_process,
                    wait_seconds=settings.database_pool_timeout)
 
     @asynccontextmanager
@@ -112,3 +115,10 @@ async def costly_read(request: Request, caller: Principal, session: AsyncSession
     reads: CostlyReads = request.app.state.costly_reads
     async with reads.slot(caller.token_id), session_within(session, request.app.state.timeouts.costly, kind=kind):
         yield
+
+
+def default_per_process() -> int:
+    """Half this machine's cores, at least 1. A costly read keeps one core of the database busy (app.timeouts.ONE_CORE);
+    by default PostgreSQL runs on the API's machine (embedded, or beside it), and the other half stays for everyone
+    else. Measured on 2 cores (docs/security.md): 1 keeps contact reads' p99 within 3x under a flood, 2 does not."""
+    return max(1, (os.cpu_count() or 2) // 2)

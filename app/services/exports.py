@@ -51,6 +51,7 @@ from app.models import AttributeDefinition, Contact, ListMembership, MailingList
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import lists as lists_service
 from app.services import segments as segments_service
+from app.timeouts import ONE_CORE, set_local
 
 __all__ = ["Delimiter", "ExportFormat", "ExportOptions", "ExportQuery", "ListStatus", "inert", "prepare", "stream"]
 
@@ -264,8 +265,8 @@ async def stream(
 async def _stream(connection: asyncpg.Connection, query: ExportQuery, seconds: float | None) -> AsyncIterator[bytes]:
     # PostgreSQL's own text forms whatever the server's defaults: ISO dates, JSON timestamps in UTC.
     settings = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'"
-    if seconds is not None:  # in the same round trip (a number: nothing to quote)
-        settings += (f"; SET LOCAL statement_timeout = {milliseconds(seconds)}"
+    if seconds is not None:  # in the same round trip (numbers: nothing to quote); one core, as every costly read
+        settings += (f"; {set_local(seconds)}; {ONE_CORE}"
                      f"; SET LOCAL idle_in_transaction_session_timeout = {milliseconds(seconds)}")
     await connection.execute(settings)
     options = query.options

@@ -33,10 +33,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.cli import _in_transaction
-from app.db import plain_dsn
+from app.db import plain_dsn, server_settings
 from app.main import create_app
 from app.security import Role
-from app.settings import Settings
+from app.settings import ConfigurationError, Settings
+from app.timeouts import within
 from tests.auth import bearer
 from tests.conftest import migrated_database
 
@@ -125,6 +126,7 @@ async def pooled_connections_are_clean(makers: async_sessionmaker[AsyncSession],
             raw = (await connection.get_raw_connection()).driver_connection
             assert not raw.is_in_transaction()
             assert await raw.fetchval("SHOW statement_timeout") == expected
+            assert await raw.fetchval("SHOW max_parallel_workers_per_gather") != "0"
     finally:
         for session in sessions:
             await session.close()
@@ -330,3 +332,26 @@ def test_command_line_work_runs_under_the_worker_or_export_budget(crowded_url: s
     cli = settings.model_copy(update={"database_url": crowded_url, "statement_timeout_worker_seconds": 45})
     assert _in_transaction(cli, show) == "45s"  # `carnet retention`, `carnet token create`, ...
     assert _in_transaction(cli, show, statement_timeout=7200) == "2h"  # `carnet export`
+
+
+async def test_a_costly_read_runs_on_one_core_under_its_own_timeout_and_leaves_the_connection_as_it_was(
+    crowded_url: str,
+) -> None:
+    # Parallel workers would let each capped read take 3 cores: 4 previews kept 11 backends busy (bench_costly.py).
+    conn = await asyncpg.connect(plain_dsn(crowded_url), server_settings=server_settings(statement_timeout=10))
+    try:
+        before = await conn.fetchval("SHOW max_parallel_workers_per_gather")
+        async with within(conn, 30, kind="a test read"):
+            assert await conn.fetchval("SHOW max_parallel_workers_per_gather") == "0"
+            assert await conn.fetchval("SHOW statement_timeout") == "30s"
+            assert await conn.fetchval("SHOW transaction_read_only") == "on"
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SHOW statement_timeout") == "10s"
+        assert await conn.fetchval("SHOW max_parallel_workers_per_gather") == before
+    finally:
+        await conn.close()
+
+
+def test_costly_reads_may_never_be_allowed_the_whole_pool(settings: Settings) -> None:
+    with pytest.raises(ConfigurationError, match="COSTLY_READS_PER_PROCESS"):
+        create_app(settings.model_copy(update={"costly_reads_per_process": settings.database_pool_size}))
