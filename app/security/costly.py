@@ -120,5 +120,6 @@ async def costly_read(request: Request, caller: Principal, session: AsyncSession
 def default_per_process() -> int:
     """Half this machine's cores, at least 1. A costly read keeps one core of the database busy (app.timeouts.ONE_CORE);
     by default PostgreSQL runs on the API's machine (embedded, or beside it), and the other half stays for everyone
-    else. Measured on 2 cores (docs/security.md): 1 keeps contact reads' p99 within 3x under a flood, 2 does not."""
+    else. Measured on 2 cores (docs/security.md): with 1, contact reads' p99 under a flood was 1.7-2.5x its quiet
+    value in most runs; with 2, 8.4x."""
     return max(1, (os.cpu_count() or 2) // 2)
