@@ -277,7 +277,8 @@ async def _run_worker(settings: Settings, *, once: bool) -> None:
     from app.worker import create_worker
 
     assert settings.database_url is not None
-    engine = make_engine(settings.database_url, pool_size=4)
+    engine = make_engine(settings.database_url, pool_size=4,
+                         statement_timeout=settings.statement_timeout_worker_seconds)
     box = SecretBox.from_setting(settings.secrets_keys.get_secret_value() if settings.secrets_keys else None,
                                  fallback_master=_signer(settings).secret)
     the_worker = create_worker(make_sessionmaker(engine), settings, box=box)
@@ -345,7 +346,7 @@ def export_contacts(
         return total
 
     try:
-        count = _in_transaction(settings, run)
+        count = _in_transaction(settings, run, statement_timeout=settings.statement_timeout_export_seconds)
     finally:
         if output:
             sink.close()
@@ -467,11 +468,16 @@ def _database(settings: Settings, *, url: str | None = None, migrate: bool = Tru
             embedded.stop()
 
 
-def _in_transaction(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, url: str | None = None) -> T:
-    """Run one unit of work against the database (the embedded one is started when needed)."""
+def _in_transaction(
+    settings: Settings, work: Callable[[AsyncSession], Awaitable[T]], *, url: str | None = None,
+    statement_timeout: float | None = None,
+) -> T:
+    """Run one unit of work against the database (the embedded one is started when needed), each statement under
+    `statement_timeout` seconds (default: the worker's, STATEMENT_TIMEOUT_WORKER_SECONDS)."""
 
     async def run(target: str) -> T:
-        engine = make_engine(target, pool_size=1)
+        engine = make_engine(target, pool_size=1,
+                             statement_timeout=statement_timeout or settings.statement_timeout_worker_seconds)
         try:
             async with make_sessionmaker(engine).begin() as session:
                 return await work(session)

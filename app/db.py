@@ -29,7 +29,9 @@ __all__ = [
     "make_engine",
     "make_read_sessionmaker",
     "make_sessionmaker",
+    "milliseconds",
     "plain_dsn",
+    "server_settings",
 ]
 
 # Stable constraint names that code may match on (never the message text).
@@ -56,15 +58,36 @@ def plain_dsn(url: str) -> str:
     return async_url(url).replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
-def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 10, pool_timeout: float = 5.0, statement_timeout: float | None = None
+) -> AsyncEngine:
+    """`statement_timeout`: the seconds each statement may run by default (app.timeouts). The app always gives
+    it; None (the server's default) is for tests and benchmarks."""
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,                  # overflow connections are opened and closed per burst: costly churn
         pool_timeout=pool_timeout,       # pool exhausted → error quickly, rendered as 503
         pool_pre_ping=False,             # a dead connection is dropped on error instead of pinging every checkout
-        connect_args={"timeout": 5, "server_settings": {"application_name": "carnet"}},
+        connect_args={"timeout": 5, "server_settings": server_settings(statement_timeout=statement_timeout)},
     )
+
+
+def server_settings(*, statement_timeout: float | None) -> dict[str, str]:
+    """What our connections tell PostgreSQL at connect: in the startup packet, so no round trip per request.
+
+    Behind PgBouncer (transaction pooling), list `statement_timeout` in its `ignore_startup_parameters` and set
+    the default on the role instead (docs/security.md, "Class 3").
+    """
+    settings = {"application_name": "carnet"}
+    if statement_timeout is not None:
+        settings["statement_timeout"] = milliseconds(statement_timeout)
+    return settings
+
+
+def milliseconds(seconds: float) -> str:
+    """A duration as PostgreSQL's integer milliseconds (at least 1: 0 would mean no limit)."""
+    return str(max(1, round(seconds * 1000)))
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -138,6 +161,11 @@ async def bare_connection(request: Request, *, replica: bool = False) -> AsyncIt
                 # before it (they died with the same server). Then report it as SQLAlchemy would (→ 503).
                 bind.sync_engine.pool._invalidate(pooled, exc)
                 raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
+            finally:
+                # A transaction opened here (an export, a costly read: app.timeouts) that could not be ended, e.g.
+                # cancelled mid-statement: SQLAlchemy's reset on return would not end it. Never reuse it.
+                if not raw.is_closed() and raw.is_in_transaction():
+                    await connection.invalidate()
     else:  # a sessionmaker bound to one connection (the tests' per-test transaction)
         yield (await bind.get_raw_connection()).driver_connection
 
@@ -158,7 +186,12 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
 
 
 def _disconnected(exc: Exception, raw: asyncpg.Connection) -> bool:
-    """The asyncpg dialect's own test (the connection is closed), or the server going away or shutting down."""
+    """The asyncpg dialect's own test (the connection is closed), or the server going away or shutting down.
+
+    A statement stopped by its timeout is "operator intervention" too (SQLSTATE 57014), on a sound connection.
+    """
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return raw.is_closed()
     return raw.is_closed() or isinstance(
         exc, OSError | asyncpg.PostgresConnectionError | asyncpg.exceptions.OperatorInterventionError
     )

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn
+from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn, server_settings
 from app.embedded import EmbeddedPostgres
 from app.errors import InvalidInput, UnsupportedMediaType, problems
 from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_read_route, contact_upsert_route
@@ -30,6 +30,7 @@ from app.routers.docs import install as install_docs
 from app.routers.duplicates import router as duplicates_router
 from app.routers.exports import router as exports_router
 from app.schemas.types import configure_phone_region
+from app.security.costly import CostlyReads
 from app.security.ratelimit import SignupLimits, TokenBuckets
 from app.security.revocation import RevocationList
 from app.security.secrets import SecretBox
@@ -38,6 +39,7 @@ from app.services import suppressions as suppressions_service
 from app.services.orders import LifecyclePolicy
 from app.services.pagination import CursorCodec
 from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
+from app.timeouts import StatementTimeouts
 from app.worker import create_worker, run_in_background
 
 __all__ = ["create_app"]
@@ -74,6 +76,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.state.signup_limits = SignupLimits(
         ip_per_minute=settings.signup_ip_per_minute, ip_burst=settings.signup_ip_burst,
         list_per_minute=settings.signup_list_per_minute, list_burst=settings.signup_list_burst)
+    app.state.timeouts = StatementTimeouts.from_settings(settings)
+    app.state.costly_reads = CostlyReads.from_settings(settings)
     app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
     app.state.lifecycle_policy = lifecycle_policy(settings)
@@ -112,26 +116,34 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if url is None:
         embedded = EmbeddedPostgres(settings.data_dir)
         url = embedded.start()
-    engine = make_engine(url, pool_size=settings.database_pool_size, pool_timeout=settings.database_pool_timeout)
+    timeouts: StatementTimeouts = app.state.timeouts
+    engine = make_engine(url, pool_size=settings.database_pool_size, pool_timeout=settings.database_pool_timeout,
+                         statement_timeout=timeouts.interactive)
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.read_sessionmaker = make_read_sessionmaker(engine)
     replica = make_engine(settings.database_replica_url, pool_size=settings.database_pool_size,
-                          pool_timeout=settings.database_pool_timeout) if settings.database_replica_url else None
+                          pool_timeout=settings.database_pool_timeout,
+                          statement_timeout=timeouts.interactive) if settings.database_replica_url else None
     app.state.replica_sessionmaker = make_read_sessionmaker(replica) if replica else app.state.read_sessionmaker
+    # Background work in this process (lifecycle refresh, the embedded worker) runs under the worker's timeout, on
+    # its own small pool (as `carnet worker` does), so it never takes the API's connections either.
+    jobs_engine = make_engine(url, pool_size=4, pool_timeout=settings.database_pool_timeout,
+                              statement_timeout=timeouts.worker)
+    app.state.jobs_sessionmaker = jobs = make_sessionmaker(jobs_engine)
     revocations: RevocationList = app.state.revocations
-    revocations.start(plain_dsn(url))
+    revocations.start(plain_dsn(url), server_settings=server_settings(statement_timeout=timeouts.interactive))
     lifecycle = None
     if settings.lifecycle_refresh_seconds:
         lifecycle = asyncio.create_task(run_periodically(
-            app.state.sessionmaker, lifecycle_policy(settings), every_seconds=settings.lifecycle_refresh_seconds))
-    journal: Journal | None = app.state.journal
+            jobs, lifecycle_policy(settings), every_seconds=settings.lifecycle_refresh_seconds))
+    journal: Journal | None = app.state.journal  # on the API's pool: a short transaction every tick
     journaling = asyncio.create_task(journal.run(app.state.sessionmaker)) if journal is not None else None
     log.info("app.started", embedded=embedded is not None)
     in_process_worker = settings.run_worker_in_api if settings.run_worker_in_api is not None else settings.embedded
     background = contextlib.AsyncExitStack()
     if in_process_worker:
         await background.enter_async_context(run_in_background(
-            create_worker(app.state.sessionmaker, settings, box=app.state.secret_box)))
+            create_worker(jobs, settings, box=app.state.secret_box)))
     # What exists now lives as long as the process: frozen, it is out of every collection's scan. Unfrozen, each
     # full collection walked it all, ~100 ms stalls about once a second under load (p99; docs/performance.md).
     gc.collect()
@@ -151,6 +163,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await lifecycle
         await revocations.stop()
         await engine.dispose()
+        await jobs_engine.dispose()
         if replica is not None:
             await replica.dispose()
         if embedded is not None:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable, UnsupportedMediaType
 from app.logging import get_logger, where
+from app.timeouts import StatementTimeout, is_statement_timeout
 
 __all__ = [
     "ProblemResponse",
@@ -127,7 +128,10 @@ def _is_connection_problem(exc: BaseException) -> bool:
 
 
 def unexpected_problem(exc: Exception) -> AppError:
-    """A 503 when the database is out of reach, else a logged 500 with a fixed text."""
+    """A 503 when the database is out of reach or stopped a statement at its timeout, else a logged 500."""
+    if is_statement_timeout(exc):  # the interactive default (costly reads say their own limit: app.timeouts.within)
+        log.warning("database.statement_timeout")
+        return StatementTimeout("it ran past the statement timeout of interactive requests; retry later")
     if _is_connection_problem(exc):
         log.warning("database.unavailable", error=type(exc).__name__)
         error = ServiceUnavailable("the database cannot be reached; retry shortly")
@@ -141,8 +145,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     """Expected errors; unexpected ones are answered by RequestContext (so no server logs their text)."""
     async def app_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, AppError)
-        if exc.status >= 500:
-            log.error("request.failed", problem=exc.slug)
+        if exc.status >= 500:  # a 503 sheds load on purpose (busy, timeout): worth a look, not a page
+            (log.warning if isinstance(exc, ServiceUnavailable) else log.error)("request.failed", problem=exc.slug)
         return _render(request, exc)
 
     async def validation_error(request: Request, exc: Exception) -> Response:

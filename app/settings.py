@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(default=100.0, gt=0)   # per token, per API process
     rate_limit_burst: int = Field(default=200, ge=1)
 
+    # Statement timeouts by kind of work (app.timeouts) and the caps on costly reads (app.security.costly)
+    statement_timeout_interactive_seconds: float = Field(default=10.0, gt=0, le=86_400)  # every API statement
+    statement_timeout_costly_seconds: float = Field(default=30.0, gt=0, le=86_400)  # counts, previews, duplicates
+    statement_timeout_export_seconds: float = Field(default=3600.0, gt=0, le=86_400)  # a whole COPY export
+    statement_timeout_worker_seconds: float = Field(default=600.0, gt=0, le=86_400)  # worker, CLI, bulk writes
+    costly_reads_per_token: int = Field(default=2, ge=1, le=1000)    # in flight, per API process: then 429
+    # running at once (< DATABASE_POOL_SIZE); None: half this machine's cores, at least 1 (the embedded database's)
+    costly_reads_per_process: int | None = Field(default=None, ge=1, le=1000)
+
     # Contacts
     default_phone_region: str = "FR"
     fast_read_path: bool = True  # GET /v1/contacts/{id} by app.fastpath, ahead of FastAPI's router (same answers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -87,12 +88,20 @@ def database_url(server_url: str, worker_id: str) -> Iterator[str]:
 
     Named after the process too, so two test runs on one machine never drop each other's database.
     """
-    name = f"carnet_test_{worker_id}_{os.getpid()}"
+    with migrated_database(server_url, f"carnet_test_{worker_id}_{os.getpid()}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def migrated_database(server_url: str, name: str) -> Iterator[str]:
+    """A fresh database `name` migrated to head, dropped afterwards (also for modules that commit rows of their own)."""
     asyncio.run(_recreate(server_url, name))
     url = _with_database(server_url, name)
     upgrade(url)
-    yield url
-    asyncio.run(_drop(server_url, name))
+    try:
+        yield url
+    finally:
+        asyncio.run(_drop(server_url, name))
 
 
 @pytest.fixture

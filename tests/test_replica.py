@@ -6,7 +6,6 @@ shows in what it returns.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,20 +16,15 @@ import pytest
 
 from app.db import plain_dsn
 from app.main import create_app
-from app.migrations import upgrade
 from app.settings import Settings
-from tests.conftest import _drop, _recreate, _with_database
+from tests.conftest import migrated_database
 from tests.factories import ADMIN
 
 
 @pytest.fixture(scope="module")
 def replica_url(server_url: str) -> Iterator[str]:
-    name = f"carnet_replica_{os.getpid()}"
-    asyncio.run(_recreate(server_url, name))
-    url = _with_database(server_url, name)
-    upgrade(url)
-    yield url
-    asyncio.run(_drop(server_url, name))
+    with migrated_database(server_url, f"carnet_replica_{os.getpid()}") as url:
+        yield url
 
 
 async def _seed_replica(url: str) -> uuid.UUID:

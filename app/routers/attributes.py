@@ -21,6 +21,7 @@ from app.schemas.types import AttributeName, TagName
 from app.security import Principal, Scope, require
 from app.services import attributes as attributes_service
 from app.services import tags as tags_service
+from app.timeouts import BulkWriteSession
 
 __all__ = ["attributes_router", "tags_router"]
 
@@ -91,7 +92,7 @@ async def create_tag(
 
 @tags_router.delete("/{name}", status_code=204, responses=problems(TagNotFound))
 async def delete_tag(
-    name: TagName, session: WriteSession, caller: Annotated[Principal, require(Scope.TAGS_DELETE)]
+    name: TagName, session: BulkWriteSession, caller: Annotated[Principal, require(Scope.TAGS_DELETE)]
 ) -> Response:
     """Deletes the tag and takes it off every contact (each recorded in that contact's history)."""
     await tags_service.delete_tag(session, name, actor=caller)

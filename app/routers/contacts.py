@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Annotated, Any
 
@@ -35,6 +36,7 @@ from app.schemas.contacts import (
 from app.schemas.history import HistoryPage, present_history
 from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName, Timestamp
 from app.security import Principal, Scope, require
+from app.security.costly import COSTLY_PROBLEMS, costly_read
 from app.services import contacts as contacts_service
 from app.services import history as history_service
 from app.services import journal as journal_service
@@ -110,7 +112,7 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
 
 
 @router.get("", response_model=ContactPage,
-            responses=problems(segments_service.SegmentNotFound, lists_service.ListNotFound))
+            responses=problems(segments_service.SegmentNotFound, lists_service.ListNotFound, *COSTLY_PROBLEMS))
 async def list_contacts(
     session: ReadSession,
     request: Request,
@@ -138,17 +140,21 @@ async def list_contacts(
     if (q or email or sort in MASKED_SORTS) and not caller.sees_pii:
         raise MissingScope("searching by q or email, or sorting by last_name, reveals personal data: pii:read is "
                            "needed", missing_scopes=[Scope.PII_READ.value])
-    if list_id is not None:
-        await lists_service.ensure_exists(session, list_id)
-    filters = contacts_service.ContactFilters(
-        q=q, email=email, external_id=external_id, tags=tag, list_id=list_id, kind=kind, lifecycle_stage=lifecycle_stage,
-        city=city, postal_code=postal_code, country=country, created_after=created_after,
-        updated_after=updated_after,
-        segment_condition=await segments_service.segment_condition(session, segment_id) if segment_id else None,
-    )
-    rows, next_cursor = await contacts_service.list_page(
-        session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
-    )
+    # `segment` may have to scan every contact: a costly read then (429/503 past the caps, its own timeout)
+    costly = (costly_read(request, caller, session, kind="a page of a segment's contacts") if segment_id
+              else contextlib.nullcontext())
+    async with costly:
+        if list_id is not None:
+            await lists_service.ensure_exists(session, list_id)
+        filters = contacts_service.ContactFilters(
+            q=q, email=email, external_id=external_id, tags=tag, list_id=list_id, kind=kind,
+            lifecycle_stage=lifecycle_stage, city=city, postal_code=postal_code, country=country,
+            created_after=created_after, updated_after=updated_after,
+            segment_condition=await segments_service.segment_condition(session, segment_id) if segment_id else None,
+        )
+        rows, next_cursor = await contacts_service.list_page(
+            session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
+        )
     note(filter=journal_service.search_detail(request.query_params, hidden=("q", "email"), drop=("cursor",)))
     return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows], "next_cursor": next_cursor})
 

@@ -30,6 +30,7 @@ from app.services.destinations import (
     DestinationOwesErasures,
     DuplicateDestination,
 )
+from app.timeouts import BulkWriteSession
 
 __all__ = ["deliveries_router", "router"]
 
@@ -96,7 +97,7 @@ async def update_destination(
 @router.delete("/{destination_id}", status_code=204,
                responses=problems(DestinationNotFound, DestinationOwesErasures, PreconditionFailed))
 async def delete_destination(
-    destination_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
+    destination_id: uuid.UUID, session: BulkWriteSession, _: Writer, expected_version: IfMatch
 ) -> Response:
     """Stops every delivery to it; what the vendor already holds stays there."""
     await service.delete_destination(session, destination_id, expected_version=expected_version)
@@ -117,7 +118,7 @@ async def list_deliveries(
 
 @router.post("/{destination_id}/resync", status_code=202, response_model=ResyncResult,
              responses=problems(DestinationNotFound))
-async def resync_destination(destination_id: uuid.UUID, session: WriteSession, _: Writer) -> Any:
+async def resync_destination(destination_id: uuid.UUID, session: BulkWriteSession, _: Writer) -> Any:
     """Queue a full push of every contact of the mapped lists (vendors only)."""
     return JSONBody({"queued": await service.resync(session, destination_id)}, status_code=202)
 

@@ -17,21 +17,23 @@ from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.merge import DuplicatesPage, MergeRequest
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
+from app.security.costly import COSTLY_PROBLEMS, costly
 from app.services import duplicates as duplicates_service
 from app.services import merge as merge_service
 from app.services.duplicates import Reason
 from app.services.merge import ContactAlreadyMerged
+from app.timeouts import session_within
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"], responses=AUTH_PROBLEMS)
 
 
-@router.get("/duplicates", response_model=DuplicatesPage)
+@router.get("/duplicates", response_model=DuplicatesPage, responses=problems(*COSTLY_PROBLEMS))
 async def list_duplicate_candidates(
     session: ReadSession,
     request: Request,
-    caller: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.PII_READ)],
+    caller: Annotated[Principal, costly(Scope.CONTACTS_READ, Scope.PII_READ)],  # over every contact: costly
     reason: Annotated[list[Reason], Query(description="Repeatable: only pairs matched by these rules")] = [],  # noqa: B006
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
@@ -40,8 +42,9 @@ async def list_duplicate_candidates(
 
     Needs `pii:read`: every rule compares masked values (the same phone, name, mailbox), so a pair alone tells a
     masked reader that two hidden values are equal."""
-    pairs, next_cursor = await duplicates_service.candidates_page(
-        session, reasons=reason, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec)
+    async with session_within(session, request.app.state.timeouts.costly, kind="a page of duplicate candidates"):
+        pairs, next_cursor = await duplicates_service.candidates_page(
+            session, reasons=reason, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec)
     return JSONBody({
         "data": [{"contacts": [present_contact(p.first, reveal_pii=caller.sees_pii),
                                present_contact(p.second, reveal_pii=caller.sees_pii)],

@@ -15,7 +15,8 @@ from app.errors import InvalidInput, problems
 from app.logging import get_logger
 from app.models.base import utc_now
 from app.routers.deps import AUTH_PROBLEMS
-from app.security import Principal, Scope, require
+from app.security import Principal, Scope
+from app.security.costly import COSTLY_PROBLEMS, costly
 from app.services import exports as exports_service
 from app.services.exports import Delimiter, ExportFormat, ExportOptions, ExportQuery, ListStatus
 from app.services.lists import ListNotFound
@@ -37,13 +38,14 @@ _STREAM = {"schema": {"type": "string"}}
     responses={
         200: {"description": "The contacts, streamed: CSV (header line first) or one JSON contact per line",
               "content": {"text/csv": _STREAM, "application/x-ndjson": _STREAM}},
-        **problems(SegmentNotFound, ListNotFound, InvalidInput),
+        **problems(SegmentNotFound, ListNotFound, InvalidInput, *COSTLY_PROBLEMS),
     },
 )
 async def export_contacts(
     request: Request,
     session: ReplicaSession,
-    caller: Annotated[Principal, require(Scope.EXPORTS_READ)],
+    # a costly read, its slot held until the last byte is sent
+    caller: Annotated[Principal, costly(Scope.EXPORTS_READ, streaming=True)],
     format: ExportFormat = ExportFormat.CSV,
     segment: Annotated[uuid.UUID | None, Query(description="Only contacts matching this segment")] = None,
     list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Only members of this list")] = None,
@@ -66,13 +68,14 @@ async def export_contacts(
     filename = f"contacts-{utc_now():%Y%m%d-%H%M%S}.{format.value}"
     log.info("export.started", format=format.value, masked=query.masked, subject=caller.subject,
              segment_id=str(segment) if segment else None, list_id=str(list_id) if list_id else None)
-    return StreamingResponse(_body(request, query), media_type=MEDIA_TYPES[format],
+    return StreamingResponse(_body(request, query, seconds=request.app.state.timeouts.export),
+                             media_type=MEDIA_TYPES[format],
                              headers={"Content-Disposition": f'attachment; filename="{filename}"',
                                       "Cache-Control": "no-store"})
 
 
-async def _body(request: Request, query: ExportQuery) -> AsyncIterator[bytes]:
+async def _body(request: Request, query: ExportQuery, *, seconds: float) -> AsyncIterator[bytes]:
     """The rows, on a pooled connection held for the export only (the request's session is closed by now)."""
     async with bare_connection(request, replica=True) as connection:
-        async for chunk in exports_service.stream(connection, query):
+        async for chunk in exports_service.stream(connection, query, statement_timeout=seconds):
             yield chunk

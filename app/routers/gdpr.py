@@ -24,6 +24,7 @@ from app.schemas.types import Email, Phone
 from app.security import Principal, Scope, require
 from app.services import gdpr as gdpr_service
 from app.services import suppressions as suppressions_service
+from app.timeouts import BulkWriteSession
 
 __all__ = ["router"]
 
@@ -88,7 +89,7 @@ async def release_suppression(payload: SuppressionRelease, session: WriteSession
 
 @router.post("/retention/run", response_model=RetentionReportRead)
 async def run_retention(
-    payload: RetentionRun, request: Request, session: WriteSession,
+    payload: RetentionRun, request: Request, session: BulkWriteSession,
     caller: Annotated[Principal, require(Scope.RETENTION_RUN)],
 ) -> Any:
     """Erase prospects with no activity for RETENTION_PROSPECT_DAYS (CNIL: three years); `dry_run` lists them."""

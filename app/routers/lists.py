@@ -30,6 +30,7 @@ from app.services import lists as lists_service
 from app.services.consents import ConsentRequired
 from app.services.lists import DuplicateList, ListNotFound
 from app.services.memberships import MembershipNotFound
+from app.timeouts import BulkWriteSession
 
 __all__ = ["router"]
 
@@ -80,7 +81,7 @@ async def update_list(
 
 
 @router.delete("/{list_id}", status_code=204, responses=problems(ListNotFound, PreconditionFailed))
-async def delete_list(list_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch) -> Response:
+async def delete_list(list_id: uuid.UUID, session: BulkWriteSession, _: Writer, expected_version: IfMatch) -> Response:
     """Deletes the list and its memberships; the consent ledger keeps every event."""
     await lists_service.delete_list(session, list_id, expected_version=expected_version)
     return Response(status_code=204)

@@ -24,9 +24,11 @@ from app.schemas.segments import (
 )
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
+from app.security.costly import COSTLY_PROBLEMS, costly
 from app.services import journal as journal_service
 from app.services import segments as segments_service
 from app.services.segments import DuplicateSegment, SegmentInUse, SegmentNotFound
+from app.timeouts import session_within, within
 
 __all__ = ["router"]
 
@@ -34,10 +36,13 @@ router = APIRouter(prefix="/segments", tags=["segments"])
 
 Reader = Annotated[Principal, require(Scope.SEGMENTS_READ)]
 Writer = Annotated[Principal, require(Scope.SEGMENTS_WRITE)]
+# Counts, previews and member pages may scan every contact: a costly-read slot each (app.security.costly).
+CostlyReader = Annotated[Principal, costly(Scope.SEGMENTS_READ)]
 # Members are contacts: reading them needs contacts:read as well (masked without pii:read).
-MemberReader = Annotated[Principal, require(Scope.SEGMENTS_READ, Scope.CONTACTS_READ)]
+MemberReader = Annotated[Principal, costly(Scope.SEGMENTS_READ, Scope.CONTACTS_READ)]
 CursorParam = Annotated[str | None, Query(max_length=1000)]
 PREVIEW_SIZE = 20
+KIND = "a count, preview or member page"
 
 
 @router.get("", response_model=SegmentPage)
@@ -62,15 +67,16 @@ async def create_segment(payload: SegmentCreate, session: WriteSession, _: Write
                               {"ETag": etag(row["version"]), "Location": f"/v1/segments/{row['id']}"})
 
 
-@router.post("/preview", response_model=SegmentPreview)
+@router.post("/preview", response_model=SegmentPreview, responses=problems(*COSTLY_PROBLEMS))
 async def preview_segment(
     payload: SegmentPreviewRequest, session: ReplicaSession, request: Request, caller: MemberReader
 ) -> Any:
     """Count and first page (at most 20 contacts, id order) of a filter, without saving it."""
-    condition = await segments_service.compile_filter(session, payload.filter)
-    total = await segments_service.count(session, condition)
-    rows, _next = await segments_service.contacts_page(session, condition, limit=PREVIEW_SIZE, cursor=None,
-                                                       codec=request.app.state.cursor_codec)
+    async with session_within(session, request.app.state.timeouts.costly, kind=KIND):
+        condition = await segments_service.compile_filter(session, payload.filter)
+        total = await segments_service.count(session, condition)
+        rows, _next = await segments_service.contacts_page(session, condition, limit=PREVIEW_SIZE, cursor=None,
+                                                           codec=request.app.state.cursor_codec)
     note(count=total, filter_sha256=journal_service.fingerprint(payload.filter))  # the filter may hold an address
     return JSONBody({"count": total, "data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows]})
 
@@ -104,15 +110,18 @@ async def delete_segment(
     return Response(status_code=204)
 
 
-@router.get("/{segment_id}/count", response_model=SegmentCount, responses=problems(SegmentNotFound, InvalidInput))
-async def count_segment(segment_id: uuid.UUID, request: Request, _: Reader) -> Any:
-    # one round trip on the bare connection (the replica's when there is one): segments.count_stored
-    async with bare_connection(request, replica=True) as connection:
+@router.get("/{segment_id}/count", response_model=SegmentCount,
+            responses=problems(SegmentNotFound, InvalidInput, *COSTLY_PROBLEMS))
+async def count_segment(segment_id: uuid.UUID, request: Request, _: CostlyReader) -> Any:
+    # one statement on the bare connection (the replica's when there is one): segments.count_stored
+    async with (bare_connection(request, replica=True) as connection,
+                within(connection, request.app.state.timeouts.costly, kind=KIND)):
         total = await segments_service.count_stored(connection, segment_id)
     return JSONBody({"count": total})
 
 
-@router.get("/{segment_id}/contacts", response_model=ContactPage, responses=problems(SegmentNotFound, InvalidInput))
+@router.get("/{segment_id}/contacts", response_model=ContactPage,
+            responses=problems(SegmentNotFound, InvalidInput, *COSTLY_PROBLEMS))
 async def segment_contacts(
     segment_id: uuid.UUID,
     session: ReplicaSession,
@@ -122,9 +131,10 @@ async def segment_contacts(
     cursor: CursorParam = None,
 ) -> Any:
     """The matching contacts now, in id order (masked without pii:read)."""
-    condition = await segments_service.segment_condition(session, segment_id)
-    rows, next_cursor = await segments_service.contacts_page(session, condition, limit=limit, cursor=cursor,
-                                                             codec=request.app.state.cursor_codec)
+    async with session_within(session, request.app.state.timeouts.costly, kind=KIND):
+        condition = await segments_service.segment_condition(session, segment_id)
+        rows, next_cursor = await segments_service.contacts_page(session, condition, limit=limit, cursor=cursor,
+                                                                 codec=request.app.state.cursor_codec)
     note(segment_id=segment_id)
     return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows],
                      "next_cursor": next_cursor})

@@ -45,8 +45,8 @@ class RevocationList:
     def add(self, jti: str) -> None:
         self._ids.add(jti)
 
-    def start(self, dsn: str) -> None:
-        self._task = asyncio.create_task(self._run(dsn), name="revocation-listener")
+    def start(self, dsn: str, *, server_settings: dict[str, str] | None = None) -> None:
+        self._task = asyncio.create_task(self._run(dsn, server_settings), name="revocation-listener")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -55,11 +55,11 @@ class RevocationList:
                 await self._task
         self._listening = False
 
-    async def _run(self, dsn: str) -> None:
+    async def _run(self, dsn: str, server_settings: dict[str, str] | None) -> None:
         while True:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await asyncpg.connect(dsn, timeout=5)
+                connection = await asyncpg.connect(dsn, timeout=5, server_settings=server_settings)
                 lost = asyncio.Event()
                 connection.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await connection.add_listener(REVOCATION_CHANNEL, self._on_notify)  # listen first: no gap

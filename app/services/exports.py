@@ -47,10 +47,12 @@ from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access import count_rows
+from app.db import milliseconds
 from app.models import AttributeDefinition, Contact, ListMembership, MailingList
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import lists as lists_service
 from app.services import segments as segments_service
+from app.timeouts import ONE_CORE, set_local
 
 __all__ = ["Delimiter", "ExportFormat", "ExportOptions", "ExportQuery", "ListStatus", "inert", "prepare", "stream"]
 
@@ -244,20 +246,30 @@ def _compile(statement: Any) -> tuple[str, list[Any]]:
 # ---- streaming ------------------------------------------------------------------------------------------
 
 
-async def stream(connection: asyncpg.Connection, query: ExportQuery) -> AsyncIterator[bytes]:
-    """The export's bytes, chunk by chunk, from one snapshot of the database (read-only transaction)."""
+async def stream(
+    connection: asyncpg.Connection, query: ExportQuery, *, statement_timeout: float | None = None
+) -> AsyncIterator[bytes]:
+    """The export's bytes, chunk by chunk, from one snapshot of the database (read-only transaction).
+
+    `statement_timeout` (seconds) bounds the COPY, i.e. the whole download, and each fetch of the masked path's
+    cursor; a client that stops reading for that long on that path is cut too (idle in transaction).
+    """
     if connection.is_in_transaction():  # a caller's transaction (the CLI, the tests)
-        async for chunk in _stream(connection, query):
+        async for chunk in _stream(connection, query, statement_timeout):
             yield chunk
         return
     async with connection.transaction(isolation="repeatable_read", readonly=True):
-        async for chunk in _stream(connection, query):
+        async for chunk in _stream(connection, query, statement_timeout):
             yield chunk
 
 
-async def _stream(connection: asyncpg.Connection, query: ExportQuery) -> AsyncIterator[bytes]:
+async def _stream(connection: asyncpg.Connection, query: ExportQuery, seconds: float | None) -> AsyncIterator[bytes]:
     # PostgreSQL's own text forms whatever the server's defaults: ISO dates, JSON timestamps in UTC.
-    await connection.execute("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'")
+    settings = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'"
+    if seconds is not None:  # in the same round trip (numbers: nothing to quote); one core, as every costly read
+        settings += (f"; {set_local(seconds)}; {ONE_CORE}"
+                     f"; SET LOCAL idle_in_transaction_session_timeout = {milliseconds(seconds)}")
+    await connection.execute(settings)
     options = query.options
     if options.format is ExportFormat.CSV:
         yield (BOM if options.bom else b"") + _csv_line(query.columns, options.delimiter).encode()

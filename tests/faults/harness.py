@@ -127,6 +127,7 @@ class LiveServer:
             "LIFECYCLE_REFRESH_SECONDS": "0",
             "RATE_LIMIT_PER_SECOND": "100000",  # one token drives all the load
             "RATE_LIMIT_BURST": "100000",
+            "COSTLY_READS_PER_TOKEN": "1000",   # its concurrent segment counts too
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -26,7 +26,7 @@ async def import_file(
     """Store the file as a job claimed by this process, run it here, and answer the finished job row."""
     configure_phone_region(settings.default_phone_region)
     digest_key(settings)  # the suppression key, as the API derives it
-    engine = make_engine(url, pool_size=2)
+    engine = make_engine(url, pool_size=2, statement_timeout=settings.statement_timeout_worker_seconds)
     try:
         sessions = make_sessionmaker(engine)
         owner = new_owner()
