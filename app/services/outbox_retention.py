@@ -1,0 +1,125 @@
+"""Outbox retention: delivered outbox messages and deliveries are purged `OUTBOX_KEEP_DELIVERED_HOURS` after
+delivery, so the two tables hold what is still owed plus a bounded window of history (docs/sync.md "Retention").
+
+What is never purged:
+- a delivery that is not `delivered` (pending, in flight, dead until an operator retries it);
+- an outbox message not dispatched yet, or that any such delivery refers to (`message_id`): a webhook event's
+  body and a merge's `address_retired` are read from it at send time, and a webhook's `webhook-id` (its
+  dedupe key) is the message id, the same on every retry.
+Per-contact order (head of line) and the erasure rule "any delivery at all for them" only look at deliveries
+still pending or in flight, and every delivered push has written its `sync_link` in the transaction that
+marked it delivered: history older than the window serves none of them.
+
+Why it is safe beside running deliveries: a delivery never goes back from `delivered`, and no transaction
+makes a pending delivery refer to a message dispatched before it (a coalesced push only moves to the newer
+message being dispatched with it, a reschedule only to the message of the pending row it absorbs). So a
+message every delivery of which was delivered, in the purge's snapshot, is needed by nothing, now or later.
+
+The job works in batches (each its own short transaction, `SKIP LOCKED` on deliveries: nothing waits on it);
+messages are walked by id from a cursor kept for one sweep, so the few held by dead letters are passed once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from prometheus_client import Counter
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.logging import get_logger
+from app.models.base import utc_now
+from app.settings import Settings
+
+__all__ = ["OutboxRetention", "purge_deliveries", "purge_messages"]
+
+log = get_logger("carnet.outbox")
+PURGED = Counter("carnet_outbox_purged_total", "Delivered outbox messages and deliveries purged", ["table"])
+
+_PURGE_DELIVERIES = text("""
+WITH doomed AS (
+    SELECT id FROM delivery WHERE status = 'delivered' AND delivered_at < :cutoff
+    ORDER BY delivered_at, id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM delivery d USING doomed WHERE d.id = doomed.id AND d.status = 'delivered'
+""")
+
+# The next `limit` messages after the cursor; those dispatched before the cutoff that no undelivered delivery
+# needs go. `all_old`: every scanned message was written before the cutoff (otherwise the rest, written later,
+# is too young: the sweep ends there).
+_PURGE_MESSAGES = text("""
+WITH scanned AS (
+    SELECT id, dispatched_at < :cutoff AS purgeable, created_at < :cutoff AS old FROM outbox_message
+    WHERE id > :after ORDER BY id LIMIT :limit
+), gone AS (
+    DELETE FROM outbox_message m USING scanned s
+    WHERE m.id = s.id AND s.purgeable AND m.dispatched_at < :cutoff
+      AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.message_id = m.id AND d.status <> 'delivered')
+    RETURNING m.id
+)
+SELECT (SELECT count(*) FROM gone) AS purged, count(*) AS scanned, coalesce(max(id), :after) AS last,
+       coalesce(bool_and(old), false) AS all_old
+FROM scanned
+""")
+
+
+async def purge_deliveries(session: AsyncSession, *, cutoff: datetime, limit: int) -> int:
+    """Delivered deliveries delivered before `cutoff`, the oldest first, at most `limit`; how many went."""
+    return (await session.execute(_PURGE_DELIVERIES, {"cutoff": cutoff, "limit": limit})).rowcount or 0
+
+
+@dataclass(frozen=True, slots=True)
+class MessageBatch:
+    purged: int
+    last_id: int    # the cursor for the next batch
+    more: bool      # a full window of old messages: the next one may hold more
+
+
+async def purge_messages(session: AsyncSession, *, cutoff: datetime, after: int, limit: int) -> MessageBatch:
+    """Of the `limit` messages after id `after`: those dispatched before `cutoff` that no undelivered delivery
+    refers to."""
+    row = (await session.execute(_PURGE_MESSAGES, {"cutoff": cutoff, "after": after, "limit": limit})).one()
+    return MessageBatch(purged=row.purged, last_id=row.last, more=row.scanned == limit and row.all_old)
+
+
+class OutboxRetention:
+    """A worker job: a sweep every `every_seconds`, one batch of each table per call; True while a sweep has more
+    to do now (the worker calls again at once)."""
+
+    def __init__(self, *, every_seconds: float = 300.0, batch: int = 5000) -> None:
+        self.every_seconds, self.batch = every_seconds, batch
+        self._next_sweep = 0.0
+        self._sweeping = False
+        self._deliveries_left = self._messages_left = False
+        self._after = 0
+        self._purged = [0, 0]
+
+    async def __call__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> bool:
+        if not self._sweeping:
+            if time.monotonic() < self._next_sweep:
+                return False
+            self._sweeping, self._deliveries_left, self._messages_left, self._after = True, True, True, 0
+            self._purged = [0, 0]
+        cutoff = utc_now() - timedelta(hours=settings.outbox_keep_delivered_hours)
+        if self._deliveries_left:
+            async with sessions.begin() as session:
+                n = await purge_deliveries(session, cutoff=cutoff, limit=self.batch)
+            self._purged[0] += n
+            PURGED.labels("delivery").inc(n)
+            self._deliveries_left = n == self.batch
+        if self._messages_left:
+            async with sessions.begin() as session:
+                batch = await purge_messages(session, cutoff=cutoff, after=self._after, limit=self.batch)
+            self._purged[1] += batch.purged
+            PURGED.labels("outbox_message").inc(batch.purged)
+            self._after, self._messages_left = batch.last_id, batch.more
+        if self._deliveries_left or self._messages_left:
+            return True
+        self._sweeping = False
+        self._next_sweep = time.monotonic() + self.every_seconds
+        if any(self._purged):
+            log.info("outbox.purged", deliveries=self._purged[0], messages=self._purged[1])
+        return False
