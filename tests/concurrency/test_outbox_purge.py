@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import defaultdict
 
 from sqlalchemy import text
@@ -135,14 +134,7 @@ async def test_a_purge_racing_deliveries_takes_nothing_still_owed(race: Race, en
 
             purging = asyncio.create_task(purge())
             await asyncio.gather(*(client(no) for no in range(CLIENTS)))
-            deadline = time.monotonic() + DRAIN_SECONDS
-            while time.monotonic() < deadline:
-                left = await race.db.fetchval(
-                    "SELECT (SELECT count(*) FROM outbox_message WHERE dispatched_at IS NULL)"
-                    " + (SELECT count(*) FROM delivery WHERE status <> 'delivered')")
-                if left == 0:
-                    break
-                await asyncio.sleep(0.3)
+            left = await race.outbox_waiting(within=DRAIN_SECONDS)
             stop.set()
             await purging
             assert left == 0, f"{left} messages or deliveries still waiting after {DRAIN_SECONDS} s"
