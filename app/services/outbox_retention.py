@@ -38,25 +38,25 @@ __all__ = ["OutboxRetention", "purge_deliveries", "purge_messages"]
 log = get_logger("carnet.outbox")
 PURGED = Counter("carnet_outbox_purged_total", "Delivered outbox messages and deliveries purged", ["table"])
 
+# Deletes by primary key from an array (`= ANY`), whatever plan a prepared statement settles on: a join with the
+# subquery could become a scan of the whole table per row under a generic plan.
 _PURGE_DELIVERIES = text("""
-WITH doomed AS (
-    SELECT id FROM delivery WHERE status = 'delivered' AND delivered_at < :cutoff
-    ORDER BY delivered_at, id LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM delivery d USING doomed WHERE d.id = doomed.id AND d.status = 'delivered'
+DELETE FROM delivery
+WHERE id = ANY(ARRAY(SELECT id FROM delivery WHERE status = 'delivered' AND delivered_at < :cutoff
+                     ORDER BY delivered_at, id LIMIT :limit FOR UPDATE SKIP LOCKED))
+  AND status = 'delivered'
 """)
 
 # The next `limit` messages after the cursor; those dispatched before the cutoff that no undelivered delivery
 # needs go. `all_old`: every scanned message was written before the cutoff (otherwise the rest, written later,
 # is too young: the sweep ends there).
 _PURGE_MESSAGES = text("""
-WITH scanned AS (
+WITH scanned AS MATERIALIZED (
     SELECT id, dispatched_at < :cutoff AS purgeable, created_at < :cutoff AS old FROM outbox_message
     WHERE id > :after ORDER BY id LIMIT :limit
 ), gone AS (
-    DELETE FROM outbox_message m USING scanned s
-    WHERE m.id = s.id AND s.purgeable AND m.dispatched_at < :cutoff
+    DELETE FROM outbox_message m
+    WHERE m.id = ANY(ARRAY(SELECT id FROM scanned WHERE purgeable)) AND m.dispatched_at < :cutoff
       AND NOT EXISTS (SELECT 1 FROM delivery d WHERE d.message_id = m.id AND d.status <> 'delivered')
     RETURNING m.id
 )
@@ -86,11 +86,11 @@ async def purge_messages(session: AsyncSession, *, cutoff: datetime, after: int,
 
 
 class OutboxRetention:
-    """A worker job: a sweep every `every_seconds`, one batch of each table per call; True while a sweep has more
-    to do now (the worker calls again at once)."""
+    """A worker job: a sweep every `OUTBOX_PURGE_SECONDS`, one batch of each table per call; True while a sweep has
+    more to do now (the worker calls again at once)."""
 
-    def __init__(self, *, every_seconds: float = 300.0, batch: int = 5000) -> None:
-        self.every_seconds, self.batch = every_seconds, batch
+    def __init__(self, *, batch: int = 5000) -> None:
+        self.batch = batch
         self._next_sweep = 0.0
         self._sweeping = False
         self._deliveries_left = self._messages_left = False
@@ -119,7 +119,7 @@ class OutboxRetention:
         if self._deliveries_left or self._messages_left:
             return True
         self._sweeping = False
-        self._next_sweep = time.monotonic() + self.every_seconds
+        self._next_sweep = time.monotonic() + settings.outbox_purge_seconds
         if any(self._purged):
             log.info("outbox.purged", deliveries=self._purged[0], messages=self._purged[1])
         return False

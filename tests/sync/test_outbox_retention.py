@@ -163,8 +163,8 @@ async def test_the_job_waits_for_its_interval_between_sweeps(
     committing_client: httpx.AsyncClient, makers: async_sessionmaker[AsyncSession], settings: Settings,  # noqa: F811
 ) -> None:
     destination = await webhook_destination(committing_client)
-    keep = settings.model_copy(update={"outbox_keep_delivered_hours": TEN_YEARS})
-    job = OutboxRetention(every_seconds=3600, batch=5000)
+    keep = settings.model_copy(update={"outbox_keep_delivered_hours": TEN_YEARS, "outbox_purge_seconds": 3600})
+    job = OutboxRetention()
     async with makers.begin() as session:
         await date_back_earlier_messages(session)
     while await job(makers, keep):
