@@ -50,18 +50,19 @@ MASTER = "bench-master-secret-" + "x" * 32
 TABLES = ("outbox_message", "delivery")
 
 # Every deleted message that something still needed: not dispatched, or an undelivered delivery refers to it.
+# Row by row: each check is one probe of ix_delivery_message_id_undelivered.
 _WATCH = """
 CREATE TABLE soak_wrongly_purged (id bigint, why text);
 CREATE FUNCTION soak_check_purge() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO soak_wrongly_purged
-    SELECT o.id, CASE WHEN o.dispatched_at IS NULL THEN 'undispatched' ELSE 'undelivered' END FROM old_rows o
-    WHERE o.dispatched_at IS NULL
-       OR EXISTS (SELECT 1 FROM delivery d WHERE d.message_id = o.id AND d.status <> 'delivered');
+    IF OLD.dispatched_at IS NULL THEN
+        INSERT INTO soak_wrongly_purged VALUES (OLD.id, 'undispatched');
+    ELSIF EXISTS (SELECT 1 FROM delivery d WHERE d.message_id = OLD.id AND d.status <> 'delivered') THEN
+        INSERT INTO soak_wrongly_purged VALUES (OLD.id, 'undelivered');
+    END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER soak_check_purge AFTER DELETE ON outbox_message REFERENCING OLD TABLE AS old_rows
-FOR EACH STATEMENT EXECUTE FUNCTION soak_check_purge();
+CREATE TRIGGER soak_check_purge AFTER DELETE ON outbox_message FOR EACH ROW EXECUTE FUNCTION soak_check_purge();
 """
 
 # One wave: flip the subscription of contacts [lo, hi) (by their number) and write one outbox message each.

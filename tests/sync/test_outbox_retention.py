@@ -177,3 +177,21 @@ async def test_the_job_waits_for_its_interval_between_sweeps(
     await sweep(makers, keep, batch=5000)  # a sweep that is due takes it
     async with makers() as session:
         assert await existing(session, "delivery", [later]) == set()
+
+
+async def test_a_webhook_delivery_whose_message_is_gone_is_a_dead_letter_not_a_silent_success(
+    committing_client: httpx.AsyncClient, worker: Worker, hook: RecordingWebhook,  # noqa: F811
+    makers: async_sessionmaker[AsyncSession],  # noqa: F811
+) -> None:
+    """Retention never lets this happen; if something else did, the operator sees it (dead, with the reason)."""
+    destination = await webhook_destination(committing_client)
+    async with makers.begin() as session:
+        gone = await message(session)
+        row = await delivery_of(session, destination, gone, "pending")
+        await session.execute(text("DELETE FROM outbox_message WHERE id = :id"), {"id": gone})
+    await drain(worker)
+    async with makers() as session:
+        status, error = (await session.execute(text("SELECT status, last_error FROM delivery WHERE id = :id"),
+                                               {"id": row})).one()
+    assert (status, error) == ("dead", "the outbox message is no longer stored; nothing was sent")
+    assert all(m.id != f"msg_{gone}" for m in hook.received)
