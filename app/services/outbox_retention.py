@@ -17,6 +17,11 @@ message every delivery of which was delivered, in the purge's snapshot, is neede
 
 The job works in batches (each its own short transaction, `SKIP LOCKED` on deliveries: nothing waits on it);
 messages are walked by id from a cursor kept for one sweep, so the few held by dead letters are passed once.
+
+Bytes: a purged row's space is reusable only once vacuumed. Both tables churn (a delivery is written three
+times: pending, in flight, delivered), and autovacuum may lag them or be off, so after each sweep the job
+vacuums a table whose dead rows passed autovacuum's own default threshold (`VACUUM (SKIP_LOCKED, TRUNCATE
+false)`: never waits for a lock, and never takes the exclusive one that giving pages back to the system needs).
 """
 
 from __future__ import annotations
@@ -85,6 +90,26 @@ async def purge_messages(session: AsyncSession, *, cutoff: datetime, after: int,
     return MessageBatch(purged=row.purged, last_id=row.last, more=row.scanned == limit and row.all_old)
 
 
+# autovacuum's defaults (autovacuum_vacuum_threshold, autovacuum_vacuum_scale_factor)
+VACUUM_THRESHOLD, VACUUM_SCALE = 50, 0.2
+
+
+async def vacuum_if_due(sessions: async_sessionmaker[AsyncSession]) -> list[str]:
+    """Vacuum each table whose dead rows passed the threshold (a role that does not own it gets PostgreSQL's
+    warning and no vacuum: autovacuum does it); which were vacuumed."""
+    async with sessions() as session:
+        due = list((await session.scalars(text(
+            "SELECT relname FROM pg_stat_user_tables WHERE relid IN ('outbox_message'::regclass, 'delivery'::regclass)"
+            " AND n_dead_tup > :threshold + :scale * n_live_tup ORDER BY relname"),
+            {"threshold": VACUUM_THRESHOLD, "scale": VACUUM_SCALE})).all())
+    if due:
+        async with sessions() as session:  # VACUUM runs outside a transaction
+            connection = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            for table in due:  # names from the fixed list above
+                await connection.execute(text(f"VACUUM (SKIP_LOCKED, TRUNCATE false) {table}"))
+    return due
+
+
 class OutboxRetention:
     """A worker job: a sweep every `OUTBOX_PURGE_SECONDS`, one batch of each table per call; True while a sweep has
     more to do now (the worker calls again at once)."""
@@ -120,6 +145,7 @@ class OutboxRetention:
             return True
         self._sweeping = False
         self._next_sweep = time.monotonic() + settings.outbox_purge_seconds
-        if any(self._purged):
-            log.info("outbox.purged", deliveries=self._purged[0], messages=self._purged[1])
+        vacuumed = await vacuum_if_due(sessions)
+        if any(self._purged) or vacuumed:
+            log.info("outbox.purged", deliveries=self._purged[0], messages=self._purged[1], vacuumed=vacuumed)
         return False

@@ -9,6 +9,7 @@ too, for the walk to pass them.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.models.base import utc_now
+from app.services import outbox_retention
 from app.services.outbox_retention import OutboxRetention, purge_messages
 from app.settings import Settings
 from app.sync.base import DeliveryFailed
@@ -195,3 +197,26 @@ async def test_a_webhook_delivery_whose_message_is_gone_is_a_dead_letter_not_a_s
                                                {"id": row})).one()
     assert (status, error) == ("dead", "the outbox message is no longer stored; nothing was sent")
     assert all(m.id != f"msg_{gone}" for m in hook.received)
+
+
+async def test_a_sweep_vacuums_a_table_past_the_threshold(
+    makers: async_sessionmaker[AsyncSession], monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    """Outside a transaction, without waiting for a lock; here every table counts as due."""
+    monkeypatch.setattr(outbox_retention, "VACUUM_THRESHOLD", -1)
+    monkeypatch.setattr(outbox_retention, "VACUUM_SCALE", 0)
+
+    async def vacuums() -> dict[str, int]:
+        async with makers() as session:
+            return dict((await session.execute(text(
+                "SELECT relname, vacuum_count FROM pg_stat_user_tables WHERE relname IN ('delivery', 'outbox_message')"
+            ))).all())
+
+    before = await vacuums()
+    assert await outbox_retention.vacuum_if_due(makers) == ["delivery", "outbox_message"]
+    for _ in range(50):  # the statistics are flushed a moment later
+        after = await vacuums()
+        if all(after[t] > before[t] for t in before):
+            break
+        await asyncio.sleep(0.1)
+    assert all(after[t] > before[t] for t in before), (before, after)
