@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     delivery_backoff_cap_seconds: float = Field(default=30.0, gt=0)
     delivery_max_attempts: int = Field(default=8640, ge=1)   # three days at the cap, then dead letter
     worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
+    # Delivered outbox messages and deliveries are purged this long after delivery (docs/sync.md "Retention");
+    # nothing undelivered is ever purged. Fractions allowed (the soak bench keeps seconds).
+    outbox_keep_delivered_hours: float = Field(default=72.0, ge=0, le=87_600)
+    outbox_purge_seconds: float = Field(default=300.0, gt=0, le=86_400)  # how often the purge sweeps
     # How often a synced segment's members are compared with its last snapshot (entries and exits go out then).
     segment_refresh_seconds: float = Field(default=300.0, gt=0)
     run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL

@@ -494,7 +494,8 @@ export interface paths {
         };
         /**
          * List Deliveries
-         * @description Newest first.
+         * @description Newest first. Delivered ones are listed for `OUTBOX_KEEP_DELIVERED_HOURS` (72 by default) after delivery,
+         *     then purged; pending, in-flight and dead ones until they are delivered.
          */
         get: operations["list_deliveries_v1_destinations__destination_id__deliveries_get"];
         put?: never;
