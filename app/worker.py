@@ -414,11 +414,13 @@ def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings
 def _jobs() -> list[JobRunner]:
     from app.journal import JournalUpkeep
     from app.services import segment_sync
+    from app.services.event_partitions import EventPartitionUpkeep
     from app.services.idempotency import IdempotencyExpiry
     from app.services.imports.runner import run_next as run_next_import
     from app.services.imports.store import ReportValueExpiry
 
-    return [run_next_import, segment_sync.run_next, ReportValueExpiry(), IdempotencyExpiry(), JournalUpkeep()]
+    return [run_next_import, segment_sync.run_next, ReportValueExpiry(), IdempotencyExpiry(), JournalUpkeep(),
+            EventPartitionUpkeep()]
 
 
 @contextlib.asynccontextmanager
