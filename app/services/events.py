@@ -45,6 +45,7 @@ _STORE = """
     ), keyed AS (
         INSERT INTO event_key (event_id, id, occurred_at)
         SELECT event_id, id, occurred_at FROM given WHERE event_id IS NOT NULL
+        ORDER BY event_id  -- two batches sharing keys take them in one order: no deadlock
         ON CONFLICT DO NOTHING RETURNING event_id
     ), stored AS (
         INSERT INTO event (id, event_id, contact_id, type, occurred_at, properties, created_at)
