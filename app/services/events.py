@@ -65,7 +65,8 @@ _LOCK_KNOWN = text("""
 """)
 _LAST_ACTIVITY = text("""
     UPDATE contact c SET last_activity_at = greatest(c.last_activity_at, m.at)
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS m(id, at) WHERE c.id = m.id
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS m(id, at)
+    WHERE c.id = m.id AND (c.last_activity_at IS NULL OR c.last_activity_at < m.at)  -- no new row version for nothing
 """)
 
 # A batch item's outcome: ("created" | "duplicate", event id), or the error that failed it alone.

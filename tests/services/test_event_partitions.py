@@ -16,11 +16,9 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from sqlalchemy import func, select
 
 from app.db import make_engine, make_sessionmaker, plain_dsn
 from app.main import create_app
-from app.models import Contact
 from app.services import segments
 from app.services.event_partitions import Months, add_months, ensure_month, month_of, partition_name, run_upkeep
 from app.settings import Settings
@@ -148,15 +146,14 @@ async def test_retention_drops_whole_months_and_their_keys_and_every_reader_carr
 
 async def test_an_events_type_segment_scans_only_the_partitions_in_its_window(world: Any) -> None:
     """EXPLAIN of the SQL GET /v1/segments/{id}/count runs: months before the 30-day window are pruned."""
-    _, sessions, db = world
+    http, sessions, db = world
     months = [add_months(month_of(NOW), -i) for i in range(1, 13)]
     async with sessions.begin() as session:
         for month in months:
             await ensure_month(session, month)
     filter_ = {"all": [{"field": "events.type", "op": "eq", "value": "page_view", "within_days": 30}]}
     compiled = segments._compile(filter_, {}, NOW)
-    counting = select(func.count()).select_from(Contact.__table__).where(compiled.expression)  # type: ignore[attr-defined]
-    statement = segments._Statement.of(counting, compiled.clock)
+    statement = segments._Statement.of(compiled.counting(), compiled.clock)
     assert "occurred_at >=" in statement.sql  # the bound the planner prunes with (a parameter, the cutoff)
     plan = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {statement.sql}", *statement.arguments(NOW)))
     scanned = {name for name in _relations(plan) if name.startswith("event_")}
@@ -164,6 +161,15 @@ async def test_an_events_type_segment_scans_only_the_partitions_in_its_window(wo
     in_window = {partition_name(m) for m in await _months(db) if m >= cutoff}
     assert scanned == in_window | {"event_default"}, scanned  # default: it may hold any month not yet split
     assert partition_name(add_months(cutoff, -1)) not in scanned and len(scanned) < len(await _months(db))
+    # Counted from the events alone (a lone activity condition): the same number as contacts having one.
+    contacts = [await _contact(http) for _ in range(3)]
+    for contact, days in zip(contacts, (1, 29, 45), strict=True):
+        for _ in range(2):
+            assert (await _post(http, contact, NOW - timedelta(days=days))).status_code == 201
+    having = await db.fetchval("SELECT count(*) FROM contact c WHERE EXISTS (SELECT 1 FROM event e WHERE "
+                               "e.contact_id = c.id AND e.type = 'page_view' AND e.occurred_at >= $1)",
+                               NOW - timedelta(days=30))
+    assert await db.fetchval(statement.sql, *statement.arguments(NOW)) == having >= 2
 
 
 async def _months(db: asyncpg.Connection) -> list[Any]:
