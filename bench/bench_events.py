@@ -20,8 +20,9 @@ What it does:
      --events rows each. Wall time from the first request to the last answer.
   5. Segment counts (after VACUUM ANALYZE): `events.type eq <t> within_days 30` for a rare type
      (cart_abandoned) and a common one (page_view), counted exactly as GET /v1/segments/{id}/count does
-     (`segments.count_stored` on the pooled bare connection), vs the fastest of four hand-written SQL
-     variants on the same connection; counts must be equal; --runs alternated (ABBA) measurements, p50 ratio.
+     (`segments.count_stored` on the pooled bare connection, in its read-only transaction under the costly-read
+     timeout: app.timeouts.within), and its compiled SQL alone on the same connection (`carnet_sql`), vs the
+     fastest of four hand-written SQL variants; answers must be equal; --runs alternated measurements, p50s.
   6. Prints the ratios (bars: batch <= 3x the COPY; count <= 1.2x the hand SQL), writes bench/out/events.json,
      drops the database unless --keep-db.
 """
@@ -41,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,6 +53,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -123,9 +126,56 @@ def write_copy_file(path: Path, args: argparse.Namespace, ids: dict[str, uuid.UU
             out.write(f'bench-{n},{ids[external_id]},{type_},{at.isoformat()},"{escaped}",{created}\n')
 
 
+class DbCpu:
+    """CPU seconds of the PostgreSQL backends serving one database, sampled every 50 ms in a thread (a backend
+    that ends between two samples loses at most that much): on a server shared with other work, only ours."""
+
+    def __init__(self, db: str) -> None:
+        self.marker, self.seconds = f" {db} ".encode(), 0.0
+        self._seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) CPU seconds seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DbCpu:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = round(sum(last - first for first, last in self._seen.values()), 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def _sample(self) -> None:
+        for process in psutil.process_iter(["name", "cmdline"]):
+            try:
+                if process.info["name"] != "postgres" or self.marker not in " ".join(
+                        process.info["cmdline"] or []).encode() + b" ":
+                    continue
+                cpu = sum(process.cpu_times()[:2])
+            except psutil.Error:
+                continue
+            first = self._seen.get(process.pid, (cpu, cpu))[0]
+            self._seen[process.pid] = (first, cpu)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live children (the API's uvicorn workers)."""
+    try:
+        root = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
 def raw_copy(url: str, path: Path) -> float:
     started = time.perf_counter()
-    subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q", "-c",  # noqa: S607
+    subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-q", "-c",
                     f"\\copy event (event_id, contact_id, type, occurred_at, properties, created_at) "
                     f"FROM '{path}' WITH (FORMAT csv)"], check=True)
     return time.perf_counter() - started
@@ -151,7 +201,7 @@ def start_api(url: str, secret: str, workers: int) -> tuple[subprocess.Popen[byt
            "RATE_LIMIT_PER_SECOND": "1000000", "RATE_LIMIT_BURST": "1000000", "RUN_WORKER_IN_API": "false"}
     OUT.mkdir(exist_ok=True)
     handle = (OUT / "server_events.log").open("wb")
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1", "--port",
          str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
         cwd=OUT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
@@ -228,26 +278,37 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     return await segments.count_stored(connection, segment_id)
 
             def hand_of(query: str, type_: str = type_) -> Callable[[], Awaitable[int]]:
-                async def hand() -> int:
+                async def run() -> int:
                     async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
                         return int(await connection.fetchval(query, type_, datetime.now(UTC) - timedelta(days=30)))
-                return hand
+                return run
+
+            compiled = segments._compile(filter_, {}, datetime.now(UTC))
+            statement = segments._Statement.of(compiled.counting(), compiled.clock)
+
+            async def carnet_sql(statement: Any = statement) -> int:  # the compiled SQL alone, no `within`
+                async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
+                    return int(await connection.fetchval(statement.sql, *statement.arguments(datetime.now(UTC))))
 
             variants = {name: await _p50(hand_of(query), 3) for name, query in HAND.items()}
             best = min(variants, key=lambda k: variants[k][0])
             hand = hand_of(HAND[best])
-            answers = {"carnet": await carnet(), **{name: v[1] for name, v in variants.items()}}
-            times: dict[str, list[float]] = {"carnet": [], "hand": []}
+            answers = {"carnet": await carnet(), "carnet_sql": await carnet_sql(),
+                       **{name: v[1] for name, v in variants.items()}}
+            systems = {"carnet": carnet, "carnet_sql": carnet_sql, "hand": hand}
+            times: dict[str, list[float]] = {name: [] for name in systems}
             for r in range(args.runs):
-                for name in (("carnet", "hand") if r % 2 == 0 else ("hand", "carnet")):
+                for name in (list(systems) if r % 2 == 0 else list(reversed(systems))):  # ABC CBA ...
                     started = time.perf_counter()
-                    await (carnet() if name == "carnet" else hand())
+                    await systems[name]()
                     times[name].append((time.perf_counter() - started) * 1000)
             p50 = {k: statistics.median(v) for k, v in times.items()}
             out[type_] = {"answers": answers, "answers_match": len(set(answers.values())) == 1,
                           "hand_variants_p50_ms": {k: round(v[0], 2) for k, v in variants.items()},
-                          "hand_best": best, "carnet_p50_ms": round(p50["carnet"], 2),
-                          "hand_p50_ms": round(p50["hand"], 2), "ratio": round(p50["carnet"] / p50["hand"], 3)}
+                          "hand_best": best, "hand_sql": HAND[best], "carnet_sql": statement.sql,
+                          "carnet_p50_ms": round(p50["carnet"], 2), "carnet_sql_p50_ms": round(p50["carnet_sql"], 2),
+                          "hand_p50_ms": round(p50["hand"], 2), "ratio": round(p50["carnet"] / p50["hand"], 3),
+                          "ratio_sql_alone": round(p50["carnet_sql"] / p50["hand"], 3)}
             log(f"count {type_}: {out[type_]}")
     finally:
         await engine.dispose()
@@ -279,7 +340,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--api-workers", type=int, default=2)
     parser.add_argument("--months", type=int, default=12)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--server", default=os.environ.get("BENCH_DATABASE_URL",
                                                            "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--db", default="carnet_bench_events", help="the bench database (dropped and recreated)")
@@ -300,7 +361,8 @@ def main() -> None:
     path = workdir / "events.csv"
     write_copy_file(path, args, ids, now)
     asyncio.run(sql(url, "CHECKPOINT"))
-    copy_s = raw_copy(url, path)
+    with DbCpu(args.db) as copy_pg:
+        copy_s = raw_copy(url, path)
     copied = asyncio.run(sql(url, "SELECT count(*) FROM event"))[0]
     log(f"raw COPY of {copied} events into the partitioned table: {copy_s:.2f} s")
     path.unlink()
@@ -311,7 +373,10 @@ def main() -> None:
     token = issue_access_token(secret, subject="bench", role=Role.INTEGRATION, ttl_seconds=24 * 3600).token
     proc, base = start_api(url, secret, args.api_workers)
     try:
-        posted = asyncio.run(post_all(base, token, args, now))
+        api_before = tree_cpu(proc.pid)
+        with DbCpu(args.db) as carnet_pg:
+            posted = asyncio.run(post_all(base, token, args, now))
+        api_cpu = tree_cpu(proc.pid) - api_before
     finally:
         proc.terminate()
         proc.wait(30)
@@ -329,13 +394,18 @@ def main() -> None:
         "raw_copy_seconds": round(copy_s, 2), "carnet_seconds": round(posted["seconds"], 2),
         "ratio_ingest": round(posted["seconds"] / copy_s, 2), "bar_ingest": BAR_INGEST,
         "carnet_events_per_second": round(args.events / posted["seconds"]),
-        "client_cpu_seconds": posted["client_cpu_seconds"],
+        # CPU seconds: the bench database's backends (sampled), the API processes, this script's client
+        "cpu_seconds": {"raw_copy": {"postgres": copy_pg.seconds},
+                        "carnet": {"postgres": carnet_pg.seconds, "api": round(api_cpu, 1),
+                                   "bench_client": posted["client_cpu_seconds"]}},
+        "ratio_cpu": round((carnet_pg.seconds + api_cpu) / max(copy_pg.seconds, 0.1), 2),
         "segment_counts": segment_counts, "bar_count": BAR_COUNT,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_1m_before": load_before,
                     "load_1m_after": os.getloadavg()[0]},
     }
     print(json.dumps(result, indent=2))
-    print(f"ingest: {result['ratio_ingest']}x the raw COPY (bar <= {BAR_INGEST}x); segment counts: "
+    print(f"ingest: {result['ratio_ingest']}x the raw COPY (bar <= {BAR_INGEST}x), CPU {result['ratio_cpu']}x; "
+          "segment counts: "
           + ", ".join(f"{t} {c['ratio']}x" for t, c in segment_counts.items()) + f" the hand SQL (bar <= {BAR_COUNT}x)")
     OUT.mkdir(exist_ok=True)
     (OUT / "events.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -91,7 +91,6 @@ def upgrade() -> None:
     """)
     op.execute("INSERT INTO event_key (event_id, id, occurred_at) "
                "SELECT event_id, id, occurred_at FROM event_old WHERE event_id IS NOT NULL")
-    op.execute("CREATE INDEX ix_event_key_occurred_at ON event_key (occurred_at)")
     op.execute("DROP TABLE event_old")
     op.execute("ANALYZE event")
     op.execute("ANALYZE event_key")

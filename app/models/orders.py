@@ -62,12 +62,12 @@ class Event(SQLModel, table=True):
 class EventKey(SQLModel, table=True):
     """One row per stored event that carries an `event_id`: the dedupe key across every partition of `event`.
 
-    Written in the same statement as the event; `id` and `occurred_at` find the stored event (one partition),
-    `occurred_at` also lets retention drop the keys of a dropped month.
+    Written in the same statement as the event; `id` and `occurred_at` find the stored event (one partition).
+    No other index: retention deletes a dropped month's keys by joining its partition's event_ids (each insert
+    pays for every index here, and this table takes one row per event).
     """
 
     __tablename__: ClassVar[str] = "event_key"  # type: ignore[misc]
-    __table_args__ = (Index("ix_event_key_occurred_at", "occurred_at"),)
 
     event_id: str = Field(primary_key=True)
     id: int = Field(sa_type=BigInteger)

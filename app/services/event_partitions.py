@@ -120,11 +120,11 @@ async def ensure_month(session: AsyncSession, month: date) -> bool:
 
 
 async def _drop_month(session: AsyncSession, month: date) -> None:
-    """Drop a month's partition whole, and its dedupe keys."""
+    """Drop a month's partition whole, and its dedupe keys (a key lives in its event's month)."""
+    name = partition_name(month)
     await session.execute(text(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'"))
-    await session.execute(text("DELETE FROM event_key WHERE occurred_at >= :lo AND occurred_at < :hi"),
-                          _bounds(month))
-    await session.execute(text(f"DROP TABLE {partition_name(month)}"))
+    await session.execute(text(f"DELETE FROM event_key k USING {name} e WHERE k.event_id = e.event_id"))  # noqa: S608
+    await session.execute(text(f"DROP TABLE {name}"))
 
 
 async def _purge_default(session: AsyncSession, cutoff: datetime) -> int:
