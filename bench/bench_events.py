@@ -15,15 +15,17 @@ What it does:
   3. Floor: `psql \\copy event (...) FROM file CSV` of the same rows (contact ids already resolved) into the same
      partitioned table, wall time. Then `event` and `event_key` are emptied.
   4. Carnet: `uvicorn app.main:create_app --workers --api-workers`; --clients concurrent HTTP clients send the
-     events in batches of 1,000 to `POST /v1/events/batch` (bodies built while sending: the client's CPU, on the
-     same cores, is reported). Every item must come back `created`; `event` and `event_key` must hold
-     --events rows each. Wall time from the first request to the last answer.
+     events in batches of 1,000 to `POST /v1/events/batch` (bodies written to a file with the CSV, before
+     anything is timed; the client's CPU, on the same cores, is reported). Every item must come back `created`;
+     `event` and `event_key` must hold --events rows each. Wall time from the first request to the last answer.
   5. Segment counts (after VACUUM ANALYZE): `events.type eq <t> within_days 30` for a rare type
      (cart_abandoned) and a common one (page_view), counted exactly as GET /v1/segments/{id}/count does
      (`segments.count_stored` on the pooled bare connection, in its read-only transaction under the costly-read
      timeout: app.timeouts.within), and its compiled SQL alone on the same connection (`carnet_sql`), vs the
      fastest of four hand-written SQL variants; answers must be equal; --runs alternated measurements, p50s.
-  6. Prints the ratios (bars: batch <= 3x the COPY; count <= 1.2x the hand SQL), writes bench/out/events.json,
+  6. What `event_key` costs: PostgreSQL backend CPU per 1,000 events for a binary COPY, the event insert alone,
+     the key insert alone and Carnet's statement (both), interleaved on one connection (--key-rounds batches each).
+  7. Prints the ratios (bars: batch <= 3x the COPY; count <= 1.2x the hand SQL), writes bench/out/events.json,
      drops the database unless --keep-db.
 """
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import platform
@@ -118,12 +119,24 @@ async def setup(url: str, args: argparse.Namespace) -> dict[str, uuid.UUID]:
     return ids
 
 
-def write_copy_file(path: Path, args: argparse.Namespace, ids: dict[str, uuid.UUID], now: datetime) -> None:
+def write_files(copy_path: Path, bodies_path: Path, args: argparse.Namespace, ids: dict[str, uuid.UUID],
+                now: datetime) -> None:
+    """The same events twice, before anything is timed: a CSV for the COPY (contact ids resolved), and the
+    batches' JSON bodies, one a line (a back office sends from its own machine: building them is not Carnet's
+    time, and on these 2 cores it would take CPU from the server under test)."""
     created = now.isoformat()
-    with path.open("w") as out:
+    batch: list[dict[str, Any]] = []
+    with copy_path.open("w") as out, bodies_path.open("wb") as bodies:
         for n, external_id, type_, at, props in events(args.events, args.contacts, args.months, now):
             escaped = props.replace('"', '""')
             out.write(f'bench-{n},{ids[external_id]},{type_},{at.isoformat()},"{escaped}",{created}\n')
+            batch.append({"contact": {"external_id": external_id}, "type": type_, "occurred_at": at.isoformat(),
+                          "event_id": f"bench-{n}", "properties": json.loads(props)})
+            if len(batch) == BATCH:
+                bodies.write(json.dumps({"items": batch}).encode() + b"\n")
+                batch = []
+        if batch:
+            bodies.write(json.dumps({"items": batch}).encode() + b"\n")
 
 
 class DbCpu:
@@ -219,34 +232,30 @@ def start_api(url: str, secret: str, workers: int) -> tuple[subprocess.Popen[byt
     raise SystemExit("the API was not ready after 90 s")
 
 
-async def post_all(base: str, token: str, args: argparse.Namespace, now: datetime) -> dict[str, Any]:
-    stream = events(args.events, args.contacts, args.months, now)
-    statuses: dict[str, int] = {}
+async def post_all(base: str, token: str, args: argparse.Namespace, bodies_path: Path) -> dict[str, Any]:
+    """The batches to `POST /v1/events/batch` from --clients connections at once; every item must be created."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    created = 0
 
-    def next_body() -> bytes | None:
-        items = [{"contact": {"external_id": external_id}, "type": type_, "occurred_at": at.isoformat(),
-                  "event_id": f"bench-{n}", "properties": json.loads(props)}
-                 for n, external_id, type_, at, props in itertools.islice(stream, BATCH)]
-        return json.dumps({"items": items}).encode() if items else None
-
-    async def client(http: httpx.AsyncClient) -> None:
-        while (body := next_body()) is not None:
+    async def client(http: httpx.AsyncClient, bodies: Iterator[bytes]) -> None:
+        nonlocal created
+        for body in bodies:
             response = await http.post("/v1/events/batch", content=body, headers=headers)
             if response.status_code != 200:
                 raise SystemExit(f"batch answered {response.status_code}: {response.text[:500]}")
-            for result in response.json()["results"]:
-                statuses[result["status"]] = statuses.get(result["status"], 0) + 1
+            created += response.content.count(b'"status":"created"')  # checked against the tables afterwards
 
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(args.clients)))
-        seconds = time.perf_counter() - started
+    with bodies_path.open("rb") as lines:
+        bodies = iter(lines)  # one shared iterator: each client takes the next batch
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+            started = time.perf_counter()
+            await asyncio.gather(*(client(http, bodies) for _ in range(args.clients)))
+            seconds = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     client_cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    return {"seconds": seconds, "statuses": statuses, "client_cpu_seconds": round(client_cpu, 1)}
+    return {"seconds": seconds, "created": created, "client_cpu_seconds": round(client_cpu, 1)}
 
 
 async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -315,6 +324,60 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+KEY_COST_SQL = {  # a batch of 1,000: event_ids, contact ids, types, moments, properties (the key: ids and moments)
+    "event_only": "INSERT INTO event (event_id, contact_id, type, occurred_at, properties, created_at) "
+                  "SELECT e, c, t, o, CAST(p AS jsonb), now() FROM unnest($1::varchar[], $2::uuid[], $3::varchar[], "
+                  "$4::timestamptz[], $5::text[]) AS g(e, c, t, o, p)",
+    "key_only": "INSERT INTO event_key (event_id, id, occurred_at) SELECT e, nextval(pg_get_serial_sequence("
+                "'event', 'id')), o FROM unnest($1::varchar[], $2::timestamptz[]) AS g(e, o) ON CONFLICT DO NOTHING",
+}
+
+
+async def key_cost(url: str, ids: dict[str, uuid.UUID], rounds: int) -> dict[str, float]:
+    """What `event_key` costs: PostgreSQL backend CPU per 1,000 events for a binary COPY into `event`, the event
+    insert alone, the key insert alone, and Carnet's statement (both), side by side on one connection (rounds
+    interleaved; CPU read from /proc, which counts in 10 ms ticks: hence averages over many rounds)."""
+    from app.services.events import _STORE
+
+    store = _STORE.format(columns="stored.id")
+    for n, name in enumerate(("ns", "event_ids", "contact_ids", "types", "occurred", "properties", "now"), 1):
+        store = store.replace(f":{name}", f"${n}")
+    conn = await asyncpg.connect(url)
+    await conn.set_type_codec("jsonb", encoder=lambda v: b"\x01" + v.encode(), decoder=lambda v: v,
+                              schema="pg_catalog", format="binary")
+    backend = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+    contacts = list(ids.values())
+    now = datetime.now(UTC)
+
+    def rows(tag: str) -> list[tuple[Any, ...]]:
+        return [(f"cost-{tag}-{i}", contacts[(i // SESSION * 7919) % len(contacts)], "page_view",
+                 now - timedelta(minutes=i * 7), json.dumps({"path": f"/p/{i}"})) for i in range(BATCH)]
+
+    async def run(name: str, batch: list[tuple[Any, ...]]) -> None:
+        columns = [list(c) for c in zip(*batch, strict=True)]
+        if name == "copy":
+            await conn.copy_records_to_table("event", records=[(*r, now) for r in batch], columns=[
+                "event_id", "contact_id", "type", "occurred_at", "properties", "created_at"])
+        elif name == "carnet_store":
+            await conn.fetch(store, list(range(BATCH)), *columns, now)
+        elif name == "key_only":
+            await conn.execute(KEY_COST_SQL[name], columns[0], columns[3])
+        else:
+            await conn.execute(KEY_COST_SQL[name], *columns)
+
+    spent: dict[str, float] = {"copy": 0.0, "event_only": 0.0, "key_only": 0.0, "carnet_store": 0.0}
+    try:
+        for r in range(rounds):
+            for name in spent:
+                batch = rows(f"{name}-{r}")
+                before = sum(backend.cpu_times()[:2])
+                await run(name, batch)
+                spent[name] += sum(backend.cpu_times()[:2]) - before
+    finally:
+        await conn.close()
+    return {name: round(total / rounds * 1000, 1) for name, total in spent.items()}
+
+
 async def _p50(call: Callable[[], Awaitable[int]], runs: int) -> tuple[float, int]:
     times, answer = [], 0
     for _ in range(runs):
@@ -341,6 +404,7 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=2)
     parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--key-rounds", type=int, default=40, help="batches per system in the event_key cost phase")
     parser.add_argument("--server", default=os.environ.get("BENCH_DATABASE_URL",
                                                            "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--db", default="carnet_bench_events", help="the bench database (dropped and recreated)")
@@ -358,15 +422,14 @@ def main() -> None:
     log(f"database {args.db}: {args.contacts} contacts, partitions for the last {args.months} months")
 
     workdir = Path(tempfile.mkdtemp(prefix="carnet-bench-events-"))
-    path = workdir / "events.csv"
-    write_copy_file(path, args, ids, now)
+    path, bodies_path = workdir / "events.csv", workdir / "batches.jsonl"
+    write_files(path, bodies_path, args, ids, now)
     asyncio.run(sql(url, "CHECKPOINT"))
     with DbCpu(args.db) as copy_pg:
         copy_s = raw_copy(url, path)
     copied = asyncio.run(sql(url, "SELECT count(*) FROM event"))[0]
     log(f"raw COPY of {copied} events into the partitioned table: {copy_s:.2f} s")
     path.unlink()
-    workdir.rmdir()
     asyncio.run(sql(url, "TRUNCATE event, event_key", "CHECKPOINT"))
 
     secret = secrets.token_urlsafe(40)
@@ -375,19 +438,23 @@ def main() -> None:
     try:
         api_before = tree_cpu(proc.pid)
         with DbCpu(args.db) as carnet_pg:
-            posted = asyncio.run(post_all(base, token, args, now))
+            posted = asyncio.run(post_all(base, token, args, bodies_path))
         api_cpu = tree_cpu(proc.pid) - api_before
     finally:
         proc.terminate()
         proc.wait(30)
+        bodies_path.unlink()
+        workdir.rmdir()
     stored, keys = asyncio.run(sql(url, "SELECT count(*) FROM event", "SELECT count(*) FROM event_key"))
     log(f"Carnet: {args.events} events in batches of {BATCH} by {args.clients} clients to {args.api_workers} API "
-        f"processes: {posted['seconds']:.2f} s; {posted['statuses']}; stored {stored}, keys {keys}")
-    if posted["statuses"] != {"created": args.events} or stored != args.events or keys != args.events:
+        f"processes: {posted['seconds']:.2f} s; created {posted['created']}; stored {stored}, keys {keys}")
+    if posted["created"] != args.events or stored != args.events or keys != args.events:
         raise SystemExit("Carnet did not store every event exactly once: the numbers mean nothing")
 
     asyncio.run(sql(url, "VACUUM ANALYZE event", "VACUUM ANALYZE contact"))
     segment_counts = asyncio.run(counts(url, args))
+    key_ms = asyncio.run(key_cost(url, ids, args.key_rounds))
+    log(f"PostgreSQL backend CPU ms per 1,000 events: {key_ms}")
     result = {
         "events": args.events, "contacts": args.contacts, "months": args.months, "clients": args.clients,
         "api_workers": args.api_workers, "batch": BATCH,
@@ -400,6 +467,7 @@ def main() -> None:
                                    "bench_client": posted["client_cpu_seconds"]}},
         "ratio_cpu": round((carnet_pg.seconds + api_cpu) / max(copy_pg.seconds, 0.1), 2),
         "segment_counts": segment_counts, "bar_count": BAR_COUNT,
+        "backend_cpu_ms_per_1000_events": key_ms,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_1m_before": load_before,
                     "load_1m_after": os.getloadavg()[0]},
     }
