@@ -59,6 +59,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BATCH = 1000
 SESSION = 5  # events per visit (a page, a product, a search, ...: what a shop's tracker sends)
@@ -140,41 +141,58 @@ def write_files(copy_path: Path, bodies_path: Path, args: argparse.Namespace, id
 
 
 class DbCpu:
-    """CPU seconds of the PostgreSQL backends serving one database, sampled every 50 ms in a thread (a backend
-    that ends between two samples loses at most that much): on a server shared with other work, only ours."""
+    """CPU seconds of the PostgreSQL backends serving one database (on a server shared with other work: only
+    ours). A thread looks every 0.2 s for new ones (/proc: `postgres` processes whose title names the database)
+    and reads their CPU; a backend that ends between two reads loses at most that much."""
 
     def __init__(self, db: str) -> None:
         self.marker, self.seconds = f" {db} ".encode(), 0.0
-        self._seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) CPU seconds seen
+        self._seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) CPU seconds read
+        self._others: set[int] = set()  # processes looked at once and not ours
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> DbCpu:
-        self._sample()
+        self._find()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self._read()
         self.seconds = round(sum(last - first for first, last in self._seen.values()), 1)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self._sample()
+        while not self._stop.wait(0.2):
+            self._find()
+            self._read()
 
-    def _sample(self) -> None:
-        for process in psutil.process_iter(["name", "cmdline"]):
-            try:
-                if process.info["name"] != "postgres" or self.marker not in " ".join(
-                        process.info["cmdline"] or []).encode() + b" ":
-                    continue
-                cpu = sum(process.cpu_times()[:2])
-            except psutil.Error:
+    def _find(self) -> None:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in self._seen or int(entry.name) in self._others:
                 continue
-            first = self._seen.get(process.pid, (cpu, cpu))[0]
-            self._seen[process.pid] = (first, cpu)
+            try:
+                if (entry / "comm").read_text().strip() == "postgres" and \
+                        self.marker in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
+                    cpu = _cpu(int(entry.name))
+                    self._seen[int(entry.name)] = (cpu, cpu)
+                else:
+                    self._others.add(int(entry.name))
+            except (OSError, ValueError):
+                continue
+
+    def _read(self) -> None:
+        for pid, (first, _) in list(self._seen.items()):
+            try:
+                self._seen[pid] = (first, _cpu(pid))
+            except (OSError, ValueError):
+                continue  # ended: its last reading stays
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def tree_cpu(pid: int) -> float:
