@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     loyal_min_orders: int = 3
     loyal_window_days: int = 365
     lapsed_after_days: int = 365
+    # Behaviour events: whole monthly partitions older than this many months (before the current one) are dropped
+    # by the worker (app.services.event_partitions); orders and the contact stats they give are not affected.
+    event_retention_months: int = Field(default=25, ge=1, le=1200)
     lifecycle_refresh_seconds: int = Field(default=3600, ge=0)  # 0: only `carnet lifecycle refresh` (cron)
 
     # Sync (destinations and the outbox worker)

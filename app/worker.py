@@ -416,13 +416,14 @@ def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings
 def _jobs() -> list[JobRunner]:
     from app.journal import JournalUpkeep
     from app.services import segment_sync
+    from app.services.event_partitions import EventPartitionUpkeep
     from app.services.idempotency import IdempotencyExpiry
     from app.services.imports.runner import run_next as run_next_import
     from app.services.imports.store import ReportValueExpiry
     from app.services.outbox_retention import OutboxRetention
 
     return [run_next_import, segment_sync.run_next, ReportValueExpiry(), IdempotencyExpiry(), JournalUpkeep(),
-            OutboxRetention()]
+            OutboxRetention(), EventPartitionUpkeep()]
 
 
 @contextlib.asynccontextmanager
