@@ -92,7 +92,8 @@ class _Config(InputSchema):
 
 class BrevoConfig(_Config):
     api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
-    double_opt_in_template_id: int | None = Field(default=None, ge=1, description="For vendor double opt-in lists")
+    double_opt_in_template_id: int | None = Field(default=None, ge=1, le=2**63 - 1,  # Brevo's templateId: int64
+                                                  description="For vendor double opt-in lists")
     double_opt_in_redirect_url: AnyHttpUrl | None = None
 
 
@@ -103,10 +104,12 @@ class MailchimpConfig(_Config):
 
 class WebhookConfig(_Config):
     url: AnyHttpUrl | None = None
-    secret: SecretStr | None = Field(default=None, description="Write-only `whsec_...`; generated when absent")
-    previous_secret: SecretStr | None = Field(default=None, description="Write-only; also signs during a rotation")
-    topics: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
-        default=None, description="Only these topics (default: all)")
+    secret: SecretStr | None = Field(default=None, max_length=500,
+                                     description="Write-only `whsec_...`; generated when absent")
+    previous_secret: SecretStr | None = Field(default=None, max_length=500,
+                                              description="Write-only; also signs during a rotation")
+    topics: list[Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
+        default=None, max_length=50, description="Only these topics (default: all)")
 
 
     @field_validator("url")
