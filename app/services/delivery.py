@@ -149,7 +149,7 @@ DO UPDATE SET message_id = GREATEST(delivery.message_id, excluded.message_id),
               updated_at = excluded.updated_at
 """)
 
-# Webhooks: every message its topics filter lets through; `contact.erased` to a disabled receiver too (it waits
+# Webhooks: every message its topics filter lets through (commerce.* only when named: the shop sent them itself); `contact.erased` to a disabled receiver too (it waits
 # there, so that a receiver paused at the time still hears of the erasure once it is enabled again).
 _DISPATCH_WEBHOOKS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
@@ -158,7 +158,7 @@ SELECT d.id, m.contact_id, m.id, m.topic, false, true, '{}', 'pending', 0, :now,
 FROM outbox_message m
 JOIN destination d ON d.kind = 'webhook' AND (d.enabled OR m.topic = 'contact.erased')
 WHERE m.id = ANY(:ids)
-  AND (d.config -> 'topics' IS NULL OR d.config -> 'topics' ? m.topic)
+  AND (d.config -> 'topics' ? m.topic OR (d.config -> 'topics' IS NULL AND m.topic NOT LIKE 'commerce.%'))
   AND (m.topic NOT LIKE 'segment.%' OR m.payload ->> 'destination_id' = d.id::text)
 ORDER BY m.id
 """)
