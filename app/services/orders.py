@@ -163,11 +163,11 @@ async def _order_changed(session: AsyncSession, row: Mapping[str, Any]) -> None:
     """The cart it names is converted, and the destinations that push orders learn of it (ids only)."""
     from app.services import carts  # carts builds on this module (resolve_contact)
 
+    await outbox.add(session, ORDER_CHANGED, contact_id=row["contact_id"],
+                     payload={"order_id": str(row["id"]), "external_id": row["external_id"]})
     if row["cart_external_id"] is not None:
         await carts.convert(session, row["cart_external_id"], order_external_id=row["external_id"],
                             contact_id=row["contact_id"])
-    await outbox.add(session, ORDER_CHANGED, contact_id=row["contact_id"],
-                     payload={"order_id": str(row["id"]), "external_id": row["external_id"]})
 
 
 def check_version(current: Mapping[str, Any] | None, expected_version: int | None, *, what: str) -> None:

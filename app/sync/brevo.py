@@ -9,7 +9,9 @@ Per push (see docs/sync.md for the reasoning):
    with at most 150 emails per call.
 3. double opt-in: `POST /contacts/doubleOptinConfirmation` (template id and redirection URL from the
    config) for contacts `pending` on a list of `vendor_double_opt_in`.
-Erasure: `DELETE /contacts/{id}?identifierType=contact_id` for each of the person's records (404 counts as done).
+4. commerce (products, orders, carts, events) when the destination pushes it: brevo_commerce.py.
+Erasure: `DELETE /contacts/{id}?identifierType=contact_id` for each of the person's records (404 counts as done);
+Brevo's API deletes no order or event, the contact's deletion is all it offers (docs/sync.md, "Commerce").
 
 Every request waits for the process-wide limiter of its API key (10 req/s with 5% headroom); a 429
 pauses that limiter for `x-sib-ratelimit-reset`/`Retry-After` seconds, is retried in place when the
@@ -113,7 +115,7 @@ class BrevoAdapter:
         ])
 
         # Orders, carts, events after the contacts they name exist (brevo_commerce.py).
-        await push_commerce(self._request, _reason, self._account, live, errors)
+        await push_commerce(self._request, _reason, f"{self._base}|{self._account}", live, errors)
         log.info("sync.brevo.push", contacts=len(states), failed=len(errors))
         return [
             Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors

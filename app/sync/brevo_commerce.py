@@ -29,7 +29,7 @@ __all__ = ["BATCH", "push_commerce"]
 BATCH = 100                 # products, categories and orders per batch call (Brevo documents no cap: ours)
 Request = Callable[..., Awaitable[httpx.Response]]
 Reason = Callable[[str, httpx.Response], str]
-_activated: set[str] = set()        # accounts whose e-commerce app this process switched on
+_activated: set[str] = set()        # API address|account whose e-commerce app this process switched on
 
 
 async def push_commerce(request: Request, reason: Reason, account: str, states: Sequence[ContactState],

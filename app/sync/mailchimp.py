@@ -13,6 +13,7 @@ Per push (see docs/sync.md):
    `update_existing: true`); the rest are `PUT /lists/{list}/members/{hash}` upserts.
 3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive, and the tag of
    each synced segment of that audience (active for members who may receive marketing, inactive otherwise).
+4. commerce (the store's customer, products, orders, carts; member events): mailchimp_commerce.py.
 Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list for each of the
 person's hashes (404: done); a contact merged away under another address is archived instead
 (`DELETE /lists/{list}/members/{hash}`) and reported as retired, so the person's erasure deletes it for good.
@@ -117,7 +118,8 @@ class MailchimpAdapter:
                           if write.state.contact_id not in errors and (tags := _tag_changes(write)))
 
         # The store's customers, products, orders, carts and events, once the members exist.
-        await push_commerce(self._request, _reason, self._account, self.config.store, states, errors)
+        await push_commerce(self._request, _reason, f"{self._base}|{self._account}", self.config.store, states,
+                            errors)
         log.info("sync.mailchimp.push", contacts=len(states), failed=len(errors))
         return [
             Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors

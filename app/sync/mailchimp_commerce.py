@@ -30,7 +30,7 @@ __all__ = ["MailchimpStore", "forget", "push_commerce"]
 
 Request = Callable[..., Awaitable[httpx.Response]]
 Reason = Callable[[str, httpx.Response], str]
-_stores: set[tuple[str, str]] = set()     # (account, store id) known to exist, in this process
+_stores: set[tuple[str, str]] = set()     # (API address|account, store id) known to exist, in this process
 # Carnet's order status → Mailchimp's financial and fulfillment status.
 _FINANCIAL = {"placed": "pending", "paid": "paid", "shipped": "paid", "delivered": "paid", "cancelled": "cancelled",
               "refunded": "refunded"}

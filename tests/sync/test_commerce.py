@@ -25,6 +25,7 @@ from tests.factories import ADMIN, make_contact, make_list
 from tests.fakes.brevo import FakeBrevo
 from tests.fakes.mailchimp import FakeMailchimp
 from tests.fakes.server import LiveServer
+from tests.fakes.webhook_receiver import FakeWebhookReceiver
 from tests.sync.keys import BREVO_KEY, MC_KEY
 from tests.sync.test_end_to_end import destination, drain, subscribe
 
@@ -255,3 +256,28 @@ async def test_mailchimp_erasure_deletes_the_customer_and_open_carts(
     await drain(worker)
     assert set(remote.carts) == {carts[other["id"]]} and person["id"] not in remote.customers
     assert other["id"] in remote.customers and fake.member("mc-news", person["email"]) is None
+
+
+async def test_webhooks_get_commerce_topics_only_when_named(committing_client: httpx.AsyncClient,
+                                                             worker: Worker) -> None:
+    client = committing_client
+    named = await destination(client, kind="webhook", config={
+        "url": "http://placeholder.invalid/", "topics": ["commerce.order_changed", "commerce.cart_changed"]})
+    every = await destination(client, kind="webhook", config={"url": "http://placeholder.invalid/"})
+    receivers = {d["id"]: FakeWebhookReceiver(d["generated_secrets"]["secret"]) for d in (named, every)}
+    with LiveServer(receivers[named["id"]]) as first, LiveServer(receivers[every["id"]]) as second:
+        for hook, live in ((named, first), (every, second)):
+            response = await client.patch(f"/v1/destinations/{hook['id']}", headers=ADMIN, json={"config": {
+                "url": live.url + "/carnet", "secret": hook["generated_secrets"]["secret"]}})
+            assert response.status_code == 200, response.text
+        person = await make_contact(client)
+        order_id, cart_id = uid("O"), uid("C")
+        await put_cart(client, cart_id, person["id"], "open", items(("MUG", "Mug", "12.50")))
+        await put_order(client, order_id, person["id"], "paid", items(("MUG", "Mug", "12.50")),
+                        cart_external_id=cart_id)
+        await drain(worker)
+    got = [(d.payload["type"], d.payload["data"].get("external_id")) for d in receivers[named["id"]].deliveries]
+    # The cart opened, the order, and the cart converted by it (ids only), in the order they were written.
+    assert got == [("commerce.cart_changed", cart_id), ("commerce.order_changed", order_id),
+                   ("commerce.cart_changed", cart_id)]
+    assert [d.payload["type"] for d in receivers[every["id"]].deliveries] == ["contact.created"]
