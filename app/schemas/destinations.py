@@ -118,8 +118,9 @@ class MailchimpConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only; its `-usN` suffix names the datacenter")
     signing_secret: Secret | None = Field(default=None, description="Write-only; checks X-Mailchimp-Signature")
     store_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
-        default=None, description=("The e-commerce store orders and carts go to; created if missing (required by push_orders and push_carts)"))
-    store_list_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]{1,50}$")] | None = Field(
+        default=None, description=("The e-commerce store orders and carts go to; created if missing (required by "
+                                   "push_orders and push_carts)"))
+    store_list_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,100}$")] | None = Field(
         default=None, description="The audience of a store Carnet creates (default: the first mapped list)")
     store_currency: CurrencyCode | None = Field(
         default=None, description="The currency of a store Carnet creates (default: that of the first order or cart)")

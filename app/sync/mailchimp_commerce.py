@@ -5,8 +5,9 @@
 2. products named by the push's lines, before any order or cart: new → `POST .../products` (one variant, id = sku);
    known or already there → `PATCH .../products/{sku}` (title) and `PUT .../variants/{sku}` (price).
 3. per contact, in order: the customer (`PUT .../customers/{contact id}`, `opt_in_status` = subscribed to the
-   store's audience; Mailchimp never lets it change an existing member, so it subscribes no one), then orders
-   (`POST`, or `PATCH` when known), carts (`POST`/`PATCH`; converted or without a grant: `DELETE`) and events
+   store's audience; Mailchimp never lets it change an existing member, so it subscribes no one; inside the
+   order when the first order is new: one call instead of two), then orders (`POST`, or `PATCH` when known),
+   carts (`POST`/`PATCH`; converted or without a grant: `DELETE`) and events
    (`POST /lists/{list}/members/{hash}/events` on each audience the person is subscribed to).
 Erasure (`forget`): `DELETE .../customers/{id}` and `DELETE .../carts/{id}` for what the vendor holds (404: done).
 """
@@ -78,9 +79,13 @@ async def push_commerce(request: Request, reason: Reason, account: str, store: M
         assert commerce is not None
         steps: list[Callable[[], Awaitable[str | None]]] = []
         if store is not None:
-            if commerce.customer:
+            # A new first order carries the customer itself (Mailchimp creates or updates it): one call, not two.
+            inline = commerce.customer is not None and bool(commerce.orders) and not commerce.orders[0].known
+            if commerce.customer and not inline:
                 steps.append(lambda: _customer(request, reason, store, state))
-            steps += [lambda o=o: _order(request, reason, store, state, o) for o in commerce.orders]  # type: ignore[misc]
+            steps += [lambda o=o, first=i == 0: _order(request, reason, store, state, o,  # type: ignore[misc]
+                                                       with_customer=inline and first)
+                      for i, o in enumerate(commerce.orders)]
             steps += [lambda c=c: _cart(request, reason, store, state, c) for c in commerce.carts]  # type: ignore[misc]
         steps += [lambda e=e: _event(request, reason, state, e) for e in commerce.events]  # type: ignore[misc]
         for step in steps:
@@ -141,9 +146,12 @@ async def _product(request: Request, reason: Reason, store: MailchimpStore, prod
 
 
 async def _customer(request: Request, reason: Reason, store: MailchimpStore, state: ContactState) -> str | None:
-    response = await request("PUT", store.path("customers", str(state.contact_id)), json={
-        "id": str(state.contact_id), "email_address": state.email, "opt_in_status": _opt_in(store, state)})
+    response = await request("PUT", store.path("customers", str(state.contact_id)), json=_customer_body(store, state))
     return None if response.status_code == 200 else reason("customer", response)
+
+
+def _customer_body(store: MailchimpStore, state: ContactState) -> dict[str, Any]:
+    return {"id": str(state.contact_id), "email_address": state.email, "opt_in_status": _opt_in(store, state)}
 
 
 def _opt_in(store: MailchimpStore, state: ContactState) -> bool:
@@ -161,7 +169,7 @@ def _lines(lines: Sequence[Line], *, ids: bool = True) -> list[dict[str, Any]]:
 
 
 async def _order(request: Request, reason: Reason, store: MailchimpStore, state: ContactState,
-                 order: OrderPush) -> str | None:
+                 order: OrderPush, *, with_customer: bool = False) -> str | None:
     body: dict[str, Any] = {
         "currency_code": order.currency, "order_total": amount(order.total),
         "financial_status": _FINANCIAL.get(order.status, "pending"),
@@ -173,7 +181,8 @@ async def _order(request: Request, reason: Reason, store: MailchimpStore, state:
         body["cancelled_at_foreign"] = order.updated_at.isoformat()
     if not order.known:
         response = await request("POST", store.path("orders"), json={
-            "id": order.external_id, "customer": {"id": str(state.contact_id)}, "lines": _lines(order.lines), **body})
+            "id": order.external_id, "lines": _lines(order.lines), **body,
+            "customer": _customer_body(store, state) if with_customer else {"id": str(state.contact_id)}})
         if response.status_code == 200:
             return None
         if response.status_code != 400:  # 400: there already (a retry after a lost answer): updated below
@@ -188,9 +197,8 @@ async def _cart(request: Request, reason: Reason, store: MailchimpStore, state: 
     if cart.status == "removed":
         response = await request("DELETE", store.path("carts", cart.external_id))
         return None if response.status_code in (204, 404) else reason("cart deletion", response)
-    customer = {"id": str(state.contact_id), "email_address": state.email, "opt_in_status": _opt_in(store, state)}
-    body: dict[str, Any] = {"customer": customer, "currency_code": cart.currency, "order_total": amount(cart.total),
-                            "lines": _lines(cart.lines)}
+    body: dict[str, Any] = {"customer": _customer_body(store, state), "currency_code": cart.currency,
+                            "order_total": amount(cart.total), "lines": _lines(cart.lines)}
     if cart.checkout_url:
         body["checkout_url"] = cart.checkout_url
     if not cart.known:

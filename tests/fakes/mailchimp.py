@@ -141,13 +141,18 @@ class FakeMailchimp(FakeVendor):
                                          seen: Seen) -> Response:
         if body["id"] != params["customer_id"]:
             self.violation(seen, "the customer id in the path differs from the body's")
+        self._upsert_customer(store, body)
+        return JSONResponse(body)
+
+    def _upsert_customer(self, store: Store, body: dict[str, Any]) -> None:
+        """A customer written (by PUT, or inside an order or cart): its address joins the store's audience as
+        `subscribed` with opt_in_status, else `transactional`; an existing member keeps its status."""
         key = subscriber_hash(body["email_address"])
         members = self.lists[store.list_id]
         if key not in members and (store.list_id, key) not in self.forgotten:
-            status = "subscribed" if body["opt_in_status"] else "transactional"
+            status = "subscribed" if body.get("opt_in_status") else "transactional"
             members[key] = Member(body["email_address"].lower(), status)
-        store.customers[params["customer_id"]] = body
-        return JSONResponse(body)
+        store.customers[body["id"]] = body
 
     def _deleteEcommerceStoresIdCustomersId(self, store: Store, params: dict[str, str], body: dict[str, Any],
                                             seen: Seen) -> Response:
@@ -183,6 +188,8 @@ class FakeMailchimp(FakeVendor):
         problem = self._check_refs(store, body)
         if problem:
             return problem
+        if "email_address" in body["customer"]:
+            self._upsert_customer(store, body["customer"])
         store.orders[body["id"]] = body
         store.order_statuses.setdefault(body["id"], []).append(
             (body.get("financial_status"), body.get("fulfillment_status")))
@@ -208,6 +215,8 @@ class FakeMailchimp(FakeVendor):
         problem = self._check_refs(store, body)
         if problem:
             return problem
+        if "email_address" in body["customer"]:
+            self._upsert_customer(store, body["customer"])
         store.carts[body["id"]] = body
         return JSONResponse(body)
 
@@ -227,8 +236,8 @@ class FakeMailchimp(FakeVendor):
         return self._delete(store.carts, params["cart_id"])
 
     def _check_refs(self, store: Store, body: dict[str, Any]) -> Response | None:
-        customer = body.get("customer", {}).get("id")
-        if customer is not None and customer not in store.customers and "email_address" not in body["customer"]:
+        customer = body.get("customer", {})
+        if "id" in customer and customer["id"] not in store.customers and "email_address" not in customer:
             return self.error(400, "Invalid Resource", "The customer does not exist: give its email_address.")
         for line in body.get("lines", ()):
             variants = store.products.get(line["product_id"], {}).get("variants", {})
