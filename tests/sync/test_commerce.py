@@ -281,3 +281,25 @@ async def test_webhooks_get_commerce_topics_only_when_named(committing_client: h
     assert got == [("commerce.cart_changed", cart_id), ("commerce.order_changed", order_id),
                    ("commerce.cart_changed", cart_id)]
     assert [d.payload["type"] for d in receivers[every["id"]].deliveries] == ["contact.created"]
+
+
+async def test_mailchimp_customer_opt_in_follows_the_membership_and_subscribes_no_one(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """A buyer synced through another audience (mc-vip) is a customer with opt_in_status false on the store's
+    audience (mc-news): Mailchimp makes them a transactional member there, never a subscribed one."""
+    fake, live = mailchimp
+    client = committing_client
+    news, vip = await make_list(client), await make_list(client)
+    store = uid("store")
+    await destination(client, kind="mailchimp", list_mappings=[
+        {"list_id": news["id"], "remote_list_id": "mc-news"}, {"list_id": vip["id"], "remote_list_id": "mc-vip"}],
+        config={"api_key": MC_KEY, "base_url": live.url, "store_id": store, "push_orders": True})
+    buyer = await make_contact(client)
+    await subscribe(client, vip["id"], buyer["id"])
+    await put_order(client, uid("O"), buyer["id"], "paid", items(("MUG", "Mug", "12.50")))
+    await drain(worker)
+    remote = fake.stores[store]
+    assert remote.list_id == "mc-news" and remote.customers[buyer["id"]]["opt_in_status"] is False
+    assert fake.member("mc-news", buyer["email"]).status == "transactional"  # type: ignore[union-attr]
+    assert fake.member("mc-vip", buyer["email"]).status == "subscribed"  # type: ignore[union-attr]
