@@ -138,3 +138,16 @@ async def test_every_number_declares_its_bounds(client: httpx.AsyncClient) -> No
     order_line = document["components"]["schemas"]["OrderItem"]["properties"]
     money = order_line["unit_price"]["anyOf"]
     assert {"maximum": 999999999999.99, "minimum": 0} .items() <= money[0].items() and money[1]["maxLength"] == 40
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_non_json_numbers_in_a_body_are_422_not_500(client: httpx.AsyncClient, constant: str) -> None:
+    """Python's JSON parser takes NaN and Infinity, which are not JSON: nothing that stores them may see them."""
+    contact = await make_contact(client)
+    for path, body in (
+        ("/v1/events", '{"contact": {"id": "%s"}, "type": "page.viewed", "properties": {"x": %s}}'),
+        ("/v1/events/batch", '{"events": [{"contact": {"id": "%s"}, "type": "page.viewed", "properties": {"x": %s}}]}'),
+    ):
+        answer = await client.post(path, content=(body % (contact["id"], constant)).encode(),
+                                   headers={**ADMIN, "content-type": "application/json"})
+        assert answer.status_code == 422, (path, answer.status_code, answer.text[:300])
