@@ -68,7 +68,7 @@ Query = Callable[[AsyncSession], Awaitable[Any]]
 
 def budget_in_docs() -> dict[str, str]:
     """index name → the query it serves, from the "Index budget" table of docs/performance.md."""
-    section = DOCS.read_text().split("## Index budget", 1)[1].split("\n## ", 1)[0]
+    section = DOCS.read_text().split("## Index budget", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     rows = re.findall(r"^\| `([a-z_]+)` \| (.+?) \|", section, flags=re.MULTILINE)
     return dict(rows)
 
