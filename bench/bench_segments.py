@@ -72,13 +72,13 @@ N_CITIES = 300
 HAND = {
     "correlated_count": """
         SELECT count(*) FROM contact c
-        WHERE lower(c.city) = $1 AND c.tags @> ARRAY['vip']::text[]
+        WHERE lower(c.city) = $1 AND cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]
           AND (SELECT count(*) FROM "order" o
                WHERE o.contact_id = c.id AND o.placed_at >= $2
                  AND o.status NOT IN ('cancelled', 'refunded')) >= 2""",
     "exists_offset_1": """
         SELECT count(*) FROM contact c
-        WHERE lower(c.city) = $1 AND c.tags @> ARRAY['vip']::text[]
+        WHERE lower(c.city) = $1 AND cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]
           AND EXISTS (SELECT 1 FROM "order" o
                       WHERE o.contact_id = c.id AND o.placed_at >= $2
                         AND o.status NOT IN ('cancelled', 'refunded')
@@ -86,7 +86,7 @@ HAND = {
     "join_group_having": """
         SELECT count(*) FROM (
           SELECT c.id FROM contact c JOIN "order" o ON o.contact_id = c.id
-          WHERE lower(c.city) = $1 AND c.tags @> ARRAY['vip']::text[]
+          WHERE lower(c.city) = $1 AND cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]
             AND o.placed_at >= $2 AND o.status NOT IN ('cancelled', 'refunded')
           GROUP BY c.id HAVING count(*) >= 2) s""",
     "orders_first_having": """
@@ -94,7 +94,7 @@ HAND = {
         JOIN (SELECT contact_id FROM "order"
               WHERE placed_at >= $2 AND status NOT IN ('cancelled', 'refunded')
               GROUP BY contact_id HAVING count(*) >= 2) o ON o.contact_id = c.id
-        WHERE lower(c.city) = $1 AND c.tags @> ARRAY['vip']::text[]""",
+        WHERE lower(c.city) = $1 AND cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]""",
 }
 
 
@@ -439,12 +439,13 @@ def _no_params(now: datetime) -> tuple[Any, ...]:
 
 SYNC_CASES = {
     # the count phase's 3-condition segment (a few hundred members)
-    "vip_lyon_repeat": SyncCase(FILTER, None, REPEAT_BUYERS.format(tag="c.tags @> ARRAY['vip']::text[]"),
+    "vip_lyon_repeat": SyncCase(FILTER, None,
+                                REPEAT_BUYERS.format(tag="cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]"),
                                 REPEAT_BUYERS.format(tag="NOT c.tags @> ARRAY['vip']::text[]"), _city_and_cutoff),
     # one wide condition (5% of the contacts): what a large snapshot costs
     "vip": SyncCase({"all": [{"field": "tags", "op": "contains", "value": "vip"}]},
-                    "SELECT count(*) FROM contact c WHERE c.tags @> ARRAY['vip']::text[]",
-                    "SELECT c.id FROM contact c WHERE c.tags @> ARRAY['vip']::text[]",
+                    "SELECT count(*) FROM contact c WHERE cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]",
+                    "SELECT c.id FROM contact c WHERE cardinality(c.tags) > 0 AND c.tags @> ARRAY['vip']::text[]",
                     "SELECT c.id FROM contact c WHERE NOT c.tags @> ARRAY['vip']::text[]", _no_params),
 }
 

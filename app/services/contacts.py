@@ -32,6 +32,7 @@ from app.db import is_unique_violation
 from app.errors import ContactNotFound, DuplicateContact, InvalidInput, PreconditionFailed
 from app.models import Contact, ListMembership
 from app.models.base import new_id, utc_now
+from app.models.contacts import off_default, tagged
 from app.schemas.contacts import ContactCreate, ContactPatch, ContactSort, ContactUpsert
 from app.schemas.types import normalize_phone
 from app.security import Principal
@@ -363,7 +364,8 @@ NO_ORDER_YET = literal_column("'1970-01-01 00:00:00+00'::timestamptz")
 _SORT_EXPR: dict[str, ColumnElement[Any]] = {
     "created_at": _t.c.created_at,
     "updated_at": _t.c.updated_at,
-    "last_name": func.coalesce(func.lower(_t.c.last_name), ""),
+    # '' as a constant: a bound parameter would not match the index expression in a generic plan
+    "last_name": func.coalesce(func.lower(_t.c.last_name), literal_column("''")),
     "last_order_at": func.coalesce(_t.c.last_order_at, NO_ORDER_YET),
 }
 
@@ -425,14 +427,15 @@ def _conditions(f: ContactFilters) -> list[ColumnElement[bool]]:
     if f.external_id is not None:
         where.append(_t.c.external_id == f.external_id)
     if f.tags:
-        where.append(_t.c.tags.contains(f.tags))
+        where.append(tagged(_t.c.tags.contains(f.tags)))
     if f.list_id is not None:
         where.append(exists().where(and_(_members.c.contact_id == _t.c.id, _members.c.list_id == f.list_id,
                                          _members.c.status == "subscribed")))
     if f.kind is not None:
-        where.append(_t.c.kind == f.kind)
+        where.append(and_(_t.c.kind == f.kind, off_default("kind", [f.kind])))
     if f.lifecycle_stage is not None:
-        where.append(_t.c.lifecycle_stage == f.lifecycle_stage)
+        stage = _t.c.lifecycle_stage == f.lifecycle_stage
+        where.append(and_(stage, off_default("lifecycle_stage", [f.lifecycle_stage])))
     if f.city is not None:
         where.append(func.lower(_t.c.city) == f.city.lower())
     if f.postal_code is not None:

@@ -68,6 +68,7 @@ from app.models import (
     SegmentSync,
 )
 from app.models.base import new_id, utc_now
+from app.models.contacts import off_default, tagged
 from app.models.orders import CART_STATUSES
 from app.schemas.contacts import ContactKind, LifecycleStage
 from app.schemas.freeform import json_problem, unstorable_text
@@ -449,8 +450,14 @@ def _compile_text(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapp
     choices = spec.choices
     if spec.casefold:
         return _scalar(func.lower(expr), op, value, vpath, lambda v, p: _text(v, p).lower())
-    return _scalar(expr, op, value, vpath, lambda v, p: _text(v, p, choices),
-                   nullable=attribute or expr.nullable)
+    condition = _scalar(expr, op, value, vpath, lambda v, p: _text(v, p, choices),
+                        nullable=attribute or expr.nullable)
+    if not attribute and spec.column.name in _SPARSE and op in ("eq", "in"):  # their partial indexes: models.contacts
+        return and_(condition, off_default(spec.column.name, [value] if op == "eq" else value))
+    return condition
+
+
+_SPARSE = ("kind", "lifecycle_stage")
 
 
 def _compile_number(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
@@ -523,11 +530,11 @@ def _compile_tags(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapp
             has_any = func.cardinality(tags) > 0
             return has_any if _boolean(value, vpath) else not_(has_any)
         case "eq" | "contains":
-            return tags.contains(cast([_text(value, vpath)], ARRAY(Text)))
+            return tagged(tags.contains(cast([_text(value, vpath)], ARRAY(Text))))
         case "neq":
             return not_(tags.contains(cast([_text(value, vpath)], ARRAY(Text))))
         case "in":
-            return tags.overlap(cast(_values(value, vpath, _text), ARRAY(Text)))
+            return tagged(tags.overlap(cast(_values(value, vpath, _text), ARRAY(Text))))
         case _:  # nin
             return not_(tags.overlap(cast(_values(value, vpath, _text), ARRAY(Text))))
 

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.errors import Conflict, TagNotFound
 from app.models import Contact, ContactHistory, Tag
 from app.models.base import utc_now
+from app.models.contacts import tagged
 from app.schemas.attributes import TagCreate
 from app.security import Principal
 
@@ -57,7 +58,7 @@ async def delete_tag(session: AsyncSession, name: str, *, actor: Principal) -> i
         raise TagNotFound(f"no tag named {name!r}")
     changed = (
         update(_contacts)
-        .where(_contacts.c.tags.contains([name]))
+        .where(tagged(_contacts.c.tags.contains([name])))
         .values(tags=func.array_remove(_contacts.c.tags, name), version=_contacts.c.version + 1, updated_at=utc_now())
         .returning(_contacts.c.id, _contacts.c.tags)
         .cte("changed")
