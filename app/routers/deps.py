@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import WriteSession
 from app.errors import AppError, InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
 from app.problems import problem_fields, validation_problem
+from app.schemas.types import NOT_NULLABLE, Declared
 from app.security import Principal, authenticate
 from app.services import idempotency as idempotency_service
 from app.services.links import LinkBuilder, LinkCodec
@@ -22,6 +24,7 @@ from app.services.links import LinkBuilder, LinkCodec
 __all__ = [
     "AUTH_PROBLEMS",
     "Idempotency",
+    "IdempotencyKey",
     "IfMatch",
     "JSONBody",
     "Links",
@@ -98,17 +101,28 @@ def etag(version: int) -> str:
     return f'"v{version}"'
 
 
-async def _if_match(if_match: Annotated[str | None, Header(description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
+# The ETags this server issues (`"v3"`, weak or not), or `*`; anything else can match no version of anything.
+_IF_MATCH_PATTERN = r'^(\*|(W/)?"v[0-9]{1,19}")$'  # an order's version is 16 digits long
+_IF_MATCH = re.compile(_IF_MATCH_PATTERN)
+
+
+async def _if_match(if_match: Annotated[str | None, NOT_NULLABLE, Declared(pattern=_IF_MATCH_PATTERN), Header(
+        description='ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale '
+                    '(or not one of its ETags)')] = None) -> int | None:
     """The version the caller expects, or None when it did not ask (or said `*`)."""
-    if if_match is None or if_match.strip() == "*":
+    match = _IF_MATCH.fullmatch(if_match.strip()) if if_match is not None else None
+    if if_match is None or (match and match[1] == "*"):
         return None
-    value = if_match.strip().removeprefix("W/")
-    if value.startswith('"v') and value.endswith('"') and value[2:-1].isdigit():
-        return int(value[2:-1])
-    raise PreconditionFailed("If-Match does not match any version of this resource")
+    if match is None:
+        raise PreconditionFailed("If-Match does not match any version of this resource")
+    return int(if_match.strip().removeprefix("W/")[2:-1])
 
 
 IfMatch = Annotated[int | None, Depends(_if_match)]
+
+
+# The header's value as the contract declares it (its description is the route's: what a reuse means there).
+IdempotencyKey = Annotated[str | None, NOT_NULLABLE, Declared(pattern=idempotency_service.KEY_PATTERN)]
 
 
 @dataclass(slots=True)
@@ -134,9 +148,10 @@ async def _idempotency(
     request: Request,
     session: WriteSession,
     caller: Annotated[Principal, Depends(authenticate)],
-    idempotency_key: Annotated[str | None, Header(
-        description="Replays the first response for 24 h, to the same token only; reused with another body, or by "
-                    "another token → 422")] = None,
+    idempotency_key: Annotated[IdempotencyKey, Header(
+        description="Replays the first response for 24 h, to the same token only. The server judges reuse: the same "
+                    "key with another body or path, or from another token → 422; a fresh random key (a UUID) per "
+                    "intended request never collides")] = None,
 ) -> _IdempotencyScope:
     if idempotency_key is None:
         return _IdempotencyScope(session, caller.subject, None, None)

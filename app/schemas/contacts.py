@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
-from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName, Timestamp
+from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName, Timestamp, absent_or_set
 from app.security.masking import mask_email, mask_name, mask_phone, mask_text
 
 __all__ = [
@@ -109,7 +109,7 @@ class _ContactFields(InputSchema):
     source: ContactSource | None = None
     first_contact_at: Timestamp | None = None
     first_contact_channel: ShortText | None = None
-    kind: ContactKind | None = None
+    kind: ContactKind | None = absent_or_set()
     attributes: dict[str, Any] | None = Field(
         default=None, description="Custom attributes, typed by /v1/attributes. In a patch, null removes a key."
     )

@@ -15,12 +15,13 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import ShortText
+from app.schemas.types import NON_BLANK, ShortText, absent_or_set
 
 __all__ = [
     "SECRET_FIELDS",
@@ -58,8 +59,10 @@ class DeliveryStatus(StrEnum):
     DEAD = "dead"
 
 
+DestinationName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 Secret = Annotated[SecretStr, Field(min_length=8, max_length=500)]
-RemoteField = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+_REMOTE_FIELD_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
+RemoteField = Annotated[str, StringConstraints(pattern=_REMOTE_FIELD_PATTERN)]
 # Carnet fields a vendor field may be mapped from: the contact's own fields and `attributes.<name>`.
 MAPPABLE_FIELDS = frozenset({
     "external_id", "phone", "first_name", "last_name", "company", "job_title", "sector", "gender", "birth_date",
@@ -144,6 +147,15 @@ class SegmentMapping(InputSchema):
         default=None, description="Mailchimp only: the tag that marks the segment's members")
 
 
+# What _check_field_mappings accepts, for the contract (pydantic alone would allow any key beside the pattern).
+FieldMappings = Annotated[dict[RemoteField, RemoteField], WithJsonSchema({
+    "type": "object",
+    "propertyNames": {"anyOf": [{"enum": sorted(MAPPABLE_FIELDS)}, {"pattern": _ATTRIBUTE_FIELD.pattern}]},
+    "additionalProperties": {"type": "string", "pattern": _REMOTE_FIELD_PATTERN},
+    "description": "Carnet field (`first_name`, `attributes.size`) → vendor field",
+})]
+
+
 def _check_field_mappings(value: dict[str, str] | None) -> dict[str, str] | None:
     for carnet_field in value or {}:
         if carnet_field not in MAPPABLE_FIELDS and not _ATTRIBUTE_FIELD.fullmatch(carnet_field):
@@ -164,14 +176,13 @@ class _Mapped(InputSchema):
 
 class DestinationCreate(_Mapped):
     kind: DestinationKind
-    name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+    name: DestinationName
     enabled: bool = True
     config: dict[str, Any] = Field(default_factory=dict, description="Per kind; secrets in it are write-only")
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] = Field(default_factory=list)
     segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] = Field(
         default_factory=list, description="Segments synced: their members enter and leave as the segment changes")
-    field_mappings: dict[RemoteField, RemoteField] = Field(
-        default_factory=dict, description="Carnet field (`first_name`, `attributes.size`) → vendor field")
+    field_mappings: FieldMappings = Field(default_factory=dict)
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
@@ -179,12 +190,12 @@ class DestinationCreate(_Mapped):
 class DestinationPatch(_Mapped):
     """Merge patch. `config` is merged key by key (a secret given replaces the stored one; null removes a key)."""
 
-    name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)] | None = None
-    enabled: bool | None = None
+    name: DestinationName | None = absent_or_set()
+    enabled: bool | None = absent_or_set()
     config: dict[str, Any] | None = None
-    list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = None
-    segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = None
-    field_mappings: dict[RemoteField, RemoteField] | None = None
+    list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = absent_or_set()
+    segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = absent_or_set()
+    field_mappings: FieldMappings | None = absent_or_set()
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 

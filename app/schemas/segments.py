@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.contacts import ContactRead
-from app.schemas.types import LongText, ShortText
+from app.schemas.types import NON_BLANK, LongText, ShortText, absent_or_set
 
 __all__ = [
     "SegmentCount",
@@ -25,7 +25,7 @@ __all__ = [
     "present_segment",
 ]
 
-SegmentName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+SegmentName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 FILTER_DOC = ('{"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions '
               "(docs/api.md, Segments)")
 Filter = Annotated[dict[str, Any], Field(description=FILTER_DOC, examples=[
@@ -42,9 +42,9 @@ class SegmentCreate(InputSchema):
 class SegmentPatch(InputSchema):
     """Merge patch: absent fields untouched; null clears description."""
 
-    name: SegmentName | None = None
+    name: SegmentName | None = absent_or_set()
     description: LongText | None = None
-    filter: Filter | None = None
+    filter: Filter | None = absent_or_set()
 
     @model_validator(mode="after")
     def _required_fields_stay(self) -> Self:

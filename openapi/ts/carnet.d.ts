@@ -1305,7 +1305,7 @@ export interface components {
             /** City */
             city?: string | null;
             /** Country */
-            country?: string | null;
+            country?: ("AC" | "AD" | "AE" | "AF" | "AG" | "AI" | "AL" | "AM" | "AO" | "AR" | "AS" | "AT" | "AU" | "AW" | "AX" | "AZ" | "BA" | "BB" | "BD" | "BE" | "BF" | "BG" | "BH" | "BI" | "BJ" | "BL" | "BM" | "BN" | "BO" | "BQ" | "BR" | "BS" | "BT" | "BW" | "BY" | "BZ" | "CA" | "CC" | "CD" | "CF" | "CG" | "CH" | "CI" | "CK" | "CL" | "CM" | "CN" | "CO" | "CR" | "CU" | "CV" | "CW" | "CX" | "CY" | "CZ" | "DE" | "DJ" | "DK" | "DM" | "DO" | "DZ" | "EC" | "EE" | "EG" | "EH" | "ER" | "ES" | "ET" | "FI" | "FJ" | "FK" | "FM" | "FO" | "FR" | "GA" | "GB" | "GD" | "GE" | "GF" | "GG" | "GH" | "GI" | "GL" | "GM" | "GN" | "GP" | "GQ" | "GR" | "GT" | "GU" | "GW" | "GY" | "HK" | "HN" | "HR" | "HT" | "HU" | "ID" | "IE" | "IL" | "IM" | "IN" | "IO" | "IQ" | "IR" | "IS" | "IT" | "JE" | "JM" | "JO" | "JP" | "KE" | "KG" | "KH" | "KI" | "KM" | "KN" | "KP" | "KR" | "KW" | "KY" | "KZ" | "LA" | "LB" | "LC" | "LI" | "LK" | "LR" | "LS" | "LT" | "LU" | "LV" | "LY" | "MA" | "MC" | "MD" | "ME" | "MF" | "MG" | "MH" | "MK" | "ML" | "MM" | "MN" | "MO" | "MP" | "MQ" | "MR" | "MS" | "MT" | "MU" | "MV" | "MW" | "MX" | "MY" | "MZ" | "NA" | "NC" | "NE" | "NF" | "NG" | "NI" | "NL" | "NO" | "NP" | "NR" | "NU" | "NZ" | "OM" | "PA" | "PE" | "PF" | "PG" | "PH" | "PK" | "PL" | "PM" | "PR" | "PS" | "PT" | "PW" | "PY" | "QA" | "RE" | "RO" | "RS" | "RU" | "RW" | "SA" | "SB" | "SC" | "SD" | "SE" | "SG" | "SH" | "SI" | "SJ" | "SK" | "SL" | "SM" | "SN" | "SO" | "SR" | "SS" | "ST" | "SV" | "SX" | "SY" | "SZ" | "TA" | "TC" | "TD" | "TG" | "TH" | "TJ" | "TK" | "TL" | "TM" | "TN" | "TO" | "TR" | "TT" | "TV" | "TW" | "TZ" | "UA" | "UG" | "US" | "UY" | "UZ" | "VA" | "VC" | "VE" | "VG" | "VI" | "VN" | "VU" | "WF" | "WS" | "XK" | "YE" | "YT" | "ZA" | "ZM" | "ZW") | null;
             /** Line1 */
             line1?: string | null;
             /** Line2 */
@@ -1572,7 +1572,7 @@ export interface components {
             gender?: string | null;
             /** Job Title */
             job_title?: string | null;
-            kind?: components["schemas"]["ContactKind"] | null;
+            kind?: components["schemas"]["ContactKind"];
             /**
              * Language
              * @description BCP 47 tag, e.g. fr or fr-BE
@@ -1674,7 +1674,7 @@ export interface components {
             gender?: string | null;
             /** Job Title */
             job_title?: string | null;
-            kind?: components["schemas"]["ContactKind"] | null;
+            kind?: components["schemas"]["ContactKind"];
             /**
              * Language
              * @description BCP 47 tag, e.g. fr or fr-BE
@@ -1829,7 +1829,7 @@ export interface components {
             gender?: string | null;
             /** Job Title */
             job_title?: string | null;
-            kind?: components["schemas"]["ContactKind"] | null;
+            kind?: components["schemas"]["ContactKind"];
             /**
              * Language
              * @description BCP 47 tag, e.g. fr or fr-BE
@@ -2026,17 +2026,20 @@ export interface components {
                 [key: string]: unknown;
             } | null;
             /** Enabled */
-            enabled?: boolean | null;
-            /** Field Mappings */
+            enabled?: boolean;
+            /**
+             * Field Mappings
+             * @description Carnet field (`first_name`, `attributes.size`) → vendor field
+             */
             field_mappings?: {
                 [key: string]: string;
-            } | null;
+            };
             /** List Mappings */
-            list_mappings?: components["schemas"]["ListMapping"][] | null;
+            list_mappings?: components["schemas"]["ListMapping"][];
             /** Name */
-            name?: string | null;
+            name?: string;
             /** Segment Mappings */
-            segment_mappings?: components["schemas"]["SegmentMapping"][] | null;
+            segment_mappings?: components["schemas"]["SegmentMapping"][];
         };
         /** DestinationRead */
         DestinationRead: {
@@ -2695,13 +2698,13 @@ export interface components {
             /** Display Name */
             display_name?: string | null;
             /** Double Opt In */
-            double_opt_in?: boolean | null;
+            double_opt_in?: boolean;
             /** Name */
-            name?: string | null;
+            name?: string;
             /** Public Signup */
-            public_signup?: boolean | null;
+            public_signup?: boolean;
             /** Signup Origins */
-            signup_origins?: string[] | null;
+            signup_origins?: string[];
             /** Signup Policy Version */
             signup_policy_version?: string | null;
             /** Signup Wording */
@@ -2905,8 +2908,9 @@ export interface components {
             /**
              * Currency
              * @description ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR
+             * @enum {string}
              */
-            currency: string;
+            currency: "AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL";
             /** Items */
             items?: components["schemas"]["OrderItem"][];
             /**
@@ -3248,12 +3252,30 @@ export interface components {
         SegmentPatch: {
             /** Description */
             description?: string | null;
-            /** Filter */
+            /**
+             * Filter
+             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments)
+             * @example {
+             *       "all": [
+             *         {
+             *           "field": "address.city",
+             *           "op": "eq",
+             *           "value": "Lyon"
+             *         },
+             *         {
+             *           "field": "orders.category",
+             *           "op": "eq",
+             *           "value": "shoes",
+             *           "within_days": 90
+             *         }
+             *       ]
+             *     }
+             */
             filter?: {
                 [key: string]: unknown;
-            } | null;
+            };
             /** Name */
-            name?: string | null;
+            name?: string;
         };
         /** SegmentPreview */
         SegmentPreview: {
@@ -3661,8 +3683,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -3939,7 +3961,7 @@ export interface operations {
                 lifecycle_stage?: components["schemas"]["LifecycleStage"] | null;
                 city?: string | null;
                 postal_code?: string | null;
-                country?: string | null;
+                country?: ("AC" | "AD" | "AE" | "AF" | "AG" | "AI" | "AL" | "AM" | "AO" | "AR" | "AS" | "AT" | "AU" | "AW" | "AX" | "AZ" | "BA" | "BB" | "BD" | "BE" | "BF" | "BG" | "BH" | "BI" | "BJ" | "BL" | "BM" | "BN" | "BO" | "BQ" | "BR" | "BS" | "BT" | "BW" | "BY" | "BZ" | "CA" | "CC" | "CD" | "CF" | "CG" | "CH" | "CI" | "CK" | "CL" | "CM" | "CN" | "CO" | "CR" | "CU" | "CV" | "CW" | "CX" | "CY" | "CZ" | "DE" | "DJ" | "DK" | "DM" | "DO" | "DZ" | "EC" | "EE" | "EG" | "EH" | "ER" | "ES" | "ET" | "FI" | "FJ" | "FK" | "FM" | "FO" | "FR" | "GA" | "GB" | "GD" | "GE" | "GF" | "GG" | "GH" | "GI" | "GL" | "GM" | "GN" | "GP" | "GQ" | "GR" | "GT" | "GU" | "GW" | "GY" | "HK" | "HN" | "HR" | "HT" | "HU" | "ID" | "IE" | "IL" | "IM" | "IN" | "IO" | "IQ" | "IR" | "IS" | "IT" | "JE" | "JM" | "JO" | "JP" | "KE" | "KG" | "KH" | "KI" | "KM" | "KN" | "KP" | "KR" | "KW" | "KY" | "KZ" | "LA" | "LB" | "LC" | "LI" | "LK" | "LR" | "LS" | "LT" | "LU" | "LV" | "LY" | "MA" | "MC" | "MD" | "ME" | "MF" | "MG" | "MH" | "MK" | "ML" | "MM" | "MN" | "MO" | "MP" | "MQ" | "MR" | "MS" | "MT" | "MU" | "MV" | "MW" | "MX" | "MY" | "MZ" | "NA" | "NC" | "NE" | "NF" | "NG" | "NI" | "NL" | "NO" | "NP" | "NR" | "NU" | "NZ" | "OM" | "PA" | "PE" | "PF" | "PG" | "PH" | "PK" | "PL" | "PM" | "PR" | "PS" | "PT" | "PW" | "PY" | "QA" | "RE" | "RO" | "RS" | "RU" | "RW" | "SA" | "SB" | "SC" | "SD" | "SE" | "SG" | "SH" | "SI" | "SJ" | "SK" | "SL" | "SM" | "SN" | "SO" | "SR" | "SS" | "ST" | "SV" | "SX" | "SY" | "SZ" | "TA" | "TC" | "TD" | "TG" | "TH" | "TJ" | "TK" | "TL" | "TM" | "TN" | "TO" | "TR" | "TT" | "TV" | "TW" | "TZ" | "UA" | "UG" | "US" | "UY" | "UZ" | "VA" | "VC" | "VE" | "VG" | "VI" | "VN" | "VU" | "WF" | "WS" | "XK" | "YE" | "YT" | "ZA" | "ZM" | "ZW") | null;
                 created_after?: string | null;
                 updated_after?: string | null;
                 /** @description Contacts matching this segment */
@@ -4024,8 +4046,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4096,8 +4118,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4229,8 +4251,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4368,8 +4390,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -4436,8 +4458,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -4645,8 +4667,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path: {
                 contact_id: string;
@@ -4957,10 +4979,10 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path: {
                 contact_id: string;
@@ -5112,8 +5134,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -5183,8 +5205,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -5423,8 +5445,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -5553,8 +5575,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 destination_id: string;
@@ -5630,8 +5652,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 destination_id: string;
@@ -6099,8 +6121,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6171,8 +6193,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6322,7 +6344,7 @@ export interface operations {
             query?: never;
             header?: {
                 /** @description Replays the first response for 24 h, to the same token only; reused with another file or fields, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6527,7 +6549,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                authorization?: string | null;
+                authorization?: string;
             };
             path: {
                 destination_id: string;
@@ -6621,7 +6643,7 @@ export interface operations {
                 secret?: string | null;
             };
             header?: {
-                "x-mailchimp-signature"?: string | null;
+                "x-mailchimp-signature"?: string;
             };
             path: {
                 destination_id: string;
@@ -6791,8 +6813,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6921,8 +6943,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 list_id: string;
@@ -6989,8 +7011,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 list_id: string;
@@ -7143,8 +7165,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path: {
                 list_id: string;
@@ -7462,8 +7484,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 external_id: string;
@@ -7659,7 +7681,11 @@ export interface operations {
                      * @constant
                      */
                     consent: true;
-                    /** Email */
+                    /**
+                     * Email
+                     * Format: email
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     */
                     email: string;
                     /** First Name */
                     first_name?: string | null;
@@ -7678,7 +7704,11 @@ export interface operations {
                      * @constant
                      */
                     consent: true;
-                    /** Email */
+                    /**
+                     * Email
+                     * Format: email
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     */
                     email: string;
                     /** First Name */
                     first_name?: string | null;
@@ -8180,8 +8210,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -8388,8 +8418,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 segment_id: string;
@@ -8465,8 +8495,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 segment_id: string;
@@ -8880,8 +8910,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -9058,8 +9088,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
