@@ -11,6 +11,7 @@ from typing import Annotated, Any, Self
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     StringConstraints,
@@ -21,7 +22,7 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import NON_BLANK, ShortText, absent_or_set
+from app.schemas.types import NON_BLANK, Declared, ShortText, absent_or_set, one_of_required
 
 __all__ = [
     "SECRET_FIELDS",
@@ -59,6 +60,7 @@ class DeliveryStatus(StrEnum):
     DEAD = "dead"
 
 
+RemoteName = Annotated[str, StringConstraints(min_length=1, max_length=100), NON_BLANK]  # a vendor's list id, tag
 DestinationName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 Secret = Annotated[SecretStr, Field(min_length=8, max_length=500)]
 _REMOTE_FIELD_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
@@ -102,10 +104,14 @@ class MailchimpConfig(_Config):
     signing_secret: Secret | None = Field(default=None, description="Write-only; checks X-Mailchimp-Signature")
 
 
+_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
+WebhookSecret = Annotated[SecretStr, Declared(pattern=_WHSEC.pattern)]  # checked by _standard_webhooks_secret
+
+
 class WebhookConfig(_Config):
     url: AnyHttpUrl | None = None
-    secret: SecretStr | None = Field(default=None, description="Write-only `whsec_...`; generated when absent")
-    previous_secret: SecretStr | None = Field(default=None, description="Write-only; also signs during a rotation")
+    secret: WebhookSecret | None = Field(default=None, description="Write-only `whsec_...`; generated when absent")
+    previous_secret: WebhookSecret | None = Field(default=None, description="Write-only; also signs during a rotation")
     topics: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
         default=None, description="Only these topics (default: all)")
 
@@ -123,7 +129,6 @@ class WebhookConfig(_Config):
         return value
 
 
-_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
 
 
 def config_model(kind: DestinationKind) -> type[_Config]:
@@ -133,17 +138,17 @@ def config_model(kind: DestinationKind) -> type[_Config]:
 
 class ListMapping(InputSchema):
     list_id: uuid.UUID
-    remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    remote_list_id: RemoteName
     double_opt_in: bool = Field(default=False, description="Confirm through the vendor (Mailchimp pending, "
                                                            "Brevo doubleOptinConfirmation)")
 
 
 class SegmentMapping(InputSchema):
     segment_id: uuid.UUID
-    remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+    remote_list_id: RemoteName | None = Field(
         default=None, description="Brevo: the list the segment fills; Mailchimp: the audience whose members get "
                                   "the tag (an audience of list_mappings); webhook: none")
-    tag: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+    tag: RemoteName | None = Field(
         default=None, description="Mailchimp only: the tag that marks the segment's members")
 
 
@@ -174,7 +179,20 @@ class _Mapped(InputSchema):
         return mappings
 
 
+def _config_by_kind() -> dict[str, Any]:
+    """Each kind's config, for the contract: its keys, and those a creation needs (the webhook's `secret` is
+    generated when absent). Whether a URL may be reached (no private address) and a list exists the server judges."""
+    needed = {DestinationKind.BREVO: ["api_key"], DestinationKind.MAILCHIMP: ["api_key"],
+              DestinationKind.WEBHOOK: ["url"]}
+    return {"anyOf": [
+        {"properties": {"kind": {"const": kind.value},
+                        "config": {"allOf": [config_model(kind).model_json_schema(), one_of_required(*needed[kind])]}},
+         "required": ["config"]}
+        for kind in DestinationKind]}
+
+
 class DestinationCreate(_Mapped):
+    model_config = ConfigDict(json_schema_extra=_config_by_kind())
     kind: DestinationKind
     name: DestinationName
     enabled: bool = True

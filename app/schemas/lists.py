@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentProof
@@ -97,6 +97,13 @@ _PUBLIC_FIELDS = {
 
 
 class ListCreate(InputSchema):
+    # app.services.lists: a public signup form shows the consent wording (each signup's proof), on the shop's pages.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"public_signup": {"const": False}}},
+        {"required": ["signup_wording", "signup_origins"],
+         "properties": {"signup_wording": {"type": "string"}, "signup_origins": {"minItems": 1}}},
+    ]})
+
     name: ListName
     description: LongText | None = None
     double_opt_in: bool = False
@@ -193,8 +200,13 @@ class MemberPage(BaseModel):
 
 
 class MemberBatch(InputSchema):
-    add: list[uuid.UUID] = Field(default_factory=list, description="Contacts to subscribe (ledger consent needed)")
-    remove: list[uuid.UUID] = Field(default_factory=list, description="Contacts to unsubscribe")
+    # At least one contact; at most 1000 in add and remove together, and none in both (the server counts those).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
+
+    add: list[uuid.UUID] = Field(default_factory=list, max_length=1000,
+                                 description="Contacts to subscribe (ledger consent needed)")
+    remove: list[uuid.UUID] = Field(default_factory=list, max_length=1000, description="Contacts to unsubscribe")
     source: ShortText | None = Field(default=None, description="Source recorded on added memberships")
 
     @model_validator(mode="after")

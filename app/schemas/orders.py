@@ -9,12 +9,12 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.freeform import FreeJSONObject
-from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText
+from app.schemas.types import NON_BLANK, AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText, one_of_required
 from app.security.masking import mask_json
 
 __all__ = [
@@ -41,7 +41,13 @@ def _cents(value: Decimal) -> Decimal:
     return value
 
 
-Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), AfterValidator(_cents)]
+# The contract's form of an amount: a decimal string (API.md), or a JSON integer. A JSON number with decimals is
+# accepted too, when it has at most 2 (not declared: a binary float such as 0.57000000000000001 has more).
+_MONEY_SCHEMA = {"anyOf": [{"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,2})?$"},
+                           {"type": "integer", "minimum": 0, "maximum": 999_999_999_999}],
+                 "description": 'A decimal amount, at most 2 decimals, e.g. "49.90"'}
+Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), AfterValidator(_cents),
+                  WithJsonSchema(_MONEY_SCHEMA)]
 Currency = Annotated[CurrencyCode, Field(
     description="ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR")]
 
@@ -63,7 +69,10 @@ class OrderChannel(StrEnum):
 
 
 class ContactRef(InputSchema):
-    """Which contact: by id, else external_id, else email (an unknown email creates the contact)."""
+    """Which contact: by id, else external_id, else email (an unknown email creates the contact). An id or an
+    external_id alone must name an existing contact (the server judges: 422 otherwise)."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("id", "external_id", "email"))
 
     id: uuid.UUID | None = None
     external_id: ExternalId | None = None
@@ -77,7 +86,7 @@ class ContactRef(InputSchema):
 
 
 class OrderItem(InputSchema):
-    sku: ShortText = Field(min_length=1)
+    sku: Annotated[ShortText, NON_BLANK] = Field(min_length=1)
     name: ShortText | None = None
     category: ShortText | None = None
     quantity: int = Field(ge=1, le=1_000_000)

@@ -44,6 +44,7 @@ __all__ = [
     "fast_phone",
     "normalize_email",
     "normalize_phone",
+    "one_of_required",
     "phone_by_phonenumbers",
     "utc_instant",
 ]
@@ -210,6 +211,7 @@ Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normali
     format="email", description="An email address (stored lowercased); the server judges its validity "
                                 "(email-validator: syntax and domain name, no DNS lookup).")]
 Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone), Declared(
+    pattern=PLAIN_TEXT_PATTERN,
     description="A phone number, international (+33 6 12 34 56 78) or national in DEFAULT_PHONE_REGION "
                 "(06 12 34 56 78), stored in E.164; the server judges its validity for its region (libphonenumber): "
                 "no pattern can say which numbers exist.")]
@@ -235,6 +237,12 @@ def _not_nullable(schema: dict[str, Any]) -> None:
         schema.update(branches[0])
     else:
         schema["anyOf"] = branches
+
+
+def one_of_required(*names: str) -> dict[str, Any]:
+    """JSON Schema for "at least one of these fields, not null" (a model validator enforces it): the contract
+    keyword of a rule such as "one of email, phone or external_id is required"."""
+    return {"anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]}
 
 
 class _NotNullable:

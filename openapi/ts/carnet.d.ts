@@ -1342,6 +1342,14 @@ export interface components {
              */
             options?: string[] | null;
             type: components["schemas"]["AttributeType"];
+        } | {
+            options: unknown[];
+            /** @enum {unknown} */
+            type?: "enum" | "multi_enum";
+        } | {
+            options?: null;
+            /** @enum {unknown} */
+            type?: "boolean" | "date" | "number" | "text";
         };
         /**
          * AttributePatch
@@ -1465,6 +1473,11 @@ export interface components {
              * @description Where it happened: newsletter_form, checkout, ...
              */
             source?: string | null;
+        } | {
+            /** @enum {unknown} */
+            action?: "withdrawn" | "confirmed";
+        } | {
+            proof: unknown;
         };
         /** ConsentEventRead */
         ConsentEventRead: {
@@ -1523,13 +1536,23 @@ export interface components {
             /** Form Url */
             form_url?: string | null;
             /** Ip */
-            ip?: string | null;
+            ip?: (string | unknown | unknown) | null;
             /** Policy Version */
             policy_version?: string | null;
             /** User Agent */
             user_agent?: string | null;
             /** Wording */
             wording?: string | null;
+        } | {
+            ip: unknown;
+        } | {
+            user_agent: unknown;
+        } | {
+            form_url: unknown;
+        } | {
+            wording: unknown;
+        } | {
+            policy_version: unknown;
         };
         /**
          * ConsentPurpose
@@ -1554,7 +1577,10 @@ export interface components {
             attributes?: {
                 [key: string]: unknown;
             } | null;
-            /** Birth Date */
+            /**
+             * Birth Date
+             * @description From 1900-01-01 to today (the server's date)
+             */
             birth_date?: string | null;
             /** Company */
             company?: string | null;
@@ -1587,6 +1613,12 @@ export interface components {
             source?: components["schemas"]["ContactSource"] | null;
             /** Tags */
             tags?: string[] | null;
+        } | {
+            email: unknown;
+        } | {
+            phone: unknown;
+        } | {
+            external_id: unknown;
         };
         /**
          * ContactExportRead
@@ -1656,7 +1688,10 @@ export interface components {
             attributes?: {
                 [key: string]: unknown;
             } | null;
-            /** Birth Date */
+            /**
+             * Birth Date
+             * @description From 1900-01-01 to today (the server's date)
+             */
             birth_date?: string | null;
             /** Company */
             company?: string | null;
@@ -1761,7 +1796,8 @@ export interface components {
         };
         /**
          * ContactRef
-         * @description Which contact: by id, else external_id, else email (an unknown email creates the contact).
+         * @description Which contact: by id, else external_id, else email (an unknown email creates the contact). An id or an
+         *     external_id alone must name an existing contact (the server judges: 422 otherwise).
          */
         ContactRef: {
             /** Email */
@@ -1770,6 +1806,12 @@ export interface components {
             external_id?: string | null;
             /** Id */
             id?: string | null;
+        } | {
+            id: unknown;
+        } | {
+            external_id: unknown;
+        } | {
+            email: unknown;
         };
         /**
          * ContactSort
@@ -1811,7 +1853,10 @@ export interface components {
             attributes?: {
                 [key: string]: unknown;
             } | null;
-            /** Birth Date */
+            /**
+             * Birth Date
+             * @description From 1900-01-01 to today (the server's date)
+             */
             birth_date?: string | null;
             /** Company */
             company?: string | null;
@@ -1844,6 +1889,10 @@ export interface components {
             source?: components["schemas"]["ContactSource"] | null;
             /** Tags */
             tags?: string[] | null;
+        } | {
+            external_id: unknown;
+        } | {
+            email: unknown;
         };
         /**
          * Delimiter
@@ -1929,6 +1978,96 @@ export interface components {
              * @description Segments synced: their members enter and leave as the segment changes
              */
             segment_mappings?: components["schemas"]["SegmentMapping"][];
+        } | {
+            config: {
+                /**
+                 * Api Key
+                 * @description Write-only (`api-key` header)
+                 */
+                api_key?: string | null;
+                /**
+                 * Base Url
+                 * @description Overrides the vendor's API host (proxies, tests)
+                 */
+                base_url?: string | null;
+                /** Double Opt In Redirect Url */
+                double_opt_in_redirect_url?: string | null;
+                /**
+                 * Double Opt In Template Id
+                 * @description For vendor double opt-in lists
+                 */
+                double_opt_in_template_id?: number | null;
+                /**
+                 * Inbound Secret
+                 * @description Write-only; generated when absent
+                 */
+                inbound_secret?: string | null;
+            } & {
+                api_key: unknown;
+            };
+            /** @constant */
+            kind?: "brevo";
+        } | {
+            config: {
+                /**
+                 * Api Key
+                 * @description Write-only; its `-usN` suffix names the datacenter
+                 */
+                api_key?: string | null;
+                /**
+                 * Base Url
+                 * @description Overrides the vendor's API host (proxies, tests)
+                 */
+                base_url?: string | null;
+                /**
+                 * Inbound Secret
+                 * @description Write-only; generated when absent
+                 */
+                inbound_secret?: string | null;
+                /**
+                 * Signing Secret
+                 * @description Write-only; checks X-Mailchimp-Signature
+                 */
+                signing_secret?: string | null;
+            } & {
+                api_key: unknown;
+            };
+            /** @constant */
+            kind?: "mailchimp";
+        } | {
+            config: {
+                /**
+                 * Base Url
+                 * @description Overrides the vendor's API host (proxies, tests)
+                 */
+                base_url?: string | null;
+                /**
+                 * Inbound Secret
+                 * @description Write-only; generated when absent
+                 */
+                inbound_secret?: string | null;
+                /**
+                 * Previous Secret
+                 * @description Write-only; also signs during a rotation
+                 */
+                previous_secret?: string | null;
+                /**
+                 * Secret
+                 * @description Write-only `whsec_...`; generated when absent
+                 */
+                secret?: string | null;
+                /**
+                 * Topics
+                 * @description Only these topics (default: all)
+                 */
+                topics?: string[] | null;
+                /** Url */
+                url?: string | null;
+            } & {
+                url: unknown;
+            };
+            /** @constant */
+            kind?: "webhook";
         };
         /** DestinationCreated */
         DestinationCreated: {
@@ -2659,6 +2798,12 @@ export interface components {
              * @description The consent text shown on the form; kept as the proof's wording. Required for public_signup
              */
             signup_wording?: string | null;
+        } | {
+            /** @constant */
+            public_signup?: false;
+        } | {
+            signup_origins: unknown;
+            signup_wording: string;
         };
         /** ListMapping */
         ListMapping: {
@@ -2788,6 +2933,10 @@ export interface components {
              * @description Source recorded on added memberships
              */
             source?: string | null;
+        } | {
+            add: unknown;
+        } | {
+            remove: unknown;
         };
         /** MemberBatchItem */
         MemberBatchItem: {
@@ -2891,8 +3040,11 @@ export interface components {
             quantity: number;
             /** Sku */
             sku: string;
-            /** Unit Price */
-            unit_price: number | string;
+            /**
+             * Unit Price
+             * @description A decimal amount, at most 2 decimals, e.g. "49.90"
+             */
+            unit_price: string | number;
         };
         /** OrderPage */
         OrderPage: {
@@ -2919,8 +3071,11 @@ export interface components {
              */
             placed_at: string;
             status: components["schemas"]["OrderStatus"];
-            /** Total Amount */
-            total_amount: number | string;
+            /**
+             * Total Amount
+             * @description A decimal amount, at most 2 decimals, e.g. "49.90"
+             */
+            total_amount: string | number;
         };
         /** OrderRead */
         OrderRead: {
@@ -3397,6 +3552,10 @@ export interface components {
             phone?: string | null;
             /** @description The person's fresh request: where, when (ip), which wording */
             proof: components["schemas"]["ConsentProof"];
+        } | {
+            email: unknown;
+        } | {
+            phone: unknown;
         };
         /** SuppressionReleased */
         SuppressionReleased: {
@@ -3463,6 +3622,26 @@ export interface components {
             subject: string;
             /** Ttl Seconds */
             ttl_seconds?: number | null;
+        } | {
+            /** @constant */
+            role?: "admin";
+            scopes?: ("attributes:write" | "consents:read" | "consents:write" | "contacts:erase" | "contacts:read" | "contacts:write" | "destinations:read" | "destinations:write" | "events:read" | "events:write" | "exports:read" | "imports:write" | "journal:read" | "lists:read" | "lists:write" | "memberships:write" | "orders:read" | "orders:write" | "pii:read" | "retention:run" | "segments:read" | "segments:write" | "tags:delete" | "tags:write" | "tokens:admin")[] | null;
+        } | {
+            /** @constant */
+            role?: "manager";
+            scopes?: ("attributes:write" | "consents:read" | "consents:write" | "contacts:read" | "contacts:write" | "destinations:read" | "destinations:write" | "events:read" | "events:write" | "exports:read" | "imports:write" | "lists:read" | "lists:write" | "memberships:write" | "orders:read" | "orders:write" | "pii:read" | "segments:read" | "segments:write" | "tags:delete" | "tags:write")[] | null;
+        } | {
+            /** @constant */
+            role?: "editor";
+            scopes?: ("consents:read" | "consents:write" | "contacts:read" | "contacts:write" | "events:read" | "lists:read" | "memberships:write" | "orders:read" | "pii:read" | "segments:read" | "tags:write")[] | null;
+        } | {
+            /** @constant */
+            role?: "viewer";
+            scopes?: ("consents:read" | "contacts:read" | "events:read" | "lists:read" | "orders:read" | "segments:read")[] | null;
+        } | {
+            /** @constant */
+            role?: "integration";
+            scopes?: ("consents:read" | "consents:write" | "contacts:read" | "contacts:write" | "events:write" | "lists:read" | "memberships:write" | "orders:read" | "orders:write" | "pii:read")[] | null;
         };
         /** TokenIssued */
         TokenIssued: {
