@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,10 +23,12 @@ from app.services.links import LinkBuilder, LinkCodec
 
 __all__ = [
     "AUTH_PROBLEMS",
+    "CursorParam",
     "Idempotency",
     "IdempotencyKey",
     "IfMatch",
     "JSONBody",
+    "LinkToken",
     "Links",
     "Problem",
     "etag",
@@ -95,6 +97,16 @@ async def run_each(
         else:
             results.append({"index": index, "status": status, "id": item_id})
     return results
+
+
+# A page's `next_cursor` (unpadded base64url of an encrypted position): only the server can tell one it issued.
+CursorParam = Annotated[str | None, NOT_NULLABLE, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
+    max_length=1000, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
+                                 "did not issue, or issued for another sort, is a 422")]
+# The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it.
+LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"), Path(
+    max_length=512, description="The link's token, as sent. The server judges it: damaged, forged or of another kind "
+                                "of link → 400; expired → 410")]
 
 
 def etag(version: int) -> str:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, PreconditionFailed, problems
-from app.routers.deps import AUTH_PROBLEMS, Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import AUTH_PROBLEMS, CursorParam, Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.merge import DuplicatesPage, MergeRequest
 from app.schemas.types import Limit
@@ -36,7 +36,7 @@ async def list_duplicate_candidates(
     caller: Annotated[Principal, costly(Scope.CONTACTS_READ, Scope.PII_READ)],  # over every contact: costly
     reason: Annotated[list[Reason], Query(description="Repeatable: only pairs matched by these rules")] = [],  # noqa: B006
     limit: Limit = 50,
-    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    cursor: CursorParam = None,
 ) -> Any:
     """Pairs of contacts that are probably one person, each with its reasons.
 

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, problems
-from app.routers.deps import JSONBody
+from app.routers.deps import JSONBody, LinkToken
 from app.schemas.lists import ConfirmPreview, ConfirmResult, UnsubscribePreview, UnsubscribeResult
 from app.services import lists as lists_service
 from app.services.links import Link, LinkCodec, LinkExpired, LinkInvalid, LinkKind
@@ -34,7 +34,7 @@ _MAX_USER_AGENT = 1000
 
 @router.get("/confirm/{token}", response_model=ConfirmPreview,
             responses={200: _HTML, **problems(LinkInvalid, LinkExpired)})
-async def show_confirmation(token: str, request: Request, session: ReadSession) -> Any:
+async def show_confirmation(token: LinkToken, request: Request, session: ReadSession) -> Any:
     """The double opt-in link from the email: a page with the confirm button. Changes nothing (mail scanners
     open every link, and a scanner is not the person's proof); the button POSTs to the same URL."""
     try:
@@ -53,7 +53,7 @@ async def show_confirmation(token: str, request: Request, session: ReadSession) 
 
 @router.post("/confirm/{token}", response_model=ConfirmResult,
              responses={200: _HTML, **problems(LinkInvalid, LinkExpired, ConfirmationCancelled)})
-async def confirm_subscription(token: str, request: Request, session: WriteSession) -> Any:
+async def confirm_subscription(token: LinkToken, request: Request, session: WriteSession) -> Any:
     """Confirm: `pending` → `subscribed`, and a `confirmed` ledger event with the clicker's IP and user agent.
     Following it again changes nothing."""
     try:
@@ -70,7 +70,7 @@ async def confirm_subscription(token: str, request: Request, session: WriteSessi
 
 
 @router.get("/unsubscribe/{token}", response_model=UnsubscribePreview, responses={200: _HTML, **problems(LinkInvalid)})
-async def show_unsubscribe(token: str, request: Request, session: ReadSession) -> Any:
+async def show_unsubscribe(token: LinkToken, request: Request, session: ReadSession) -> Any:
     """What the link would do. Changes nothing: mail scanners and previews follow links."""
     try:
         link = decode_link(request, token, LinkKind.UNSUBSCRIBE)
@@ -88,7 +88,7 @@ async def show_unsubscribe(token: str, request: Request, session: ReadSession) -
 
 
 @router.post("/unsubscribe/{token}", response_model=UnsubscribeResult, responses={200: _HTML, **problems(LinkInvalid)})
-async def unsubscribe_by_link(token: str, request: Request, session: WriteSession, everything: All = False) -> Any:
+async def unsubscribe_by_link(token: LinkToken, request: Request, session: WriteSession, everything: All = False) -> Any:
     """RFC 8058 one-click unsubscribe (`List-Unsubscribe=One-Click` body accepted, not required)."""
     try:
         link = decode_link(request, token, LinkKind.UNSUBSCRIBE)

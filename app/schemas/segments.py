@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, WithJsonSchema, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.contacts import ContactRead
@@ -28,7 +28,10 @@ __all__ = [
 SegmentName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 FILTER_DOC = ('{"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions '
               "(docs/api.md, Segments)")
-Filter = Annotated[dict[str, Any], Field(description=FILTER_DOC, examples=[
+# Declared as the component SegmentFilter, which app.main adds (built from the compiler's tables by
+# app.services.segment_schema); the compiler checks it.
+FILTER_REF = "#/components/schemas/SegmentFilter"
+Filter = Annotated[dict[str, Any], WithJsonSchema({"allOf": [{"$ref": FILTER_REF}]}), Field(description=FILTER_DOC, examples=[
     {"all": [{"field": "address.city", "op": "eq", "value": "Lyon"},
              {"field": "orders.category", "op": "eq", "value": "shoes", "within_days": 90}]}])]
 

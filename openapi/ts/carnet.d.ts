@@ -3319,6 +3319,462 @@ export interface components {
          * @enum {string}
          */
         Scope: "contacts:read" | "contacts:write" | "contacts:erase" | "pii:read" | "attributes:write" | "tags:write" | "tags:delete" | "lists:read" | "lists:write" | "memberships:write" | "consents:read" | "consents:write" | "orders:read" | "orders:write" | "events:read" | "events:write" | "segments:read" | "segments:write" | "imports:write" | "exports:read" | "destinations:read" | "destinations:write" | "retention:run" | "tokens:admin" | "journal:read";
+        /** @description {field, op, value}, and within_days, count for orders and events */
+        SegmentCondition: {
+            /** @constant */
+            field: "kind";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            /** @enum {unknown} */
+            value: "customer" | "prospect" | "vendor" | "partner";
+        } | {
+            /** @constant */
+            field: "kind";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: ("customer" | "prospect" | "vendor" | "partner")[];
+        } | {
+            /** @constant */
+            field: "kind";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "lifecycle_stage";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            /** @enum {unknown} */
+            value: "prospect" | "new_customer" | "loyal_customer" | "lapsed_customer";
+        } | {
+            /** @constant */
+            field: "lifecycle_stage";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: ("prospect" | "new_customer" | "loyal_customer" | "lapsed_customer")[];
+        } | {
+            /** @constant */
+            field: "lifecycle_stage";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "email_status";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "email_status";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "email_status";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "source";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "source";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "source";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "language";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "language";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "language";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "company";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "contains";
+            value: string;
+        } | {
+            /** @constant */
+            field: "company";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "company";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "address.city";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "contains";
+            value: string;
+        } | {
+            /** @constant */
+            field: "address.city";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "address.city";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "address.postal_code";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "address.postal_code";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "address.postal_code";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "address.country";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "address.country";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "address.country";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "tags";
+            /** @enum {unknown} */
+            op: "eq" | "contains" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "tags";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "tags";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "lists";
+            /** @enum {unknown} */
+            op: "eq" | "contains" | "neq";
+            /** Format: uuid */
+            value: string;
+        } | {
+            /** @constant */
+            field: "lists";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "stats.orders_count";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
+        } | {
+            /** @constant */
+            field: "stats.orders_count";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.orders_count";
+            /** @enum {unknown} */
+            op: "between";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "between";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "between";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.sku";
+            /** @enum {unknown} */
+            op: "eq";
+            value: string;
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.sku";
+            /** @enum {unknown} */
+            op: "in";
+            value: string[];
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.category";
+            /** @enum {unknown} */
+            op: "eq";
+            value: string;
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.category";
+            /** @enum {unknown} */
+            op: "in";
+            value: string[];
+            within_days?: number;
+        } | {
+            /** @constant */
+            field: "orders.count";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
+            within_days?: number;
+        } | {
+            /** @constant */
+            field: "orders.count";
+            /** @enum {unknown} */
+            op: "between";
+            value: number[];
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "events.type";
+            /** @enum {unknown} */
+            op: "eq";
+            value: string;
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "events.type";
+            /** @enum {unknown} */
+            op: "in";
+            value: string[];
+            within_days?: number;
+        } | {
+            /** @constant */
+            field: "consents.email_marketing";
+            /** @enum {unknown} */
+            op: "eq";
+            value: boolean;
+        } | {
+            field: string;
+            /** @enum {unknown} */
+            op: "between" | "contains" | "eq" | "exists" | "gt" | "gte" | "in" | "lt" | "lte" | "neq" | "nin" | "older_than_days" | "within_days";
+            value?: unknown;
+        };
         /** SegmentCount */
         SegmentCount: {
             /** Count */
@@ -3347,12 +3803,18 @@ export interface components {
              *       ]
              *     }
              */
-            filter: {
-                [key: string]: unknown;
-            };
+            filter: components["schemas"]["SegmentFilter"];
             /** Name */
             name: string;
         };
+        /** @description A group (all, any: a non-empty array; not: one node) or a condition. Groups nest at most 8 deep and a filter holds at most 100 conditions (the server counts: 422 too_deep, too_many_conditions). Grammar: docs/api.md, Segments */
+        SegmentFilter: {
+            all: components["schemas"]["SegmentFilter"][];
+        } | {
+            any: components["schemas"]["SegmentFilter"][];
+        } | {
+            not: components["schemas"]["SegmentFilter"];
+        } | components["schemas"]["SegmentCondition"];
         /** SegmentMapping */
         SegmentMapping: {
             /**
@@ -3407,28 +3869,8 @@ export interface components {
         SegmentPatch: {
             /** Description */
             description?: string | null;
-            /**
-             * Filter
-             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments)
-             * @example {
-             *       "all": [
-             *         {
-             *           "field": "address.city",
-             *           "op": "eq",
-             *           "value": "Lyon"
-             *         },
-             *         {
-             *           "field": "orders.category",
-             *           "op": "eq",
-             *           "value": "shoes",
-             *           "within_days": 90
-             *         }
-             *       ]
-             *     }
-             */
-            filter?: {
-                [key: string]: unknown;
-            };
+            /** Filter */
+            filter?: components["schemas"]["SegmentFilter"];
             /** Name */
             name?: string;
         };
@@ -3463,9 +3905,7 @@ export interface components {
              *       ]
              *     }
              */
-            filter: {
-                [key: string]: unknown;
-            };
+            filter: components["schemas"]["SegmentFilter"];
         };
         /** SegmentRead */
         SegmentRead: {
@@ -4148,7 +4588,8 @@ export interface operations {
                 /** @description `last_name`, `-last_name`: need pii:read */
                 sort?: components["schemas"]["ContactSort"];
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -4362,7 +4803,8 @@ export interface operations {
                 /** @description Repeatable: only pairs matched by these rules */
                 reason?: components["schemas"]["Reason"][];
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -5252,7 +5694,8 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given */
+                cursor?: string;
             };
             header?: never;
             path: {
@@ -5455,7 +5898,8 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path: {
@@ -5574,7 +6018,8 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -5924,7 +6369,8 @@ export interface operations {
             query?: {
                 status?: components["schemas"]["DeliveryStatus"] | null;
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path: {
@@ -6045,7 +6491,8 @@ export interface operations {
                 /** @description Default: open */
                 status?: "open" | "completed" | "refused" | "all";
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -6439,7 +6886,7 @@ export interface operations {
                 segment?: string | null;
                 /** @description Only members of this list */
                 list?: string | null;
-                /** @description With `list`: members with this status (default subscribed: who may be mailed) */
+                /** @description Only with `list` (alone: 422): members with this status (default subscribed: who may be mailed) */
                 list_status?: components["schemas"]["ListStatus"];
                 /** @description CSV only: `;` for a French Excel */
                 delimiter?: components["schemas"]["Delimiter"];
@@ -6942,7 +7389,8 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -7283,7 +7731,8 @@ export interface operations {
             query?: {
                 status?: components["schemas"]["MemberStatus"] | null;
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path: {
@@ -7747,6 +8196,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -7797,6 +8247,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8029,6 +8480,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8079,6 +8531,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8195,6 +8648,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8239,6 +8693,7 @@ export interface operations {
             };
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8339,7 +8794,8 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path?: never;
@@ -8766,7 +9222,8 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
-                cursor?: string | null;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
+                cursor?: string;
             };
             header?: never;
             path: {
@@ -8920,9 +9377,9 @@ export interface operations {
     check_suppression_v1_suppressions_check_get: {
         parameters: {
             query?: {
-                /** @description An email address (normalized like a contact's) */
+                /** @description An email address (normalized like a contact's); `email` or `phone` is required */
                 email?: string | null;
-                /** @description A phone number (normalized to E.164) */
+                /** @description A phone number (normalized to E.164); `email` or `phone` is required */
                 phone?: string | null;
             };
             header?: never;
