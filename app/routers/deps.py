@@ -100,7 +100,7 @@ async def run_each(
 
 
 # A page's `next_cursor` (unpadded base64url of an encrypted position): only the server can tell one it issued.
-CursorParam = Annotated[str | None, NOT_NULLABLE, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
+CursorParam = Annotated[str | None, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
     max_length=1000, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
                                  "did not issue, or issued for another sort, is a 422")]
 # The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it.

@@ -23,7 +23,7 @@ from app.schemas.orders import (
     OrderRead,
     present_contact_event,
 )
-from app.schemas.types import NOT_NULLABLE, Declared, ExternalId, Limit, utc_instant
+from app.schemas.types import Declared, ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
 from app.services import history as history_service
 from app.services import orders as orders_service
@@ -125,7 +125,7 @@ async def list_contact_events(
 # `placed_at|id` of the page's last order, as next_cursor gives it (its form, a little narrower: days up to 28).
 _ORDER_CURSOR_PATTERN = (r"^([1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
                          r"(\.[0-9]{1,6})?\+00:00\|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")
-OrderCursor = Annotated[str | None, NOT_NULLABLE, Declared(pattern=_ORDER_CURSOR_PATTERN),
+OrderCursor = Annotated[str | None, Declared(pattern=_ORDER_CURSOR_PATTERN),
                         Query(max_length=100, description="`next_cursor` of the previous page, as given")]
 
 

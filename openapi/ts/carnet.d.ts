@@ -4589,7 +4589,7 @@ export interface operations {
                 sort?: components["schemas"]["ContactSort"];
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -4804,7 +4804,7 @@ export interface operations {
                 reason?: components["schemas"]["Reason"][];
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -5695,7 +5695,7 @@ export interface operations {
             query?: {
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path: {
@@ -5899,7 +5899,7 @@ export interface operations {
             query?: {
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path: {
@@ -6019,7 +6019,7 @@ export interface operations {
             query?: {
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -6370,7 +6370,7 @@ export interface operations {
                 status?: components["schemas"]["DeliveryStatus"] | null;
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path: {
@@ -6492,7 +6492,7 @@ export interface operations {
                 status?: "open" | "completed" | "refused" | "all";
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -7390,7 +7390,7 @@ export interface operations {
             query?: {
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -7732,7 +7732,7 @@ export interface operations {
                 status?: components["schemas"]["MemberStatus"] | null;
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path: {
@@ -8795,7 +8795,7 @@ export interface operations {
             query?: {
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path?: never;
@@ -9223,7 +9223,7 @@ export interface operations {
             query?: {
                 limit?: number;
                 /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
-                cursor?: string;
+                cursor?: string | null;
             };
             header?: never;
             path: {
