@@ -103,9 +103,10 @@ async def run_each(
 CursorParam = Annotated[str | None, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
     max_length=1000, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
                                  "did not issue, or issued for another sort, is a 422")]
-# The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it.
-LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"), Path(
-    max_length=512, description="The link's token, as sent. The server judges it: damaged, forged or of another kind "
+# The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it;
+# a longer or malformed one is "damaged" like a forged one (400, the links' own answer), so both are only declared.
+LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$", maxLength=512), Path(
+    description="The link's token, as sent. The server judges it: damaged, forged or of another kind "
                                 "of link → 400; expired → 410")]
 
 

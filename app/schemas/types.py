@@ -49,6 +49,7 @@ __all__ = [
     "utc_instant",
 ]
 
+
 class Declared:
     """JSON Schema keywords stating a rule that a validator beside it enforces (with its own, clearer message).
 
