@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Query, Request, Response
+from fastapi import Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,9 +28,9 @@ __all__ = [
     "IdempotencyKey",
     "IfMatch",
     "JSONBody",
-    "LinkToken",
     "Links",
     "Problem",
+    "batch_results",
     "etag",
     "item_problem",
     "run_each",
@@ -61,7 +61,10 @@ class Problem(BaseModel):
     detail: str
     instance: str
     errors: list[ProblemFieldError] | None = Field(
-        default=None, description="422 (and 415, naming the Content-Type header): one entry per faulty field")
+        default=None, max_length=50,
+        description="422 (and 415, naming the Content-Type header): one entry per faulty field, the first 50")
+    more_errors: int | None = Field(
+        default=None, description="422: how many faulty fields were found beyond those listed in `errors`")
     existing_id: str | None = Field(default=None, description="409 duplicate-contact: the contact holding the key")
     missing_scopes: list[str] | None = Field(default=None, description="403 only")
 
@@ -69,9 +72,17 @@ class Problem(BaseModel):
 AUTH_PROBLEMS = problems(Unauthenticated, MissingScope, InvalidInput)
 
 
+ITEM_ERRORS = 5  # a batch answers for up to 1000 items: each failed one lists its first 5 faulty fields
+
+
 def item_problem(error: AppError) -> dict[str, Any]:
-    """The problem body of one failed item of a batch."""
-    return problem_fields(error)
+    """The problem body of one failed item of a batch, its `errors` cut to ITEM_ERRORS (the rest counted)."""
+    fields = problem_fields(error)
+    errors = fields.get("errors")
+    if isinstance(errors, list) and len(errors) > ITEM_ERRORS:
+        fields["errors"] = errors[:ITEM_ERRORS]
+        fields["more_errors"] = int(fields.get("more_errors") or 0) + len(errors) - ITEM_ERRORS
+    return fields
 
 
 async def run_each(
@@ -84,18 +95,27 @@ async def run_each(
 
     `action` returns (status, id) for an item that went through; a failed one gets its problem body.
     """
-    results: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
+    outcomes: list[tuple[str, Any] | ValidationError | AppError] = []
+    for item in items:
         try:
             payload = schema.model_validate(item)
             async with session.begin_nested():
-                status, item_id = await action(payload)
-        except ValidationError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
-        except AppError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(exc)})
+                outcomes.append(await action(payload))
+        except (ValidationError, AppError) as exc:
+            outcomes.append(exc)
+    return batch_results(outcomes)
+
+
+def batch_results(outcomes: Sequence[tuple[str, Any] | ValidationError | AppError]) -> list[dict[str, Any]]:
+    """A batch's per-item results: `{index, status, id}`, or `{index, status: "error", error: <problem>}`."""
+    results: list[dict[str, Any]] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, ValidationError | AppError):
+            error = (validation_problem(outcome.errors(), limit=ITEM_ERRORS)
+                     if isinstance(outcome, ValidationError) else outcome)
+            results.append({"index": index, "status": "error", "error": item_problem(error)})
         else:
-            results.append({"index": index, "status": status, "id": item_id})
+            results.append({"index": index, "status": outcome[0], "id": outcome[1]})
     return results
 
 
@@ -103,11 +123,7 @@ async def run_each(
 CursorParam = Annotated[str | None, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
     max_length=1000, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
                                  "did not issue, or issued for another sort, is a 422")]
-# The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it;
-# a longer or malformed one is "damaged" like a forged one (400, the links' own answer), so both are only declared.
-LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$", maxLength=512), Path(
-    description="The link's token, as sent. The server judges it: damaged, forged or of another kind "
-                                "of link → 400; expired → 410")]
+
 
 
 def etag(version: int) -> str:
@@ -115,20 +131,23 @@ def etag(version: int) -> str:
 
 
 # The ETags this server issues (`"v3"`, weak or not), or `*`; anything else can match no version of anything.
-_IF_MATCH_PATTERN = r'^(\*|(W/)?"v[0-9]{1,19}")$'  # an order's version is 16 digits long
+_IF_MATCH_PATTERN = r'^(\*|(W/)?"v([0-9]{1,19})")$'  # an order's version is 16 digits long
 _IF_MATCH = re.compile(_IF_MATCH_PATTERN)
+# A version is a bigint: `"v` + at most 19 ASCII digits + `"` (str.isdigit() also takes `²`, and int() refuses
+# more than 4,300 digits: both were 500s).
+_MAX_VERSION = 2**63 - 1
 
 
 async def _if_match(if_match: Annotated[str | None, NOT_NULLABLE, Declared(pattern=_IF_MATCH_PATTERN), Header(
-        description='ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale '
-                    '(or not one of its ETags)')] = None) -> int | None:
+        max_length=64, description='ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 '
+                                   'if stale (or not one of its ETags)')] = None) -> int | None:
     """The version the caller expects, or None when it did not ask (or said `*`)."""
     match = _IF_MATCH.fullmatch(if_match.strip()) if if_match is not None else None
     if if_match is None or (match and match[1] == "*"):
         return None
-    if match is None:
-        raise PreconditionFailed("If-Match does not match any version of this resource")
-    return int(if_match.strip().removeprefix("W/")[2:-1])
+    if match is not None and match[3] is not None and int(match[3]) <= _MAX_VERSION:
+        return int(match[3])
+    raise PreconditionFailed("If-Match does not match any version of this resource")
 
 
 IfMatch = Annotated[int | None, Depends(_if_match)]

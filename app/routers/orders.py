@@ -11,8 +11,10 @@ from fastapi import APIRouter, Query, Request
 from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
+from app.routers.deps import Idempotency, IfMatch, JSONBody, batch_results, etag
 from app.schemas.orders import (
+    CartPut,
+    CartRead,
     EventBatch,
     EventBatchResult,
     EventCreate,
@@ -25,12 +27,15 @@ from app.schemas.orders import (
 )
 from app.schemas.types import Declared, ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
+from app.services import carts as carts_service
+from app.services import events as events_service
 from app.services import history as history_service
 from app.services import orders as orders_service
 
-__all__ = ["contact_activity_router", "events_router", "orders_router"]
+__all__ = ["carts_router", "contact_activity_router", "events_router", "orders_router"]
 
 orders_router = APIRouter(prefix="/orders", tags=["orders"])
+carts_router = APIRouter(prefix="/carts", tags=["orders"])
 events_router = APIRouter(prefix="/events", tags=["events"])
 contact_activity_router = APIRouter(prefix="/contacts", tags=["orders", "events"])
 
@@ -40,7 +45,7 @@ def _policy(request: Request) -> orders_service.LifecyclePolicy:
 
 
 def _order_response(row: Any, *, status_code: int = 200) -> JSONBody:
-    """One order with its ETag (its version: see `orders.order_version`)."""
+    """One order (or cart) with its ETag (its version: see `orders.order_version`)."""
     return JSONBody(row, status_code=status_code, headers={"ETag": etag(orders_service.order_version(row))})
 
 
@@ -65,6 +70,28 @@ async def get_order(
     return _order_response(row)
 
 
+@carts_router.put("/{external_id}", response_model=CartRead,
+                  responses={201: {"description": "Created", "model": CartRead},
+                             **problems(PreconditionFailed, carts_service.CartClosed)})
+async def put_cart(
+    external_id: ExternalId, payload: CartPut, session: WriteSession,
+    caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
+) -> Any:
+    """Idempotent upsert of the cart as the shop sees it now; an order naming it (`cart_external_id`) converts it."""
+    row, created = await carts_service.upsert_cart(session, external_id, payload, actor=caller,
+                                                   expected_version=expected_version)
+    return _order_response(row, status_code=201 if created else 200)
+
+
+@carts_router.get("/{external_id}", response_model=CartRead, responses=problems(carts_service.CartNotFound))
+async def get_cart(
+    external_id: ExternalId, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)]
+) -> Any:
+    row = await carts_service.get_cart(session, external_id)
+    reveal(row["contact_id"])  # like an order: never masked, always journaled
+    return _order_response(row)
+
+
 @events_router.post("", status_code=201, response_model=EventRead,
                     responses={200: {"description": "Replay of a known event_id", "model": EventRead},
                                **problems(IdempotencyKeyReused)})
@@ -74,7 +101,7 @@ async def create_event(
 ) -> Any:
     if idem.replay:
         return idem.replay
-    row, created = await orders_service.record_event(session, payload, actor=caller)
+    row, created = await events_service.record_event(session, payload, actor=caller)
     return await idem.respond(201 if created else 200, row)
 
 
@@ -86,11 +113,7 @@ async def create_events(
     """Up to 1,000 events; each succeeds or fails alone."""
     if idem.replay:
         return idem.replay
-    async def record(event: EventCreate) -> tuple[str, Any]:
-        row, created = await orders_service.record_event(session, event, actor=caller)
-        return ("created" if created else "duplicate"), row["id"]
-
-    results = await run_each(session, payload.items, EventCreate, record)
+    results = batch_results(await events_service.record_batch(session, payload.items, actor=caller))
     return await idem.respond(200, {"results": results, "errors": sum(r["status"] == "error" for r in results)})
 
 
@@ -115,7 +138,7 @@ async def list_contact_events(
     limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
 ) -> Any:
     """Newest first. Without `pii:read`, string values inside `properties` are masked (keys kept)."""
-    rows = await orders_service.contact_events(session, contact_id, limit=limit,
+    rows = await events_service.contact_events(session, contact_id, limit=limit,
                                                before_id=history_service.id_cursor(cursor))
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
     return JSONBody({"data": [present_contact_event(r, reveal_pii=caller.sees_pii) for r in rows[:limit]],
@@ -123,7 +146,8 @@ async def list_contact_events(
 
 
 # `placed_at|id` of the page's last order, as next_cursor gives it (its form, a little narrower: days up to 28).
-_ORDER_CURSOR_PATTERN = (r"^([1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+_ORDER_CURSOR_PATTERN = (r"^([1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+                         r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
                          r"(\.[0-9]{1,6})?\+00:00\|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")
 OrderCursor = Annotated[str | None, Declared(pattern=_ORDER_CURSOR_PATTERN),
                         Query(max_length=100, description="`next_cursor` of the previous page, as given")]

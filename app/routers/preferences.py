@@ -19,8 +19,8 @@ from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, ContactNotFound, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
-from app.routers.deps import JSONBody, Links, LinkToken
-from app.routers.public import decode_link, link_error, proof_of
+from app.routers.deps import JSONBody, Links
+from app.routers.public import LinkToken, decode_link, link_error, proof_of
 from app.schemas.gdpr import ContactExportRead, present_export
 from app.schemas.preferences import (
     MAX_LISTS,

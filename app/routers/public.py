@@ -11,25 +11,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, problems
-from app.routers.deps import JSONBody, LinkToken
+from app.routers.deps import JSONBody
 from app.schemas.lists import ConfirmPreview, ConfirmResult, UnsubscribePreview, UnsubscribeResult
+from app.schemas.types import Declared
 from app.services import lists as lists_service
-from app.services.links import Link, LinkCodec, LinkExpired, LinkInvalid, LinkKind
+from app.services.links import MAX_TOKEN_CHARS, Link, LinkCodec, LinkExpired, LinkInvalid, LinkKind
 from app.services.lists import ConfirmationCancelled
 from app.web.pages import Brand, language, render, translate, wants_html
 
-__all__ = ["decode_link", "link_error", "proof_of", "router"]
+__all__ = ["LinkToken", "decode_link", "link_error", "proof_of", "router"]
 
 router = APIRouter(prefix="/v1/public", tags=["public"])
 
 All = Annotated[bool, Query(alias="all", description="1: withdraw email_marketing consent (every list)")]
 _HTML = {"content": {"text/html": {}}}
 _MAX_USER_AGENT = 1000
+# Declared, and refused by LinkCodec.decode past it: a longer token gets the "damaged link" page, not a JSON 422.
+# The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it;
+# a longer or malformed one is "damaged" like a forged one (400, the links' own answer), so both are only declared.
+LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$", maxLength=MAX_TOKEN_CHARS), Path(
+    description="The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; "
+                "expired → 410")]
 
 
 @router.get("/confirm/{token}", response_model=ConfirmPreview,
@@ -88,7 +95,8 @@ async def show_unsubscribe(token: LinkToken, request: Request, session: ReadSess
 
 
 @router.post("/unsubscribe/{token}", response_model=UnsubscribeResult, responses={200: _HTML, **problems(LinkInvalid)})
-async def unsubscribe_by_link(token: LinkToken, request: Request, session: WriteSession, everything: All = False) -> Any:
+async def unsubscribe_by_link(token: LinkToken, request: Request, session: WriteSession,
+                              everything: All = False) -> Any:
     """RFC 8058 one-click unsubscribe (`List-Unsubscribe=One-Click` body accepted, not required)."""
     try:
         link = decode_link(request, token, LinkKind.UNSUBSCRIBE)

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import NON_BLANK, Declared, ShortText, absent_or_set, one_of_required
+from app.schemas.types import NON_BLANK, CurrencyCode, Declared, ShortText, absent_or_set, one_of_required
 
 __all__ = [
     "SECRET_FIELDS",
@@ -64,7 +64,9 @@ RemoteName = Annotated[str, StringConstraints(min_length=1, max_length=100), NON
 DestinationName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 Secret = Annotated[SecretStr, Field(min_length=8, max_length=500)]
 _REMOTE_FIELD_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
-RemoteField = Annotated[str, StringConstraints(pattern=_REMOTE_FIELD_PATTERN)]
+RemoteField = Annotated[str, StringConstraints(max_length=100, pattern=_REMOTE_FIELD_PATTERN)]
+MAX_CONFIG_KEYS = 20      # the largest kind's config has fewer keys
+MAX_FIELD_MAPPINGS = 200  # Carnet fields mapped to vendor fields
 # Carnet fields a vendor field may be mapped from: the contact's own fields and `attributes.<name>`.
 MAPPABLE_FIELDS = frozenset({
     "external_id", "phone", "first_name", "last_name", "company", "job_title", "sector", "gender", "birth_date",
@@ -93,15 +95,43 @@ class _Config(InputSchema):
         return _without_credentials(value)
 
 
-class BrevoConfig(_Config):
+EventTypeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]  # as EventCreate.type
+
+
+class _Commerce(InputSchema):
+    """Commerce data to the emailing tool (docs/sync.md, "Commerce"): every option off unless set."""
+
+    push_orders: bool | None = Field(default=None, description="Orders and their status changes (default false)")
+    push_carts: bool | None = Field(default=None, description=(
+        "Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)"))
+    push_events: list[EventTypeName] | None = Field(default=None, max_length=20, description=(
+        "Event types sent as the vendor's custom events; only of people with a current email_marketing grant"))
+
+    @field_validator("push_events")
+    @classmethod
+    def _once_each(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(value) != len(set(value)):
+            raise ValueError("an event type is listed twice")
+        return value
+
+
+class BrevoConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
-    double_opt_in_template_id: int | None = Field(default=None, ge=1, description="For vendor double opt-in lists")
+    double_opt_in_template_id: int | None = Field(default=None, ge=1, le=2**63 - 1,  # Brevo's templateId: int64
+                                                  description="For vendor double opt-in lists")
     double_opt_in_redirect_url: AnyHttpUrl | None = None
 
 
-class MailchimpConfig(_Config):
+class MailchimpConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only; its `-usN` suffix names the datacenter")
     signing_secret: Secret | None = Field(default=None, description="Write-only; checks X-Mailchimp-Signature")
+    store_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
+        default=None, description=("The e-commerce store orders and carts go to; created if missing (required by "
+                                   "push_orders and push_carts)"))
+    store_list_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,100}$")] | None = Field(
+        default=None, description="The audience of a store Carnet creates (default: the first mapped list)")
+    store_currency: CurrencyCode | None = Field(
+        default=None, description="The currency of a store Carnet creates (default: that of the first order or cart)")
 
 
 _WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
@@ -110,10 +140,12 @@ WebhookSecret = Annotated[SecretStr, Declared(pattern=_WHSEC.pattern)]  # checke
 
 class WebhookConfig(_Config):
     url: AnyHttpUrl | None = None
-    secret: WebhookSecret | None = Field(default=None, description="Write-only `whsec_...`; generated when absent")
-    previous_secret: WebhookSecret | None = Field(default=None, description="Write-only; also signs during a rotation")
-    topics: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
-        default=None, description="Only these topics (default: all)")
+    secret: WebhookSecret | None = Field(default=None, max_length=500,
+                                         description="Write-only `whsec_...`; generated when absent")
+    previous_secret: WebhookSecret | None = Field(default=None, max_length=500,
+                                                  description="Write-only; also signs during a rotation")
+    topics: list[Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
+        default=None, max_length=50, description="Only these topics (default: all)")
 
 
     @field_validator("url")
@@ -154,7 +186,7 @@ class SegmentMapping(InputSchema):
 
 # What _check_field_mappings accepts, for the contract (pydantic alone would allow any key beside the pattern).
 FieldMappings = Annotated[dict[RemoteField, RemoteField], WithJsonSchema({
-    "type": "object",
+    "type": "object", "maxProperties": MAX_FIELD_MAPPINGS,
     "propertyNames": {"anyOf": [{"enum": sorted(MAPPABLE_FIELDS)}, {"pattern": _ATTRIBUTE_FIELD.pattern}]},
     "additionalProperties": {"type": "string", "pattern": _REMOTE_FIELD_PATTERN},
     "description": "Carnet field (`first_name`, `attributes.size`) → vendor field",
@@ -196,11 +228,12 @@ class DestinationCreate(_Mapped):
     kind: DestinationKind
     name: DestinationName
     enabled: bool = True
-    config: dict[str, Any] = Field(default_factory=dict, description="Per kind; secrets in it are write-only")
+    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS,
+                                   description="Per kind; secrets in it are write-only")
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] = Field(default_factory=list)
     segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] = Field(
         default_factory=list, description="Segments synced: their members enter and leave as the segment changes")
-    field_mappings: FieldMappings = Field(default_factory=dict)
+    field_mappings: FieldMappings = Field(default_factory=dict, max_length=MAX_FIELD_MAPPINGS)
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
@@ -210,10 +243,10 @@ class DestinationPatch(_Mapped):
 
     name: DestinationName | None = absent_or_set()
     enabled: bool | None = absent_or_set()
-    config: dict[str, Any] | None = None
+    config: dict[str, Any] | None = Field(default=None, max_length=MAX_CONFIG_KEYS)
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = absent_or_set()
     segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = absent_or_set()
-    field_mappings: FieldMappings | None = absent_or_set()
+    field_mappings: FieldMappings | None = absent_or_set(max_length=MAX_FIELD_MAPPINGS)
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 

@@ -70,8 +70,11 @@ def _distinct_origins(origins: list[str]) -> list[str]:
     return list(dict.fromkeys(origins))
 
 
+MAX_BATCH = 1000  # contacts in add and remove together
+
 ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
-AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1), AfterValidator(_distinct)]
+AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1, max_length=len(ContactKind)),
+                          AfterValidator(_distinct)]
 # What _origin accepts, for the contract: a DNS name or an IPv4 address (an IPv6 one in brackets is accepted too, and
 # not declared), and a port up to 65535.
 _ORIGIN_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*"
@@ -79,7 +82,7 @@ _ORIGIN_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*"
 Origin = Annotated[str, StringConstraints(min_length=8, max_length=200), AfterValidator(_origin),
                    Declared(pattern=_ORIGIN_PATTERN)]
 SignupOrigins = Annotated[list[Origin], Field(max_length=20), AfterValidator(_distinct_origins)]
-Color = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
+Color = Annotated[str, StringConstraints(max_length=7, pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
 DisplayName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 PolicyVersion = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 Wording = Annotated[LongText, StringConstraints(min_length=1), NON_BLANK]
@@ -200,20 +203,20 @@ class MemberPage(BaseModel):
 
 
 class MemberBatch(InputSchema):
-    # At least one contact; at most 1000 in add and remove together, and none in both (the server counts those).
+    # At least one contact; at most MAX_BATCH in add and remove together, and none in both (the server counts those).
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
 
-    add: list[uuid.UUID] = Field(default_factory=list, max_length=1000,
+    add: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_BATCH,
                                  description="Contacts to subscribe (ledger consent needed)")
-    remove: list[uuid.UUID] = Field(default_factory=list, max_length=1000, description="Contacts to unsubscribe")
+    remove: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_BATCH, description="Contacts to unsubscribe")
     source: ShortText | None = Field(default=None, description="Source recorded on added memberships")
 
     @model_validator(mode="after")
     def _size(self) -> Self:
         total = len(self.add) + len(self.remove)
-        if not 1 <= total <= 1000:
-            raise ValueError("between 1 and 1000 contacts in add and remove together")
+        if not 1 <= total <= MAX_BATCH:
+            raise ValueError(f"between 1 and {MAX_BATCH} contacts in add and remove together")
         if set(self.add) & set(self.remove):
             raise ValueError("a contact cannot be both added and removed")
         return self

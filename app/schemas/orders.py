@@ -8,8 +8,18 @@ from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from app.access import reveal
 from app.schemas.base import InputSchema
@@ -18,6 +28,9 @@ from app.schemas.types import NON_BLANK, AwareTimestamp, CurrencyCode, Email, Ex
 from app.security.masking import mask_json
 
 __all__ = [
+    "CartPut",
+    "CartRead",
+    "CartStatus",
     "ContactRef",
     "EventBatch",
     "EventBatchItem",
@@ -41,13 +54,21 @@ def _cents(value: Decimal) -> Decimal:
     return value
 
 
-# The contract's form of an amount: a decimal string (API.md), or a JSON integer. A JSON number with decimals is
-# accepted too, when it has at most 2 (not declared: a binary float such as 0.57000000000000001 has more).
-_MONEY_SCHEMA = {"anyOf": [{"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,2})?$"},
-                           {"type": "integer", "minimum": 0, "maximum": 999_999_999_999}],
-                 "description": 'A decimal amount, at most 2 decimals, e.g. "49.90"'}
-Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), AfterValidator(_cents),
-                  WithJsonSchema(_MONEY_SCHEMA)]
+# numeric(14, 2), the column: up to 999,999,999,999.99. Sent as a JSON number or a string; declared as both.
+MAX_MONEY = Decimal("999999999999.99")
+_MONEY_SCHEMA = {"anyOf": [
+    {"type": "number", "minimum": 0, "maximum": float(MAX_MONEY), "multipleOf": 0.01},
+    {"type": "string", "maxLength": 40, "pattern": r"^[0-9]{1,12}(\.[0-9]{1,2})?$"}]}
+
+
+def _money_text(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > 40:  # before Decimal() reads it
+        raise ValueError("a decimal amount with at most 2 decimals, e.g. \"49.90\"")
+    return value
+
+
+Money = Annotated[Decimal, BeforeValidator(_money_text), Field(ge=0, le=MAX_MONEY), AfterValidator(_cents),
+                  WithJsonSchema(_MONEY_SCHEMA, mode="validation")]
 Currency = Annotated[CurrencyCode, Field(
     description="ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR")]
 
@@ -101,6 +122,8 @@ class OrderPut(InputSchema):
     total_amount: Money
     items: list[OrderItem] = Field(default_factory=list, max_length=1000)
     channel: OrderChannel | None = None
+    cart_external_id: ExternalId | None = Field(default=None, description=(
+        "The cart this order came from: a known cart of the same contact is closed by it (status converted)"))
 
 
 class OrderRead(BaseModel):
@@ -113,22 +136,84 @@ class OrderRead(BaseModel):
     total_amount: Decimal
     items: list[dict[str, Any]]
     channel: str | None
+    cart_external_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class CartStatus(StrEnum):
+    OPEN = "open"
+    CONVERTED = "converted"
+    ABANDONED = "abandoned"
+
+
+def _web_link(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username is not None \
+            or parts.password is not None:
+        raise ValueError("an http(s) address without credentials, e.g. https://shop.example/cart/recover/abc")
+    return value
+
+
+class CartPut(InputSchema):
+    """A cart as the shop sees it now. `converted` is normally set by an order naming the cart
+    (`cart_external_id`); a converted cart accepts no further change."""
+
+    contact: ContactRef
+    status: CartStatus = CartStatus.OPEN
+    currency: Currency
+    items: list[OrderItem] = Field(min_length=1, max_length=1000)
+    total_amount: Money | None = Field(default=None, description="Default: the sum of quantity × unit_price")
+    checkout_url: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_web_link)] | None = Field(
+        default=None, description="Where the person resumes the cart (the abandoned-cart email links there)")
+    opened_at: AwareTimestamp = Field(description="When the cart was started (the shop's clock)")
+    closed_at: AwareTimestamp | None = Field(
+        default=None, description="When it was converted or abandoned (default: when Carnet learns it)")
+
+    @model_validator(mode="after")
+    def _checks(self) -> Self:
+        if self.closed_at is not None and self.status is CartStatus.OPEN:
+            raise ValueError("closed_at is for a converted or abandoned cart")
+        if self.closed_at is not None and self.closed_at < self.opened_at:
+            raise ValueError("closed_at comes before opened_at")
+        if self.total_amount is None and self.lines_total() > MAX_MONEY:
+            raise ValueError(f"the lines add up to more than {MAX_MONEY}: give total_amount")
+        return self
+
+    def lines_total(self) -> Decimal:
+        return sum((item.unit_price * item.quantity for item in self.items), Decimal(0))
+
+
+class CartRead(BaseModel):
+    id: uuid.UUID
+    external_id: str
+    contact_id: uuid.UUID
+    status: CartStatus
+    currency: str
+    total_amount: Decimal
+    items: list[dict[str, Any]]
+    checkout_url: str | None
+    opened_at: datetime
+    closed_at: datetime | None
+    order_external_id: str | None
     created_at: datetime
     updated_at: datetime
 
 
 class EventCreate(InputSchema):
     contact: ContactRef
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$", description="e.g. page_view, cart_abandoned")]
+    type: Annotated[str, Field(max_length=64, pattern=r"^[a-z][a-z0-9_.]{0,63}$",
+                               description="e.g. page_view, cart_abandoned")]
     occurred_at: AwareTimestamp
-    properties: FreeJSONObject = Field(default_factory=dict, description=(
-        "Any JSON object, at most 32 levels deep; string values are masked (keys kept) for a token without "
-        "pii:read"))
+    properties: FreeJSONObject = Field(default_factory=dict, max_length=1000, description=(
+        "Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are "
+        "masked (keys kept) for a token without pii:read"))
     event_id: ExternalId | None = Field(default=None, description="Sender's id: a replay with the same id is ignored")
 
     @model_validator(mode="after")
     def _checks(self) -> Self:
-        if len(repr(self.properties)) > 16_000 or "\\x00" in repr(self.properties):
+        shown = repr(self.properties)  # once: a batch checks a thousand of these
+        if len(shown) > 16_000 or "\\x00" in shown:
             raise ValueError("properties must be under 16 kB of JSON, without NUL characters")
         return self
 

@@ -24,7 +24,8 @@ class TokenCreate(InputSchema):
     subject: Annotated[ShortText, NON_BLANK] = Field(min_length=1,
                                                      description="Who the token is for, e.g. intern@shop.example")
     role: Role
-    scopes: list[Scope] | None = Field(default=None, description="Narrow the role's scopes; never widen them")
+    scopes: list[Scope] | None = Field(default=None, max_length=len(Scope),
+                                       description="Narrow the role's scopes; never widen them")
     ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Final
 
 import phonenumbers
@@ -38,6 +39,7 @@ __all__ = [
     "TagName",
     "Timestamp",
     "absent_or_set",
+    "bounded_decimal",
     "configure_phone_region",
     "email_by_validator",
     "fast_email",
@@ -185,6 +187,42 @@ def utc_instant(value: datetime) -> datetime:
     return moment
 
 
+_NUMBER_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")  # a JSON number, as text
+
+
+def bounded_decimal(value: Any, *, integer_digits: int, places: int) -> Decimal:
+    """A JSON number (or a numeric string of at most 40 characters) as an exact Decimal below 10^integer_digits
+    with at most `places` decimals, else ValueError. No arithmetic under a context: `abs(Decimal("1e1000000"))`
+    raises Overflow (a 500), and `1e-1000000` is a number PostgreSQL's numeric cannot take (it was stored in a
+    segment, and every count of it failed afterwards). Trailing zeros do not count as decimals."""
+    wanted = f"a number below 10^{integer_digits} in absolute value, with at most {places} decimals"
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or (
+            isinstance(value, str) and len(value) > 40):
+        raise ValueError(f"expected {wanted}")
+    if isinstance(value, int) and abs(value) >= 10**integer_digits:  # before str(): a 4,000-digit int is slow
+        raise ValueError(f"expected {wanted}")
+    text = str(value)
+    if isinstance(value, str) and not _NUMBER_TEXT.fullmatch(text):  # Decimal() also reads "1_0", " 1", "Inf"
+        raise ValueError(f"expected {wanted}")
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"expected {wanted}") from None
+    if not number.is_finite():
+        raise ValueError(f"expected {wanted}")
+    sign, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if not any(digits):
+        return Decimal(0)
+    kept = list(digits)
+    while exponent < 0 and kept[-1] == 0:  # 1.500 has 1 decimal
+        kept.pop()
+        exponent += 1
+    if number.adjusted() >= integer_digits or exponent < -places:
+        raise ValueError(f"expected {wanted}")
+    return Decimal((sign, tuple(kept), exponent))
+
+
 ATTRIBUTE_NAME_PATTERN: Final = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME_RE = re.compile(ATTRIBUTE_NAME_PATTERN)
 _TAG_PATTERN: Final = rf"^[^{_CONTROL_CHARS}/]*[^{_CONTROL_CHARS}{_SPACES}/][^{_CONTROL_CHARS}/]*$"
@@ -218,13 +256,15 @@ Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normaliz
                 "no pattern can say which numbers exist.")]
 CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country), Declared(
     enum=sorted(_COUNTRIES), description="ISO 3166-1 alpha-2 (lowercase is accepted and stored uppercase)")]
-CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), AfterValidator(_currency), Declared(
+CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3}$"), AfterValidator(_currency),
+                       Declared(
     enum=sorted(_CURRENCIES | _WITHDRAWN_CURRENCIES),
     description="ISO 4217: a current code, or one withdrawn since 2007 (a past order keeps its currency)")]
 # Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`).
 Timestamp = Annotated[datetime, AfterValidator(utc_instant)]  # no offset: UTC
 AwareTimestamp = Annotated[AwareDatetime, AfterValidator(utc_instant)]  # the offset is required
-AttributeName = Annotated[str, AfterValidator(_attribute_name), Declared(pattern=ATTRIBUTE_NAME_PATTERN)]
+AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name),
+                          Declared(pattern=ATTRIBUTE_NAME_PATTERN)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
                     Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]

@@ -1,4 +1,4 @@
-"""Orders, behaviour events, and the contact stats and lifecycle stage that follow from them."""
+"""Orders, the contact an order or event is for, and the contact stats and lifecycle stage that follow from them."""
 
 from __future__ import annotations
 
@@ -15,32 +15,36 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidInput, NotFound, PreconditionFailed
-from app.models import Contact, Event, Order
+from app.models import Contact, Order
 from app.models.base import utc_now
 from app.schemas.contacts import ContactUpsert
-from app.schemas.orders import ContactRef, EventCreate, OrderPut
+from app.schemas.orders import ContactRef, OrderPut
 from app.security import Principal
 from app.services import contacts as contacts_service
-from app.services import history, locks
+from app.services import history, locks, outbox
 
 __all__ = [
+    "EVENT_RECORDED",
+    "ORDER_CHANGED",
     "LifecyclePolicy",
     "OrderNotFound",
-    "contact_events",
+    "check_version",
     "contact_orders",
     "get_order",
     "order_version",
-    "record_event",
     "refresh_aged_stages",
     "refresh_stats",
     "resolve_contact",
+    "same_values",
     "upsert_order",
 ]
 
 _orders = Order.__table__  # type: ignore[attr-defined]
-_events = Event.__table__  # type: ignore[attr-defined]
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 NOT_COUNTED = ("cancelled", "refunded")
+# Outbox topics for the vendors that push commerce data (app/sync/commerce.py); webhooks get them only when named.
+ORDER_CHANGED = "commerce.order_changed"
+EVENT_RECORDED = "commerce.event_recorded"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -120,18 +124,14 @@ async def upsert_order(
         "contact_id": contact_id, "placed_at": payload.placed_at, "status": payload.status.value,
         "currency": payload.currency, "total_amount": payload.total_amount, "channel": payload.channel,
         "items": [item.model_dump(mode="json") for item in payload.items],
+        "cart_external_id": payload.cart_external_id,
     }
     current = (await session.execute(
         select(_orders).where(_orders.c.external_id == external_id).with_for_update()
     )).mappings().first()
     if current is not None and current["contact_id"] not in (contact_id, previous):
         await locks.lock_contacts(session, [current["contact_id"]])  # moved meanwhile: its stats follow too
-    if expected_version is not None:
-        if current is None:
-            raise PreconditionFailed("the order does not exist yet: send no If-Match to create it")
-        if order_version(current) != expected_version:
-            raise PreconditionFailed(f"the order is at version {order_version(current)}",
-                                     current_version=order_version(current))
+    check_version(current, expected_version, what="order")
     now = utc_now()
     if current is None:
         statement = (insert(_orders).values(id=uuid.uuid4(), external_id=external_id, created_at=now, updated_at=now,
@@ -142,8 +142,9 @@ async def upsert_order(
             return await upsert_order(session, external_id, payload, actor=actor, policy=policy,
                                       expected_version=expected_version)
         await refresh_stats(session, contact_id, actor=actor, policy=policy)
+        await _order_changed(session, row)
         return dict(row), True
-    if all(_same(current[k], v) for k, v in values.items()):
+    if same_values(current, values):
         return dict(current), False
     row = (await session.execute(
         update_statement(_orders).where(_orders.c.id == current["id"]).values(**values, updated_at=now)
@@ -151,7 +152,35 @@ async def upsert_order(
     )).mappings().one()
     for affected in {current["contact_id"], contact_id}:
         await refresh_stats(session, affected, actor=actor, policy=policy)
+    await _order_changed(session, row)
     return dict(row), False
+
+
+async def _order_changed(session: AsyncSession, row: Mapping[str, Any]) -> None:
+    """The cart it names is converted, and the destinations that push orders learn of it (ids only)."""
+    from app.services import carts  # carts builds on this module (resolve_contact)
+
+    await outbox.add(session, ORDER_CHANGED, contact_id=row["contact_id"],
+                     payload={"order_id": str(row["id"]), "external_id": row["external_id"]})
+    if row["cart_external_id"] is not None:
+        await carts.convert(session, row["cart_external_id"], order_external_id=row["external_id"],
+                            contact_id=row["contact_id"])
+
+
+def check_version(current: Mapping[str, Any] | None, expected_version: int | None, *, what: str) -> None:
+    """If-Match: PreconditionFailed unless the row exists at that version (None: no condition)."""
+    if expected_version is None:
+        return
+    if current is None:
+        raise PreconditionFailed(f"the {what} does not exist yet: send no If-Match to create it")
+    if order_version(current) != expected_version:
+        raise PreconditionFailed(f"the {what} is at version {order_version(current)}",
+                                 current_version=order_version(current))
+
+
+def same_values(current: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    """A replay: every value given equals the stored one (decimals by value)."""
+    return all(_same(current[k], v) for k, v in values.items())
 
 
 async def get_order(session: AsyncSession, external_id: str) -> dict[str, Any]:
@@ -230,32 +259,6 @@ async def refresh_aged_stages(session: AsyncSession, *, policy: LifecyclePolicy,
         await history.record(session, contact_id, [("lifecycle_stage", old_stage, "lapsed_customer")],
                              actor=actor, via="lifecycle")
     return len(rows)
-
-
-async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> tuple[dict[str, Any], bool]:
-    """Append a behaviour event (a replayed event_id returns the stored one); last_activity_at follows."""
-    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="api")
-    statement = insert(_events).values(
-        event_id=payload.event_id, contact_id=contact_id, type=payload.type, occurred_at=payload.occurred_at,
-        properties=payload.properties, created_at=utc_now(),
-    ).on_conflict_do_nothing().returning(*_events.c)
-    row = (await session.execute(statement)).mappings().first()
-    if row is None:
-        stored = (await session.execute(select(_events).where(_events.c.event_id == payload.event_id))).mappings()
-        return dict(stored.one()), False
-    await session.execute(update_statement(_contacts).where(_contacts.c.id == contact_id).values(
-        last_activity_at=func.greatest(_contacts.c.last_activity_at, payload.occurred_at)))
-    return dict(row), True
-
-
-async def contact_events(session: AsyncSession, contact_id: uuid.UUID, *, limit: int,
-                         before_id: int | None) -> list[dict[str, Any]]:
-    await contacts_service.get(session, contact_id)
-    query = select(_events).where(_events.c.contact_id == contact_id)
-    if before_id is not None:
-        query = query.where(_events.c.id < before_id)
-    rows = await session.execute(query.order_by(_events.c.id.desc()).limit(limit + 1))
-    return [dict(r) for r in rows.mappings()]
 
 
 def _same(stored: Any, given: Any) -> bool:

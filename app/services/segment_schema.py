@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.schemas.segments import FILTER_REF
+from app.schemas.segments import FILTER_REF, MAX_CONDITIONS, MAX_DEPTH
 from app.schemas.types import ATTRIBUTE_NAME_PATTERN
 from app.services.segments import (
     BOOLEAN,
@@ -22,9 +22,7 @@ from app.services.segments import (
     FIELDS,
     INTEGER,
     LISTS,
-    MAX_CONDITIONS,
     MAX_DAYS,
-    MAX_DEPTH,
     MAX_TEXT,
     MAX_VALUES,
     NUMBER,

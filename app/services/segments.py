@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -31,10 +31,12 @@ from sqlalchemy import (
     Date,
     DateTime,
     Numeric,
+    Select,
     and_,
     bindparam,
     cast,
     delete,
+    distinct,
     exists,
     false,
     func,
@@ -47,7 +49,7 @@ from sqlalchemy import (
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import Text
 
@@ -55,6 +57,7 @@ from app.db import is_unique_violation
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
 from app.models import (
     AttributeDefinition,
+    Cart,
     ConsentEvent,
     Contact,
     Destination,
@@ -65,9 +68,12 @@ from app.models import (
     SegmentSync,
 )
 from app.models.base import new_id, utc_now
+from app.models.orders import CART_STATUSES
 from app.schemas.contacts import ContactKind, LifecycleStage
 from app.schemas.freeform import json_problem, unstorable_text
-from app.schemas.types import utc_instant
+from app.schemas.segments import MAX_CONDITIONS, MAX_DEPTH, check_filter_bounds
+from app.schemas.types import bounded_decimal, utc_instant
+from app.services.attributes import NUMBER_DIGITS, NUMBER_PLACES
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
 from app.services.pagination import Cursor, CursorCodec, page_by_name
 
@@ -89,10 +95,10 @@ __all__ = [
     "update",
 ]
 
-MAX_DEPTH = 8            # nested groups
-MAX_CONDITIONS = 100     # leaf conditions in one filter
 MAX_VALUES = 100         # items of an `in` / `nin` list
 MAX_DAYS = 36500
+MONEY_DIGITS, MONEY_PLACES = 12, 2            # numeric(14, 2): the order amounts and contact stats
+ATTRIBUTE_DIGITS, ATTRIBUTE_PLACES = NUMBER_DIGITS, NUMBER_PLACES  # number attributes, as stored
 MAX_TEXT = 255
 GRANTING = ("granted", "confirmed")
 
@@ -101,6 +107,7 @@ _segments = Segment.__table__  # type: ignore[attr-defined]
 _defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
 _orders = Order.__table__  # type: ignore[attr-defined]
+_carts = Cart.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _consents = ConsentEvent.__table__  # type: ignore[attr-defined]
 _syncs = SegmentSync.__table__  # type: ignore[attr-defined]
@@ -126,8 +133,8 @@ class DuplicateSegment(Conflict):
 TEXT, ENUM, NUMBER, INTEGER, TIMESTAMP, DATE, BOOLEAN = (
     "text", "enum", "number", "integer", "timestamp", "date", "boolean",
 )
-TAGS, LISTS, MULTI, ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CONSENT = (
-    "tags", "lists", "multi_enum", "order_item", "order_count", "event_type", "consent",
+TAGS, LISTS, MULTI, ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CONSENT, CART_STATUS = (
+    "tags", "lists", "multi_enum", "order_item", "order_count", "event_type", "consent", "cart_status",
 )
 _ORDERED = ("gt", "gte", "lt", "lte", "between")
 OPS: dict[str, tuple[str, ...]] = {
@@ -145,10 +152,11 @@ OPS: dict[str, tuple[str, ...]] = {
     ORDER_COUNT: ("eq", "neq", *_ORDERED),
     EVENT_TYPE: ("eq", "in"),
     CONSENT: ("eq",),
+    CART_STATUS: ("eq", "in"),
 }
 COUNT_OPS = ("eq", "neq", "gt", "gte", "lt", "lte")
-WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE)   # accept "within_days"
-WITH_COUNT = (ORDER_ITEM, EVENT_TYPE)                 # accept "count"
+WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CART_STATUS)   # accept "within_days"
+WITH_COUNT = (ORDER_ITEM, EVENT_TYPE, CART_STATUS)                 # accept "count"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +191,8 @@ FIELDS: dict[str, FieldSpec] = {
     "orders.category": FieldSpec(ORDER_ITEM, attribute="category"),
     "orders.count": FieldSpec(ORDER_COUNT),
     "events.type": FieldSpec(EVENT_TYPE),
+    # A cart in this status; within_days: opened in the last N days (an abandoned cart of last week).
+    "carts.status": FieldSpec(CART_STATUS, choices=CART_STATUSES),
     "consents.email_marketing": FieldSpec(CONSENT),
 }
 _ATTRIBUTE_KINDS = {"text": TEXT, "enum": ENUM, "number": NUMBER, "date": DATE, "boolean": BOOLEAN,
@@ -211,6 +221,8 @@ class _Compiler:
     # the time-relative parameters (within_days, older_than_days cutoffs): bind key -> its value at a given
     # `now`, so a cached compiled statement re-binds them on every execution (count_stored)
     clock: dict[str, Callable[[datetime], Any]] = field(default_factory=dict)
+    # each EXISTS over orders or events compiled: (table, its conditions without the contact correlation)
+    activities: list[tuple[Any, list[Any]]] = field(default_factory=list)
 
     def node(self, node: Any, path: str, depth: int) -> ColumnElement[bool]:
         try:
@@ -244,17 +256,18 @@ class _Compiler:
         for key in node:
             if key not in _CONDITION_KEYS:
                 raise _Invalid(f"{path}.{_safe(key)}", "unknown key: a condition has field, op, value "
-                               "(and within_days, count for orders and events)", "unknown_key")
+                               "(and within_days, count for orders, carts and events)", "unknown_key")
         name = node.get("field")
         spec = self.field(name, f"{path}.field")
         op = node.get("op")
         if not isinstance(op, str) or op not in OPS[spec.kind]:
             raise _Invalid(f"{path}.op", f"op must be one of: {', '.join(OPS[spec.kind])} for {name}", "invalid_op")
         if "within_days" in node and spec.kind not in WITH_WINDOW:
-            raise _Invalid(f"{path}.within_days", "within_days is only for orders.* and events.type", "unknown_key")
-        if "count" in node and spec.kind not in WITH_COUNT:
-            raise _Invalid(f"{path}.count", "count is only for orders.sku, orders.category and events.type",
+            raise _Invalid(f"{path}.within_days", "within_days is only for orders.*, carts.status and events.type",
                            "unknown_key")
+        if "count" in node and spec.kind not in WITH_COUNT:
+            raise _Invalid(f"{path}.count",
+                           "count is only for orders.sku, orders.category, carts.status and events.type", "unknown_key")
         if "value" not in node and op != "exists":
             raise _Invalid(f"{path}.value", "a value is required", "missing")
         value = node.get("value", True)
@@ -329,16 +342,18 @@ def _integer(value: Any, path: str) -> int:
     return number
 
 
-def _number(value: Any, path: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _Invalid(path, "expected a number")
+def _number(value: Any, path: str, *, integer_digits: int = ATTRIBUTE_DIGITS, places: int = ATTRIBUTE_PLACES
+            ) -> Decimal:
+    """A value compared with a number: within what the compared column holds (so PostgreSQL can take it)."""
     try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        raise _Invalid(path, "expected a number") from None
-    if not number.is_finite() or abs(number) >= Decimal(10) ** 15:
-        raise _Invalid(path, "expected a finite number below 10^15")
-    return number
+        return bounded_decimal(value, integer_digits=integer_digits, places=places)
+    except ValueError as exc:
+        raise _Invalid(path, str(exc)) from None
+
+
+def _money(value: Any, path: str) -> Decimal:
+    """Compared with a numeric(14, 2) column (stats.total_spent, stats.average_basket)."""
+    return _number(value, path, integer_digits=MONEY_DIGITS, places=MONEY_PLACES)
 
 
 def _timestamp(value: Any, path: str) -> datetime:
@@ -455,7 +470,7 @@ def _compile_number(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Ma
         return _scalar(cast(spec.column.astext, Numeric), op, value, vpath, _number)
     if op == "exists":
         return _exists(spec.column, value, vpath)
-    return _scalar(spec.column, op, value, vpath, _number, nullable=spec.column.nullable)
+    return _scalar(spec.column, op, value, vpath, _money, nullable=spec.column.nullable)
 
 
 def _compile_integer(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
@@ -550,6 +565,7 @@ def _activity(c: _Compiler, conditions: list[Any], table: Any, moment: Any, node
     if "within_days" in node:
         where.append(moment >= c.cutoff(node["within_days"], f"{path}.within_days"))
     if "count" not in node:
+        c.activities.append((table, where[1:]))
         return exists().where(*where)
     counted = select(func.count()).select_from(table).where(*where).scalar_subquery()
     return _compare_count(counted, node["count"], f"{path}.count")
@@ -577,6 +593,16 @@ def _compile_event_type(c: _Compiler, spec: FieldSpec, op: str, value: Any, node
     return _activity(c, [_events.c.type.in_(values)], _events, _events.c.occurred_at, node, path)
 
 
+def _compile_cart_status(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any],
+                         path: str) -> Any:
+    vpath = f"{path}.value"
+    def status(v: Any, p: str) -> str:
+        return _text(v, p, spec.choices)
+
+    values = [status(value, vpath)] if op == "eq" else _values(value, vpath, status)
+    return _activity(c, [_carts.c.status.in_(values)], _carts, _carts.c.opened_at, node, path)
+
+
 def _compile_consent(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
     wanted = _boolean(value, f"{path}.value")
     latest = (
@@ -594,7 +620,7 @@ _KINDS: dict[str, Callable[..., ColumnElement[bool]]] = {
     TEXT: _compile_text, ENUM: _compile_text, NUMBER: _compile_number, INTEGER: _compile_integer,
     TIMESTAMP: _compile_timestamp, DATE: _compile_date, BOOLEAN: _compile_boolean, MULTI: _compile_multi,
     TAGS: _compile_tags, LISTS: _compile_lists, ORDER_ITEM: _compile_order_item, ORDER_COUNT: _compile_order_count,
-    EVENT_TYPE: _compile_event_type, CONSENT: _compile_consent,
+    EVENT_TYPE: _compile_event_type, CONSENT: _compile_consent, CART_STATUS: _compile_cart_status,
 }
 
 
@@ -613,7 +639,7 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     compiler = _Compiler(attributes=definitions, now=now)
     if not isinstance(filter_, dict) or not filter_:
         raise InvalidInput.one(path, 'expected an object such as {"all": [...]}', "invalid_filter")
-    _check_depth(filter_, path)
+    check_filter_bounds(filter_, path)
     expression = compiler.node(filter_, path, 0)
     if compiler.errors:
         raise InvalidInput(*compiler.errors)
@@ -621,13 +647,36 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     problem = json_problem(filter_)
     if problem is not None:
         raise InvalidInput.one(path, problem, "invalid_filter")
-    return _Compiled(expression, compiler.clock)
+    lone = compiler.activities[0] if compiler.conditions == 1 and len(compiler.activities) == 1 \
+        and _single_condition(filter_) else None
+    return _Compiled(expression, compiler.clock, lone)
 
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     expression: ColumnElement[bool]
     clock: dict[str, Callable[[datetime], Any]]   # see _Compiler.clock
+    # the filter is one "has such orders/events" condition: (table, conditions), counted without `contact`
+    lone_activity: tuple[Any, list[Any]] | None = None
+
+    def counting(self) -> Select[Any]:
+        """The count of the contacts matching. For a lone activity condition, the distinct contacts of the
+        matching rows: every order and event names an existing contact (foreign key), so it is the same number,
+        read from the (partitioned, pruned) rows alone instead of probing them from every contact."""
+        if self.lone_activity is None:
+            return select(func.count()).select_from(_t).where(self.expression)
+        table, conditions = self.lone_activity
+        return select(func.count(distinct(table.c.contact_id))).select_from(table).where(*conditions)
+
+
+def _single_condition(node: Any) -> bool:
+    """Whether the (valid) filter is one condition, maybe inside one-child `all`/`any` groups (never `not`)."""
+    while isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("all", "any"):
+        children = next(iter(node.values()))
+        if len(children) != 1:
+            return False
+        node = children[0]
+    return isinstance(node, dict) and "field" in node
 
 
 def _mentions_attributes(node: Any) -> bool:
@@ -644,25 +693,6 @@ def _mentions_attributes(node: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
-
-
-def _check_depth(filter_: Any, path: str) -> None:
-    """422 `too_deep` naming the first group nested deeper than MAX_DEPTH, before the compiler recurses."""
-    stack: list[tuple[Any, str, int]] = [(filter_, path, 0)]
-    while stack:
-        node, at, depth = stack.pop()
-        if not isinstance(node, dict) or len(node) != 1:
-            continue  # a condition, or a malformed node the compiler names without descending
-        key = next(iter(node))
-        if key not in ("all", "any", "not"):
-            continue
-        if depth >= MAX_DEPTH:
-            raise InvalidInput.one(at, f"groups nest at most {MAX_DEPTH} deep", "too_deep")
-        children = node[key]
-        if key == "not":
-            stack.append((children, f"{at}.not", depth + 1))
-        elif isinstance(children, list):
-            stack.extend((child, f"{at}.{key}[{i}]", depth + 1) for i, child in enumerate(children))
 
 
 # ---- segments: CRUD ----------------------------------------------------------------------------------------
@@ -684,8 +714,23 @@ async def get(session: AsyncSession, segment_id: uuid.UUID, *, lock: bool = Fals
     return row
 
 
+async def _check_runs(session: AsyncSession, condition: ColumnElement[bool], path: str = "filter") -> None:
+    """Refuse a filter PostgreSQL cannot run, when it is saved rather than at every count afterwards: its
+    statement is planned and its values bound (LIMIT 0 fetches no row), in a savepoint. The value checks of the
+    compiler should leave nothing for this to find; it is the last gate before a segment is stored."""
+    try:
+        async with session.begin_nested():
+            await session.execute(select(_t.c.id).where(condition).limit(0))
+    except DBAPIError as exc:
+        state = str(getattr(exc.orig, "sqlstate", None) or "")
+        if not state.startswith("22"):  # a data exception: a value out of range, not a number, ...
+            raise
+        raise InvalidInput.one(path, f"PostgreSQL cannot run this filter (SQLSTATE {state}): check its values",
+                               "invalid_filter") from None
+
+
 async def create(session: AsyncSession, *, name: str, filter_: dict[str, Any], description: str | None) -> Row:
-    await compile_filter(session, filter_)
+    await _check_runs(session, await compile_filter(session, filter_))
     now = utc_now()
     values = {"id": new_id(), "name": name, "filter": filter_, "description": description, "version": 1,
               "created_at": now, "updated_at": now}
@@ -704,7 +749,7 @@ async def update(
     current = await get(session, segment_id, lock=True)
     _check_version(current, expected_version)
     if "filter" in changes:
-        await compile_filter(session, changes["filter"])
+        await _check_runs(session, await compile_filter(session, changes["filter"]))
     changes = {k: v for k, v in changes.items() if current[k] != v}
     if not changes:
         return current
@@ -837,7 +882,7 @@ async def count_stored(connection: asyncpg.Connection, segment_id: uuid.UUID, *,
     filter_ = json.loads(row["filter"])
     definitions: dict[str, str] = json.loads(row["definitions"])
     compiled = _compile(filter_, definitions, now)
-    counting = select(func.count()).select_from(_t).where(compiled.expression)
+    counting = compiled.counting()
     named = {name: definitions[name] for name in _attribute_names(filter_)}  # all defined: it compiled
     guard = [_segments.c.id == segment_id, _segments.c.filter == cast(literal(row["filter"], Text), JSONB)]
     if named:

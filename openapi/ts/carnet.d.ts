@@ -105,6 +105,27 @@ export interface paths {
         patch: operations["update_attribute_v1_attributes__name__patch"];
         trace?: never;
     };
+    "/v1/carts/{external_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get Cart */
+        get: operations["get_cart_v1_carts__external_id__get"];
+        /**
+         * Put Cart
+         * @description Idempotent upsert of the cart as the shop sees it now; an order naming it (`cart_external_id`) converts it.
+         */
+        put: operations["put_cart_v1_carts__external_id__put"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/contacts": {
         parameters: {
             query?: never;
@@ -403,7 +424,8 @@ export interface paths {
         };
         /**
          * Get Contact Timeline
-         * @description Orders, events, consent events, list subscriptions and field changes, newest first.
+         * @description Orders, carts (at their opening, with their current status), events, consent events,
+         *     list subscriptions and field changes, newest first.
          */
         get: operations["get_contact_timeline_v1_contacts__contact_id__timeline_get"];
         put?: never;
@@ -494,7 +516,8 @@ export interface paths {
         };
         /**
          * List Deliveries
-         * @description Newest first.
+         * @description Newest first. Delivered ones are listed for `OUTBOX_KEEP_DELIVERED_HOURS` (72 by default) after delivery,
+         *     then purged; pending, in-flight and dead ones until they are delivered.
          */
         get: operations["list_deliveries_v1_destinations__destination_id__deliveries_get"];
         put?: never;
@@ -1430,6 +1453,95 @@ export interface components {
             transactional: boolean;
         };
         /**
+         * CartPut
+         * @description A cart as the shop sees it now. `converted` is normally set by an order naming the cart
+         *     (`cart_external_id`); a converted cart accepts no further change.
+         */
+        CartPut: {
+            /**
+             * Checkout Url
+             * @description Where the person resumes the cart (the abandoned-cart email links there)
+             */
+            checkout_url?: string | null;
+            /**
+             * Closed At
+             * @description When it was converted or abandoned (default: when Carnet learns it)
+             */
+            closed_at?: string | null;
+            contact: components["schemas"]["ContactRef"];
+            /**
+             * Currency
+             * @description ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR
+             * @enum {string}
+             */
+            currency: "AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL";
+            /** Items */
+            items: components["schemas"]["OrderItem"][];
+            /**
+             * Opened At
+             * Format: date-time
+             * @description When the cart was started (the shop's clock)
+             */
+            opened_at: string;
+            /** @default open */
+            status: components["schemas"]["CartStatus"];
+            /**
+             * Total Amount
+             * @description Default: the sum of quantity × unit_price
+             */
+            total_amount?: number | string | null;
+        };
+        /** CartRead */
+        CartRead: {
+            /** Checkout Url */
+            checkout_url: string | null;
+            /** Closed At */
+            closed_at: string | null;
+            /**
+             * Contact Id
+             * Format: uuid
+             */
+            contact_id: string;
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            /** Currency */
+            currency: string;
+            /** External Id */
+            external_id: string;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /** Items */
+            items: {
+                [key: string]: unknown;
+            }[];
+            /**
+             * Opened At
+             * Format: date-time
+             */
+            opened_at: string;
+            /** Order External Id */
+            order_external_id: string | null;
+            status: components["schemas"]["CartStatus"];
+            /** Total Amount */
+            total_amount: string;
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+        };
+        /**
+         * CartStatus
+         * @enum {string}
+         */
+        CartStatus: "open" | "converted" | "abandoned";
+        /**
          * ConfirmPreview
          * @description What a confirmation link would do; reading it changes nothing (mail scanners follow links).
          */
@@ -1572,7 +1684,7 @@ export interface components {
             address?: components["schemas"]["Address"] | null;
             /**
              * Attributes
-             * @description Custom attributes, typed by /v1/attributes. In a patch, null removes a key.
+             * @description Custom attributes, typed by /v1/attributes (at most 250 a request). In a patch, null removes a key.
              */
             attributes?: {
                 [key: string]: unknown;
@@ -1629,6 +1741,8 @@ export interface components {
             attributes: {
                 [key: string]: unknown;
             };
+            /** Carts */
+            carts: components["schemas"]["CartRead"][];
             /** @description Current state per purpose and the whole ledger */
             consents: components["schemas"]["ConsentLedger"];
             /**
@@ -1683,7 +1797,7 @@ export interface components {
             address?: components["schemas"]["Address"] | null;
             /**
              * Attributes
-             * @description Custom attributes, typed by /v1/attributes. In a patch, null removes a key.
+             * @description Custom attributes, typed by /v1/attributes (at most 250 a request). In a patch, null removes a key.
              */
             attributes?: {
                 [key: string]: unknown;
@@ -1848,7 +1962,7 @@ export interface components {
             address?: components["schemas"]["Address"] | null;
             /**
              * Attributes
-             * @description Custom attributes, typed by /v1/attributes. In a patch, null removes a key.
+             * @description Custom attributes, typed by /v1/attributes (at most 250 a request). In a patch, null removes a key.
              */
             attributes?: {
                 [key: string]: unknown;
@@ -2002,6 +2116,21 @@ export interface components {
                  * @description Write-only; generated when absent
                  */
                 inbound_secret?: string | null;
+                /**
+                 * Push Carts
+                 * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
+                 */
+                push_carts?: boolean | null;
+                /**
+                 * Push Events
+                 * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
+                 */
+                push_events?: string[] | null;
+                /**
+                 * Push Orders
+                 * @description Orders and their status changes (default false)
+                 */
+                push_orders?: boolean | null;
             } & {
                 api_key: unknown;
             };
@@ -2025,10 +2154,40 @@ export interface components {
                  */
                 inbound_secret?: string | null;
                 /**
+                 * Push Carts
+                 * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
+                 */
+                push_carts?: boolean | null;
+                /**
+                 * Push Events
+                 * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
+                 */
+                push_events?: string[] | null;
+                /**
+                 * Push Orders
+                 * @description Orders and their status changes (default false)
+                 */
+                push_orders?: boolean | null;
+                /**
                  * Signing Secret
                  * @description Write-only; checks X-Mailchimp-Signature
                  */
                 signing_secret?: string | null;
+                /**
+                 * Store Currency
+                 * @description The currency of a store Carnet creates (default: that of the first order or cart)
+                 */
+                store_currency?: ("AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL") | null;
+                /**
+                 * Store Id
+                 * @description The e-commerce store orders and carts go to; created if missing (required by push_orders and push_carts)
+                 */
+                store_id?: string | null;
+                /**
+                 * Store List Id
+                 * @description The audience of a store Carnet creates (default: the first mapped list)
+                 */
+                store_list_id?: string | null;
             } & {
                 api_key: unknown;
             };
@@ -2413,7 +2572,7 @@ export interface components {
             occurred_at: string;
             /**
              * Properties
-             * @description Any JSON object, at most 32 levels deep; string values are masked (keys kept) for a token without pii:read
+             * @description Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are masked (keys kept) for a token without pii:read
              */
             properties?: {
                 [key: string]: unknown;
@@ -2636,18 +2795,17 @@ export interface components {
          * @enum {string}
          */
         ImportStatus: "queued" | "running" | "done" | "failed";
-        /** InboundResult */
+        /**
+         * InboundResult
+         * @description The same for every address: what was read from the payload, never what Carnet holds or changed (a
+         *     compromised vendor must not learn which addresses are in the file; docs/security.md, class 10).
+         */
         InboundResult: {
             /**
-             * Changed
-             * @description Events that changed something in Carnet
+             * Received
+             * @description Events read from the payload that Carnet takes back (unsubscribes, complaints, bounces, address changes, confirmations). Each is applied to the people this destination was given, on its mapped lists, and is a no-op otherwise; the answer does not say which.
              */
-            changed: number;
-            /**
-             * Ignored
-             * @description Replays, echoes of our own changes, unknown addresses, other event kinds
-             */
-            ignored: number;
+            received: number;
         };
         /** JournalEntryRead */
         JournalEntryRead: {
@@ -3040,11 +3198,8 @@ export interface components {
             quantity: number;
             /** Sku */
             sku: string;
-            /**
-             * Unit Price
-             * @description A decimal amount, at most 2 decimals, e.g. "49.90"
-             */
-            unit_price: string | number;
+            /** Unit Price */
+            unit_price: number | string;
         };
         /** OrderPage */
         OrderPage: {
@@ -3055,6 +3210,11 @@ export interface components {
         };
         /** OrderPut */
         OrderPut: {
+            /**
+             * Cart External Id
+             * @description The cart this order came from: a known cart of the same contact is closed by it (status converted)
+             */
+            cart_external_id?: string | null;
             channel?: components["schemas"]["OrderChannel"] | null;
             contact: components["schemas"]["ContactRef"];
             /**
@@ -3071,14 +3231,13 @@ export interface components {
              */
             placed_at: string;
             status: components["schemas"]["OrderStatus"];
-            /**
-             * Total Amount
-             * @description A decimal amount, at most 2 decimals, e.g. "49.90"
-             */
-            total_amount: string | number;
+            /** Total Amount */
+            total_amount: number | string;
         };
         /** OrderRead */
         OrderRead: {
+            /** Cart External Id */
+            cart_external_id?: string | null;
             /** Channel */
             channel: string | null;
             /**
@@ -3174,7 +3333,7 @@ export interface components {
             detail: string;
             /**
              * Errors
-             * @description 422 (and 415, naming the Content-Type header): one entry per faulty field
+             * @description 422 (and 415, naming the Content-Type header): one entry per faulty field, the first 50
              * @default null
              */
             errors: components["schemas"]["ProblemFieldError"][] | null;
@@ -3192,6 +3351,12 @@ export interface components {
              * @default null
              */
             missing_scopes: string[] | null;
+            /**
+             * More Errors
+             * @description 422: how many faulty fields were found beyond those listed in `errors`
+             * @default null
+             */
+            more_errors: number | null;
             /** Status */
             status: number;
             /** Title */
@@ -3764,6 +3929,31 @@ export interface components {
             value: string[];
             within_days?: number;
         } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "carts.status";
+            /** @enum {unknown} */
+            op: "eq";
+            /** @enum {unknown} */
+            value: "open" | "converted" | "abandoned";
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "carts.status";
+            /** @enum {unknown} */
+            op: "in";
+            value: ("open" | "converted" | "abandoned")[];
+            within_days?: number;
+        } | {
             /** @constant */
             field: "consents.email_marketing";
             /** @enum {unknown} */
@@ -3786,7 +3976,7 @@ export interface components {
             description?: string | null;
             /**
              * Filter
-             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments)
+             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments). Bounds: groups nest at most 8 deep, a group holds at most 100 members, a filter at most 100 conditions and 12,000 JSON values in all (422 `too_deep`, `too_many_conditions`, `too_large`)
              * @example {
              *       "all": [
              *         {
@@ -3888,7 +4078,7 @@ export interface components {
         SegmentPreviewRequest: {
             /**
              * Filter
-             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments)
+             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments). Bounds: groups nest at most 8 deep, a group holds at most 100 members, a filter at most 100 conditions and 12,000 JSON values in all (422 `too_deep`, `too_many_conditions`, `too_large`)
              * @example {
              *       "all": [
              *         {
@@ -4035,7 +4225,10 @@ export interface components {
             data: {
                 [key: string]: unknown;
             };
-            /** Kind */
+            /**
+             * Kind
+             * @description order, cart, event, consent, list_subscribed, list_unsubscribed or change
+             */
             kind: string;
             /** Ref */
             ref: string;
@@ -4564,6 +4757,156 @@ export interface operations {
             };
         };
     };
+    get_cart_v1_carts__external_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                external_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CartRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such cart */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_cart_v1_carts__external_id__put: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
+            };
+            path: {
+                external_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CartPut"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CartRead"];
+                };
+            };
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CartRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The cart was converted by an order */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     list_contacts_v1_contacts_get: {
         parameters: {
             query?: {
@@ -4572,7 +4915,7 @@ export interface operations {
                 /** @description Exact (normalized) email. Needs pii:read */
                 email?: string | null;
                 external_id?: string | null;
-                /** @description Repeatable: contacts holding every tag */
+                /** @description Repeatable: contacts holding every tag, at most 20 */
                 tag?: string[];
                 /** @description Subscribed members of this list */
                 list?: string | null;
@@ -6989,7 +7332,7 @@ export interface operations {
                     file: string;
                     /** Format: uuid */
                     list_id?: string;
-                    /** @description JSON {"column name": "field" or null} */
+                    /** @description JSON {"column name": "field" or null}, at most 500 columns */
                     mapping?: string;
                     /** @enum {string} */
                     mode?: "upsert" | "create_only" | "update_only";
