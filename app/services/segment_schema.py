@@ -25,6 +25,8 @@ from app.services.segments import (
     MAX_DAYS,
     MAX_TEXT,
     MAX_VALUES,
+    MONEY_DIGITS,
+    MONEY_PLACES,
     NUMBER,
     OPS,
     ORDER_COUNT,
@@ -47,7 +49,10 @@ _DAYS: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": MAX_DAYS}
 _COUNT: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 _SCALARS: dict[str, dict[str, Any]] = {
     TEXT: _TEXT, ENUM: _TEXT, TAGS: _TEXT, ORDER_ITEM: _TEXT, EVENT_TYPE: _TEXT,
-    NUMBER: {"type": "number", "exclusiveMinimum": -(10**15), "exclusiveMaximum": 10**15},
+    # the contact's money columns (numeric(14, 2)): an integer, or a decimal string (a JSON float with at most 2
+    # decimals is read too, and not declared: a binary float such as 0.57000000000000001 has more)
+    NUMBER: {"anyOf": [{"type": "integer", "minimum": 1 - 10**MONEY_DIGITS, "maximum": 10**MONEY_DIGITS - 1},
+                       {"type": "string", "pattern": rf"^-?[0-9]{{1,{MONEY_DIGITS}}}(\.[0-9]{{1,{MONEY_PLACES}}})?$"}]},
     INTEGER: _COUNT, ORDER_COUNT: _COUNT,
     TIMESTAMP: {"anyOf": [{"type": "string", "format": "date-time", "maxLength": 40},
                           {"type": "string", "format": "date"}]},

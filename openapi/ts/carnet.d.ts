@@ -3775,19 +3775,19 @@ export interface components {
             field: "stats.total_spent";
             /** @enum {unknown} */
             op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-            value: number;
+            value: number | string;
         } | {
             /** @constant */
             field: "stats.total_spent";
             /** @enum {unknown} */
             op: "in" | "nin";
-            value: number[];
+            value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.total_spent";
             /** @enum {unknown} */
             op: "between";
-            value: number[];
+            value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.total_spent";
@@ -3799,19 +3799,19 @@ export interface components {
             field: "stats.average_basket";
             /** @enum {unknown} */
             op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-            value: number;
+            value: number | string;
         } | {
             /** @constant */
             field: "stats.average_basket";
             /** @enum {unknown} */
             op: "in" | "nin";
-            value: number[];
+            value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.average_basket";
             /** @enum {unknown} */
             op: "between";
-            value: number[];
+            value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.average_basket";
