@@ -35,6 +35,7 @@ from app.security.ratelimit import SignupLimits, TokenBuckets
 from app.security.revocation import RevocationList
 from app.security.secrets import SecretBox
 from app.security.tokens import TokenSigner
+from app.services import segment_schema
 from app.services import suppressions as suppressions_service
 from app.services.orders import LifecyclePolicy
 from app.services.pagination import CursorCodec
@@ -205,6 +206,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         )
         defs = schema["components"]["schemas"]["Problem"].pop("$defs", {})
         schema["components"]["schemas"].update(defs)
+        # The segment filter grammar: recursive, so a component of its own (the Filter type refers to it).
+        schema["components"]["schemas"].update(segment_schema.filter_components())
         _document_validation_problems(schema)
         _document_media_type_problems(schema)
         app.openapi_schema = schema

@@ -18,7 +18,7 @@ from app.errors import (
     PreconditionFailed,
     problems,
 )
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag, run_each
 from app.schemas.contacts import (
     MASKED_SORTS,
     BatchResult,
@@ -135,7 +135,7 @@ async def list_contacts(
     sort: Annotated[ContactSort, Query(description="`last_name`, `-last_name`: need pii:read")] = (
         ContactSort.CREATED_AT_DESC),
     limit: Limit = 50,
-    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    cursor: CursorParam = None,
 ) -> Any:
     # A search on, or an order of, masked values would let a masked reader recover them by probing.
     if (q or email or sort in MASKED_SORTS) and not caller.sees_pii:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, Query, Request, Response
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,13 +16,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import WriteSession
 from app.errors import AppError, InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
 from app.problems import problem_fields, validation_problem
+from app.schemas.types import NOT_NULLABLE, Declared
 from app.security import Principal, authenticate
 from app.services import idempotency as idempotency_service
 from app.services.links import LinkBuilder, LinkCodec
 
 __all__ = [
     "AUTH_PROBLEMS",
+    "CursorParam",
     "Idempotency",
+    "IdempotencyKey",
     "IfMatch",
     "JSONBody",
     "Links",
@@ -116,28 +119,42 @@ def batch_results(outcomes: Sequence[tuple[str, Any] | ValidationError | AppErro
     return results
 
 
+# A page's `next_cursor` (unpadded base64url of an encrypted position): only the server can tell one it issued.
+CursorParam = Annotated[str | None, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
+    max_length=1000, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
+                                 "did not issue, or issued for another sort, is a 422")]
+
+
+
 def etag(version: int) -> str:
     return f'"v{version}"'
 
 
+# The ETags this server issues (`"v3"`, weak or not), or `*`; anything else can match no version of anything.
+_IF_MATCH_PATTERN = r'^(\*|(W/)?"v([0-9]{1,19})")$'  # an order's version is 16 digits long
+_IF_MATCH = re.compile(_IF_MATCH_PATTERN)
 # A version is a bigint: `"v` + at most 19 ASCII digits + `"` (str.isdigit() also takes `²`, and int() refuses
 # more than 4,300 digits: both were 500s).
-_ETAG = re.compile(r'(?:W/)?"v([0-9]{1,19})"')
 _MAX_VERSION = 2**63 - 1
 
 
-async def _if_match(if_match: Annotated[str | None, Header(
-        max_length=64, description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
+async def _if_match(if_match: Annotated[str | None, NOT_NULLABLE, Declared(pattern=_IF_MATCH_PATTERN), Header(
+        max_length=64, description='ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 '
+                                   'if stale (or not one of its ETags)')] = None) -> int | None:
     """The version the caller expects, or None when it did not ask (or said `*`)."""
-    if if_match is None or if_match.strip() == "*":
+    match = _IF_MATCH.fullmatch(if_match.strip()) if if_match is not None else None
+    if if_match is None or (match and match[1] == "*"):
         return None
-    match = _ETAG.fullmatch(if_match.strip())
-    if match is not None and int(match[1]) <= _MAX_VERSION:
-        return int(match[1])
+    if match is not None and match[3] is not None and int(match[3]) <= _MAX_VERSION:
+        return int(match[3])
     raise PreconditionFailed("If-Match does not match any version of this resource")
 
 
 IfMatch = Annotated[int | None, Depends(_if_match)]
+
+
+# The header's value as the contract declares it (its description is the route's: what a reuse means there).
+IdempotencyKey = Annotated[str | None, NOT_NULLABLE, Declared(pattern=idempotency_service.KEY_PATTERN)]
 
 
 @dataclass(slots=True)
@@ -163,10 +180,10 @@ async def _idempotency(
     request: Request,
     session: WriteSession,
     caller: Annotated[Principal, Depends(authenticate)],
-    idempotency_key: Annotated[str | None, Header(
-        json_schema_extra={"maxLength": 255, "minLength": 1},  # checked by the service, which names the header
-        description="Replays the first response for 24 h, to the same token only; reused with another body, or by "
-                    "another token → 422")] = None,
+    idempotency_key: Annotated[IdempotencyKey, Header(
+        description="Replays the first response for 24 h, to the same token only. The server judges reuse: the same "
+                    "key with another body or path, or from another token → 422; a fresh random key (a UUID) per "
+                    "intended request never collides")] = None,
 ) -> _IdempotencyScope:
     if idempotency_key is None:
         return _IdempotencyScope(session, caller.subject, None, None)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Request, Response
 
 from app.db import ReadSession, WriteSession
 from app.errors import IdempotencyKeyReused, PreconditionFailed, problems
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag
 from app.schemas.destinations import (
     DeliveryPage,
     DeliveryRead,
@@ -39,7 +39,6 @@ deliveries_router = APIRouter(prefix="/deliveries", tags=["sync"])
 
 Reader = Annotated[Principal, require(Scope.DESTINATIONS_READ)]
 Writer = Annotated[Principal, require(Scope.DESTINATIONS_WRITE)]
-CursorParam = Annotated[str | None, Query(max_length=1000)]
 
 
 async def _present(session: Any, request: Request, row: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, PreconditionFailed, problems
-from app.routers.deps import AUTH_PROBLEMS, Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import AUTH_PROBLEMS, CursorParam, Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.merge import DuplicatesPage, MergeRequest
 from app.schemas.types import Limit
@@ -37,7 +37,7 @@ async def list_duplicate_candidates(
     reason: Annotated[list[Reason], Query(
         max_length=len(Reason), description="Repeatable: only pairs matched by these rules")] = [],  # noqa: B006
     limit: Limit = 50,
-    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    cursor: CursorParam = None,
 ) -> Any:
     """Pairs of contacts that are probably one person, each with its reasons.
 

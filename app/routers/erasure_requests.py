@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, problems
-from app.routers.deps import JSONBody
+from app.routers.deps import CursorParam, JSONBody
 from app.schemas.erasure_requests import (
     ErasureRequestPage,
     ErasureRequestRead,
@@ -26,7 +26,6 @@ __all__ = ["router"]
 router = APIRouter(prefix="/erasure-requests", tags=["gdpr"])
 
 Eraser = Annotated[Principal, require(Scope.CONTACTS_ERASE)]
-CursorParam = Annotated[str | None, Query(max_length=1000)]
 
 
 @router.get("", response_model=ErasureRequestPage)

@@ -50,7 +50,7 @@ async def export_contacts(
     segment: Annotated[uuid.UUID | None, Query(description="Only contacts matching this segment")] = None,
     list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Only members of this list")] = None,
     list_status: Annotated[ListStatus, Query(
-        description="With `list`: members with this status (default subscribed: who may be mailed)",
+        description="Only with `list` (alone: 422): members with this status (default subscribed: who may be mailed)",
     )] = ListStatus.SUBSCRIBED,
     delimiter: Annotated[Delimiter, Query(description="CSV only: `;` for a French Excel")] = Delimiter.COMMA,
     bom: Annotated[bool, Query(description="CSV only: start with a UTF-8 BOM, so Excel reads the accents")] = False,

@@ -62,8 +62,8 @@ async def erase_contact(
 async def check_suppression(
     session: ReadSession,
     _: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.PII_READ)],
-    email: Annotated[Email | None, Query(description="An email address (normalized like a contact's)")] = None,
-    phone: Annotated[Phone | None, Query(description="A phone number (normalized to E.164)")] = None,
+    email: Annotated[Email | None, Query(description="An email address (normalized like a contact's); `email` or `phone` is required")] = None,
+    phone: Annotated[Phone | None, Query(description="A phone number (normalized to E.164); `email` or `phone` is required")] = None,
 ) -> Any:
     """Whether an address belongs to an erased person (one suppressed value is enough).
 

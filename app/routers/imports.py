@@ -24,7 +24,7 @@ from app.db import ReadSession, WriteSession, get_read_sessionmaker
 from app.errors import BadRequest, IdempotencyKeyReused, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
 from app.problems import validation_problem
-from app.routers.deps import JSONBody
+from app.routers.deps import IdempotencyKey, JSONBody
 from app.schemas.imports import MAX_FORM_FIELD_CHARS, ImportAccepted, ImportOptions, ImportRead, present_import
 from app.security import Principal, Scope, require
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
@@ -85,8 +85,7 @@ async def create_import(
     session: WriteSession,
     caller: Importer,
     idempotency_key: Annotated[
-        str | None, Header(json_schema_extra={"maxLength": 255, "minLength": 1},
-                           description="Replays the first response for 24 h, to the same token only; reused "
+        IdempotencyKey, Header(description="Replays the first response for 24 h, to the same token only; reused "
                                    "with another file or fields, or by another token → 422")
     ] = None,
 ) -> Any:

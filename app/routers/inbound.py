@@ -20,6 +20,7 @@ from app.db import WriteSession
 from app.errors import BadRequest, Unauthenticated, problems
 from app.routers.deps import JSONBody
 from app.schemas.freeform import MAX_JSON_DEPTH, json_problem
+from app.schemas.types import NOT_NULLABLE
 from app.services import destinations as destinations_service
 from app.services import inbound
 from app.services.destinations import DestinationNotFound
@@ -65,7 +66,7 @@ async def mailchimp_url_check(destination_id: uuid.UUID) -> Any:
 async def mailchimp_webhook(
     destination_id: uuid.UUID, request: Request, session: WriteSession,
     secret: Annotated[str | None, Query(max_length=500, description="The destination's inbound_secret")] = None,
-    x_mailchimp_signature: Annotated[str | None, Header(max_length=500)] = None,
+    x_mailchimp_signature: Annotated[str | None, NOT_NULLABLE, Header(max_length=500)] = None,
 ) -> Any:
     """Form-encoded `type=unsubscribe|cleaned|upemail|subscribe|profile&data[...]=...`."""
     destination = await _destination(session, request, destination_id, "mailchimp")
@@ -91,7 +92,7 @@ async def mailchimp_webhook(
              responses=problems(DestinationNotFound, BadSignature, BadRequest))
 async def brevo_webhook(
     destination_id: uuid.UUID, request: Request, session: WriteSession,
-    authorization: Annotated[str | None, Header(max_length=600)] = None,
+    authorization: Annotated[str | None, NOT_NULLABLE, Header(max_length=600)] = None,
 ) -> Any:
     """JSON: one event, or a list of them (Brevo's batched webhooks)."""
     destination = await _destination(session, request, destination_id, "brevo")

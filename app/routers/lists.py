@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, ContactNotFound, IdempotencyKeyReused, PreconditionFailed, problems
-from app.routers.deps import Idempotency, IfMatch, JSONBody, Links, etag, item_problem
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, Links, etag, item_problem
 from app.schemas.lists import (
     ListCreate,
     ListPage,
@@ -39,7 +39,6 @@ router = APIRouter(prefix="/lists", tags=["lists"])
 Reader = Annotated[Principal, require(Scope.LISTS_READ)]
 Writer = Annotated[Principal, require(Scope.LISTS_WRITE)]
 MemberWriter = Annotated[Principal, require(Scope.MEMBERSHIPS_WRITE)]
-CursorParam = Annotated[str | None, Query(max_length=1000)]
 
 
 def _one(row: Any, *, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONBody:

@@ -25,7 +25,7 @@ from app.schemas.orders import (
     OrderRead,
     present_contact_event,
 )
-from app.schemas.types import ExternalId, Limit, utc_instant
+from app.schemas.types import Declared, ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
 from app.services import carts as carts_service
 from app.services import events as events_service
@@ -121,7 +121,7 @@ async def create_events(
                              responses=problems(ContactNotFound))
 async def list_contact_orders(
     contact_id: uuid.UUID, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)],
-    limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Limit = 50, cursor: OrderCursor = None,
 ) -> Any:
     """Newest first; `next_cursor` continues."""
     rows = await orders_service.contact_orders(session, contact_id, limit=limit, before=_order_cursor(cursor))
@@ -143,6 +143,14 @@ async def list_contact_events(
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
     return JSONBody({"data": [present_contact_event(r, reveal_pii=caller.sees_pii) for r in rows[:limit]],
                      "next_cursor": next_cursor})
+
+
+# `placed_at|id` of the page's last order, as next_cursor gives it (its form, a little narrower: days up to 28).
+_ORDER_CURSOR_PATTERN = (r"^([1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+                         r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                         r"(\.[0-9]{1,6})?\+00:00\|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")
+OrderCursor = Annotated[str | None, Declared(pattern=_ORDER_CURSOR_PATTERN),
+                        Query(max_length=100, description="`next_cursor` of the previous page, as given")]
 
 
 def _order_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:

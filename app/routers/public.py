@@ -18,6 +18,7 @@ from app.db import ReadSession, WriteSession
 from app.errors import AppError, problems
 from app.routers.deps import JSONBody
 from app.schemas.lists import ConfirmPreview, ConfirmResult, UnsubscribePreview, UnsubscribeResult
+from app.schemas.types import Declared
 from app.services import lists as lists_service
 from app.services.links import MAX_TOKEN_CHARS, Link, LinkCodec, LinkExpired, LinkInvalid, LinkKind
 from app.services.lists import ConfirmationCancelled
@@ -31,7 +32,11 @@ All = Annotated[bool, Query(alias="all", description="1: withdraw email_marketin
 _HTML = {"content": {"text/html": {}}}
 _MAX_USER_AGENT = 1000
 # Declared, and refused by LinkCodec.decode past it: a longer token gets the "damaged link" page, not a JSON 422.
-LinkToken = Annotated[str, Path(json_schema_extra={"maxLength": MAX_TOKEN_CHARS})]
+# The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it;
+# a longer or malformed one is "damaged" like a forged one (400, the links' own answer), so both are only declared.
+LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$", maxLength=MAX_TOKEN_CHARS), Path(
+    description="The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; "
+                "expired → 410")]
 
 
 @router.get("/confirm/{token}", response_model=ConfirmPreview,

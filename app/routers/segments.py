@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 
 from app.access import note
 from app.db import ReadSession, ReplicaSession, WriteSession, bare_connection
 from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactPage, present_contact
 from app.schemas.segments import (
     SegmentCount,
@@ -40,7 +40,6 @@ Writer = Annotated[Principal, require(Scope.SEGMENTS_WRITE)]
 CostlyReader = Annotated[Principal, costly(Scope.SEGMENTS_READ)]
 # Members are contacts: reading them needs contacts:read as well (masked without pii:read).
 MemberReader = Annotated[Principal, costly(Scope.SEGMENTS_READ, Scope.CONTACTS_READ)]
-CursorParam = Annotated[str | None, Query(max_length=1000)]
 PREVIEW_SIZE = 20
 KIND = "a count, preview or member page"
 

@@ -6,13 +6,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from app.access import reveal
 from app.db import ReadSession
 from app.errors import ContactNotFound, problems
-from app.routers.deps import JSONBody
+from app.routers.deps import CursorParam, JSONBody
 from app.schemas.history import present_history
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
@@ -44,7 +44,7 @@ async def get_contact_timeline(
     caller: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.ORDERS_READ, Scope.EVENTS_READ,
                                          Scope.CONSENTS_READ)],
     limit: Limit = 50,
-    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    cursor: CursorParam = None,
 ) -> Any:
     """Orders, carts (at their opening, with their current status), events, consent events,
     list subscriptions and field changes, newest first."""

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.types import AttributeName, LongText, ShortText, TagName
@@ -28,6 +28,13 @@ Options = list[ShortText]
 
 
 class AttributeCreate(InputSchema):
+    # _options_match_type, for the contract: distinct options for the enums, none for the other types.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["options"], "properties": {"type": {"enum": sorted(_ENUMS)},
+                                                 "options": {"type": "array", "minItems": 1, "uniqueItems": True}}},
+        {"properties": {"type": {"enum": sorted(set(AttributeType) - _ENUMS)}, "options": {"type": "null"}}},
+    ]})
+
     name: AttributeName
     type: AttributeType
     options: Options | None = Field(default=None, max_length=500, description="Required for enum and multi_enum")

@@ -6,10 +6,11 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     IPvAnyAddress,
     ValidationInfo,
@@ -19,7 +20,7 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import AwareTimestamp, LongText, ShortText
+from app.schemas.types import AwareTimestamp, Declared, LongText, ShortText, one_of_required
 from app.security.masking import mask_text
 
 __all__ = [
@@ -50,10 +51,15 @@ class ConsentAction(StrEnum):
     CONFIRMED = "confirmed"  # a double opt-in click: confirms a grant
 
 
+_PROOF_FIELDS = ("ip", "user_agent", "form_url", "wording", "policy_version")
+
+
 class ConsentProof(InputSchema):
     """What shows the person really acted: where, with which words, under which policy."""
 
-    ip: IPvAnyAddress | None = None
+    model_config = ConfigDict(json_schema_extra=one_of_required(*_PROOF_FIELDS))
+
+    ip: Annotated[IPvAnyAddress, Declared(anyOf=[{"format": "ipv4"}, {"format": "ipv6"}])] | None = None
     user_agent: LongText | None = None
     form_url: LongText | None = None
     wording: LongText | None = None
@@ -65,12 +71,17 @@ class ConsentProof(InputSchema):
 
     @model_validator(mode="after")
     def _says_something(self) -> Self:
-        if not any(v is not None for v in (self.ip, self.user_agent, self.form_url, self.wording, self.policy_version)):
-            raise ValueError("a proof needs at least one of ip, user_agent, form_url, wording, policy_version")
+        if all(getattr(self, name) is None for name in _PROOF_FIELDS):
+            raise ValueError(f"a proof needs at least one of {', '.join(_PROOF_FIELDS)}")
         return self
 
 
 class ConsentCreate(InputSchema):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"action": {"enum": [ConsentAction.WITHDRAWN, ConsentAction.CONFIRMED]}}},
+        {"required": ["proof"], "properties": {"proof": {"not": {"type": "null"}}}},
+    ]})
+
     purpose: ConsentPurpose
     action: ConsentAction
     source: ShortText | None = Field(default=None, description="Where it happened: newsletter_form, checkout, ...")

@@ -9,11 +9,21 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
-from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName, Timestamp
+from app.schemas.types import (
+    CountryCode,
+    Email,
+    ExternalId,
+    Phone,
+    ShortText,
+    TagName,
+    Timestamp,
+    absent_or_set,
+    one_of_required,
+)
 from app.security.masking import mask_email, mask_name, mask_phone, mask_text
 
 __all__ = [
@@ -106,13 +116,13 @@ class _ContactFields(InputSchema):
     job_title: ShortText | None = None
     sector: ShortText | None = None
     gender: ShortText | None = Field(default=None, max_length=32)
-    birth_date: date | None = None
+    birth_date: date | None = Field(default=None, description="From 1900-01-01 to today (the server's date)")
     address: Address | None = None
     language: ShortText | None = Field(default=None, max_length=35, description="BCP 47 tag, e.g. fr or fr-BE")
     source: ContactSource | None = None
     first_contact_at: Timestamp | None = None
     first_contact_channel: ShortText | None = None
-    kind: ContactKind | None = None
+    kind: ContactKind | None = absent_or_set()
     attributes: dict[Annotated[str, StringConstraints(max_length=63)], Any] | None = Field(
         default=None, max_length=MAX_ATTRIBUTES,
         description=f"Custom attributes, typed by /v1/attributes (at most {MAX_ATTRIBUTES} a request). In a patch, "
@@ -135,6 +145,8 @@ class _ContactFields(InputSchema):
 
 
 class ContactCreate(_ContactFields):
+    model_config = ConfigDict(json_schema_extra=one_of_required("email", "phone", "external_id"))
+
     @model_validator(mode="after")
     def _has_an_identifier(self) -> Self:
         if not (self.email or self.phone or self.external_id):
@@ -144,6 +156,8 @@ class ContactCreate(_ContactFields):
 
 class ContactUpsert(_ContactFields):
     """Matched by external_id, else email: one of them is required."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("external_id", "email"))
 
     @model_validator(mode="after")
     def _has_a_key(self) -> Self:

@@ -11,16 +11,18 @@ from typing import Annotated, Any, Self
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import CurrencyCode, ShortText
+from app.schemas.types import NON_BLANK, CurrencyCode, Declared, ShortText, absent_or_set, one_of_required
 
 __all__ = [
     "SECRET_FIELDS",
@@ -58,8 +60,11 @@ class DeliveryStatus(StrEnum):
     DEAD = "dead"
 
 
+RemoteName = Annotated[str, StringConstraints(min_length=1, max_length=100), NON_BLANK]  # a vendor's list id, tag
+DestinationName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 Secret = Annotated[SecretStr, Field(min_length=8, max_length=500)]
-RemoteField = Annotated[str, StringConstraints(max_length=100, pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+_REMOTE_FIELD_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
+RemoteField = Annotated[str, StringConstraints(max_length=100, pattern=_REMOTE_FIELD_PATTERN)]
 MAX_CONFIG_KEYS = 20      # the largest kind's config has fewer keys
 MAX_FIELD_MAPPINGS = 200  # Carnet fields mapped to vendor fields
 # Carnet fields a vendor field may be mapped from: the contact's own fields and `attributes.<name>`.
@@ -129,12 +134,16 @@ class MailchimpConfig(_Config, _Commerce):
         default=None, description="The currency of a store Carnet creates (default: that of the first order or cart)")
 
 
+_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
+WebhookSecret = Annotated[SecretStr, Declared(pattern=_WHSEC.pattern)]  # checked by _standard_webhooks_secret
+
+
 class WebhookConfig(_Config):
     url: AnyHttpUrl | None = None
-    secret: SecretStr | None = Field(default=None, max_length=500,
-                                     description="Write-only `whsec_...`; generated when absent")
-    previous_secret: SecretStr | None = Field(default=None, max_length=500,
-                                              description="Write-only; also signs during a rotation")
+    secret: WebhookSecret | None = Field(default=None, max_length=500,
+                                         description="Write-only `whsec_...`; generated when absent")
+    previous_secret: WebhookSecret | None = Field(default=None, max_length=500,
+                                                  description="Write-only; also signs during a rotation")
     topics: list[Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
         default=None, max_length=50, description="Only these topics (default: all)")
 
@@ -152,7 +161,6 @@ class WebhookConfig(_Config):
         return value
 
 
-_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
 
 
 def config_model(kind: DestinationKind) -> type[_Config]:
@@ -162,18 +170,27 @@ def config_model(kind: DestinationKind) -> type[_Config]:
 
 class ListMapping(InputSchema):
     list_id: uuid.UUID
-    remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    remote_list_id: RemoteName
     double_opt_in: bool = Field(default=False, description="Confirm through the vendor (Mailchimp pending, "
                                                            "Brevo doubleOptinConfirmation)")
 
 
 class SegmentMapping(InputSchema):
     segment_id: uuid.UUID
-    remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+    remote_list_id: RemoteName | None = Field(
         default=None, description="Brevo: the list the segment fills; Mailchimp: the audience whose members get "
                                   "the tag (an audience of list_mappings); webhook: none")
-    tag: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+    tag: RemoteName | None = Field(
         default=None, description="Mailchimp only: the tag that marks the segment's members")
+
+
+# What _check_field_mappings accepts, for the contract (pydantic alone would allow any key beside the pattern).
+FieldMappings = Annotated[dict[RemoteField, RemoteField], WithJsonSchema({
+    "type": "object", "maxProperties": MAX_FIELD_MAPPINGS,
+    "propertyNames": {"anyOf": [{"enum": sorted(MAPPABLE_FIELDS)}, {"pattern": _ATTRIBUTE_FIELD.pattern}]},
+    "additionalProperties": {"type": "string", "pattern": _REMOTE_FIELD_PATTERN},
+    "description": "Carnet field (`first_name`, `attributes.size`) → vendor field",
+})]
 
 
 def _check_field_mappings(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -194,18 +211,29 @@ class _Mapped(InputSchema):
         return mappings
 
 
+def _config_by_kind() -> dict[str, Any]:
+    """Each kind's config, for the contract: its keys, and those a creation needs (the webhook's `secret` is
+    generated when absent). Whether a URL may be reached (no private address) and a list exists the server judges."""
+    needed = {DestinationKind.BREVO: ["api_key"], DestinationKind.MAILCHIMP: ["api_key"],
+              DestinationKind.WEBHOOK: ["url"]}
+    return {"anyOf": [
+        {"properties": {"kind": {"const": kind.value},
+                        "config": {"allOf": [config_model(kind).model_json_schema(), one_of_required(*needed[kind])]}},
+         "required": ["config"]}
+        for kind in DestinationKind]}
+
+
 class DestinationCreate(_Mapped):
+    model_config = ConfigDict(json_schema_extra=_config_by_kind())
     kind: DestinationKind
-    name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+    name: DestinationName
     enabled: bool = True
     config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS,
                                    description="Per kind; secrets in it are write-only")
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] = Field(default_factory=list)
     segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] = Field(
         default_factory=list, description="Segments synced: their members enter and leave as the segment changes")
-    field_mappings: dict[RemoteField, RemoteField] = Field(
-        default_factory=dict, max_length=MAX_FIELD_MAPPINGS,
-        description="Carnet field (`first_name`, `attributes.size`) → vendor field")
+    field_mappings: FieldMappings = Field(default_factory=dict, max_length=MAX_FIELD_MAPPINGS)
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
@@ -213,12 +241,12 @@ class DestinationCreate(_Mapped):
 class DestinationPatch(_Mapped):
     """Merge patch. `config` is merged key by key (a secret given replaces the stored one; null removes a key)."""
 
-    name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)] | None = None
-    enabled: bool | None = None
+    name: DestinationName | None = absent_or_set()
+    enabled: bool | None = absent_or_set()
     config: dict[str, Any] | None = Field(default=None, max_length=MAX_CONFIG_KEYS)
-    list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = None
-    segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = None
-    field_mappings: dict[RemoteField, RemoteField] | None = Field(default=None, max_length=MAX_FIELD_MAPPINGS)
+    list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = absent_or_set()
+    segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = absent_or_set()
+    field_mappings: FieldMappings | None = absent_or_set(max_length=MAX_FIELD_MAPPINGS)
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 

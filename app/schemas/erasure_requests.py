@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from app.access import reveal
 from app.schemas.base import InputSchema
-from app.schemas.types import LongText
+from app.schemas.types import NON_BLANK, LongText
 from app.security.masking import mask_email, mask_name
 
 __all__ = ["ErasureRequestPage", "ErasureRequestRead", "ErasureRequestStatus", "Refusal", "present_request"]
@@ -49,7 +49,7 @@ class ErasureRequestPage(BaseModel):
 
 
 class Refusal(InputSchema):
-    note: Annotated[LongText, StringConstraints(min_length=1)] = Field(
+    note: Annotated[LongText, StringConstraints(min_length=1), NON_BLANK] = Field(
         description="The reason (GDPR art. 17(3): a legal obligation to keep, e.g. invoices); kept with the request")
 
 

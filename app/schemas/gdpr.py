@@ -6,14 +6,14 @@ import uuid
 from datetime import datetime
 from typing import Any, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentLedger, ConsentProof, present_event
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.history import HistoryEntry, present_history
 from app.schemas.orders import CartRead, EventRead, OrderRead, present_contact_event
-from app.schemas.types import Email, Phone
+from app.schemas.types import Email, Phone, one_of_required
 from app.security.masking import mask_text
 
 __all__ = [
@@ -69,6 +69,8 @@ class SuppressionCheck(BaseModel):
 
 class SuppressionRelease(InputSchema):
     """Re-admit an erased person who asked to come back; `proof` shows they did."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("email", "phone"))
 
     email: Email | None = None
     phone: Phone | None = None

@@ -9,12 +9,12 @@ from enum import StrEnum
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentProof
 from app.schemas.contacts import ContactKind
-from app.schemas.types import LongText, ShortText
+from app.schemas.types import NON_BLANK, Declared, LongText, ShortText, absent_or_set
 
 __all__ = [
     "ConfirmPreview",
@@ -72,15 +72,20 @@ def _distinct_origins(origins: list[str]) -> list[str]:
 
 MAX_BATCH = 1000  # contacts in add and remove together
 
-ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1, max_length=len(ContactKind)),
                           AfterValidator(_distinct)]
-Origin = Annotated[str, StringConstraints(min_length=8, max_length=200), AfterValidator(_origin)]
+# What _origin accepts, for the contract: a DNS name or an IPv4 address (an IPv6 one in brackets is accepted too, and
+# not declared), and a port up to 65535.
+_ORIGIN_PATTERN = (r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*"
+                   r"(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?$")
+Origin = Annotated[str, StringConstraints(min_length=8, max_length=200), AfterValidator(_origin),
+                   Declared(pattern=_ORIGIN_PATTERN)]
 SignupOrigins = Annotated[list[Origin], Field(max_length=20), AfterValidator(_distinct_origins)]
 Color = Annotated[str, StringConstraints(max_length=7, pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
-DisplayName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
-PolicyVersion = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
-Wording = Annotated[LongText, StringConstraints(min_length=1)]
+DisplayName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
+PolicyVersion = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
+Wording = Annotated[LongText, StringConstraints(min_length=1), NON_BLANK]
 
 _PUBLIC_FIELDS = {
     "public_signup": Field(default=False, description="Browsers may sign up at POST /v1/public/lists/{id}/signup"),
@@ -95,6 +100,13 @@ _PUBLIC_FIELDS = {
 
 
 class ListCreate(InputSchema):
+    # app.services.lists: a public signup form shows the consent wording (each signup's proof), on the shop's pages.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"public_signup": {"const": False}}},
+        {"required": ["signup_wording", "signup_origins"],
+         "properties": {"signup_wording": {"type": "string"}, "signup_origins": {"minItems": 1}}},
+    ]})
+
     name: ListName
     description: LongText | None = None
     double_opt_in: bool = False
@@ -111,12 +123,12 @@ class ListPatch(InputSchema):
     """Merge patch: absent fields untouched; null clears description, accepted_kinds (= any kind) and the
     public page texts."""
 
-    name: ListName | None = None
+    name: ListName | None = absent_or_set()
     description: LongText | None = None
-    double_opt_in: bool | None = None
+    double_opt_in: bool | None = absent_or_set()
     accepted_kinds: AcceptedKinds | None = None
-    public_signup: bool | None = None
-    signup_origins: SignupOrigins | None = None
+    public_signup: bool | None = absent_or_set()
+    signup_origins: SignupOrigins | None = absent_or_set()
     signup_wording: Wording | None = None
     signup_policy_version: PolicyVersion | None = None
     display_name: DisplayName | None = None
@@ -191,6 +203,10 @@ class MemberPage(BaseModel):
 
 
 class MemberBatch(InputSchema):
+    # At least one contact; at most MAX_BATCH in add and remove together, and none in both (the server counts those).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
+
     add: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_BATCH,
                                  description="Contacts to subscribe (ledger consent needed)")
     remove: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_BATCH, description="Contacts to unsubscribe")

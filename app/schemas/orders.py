@@ -10,12 +10,21 @@ from enum import StrEnum
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.freeform import FreeJSONObject
-from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText
+from app.schemas.types import NON_BLANK, AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText, one_of_required
 from app.security.masking import mask_json
 
 __all__ = [
@@ -81,7 +90,10 @@ class OrderChannel(StrEnum):
 
 
 class ContactRef(InputSchema):
-    """Which contact: by id, else external_id, else email (an unknown email creates the contact)."""
+    """Which contact: by id, else external_id, else email (an unknown email creates the contact). An id or an
+    external_id alone must name an existing contact (the server judges: 422 otherwise)."""
+
+    model_config = ConfigDict(json_schema_extra=one_of_required("id", "external_id", "email"))
 
     id: uuid.UUID | None = None
     external_id: ExternalId | None = None
@@ -95,7 +107,7 @@ class ContactRef(InputSchema):
 
 
 class OrderItem(InputSchema):
-    sku: ShortText = Field(min_length=1)
+    sku: Annotated[ShortText, NON_BLANK] = Field(min_length=1)
     name: ShortText | None = None
     category: ShortText | None = None
     quantity: int = Field(ge=1, le=1_000_000)

@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, model_validator
 
 from app.errors import InvalidInput
 from app.schemas.base import InputSchema
 from app.schemas.contacts import ContactRead
-from app.schemas.types import LongText, ShortText
+from app.schemas.types import NON_BLANK, LongText, ShortText, absent_or_set
 
 __all__ = [
     "MAX_CONDITIONS",
@@ -82,13 +82,16 @@ def _bounded(value: Any) -> Any:
     check_filter_bounds(value)
     return value
 
-SegmentName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
+SegmentName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
 FILTER_DOC = ('{"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions '
               f"(docs/api.md, Segments). Bounds: groups nest at most {MAX_DEPTH} deep, a group holds at most "
               f"{MAX_CONDITIONS} members, a filter at most {MAX_CONDITIONS} conditions and {MAX_FILTER_VALUES:,} JSON "
               "values in all (422 `too_deep`, `too_many_conditions`, `too_large`)")
 # maxProperties: a group has 1 key, a condition at most 5 (the compiler names any other key).
-Filter = Annotated[dict[str, Any], BeforeValidator(_bounded), Field(
+# Declared as the component SegmentFilter, which app.main adds (built from the compiler's tables by
+# app.services.segment_schema); the compiler checks it.
+FILTER_REF = "#/components/schemas/SegmentFilter"
+Filter = Annotated[dict[str, Any], BeforeValidator(_bounded), WithJsonSchema({"allOf": [{"$ref": FILTER_REF}]}), Field(
     json_schema_extra={"maxProperties": 5}, description=FILTER_DOC, examples=[
     {"all": [{"field": "address.city", "op": "eq", "value": "Lyon"},
              {"field": "orders.category", "op": "eq", "value": "shoes", "within_days": 90}]}])]
@@ -103,9 +106,9 @@ class SegmentCreate(InputSchema):
 class SegmentPatch(InputSchema):
     """Merge patch: absent fields untouched; null clears description."""
 
-    name: SegmentName | None = None
+    name: SegmentName | None = absent_or_set()
     description: LongText | None = None
-    filter: Filter | None = None
+    filter: Filter | None = absent_or_set()
 
     @model_validator(mode="after")
     def _required_fields_stay(self) -> Self:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.base import InputSchema
-from app.schemas.types import ShortText
-from app.security import Role, Scope
+from app.schemas.types import NON_BLANK, ShortText
+from app.security import ROLE_SCOPES, Role, Scope
 
 __all__ = ["Me", "TokenCreate", "TokenIssued", "TokenRead"]
 
 
 class TokenCreate(InputSchema):
-    subject: ShortText = Field(min_length=1, description="Who the token is for, e.g. intern@shop.example")
+    # Which scopes each role may be narrowed to, for the contract (issue_access_token enforces it).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"role": {"const": role.value},
+                        "scopes": {"anyOf": [{"type": "array", "items": {"enum": sorted(ROLE_SCOPES[role])}},
+                                             {"type": "null"}]}}}
+        for role in Role]})
+    subject: Annotated[ShortText, NON_BLANK] = Field(min_length=1,
+                                                     description="Who the token is for, e.g. intern@shop.example")
     role: Role
     scopes: list[Scope] | None = Field(default=None, max_length=len(Scope),
                                        description="Narrow the role's scopes; never widen them")

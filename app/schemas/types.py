@@ -1,23 +1,35 @@
 """Constrained field types shared by the schemas: normalized email and phone, country, currency, safe text,
-timestamps PostgreSQL can store."""
+timestamps PostgreSQL can store.
+
+Each rule a validator enforces with its own message is also declared in the contract (`Declared`: a pattern, an
+enum, a format), so that a client generated from openapi/openapi.json knows it before calling; what only the server
+can judge (a phone number's validity, ...) is said in the type's description."""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import phonenumbers
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from phonenumbers import PhoneMetadata
-from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, Field, GetJsonSchemaHandler, StringConstraints
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 __all__ = [
+    "ATTRIBUTE_NAME_PATTERN",
+    "NON_BLANK",
+    "NON_BLANK_PATTERN",
+    "NOT_NULLABLE",
+    "PLAIN_TEXT_PATTERN",
     "AttributeName",
     "AwareTimestamp",
     "CountryCode",
     "CurrencyCode",
+    "Declared",
     "Email",
     "ExternalId",
     "LongText",
@@ -26,6 +38,7 @@ __all__ = [
     "ShortText",
     "TagName",
     "Timestamp",
+    "absent_or_set",
     "bounded_decimal",
     "configure_phone_region",
     "email_by_validator",
@@ -33,9 +46,28 @@ __all__ = [
     "fast_phone",
     "normalize_email",
     "normalize_phone",
+    "one_of_required",
     "phone_by_phonenumbers",
     "utc_instant",
 ]
+
+
+class Declared:
+    """JSON Schema keywords stating a rule that a validator beside it enforces (with its own, clearer message).
+
+    In `Annotated[str, AfterValidator(check), Declared(pattern=...)]` the validator decides and the keywords tell
+    the contract's readers; both come from the same constant, so they cannot drift apart."""
+
+    __slots__ = ("keywords",)
+
+    def __init__(self, **keywords: Any) -> None:
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        schema.update(self.keywords)
+        return schema
+
 
 _phone_region = "FR"
 _COUNTRIES = frozenset(phonenumbers.SUPPORTED_REGIONS)  # ISO 3166-1 alpha-2 codes with a phone plan
@@ -49,12 +81,20 @@ def configure_phone_region(region: str) -> None:
     _phone_region = region.upper()
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # below 32, but tab, newline and return
+# PostgreSQL text cannot hold NUL; other control characters are never legitimate in these fields (tab, line feed
+# and carriage return are). The same class, as a JSON Schema pattern (ECMA-262 and Python read it alike).
+_CONTROL_CHARS: Final = r"\x00-\x08\x0b\x0c\x0e-\x1f"
+PLAIN_TEXT_PATTERN: Final = rf"^[^{_CONTROL_CHARS}]*$"
+_CONTROL = re.compile(rf"[{_CONTROL_CHARS}]")
+# Input schemas strip surrounding whitespace (str.strip: these characters) before checking a minimum length, so a
+# required text needs one character besides them.
+_SPACES: Final = r"\t\n\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BLANK_PATTERN: Final = rf"^[^{_CONTROL_CHARS}]*[^{_CONTROL_CHARS}{_SPACES}][^{_CONTROL_CHARS}]*$"
+NON_BLANK: Final = Declared(pattern=NON_BLANK_PATTERN)  # after ShortText/LongText with a min_length of 1
 
 
 def _no_control_chars(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; other control characters are never legitimate in these fields.
-    if _CONTROL_CHARS.search(value):  # one regex scan: a batch of events runs this thousands of times
+    if _CONTROL.search(value):
         raise ValueError("control characters (such as NUL) are not allowed")
     return value
 
@@ -183,7 +223,9 @@ def bounded_decimal(value: Any, *, integer_digits: int, places: int) -> Decimal:
     return Decimal((sign, tuple(kept), exponent))
 
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+ATTRIBUTE_NAME_PATTERN: Final = r"^[a-z][a-z0-9_]{0,62}$"
+_NAME_RE = re.compile(ATTRIBUTE_NAME_PATTERN)
+_TAG_PATTERN: Final = rf"^[^{_CONTROL_CHARS}/]*[^{_CONTROL_CHARS}{_SPACES}/][^{_CONTROL_CHARS}/]*$"
 
 
 def _attribute_name(value: str) -> str:
@@ -199,20 +241,68 @@ def _tag_name(value: str) -> str:
     return value
 
 
-ShortText = Annotated[str, StringConstraints(max_length=255), AfterValidator(_no_control_chars)]
-LongText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_no_control_chars)]
-ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_control_chars)]
-Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email)]
-Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone)]
-CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country)]
-CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3}$"), AfterValidator(_currency)]
+_PLAIN = (AfterValidator(_no_control_chars), Declared(pattern=PLAIN_TEXT_PATTERN))
+ShortText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
+LongText = Annotated[str, StringConstraints(max_length=2000), *_PLAIN]
+ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_control_chars),
+                      NON_BLANK]
+Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email), Declared(
+    format="email", description="An email address (stored lowercased); the server judges its validity "
+                                "(email-validator: syntax and domain name, no DNS lookup).")]
+Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone), Declared(
+    pattern=PLAIN_TEXT_PATTERN,
+    description="A phone number, international (+33 6 12 34 56 78) or national in DEFAULT_PHONE_REGION "
+                "(06 12 34 56 78), stored in E.164; the server judges its validity for its region (libphonenumber): "
+                "no pattern can say which numbers exist.")]
+CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country), Declared(
+    enum=sorted(_COUNTRIES), description="ISO 3166-1 alpha-2 (lowercase is accepted and stored uppercase)")]
+CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3}$"), AfterValidator(_currency),
+                       Declared(
+    enum=sorted(_CURRENCIES | _WITHDRAWN_CURRENCIES),
+    description="ISO 4217: a current code, or one withdrawn since 2007 (a past order keeps its currency)")]
 # Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`).
 Timestamp = Annotated[datetime, AfterValidator(utc_instant)]  # no offset: UTC
 AwareTimestamp = Annotated[AwareDatetime, AfterValidator(utc_instant)]  # the offset is required
-AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name)]
-TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name)]
+AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name),
+                          Declared(pattern=ATTRIBUTE_NAME_PATTERN)]
+TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
+                    Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
-SearchText = Annotated[str, StringConstraints(max_length=255), AfterValidator(_no_control_chars)]
+SearchText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
+
+
+def _not_nullable(schema: dict[str, Any]) -> None:
+    branches = [branch for branch in schema.pop("anyOf", [schema]) if branch.get("type") != "null"]
+    schema.pop("default", None)
+    if len(branches) == 1:
+        schema.update(branches[0])
+    else:
+        schema["anyOf"] = branches
+
+
+def one_of_required(*names: str) -> dict[str, Any]:
+    """JSON Schema for "at least one of these fields, not null" (a model validator enforces it): the contract
+    keyword of a rule such as "one of email, phone or external_id is required"."""
+    return {"anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]}
+
+
+class _NotNullable:
+    """Marks an optional parameter that is sent or left out, never null (a header cannot be null): the contract
+    shows its type without the `null` that `X | None = None` would add."""
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        _not_nullable(schema)
+        return schema
+
+
+NOT_NULLABLE: Final = _NotNullable()
+
+
+def absent_or_set(**field: Any) -> Any:
+    """A merge-patch field that may be left out but never set to null (its column always holds a value): the
+    contract shows it without `null`; the schema's validator refuses null with a message naming the field."""
+    return Field(default=None, json_schema_extra=_not_nullable, **field)
 
 
 # ---- fast paths: hypothesis-proven equal to the libraries (tests/services/test_import_rows.py) ----------

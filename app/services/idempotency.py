@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,9 +25,14 @@ from app.models.base import utc_now
 from app.services.sweeps import Sweep
 from app.settings import Settings
 
-__all__ = ["KEEP_FOR", "IdempotencyExpiry", "Stored", "claim", "complete", "request_fingerprint"]
+__all__ = ["KEEP_FOR", "KEY_PATTERN", "IdempotencyExpiry", "Stored", "claim", "complete", "request_fingerprint"]
 
 KEEP_FOR = timedelta(hours=24)
+# 1 to 255 printable Latin-1 characters (what an HTTP header carries), neither starting nor ending with a space (HTTP
+# strips those: " k" arrives as "k"). The contract declares it; `claim` enforces it.
+_PRINTABLE = r"\x21-\x7e\xa1-\xac\xae-\xff"
+KEY_PATTERN = rf"^[{_PRINTABLE}]([ {_PRINTABLE}]{{0,253}}[{_PRINTABLE}])?$"
+_KEY = re.compile(KEY_PATTERN)
 _t = IdempotencyRecord.__table__  # type: ignore[attr-defined]
 
 
@@ -52,7 +58,7 @@ async def claim(
     """None: go ahead (the key is ours now). Stored: replay it. Raises if the key served another request, or
     another token: a stored response is replayed only to the token it was sent to, which could receive it (its
     masking and scopes are the same); any other token, even of the same subject, gets a 422 and nothing of it."""
-    if not key or len(key) > 255 or not key.isprintable():
+    if not _KEY.fullmatch(key):
         raise InvalidInput.one("Idempotency-Key", "1 to 255 printable characters", "invalid_idempotency_key")
     now = utc_now()
     values = {"subject": subject, "key": key, "token_id": token_id, "method": method, "path": path,

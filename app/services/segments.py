@@ -156,8 +156,8 @@ OPS: dict[str, tuple[str, ...]] = {
     CART_STATUS: ("eq", "in"),
 }
 COUNT_OPS = ("eq", "neq", "gt", "gte", "lt", "lte")
-_WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CART_STATUS)   # accept "within_days"
-_WITH_COUNT = (ORDER_ITEM, EVENT_TYPE, CART_STATUS)                 # accept "count"
+WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CART_STATUS)   # accept "within_days"
+WITH_COUNT = (ORDER_ITEM, EVENT_TYPE, CART_STATUS)                 # accept "count"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,10 +263,10 @@ class _Compiler:
         op = node.get("op")
         if not isinstance(op, str) or op not in OPS[spec.kind]:
             raise _Invalid(f"{path}.op", f"op must be one of: {', '.join(OPS[spec.kind])} for {name}", "invalid_op")
-        if "within_days" in node and spec.kind not in _WITH_WINDOW:
+        if "within_days" in node and spec.kind not in WITH_WINDOW:
             raise _Invalid(f"{path}.within_days", "within_days is only for orders.*, carts.status and events.type",
                            "unknown_key")
-        if "count" in node and spec.kind not in _WITH_COUNT:
+        if "count" in node and spec.kind not in WITH_COUNT:
             raise _Invalid(f"{path}.count",
                            "count is only for orders.sku, orders.category, carts.status and events.type", "unknown_key")
         if "value" not in node and op != "exists":
@@ -314,10 +314,18 @@ def _safe(key: Any) -> str:
 # ---- values ------------------------------------------------------------------------------------------------
 
 
+def _whole(value: Any) -> int | None:
+    """The integer a JSON number stands for (`3` or `3.0`: JSON has one number type), or None."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _days(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DAYS:
+    days = _whole(value)
+    if days is None or not 0 <= days <= MAX_DAYS:
         raise _Invalid(path, f"expected a whole number of days between 0 and {MAX_DAYS}")
-    return value
+    return days
 
 
 def _text(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
@@ -329,9 +337,10 @@ def _text(value: Any, path: str, choices: tuple[str, ...] | None = None) -> str:
 
 
 def _integer(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+    number = _whole(value)
+    if number is None or not 0 <= number <= 2**31 - 1:
         raise _Invalid(path, "expected a whole number >= 0")
-    return value
+    return number
 
 
 def _number(value: Any, path: str, *, integer_digits: int = ATTRIBUTE_DIGITS, places: int = ATTRIBUTE_PLACES

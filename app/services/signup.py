@@ -34,8 +34,8 @@ from app.security import Principal, Role
 from app.services import consents, contacts, memberships, suppressions
 from app.services import lists as lists_service
 from app.services.links import LinkBuilder
-from app.services.suppressions import SuppressedContact
 from app.services.lists import ListNotFound, rfc3339
+from app.services.suppressions import SuppressedContact
 
 __all__ = ["PUBLIC_SIGNUP", "open_list", "sign_up"]
 

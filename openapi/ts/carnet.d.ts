@@ -1328,7 +1328,7 @@ export interface components {
             /** City */
             city?: string | null;
             /** Country */
-            country?: string | null;
+            country?: ("AC" | "AD" | "AE" | "AF" | "AG" | "AI" | "AL" | "AM" | "AO" | "AR" | "AS" | "AT" | "AU" | "AW" | "AX" | "AZ" | "BA" | "BB" | "BD" | "BE" | "BF" | "BG" | "BH" | "BI" | "BJ" | "BL" | "BM" | "BN" | "BO" | "BQ" | "BR" | "BS" | "BT" | "BW" | "BY" | "BZ" | "CA" | "CC" | "CD" | "CF" | "CG" | "CH" | "CI" | "CK" | "CL" | "CM" | "CN" | "CO" | "CR" | "CU" | "CV" | "CW" | "CX" | "CY" | "CZ" | "DE" | "DJ" | "DK" | "DM" | "DO" | "DZ" | "EC" | "EE" | "EG" | "EH" | "ER" | "ES" | "ET" | "FI" | "FJ" | "FK" | "FM" | "FO" | "FR" | "GA" | "GB" | "GD" | "GE" | "GF" | "GG" | "GH" | "GI" | "GL" | "GM" | "GN" | "GP" | "GQ" | "GR" | "GT" | "GU" | "GW" | "GY" | "HK" | "HN" | "HR" | "HT" | "HU" | "ID" | "IE" | "IL" | "IM" | "IN" | "IO" | "IQ" | "IR" | "IS" | "IT" | "JE" | "JM" | "JO" | "JP" | "KE" | "KG" | "KH" | "KI" | "KM" | "KN" | "KP" | "KR" | "KW" | "KY" | "KZ" | "LA" | "LB" | "LC" | "LI" | "LK" | "LR" | "LS" | "LT" | "LU" | "LV" | "LY" | "MA" | "MC" | "MD" | "ME" | "MF" | "MG" | "MH" | "MK" | "ML" | "MM" | "MN" | "MO" | "MP" | "MQ" | "MR" | "MS" | "MT" | "MU" | "MV" | "MW" | "MX" | "MY" | "MZ" | "NA" | "NC" | "NE" | "NF" | "NG" | "NI" | "NL" | "NO" | "NP" | "NR" | "NU" | "NZ" | "OM" | "PA" | "PE" | "PF" | "PG" | "PH" | "PK" | "PL" | "PM" | "PR" | "PS" | "PT" | "PW" | "PY" | "QA" | "RE" | "RO" | "RS" | "RU" | "RW" | "SA" | "SB" | "SC" | "SD" | "SE" | "SG" | "SH" | "SI" | "SJ" | "SK" | "SL" | "SM" | "SN" | "SO" | "SR" | "SS" | "ST" | "SV" | "SX" | "SY" | "SZ" | "TA" | "TC" | "TD" | "TG" | "TH" | "TJ" | "TK" | "TL" | "TM" | "TN" | "TO" | "TR" | "TT" | "TV" | "TW" | "TZ" | "UA" | "UG" | "US" | "UY" | "UZ" | "VA" | "VC" | "VE" | "VG" | "VI" | "VN" | "VU" | "WF" | "WS" | "XK" | "YE" | "YT" | "ZA" | "ZM" | "ZW") | null;
             /** Line1 */
             line1?: string | null;
             /** Line2 */
@@ -1365,6 +1365,14 @@ export interface components {
              */
             options?: string[] | null;
             type: components["schemas"]["AttributeType"];
+        } | {
+            options: unknown[];
+            /** @enum {unknown} */
+            type?: "enum" | "multi_enum";
+        } | {
+            options?: null;
+            /** @enum {unknown} */
+            type?: "boolean" | "date" | "number" | "text";
         };
         /**
          * AttributePatch
@@ -1464,8 +1472,9 @@ export interface components {
             /**
              * Currency
              * @description ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR
+             * @enum {string}
              */
-            currency: string;
+            currency: "AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL";
             /** Items */
             items: components["schemas"]["OrderItem"][];
             /**
@@ -1576,6 +1585,11 @@ export interface components {
              * @description Where it happened: newsletter_form, checkout, ...
              */
             source?: string | null;
+        } | {
+            /** @enum {unknown} */
+            action?: "withdrawn" | "confirmed";
+        } | {
+            proof: unknown;
         };
         /** ConsentEventRead */
         ConsentEventRead: {
@@ -1634,13 +1648,23 @@ export interface components {
             /** Form Url */
             form_url?: string | null;
             /** Ip */
-            ip?: string | null;
+            ip?: (string | unknown | unknown) | null;
             /** Policy Version */
             policy_version?: string | null;
             /** User Agent */
             user_agent?: string | null;
             /** Wording */
             wording?: string | null;
+        } | {
+            ip: unknown;
+        } | {
+            user_agent: unknown;
+        } | {
+            form_url: unknown;
+        } | {
+            wording: unknown;
+        } | {
+            policy_version: unknown;
         };
         /**
          * ConsentPurpose
@@ -1665,7 +1689,10 @@ export interface components {
             attributes?: {
                 [key: string]: unknown;
             } | null;
-            /** Birth Date */
+            /**
+             * Birth Date
+             * @description From 1900-01-01 to today (the server's date)
+             */
             birth_date?: string | null;
             /** Company */
             company?: string | null;
@@ -1683,7 +1710,7 @@ export interface components {
             gender?: string | null;
             /** Job Title */
             job_title?: string | null;
-            kind?: components["schemas"]["ContactKind"] | null;
+            kind?: components["schemas"]["ContactKind"];
             /**
              * Language
              * @description BCP 47 tag, e.g. fr or fr-BE
@@ -1698,6 +1725,12 @@ export interface components {
             source?: components["schemas"]["ContactSource"] | null;
             /** Tags */
             tags?: string[] | null;
+        } | {
+            email: unknown;
+        } | {
+            phone: unknown;
+        } | {
+            external_id: unknown;
         };
         /**
          * ContactExportRead
@@ -1769,7 +1802,10 @@ export interface components {
             attributes?: {
                 [key: string]: unknown;
             } | null;
-            /** Birth Date */
+            /**
+             * Birth Date
+             * @description From 1900-01-01 to today (the server's date)
+             */
             birth_date?: string | null;
             /** Company */
             company?: string | null;
@@ -1787,7 +1823,7 @@ export interface components {
             gender?: string | null;
             /** Job Title */
             job_title?: string | null;
-            kind?: components["schemas"]["ContactKind"] | null;
+            kind?: components["schemas"]["ContactKind"];
             /**
              * Language
              * @description BCP 47 tag, e.g. fr or fr-BE
@@ -1874,7 +1910,8 @@ export interface components {
         };
         /**
          * ContactRef
-         * @description Which contact: by id, else external_id, else email (an unknown email creates the contact).
+         * @description Which contact: by id, else external_id, else email (an unknown email creates the contact). An id or an
+         *     external_id alone must name an existing contact (the server judges: 422 otherwise).
          */
         ContactRef: {
             /** Email */
@@ -1883,6 +1920,12 @@ export interface components {
             external_id?: string | null;
             /** Id */
             id?: string | null;
+        } | {
+            id: unknown;
+        } | {
+            external_id: unknown;
+        } | {
+            email: unknown;
         };
         /**
          * ContactSort
@@ -1924,7 +1967,10 @@ export interface components {
             attributes?: {
                 [key: string]: unknown;
             } | null;
-            /** Birth Date */
+            /**
+             * Birth Date
+             * @description From 1900-01-01 to today (the server's date)
+             */
             birth_date?: string | null;
             /** Company */
             company?: string | null;
@@ -1942,7 +1988,7 @@ export interface components {
             gender?: string | null;
             /** Job Title */
             job_title?: string | null;
-            kind?: components["schemas"]["ContactKind"] | null;
+            kind?: components["schemas"]["ContactKind"];
             /**
              * Language
              * @description BCP 47 tag, e.g. fr or fr-BE
@@ -1957,6 +2003,10 @@ export interface components {
             source?: components["schemas"]["ContactSource"] | null;
             /** Tags */
             tags?: string[] | null;
+        } | {
+            external_id: unknown;
+        } | {
+            email: unknown;
         };
         /**
          * Delimiter
@@ -2042,6 +2092,141 @@ export interface components {
              * @description Segments synced: their members enter and leave as the segment changes
              */
             segment_mappings?: components["schemas"]["SegmentMapping"][];
+        } | {
+            config: {
+                /**
+                 * Api Key
+                 * @description Write-only (`api-key` header)
+                 */
+                api_key?: string | null;
+                /**
+                 * Base Url
+                 * @description Overrides the vendor's API host (proxies, tests)
+                 */
+                base_url?: string | null;
+                /** Double Opt In Redirect Url */
+                double_opt_in_redirect_url?: string | null;
+                /**
+                 * Double Opt In Template Id
+                 * @description For vendor double opt-in lists
+                 */
+                double_opt_in_template_id?: number | null;
+                /**
+                 * Inbound Secret
+                 * @description Write-only; generated when absent
+                 */
+                inbound_secret?: string | null;
+                /**
+                 * Push Carts
+                 * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
+                 */
+                push_carts?: boolean | null;
+                /**
+                 * Push Events
+                 * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
+                 */
+                push_events?: string[] | null;
+                /**
+                 * Push Orders
+                 * @description Orders and their status changes (default false)
+                 */
+                push_orders?: boolean | null;
+            } & {
+                api_key: unknown;
+            };
+            /** @constant */
+            kind?: "brevo";
+        } | {
+            config: {
+                /**
+                 * Api Key
+                 * @description Write-only; its `-usN` suffix names the datacenter
+                 */
+                api_key?: string | null;
+                /**
+                 * Base Url
+                 * @description Overrides the vendor's API host (proxies, tests)
+                 */
+                base_url?: string | null;
+                /**
+                 * Inbound Secret
+                 * @description Write-only; generated when absent
+                 */
+                inbound_secret?: string | null;
+                /**
+                 * Push Carts
+                 * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
+                 */
+                push_carts?: boolean | null;
+                /**
+                 * Push Events
+                 * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
+                 */
+                push_events?: string[] | null;
+                /**
+                 * Push Orders
+                 * @description Orders and their status changes (default false)
+                 */
+                push_orders?: boolean | null;
+                /**
+                 * Signing Secret
+                 * @description Write-only; checks X-Mailchimp-Signature
+                 */
+                signing_secret?: string | null;
+                /**
+                 * Store Currency
+                 * @description The currency of a store Carnet creates (default: that of the first order or cart)
+                 */
+                store_currency?: ("AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL") | null;
+                /**
+                 * Store Id
+                 * @description The e-commerce store orders and carts go to; created if missing (required by push_orders and push_carts)
+                 */
+                store_id?: string | null;
+                /**
+                 * Store List Id
+                 * @description The audience of a store Carnet creates (default: the first mapped list)
+                 */
+                store_list_id?: string | null;
+            } & {
+                api_key: unknown;
+            };
+            /** @constant */
+            kind?: "mailchimp";
+        } | {
+            config: {
+                /**
+                 * Base Url
+                 * @description Overrides the vendor's API host (proxies, tests)
+                 */
+                base_url?: string | null;
+                /**
+                 * Inbound Secret
+                 * @description Write-only; generated when absent
+                 */
+                inbound_secret?: string | null;
+                /**
+                 * Previous Secret
+                 * @description Write-only; also signs during a rotation
+                 */
+                previous_secret?: string | null;
+                /**
+                 * Secret
+                 * @description Write-only `whsec_...`; generated when absent
+                 */
+                secret?: string | null;
+                /**
+                 * Topics
+                 * @description Only these topics (default: all)
+                 */
+                topics?: string[] | null;
+                /** Url */
+                url?: string | null;
+            } & {
+                url: unknown;
+            };
+            /** @constant */
+            kind?: "webhook";
         };
         /** DestinationCreated */
         DestinationCreated: {
@@ -2139,17 +2324,20 @@ export interface components {
                 [key: string]: unknown;
             } | null;
             /** Enabled */
-            enabled?: boolean | null;
-            /** Field Mappings */
+            enabled?: boolean;
+            /**
+             * Field Mappings
+             * @description Carnet field (`first_name`, `attributes.size`) → vendor field
+             */
             field_mappings?: {
                 [key: string]: string;
-            } | null;
+            };
             /** List Mappings */
-            list_mappings?: components["schemas"]["ListMapping"][] | null;
+            list_mappings?: components["schemas"]["ListMapping"][];
             /** Name */
-            name?: string | null;
+            name?: string;
             /** Segment Mappings */
-            segment_mappings?: components["schemas"]["SegmentMapping"][] | null;
+            segment_mappings?: components["schemas"]["SegmentMapping"][];
         };
         /** DestinationRead */
         DestinationRead: {
@@ -2768,6 +2956,12 @@ export interface components {
              * @description The consent text shown on the form; kept as the proof's wording. Required for public_signup
              */
             signup_wording?: string | null;
+        } | {
+            /** @constant */
+            public_signup?: false;
+        } | {
+            signup_origins: unknown;
+            signup_wording: string;
         };
         /** ListMapping */
         ListMapping: {
@@ -2807,13 +3001,13 @@ export interface components {
             /** Display Name */
             display_name?: string | null;
             /** Double Opt In */
-            double_opt_in?: boolean | null;
+            double_opt_in?: boolean;
             /** Name */
-            name?: string | null;
+            name?: string;
             /** Public Signup */
-            public_signup?: boolean | null;
+            public_signup?: boolean;
             /** Signup Origins */
-            signup_origins?: string[] | null;
+            signup_origins?: string[];
             /** Signup Policy Version */
             signup_policy_version?: string | null;
             /** Signup Wording */
@@ -2897,6 +3091,10 @@ export interface components {
              * @description Source recorded on added memberships
              */
             source?: string | null;
+        } | {
+            add: unknown;
+        } | {
+            remove: unknown;
         };
         /** MemberBatchItem */
         MemberBatchItem: {
@@ -3022,8 +3220,9 @@ export interface components {
             /**
              * Currency
              * @description ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR
+             * @enum {string}
              */
-            currency: string;
+            currency: "AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL";
             /** Items */
             items?: components["schemas"]["OrderItem"][];
             /**
@@ -3285,6 +3484,487 @@ export interface components {
          * @enum {string}
          */
         Scope: "contacts:read" | "contacts:write" | "contacts:erase" | "pii:read" | "attributes:write" | "tags:write" | "tags:delete" | "lists:read" | "lists:write" | "memberships:write" | "consents:read" | "consents:write" | "orders:read" | "orders:write" | "events:read" | "events:write" | "segments:read" | "segments:write" | "imports:write" | "exports:read" | "destinations:read" | "destinations:write" | "retention:run" | "tokens:admin" | "journal:read";
+        /** @description {field, op, value}, and within_days, count for orders and events */
+        SegmentCondition: {
+            /** @constant */
+            field: "kind";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            /** @enum {unknown} */
+            value: "customer" | "prospect" | "vendor" | "partner";
+        } | {
+            /** @constant */
+            field: "kind";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: ("customer" | "prospect" | "vendor" | "partner")[];
+        } | {
+            /** @constant */
+            field: "kind";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "lifecycle_stage";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            /** @enum {unknown} */
+            value: "prospect" | "new_customer" | "loyal_customer" | "lapsed_customer";
+        } | {
+            /** @constant */
+            field: "lifecycle_stage";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: ("prospect" | "new_customer" | "loyal_customer" | "lapsed_customer")[];
+        } | {
+            /** @constant */
+            field: "lifecycle_stage";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "email_status";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "email_status";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "email_status";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "source";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "source";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "source";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "language";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "language";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "language";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "company";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "contains";
+            value: string;
+        } | {
+            /** @constant */
+            field: "company";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "company";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "address.city";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "contains";
+            value: string;
+        } | {
+            /** @constant */
+            field: "address.city";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "address.city";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "address.postal_code";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "address.postal_code";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "address.postal_code";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "address.country";
+            /** @enum {unknown} */
+            op: "eq" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "address.country";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "address.country";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "created_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "updated_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "last_activity_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "tags";
+            /** @enum {unknown} */
+            op: "eq" | "contains" | "neq";
+            value: string;
+        } | {
+            /** @constant */
+            field: "tags";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "tags";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "lists";
+            /** @enum {unknown} */
+            op: "eq" | "contains" | "neq";
+            /** Format: uuid */
+            value: string;
+        } | {
+            /** @constant */
+            field: "lists";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: string[];
+        } | {
+            /** @constant */
+            field: "stats.orders_count";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
+        } | {
+            /** @constant */
+            field: "stats.orders_count";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.orders_count";
+            /** @enum {unknown} */
+            op: "between";
+            value: number[];
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number | string;
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: (number | string)[];
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "between";
+            value: (number | string)[];
+        } | {
+            /** @constant */
+            field: "stats.total_spent";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number | string;
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "in" | "nin";
+            value: (number | string)[];
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "between";
+            value: (number | string)[];
+        } | {
+            /** @constant */
+            field: "stats.average_basket";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "gt" | "gte" | "lt" | "lte";
+            value: string;
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "between";
+            value: (string)[];
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "within_days" | "older_than_days";
+            value: number;
+        } | {
+            /** @constant */
+            field: "stats.last_order_at";
+            /** @enum {unknown} */
+            op: "exists";
+            value?: boolean;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.sku";
+            /** @enum {unknown} */
+            op: "eq";
+            value: string;
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.sku";
+            /** @enum {unknown} */
+            op: "in";
+            value: string[];
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.category";
+            /** @enum {unknown} */
+            op: "eq";
+            value: string;
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "orders.category";
+            /** @enum {unknown} */
+            op: "in";
+            value: string[];
+            within_days?: number;
+        } | {
+            /** @constant */
+            field: "orders.count";
+            /** @enum {unknown} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
+            within_days?: number;
+        } | {
+            /** @constant */
+            field: "orders.count";
+            /** @enum {unknown} */
+            op: "between";
+            value: number[];
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "events.type";
+            /** @enum {unknown} */
+            op: "eq";
+            value: string;
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "events.type";
+            /** @enum {unknown} */
+            op: "in";
+            value: string[];
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "carts.status";
+            /** @enum {unknown} */
+            op: "eq";
+            /** @enum {unknown} */
+            value: "open" | "converted" | "abandoned";
+            within_days?: number;
+        } | {
+            count?: {
+                /** @enum {unknown} */
+                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+                value: number;
+            };
+            /** @constant */
+            field: "carts.status";
+            /** @enum {unknown} */
+            op: "in";
+            value: ("open" | "converted" | "abandoned")[];
+            within_days?: number;
+        } | {
+            /** @constant */
+            field: "consents.email_marketing";
+            /** @enum {unknown} */
+            op: "eq";
+            value: boolean;
+        } | {
+            field: string;
+            /** @enum {unknown} */
+            op: "between" | "contains" | "eq" | "exists" | "gt" | "gte" | "in" | "lt" | "lte" | "neq" | "nin" | "older_than_days" | "within_days";
+            value?: unknown;
+        };
         /** SegmentCount */
         SegmentCount: {
             /** Count */
@@ -3313,12 +3993,18 @@ export interface components {
              *       ]
              *     }
              */
-            filter: {
-                [key: string]: unknown;
-            };
+            filter: components["schemas"]["SegmentFilter"];
             /** Name */
             name: string;
         };
+        /** @description A group (all, any: a non-empty array; not: one node) or a condition. Groups nest at most 8 deep and a filter holds at most 100 conditions (the server counts: 422 too_deep, too_many_conditions). Grammar: docs/api.md, Segments */
+        SegmentFilter: {
+            all: components["schemas"]["SegmentFilter"][];
+        } | {
+            any: components["schemas"]["SegmentFilter"][];
+        } | {
+            not: components["schemas"]["SegmentFilter"];
+        } | components["schemas"]["SegmentCondition"];
         /** SegmentMapping */
         SegmentMapping: {
             /**
@@ -3374,11 +4060,9 @@ export interface components {
             /** Description */
             description?: string | null;
             /** Filter */
-            filter?: {
-                [key: string]: unknown;
-            } | null;
+            filter?: components["schemas"]["SegmentFilter"];
             /** Name */
-            name?: string | null;
+            name?: string;
         };
         /** SegmentPreview */
         SegmentPreview: {
@@ -3411,9 +4095,7 @@ export interface components {
              *       ]
              *     }
              */
-            filter: {
-                [key: string]: unknown;
-            };
+            filter: components["schemas"]["SegmentFilter"];
         };
         /** SegmentRead */
         SegmentRead: {
@@ -3500,6 +4182,10 @@ export interface components {
             phone?: string | null;
             /** @description The person's fresh request: where, when (ip), which wording */
             proof: components["schemas"]["ConsentProof"];
+        } | {
+            email: unknown;
+        } | {
+            phone: unknown;
         };
         /** SuppressionReleased */
         SuppressionReleased: {
@@ -3569,6 +4255,26 @@ export interface components {
             subject: string;
             /** Ttl Seconds */
             ttl_seconds?: number | null;
+        } | {
+            /** @constant */
+            role?: "admin";
+            scopes?: ("attributes:write" | "consents:read" | "consents:write" | "contacts:erase" | "contacts:read" | "contacts:write" | "destinations:read" | "destinations:write" | "events:read" | "events:write" | "exports:read" | "imports:write" | "journal:read" | "lists:read" | "lists:write" | "memberships:write" | "orders:read" | "orders:write" | "pii:read" | "retention:run" | "segments:read" | "segments:write" | "tags:delete" | "tags:write" | "tokens:admin")[] | null;
+        } | {
+            /** @constant */
+            role?: "manager";
+            scopes?: ("attributes:write" | "consents:read" | "consents:write" | "contacts:read" | "contacts:write" | "destinations:read" | "destinations:write" | "events:read" | "events:write" | "exports:read" | "imports:write" | "lists:read" | "lists:write" | "memberships:write" | "orders:read" | "orders:write" | "pii:read" | "segments:read" | "segments:write" | "tags:delete" | "tags:write")[] | null;
+        } | {
+            /** @constant */
+            role?: "editor";
+            scopes?: ("consents:read" | "consents:write" | "contacts:read" | "contacts:write" | "events:read" | "lists:read" | "memberships:write" | "orders:read" | "pii:read" | "segments:read" | "tags:write")[] | null;
+        } | {
+            /** @constant */
+            role?: "viewer";
+            scopes?: ("consents:read" | "contacts:read" | "events:read" | "lists:read" | "orders:read" | "segments:read")[] | null;
+        } | {
+            /** @constant */
+            role?: "integration";
+            scopes?: ("consents:read" | "consents:write" | "contacts:read" | "contacts:write" | "events:write" | "lists:read" | "memberships:write" | "orders:read" | "orders:write" | "pii:read")[] | null;
         };
         /** TokenIssued */
         TokenIssued: {
@@ -3789,8 +4495,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4113,8 +4819,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 external_id: string;
@@ -4217,7 +4923,7 @@ export interface operations {
                 lifecycle_stage?: components["schemas"]["LifecycleStage"] | null;
                 city?: string | null;
                 postal_code?: string | null;
-                country?: string | null;
+                country?: ("AC" | "AD" | "AE" | "AF" | "AG" | "AI" | "AL" | "AM" | "AO" | "AR" | "AS" | "AT" | "AU" | "AW" | "AX" | "AZ" | "BA" | "BB" | "BD" | "BE" | "BF" | "BG" | "BH" | "BI" | "BJ" | "BL" | "BM" | "BN" | "BO" | "BQ" | "BR" | "BS" | "BT" | "BW" | "BY" | "BZ" | "CA" | "CC" | "CD" | "CF" | "CG" | "CH" | "CI" | "CK" | "CL" | "CM" | "CN" | "CO" | "CR" | "CU" | "CV" | "CW" | "CX" | "CY" | "CZ" | "DE" | "DJ" | "DK" | "DM" | "DO" | "DZ" | "EC" | "EE" | "EG" | "EH" | "ER" | "ES" | "ET" | "FI" | "FJ" | "FK" | "FM" | "FO" | "FR" | "GA" | "GB" | "GD" | "GE" | "GF" | "GG" | "GH" | "GI" | "GL" | "GM" | "GN" | "GP" | "GQ" | "GR" | "GT" | "GU" | "GW" | "GY" | "HK" | "HN" | "HR" | "HT" | "HU" | "ID" | "IE" | "IL" | "IM" | "IN" | "IO" | "IQ" | "IR" | "IS" | "IT" | "JE" | "JM" | "JO" | "JP" | "KE" | "KG" | "KH" | "KI" | "KM" | "KN" | "KP" | "KR" | "KW" | "KY" | "KZ" | "LA" | "LB" | "LC" | "LI" | "LK" | "LR" | "LS" | "LT" | "LU" | "LV" | "LY" | "MA" | "MC" | "MD" | "ME" | "MF" | "MG" | "MH" | "MK" | "ML" | "MM" | "MN" | "MO" | "MP" | "MQ" | "MR" | "MS" | "MT" | "MU" | "MV" | "MW" | "MX" | "MY" | "MZ" | "NA" | "NC" | "NE" | "NF" | "NG" | "NI" | "NL" | "NO" | "NP" | "NR" | "NU" | "NZ" | "OM" | "PA" | "PE" | "PF" | "PG" | "PH" | "PK" | "PL" | "PM" | "PR" | "PS" | "PT" | "PW" | "PY" | "QA" | "RE" | "RO" | "RS" | "RU" | "RW" | "SA" | "SB" | "SC" | "SD" | "SE" | "SG" | "SH" | "SI" | "SJ" | "SK" | "SL" | "SM" | "SN" | "SO" | "SR" | "SS" | "ST" | "SV" | "SX" | "SY" | "SZ" | "TA" | "TC" | "TD" | "TG" | "TH" | "TJ" | "TK" | "TL" | "TM" | "TN" | "TO" | "TR" | "TT" | "TV" | "TW" | "TZ" | "UA" | "UG" | "US" | "UY" | "UZ" | "VA" | "VC" | "VE" | "VG" | "VI" | "VN" | "VU" | "WF" | "WS" | "XK" | "YE" | "YT" | "ZA" | "ZM" | "ZW") | null;
                 created_after?: string | null;
                 updated_after?: string | null;
                 /** @description Contacts matching this segment */
@@ -4225,6 +4931,7 @@ export interface operations {
                 /** @description `last_name`, `-last_name`: need pii:read */
                 sort?: components["schemas"]["ContactSort"];
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -4302,8 +5009,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4374,8 +5081,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4439,6 +5146,7 @@ export interface operations {
                 /** @description Repeatable: only pairs matched by these rules */
                 reason?: components["schemas"]["Reason"][];
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -4507,8 +5215,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -4646,8 +5354,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -4714,8 +5422,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -4923,8 +5631,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path: {
                 contact_id: string;
@@ -5235,10 +5943,10 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path: {
                 contact_id: string;
@@ -5329,6 +6037,7 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given */
                 cursor?: string | null;
             };
             header?: never;
@@ -5390,8 +6099,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -5461,8 +6170,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 contact_id: string;
@@ -5532,6 +6241,7 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -5651,6 +6361,7 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -5701,8 +6412,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -5831,8 +6542,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 destination_id: string;
@@ -5908,8 +6619,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 destination_id: string;
@@ -6001,6 +6712,7 @@ export interface operations {
             query?: {
                 status?: components["schemas"]["DeliveryStatus"] | null;
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -6122,6 +6834,7 @@ export interface operations {
                 /** @description Default: open */
                 status?: "open" | "completed" | "refused" | "all";
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -6377,8 +7090,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6449,8 +7162,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6516,7 +7229,7 @@ export interface operations {
                 segment?: string | null;
                 /** @description Only members of this list */
                 list?: string | null;
-                /** @description With `list`: members with this status (default subscribed: who may be mailed) */
+                /** @description Only with `list` (alone: 422): members with this status (default subscribed: who may be mailed) */
                 list_status?: components["schemas"]["ListStatus"];
                 /** @description CSV only: `;` for a French Excel */
                 delimiter?: components["schemas"]["Delimiter"];
@@ -6600,7 +7313,7 @@ export interface operations {
             query?: never;
             header?: {
                 /** @description Replays the first response for 24 h, to the same token only; reused with another file or fields, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -6805,7 +7518,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                authorization?: string | null;
+                authorization?: string;
             };
             path: {
                 destination_id: string;
@@ -6899,7 +7612,7 @@ export interface operations {
                 secret?: string | null;
             };
             header?: {
-                "x-mailchimp-signature"?: string | null;
+                "x-mailchimp-signature"?: string;
             };
             path: {
                 destination_id: string;
@@ -7019,6 +7732,7 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -7069,8 +7783,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -7199,8 +7913,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 list_id: string;
@@ -7267,8 +7981,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 list_id: string;
@@ -7360,6 +8074,7 @@ export interface operations {
             query?: {
                 status?: components["schemas"]["MemberStatus"] | null;
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -7421,8 +8136,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path: {
                 list_id: string;
@@ -7740,8 +8455,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 external_id: string;
@@ -7824,6 +8539,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -7874,6 +8590,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -7937,7 +8654,11 @@ export interface operations {
                      * @constant
                      */
                     consent: true;
-                    /** Email */
+                    /**
+                     * Email
+                     * Format: email
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     */
                     email: string;
                     /** First Name */
                     first_name?: string | null;
@@ -7956,7 +8677,11 @@ export interface operations {
                      * @constant
                      */
                     consent: true;
-                    /** Email */
+                    /**
+                     * Email
+                     * Format: email
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     */
                     email: string;
                     /** First Name */
                     first_name?: string | null;
@@ -8098,6 +8823,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8148,6 +8874,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8264,6 +8991,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8308,6 +9036,7 @@ export interface operations {
             };
             header?: never;
             path: {
+                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8408,6 +9137,7 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -8458,8 +9188,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -8666,8 +9396,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 segment_id: string;
@@ -8743,8 +9473,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
-                "if-match"?: string | null;
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                "if-match"?: string;
             };
             path: {
                 segment_id: string;
@@ -8835,6 +9565,7 @@ export interface operations {
         parameters: {
             query?: {
                 limit?: number;
+                /** @description `next_cursor` of the previous page, as given. The server judges it: a cursor it did not issue, or issued for another sort, is a 422 */
                 cursor?: string | null;
             };
             header?: never;
@@ -8989,9 +9720,9 @@ export interface operations {
     check_suppression_v1_suppressions_check_get: {
         parameters: {
             query?: {
-                /** @description An email address (normalized like a contact's) */
+                /** @description An email address (normalized like a contact's); `email` or `phone` is required */
                 email?: string | null;
-                /** @description A phone number (normalized to E.164) */
+                /** @description A phone number (normalized to E.164); `email` or `phone` is required */
                 phone?: string | null;
             };
             header?: never;
@@ -9158,8 +9889,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;
@@ -9336,8 +10067,8 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description Replays the first response for 24 h, to the same token only; reused with another body, or by another token → 422 */
-                "idempotency-key"?: string | null;
+                /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
+                "idempotency-key"?: string;
             };
             path?: never;
             cookie?: never;

@@ -67,7 +67,7 @@ def _open_private(path: Path) -> BinaryIO:
     an older report was readable by others."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     os.fchmod(descriptor, 0o600)
-    return open(descriptor, "wb")  # noqa: SIM115 (closed by caller)
+    return open(descriptor, "wb")
 
 
 async def _read(path: Path) -> AsyncIterator[bytes]:
