@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
+from app.schemas.strict import FromJSON
 from app.schemas.types import AwareTimestamp, LongText, ShortText
 from app.security.masking import mask_text
 
@@ -71,8 +72,8 @@ class ConsentProof(InputSchema):
 
 
 class ConsentCreate(InputSchema):
-    purpose: ConsentPurpose
-    action: ConsentAction
+    purpose: Annotated[ConsentPurpose, FromJSON]
+    action: Annotated[ConsentAction, FromJSON]
     source: ShortText | None = Field(default=None, description="Where it happened: newsletter_form, checkout, ...")
     occurred_at: AwareTimestamp | None = Field(
         default=None, description="When the person acted (default: now); never in the future"

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
-from app.schemas.types import CountryCode, Email, ExternalId, Phone, ShortText, TagName, Timestamp
+from app.schemas.strict import FromJSON
+from app.schemas.types import CountryCode, Day, Email, ExternalId, Phone, ShortText, TagName, Timestamp
 from app.security.masking import mask_email, mask_name, mask_phone, mask_text
 
 __all__ = [
@@ -103,13 +104,13 @@ class _ContactFields(InputSchema):
     job_title: ShortText | None = None
     sector: ShortText | None = None
     gender: ShortText | None = Field(default=None, max_length=32)
-    birth_date: date | None = None
+    birth_date: Day | None = None
     address: Address | None = None
     language: ShortText | None = Field(default=None, max_length=35, description="BCP 47 tag, e.g. fr or fr-BE")
-    source: ContactSource | None = None
+    source: Annotated[ContactSource, FromJSON] | None = None
     first_contact_at: Timestamp | None = None
     first_contact_channel: ShortText | None = None
-    kind: ContactKind | None = None
+    kind: Annotated[ContactKind, FromJSON] | None = None
     attributes: dict[str, Any] | None = Field(
         default=None, description="Custom attributes, typed by /v1/attributes. In a patch, null removes a key."
     )

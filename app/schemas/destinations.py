@@ -20,7 +20,8 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import ShortText
+from app.schemas.strict import FromJSON
+from app.schemas.types import ShortText, Uuid
 
 __all__ = [
     "SECRET_FIELDS",
@@ -129,14 +130,14 @@ def config_model(kind: DestinationKind) -> type[_Config]:
 
 
 class ListMapping(InputSchema):
-    list_id: uuid.UUID
+    list_id: Uuid
     remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     double_opt_in: bool = Field(default=False, description="Confirm through the vendor (Mailchimp pending, "
                                                            "Brevo doubleOptinConfirmation)")
 
 
 class SegmentMapping(InputSchema):
-    segment_id: uuid.UUID
+    segment_id: Uuid
     remote_list_id: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
         default=None, description="Brevo: the list the segment fills; Mailchimp: the audience whose members get "
                                   "the tag (an audience of list_mappings); webhook: none")
@@ -163,7 +164,7 @@ class _Mapped(InputSchema):
 
 
 class DestinationCreate(_Mapped):
-    kind: DestinationKind
+    kind: Annotated[DestinationKind, FromJSON]
     name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
     enabled: bool = True
     config: dict[str, Any] = Field(default_factory=dict, description="Per kind; secrets in it are write-only")

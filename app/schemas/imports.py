@@ -6,13 +6,14 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
 from app.schemas.base import InputSchema
 from app.schemas.lists import SubscribeConsent
-from app.schemas.types import TagName
+from app.schemas.strict import FromJSON
+from app.schemas.types import TagName, Uuid
 from app.schemas.workers import WorkersSeen
 
 __all__ = ["ImportAccepted", "ImportMode", "ImportOptions", "ImportRead", "ImportStatus", "present_import"]
@@ -36,8 +37,8 @@ class ImportOptions(InputSchema):
 
     mapping: dict[str, str | None] | None = Field(
         default=None, description="{column name: field} (null ignores a column); when absent, guessed from headers")
-    mode: ImportMode = ImportMode.UPSERT
-    list_id: uuid.UUID | None = Field(default=None, description="Subscribe every imported row to this list")
+    mode: Annotated[ImportMode, FromJSON] = ImportMode.UPSERT
+    list_id: Uuid | None = Field(default=None, description="Subscribe every imported row to this list")
     tags: list[TagName] = Field(default_factory=list, max_length=100, description="Added to every imported row")
     consent: SubscribeConsent | None = Field(
         default=None,

@@ -14,7 +14,8 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, Field, StringCons
 from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentProof
 from app.schemas.contacts import ContactKind
-from app.schemas.types import LongText, ShortText
+from app.schemas.strict import FromJSON
+from app.schemas.types import LongText, ShortText, Uuid
 
 __all__ = [
     "ConfirmPreview",
@@ -71,7 +72,7 @@ def _distinct_origins(origins: list[str]) -> list[str]:
 
 
 ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
-AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1), AfterValidator(_distinct)]
+AcceptedKinds = Annotated[list[Annotated[ContactKind, FromJSON]], Field(min_length=1), AfterValidator(_distinct)]
 Origin = Annotated[str, StringConstraints(min_length=8, max_length=200), AfterValidator(_origin)]
 SignupOrigins = Annotated[list[Origin], Field(max_length=20), AfterValidator(_distinct_origins)]
 Color = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
@@ -159,7 +160,8 @@ class ListPage(BaseModel):
 class SubscribeConsent(InputSchema):
     """The newsletter-form case: the email_marketing consent given with the subscription."""
 
-    occurred_at: AwareDatetime | None = Field(default=None, description="When the person agreed (default: now)")
+    occurred_at: Annotated[AwareDatetime, FromJSON] | None = Field(
+        default=None, description="When the person agreed (default: now)")
     source: ShortText | None = None
     proof: ConsentProof
 
@@ -188,8 +190,8 @@ class MemberPage(BaseModel):
 
 
 class MemberBatch(InputSchema):
-    add: list[uuid.UUID] = Field(default_factory=list, description="Contacts to subscribe (ledger consent needed)")
-    remove: list[uuid.UUID] = Field(default_factory=list, description="Contacts to unsubscribe")
+    add: list[Uuid] = Field(default_factory=list, description="Contacts to subscribe (ledger consent needed)")
+    remove: list[Uuid] = Field(default_factory=list, description="Contacts to unsubscribe")
     source: ShortText | None = Field(default=None, description="Source recorded on added memberships")
 
     @model_validator(mode="after")

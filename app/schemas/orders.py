@@ -14,7 +14,8 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.freeform import FreeJSONObject
-from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText
+from app.schemas.strict import FromJSON
+from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText, Uuid
 from app.security.masking import mask_json
 
 __all__ = [
@@ -41,7 +42,7 @@ def _cents(value: Decimal) -> Decimal:
     return value
 
 
-Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), AfterValidator(_cents)]
+Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), FromJSON, AfterValidator(_cents)]
 Currency = Annotated[CurrencyCode, Field(
     description="ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR")]
 
@@ -65,7 +66,7 @@ class OrderChannel(StrEnum):
 class ContactRef(InputSchema):
     """Which contact: by id, else external_id, else email (an unknown email creates the contact)."""
 
-    id: uuid.UUID | None = None
+    id: Uuid | None = None
     external_id: ExternalId | None = None
     email: Email | None = None
 
@@ -87,11 +88,11 @@ class OrderItem(InputSchema):
 class OrderPut(InputSchema):
     contact: ContactRef
     placed_at: AwareTimestamp
-    status: OrderStatus
+    status: Annotated[OrderStatus, FromJSON]
     currency: Currency
     total_amount: Money
     items: list[OrderItem] = Field(default_factory=list, max_length=1000)
-    channel: OrderChannel | None = None
+    channel: Annotated[OrderChannel, FromJSON] | None = None
 
 
 class OrderRead(BaseModel):

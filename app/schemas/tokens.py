@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 
 from app.schemas.base import InputSchema
+from app.schemas.strict import FromJSON
 from app.schemas.types import ShortText
 from app.security import Role, Scope
 
@@ -15,8 +17,9 @@ __all__ = ["Me", "TokenCreate", "TokenIssued", "TokenRead"]
 
 class TokenCreate(InputSchema):
     subject: ShortText = Field(min_length=1, description="Who the token is for, e.g. intern@shop.example")
-    role: Role
-    scopes: list[Scope] | None = Field(default=None, description="Narrow the role's scopes; never widen them")
+    role: Annotated[Role, FromJSON]
+    scopes: list[Annotated[Scope, FromJSON]] | None = Field(
+        default=None, description="Narrow the role's scopes; never widen them")
     ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
 
 

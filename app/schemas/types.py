@@ -4,7 +4,8 @@ timestamps PostgreSQL can store."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import phonenumbers
@@ -12,19 +13,24 @@ from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, valida
 from phonenumbers import PhoneMetadata
 from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
 
+from app.schemas.strict import FromJSON
+
 __all__ = [
     "AttributeName",
     "AwareTimestamp",
     "CountryCode",
     "CurrencyCode",
+    "Day",
     "Email",
     "ExternalId",
     "LongText",
     "Phone",
+    "QueryTimestamp",
     "SearchText",
     "ShortText",
     "TagName",
     "Timestamp",
+    "Uuid",
     "configure_phone_region",
     "email_by_validator",
     "fast_email",
@@ -165,9 +171,14 @@ Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normali
 Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone)]
 CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country)]
 CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), AfterValidator(_currency)]
-# Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`).
-Timestamp = Annotated[datetime, AfterValidator(utc_instant)]  # no offset: UTC
-AwareTimestamp = Annotated[AwareDatetime, AfterValidator(utc_instant)]  # the offset is required
+# Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`). In a body, ISO 8601
+# text only (strict JSON: no number, no date alone); in a query string, any form pydantic reads (`?since=2026-12-01`).
+Timestamp = Annotated[datetime, FromJSON, AfterValidator(utc_instant)]  # no offset: UTC
+AwareTimestamp = Annotated[AwareDatetime, FromJSON, AfterValidator(utc_instant)]  # the offset is required
+QueryTimestamp = Annotated[datetime, AfterValidator(utc_instant)]
+# In a body (app.schemas.strict): a UUID as its text, a date as YYYY-MM-DD.
+Uuid = Annotated[uuid.UUID, FromJSON]
+Day = Annotated[date, FromJSON]
 AttributeName = Annotated[str, AfterValidator(_attribute_name)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
