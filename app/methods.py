@@ -50,15 +50,18 @@ class PathTemplates:
             if not methods or not path_format:  # mounts (static files) keep their own answers
                 continue
             grouped.setdefault(path_format, (context.path_regex, set()))[1].update(methods)
-        self._templates = [
+        self._templates = sorted((
             _Template(regex, tuple(int(s.startswith("{")) for s in path_format.split("/")),
                       frozenset(methods), _allow(methods), "OPTIONS" in methods)
-            for path_format, (regex, methods) in grouped.items()]
+            for path_format, (regex, methods) in grouped.items()), key=lambda t: t.specificity)
+        # One alternation, most specific first: the first alternative that matches is the one (a single C-level
+        # match per request, not one per route).
+        self._any = re.compile("|".join(f"(?P<t{i}>{_bare(t.regex)})" for i, t in enumerate(self._templates)))
 
     def match(self, path: str) -> _Template | None:
         """The most specific template of `path`, None when no route serves it (a 404)."""
-        matching = [t for t in self._templates if t.regex.match(path)]
-        return min(matching, key=lambda t: t.specificity) if matching else None
+        found = self._any.fullmatch(path)
+        return self._templates[int(found.lastgroup[1:])] if found and found.lastgroup else None
 
 
 class MethodGate:
@@ -89,6 +92,11 @@ class MethodGate:
             error = MethodNotAllowed(f"{method} is not served here; this path serves {template.allow}")
             error.headers["Allow"] = template.allow
             await send_problem(scope, send, error)
+
+
+def _bare(regex: re.Pattern[str]) -> str:
+    """A route's `^...$` pattern as an alternative: unanchored, its named groups made plain."""
+    return re.sub(r"\(\?P<\w+>", "(?:", regex.pattern.removeprefix("^").removesuffix("$"))
 
 
 def _allow(methods: set[str]) -> str:

@@ -13,7 +13,7 @@ from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import WriteSession
-from app.errors import AppError, InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
+from app.errors import AppError, InvalidInput, MissingScope, Unauthenticated, problems
 from app.problems import problem_fields, validation_problem
 from app.security import Principal, authenticate
 from app.services import idempotency as idempotency_service
@@ -98,14 +98,20 @@ def etag(version: int) -> str:
     return f'"v{version}"'
 
 
+# An If-Match no version has: the write answers 412 where it compares versions. Not raised here: RFC 9110 §13.2.1
+# evaluates preconditions only on a request otherwise valid, so a bad body or id stays a 422 (docs/security.md, 9).
+NO_VERSION = -1
+
+
 async def _if_match(if_match: Annotated[str | None, Header(description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
-    """The version the caller expects, or None when it did not ask (or said `*`)."""
+    """The version the caller expects (NO_VERSION for one that is none), or None when it did not ask (or said `*`)."""
     if if_match is None or if_match.strip() == "*":
         return None
     value = if_match.strip().removeprefix("W/")
-    if value.startswith('"v') and value.endswith('"') and value[2:-1].isdigit():
-        return int(value[2:-1])
-    raise PreconditionFailed("If-Match does not match any version of this resource")
+    digits = value[2:-1]
+    if value.startswith('"v') and value.endswith('"') and digits.isascii() and digits.isdigit() and len(digits) <= 18:
+        return int(digits)
+    return NO_VERSION
 
 
 IfMatch = Annotated[int | None, Depends(_if_match)]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import phonenumbers
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from phonenumbers import PhoneMetadata
-from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, StringConstraints
 
 from app.schemas.strict import FromJSON
 
@@ -148,6 +148,17 @@ def utc_instant(value: datetime) -> datetime:
     return moment
 
 
+def _not_a_number(value: Any) -> Any:
+    # Pydantic also reads "0" or "1700000000" as seconds since 1970: not the `date-time` the contract declares.
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("an ISO 8601 date-time (2026-12-01T09:30:00Z) or date (2026-12-01), not a number")
+    return value
+
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -175,7 +186,7 @@ CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), AfterVal
 # text only (strict JSON: no number, no date alone); in a query string, any form pydantic reads (`?since=2026-12-01`).
 Timestamp = Annotated[datetime, FromJSON, AfterValidator(utc_instant)]  # no offset: UTC
 AwareTimestamp = Annotated[AwareDatetime, FromJSON, AfterValidator(utc_instant)]  # the offset is required
-QueryTimestamp = Annotated[datetime, AfterValidator(utc_instant)]
+QueryTimestamp = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(utc_instant)]
 # In a body (app.schemas.strict): a UUID as its text, a date as YYYY-MM-DD.
 Uuid = Annotated[uuid.UUID, FromJSON]
 Day = Annotated[date, FromJSON]
