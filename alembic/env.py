@@ -2,15 +2,16 @@
 
 import asyncio
 
-from alembic import context
 from alembic.runtime.migration import MigrationInfo
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import app.models  # noqa: F401  (registers every table)
+from alembic import context
 from app.db import async_url, metadata
 from app.migrations import Applied
+from app.services.event_partitions import PARTITION_NAME
 
 config = context.config
 
@@ -33,9 +34,14 @@ def _headline(doc: str) -> str:
     return first if len(first) <= 100 else first[:99] + "…"
 
 
+def _not_a_partition(name: str | None, type_: str, parent_names: object) -> bool:
+    """The monthly partitions of `event` are made by the worker (app.services.event_partitions), not by models."""
+    return not (type_ == "table" and name is not None and PARTITION_NAME.fullmatch(name))
+
+
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, compare_type=True,
-                      compare_server_default=False, on_version_apply=_record)
+                      compare_server_default=False, on_version_apply=_record, include_name=_not_a_partition)
     with context.begin_transaction():
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     loyal_min_orders: int = 3
     loyal_window_days: int = 365
     lapsed_after_days: int = 365
+    # Behaviour events: whole monthly partitions older than this many months (before the current one) are dropped
+    # by the worker (app.services.event_partitions); orders and the contact stats they give are not affected.
+    event_retention_months: int = Field(default=25, ge=1, le=1200)
     lifecycle_refresh_seconds: int = Field(default=3600, ge=0)  # 0: only `carnet lifecycle refresh` (cron)
 
     # Sync (destinations and the outbox worker)
@@ -94,6 +97,10 @@ class Settings(BaseSettings):
     delivery_backoff_cap_seconds: float = Field(default=30.0, gt=0)
     delivery_max_attempts: int = Field(default=8640, ge=1)   # three days at the cap, then dead letter
     worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
+    # Delivered outbox messages and deliveries are purged this long after delivery (docs/sync.md "Retention");
+    # nothing undelivered is ever purged. Fractions allowed (the soak bench keeps seconds).
+    outbox_keep_delivered_hours: float = Field(default=72.0, ge=0, le=87_600)
+    outbox_purge_seconds: float = Field(default=300.0, gt=0, le=86_400)  # how often the purge sweeps
     # How often a synced segment's members are compared with its last snapshot (entries and exits go out then).
     segment_refresh_seconds: float = Field(default=300.0, gt=0)
     run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL

@@ -338,16 +338,18 @@ class Worker:
 
         async def send(row: Any) -> None:
             message = messages.get(row["message_id"])
-            if message is not None:  # None: the message was purged (retention); nothing left to send
-                async with limit:
-                    try:
-                        async with asyncio.timeout(budget):
-                            await adapter.send(message)
-                    except Exception as exc:
-                        _log_unexpected(exc)
-                        result.error = result.error or exc
-                        _fail(result.completion, [row["id"]], exc)
-                        return
+            if message is None:  # retention keeps every message an undelivered delivery needs: never expected
+                result.completion.dead[row["id"]] = "the outbox message is no longer stored; nothing was sent"
+                return
+            async with limit:
+                try:
+                    async with asyncio.timeout(budget):
+                        await adapter.send(message)
+                except Exception as exc:
+                    _log_unexpected(exc)
+                    result.error = result.error or exc
+                    _fail(result.completion, [row["id"]], exc)
+                    return
             result.completion.delivered.append(row["id"])
 
         await asyncio.gather(*(send(r) for r in claimed.rows))
@@ -414,11 +416,14 @@ def create_worker(sessions: async_sessionmaker[AsyncSession], settings: Settings
 def _jobs() -> list[JobRunner]:
     from app.journal import JournalUpkeep
     from app.services import segment_sync
+    from app.services.event_partitions import EventPartitionUpkeep
     from app.services.idempotency import IdempotencyExpiry
     from app.services.imports.runner import run_next as run_next_import
     from app.services.imports.store import ReportValueExpiry
+    from app.services.outbox_retention import OutboxRetention
 
-    return [run_next_import, segment_sync.run_next, ReportValueExpiry(), IdempotencyExpiry(), JournalUpkeep()]
+    return [run_next_import, segment_sync.run_next, ReportValueExpiry(), IdempotencyExpiry(), JournalUpkeep(),
+            OutboxRetention(), EventPartitionUpkeep()]
 
 
 @contextlib.asynccontextmanager

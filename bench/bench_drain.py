@@ -33,35 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 
-from app.migrations import upgrade  # noqa: E402
 from app.security.secrets import SecretBox  # noqa: E402
+from bench.scratch_db import drop, recreate  # noqa: E402
 from tests.fakes.brevo import FakeBrevo  # noqa: E402
 from tests.fakes.mailchimp import FakeMailchimp, Member, subscriber_hash  # noqa: E402
 from tests.fakes.server import LiveServer, max_in_window  # noqa: E402
 
-SERVER = "postgresql://postgres@127.0.0.1:5432"
 DB = "carnet_bench_drain"
 BREVO_KEY = "xkeysib-bench"
 MC_KEY = "0123456789abcdef0123456789abcdef-us6"
 MASTER = "bench-master-secret-" + "x" * 32
-
-
-async def recreate(url: str) -> None:
-    admin = await asyncpg.connect(f"{SERVER}/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DB}"')
-    finally:
-        await admin.close()
-    await asyncio.to_thread(upgrade, url)
-
-
-async def drop() -> None:
-    admin = await asyncpg.connect(f"{SERVER}/postgres")
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def seed(url: str, vendor: str, n: int, remote_list: str) -> tuple[str, list[str]]:
@@ -124,8 +105,7 @@ async def remaining(url: str) -> dict[str, int]:
 
 
 async def run_vendor(vendor: str, n: int, latency: float) -> dict[str, Any]:
-    url = f"{SERVER}/{DB}"
-    await recreate(url)
+    url = await recreate(DB)
     remote_list = "7" if vendor == "brevo" else "mc-news"
     t0 = time.perf_counter()
     destination_id, emails = await seed(url, vendor, n, remote_list)
@@ -199,7 +179,7 @@ async def main() -> None:
             latency = args.brevo_latency if vendor == "brevo" else args.mailchimp_latency
             results.append(await run_vendor(vendor, args.messages, latency))
     finally:
-        await drop()
+        await drop(DB)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "drain.json").write_text(json.dumps(results, indent=1))
     sys.exit(0 if all(r["pass"] for r in results) else 1)

@@ -11,7 +11,7 @@ from app.models.imports import ImportChunk, ImportJob, ImportKey, ImportReject
 from app.models.journal import JournalAnchor, JournalEntry, JournalErasure, JournalPending
 from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
-from app.models.orders import Event, Order
+from app.models.orders import Event, EventKey, Order
 from app.models.outbox import OutboxMessage
 from app.models.segments import Segment, SegmentMember, SegmentSync
 from app.models.suppressions import Suppression
@@ -29,6 +29,7 @@ __all__ = [
     "Destination",
     "ErasureRequest",
     "Event",
+    "EventKey",
     "IdempotencyRecord",
     "ImportChunk",
     "ImportJob",

@@ -13,7 +13,7 @@ from sqlmodel import Field, SQLModel
 
 from app.models.base import TZ, new_id, utc_now
 
-__all__ = ["Event", "Order"]
+__all__ = ["Event", "EventKey", "Order"]
 
 
 class Order(SQLModel, table=True):
@@ -37,16 +37,38 @@ class Order(SQLModel, table=True):
 
 
 class Event(SQLModel, table=True):
+    """A behaviour event, in monthly partitions of `occurred_at` (app.services.event_partitions).
+
+    The primary key includes `occurred_at` (a partitioned table's unique keys must hold the partition key); the
+    sender's `event_id` is kept unique across partitions by `EventKey`.
+    """
+
     __tablename__: ClassVar[str] = "event"  # type: ignore[misc]
     __table_args__ = (
         Index("ix_event_contact_id_occurred_at", "contact_id", "occurred_at"),
         Index("ix_event_type_occurred_at", "type", "occurred_at"),
+        {"postgresql_partition_by": "RANGE (occurred_at)"},
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
-    event_id: str | None = Field(default=None, unique=True)
+    event_id: str | None = None
     contact_id: uuid.UUID = Field(foreign_key="contact.id")
     type: str
-    occurred_at: datetime = Field(sa_type=TZ)
+    occurred_at: datetime = Field(sa_column=Column(TZ, primary_key=True))
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+
+
+class EventKey(SQLModel, table=True):
+    """One row per stored event that carries an `event_id`: the dedupe key across every partition of `event`.
+
+    Written in the same statement as the event; `id` and `occurred_at` find the stored event (one partition).
+    No other index: retention deletes a dropped month's keys by joining its partition's event_ids (each insert
+    pays for every index here, and this table takes one row per event).
+    """
+
+    __tablename__: ClassVar[str] = "event_key"  # type: ignore[misc]
+
+    event_id: str = Field(primary_key=True)
+    id: int = Field(sa_type=BigInteger)
+    occurred_at: datetime = Field(sa_type=TZ)

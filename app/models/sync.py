@@ -64,6 +64,10 @@ class Delivery(SQLModel, table=True):
         Index("ix_delivery_in_flight_lease", "lease_until", postgresql_where=text("status = 'in_flight'")),
         Index("uq_delivery_one_pending_state", "destination_id", "contact_id", unique=True,
               postgresql_where=text("status = 'pending' AND coalesces")),
+        # Retention (app.services.outbox_retention): the delivered, oldest first; and, per outbox message, the
+        # deliveries that still need it (a message is kept while one of them is not delivered).
+        Index("ix_delivery_delivered_at", "delivered_at", "id", postgresql_where=text("status = 'delivered'")),
+        Index("ix_delivery_message_id_undelivered", "message_id", postgresql_where=text("status <> 'delivered'")),
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))

@@ -26,6 +26,7 @@ __all__ = [
     "JSONBody",
     "Links",
     "Problem",
+    "batch_results",
     "etag",
     "item_problem",
     "run_each",
@@ -79,18 +80,26 @@ async def run_each(
 
     `action` returns (status, id) for an item that went through; a failed one gets its problem body.
     """
-    results: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
+    outcomes: list[tuple[str, Any] | ValidationError | AppError] = []
+    for item in items:
         try:
             payload = schema.model_validate(item)
             async with session.begin_nested():
-                status, item_id = await action(payload)
-        except ValidationError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(validation_problem(exc.errors()))})
-        except AppError as exc:
-            results.append({"index": index, "status": "error", "error": item_problem(exc)})
+                outcomes.append(await action(payload))
+        except (ValidationError, AppError) as exc:
+            outcomes.append(exc)
+    return batch_results(outcomes)
+
+
+def batch_results(outcomes: Sequence[tuple[str, Any] | ValidationError | AppError]) -> list[dict[str, Any]]:
+    """A batch's per-item results: `{index, status, id}`, or `{index, status: "error", error: <problem>}`."""
+    results: list[dict[str, Any]] = []
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, ValidationError | AppError):
+            error = validation_problem(outcome.errors()) if isinstance(outcome, ValidationError) else outcome
+            results.append({"index": index, "status": "error", "error": item_problem(error)})
         else:
-            results.append({"index": index, "status": status, "id": item_id})
+            results.append({"index": index, "status": outcome[0], "id": outcome[1]})
     return results
 
 

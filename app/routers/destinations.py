@@ -109,7 +109,8 @@ async def list_deliveries(
     destination_id: uuid.UUID, session: ReadSession, request: Request, _: Reader,
     status: DeliveryStatus | None = None, limit: Limit = 50, cursor: CursorParam = None,
 ) -> Any:
-    """Newest first."""
+    """Newest first. Delivered ones are listed for `OUTBOX_KEEP_DELIVERED_HOURS` (72 by default) after delivery,
+    then purged; pending, in-flight and dead ones until they are delivered."""
     rows, next_cursor = await service.deliveries_page(
         session, destination_id, status=status.value if status else None, limit=limit, cursor=cursor,
         codec=request.app.state.cursor_codec)

@@ -30,8 +30,13 @@ router = APIRouter(prefix="/v1/inbound", tags=["inbound"])
 
 
 class InboundResult(BaseModel):
-    changed: int = Field(description="Events that changed something in Carnet")
-    ignored: int = Field(description="Replays, echoes of our own changes, unknown addresses, other event kinds")
+    """The same for every address: what was read from the payload, never what Carnet holds or changed (a
+    compromised vendor must not learn which addresses are in the file; docs/security.md, class 10)."""
+
+    received: int = Field(description="Events read from the payload that Carnet takes back (unsubscribes, "
+                                      "complaints, bounces, address changes, confirmations). Each is applied "
+                                      "to the people this destination was given, on its mapped lists, and is "
+                                      "a no-op otherwise; the answer does not say which.")
 
 
 class BadSignature(Unauthenticated):
@@ -52,7 +57,7 @@ def _same(given: str | None, expected: str | None) -> bool:
 @router.get("/mailchimp/{destination_id}", response_model=InboundResult)
 async def mailchimp_url_check(destination_id: uuid.UUID) -> Any:
     """Mailchimp checks the URL with a GET before saving the webhook: 200, nothing else."""
-    return JSONBody({"changed": 0, "ignored": 0})
+    return JSONBody({"received": 0})
 
 
 @router.post("/mailchimp/{destination_id}", response_model=InboundResult,
@@ -77,8 +82,9 @@ async def mailchimp_webhook(
             raise BadSignature("X-Mailchimp-Signature does not match")
     elif not _same(secret, destination.secrets.get("inbound_secret")):
         raise BadSignature("the ?secret= of this URL does not match the destination's inbound_secret")
-    applied = await inbound.apply(session, destination.row, inbound.parse_mailchimp(dict(pairs)), vendor="mailchimp")
-    return JSONBody({"changed": applied.changed, "ignored": applied.ignored})
+    events = inbound.parse_mailchimp(dict(pairs))
+    await inbound.apply(session, destination.row, events, vendor="mailchimp")
+    return JSONBody({"received": len(events)})
 
 
 @router.post("/brevo/{destination_id}", response_model=InboundResult,
@@ -98,5 +104,6 @@ async def brevo_webhook(
         raise BadRequest("the body is not JSON (or is nested too deep)") from None
     if json_problem(body, text=False) is not None:  # Brevo's events are flat: deeper is not Brevo
         raise BadRequest(f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
-    applied = await inbound.apply(session, destination.row, inbound.parse_brevo(body), vendor="brevo")
-    return JSONBody({"changed": applied.changed, "ignored": applied.ignored})
+    events = inbound.parse_brevo(body)
+    await inbound.apply(session, destination.row, events, vendor="brevo")
+    return JSONBody({"received": len(events)})

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, run_each
+from app.routers.deps import Idempotency, IfMatch, JSONBody, batch_results, etag
 from app.schemas.orders import (
     EventBatch,
     EventBatchResult,
@@ -25,6 +25,7 @@ from app.schemas.orders import (
 )
 from app.schemas.types import ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
+from app.services import events as events_service
 from app.services import history as history_service
 from app.services import orders as orders_service
 
@@ -74,7 +75,7 @@ async def create_event(
 ) -> Any:
     if idem.replay:
         return idem.replay
-    row, created = await orders_service.record_event(session, payload, actor=caller)
+    row, created = await events_service.record_event(session, payload, actor=caller)
     return await idem.respond(201 if created else 200, row)
 
 
@@ -86,11 +87,7 @@ async def create_events(
     """Up to 1,000 events; each succeeds or fails alone."""
     if idem.replay:
         return idem.replay
-    async def record(event: EventCreate) -> tuple[str, Any]:
-        row, created = await orders_service.record_event(session, event, actor=caller)
-        return ("created" if created else "duplicate"), row["id"]
-
-    results = await run_each(session, payload.items, EventCreate, record)
+    results = batch_results(await events_service.record_batch(session, payload.items, actor=caller))
     return await idem.respond(200, {"results": results, "errors": sum(r["status"] == "error" for r in results)})
 
 
@@ -115,7 +112,7 @@ async def list_contact_events(
     limit: Limit = 50, cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+$")] = None,
 ) -> Any:
     """Newest first. Without `pii:read`, string values inside `properties` are masked (keys kept)."""
-    rows = await orders_service.contact_events(session, contact_id, limit=limit,
+    rows = await events_service.contact_events(session, contact_id, limit=limit,
                                                before_id=history_service.id_cursor(cursor))
     next_cursor = str(rows[limit - 1]["id"]) if len(rows) > limit else None
     return JSONBody({"data": [present_contact_event(r, reveal_pii=caller.sees_pii) for r in rows[:limit]],

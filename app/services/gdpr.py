@@ -151,7 +151,8 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
-        for table in (_history, _events, _orders, _members):
+        await session.execute(_DELETE_EVENTS, {"ids": ids})
+        for table in (_history, _orders, _members):
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
         await _forget_idempotency_records(session, [*ids, *await _merged_into(session, ids)])
         await _deidentify_ledger(session, ids)
@@ -162,6 +163,13 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
     return len(contacts)
+
+
+# Their events, and the events' dedupe keys (app.services.events): a key names a stored event, and there is none left.
+_DELETE_EVENTS = text("""
+    WITH gone AS (DELETE FROM event WHERE contact_id = ANY(CAST(:ids AS uuid[])) RETURNING event_id)
+    DELETE FROM event_key k USING gone WHERE k.event_id = gone.event_id
+""")
 
 
 async def _merged_into(session: AsyncSession, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:

@@ -4,6 +4,10 @@ Each vendor payload is first read into `InboundEvent`s (pure parsing, testable w
 applied as state changes that are no-ops when the state already holds — so a replayed delivery, or the
 vendor echoing a change we pushed ourselves, changes nothing and writes no outbox row (no ping-pong).
 Profile edits made in the vendor's UI are not taken back: Carnet is the source of truth for profiles.
+
+A destination's inbound secret speaks for one vendor account, which may be hostile (docs/security.md, class 10):
+an event acts only on a person that destination was given (`_given_to`) and only on the lists it maps, and
+nothing in the answer depends on what Carnet holds (the router reports only what it read from the payload).
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AppError
 from app.logging import get_logger
-from app.models import Contact
+from app.models import Contact, ListMembership, SyncLink
 from app.models.base import utc_now
 from app.schemas.consents import ConsentAction
 from app.schemas.freeform import unstorable_text
@@ -41,6 +45,8 @@ __all__ = [
 
 log = get_logger("carnet.inbound")
 _contacts = Contact.__table__  # type: ignore[attr-defined]
+_links = SyncLink.__table__  # type: ignore[attr-defined]
+_members = ListMembership.__table__  # type: ignore[attr-defined]
 VIA = "inbound_sync"
 
 Kind = Literal["unsubscribe", "complaint", "bounce", "subscribe", "email_changed"]
@@ -126,43 +132,62 @@ def parse_brevo(body: Any) -> list[InboundEvent]:
 # ---- applying -----------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Applied:
-    changed: int = 0
-    ignored: int = 0
+@dataclass(frozen=True, slots=True)
+class _Here:
+    """The destination an event came through: what it maps, and who acts in its name."""
+
+    destination_id: uuid.UUID
+    by_remote: Mapping[str, Mapping[str, Any]]   # remote list id -> its list mapping
+    segment_only: frozenset[str]                 # remote lists a synced segment fills and no Carnet list does
+    actor: Principal
+    vendor: str
+
+    @property
+    def mapped_lists(self) -> list[uuid.UUID]:
+        return [uuid.UUID(m["list_id"]) for m in self.by_remote.values()]
 
 
 async def apply(
     session: AsyncSession, destination: Mapping[str, Any], events: Sequence[InboundEvent], *, vendor: str
-) -> Applied:
+) -> None:
     """Apply each event in its own savepoint: one the data cannot take (say, an address now held by another
-    contact) is skipped and logged, the others go through."""
-    actor = Principal(f"inbound:{vendor}", Role.INTEGRATION, frozenset(), f"destination:{destination['id']}")
+    contact) is skipped and logged, the others go through. Returns nothing on purpose: whether an event changed
+    anything, or found anyone, must not reach the sender (an address oracle)."""
     by_remote = {m["remote_list_id"]: m for m in destination["list_mappings"]}
-    segment_lists = frozenset(m.get("remote_list_id") for m in destination.get("segment_mappings") or ())
-    result = Applied()
+    # A Mailchimp segment is a tag inside a mapped audience: leaving that audience is an ordinary unsubscribe from
+    # its Carnet list, not a withdrawal of consent (which would reach every list, mapped here or not).
+    segment_only = frozenset(m.get("remote_list_id") for m in destination.get("segment_mappings") or ()
+                             if m.get("remote_list_id")) - by_remote.keys()
+    here = _Here(destination["id"], by_remote, segment_only, vendor=vendor, actor=Principal(
+        f"inbound:{vendor}", Role.INTEGRATION, frozenset(), f"destination:{destination['id']}"))
+    changed = 0
     for event in events:
         # Stored addresses are lower-cased (schemas.types.normalize_email), so the unique index answers this.
         contact_id = await session.scalar(select(_contacts.c.id).where(_contacts.c.email == event.email))
         if contact_id is None:
-            result.ignored += 1
             continue
         try:
             async with session.begin_nested():
-                changed = await _apply_one(session, contact_id, event, by_remote, segment_lists,
-                                           actor=actor, vendor=vendor)
+                changed += await _apply_one(session, contact_id, event, here)
         except AppError as exc:
             log.info("inbound.skipped", vendor=vendor, kind=event.kind, reason=exc.slug)
-            changed = False
-        result.changed += changed
-        result.ignored += not changed
-    return result
+    # For the operator only (counts, no addresses): the sender's answer says none of this.
+    log.info("inbound.applied", vendor=vendor, destination_id=str(here.destination_id), events=len(events),
+             changed=changed)
 
 
-async def _apply_one(
-    session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, by_remote: Mapping[str, Mapping[str, Any]],
-    segment_lists: frozenset[str | None], *, actor: Principal, vendor: str,
-) -> bool:
+async def _given_to(session: AsyncSession, here: _Here, contact_ids: Iterable[uuid.UUID]) -> bool:
+    """Whether the destination was given this person: it holds a remote record of them (a `sync_link`, which
+    every push writes — list members and consenting segment members alike), or they have a membership, of any
+    status, in one of its mapped lists (what dispatch and resync send it: pushed, or owed a push). A synced
+    segment's snapshot alone is not enough: a member without consent is never sent to the vendor."""
+    ids = list(contact_ids)
+    linked = exists().where(_links.c.destination_id == here.destination_id, _links.c.contact_id.in_(ids))
+    member = exists().where(_members.c.contact_id.in_(ids), _members.c.list_id.in_(here.mapped_lists))
+    return bool(await session.scalar(select(or_(linked, member))))
+
+
+async def _apply_one(session: AsyncSession, contact_id: uuid.UUID, event: InboundEvent, here: _Here) -> bool:
     # Locked in the mode the change needs (an address change may take the email: FOR UPDATE at once); a contact
     # merged away since it was found by its address is followed to its survivor, which holds the person's lists
     # and consents. What is said of the address itself (bounced, complained, changed) only applies where the
@@ -170,18 +195,22 @@ async def _apply_one(
     holder = await locks.lock_following_merges(session, contact_id, key_change=event.kind == "email_changed")
     if holder is None:
         return False  # erased meanwhile: nothing left to change
+    # Checked under the lock: a vendor acts only on the people it was given, whatever address it names.
+    if not await _given_to(session, here, {contact_id, holder}):
+        return False
     same_address = holder == contact_id or (await contacts_service.get(session, holder))["email"] == event.email
     if event.kind in ("bounce", "email_changed") and not same_address:
         return False
     contact_id = holder
     now = utc_now()
+    actor, vendor, by_remote = here.actor, here.vendor, here.by_remote
     list_ids = [uuid.UUID(by_remote[r]["list_id"]) for r in event.remote_list_ids if r in by_remote] \
-        if event.remote_list_ids else [uuid.UUID(m["list_id"]) for m in by_remote.values()]
+        if event.remote_list_ids else here.mapped_lists
     if event.kind == "unsubscribe":
         changed = [row for list_id in list_ids for row in await memberships.unsubscribe(
             session, contact_id, list_id=list_id, at=now, reason=f"{vendor}:{event.vendor_event}")]
-        if segment_lists.intersection(event.remote_list_ids):
-            # A synced segment's list is no subscription: the person was sent its campaigns on their
+        if here.segment_only.intersection(event.remote_list_ids):
+            # A synced segment's Brevo list is no subscription: the person was sent its campaigns on their
             # email_marketing consent alone, so leaving it withdraws that consent (else the next push would
             # put them back, and lift the vendor's opt-out).
             changed.append(await _withdraw_marketing(session, contact_id, actor=actor, vendor=vendor, event=event,

@@ -1,4 +1,4 @@
-"""Orders, behaviour events, and the contact stats and lifecycle stage that follow from them."""
+"""Orders, the contact an order or event is for, and the contact stats and lifecycle stage that follow from them."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidInput, NotFound, PreconditionFailed
-from app.models import Contact, Event, Order
+from app.models import Contact, Order
 from app.models.base import utc_now
 from app.schemas.contacts import ContactUpsert
-from app.schemas.orders import ContactRef, EventCreate, OrderPut
+from app.schemas.orders import ContactRef, OrderPut
 from app.security import Principal
 from app.services import contacts as contacts_service
 from app.services import history, locks
@@ -26,11 +26,9 @@ from app.services import history, locks
 __all__ = [
     "LifecyclePolicy",
     "OrderNotFound",
-    "contact_events",
     "contact_orders",
     "get_order",
     "order_version",
-    "record_event",
     "refresh_aged_stages",
     "refresh_stats",
     "resolve_contact",
@@ -38,7 +36,6 @@ __all__ = [
 ]
 
 _orders = Order.__table__  # type: ignore[attr-defined]
-_events = Event.__table__  # type: ignore[attr-defined]
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 NOT_COUNTED = ("cancelled", "refunded")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -230,32 +227,6 @@ async def refresh_aged_stages(session: AsyncSession, *, policy: LifecyclePolicy,
         await history.record(session, contact_id, [("lifecycle_stage", old_stage, "lapsed_customer")],
                              actor=actor, via="lifecycle")
     return len(rows)
-
-
-async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> tuple[dict[str, Any], bool]:
-    """Append a behaviour event (a replayed event_id returns the stored one); last_activity_at follows."""
-    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="api")
-    statement = insert(_events).values(
-        event_id=payload.event_id, contact_id=contact_id, type=payload.type, occurred_at=payload.occurred_at,
-        properties=payload.properties, created_at=utc_now(),
-    ).on_conflict_do_nothing().returning(*_events.c)
-    row = (await session.execute(statement)).mappings().first()
-    if row is None:
-        stored = (await session.execute(select(_events).where(_events.c.event_id == payload.event_id))).mappings()
-        return dict(stored.one()), False
-    await session.execute(update_statement(_contacts).where(_contacts.c.id == contact_id).values(
-        last_activity_at=func.greatest(_contacts.c.last_activity_at, payload.occurred_at)))
-    return dict(row), True
-
-
-async def contact_events(session: AsyncSession, contact_id: uuid.UUID, *, limit: int,
-                         before_id: int | None) -> list[dict[str, Any]]:
-    await contacts_service.get(session, contact_id)
-    query = select(_events).where(_events.c.contact_id == contact_id)
-    if before_id is not None:
-        query = query.where(_events.c.id < before_id)
-    rows = await session.execute(query.order_by(_events.c.id.desc()).limit(limit + 1))
-    return [dict(r) for r in rows.mappings()]
 
 
 def _same(stored: Any, given: Any) -> bool:

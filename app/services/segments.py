@@ -31,10 +31,12 @@ from sqlalchemy import (
     Date,
     DateTime,
     Numeric,
+    Select,
     and_,
     bindparam,
     cast,
     delete,
+    distinct,
     exists,
     false,
     func,
@@ -211,6 +213,8 @@ class _Compiler:
     # the time-relative parameters (within_days, older_than_days cutoffs): bind key -> its value at a given
     # `now`, so a cached compiled statement re-binds them on every execution (count_stored)
     clock: dict[str, Callable[[datetime], Any]] = field(default_factory=dict)
+    # each EXISTS over orders or events compiled: (table, its conditions without the contact correlation)
+    activities: list[tuple[Any, list[Any]]] = field(default_factory=list)
 
     def node(self, node: Any, path: str, depth: int) -> ColumnElement[bool]:
         try:
@@ -541,6 +545,7 @@ def _activity(c: _Compiler, conditions: list[Any], table: Any, moment: Any, node
     if "within_days" in node:
         where.append(moment >= c.cutoff(node["within_days"], f"{path}.within_days"))
     if "count" not in node:
+        c.activities.append((table, where[1:]))
         return exists().where(*where)
     counted = select(func.count()).select_from(table).where(*where).scalar_subquery()
     return _compare_count(counted, node["count"], f"{path}.count")
@@ -612,13 +617,36 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     problem = json_problem(filter_)
     if problem is not None:
         raise InvalidInput.one(path, problem, "invalid_filter")
-    return _Compiled(expression, compiler.clock)
+    lone = compiler.activities[0] if compiler.conditions == 1 and len(compiler.activities) == 1 \
+        and _single_condition(filter_) else None
+    return _Compiled(expression, compiler.clock, lone)
 
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     expression: ColumnElement[bool]
     clock: dict[str, Callable[[datetime], Any]]   # see _Compiler.clock
+    # the filter is one "has such orders/events" condition: (table, conditions), counted without `contact`
+    lone_activity: tuple[Any, list[Any]] | None = None
+
+    def counting(self) -> Select[Any]:
+        """The count of the contacts matching. For a lone activity condition, the distinct contacts of the
+        matching rows: every order and event names an existing contact (foreign key), so it is the same number,
+        read from the (partitioned, pruned) rows alone instead of probing them from every contact."""
+        if self.lone_activity is None:
+            return select(func.count()).select_from(_t).where(self.expression)
+        table, conditions = self.lone_activity
+        return select(func.count(distinct(table.c.contact_id))).select_from(table).where(*conditions)
+
+
+def _single_condition(node: Any) -> bool:
+    """Whether the (valid) filter is one condition, maybe inside one-child `all`/`any` groups (never `not`)."""
+    while isinstance(node, dict) and len(node) == 1 and next(iter(node)) in ("all", "any"):
+        children = next(iter(node.values()))
+        if len(children) != 1:
+            return False
+        node = children[0]
+    return isinstance(node, dict) and "field" in node
 
 
 def _mentions_attributes(node: Any) -> bool:
@@ -828,7 +856,7 @@ async def count_stored(connection: asyncpg.Connection, segment_id: uuid.UUID, *,
     filter_ = json.loads(row["filter"])
     definitions: dict[str, str] = json.loads(row["definitions"])
     compiled = _compile(filter_, definitions, now)
-    counting = select(func.count()).select_from(_t).where(compiled.expression)
+    counting = compiled.counting()
     named = {name: definitions[name] for name in _attribute_names(filter_)}  # all defined: it compiled
     guard = [_segments.c.id == segment_id, _segments.c.filter == cast(literal(row["filter"], Text), JSONB)]
     if named:

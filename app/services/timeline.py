@@ -65,8 +65,10 @@ async def page(
             at = datetime.fromisoformat(str(after.value))
         except ValueError:
             raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None
-        query = query.where(tuple_(timeline.c.at, timeline.c.kind, timeline.c.ref) < tuple_(
-            literal(at, type_=timeline.c.at.type), literal(kind), literal(ref)))
+        bound = literal(at, type_=timeline.c.at.type)
+        # `at <= bound` alone is what PostgreSQL pushes into each branch: the event partitions after it are pruned.
+        query = query.where(timeline.c.at <= bound, tuple_(timeline.c.at, timeline.c.kind, timeline.c.ref) < tuple_(
+            bound, literal(kind), literal(ref)))
     query = query.order_by(timeline.c.at.desc(), timeline.c.kind.desc(), timeline.c.ref.desc()).limit(limit + 1)
     rows = [dict(r) for r in (await session.execute(query)).mappings()]
     if len(rows) <= limit:

@@ -494,7 +494,8 @@ export interface paths {
         };
         /**
          * List Deliveries
-         * @description Newest first.
+         * @description Newest first. Delivered ones are listed for `OUTBOX_KEEP_DELIVERED_HOURS` (72 by default) after delivery,
+         *     then purged; pending, in-flight and dead ones until they are delivered.
          */
         get: operations["list_deliveries_v1_destinations__destination_id__deliveries_get"];
         put?: never;
@@ -2494,18 +2495,17 @@ export interface components {
          * @enum {string}
          */
         ImportStatus: "queued" | "running" | "done" | "failed";
-        /** InboundResult */
+        /**
+         * InboundResult
+         * @description The same for every address: what was read from the payload, never what Carnet holds or changed (a
+         *     compromised vendor must not learn which addresses are in the file; docs/security.md, class 10).
+         */
         InboundResult: {
             /**
-             * Changed
-             * @description Events that changed something in Carnet
+             * Received
+             * @description Events read from the payload that Carnet takes back (unsubscribes, complaints, bounces, address changes, confirmations). Each is applied to the people this destination was given, on its mapped lists, and is a no-op otherwise; the answer does not say which.
              */
-            changed: number;
-            /**
-             * Ignored
-             * @description Replays, echoes of our own changes, unknown addresses, other event kinds
-             */
-            ignored: number;
+            received: number;
         };
         /** JournalEntryRead */
         JournalEntryRead: {

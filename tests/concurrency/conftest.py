@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ class Race:
         response = await self.send(method, url, **kwargs)
         assert response.status_code < 300, f"{method} {url}: {response.status_code} {response.text}"
         return response.json() if response.content else {}  # type: ignore[no-any-return]
+
+    async def outbox_waiting(self, *, within: float) -> int:
+        """Wait (up to `within` seconds) for the worker to dispatch every message and settle every delivery; how
+        many are still waiting (0: drained)."""
+        deadline = time.monotonic() + within
+        while True:
+            left = int(await self.db.fetchval(
+                "SELECT (SELECT count(*) FROM outbox_message WHERE dispatched_at IS NULL)"
+                " + (SELECT count(*) FROM delivery WHERE status <> 'delivered')"))
+            if left == 0 or time.monotonic() >= deadline:
+                return left
+            await asyncio.sleep(0.3)
 
     def server_errors(self) -> int:
         return sum(n for status, n in self.statuses.items() if status >= 500)

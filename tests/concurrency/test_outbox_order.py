@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import defaultdict
 
 from tests.concurrency.conftest import Race
@@ -62,14 +61,7 @@ async def test_each_contact_hears_its_changes_in_order_exactly_once(race: Race) 
                     await race.send("POST", f"/v1/contacts/{contact}/merge", json={"duplicate_id": spares[no]})
 
         await asyncio.gather(*(client(no) for no in range(CLIENTS)))
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while time.monotonic() < deadline:
-            left = await race.db.fetchval(
-                "SELECT (SELECT count(*) FROM outbox_message WHERE dispatched_at IS NULL)"
-                " + (SELECT count(*) FROM delivery WHERE status <> 'delivered')")
-            if left == 0:
-                break
-            await asyncio.sleep(0.3)
+        left = await race.outbox_waiting(within=DRAIN_SECONDS)
         assert left == 0, f"{left} messages or deliveries still waiting after {DRAIN_SECONDS} s"
 
     messages = await race.db.fetch("SELECT id, contact_id, topic FROM outbox_message ORDER BY id")

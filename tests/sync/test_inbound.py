@@ -87,7 +87,7 @@ async def test_mailchimp_unsubscribe_touches_only_that_list_and_replays_change_n
     assert await membership(client, lists["mapped"]["id"], person["id"]) == "subscribed"
 
     response = await post_mailchimp(client, destination, secret, form)
-    assert response.status_code == 200 and response.json() == {"changed": 1, "ignored": 0}
+    assert response.status_code == 200 and response.json() == {"received": 1}
     assert await membership(client, lists["mapped"]["id"], person["id"]) == "unsubscribed"
     assert await membership(client, lists["other"]["id"], person["id"]) == "subscribed"
     can = (await client.get(f"/v1/contacts/{person['id']}/can-email", headers=ADMIN)).json()
@@ -95,7 +95,7 @@ async def test_mailchimp_unsubscribe_touches_only_that_list_and_replays_change_n
 
     before = await outbox_count(sessions)
     replay = await post_mailchimp(client, destination, secret, form)
-    assert replay.json() == {"changed": 0, "ignored": 1}
+    assert replay.json() == {"received": 1}  # the same answer: it never says what changed (class 10)
     assert await outbox_count(sessions) == before  # no echo back to the vendor
 
 
@@ -103,18 +103,19 @@ async def test_mailchimp_cleaned_marks_the_address_bounced(client: httpx.AsyncCl
     destination, secret, person, _ = await setup(client)
     form = {"type": "cleaned", "fired_at": FIRED, "data[list_id]": REMOTE, "data[campaign_id]": "4fjk2ma9xd",
             "data[reason]": "hard", "data[email]": person["email"]}
-    assert (await post_mailchimp(client, destination, secret, form)).json()["changed"] == 1
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
     assert (await contact(client, person["id"]))["email_status"] == "bounced"
-    assert (await post_mailchimp(client, destination, secret, form)).json()["changed"] == 0
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
     history = (await client.get(f"/v1/contacts/{person['id']}/history", headers=ADMIN)).json()["data"]
-    change = next(h for h in history if h["field"] == "email_status")
-    assert change["new_value"] == "bounced" and change["via"] == "inbound_sync"
+    [change] = [h for h in history if h["field"] == "email_status" and h["via"] == "inbound_sync"]  # replay: none
+    assert change["new_value"] == "bounced"
 
 
 async def test_mailchimp_abuse_withdraws_marketing_once(client: httpx.AsyncClient) -> None:
     destination, secret, person, lists = await setup(client)
     form = unsubscribe_form(person["email"], reason="abuse")
-    assert (await post_mailchimp(client, destination, secret, form)).json()["changed"] == 2
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 2}
+    assert await membership(client, lists["mapped"]["id"], person["id"]) == "unsubscribed"
     assert await membership(client, lists["other"]["id"], person["id"]) == "unsubscribed"  # withdrawal: every list
     assert (await contact(client, person["id"]))["email_status"] == "complained"
     await post_mailchimp(client, destination, secret, form)
@@ -129,9 +130,12 @@ async def test_mailchimp_upemail_changes_the_address(client: httpx.AsyncClient) 
     new = f"new-{uuid.uuid4().hex[:8]}@example.com"
     form = {"type": "upemail", "fired_at": FIRED, "data[list_id]": REMOTE, "data[new_id]": "51da8c3259",
             "data[new_email]": new, "data[old_email]": person["email"]}
-    assert (await post_mailchimp(client, destination, secret, form)).json()["changed"] == 1
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
     assert (await contact(client, person["id"]))["email"] == new
-    assert (await post_mailchimp(client, destination, secret, form)).json() == {"changed": 0, "ignored": 1}
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
+    history = (await client.get(f"/v1/contacts/{person['id']}/history", headers=ADMIN)).json()["data"]
+    moves = [h["new_value"] for h in history if h["field"] == "email" and h["via"] == "inbound_sync"]
+    assert moves == [new]  # the replay changed nothing
 
 
 async def test_mailchimp_profile_edits_are_not_taken_back(client: httpx.AsyncClient) -> None:
@@ -139,7 +143,7 @@ async def test_mailchimp_profile_edits_are_not_taken_back(client: httpx.AsyncCli
     form = {"type": "profile", "fired_at": FIRED, "data[id]": "8a25ff1d98", "data[list_id]": REMOTE,
             "data[email]": person["email"], "data[email_type]": "html", "data[merges][FNAME]": "Changed",
             "data[ip_opt]": "10.20.10.30"}
-    assert (await post_mailchimp(client, destination, secret, form)).json() == {"changed": 0, "ignored": 0}
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 0}
     assert (await contact(client, person["id"]))["first_name"] is None
 
 
@@ -153,7 +157,8 @@ async def test_mailchimp_signature_when_a_signing_secret_is_set(client: httpx.As
     assert bad.status_code == 401 and bad.headers["content-type"] == "application/problem+json"
     assert await membership(client, lists["mapped"]["id"], person["id"]) == "subscribed"
     ok = await post_mailchimp(client, destination, None, form, headers={"X-Mailchimp-Signature": good})
-    assert ok.status_code == 200 and ok.json()["changed"] == 1
+    assert ok.status_code == 200 and ok.json() == {"received": 1}
+    assert await membership(client, lists["mapped"]["id"], person["id"]) == "unsubscribed"
 
 
 async def test_vendor_double_opt_in_confirms_the_pending_membership(client: httpx.AsyncClient) -> None:
@@ -170,13 +175,15 @@ async def test_vendor_double_opt_in_confirms_the_pending_membership(client: http
             "data[email]": person["email"], "data[email_type]": "html", "data[ip_opt]": "10.20.10.30",
             "data[ip_signup]": "10.20.10.30"}
     secret = destination["generated_secrets"]["inbound_secret"]
-    assert (await post_mailchimp(client, destination, secret, form)).json()["changed"] == 1
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
     assert await membership(client, mapped["id"], person["id"]) == "subscribed"
     ledger = (await client.get(f"/v1/contacts/{person['id']}/consents", headers=ADMIN)).json()
     confirmed = [e for e in ledger["events"] if e["action"] == "confirmed"]
     assert len(confirmed) == 1 and confirmed[0]["proof"]["vendor"] == "mailchimp"
     assert confirmed[0]["recorded_by"] == "inbound:mailchimp"
-    assert (await post_mailchimp(client, destination, secret, form)).json()["changed"] == 0
+    assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
+    ledger = (await client.get(f"/v1/contacts/{person['id']}/consents", headers=ADMIN)).json()
+    assert len([e for e in ledger["events"] if e["action"] == "confirmed"]) == 1  # the replay confirmed nothing
 
 
 async def test_brevo_single_and_batched_events(client: httpx.AsyncClient) -> None:
@@ -189,7 +196,7 @@ async def test_brevo_single_and_batched_events(client: httpx.AsyncClient) -> Non
     assert (await client.post(url, json=unsubscribe, headers={"Authorization": "Bearer nope"})).status_code == 401
     auth = {"Authorization": f"Bearer {secret}"}
     response = await client.post(url, json=unsubscribe, headers=auth)
-    assert response.status_code == 200 and response.json()["changed"] == 1
+    assert response.status_code == 200 and response.json() == {"received": 1}
     assert await membership(client, lists["mapped"]["id"], person["id"]) == "unsubscribed"
     assert await membership(client, lists["other"]["id"], person["id"]) == "subscribed"
 
@@ -203,11 +210,14 @@ async def test_brevo_single_and_batched_events(client: httpx.AsyncClient) -> Non
         {"event": "unsubscribe", "email": "nobody-we-know@example.com", "list_id": [BREVO_LIST]},
     ]
     response = await client.post(url, json=batch, headers=auth)
-    assert response.json() == {"changed": 1, "ignored": 2}
+    assert response.json() == {"received": 3}  # `opened` is not taken back; the unknown address is not told
     assert (await contact(client, person["id"]))["email_status"] == "bounced"
     spam = {"event": "spam", "email": person["email"], "id": 4, "date": "2026-11-22 08:00:00"}
-    assert (await client.post(url, json=spam, headers=auth)).json()["changed"] == 1
-    assert (await client.post(url, json=spam, headers=auth)).json()["changed"] == 0
+    assert (await client.post(url, json=spam, headers=auth)).json() == {"received": 1}
+    assert (await client.post(url, json=spam, headers=auth)).json() == {"received": 1}
+    assert (await contact(client, person["id"]))["email_status"] == "complained"
+    ledger = (await client.get(f"/v1/contacts/{person['id']}/consents", headers=ADMIN)).json()
+    assert len([e for e in ledger["events"] if e["action"] == "withdrawn"]) == 1  # the replay withdrew nothing
     assert (await client.post(url, content=b"not json", headers=auth)).status_code == 400
 
 
@@ -231,7 +241,7 @@ async def test_brevo_hostile_bodies_are_4xx_and_change_nothing(client: httpx.Asy
     for body in ('[{"event":"unsubscribe","email":"\\ud800@example.com","list_id":[' + str(BREVO_LIST) + ']}]',
                  '{"event":"unsubscribe","email":"x\\u0000@example.com","subject":"\\udfff"}'):
         response = await client.post(url, content=body, headers=auth)
-        assert response.status_code == 200 and response.json()["changed"] == 0, (body[:60], response.text)
+        assert response.status_code == 200 and response.json() == {"received": 0}, (body[:60], response.text)
     assert await membership(client, lists["mapped"]["id"], person["id"]) == "subscribed"
 
 
@@ -242,7 +252,7 @@ async def test_mailchimp_hostile_forms_change_nothing(client: httpx.AsyncClient)
     for email in ("x%00%40example.com", "%ED%A0%80%40example.com", "x%C0%40example.com"):
         body = f"type=unsubscribe&data[list_id]={REMOTE}&data[email]={email}"
         response = await client.post(url, content=body, headers=form)
-        assert response.status_code == 200 and response.json()["changed"] == 0, response.text
+        assert response.status_code == 200, response.text
     upemail = f"type=upemail&data[list_id]={REMOTE}&data[old_email]={person['email']}&data[new_email]=n%00@example.com"
     assert (await client.post(url, content=upemail, headers=form)).status_code in (200, 422)
     deep = "&".join(f"data[merges][{'[x]' * 2000}]=1" for _ in range(3)) + "&type=unsubscribe"

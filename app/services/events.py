@@ -1,0 +1,215 @@
+"""Behaviour events: one or a batch recorded, a contact's events listed.
+
+Events live in monthly partitions of `event` (app.services.event_partitions). The sender's `event_id` is unique
+across them through `event_key`, written in the same statement as the event: `INSERT ... ON CONFLICT DO
+NOTHING` on the key decides, so a key seen twice is stored once whatever its `occurred_at`, and two senders
+racing with one key are serialized by its unique index (the second waits for the first to commit or roll back).
+
+A batch is stored set-based: items whose contact is named by id or external_id are resolved and locked in one
+statement (id order, services/locks.py) and inserted in one; the rest (a contact by email, which may create it;
+an id merged away; an unknown contact) go one by one through `record_event`, each in its own savepoint.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import AppError
+from app.models import Event
+from app.models.base import utc_now
+from app.schemas.orders import EventCreate
+from app.security import Principal
+from app.services import contacts as contacts_service
+from app.services.orders import resolve_contact
+
+__all__ = ["Outcome", "contact_events", "record_batch", "record_event"]
+
+_events = Event.__table__  # type: ignore[attr-defined]
+
+# One statement: number the rows, claim their keys, insert the events whose key was free (or who have none).
+_STORE = """
+    WITH given AS MATERIALIZED (
+        SELECT g.*, nextval(pg_get_serial_sequence('event', 'id')) AS id
+        FROM unnest(CAST(:ns AS int[]), CAST(:event_ids AS varchar[]), CAST(:contact_ids AS uuid[]),
+                    CAST(:types AS varchar[]), CAST(:occurred AS timestamptz[]), CAST(:properties AS text[]))
+             AS g(n, event_id, contact_id, type, occurred_at, properties)
+    ), keyed AS (
+        INSERT INTO event_key (event_id, id, occurred_at)
+        SELECT event_id, id, occurred_at FROM given WHERE event_id IS NOT NULL
+        ORDER BY event_id  -- two batches sharing keys take them in one order: no deadlock
+        ON CONFLICT DO NOTHING RETURNING event_id
+    ), stored AS (
+        INSERT INTO event (id, event_id, contact_id, type, occurred_at, properties, created_at)
+        SELECT id, event_id, contact_id, type, occurred_at, CAST(properties AS jsonb), :now FROM given
+        WHERE event_id IS NULL OR event_id IN (SELECT event_id FROM keyed)
+        RETURNING *
+    )
+    SELECT given.n, {columns} FROM stored JOIN given USING (id)
+"""
+_STORE_IDS = text(_STORE.format(columns="stored.id"))
+_STORE_ROWS = text(_STORE.format(columns="stored.*"))
+_KEPT = text("SELECT event_id, id, occurred_at FROM event_key WHERE event_id = ANY(CAST(:event_ids AS varchar[]))")
+_LOCK_KNOWN = text("""
+    SELECT id, external_id FROM contact
+    WHERE id = ANY(CAST(:ids AS uuid[])) OR external_id = ANY(CAST(:external_ids AS varchar[]))
+    ORDER BY id FOR NO KEY UPDATE
+""")
+_LAST_ACTIVITY = text("""
+    UPDATE contact c SET last_activity_at = greatest(c.last_activity_at, m.at)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS m(id, at)
+    WHERE c.id = m.id AND (c.last_activity_at IS NULL OR c.last_activity_at < m.at)  -- no new row version for nothing
+""")
+
+# A batch item's outcome: ("created" | "duplicate", event id), or the error that failed it alone.
+Outcome = tuple[str, int] | ValidationError | AppError
+
+
+@dataclass(slots=True)
+class _Resolved:
+    n: int
+    contact_id: uuid.UUID
+    event: EventCreate
+
+
+async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> tuple[dict[str, Any], bool]:
+    """Append one event (a replayed event_id returns the stored one); last_activity_at follows."""
+    contact_id = await resolve_contact(session, payload.contact, actor=actor, via="api")
+    rows = await _store(session, [_Resolved(0, contact_id, payload)], _STORE_ROWS)
+    if rows:
+        await _touch(session, {contact_id: payload.occurred_at})
+        return _without_n(rows[0]), True
+    kept = (await session.execute(_KEPT, {"event_ids": [payload.event_id]})).one()
+    stored = await session.execute(
+        select(_events).where(_events.c.id == kept.id, _events.c.occurred_at == kept.occurred_at))
+    return dict(stored.mappings().one()), False
+
+
+async def record_batch(session: AsyncSession, items: Sequence[Any], *, actor: Principal) -> list[Outcome]:
+    """Each item validated and recorded alone in effect (one bad item never sinks the others), the common case
+    set-based; outcomes in the items' order."""
+    outcomes: list[Outcome | None] = [None] * len(items)
+    valid: list[tuple[int, EventCreate]] = []
+    for n, item in enumerate(items):
+        try:
+            valid.append((n, EventCreate.model_validate(item)))
+        except ValidationError as exc:
+            outcomes[n] = exc
+    resolved, one_by_one = await _resolve_known(session, valid)
+    first_of: dict[str, int] = {}  # event_id -> the item that stores it; later ones are its duplicates
+    storing: list[_Resolved] = []
+    for r in resolved:
+        if r.event.event_id is not None and r.event.event_id in first_of:
+            continue
+        if r.event.event_id is not None:
+            first_of[r.event.event_id] = r.n
+        storing.append(r)
+    created = {row["n"]: row["id"] for row in await _store(session, storing, _STORE_IDS)}
+    latest: dict[uuid.UUID, datetime] = {}
+    for r in storing:
+        if r.n in created:
+            latest[r.contact_id] = max(latest.get(r.contact_id, r.event.occurred_at), r.event.occurred_at)
+    await _touch(session, latest)
+    kept = await _kept_ids(session, [r.event.event_id for r in resolved if r.event.event_id is not None
+                                     and first_of[r.event.event_id] not in created])
+    for r in resolved:
+        if r.n in created:
+            outcomes[r.n] = ("created", created[r.n])
+        else:
+            event_id = r.event.event_id
+            assert event_id is not None  # an event without a key is always created
+            stored_id = created.get(first_of[event_id], kept.get(event_id))
+            outcomes[r.n] = ("duplicate", stored_id)  # type: ignore[assignment]
+    for n, payload in one_by_one:
+        outcomes[n] = await _record_alone(session, payload, actor=actor)
+    return outcomes  # type: ignore[return-value]
+
+
+async def contact_events(session: AsyncSession, contact_id: uuid.UUID, *, limit: int,
+                         before_id: int | None) -> list[dict[str, Any]]:
+    await contacts_service.get(session, contact_id)
+    query = select(_events).where(_events.c.contact_id == contact_id)
+    if before_id is not None:
+        query = query.where(_events.c.id < before_id)
+    rows = await session.execute(query.order_by(_events.c.id.desc()).limit(limit + 1))
+    return [dict(r) for r in rows.mappings()]
+
+
+async def _resolve_known(
+    session: AsyncSession, valid: list[tuple[int, EventCreate]]
+) -> tuple[list[_Resolved], list[tuple[int, EventCreate]]]:
+    """Items naming an existing contact by id, or by external_id alone, resolved and locked in one statement;
+    the others, for `record_event` one by one."""
+    by_id = {e.contact.id for _, e in valid if e.contact.id is not None}
+    by_external = {e.contact.external_id for _, e in valid
+                   if e.contact.id is None and e.contact.email is None and e.contact.external_id is not None}
+    found: set[uuid.UUID] = set()
+    holders: dict[str, uuid.UUID] = {}
+    if by_id or by_external:
+        rows = await session.execute(_LOCK_KNOWN, {"ids": list(by_id), "external_ids": list(by_external)})
+        for contact_id, external_id in rows:
+            found.add(contact_id)
+            if external_id is not None:
+                holders[external_id] = contact_id
+    resolved: list[_Resolved] = []
+    one_by_one: list[tuple[int, EventCreate]] = []
+    for n, event in valid:
+        ref = event.contact
+        if ref.id is not None:
+            contact_id = ref.id if ref.id in found else None
+        elif ref.email is None and ref.external_id is not None:
+            contact_id = holders.get(ref.external_id)
+        else:
+            contact_id = None
+        if contact_id is None:
+            one_by_one.append((n, event))
+        else:
+            resolved.append(_Resolved(n, contact_id, event))
+    return resolved, one_by_one
+
+
+async def _record_alone(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> Outcome:
+    try:
+        async with session.begin_nested():
+            row, created = await record_event(session, payload, actor=actor)
+    except (ValidationError, AppError) as exc:
+        return exc
+    return ("created" if created else "duplicate"), row["id"]
+
+
+async def _store(session: AsyncSession, rows: list[_Resolved], statement: Any) -> list[dict[str, Any]]:
+    """Insert these events (keys first); the rows actually stored, with their item number `n`."""
+    if not rows:
+        return []
+    params = {
+        "ns": [r.n for r in rows], "event_ids": [r.event.event_id for r in rows],
+        "contact_ids": [r.contact_id for r in rows], "types": [r.event.type for r in rows],
+        "occurred": [r.event.occurred_at for r in rows],
+        "properties": [json.dumps(r.event.properties, ensure_ascii=False) for r in rows], "now": utc_now(),
+    }
+    return [dict(row) for row in (await session.execute(statement, params)).mappings()]
+
+
+async def _touch(session: AsyncSession, latest: dict[uuid.UUID, datetime]) -> None:
+    """last_activity_at follows the newest event recorded for each contact."""
+    if latest:
+        await session.execute(_LAST_ACTIVITY, {"ids": list(latest), "ats": list(latest.values())})
+
+
+async def _kept_ids(session: AsyncSession, event_ids: list[str]) -> dict[str, int]:
+    if not event_ids:
+        return {}
+    return {row.event_id: row.id for row in await session.execute(_KEPT, {"event_ids": event_ids})}
+
+
+def _without_n(row: dict[str, Any]) -> dict[str, Any]:
+    row.pop("n")
+    return row
