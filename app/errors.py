@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "MAX_FIELD_ERRORS",
     "AppError",
     "AttributeInUse",
     "AttributeNotFound",
@@ -39,6 +40,7 @@ __all__ = [
     "TagNotFound",
     "Unauthenticated",
     "UnsupportedMediaType",
+    "clip",
     "problems",
 ]
 
@@ -121,20 +123,40 @@ class UnsupportedMediaType(AppError):
     status, slug, title = 415, "unsupported-media-type", "The body's Content-Type is not one this route reads"
 
 
+# An error answer stays small whatever the request held (issue 15, class 2): at most MAX_FIELD_ERRORS entries, each
+# field and message clipped, the rest counted in `more_errors` and said in `detail` ("and 1,234 more").
+# 50 entries of at most ~800 bytes: under 64 KB (the renderer checks it too: app.problems.problem_body).
+MAX_FIELD_ERRORS = 50
+MAX_FIELD_CHARS = 200
+MAX_MESSAGE_CHARS = 500
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class FieldError(dict[str, str]):
-    """One entry of a 422's `errors` array."""
+    """One entry of a 422's `errors` array (its texts clipped: a field path may hold a caller's key)."""
 
     def __init__(self, field: str, message: str, code: str = "invalid") -> None:
-        super().__init__(field=field, message=message, code=code)
+        super().__init__(field=clip(field, MAX_FIELD_CHARS), message=clip(message, MAX_MESSAGE_CHARS),
+                         code=clip(code, 64))
 
 
 class InvalidInput(AppError):
     status, slug, title = 422, "invalid-input", "The request is not valid"
 
-    def __init__(self, *errors: FieldError, detail: str | None = None) -> None:
-        first = errors[0] if errors else None
+    def __init__(self, *errors: FieldError, detail: str | None = None, more: int = 0,
+                 limit: int = MAX_FIELD_ERRORS) -> None:
+        """`more`: errors found beyond `errors` that the caller did not even build (validation_problem)."""
+        shown = list(errors[:limit])
+        more += len(errors) - len(shown)
+        first = shown[0] if shown else None
         super().__init__(detail or (f"{first['field']}: {first['message']}" if first else None))
-        self.members["errors"] = list(errors)
+        self.members["errors"] = shown
+        if more:
+            self.detail += f"; and {more:,} more {'error' if more == 1 else 'errors'} not listed"
+            self.members["more_errors"] = more
 
     @classmethod
     def one(cls, field: str, message: str, code: str = "invalid") -> InvalidInput:

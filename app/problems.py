@@ -14,11 +14,19 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import AppError, FieldError, InvalidInput, ServiceUnavailable, UnsupportedMediaType
+from app.errors import (
+    MAX_FIELD_ERRORS,
+    AppError,
+    FieldError,
+    InvalidInput,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 from app.logging import get_logger, where
 from app.timeouts import StatementTimeout, is_statement_timeout
 
 __all__ = [
+    "MAX_PROBLEM_BYTES",
     "ProblemResponse",
     "install_problem_handlers",
     "problem_body",
@@ -31,6 +39,7 @@ log = get_logger("carnet.errors")
 
 INTERNAL_DETAIL = "An unexpected error occurred; it has been logged with this request's id."
 _CONNECTION_SQLSTATES = ("08", "57P")  # connection exceptions, operator intervention (shutdown)
+MAX_PROBLEM_BYTES = 64 * 1024  # an error answer never grows with the request (issue 15, class 2)
 
 
 class ProblemResponse(Response):
@@ -47,7 +56,22 @@ def problem_fields(error: AppError, *, instance: str | None = None) -> dict[str,
 
 
 def problem_body(error: AppError, *, instance: str) -> bytes:
-    return json.dumps(problem_fields(error, instance=instance), ensure_ascii=False, default=str).encode()
+    """The JSON body, under MAX_PROBLEM_BYTES: InvalidInput's clipping keeps it there; should a problem still be
+    larger (a member no class bounds), its `errors` are shortened until it fits, and counted as more."""
+    fields = problem_fields(error, instance=instance)
+    body = json.dumps(fields, ensure_ascii=False, default=str).encode()
+    errors = list(fields.get("errors") or [])
+    while len(body) > MAX_PROBLEM_BYTES and errors:
+        dropped = max(1, len(errors) // 2)
+        errors = errors[:-dropped]
+        fields["errors"] = errors
+        fields["more_errors"] = int(fields.get("more_errors") or 0) + dropped
+        body = json.dumps(fields, ensure_ascii=False, default=str).encode()
+    if len(body) > MAX_PROBLEM_BYTES:  # pragma: no cover (a detail or member of unbounded size: a bug to fix)
+        log.error("problem.too_large", problem=error.slug, size=len(body))
+        fields = {k: fields[k] for k in ("type", "title", "status", "instance") if k in fields}
+        body = json.dumps({**fields, "detail": "the error answer was too large to send"}).encode()
+    return body
 
 
 def _render(request: Request, error: AppError) -> ProblemResponse:
@@ -86,10 +110,12 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_problem(raw_errors: Sequence[Any], *, prefix: tuple[str, ...] = ()) -> InvalidInput:
-    """pydantic/FastAPI validation errors as one 422 naming each field (under `prefix`: a nested document)."""
+def validation_problem(raw_errors: Sequence[Any], *, prefix: tuple[str, ...] = (),
+                       limit: int = MAX_FIELD_ERRORS) -> InvalidInput:
+    """pydantic/FastAPI validation errors as one 422 naming each field (under `prefix`: a nested document); the
+    first `limit` only, the others counted ("and 1,234 more")."""
     errors = []
-    for err in raw_errors:
+    for err in raw_errors[:limit]:
         message = str(err.get("msg", "invalid value"))
         if message.startswith("Value error, "):
             message = message[len("Value error, "):]
@@ -98,7 +124,7 @@ def validation_problem(raw_errors: Sequence[Any], *, prefix: tuple[str, ...] = (
             message = "unknown field"
         field = "body" if code == "json_invalid" else _field((*prefix, *err.get("loc", ())))  # loc: a char offset
         errors.append(FieldError(field, message, code))
-    return InvalidInput(*errors)
+    return InvalidInput(*errors, more=max(0, len(raw_errors) - limit), limit=limit)
 
 
 def _media_type_problem(request: Request, raw_errors: Sequence[Any]) -> UnsupportedMediaType | None:

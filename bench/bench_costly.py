@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import multiprocessing
 import os
-import platform
 import random
 import secrets
 import shutil
@@ -54,7 +52,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from load_mixed import recreate_database, seed_contacts, start_server, with_database  # noqa: E402
+from load_mixed import recreate_database, run_context, seed_contacts, start_server, with_database  # noqa: E402
 
 from app.db import plain_dsn  # noqa: E402
 from app.security import Role  # noqa: E402
@@ -356,9 +354,7 @@ def main() -> int:
     if not args.shared_sessions:
         in_own_session()
     url = with_database(args.pg, args.db)
-    context: dict[str, Any] = {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                               "python": platform.python_version(), "cpus": os.cpu_count(),
-                               "loadavg_before": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}}
+    context = run_context(args)
     t0 = time.monotonic()
     ids = asyncio.run(prepare_database(args, url))
     print(f"bench_costly: {len(ids)} contacts ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)

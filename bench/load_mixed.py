@@ -104,6 +104,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_context(args: argparse.Namespace) -> dict[str, Any]:
+    """What a result file records about its run: when, where, how loaded the machine was, the arguments."""
+    return {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+            "args": {k: str(v) for k, v in vars(args).items()}}
+
+
 def with_database(server_url: str, db: str) -> str:
     from sqlalchemy.engine import make_url
 

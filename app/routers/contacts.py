@@ -121,7 +121,8 @@ async def list_contacts(
         description="Words matching the start of a name, company or email; or a phone number. Needs pii:read")] = None,
     email: Annotated[Email | None, Query(description="Exact (normalized) email. Needs pii:read")] = None,
     external_id: SearchText | None = None,
-    tag: Annotated[list[TagName], Query(description="Repeatable: contacts holding every tag")] = [],  # noqa: B006
+    tag: Annotated[list[TagName], Query(max_length=20, description="Repeatable: contacts holding every tag, at most "
+                                                                    "20")] = [],  # noqa: B006
     list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Subscribed members of this list")] = None,
     kind: ContactKind | None = None,
     lifecycle_stage: LifecycleStage | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -57,7 +58,10 @@ class Problem(BaseModel):
     detail: str
     instance: str
     errors: list[ProblemFieldError] | None = Field(
-        default=None, description="422 (and 415, naming the Content-Type header): one entry per faulty field")
+        default=None, max_length=50,
+        description="422 (and 415, naming the Content-Type header): one entry per faulty field, the first 50")
+    more_errors: int | None = Field(
+        default=None, description="422: how many faulty fields were found beyond those listed in `errors`")
     existing_id: str | None = Field(default=None, description="409 duplicate-contact: the contact holding the key")
     missing_scopes: list[str] | None = Field(default=None, description="403 only")
 
@@ -65,9 +69,17 @@ class Problem(BaseModel):
 AUTH_PROBLEMS = problems(Unauthenticated, MissingScope, InvalidInput)
 
 
+ITEM_ERRORS = 5  # a batch answers for up to 1000 items: each failed one lists its first 5 faulty fields
+
+
 def item_problem(error: AppError) -> dict[str, Any]:
-    """The problem body of one failed item of a batch."""
-    return problem_fields(error)
+    """The problem body of one failed item of a batch, its `errors` cut to ITEM_ERRORS (the rest counted)."""
+    fields = problem_fields(error)
+    errors = fields.get("errors")
+    if isinstance(errors, list) and len(errors) > ITEM_ERRORS:
+        fields["errors"] = errors[:ITEM_ERRORS]
+        fields["more_errors"] = int(fields.get("more_errors") or 0) + len(errors) - ITEM_ERRORS
+    return fields
 
 
 async def run_each(
@@ -96,7 +108,8 @@ def batch_results(outcomes: Sequence[tuple[str, Any] | ValidationError | AppErro
     results: list[dict[str, Any]] = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, ValidationError | AppError):
-            error = validation_problem(outcome.errors()) if isinstance(outcome, ValidationError) else outcome
+            error = (validation_problem(outcome.errors(), limit=ITEM_ERRORS)
+                     if isinstance(outcome, ValidationError) else outcome)
             results.append({"index": index, "status": "error", "error": item_problem(error)})
         else:
             results.append({"index": index, "status": outcome[0], "id": outcome[1]})
@@ -107,19 +120,23 @@ def etag(version: int) -> str:
     return f'"v{version}"'
 
 
+# A version is a bigint: `"v` + at most 19 ASCII digits + `"` (str.isdigit() also takes `²`, and int() refuses
+# more than 4,300 digits: both were 500s).
+_ETAG = re.compile(r'(?:W/)?"v([0-9]{1,19})"')
+_MAX_VERSION = 2**63 - 1
 # An If-Match no version has: the write answers 412 where it compares versions. Not raised here: RFC 9110 §13.2.1
 # evaluates preconditions only on a request otherwise valid, so a bad body or id stays a 422 (docs/security.md, 9).
 NO_VERSION = -1
 
 
-async def _if_match(if_match: Annotated[str | None, Header(description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
+async def _if_match(if_match: Annotated[str | None, Header(
+        max_length=64, description='ETag from a GET, e.g. "v3"; 412 if stale')] = None) -> int | None:
     """The version the caller expects (NO_VERSION for one that is none), or None when it did not ask (or said `*`)."""
     if if_match is None or if_match.strip() == "*":
         return None
-    value = if_match.strip().removeprefix("W/")
-    digits = value[2:-1]
-    if value.startswith('"v') and value.endswith('"') and digits.isascii() and digits.isdigit() and len(digits) <= 18:
-        return int(digits)
+    match = _ETAG.fullmatch(if_match.strip())
+    if match is not None and int(match[1]) <= _MAX_VERSION:
+        return int(match[1])
     return NO_VERSION
 
 
@@ -150,6 +167,7 @@ async def _idempotency(
     session: WriteSession,
     caller: Annotated[Principal, Depends(authenticate)],
     idempotency_key: Annotated[str | None, Header(
+        json_schema_extra={"maxLength": 255, "minLength": 1},  # checked by the service, which names the header
         description="Replays the first response for 24 h, to the same token only; reused with another body, or by "
                     "another token → 422")] = None,
 ) -> _IdempotencyScope:

@@ -34,7 +34,8 @@ async def list_duplicate_candidates(
     session: ReadSession,
     request: Request,
     caller: Annotated[Principal, costly(Scope.CONTACTS_READ, Scope.PII_READ)],  # over every contact: costly
-    reason: Annotated[list[Reason], Query(description="Repeatable: only pairs matched by these rules")] = [],  # noqa: B006
+    reason: Annotated[list[Reason], Query(
+        max_length=len(Reason), description="Repeatable: only pairs matched by these rules")] = [],  # noqa: B006
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> Any:

@@ -25,7 +25,7 @@ from app.errors import BadRequest, IdempotencyKeyReused, InvalidInput, PayloadTo
 from app.models.base import utc_now
 from app.problems import validation_problem
 from app.routers.deps import JSONBody
-from app.schemas.imports import ImportAccepted, ImportOptions, ImportRead, present_import
+from app.schemas.imports import MAX_FORM_FIELD_CHARS, ImportAccepted, ImportOptions, ImportRead, present_import
 from app.security import Principal, Scope, require
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import idempotency as idempotency_service
@@ -57,12 +57,14 @@ _UPLOAD_BODY: dict[str, Any] = {
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description":
                                  "CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab"},
-                        "mapping": {"type": "string", "description": 'JSON {"column name": "field" or null}'},
+                        "mapping": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS,
+                                    "description": 'JSON {"column name": "field" or null}, at most 500 columns'},
                         "mode": {"type": "string", "enum": ["upsert", "create_only", "update_only"]},
                         "list_id": {"type": "string", "format": "uuid"},
-                        "tags": {"type": "array", "items": {"type": "string"},
+                        "tags": {"type": "array", "maxItems": 100,
+                                 "items": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS},
                                  "description": "Repeat the field, or separate names with commas"},
-                        "consent": {"type": "string", "description":
+                        "consent": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS, "description":
                                     'JSON {"occurred_at"?, "source"?, "proof": {...}}; required with list_id'},
                         "blank_erases": {"type": "boolean"},
                         "dry_run": {"type": "boolean"},
@@ -85,7 +87,8 @@ async def create_import(
     session: WriteSession,
     caller: Importer,
     idempotency_key: Annotated[
-        str | None, Header(description="Replays the first response for 24 h, to the same token only; reused "
+        str | None, Header(json_schema_extra={"maxLength": 255, "minLength": 1},
+                           description="Replays the first response for 24 h, to the same token only; reused "
                                    "with another file or fields, or by another token → 422")
     ] = None,
 ) -> Any:
@@ -198,6 +201,8 @@ def _options(items: list[tuple[str, Any]]) -> ImportOptions:
             raise InvalidInput.one(key, "unknown field", "unknown_field")
         if not isinstance(value, str):
             raise InvalidInput.one(key, "a plain form field is expected here, not a file", "type")
+        if len(value) > MAX_FORM_FIELD_CHARS:  # before json.loads or split: the parser takes up to 1 MB a field
+            raise InvalidInput.one(key, f"at most {MAX_FORM_FIELD_CHARS:,} characters", "string_too_long")
         if key == "tags":
             tags += [t.strip() for t in value.split(",") if t.strip()]
             continue

@@ -20,7 +20,7 @@ from app.db import ReadSession, WriteSession
 from app.errors import AppError, ContactNotFound, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
 from app.routers.deps import JSONBody, Links
-from app.routers.public import decode_link, link_error, proof_of
+from app.routers.public import LinkToken, decode_link, link_error, proof_of
 from app.schemas.gdpr import ContactExportRead, present_export
 from app.schemas.preferences import (
     MAX_LISTS,
@@ -75,7 +75,7 @@ async def get_contact_links(
 
 @router.get("/preferences/{token}", response_model=PreferencesRead,
             responses={200: _HTML, **problems(LinkInvalid, PreferencesGone)})
-async def show_preferences(token: str, request: Request, session: ReadSession) -> Any:
+async def show_preferences(token: LinkToken, request: Request, session: ReadSession) -> Any:
     """The preference center. Changes nothing (mail scanners follow links)."""
     try:
         link = await lists_service.follow_link(session, decode_link(request, token, LinkKind.PREFERENCES))
@@ -92,7 +92,7 @@ async def show_preferences(token: str, request: Request, session: ReadSession) -
                **problems(LinkInvalid, LinkExpired, PreferencesGone, PayloadTooLarge, UnsupportedMediaType,
                           InvalidInput)},
 )
-async def change_preferences(token: str, request: Request, session: WriteSession) -> Any:
+async def change_preferences(token: LinkToken, request: Request, session: WriteSession) -> Any:
     """One change: lists, unsubscribe from everything, download my data (art. 15), erasure (art. 17, two steps).
 
     Joining a list records a `granted` email_marketing event, leaving one a `list_subscription` `withdrawn`

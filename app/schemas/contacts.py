@@ -9,7 +9,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
@@ -36,6 +36,9 @@ __all__ = [
     "LifecycleStage",
     "present_contact",
 ]
+
+
+MAX_ATTRIBUTES = 250  # attribute values set by one request
 
 
 class ContactKind(StrEnum):
@@ -111,9 +114,10 @@ class _ContactFields(InputSchema):
     first_contact_at: Timestamp | None = None
     first_contact_channel: ShortText | None = None
     kind: Annotated[ContactKind, FromJSON] | None = None
-    attributes: dict[str, Any] | None = Field(
-        default=None, description="Custom attributes, typed by /v1/attributes. In a patch, null removes a key."
-    )
+    attributes: dict[Annotated[str, StringConstraints(max_length=63)], Any] | None = Field(
+        default=None, max_length=MAX_ATTRIBUTES,
+        description=f"Custom attributes, typed by /v1/attributes (at most {MAX_ATTRIBUTES} a request). In a patch, "
+                    "null removes a key.")
     tags: list[TagName] | None = Field(default=None, max_length=100)
 
     @field_validator("birth_date")

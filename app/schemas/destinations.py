@@ -60,7 +60,9 @@ class DeliveryStatus(StrEnum):
 
 
 Secret = Annotated[SecretStr, Field(min_length=8, max_length=500)]
-RemoteField = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+RemoteField = Annotated[str, StringConstraints(max_length=100, pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+MAX_CONFIG_KEYS = 20      # the largest kind's config has fewer keys
+MAX_FIELD_MAPPINGS = 200  # Carnet fields mapped to vendor fields
 # Carnet fields a vendor field may be mapped from: the contact's own fields and `attributes.<name>`.
 MAPPABLE_FIELDS = frozenset({
     "external_id", "phone", "first_name", "last_name", "company", "job_title", "sector", "gender", "birth_date",
@@ -91,7 +93,8 @@ class _Config(InputSchema):
 
 class BrevoConfig(_Config):
     api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
-    double_opt_in_template_id: int | None = Field(default=None, ge=1, description="For vendor double opt-in lists")
+    double_opt_in_template_id: int | None = Field(default=None, ge=1, le=2**63 - 1,  # Brevo's templateId: int64
+                                                  description="For vendor double opt-in lists")
     double_opt_in_redirect_url: AnyHttpUrl | None = None
 
 
@@ -102,10 +105,12 @@ class MailchimpConfig(_Config):
 
 class WebhookConfig(_Config):
     url: AnyHttpUrl | None = None
-    secret: SecretStr | None = Field(default=None, description="Write-only `whsec_...`; generated when absent")
-    previous_secret: SecretStr | None = Field(default=None, description="Write-only; also signs during a rotation")
-    topics: list[Annotated[str, StringConstraints(pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
-        default=None, description="Only these topics (default: all)")
+    secret: SecretStr | None = Field(default=None, max_length=500,
+                                     description="Write-only `whsec_...`; generated when absent")
+    previous_secret: SecretStr | None = Field(default=None, max_length=500,
+                                              description="Write-only; also signs during a rotation")
+    topics: list[Annotated[str, StringConstraints(max_length=64, pattern=r"^[a-z_]+\.[a-z_]+$")]] | None = Field(
+        default=None, max_length=50, description="Only these topics (default: all)")
 
 
     @field_validator("url")
@@ -167,12 +172,14 @@ class DestinationCreate(_Mapped):
     kind: Annotated[DestinationKind, FromJSON]
     name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
     enabled: bool = True
-    config: dict[str, Any] = Field(default_factory=dict, description="Per kind; secrets in it are write-only")
+    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS,
+                                   description="Per kind; secrets in it are write-only")
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] = Field(default_factory=list)
     segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] = Field(
         default_factory=list, description="Segments synced: their members enter and leave as the segment changes")
     field_mappings: dict[RemoteField, RemoteField] = Field(
-        default_factory=dict, description="Carnet field (`first_name`, `attributes.size`) → vendor field")
+        default_factory=dict, max_length=MAX_FIELD_MAPPINGS,
+        description="Carnet field (`first_name`, `attributes.size`) → vendor field")
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
@@ -182,10 +189,10 @@ class DestinationPatch(_Mapped):
 
     name: Annotated[ShortText, StringConstraints(min_length=1, max_length=100)] | None = None
     enabled: bool | None = None
-    config: dict[str, Any] | None = None
+    config: dict[str, Any] | None = Field(default=None, max_length=MAX_CONFIG_KEYS)
     list_mappings: Annotated[list[ListMapping], Field(max_length=100)] | None = None
     segment_mappings: Annotated[list[SegmentMapping], Field(max_length=20)] | None = None
-    field_mappings: dict[RemoteField, RemoteField] | None = None
+    field_mappings: dict[RemoteField, RemoteField] | None = Field(default=None, max_length=MAX_FIELD_MAPPINGS)
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 

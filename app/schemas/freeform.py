@@ -12,9 +12,10 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
-__all__ = ["MAX_JSON_DEPTH", "FreeJSONObject", "json_problem", "unstorable_text"]
+__all__ = ["MAX_JSON_DEPTH", "MAX_JSON_VALUES", "FreeJSONObject", "json_problem", "unstorable_text"]
 
 MAX_JSON_DEPTH = 32  # objects and arrays, the value itself counted: {"a": {"b": 1}} is 2 deep
+MAX_JSON_VALUES = 10_000  # objects, arrays, keys' values and array items, the value itself counted
 
 
 def unstorable_text(value: str) -> bool:
@@ -28,22 +29,28 @@ def unstorable_text(value: str) -> bool:
     return False
 
 
-def json_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH, text: bool = True) -> str | None:
-    """Why `value` (as parsed from JSON) cannot be stored, or None when it can; `text=False` checks the depth
-    only."""
+def json_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH, max_values: int | None = MAX_JSON_VALUES,
+                 text: bool = True) -> str | None:
+    """Why `value` (as parsed from JSON) cannot be stored, or None when it can; `text=False` checks the size only.
+
+    Cheap before anything else looks at the value: it stops at the first container that would take it past
+    `max_values` (before walking its members), so a 5 MB array of 1.7M `{}` costs one `len()`."""
     stack: list[tuple[Any, int]] = [(value, 1)]
+    seen = 1
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
+        if isinstance(item, dict | list | tuple):
             if depth > max_depth:
                 return f"nested more than {max_depth} levels deep"
+            seen += len(item)
+            if max_values is not None and seen > max_values:
+                return f"more than {max_values:,} JSON values (objects, arrays, their members) in all"
+        if isinstance(item, dict):
             for key, child in item.items():
                 if text and isinstance(key, str) and unstorable_text(key):
                     return "keys and text must be valid UTF-8 without NUL characters"
                 stack.append((child, depth + 1))
         elif isinstance(item, list | tuple):
-            if depth > max_depth:
-                return f"nested more than {max_depth} levels deep"
             stack.extend((child, depth + 1) for child in item)
         elif text and isinstance(item, str) and unstorable_text(item):
             return "keys and text must be valid UTF-8 without NUL characters"

@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from app.schemas.base import InputSchema
 from app.schemas.lists import SubscribeConsent
@@ -16,7 +16,12 @@ from app.schemas.strict import FromJSON
 from app.schemas.types import TagName, Uuid
 from app.schemas.workers import WorkersSeen
 
-__all__ = ["ImportAccepted", "ImportMode", "ImportOptions", "ImportRead", "ImportStatus", "present_import"]
+__all__ = ["MAX_FORM_FIELD_CHARS", "ImportAccepted", "ImportMode", "ImportOptions", "ImportRead", "ImportStatus",
+           "present_import"]
+
+
+MAX_MAPPED_COLUMNS = 500  # a mapping names at most this many columns
+MAX_FORM_FIELD_CHARS = 64 * 1024  # a form field other than the file (the JSON of mapping, consent; tags)
 
 
 class ImportMode(StrEnum):
@@ -35,8 +40,10 @@ class ImportStatus(StrEnum):
 class ImportOptions(InputSchema):
     """The form fields sent with the file (JSON values for `mapping` and `consent`)."""
 
-    mapping: dict[str, str | None] | None = Field(
-        default=None, description="{column name: field} (null ignores a column); when absent, guessed from headers")
+    mapping: dict[Annotated[str, StringConstraints(max_length=255)],
+                  Annotated[str, StringConstraints(max_length=100)] | None] | None = Field(
+        default=None, max_length=MAX_MAPPED_COLUMNS,
+        description="{column name: field} (null ignores a column); when absent, guessed from headers")
     mode: Annotated[ImportMode, FromJSON] = ImportMode.UPSERT
     list_id: Uuid | None = Field(default=None, description="Subscribe every imported row to this list")
     tags: list[TagName] = Field(default_factory=list, max_length=100, description="Added to every imported row")

@@ -71,11 +71,14 @@ def _distinct_origins(origins: list[str]) -> list[str]:
     return list(dict.fromkeys(origins))
 
 
+MAX_BATCH = 1000  # contacts in add and remove together
+
 ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
-AcceptedKinds = Annotated[list[Annotated[ContactKind, FromJSON]], Field(min_length=1), AfterValidator(_distinct)]
+AcceptedKinds = Annotated[list[Annotated[ContactKind, FromJSON]], Field(min_length=1, max_length=len(ContactKind)),
+                          AfterValidator(_distinct)]
 Origin = Annotated[str, StringConstraints(min_length=8, max_length=200), AfterValidator(_origin)]
 SignupOrigins = Annotated[list[Origin], Field(max_length=20), AfterValidator(_distinct_origins)]
-Color = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
+Color = Annotated[str, StringConstraints(max_length=7, pattern=r"^#[0-9a-fA-F]{6}$"), AfterValidator(str.lower)]
 DisplayName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
 PolicyVersion = Annotated[ShortText, StringConstraints(min_length=1, max_length=100)]
 Wording = Annotated[LongText, StringConstraints(min_length=1)]
@@ -190,15 +193,16 @@ class MemberPage(BaseModel):
 
 
 class MemberBatch(InputSchema):
-    add: list[Uuid] = Field(default_factory=list, description="Contacts to subscribe (ledger consent needed)")
-    remove: list[Uuid] = Field(default_factory=list, description="Contacts to unsubscribe")
+    add: list[Uuid] = Field(default_factory=list, max_length=MAX_BATCH,
+                            description="Contacts to subscribe (ledger consent needed)")
+    remove: list[Uuid] = Field(default_factory=list, max_length=MAX_BATCH, description="Contacts to unsubscribe")
     source: ShortText | None = Field(default=None, description="Source recorded on added memberships")
 
     @model_validator(mode="after")
     def _size(self) -> Self:
         total = len(self.add) + len(self.remove)
-        if not 1 <= total <= 1000:
-            raise ValueError("between 1 and 1000 contacts in add and remove together")
+        if not 1 <= total <= MAX_BATCH:
+            raise ValueError(f"between 1 and {MAX_BATCH} contacts in add and remove together")
         if set(self.add) & set(self.remove):
             raise ValueError("a contact cannot be both added and removed")
         return self

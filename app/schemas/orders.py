@@ -9,7 +9,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, WithJsonSchema, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
@@ -42,7 +42,21 @@ def _cents(value: Decimal) -> Decimal:
     return value
 
 
-Money = Annotated[Decimal, Field(ge=0, le=Decimal("999999999999.99")), FromJSON, AfterValidator(_cents)]
+# numeric(14, 2), the column: up to 999,999,999,999.99. Sent as a JSON number or a string; declared as both.
+MAX_MONEY = Decimal("999999999999.99")
+_MONEY_SCHEMA = {"anyOf": [
+    {"type": "number", "minimum": 0, "maximum": float(MAX_MONEY), "multipleOf": 0.01},
+    {"type": "string", "maxLength": 40, "pattern": r"^[0-9]{1,12}(\.[0-9]{1,2})?$"}]}
+
+
+def _money_text(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > 40:  # before Decimal() reads it
+        raise ValueError("a decimal amount with at most 2 decimals, e.g. \"49.90\"")
+    return value
+
+
+Money = Annotated[Decimal, BeforeValidator(_money_text), Field(ge=0, le=MAX_MONEY), FromJSON, AfterValidator(_cents),
+                  WithJsonSchema(_MONEY_SCHEMA, mode="validation")]
 Currency = Annotated[CurrencyCode, Field(
     description="ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR")]
 
@@ -111,11 +125,12 @@ class OrderRead(BaseModel):
 
 class EventCreate(InputSchema):
     contact: ContactRef
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$", description="e.g. page_view, cart_abandoned")]
+    type: Annotated[str, Field(max_length=64, pattern=r"^[a-z][a-z0-9_.]{0,63}$",
+                               description="e.g. page_view, cart_abandoned")]
     occurred_at: AwareTimestamp
-    properties: FreeJSONObject = Field(default_factory=dict, description=(
-        "Any JSON object, at most 32 levels deep; string values are masked (keys kept) for a token without "
-        "pii:read"))
+    properties: FreeJSONObject = Field(default_factory=dict, max_length=1000, description=(
+        "Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are "
+        "masked (keys kept) for a token without pii:read"))
     event_id: ExternalId | None = Field(default=None, description="Sender's id: a replay with the same id is ignored")
 
     @model_validator(mode="after")

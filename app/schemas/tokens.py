@@ -19,7 +19,7 @@ class TokenCreate(InputSchema):
     subject: ShortText = Field(min_length=1, description="Who the token is for, e.g. intern@shop.example")
     role: Annotated[Role, FromJSON]
     scopes: list[Annotated[Scope, FromJSON]] | None = Field(
-        default=None, description="Narrow the role's scopes; never widen them")
+        default=None, max_length=len(Scope), description="Narrow the role's scopes; never widen them")
     ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
 
 

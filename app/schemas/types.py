@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 import phonenumbers
@@ -31,6 +32,7 @@ __all__ = [
     "TagName",
     "Timestamp",
     "Uuid",
+    "bounded_decimal",
     "configure_phone_region",
     "email_by_validator",
     "fast_email",
@@ -162,6 +164,42 @@ def _not_a_number(value: Any) -> Any:
     return value
 
 
+_NUMBER_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")  # a JSON number, as text
+
+
+def bounded_decimal(value: Any, *, integer_digits: int, places: int) -> Decimal:
+    """A JSON number (or a numeric string of at most 40 characters) as an exact Decimal below 10^integer_digits
+    with at most `places` decimals, else ValueError. No arithmetic under a context: `abs(Decimal("1e1000000"))`
+    raises Overflow (a 500), and `1e-1000000` is a number PostgreSQL's numeric cannot take (it was stored in a
+    segment, and every count of it failed afterwards). Trailing zeros do not count as decimals."""
+    wanted = f"a number below 10^{integer_digits} in absolute value, with at most {places} decimals"
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or (
+            isinstance(value, str) and len(value) > 40):
+        raise ValueError(f"expected {wanted}")
+    if isinstance(value, int) and abs(value) >= 10**integer_digits:  # before str(): a 4,000-digit int is slow
+        raise ValueError(f"expected {wanted}")
+    text = str(value)
+    if isinstance(value, str) and not _NUMBER_TEXT.fullmatch(text):  # Decimal() also reads "1_0", " 1", "Inf"
+        raise ValueError(f"expected {wanted}")
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"expected {wanted}") from None
+    if not number.is_finite():
+        raise ValueError(f"expected {wanted}")
+    sign, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    if not any(digits):
+        return Decimal(0)
+    kept = list(digits)
+    while exponent < 0 and kept[-1] == 0:  # 1.500 has 1 decimal
+        kept.pop()
+        exponent += 1
+    if number.adjusted() >= integer_digits or exponent < -places:
+        raise ValueError(f"expected {wanted}")
+    return Decimal((sign, tuple(kept), exponent))
+
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 
@@ -184,7 +222,7 @@ ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), Aft
 Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email)]
 Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone)]
 CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country)]
-CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$"), AfterValidator(_currency)]
+CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3}$"), AfterValidator(_currency)]
 # Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`). In a body, ISO 8601
 # text only (strict JSON: no number, no date alone); in a query string, any form pydantic reads (`?since=2026-12-01`).
 Timestamp = Annotated[datetime, FromJSON, AfterValidator(utc_instant)]  # no offset: UTC
@@ -193,7 +231,7 @@ QueryTimestamp = Annotated[datetime, BeforeValidator(_not_a_number), AfterValida
 # In a body (app.schemas.strict): a UUID as its text, a date as YYYY-MM-DD.
 Uuid = Annotated[uuid.UUID, FromJSON]
 Day = Annotated[date, FromJSON]
-AttributeName = Annotated[str, AfterValidator(_attribute_name)]
+AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
 SearchText = Annotated[str, StringConstraints(max_length=255), AfterValidator(_no_control_chars)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
@@ -15,12 +14,18 @@ from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, Fi
 from app.models import AttributeDefinition, Contact
 from app.models.base import utc_now
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeType
+from app.schemas.types import bounded_decimal
 
-__all__ = ["create", "delete_definition", "get", "list_all", "normalize_values", "update_definition"]
+__all__ = ["NUMBER_DIGITS", "NUMBER_PLACES", "create", "delete_definition", "get", "list_all", "normalize_values",
+           "update_definition"]
 
 _defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 MAX_TEXT = 2000
+MAX_OPTIONS = 500  # AttributeCreate.options
+# A number attribute is stored in JSONB as sent and compared as numeric by segments: bounded so that every
+# comparison PostgreSQL makes with it, and every value a filter may compare it with, is an ordinary number.
+NUMBER_DIGITS, NUMBER_PLACES = 15, 30
 
 
 async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
@@ -119,8 +124,9 @@ def _coerce(kind: AttributeType, value: Any, options: list[str]) -> Any:
                 raise ValueError(f"text must be at most {MAX_TEXT} characters, without NUL")
             return value
         case AttributeType.NUMBER:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError("expected a finite number")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError("expected a number")
+            bounded_decimal(value, integer_digits=NUMBER_DIGITS, places=NUMBER_PLACES)  # ValueError names the bounds
             return value
         case AttributeType.BOOLEAN:
             if not isinstance(value, bool):
@@ -138,7 +144,7 @@ def _coerce(kind: AttributeType, value: Any, options: list[str]) -> Any:
                 raise ValueError(f"expected one of: {', '.join(options)}")
             return value
         case AttributeType.MULTI_ENUM:
-            if not isinstance(value, list) or any(v not in options for v in value):
+            if not isinstance(value, list) or len(value) > MAX_OPTIONS or any(v not in options for v in value):
                 raise ValueError(f"expected a list of: {', '.join(options)}")
             return sorted(set(value), key=value.index)
     raise ValueError("unsupported attribute type")  # pragma: no cover

@@ -25,6 +25,7 @@ from app.errors import AppError, BadRequest
 __all__ = [
     "CONFIRM_LINK_TTL",
     "ERASE_CONFIRM_TTL",
+    "MAX_TOKEN_CHARS",
     "Link",
     "LinkBuilder",
     "LinkCodec",
@@ -38,7 +39,7 @@ CONFIRM_LINK_TTL = timedelta(days=7)
 # How long the "yes, erase my data" step of the preference center waits for the person's second click.
 ERASE_CONFIRM_TTL = timedelta(minutes=15)
 _MAC_BYTES = 16  # 128-bit tag: plenty against forgery, keeps the URL short
-_MAX_TOKEN_CHARS = 512
+MAX_TOKEN_CHARS = 512
 
 
 class LinkInvalid(BadRequest):
@@ -86,7 +87,7 @@ class LinkCodec:
     def decode(self, token: str, *, kind: LinkKind, now: float | None = None) -> Link:
         """The link a token stands for; LinkInvalid if forged or malformed, LinkExpired if too old."""
         try:
-            if len(token) > _MAX_TOKEN_CHARS:
+            if len(token) > MAX_TOKEN_CHARS:
                 raise ValueError("too long")
             encoded_payload, encoded_mac = token.split(".")
             payload, mac = _unb64(encoded_payload), _unb64(encoded_mac)

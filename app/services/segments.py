@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -49,7 +49,7 @@ from sqlalchemy import (
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import Text
 
@@ -69,7 +69,9 @@ from app.models import (
 from app.models.base import new_id, utc_now
 from app.schemas.contacts import ContactKind, LifecycleStage
 from app.schemas.freeform import json_problem, unstorable_text
-from app.schemas.types import utc_instant
+from app.schemas.segments import MAX_CONDITIONS, MAX_DEPTH, check_filter_bounds
+from app.schemas.types import bounded_decimal, utc_instant
+from app.services.attributes import NUMBER_DIGITS, NUMBER_PLACES
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
 from app.services.pagination import Cursor, CursorCodec, page_by_name
 
@@ -91,10 +93,10 @@ __all__ = [
     "update",
 ]
 
-MAX_DEPTH = 8            # nested groups
-MAX_CONDITIONS = 100     # leaf conditions in one filter
 MAX_VALUES = 100         # items of an `in` / `nin` list
 MAX_DAYS = 36500
+MONEY_DIGITS, MONEY_PLACES = 12, 2            # numeric(14, 2): the order amounts and contact stats
+ATTRIBUTE_DIGITS, ATTRIBUTE_PLACES = NUMBER_DIGITS, NUMBER_PLACES  # number attributes, as stored
 MAX_TEXT = 255
 GRANTING = ("granted", "confirmed")
 
@@ -324,16 +326,18 @@ def _integer(value: Any, path: str) -> int:
     return value
 
 
-def _number(value: Any, path: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _Invalid(path, "expected a number")
+def _number(value: Any, path: str, *, integer_digits: int = ATTRIBUTE_DIGITS, places: int = ATTRIBUTE_PLACES
+            ) -> Decimal:
+    """A value compared with a number: within what the compared column holds (so PostgreSQL can take it)."""
     try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        raise _Invalid(path, "expected a number") from None
-    if not number.is_finite() or abs(number) >= Decimal(10) ** 15:
-        raise _Invalid(path, "expected a finite number below 10^15")
-    return number
+        return bounded_decimal(value, integer_digits=integer_digits, places=places)
+    except ValueError as exc:
+        raise _Invalid(path, str(exc)) from None
+
+
+def _money(value: Any, path: str) -> Decimal:
+    """Compared with a numeric(14, 2) column (stats.total_spent, stats.average_basket)."""
+    return _number(value, path, integer_digits=MONEY_DIGITS, places=MONEY_PLACES)
 
 
 def _timestamp(value: Any, path: str) -> datetime:
@@ -450,7 +454,7 @@ def _compile_number(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Ma
         return _scalar(cast(spec.column.astext, Numeric), op, value, vpath, _number)
     if op == "exists":
         return _exists(spec.column, value, vpath)
-    return _scalar(spec.column, op, value, vpath, _number, nullable=spec.column.nullable)
+    return _scalar(spec.column, op, value, vpath, _money, nullable=spec.column.nullable)
 
 
 def _compile_integer(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
@@ -609,7 +613,7 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     compiler = _Compiler(attributes=definitions, now=now)
     if not isinstance(filter_, dict) or not filter_:
         raise InvalidInput.one(path, 'expected an object such as {"all": [...]}', "invalid_filter")
-    _check_depth(filter_, path)
+    check_filter_bounds(filter_, path)
     expression = compiler.node(filter_, path, 0)
     if compiler.errors:
         raise InvalidInput(*compiler.errors)
@@ -665,25 +669,6 @@ def _mentions_attributes(node: Any) -> bool:
     return False
 
 
-def _check_depth(filter_: Any, path: str) -> None:
-    """422 `too_deep` naming the first group nested deeper than MAX_DEPTH, before the compiler recurses."""
-    stack: list[tuple[Any, str, int]] = [(filter_, path, 0)]
-    while stack:
-        node, at, depth = stack.pop()
-        if not isinstance(node, dict) or len(node) != 1:
-            continue  # a condition, or a malformed node the compiler names without descending
-        key = next(iter(node))
-        if key not in ("all", "any", "not"):
-            continue
-        if depth >= MAX_DEPTH:
-            raise InvalidInput.one(at, f"groups nest at most {MAX_DEPTH} deep", "too_deep")
-        children = node[key]
-        if key == "not":
-            stack.append((children, f"{at}.not", depth + 1))
-        elif isinstance(children, list):
-            stack.extend((child, f"{at}.{key}[{i}]", depth + 1) for i, child in enumerate(children))
-
-
 # ---- segments: CRUD ----------------------------------------------------------------------------------------
 
 
@@ -703,8 +688,23 @@ async def get(session: AsyncSession, segment_id: uuid.UUID, *, lock: bool = Fals
     return row
 
 
+async def _check_runs(session: AsyncSession, condition: ColumnElement[bool], path: str = "filter") -> None:
+    """Refuse a filter PostgreSQL cannot run, when it is saved rather than at every count afterwards: its
+    statement is planned and its values bound (LIMIT 0 fetches no row), in a savepoint. The value checks of the
+    compiler should leave nothing for this to find; it is the last gate before a segment is stored."""
+    try:
+        async with session.begin_nested():
+            await session.execute(select(_t.c.id).where(condition).limit(0))
+    except DBAPIError as exc:
+        state = str(getattr(exc.orig, "sqlstate", None) or "")
+        if not state.startswith("22"):  # a data exception: a value out of range, not a number, ...
+            raise
+        raise InvalidInput.one(path, f"PostgreSQL cannot run this filter (SQLSTATE {state}): check its values",
+                               "invalid_filter") from None
+
+
 async def create(session: AsyncSession, *, name: str, filter_: dict[str, Any], description: str | None) -> Row:
-    await compile_filter(session, filter_)
+    await _check_runs(session, await compile_filter(session, filter_))
     now = utc_now()
     values = {"id": new_id(), "name": name, "filter": filter_, "description": description, "version": 1,
               "created_at": now, "updated_at": now}
@@ -723,7 +723,7 @@ async def update(
     current = await get(session, segment_id, lock=True)
     _check_version(current, expected_version)
     if "filter" in changes:
-        await compile_filter(session, changes["filter"])
+        await _check_runs(session, await compile_filter(session, changes["filter"]))
     changes = {k: v for k, v in changes.items() if current[k] != v}
     if not changes:
         return current

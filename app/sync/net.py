@@ -219,7 +219,7 @@ def retry_after(headers: Mapping[str, str], *, default: float, now: float | None
     value = headers.get("retry-after")
     if value:
         value = value.strip()
-        if value.isdigit():
+        if value.isascii() and value.isdigit():  # "²" is a digit to isdigit(), not to float()
             waits.append(float(value))
         else:
             with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):

@@ -1550,7 +1550,7 @@ export interface components {
             address?: components["schemas"]["Address"] | null;
             /**
              * Attributes
-             * @description Custom attributes, typed by /v1/attributes. In a patch, null removes a key.
+             * @description Custom attributes, typed by /v1/attributes (at most 250 a request). In a patch, null removes a key.
              */
             attributes?: {
                 [key: string]: unknown;
@@ -1652,7 +1652,7 @@ export interface components {
             address?: components["schemas"]["Address"] | null;
             /**
              * Attributes
-             * @description Custom attributes, typed by /v1/attributes. In a patch, null removes a key.
+             * @description Custom attributes, typed by /v1/attributes (at most 250 a request). In a patch, null removes a key.
              */
             attributes?: {
                 [key: string]: unknown;
@@ -1807,7 +1807,7 @@ export interface components {
             address?: components["schemas"]["Address"] | null;
             /**
              * Attributes
-             * @description Custom attributes, typed by /v1/attributes. In a patch, null removes a key.
+             * @description Custom attributes, typed by /v1/attributes (at most 250 a request). In a patch, null removes a key.
              */
             attributes?: {
                 [key: string]: unknown;
@@ -2272,7 +2272,7 @@ export interface components {
             occurred_at: string;
             /**
              * Properties
-             * @description Any JSON object, at most 32 levels deep; string values are masked (keys kept) for a token without pii:read
+             * @description Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are masked (keys kept) for a token without pii:read
              */
             properties?: {
                 [key: string]: unknown;
@@ -3015,7 +3015,7 @@ export interface components {
             detail: string;
             /**
              * Errors
-             * @description 422 (and 415, naming the Content-Type header): one entry per faulty field
+             * @description 422 (and 415, naming the Content-Type header): one entry per faulty field, the first 50
              * @default null
              */
             errors: components["schemas"]["ProblemFieldError"][] | null;
@@ -3033,6 +3033,12 @@ export interface components {
              * @default null
              */
             missing_scopes: string[] | null;
+            /**
+             * More Errors
+             * @description 422: how many faulty fields were found beyond those listed in `errors`
+             * @default null
+             */
+            more_errors: number | null;
             /** Status */
             status: number;
             /** Title */
@@ -3171,7 +3177,7 @@ export interface components {
             description?: string | null;
             /**
              * Filter
-             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments)
+             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments). Bounds: groups nest at most 8 deep, a group holds at most 100 members, a filter at most 100 conditions and 12,000 JSON values in all (422 `too_deep`, `too_many_conditions`, `too_large`)
              * @example {
              *       "all": [
              *         {
@@ -3269,7 +3275,7 @@ export interface components {
         SegmentPreviewRequest: {
             /**
              * Filter
-             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments)
+             * @description {"all": [...]} / {"any": [...]} / {"not": {...}} nesting {"field", "op", "value"} conditions (docs/api.md, Segments). Bounds: groups nest at most 8 deep, a group holds at most 100 members, a filter at most 100 conditions and 12,000 JSON values in all (422 `too_deep`, `too_many_conditions`, `too_large`)
              * @example {
              *       "all": [
              *         {
@@ -3931,7 +3937,7 @@ export interface operations {
                 /** @description Exact (normalized) email. Needs pii:read */
                 email?: string | null;
                 external_id?: string | null;
-                /** @description Repeatable: contacts holding every tag */
+                /** @description Repeatable: contacts holding every tag, at most 20 */
                 tag?: string[];
                 /** @description Subscribed members of this list */
                 list?: string | null;
@@ -6341,7 +6347,7 @@ export interface operations {
                     file: string;
                     /** Format: uuid */
                     list_id?: string;
-                    /** @description JSON {"column name": "field" or null} */
+                    /** @description JSON {"column name": "field" or null}, at most 500 columns */
                     mapping?: string;
                     /** @enum {string} */
                     mode?: "upsert" | "create_only" | "update_only";
