@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.logging import get_logger, where
 from app.security.secrets import SecretBox
+from app.services import commerce as commerce_service
 from app.services import delivery
 from app.services import destinations as destinations_service
 from app.services.links import LinkBuilder, LinkCodec
@@ -31,6 +32,7 @@ from app.settings import Settings
 from app.sync import ids as vendor_ids
 from app.sync import net
 from app.sync.base import DeliveryFailed, Gone, Outcome, RetryLater
+from app.sync.commerce import Record
 
 __all__ = ["AdapterFactory", "Worker", "create_worker", "run_in_background"]
 
@@ -46,6 +48,8 @@ class BatchResult:
     tags: dict[uuid.UUID, tuple[str, ...]] = field(default_factory=dict)  # tags pushed (profile writes)
     forget: list[delivery.Ref] = field(default_factory=list)      # links / retired records erased at the vendor
     retired: dict[uuid.UUID, tuple[str, ...]] = field(default_factory=dict)  # records the vendor archived (kept)
+    commerce: list[Record] = field(default_factory=list)          # commerce records the vendor took
+    erased: list[uuid.UUID] = field(default_factory=list)         # people gone from the vendor (commerce forgotten)
     error: BaseException | None = None                            # the batch's first failure, for health
 
 
@@ -268,6 +272,8 @@ class Worker:
             await delivery.remember_links(session, destination_id, result.links)
             await delivery.remember_tags(session, destination_id, result.tags)
             await delivery.retire_refs(session, destination_id, result.retired)
+            await commerce_service.remember(session, destination_id, result.commerce)
+            await commerce_service.forget_people(session, destination_id, result.erased)
             await delivery.record_health(session, destination_id, error=error, disable=isinstance(result.error, Gone))
         kind, completion = destination.kind, result.completion
         DELIVERIES.labels(kind, "delivered").inc(len(completion.delivered))
@@ -288,7 +294,8 @@ class Worker:
         states, erasures = plan.states, plan.erasures
         done = [by_contact[c] for c in plan.nothing + plan.vanished]
         result = BatchResult(delivery.Completion(delivered=done, dead={}, retry={}),
-                             forget=[ref for c in plan.vanished for ref in plan.forget.get(c, ())])
+                             forget=[ref for c in plan.vanished for ref in plan.forget.get(c, ())],
+                             erased=_people(plan, plan.vanished))
         if hasattr(adapter, "affordable"):  # a rate-limited vendor: send what fits, hand the rest back untried
             # The lanes of this destination share its rate, so each keeps to its part of the time.
             n_erasures, n_states = adapter.affordable(states, erasures, budget * 0.8 / LANES)
@@ -323,7 +330,9 @@ class Worker:
                 result.retired[outcome.contact_id] = outcome.retired
             if outcome.contact_id in erased:
                 result.forget += plan.forget.get(outcome.contact_id, ())
+                result.erased += _people(plan, [outcome.contact_id])
                 continue
+            result.commerce += outcome.commerce
             if learnt is not None:
                 result.links[outcome.contact_id] = learnt
             if outcome.contact_id in pushed_tags:
@@ -354,6 +363,11 @@ class Worker:
 
         await asyncio.gather(*(send(r) for r in claimed.rows))
         return result
+
+
+def _people(plan: delivery.Plan, contact_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """These contacts and those merged into them whose records the erasure settled (their commerce goes too)."""
+    return list(dict.fromkeys([*contact_ids, *(owner for c in contact_ids for owner, _ref in plan.forget.get(c, ()))]))
 
 
 def lane_step(moved: bool, claimed: int, *, batch_size: int, feeding_backlog: bool) -> Literal["go", "wait", "stop"]:

@@ -11,16 +11,18 @@ from app.models.imports import ImportChunk, ImportJob, ImportKey, ImportReject
 from app.models.journal import JournalAnchor, JournalEntry, JournalErasure, JournalPending
 from app.models.lists import ListMembership, MailingList
 from app.models.merges import ContactMerge
-from app.models.orders import Event, EventKey, Order
+from app.models.orders import Cart, Event, EventKey, Order
 from app.models.outbox import OutboxMessage
 from app.models.segments import Segment, SegmentMember, SegmentSync
 from app.models.suppressions import Suppression
-from app.models.sync import Delivery, Destination, SyncLink, WorkerHeartbeat
+from app.models.sync import CommerceRecord, Delivery, Destination, SyncLink, WorkerHeartbeat
 from app.models.tokens import AccessToken
 
 __all__ = [
     "AccessToken",
     "AttributeDefinition",
+    "Cart",
+    "CommerceRecord",
     "ConsentEvent",
     "Contact",
     "ContactHistory",

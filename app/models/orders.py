@@ -7,13 +7,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, Column, Identity, Index, Numeric
+from sqlalchemy import BigInteger, CheckConstraint, Column, Identity, Index, Numeric
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
 from app.models.base import TZ, new_id, utc_now
 
-__all__ = ["Event", "EventKey", "Order"]
+__all__ = ["CART_STATUSES", "Cart", "Event", "EventKey", "Order"]
+
+CART_STATUSES = ("open", "converted", "abandoned")
 
 
 class Order(SQLModel, table=True):
@@ -32,6 +34,31 @@ class Order(SQLModel, table=True):
     total_amount: Decimal = Field(sa_type=Numeric(14, 2))
     channel: str | None = None
     items: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    cart_external_id: str | None = None          # the cart this order converted (closed), if the shop said
+    created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+    updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
+
+
+class Cart(SQLModel, table=True):
+    """A shopping cart: what the emailing tools' abandoned-cart automations read (docs/sync.md)."""
+
+    __tablename__: ClassVar[str] = "cart"  # type: ignore[misc]
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'converted', 'abandoned')", name="status"),
+        Index("ix_cart_contact_id_opened_at", "contact_id", "opened_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
+    external_id: str = Field(unique=True)
+    contact_id: uuid.UUID = Field(foreign_key="contact.id")
+    status: str = "open"
+    currency: str
+    total_amount: Decimal = Field(sa_type=Numeric(14, 2))
+    items: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    checkout_url: str | None = None
+    opened_at: datetime = Field(sa_type=TZ)                       # the shop's clock
+    closed_at: datetime | None = Field(default=None, sa_type=TZ)  # converted or abandoned
+    order_external_id: str | None = None                          # the order that converted it
     created_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
     updated_at: datetime = Field(default_factory=utc_now, sa_type=TZ)
 

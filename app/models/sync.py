@@ -12,11 +12,13 @@ from sqlmodel import Field, SQLModel
 
 from app.models.base import TZ, new_id, utc_now
 
-__all__ = ["DELIVERY_STATUSES", "DESTINATION_KINDS", "Delivery", "Destination", "RetiredRef", "SyncLink",
+__all__ = ["COMMERCE_KINDS", "DELIVERY_STATUSES", "DESTINATION_KINDS", "CommerceRecord", "Delivery",
+           "Destination", "RetiredRef", "SyncLink",
            "WorkerHeartbeat"]
 
 DESTINATION_KINDS = ("brevo", "mailchimp", "webhook")
 DELIVERY_STATUSES = ("pending", "in_flight", "delivered", "dead")
+COMMERCE_KINDS = ("product", "order", "cart", "customer", "event")
 
 
 class Destination(SQLModel, table=True):
@@ -138,3 +140,26 @@ class WorkerHeartbeat(SQLModel, table=True):
 
     worker_id: str = Field(sa_column=Column(Text, primary_key=True))  # host:pid:random, never reused
     seen_at: datetime = Field(sa_type=TZ)
+
+
+class CommerceRecord(SQLModel, table=True):
+    """A commerce record as last pushed to a vendor destination (app/sync/commerce.py).
+
+    `digest` is what was sent (a hash of the vendor payload, or for `event` the last event id pushed), so a push
+    sends only what is new or changed, and a product goes before the first order or cart that names it. Rows of
+    a person (`contact_id`) are what an erasure deletes at the vendor (Mailchimp customer and carts).
+    """
+
+    __tablename__: ClassVar[str] = "sync_commerce"  # type: ignore[misc]
+    __table_args__ = (
+        CheckConstraint("kind IN ('product', 'order', 'cart', 'customer', 'event')", name="kind"),
+        Index("ix_sync_commerce_destination_id_contact_id", "destination_id", "contact_id"),
+    )
+
+    destination_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("destination.id", ondelete="CASCADE"),
+                                                       primary_key=True))
+    kind: str = Field(sa_column=Column(Text, primary_key=True))
+    ref: str = Field(sa_column=Column(Text, primary_key=True))      # sku, order/cart external id, contact id
+    contact_id: uuid.UUID | None = None   # no foreign key: kept until the vendor confirmed the person's erasure
+    digest: str
+    synced_at: datetime = Field(default_factory=utc_now, sa_type=TZ)

@@ -13,6 +13,8 @@ from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
 from app.routers.deps import Idempotency, IfMatch, JSONBody, batch_results, etag
 from app.schemas.orders import (
+    CartPut,
+    CartRead,
     EventBatch,
     EventBatchResult,
     EventCreate,
@@ -25,13 +27,15 @@ from app.schemas.orders import (
 )
 from app.schemas.types import ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
+from app.services import carts as carts_service
 from app.services import events as events_service
 from app.services import history as history_service
 from app.services import orders as orders_service
 
-__all__ = ["contact_activity_router", "events_router", "orders_router"]
+__all__ = ["carts_router", "contact_activity_router", "events_router", "orders_router"]
 
 orders_router = APIRouter(prefix="/orders", tags=["orders"])
+carts_router = APIRouter(prefix="/carts", tags=["orders"])
 events_router = APIRouter(prefix="/events", tags=["events"])
 contact_activity_router = APIRouter(prefix="/contacts", tags=["orders", "events"])
 
@@ -41,7 +45,7 @@ def _policy(request: Request) -> orders_service.LifecyclePolicy:
 
 
 def _order_response(row: Any, *, status_code: int = 200) -> JSONBody:
-    """One order with its ETag (its version: see `orders.order_version`)."""
+    """One order (or cart) with its ETag (its version: see `orders.order_version`)."""
     return JSONBody(row, status_code=status_code, headers={"ETag": etag(orders_service.order_version(row))})
 
 
@@ -63,6 +67,28 @@ async def get_order(
 ) -> Any:
     row = await orders_service.get_order(session, external_id)
     reveal(row["contact_id"])  # a person's purchases: never masked, always journaled (docs/gdpr.md)
+    return _order_response(row)
+
+
+@carts_router.put("/{external_id}", response_model=CartRead,
+                  responses={201: {"description": "Created", "model": CartRead},
+                             **problems(PreconditionFailed, carts_service.CartClosed)})
+async def put_cart(
+    external_id: ExternalId, payload: CartPut, session: WriteSession,
+    caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
+) -> Any:
+    """Idempotent upsert of the cart as the shop sees it now; an order naming it (`cart_external_id`) converts it."""
+    row, created = await carts_service.upsert_cart(session, external_id, payload, actor=caller,
+                                                   expected_version=expected_version)
+    return _order_response(row, status_code=201 if created else 200)
+
+
+@carts_router.get("/{external_id}", response_model=CartRead, responses=problems(carts_service.CartNotFound))
+async def get_cart(
+    external_id: ExternalId, session: ReadSession, _: Annotated[Principal, require(Scope.ORDERS_READ)]
+) -> Any:
+    row = await carts_service.get_cart(session, external_id)
+    reveal(row["contact_id"])  # like an order: never masked, always journaled
     return _order_response(row)
 
 

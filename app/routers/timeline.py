@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.access import reveal
 from app.db import ReadSession
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/contacts", tags=["contacts"])
 
 
 class TimelineEntry(BaseModel):
-    kind: str
+    kind: str = Field(description="order, cart, event, consent, list_subscribed, list_unsubscribed or change")
     at: datetime
     ref: str
     data: dict[str, Any]
@@ -46,7 +46,8 @@ async def get_contact_timeline(
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> Any:
-    """Orders, events, consent events, list subscriptions and field changes, newest first."""
+    """Orders, carts (at their opening, with their current status), events, consent events,
+    list subscriptions and field changes, newest first."""
     rows, next_cursor = await timeline_service.page(session, contact_id, limit=limit, cursor=cursor,
                                                     codec=request.app.state.cursor_codec)
     for row in rows:
@@ -56,6 +57,6 @@ async def get_contact_timeline(
             row["data"] = {k: masked[k] for k in row["data"]}
         elif row["kind"] == "event" and not caller.sees_pii:  # free-form: masked like GET .../events
             row["data"] = {**row["data"], "properties": mask_json(row["data"]["properties"])}
-    if rows and (caller.sees_pii or any(row["kind"] == "order" for row in rows)):  # orders are never masked
+    if rows and (caller.sees_pii or any(row["kind"] in ("order", "cart") for row in rows)):  # never masked
         reveal(contact_id)
     return JSONBody({"data": rows, "next_cursor": next_cursor})

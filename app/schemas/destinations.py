@@ -21,7 +21,7 @@ from pydantic import (
 
 from app.schemas.base import InputSchema
 from app.schemas.strict import FromJSON
-from app.schemas.types import ShortText, Uuid
+from app.schemas.types import CurrencyCode, ShortText, Uuid
 
 __all__ = [
     "SECRET_FIELDS",
@@ -91,16 +91,43 @@ class _Config(InputSchema):
         return _without_credentials(value)
 
 
-class BrevoConfig(_Config):
+EventTypeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]  # as EventCreate.type
+
+
+class _Commerce(InputSchema):
+    """Commerce data to the emailing tool (docs/sync.md, "Commerce"): every option off unless set."""
+
+    push_orders: bool | None = Field(default=None, description="Orders and their status changes (default false)")
+    push_carts: bool | None = Field(default=None, description=(
+        "Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)"))
+    push_events: list[EventTypeName] | None = Field(default=None, max_length=20, description=(
+        "Event types sent as the vendor's custom events; only of people with a current email_marketing grant"))
+
+    @field_validator("push_events")
+    @classmethod
+    def _once_each(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(value) != len(set(value)):
+            raise ValueError("an event type is listed twice")
+        return value
+
+
+class BrevoConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
     double_opt_in_template_id: int | None = Field(default=None, ge=1, le=2**63 - 1,  # Brevo's templateId: int64
                                                   description="For vendor double opt-in lists")
     double_opt_in_redirect_url: AnyHttpUrl | None = None
 
 
-class MailchimpConfig(_Config):
+class MailchimpConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only; its `-usN` suffix names the datacenter")
     signing_secret: Secret | None = Field(default=None, description="Write-only; checks X-Mailchimp-Signature")
+    store_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,50}$")] | None = Field(
+        default=None, description=("The e-commerce store orders and carts go to; created if missing (required by "
+                                   "push_orders and push_carts)"))
+    store_list_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,100}$")] | None = Field(
+        default=None, description="The audience of a store Carnet creates (default: the first mapped list)")
+    store_currency: CurrencyCode | None = Field(
+        default=None, description="The currency of a store Carnet creates (default: that of the first order or cart)")
 
 
 class WebhookConfig(_Config):

@@ -12,7 +12,7 @@ from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentLedger, ConsentProof, present_event
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.history import HistoryEntry, present_history
-from app.schemas.orders import EventRead, OrderRead, present_contact_event
+from app.schemas.orders import CartRead, EventRead, OrderRead, present_contact_event
 from app.schemas.types import Email, Phone
 from app.security.masking import mask_text
 
@@ -58,6 +58,7 @@ class ContactExportRead(BaseModel):
     memberships: list[ExportedMembership]
     consents: ConsentLedger = Field(description="Current state per purpose and the whole ledger")
     orders: list[OrderRead]
+    carts: list[CartRead]
     events: list[EventRead]
     history: list[HistoryEntry] = Field(description="Every field change, oldest first")
 
@@ -111,6 +112,7 @@ def present_export(data: Any, *, reveal_pii: bool, generated_at: datetime) -> di
         "consents": {**data.consents,
                      "events": [present_event(e, reveal_pii=reveal_pii) for e in data.consents["events"]]},
         "orders": [dict(o) for o in data.orders],
+        "carts": [dict(c) for c in data.carts],
         "events": [present_contact_event(e, reveal_pii=reveal_pii) for e in data.events],
         "history": [present_history(h, reveal_pii=reveal_pii) for h in data.history],
     }

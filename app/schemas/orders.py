@@ -8,8 +8,9 @@ from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, model_validator
 
 from app.access import reveal
 from app.schemas.base import InputSchema
@@ -19,6 +20,9 @@ from app.schemas.types import AwareTimestamp, CurrencyCode, Email, ExternalId, S
 from app.security.masking import mask_json
 
 __all__ = [
+    "CartPut",
+    "CartRead",
+    "CartStatus",
     "ContactRef",
     "EventBatch",
     "EventBatchItem",
@@ -107,6 +111,8 @@ class OrderPut(InputSchema):
     total_amount: Money
     items: list[OrderItem] = Field(default_factory=list, max_length=1000)
     channel: Annotated[OrderChannel, FromJSON] | None = None
+    cart_external_id: ExternalId | None = Field(default=None, description=(
+        "The cart this order came from: a known cart of the same contact is closed by it (status converted)"))
 
 
 class OrderRead(BaseModel):
@@ -119,6 +125,66 @@ class OrderRead(BaseModel):
     total_amount: Decimal
     items: list[dict[str, Any]]
     channel: str | None
+    cart_external_id: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class CartStatus(StrEnum):
+    OPEN = "open"
+    CONVERTED = "converted"
+    ABANDONED = "abandoned"
+
+
+def _web_link(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username is not None \
+            or parts.password is not None:
+        raise ValueError("an http(s) address without credentials, e.g. https://shop.example/cart/recover/abc")
+    return value
+
+
+class CartPut(InputSchema):
+    """A cart as the shop sees it now. `converted` is normally set by an order naming the cart
+    (`cart_external_id`); a converted cart accepts no further change."""
+
+    contact: ContactRef
+    status: Annotated[CartStatus, FromJSON] = CartStatus.OPEN
+    currency: Currency
+    items: list[OrderItem] = Field(min_length=1, max_length=1000)
+    total_amount: Money | None = Field(default=None, description="Default: the sum of quantity × unit_price")
+    checkout_url: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_web_link)] | None = Field(
+        default=None, description="Where the person resumes the cart (the abandoned-cart email links there)")
+    opened_at: AwareTimestamp = Field(description="When the cart was started (the shop's clock)")
+    closed_at: AwareTimestamp | None = Field(
+        default=None, description="When it was converted or abandoned (default: when Carnet learns it)")
+
+    @model_validator(mode="after")
+    def _checks(self) -> Self:
+        if self.closed_at is not None and self.status is CartStatus.OPEN:
+            raise ValueError("closed_at is for a converted or abandoned cart")
+        if self.closed_at is not None and self.closed_at < self.opened_at:
+            raise ValueError("closed_at comes before opened_at")
+        if self.total_amount is None and self.lines_total() > MAX_MONEY:
+            raise ValueError(f"the lines add up to more than {MAX_MONEY}: give total_amount")
+        return self
+
+    def lines_total(self) -> Decimal:
+        return sum((item.unit_price * item.quantity for item in self.items), Decimal(0))
+
+
+class CartRead(BaseModel):
+    id: uuid.UUID
+    external_id: str
+    contact_id: uuid.UUID
+    status: CartStatus
+    currency: str
+    total_amount: Decimal
+    items: list[dict[str, Any]]
+    checkout_url: str | None
+    opened_at: datetime
+    closed_at: datetime | None
+    order_external_id: str | None
     created_at: datetime
     updated_at: datetime
 

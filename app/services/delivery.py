@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models.base import utc_now
+from app.services import commerce as commerce_service
 from app.services.contacts import ADDRESS
 from app.services.links import LinkBuilder
 from app.services.locks import survivor_of
@@ -107,7 +108,9 @@ async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
 # Vendors: a contact matters when it is in a mapped list, in a synced segment's snapshot, or was pushed before
 # (its link must follow it). Segment messages go only to the destination whose snapshot they come from.
 # A delivery remembers which lists (`<list id>`) and segments (`segment:<id>`) changed, and whether anything
-# else did (`profile_changed`).
+# else did (`profile_changed`). Commerce messages (commerce.*) go where their option is on, for a contact the
+# destination syncs anyway, and change no profile: the push reads the orders, carts and events owed
+# (app/services/commerce.py).
 # An erasure or a merge goes to every vendor destination, enabled or not (a disabled one claims nothing: the row
 # waits), that may hold something of the person: a link or a retired record of theirs or of anyone merged into
 # them, or any delivery at all (a first push still in flight makes its link after this message).
@@ -115,7 +118,7 @@ _DISPATCH_VENDORS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
                       status, attempts, next_attempt_at, created_at, updated_at)
 SELECT d.id, m.contact_id, max(m.id), (array_agg(m.topic ORDER BY m.id DESC))[1], true,
-       bool_or(m.topic NOT LIKE 'membership.%' AND m.topic NOT LIKE 'segment.%'),
+       bool_or(m.topic NOT LIKE 'membership.%' AND m.topic NOT LIKE 'segment.%' AND m.topic NOT LIKE 'commerce.%'),
        coalesce(array_agg(DISTINCT CASE WHEN m.topic LIKE 'segment.%' THEN 'segment:' || (m.payload ->> 'segment_id')
                                         ELSE m.payload ->> 'list_id' END)
                 FILTER (WHERE m.topic LIKE 'membership.%' OR m.topic LIKE 'segment.%'), '{}'),
@@ -134,11 +137,16 @@ WHERE m.id = ANY(:ids) AND m.contact_id IS NOT NULL
                       WHERE EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = p.id)
                          OR EXISTS (SELECT 1 FROM sync_retired_ref r
                                     WHERE r.destination_id = d.id AND r.contact_id = p.id))
-      ELSE EXISTS (SELECT 1 FROM list_membership lm
-                   WHERE lm.contact_id = m.contact_id
-                     AND lm.list_id::text IN (SELECT jsonb_array_elements(d.list_mappings) ->> 'list_id'))
-           OR EXISTS (SELECT 1 FROM segment_member sm WHERE sm.destination_id = d.id AND sm.contact_id = m.contact_id)
-           OR EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = m.contact_id)
+      ELSE CASE m.topic WHEN 'commerce.order_changed' THEN coalesce((d.config ->> 'push_orders')::boolean, false)
+                        WHEN 'commerce.cart_changed' THEN coalesce((d.config ->> 'push_carts')::boolean, false)
+                        WHEN 'commerce.event_recorded' THEN coalesce(d.config -> 'push_events' ? (m.payload ->> 'type'),
+                                                                     false)
+                        ELSE true END
+       AND (EXISTS (SELECT 1 FROM list_membership lm
+                    WHERE lm.contact_id = m.contact_id
+                      AND lm.list_id::text IN (SELECT jsonb_array_elements(d.list_mappings) ->> 'list_id'))
+            OR EXISTS (SELECT 1 FROM segment_member sm WHERE sm.destination_id = d.id AND sm.contact_id = m.contact_id)
+            OR EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = m.contact_id))
       END
 GROUP BY d.id, m.contact_id
 ON CONFLICT (destination_id, contact_id) WHERE status = 'pending' AND coalesces
@@ -149,8 +157,9 @@ DO UPDATE SET message_id = GREATEST(delivery.message_id, excluded.message_id),
               updated_at = excluded.updated_at
 """)
 
-# Webhooks: every message its topics filter lets through; `contact.erased` to a disabled receiver too (it waits
-# there, so that a receiver paused at the time still hears of the erasure once it is enabled again).
+# Webhooks: every message its topics filter lets through (commerce.* only when named: the shop sent them itself);
+# `contact.erased` to a disabled receiver too (it waits there, so that a receiver paused at the time still hears of
+# the erasure once it is enabled again).
 _DISPATCH_WEBHOOKS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
                       status, attempts, next_attempt_at, created_at, updated_at)
@@ -158,7 +167,7 @@ SELECT d.id, m.contact_id, m.id, m.topic, false, true, '{}', 'pending', 0, :now,
 FROM outbox_message m
 JOIN destination d ON d.kind = 'webhook' AND (d.enabled OR m.topic = 'contact.erased')
 WHERE m.id = ANY(:ids)
-  AND (d.config -> 'topics' IS NULL OR d.config -> 'topics' ? m.topic)
+  AND (d.config -> 'topics' ? m.topic OR (d.config -> 'topics' IS NULL AND m.topic NOT LIKE 'commerce.%'))
   AND (m.topic NOT LIKE 'segment.%' OR m.payload ->> 'destination_id' = d.id::text)
 ORDER BY m.id
 """)
@@ -345,14 +354,20 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
                        + [ref for refs in records.values() for _owner, ref in refs])
     retired = await _retired_addresses(session, [r for r in rows if r["contact_id"] in merged
                                                  and r["topic"] == "contact.merged"])
+    # The commerce records (Mailchimp customer and carts) of erased people and of those merged into them.
+    sold = await commerce_service.held(session, destination["id"], [
+        *erased, *(owner for refs in records.values() for owner, _ref in refs)])
+    may_market: dict[uuid.UUID, bool] = {}
     for contact_id in gone:
         link = links.get(contact_id)
         if contact_id in erased:
             owned = records.get(contact_id, [])
             refs = [ref for _owner, ref in owned if not held.get(ref, set())]
             out.forget[contact_id] = owned
+            commerce = sum((sold.get(owner, ()) for owner in dict.fromkeys([contact_id, *(o for o, _ in owned)])), ())
             if refs:
-                out.erasures.append(Erasure(contact_id, refs[0], other_refs=tuple(dict.fromkeys(refs[1:]))))
+                out.erasures.append(Erasure(contact_id, refs[0], other_refs=tuple(dict.fromkeys(refs[1:])),
+                                            commerce=commerce))
             else:
                 out.vanished.append(contact_id)
         elif link is not None and topic[contact_id] == "contact.merged":
@@ -371,10 +386,11 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
         # A record another contact holds now is not this one's any more: pushed anew (never renamed from under it).
         ref = link.remote_ref if link and not held.get(link.remote_ref, set()) - {contact_id} else None
         blocked = contact["email_status"] in ("bounced", "complained") or contact["marketing_action"] == "withdrawn"
+        may_market[contact_id] = not blocked and contact["marketing_action"] in GRANTING
         lists = _wanted_lists(members.get(contact_id, {}), mappings)
         segments = _wanted_segments(
             destination["segment_mappings"], in_segments.get(contact_id, set()), changed_lists[contact_id],
-            may_market=not blocked and contact["marketing_action"] in GRANTING, pushed_before=ref is not None)
+            may_market=may_market[contact_id], pushed_before=ref is not None)
         segment_tags: dict[str, dict[str, bool]] = {}
         for mapping, wanted in segments:
             if destination["kind"] == "mailchimp":
@@ -401,6 +417,7 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
             vendor_double_opt_in=frozenset(m["remote_list_id"] for m in mappings.values() if m.get("double_opt_in")),
             segment_tags=segment_tags,
         ))
+    out.states = await commerce_service.attach(session, destination, out.states, may_market)
     return out
 
 

@@ -163,8 +163,12 @@ def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Ma
     # A webhook without a signing secret could not be sent (nor verified): removing the last one is refused.
     needed = {"brevo": ("api_key",), "mailchimp": ("api_key",), "webhook": ("url", "secret")}[kind.value]
     missing = [n for n in needed if n not in public and n not in hidden]
-    if missing:
-        raise InvalidInput(*(FieldError(f"config.{n}", "required for this kind", "missing") for n in missing))
+    errors = [FieldError(f"config.{n}", "required for this kind", "missing") for n in missing]
+    if kind is DestinationKind.MAILCHIMP and (public.get("push_orders") or public.get("push_carts")) \
+            and "store_id" not in public:  # orders and carts live in a store
+        errors.append(FieldError("config.store_id", "required to push orders or carts to Mailchimp", "missing"))
+    if errors:
+        raise InvalidInput(*errors)
 
 
 async def _check_lists(session: AsyncSession, kind: DestinationKind, mappings: list[ListMapping]) -> None:

@@ -29,7 +29,8 @@ from app.models.base import utc_now
 from app.schemas.orders import EventCreate
 from app.security import Principal
 from app.services import contacts as contacts_service
-from app.services.orders import resolve_contact
+from app.services import outbox
+from app.services.orders import EVENT_RECORDED, resolve_contact
 
 __all__ = ["Outcome", "contact_events", "record_batch", "record_event"]
 
@@ -86,6 +87,7 @@ async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Pr
     rows = await _store(session, [_Resolved(0, contact_id, payload)], _STORE_ROWS)
     if rows:
         await _touch(session, {contact_id: payload.occurred_at})
+        await _announce(session, [(contact_id, rows[0]["id"], payload.type)])
         return _without_n(rows[0]), True
     kept = (await session.execute(_KEPT, {"event_ids": [payload.event_id]})).one()
     stored = await session.execute(
@@ -118,6 +120,7 @@ async def record_batch(session: AsyncSession, items: Sequence[Any], *, actor: Pr
         if r.n in created:
             latest[r.contact_id] = max(latest.get(r.contact_id, r.event.occurred_at), r.event.occurred_at)
     await _touch(session, latest)
+    await _announce(session, [(r.contact_id, created[r.n], r.event.type) for r in storing if r.n in created])
     kept = await _kept_ids(session, [r.event.event_id for r in resolved if r.event.event_id is not None
                                      and first_of[r.event.event_id] not in created])
     for r in resolved:
@@ -196,6 +199,21 @@ async def _store(session: AsyncSession, rows: list[_Resolved], statement: Any) -
         "properties": [json.dumps(r.event.properties, ensure_ascii=False) for r in rows], "now": utc_now(),
     }
     return [dict(row) for row in (await session.execute(statement, params)).mappings()]
+
+
+# The emailing tools that push behaviour events (`push_events`) learn of new ones through the outbox; without such
+# a destination, nothing is written (events are the high-volume path: docs/performance.md "Events").
+_PUSHES_EVENTS = text("""
+    SELECT EXISTS (SELECT 1 FROM destination
+                   WHERE jsonb_typeof(config -> 'push_events') = 'array'
+                     AND jsonb_array_length(config -> 'push_events') > 0)
+""")
+
+
+async def _announce(session: AsyncSession, created: list[tuple[uuid.UUID, int, str]]) -> None:
+    if created and await session.scalar(_PUSHES_EVENTS):
+        await outbox.add_many(session, EVENT_RECORDED,
+                              [(contact_id, {"id": event_id, "type": type_}) for contact_id, event_id, type_ in created])
 
 
 async def _touch(session: AsyncSession, latest: dict[uuid.UUID, datetime]) -> None:

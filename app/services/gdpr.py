@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.errors import ContactNotFound, PreconditionFailed
 from app.logging import get_logger
 from app.models import (
+    Cart,
     ConsentEvent,
     Contact,
     ContactHistory,
@@ -60,6 +61,7 @@ _contacts = Contact.__table__  # type: ignore[attr-defined]
 _history = ContactHistory.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _orders = Order.__table__  # type: ignore[attr-defined]
+_carts = Cart.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
 _lists = MailingList.__table__  # type: ignore[attr-defined]
 _ledger = ConsentEvent.__table__  # type: ignore[attr-defined]
@@ -79,6 +81,7 @@ class ContactExport:
     orders: list[Row]
     events: list[Row]
     history: list[Row]
+    carts: list[Row]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,9 @@ async def export(session: AsyncSession, contact_id: uuid.UUID) -> ContactExport:
     events = await session.execute(
         select(_events).where(_events.c.contact_id == contact_id).order_by(_events.c.occurred_at, _events.c.id)
     )
+    carts = await session.execute(
+        select(_carts).where(_carts.c.contact_id == contact_id).order_by(_carts.c.opened_at, _carts.c.id)
+    )
     history = await session.execute(
         select(_history).where(_history.c.contact_id == contact_id).order_by(_history.c.id)
     )
@@ -118,6 +124,7 @@ async def export(session: AsyncSession, contact_id: uuid.UUID) -> ContactExport:
         orders=list(orders.mappings()),
         events=list(events.mappings()),
         history=list(history.mappings()),
+        carts=list(carts.mappings()),
     )
 
 
@@ -152,7 +159,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
         await session.execute(_DELETE_EVENTS, {"ids": ids})
-        for table in (_history, _orders, _members):
+        for table in (_history, _orders, _carts, _members):
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
         await _forget_idempotency_records(session, [*ids, *await _merged_into(session, ids)])
         await _deidentify_ledger(session, ids)

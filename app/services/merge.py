@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, ContactNotFound, InvalidInput, PreconditionFailed
 from app.logging import get_logger
-from app.models import ConsentEvent, Contact, ContactHistory, ContactMerge, Event, ListMembership, Order
+from app.models import Cart, ConsentEvent, Contact, ContactHistory, ContactMerge, Event, ListMembership, Order
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import consents, history, journal, memberships, outbox
@@ -48,6 +48,7 @@ log = get_logger("carnet.merge")
 
 _t = Contact.__table__  # type: ignore[attr-defined]
 _orders = Order.__table__  # type: ignore[attr-defined]
+_carts = Cart.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _history = ContactHistory.__table__  # type: ignore[attr-defined]
 _ledger = ConsentEvent.__table__  # type: ignore[attr-defined]
@@ -110,6 +111,7 @@ async def merge(
     consents_before, lists_before = await _consent_states(session, survivor_id), await _lists(session, survivor_id)
     moved = {
         "orders": await _repoint(session, _orders, duplicate_id, survivor_id),
+        "carts": await _repoint(session, _carts, duplicate_id, survivor_id),
         "events": await _repoint(session, _events, duplicate_id, survivor_id),
         "history": await _repoint(session, _history, duplicate_id, survivor_id),
         "consents": await _move_consents(session, duplicate_id, survivor_id),

@@ -21,23 +21,30 @@ from app.schemas.contacts import ContactUpsert
 from app.schemas.orders import ContactRef, OrderPut
 from app.security import Principal
 from app.services import contacts as contacts_service
-from app.services import history, locks
+from app.services import history, locks, outbox
 
 __all__ = [
+    "EVENT_RECORDED",
+    "ORDER_CHANGED",
     "LifecyclePolicy",
     "OrderNotFound",
+    "check_version",
     "contact_orders",
     "get_order",
     "order_version",
     "refresh_aged_stages",
     "refresh_stats",
     "resolve_contact",
+    "same_values",
     "upsert_order",
 ]
 
 _orders = Order.__table__  # type: ignore[attr-defined]
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 NOT_COUNTED = ("cancelled", "refunded")
+# Outbox topics for the vendors that push commerce data (app/sync/commerce.py); webhooks get them only when named.
+ORDER_CHANGED = "commerce.order_changed"
+EVENT_RECORDED = "commerce.event_recorded"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -117,18 +124,14 @@ async def upsert_order(
         "contact_id": contact_id, "placed_at": payload.placed_at, "status": payload.status.value,
         "currency": payload.currency, "total_amount": payload.total_amount, "channel": payload.channel,
         "items": [item.model_dump(mode="json") for item in payload.items],
+        "cart_external_id": payload.cart_external_id,
     }
     current = (await session.execute(
         select(_orders).where(_orders.c.external_id == external_id).with_for_update()
     )).mappings().first()
     if current is not None and current["contact_id"] not in (contact_id, previous):
         await locks.lock_contacts(session, [current["contact_id"]])  # moved meanwhile: its stats follow too
-    if expected_version is not None:
-        if current is None:
-            raise PreconditionFailed("the order does not exist yet: send no If-Match to create it")
-        if order_version(current) != expected_version:
-            raise PreconditionFailed(f"the order is at version {order_version(current)}",
-                                     current_version=order_version(current))
+    check_version(current, expected_version, what="order")
     now = utc_now()
     if current is None:
         statement = (insert(_orders).values(id=uuid.uuid4(), external_id=external_id, created_at=now, updated_at=now,
@@ -139,8 +142,9 @@ async def upsert_order(
             return await upsert_order(session, external_id, payload, actor=actor, policy=policy,
                                       expected_version=expected_version)
         await refresh_stats(session, contact_id, actor=actor, policy=policy)
+        await _order_changed(session, row)
         return dict(row), True
-    if all(_same(current[k], v) for k, v in values.items()):
+    if same_values(current, values):
         return dict(current), False
     row = (await session.execute(
         update_statement(_orders).where(_orders.c.id == current["id"]).values(**values, updated_at=now)
@@ -148,7 +152,35 @@ async def upsert_order(
     )).mappings().one()
     for affected in {current["contact_id"], contact_id}:
         await refresh_stats(session, affected, actor=actor, policy=policy)
+    await _order_changed(session, row)
     return dict(row), False
+
+
+async def _order_changed(session: AsyncSession, row: Mapping[str, Any]) -> None:
+    """The cart it names is converted, and the destinations that push orders learn of it (ids only)."""
+    from app.services import carts  # carts builds on this module (resolve_contact)
+
+    await outbox.add(session, ORDER_CHANGED, contact_id=row["contact_id"],
+                     payload={"order_id": str(row["id"]), "external_id": row["external_id"]})
+    if row["cart_external_id"] is not None:
+        await carts.convert(session, row["cart_external_id"], order_external_id=row["external_id"],
+                            contact_id=row["contact_id"])
+
+
+def check_version(current: Mapping[str, Any] | None, expected_version: int | None, *, what: str) -> None:
+    """If-Match: PreconditionFailed unless the row exists at that version (None: no condition)."""
+    if expected_version is None:
+        return
+    if current is None:
+        raise PreconditionFailed(f"the {what} does not exist yet: send no If-Match to create it")
+    if order_version(current) != expected_version:
+        raise PreconditionFailed(f"the {what} is at version {order_version(current)}",
+                                 current_version=order_version(current))
+
+
+def same_values(current: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    """A replay: every value given equals the stored one (decimals by value)."""
+    return all(_same(current[k], v) for k, v in values.items())
 
 
 async def get_order(session: AsyncSession, external_id: str) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from app.db import is_unique_violation
 from app.errors import Conflict, FieldError, InvalidInput, NotFound, PreconditionFailed
 from app.models import (
     AttributeDefinition,
+    Cart,
     ConsentEvent,
     Contact,
     Destination,
@@ -67,6 +68,7 @@ from app.models import (
     SegmentSync,
 )
 from app.models.base import new_id, utc_now
+from app.models.orders import CART_STATUSES
 from app.schemas.contacts import ContactKind, LifecycleStage
 from app.schemas.freeform import json_problem, unstorable_text
 from app.schemas.segments import MAX_CONDITIONS, MAX_DEPTH, check_filter_bounds
@@ -105,6 +107,7 @@ _segments = Segment.__table__  # type: ignore[attr-defined]
 _defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
 _orders = Order.__table__  # type: ignore[attr-defined]
+_carts = Cart.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _consents = ConsentEvent.__table__  # type: ignore[attr-defined]
 _syncs = SegmentSync.__table__  # type: ignore[attr-defined]
@@ -130,8 +133,8 @@ class DuplicateSegment(Conflict):
 TEXT, ENUM, NUMBER, INTEGER, TIMESTAMP, DATE, BOOLEAN = (
     "text", "enum", "number", "integer", "timestamp", "date", "boolean",
 )
-TAGS, LISTS, MULTI, ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CONSENT = (
-    "tags", "lists", "multi_enum", "order_item", "order_count", "event_type", "consent",
+TAGS, LISTS, MULTI, ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CONSENT, CART_STATUS = (
+    "tags", "lists", "multi_enum", "order_item", "order_count", "event_type", "consent", "cart_status",
 )
 _ORDERED = ("gt", "gte", "lt", "lte", "between")
 OPS: dict[str, tuple[str, ...]] = {
@@ -149,10 +152,11 @@ OPS: dict[str, tuple[str, ...]] = {
     ORDER_COUNT: ("eq", "neq", *_ORDERED),
     EVENT_TYPE: ("eq", "in"),
     CONSENT: ("eq",),
+    CART_STATUS: ("eq", "in"),
 }
 COUNT_OPS = ("eq", "neq", "gt", "gte", "lt", "lte")
-_WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE)   # accept "within_days"
-_WITH_COUNT = (ORDER_ITEM, EVENT_TYPE)                 # accept "count"
+_WITH_WINDOW = (ORDER_ITEM, ORDER_COUNT, EVENT_TYPE, CART_STATUS)   # accept "within_days"
+_WITH_COUNT = (ORDER_ITEM, EVENT_TYPE, CART_STATUS)                 # accept "count"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +191,8 @@ FIELDS: dict[str, FieldSpec] = {
     "orders.category": FieldSpec(ORDER_ITEM, attribute="category"),
     "orders.count": FieldSpec(ORDER_COUNT),
     "events.type": FieldSpec(EVENT_TYPE),
+    # A cart in this status; within_days: opened in the last N days (an abandoned cart of last week).
+    "carts.status": FieldSpec(CART_STATUS, choices=CART_STATUSES),
     "consents.email_marketing": FieldSpec(CONSENT),
 }
 _ATTRIBUTE_KINDS = {"text": TEXT, "enum": ENUM, "number": NUMBER, "date": DATE, "boolean": BOOLEAN,
@@ -250,17 +256,18 @@ class _Compiler:
         for key in node:
             if key not in _CONDITION_KEYS:
                 raise _Invalid(f"{path}.{_safe(key)}", "unknown key: a condition has field, op, value "
-                               "(and within_days, count for orders and events)", "unknown_key")
+                               "(and within_days, count for orders, carts and events)", "unknown_key")
         name = node.get("field")
         spec = self.field(name, f"{path}.field")
         op = node.get("op")
         if not isinstance(op, str) or op not in OPS[spec.kind]:
             raise _Invalid(f"{path}.op", f"op must be one of: {', '.join(OPS[spec.kind])} for {name}", "invalid_op")
         if "within_days" in node and spec.kind not in _WITH_WINDOW:
-            raise _Invalid(f"{path}.within_days", "within_days is only for orders.* and events.type", "unknown_key")
-        if "count" in node and spec.kind not in _WITH_COUNT:
-            raise _Invalid(f"{path}.count", "count is only for orders.sku, orders.category and events.type",
+            raise _Invalid(f"{path}.within_days", "within_days is only for orders.*, carts.status and events.type",
                            "unknown_key")
+        if "count" in node and spec.kind not in _WITH_COUNT:
+            raise _Invalid(f"{path}.count",
+                           "count is only for orders.sku, orders.category, carts.status and events.type", "unknown_key")
         if "value" not in node and op != "exists":
             raise _Invalid(f"{path}.value", "a value is required", "missing")
         value = node.get("value", True)
@@ -577,6 +584,16 @@ def _compile_event_type(c: _Compiler, spec: FieldSpec, op: str, value: Any, node
     return _activity(c, [_events.c.type.in_(values)], _events, _events.c.occurred_at, node, path)
 
 
+def _compile_cart_status(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any],
+                         path: str) -> Any:
+    vpath = f"{path}.value"
+    def status(v: Any, p: str) -> str:
+        return _text(v, p, spec.choices)
+
+    values = [status(value, vpath)] if op == "eq" else _values(value, vpath, status)
+    return _activity(c, [_carts.c.status.in_(values)], _carts, _carts.c.opened_at, node, path)
+
+
 def _compile_consent(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
     wanted = _boolean(value, f"{path}.value")
     latest = (
@@ -594,7 +611,7 @@ _KINDS: dict[str, Callable[..., ColumnElement[bool]]] = {
     TEXT: _compile_text, ENUM: _compile_text, NUMBER: _compile_number, INTEGER: _compile_integer,
     TIMESTAMP: _compile_timestamp, DATE: _compile_date, BOOLEAN: _compile_boolean, MULTI: _compile_multi,
     TAGS: _compile_tags, LISTS: _compile_lists, ORDER_ITEM: _compile_order_item, ORDER_COUNT: _compile_order_count,
-    EVENT_TYPE: _compile_event_type, CONSENT: _compile_consent,
+    EVENT_TYPE: _compile_event_type, CONSENT: _compile_consent, CART_STATUS: _compile_cart_status,
 }
 
 

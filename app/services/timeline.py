@@ -1,6 +1,6 @@
-"""A contact's timeline: orders, events, consent events, list changes and field changes, newest first.
+"""A contact's timeline: orders, carts, events, consent events, list changes and field changes, newest first.
 
-One UNION ALL over the five sources, keyset-paginated on (at, kind, ref): each page is one query.
+One UNION ALL over the six sources, keyset-paginated on (at, kind, ref): each page is one query.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sqlalchemy import String, cast, func, literal, select, tuple_, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import InvalidInput
-from app.models import ConsentEvent, ContactHistory, Event, ListMembership, Order
+from app.models import Cart, ConsentEvent, ContactHistory, Event, ListMembership, Order
 from app.services import contacts as contacts_service
 from app.services.pagination import Cursor, CursorCodec
 
@@ -24,6 +24,7 @@ _SORT = "timeline"
 
 def _entries() -> Any:
     orders = Order.__table__  # type: ignore[attr-defined]
+    carts = Cart.__table__  # type: ignore[attr-defined]
     events = Event.__table__  # type: ignore[attr-defined]
     consents = ConsentEvent.__table__  # type: ignore[attr-defined]
     members = ListMembership.__table__  # type: ignore[attr-defined]
@@ -37,6 +38,11 @@ def _entries() -> Any:
         entry("order", orders, orders.c.placed_at, orders.c.id, func.jsonb_build_object(
             "external_id", orders.c.external_id, "status", orders.c.status,
             "total_amount", cast(orders.c.total_amount, String), "currency", orders.c.currency)),
+        # A cart shows once, at its opening, with its current status (and when it was closed).
+        entry("cart", carts, carts.c.opened_at, carts.c.id, func.jsonb_build_object(
+            "external_id", carts.c.external_id, "status", carts.c.status,
+            "total_amount", cast(carts.c.total_amount, String), "currency", carts.c.currency,
+            "closed_at", carts.c.closed_at, "order_external_id", carts.c.order_external_id)),
         entry("event", events, events.c.occurred_at, events.c.id, func.jsonb_build_object(
             "type", events.c.type, "properties", events.c.properties)),
         entry("consent", consents, consents.c.occurred_at, consents.c.id, func.jsonb_build_object(

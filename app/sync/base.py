@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from app.sync.commerce import CommerceState, Record
+
 __all__ = [
     "Adapter",
     "ContactState",
@@ -60,6 +62,8 @@ class ContactState:
     removed_tags: Sequence[str] = ()
     # Synced segments shown as tags (Mailchimp): remote list id -> {tag: active?}, for that audience's member only.
     segment_tags: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
+    # Orders, carts, events and products this push owes the vendor's e-commerce side (app/sync/commerce.py).
+    commerce: CommerceState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,8 @@ class Erasure:
     remote_ref: str
     archive: bool = False
     other_refs: tuple[str, ...] = ()
+    # (kind, ref) of the person's commerce records the vendor holds: Mailchimp customer and carts (sync_commerce).
+    commerce: tuple[tuple[str, str], ...] = ()
 
     @property
     def refs(self) -> tuple[str, ...]:
@@ -93,6 +99,8 @@ class Outcome:
     # Records of this contact the vendor keeps (archived) though they no longer carry its current address: the
     # worker remembers them (sync_retired_ref) until the person's erasure deletes them permanently.
     retired: tuple[str, ...] = ()
+    # Commerce records the vendor took with this push (remembered in sync_commerce).
+    commerce: tuple[Record, ...] = ()
 
 
 class DeliveryFailed(Exception):

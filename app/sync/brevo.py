@@ -9,7 +9,9 @@ Per push (see docs/sync.md for the reasoning):
    with at most 150 emails per call.
 3. double opt-in: `POST /contacts/doubleOptinConfirmation` (template id and redirection URL from the
    config) for contacts `pending` on a list of `vendor_double_opt_in`.
-Erasure: `DELETE /contacts/{id}?identifierType=contact_id` for each of the person's records (404 counts as done).
+4. commerce (products, orders, carts, events) when the destination pushes it: brevo_commerce.py.
+Erasure: `DELETE /contacts/{id}?identifierType=contact_id` for each of the person's records (404 counts as done);
+Brevo's API deletes no order or event, the contact's deletion is all it offers (docs/sync.md, "Commerce").
 
 Every request waits for the process-wide limiter of its API key (10 req/s with 5% headroom); a 429
 pauses that limiter for `x-sib-ratelimit-reset`/`Retry-After` seconds, is retried in place when the
@@ -34,6 +36,8 @@ import httpx
 from app.logging import get_logger
 from app.sync import ids, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
+from app.sync.brevo_commerce import BATCH as COMMERCE_BATCH
+from app.sync.brevo_commerce import push_commerce
 
 __all__ = ["API_URL", "LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
 
@@ -67,7 +71,7 @@ class BrevoAdapter:
         self.config = config
         self.client = client
         self._base = config.base_url.rstrip("/")
-        account = hashlib.sha256(config.api_key.encode()).hexdigest()[:16]
+        self._account = account = hashlib.sha256(config.api_key.encode()).hexdigest()[:16]
         self._limiter = net.rate_limiter("brevo", account, config.requests_per_second * _HEADROOM)
 
     # -- Adapter ------------------------------------------------------------------------------------
@@ -110,10 +114,13 @@ class BrevoAdapter:
             *(doi_call(state, list_ids) for state, list_ids in doi),
         ])
 
+        # Orders, carts, events after the contacts they name exist (brevo_commerce.py).
+        await push_commerce(self._request, _reason, f"{self._base}|{self._account}", live, errors)
         log.info("sync.brevo.push", contacts=len(states), failed=len(errors))
         return [
             Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors
-            else Outcome(s.contact_id, remote_ref=refs[s.contact_id])
+            else Outcome(s.contact_id, remote_ref=refs[s.contact_id],
+                         commerce=s.commerce.records if s.commerce else ())
             for s in states
         ]
 
@@ -283,7 +290,8 @@ def _requests(state: ContactState) -> float:
     profile = 0 if not _writes_profile(state) else (1 if state.remote_ref and state.remote_ref.isdigit() else 2)
     doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in
                    for remote, status in state.lists.items()) else 0
-    return profile + doi + len(state.lists) / LIST_BATCH
+    commerce = state.commerce.requests(COMMERCE_BATCH) if state.commerce else 0
+    return profile + doi + len(state.lists) / LIST_BATCH + commerce
 
 
 def _writes_profile(state: ContactState) -> bool:

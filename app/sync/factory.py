@@ -6,12 +6,14 @@ from typing import Any
 
 import httpx
 
+from app.services.commerce import store_list_id
 from app.services.destinations import Loaded
 from app.services.secret_targets import api_url
 from app.settings import Settings
 from app.sync import net
 from app.sync.brevo import API_URL, BrevoAdapter, BrevoConfig
 from app.sync.mailchimp import MailchimpAdapter, MailchimpConfig
+from app.sync.mailchimp_commerce import MailchimpStore
 from app.sync.webhook import WebhookAdapter, WebhookConfig
 
 __all__ = ["build_adapter", "build_http_client"]
@@ -34,9 +36,11 @@ def build_adapter(destination: Loaded, client: httpx.AsyncClient, settings: Sett
             doi_redirection_url=config.get("double_opt_in_redirect_url"), deadline_seconds=deadline,
         ), client)
     if destination.kind == "mailchimp":
+        store = MailchimpStore(config["store_id"], store_list_id(destination.row), config.get("store_currency")) \
+            if config.get("store_id") else None
         return MailchimpAdapter(MailchimpConfig(
             api_key=config["api_key"], base_url=url, deadline_seconds=deadline,
-            list_ids=tuple(m["remote_list_id"] for m in destination.row["list_mappings"]),
+            list_ids=tuple(m["remote_list_id"] for m in destination.row["list_mappings"]), store=store,
         ), client)
     secrets = tuple(s for s in (config.get("secret"), config.get("previous_secret")) if s)
     return WebhookAdapter(WebhookConfig(url=url or "", secrets=secrets,

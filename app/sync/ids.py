@@ -19,6 +19,7 @@ words that reach `last_error` (shown by the API).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "is_remote_ref",
     "is_subscriber_hash",
     "list_id_problem",
+    "subscriber_hash",
     "vendor_word",
 ]
 
@@ -48,6 +50,11 @@ def brevo_id(value: object) -> str | None:
 
 def is_brevo_id(text: str) -> bool:
     return _DIGITS.fullmatch(text) is not None and int(text) <= INT64_MAX
+
+
+def subscriber_hash(email: str) -> str:
+    """Mailchimp's member id: md5 of the lower-case address."""
+    return hashlib.md5(email.lower().encode(), usedforsecurity=False).hexdigest()
 
 
 def is_subscriber_hash(text: str) -> bool:

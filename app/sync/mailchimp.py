@@ -13,6 +13,7 @@ Per push (see docs/sync.md):
    `update_existing: true`); the rest are `PUT /lists/{list}/members/{hash}` upserts.
 3. tags: `POST /lists/{list}/members/{hash}/tags`, current tags active, removed ones inactive, and the tag of
    each synced segment of that audience (active for members who may receive marketing, inactive otherwise).
+4. commerce (the store's customer, products, orders, carts; member events): mailchimp_commerce.py.
 Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list for each of the
 person's hashes (404: done); a contact merged away under another address is archived instead
 (`DELETE /lists/{list}/members/{hash}`) and reported as retired, so the person's erasure deletes it for good.
@@ -35,6 +36,8 @@ import httpx
 from app.logging import get_logger
 from app.sync import ids, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
+from app.sync.ids import subscriber_hash
+from app.sync.mailchimp_commerce import MailchimpStore, forget, push_commerce
 
 __all__ = ["BATCH_MAX", "MailchimpAdapter", "MailchimpConfig", "api_base_url", "subscriber_hash"]
 
@@ -54,6 +57,7 @@ class MailchimpConfig:
     batch_threshold: int = 10                   # this many explicit status changes for one list → batch call
     deadline_seconds: float = 30.0              # settings.sync_call_deadline_seconds
     retry_after_default: float = 1.0            # 429 without Retry-After (too many connections: short)
+    store: MailchimpStore | None = None         # orders and carts go there (mailchimp_commerce.py)
 
 
 def api_base_url(api_key: str) -> str:
@@ -62,10 +66,6 @@ def api_base_url(api_key: str) -> str:
     if not re.fullmatch(r"[a-z]{2,8}\d{1,4}", dc):
         raise ValueError("a Mailchimp API key ends with its data center, like -us6")
     return f"https://{dc}.api.mailchimp.com/3.0"
-
-
-def subscriber_hash(email: str) -> str:
-    return hashlib.md5(email.lower().encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(slots=True)
@@ -117,11 +117,15 @@ class MailchimpAdapter:
         await net.run_all(self._tags(write, tags, fail) for write in writes
                           if write.state.contact_id not in errors and (tags := _tag_changes(write)))
 
+        # The store's customers, products, orders, carts and events, once the members exist.
+        await push_commerce(self._request, _reason, f"{self._base}|{self._account}", self.config.store, states,
+                            errors)
         log.info("sync.mailchimp.push", contacts=len(states), failed=len(errors))
         return [
             Outcome(s.contact_id, error=errors[s.contact_id]) if s.contact_id in errors
             else Outcome(s.contact_id, remote_ref=subscriber_hash(s.email),
-                         retired=(retired[s.contact_id],) if s.contact_id in retired else ())
+                         retired=(retired[s.contact_id],) if s.contact_id in retired else (),
+                         commerce=s.commerce.records if s.commerce else ())
             for s in states
         ]
 
@@ -143,8 +147,14 @@ class MailchimpAdapter:
             if response.status_code not in (204, 404):
                 errors.setdefault(erasure.contact_id, _reason(step, response))
 
-        await net.run_all(delete(e, _hash(ref), list_id) for e in erasures for ref in e.refs
-                          for list_id in self.config.list_ids)
+        async def commerce(erasure: Erasure) -> None:
+            error = await forget(self._request, _reason, self.config.store, erasure)
+            if error:
+                errors.setdefault(erasure.contact_id, error)
+
+        await net.run_all([*(delete(e, _hash(ref), list_id) for e in erasures for ref in e.refs
+                             for list_id in self.config.list_ids),
+                           *(commerce(e) for e in erasures if e.commerce and not e.archive)])
         log.info("sync.mailchimp.erase", contacts=len(erasures), lists=len(self.config.list_ids))
         return [Outcome(e.contact_id, error=errors.get(e.contact_id),
                         retired=(archived[e.contact_id],) if e.contact_id in archived else ()) for e in erasures]

@@ -105,6 +105,27 @@ export interface paths {
         patch: operations["update_attribute_v1_attributes__name__patch"];
         trace?: never;
     };
+    "/v1/carts/{external_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get Cart */
+        get: operations["get_cart_v1_carts__external_id__get"];
+        /**
+         * Put Cart
+         * @description Idempotent upsert of the cart as the shop sees it now; an order naming it (`cart_external_id`) converts it.
+         */
+        put: operations["put_cart_v1_carts__external_id__put"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/contacts": {
         parameters: {
             query?: never;
@@ -403,7 +424,8 @@ export interface paths {
         };
         /**
          * Get Contact Timeline
-         * @description Orders, events, consent events, list subscriptions and field changes, newest first.
+         * @description Orders, carts (at their opening, with their current status), events, consent events,
+         *     list subscriptions and field changes, newest first.
          */
         get: operations["get_contact_timeline_v1_contacts__contact_id__timeline_get"];
         put?: never;
@@ -1423,6 +1445,94 @@ export interface components {
             transactional: boolean;
         };
         /**
+         * CartPut
+         * @description A cart as the shop sees it now. `converted` is normally set by an order naming the cart
+         *     (`cart_external_id`); a converted cart accepts no further change.
+         */
+        CartPut: {
+            /**
+             * Checkout Url
+             * @description Where the person resumes the cart (the abandoned-cart email links there)
+             */
+            checkout_url?: string | null;
+            /**
+             * Closed At
+             * @description When it was converted or abandoned (default: when Carnet learns it)
+             */
+            closed_at?: string | null;
+            contact: components["schemas"]["ContactRef"];
+            /**
+             * Currency
+             * @description ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR
+             */
+            currency: string;
+            /** Items */
+            items: components["schemas"]["OrderItem"][];
+            /**
+             * Opened At
+             * Format: date-time
+             * @description When the cart was started (the shop's clock)
+             */
+            opened_at: string;
+            /** @default open */
+            status: components["schemas"]["CartStatus"];
+            /**
+             * Total Amount
+             * @description Default: the sum of quantity × unit_price
+             */
+            total_amount?: number | string | null;
+        };
+        /** CartRead */
+        CartRead: {
+            /** Checkout Url */
+            checkout_url: string | null;
+            /** Closed At */
+            closed_at: string | null;
+            /**
+             * Contact Id
+             * Format: uuid
+             */
+            contact_id: string;
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
+            /** Currency */
+            currency: string;
+            /** External Id */
+            external_id: string;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /** Items */
+            items: {
+                [key: string]: unknown;
+            }[];
+            /**
+             * Opened At
+             * Format: date-time
+             */
+            opened_at: string;
+            /** Order External Id */
+            order_external_id: string | null;
+            status: components["schemas"]["CartStatus"];
+            /** Total Amount */
+            total_amount: string;
+            /**
+             * Updated At
+             * Format: date-time
+             */
+            updated_at: string;
+        };
+        /**
+         * CartStatus
+         * @enum {string}
+         */
+        CartStatus: "open" | "converted" | "abandoned";
+        /**
          * ConfirmPreview
          * @description What a confirmation link would do; reading it changes nothing (mail scanners follow links).
          */
@@ -1598,6 +1708,8 @@ export interface components {
             attributes: {
                 [key: string]: unknown;
             };
+            /** Carts */
+            carts: components["schemas"]["CartRead"][];
             /** @description Current state per purpose and the whole ledger */
             consents: components["schemas"]["ConsentLedger"];
             /**
@@ -2900,6 +3012,11 @@ export interface components {
         };
         /** OrderPut */
         OrderPut: {
+            /**
+             * Cart External Id
+             * @description The cart this order came from: a known cart of the same contact is closed by it (status converted)
+             */
+            cart_external_id?: string | null;
             channel?: components["schemas"]["OrderChannel"] | null;
             contact: components["schemas"]["ContactRef"];
             /**
@@ -2920,6 +3037,8 @@ export interface components {
         };
         /** OrderRead */
         OrderRead: {
+            /** Cart External Id */
+            cart_external_id?: string | null;
             /** Channel */
             channel: string | null;
             /**
@@ -3420,7 +3539,10 @@ export interface components {
             data: {
                 [key: string]: unknown;
             };
-            /** Kind */
+            /**
+             * Kind
+             * @description order, cart, event, consent, list_subscribed, list_unsubscribed or change
+             */
             kind: string;
             /** Ref */
             ref: string;
@@ -3902,6 +4024,156 @@ export interface operations {
             };
             /** @description No such attribute definition */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body's Content-Type is not one this route reads */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_cart_v1_carts__external_id__get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                external_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CartRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such cart */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request is not valid */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_cart_v1_carts__external_id__put: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3"; 412 if stale */
+                "if-match"?: string | null;
+            };
+            path: {
+                external_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CartPut"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CartRead"];
+                };
+            };
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CartRead"];
+                };
+            };
+            /** @description Missing, invalid, expired or revoked token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token lacks a required scope */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The cart was converted by an order */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -1,4 +1,8 @@
-"""Fake Brevo API v3 (contacts): spec-checked requests, vendor-like answers, state, the 10 req/s limit.
+"""Fake Brevo API v3 (contacts, e-commerce, events): spec-checked requests, vendor-like answers, state, 10 req/s.
+
+E-commerce: products and categories need `POST /ecommerce/activate` first (400 before, as Brevo answers an
+account without the app); an order naming a product the fake does not hold is recorded in
+`orders_before_products` (Carnet's rule: products first). Orders keep every status they were sent with, in order.
 
 Answers follow the spec: 201 `{id}` / 204 for createContact, 204 for update/delete, 201 `{contacts: {success,
 failure}}` for list add/remove, 400/404 `{code, message}`. Like Brevo, a list add/remove where no address
@@ -46,6 +50,13 @@ class FakeBrevo(FakeVendor):
         self.deleted: list[str] = []
         self._next_id = 1
         self._window: dict[str, deque[float]] = {}
+        self.ecommerce_active = False
+        self.categories: dict[str, dict[str, Any]] = {}
+        self.products: dict[str, dict[str, Any]] = {}
+        self.orders: dict[str, dict[str, Any]] = {}
+        self.order_statuses: dict[str, list[tuple[str, bool]]] = {}   # order id -> [(status, historical)]
+        self.orders_before_products: list[str] = []
+        self.events: list[dict[str, Any]] = []
 
     # -- views for tests ----------------------------------------------------------------------------
     def by_email(self, email: str) -> RemoteContact | None:
@@ -98,7 +109,50 @@ class FakeBrevo(FakeVendor):
 
     async def handle(self, op: Operation, params: dict[str, str], query: dict[str, str], body: Any,
                      seen: Seen) -> Response:
+        if op.template == "/ecommerce/activate":  # the spec gives it no operationId
+            self.ecommerce_active = True
+            return Response(status_code=200)
         return getattr(self, "_" + op.operation_id)(params, query, body or {}, seen)
+
+    def events_of(self, email: str, name: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["identifiers"].get("email_id") == email.lower()
+                and (name is None or e["event_name"] == name)]
+
+    # -- e-commerce ---------------------------------------------------------------------------------
+    def _createUpdateBatchCategory(self, params: dict[str, str], query: dict[str, str], body: dict[str, Any],
+                                   seen: Seen) -> Response:
+        if not self.ecommerce_active:
+            return self._bad("permission_denied", "eCommerce is not activated for this account")
+        for category in body["categories"]:
+            self.categories.setdefault(category["id"], {}).update(category)
+        return JSONResponse({"createdCount": len(body["categories"]), "updatedCount": 0}, 201)
+
+    def _createUpdateBatchProducts(self, params: dict[str, str], query: dict[str, str], body: dict[str, Any],
+                                   seen: Seen) -> Response:
+        if not self.ecommerce_active:
+            return self._bad("permission_denied", "eCommerce is not activated for this account")
+        for product in body["products"]:
+            unknown = [c for c in product.get("categories", []) if c not in self.categories]
+            if unknown:
+                return self._bad("invalid_parameter", "category not found")
+            self.products.setdefault(product["id"], {}).update(product)
+        return JSONResponse({"createdCount": len(body["products"]), "updatedCount": 0}, 201)
+
+    def _createBatchOrder(self, params: dict[str, str], query: dict[str, str], body: dict[str, Any],
+                          seen: Seen) -> Response:
+        historical = body.get("historical", True)
+        for order in body["orders"]:
+            missing = [p["productId"] for p in order["products"] if p["productId"] not in self.products]
+            if missing:
+                self.orders_before_products.append(order["id"])
+            self.orders[order["id"]] = order
+            self.order_statuses.setdefault(order["id"], []).append((order["status"], historical))
+        return JSONResponse({"batchId": len(self.order_statuses)}, 202)
+
+    def _createEvent(self, params: dict[str, str], query: dict[str, str], body: dict[str, Any],
+                     seen: Seen) -> Response:
+        self.events.append({**body, "identifiers": {k: str(v).lower() for k, v in body["identifiers"].items()}})
+        return Response(status_code=204)
 
     # -- operations ---------------------------------------------------------------------------------
     def _createContact(self, params: dict[str, str], query: dict[str, str], body: dict[str, Any],

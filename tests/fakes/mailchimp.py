@@ -1,4 +1,10 @@
-"""Fake Mailchimp Marketing API 3.0 (list members): spec-checked requests, problem+json errors, state.
+"""Fake Mailchimp Marketing API 3.0 (list members, e-commerce stores, member events): spec-checked requests,
+problem+json errors, state.
+
+E-commerce (`Store`): a store needs an existing audience; a customer written for an address not on the store's
+audience adds it as `subscribed` when `opt_in_status` is true, else `transactional` (Mailchimp's documented rule),
+and never changes an existing member's status. Orders and carts name an existing customer and existing product
+variants (400 otherwise, like Mailchimp: products first). Orders keep every status they were sent with.
 
 Members are keyed by subscriber hash (md5 of the lower-case address; a PUT whose hash does not match its
 `email_address` is a violation). `Member Exists` on POST /members and on a PATCH to an address already on
@@ -48,6 +54,17 @@ class Member:
         }
 
 
+@dataclass
+class Store:
+    list_id: str
+    currency: str
+    customers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    products: dict[str, dict[str, Any]] = field(default_factory=dict)     # id -> body, `variants` by id
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    order_statuses: dict[str, list[tuple[str | None, str | None]]] = field(default_factory=dict)
+    carts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 class FakeMailchimp(FakeVendor):
     def __init__(self, *, api_key: str = "0123456789abcdef-us6", lists: set[str] | None = None,
                  max_connections: int | None = 10) -> None:
@@ -60,6 +77,8 @@ class FakeMailchimp(FakeVendor):
         self.archived: set[tuple[str, str]] = set()
         self.archived_members: dict[tuple[str, str], Member] = {}   # kept by Mailchimp: restorable, deletable
         self.batch_sizes: list[int] = []
+        self.stores: dict[str, Store] = {}
+        self.events: list[tuple[str, str, dict[str, Any]]] = []    # (list id, email, body)
 
     def member(self, list_id: str, email: str) -> Member | None:
         return self.lists[list_id].get(subscriber_hash(email))
@@ -91,12 +110,160 @@ class FakeMailchimp(FakeVendor):
 
     async def handle(self, op: Operation, params: dict[str, str], query: dict[str, str], body: Any,
                      seen: Seen) -> Response:
+        if op.template.startswith("/ecommerce/stores"):
+            return self._store_operation(op, params, body or {}, seen)
         members = self.lists.get(params.get("list_id", ""))
         if members is None:
             return self.error(404, "Resource Not Found", "The requested resource could not be found.")
         return getattr(self, "_" + op.operation_id)(params["list_id"], members, params, body or {}, seen)
 
+    # -- e-commerce ---------------------------------------------------------------------------------
+    def _store_operation(self, op: Operation, params: dict[str, str], body: dict[str, Any], seen: Seen) -> Response:
+        if op.operation_id == "postEcommerceStores":
+            if body["list_id"] not in self.lists:
+                return self.error(400, "Invalid Resource", "The list_id does not exist.")
+            if body["id"] in self.stores:
+                return self.error(400, "Invalid Resource", "A store with the provided ID already exists.")
+            self.stores[body["id"]] = Store(body["list_id"], body["currency_code"])
+            return JSONResponse(self._store_wire(body["id"]))
+        store = self.stores.get(params["store_id"])
+        if store is None:
+            return self._not_found()
+        if op.operation_id == "getEcommerceStoresId":
+            return JSONResponse(self._store_wire(params["store_id"]))
+        return getattr(self, "_" + op.operation_id)(store, params, body, seen)  # type: ignore[no-any-return]
+
+    def _store_wire(self, store_id: str) -> dict[str, Any]:
+        store = self.stores[store_id]
+        return {"id": store_id, "list_id": store.list_id, "name": store_id, "currency_code": store.currency}
+
+    def _putEcommerceStoresIdCustomersId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                         seen: Seen) -> Response:
+        if body["id"] != params["customer_id"]:
+            self.violation(seen, "the customer id in the path differs from the body's")
+        self._upsert_customer(store, body)
+        return JSONResponse(body)
+
+    def _upsert_customer(self, store: Store, body: dict[str, Any]) -> None:
+        """A customer written (by PUT, or inside an order or cart): its address joins the store's audience as
+        `subscribed` with opt_in_status, else `transactional`; an existing member keeps its status."""
+        key = subscriber_hash(body["email_address"])
+        members = self.lists[store.list_id]
+        if key not in members and (store.list_id, key) not in self.forgotten:
+            status = "subscribed" if body.get("opt_in_status") else "transactional"
+            members[key] = Member(body["email_address"].lower(), status)
+        store.customers[body["id"]] = body
+
+    def _deleteEcommerceStoresIdCustomersId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                            seen: Seen) -> Response:
+        return self._delete(store.customers, params["customer_id"])
+
+    def _postEcommerceStoresIdProducts(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                       seen: Seen) -> Response:
+        if body["id"] in store.products:
+            return self.error(400, "Invalid Resource", "A product with the provided ID already exists.")
+        store.products[body["id"]] = {**body, "variants": {v["id"]: v for v in body["variants"]}}
+        return JSONResponse(body)
+
+    def _patchEcommerceStoresIdProductsId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                          seen: Seen) -> Response:
+        product = store.products.get(params["product_id"])
+        if product is None:
+            return self._not_found()
+        product.update({k: v for k, v in body.items() if k != "variants"})
+        return JSONResponse({**product, "variants": list(product["variants"].values())})
+
+    def _putEcommerceStoresIdProductsIdVariantsId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                                  seen: Seen) -> Response:
+        product = store.products.get(params["product_id"])
+        if product is None:
+            return self._not_found()
+        product["variants"][params["variant_id"]] = body
+        return JSONResponse(body)
+
+    def _postEcommerceStoresIdOrders(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                     seen: Seen) -> Response:
+        if body["id"] in store.orders:
+            return self.error(400, "Invalid Resource", "An order with the provided ID already exists.")
+        problem = self._check_refs(store, body)
+        if problem:
+            return problem
+        if "email_address" in body["customer"]:
+            self._upsert_customer(store, body["customer"])
+        store.orders[body["id"]] = body
+        store.order_statuses.setdefault(body["id"], []).append(
+            (body.get("financial_status"), body.get("fulfillment_status")))
+        return JSONResponse(body)
+
+    def _patchEcommerceStoresIdOrdersId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                        seen: Seen) -> Response:
+        order = store.orders.get(params["order_id"])
+        if order is None:
+            return self._not_found()
+        problem = self._check_refs(store, body)
+        if problem:
+            return problem
+        order.update(body)
+        store.order_statuses[params["order_id"]].append((order.get("financial_status"),
+                                                         order.get("fulfillment_status")))
+        return JSONResponse(order)
+
+    def _postEcommerceStoresIdCarts(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                    seen: Seen) -> Response:
+        if body["id"] in store.carts:
+            return self.error(400, "Invalid Resource", "A cart with the provided ID already exists.")
+        problem = self._check_refs(store, body)
+        if problem:
+            return problem
+        if "email_address" in body["customer"]:
+            self._upsert_customer(store, body["customer"])
+        store.carts[body["id"]] = body
+        return JSONResponse(body)
+
+    def _patchEcommerceStoresIdCartsId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                       seen: Seen) -> Response:
+        cart = store.carts.get(params["cart_id"])
+        if cart is None:
+            return self._not_found()
+        problem = self._check_refs(store, body)
+        if problem:
+            return problem
+        cart.update(body)
+        return JSONResponse(cart)
+
+    def _deleteEcommerceStoresIdCartsId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                        seen: Seen) -> Response:
+        return self._delete(store.carts, params["cart_id"])
+
+    def _check_refs(self, store: Store, body: dict[str, Any]) -> Response | None:
+        customer = body.get("customer", {})
+        if "id" in customer and customer["id"] not in store.customers and "email_address" not in customer:
+            return self.error(400, "Invalid Resource", "The customer does not exist: give its email_address.")
+        for line in body.get("lines", ()):
+            variants = store.products.get(line["product_id"], {}).get("variants", {})
+            if line["product_variant_id"] not in variants:
+                return self.error(400, "Invalid Resource", "A product variant with the provided ID does not exist.")
+        return None
+
+    def _delete(self, records: dict[str, Any], key: str) -> Response:
+        if records.pop(key, None) is None:
+            return self._not_found()
+        return Response(status_code=204)
+
+    def _not_found(self) -> Response:
+        return self.error(404, "Resource Not Found", "The requested resource could not be found.")
+
     # -- operations ---------------------------------------------------------------------------------
+    def _postListMemberEvents(self, list_id: str, members: dict[str, Member], params: dict[str, str],
+                              body: dict[str, Any], seen: Seen) -> Response:
+        member = members.get(params["subscriber_hash"])
+        if member is None:
+            return self._not_found()
+        if not 2 <= len(body["name"]) <= 30:
+            self.violation(seen, "an event name has 2 to 30 characters (the spec's description)")
+        self.events.append((list_id, member.email_address, body))
+        return Response(status_code=204)
+
     def _putListsIdMembersId(self, list_id: str, members: dict[str, Member], params: dict[str, str],
                              body: dict[str, Any], seen: Seen) -> Response:
         key = params["subscriber_hash"]

@@ -239,7 +239,23 @@ def _check_security(schemes: list[dict[str, Any]], headers: Mapping[str, str]) -
 
 @cache
 def brevo_spec() -> Spec:
-    return Spec(json.loads((SPECS / "brevo-v3.openapi.json").read_text()))
+    document = json.loads((SPECS / "brevo-v3.openapi.json").read_text())
+    schemas = document["components"]["schemas"]
+    fixes = {}
+    # Defect: createUpdateCategories.id says `format: email`, yet its own description is "Unique Category ID as saved
+    # in the shop" and its example is "CAT123" (not an address): the format is a copy-paste slip.
+    category = schemas["createUpdateCategories"]
+    fixes["createUpdateCategories"] = dict(category, properties=dict(
+        category["properties"], id={k: v for k, v in category["properties"]["id"].items() if k != "format"}))
+    # Defect: event.event_properties values are declared string | integer | object | array, while the same
+    # property's description says "The following field type are supported: string, number, boolean (true/false),
+    # date" (and Brevo's own example in it has `"autoplayed": false`): numbers and booleans are added.
+    event = schemas["event"]
+    values = event["properties"]["event_properties"]["additionalProperties"]
+    fixes["event"] = dict(event, properties=dict(event["properties"], event_properties=dict(
+        event["properties"]["event_properties"], additionalProperties={
+            "anyOf": [*values["anyOf"], {"type": "number"}, {"type": "boolean"}]})))
+    return Spec(document, fixes=fixes)
 
 
 _MERGE_VALUE = {"anyOf": [

@@ -118,3 +118,33 @@ async def test_a_manager_never_sees_secrets_and_urls_carry_none(client: httpx.As
     assert set(admin_made["generated_secrets"]) == {"inbound_secret", "secret"}
     for config in ({"url": "https://user:pw@h.example"}, {"url": "https://h.example", "base_url": "https://u:p@h.example"}):
         assert_problem(await create(client, kind="webhook", config=config), 422)
+
+
+async def test_commerce_options_are_off_by_default_and_checked(client: httpx.AsyncClient) -> None:
+    """push_orders, push_carts, push_events (bounded), Mailchimp's store_id (docs/sync.md, "Commerce")."""
+    plain = (await create(client, kind="brevo", config={"api_key": API_KEY})).json()
+    assert not {"push_orders", "push_carts", "push_events"} & set(plain["config"])
+    on = await create(client, kind="brevo", config={"api_key": API_KEY, "push_orders": True, "push_carts": True,
+                                                    "push_events": ["product_viewed", "wishlist.added"]})
+    assert on.status_code == 201 and on.json()["config"]["push_events"] == ["product_viewed", "wishlist.added"]
+    mailchimp = {"api_key": "0123456789abcdef-us6"}
+    assert_problem(await create(client, kind="mailchimp", config={**mailchimp, "push_orders": True}), 422,
+                   "config.store_id")
+    store = await create(client, kind="mailchimp", config={**mailchimp, "push_carts": True, "store_id": "shop-1",
+                                                           "store_currency": "EUR"})
+    assert store.status_code == 201, store.text
+    bad = {"push_orders": "yes please", "push_events": ["Not A Type"], "store_id": "a/b", "store_currency": "EURO"}
+    for key, value in bad.items():
+        assert_problem(await create(client, kind="mailchimp", config={**mailchimp, key: value}), 422)
+    assert_problem(await create(client, kind="brevo", config={"api_key": API_KEY, "push_events": ["a"] * 2}), 422,
+                   "config.push_events")
+    assert_problem(await create(client, kind="brevo", config={"api_key": API_KEY,
+                                                              "push_events": [f"e{i}" for i in range(21)]}), 422,
+                   "config.push_events")
+    assert_problem(await create(client, kind="brevo", config={"api_key": API_KEY, "store_id": "s"}), 422,
+                   "config.store_id")  # a Mailchimp option
+    # A PATCH that turns orders on without a store is refused; with one it passes.
+    created = store.json()
+    patched = await client.patch(f"/v1/destinations/{created['id']}", json={"config": {"store_id": None}},
+                                 headers=ADMIN)
+    assert_problem(patched, 422, "config.store_id")

@@ -1,0 +1,215 @@
+"""What each pushed contact owes a vendor's e-commerce side, and what the vendor is known to hold (sync_commerce).
+
+The rules (docs/sync.md, "Commerce"):
+- orders (`push_orders`): every order of the contact not yet sent in its current form, oldest first; a status
+  change is a new form, so the vendor follows paid → shipped → refunded in Carnet's order (per contact, pushes
+  never overlap: the head-of-line rule of `delivery`).
+- carts (`push_carts`) and events (`push_events`): only for a person with a current email_marketing grant and a
+  deliverable address. Without it no cart goes, and a cart the vendor holds is removed (no abandoned-cart email);
+  events of a time without a grant are skipped for good (never sent later).
+- products: those the lines of the orders and carts above name, new or changed since last sent, before them.
+- Mailchimp customer: the contact, written before its first order or cart, again when its address or
+  `opt_in_status` (its membership of the store's audience, never a subscription) changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models.base import utc_now
+from app.sync.base import ContactState
+from app.sync.commerce import CartPush, CommerceState, EventPush, OrderPush, Product, Record, digest, lines_of
+
+__all__ = ["EVENTS_PER_PUSH", "EVENT_MAX_AGE", "attach", "enabled", "forget_people", "remember", "store_list_id"]
+
+EVENTS_PER_PUSH = 100                 # the newest; older ones of the same push are skipped
+EVENT_MAX_AGE = timedelta(days=30)    # a first push does not replay a person's whole history as automations
+Row = Mapping[str, Any]
+
+
+def enabled(config: Mapping[str, Any]) -> bool:
+    return bool(config.get("push_orders") or config.get("push_carts") or config.get("push_events"))
+
+
+def store_list_id(destination: Row) -> str | None:
+    """The audience of the Mailchimp store: `store_list_id`, else the first mapped list."""
+    config, mappings = destination["config"], destination["list_mappings"]
+    return config.get("store_list_id") or (mappings[0]["remote_list_id"] if mappings else None)
+
+
+async def attach(session: AsyncSession, destination: Row, states: Sequence[ContactState],
+                 may_market: Mapping[uuid.UUID, bool]) -> list[ContactState]:
+    """The states with their commerce part (None where nothing is owed)."""
+    config = destination["config"]
+    if not states or not enabled(config):
+        return list(states)
+    ids = [s.contact_id for s in states]
+    known = await _known(session, destination["id"], ids)
+    orders = await _rows(session, 'SELECT * FROM "order" WHERE contact_id = ANY(:ids) ORDER BY placed_at, external_id',
+                         ids) if config.get("push_orders") else {}
+    carts = await _rows(session, "SELECT * FROM cart WHERE contact_id = ANY(:ids) ORDER BY opened_at, external_id",
+                        ids) if config.get("push_carts") else {}
+    events = await _events(session, ids, config.get("push_events") or [], known)
+    products = await _products(session, destination["id"], [*_flatten(orders), *_flatten(carts)])
+    store_list = store_list_id(destination) if destination["kind"] == "mailchimp" else None
+    out = []
+    for state in states:
+        commerce = _owed(state, may_market.get(state.contact_id, False), orders.get(state.contact_id, []),
+                         carts.get(state.contact_id, []), events.get(state.contact_id, []), known, products,
+                         store_list)
+        out.append(dataclasses.replace(state, commerce=commerce) if commerce is not None else state)
+    return out
+
+
+def _owed(state: ContactState, may_market: bool, orders: list[Row], carts: list[Row], events: list[Row],
+          known: Mapping[tuple[str, str], str], products: Mapping[str, tuple[Product, str]],
+          store_list: str | None) -> CommerceState | None:
+    records: list[Record] = []
+    order_pushes = []
+    for row in orders:
+        record = Record("order", row["external_id"], state.contact_id, digest(
+            [row["status"], row["currency"], row["total_amount"], row["items"], row["placed_at"]]))
+        if known.get(("order", record.ref)) != record.digest:
+            records.append(record)
+            order_pushes.append(OrderPush(row["external_id"], row["status"], row["currency"], row["total_amount"],
+                                          row["placed_at"], row["updated_at"], lines_of(row["items"]),
+                                          known=("order", record.ref) in known))
+    cart_pushes = []
+    for row in carts:
+        # Without a grant a cart is only ever removed at the vendor; a converted one too (the order replaces it).
+        keep = may_market and row["status"] != "converted"
+        record = Record("cart", row["external_id"], state.contact_id, digest(
+            [row["status"] if keep else "removed", row["currency"], row["total_amount"], row["items"],
+             row["checkout_url"]]))
+        was = known.get(("cart", record.ref))
+        if was == record.digest or (was is None and not keep):
+            continue
+        records.append(record)
+        cart_pushes.append(CartPush(row["external_id"], row["status"] if keep else "removed", row["currency"],
+                                    row["total_amount"], row["checkout_url"], lines_of(row["items"]),
+                                    known=was is not None))
+    event_pushes = []
+    if events:
+        records.append(Record("event", str(state.contact_id), state.contact_id, str(max(e["id"] for e in events))))
+        if may_market:
+            oldest = utc_now() - EVENT_MAX_AGE
+            event_pushes = [EventPush(e["id"], e["type"], e["occurred_at"], e["properties"])
+                            for e in events[-EVENTS_PER_PUSH:] if e["occurred_at"] >= oldest]
+    named = {line.sku for push in (*order_pushes, *cart_pushes) if push.status != "removed" for line in push.lines}
+    needed = tuple(products[sku][0] for sku in sorted(named) if sku in products)
+    records += [Record("product", p.sku, None, products[p.sku][1]) for p in needed]
+    customer = None
+    if store_list is not None and (order_pushes or any(c.status != "removed" for c in cart_pushes)):
+        opt_in = not state.marketing_blocked and state.lists.get(store_list) == "subscribed"
+        wanted = Record("customer", str(state.contact_id), state.contact_id, digest([state.email, opt_in]))
+        if known.get(("customer", wanted.ref)) != wanted.digest:
+            customer = wanted
+            records.append(customer)
+    if not (order_pushes or cart_pushes or event_pushes or records):
+        return None
+    return CommerceState(may_market=may_market, products=needed, orders=tuple(order_pushes),
+                         carts=tuple(cart_pushes), events=tuple(event_pushes), customer=customer,
+                         records=tuple(records))
+
+
+async def _known(session: AsyncSession, destination_id: uuid.UUID, ids: list[uuid.UUID]
+                 ) -> dict[tuple[str, str], str]:
+    """(kind, ref) -> digest of what the vendor holds of these contacts."""
+    rows = await session.execute(text(
+        "SELECT kind, ref, digest FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids)"),
+        {"d": destination_id, "ids": ids})
+    return {(kind, ref): value for kind, ref, value in rows.all()}
+
+
+async def _rows(session: AsyncSession, query: str, ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Row]]:
+    found: dict[uuid.UUID, list[Row]] = {}
+    for row in (await session.execute(text(query), {"ids": ids})).mappings():
+        found.setdefault(row["contact_id"], []).append(row)
+    return found
+
+
+async def _events(session: AsyncSession, ids: list[uuid.UUID], types: list[str],
+                  known: Mapping[tuple[str, str], str]) -> dict[uuid.UUID, list[Row]]:
+    """Events of these types after the last one each contact's pushes covered."""
+    if not types:
+        return {}
+    after = [int(known.get(("event", str(i)), "0")) for i in ids]
+    rows = await session.execute(text("""
+        SELECT e.id, e.contact_id, e.type, e.occurred_at, e.properties
+        FROM event e JOIN unnest(CAST(:ids AS uuid[]), CAST(:after AS bigint[])) AS f(contact_id, after_id)
+             ON e.contact_id = f.contact_id AND e.id > f.after_id
+        WHERE e.type = ANY(:types) ORDER BY e.id
+    """), {"ids": ids, "after": after, "types": list(types)})
+    found: dict[uuid.UUID, list[Row]] = {}
+    for row in rows.mappings():
+        found.setdefault(row["contact_id"], []).append(row)
+    return found
+
+
+def _flatten(rows: Mapping[uuid.UUID, list[Row]]) -> list[Row]:
+    return [row for group in rows.values() for row in group]
+
+
+async def _products(session: AsyncSession, destination_id: uuid.UUID, rows: Sequence[Row]
+                    ) -> dict[str, tuple[Product, str]]:
+    """sku -> (product as the latest line naming it says, its digest), for the skus the vendor lacks in that form."""
+    latest: dict[str, Product] = {}
+    for row in sorted(rows, key=lambda r: r.get("placed_at") or r["opened_at"]):
+        for item in row["items"]:
+            sku = str(item["sku"])
+            latest[sku] = Product(sku, item.get("name"), item.get("category"), Decimal(str(item["unit_price"])))
+    if not latest:
+        return {}
+    sent = dict((await session.execute(text(
+        "SELECT ref, digest FROM sync_commerce WHERE destination_id = :d AND kind = 'product' AND ref = ANY(:skus)"),
+        {"d": destination_id, "skus": list(latest)})).all())
+    out = {}
+    for sku, product in latest.items():
+        value = digest([product.name, product.category, product.price])
+        if sent.get(sku) != value:
+            out[sku] = (dataclasses.replace(product, known=sku in sent), value)
+    return out
+
+
+async def remember(session: AsyncSession, destination_id: uuid.UUID, records: Sequence[Record]) -> None:
+    """What the vendor took: the next push sends only what changed since."""
+    if not records:
+        return
+    latest = {(r.kind, r.ref): r for r in records}  # one row per key (two lanes may name one product)
+    await session.execute(text("""
+        INSERT INTO sync_commerce (destination_id, kind, ref, contact_id, digest, synced_at)
+        SELECT :d, k, r, c, g, :now
+        FROM unnest(CAST(:kinds AS text[]), CAST(:refs AS text[]), CAST(:contacts AS uuid[]), CAST(:digests AS text[]))
+             AS u(k, r, c, g)
+        ON CONFLICT (destination_id, kind, ref) DO UPDATE SET contact_id = excluded.contact_id,
+                                                             digest = excluded.digest, synced_at = excluded.synced_at
+    """), {"d": destination_id, "now": utc_now(), "kinds": [k for k, _ in latest], "refs": [r for _, r in latest],
+           "contacts": [r.contact_id for r in latest.values()], "digests": [r.digest for r in latest.values()]})
+
+
+async def forget_people(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]) -> None:
+    """After a confirmed erasure: nothing of these people is known to be at the vendor any more."""
+    if contact_ids:
+        await session.execute(text("DELETE FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids)"),
+                              {"d": destination_id, "ids": list(contact_ids)})
+
+
+async def held(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]
+               ) -> dict[uuid.UUID, tuple[tuple[str, str], ...]]:
+    """(kind, ref) of the customer and carts the vendor holds for these (erased) people: what an erasure deletes."""
+    found: dict[uuid.UUID, list[tuple[str, str]]] = {}
+    if contact_ids:
+        for contact_id, kind, ref in (await session.execute(text(
+            "SELECT contact_id, kind, ref FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids) "
+            "AND kind IN ('customer', 'cart') ORDER BY kind, ref"), {"d": destination_id, "ids": list(contact_ids)},
+        )).all():
+            found.setdefault(contact_id, []).append((kind, ref))
+    return {c: tuple(refs) for c, refs in found.items()}
