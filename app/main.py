@@ -21,6 +21,7 @@ from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_rea
 from app.jobs import run_periodically
 from app.journal import Journal, JournalReads
 from app.logging import configure_logging, get_logger
+from app.methods import MethodGate
 from app.middleware import BodySizeLimit, RequestContext
 from app.migrations import head_revision
 from app.problems import install_problem_handlers
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         app.add_middleware(ContactUpsertFastPath, upsert=contact_upsert_route(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/imports": settings.import_max_bytes})
+    # Outside the body limit and the fast paths: a method a path does not serve is a 405 before anything reads it.
+    app.add_middleware(MethodGate, routes=app.routes)
     if app.state.journal is not None:  # inside RequestContext (the request id), around everything that answers
         app.add_middleware(JournalReads, journal=app.state.journal)
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID

@@ -16,7 +16,7 @@ from app.errors import AppError, PayloadTooLarge
 from app.logging import get_logger
 from app.problems import problem_body, unexpected_problem
 
-__all__ = ["BodySizeLimit", "RequestContext"]
+__all__ = ["BodySizeLimit", "RequestContext", "send_problem"]
 
 log = get_logger("carnet.http")
 
@@ -61,7 +61,7 @@ class RequestContext:
             if started_response:
                 log.error("response.interrupted", error=type(exc).__name__)
             else:
-                await _send_problem(scope, send_with_id, unexpected_problem(exc))
+                await send_problem(scope, send_with_id, unexpected_problem(exc))
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
@@ -92,7 +92,7 @@ class BodySizeLimit:
         declared = _header(scope, b"content-length")
         # ASCII digits, and few of them, before int(): str.isdigit() takes "²", int() refuses 4,300+ digits (500s)
         if declared is not None and not (_DIGITS.fullmatch(declared) and int(declared) <= self.max_bytes):
-            await _send_problem(scope, send, PayloadTooLarge(f"the body limit is {self.max_bytes} bytes"))
+            await send_problem(scope, send, PayloadTooLarge(f"the body limit is {self.max_bytes} bytes"))
             return
         received = 0
         refused: list[PayloadTooLarge] = []
@@ -117,7 +117,7 @@ class BodySizeLimit:
                 traceback.clear_frames(error.__traceback__)
 
 
-async def _send_problem(scope: Scope, send: Send, error: AppError) -> None:
+async def send_problem(scope: Scope, send: Send, error: AppError) -> None:
     body = problem_body(error, instance=scope.get("path", ""))
     headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]

@@ -1,8 +1,14 @@
 """Schemathesis against openapi/openapi.json, in-process: valid and malformed requests on every operation.
 
-Every response must be a documented status code with its documented content type and schema, and never a 5xx.
-The default run is bounded (FUZZ_EXAMPLES per operation and mode, see README); raise it for a longer run.
-The app runs against its own committed database (dropped afterwards), so its writes never reach other tests.
+Two runs per operation, both checked with every Schemathesis check but `positive_data_acceptance` (CHECKS):
+- `test_coverage`: the coverage phase, deterministic: each parameter and property at its boundaries and just past
+  them, each required one missing, wrong types, every method the path does not declare, `OPTIONS`.
+- `test_fuzz`: Hypothesis-generated valid (positive) and malformed (negative) requests, FUZZ_EXAMPLES per operation
+  and mode (see README); derandomized unless FUZZ_EXAMPLES is set.
+Every response must be a documented status code with its documented content type, headers and schema, never a 5xx;
+malformed input is refused (4xx); an undeclared method is a 405 with `Allow`, which matches the document; a missing
+token is a 401 and a success never comes without a valid one. The app runs against its own committed database
+(dropped afterwards), so its writes never reach other tests.
 """
 
 from __future__ import annotations
@@ -19,12 +25,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import (
+    CheckContext,
+    allow_header_conformance,
     content_type_conformance,
+    ignored_auth,
+    missing_required_header,
+    negative_data_rejection,
     not_a_server_error,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
+from schemathesis.config import SchemathesisConfig
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.core.transport import Response
 from schemathesis.python import asgi
 
 from app.main import create_app
@@ -34,18 +49,43 @@ from tests.auth import bearer
 from tests.conftest import _recreate, _with_database
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "55"))  # per operation and generation mode
-MIN_TOTAL_REQUESTS = 5000
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))  # per operation and generation mode
+MIN_TOTAL_REQUESTS = 5000  # both tests together (the coverage phase sends ~4,500)
+AUTH_ENFORCED: set[str] = set()  # operations whose auth ignored_auth confirmed (per process)
+
+
+@schemathesis.check
+def ignored_auth_once(ctx: CheckContext, response: Response, case: schemathesis.Case) -> bool | None:
+    """ignored_auth, confirmed once per operation as `schemathesis run` does: each probe is two more requests."""
+    ctx.auth_enforced_operations = AUTH_ENFORCED
+    return ignored_auth(ctx, response, case)  # type: ignore[no-any-return]
+
+
+# All but positive_data_acceptance (a valid request may still be refused: an unknown id, a stale version, a state).
+# use_after_free and ensure_resource_availability need the stateful phase's request chains: not run here.
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance]
+          response_headers_conformance, negative_data_rejection, unsupported_method, missing_required_header,
+          allow_header_conformance, ignored_auth_once]
 
 SCHEMA = schemathesis.openapi.from_path(SCHEMA_PATH)
 OPERATIONS = [(op.path, op.method.upper()) for op in (r.ok() for r in SCHEMA.get_all_operations())]
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+# The same document, coverage phase only (its cases are fixed: no example count applies).
+COVERAGE = schemathesis.openapi.from_path(SCHEMA_PATH, config=SchemathesisConfig.from_dict({"phases": {
+    "examples": {"enabled": False}, "fuzzing": {"enabled": False}, "stateful": {"enabled": False},
+    "coverage": {"enabled": True}}}))
 
-# Visible budget: the planned request count (each example is one request; fewer only when an operation's
-# input space is exhausted, e.g. GET /healthz). The per-test counts are reported as `fuzz_requests`.
-assert EXAMPLES * len(OPERATIONS) * len(MODES) >= MIN_TOTAL_REQUESTS, "raise FUZZ_EXAMPLES"
+# Visible budget: each test reports the requests it sent as `fuzz_requests`; when the whole module ran,
+# tests/conftest.py fails the run below MIN_TOTAL_REQUESTS (ignored_auth's probes are not counted).
+FUZZ_TESTS = len(OPERATIONS) * (len(MODES) + 1)  # test_fuzz per mode, test_coverage
+
+
+def _credentials(case: schemathesis.Case) -> dict[str, str]:
+    """An admin token, unless the case leaves Authorization out on purpose (negative headers): a 401 is then due."""
+    sent = {name.lower() for name in case.headers or {}}
+    if case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER) and "authorization" not in sent:
+        return {}
+    return bearer()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +98,7 @@ def fuzz_app(server_url: str, worker_id: str, settings: Settings) -> Iterator[Fa
     app = create_app(settings.model_copy(update={
         "database_url": url, "rate_limit_per_second": 1e9, "rate_limit_burst": 10**9, "lifecycle_refresh_seconds": 0,
     }))
-    SCHEMA.app = app
+    SCHEMA.app = COVERAGE.app = app
     yield app
     asgi.shutdown_lifespans()
     asyncio.run(_drop(server_url, name))
@@ -81,7 +121,6 @@ async def _drop(server_url: str, name: str) -> None:
 def test_fuzz(fuzz_app: FastAPI, path: str, method: str, mode: GenerationMode,
               record_property: pytest.RecordProperty) -> None:
     operation = SCHEMA[path][method]
-    headers = bearer()
     sent = 0
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize="FUZZ_EXAMPLES" not in os.environ,
@@ -90,7 +129,7 @@ def test_fuzz(fuzz_app: FastAPI, path: str, method: str, mode: GenerationMode,
     def run(case: schemathesis.Case) -> None:
         nonlocal sent
         sent += 1
-        case.call_and_validate(app=fuzz_app, headers=headers, checks=CHECKS)
+        case.call_and_validate(app=fuzz_app, headers=_credentials(case), checks=CHECKS)
 
     try:
         run()
@@ -100,3 +139,11 @@ def test_fuzz(fuzz_app: FastAPI, path: str, method: str, mode: GenerationMode,
         # No parameters, or only an unconstrained string: nothing can violate the schema.
         pytest.skip("no malformed input exists for this operation")
     record_property("fuzz_requests", sent)
+
+
+@COVERAGE.parametrize()
+@settings(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_coverage(fuzz_app: FastAPI, case: schemathesis.Case, record_property: pytest.RecordProperty) -> None:
+    record_property("fuzz_requests", 1)
+    case.operation.schema.app = fuzz_app  # parametrize works on a copy of COVERAGE; ignored_auth's probes use its app
+    case.call_and_validate(app=fuzz_app, headers=_credentials(case), checks=CHECKS)

@@ -34,7 +34,7 @@ from app.schemas.contacts import (
     present_contact,
 )
 from app.schemas.history import HistoryPage, present_history
-from app.schemas.types import CountryCode, Email, Limit, SearchText, TagName, Timestamp
+from app.schemas.types import CountryCode, Email, Limit, QueryTimestamp, SearchText, TagName
 from app.security import Principal, Scope, require
 from app.security.costly import COSTLY_PROBLEMS, costly_read
 from app.services import contacts as contacts_service
@@ -129,8 +129,8 @@ async def list_contacts(
     city: SearchText | None = None,
     postal_code: SearchText | None = None,
     country: CountryCode | None = None,
-    created_after: Timestamp | None = None,
-    updated_after: Timestamp | None = None,
+    created_after: QueryTimestamp | None = None,
+    updated_after: QueryTimestamp | None = None,
     segment_id: Annotated[uuid.UUID | None, Query(alias="segment", description="Contacts matching this segment")] = None,
     sort: Annotated[ContactSort, Query(description="`last_name`, `-last_name`: need pii:read")] = (
         ContactSort.CREATED_AT_DESC),

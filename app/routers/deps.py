@@ -14,7 +14,7 @@ from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import WriteSession
-from app.errors import AppError, InvalidInput, MissingScope, PreconditionFailed, Unauthenticated, problems
+from app.errors import AppError, InvalidInput, MissingScope, Unauthenticated, problems
 from app.problems import problem_fields, validation_problem
 from app.schemas.types import NOT_NULLABLE, Declared
 from app.security import Principal, authenticate
@@ -136,18 +136,21 @@ _IF_MATCH = re.compile(_IF_MATCH_PATTERN)
 # A version is a bigint: `"v` + at most 19 ASCII digits + `"` (str.isdigit() also takes `²`, and int() refuses
 # more than 4,300 digits: both were 500s).
 _MAX_VERSION = 2**63 - 1
+# An If-Match no version has: the write answers 412 where it compares versions. Not raised here: RFC 9110 §13.2.1
+# evaluates preconditions only on a request otherwise valid, so a bad body or id stays a 422 (docs/security.md, 9).
+NO_VERSION = -1
 
 
 async def _if_match(if_match: Annotated[str | None, NOT_NULLABLE, Declared(pattern=_IF_MATCH_PATTERN), Header(
         max_length=64, description='ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 '
                                    'if stale (or not one of its ETags)')] = None) -> int | None:
-    """The version the caller expects, or None when it did not ask (or said `*`)."""
+    """The version the caller expects (NO_VERSION for one that is none), or None when it did not ask (or said `*`)."""
     match = _IF_MATCH.fullmatch(if_match.strip()) if if_match is not None else None
     if if_match is None or (match and match[1] == "*"):
         return None
     if match is not None and match[3] is not None and int(match[3]) <= _MAX_VERSION:
         return int(match[3])
-    raise PreconditionFailed("If-Match does not match any version of this resource")
+    return NO_VERSION
 
 
 IfMatch = Annotated[int | None, Depends(_if_match)]

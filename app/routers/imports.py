@@ -41,6 +41,8 @@ router = APIRouter(prefix="/imports", tags=["imports"])
 Importer = Annotated[Principal, require(Scope.IMPORTS_WRITE)]
 _FIELDS = ("mapping", "mode", "list_id", "tags", "consent", "blank_erases", "dry_run")
 _JSON_FIELDS = ("mapping", "consent")
+_BOOLEAN_FIELDS = ("blank_erases", "dry_run")
+_FORM_BOOLEANS = {"true": True, "false": False}
 _PAGE = 5000
 
 _UPLOAD_BODY: dict[str, Any] = {
@@ -211,7 +213,9 @@ def _options(items: list[tuple[str, Any]]) -> ImportOptions:
             except ValueError:
                 raise InvalidInput.one(key, "not valid JSON", "json_invalid") from None
         else:
-            data[key] = value
+            # A form field is text: `true`/`false` spell a boolean; anything else (`0`, `no`, ...) is refused by
+            # the strict schema rather than read as false (docs/security.md, Class 6).
+            data[key] = _FORM_BOOLEANS.get(value.strip().lower(), value) if key in _BOOLEAN_FIELDS else value
     if tags:
         data["tags"] = tags
     try:

@@ -11,7 +11,7 @@ from app.access import describe
 from app.db import ReadSession
 from app.routers.deps import JSONBody
 from app.schemas.journal import JournalPage, present_entry
-from app.schemas.types import Email, Limit, Phone, SearchText, Timestamp
+from app.schemas.types import Email, Limit, Phone, QueryTimestamp, SearchText
 from app.security import Principal, Scope, require
 from app.services import journal as journal_service
 from app.services import suppressions as suppressions_service
@@ -33,8 +33,8 @@ async def list_journal_entries(
     phone: Annotated[Phone | None, Query(description="Likewise, by phone")] = None,
     subject: SearchText | None = None,
     token_id: Annotated[str | None, Query(max_length=64)] = None,
-    since: Timestamp | None = None,
-    until: Timestamp | None = None,
+    since: QueryTimestamp | None = None,
+    until: QueryTimestamp | None = None,
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
 ) -> Any:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas.base import InputSchema
+from app.schemas.strict import FromJSON
 from app.schemas.types import AttributeName, LongText, ShortText, TagName
 
 __all__ = ["AttributeCreate", "AttributePatch", "AttributeRead", "AttributeType", "TagCreate", "TagRead"]
@@ -36,7 +37,7 @@ class AttributeCreate(InputSchema):
     ]})
 
     name: AttributeName
-    type: AttributeType
+    type: Annotated[AttributeType, FromJSON]
     options: Options | None = Field(default=None, max_length=500, description="Required for enum and multi_enum")
     description: LongText | None = None
 

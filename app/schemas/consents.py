@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
+from app.schemas.strict import FromJSON
 from app.schemas.types import AwareTimestamp, Declared, LongText, ShortText, one_of_required
 from app.security.masking import mask_text
 
@@ -82,8 +83,8 @@ class ConsentCreate(InputSchema):
         {"required": ["proof"], "properties": {"proof": {"not": {"type": "null"}}}},
     ]})
 
-    purpose: ConsentPurpose
-    action: ConsentAction
+    purpose: Annotated[ConsentPurpose, FromJSON]
+    action: Annotated[ConsentAction, FromJSON]
     source: ShortText | None = Field(default=None, description="Where it happened: newsletter_form, checkout, ...")
     occurred_at: AwareTimestamp | None = Field(
         default=None, description="When the person acted (default: now); never in the future"

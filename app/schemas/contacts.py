@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from app.access import reveal
 from app.schemas.base import InputSchema
+from app.schemas.strict import FromJSON
 from app.schemas.types import (
     CountryCode,
+    Day,
     Email,
     ExternalId,
     Phone,
@@ -116,13 +118,13 @@ class _ContactFields(InputSchema):
     job_title: ShortText | None = None
     sector: ShortText | None = None
     gender: ShortText | None = Field(default=None, max_length=32)
-    birth_date: date | None = Field(default=None, description="From 1900-01-01 to today (the server's date)")
+    birth_date: Day | None = Field(default=None, description="From 1900-01-01 to today (the server's date)")
     address: Address | None = None
     language: ShortText | None = Field(default=None, max_length=35, description="BCP 47 tag, e.g. fr or fr-BE")
-    source: ContactSource | None = None
+    source: Annotated[ContactSource, FromJSON] | None = None
     first_contact_at: Timestamp | None = None
     first_contact_channel: ShortText | None = None
-    kind: ContactKind | None = absent_or_set()
+    kind: Annotated[ContactKind, FromJSON] | None = absent_or_set()
     attributes: dict[Annotated[str, StringConstraints(max_length=63)], Any] | None = Field(
         default=None, max_length=MAX_ATTRIBUTES,
         description=f"Custom attributes, typed by /v1/attributes (at most {MAX_ATTRIBUTES} a request). In a patch, "

@@ -22,7 +22,8 @@ from pydantic import (
 )
 
 from app.schemas.base import InputSchema
-from app.schemas.types import NON_BLANK, CurrencyCode, Declared, ShortText, absent_or_set, one_of_required
+from app.schemas.strict import FromJSON
+from app.schemas.types import NON_BLANK, CurrencyCode, Declared, ShortText, Uuid, absent_or_set, one_of_required
 
 __all__ = [
     "SECRET_FIELDS",
@@ -169,14 +170,14 @@ def config_model(kind: DestinationKind) -> type[_Config]:
 
 
 class ListMapping(InputSchema):
-    list_id: uuid.UUID
+    list_id: Uuid
     remote_list_id: RemoteName
     double_opt_in: bool = Field(default=False, description="Confirm through the vendor (Mailchimp pending, "
                                                            "Brevo doubleOptinConfirmation)")
 
 
 class SegmentMapping(InputSchema):
-    segment_id: uuid.UUID
+    segment_id: Uuid
     remote_list_id: RemoteName | None = Field(
         default=None, description="Brevo: the list the segment fills; Mailchimp: the audience whose members get "
                                   "the tag (an audience of list_mappings); webhook: none")
@@ -225,7 +226,7 @@ def _config_by_kind() -> dict[str, Any]:
 
 class DestinationCreate(_Mapped):
     model_config = ConfigDict(json_schema_extra=_config_by_kind())
-    kind: DestinationKind
+    kind: Annotated[DestinationKind, FromJSON]
     name: DestinationName
     enabled: bool = True
     config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS,

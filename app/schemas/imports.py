@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from app.schemas.base import InputSchema
 from app.schemas.lists import SubscribeConsent
-from app.schemas.types import TagName
+from app.schemas.strict import FromJSON
+from app.schemas.types import TagName, Uuid
 from app.schemas.workers import WorkersSeen
 
 __all__ = ["MAX_FORM_FIELD_CHARS", "ImportAccepted", "ImportMode", "ImportOptions", "ImportRead", "ImportStatus",
@@ -43,8 +44,8 @@ class ImportOptions(InputSchema):
                   Annotated[str, StringConstraints(max_length=100)] | None] | None = Field(
         default=None, max_length=MAX_MAPPED_COLUMNS,
         description="{column name: field} (null ignores a column); when absent, guessed from headers")
-    mode: ImportMode = ImportMode.UPSERT
-    list_id: uuid.UUID | None = Field(default=None, description="Subscribe every imported row to this list")
+    mode: Annotated[ImportMode, FromJSON] = ImportMode.UPSERT
+    list_id: Uuid | None = Field(default=None, description="Subscribe every imported row to this list")
     tags: list[TagName] = Field(default_factory=list, max_length=100, description="Added to every imported row")
     consent: SubscribeConsent | None = Field(
         default=None,

@@ -14,7 +14,8 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentProof
 from app.schemas.contacts import ContactKind
-from app.schemas.types import NON_BLANK, Declared, LongText, ShortText, absent_or_set
+from app.schemas.strict import FromJSON
+from app.schemas.types import NON_BLANK, Declared, LongText, ShortText, Uuid, absent_or_set
 
 __all__ = [
     "ConfirmPreview",
@@ -73,7 +74,7 @@ def _distinct_origins(origins: list[str]) -> list[str]:
 MAX_BATCH = 1000  # contacts in add and remove together
 
 ListName = Annotated[ShortText, StringConstraints(min_length=1, max_length=100), NON_BLANK]
-AcceptedKinds = Annotated[list[ContactKind], Field(min_length=1, max_length=len(ContactKind)),
+AcceptedKinds = Annotated[list[Annotated[ContactKind, FromJSON]], Field(min_length=1, max_length=len(ContactKind)),
                           AfterValidator(_distinct)]
 # What _origin accepts, for the contract: a DNS name or an IPv4 address (an IPv6 one in brackets is accepted too, and
 # not declared), and a port up to 65535.
@@ -174,7 +175,8 @@ class ListPage(BaseModel):
 class SubscribeConsent(InputSchema):
     """The newsletter-form case: the email_marketing consent given with the subscription."""
 
-    occurred_at: AwareDatetime | None = Field(default=None, description="When the person agreed (default: now)")
+    occurred_at: Annotated[AwareDatetime, FromJSON] | None = Field(
+        default=None, description="When the person agreed (default: now)")
     source: ShortText | None = None
     proof: ConsentProof
 
@@ -207,9 +209,9 @@ class MemberBatch(InputSchema):
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
 
-    add: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_BATCH,
-                                 description="Contacts to subscribe (ledger consent needed)")
-    remove: list[uuid.UUID] = Field(default_factory=list, max_length=MAX_BATCH, description="Contacts to unsubscribe")
+    add: list[Uuid] = Field(default_factory=list, max_length=MAX_BATCH,
+                            description="Contacts to subscribe (ledger consent needed)")
+    remove: list[Uuid] = Field(default_factory=list, max_length=MAX_BATCH, description="Contacts to unsubscribe")
     source: ShortText | None = Field(default=None, description="Source recorded on added memberships")
 
     @model_validator(mode="after")

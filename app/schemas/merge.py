@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
-
 from pydantic import BaseModel, Field
 
 from app.schemas.base import InputSchema
 from app.schemas.contacts import ContactRead
+from app.schemas.types import Uuid
 
 __all__ = ["DuplicatePairRead", "DuplicatesPage", "MergeRequest"]
 
 
 class MergeRequest(InputSchema):
-    duplicate_id: uuid.UUID = Field(description="The contact merged into this one, then deleted")
+    duplicate_id: Uuid = Field(description="The contact merged into this one, then deleted")
 
 
 class DuplicatePairRead(BaseModel):

@@ -24,7 +24,17 @@ from pydantic import (
 from app.access import reveal
 from app.schemas.base import InputSchema
 from app.schemas.freeform import FreeJSONObject
-from app.schemas.types import NON_BLANK, AwareTimestamp, CurrencyCode, Email, ExternalId, ShortText, one_of_required
+from app.schemas.strict import FromJSON
+from app.schemas.types import (
+    NON_BLANK,
+    AwareTimestamp,
+    CurrencyCode,
+    Email,
+    ExternalId,
+    ShortText,
+    Uuid,
+    one_of_required,
+)
 from app.security.masking import mask_json
 
 __all__ = [
@@ -67,7 +77,7 @@ def _money_text(value: Any) -> Any:
     return value
 
 
-Money = Annotated[Decimal, BeforeValidator(_money_text), Field(ge=0, le=MAX_MONEY), AfterValidator(_cents),
+Money = Annotated[Decimal, BeforeValidator(_money_text), Field(ge=0, le=MAX_MONEY), FromJSON, AfterValidator(_cents),
                   WithJsonSchema(_MONEY_SCHEMA, mode="validation")]
 Currency = Annotated[CurrencyCode, Field(
     description="ISO 4217: an active code, or one withdrawn since 2007 (past orders), e.g. EUR")]
@@ -95,7 +105,7 @@ class ContactRef(InputSchema):
 
     model_config = ConfigDict(json_schema_extra=one_of_required("id", "external_id", "email"))
 
-    id: uuid.UUID | None = None
+    id: Uuid | None = None
     external_id: ExternalId | None = None
     email: Email | None = None
 
@@ -117,11 +127,11 @@ class OrderItem(InputSchema):
 class OrderPut(InputSchema):
     contact: ContactRef
     placed_at: AwareTimestamp
-    status: OrderStatus
+    status: Annotated[OrderStatus, FromJSON]
     currency: Currency
     total_amount: Money
     items: list[OrderItem] = Field(default_factory=list, max_length=1000)
-    channel: OrderChannel | None = None
+    channel: Annotated[OrderChannel, FromJSON] | None = None
     cart_external_id: ExternalId | None = Field(default=None, description=(
         "The cart this order came from: a known cart of the same contact is closed by it (status converted)"))
 
@@ -160,7 +170,7 @@ class CartPut(InputSchema):
     (`cart_external_id`); a converted cart accepts no further change."""
 
     contact: ContactRef
-    status: CartStatus = CartStatus.OPEN
+    status: Annotated[CartStatus, FromJSON] = CartStatus.OPEN
     currency: Currency
     items: list[OrderItem] = Field(min_length=1, max_length=1000)
     total_amount: Money | None = Field(default=None, description="Default: the sum of quantity × unit_price")

@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.lists import MemberStatus
+from app.schemas.strict import TrueOnly
+from app.schemas.types import Uuid
 
 __all__ = [
     "ErasureConfirmationRequired",
@@ -78,10 +80,10 @@ Confirmation = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 class PreferencesChange(InputSchema):
     """One change per POST: `lists`, `unsubscribe_all`, `export`, `erase` (first step) or `erase_confirmation`."""
 
-    lists: dict[uuid.UUID, Literal["subscribed", "unsubscribed"]] | None = Field(
+    lists: dict[Uuid, Literal["subscribed", "unsubscribed"]] | None = Field(
         default=None, max_length=MAX_LISTS, description="Lists to set; lists not named are left as they are")
-    unsubscribe_all: Literal[True] | None = Field(default=None, description="Withdraw email_marketing (every list)")
-    export: Literal[True] | None = Field(default=None, description="Download everything held (GDPR art. 15)")
+    unsubscribe_all: TrueOnly | None = Field(default=None, description="Withdraw email_marketing (every list)")
+    export: TrueOnly | None = Field(default=None, description="Download everything held (GDPR art. 15)")
     erase: Literal["request"] | None = Field(default=None, description="Ask for erasure: answers a confirmation")
     erase_confirmation: Confirmation | None = Field(default=None, description="The confirmation from `erase`")
 

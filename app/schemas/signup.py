@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, StringConstraints
 
 from app.schemas.base import InputSchema
+from app.schemas.strict import TrueOnly
 from app.schemas.types import Email, ShortText
 
 __all__ = ["HONEYPOT", "MAX_SIGNUP_BYTES", "SignupAccepted", "SignupForm"]
@@ -21,7 +22,7 @@ class SignupForm(InputSchema):
     email: Email
     first_name: Name | None = None
     last_name: Name | None = None
-    consent: Literal[True] = Field(description="The person ticked the consent box (the list's signup_wording); "
+    consent: TrueOnly = Field(description="The person ticked the consent box (the list's signup_wording); "
                                                "form encoding: true, on, 1 or yes")
     website: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         default=None, description="Honeypot: keep it empty and hidden from people (CSS, tabindex=-1, "

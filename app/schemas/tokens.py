@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.base import InputSchema
+from app.schemas.strict import FromJSON
 from app.schemas.types import NON_BLANK, ShortText
 from app.security import ROLE_SCOPES, Role, Scope
 
@@ -23,9 +24,9 @@ class TokenCreate(InputSchema):
         for role in Role]})
     subject: Annotated[ShortText, NON_BLANK] = Field(min_length=1,
                                                      description="Who the token is for, e.g. intern@shop.example")
-    role: Role
-    scopes: list[Scope] | None = Field(default=None, max_length=len(Scope),
-                                       description="Narrow the role's scopes; never widen them")
+    role: Annotated[Role, FromJSON]
+    scopes: list[Annotated[Scope, FromJSON]] | None = Field(
+        default=None, max_length=len(Scope), description="Narrow the role's scopes; never widen them")
     ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
 
 

@@ -8,16 +8,19 @@ can judge (a phone number's validity, ...) is said in the type's description."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Final
 
 import phonenumbers
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from phonenumbers import PhoneMetadata
-from pydantic import AfterValidator, AwareDatetime, Field, GetJsonSchemaHandler, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, GetJsonSchemaHandler, StringConstraints
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
+
+from app.schemas.strict import FromJSON
 
 __all__ = [
     "ATTRIBUTE_NAME_PATTERN",
@@ -29,15 +32,18 @@ __all__ = [
     "AwareTimestamp",
     "CountryCode",
     "CurrencyCode",
+    "Day",
     "Declared",
     "Email",
     "ExternalId",
     "LongText",
     "Phone",
+    "QueryTimestamp",
     "SearchText",
     "ShortText",
     "TagName",
     "Timestamp",
+    "Uuid",
     "absent_or_set",
     "bounded_decimal",
     "configure_phone_region",
@@ -187,6 +193,17 @@ def utc_instant(value: datetime) -> datetime:
     return moment
 
 
+def _not_a_number(value: Any) -> Any:
+    # Pydantic also reads "0" or "1700000000" as seconds since 1970: not the `date-time` the contract declares.
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("an ISO 8601 date-time (2026-12-01T09:30:00Z) or date (2026-12-01), not a number")
+    return value
+
+
 _NUMBER_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")  # a JSON number, as text
 
 
@@ -260,9 +277,14 @@ CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3
                        Declared(
     enum=sorted(_CURRENCIES | _WITHDRAWN_CURRENCIES),
     description="ISO 4217: a current code, or one withdrawn since 2007 (a past order keeps its currency)")]
-# Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`).
-Timestamp = Annotated[datetime, AfterValidator(utc_instant)]  # no offset: UTC
-AwareTimestamp = Annotated[AwareDatetime, AfterValidator(utc_instant)]  # the offset is required
+# Timestamps in UTC that PostgreSQL stores and gives back as sent (so always answered with `Z`). In a body, ISO 8601
+# text only (strict JSON: no number, no date alone); in a query string, any form pydantic reads (`?since=2026-12-01`).
+Timestamp = Annotated[datetime, FromJSON, AfterValidator(utc_instant)]  # no offset: UTC
+AwareTimestamp = Annotated[AwareDatetime, FromJSON, AfterValidator(utc_instant)]  # the offset is required
+QueryTimestamp = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(utc_instant)]
+# In a body (app.schemas.strict): a UUID as its text, a date as YYYY-MM-DD.
+Uuid = Annotated[uuid.UUID, FromJSON]
+Day = Annotated[date, FromJSON]
 AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name),
                           Declared(pattern=ATTRIBUTE_NAME_PATTERN)]
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
