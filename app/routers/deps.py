@@ -157,7 +157,7 @@ IfMatch = Annotated[int | None, Depends(_if_match)]
 
 
 # The header's value as the contract declares it (its description is the route's: what a reuse means there).
-IdempotencyKey = Annotated[str | None, NOT_NULLABLE, Declared(pattern=idempotency_service.KEY_PATTERN)]
+IdempotencyKey = Annotated[str | None, NOT_NULLABLE, Declared(pattern=idempotency_service.KEY_PATTERN, maxLength=255)]
 
 
 @dataclass(slots=True)

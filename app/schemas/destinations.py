@@ -189,7 +189,7 @@ class SegmentMapping(InputSchema):
 FieldMappings = Annotated[dict[RemoteField, RemoteField], WithJsonSchema({
     "type": "object", "maxProperties": MAX_FIELD_MAPPINGS,
     "propertyNames": {"anyOf": [{"enum": sorted(MAPPABLE_FIELDS)}, {"pattern": _ATTRIBUTE_FIELD.pattern}]},
-    "additionalProperties": {"type": "string", "pattern": _REMOTE_FIELD_PATTERN},
+    "additionalProperties": {"type": "string", "maxLength": 100, "pattern": _REMOTE_FIELD_PATTERN},
     "description": "Carnet field (`first_name`, `attributes.size`) → vendor field",
 })]
 

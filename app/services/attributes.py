@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import date
 from typing import Any
@@ -14,7 +15,7 @@ from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, Fi
 from app.models import AttributeDefinition, Contact
 from app.models.base import utc_now
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeType
-from app.schemas.types import bounded_decimal
+from app.schemas.types import ATTRIBUTE_NAME_PATTERN, bounded_decimal
 
 __all__ = ["NUMBER_DIGITS", "NUMBER_PLACES", "create", "delete_definition", "get", "list_all", "normalize_values",
            "update_definition"]
@@ -86,13 +87,17 @@ async def delete_definition(session: AsyncSession, name: str) -> None:
     await session.execute(delete(_defs).where(_defs.c.name == name))
 
 
+_DEFINABLE = re.compile(ATTRIBUTE_NAME_PATTERN)
+
+
 async def normalize_values(
     session: AsyncSession, values: Mapping[str, Any], *, field: str = "attributes"
 ) -> dict[str, Any]:
     """Check each value against its definition and return the stored form; nulls pass through (removals)."""
     if not values:
         return {}
-    names = list(values)
+    # Only a name an attribute can have is looked up: any other (a NUL in it, say) is simply unknown.
+    names = [name for name in values if _DEFINABLE.fullmatch(name)]
     rows = await session.execute(select(_defs).where(_defs.c.name.in_(names)))
     definitions = {r["name"]: r for r in rows.mappings()}
     out: dict[str, Any] = {}

@@ -52,7 +52,8 @@ _SCALARS: dict[str, dict[str, Any]] = {
     # the contact's money columns (numeric(14, 2)): an integer, or a decimal string (a JSON float with at most 2
     # decimals is read too, and not declared: a binary float such as 0.57000000000000001 has more)
     NUMBER: {"anyOf": [{"type": "integer", "minimum": 1 - 10**MONEY_DIGITS, "maximum": 10**MONEY_DIGITS - 1},
-                       {"type": "string", "pattern": rf"^-?[0-9]{{1,{MONEY_DIGITS}}}(\.[0-9]{{1,{MONEY_PLACES}}})?$"}]},
+                       {"type": "string", "maxLength": MONEY_DIGITS + MONEY_PLACES + 2,
+                        "pattern": rf"^-?[0-9]{{1,{MONEY_DIGITS}}}(\.[0-9]{{1,{MONEY_PLACES}}})?$"}]},
     INTEGER: _COUNT, ORDER_COUNT: _COUNT,
     TIMESTAMP: {"anyOf": [{"type": "string", "format": "date-time", "maxLength": 40},
                           {"type": "string", "format": "date"}]},
@@ -60,6 +61,15 @@ _SCALARS: dict[str, dict[str, Any]] = {
     BOOLEAN: {"type": "boolean"}, CONSENT: {"type": "boolean"},
     LISTS: {"type": "string", "format": "uuid"},
 }
+
+
+# A custom attribute's value, whatever its type (the server checks it against the type): bounded text, a number
+# within what a number attribute stores, a flag, or a list of those for in / nin / between.
+_ATTRIBUTE_NUMBER: dict[str, Any] = {"type": "number", "exclusiveMinimum": -10.0**15, "exclusiveMaximum": 10.0**15}
+_ATTRIBUTE_SCALAR: dict[str, Any] = {"anyOf": [_TEXT, _ATTRIBUTE_NUMBER, {"type": "boolean"}]}
+_ATTRIBUTE_VALUE: dict[str, Any] = {"anyOf": [
+    _TEXT, _ATTRIBUTE_NUMBER, {"type": "boolean"},
+    {"type": "array", "minItems": 1, "maxItems": MAX_VALUES, "items": _ATTRIBUTE_SCALAR}]}
 
 
 def _scalar(spec: FieldSpec) -> dict[str, Any]:
@@ -100,15 +110,16 @@ def _conditions(name: str, spec: FieldSpec) -> list[dict[str, Any]]:
 
 def filter_components() -> dict[str, Any]:
     """`SegmentFilter` (a group or a condition) and `SegmentCondition`, for components/schemas."""
-    group_of = {"type": "array", "minItems": 1, "items": {"$ref": FILTER_REF}}
+    group_of = {"type": "array", "minItems": 1, "maxItems": MAX_CONDITIONS, "items": {"$ref": FILTER_REF}}
     attribute_ops = sorted({op for ops in OPS.values() for op in ops})
     conditions = [schema for name, spec in FIELDS.items() for schema in _conditions(name, spec)]
     conditions.append({
         "type": "object", "additionalProperties": False, "required": ["field", "op"],
         "description": "A custom attribute: it must be defined (/v1/attributes), and its type decides the ops and "
                        "the value, as for the fields of the same type (the server judges)",
-        "properties": {"field": {"type": "string", "pattern": "^attributes\\." + ATTRIBUTE_NAME_PATTERN[1:]},
-                       "op": {"enum": attribute_ops}, "value": {}},
+        "properties": {"field": {"type": "string", "maxLength": 74,  # "attributes." and a name of 63
+                                 "pattern": "^attributes\\." + ATTRIBUTE_NAME_PATTERN[1:]},
+                       "op": {"enum": attribute_ops}, "value": _ATTRIBUTE_VALUE},
     })
     return {
         "SegmentFilter": {

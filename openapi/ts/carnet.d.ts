@@ -3963,7 +3963,7 @@ export interface components {
             field: string;
             /** @enum {unknown} */
             op: "between" | "contains" | "eq" | "exists" | "gt" | "gte" | "in" | "lt" | "lte" | "neq" | "nin" | "older_than_days" | "within_days";
-            value?: unknown;
+            value?: string | number | boolean | (string | number | boolean)[];
         };
         /** SegmentCount */
         SegmentCount: {

@@ -2,7 +2,9 @@
 those without a declared bound: arrays without maxItems, strings without maxLength (an enum, a const or a
 format that cannot grow, such as uuid or date-time, bounds them too), objects open to any key without
 maxProperties, numbers without both a minimum and a maximum. A constraint given next to an `anyOf` (an optional
-header: `{"anyOf": [string, null], "maxLength": 255}`) applies to each branch, as in JSON Schema."""
+header: `{"anyOf": [string, null], "maxLength": 255}`) applies to each branch, as in JSON Schema; a combinator
+beside a schema with its own type or properties only narrows it (the contract's cross-field rules), so the base
+schema's bounds are the ones that count."""
 
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ def unbounded_inputs(document: dict[str, Any]) -> list[str]:
             return
         schema = {**inherited, **schema}
         passed = {k: schema[k] for k in _INHERITED if k in schema}
+        # Beside a schema that has its own type or properties, a combinator only narrows what it allows (a rule
+        # such as "one of email or phone is required"): the bounds are the base schema's. Alone, it is the schema.
+        narrowing = "type" in schema or "properties" in schema
         for key in ("anyOf", "oneOf", "allOf"):
-            for branch in schema.get(key, []):
+            for branch in [] if narrowing else schema.get(key, []):
                 walk(branch, where, seen, passed)
         kind = schema.get("type")
         if kind == "array":
