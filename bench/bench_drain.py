@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 
 from app.security.secrets import SecretBox  # noqa: E402
-from bench.scratch_db import drop, recreate  # noqa: E402
+from bench.scratch_db import drop, recreate, seed_prospects  # noqa: E402
 from tests.fakes.brevo import FakeBrevo  # noqa: E402
 from tests.fakes.mailchimp import FakeMailchimp, Member, subscriber_hash  # noqa: E402
 from tests.fakes.server import LiveServer, max_in_window  # noqa: E402
@@ -57,15 +57,8 @@ async def seed(url: str, vendor: str, n: int, remote_list: str, *, orders: bool 
     box = SecretBox.from_setting(None, fallback_master=MASTER)
     conn = await asyncpg.connect(url)
     try:
-        list_id, destination_id = uuid.uuid4(), uuid.uuid4()
-        await conn.execute("INSERT INTO list (id, name, double_opt_in, version, created_at, updated_at) "
-                           "VALUES ($1, 'newsletter', false, 1, now(), now())", list_id)
-        await conn.execute("""
-            INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count,
-                                 total_spent, version, created_at, updated_at, source)
-            SELECT gen_random_uuid(), 'p' || g || '@bench.example', 'unverified', 'prospect', 'prospect', '{}',
-                   '{}', 0, 0, 1, now(), now(), 'import'
-            FROM generate_series(1, $1) g""", n)
+        destination_id = uuid.uuid4()
+        list_id = await seed_prospects(conn, n, "bench.example")
         await conn.execute("""
             INSERT INTO list_membership (list_id, contact_id, status, source, subscribed_at, updated_at)
             SELECT $1, id, 'subscribed', 'import', now(), now() FROM contact""", list_id)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 
 from app.security.secrets import SecretBox  # noqa: E402
-from bench.scratch_db import drop, recreate  # noqa: E402
+from bench.scratch_db import drop, recreate, seed_prospects  # noqa: E402
 from tests.fakes.mailchimp import FakeMailchimp, Member, subscriber_hash  # noqa: E402
 from tests.fakes.server import LiveServer  # noqa: E402
 
@@ -86,15 +86,7 @@ FROM flipped
 async def seed(conn: asyncpg.Connection, n: int, base_url: str) -> list[str]:
     """N contacts subscribed to one list mapped to the fake, already pushed once (links); their emails."""
     box = SecretBox.from_setting(None, fallback_master=MASTER)
-    list_id = uuid.uuid4()
-    await conn.execute("INSERT INTO list (id, name, double_opt_in, version, created_at, updated_at) "
-                       "VALUES ($1, 'newsletter', false, 1, now(), now())", list_id)
-    await conn.execute("""
-        INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count,
-                             total_spent, version, created_at, updated_at, source)
-        SELECT gen_random_uuid(), 'p' || g || '@soak.example', 'unverified', 'prospect', 'prospect', '{}',
-               '{}', 0, 0, 1, now(), now(), 'import'
-        FROM generate_series(1, $1) g""", n)
+    list_id = await seed_prospects(conn, n, "soak.example")
     await conn.execute("CREATE TABLE soak_contact AS SELECT row_number() OVER (ORDER BY email) - 1 AS no, "
                        "id AS contact_id FROM contact")
     await conn.execute("CREATE UNIQUE INDEX ON soak_contact (no)")
