@@ -159,5 +159,21 @@ async def race(live_api: LiveServer, live_worker: WorkerProcess, database_url: s
             print("logged failure:", json.dumps(failure)[:600])
         assert live_api.alive() and live_worker.alive(), "the server or the worker died during the test"
     finally:
-        await db.execute(f"TRUNCATE {_TABLES} CASCADE")
-        await db.close()
+        try:
+            await _empty_every_table(db)
+        finally:
+            await db.close()
+
+
+async def _empty_every_table(db: asyncpg.Connection) -> None:
+    """TRUNCATE takes its table locks one by one while the live worker keeps polling: the worker's transaction
+    may hold one of them and wait for another, and PostgreSQL ends one side as a deadlock. The emptying is
+    tried again (the worker's side retries on its own)."""
+    for attempt in range(10):
+        try:
+            await db.execute(f"TRUNCATE {_TABLES} CASCADE")
+            return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == 9:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
