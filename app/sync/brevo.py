@@ -13,9 +13,9 @@ Per push (see docs/sync.md for the reasoning):
 Erasure: `DELETE /contacts/{id}?identifierType=contact_id` for each of the person's records (404 counts as done);
 Brevo's API deletes no order or event, the contact's deletion is all it offers (docs/sync.md, "Commerce").
 
-Every request waits for the process-wide limiter of its API key (10 req/s with 5% headroom); a 429
-pauses that limiter for `x-sib-ratelimit-reset`/`Retry-After` seconds, is retried in place when the
-wait is short, and otherwise becomes `RetryLater`.
+Every request waits for the process-wide limiter of its API key (at most 10 requests in any 1.05 s, counted
+from when each is on the wire: net.RateLimiter); a 429 pauses that limiter for `x-sib-ratelimit-reset`/`Retry-After`
+seconds, is retried in place when the wait is short, and otherwise becomes `RetryLater`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ __all__ = ["API_URL", "LIST_BATCH", "BrevoAdapter", "BrevoConfig"]
 
 API_URL = "https://api.brevo.com/v3"
 LIST_BATCH = 150            # addContactToListByEmails / removeContactFromListByEmails: maxItems 150
-# The limiter runs at 96% of the vendor's rate (starts 104 ms apart): arrivals at the fake jitter by about
-# +-5 ms (bench_drain's trace), so 11 requests in one second at the vendor would need ten short gaps in a row.
-_HEADROOM = 0.96
 _INLINE_RETRY_MAX_WAIT = 5.0
 _ALREADY = ("already in list", "already removed from list")
 _ADDRESS = re.compile(r"[^@\s/?#]+@[^@\s/?#]+")
@@ -72,7 +69,7 @@ class BrevoAdapter:
         self.client = client
         self._base = config.base_url.rstrip("/")
         self._account = account = hashlib.sha256(config.api_key.encode()).hexdigest()[:16]
-        self._limiter = net.rate_limiter("brevo", account, config.requests_per_second * _HEADROOM)
+        self._limiter = net.rate_limiter("brevo", account, config.requests_per_second)
 
     # -- Adapter ------------------------------------------------------------------------------------
     async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
@@ -264,9 +261,10 @@ class BrevoAdapter:
         """One rate-limited request; 429/5xx/auth problems raise, other answers go back to the caller."""
         headers = {"api-key": self.config.api_key, "accept": "application/json"}
         for attempt in range(3):
-            await self._limiter.acquire()
-            response = await net.call(self.client, method, self._base + path, deadline=self.config.deadline_seconds,
-                                      headers=headers, **kwargs)
+            async with self._limiter.slot() as sent:
+                response = await net.call(self.client, method, self._base + path,
+                                          deadline=self.config.deadline_seconds, on_sent=sent, headers=headers,
+                                          **kwargs)
             status = response.status_code
             if status == 429:
                 wait = net.retry_after(response.headers, default=self.config.retry_after_default)

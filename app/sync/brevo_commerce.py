@@ -5,6 +5,8 @@
    (`updateEnabled: true`, at most `BATCH` each), before any order.
 3. orders: `POST /orders/status/batch`, the person identified by `email_id`; a person without a current
    email_marketing grant has theirs sent `historical: true` (kept for reporting, no automation runs on it).
+   The batches of a push go side by side, a contact's orders in one call (or, beyond `BATCH`, in calls one
+   after the other), so its statuses reach Brevo in Carnet's order.
 4. carts: Brevo has no cart API: a cart is the custom event `cart_updated` (`POST /events`, its lines, total and
    `checkout_url` in `event_properties`), one that closed or lost its grant `cart_deleted`.
 5. events of `push_events`: `POST /events`, `event_name` the type (`.` read as `_`: Brevo takes letters, digits,
@@ -29,6 +31,7 @@ __all__ = ["BATCH", "push_commerce"]
 BATCH = 100                 # products, categories and orders per batch call (Brevo documents no cap: ours)
 Request = Callable[..., Awaitable[httpx.Response]]
 Reason = Callable[[str, httpx.Response], str]
+OrderBatch = tuple[list[ContactState], list[dict[str, Any]]]     # the contacts of one call, and their orders
 _activated: set[str] = set()        # API address|account whose e-commerce app this process switched on
 
 
@@ -48,15 +51,20 @@ async def push_commerce(request: Request, reason: Reason, account: str, states: 
     if products:
         fail(owing, await _activate(request, reason, account) or await _catalogue(request, reason, products))
         owing = [s for s in owing if s.contact_id not in errors]
-    for historical in (False, True):
-        group = [s for s in owing if s.commerce.orders and s.commerce.may_market is not historical]  # type: ignore[union-attr]
-        for start in range(0, len(group), BATCH):
-            part = group[start:start + BATCH]
-            orders = [_order(s.email, o) for s in part for o in s.commerce.orders]  # type: ignore[union-attr]
-            for first in range(0, len(orders), BATCH):
-                response = await request("POST", "/orders/status/batch",
-                                         json={"orders": orders[first:first + BATCH], "historical": historical})
-                fail(part, None if response.status_code in (200, 201, 202) else reason("orders", response))
+
+    async def send_orders(chain: list[OrderBatch], historical: bool) -> None:
+        for part, orders in chain:
+            if any(s.contact_id in errors for s in part):
+                return  # a contact's later statuses never overtake its failed earlier ones
+            response = await request("POST", "/orders/status/batch", json={"orders": orders, "historical": historical})
+            fail(part, None if response.status_code in (200, 201, 202) else reason("orders", response))
+
+    # The calls of a push go at once (the limiter sets the pace): one after the other they used half the rate.
+    await net.run_all(
+        send_orders(chain, historical) for historical in (False, True)
+        for chain in _order_chains([s for s in owing if s.commerce.orders  # type: ignore[union-attr]
+                                    and s.commerce.may_market is not historical])  # type: ignore[union-attr]
+    )
 
     async def events_of(state: ContactState) -> None:
         commerce = state.commerce
@@ -83,18 +91,43 @@ async def _activate(request: Request, reason: Reason, account: str) -> str | Non
 
 
 async def _catalogue(request: Request, reason: Reason, products: Sequence[Product]) -> str | None:
+    """Categories, then the products that name them; the batches of each step at once."""
     categories = sorted({p.category for p in products if p.category})
-    for start in range(0, len(categories), BATCH):
-        response = await request("POST", "/categories/batch", json={"updateEnabled": True, "categories": [
-            {"id": c, "name": c} for c in categories[start:start + BATCH]]})
+    problems: list[str] = []
+
+    async def batch(path: str, step: str, body: dict[str, Any]) -> None:
+        response = await request("POST", path, json={"updateEnabled": True, **body})
         if response.status_code not in (200, 201, 204):
-            return reason("categories", response)
-    for start in range(0, len(products), BATCH):
-        response = await request("POST", "/products/batch", json={"updateEnabled": True, "products": [
-            _product(p) for p in products[start:start + BATCH]]})
-        if response.status_code not in (200, 201, 204):
-            return reason("products", response)
-    return None
+            problems.append(reason(step, response))
+
+    await net.run_all(batch("/categories/batch", "categories", {"categories": [
+        {"id": c, "name": c} for c in categories[start:start + BATCH]]}) for start in range(0, len(categories), BATCH))
+    if not problems:
+        await net.run_all(batch("/products/batch", "products", {"products": [
+            _product(p) for p in products[start:start + BATCH]]}) for start in range(0, len(products), BATCH))
+    return problems[0] if problems else None
+
+
+def _order_chains(states: Sequence[ContactState]) -> list[list[OrderBatch]]:
+    """Orders packed `BATCH` to a call, a contact's orders (oldest first) never split across calls that go at once:
+    each chain is sent in order, the chains side by side. A contact with more than `BATCH` orders has a chain of
+    its own."""
+    chains: list[list[OrderBatch]] = []
+    part: list[ContactState] = []
+    orders: list[dict[str, Any]] = []
+    for state in states:
+        mine = [_order(state.email, o) for o in state.commerce.orders]  # type: ignore[union-attr]
+        if len(mine) > BATCH:
+            chains.append([([state], mine[i:i + BATCH]) for i in range(0, len(mine), BATCH)])
+            continue
+        if len(orders) + len(mine) > BATCH:
+            chains.append([(part, orders)])
+            part, orders = [], []
+        part.append(state)
+        orders += mine
+    if orders:
+        chains.append([(part, orders)])
+    return chains
 
 
 def _product(product: Product) -> dict[str, Any]:

@@ -22,13 +22,14 @@ Exceptions raised here are the adapters' contract types (`app.sync.base`):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ipaddress
 import math
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,6 +64,10 @@ _METADATA = frozenset(
     for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254", "fd00:ec2::23")
 )
 _CARRIER_NAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space (RFC 6598): not the internet
+# A vendor's 1-second window, seen from our send times, is widened by this: the time between our send and the
+# vendor's stamp varies by a few ms on loopback (bench_drain's trace); 50 ms leaves room for a starved machine.
+WINDOW_MARGIN = 0.05
+_PENDING_POLL = 0.005       # every admitted request is still on its way to the wire: look again this soon
 
 
 class BlockedAddress(DeliveryFailed):
@@ -200,9 +205,18 @@ def build_client(
 
 
 async def call(
-    client: httpx.AsyncClient, method: str, url: str, *, deadline: float, **kwargs: Any
+    client: httpx.AsyncClient, method: str, url: str, *, deadline: float, on_sent: Callable[[], None] | None = None,
+    **kwargs: Any,
 ) -> httpx.Response:
-    """One vendor request with its body read, under an overall deadline; network trouble → DeliveryFailed."""
+    """One vendor request with its body read, under an overall deadline; network trouble → DeliveryFailed.
+
+    `on_sent` is called once the request's headers are written to the socket (a rate limiter's send time)."""
+    if on_sent is not None:
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            if event.endswith("send_request_headers.complete"):
+                on_sent()
+
+        kwargs["extensions"] = {**kwargs.get("extensions", {}), "trace": trace}
     try:
         async with asyncio.timeout(deadline):
             return await client.request(method, url, follow_redirects=False, **kwargs)
@@ -235,29 +249,84 @@ def retry_after(headers: Mapping[str, str], *, default: float, now: float | None
 
 
 class RateLimiter:
-    """Evenly spaced request starts: at most `rate` per second, including retries; shared per API key.
+    """At most `limit` requests in any `window` seconds, counted the way a vendor counts arrivals; per API key.
 
-    No lock: the check and the reservation happen without an await between them, so the limiter works on
-    any event loop.
+    A request counts from its admission until it is on the wire (`sent`, which `call` reports from httpcore's trace
+    of the request headers), and then for `window` seconds from that moment. A request admitted and then held back
+    by a busy event loop therefore cannot let later ones crowd into its second at the vendor: whatever the lag
+    between admission and send, no `window` of send times holds more than `limit` (docs/sync.md, "Rate"). The
+    window is 1 s plus `WINDOW_MARGIN` for what the send time cannot see (the network, the vendor's own stamping).
+    Admissions are also kept `spacing` apart (half the mean interval): a backlog does not go out in one burst,
+    yet the pace can catch up after a stall.
+
+    No lock: the check and the reservation happen without an await between them, so it works on any event loop.
     """
 
     def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate
-        self._next = 0.0
+        self._sent: list[float] = []        # send times still inside the window, oldest first
+        self._pending = 0                   # admitted, not on the wire yet
+        self._last = -math.inf              # the last admission
+        self._not_before = 0.0              # a vendor-asked pause
+        self.configure(rate)
+
+    def configure(self, rate: float) -> None:
+        """`rate` requests per second: floor(rate) per window of 1 s + margin; below 1/s, one per 1/rate s + margin."""
+        self.limit = max(1, math.floor(rate))
+        self.window = max(1.0, self.limit / rate) + WINDOW_MARGIN
+        self.spacing = self.interval / 2
+
+    @property
+    def interval(self) -> float:
+        """The mean time between requests at full speed."""
+        return self.window / self.limit
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Callable[[], None]]:
+        """Admission for one request; call the `sent` it yields once the request is on the wire (else: at the end,
+        which may be later than the send: counting a request longer is always safe)."""
+        await self._admit()
+        done = False
+
+        def sent() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._pending -= 1
+                bisect.insort(self._sent, time.monotonic())
+
+        try:
+            yield sent
+        finally:
+            sent()
 
     async def acquire(self) -> None:
-        """Wait for a slot measured when the request really starts: if the event loop was busy when a slot
-        came due, the next requests are not sent in a burst behind it (the vendor counts arrivals)."""
-        while True:
-            now = time.monotonic()
-            if now >= self._next:
-                self._next = now + self.interval
-                return
-            await asyncio.sleep(self._next - now)
+        """Admission for a request that is counted as sent at once."""
+        async with self.slot():
+            pass
 
     def pause(self, seconds: float) -> None:
         """The vendor said wait: no request from anyone sharing this key before then."""
-        self._next = max(self._next, time.monotonic() + seconds)
+        self._not_before = max(self._not_before, time.monotonic() + seconds)
+
+    async def _admit(self) -> None:
+        while True:
+            now = time.monotonic()
+            wait = self._wait(now)
+            if wait <= 0:
+                self._pending += 1
+                self._last = now
+                return
+            await asyncio.sleep(wait)
+
+    def _wait(self, now: float) -> float:
+        sent = self._sent
+        while sent and sent[0] <= now - self.window:
+            sent.pop(0)
+        wait = max(self._not_before - now, self._last + self.spacing - now)
+        if self._pending + len(sent) >= self.limit:
+            # Full: until the oldest send leaves the window, or (all of them still pending) a moment.
+            wait = max(wait, sent[0] + self.window - now if sent else _PENDING_POLL)
+        return wait
 
 
 class Gate:
@@ -298,9 +367,9 @@ def set_share(processes: int) -> None:
 def rate_limiter(vendor: str, account: str, rate: float) -> RateLimiter:
     """This process's limiter for one vendor account (the key's fingerprint, never the key, is the name)."""
     limiter = _limiters.get((vendor, account)) or _limiters.setdefault((vendor, account), RateLimiter(rate))
-    # In place, so a vendor-asked pause already booked is kept. Shared, a little less: the processes' request
-    # starts are not in step, and a jittered arrival from each can land in the same second at the vendor.
-    limiter.interval = _share / (rate * (SHARED_HEADROOM if _share > 1 else 1.0))
+    # In place, so a vendor-asked pause and the requests in the window are kept. Shared, a little less: the
+    # processes' windows are not in step, and a jittered arrival from each can land in the same second.
+    limiter.configure(rate / _share * (SHARED_HEADROOM if _share > 1 else 1.0))
     return limiter
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -184,16 +186,60 @@ class TestRetryAfter:
         assert net.retry_after({"x-sib-ratelimit-reset": "inf"}, default=1) == 3600
 
 
+async def _arrivals(limiter: net.RateLimiter, n: int, lags: list[float], noise: list[float], *,
+                    counted_at_send: bool) -> list[float]:
+    """When n requests reach the vendor: the k-th admitted is held back lags[k] (a busy event loop between the
+    limiter and the socket), then goes on the wire, then arrives noise[k] later (network, the vendor's stamp)."""
+    arrivals: list[float] = []
+    admitted = itertools.count()
+
+    async def one() -> None:
+        async with limiter.slot() as sent:
+            k = next(admitted)
+            if not counted_at_send:
+                sent()              # what a limiter that counts at admission does
+            await asyncio.sleep(lags[k])
+            sent()
+            arrivals.append(time.monotonic() + noise[k])
+            await asyncio.sleep(0.02)  # the answer
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return arrivals
+
+
 class TestPacing:
-    async def test_the_limiter_spaces_starts(self) -> None:
+    async def test_the_limiter_spreads_starts_and_caps_each_window(self) -> None:
         limiter = net.RateLimiter(50)
         starts = []
         began = time.monotonic()
-        for _ in range(30):
+        for _ in range(60):
             await limiter.acquire()
             starts.append(time.monotonic())
-        assert time.monotonic() - began >= 29 / 50 - 0.01
+        assert time.monotonic() - began >= 1.0 + net.WINDOW_MARGIN - 0.01   # the 51st waited for the window
         assert max_in_window(starts) <= 50
+        assert min(b - a for a, b in itertools.pairwise(starts)) >= limiter.spacing - 0.002
+
+    async def test_no_second_at_the_vendor_exceeds_the_limit_under_scheduling_jitter(self) -> None:
+        """A third of the requests are held back 50-300 ms between admission and the wire, and each arrives up to
+        40 ms after its send: still never more than 20 in any 1-second window at the vendor, and the rate used."""
+        draw = random.Random(20)
+        n = 70
+        lags = [draw.uniform(0.05, 0.3) if draw.random() < 0.33 else 0.0 for _ in range(n)]
+        noise = [draw.uniform(0.0, 0.04) for _ in range(n)]
+        arrivals = await _arrivals(net.RateLimiter(20), n, lags, noise, counted_at_send=True)
+        assert max_in_window(arrivals) <= 20
+        ordered = sorted(arrivals)
+        assert (n - 1) / (ordered[-1] - ordered[0]) >= 0.8 * 20
+
+    async def test_counting_at_admission_lets_a_held_back_request_crowd_a_second(self) -> None:
+        """The same measure against the failure it guards: the first request held back 0.7 s lands in the next
+        window's second, beside its 20 requests. Counted from its send, it holds one of them back."""
+        n = 41
+        lags = [0.7 if k == 0 else 0.0 for k in range(n)]
+        arrivals = await _arrivals(net.RateLimiter(20), n, lags, [0.0] * n, counted_at_send=False)
+        assert max_in_window(arrivals) > 20
+        arrivals = await _arrivals(net.RateLimiter(20), n, lags, [0.0] * n, counted_at_send=True)
+        assert max_in_window(arrivals) <= 20
 
     async def test_a_pause_holds_everyone_sharing_the_key(self) -> None:
         limiter = net.rate_limiter("test", "k1", 100)
