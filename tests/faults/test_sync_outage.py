@@ -244,8 +244,9 @@ def shops() -> Iterator[tuple[FakeBrevo, FakeServer, FakeMailchimp, FakeServer]]
 
 async def _seed_shop(http: httpx.AsyncClient, db_url: str, brevo: FakeBrevo, brevo_url: str,
                      mailchimp_url: str) -> list[str]:
-    """SHOP buyers on one list mapped to both vendors (Brevo already holds them, as a shop's steady state: their
-    sync links are written here, else 1,000 first upserts at 10/s would be the drill), each with a grant."""
+    """SHOP buyers on one list mapped to both vendors, each with a grant, already at the vendors as in a shop's
+    steady state: the outbox messages of their creation are marked dispatched and Brevo holds them (their sync
+    links written here), else 1,000 first profile writes at Brevo's 10/s would be the drill, not the orders."""
     response = await http.post("/v1/lists", json={"name": "drill-shop"}, headers=ADMIN)
     assert response.status_code == 201, response.text
     shop_list = response.json()["id"]
@@ -259,19 +260,23 @@ async def _seed_shop(http: httpx.AsyncClient, db_url: str, brevo: FakeBrevo, bre
         response = await http.post("/v1/contacts/batch", json={"items": items}, headers=ADMIN)
         assert response.status_code == 200, response.text
         ids += [r["id"] for r in response.json()["results"]]
-    await _batch(http, shop_list, add=ids)
     brevo.seed([f"buyer-{i}@shop.example" for i in range(SHOP)])     # Brevo ids 1..SHOP, in this order
     conn = await asyncpg.connect(db_url)
-    try:
-        await conn.executemany("INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at) "
-                               "VALUES ($1, $2, $3, now())",
-                               [(uuid.UUID(brevo_id), uuid.UUID(c), str(n)) for n, c in enumerate(ids, 1)])
+    try:  # the grant first: a list add without one is refused item by item
         await conn.execute("""
             INSERT INTO consent_event (contact_id, purpose, action, source, occurred_at, recorded_at, recorded_by,
                                        proof)
             SELECT id, 'email_marketing', 'granted', 'drill', now() - interval '1 day', now(), 'drill',
                    '{"wording": "yes"}'::jsonb
             FROM contact WHERE email LIKE 'buyer-%'""")
+        await _batch(http, shop_list, add=ids)
+        await conn.execute("UPDATE outbox_message SET dispatched_at = now() WHERE dispatched_at IS NULL")
+        await conn.executemany("INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at) "
+                               "VALUES ($1, $2, $3, now())",
+                               [(uuid.UUID(brevo_id), uuid.UUID(c), str(n)) for n, c in enumerate(ids, 1)])
+        members = await conn.fetchval("SELECT count(*) FROM list_membership WHERE list_id = $1 AND status = "
+                                      "'subscribed'", uuid.UUID(shop_list))
+        assert members == SHOP
     finally:
         await conn.close()
     return ids
@@ -317,9 +322,23 @@ async def _assert_orders_at_both(db_url: str, brevo: FakeBrevo, mailchimp: FakeM
     assert len(carnet) == SHOP
     assert {i: o["status"] for i, o in brevo.orders.items()} == carnet
     assert brevo.orders_before_products == []
+    assert STORE in mailchimp.stores, str(await _destinations(db_url))
     held = mailchimp.stores[STORE].orders
     assert {i: (o.get("financial_status"), o.get("fulfillment_status")) for i, o in held.items()} == {
         i: MAILCHIMP_STATUS[s] for i, s in carnet.items()}
+
+
+async def _destinations(db_url: str) -> list[dict[str, Any]]:
+    """Each destination's state and deliveries (what an assertion shows when a vendor got nothing)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        return [dict(r) for r in await conn.fetch("""
+            SELECT d.kind, d.enabled, d.last_error, d.disabled_reason, d.config::text, d.list_mappings::text, x.status,
+                   count(x.id) AS deliveries
+            FROM destination d LEFT JOIN delivery x ON x.destination_id = d.id
+            GROUP BY 1, 2, 3, 4, 5, 6, 7""")]
+    finally:
+        await conn.close()
 
 
 async def test_orders_survive_vendor_down_worker_killed_database_restarted(

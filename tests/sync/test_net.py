@@ -249,6 +249,49 @@ class TestPacing:
         await limiter.acquire()
         assert time.monotonic() - began >= 0.29
 
+    async def test_the_gate_lets_waiters_in_one_by_one_first_come_first_served(self) -> None:
+        gate = net.Gate(2)
+        order: list[int] = []
+        peak = inside = 0
+
+        async def hold(k: int) -> None:
+            nonlocal peak, inside
+            async with gate:
+                inside += 1
+                peak = max(peak, inside)
+                order.append(k)
+                await asyncio.sleep(0.01)
+                inside -= 1
+
+        await asyncio.gather(*(hold(k) for k in range(20)))
+        assert peak == 2 and order == list(range(20))
+
+    async def test_the_gate_grows_at_once_and_a_cancelled_waiter_gives_its_place_on(self) -> None:
+        gate = net.Gate(1)
+        release = asyncio.Event()
+        entered: list[str] = []
+
+        async def hold(name: str) -> None:
+            async with gate:
+                entered.append(name)
+                await release.wait()
+
+        first = asyncio.create_task(hold("first"))
+        await asyncio.sleep(0.01)
+        doomed, third = asyncio.create_task(hold("doomed")), asyncio.create_task(hold("third"))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        gate.size = 2                              # a place opens: the next live waiter takes it
+        await asyncio.sleep(0.01)
+        assert entered == ["first", "third"]
+        release.set()
+        await asyncio.gather(first, third)
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        async with gate:                           # nothing leaked: both places are free again
+            async with gate:
+                pass
+
     async def test_run_all_raises_the_longest_wait(self) -> None:
         async def wait(seconds: float) -> None:
             raise RetryLater("429", after_seconds=seconds)
