@@ -26,6 +26,7 @@ import bisect
 import collections
 import contextlib
 import ipaddress
+import itertools
 import math
 import socket
 import time
@@ -69,6 +70,9 @@ _CARRIER_NAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space (RF
 # vendor's stamp varies by a few ms on loopback (bench_drain's trace); 50 ms leaves room for a starved machine.
 WINDOW_MARGIN = 0.05
 _PENDING_POLL = 0.005       # every admitted request is still on its way to the wire: look again this soon
+# An admitted request not on the wire after this long belongs to a task that is gone (a call's deadline is 30 s):
+# it stops counting, so a lost one cannot hold a key's limiter shut forever.
+_PENDING_MAX = 120.0
 
 
 class BlockedAddress(DeliveryFailed):
@@ -265,7 +269,8 @@ class RateLimiter:
 
     def __init__(self, rate: float) -> None:
         self._sent: list[float] = []        # send times still inside the window, oldest first
-        self._pending = 0                   # admitted, not on the wire yet
+        self._pending: dict[int, float] = {}    # admitted, not on the wire yet: ticket -> admission time
+        self._tickets = itertools.count()
         self._last = -math.inf              # the last admission
         self._not_before = 0.0              # a vendor-asked pause
         self.configure(rate)
@@ -285,14 +290,10 @@ class RateLimiter:
     async def slot(self) -> AsyncIterator[Callable[[], None]]:
         """Admission for one request; call the `sent` it yields once the request is on the wire (else: at the end,
         which may be later than the send: counting a request longer is always safe)."""
-        await self._admit()
-        done = False
+        ticket = await self._admit()
 
         def sent() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                self._pending -= 1
+            if self._pending.pop(ticket, None) is not None:
                 bisect.insort(self._sent, time.monotonic())
 
         try:
@@ -309,22 +310,24 @@ class RateLimiter:
         """The vendor said wait: no request from anyone sharing this key before then."""
         self._not_before = max(self._not_before, time.monotonic() + seconds)
 
-    async def _admit(self) -> None:
+    async def _admit(self) -> int:
         while True:
             now = time.monotonic()
             wait = self._wait(now)
             if wait <= 0:
-                self._pending += 1
-                self._last = now
-                return
+                ticket = next(self._tickets)
+                self._pending[ticket] = self._last = now
+                return ticket
             await asyncio.sleep(wait)
 
     def _wait(self, now: float) -> float:
         sent = self._sent
         while sent and sent[0] <= now - self.window:
             sent.pop(0)
+        for ticket in [t for t, at in self._pending.items() if at < now - _PENDING_MAX]:
+            del self._pending[ticket]
         wait = max(self._not_before - now, self._last + self.spacing - now)
-        if self._pending + len(sent) >= self.limit:
+        if len(self._pending) + len(sent) >= self.limit:
             # Full: until the oldest send leaves the window, or (all of them still pending) a moment.
             wait = max(wait, sent[0] + self.window - now if sent else _PENDING_POLL)
         return wait
