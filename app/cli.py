@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import driver_connection, make_engine, make_sessionmaker
+from app.db import BACKGROUND_POOL_TIMEOUT, driver_connection, make_engine, make_sessionmaker
 from app.embedded import EmbeddedPostgres
 from app.errors import AppError
 from app.migrations import Applied
@@ -278,7 +278,7 @@ async def _run_worker(settings: Settings, *, once: bool) -> None:
     from app.worker import create_worker
 
     assert settings.database_url is not None
-    engine = make_engine(settings.database_url, pool_size=4,
+    engine = make_engine(settings.database_url, pool_size=4, pool_timeout=BACKGROUND_POOL_TIMEOUT,
                          statement_timeout=settings.statement_timeout_worker_seconds)
     box = SecretBox.from_setting(settings.secrets_keys.get_secret_value() if settings.secrets_keys else None,
                                  fallback_master=_signer(settings).secret)

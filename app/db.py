@@ -58,6 +58,12 @@ def plain_dsn(url: str) -> str:
     return async_url(url).replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+# Background work (the worker's lanes, dispatcher and heartbeat share 4 connections) waits its turn for a
+# connection: no client waits on it for a quick 503, and a 5 s timeout crashed `carnet worker` in a Mailchimp drain
+# on a loaded machine (six lanes planning and completing 1,500-order batches at once; docs/performance.md).
+BACKGROUND_POOL_TIMEOUT = 120.0
+
+
 def make_engine(
     url: str, *, pool_size: int = 10, pool_timeout: float = 5.0, statement_timeout: float | None = None
 ) -> AsyncEngine:

@@ -14,7 +14,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.db import make_engine, make_read_sessionmaker, make_sessionmaker, plain_dsn, server_settings
+from app.db import (
+    BACKGROUND_POOL_TIMEOUT,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    plain_dsn,
+    server_settings,
+)
 from app.embedded import EmbeddedPostgres
 from app.errors import InvalidInput, UnsupportedMediaType, problems
 from app.fastpath import ContactReadFastPath, ContactUpsertFastPath, contact_read_route, contact_upsert_route
@@ -131,7 +138,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.replica_sessionmaker = make_read_sessionmaker(replica) if replica else app.state.read_sessionmaker
     # Background work in this process (lifecycle refresh, the embedded worker) runs under the worker's timeout, on
     # its own small pool (as `carnet worker` does), so it never takes the API's connections either.
-    jobs_engine = make_engine(url, pool_size=4, pool_timeout=settings.database_pool_timeout,
+    jobs_engine = make_engine(url, pool_size=4, pool_timeout=BACKGROUND_POOL_TIMEOUT,
                               statement_timeout=timeouts.worker)
     app.state.jobs_sessionmaker = jobs = make_sessionmaker(jobs_engine)
     revocations: RevocationList = app.state.revocations
