@@ -119,6 +119,10 @@ async def _ensure_store(request: Request, reason: Reason, account: str, store: M
             return "Mailchimp store: missing, and no audience (store_list_id) or currency to create it with"
         response = await request("POST", "/ecommerce/stores", json={
             "id": store.id, "list_id": store.list_id, "name": store.id, "currency_code": currency})
+        if response.status_code == 400:
+            # Another lane or worker created it between our look and our write (the 100k drain dead-lettered a
+            # whole batch on this): it is there if Mailchimp now shows it.
+            response = await request("GET", store.path())
     if response.status_code != 200:
         return reason("store", response)
     _stores.add((account, store.id))

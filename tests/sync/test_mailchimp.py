@@ -11,9 +11,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from app.sync import net
+from app.sync import mailchimp_commerce, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, RetryLater
-from app.sync.mailchimp import BATCH_MAX, MailchimpAdapter, MailchimpConfig, api_base_url, subscriber_hash
+from app.sync.mailchimp import BATCH_MAX, MailchimpAdapter, MailchimpConfig, _reason, api_base_url, subscriber_hash
+from app.sync.mailchimp_commerce import MailchimpStore
 from tests.fakes.mailchimp import FakeMailchimp, Member
 from tests.fakes.server import LiveServer
 
@@ -42,6 +43,27 @@ def state(email: str, **overrides: Any) -> ContactState:
     values: dict[str, Any] = {"contact_id": uuid.uuid4(), "email": email, "fields": {"FNAME": "Claire"},
                               "lists": {"list1": "subscribed"}}
     return ContactState(**{**values, **overrides})
+
+
+class TestStore:
+    async def test_a_store_created_by_another_lane_meanwhile_is_not_a_failure(
+        self, mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient,
+    ) -> None:
+        """Two lanes look, find no store, create it: the second creation's 400 is followed by a look, not a dead
+        letter for its whole batch."""
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client)
+        store = MailchimpStore(f"store-{uuid.uuid4().hex[:8]}", "list1", "EUR")
+        assert await mailchimp_commerce._ensure_store(sync._request, _reason, "lane-1", store, []) is None
+        looked: list[str] = []
+
+        async def stale_look(method: str, path: str, **kwargs: Any) -> httpx.Response:
+            response = await sync._request(method, path, **kwargs)
+            looked.append(method)
+            return httpx.Response(404) if looked == ["GET"] else response   # it looked before lane 1 wrote
+
+        assert await mailchimp_commerce._ensure_store(stale_look, _reason, "lane-2", store, []) is None
+        assert [s.status for s in fake.seen if s.path.startswith("/ecommerce/stores")] == [404, 200, 200, 400, 200]
 
 
 class TestConfig:
