@@ -272,21 +272,28 @@ async def test_quick_restart_costs_at_most_one_503(cluster: PgCluster, workdir: 
 
 async def test_pool_exhaustion_answers_503(cluster: PgCluster, workdir: Path) -> None:
     pool_timeout = 1.0
-    with live_server(workdir, cluster.url_for("carnet_pool"), DATABASE_POOL_SIZE="1",
-                     DATABASE_POOL_TIMEOUT=str(pool_timeout)) as server:
+    # A pool of 2 (the smallest that leaves a connection beside the one costly-read slot, checked at boot),
+    # both held by PATCHes waiting on a row lock.
+    with live_server(workdir, cluster.url_for("carnet_pool"), DATABASE_POOL_SIZE="2",
+                     COSTLY_READS_PER_PROCESS="1", DATABASE_POOL_TIMEOUT=str(pool_timeout)) as server:
         async with httpx.AsyncClient(base_url=server.base_url, headers=ADMIN, timeout=30) as http:
-            made = await http.post("/v1/contacts", json={"email": f"{uuid.uuid4().hex[:8]}@example.com"})
-            assert made.status_code == 201, made.text
-            contact_id = made.json()["id"]
+            ids = []
+            for _ in range(2):
+                made = await http.post("/v1/contacts", json={"email": f"{uuid.uuid4().hex[:8]}@example.com"})
+                assert made.status_code == 201, made.text
+                ids.append(made.json()["id"])
+            contact_id = ids[0]
             locker = await asyncpg.connect(cluster.url_for("carnet_pool"), timeout=10)
             try:
-                # Another client holds the contact's row: the PATCH waits on it, holding the only pooled connection.
+                # Another client holds two contacts' rows: a PATCH of each waits on it, holding both pooled
+                # connections.
                 held = locker.transaction()
                 await held.start()
-                await locker.execute("SELECT 1 FROM contact WHERE id = $1 FOR UPDATE", uuid.UUID(contact_id))
+                await locker.execute("SELECT 1 FROM contact WHERE id = ANY($1::uuid[]) FOR UPDATE",
+                                     [uuid.UUID(i) for i in ids])
                 nantes = {"address": {"city": "Nantes"}}
-                patch = asyncio.create_task(http.patch(f"/v1/contacts/{contact_id}", json=nantes))
-                await _wait_for_lock_waiter(locker)
+                patches = [asyncio.create_task(http.patch(f"/v1/contacts/{i}", json=nantes)) for i in ids]
+                await _wait_for_lock_waiters(locker, 2)
 
                 started = time.monotonic()
                 starved = await http.get(f"/v1/contacts/{contact_id}")
@@ -295,23 +302,27 @@ async def test_pool_exhaustion_answers_503(cluster: PgCluster, workdir: Path) ->
                 assert starved.headers["content-type"].startswith("application/problem+json")
                 assert starved.json()["status"] == 503 and starved.headers["retry-after"].isdigit()
                 assert pool_timeout * 0.9 <= waited <= pool_timeout + 2, f"answered after {waited:.2f} s"
-                assert not patch.done()
+                assert not any(patch.done() for patch in patches)
 
                 await held.rollback()
-                patched = await patch
-                assert patched.status_code == 200, patched.text
+                for patched in await asyncio.gather(*patches):
+                    assert patched.status_code == 200, patched.text
             finally:
                 await locker.close()
             again = await http.get(f"/v1/contacts/{contact_id}")
             assert again.status_code == 200 and again.json()["address"]["city"] == "Nantes", again.text
 
 
-async def _wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
+async def _wait_for_lock_waiters(conn: asyncpg.Connection, count: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
+        # The locker is inside its transaction, where pg_stat_activity is read once and cached: look again.
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
         waiting = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'carnet' AND wait_event_type = 'Lock'")
-        if waiting:
+        if waiting >= count:
             return
         await asyncio.sleep(0.05)
-    raise AssertionError("the PATCH never waited on the row lock")
+    activity = await conn.fetch("SELECT application_name, state, wait_event_type, wait_event, left(query, 80) AS q"
+                                " FROM pg_stat_activity WHERE datname = current_database()")
+    raise AssertionError(f"fewer than {count} PATCHes waited on the row lock: {[dict(r) for r in activity]}")
