@@ -8,14 +8,18 @@ fast paths, runs for each route that has a `costly(...)` dependency, in the orde
 
     1. `authorize` with the scopes of that dependency (signature, claims, revocation, the token's rate limit, then
        the scopes: the same 401/403/429 problems, and the caller memoized so nothing is checked or counted twice);
-    2. a slot of `CostlyReads` (429 or 503 at once, or after waiting in the queue), held until the answer is sent;
-    3. FastAPI, which routes, parses and validates as before; the route's `costly(...)` sees the slot is held.
+    2. `CostlyReads.check`: 429 `costly-reads-per-token`, or 503 `costly-reads-busy` when the queue is full, at
+       once: nothing of the body is read;
+    3. the body, read whole (a client that trickles it holds no slot meanwhile), then a slot of `CostlyReads`
+       (waiting in the queue if need be), held until the answer is sent;
+    4. FastAPI, which routes, parses and validates as before; the route's `costly(...)` sees the slot is held.
 
-A refusal is never journaled (the journal records answers below 400 only), and nothing is read from the body, so
-JournalReads and BodySizeLimit, outside this layer, work as before. Routes are found by their `costly(...)`
-dependency, so a new costly route is gated without a word here; its path parameters must be UUIDs (the canonical
-spelling is gated; any other goes to FastAPI, whose dependency still takes the slot). COSTLY_READ_GATE=false removes
-the layer (tests/security/test_costly_read_flood.py and bench/bench_refusal.py compare both ways).
+A refusal is never journaled (the journal records answers below 400 only); JournalReads and BodySizeLimit, outside
+this layer, work as before (a body over the limit goes to FastAPI as it would have: app.fastpath.buffered_body).
+Routes are found by their `costly(...)` dependency, so a new costly route is gated without a word here; its path
+parameters must be UUIDs (the canonical spelling is gated; any other goes to FastAPI, whose dependency still takes
+the slot). COSTLY_READ_GATE=false removes the layer (tests/security/test_costly_read_flood.py and
+bench/bench_refusal.py compare both ways).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from app.errors import AppError
-from app.fastpath import installed_handler, plain_http, routed_request
+from app.fastpath import buffered_body, installed_handler, plain_http, routed_request
 from app.security.costly import SLOT_HELD_BY, CostlyReads, costly_scopes
 from app.security.principal import authorize
 from app.security.scopes import Scope
@@ -98,14 +103,23 @@ class CostlyReadGate:
         reads: CostlyReads = request.app.state.costly_reads
         try:
             caller = await authorize(request, costly.needed)
+            reads.check(caller.token_id)  # refused now, before the body is read
+        except AppError as exc:
+            await _refuse(request, exc, send)
+            return
+        # The whole body before the slot: a client trickling its body must not hold a slot meanwhile.
+        body, replay = await buffered_body(receive)
+        if body is None:  # cut short, or over the limit: FastAPI's to answer (its dependency takes the slot if need be)
+            await self.app(scope, replay, send)
+            return
+        try:
             await reads.acquire(caller.token_id)
         except AppError as exc:
-            response = await installed_handler(request, exc)(request, exc)
-            await response(scope, receive, send)
+            await _refuse(request, exc, send)
             return
         try:
             setattr(request.state, SLOT_HELD_BY, caller.token_id)
-            await self.app(scope, receive, send)
+            await self.app(scope, replay, send)
         finally:
             reads.release(caller.token_id)
 
@@ -114,3 +128,8 @@ class CostlyReadGate:
             if scope["method"] == costly.method and (match := costly.path.fullmatch(scope["path"])):
                 return costly, match.groupdict()
         return None
+
+
+async def _refuse(request: Request, exc: AppError, send: Send) -> None:
+    response = await installed_handler(request, exc)(request, exc)
+    await response(request.scope, request.receive, send)

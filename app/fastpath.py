@@ -49,8 +49,8 @@ from app.schemas.contacts import ContactUpsert
 from app.security.principal import ScopeCheck, authorize
 from app.security.scopes import Scope
 
-__all__ = ["ContactReadFastPath", "ContactUpsertFastPath", "contact_read_route", "contact_upsert_route", "find_route",
-           "installed_handler", "plain_http", "routed_request"]
+__all__ = ["ContactReadFastPath", "ContactUpsertFastPath", "buffered_body", "contact_read_route",
+           "contact_upsert_route", "find_route", "installed_handler", "plain_http", "routed_request"]
 
 PATH_FORMAT = "/v1/contacts/{contact_id}"
 UPSERT_PATH = "/v1/contacts/upsert"
@@ -150,7 +150,7 @@ class ContactUpsertFastPath:
         if not (_ours(scope, "POST") and scope["path"] == UPSERT_PATH and _plain_json_without_key(scope["headers"])):
             await self.app(scope, receive, send)
             return
-        body, replay = await _buffered(receive)
+        body, replay = await buffered_body(receive)
         payload = self._payload(body)
         if payload is None:  # FastAPI's to answer (its auth errors come before its 422)
             await self.app(scope, replay, send)
@@ -232,7 +232,7 @@ def _plain_json_without_key(headers: list[tuple[bytes, bytes]]) -> bool:
     return content_type == b"application/json"
 
 
-async def _buffered(receive: Receive) -> tuple[bytes | None, Receive]:
+async def buffered_body(receive: Receive) -> tuple[bytes | None, Receive]:
     """The whole body (None unless it arrived complete), and a receive that replays what was read, then goes on.
 
     An error raised while reading (BodySizeLimit's 413 mid-stream) is raised again at the same point of the replay,

@@ -106,15 +106,19 @@ class CostlyReads:
         finally:
             self.release(token_id)
 
-    async def acquire(self, token_id: str) -> None:
-        """Take a slot, waiting in the queue if need be; every acquire that returns needs one `release`."""
-        held = self._in_flight.get(token_id, 0)
-        if held >= self.per_token:
+    def check(self, token_id: str) -> None:
+        """Raise what `acquire` would refuse at once: TooManyCostlyReads (429), or CostlyReadsBusy (503) when the
+        queue is full (no use waiting: refused now, not with the rest of the queue later)."""
+        if self._in_flight.get(token_id, 0) >= self.per_token:
             raise TooManyCostlyReads(self.per_token)
-        if self.queue_full:  # no use waiting: refused now, not with the rest of the queue later
+        if self.queue_full:
             raise CostlyReadsBusy(f"{self.per_process} costly reads are running in this process and {self.queue} "
                                   "wait their turn")
-        self._in_flight[token_id] = held + 1
+
+    async def acquire(self, token_id: str) -> None:
+        """Take a slot, waiting in the queue if need be; every acquire that returns needs one `release`."""
+        self.check(token_id)
+        self._in_flight[token_id] = self._in_flight.get(token_id, 0) + 1
         self._waiting += 1
         try:
             async with asyncio.timeout(self.wait_seconds):

@@ -345,6 +345,28 @@ async def test_the_gate_refuses_before_the_body_but_never_before_the_token_revoc
             assert (await t).status_code == 200
 
 
+async def test_a_client_trickling_its_preview_body_holds_no_costly_slot(crowded_url: str, settings: Settings) -> None:
+    # The gate takes the slot before FastAPI; were it taken before the body arrived, one slow client would hold the
+    # process's only slot for as long as it cared to trickle.
+    async with serving(settings, crowded_url, costly_reads_per_process=1, database_pool_timeout=1.0) as (_app, http):
+        segment_id = await a_segment_id(http)
+        more = asyncio.Event()
+
+        async def trickle() -> AsyncIterator[bytes]:
+            yield b'{"filter": {"all": [{"field": "kind", "op": "eq", '
+            await more.wait()
+            yield b'"value": "prospect"}]}}'
+
+        slow = asyncio.create_task(http.post(
+            "/v1/segments/preview", content=trickle(),
+            headers={**bearer(Role.VIEWER, subject="slow@shop.example"), "Content-Type": "application/json"}))
+        await asyncio.sleep(0.3)
+        other = await http.get(f"/v1/segments/{segment_id}/count", headers=bearer(Role.VIEWER))
+        assert other.status_code == 200, other.text[:300]  # not 503 costly-reads-busy after DATABASE_POOL_TIMEOUT
+        more.set()
+        assert (await slow).json()["count"] == CONTACTS
+
+
 async def test_the_interactive_timeout_answers_a_stuck_read_or_write_with_503_and_writes_nothing_half(
     crowded_url: str, settings: Settings,
 ) -> None:
