@@ -213,7 +213,7 @@ def plain_http(scope: ASGIScope) -> bool:
 
 
 def routed_request(scope: ASGIScope, receive: Receive, route: APIRoute, endpoint: Callable[..., Any],
-            path_params: dict[str, str]) -> Request:
+                   path_params: dict[str, str]) -> Request:
     """The request as FastAPI's router hands it over: RequestContext labels metrics and logs with scope["route"]."""
     scope["route"] = route
     scope["endpoint"] = endpoint

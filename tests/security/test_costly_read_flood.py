@@ -179,6 +179,10 @@ async def a_contact_id(http: httpx.AsyncClient) -> str:
     return str(response.json()["data"][0]["id"])
 
 
+async def a_count_url(http: httpx.AsyncClient) -> str:
+    return f"/v1/segments/{await a_segment_id(http)}/count"
+
+
 async def a_segment_id(http: httpx.AsyncClient) -> str:
     prospects = {"all": [{"field": "kind", "op": "eq", "value": "prospect"}]}
     body = {"name": f"flood-{uuid.uuid4().hex[:8]}", "filter": prospects}
@@ -275,9 +279,7 @@ async def test_a_crowd_refused_together_is_told_to_come_back_at_different_times(
 ) -> None:
     # Twenty tokens refused together all came back one second later, together: bursts that stalled the event loop.
     async with serving(settings, crowded_url, costly_reads_per_token=1, costly_reads_per_process=2) as (_app, http):
-        segment_id = await a_segment_id(http)
-        crowd = bearer(Role.VIEWER, subject="crowd@shop.example")
-        count = f"/v1/segments/{segment_id}/count"
+        crowd, count = bearer(Role.VIEWER, subject="crowd@shop.example"), await a_count_url(http)
         async with locked(crowded_url, "segment") as holder:
             held = asyncio.create_task(http.get(count, headers=crowd))
             await wait_for_lock_waiters(holder, 1)
@@ -295,8 +297,7 @@ async def test_past_the_queue_a_costly_read_is_refused_at_once_not_after_the_poo
     # The forty waiters of a crowd were all refused together, DATABASE_POOL_TIMEOUT after they came.
     async with serving(settings, crowded_url, database_pool_size=4, database_pool_timeout=10.0,
                        costly_reads_per_process=1, costly_reads_queue=1) as (app, http):
-        segment_id = await a_segment_id(http)
-        count = f"/v1/segments/{segment_id}/count"
+        count = await a_count_url(http)
         async with locked(crowded_url, "segment") as holder:
             running = asyncio.create_task(http.get(count, headers=bearer(Role.VIEWER, subject="a@shop.example")))
             await wait_for_lock_waiters(holder, 1)
@@ -315,13 +316,12 @@ async def test_the_gate_refuses_before_the_body_but_never_before_the_token_revoc
     crowded_url: str, settings: Settings,
 ) -> None:
     async with serving(settings, crowded_url, costly_reads_per_token=2, costly_reads_per_process=4) as (_app, http):
-        segment_id = await a_segment_id(http)
+        count = await a_count_url(http)
         issued = await http.post("/v1/tokens", json={"subject": "intern@shop.example", "role": "viewer"},
                                  headers=bearer(Role.ADMIN))
         assert issued.status_code == 201, issued.text
         token, jti = issued.json()["token"], issued.json()["jti"]
         intern = {"Authorization": f"Bearer {token}"}
-        count = f"/v1/segments/{segment_id}/count"
         async with locked(crowded_url, "segment") as holder:
             held = [asyncio.create_task(http.get(count, headers=intern)) for _ in range(2)]
             await wait_for_lock_waiters(holder, 2)
@@ -349,7 +349,7 @@ async def test_a_client_trickling_its_preview_body_holds_no_costly_slot(crowded_
     # The gate takes the slot before FastAPI; were it taken before the body arrived, one slow client would hold the
     # process's only slot for as long as it cared to trickle.
     async with serving(settings, crowded_url, costly_reads_per_process=1, database_pool_timeout=1.0) as (_app, http):
-        segment_id = await a_segment_id(http)
+        count = await a_count_url(http)
         more = asyncio.Event()
 
         async def trickle() -> AsyncIterator[bytes]:
@@ -361,7 +361,7 @@ async def test_a_client_trickling_its_preview_body_holds_no_costly_slot(crowded_
             "/v1/segments/preview", content=trickle(),
             headers={**bearer(Role.VIEWER, subject="slow@shop.example"), "Content-Type": "application/json"}))
         await asyncio.sleep(0.3)
-        other = await http.get(f"/v1/segments/{segment_id}/count", headers=bearer(Role.VIEWER))
+        other = await http.get(count, headers=bearer(Role.VIEWER))
         assert other.status_code == 200, other.text[:300]  # not 503 costly-reads-busy after DATABASE_POOL_TIMEOUT
         more.set()
         assert (await slow).json()["count"] == CONTACTS
