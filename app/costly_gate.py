@@ -10,8 +10,9 @@ fast paths, runs for each route that has a `costly(...)` dependency, in the orde
        the scopes: the same 401/403/429 problems, and the caller memoized so nothing is checked or counted twice);
     2. `CostlyReads.check`: 429 `costly-reads-per-token`, or 503 `costly-reads-busy` when the queue is full, at
        once: nothing of the body is read;
-    3. the body, read whole (a client that trickles it holds no slot meanwhile), then a slot of `CostlyReads`
-       (waiting in the queue if need be), held until the answer is sent;
+    3. for a route with a body (the preview), the body, read whole (a client that trickles it holds no slot
+       meanwhile; a GET's body is left unread, as FastAPI leaves it); then a slot of `CostlyReads` (waiting in the
+       queue if need be), held until the answer is sent;
     4. FastAPI, which routes, parses and validates as before; the route's `costly(...)` sees the slot is held.
 
 A refusal is never journaled (the journal records answers below 400 only); JournalReads and BodySizeLimit, outside
@@ -53,6 +54,7 @@ class CostlyRoute:
     method: str
     path: re.Pattern[str]         # the path format, each parameter a canonical UUID
     needed: frozenset[Scope]      # the scopes of its `costly(...)` dependency
+    has_body: bool                # FastAPI reads a body for it (else the gate does not read one either)
 
 
 def costly_routes(app: FastAPI) -> list[CostlyRoute]:
@@ -76,7 +78,7 @@ def costly_routes(app: FastAPI) -> list[CostlyRoute]:
         first = next(c for c in contexts if c.path_regex.match(sample) and method in (c.methods or {method}))
         if first.original_route is not route:  # another route would answer these paths: not ours to gate
             raise RuntimeError(f"app.costly_gate: {method} {sample} is routed elsewhere; update app/costly_gate.py")
-        found.append(CostlyRoute(route, method, _pattern(path_format), needed[0]))
+        found.append(CostlyRoute(route, method, _pattern(path_format), needed[0], bool(route.dependant.body_params)))
     return found
 
 
@@ -107,11 +109,11 @@ class CostlyReadGate:
         except AppError as exc:
             await _refuse(request, exc, send)
             return
-        # The whole body before the slot: a client trickling its body must not hold a slot meanwhile.
-        body, replay = await buffered_body(receive)
-        if body is None:  # cut short, or over the limit: FastAPI's to answer (its dependency takes the slot if need be)
-            await self.app(scope, replay, send)
-            return
+        if costly.has_body:  # the whole body before the slot: a client trickling its body must hold no slot meanwhile
+            body, receive = await buffered_body(receive)
+            if body is None:  # cut short, or over the limit: FastAPI's to answer (it never reaches the dependency)
+                await self.app(scope, receive, send)
+                return
         try:
             await reads.acquire(caller.token_id)
         except AppError as exc:
@@ -119,7 +121,7 @@ class CostlyReadGate:
             return
         try:
             setattr(request.state, SLOT_HELD_BY, caller.token_id)
-            await self.app(scope, replay, send)
+            await self.app(scope, receive, send)
         finally:
             reads.release(caller.token_id)
 
