@@ -49,7 +49,8 @@ from app.schemas.contacts import ContactUpsert
 from app.security.principal import ScopeCheck, authorize
 from app.security.scopes import Scope
 
-__all__ = ["ContactReadFastPath", "ContactUpsertFastPath", "contact_read_route", "contact_upsert_route"]
+__all__ = ["ContactReadFastPath", "ContactUpsertFastPath", "buffered_body", "contact_read_route",
+           "contact_upsert_route", "find_route", "installed_handler", "plain_http", "routed_request"]
 
 PATH_FORMAT = "/v1/contacts/{contact_id}"
 UPSERT_PATH = "/v1/contacts/upsert"
@@ -74,7 +75,7 @@ class ContactUpsertRoute:
 
 def contact_read_route(app: FastAPI) -> ContactReadRoute:
     """Find `GET /v1/contacts/{contact_id}` and refuse to start if it no longer has the shape answered here."""
-    route = _route(app, PATH_FORMAT, "GET")
+    route = find_route(app, PATH_FORMAT, "GET")
     dependant = route.dependant
     same_shape = (
         route.endpoint is get_contact
@@ -92,7 +93,7 @@ def contact_read_route(app: FastAPI) -> ContactReadRoute:
 
 def contact_upsert_route(app: FastAPI) -> ContactUpsertRoute:
     """Find `POST /v1/contacts/upsert` and refuse to start if it no longer has the shape answered here."""
-    route = _route(app, UPSERT_PATH, "POST")
+    route = find_route(app, UPSERT_PATH, "POST")
     dependant = route.dependant
     deps = {d.name: d for d in dependant.dependencies}
     body = dependant.body_params[0] if len(dependant.body_params) == 1 else None
@@ -125,14 +126,14 @@ class ContactReadFastPath:
         if match is None:
             await self.app(scope, receive, send)
             return
-        request = _routed(scope, receive, self.route, get_contact, {"contact_id": match[1]})
+        request = routed_request(scope, receive, self.route, get_contact, {"contact_id": match[1]})
         try:
             # The route's dependencies in their order: the connection (yield, scope="function"), then the caller.
             async with bare_connection(request) as connection:
                 caller = await authorize(request, self.needed)
                 response = await get_contact(uuid.UUID(match[1]), connection, caller)
         except AppError as exc:
-            response = await _handler(request, exc)(request, exc)
+            response = await installed_handler(request, exc)(request, exc)
         await response(scope, receive, send)
 
 
@@ -149,18 +150,18 @@ class ContactUpsertFastPath:
         if not (_ours(scope, "POST") and scope["path"] == UPSERT_PATH and _plain_json_without_key(scope["headers"])):
             await self.app(scope, receive, send)
             return
-        body, replay = await _buffered(receive)
+        body, replay = await buffered_body(receive)
         payload = self._payload(body)
         if payload is None:  # FastAPI's to answer (its auth errors come before its 422)
             await self.app(scope, replay, send)
             return
-        request = _routed(scope, replay, self.route, upsert_contact, {})
+        request = routed_request(scope, replay, self.route, upsert_contact, {})
         try:
             # The route's session dependency comes first but touches no database until used; then the caller.
             caller = await authorize(request, self.needed)
             response = await upsert_in_autocommit(request, payload, caller)
         except AppError as exc:
-            response = await _handler(request, exc)(request, exc)
+            response = await installed_handler(request, exc)(request, exc)
         if response is None:  # the transactional path: FastAPI's route, the caller already memoized
             await self.app(scope, replay, send)
             return
@@ -181,7 +182,7 @@ class ContactUpsertFastPath:
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _route(app: FastAPI, path_format: str, method: str) -> APIRoute:
+def find_route(app: FastAPI, path_format: str, method: str) -> APIRoute:
     for context in iter_route_contexts(app.routes):
         route = context.original_route
         if context.path_format == path_format and method in (context.methods or ()) and isinstance(route, APIRoute):
@@ -201,14 +202,18 @@ def _no_other_inputs(route: APIRoute) -> bool:
 
 
 def _ours(scope: ASGIScope, method: str) -> bool:
+    return plain_http(scope) and scope["method"] == method
+
+
+def plain_http(scope: ASGIScope) -> bool:
+    """An HTTP request a layer ahead of FastAPI may answer itself."""
     # With FastAPI's own OpenTelemetry on (an OTel provider configured), FastAPI names the route in its spans:
-    # leave such requests to it. Carnet's metrics and logs come from RequestContext, labelled by _routed.
-    return (scope["type"] == "http" and scope["method"] == method and not scope.get("root_path")
-            and "fastapi.telemetry" not in scope)
+    # leave such requests to it. Carnet's metrics and logs come from RequestContext, labelled by routed_request.
+    return scope["type"] == "http" and not scope.get("root_path") and "fastapi.telemetry" not in scope
 
 
-def _routed(scope: ASGIScope, receive: Receive, route: APIRoute, endpoint: Callable[..., Any],
-            path_params: dict[str, str]) -> Request:
+def routed_request(scope: ASGIScope, receive: Receive, route: APIRoute, endpoint: Callable[..., Any],
+                   path_params: dict[str, str]) -> Request:
     """The request as FastAPI's router hands it over: RequestContext labels metrics and logs with scope["route"]."""
     scope["route"] = route
     scope["endpoint"] = endpoint
@@ -227,7 +232,7 @@ def _plain_json_without_key(headers: list[tuple[bytes, bytes]]) -> bool:
     return content_type == b"application/json"
 
 
-async def _buffered(receive: Receive) -> tuple[bytes | None, Receive]:
+async def buffered_body(receive: Receive) -> tuple[bytes | None, Receive]:
     """The whole body (None unless it arrived complete), and a receive that replays what was read, then goes on.
 
     An error raised while reading (BodySizeLimit's 413 mid-stream) is raised again at the same point of the replay,
@@ -253,7 +258,7 @@ async def _buffered(receive: Receive) -> tuple[bytes | None, Receive]:
     return body, replay
 
 
-def _handler(request: Request, exc: AppError) -> Any:
+def installed_handler(request: Request, exc: AppError) -> Any:
     """The exception handler the app installed for this error, looked up as Starlette does (by the class's MRO)."""
     handlers = request.app.exception_handlers
     for cls in type(exc).__mro__:

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.costly_gate import CostlyReadGate, costly_routes
 from app.db import (
     BACKGROUND_POOL_TIMEOUT,
     make_engine,
@@ -103,7 +104,10 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
     app.include_router(v1_router)
     app.include_router(public_router)
     app.include_router(inbound_router)
-    # Innermost of ours: inside BodySizeLimit and RequestContext (docs/performance.md).
+    # Innermost of ours: inside BodySizeLimit and RequestContext (docs/performance.md); the costly-read gate inside
+    # the fast paths, which never meet a costly route, so contact reads do not pay for its matching.
+    if settings.costly_read_gate:
+        app.add_middleware(CostlyReadGate, routes=costly_routes(app))
     if settings.fast_read_path:
         app.add_middleware(ContactReadFastPath, read=contact_read_route(app))
     if settings.fast_upsert_path:

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     costly_reads_per_token: int = Field(default=2, ge=1, le=1000)    # in flight, per API process: then 429
     # running at once (< DATABASE_POOL_SIZE); None: half this machine's cores, at least 1 (the embedded database's)
     costly_reads_per_process: int | None = Field(default=None, ge=1, le=1000)
+    # waiting for one of those (each up to DATABASE_POOL_TIMEOUT), then 503 at once; None: twice the per-process cap
+    costly_reads_queue: int | None = Field(default=None, ge=0, le=10_000)
+    costly_read_gate: bool = True  # costly reads take their slot (or their 429/503) ahead of FastAPI (app.costly_gate)
 
     # Contacts
     default_phone_region: str = "FR"

@@ -8,7 +8,11 @@ everyone else got 503 (issue 15, class 3). Two bounds, both counted in this API 
 - per process, COSTLY_READS_PER_PROCESS running (default: half the machine's cores): at most that many of the
   database's cores and of the DATABASE_POOL_SIZE pooled connections serve costly reads, the others stay free for
   everything else. One more waits its turn (first come, first served) for up to DATABASE_POOL_TIMEOUT, then gets
-  503 `costly-reads-busy` with Retry-After.
+  503 `costly-reads-busy` with Retry-After; when COSTLY_READS_QUEUE reads already wait, it gets that 503 at once.
+
+Retry-After of both refusals is drawn from 1-3 s per answer: a crowd refused together must not come back together
+(each burst of refusals stalled the event loop, docs/security.md "Class 3"). app.costly_gate takes the slot before
+FastAPI routes the request, so a refusal costs little more than checking the token.
 
 Each costly read runs under STATEMENT_TIMEOUT_COSTLY_SECONDS (app.timeouts), so a slot is never held long. With N
 API processes each counts its own: a token holds at most N x COSTLY_READS_PER_TOKEN costly reads, the database
@@ -19,6 +23,7 @@ serves at most N x COSTLY_READS_PER_PROCESS (docs/security.md, "Class 3").
 
 import asyncio
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Self
@@ -32,14 +37,30 @@ from app.security.scopes import Scope
 from app.settings import ConfigurationError, Settings
 from app.timeouts import StatementTimeout, session_within
 
-__all__ = ["COSTLY_PROBLEMS", "CostlyReads", "CostlyReadsBusy", "TooManyCostlyReads", "costly", "costly_read"]
+__all__ = [
+    "COSTLY_PROBLEMS",
+    "RETRY_AFTER_SECONDS",
+    "CostlyReads",
+    "CostlyReadsBusy",
+    "TooManyCostlyReads",
+    "costly",
+    "costly_read",
+    "costly_scopes",
+]
+
+# Whole seconds, as HTTP's Retry-After requires; drawn per answer so that refused clients spread their retries.
+RETRY_AFTER_SECONDS = (1, 3)
+
+
+def retry_after() -> int:
+    return random.randint(*RETRY_AFTER_SECONDS)  # noqa: S311 (spreading load, not a secret)
 
 
 class TooManyCostlyReads(RateLimited):
     slug, title = "costly-reads-per-token", "This token already has its share of costly reads in flight"
 
     def __init__(self, per_token: int, /) -> None:
-        super().__init__(1)
+        super().__init__(retry_after())
         self.detail = (f"at most {per_token} counts, previews, segment member pages, duplicate pages or exports at "
                        "once per token: retry when one has finished")
 
@@ -47,18 +68,23 @@ class TooManyCostlyReads(RateLimited):
 class CostlyReadsBusy(ServiceUnavailable):
     slug, title = "costly-reads-busy", "Every slot for costly reads is taken; retry shortly"
 
+    def __init__(self, detail: str, /) -> None:
+        super().__init__(detail, retry_after=retry_after())
+
 
 # What a costly route may answer besides its own problems (for `responses=problems(...)`).
 COSTLY_PROBLEMS = (TooManyCostlyReads, CostlyReadsBusy, StatementTimeout)
 
 
 class CostlyReads:
-    """The slots of one API process: `per_token` in flight per token id, `per_process` running at once."""
+    """The slots of one API process: `per_token` in flight per token id, `per_process` running at once, `queue`
+    waiting for one of those."""
 
-    def __init__(self, *, per_token: int, per_process: int, wait_seconds: float) -> None:
-        self.per_token, self.per_process, self.wait_seconds = per_token, per_process, wait_seconds
+    def __init__(self, *, per_token: int, per_process: int, queue: int, wait_seconds: float) -> None:
+        self.per_token, self.per_process, self.queue, self.wait_seconds = per_token, per_process, queue, wait_seconds
         self._in_flight: dict[str, int] = {}   # token id -> its costly reads waiting or running (no entry at 0)
         self._running = asyncio.Semaphore(per_process)
+        self._waiting = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
@@ -67,46 +93,87 @@ class CostlyReads:
             raise ConfigurationError(
                 f"COSTLY_READS_PER_PROCESS ({per_process}) must stay below DATABASE_POOL_SIZE "
                 f"({settings.database_pool_size}): costly reads would otherwise be able to take every connection.")
-        return cls(per_token=settings.costly_reads_per_token, per_process=per_process,
+        queue = settings.costly_reads_queue if settings.costly_reads_queue is not None else 2 * per_process
+        return cls(per_token=settings.costly_reads_per_token, per_process=per_process, queue=queue,
                    wait_seconds=settings.database_pool_timeout)
 
     @asynccontextmanager
     async def slot(self, token_id: str) -> AsyncIterator[None]:
         """Hold one slot for the block: TooManyCostlyReads (429) or CostlyReadsBusy (503) when there is none."""
-        held = self._in_flight.get(token_id, 0)
-        if held >= self.per_token:
-            raise TooManyCostlyReads(self.per_token)
-        self._in_flight[token_id] = held + 1
+        await self.acquire(token_id)
         try:
-            try:
-                async with asyncio.timeout(self.wait_seconds):
-                    await self._running.acquire()
-            except TimeoutError:
-                raise CostlyReadsBusy(f"{self.per_process} costly reads are running in this process; "
-                                      "this one waited its turn too long") from None
-            try:
-                yield
-            finally:
-                self._running.release()
+            yield
         finally:
-            left = self._in_flight[token_id] - 1
-            if left:
-                self._in_flight[token_id] = left
-            else:
-                del self._in_flight[token_id]  # bounded memory: only tokens with reads in flight have an entry
+            self.release(token_id)
+
+    def check(self, token_id: str) -> None:
+        """Raise what `acquire` would refuse at once: TooManyCostlyReads (429), or CostlyReadsBusy (503) when the
+        queue is full (no use waiting: refused now, not with the rest of the queue later)."""
+        if self._in_flight.get(token_id, 0) >= self.per_token:
+            raise TooManyCostlyReads(self.per_token)
+        if self.queue_full:
+            raise CostlyReadsBusy(f"{self.per_process} costly reads are running in this process and {self.queue} "
+                                  "wait their turn")
+
+    async def acquire(self, token_id: str) -> None:
+        """Take a slot, waiting in the queue if need be; every acquire that returns needs one `release`."""
+        self.check(token_id)
+        self._in_flight[token_id] = self._in_flight.get(token_id, 0) + 1
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                await self._running.acquire()
+        except TimeoutError:
+            self._forget(token_id)
+            raise CostlyReadsBusy(f"{self.per_process} costly reads are running in this process; "
+                                  "this one waited its turn too long") from None
+        except BaseException:  # cancelled while waiting (the client went away)
+            self._forget(token_id)
+            raise
+        finally:
+            self._waiting -= 1
+
+    @property
+    def queue_full(self) -> bool:
+        return self._running.locked() and self._waiting >= self.queue
+
+    def release(self, token_id: str) -> None:
+        self._running.release()
+        self._forget(token_id)
+
+    def _forget(self, token_id: str) -> None:
+        left = self._in_flight[token_id] - 1
+        if left:
+            self._in_flight[token_id] = left
+        else:
+            del self._in_flight[token_id]  # bounded memory: only tokens with reads in flight have an entry
 
 
 def costly(*needed: Scope, streaming: bool = False) -> Any:
     """Dependency marker for a costly read: `require(*needed)` (401/403 first), then a slot of `CostlyReads`, held
-    until the route returns; with `streaming`, until the last byte of the answer is sent."""
+    until the route returns; with `streaming`, until the last byte of the answer is sent. When app.costly_gate took
+    the slot before routing (the usual case), it holds it until the answer is sent, and this only checks that."""
     guard = require(*needed)
 
     async def hold(request: Request, caller: Annotated[Principal, guard]) -> AsyncIterator[Principal]:
+        if getattr(request.state, SLOT_HELD_BY, None) == caller.token_id:
+            yield caller
+            return
         reads: CostlyReads = request.app.state.costly_reads
         async with reads.slot(caller.token_id):
             yield caller
 
+    setattr(hold, _SCOPES, frozenset(needed))  # for app.costly_gate: which routes are costly, and their scopes
     return Depends(hold, scope="request" if streaming else "function")
+
+
+SLOT_HELD_BY = "costly_slot_held_by"  # request.state: the token id whose slot app.costly_gate holds for the request
+_SCOPES = "costly_scopes"
+
+
+def costly_scopes(dependency: Any) -> frozenset[Scope] | None:
+    """The scopes of a `costly(...)` dependency's callable; None for any other callable."""
+    return getattr(dependency, _SCOPES, None)
 
 
 @asynccontextmanager

@@ -36,6 +36,7 @@ from app.cli import _in_transaction
 from app.db import plain_dsn, server_settings
 from app.main import create_app
 from app.security import Role
+from app.security.costly import CostlyReadsBusy
 from app.settings import ConfigurationError, Settings
 from app.timeouts import within
 from tests.auth import bearer
@@ -47,6 +48,7 @@ TEXT = "the quick brown fox jumps over the lazy dog while five boxing wizards ju
 NEEDLES = list(dict.fromkeys(TEXT[i:i + 4] for i in range(len(TEXT) - 3)))[:100]
 WORST_PREVIEW = {"filter": {"all": [{"field": "company", "op": "contains", "value": n} for n in NEEDLES]}}
 PROBLEMS = "https://carnet.dev/problems/"
+RETRY_AFTER = {"1", "2", "3"}  # costly-reads-per-token and costly-reads-busy: drawn per answer
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +134,11 @@ async def pooled_connections_are_clean(makers: async_sessionmaker[AsyncSession],
             await session.close()
 
 
-async def asgi_get(app: FastAPI, target: str, headers: dict[str, str]) -> tuple[int, bytes, bool]:
+async def asgi_get(app: FastAPI, target: str, headers: dict[str, str], *,
+                   request_chunks: list[bytes] | None = None) -> tuple[int, bytes, bool]:
     """GET through the ASGI interface itself: (status, body, whether the app ended the body). httpx's transport
-    refuses to hand over an answer the app did not complete, and an answer cut mid-stream is one."""
+    refuses to hand over an answer the app did not complete, and an answer cut mid-stream is one. With
+    `request_chunks`, the request has a body that never ends, and each chunk the app reads is appended there."""
     path, _, query = target.partition("?")
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
@@ -145,6 +149,9 @@ async def asgi_get(app: FastAPI, target: str, headers: dict[str, str]) -> tuple[
 
     async def receive() -> dict[str, Any]:
         nonlocal requested
+        if request_chunks is not None:
+            request_chunks.append(b"x" * 65536)
+            return {"type": "http.request", "body": request_chunks[-1], "more_body": True}
         if not requested:
             requested = True
             return {"type": "http.request", "body": b"", "more_body": False}
@@ -175,6 +182,10 @@ async def a_contact_id(http: httpx.AsyncClient) -> str:
     response = await http.get("/v1/contacts", params={"limit": 1}, headers=bearer(Role.VIEWER))
     assert response.status_code == 200, response.text
     return str(response.json()["data"][0]["id"])
+
+
+async def a_count_url(http: httpx.AsyncClient) -> str:
+    return f"/v1/segments/{await a_segment_id(http)}/count"
 
 
 async def a_segment_id(http: httpx.AsyncClient) -> str:
@@ -208,10 +219,13 @@ async def test_a_worst_case_preview_is_cut_by_the_costly_timeout_and_answered_50
         assert small.json()["count"] == 1111  # 17, 170-179, 1700-1799, 17000-17999
 
 
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "dependency"])
 async def test_one_token_past_its_cap_of_costly_reads_gets_429_while_another_token_is_served(
-    crowded_url: str, settings: Settings,
+    crowded_url: str, settings: Settings, gate: bool,
 ) -> None:
-    async with serving(settings, crowded_url, costly_reads_per_token=2, costly_reads_per_process=4) as (_app, http):
+    # The same answers whether the slot is taken ahead of FastAPI (app.costly_gate) or by the route's dependency.
+    async with serving(settings, crowded_url, costly_reads_per_token=2, costly_reads_per_process=4,
+                       costly_read_gate=gate) as (_app, http):
         segment_id = await a_segment_id(http)
         contact_id = await a_contact_id(http)
         attacker, other = bearer(Role.MANAGER), bearer(Role.VIEWER)
@@ -230,7 +244,7 @@ async def test_one_token_past_its_cap_of_costly_reads_gets_429_while_another_tok
             ]:
                 refused = await asyncio.wait_for(http.request(method, url, json=body, headers=attacker), 5)
                 problem(refused, "costly-reads-per-token", 429)
-                assert refused.headers["retry-after"] == "1"
+                assert refused.headers["retry-after"] in RETRY_AFTER  # was "1": now drawn per answer
             # Its other requests go on, and another token's costly read gets a slot (it waits on the lock too).
             assert (await http.get(f"/v1/contacts/{contact_id}", headers=attacker)).status_code == 200
             served = asyncio.create_task(http.get(count, headers=other))
@@ -260,9 +274,107 @@ async def test_costly_reads_of_many_tokens_never_take_the_pool_from_contact_read
             # Past DATABASE_POOL_TIMEOUT in the queue: a clear 503, and the waiters never reached the database.
             done, _pending = await asyncio.wait(flood, timeout=5, return_when=asyncio.FIRST_COMPLETED)
             busy = [problem(t.result(), "costly-reads-busy", 503) for t in done]
-            assert busy and all(t.result().headers["retry-after"] == "2" for t in done)
+            assert busy and all(t.result().headers["retry-after"] in RETRY_AFTER for t in done)  # was "2"
         statuses = sorted([(await t).status_code for t in flood])
         assert statuses == [200, 200, 503, 503]
+
+
+async def test_a_crowd_refused_together_is_told_to_come_back_at_different_times(
+    crowded_url: str, settings: Settings,
+) -> None:
+    # Twenty tokens refused together all came back one second later, together: bursts that stalled the event loop.
+    async with serving(settings, crowded_url, costly_reads_per_token=1, costly_reads_per_process=2) as (_app, http):
+        crowd, count = bearer(Role.VIEWER, subject="crowd@shop.example"), await a_count_url(http)
+        async with locked(crowded_url, "segment") as holder:
+            held = asyncio.create_task(http.get(count, headers=crowd))
+            await wait_for_lock_waiters(holder, 1)
+            refused = [await http.get(count, headers=crowd) for _ in range(30)]
+        assert (await held).status_code == 200
+    waits = [problem(r, "costly-reads-per-token", 429) and r.headers["retry-after"] for r in refused]
+    assert set(waits) <= RETRY_AFTER and len(set(waits)) > 1  # whole seconds (HTTP), spread: all alike 1 in 3**29
+    busy = {CostlyReadsBusy("full").headers["Retry-After"] for _ in range(30)}
+    assert busy <= RETRY_AFTER and len(busy) > 1
+
+
+async def test_past_the_queue_a_costly_read_is_refused_at_once_not_after_the_pool_timeout(
+    crowded_url: str, settings: Settings,
+) -> None:
+    # The forty waiters of a crowd were all refused together, DATABASE_POOL_TIMEOUT after they came.
+    async with serving(settings, crowded_url, database_pool_size=4, database_pool_timeout=10.0,
+                       costly_reads_per_process=1, costly_reads_queue=1) as (app, http):
+        count = await a_count_url(http)
+        async with locked(crowded_url, "segment") as holder:
+            running = asyncio.create_task(http.get(count, headers=bearer(Role.VIEWER, subject="a@shop.example")))
+            await wait_for_lock_waiters(holder, 1)
+            waiting = asyncio.create_task(http.get(count, headers=bearer(Role.VIEWER, subject="b@shop.example")))
+            while not app.state.costly_reads.queue_full:  # noqa: ASYNC110 (no event to wait on)
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            refused = await http.get(count, headers=bearer(Role.VIEWER, subject="c@shop.example"))
+            assert time.monotonic() - started < 1.0  # not the 10 s of DATABASE_POOL_TIMEOUT
+            assert "1 wait their turn" in problem(refused, "costly-reads-busy", 503)["detail"]
+            assert refused.headers["retry-after"] in RETRY_AFTER
+        assert [(await t).status_code for t in (running, waiting)] == [200, 200]  # the waiter got the slot in time
+
+
+async def test_the_gate_refuses_before_the_body_but_never_before_the_token_revocation_and_scopes(
+    crowded_url: str, settings: Settings,
+) -> None:
+    async with serving(settings, crowded_url, costly_reads_per_token=2, costly_reads_per_process=4) as (_app, http):
+        count = await a_count_url(http)
+        issued = await http.post("/v1/tokens", json={"subject": "intern@shop.example", "role": "viewer"},
+                                 headers=bearer(Role.ADMIN))
+        assert issued.status_code == 201, issued.text
+        token, jti = issued.json()["token"], issued.json()["jti"]
+        intern = {"Authorization": f"Bearer {token}"}
+        async with locked(crowded_url, "segment") as holder:
+            held = [asyncio.create_task(http.get(count, headers=intern)) for _ in range(2)]
+            await wait_for_lock_waiters(holder, 2)
+            # At its cap, the token is refused before its body is read: a body that is not even JSON gets the 429
+            # (FastAPI, which parses first, answered 422), yet...
+            refused = await http.post("/v1/segments/preview", content=b"{not json",
+                                      headers={**intern, "Content-Type": "application/json"})
+            problem(refused, "costly-reads-per-token", 429)
+            # ... only once the token is checked: none, a forged signature, a token without the route's scopes
+            # (a viewer has no pii:read for the duplicates page) get their 401/403, not the 429.
+            problem(await http.get(count), "unauthenticated", 401)
+            forged = {"Authorization": f"Bearer {token[:-4]}{'AAAA' if token[-4:] != 'AAAA' else 'BBBB'}"}
+            problem(await http.get(count, headers=forged), "unauthenticated", 401)
+            denied = problem(await http.get("/v1/contacts/duplicates", headers=intern), "missing-scope", 403)
+            assert denied["missing_scopes"] == ["pii:read"]
+            # Revoked, its next costly read is a 401 "token revoked", not a 429.
+            assert (await http.delete(f"/v1/tokens/{jti}", headers=bearer(Role.ADMIN))).status_code == 200
+            revoked = problem(await http.get(count, headers=intern), "unauthenticated", 401)
+            assert revoked["detail"] == "token revoked"
+        for t in held:  # those two were admitted before the revocation and ran
+            assert (await t).status_code == 200
+
+
+async def test_a_client_trickling_its_body_holds_no_costly_slot(crowded_url: str, settings: Settings) -> None:
+    # The gate takes the slot before FastAPI; were it taken before the body arrived, one slow client would hold the
+    # process's only slot for as long as it cared to trickle.
+    async with serving(settings, crowded_url, costly_reads_per_process=1, database_pool_timeout=1.0) as (app, http):
+        count = await a_count_url(http)
+        # A GET's body is read neither by FastAPI nor by the gate: an endless one is not buffered, the count is served.
+        read: list[bytes] = []
+        status, _body, _complete = await asyncio.wait_for(
+            asgi_get(app, count, bearer(Role.VIEWER), request_chunks=read), 5)
+        assert (status, read) == (200, [])
+        more = asyncio.Event()
+
+        async def trickle() -> AsyncIterator[bytes]:
+            yield b'{"filter": {"all": [{"field": "kind", "op": "eq", '
+            await more.wait()
+            yield b'"value": "prospect"}]}}'
+
+        slow = asyncio.create_task(http.post(
+            "/v1/segments/preview", content=trickle(),
+            headers={**bearer(Role.VIEWER, subject="slow@shop.example"), "Content-Type": "application/json"}))
+        await asyncio.sleep(0.3)
+        other = await http.get(count, headers=bearer(Role.VIEWER))
+        assert other.status_code == 200, other.text[:300]  # not 503 costly-reads-busy after DATABASE_POOL_TIMEOUT
+        more.set()
+        assert (await slow).json()["count"] == CONTACTS
 
 
 async def test_the_interactive_timeout_answers_a_stuck_read_or_write_with_503_and_writes_nothing_half(
