@@ -9,16 +9,16 @@ Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
      as they are once locked; matching (external_id, else email, as the API's upsert) decides among them, then the
      suppression check (HMAC digests) overrides it;
   5. the batch's time is taken after those locks, so that it dates its writes after every write they overwrite;
-     INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM for changed ones, with history rows and outbox
-     messages written by the same statements;
+     one INSERT for new contacts (again with ON CONFLICT DO NOTHING after a unique violation), one UPDATE ... FROM
+     for changed ones, with history rows and outbox messages written by the same statements;
   6. the list subscription (list_id + consent), decided on the locked contacts, the reject report, the counters
      and the checkpoint.
 
 The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
-after the lock with one of the file's keys is met by the unique indexes: a new row's insert skips it (`conflict`),
-an updated row whose new email it holds is refused (`email_held`), as in the API. A race that the transaction
-cannot settle itself (a deadlock, a lock held past the lock timeout) raises, and the runner writes the whole batch
-again.
+after the lock with one of the file's keys is met by the unique indexes: the new rows' insert, run again with ON
+CONFLICT DO NOTHING, skips it (`conflict`), an updated row whose new email it holds is refused (`email_held`), as in
+the API. A race that the transaction cannot settle itself (a deadlock, a lock held past the lock timeout) raises,
+and the runner writes the whole batch again.
 """
 
 from __future__ import annotations
@@ -144,8 +144,7 @@ async def write_batch(
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
         stamped_at = None if dry else now
         if not dry:
-            inserted, wanted = await connection.fetchrow(
-                _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+            inserted, wanted = await _create(connection, job, now)
             if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
                 await connection.execute(
                     "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
@@ -319,7 +318,8 @@ CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS 
 WHERE k.key IS NOT NULL
 """
 
-_CREATE_SQL = f"""
+def _create_sql(*, on_conflict: str) -> str:
+    return f"""
 WITH new AS (
     INSERT INTO contact ({", ".join(_CONTACT_COLUMNS)}, id, email_status, lifecycle_stage, attributes, tags,
                          orders_count, total_spent, version, created_at, updated_at)
@@ -327,7 +327,7 @@ WITH new AS (
                       if c == "source" else f"s.{c}" for c in _CONTACT_COLUMNS)},
            s.new_id, 'unverified', 'prospect', coalesce(s.attributes, '{{}}'::jsonb), $1::text[], 0, 0, 1, $3, $3
     FROM import_stage s WHERE s.action = 'create'
-    ON CONFLICT DO NOTHING
+    {on_conflict}
     RETURNING id
 ), history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
@@ -338,6 +338,29 @@ WITH new AS (
 )
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM import_stage WHERE action = 'create')
 """  # noqa: S608 (column names from our own tables; every value is a parameter)
+
+
+_CREATE_SQL = _create_sql(on_conflict="")
+_CREATE_RACED_SQL = _create_sql(on_conflict="ON CONFLICT DO NOTHING")
+
+
+async def _create(connection: asyncpg.Connection, job: Job, now: datetime) -> tuple[int, int]:
+    """The new contacts with their history and outbox rows; (created, rows meant to be created).
+
+    First as a plain INSERT: ON CONFLICT's speculative insertion costs every row (a probe of each unique index
+    before the insert, a confirmation in the WAL after it) for a race only another writer can cause, a contact
+    created with one of the rows' keys after _holders_sql read them. Such a race makes the plain statement fail on
+    a unique violation; it is undone to its savepoint, and the rows are written again with ON CONFLICT DO NOTHING,
+    the ones that lost the race left out (write_batch marks them `conflict`).
+    """
+    args = (job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+    try:
+        async with connection.transaction():  # a savepoint in the batch's transaction
+            inserted, wanted = await connection.fetchrow(_CREATE_SQL, *args)
+    except asyncpg.UniqueViolationError:
+        log.info("import.keys_created_meanwhile", import_id=str(job.id))
+        inserted, wanted = await connection.fetchrow(_CREATE_RACED_SQL, *args)
+    return inserted, wanted
 
 
 def _update_sql(job: Job, *, dry: bool) -> str:
