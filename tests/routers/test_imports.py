@@ -140,6 +140,11 @@ class TestFrenchExcelFile:
         # one `created` entry per new contact; one entry per changed field of the updated one
         assert await count(sessions, "SELECT count(*) FROM contact_history WHERE via = 'import' "
                                      "AND field = 'created'") == good - 1
+        # the entry names the import and the file's row (later batches find a created row's keys through it)
+        (created,) = [v for (v,) in await rows(
+            sessions, "SELECT new_value FROM contact_history WHERE field = 'created' AND contact_id = :id",
+            id=first["id"])]
+        assert created == {"import_id": job["id"], "row": 2}
         changed = {r: (o, n) for r, o, n in await rows(
             sessions, "SELECT field, old_value, new_value FROM contact_history WHERE via = 'import' "
                       "AND contact_id = :id", id=updated["id"])}

@@ -291,34 +291,43 @@ WHERE s.row_number = m.row_number AND m.action <> 'create'
 """
 
 # What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
-# A row that created a contact leaves the contact's id, appended at the index's right edge (ids are time-ordered),
-# instead of its email and external_id that would land on random pages of the index: the contact carries them.
-# Every other row leaves its email and external_id (a dry run creates nothing).
+# A row that created a contact leaves nothing here: its row number is in the contact's `created` history entry
+# (_CREATE_SQL), written anyway, and its keys are the contact's. Every other row leaves its email and external_id
+# (a dry run creates nothing).
 _SEEN_SQL = """
 INSERT INTO import_key (import_id, key, row_number)
-SELECT $1::uuid, 'c:' || s.new_id::text, s.row_number FROM import_stage s WHERE s.action = 'create' AND NOT $2
-UNION ALL
 SELECT $1::uuid, k.key, s.row_number
 FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
 WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
 """
 
 # The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
-# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids).
+# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids), whose row is
+# in its `created` history entry (an index probe per contact found: ix_contact_history_contact_id_id), or, for a
+# job begun before that entry held it, in a `c:<contact id>` key.
 _EARLIER_KEYS_SQL = """
 SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])
 UNION ALL
 SELECT k.key, created.row_number
 FROM (
-    SELECT c.email, c.external_id, i.row_number
-    FROM contact c JOIN import_key i ON i.import_id = $1 AND i.key = 'c:' || c.id::text
+    SELECT c.email, c.external_id, coalesce(
+        (SELECT (h.new_value ->> 'row')::integer FROM contact_history h
+         WHERE h.contact_id = c.id AND h.field = 'created' AND h.via = 'import'
+           AND h.new_value ->> 'import_id' = $1::uuid::text),
+        (SELECT i.row_number FROM import_key i WHERE i.import_id = $1 AND i.key = 'c:' || c.id::text)
+    ) AS row_number
+    FROM contact c
     WHERE c.email = ANY($3::text[]) OR c.external_id = ANY($4::text[])
 ) AS created
 CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS k(key)
-WHERE k.key IS NOT NULL
+WHERE k.key IS NOT NULL AND created.row_number IS NOT NULL
 """
 
 def _create_sql(*, on_conflict: str) -> str:
+    # The history rows come from the staging table, which has the row numbers (RETURNING has only the contact's
+    # columns); without ON CONFLICT every row to create was created or the statement failed, with it only those
+    # RETURNING names were (a hashed subplan).
+    created = "AND s.new_id IN (SELECT id FROM new)" if on_conflict else ""
     return f"""
 WITH new AS (
     INSERT INTO contact ({", ".join(_CONTACT_COLUMNS)}, id, email_status, lifecycle_stage, attributes, tags,
@@ -331,7 +340,8 @@ WITH new AS (
     RETURNING id
 ), history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT new.id, 'created', NULL, $4::jsonb, $2, 'import', $3 FROM new
+    SELECT s.new_id, 'created', NULL, jsonb_build_object('import_id', $4::text, 'row', s.row_number), $2, 'import', $3
+    FROM import_stage s WHERE s.action = 'create' {created}
 ), announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), $3 FROM new
@@ -353,7 +363,7 @@ async def _create(connection: asyncpg.Connection, job: Job, now: datetime) -> tu
     a unique violation; it is undone to its savepoint, and the rows are written again with ON CONFLICT DO NOTHING,
     the ones that lost the race left out (write_batch marks them `conflict`).
     """
-    args = (job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+    args = (job.row["tags"], job.row["subject"], now, str(job.id))
     try:
         async with connection.transaction():  # a savepoint in the batch's transaction
             inserted, wanted = await connection.fetchrow(_CREATE_SQL, *args)
