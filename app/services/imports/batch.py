@@ -311,7 +311,7 @@ UNION ALL
 SELECT k.key, created.row_number
 FROM (
     SELECT c.email, c.external_id, coalesce(
-        (SELECT (h.new_value ->> 'row')::integer FROM contact_history h
+        (SELECT min((h.new_value ->> 'row')::integer) FROM contact_history h  -- min: a merge moves entries
          WHERE h.contact_id = c.id AND h.field = 'created' AND h.via = 'import'
            AND h.new_value ->> 'import_id' = $1::uuid::text),
         (SELECT i.row_number FROM import_key i WHERE i.import_id = $1 AND i.key = 'c:' || c.id::text)
