@@ -9,8 +9,11 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy import MetaData
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
 from sqlmodel import SQLModel
 
 __all__ = [
@@ -154,24 +157,24 @@ async def bare_connection(request: Request, *, replica: bool = False) -> AsyncIt
     makers = request.app.state.replica_sessionmaker if replica else request.app.state.sessionmaker
     bind = makers.kw["bind"]
     if isinstance(bind, AsyncEngine):
-        async with bind.connect() as connection:
-            pooled = await connection.get_raw_connection()
-            raw = pooled.driver_connection
-            try:
-                yield raw
-            except Exception as exc:
-                if not _disconnected(exc, raw):
-                    raise
-                # SQLAlchemy never saw this error: do what it does on a disconnect it sees (outage drill,
-                # tests/faults): drop this connection, and recycle at their next checkout all those opened
-                # before it (they died with the same server). Then report it as SQLAlchemy would (→ 503).
-                bind.sync_engine.pool._invalidate(pooled, exc)
-                raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
-            finally:
-                # A transaction opened here (an export, a costly read: app.timeouts) that could not be ended, e.g.
-                # cancelled mid-statement: SQLAlchemy's reset on return would not end it. Never reuse it.
-                if not raw.is_closed() and raw.is_in_transaction():
-                    await connection.invalidate()
+        pooled = await _checkout(bind)
+        raw = pooled.driver_connection
+        try:
+            yield raw
+        except Exception as exc:
+            if not _disconnected(exc, raw):
+                raise
+            # SQLAlchemy never saw this error: do what it does on a disconnect it sees (outage drill,
+            # tests/faults): drop this connection, and recycle at their next checkout all those opened
+            # before it (they died with the same server). Then report it as SQLAlchemy would (→ 503).
+            bind.sync_engine.pool._invalidate(pooled, exc)
+            raise DBAPIError(None, None, exc, connection_invalidated=True) from exc
+        finally:
+            # A transaction opened here (an export, a costly read: app.timeouts) that could not be ended, e.g.
+            # cancelled mid-statement: SQLAlchemy's reset on return would not end it. Never reuse it.
+            if not raw.is_closed() and raw.is_in_transaction():
+                await greenlet_spawn(pooled.invalidate)
+            await greenlet_spawn(pooled.close)  # back to the pool (closed for good if invalidated)
     else:  # a sessionmaker bound to one connection (the tests' per-test transaction)
         yield (await bind.get_raw_connection()).driver_connection
 
@@ -189,6 +192,19 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
     if not raw.is_in_transaction() and not pooled.dbapi_connection.autocommit:  # type: ignore[union-attr]
         await connection.exec_driver_sql("SELECT 1")  # the dialect begins the transaction before it
     return raw
+
+
+async def _checkout(engine: AsyncEngine) -> PoolProxiedConnection:
+    """A connection straight from the engine's pool, without the engine-level Connection that `engine.connect()`
+    wraps around it (its construction, events and close were ~14% of an upsert's server CPU: py-spy,
+    docs/performance.md). A driver error while connecting is wrapped as that constructor wraps it (DBAPIError →
+    503), the pool's own errors (exhausted: TimeoutError) pass as they are."""
+    sync = engine.sync_engine
+    try:
+        return await greenlet_spawn(sync.pool.connect)
+    except sync.dialect.loaded_dbapi.Error as exc:
+        Connection._handle_dbapi_exception_noconnection(exc, sync.dialect, sync)
+        raise
 
 
 def _disconnected(exc: Exception, raw: asyncpg.Connection) -> bool:

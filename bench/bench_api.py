@@ -55,7 +55,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 TARGETS = {
     "read": {"throughput_ratio": 0.7, "p99_ratio": 2.0},
-    "upsert": {"throughput_ratio": 0.5, "p99_ratio": None},
+    "upsert": {"throughput_ratio": 0.75, "p99_ratio": None},  # issue 18 (was 0.5)
 }
 BASELINE_TARGETS = {  # Carnet against Carnet with --baseline-env (ARCHITECTURE.md: the journal's bars)
     "read": {"throughput_ratio": 0.8, "p99_ratio": None},

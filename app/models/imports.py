@@ -93,5 +93,5 @@ class ImportKey(SQLModel, table=True):
 
     import_id: uuid.UUID = Field(
         sa_column=Column(Uuid, ForeignKey("import_job.id", ondelete="CASCADE"), primary_key=True))
-    key: str = Field(primary_key=True)                  # "e:<email>", "x:<external_id>" or "c:<contact id created>"
+    key: str = Field(primary_key=True)                  # "e:<email>", "x:<external_id>" (older jobs: "c:<id>")
     row_number: int

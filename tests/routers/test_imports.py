@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db import get_read_sessionmaker, get_sessionmaker
+from app.db import driver_connection, get_read_sessionmaker, get_sessionmaker
 from app.main import create_app
 from app.security import Role, Scope
 from app.services import suppressions
@@ -140,6 +140,11 @@ class TestFrenchExcelFile:
         # one `created` entry per new contact; one entry per changed field of the updated one
         assert await count(sessions, "SELECT count(*) FROM contact_history WHERE via = 'import' "
                                      "AND field = 'created'") == good - 1
+        # the entry names the import and the file's row (later batches find a created row's keys through it)
+        (created,) = [v for (v,) in await rows(
+            sessions, "SELECT new_value FROM contact_history WHERE field = 'created' AND contact_id = :id",
+            id=first["id"])]
+        assert created == {"import_id": job["id"], "row": 2}
         changed = {r: (o, n) for r, o, n in await rows(
             sessions, "SELECT field, old_value, new_value FROM contact_history WHERE via = 'import' "
                       "AND contact_id = :id", id=updated["id"])}
@@ -309,6 +314,28 @@ class TestPolicies:
             names = {e: c["last_name"] for e, c in (await contacts_by_email(sessions)).items()}
             assert names == {"a@exemple.fr": "A", "b@exemple.fr": "B", "new@exemple.fr": "N", "y@exemple.fr": "Y",
                              "c@exemple.fr": "C"}
+
+    async def test_a_created_rows_number_is_found_in_its_history_entry_or_in_an_older_jobs_c_key(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession],
+    ) -> None:
+        """Earlier batches' created rows, as the next batch looks them up: through the contact's `created` history
+        entry, or through the `c:<contact id>` key a job begun before that entry held the row left instead."""
+        response = await upload(client, build_csv(["Email"], [["x@exemple.fr"]]))
+        job_id = uuid.UUID(response.json()["id"])
+        recent = await make_contact(client, email="recent@exemple.fr")
+        older = await make_contact(client, email="older@exemple.fr")
+        async with sessions.begin() as session:
+            await session.execute(text(
+                "INSERT INTO contact_history (contact_id, field, new_value, subject, via, at) "
+                "VALUES (:id, 'created', CAST(:entry AS jsonb), 'cli:test', 'import', now())"),
+                {"id": uuid.UUID(recent["id"]), "entry": json.dumps({"import_id": str(job_id), "row": 9})})
+            await session.execute(text("INSERT INTO import_key (import_id, key, row_number) VALUES (:job, :key, 7)"),
+                                  {"job": job_id, "key": f"c:{older['id']}"})
+            connection = await driver_connection(session)
+            found = await connection.fetch(batch._EARLIER_KEYS_SQL, job_id, [],
+                                           ["recent@exemple.fr", "older@exemple.fr", "x@exemple.fr"], [])
+        assert sorted((r["key"], r["row_number"]) for r in found) == [("e:older@exemple.fr", 7),
+                                                                      ("e:recent@exemple.fr", 9)]
 
     async def test_tags_are_added_to_every_imported_row(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings

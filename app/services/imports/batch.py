@@ -9,16 +9,16 @@ Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
      as they are once locked; matching (external_id, else email, as the API's upsert) decides among them, then the
      suppression check (HMAC digests) overrides it;
   5. the batch's time is taken after those locks, so that it dates its writes after every write they overwrite;
-     INSERT ... ON CONFLICT for new contacts, one UPDATE ... FROM for changed ones, with history rows and outbox
-     messages written by the same statements;
+     one INSERT for new contacts (again with ON CONFLICT DO NOTHING after a unique violation), one UPDATE ... FROM
+     for changed ones, with history rows and outbox messages written by the same statements;
   6. the list subscription (list_id + consent), decided on the locked contacts, the reject report, the counters
      and the checkpoint.
 
 The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
-after the lock with one of the file's keys is met by the unique indexes: a new row's insert skips it (`conflict`),
-an updated row whose new email it holds is refused (`email_held`), as in the API. A race that the transaction
-cannot settle itself (a deadlock, a lock held past the lock timeout) raises, and the runner writes the whole batch
-again.
+after the lock with one of the file's keys is met by the unique indexes: the new rows' insert, run again with ON
+CONFLICT DO NOTHING, skips it (`conflict`), an updated row whose new email it holds is refused (`email_held`), as in
+the API. A race that the transaction cannot settle itself (a deadlock, a lock held past the lock timeout) raises,
+and the runner writes the whole batch again.
 """
 
 from __future__ import annotations
@@ -144,8 +144,7 @@ async def write_batch(
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
         stamped_at = None if dry else now
         if not dry:
-            inserted, wanted = await connection.fetchrow(
-                _CREATE_SQL, job.row["tags"], job.row["subject"], now, json.dumps({"import_id": str(job.id)}))
+            inserted, wanted = await _create(connection, job, now)
             if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
                 await connection.execute(
                     "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
@@ -292,34 +291,44 @@ WHERE s.row_number = m.row_number AND m.action <> 'create'
 """
 
 # What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
-# A row that created a contact leaves the contact's id, appended at the index's right edge (ids are time-ordered),
-# instead of its email and external_id that would land on random pages of the index: the contact carries them.
-# Every other row leaves its email and external_id (a dry run creates nothing).
+# A row that created a contact leaves nothing here: its row number is in the contact's `created` history entry
+# (_CREATE_SQL), written anyway, and its keys are the contact's. Every other row leaves its email and external_id
+# (a dry run creates nothing).
 _SEEN_SQL = """
 INSERT INTO import_key (import_id, key, row_number)
-SELECT $1::uuid, 'c:' || s.new_id::text, s.row_number FROM import_stage s WHERE s.action = 'create' AND NOT $2
-UNION ALL
 SELECT $1::uuid, k.key, s.row_number
 FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
 WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
 """
 
 # The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
-# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids).
+# or as the email and external_id of a contact an earlier row created ($3 emails, $4 external_ids), whose row is
+# in its `created` history entry (an index probe per contact found: ix_contact_history_contact_id_id), or, for a
+# job begun before that entry held it, in a `c:<contact id>` key.
 _EARLIER_KEYS_SQL = """
 SELECT key, row_number FROM import_key WHERE import_id = $1 AND key = ANY($2::text[])
 UNION ALL
 SELECT k.key, created.row_number
 FROM (
-    SELECT c.email, c.external_id, i.row_number
-    FROM contact c JOIN import_key i ON i.import_id = $1 AND i.key = 'c:' || c.id::text
+    SELECT c.email, c.external_id, coalesce(
+        (SELECT min((h.new_value ->> 'row')::integer) FROM contact_history h  -- min: a merge moves entries
+         WHERE h.contact_id = c.id AND h.field = 'created' AND h.via = 'import'
+           AND h.new_value ->> 'import_id' = $1::uuid::text),
+        (SELECT i.row_number FROM import_key i WHERE i.import_id = $1 AND i.key = 'c:' || c.id::text)
+    ) AS row_number
+    FROM contact c
     WHERE c.email = ANY($3::text[]) OR c.external_id = ANY($4::text[])
 ) AS created
 CROSS JOIN unnest(ARRAY['e:' || created.email, 'x:' || created.external_id]) AS k(key)
-WHERE k.key IS NOT NULL
+WHERE k.key IS NOT NULL AND created.row_number IS NOT NULL
 """
 
-_CREATE_SQL = f"""
+def _create_sql(*, on_conflict: str) -> str:
+    # The history rows come from the staging table, which has the row numbers (RETURNING has only the contact's
+    # columns); without ON CONFLICT every row to create was created or the statement failed, with it only those
+    # RETURNING names were (a hashed subplan).
+    created = "AND s.new_id IN (SELECT id FROM new)" if on_conflict else ""
+    return f"""
 WITH new AS (
     INSERT INTO contact ({", ".join(_CONTACT_COLUMNS)}, id, email_status, lifecycle_stage, attributes, tags,
                          orders_count, total_spent, version, created_at, updated_at)
@@ -327,17 +336,41 @@ WITH new AS (
                       if c == "source" else f"s.{c}" for c in _CONTACT_COLUMNS)},
            s.new_id, 'unverified', 'prospect', coalesce(s.attributes, '{{}}'::jsonb), $1::text[], 0, 0, 1, $3, $3
     FROM import_stage s WHERE s.action = 'create'
-    ON CONFLICT DO NOTHING
+    {on_conflict}
     RETURNING id
 ), history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT new.id, 'created', NULL, $4::jsonb, $2, 'import', $3 FROM new
+    SELECT s.new_id, 'created', NULL, jsonb_build_object('import_id', $4::text, 'row', s.row_number), $2, 'import', $3
+    FROM import_stage s WHERE s.action = 'create' {created}
 ), announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), $3 FROM new
 )
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM import_stage WHERE action = 'create')
 """  # noqa: S608 (column names from our own tables; every value is a parameter)
+
+
+_CREATE_SQL = _create_sql(on_conflict="")
+_CREATE_RACED_SQL = _create_sql(on_conflict="ON CONFLICT DO NOTHING")
+
+
+async def _create(connection: asyncpg.Connection, job: Job, now: datetime) -> tuple[int, int]:
+    """The new contacts with their history and outbox rows; (created, rows meant to be created).
+
+    First as a plain INSERT: ON CONFLICT's speculative insertion costs every row (a probe of each unique index
+    before the insert, a confirmation in the WAL after it) for a race only another writer can cause, a contact
+    created with one of the rows' keys after _holders_sql read them. Such a race makes the plain statement fail on
+    a unique violation; it is undone to its savepoint, and the rows are written again with ON CONFLICT DO NOTHING,
+    the ones that lost the race left out (write_batch marks them `conflict`).
+    """
+    args = (job.row["tags"], job.row["subject"], now, str(job.id))
+    try:
+        async with connection.transaction():  # a savepoint in the batch's transaction
+            inserted, wanted = await connection.fetchrow(_CREATE_SQL, *args)
+    except asyncpg.UniqueViolationError:
+        log.info("import.keys_created_meanwhile", import_id=str(job.id))
+        inserted, wanted = await connection.fetchrow(_CREATE_RACED_SQL, *args)
+    return inserted, wanted
 
 
 def _update_sql(job: Job, *, dry: bool) -> str:
