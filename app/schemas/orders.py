@@ -31,6 +31,7 @@ from app.schemas.types import (
     CurrencyCode,
     Email,
     ExternalId,
+    Integer,
     ShortText,
     Uuid,
     one_of_required,
@@ -120,7 +121,7 @@ class OrderItem(InputSchema):
     sku: Annotated[ShortText, NON_BLANK] = Field(min_length=1)
     name: ShortText | None = None
     category: ShortText | None = None
-    quantity: int = Field(ge=1, le=1_000_000)
+    quantity: Integer = Field(ge=1, le=1_000_000)
     unit_price: Money
 
 

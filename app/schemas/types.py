@@ -20,7 +20,7 @@ from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, GetJ
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from app.schemas.strict import FromJSON
+from app.schemas.strict import FromJSON, WholeNumber
 
 __all__ = [
     "ATTRIBUTE_NAME_PATTERN",
@@ -36,6 +36,7 @@ __all__ = [
     "Declared",
     "Email",
     "ExternalId",
+    "Integer",
     "LongText",
     "Phone",
     "QueryTimestamp",
@@ -290,6 +291,8 @@ AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
                     Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
+# Every integer of a request body: JSON Schema's `integer` includes `2.0`, so it is read as 2 (app.schemas.strict).
+Integer = Annotated[int, WholeNumber]
 SearchText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
 
 
