@@ -31,9 +31,9 @@ from app.schemas.types import (
     CurrencyCode,
     Email,
     ExternalId,
-    Integer,
     ShortText,
     Uuid,
+    WholeNumber,
     one_of_required,
 )
 from app.security.masking import mask_json
@@ -121,7 +121,7 @@ class OrderItem(InputSchema):
     sku: Annotated[ShortText, NON_BLANK] = Field(min_length=1)
     name: ShortText | None = None
     category: ShortText | None = None
-    quantity: Integer = Field(ge=1, le=1_000_000)
+    quantity: Annotated[int, Field(ge=1, le=1_000_000), WholeNumber]
     unit_price: Money
 
 

@@ -5,7 +5,7 @@ real retention), `"1"` is not `1`, `1.5` is not `1`. FastAPI validates the parse
 also refuses the text JSON carries for the types it has no literal for: UUIDs, enumerations, dates, timestamps,
 decimals. A field of such a type is annotated with `FromJSON`: its value is then validated exactly as pydantic's
 strict JSON mode validates it (an ISO 8601 string is a timestamp, a number is not; `"1.5"` and `1.5` are decimals).
-An integer field is `Integer` (app.schemas.types): a number with a zero fraction (`2.0`) is an integer in JSON
+An integer field is `Annotated[int, ..., WholeNumber]`: a number with a zero fraction (`2.0`) is an integer in JSON
 Schema, so it is read as that integer; `2.5`, `"2"` and `true` are still refused.
 `tests/security/test_non_boolean_dry_run_never_erases.py` walks every request schema and fails on a field that
 misses either.

@@ -36,7 +36,6 @@ __all__ = [
     "Declared",
     "Email",
     "ExternalId",
-    "Integer",
     "LongText",
     "Phone",
     "QueryTimestamp",
@@ -45,6 +44,7 @@ __all__ = [
     "TagName",
     "Timestamp",
     "Uuid",
+    "WholeNumber",
     "absent_or_set",
     "bounded_decimal",
     "configure_phone_region",
@@ -291,8 +291,9 @@ AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
                     Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
-# Every integer of a request body: JSON Schema's `integer` includes `2.0`, so it is read as 2 (app.schemas.strict).
-Integer = Annotated[int, WholeNumber]
+# Every integer of a request body is `Annotated[int, WholeNumber]`: JSON Schema's `integer` includes `2.0`, read as 2
+# (app.schemas.strict). Bounds go inside, before it: `Annotated[int, Field(ge=1), WholeNumber]`; given after it, or
+# on the field, pydantic writes them into the contract as `ge`/`le`, words JSON Schema does not know.
 SearchText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
 
 
