@@ -1490,6 +1490,11 @@ export interface components {
              * @description Default: the sum of quantity × unit_price
              */
             total_amount?: number | string | null;
+        } | {
+            closed_at?: null;
+        } | {
+            /** @enum {unknown} */
+            status: "converted" | "abandoned";
         };
         /** CartRead */
         CartRead: {
@@ -7229,8 +7234,8 @@ export interface operations {
                 segment?: string | null;
                 /** @description Only members of this list */
                 list?: string | null;
-                /** @description Only with `list` (alone: 422): members with this status (default subscribed: who may be mailed) */
-                list_status?: components["schemas"]["ListStatus"];
+                /** @description With `list`: its members with this status (default subscribed: who may be mailed). Without `list`: contacts on at least one list with this status (`any`: on any list; absent: everyone) */
+                list_status?: components["schemas"]["ListStatus"] | null;
                 /** @description CSV only: `;` for a French Excel */
                 delimiter?: components["schemas"]["Delimiter"];
                 /** @description CSV only: start with a UTF-8 BOM, so Excel reads the accents */
@@ -7336,7 +7341,7 @@ export interface operations {
                     mapping?: string;
                     /** @enum {string} */
                     mode?: "upsert" | "create_only" | "update_only";
-                    /** @description Repeat the field, or separate names with commas */
+                    /** @description Repeat the field, or separate names with commas (each name: 1 to 64 characters, no control character, no `/`) */
                     tags?: string[];
                 };
             };
@@ -8539,7 +8544,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8557,7 +8562,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8590,7 +8595,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8608,7 +8613,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8657,7 +8662,7 @@ export interface operations {
                     /**
                      * Email
                      * Format: email
-                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup). Never a special-use domain (.arpa, .invalid, .local, .localhost, .onion, .test).
                      */
                     email: string;
                     /** First Name */
@@ -8680,7 +8685,7 @@ export interface operations {
                     /**
                      * Email
                      * Format: email
-                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup). Never a special-use domain (.arpa, .invalid, .local, .localhost, .onion, .test).
                      */
                     email: string;
                     /** First Name */
@@ -8823,7 +8828,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8841,7 +8846,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8874,7 +8879,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8940,7 +8945,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8975,7 +8980,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description The request is not valid; This erasure confirmation was not given by this page */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -8991,7 +8996,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -9009,7 +9014,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -9036,7 +9041,7 @@ export interface operations {
             };
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -9054,7 +9059,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
