@@ -4824,7 +4824,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -5359,7 +5359,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -5427,7 +5427,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -5948,7 +5948,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
                 /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
                 "idempotency-key"?: string;
@@ -6104,7 +6104,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -6175,7 +6175,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -6547,7 +6547,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -6624,7 +6624,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -7918,7 +7918,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -7986,7 +7986,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -8460,7 +8460,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -9401,7 +9401,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -9478,7 +9478,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
