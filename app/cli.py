@@ -307,7 +307,9 @@ def export_contacts(
     format: Annotated[str, typer.Option("--format", help="csv or jsonl")] = "csv",
     segment: Annotated[str | None, typer.Option(help="Only contacts matching this segment (id)")] = None,
     list_id: Annotated[str | None, typer.Option("--list", help="Only members of this list (id)")] = None,
-    list_status: Annotated[str, typer.Option(help="With --list: subscribed|pending|unsubscribed|any")] = "subscribed",
+    list_status: Annotated[str | None, typer.Option(
+        help="subscribed|pending|unsubscribed|any: members of --list in this status (default subscribed), or without "
+             "--list contacts on at least one list in this status")] = None,
     delimiter: Annotated[str, typer.Option(help="CSV: ',' or ';' (French Excel)")] = ",",
     bom: Annotated[bool, typer.Option("--bom", help="CSV: start with a UTF-8 BOM (Excel)")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout)")] = None,
@@ -324,7 +326,8 @@ def export_contacts(
     try:
         options = exports_service.ExportOptions(
             format=exports_service.ExportFormat(format), segment_id=uuid.UUID(segment) if segment else None,
-            list_id=uuid.UUID(list_id) if list_id else None, list_status=exports_service.ListStatus(list_status),
+            list_id=uuid.UUID(list_id) if list_id else None,
+            list_status=exports_service.ListStatus(list_status) if list_status else None,
             delimiter=exports_service.Delimiter(delimiter), bom=bom)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -348,7 +351,7 @@ def export_contacts(
         await journal_service.record(session, journal_service.act(
             CLI_ACTOR, "exports.contacts", kind="export", count=total, detail={
                 "format": options.format.value, "segment_id": segment, "list_id": list_id,
-                "list_status": list_status if list_id else None, "output": str(output) if output else "stdout"}))
+                "list_status": options.effective_list_status, "output": str(output) if output else "stdout"}))
         return total
 
     try:

@@ -136,21 +136,26 @@ _IF_MATCH = re.compile(_IF_MATCH_PATTERN)
 # A version is a bigint: `"v` + at most 19 ASCII digits + `"` (str.isdigit() also takes `²`, and int() refuses
 # more than 4,300 digits: both were 500s).
 _MAX_VERSION = 2**63 - 1
-# An If-Match no version has: the write answers 412 where it compares versions. Not raised here: RFC 9110 §13.2.1
-# evaluates preconditions only on a request otherwise valid, so a bad body or id stays a 422 (docs/security.md, 9).
+# An ETag of the declared form that no version has (past 2^63-1): the write answers 412 where it compares versions.
+# Not raised here: RFC 9110 §13.2.1 evaluates preconditions only on a request otherwise valid, so a bad body or id
+# stays a 422 (docs/security.md, 9).
 NO_VERSION = -1
 
 
 async def _if_match(if_match: Annotated[str | None, NOT_NULLABLE, Declared(pattern=_IF_MATCH_PATTERN), Header(
         max_length=64, description='ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 '
-                                   'if stale (or not one of its ETags)')] = None) -> int | None:
+                                   'if stale; a value not of this form is a 422')] = None) -> int | None:
     """The version the caller expects (NO_VERSION for one that is none), or None when it did not ask (or said `*`)."""
-    match = _IF_MATCH.fullmatch(if_match.strip()) if if_match is not None else None
-    if if_match is None or (match and match[1] == "*"):
+    if if_match is None:
         return None
-    if match is not None and match[3] is not None and int(match[3]) <= _MAX_VERSION:
-        return int(match[3])
-    return NO_VERSION
+    match = _IF_MATCH.fullmatch(if_match.strip())
+    if match is None:
+        # Not of the form the contract declares: bad input naming the header, as a bad body is (a 412 would say a
+        # malformed request was valid and only stale: found by the fuzzer once a cart body with `2.0` was valid).
+        raise InvalidInput.one("If-Match", 'an ETag as this server gives them ("v3", W/"v3") or *', "invalid_etag")
+    if match[1] == "*":
+        return None
+    return int(match[3]) if int(match[3]) <= _MAX_VERSION else NO_VERSION
 
 
 IfMatch = Annotated[int | None, Depends(_if_match)]

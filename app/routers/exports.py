@@ -49,22 +49,20 @@ async def export_contacts(
     format: ExportFormat = ExportFormat.CSV,
     segment: Annotated[uuid.UUID | None, Query(description="Only contacts matching this segment")] = None,
     list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Only members of this list")] = None,
-    list_status: Annotated[ListStatus, Query(
-        description="Only with `list` (alone: 422): members with this status (default subscribed: who may be mailed)",
-    )] = ListStatus.SUBSCRIBED,
+    list_status: Annotated[ListStatus | None, Query(
+        description="With `list`: its members with this status (default subscribed: who may be mailed). Without "
+                    "`list`: contacts on at least one list with this status (`any`: on any list; absent: everyone)",
+    )] = None,
     delimiter: Annotated[Delimiter, Query(description="CSV only: `;` for a French Excel")] = Delimiter.COMMA,
     bom: Annotated[bool, Query(description="CSV only: start with a UTF-8 BOM, so Excel reads the accents")] = False,
 ) -> Any:
     """Masked for tokens without pii:read. Everything is checked before the first byte is sent."""
-    if list_id is None and "list_status" in request.query_params:
-        raise InvalidInput.one("list_status", "list_status filters the members of a list: give `list` too",
-                               "list_required")
     options = ExportOptions(format=format, segment_id=segment, list_id=list_id, list_status=list_status,
                             delimiter=delimiter, bom=bom)
     query = await exports_service.prepare(session, options, masked=not caller.sees_pii)
     if not query.masked:  # a masked export is not an access to personal data (docs/gdpr.md)
         describe("exports.contacts", kind="export", format=format.value, segment_id=segment, list_id=list_id,
-                 list_status=list_status.value if list_id else None)
+                 list_status=options.effective_list_status)
     filename = f"contacts-{utc_now():%Y%m%d-%H%M%S}.{format.value}"
     log.info("export.started", format=format.value, masked=query.masked, subject=caller.subject,
              segment_id=str(segment) if segment else None, list_id=str(list_id) if list_id else None)

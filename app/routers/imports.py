@@ -26,6 +26,7 @@ from app.models.base import utc_now
 from app.problems import validation_problem
 from app.routers.deps import IdempotencyKey, JSONBody
 from app.schemas.imports import MAX_FORM_FIELD_CHARS, ImportAccepted, ImportOptions, ImportRead, present_import
+from app.schemas.types import TAG_CHARS_PATTERN
 from app.security import Principal, Scope, require
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
 from app.services import idempotency as idempotency_service
@@ -53,18 +54,23 @@ _UPLOAD_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "dependentRequired": {"list_id": ["consent"]},
                     "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description":
                                  "CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab"},
                         "mapping": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS,
+                                    "contentMediaType": "application/json",
                                     "description": 'JSON {"column name": "field" or null}, at most 500 columns'},
                         "mode": {"type": "string", "enum": ["upsert", "create_only", "update_only"]},
                         "list_id": {"type": "string", "format": "uuid"},
                         "tags": {"type": "array", "maxItems": 100,
-                                 "items": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS},
-                                 "description": "Repeat the field, or separate names with commas"},
-                        "consent": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS, "description":
+                                 "items": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS,
+                                           "pattern": TAG_CHARS_PATTERN},
+                                 "description": "Repeat the field, or separate names with commas (each name: 1 to "
+                                                "64 characters, no control character, no `/`)"},
+                        "consent": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS,
+                                    "contentMediaType": "application/json", "description":
                                     'JSON {"occurred_at"?, "source"?, "proof": {...}}; required with list_id'},
                         "blank_erases": {"type": "boolean"},
                         "dry_run": {"type": "boolean"},

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.access import reveal
 from app.db import ReadSession, WriteSession
-from app.errors import AppError, ContactNotFound, InvalidInput, PayloadTooLarge, problems
+from app.errors import AppError, ContactNotFound, FieldError, InvalidInput, PayloadTooLarge, problems
 from app.models.base import utc_now
 from app.routers.deps import JSONBody, Links
 from app.routers.public import LinkToken, decode_link, link_error, proof_of
@@ -39,7 +39,7 @@ from app.services.links import ERASE_CONFIRM_TTL, Link, LinkCodec, LinkExpired, 
 from app.web.forms import FORM, JSON, UnsupportedMediaType, form_pairs, read_model
 from app.web.pages import Brand, language, render, translate, wants_html
 
-__all__ = ["PreferencesGone", "links_router", "router"]
+__all__ = ["ErasureConfirmationInvalid", "PreferencesGone", "links_router", "router"]
 
 router = APIRouter(prefix="/v1/public", tags=["public"])
 links_router = APIRouter(prefix="/contacts", tags=["contacts"])
@@ -59,6 +59,10 @@ _BODY = {"requestBody": {"required": True, "content": {JSON: {"schema": _BODY_SC
 
 class PreferencesGone(AppError):
     status, slug, title = 410, "preferences-gone", "Nothing is held about this person any more"
+
+
+class ErasureConfirmationInvalid(InvalidInput):
+    slug, title = "invalid-confirmation", "This erasure confirmation was not given by this page"
 
 
 @links_router.get("/{contact_id}/links", response_model=PreferencesLinks, responses=problems(ContactNotFound))
@@ -90,7 +94,7 @@ async def show_preferences(token: LinkToken, request: Request, session: ReadSess
     response_model=PreferencesRead | ErasureConfirmationRequired | ErasureDone | ContactExportRead,
     responses={200: _HTML, 202: {"description": "Erasure request filed", "model": ErasureDone},
                **problems(LinkInvalid, LinkExpired, PreferencesGone, PayloadTooLarge, UnsupportedMediaType,
-                          InvalidInput)},
+                          InvalidInput, ErasureConfirmationInvalid)},
 )
 async def change_preferences(token: LinkToken, request: Request, session: WriteSession) -> Any:
     """One change: lists, unsubscribe from everything, download my data (art. 15), erasure (art. 17, two steps).
@@ -182,9 +186,15 @@ def _confirm_erasure(request: Request, link: Link) -> Response:
 
 
 async def _erase(request: Request, session: AsyncSession, link: Link, confirmation: str) -> Response:
-    confirmed = _codec(request).decode(confirmation, kind=LinkKind.ERASE)
-    if confirmed.contact_id != link.contact_id:
-        raise LinkInvalid("this confirmation was given on another preference page")
+    # The page exists (its link held): a confirmation it did not give is a bad field of the body, not a missing
+    # link. One answer whether it is damaged, forged or another page's; an expired one is still a 410.
+    try:
+        confirmed = _codec(request).decode(confirmation, kind=LinkKind.ERASE)
+    except LinkInvalid:
+        confirmed = None
+    if confirmed is None or confirmed.contact_id != link.contact_id:
+        raise ErasureConfirmationInvalid(FieldError(
+            "erase_confirmation", "not a confirmation this page gave: ask for erasure again", "invalid_confirmation"))
     self_service = request.app.state.settings.preferences_erasure == "self_service"
     outcome = await preferences_service.erase(session, link.contact_id, self_service=self_service)
     status = "completed" if outcome.erased else "requested"

@@ -31,12 +31,12 @@ router = APIRouter(prefix="/v1/public", tags=["public"])
 All = Annotated[bool, Query(alias="all", description="1: withdraw email_marketing consent (every list)")]
 _HTML = {"content": {"text/html": {}}}
 _MAX_USER_AGENT = 1000
-# Declared, and refused by LinkCodec.decode past it: a longer token gets the "damaged link" page, not a JSON 422.
+# Declared, and refused by LinkCodec.decode past it: a longer token gets the "invalid link" page, not a JSON 422.
 # The token of a link Carnet sent by email (payload.signature, unpadded base64url): only the server can verify it;
-# a longer or malformed one is "damaged" like a forged one (400, the links' own answer), so both are only declared.
+# a longer or malformed one names no link, like a forged one (404, the links' own answer), so both are only declared.
 LinkToken = Annotated[str, Declared(pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$", maxLength=MAX_TOKEN_CHARS), Path(
-    description="The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; "
-                "expired → 410")]
+    description="The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, "
+                "forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410")]
 
 
 @router.get("/confirm/{token}", response_model=ConfirmPreview,
@@ -134,7 +134,8 @@ def proof_of(request: Request) -> dict[str, str | None]:
 _ERROR_PAGES = {"invalid-link": ("error_title", "link_invalid_text"),
                 "link-expired": ("error_title", "link_expired_text"),
                 "confirmation-cancelled": ("error_title", "confirmation_cancelled_text"),
-                "preferences-gone": ("gone_title", "gone_text")}
+                "preferences-gone": ("gone_title", "gone_text"),
+                "invalid-confirmation": ("error_title", "erase_confirmation_invalid_text")}
 
 
 def link_error(request: Request, error: AppError) -> Response:

@@ -23,7 +23,16 @@ from pydantic import (
 
 from app.schemas.base import InputSchema
 from app.schemas.strict import FromJSON
-from app.schemas.types import NON_BLANK, CurrencyCode, Declared, ShortText, Uuid, absent_or_set, one_of_required
+from app.schemas.types import (
+    NON_BLANK,
+    CurrencyCode,
+    Declared,
+    ShortText,
+    Uuid,
+    WholeNumber,
+    absent_or_set,
+    one_of_required,
+)
 
 __all__ = [
     "SECRET_FIELDS",
@@ -118,8 +127,8 @@ class _Commerce(InputSchema):
 
 class BrevoConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
-    double_opt_in_template_id: int | None = Field(default=None, ge=1, le=2**63 - 1,  # Brevo's templateId: int64
-                                                  description="For vendor double opt-in lists")
+    double_opt_in_template_id: Annotated[int, Field(ge=1, le=2**63 - 1), WholeNumber] | None = Field(
+        default=None, description="For vendor double opt-in lists")  # Brevo's templateId: an int64
     double_opt_in_redirect_url: AnyHttpUrl | None = None
 
 

@@ -29,10 +29,12 @@ from app.schemas.types import (
     NON_BLANK,
     AwareTimestamp,
     CurrencyCode,
+    Declared,
     Email,
     ExternalId,
     ShortText,
     Uuid,
+    WholeNumber,
     one_of_required,
 )
 from app.security.masking import mask_json
@@ -120,7 +122,7 @@ class OrderItem(InputSchema):
     sku: Annotated[ShortText, NON_BLANK] = Field(min_length=1)
     name: ShortText | None = None
     category: ShortText | None = None
-    quantity: int = Field(ge=1, le=1_000_000)
+    quantity: Annotated[int, Field(ge=1, le=1_000_000), WholeNumber]
     unit_price: Money
 
 
@@ -157,6 +159,11 @@ class CartStatus(StrEnum):
     ABANDONED = "abandoned"
 
 
+# What _web_link accepts, for the contract: http(s), a host (a name, or an IPv6 address in brackets), no user or
+# password (no `@` before the path).
+_WEB_LINK_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://(?:[^/?#@:\[\]]+|\[[^/?#@\]]+\])(?::[^/?#@]*)?(?:[/?#][\s\S]*)?$"
+
+
 def _web_link(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.username is not None \
@@ -169,12 +176,19 @@ class CartPut(InputSchema):
     """A cart as the shop sees it now. `converted` is normally set by an order naming the cart
     (`cart_external_id`); a converted cart accepts no further change."""
 
+    # closed_at only on a converted or abandoned cart (the status defaults to open).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"closed_at": {"type": "null"}}},
+        {"required": ["status"], "properties": {"status": {"enum": ["converted", "abandoned"]}}},
+    ]})
+
     contact: ContactRef
     status: Annotated[CartStatus, FromJSON] = CartStatus.OPEN
     currency: Currency
     items: list[OrderItem] = Field(min_length=1, max_length=1000)
     total_amount: Money | None = Field(default=None, description="Default: the sum of quantity × unit_price")
-    checkout_url: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_web_link)] | None = Field(
+    checkout_url: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_web_link),
+                            Declared(pattern=_WEB_LINK_PATTERN)] | None = Field(
         default=None, description="Where the person resumes the cart (the abandoned-cart email links there)")
     opened_at: AwareTimestamp = Field(description="When the cart was started (the shop's clock)")
     closed_at: AwareTimestamp | None = Field(

@@ -5,8 +5,10 @@ real retention), `"1"` is not `1`, `1.5` is not `1`. FastAPI validates the parse
 also refuses the text JSON carries for the types it has no literal for: UUIDs, enumerations, dates, timestamps,
 decimals. A field of such a type is annotated with `FromJSON`: its value is then validated exactly as pydantic's
 strict JSON mode validates it (an ISO 8601 string is a timestamp, a number is not; `"1.5"` and `1.5` are decimals).
+An integer field is `Annotated[int, ..., WholeNumber]`: a number with a zero fraction (`2.0`) is an integer in JSON
+Schema, so it is read as that integer; `2.5`, `"2"` and `true` are still refused.
 `tests/security/test_non_boolean_dry_run_never_erases.py` walks every request schema and fails on a field that
-misses it.
+misses either.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, GetCoreSchemaHandler, TypeAdapter
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-__all__ = ["FromJSON", "TrueOnly", "is_guard"]
+__all__ = ["FromJSON", "TrueOnly", "WholeNumber", "is_guard"]
 
 
 class _FromJSON:
@@ -59,6 +61,18 @@ def _a_boolean(value: Any) -> Any:
 TrueOnly = Annotated[Literal[True], BeforeValidator(_a_boolean)]
 
 
+def _whole_number(value: Any) -> Any:
+    # JSON Schema's `integer` is any number with a zero fraction: `2.0` is one (and some JSON encoders write it so).
+    # It becomes the int; `2.5`, `"2"`, `true`, NaN and infinities are left to strict int validation, which refuses
+    # them.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = BeforeValidator(_whole_number)
+
+
 def is_guard(function: Any) -> bool:
     """Whether a core schema's before-validator function is one of these (the schema walk of the tests)."""
-    return isinstance(function, _JSONScalar) or function is _a_boolean
+    return isinstance(function, _JSONScalar) or function in (_a_boolean, _whole_number)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.base import InputSchema
 from app.schemas.strict import FromJSON
-from app.schemas.types import NON_BLANK, ShortText
+from app.schemas.types import NON_BLANK, ShortText, WholeNumber
 from app.security import ROLE_SCOPES, Role, Scope
 
 __all__ = ["Me", "TokenCreate", "TokenIssued", "TokenRead"]
@@ -27,7 +27,7 @@ class TokenCreate(InputSchema):
     role: Annotated[Role, FromJSON]
     scopes: list[Annotated[Scope, FromJSON]] | None = Field(
         default=None, max_length=len(Scope), description="Narrow the role's scopes; never widen them")
-    ttl_seconds: int | None = Field(default=None, ge=60, le=366 * 24 * 3600)
+    ttl_seconds: Annotated[int, Field(ge=60, le=366 * 24 * 3600), WholeNumber] | None = None
 
 
 class TokenIssued(BaseModel):

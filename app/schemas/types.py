@@ -20,7 +20,7 @@ from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, GetJ
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from app.schemas.strict import FromJSON
+from app.schemas.strict import FromJSON, WholeNumber
 
 __all__ = [
     "ATTRIBUTE_NAME_PATTERN",
@@ -28,6 +28,7 @@ __all__ = [
     "NON_BLANK_PATTERN",
     "NOT_NULLABLE",
     "PLAIN_TEXT_PATTERN",
+    "TAG_CHARS_PATTERN",
     "AttributeName",
     "AwareTimestamp",
     "CountryCode",
@@ -44,6 +45,7 @@ __all__ = [
     "TagName",
     "Timestamp",
     "Uuid",
+    "WholeNumber",
     "absent_or_set",
     "bounded_decimal",
     "configure_phone_region",
@@ -243,6 +245,7 @@ def bounded_decimal(value: Any, *, integer_digits: int, places: int) -> Decimal:
 ATTRIBUTE_NAME_PATTERN: Final = r"^[a-z][a-z0-9_]{0,62}$"
 _NAME_RE = re.compile(ATTRIBUTE_NAME_PATTERN)
 _TAG_PATTERN: Final = rf"^[^{_CONTROL_CHARS}/]*[^{_CONTROL_CHARS}{_SPACES}/][^{_CONTROL_CHARS}/]*$"
+TAG_CHARS_PATTERN: Final = rf"^[^{_CONTROL_CHARS}/]*$"  # what tag names may hold (a list of them, comma-separated)
 
 
 def _attribute_name(value: str) -> str:
@@ -258,14 +261,21 @@ def _tag_name(value: str) -> str:
     return value
 
 
+# email-validator refuses the special-use domains (RFC 6761, 7686, ...) in any case: the contract says so with a
+# pattern (ECMA-262 has no case-insensitive flag inside a pattern, hence [Tt][Ee][Ss][Tt]).
+_SPECIAL_USE_DOMAIN: Final = r"\.(?:{})$".format("|".join(
+    "".join(f"[{c.upper()}{c}]" if c.isalpha() else re.escape(c) for c in name)
+    for name in sorted(SPECIAL_USE_DOMAIN_NAMES)))
+_SPECIAL_USE_LIST: Final = ", ".join(f".{name}" for name in sorted(SPECIAL_USE_DOMAIN_NAMES))
 _PLAIN = (AfterValidator(_no_control_chars), Declared(pattern=PLAIN_TEXT_PATTERN))
 ShortText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
 LongText = Annotated[str, StringConstraints(max_length=2000), *_PLAIN]
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_control_chars),
                       NON_BLANK]
 Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email), Declared(
-    format="email", description="An email address (stored lowercased); the server judges its validity "
-                                "(email-validator: syntax and domain name, no DNS lookup).")]
+    format="email", **{"not": {"pattern": _SPECIAL_USE_DOMAIN}},
+    description="An email address (stored lowercased); the server judges its validity (email-validator: syntax "
+                f"and domain name, no DNS lookup). Never a special-use domain ({_SPECIAL_USE_LIST}).")]
 Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normalize_phone), Declared(
     pattern=PLAIN_TEXT_PATTERN,
     description="A phone number, international (+33 6 12 34 56 78) or national in DEFAULT_PHONE_REGION "
@@ -290,6 +300,9 @@ AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
                     Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
+# Every integer of a request body is `Annotated[int, WholeNumber]`: JSON Schema's `integer` includes `2.0`, read as 2
+# (app.schemas.strict). Bounds go inside, before it: `Annotated[int, Field(ge=1), WholeNumber]`; given after it, or
+# on the field, pydantic writes them into the contract as `ge`/`le`, words JSON Schema does not know.
 SearchText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
 
 

@@ -101,9 +101,18 @@ class ExportOptions:
     format: ExportFormat = ExportFormat.CSV
     segment_id: uuid.UUID | None = None
     list_id: uuid.UUID | None = None
-    list_status: ListStatus = ListStatus.SUBSCRIBED
+    # With list_id: its members in this status (None: subscribed, who may be mailed). Without: contacts that are on
+    # at least one list in this status (None: no membership filter).
+    list_status: ListStatus | None = None
     delimiter: Delimiter = Delimiter.COMMA
     bom: bool = False
+
+    @property
+    def effective_list_status(self) -> str | None:
+        """The membership status the export filters on, as the journal records it (None: no membership filter)."""
+        if self.list_id is not None:
+            return (self.list_status or ListStatus.SUBSCRIBED).value
+        return self.list_status.value if self.list_status else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,17 +216,25 @@ def _json_document() -> ColumnElement[Any]:
 # ---- preparing ------------------------------------------------------------------------------------------
 
 
+async def _membership(session: AsyncSession, options: ExportOptions) -> ColumnElement[bool]:
+    """Members of the list (unknown list → 404), or of any list when none is named, in the status asked for."""
+    membership = _members.c.contact_id == _t.c.id
+    if options.list_id is not None:
+        await lists_service.ensure_exists(session, options.list_id)
+        membership = and_(membership, _members.c.list_id == options.list_id)
+    status = options.effective_list_status
+    if status is not None and status != ListStatus.ANY:
+        membership = and_(membership, _members.c.status == status)
+    return exists().where(membership)
+
+
 async def prepare(session: AsyncSession, options: ExportOptions, *, masked: bool) -> ExportQuery:
     """Check the options against the database (unknown segment or list → 404) and build the query."""
     where: list[ColumnElement[bool]] = []
     if options.segment_id is not None:
         where.append(await segments_service.segment_condition(session, options.segment_id))
-    if options.list_id is not None:
-        await lists_service.ensure_exists(session, options.list_id)
-        membership = and_(_members.c.contact_id == _t.c.id, _members.c.list_id == options.list_id)
-        if options.list_status is not ListStatus.ANY:
-            membership = and_(membership, _members.c.status == options.list_status.value)
-        where.append(exists().where(membership))
+    if options.list_id is not None or options.list_status is not None:
+        where.append(await _membership(session, options))
     if options.format is ExportFormat.JSONL:
         header, kinds = ["contact"], [ENUM]
         statement: Select[Any] = select(_json_document().label("contact"))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from app.errors import AppError, BadRequest
+from app.errors import AppError, NotFound
 
 __all__ = [
     "CONFIRM_LINK_TTL",
@@ -42,7 +42,10 @@ _MAC_BYTES = 16  # 128-bit tag: plenty against forgery, keeps the URL short
 MAX_TOKEN_CHARS = 512
 
 
-class LinkInvalid(BadRequest):
+class LinkInvalid(NotFound):
+    # A token the server did not issue names nothing: 404, whether it was damaged, forged or made for another kind
+    # of link, with one detail for all three (the answer never tells which part was wrong, nor that a signature
+    # held). Only a genuine link can be told apart, when it has expired (410).
     slug, title = "invalid-link", "This link is not valid"
 
 
@@ -58,6 +61,7 @@ class LinkKind(StrEnum):
 
 
 _LISTLESS = frozenset({LinkKind.PREFERENCES, LinkKind.ERASE})
+_NOT_ISSUED = "this link is damaged or was not issued by this service for this page"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,8 @@ class LinkCodec:
         return f"{_b64(payload)}.{_b64(self._mac(payload))}"
 
     def decode(self, token: str, *, kind: LinkKind, now: float | None = None) -> Link:
-        """The link a token stands for; LinkInvalid if forged or malformed, LinkExpired if too old."""
+        """The link a token stands for; LinkInvalid if forged, malformed or of another kind, LinkExpired if too
+        old."""
         try:
             if len(token) > MAX_TOKEN_CHARS:
                 raise ValueError("too long")
@@ -100,9 +105,9 @@ class LinkCodec:
                 None if link_kind in _LISTLESS else uuid.UUID(claims["l"]), _expiry(claims.get("exp")),
             )
         except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
-            raise LinkInvalid("this link is damaged or was not issued by this service") from None
+            raise LinkInvalid(_NOT_ISSUED) from None
         if link.kind is not kind:
-            raise LinkInvalid(f"this is not a {kind.value} link")
+            raise LinkInvalid(_NOT_ISSUED)
         if link.expires_at is not None and link.expires_at < (time.time() if now is None else now):
             raise LinkExpired("this link has expired; ask for a new one")
         return link

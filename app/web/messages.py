@@ -11,6 +11,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "error_title": "This link cannot be used",
         "link_invalid_text": "This link is incomplete or was changed. Open it again from the email, as it is.",
         "link_expired_text": "This link has expired. Sign up again to get a new one.",
+        "erase_confirmation_invalid_text": "This confirmation does not come from your preferences page. "
+                                           "Ask for erasure again there.",
         "confirmation_cancelled_text": "This subscription was cancelled meanwhile: there is nothing to confirm.",
         "back_to_shop": "Back to the site",
         # signup
@@ -75,6 +77,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "error_title": "Ce lien ne peut pas être utilisé",
         "link_invalid_text": "Ce lien est incomplet ou a été modifié. Ouvrez-le à nouveau depuis l'e-mail, tel quel.",
         "link_expired_text": "Ce lien a expiré. Inscrivez-vous à nouveau pour en recevoir un nouveau.",
+        "erase_confirmation_invalid_text": "Cette confirmation ne vient pas de votre page de préférences. "
+                                           "Demandez à nouveau l'effacement depuis celle-ci.",
         "confirmation_cancelled_text": "Cette inscription a été annulée entre-temps : il n'y a rien à confirmer.",
         "back_to_shop": "Retour au site",
         "signup_title": "Consultez votre boîte de réception",

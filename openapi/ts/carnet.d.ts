@@ -1490,6 +1490,11 @@ export interface components {
              * @description Default: the sum of quantity × unit_price
              */
             total_amount?: number | string | null;
+        } | {
+            closed_at?: null;
+        } | {
+            /** @enum {unknown} */
+            status: "converted" | "abandoned";
         };
         /** CartRead */
         CartRead: {
@@ -4819,7 +4824,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -5354,7 +5359,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -5422,7 +5427,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -5943,7 +5948,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
                 /** @description Replays the first response for 24 h, to the same token only. The server judges reuse: the same key with another body or path, or from another token → 422; a fresh random key (a UUID) per intended request never collides */
                 "idempotency-key"?: string;
@@ -6099,7 +6104,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -6170,7 +6175,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -6542,7 +6547,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -6619,7 +6624,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -7229,8 +7234,8 @@ export interface operations {
                 segment?: string | null;
                 /** @description Only members of this list */
                 list?: string | null;
-                /** @description Only with `list` (alone: 422): members with this status (default subscribed: who may be mailed) */
-                list_status?: components["schemas"]["ListStatus"];
+                /** @description With `list`: its members with this status (default subscribed: who may be mailed). Without `list`: contacts on at least one list with this status (`any`: on any list; absent: everyone) */
+                list_status?: components["schemas"]["ListStatus"] | null;
                 /** @description CSV only: `;` for a French Excel */
                 delimiter?: components["schemas"]["Delimiter"];
                 /** @description CSV only: start with a UTF-8 BOM, so Excel reads the accents */
@@ -7336,7 +7341,7 @@ export interface operations {
                     mapping?: string;
                     /** @enum {string} */
                     mode?: "upsert" | "create_only" | "update_only";
-                    /** @description Repeat the field, or separate names with commas */
+                    /** @description Repeat the field, or separate names with commas (each name: 1 to 64 characters, no control character, no `/`) */
                     tags?: string[];
                 };
             };
@@ -7913,7 +7918,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -7981,7 +7986,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -8455,7 +8460,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -8539,7 +8544,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8557,7 +8562,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8590,7 +8595,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8608,7 +8613,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8657,7 +8662,7 @@ export interface operations {
                     /**
                      * Email
                      * Format: email
-                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup). Never a special-use domain (.arpa, .invalid, .local, .localhost, .onion, .test).
                      */
                     email: string;
                     /** First Name */
@@ -8680,7 +8685,7 @@ export interface operations {
                     /**
                      * Email
                      * Format: email
-                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup).
+                     * @description An email address (stored lowercased); the server judges its validity (email-validator: syntax and domain name, no DNS lookup). Never a special-use domain (.arpa, .invalid, .local, .localhost, .onion, .test).
                      */
                     email: string;
                     /** First Name */
@@ -8823,7 +8828,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8841,7 +8846,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8874,7 +8879,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -8940,7 +8945,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -8975,7 +8980,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The request is not valid */
+            /** @description The request is not valid; This erasure confirmation was not given by this page */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -8991,7 +8996,7 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -9009,7 +9014,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -9036,7 +9041,7 @@ export interface operations {
             };
             header?: never;
             path: {
-                /** @description The link's token, as sent. The server judges it: damaged, forged or of another kind of link → 400; expired → 410 */
+                /** @description The link's token, as sent. The server judges it: a token it did not issue for this page (damaged, forged, or of another kind of link) names nothing → 404 `invalid-link`; expired → 410 */
                 token: string;
             };
             cookie?: never;
@@ -9054,7 +9059,7 @@ export interface operations {
                 };
             };
             /** @description This link is not valid */
-            400: {
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -9396,7 +9401,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {
@@ -9473,7 +9478,7 @@ export interface operations {
         parameters: {
             query?: never;
             header?: {
-                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale (or not one of its ETags) */
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
                 "if-match"?: string;
             };
             path: {

@@ -47,6 +47,20 @@ class TestPutCart:
         assert got["status"] == "open" and got["total_amount"] == "29.90" and got["closed_at"] is None
         assert got["contact_id"] == contact["id"] and got["checkout_url"].endswith("/abc")
 
+    async def test_a_malformed_if_match_is_422_a_stale_one_412(self, client: httpx.AsyncClient) -> None:
+        """The contract declares If-Match's form: another form is bad input (422 naming it), not a failed
+        precondition; a well-formed ETag that is not current is the 412."""
+        contact, cart_id = await make_contact(client), ext()
+        body = cart({"id": contact["id"]}, items=[{"sku": "MUG-1", "quantity": 2.0, "unit_price": "12.50"}])
+        for malformed in ("m~TXU\t)-Cd,|$1", '"x"', "v1", '"v1", "v2"'):
+            refused = await put(client, cart_id, body, headers={**INTEGRATION, "If-Match": malformed})
+            assert refused.status_code == 422, (malformed, refused.text)
+            assert [e["field"] for e in refused.json()["errors"]] == ["If-Match"]
+        assert_problem(await put(client, cart_id, body, headers={**INTEGRATION, "If-Match": '"v1"'}), 412)
+        assert (await put(client, cart_id, body)).status_code == 201
+        current = (await client.get(f"/v1/carts/{cart_id}", headers=INTEGRATION)).headers["etag"]
+        assert (await put(client, cart_id, body, headers={**INTEGRATION, "If-Match": current})).status_code == 200
+
     async def test_abandoned_then_back_open(self, client: httpx.AsyncClient) -> None:
         contact, cart_id = await make_contact(client), ext()
         await put(client, cart_id, cart({"id": contact["id"]}))

@@ -188,6 +188,26 @@ class TestFilters:
         assert ids(await client.get(URL, params={"list": made["id"], "list_status": "any"}, headers=ADMIN)) == {
             staying["id"], leaving["id"]}
 
+    async def test_list_status_alone_is_about_every_list(self, client: httpx.AsyncClient) -> None:
+        """Without `list`, `list_status` keeps the contacts on at least one list in that status."""
+        first, second = await make_list(client), await make_list(client)
+        subscribed, unsubscribed, both, nowhere = [await claire(client) for _ in range(4)]
+        for made, contact in ((first, subscribed), (first, unsubscribed), (first, both), (second, both)):
+            await grant_marketing(client, contact["id"])
+            joined = await client.put(f"/v1/lists/{made['id']}/members/{contact['id']}", headers=ADMIN)
+            assert joined.status_code == 201
+        for made, contact in ((first, unsubscribed), (second, both)):
+            await client.delete(f"/v1/lists/{made['id']}/members/{contact['id']}", headers=ADMIN)
+
+        async def ids(**params: str) -> set[str]:
+            return {r["id"] for r in rows(await client.get(URL, params=params, headers=ADMIN))}
+
+        assert await ids(list_status="subscribed") == {subscribed["id"], both["id"]}
+        assert await ids(list_status="unsubscribed") == {unsubscribed["id"], both["id"]}
+        assert await ids(list_status="pending") == set()
+        assert await ids(list_status="any") == {subscribed["id"], unsubscribed["id"], both["id"]}
+        assert await ids() == {subscribed["id"], unsubscribed["id"], both["id"], nowhere["id"]}
+
     async def test_unknown_segment_or_list_is_404_before_streaming(self, client: httpx.AsyncClient) -> None:
         body = assert_problem(await client.get(URL, params={"segment": str(uuid.uuid4())}, headers=ADMIN), 404)
         assert body["type"].endswith("/segment-not-found")
@@ -197,7 +217,7 @@ class TestFilters:
     async def test_bad_options_are_422_naming_the_parameter(self, client: httpx.AsyncClient) -> None:
         for params, field in (({"format": "xlsx"}, "format"), ({"delimiter": "|"}, "delimiter"),
                               ({"segment": "nope"}, "segment"), ({"list": "nope"}, "list"),
-                              ({"list_status": "any"}, "list_status"), ({"bom": "maybe"}, "bom")):
+                              ({"list_status": "all"}, "list_status"), ({"bom": "maybe"}, "bom")):
             body = assert_problem(await client.get(URL, params=params, headers=ADMIN), 422)
             assert field in json.dumps(body["errors"]), (params, body)
 

@@ -105,12 +105,12 @@ class TestView:
         contact = await make_contact(client)
         token = prefs_path(contact["id"]).rsplit("/", 1)[1]
         other = await make_contact(client)
-        assert_problem(await client.get(f"/v1/public/preferences/{forge(token, c=other['id'])}"), 400)
+        assert_problem(await client.get(f"/v1/public/preferences/{forge(token, c=other['id'])}"), 404)
         unsubscribe = CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uuid.UUID(contact["id"]), uuid.uuid4()))
-        assert_problem(await client.get(f"/v1/public/preferences/{unsubscribe}"), 400)
+        assert_problem(await client.get(f"/v1/public/preferences/{unsubscribe}"), 404)
         assert_problem(await client.post(f"/v1/public/preferences/{forge(token, c=other['id'])}",
-                                         json={"unsubscribe_all": True}), 400)
-        assert (await client.get("/v1/public/preferences/garbage", headers=BROWSER)).status_code == 400
+                                         json={"unsubscribe_all": True}), 404)
+        assert (await client.get("/v1/public/preferences/garbage", headers=BROWSER)).status_code == 404
 
 
 class TestChanges:
@@ -217,7 +217,10 @@ class TestErasure:
         assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 200  # not yet
         other = await make_contact(client)
         theirs = (await change(client, other["id"], {"erase": "request"})).json()["confirmation"]
-        assert_problem(await change(client, contact["id"], {"erase_confirmation": theirs}), 400)
+        for wrong in (theirs, "garbage", theirs[:-2]):  # the page exists: the body's field is what is wrong
+            refused = assert_problem(await change(client, contact["id"], {"erase_confirmation": wrong}), 422)
+            assert refused["type"].endswith("/invalid-confirmation")
+            assert refused["errors"][0]["field"] == "erase_confirmation"
         expired = CODEC.encode(Link(LinkKind.ERASE, uuid.UUID(contact["id"]), None, int(time.time()) - 1))
         assert_problem(await change(client, contact["id"], {"erase_confirmation": expired}), 410)
         assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 200

@@ -85,7 +85,8 @@ async def test_a_public_link_withdraws_consent_only_on_true(client: httpx.AsyncC
 
 @pytest.mark.parametrize(("path", "body", "field"), [
     ("/v1/tokens", {"subject": "a@shop.example", "role": "viewer", "ttl_seconds": "3600"}, "ttl_seconds"),
-    ("/v1/tokens", {"subject": "a@shop.example", "role": "viewer", "ttl_seconds": 3600.0}, "ttl_seconds"),
+    ("/v1/tokens", {"subject": "a@shop.example", "role": "viewer", "ttl_seconds": 3600.5}, "ttl_seconds"),
+    ("/v1/tokens", {"subject": "a@shop.example", "role": "viewer", "ttl_seconds": True}, "ttl_seconds"),
     ("/v1/tokens", {"subject": 12345, "role": "viewer"}, "subject"),
     ("/v1/lists", {"name": "strict-list", "double_opt_in": "false"}, "double_opt_in"),
     ("/v1/contacts", {"email": "strict@example.com", "birth_date": 0}, "birth_date"),
@@ -111,6 +112,29 @@ async def test_the_text_forms_json_has_no_literal_for_are_still_read(client: htt
         "contact": {"id": made.json()["id"]}, "placed_at": "2026-01-02T03:04:05Z", "status": "paid",
         "currency": "EUR", "total_amount": "12.50", "items": [{"sku": "a", "quantity": 1, "unit_price": 12.5}]})
     assert order.status_code in (200, 201), order.text
+
+
+async def test_a_whole_number_with_a_zero_fraction_is_that_integer(client: httpx.AsyncClient) -> None:
+    """JSON Schema's `integer` is any number with a zero fraction: `2.0` is the integer 2. `2.5`, `"2"`, `true`,
+    `1e400` (infinity) are not integers: still refused, naming the field."""
+    issued = await client.post("/v1/tokens", headers=ADMIN, json={"subject": "a@shop.example", "role": "viewer",
+                                                                  "ttl_seconds": 3600.0})
+    assert issued.status_code == 201, issued.text
+    made = await make_contact(client)
+    item = {"sku": "a", "unit_price": "5.00"}
+    order = {"contact": {"id": made["id"]}, "placed_at": "2026-01-02T03:04:05Z", "status": "paid",
+             "currency": "EUR", "total_amount": "10.00"}
+    stored = await client.put("/v1/orders/whole-1", headers=ADMIN, json={**order, "items": [{**item, "quantity": 2.0}]})
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["items"][0]["quantity"] == 2 and isinstance(stored.json()["items"][0]["quantity"], int)
+    for wrong in ("2.5", '"2"', "true", "1e400"):
+        body = f'{{"contact": {{"id": "{made["id"]}"}}, "placed_at": "2026-01-02T03:04:05Z", "status": "paid", ' \
+               f'"currency": "EUR", "total_amount": "10.00", "items": [{{"sku": "a", "unit_price": "5.00", ' \
+               f'"quantity": {wrong}}}]}}'
+        refused = await client.put("/v1/orders/whole-2", headers={**ADMIN, "Content-Type": "application/json"},
+                                   content=body)
+        assert refused.status_code == 422, (wrong, refused.text)
+        assert [e["field"] for e in refused.json()["errors"]] == ["items.0.quantity"], wrong
 
 
 # ---- the class: every request schema ---------------------------------------------------------------------------
@@ -156,6 +180,8 @@ def _loose_spots(schema: Any, where: str, defs: dict[str, Any], guarded: bool = 
         yield f"{where}: {kind} without FromJSON (its JSON text is refused)"
     if kind == "literal" and any(isinstance(e, bool) for e in schema["expected"]) and not guarded:
         yield f"{where}: a boolean literal takes 1 for true (use TrueOnly)"
+    if kind == "int" and not guarded:
+        yield f"{where}: an int that refuses 2.0, a JSON Schema integer (Annotated[int, ..., WholeNumber])"
     for key, value in schema.items():
         if key == "fields" and kind == "model-fields":
             for name, field in value.items():
@@ -168,6 +194,21 @@ def test_every_request_schema_is_strict() -> None:
     loose = [spot for cls in _request_schemas()
              for spot in _loose_spots(cls.__pydantic_core_schema__, cls.__name__, {})]
     assert not loose, "\n".join(loose)
+
+
+def test_the_contract_states_bounds_in_json_schema_words(app: FastAPI) -> None:
+    """Bounds pydantic cannot push under a validator reach the document as `ge`/`le`: no client reads those."""
+    def walk(node: Any, where: str) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("type"), str) and node.keys() & {"ge", "le", "gt", "lt"}:
+                yield where
+            for key, value in node.items():
+                yield from walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                yield from walk(value, f"{where}/{index}")
+
+    assert not list(walk(app.openapi(), "#"))
 
 
 def test_every_json_body_is_a_request_schema(app: FastAPI) -> None:
