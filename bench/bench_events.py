@@ -282,12 +282,15 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
     from app.db import bare_connection, make_engine, make_read_sessionmaker, make_sessionmaker
     from app.models import Segment
     from app.services import segments
-    from app.timeouts import within
+    from app.timeouts import StatementTimeouts, costly_connection, make_costly_engine
 
-    engine = make_engine(url, pool_size=1)  # one backend for every system measured (see bench_segments.py)
+    engine = make_engine(url, pool_size=1)  # one backend for the hand SQL and Carnet's SQL alone
+    timeouts = StatementTimeouts(interactive=10, costly=30, export=3600, worker=600)
+    costly_engine = make_costly_engine(url, timeouts, pool_size=1, pool_timeout=5)  # the endpoint's, as the app's
     makers, readers = make_sessionmaker(engine), make_read_sessionmaker(engine)
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(sessionmaker=makers,
-                                                                        replica_sessionmaker=readers)))
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+        sessionmaker=makers, replica_sessionmaker=readers, costly_sessionmaker=make_sessionmaker(costly_engine),
+        timeouts=timeouts)))
     out: dict[str, Any] = {}
     try:
         for type_ in COUNTED_TYPES:
@@ -300,8 +303,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     updated_at=datetime.now(UTC)))
 
             async def carnet(segment_id: uuid.UUID = segment_id) -> int:  # GET /v1/segments/{id}/count, minus HTTP
-                async with (bare_connection(request, replica=True) as connection,  # type: ignore[arg-type]
-                            within(connection, 30, kind="a count")):
+                async with costly_connection(request, kind="a count") as connection:  # type: ignore[arg-type]
                     return await segments.count_stored(connection, segment_id)
 
             def hand_of(query: str, type_: str = type_) -> Callable[[], Awaitable[int]]:
@@ -339,6 +341,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
             log(f"count {type_}: {out[type_]}")
     finally:
         await engine.dispose()
+        await costly_engine.dispose()
     return out
 
 
