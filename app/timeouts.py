@@ -23,16 +23,18 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.util import await_only
 
 from app.db import WriteSession, bare_connection, make_engine, milliseconds, pooled_connection
 from app.errors import ServiceUnavailable
+from app.logging import get_logger
 from app.settings import Settings
 
 __all__ = [
@@ -46,8 +48,11 @@ __all__ = [
     "make_costly_engine",
     "session_within",
     "set_local",
+    "verify_costly_settings",
     "within",
 ]
+
+log = get_logger("carnet.timeouts")
 
 _QUERY_CANCELED = "57014"  # statement_timeout, or a pg_cancel_backend(): the same SQLSTATE
 
@@ -126,8 +131,28 @@ COSTLY_SETTINGS = {"default_transaction_read_only": "on", "max_parallel_workers_
 def make_costly_engine(url: str, timeouts: StatementTimeouts, *, pool_size: int, pool_timeout: float) -> AsyncEngine:
     """The pool of costly reads' connections: `pool_size` is the process's costly-read slots (each slot holds at
     most one connection, so none ever waits here, and the API's own pool never serves these reads)."""
-    return make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout, statement_timeout=timeouts.costly,
-                       settings=COSTLY_SETTINGS)
+    engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout, statement_timeout=timeouts.costly,
+                         settings=COSTLY_SETTINGS)
+    verify_costly_settings(engine, timeouts)
+    return engine
+
+
+def verify_costly_settings(engine: AsyncEngine, timeouts: StatementTimeouts) -> None:
+    """Each new connection of `engine` is checked once (one round trip when it opens, none per read): one that
+    opened without the costly settings, e.g. through a pooler that drops startup parameters (PgBouncer in
+    transaction mode with them in `ignore_startup_parameters`), would run costly reads unprotected. It is refused
+    instead: 503, logged (docs/security.md, "Class 3")."""
+    expected = {**COSTLY_SETTINGS, "statement_timeout": milliseconds(timeouts.costly)}
+
+    def check(dbapi_connection: Any, _record: Any) -> None:
+        rows = await_only(dbapi_connection.driver_connection.fetch(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])", list(expected)))
+        if {row["name"]: row["setting"] for row in rows} != expected:
+            log.error("costly_reads.unprotected", expected=expected, got={row["name"]: row["setting"] for row in rows})
+            raise ServiceUnavailable("a connection for costly reads opened without its read-only, one-core and "
+                                     "timeout settings; set them on the database role (docs/security.md)")
+
+    event.listen(engine.sync_engine, "connect", check)
 
 
 @asynccontextmanager

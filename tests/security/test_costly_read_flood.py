@@ -33,11 +33,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.cli import _in_transaction
-from app.db import plain_dsn, pooled_connection, server_settings
+from app.db import make_engine, plain_dsn, pooled_connection, server_settings
+from app.errors import ServiceUnavailable
 from app.main import create_app
 from app.security import Role
 from app.settings import ConfigurationError, Settings
-from app.timeouts import within
+from app.timeouts import StatementTimeouts, make_costly_engine, verify_costly_settings, within
 from tests.auth import bearer
 from tests.conftest import migrated_database
 
@@ -231,6 +232,27 @@ async def test_a_count_runs_on_the_costly_pool_read_only_on_one_core_and_is_cut_
         # nothing left behind, and the API's own pool never served it
         assert (await http.get(count, headers=bearer(Role.VIEWER))).json() == {"count": CONTACTS}
         await pooled_connections_are_clean(app.state.sessionmaker, 3, "10s")
+
+
+async def test_a_costly_read_connection_opened_without_its_settings_is_refused_never_used(
+    crowded_url: str, settings: Settings,
+) -> None:
+    # What a pooler that drops the startup parameters would hand over: the role's defaults only.
+    timeouts = StatementTimeouts.from_settings(settings)
+    bare = make_engine(crowded_url, pool_size=1, statement_timeout=timeouts.interactive)
+    verify_costly_settings(bare, timeouts)
+    try:
+        with pytest.raises(ServiceUnavailable, match="costly reads"):
+            async with bare.connect():
+                pass
+    finally:
+        await bare.dispose()
+    costly = make_costly_engine(crowded_url, timeouts, pool_size=1, pool_timeout=5)
+    try:
+        async with costly.connect() as connection:
+            assert (await connection.exec_driver_sql("SHOW transaction_read_only")).scalar() == "on"
+    finally:
+        await costly.dispose()
 
 
 async def test_one_token_past_its_cap_of_costly_reads_gets_429_while_another_token_is_served(
