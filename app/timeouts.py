@@ -20,6 +20,7 @@ A statement stopped by its timeout (SQLSTATE 57014) is answered 503 `statement-t
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -138,21 +139,26 @@ def make_costly_engine(url: str, timeouts: StatementTimeouts, *, pool_size: int,
 
 
 def verify_costly_settings(engine: AsyncEngine, timeouts: StatementTimeouts) -> None:
-    """Each new connection of `engine` is checked once (one round trip when it opens, none per read): one that
+    """Each new connection of `engine` is checked once (one round trip when it opens, none per read). One that
     opened without the costly settings, e.g. through a pooler that drops startup parameters (PgBouncer in
-    transaction mode with them in `ignore_startup_parameters`), would run costly reads unprotected. It is refused
-    instead: 503, logged (docs/security.md, "Class 3")."""
+    transaction mode, with them in `ignore_startup_parameters`), is marked: `costly_connection` then guards its
+    reads with `within` (SET LOCAL, which works through a transaction pooler), never runs them unprotected."""
     expected = {**COSTLY_SETTINGS, "statement_timeout": milliseconds(timeouts.costly)}
 
     def check(dbapi_connection: Any, _record: Any) -> None:
-        rows = await_only(dbapi_connection.driver_connection.fetch(
-            "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])", list(expected)))
-        if {row["name"]: row["setting"] for row in rows} != expected:
-            log.error("costly_reads.unprotected", expected=expected, got={row["name"]: row["setting"] for row in rows})
-            raise ServiceUnavailable("a connection for costly reads opened without its read-only, one-core and "
-                                     "timeout settings; set them on the database role (docs/security.md)")
+        raw: asyncpg.Connection = dbapi_connection.driver_connection
+        rows = await_only(raw.fetch("SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[])",
+                                    list(expected)))
+        got = {row["name"]: row["setting"] for row in rows}
+        if got != expected:
+            log.warning("costly_reads.settings_dropped", expected=expected, got=got)
+            _unprotected.add(raw)
 
     event.listen(engine.sync_engine, "connect", check)
+
+
+# Costly-read connections that opened without COSTLY_SETTINGS (verify_costly_settings): `within` guards their reads.
+_unprotected: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
 
 
 @asynccontextmanager
@@ -162,16 +168,16 @@ async def costly_connection(request: Request, *, kind: str) -> AsyncIterator[asy
 
     From the costly-read pool (app.state.costly_sessionmaker, on the replica when there is one), whose connections
     open that way: each statement is its own single round trip. `within` costs two more (BEGIN with the settings,
-    ROLLBACK), which made a 5-13 ms events count 1.5-1.6x the hand-written SQL under load (docs/performance.md,
-    "Events"). Without that pool (the tests' shared transaction), `within` on the replica's bare connection.
+    ROLLBACK), which made a 5-13 ms events count 1.5-1.7x the hand-written SQL under load (docs/performance.md,
+    "Events"). Without that pool (the tests' shared transaction), or on a connection that opened without its
+    settings (verify_costly_settings), `within`.
     """
     seconds: float = request.app.state.timeouts.costly
     makers = request.app.state.costly_sessionmaker
-    if makers is None:
-        async with bare_connection(request, replica=True) as connection, within(connection, seconds, kind=kind):
-            yield connection
-    else:
-        async with pooled_connection(makers) as connection, _stopped_by(seconds, kind=kind):
+    opened = bare_connection(request, replica=True) if makers is None else pooled_connection(makers)
+    async with opened as connection:
+        guarded = makers is None or connection in _unprotected
+        async with within(connection, seconds, kind=kind) if guarded else _stopped_by(seconds, kind=kind):
             yield connection
 
 

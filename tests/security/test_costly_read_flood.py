@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -33,12 +34,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.cli import _in_transaction
-from app.db import make_engine, plain_dsn, pooled_connection, server_settings
-from app.errors import ServiceUnavailable
+from app.db import make_engine, make_sessionmaker, plain_dsn, pooled_connection, server_settings
 from app.main import create_app
 from app.security import Role
 from app.settings import ConfigurationError, Settings
-from app.timeouts import StatementTimeouts, make_costly_engine, verify_costly_settings, within
+from app.timeouts import StatementTimeouts, costly_connection, make_costly_engine, verify_costly_settings, within
 from tests.auth import bearer
 from tests.conftest import migrated_database
 
@@ -234,25 +234,30 @@ async def test_a_count_runs_on_the_costly_pool_read_only_on_one_core_and_is_cut_
         await pooled_connections_are_clean(app.state.sessionmaker, 3, "10s")
 
 
-async def test_a_costly_read_connection_opened_without_its_settings_is_refused_never_used(
+async def test_a_costly_read_connection_opened_without_its_settings_is_guarded_by_within(
     crowded_url: str, settings: Settings,
 ) -> None:
-    # What a pooler that drops the startup parameters would hand over: the role's defaults only.
+    # A pooler that drops the startup parameters hands over connections with the role's defaults only: the read
+    # then runs inside `within` (read-only transaction, SET LOCAL), never unprotected.
     timeouts = StatementTimeouts.from_settings(settings)
-    bare = make_engine(crowded_url, pool_size=1, statement_timeout=timeouts.interactive)
-    verify_costly_settings(bare, timeouts)
+    dropped = make_engine(crowded_url, pool_size=1, statement_timeout=timeouts.interactive)
+    verify_costly_settings(dropped, timeouts)
+    honoured = make_costly_engine(crowded_url, timeouts, pool_size=1, pool_timeout=5)
     try:
-        with pytest.raises(ServiceUnavailable, match="costly reads"):
-            async with bare.connect():
-                pass
+        for engine, in_transaction in ((dropped, True), (honoured, False)):
+            request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+                costly_sessionmaker=make_sessionmaker(engine), timeouts=timeouts)))
+            async with costly_connection(request, kind="a test read") as raw:  # type: ignore[arg-type]
+                assert raw.is_in_transaction() is in_transaction  # one round trip a read when the settings hold
+                assert await raw.fetchval("SHOW transaction_read_only") == "on"
+                assert await raw.fetchval("SHOW statement_timeout") == "30s"
+                assert await raw.fetchval("SHOW max_parallel_workers_per_gather") == "0"
+            async with costly_connection(request, kind="a test read") as raw:  # type: ignore[arg-type]
+                with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                    await raw.execute("DELETE FROM segment")
     finally:
-        await bare.dispose()
-    costly = make_costly_engine(crowded_url, timeouts, pool_size=1, pool_timeout=5)
-    try:
-        async with costly.connect() as connection:
-            assert (await connection.exec_driver_sql("SHOW transaction_read_only")).scalar() == "on"
-    finally:
-        await costly.dispose()
+        await dropped.dispose()
+        await honoured.dispose()
 
 
 async def test_one_token_past_its_cap_of_costly_reads_gets_429_while_another_token_is_served(
