@@ -110,9 +110,10 @@ async def record_batch(session: AsyncSession, items: Sequence[Any], *, actor: Pr
     set-based; outcomes in the items' order."""
     outcomes: list[Outcome | None] = [None] * len(items)
     valid: list[tuple[int, EventCreate]] = []
+    validate = EventCreate.__pydantic_validator__.validate_python  # model_validate(item), minus its wrapper per item
     for n, item in enumerate(items):
         try:
-            valid.append((n, EventCreate.model_validate(item)))
+            valid.append((n, validate(item)))
         except ValidationError as exc:
             outcomes[n] = exc
     connection = await driver_connection(session)
