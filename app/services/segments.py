@@ -36,6 +36,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
+    distinct,
     exists,
     false,
     func,
@@ -668,14 +669,11 @@ class _Compiled:
     def counting(self) -> Select[Any]:
         """The count of the contacts matching. For a lone activity condition, the distinct contacts of the
         matching rows: every order and event names an existing contact (foreign key), so it is the same number,
-        read from the (partitioned, pruned) rows alone instead of probing them from every contact. As a DISTINCT
-        subquery, not count(DISTINCT): the planner may then hash instead of sorting, 0.66x the time for the 30-day
-        `page_view` count on 1M events, 1.1x (0.2 ms more) for the rare `cart_abandoned` (docs/performance.md)."""
+        read from the (partitioned, pruned) rows alone instead of probing them from every contact."""
         if self.lone_activity is None:
             return select(func.count()).select_from(_t).where(self.expression)
         table, conditions = self.lone_activity
-        contacts = select(table.c.contact_id).where(*conditions).distinct().subquery("matching")
-        return select(func.count()).select_from(contacts)
+        return select(func.count(distinct(table.c.contact_id))).select_from(table).where(*conditions)
 
 
 def _single_condition(node: Any) -> bool:
