@@ -20,9 +20,10 @@ What it does:
      `event` and `event_key` must hold --events rows each. Wall time from the first request to the last answer.
   5. Segment counts (after VACUUM ANALYZE): `events.type eq <t> within_days 30` for a rare type
      (cart_abandoned) and a common one (page_view), counted exactly as GET /v1/segments/{id}/count does
-     (`segments.count_stored` on the pooled bare connection, in its read-only transaction under the costly-read
-     timeout: app.timeouts.within), and its compiled SQL alone on the same connection (`carnet_sql`), vs the
-     fastest of four hand-written SQL variants; answers must be equal; --runs alternated measurements, p50s.
+     (`segments.count_stored` on a connection of the costly-read pool, built as the app builds it:
+     app.timeouts.costly_connection), and its compiled SQL alone (`carnet_sql`) on the pooled connection of the
+     hand-written SQL, vs the fastest of four hand-written SQL variants; answers must be equal; --runs
+     alternated measurements, p50s.
   6. What `event_key` costs: PostgreSQL backend CPU per 1,000 events for a binary COPY, the event insert alone,
      the key insert alone and Carnet's statement (both), interleaved on one connection (--key-rounds batches each).
   7. Prints the ratios (bars: batch <= 3x the COPY; count <= 1.2x the hand SQL), writes bench/out/events.json,
