@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -34,6 +34,7 @@ __all__ = [
     "make_sessionmaker",
     "milliseconds",
     "plain_dsn",
+    "pooled_connection",
     "server_settings",
 ]
 
@@ -68,17 +69,19 @@ BACKGROUND_POOL_TIMEOUT = 120.0
 
 
 def make_engine(
-    url: str, *, pool_size: int = 10, pool_timeout: float = 5.0, statement_timeout: float | None = None
+    url: str, *, pool_size: int = 10, pool_timeout: float = 5.0, statement_timeout: float | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> AsyncEngine:
     """`statement_timeout`: the seconds each statement may run by default (app.timeouts). The app always gives
-    it; None (the server's default) is for tests and benchmarks."""
+    it; None (the server's default) is for tests and benchmarks. `settings`: more of the connections' defaults."""
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,                  # overflow connections are opened and closed per burst: costly churn
         pool_timeout=pool_timeout,       # pool exhausted → error quickly, rendered as 503
         pool_pre_ping=False,             # a dead connection is dropped on error instead of pinging every checkout
-        connect_args={"timeout": 5, "server_settings": server_settings(statement_timeout=statement_timeout)},
+        connect_args={"timeout": 5, "server_settings": {
+            **server_settings(statement_timeout=statement_timeout), **(settings or {})}},
     )
 
 
@@ -86,7 +89,8 @@ def server_settings(*, statement_timeout: float | None) -> dict[str, str]:
     """What our connections tell PostgreSQL at connect: in the startup packet, so no round trip per request.
 
     Behind PgBouncer (transaction pooling), list `statement_timeout` in its `ignore_startup_parameters` and set
-    the default on the role instead (docs/security.md, "Class 3").
+    the default on the role instead (docs/security.md, "Class 3"); the costly-read pool's other settings
+    (app.timeouts.COSTLY_SETTINGS) likewise.
     """
     settings = {"application_name": "carnet"}
     if statement_timeout is not None:
@@ -155,6 +159,13 @@ async def bare_connection(request: Request, *, replica: bool = False) -> AsyncIt
     when the same request may also open a session: two held connections per request can starve the pool.
     """
     makers = request.app.state.replica_sessionmaker if replica else request.app.state.sessionmaker
+    async with pooled_connection(makers) as connection:
+        yield connection
+
+
+@asynccontextmanager
+async def pooled_connection(makers: async_sessionmaker[AsyncSession]) -> AsyncIterator[asyncpg.Connection]:
+    """`bare_connection` from these sessions' pool."""
     bind = makers.kw["bind"]
     if isinstance(bind, AsyncEngine):
         pooled = await _checkout(bind)

@@ -49,7 +49,7 @@ from app.services import suppressions as suppressions_service
 from app.services.orders import LifecyclePolicy
 from app.services.pagination import CursorCodec
 from app.settings import ConfigurationError, Settings, get_settings, token_signer_options
-from app.timeouts import StatementTimeouts
+from app.timeouts import StatementTimeouts, make_costly_engine
 from app.worker import create_worker, run_in_background
 
 __all__ = ["create_app"]
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         list_per_minute=settings.signup_list_per_minute, list_burst=settings.signup_list_burst)
     app.state.timeouts = StatementTimeouts.from_settings(settings)
     app.state.costly_reads = CostlyReads.from_settings(settings)
+    app.state.costly_sessionmaker = None  # the costly reads' own pool, from the lifespan (app.timeouts)
     app.state.cursor_codec = CursorCodec(signer.secret)
     app.state.schema_head = head_revision()
     app.state.lifecycle_policy = lifecycle_policy(settings)
@@ -140,6 +141,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                           pool_timeout=settings.database_pool_timeout,
                           statement_timeout=timeouts.interactive) if settings.database_replica_url else None
     app.state.replica_sessionmaker = make_read_sessionmaker(replica) if replica else app.state.read_sessionmaker
+    slots: CostlyReads = app.state.costly_reads
+    costly = make_costly_engine(settings.database_replica_url or url, timeouts, pool_size=slots.per_process,
+                                pool_timeout=settings.database_pool_timeout)
+    app.state.costly_sessionmaker = make_sessionmaker(costly)
     # Background work in this process (lifecycle refresh, the embedded worker) runs under the worker's timeout, on
     # its own small pool (as `carnet worker` does), so it never takes the API's connections either.
     jobs_engine = make_engine(url, pool_size=4, pool_timeout=BACKGROUND_POOL_TIMEOUT,
@@ -177,6 +182,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await lifecycle
         await revocations.stop()
+        app.state.costly_sessionmaker = None
+        await costly.dispose()
         await engine.dispose()
         await jobs_engine.dispose()
         if replica is not None:

@@ -20,9 +20,10 @@ What it does:
      `event` and `event_key` must hold --events rows each. Wall time from the first request to the last answer.
   5. Segment counts (after VACUUM ANALYZE): `events.type eq <t> within_days 30` for a rare type
      (cart_abandoned) and a common one (page_view), counted exactly as GET /v1/segments/{id}/count does
-     (`segments.count_stored` on the pooled bare connection, in its read-only transaction under the costly-read
-     timeout: app.timeouts.within), and its compiled SQL alone on the same connection (`carnet_sql`), vs the
-     fastest of four hand-written SQL variants; answers must be equal; --runs alternated measurements, p50s.
+     (`segments.count_stored` on a connection of the costly-read pool, built as the app builds it:
+     app.timeouts.costly_connection), and its compiled SQL alone (`carnet_sql`) on the pooled connection of the
+     hand-written SQL, vs the fastest of four hand-written SQL variants; answers must be equal; --runs
+     alternated measurements, p50s.
   6. What `event_key` costs: PostgreSQL backend CPU per 1,000 events for a binary COPY, the event insert alone,
      the key insert alone and Carnet's statement (both), interleaved on one connection (--key-rounds batches each).
   7. Prints the ratios (bars: batch <= 3x the COPY; count <= 1.2x the hand SQL), writes bench/out/events.json,
@@ -282,12 +283,15 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
     from app.db import bare_connection, make_engine, make_read_sessionmaker, make_sessionmaker
     from app.models import Segment
     from app.services import segments
-    from app.timeouts import within
+    from app.timeouts import StatementTimeouts, costly_connection, make_costly_engine
 
-    engine = make_engine(url, pool_size=1)  # one backend for every system measured (see bench_segments.py)
+    engine = make_engine(url, pool_size=1)  # one backend for the hand SQL and Carnet's SQL alone
+    timeouts = StatementTimeouts(interactive=10, costly=30, export=3600, worker=600)
+    costly_engine = make_costly_engine(url, timeouts, pool_size=1, pool_timeout=5)  # the endpoint's, as the app's
     makers, readers = make_sessionmaker(engine), make_read_sessionmaker(engine)
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(sessionmaker=makers,
-                                                                        replica_sessionmaker=readers)))
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+        sessionmaker=makers, replica_sessionmaker=readers, costly_sessionmaker=make_sessionmaker(costly_engine),
+        timeouts=timeouts)))
     out: dict[str, Any] = {}
     try:
         for type_ in COUNTED_TYPES:
@@ -300,8 +304,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     updated_at=datetime.now(UTC)))
 
             async def carnet(segment_id: uuid.UUID = segment_id) -> int:  # GET /v1/segments/{id}/count, minus HTTP
-                async with (bare_connection(request, replica=True) as connection,  # type: ignore[arg-type]
-                            within(connection, 30, kind="a count")):
+                async with costly_connection(request, kind="a count") as connection:  # type: ignore[arg-type]
                     return await segments.count_stored(connection, segment_id)
 
             def hand_of(query: str, type_: str = type_) -> Callable[[], Awaitable[int]]:
@@ -339,6 +342,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
             log(f"count {type_}: {out[type_]}")
     finally:
         await engine.dispose()
+        await costly_engine.dispose()
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, Response
 
 from app.access import note
-from app.db import ReadSession, ReplicaSession, WriteSession, bare_connection
+from app.db import ReadSession, ReplicaSession, WriteSession
 from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
 from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactPage, present_contact
@@ -28,7 +28,7 @@ from app.security.costly import COSTLY_PROBLEMS, costly
 from app.services import journal as journal_service
 from app.services import segments as segments_service
 from app.services.segments import DuplicateSegment, SegmentInUse, SegmentNotFound
-from app.timeouts import session_within, within
+from app.timeouts import costly_connection, session_within
 
 __all__ = ["router"]
 
@@ -112,9 +112,8 @@ async def delete_segment(
 @router.get("/{segment_id}/count", response_model=SegmentCount,
             responses=problems(SegmentNotFound, InvalidInput, *COSTLY_PROBLEMS))
 async def count_segment(segment_id: uuid.UUID, request: Request, _: CostlyReader) -> Any:
-    # one statement on the bare connection (the replica's when there is one): segments.count_stored
-    async with (bare_connection(request, replica=True) as connection,
-                within(connection, request.app.state.timeouts.costly, kind=KIND)):
+    # one statement, one round trip, on a costly-read connection (the replica's when there is one)
+    async with costly_connection(request, kind=KIND) as connection:
         total = await segments_service.count_stored(connection, segment_id)
     return JSONBody({"count": total})
 

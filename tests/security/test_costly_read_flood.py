@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -33,12 +34,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.cli import _in_transaction
-from app.db import plain_dsn, server_settings
+from app.db import make_engine, make_sessionmaker, plain_dsn, pooled_connection, server_settings
 from app.main import create_app
 from app.security import Role
 from app.security.costly import CostlyReadsBusy
 from app.settings import ConfigurationError, Settings
-from app.timeouts import within
+from app.timeouts import StatementTimeouts, costly_connection, make_costly_engine, verify_costly_settings, within
 from tests.auth import bearer
 from tests.conftest import migrated_database
 
@@ -217,6 +218,57 @@ async def test_a_worst_case_preview_is_cut_by_the_costly_timeout_and_answered_50
         small = await http.post("/v1/segments/preview", json=cheap, headers=viewer)
         assert small.status_code == 200, small.text[:300]
         assert small.json()["count"] == 1111  # 17, 170-179, 1700-1799, 17000-17999
+
+
+async def test_a_count_runs_on_the_costly_pool_read_only_on_one_core_and_is_cut_by_its_timeout(
+    crowded_url: str, settings: Settings,
+) -> None:
+    # Its own pool, whose connections open with the costly budget: the count is one round trip (no BEGIN, SET LOCAL,
+    # ROLLBACK around it: docs/performance.md, "Events"), with every protection `within` gave it.
+    async with serving(settings, crowded_url, statement_timeout_costly_seconds=0.3, database_pool_size=3,
+                       costly_reads_per_process=2) as (app, http):
+        count = f"/v1/segments/{await a_segment_id(http)}/count"
+        assert (await http.get(count, headers=bearer(Role.VIEWER))).json() == {"count": CONTACTS}
+        async with pooled_connection(app.state.costly_sessionmaker) as raw:
+            assert await raw.fetchval("SHOW statement_timeout") == "300ms"
+            assert await raw.fetchval("SHOW transaction_read_only") == "on"
+            assert await raw.fetchval("SHOW max_parallel_workers_per_gather") == "0"
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await raw.execute("DELETE FROM segment")
+        async with locked(crowded_url, "segment"):
+            started = time.monotonic()
+            cut = await http.get(count, headers=bearer(Role.VIEWER))
+            assert time.monotonic() - started < 2.0
+        assert "0.3 s" in problem(cut, "statement-timeout", 503)["detail"]
+        # nothing left behind, and the API's own pool never served it
+        assert (await http.get(count, headers=bearer(Role.VIEWER))).json() == {"count": CONTACTS}
+        await pooled_connections_are_clean(app.state.sessionmaker, 3, "10s")
+
+
+async def test_a_costly_read_connection_opened_without_its_settings_is_guarded_by_within(
+    crowded_url: str, settings: Settings,
+) -> None:
+    # A pooler that drops the startup parameters hands over connections with the role's defaults only: the read
+    # then runs inside `within` (read-only transaction, SET LOCAL), never unprotected.
+    timeouts = StatementTimeouts.from_settings(settings)
+    dropped = make_engine(crowded_url, pool_size=1, statement_timeout=timeouts.interactive)
+    verify_costly_settings(dropped, timeouts)
+    honoured = make_costly_engine(crowded_url, timeouts, pool_size=1, pool_timeout=5)
+    try:
+        for engine, in_transaction in ((dropped, True), (honoured, False)):
+            request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+                costly_sessionmaker=make_sessionmaker(engine), timeouts=timeouts)))
+            async with costly_connection(request, kind="a test read") as raw:  # type: ignore[arg-type]
+                assert raw.is_in_transaction() is in_transaction  # one round trip a read when the settings hold
+                assert await raw.fetchval("SHOW transaction_read_only") == "on"
+                assert await raw.fetchval("SHOW statement_timeout") == "30s"
+                assert await raw.fetchval("SHOW max_parallel_workers_per_gather") == "0"
+            async with costly_connection(request, kind="a test read") as raw:  # type: ignore[arg-type]
+                with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                    await raw.execute("DELETE FROM segment")
+    finally:
+        await dropped.dispose()
+        await honoured.dispose()
 
 
 @pytest.mark.parametrize("gate", [True, False], ids=["gate", "dependency"])
