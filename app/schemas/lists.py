@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -62,9 +64,26 @@ def _origin(value: str) -> str:
             or parts.password is not None or parts.path not in ("", "/") or parts.query or parts.fragment \
             or value.endswith("/") or "#" in value or "?" in value:
         raise ValueError("an origin is scheme://host[:port], without a path, e.g. https://shop.example")
+    if not _is_host(parts.hostname):
+        raise ValueError("an origin's host is a DNS name or an IP address, e.g. https://shop.example")
     default = {"https": 443, "http": 80}[parts.scheme]
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+_DNS_NAME = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*")
+
+
+def _is_host(hostname: str) -> bool:
+    """What a browser can put in `Origin`: a DNS name (letters, digits, hyphens, dots; urlsplit lowers it) or, in
+    brackets, an IPv6 address. `*`, `_` and the like never match an origin a browser sends."""
+    if ":" in hostname:
+        try:
+            ipaddress.IPv6Address(hostname)
+        except ValueError:
+            return False
+        return True
+    return _DNS_NAME.fullmatch(hostname) is not None
 
 
 def _distinct_origins(origins: list[str]) -> list[str]:

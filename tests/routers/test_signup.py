@@ -71,7 +71,8 @@ class TestListSettings:
         made = await make_list(client, public_signup=True, signup_wording="yes",
                                signup_origins=["HTTPS://Shop.Example:443", "http://127.0.0.1:8080", SHOP])
         assert made["signup_origins"] == [SHOP, "http://127.0.0.1:8080"]
-        for bad in ("https://shop.example/newsletter", "shop.example", "ftp://shop.example", "https://u:p@shop.example"):
+        for bad in ("https://shop.example/newsletter", "shop.example", "ftp://shop.example", "https://u:p@shop.example",
+                    "https://shop.example*", "https://*.shop.example", "https://sh_op.example", "http://[::zz]"):
             response = await client.post("/v1/lists", headers=ADMIN, json={"name": f"l-{uuid.uuid4().hex[:6]}",
                                                                            "signup_origins": [bad]})
             assert_problem(response, 422, "signup_origins.0")
