@@ -222,8 +222,10 @@ class Worker:
     async def _more_lanes(self, destination_id: uuid.UUID, *, backlog: asyncio.Event, feeding: asyncio.Event,
                           lead: asyncio.Task[bool]) -> None:
         noticed = asyncio.ensure_future(backlog.wait())
-        await asyncio.wait({lead, noticed}, return_when=asyncio.FIRST_COMPLETED)
-        noticed.cancel()
+        try:
+            await asyncio.wait({lead, noticed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the lead lane failed and the group cancels this task: never leave it pending
+            noticed.cancel()
         if backlog.is_set():
             await asyncio.gather(*(self._lane(destination_id, backlog=backlog, feeding=feeding,
                                               start_after=i * LANE_STAGGER_SECONDS) for i in range(1, LANES)))
@@ -246,7 +248,10 @@ class Worker:
     async def _deliver_batch(self, destination_id: uuid.UUID, *, backlog: asyncio.Event) -> tuple[bool, int]:
         """(anything delivered or dead-lettered, how many deliveries were claimed); a full claim sets `backlog`."""
         async with self.sessions.begin() as session:
-            destination = await destinations_service.load(session, destination_id, box=self.box)
+            try:
+                destination = await destinations_service.load(session, destination_id, box=self.box)
+            except destinations_service.DestinationNotFound:  # deleted since the round listed it: its deliveries
+                return False, 0                                # went with it, nothing is owed
             refusal = destination.refusal()
             if refusal is not None:  # its secrets would go where they were not given for: nothing is sent
                 await delivery.record_health(session, destination_id, error=refusal, disable=True)

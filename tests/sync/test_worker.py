@@ -493,3 +493,11 @@ async def test_a_dispatch_burst_refreshes_the_planner_statistics(
     async with makers() as session:
         after = await session.scalar(text("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'delivery'"))
     assert after == before + 1
+
+
+async def test_a_destination_deleted_while_its_lanes_drain_ends_the_lane_quietly(worker: Worker) -> None:
+    """The round lists the destinations, then each lane loads its own: one deleted in between (DELETE
+    /v1/destinations, whose deliveries go with it) is nothing owed, not a failed step with lanes left pending."""
+    gone = uuid.uuid4()
+    assert await worker._deliver_batch(gone, backlog=asyncio.Event()) == (False, 0)
+    assert await worker._drain_destination(gone, feeding=asyncio.Event()) is False
