@@ -123,12 +123,11 @@ class CostlyReads:
         try:
             async with asyncio.timeout(self.wait_seconds):
                 await self._running.acquire()
-        except TimeoutError:
+        except BaseException as exc:  # waited too long, or cancelled while waiting (the client went away)
             self._forget(token_id)
-            raise CostlyReadsBusy(f"{self.per_process} costly reads are running in this process; "
-                                  "this one waited its turn too long") from None
-        except BaseException:  # cancelled while waiting (the client went away)
-            self._forget(token_id)
+            if isinstance(exc, TimeoutError):
+                raise CostlyReadsBusy(f"{self.per_process} costly reads are running in this process; "
+                                      "this one waited its turn too long") from None
             raise
         finally:
             self._waiting -= 1
