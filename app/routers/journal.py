@@ -11,7 +11,7 @@ from app.access import describe
 from app.db import ReadSession
 from app.routers.deps import JSONBody
 from app.schemas.journal import JournalPage, present_entry
-from app.schemas.types import Email, Limit, Phone, QueryTimestamp, SearchText
+from app.schemas.types import Email, Limit, PhoneLookup, QueryTimestamp, SearchText
 from app.security import Principal, Scope, require
 from app.services import history as history_service
 from app.services import journal as journal_service
@@ -31,7 +31,7 @@ async def list_journal_entries(
     contact_id: Annotated[uuid.UUID | None, Query(description="Entries that reached this contact")] = None,
     email: Annotated[Email | None, Query(
         description="Entries that reached this address's person, erased since or not (its keyed digest)")] = None,
-    phone: Annotated[Phone | None, Query(description="Likewise, by phone")] = None,
+    phone: Annotated[PhoneLookup | None, Query(description="Likewise, by phone")] = None,
     subject: SearchText | None = None,
     token_id: Annotated[str | None, Query(max_length=64)] = None,
     since: QueryTimestamp | None = None,
