@@ -12,8 +12,6 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
-from app.schemas.types import Declared
-
 __all__ = ["MAX_JSON_DEPTH", "MAX_JSON_VALUES", "FreeJSONObject", "json_problem", "unstorable_text"]
 
 MAX_JSON_DEPTH = 32  # objects and arrays, the value itself counted: {"a": {"b": 1}} is 2 deep
@@ -80,12 +78,5 @@ def _storable(value: Any) -> Any:
     return value
 
 
-# What the contract can say of the text rule, on the first level only: a recursive schema (any JSON value whose keys
-# and strings hold no NUL) is valid JSON Schema, but openapi-python-client 0.29.1 then drops the whole operation,
-# and openapi-typescript 7.13.0 types a typeless one as objects only. Lone surrogates stay undeclared: ECMA-262
-# patterns see an emoji as two of them.
-_NO_NUL: dict[str, Any] = {"pattern": r"^[^\x00]*$"}
-
 # A JSON object stored as given: at most MAX_JSON_DEPTH deep, text PostgreSQL can hold.
-FreeJSONObject = Annotated[dict[str, Any], BeforeValidator(_storable),  # before: the error names the field itself
-                           Declared(propertyNames=_NO_NUL, additionalProperties=_NO_NUL)]
+FreeJSONObject = Annotated[dict[str, Any], BeforeValidator(_storable)]  # before: the error names the field itself

@@ -230,9 +230,8 @@ class EventCreate(InputSchema):
                                description="e.g. page_view, cart_abandoned")]
     occurred_at: AwareTimestamp
     properties: FreeJSONObject = Field(default_factory=dict, max_length=1000, description=(
-        "Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all, under 16 kB as "
-        "JSON; its keys and text, at any depth, valid UTF-8 without NUL (declared for the first level). String "
-        "values are masked (keys kept) for a token without pii:read"))
+        "Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are "
+        "masked (keys kept) for a token without pii:read"))
     event_id: ExternalId | None = Field(default=None, description="Sender's id: a replay with the same id is ignored")
 
     @model_validator(mode="after")

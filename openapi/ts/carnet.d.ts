@@ -2577,7 +2577,7 @@ export interface components {
             occurred_at: string;
             /**
              * Properties
-             * @description Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all, under 16 kB as JSON; its keys and text, at any depth, valid UTF-8 without NUL (declared for the first level). String values are masked (keys kept) for a token without pii:read
+             * @description Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are masked (keys kept) for a token without pii:read
              */
             properties?: {
                 [key: string]: unknown;
