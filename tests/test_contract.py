@@ -36,7 +36,7 @@ from tests.conftest import migrated_database
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "10"))  # per operation
 SEED = int(os.environ.get("CONTRACT_SEED", "16"))
-MAX_FAILING = 21  # each explained in docs/api.md; issue 16 asks for 10: not reachable honestly (see there)
+MAX_FAILING = 19  # each explained in docs/api.md; issue 16 asks for 10: not reachable honestly (see there)
 REPORT = os.environ.get("CONTRACT_REPORT")  # a path: bin/contract-check writes the failing operations there
 
 

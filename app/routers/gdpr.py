@@ -20,7 +20,7 @@ from app.schemas.gdpr import (
     SuppressionReleased,
     present_export,
 )
-from app.schemas.types import Email, Phone
+from app.schemas.types import Email, PhoneLookup
 from app.security import Principal, Scope, require
 from app.services import gdpr as gdpr_service
 from app.services import suppressions as suppressions_service
@@ -63,7 +63,9 @@ async def check_suppression(
     session: ReadSession,
     _: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.PII_READ)],
     email: Annotated[Email | None, Query(description="An email address (normalized like a contact's); `email` or `phone` is required")] = None,
-    phone: Annotated[Phone | None, Query(description="A phone number (normalized to E.164); `email` or `phone` is required")] = None,
+    phone: Annotated[PhoneLookup | None, Query(
+        description="A phone number (compared in E.164; one that is not valid is not suppressed); `email` or `phone` "
+                    "is required")] = None,
 ) -> Any:
     """Whether an address belongs to an erased person (one suppressed value is enough).
 

@@ -11,8 +11,9 @@ from app.access import describe
 from app.db import ReadSession
 from app.routers.deps import JSONBody
 from app.schemas.journal import JournalPage, present_entry
-from app.schemas.types import Email, Limit, Phone, QueryTimestamp, SearchText
+from app.schemas.types import Email, Limit, PhoneLookup, QueryTimestamp, SearchText
 from app.security import Principal, Scope, require
+from app.services import history as history_service
 from app.services import journal as journal_service
 from app.services import suppressions as suppressions_service
 from app.services.journal import JournalFilter
@@ -30,7 +31,7 @@ async def list_journal_entries(
     contact_id: Annotated[uuid.UUID | None, Query(description="Entries that reached this contact")] = None,
     email: Annotated[Email | None, Query(
         description="Entries that reached this address's person, erased since or not (its keyed digest)")] = None,
-    phone: Annotated[Phone | None, Query(description="Likewise, by phone")] = None,
+    phone: Annotated[PhoneLookup | None, Query(description="Likewise, by phone")] = None,
     subject: SearchText | None = None,
     token_id: Annotated[str | None, Query(max_length=64)] = None,
     since: QueryTimestamp | None = None,
@@ -46,7 +47,7 @@ async def list_journal_entries(
     query = JournalFilter(refs=refs, subject=subject, token_id=token_id, since=since, until=until)
     if (contact_id or email or phone) and not refs:
         return JSONBody({"data": [], "next_cursor": None})
-    rows = await journal_service.page(session, query, limit=limit, before_seq=int(cursor) if cursor else None)
+    rows = await journal_service.page(session, query, limit=limit, before_seq=history_service.id_cursor(cursor))
     # Reading the journal is itself journaled: it names collaborators, clients' addresses and contacts.
     describe("journal.read", kind="admin", filter=journal_service.search_detail(
         request.query_params, hidden=("email", "phone"), drop=("cursor",)))

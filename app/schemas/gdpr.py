@@ -13,7 +13,7 @@ from app.schemas.consents import ConsentLedger, ConsentProof, present_event
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.history import HistoryEntry, present_history
 from app.schemas.orders import CartRead, EventRead, OrderRead, present_contact_event
-from app.schemas.types import Email, Phone, one_of_required
+from app.schemas.types import Email, PhoneLookup, one_of_required
 from app.security.masking import mask_text
 
 __all__ = [
@@ -73,7 +73,7 @@ class SuppressionRelease(InputSchema):
     model_config = ConfigDict(json_schema_extra=one_of_required("email", "phone"))
 
     email: Email | None = None
-    phone: Phone | None = None
+    phone: PhoneLookup | None = None
     proof: ConsentProof = Field(description="The person's fresh request: where, when (ip), which wording")
 
     @model_validator(mode="after")

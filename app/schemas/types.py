@@ -39,6 +39,7 @@ __all__ = [
     "ExternalId",
     "LongText",
     "Phone",
+    "PhoneLookup",
     "QueryTimestamp",
     "SearchText",
     "ShortText",
@@ -56,6 +57,7 @@ __all__ = [
     "normalize_phone",
     "one_of_required",
     "phone_by_phonenumbers",
+    "phone_lookup_key",
     "utc_instant",
 ]
 
@@ -135,6 +137,21 @@ def phone_by_phonenumbers(value: str) -> str:
         raise ValueError("not a phone number") from None
     if not phonenumbers.is_valid_number(number):
         raise ValueError("not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def phone_lookup_key(value: str) -> str:
+    """What a lookup by phone compares with the stored numbers (always the E.164 form of a number that was valid
+    when written): the E.164 form of any text that parses as a number, valid or not, so that a number stored under
+    older metadata (or another DEFAULT_PHONE_REGION's rules) is still found; else the text itself, which no stored
+    number equals, so the lookup finds nothing. Writes keep refusing both (normalize_phone)."""
+    _no_control_chars(value)
+    if not value.strip():  # a query string is not stripped as a body is: blank is refused as NON_BLANK declares
+        raise ValueError("a phone number cannot be blank")
+    try:
+        number = phonenumbers.parse(value, _phone_region)
+    except phonenumbers.NumberParseException:
+        return value
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
@@ -281,6 +298,13 @@ Phone = Annotated[str, StringConstraints(max_length=40), AfterValidator(normaliz
     description="A phone number, international (+33 6 12 34 56 78) or national in DEFAULT_PHONE_REGION "
                 "(06 12 34 56 78), stored in E.164; the server judges its validity for its region (libphonenumber): "
                 "no pattern can say which numbers exist.")]
+# A filter or a lookup by phone (the journal, the suppression list): a value no record can hold matches nothing.
+PhoneLookup = Annotated[str, StringConstraints(min_length=1, max_length=40), AfterValidator(phone_lookup_key),
+                        Declared(
+    pattern=NON_BLANK_PATTERN,
+    description="A phone number, written as for a contact and compared in E.164. A lookup, not a write: its validity "
+                "is not judged, and text that is not a valid number matches nothing, unless a record stored it "
+                "when libphonenumber still took it as valid (then write it internationally, as answered).")]
 CountryCode = Annotated[str, StringConstraints(min_length=2, max_length=2), AfterValidator(_country), Declared(
     enum=sorted(_COUNTRIES), description="ISO 3166-1 alpha-2 (lowercase is accepted and stored uppercase)")]
 CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3}$"), AfterValidator(_currency),

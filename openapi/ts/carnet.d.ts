@@ -9727,7 +9727,7 @@ export interface operations {
             query?: {
                 /** @description An email address (normalized like a contact's); `email` or `phone` is required */
                 email?: string | null;
-                /** @description A phone number (normalized to E.164); `email` or `phone` is required */
+                /** @description A phone number (compared in E.164; one that is not valid is not suppressed); `email` or `phone` is required */
                 phone?: string | null;
             };
             header?: never;

@@ -349,6 +349,48 @@ class TestSuppression:
                        "email")
         assert_problem(await client.get("/v1/suppressions/check", params={"email": unique_email()}), 401)
 
+    async def test_a_phone_no_record_can_hold_is_not_suppressed_and_nothing_to_release(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        # A lookup, not a write: the answer for text that is not a valid number is the one for any number that is
+        # not suppressed (docs/decisions.md); writes keep refusing it.
+        proof = {"ip": "192.0.2.10", "wording": "Please add me back"}
+        for phone in ("hello", "0", "+33 6 12 34 56 7"):
+            assert not await suppressed(client, phone=phone)
+            missing = await client.post("/v1/suppressions/release", json={"phone": phone, "proof": proof},
+                                        headers=ADMIN)
+            assert assert_problem(missing, 404)["type"].endswith("/suppression-not-found")
+        person = await build_person(client)
+        assert (await erase(client, person.id)).status_code == 204
+        released = await client.post("/v1/suppressions/release", headers=ADMIN,
+                                     json={"email": person.email, "phone": "hello", "proof": proof})
+        assert released.status_code == 200 and released.json() == {"released": ["email"]}
+        for blank in ("", " "):  # the contract's pattern: never blank, no control characters
+            assert_problem(await client.get("/v1/suppressions/check", params={"phone": blank}, headers=ADMIN),
+                           422, "phone")
+        assert_problem(await client.get("/v1/suppressions/check", params={"phone": "06\x0012"}, headers=ADMIN),
+                       422, "phone")
+
+    async def test_a_number_stored_when_it_was_valid_stays_suppressed_and_releasable(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        # libphonenumber's metadata changes between versions: a number erased under older metadata is still looked
+        # up by its E.164 form (here a digit short, as if a numbering plan had grown since).
+        contact = await make_contact(client)
+        async with sessions() as session, session.begin():
+            await session.execute(text("UPDATE contact SET phone = '+3361234567' WHERE id = :id"),
+                                  {"id": contact["id"]})
+        assert (await erase(client, contact["id"])).status_code == 204
+        # Written internationally (as the API gives it back): nationally, libphonenumber keeps the 0 of a number
+        # its current plan does not know (+33061234567).
+        assert await suppressed(client, phone="+33 6 12 34 56 7")
+        released = await client.post("/v1/suppressions/release", headers=ADMIN, json={
+            "phone": "+33 6 12 34 56 7", "proof": {"ip": "192.0.2.10", "wording": "Please add me back"}})
+        assert released.status_code == 200 and released.json() == {"released": ["phone"]}
+        assert not await suppressed(client, phone="+3361234567")
+        refused = await client.post("/v1/contacts", json={"phone": "+3361234567"}, headers=ADMIN)
+        assert_problem(refused, 422, "phone")  # a write still judges the number
+
     async def test_an_erased_person_is_never_recreated_by_accident(self, client: httpx.AsyncClient) -> None:
         person = await build_person(client)
         other = await make_contact(client)
