@@ -38,6 +38,7 @@ from app.routers.deps import Problem
 from app.routers.docs import install as install_docs
 from app.routers.duplicates import router as duplicates_router
 from app.routers.exports import router as exports_router
+from app.schemas.destinations import config_components as destination_config_components
 from app.schemas.types import configure_phone_region
 from app.security.costly import CostlyReads
 from app.security.ratelimit import SignupLimits, TokenBuckets
@@ -229,6 +230,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schema["components"]["schemas"].update(defs)
         # The segment filter grammar: recursive, so a component of its own (the Filter type refers to it).
         schema["components"]["schemas"].update(segment_schema.filter_components())
+        # Each destination kind's config (DestinationCreate refers to them).
+        schema["components"]["schemas"].update(destination_config_components())
         _document_validation_problems(schema)
         _document_media_type_problems(schema)
         app.openapi_schema = schema

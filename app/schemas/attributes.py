@@ -29,11 +29,15 @@ Options = list[ShortText]
 
 
 class AttributeCreate(InputSchema):
-    # _options_match_type, for the contract: distinct options for the enums, none for the other types.
+    # _options_match_type, for the contract: distinct options for the enums, none for the other types. Each branch
+    # typed (object, string enum, string items) though the properties already say so: openapi-python-client
+    # refuses an untyped union member.
     model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": ["options"], "properties": {"type": {"enum": sorted(_ENUMS)},
-                                                 "options": {"type": "array", "minItems": 1, "uniqueItems": True}}},
-        {"properties": {"type": {"enum": sorted(set(AttributeType) - _ENUMS)}, "options": {"type": "null"}}},
+        {"type": "object", "required": ["options"], "properties": {
+            "type": {"type": "string", "enum": sorted(_ENUMS)},
+            "options": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"type": "string"}}}},
+        {"type": "object", "properties": {
+            "type": {"type": "string", "enum": sorted(set(AttributeType) - _ENUMS)}, "options": {"type": "null"}}},
     ]})
 
     name: AttributeName

@@ -50,6 +50,7 @@ __all__ = [
     "MailchimpConfig",
     "ResyncResult",
     "WebhookConfig",
+    "config_components",
     "config_model",
 ]
 
@@ -221,14 +222,26 @@ class _Mapped(InputSchema):
         return mappings
 
 
+# The config keys a creation needs (the webhook's `secret` is generated when absent).
+_NEEDED = {DestinationKind.BREVO: ("api_key",), DestinationKind.MAILCHIMP: ("api_key",),
+           DestinationKind.WEBHOOK: ("url",)}
+
+
+def config_components() -> dict[str, Any]:
+    """Each kind's config at creation (BrevoConfig, ...), for components/schemas: its keys, and those a creation
+    needs. Whether a URL may be reached (no private address) and a list exists the server judges. Named components,
+    not inline: client generators (openapi-python-client) give an inline object in a union one clashing name."""
+    return {config_model(kind).__name__: {
+        **config_model(kind).model_json_schema(), **one_of_required(*_NEEDED[kind]),
+        "description": f"The config of a {kind.value} destination, as a creation takes it"}
+        for kind in DestinationKind}
+
+
 def _config_by_kind() -> dict[str, Any]:
-    """Each kind's config, for the contract: its keys, and those a creation needs (the webhook's `secret` is
-    generated when absent). Whether a URL may be reached (no private address) and a list exists the server judges."""
-    needed = {DestinationKind.BREVO: ["api_key"], DestinationKind.MAILCHIMP: ["api_key"],
-              DestinationKind.WEBHOOK: ["url"]}
+    """Each kind's config, for the contract (the components of config_components, which app.main adds)."""
     return {"anyOf": [
         {"properties": {"kind": {"const": kind.value},
-                        "config": {"allOf": [config_model(kind).model_json_schema(), one_of_required(*needed[kind])]}},
+                        "config": {"$ref": f"#/components/schemas/{config_model(kind).__name__}"}},
          "required": ["config"]}
         for kind in DestinationKind]}
 

@@ -121,8 +121,9 @@ _PUBLIC_FIELDS = {
 
 class ListCreate(InputSchema):
     # app.services.lists: a public signup form shows the consent wording (each signup's proof), on the shop's pages.
+    # The const typed: openapi-python-client writes invalid Python for an untyped `const: false`.
     model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"properties": {"public_signup": {"const": False}}},
+        {"properties": {"public_signup": {"type": "boolean", "const": False}}},
         {"required": ["signup_wording", "signup_origins"],
          "properties": {"signup_wording": {"type": "string"}, "signup_origins": {"minItems": 1}}},
     ]})

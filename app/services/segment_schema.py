@@ -42,6 +42,7 @@ from app.services.segments import (
 __all__ = ["filter_components"]
 
 _CONDITION_REF = "#/components/schemas/SegmentCondition"
+_COUNT_REF = "#/components/schemas/SegmentCount"
 
 # What PostgreSQL text holds: no NUL, no lone surrogate (not UTF-8).
 _TEXT: dict[str, Any] = {"type": "string", "maxLength": MAX_TEXT, "pattern": r"^[^\x00\ud800-\udfff]*$"}
@@ -73,7 +74,7 @@ _ATTRIBUTE_VALUE: dict[str, Any] = {"anyOf": [
 
 
 def _scalar(spec: FieldSpec) -> dict[str, Any]:
-    return {"enum": list(spec.choices)} if spec.choices else _SCALARS[spec.kind]
+    return {"type": "string", "enum": list(spec.choices)} if spec.choices else _SCALARS[spec.kind]
 
 
 def _value(spec: FieldSpec, op: str) -> dict[str, Any]:
@@ -99,17 +100,22 @@ def _conditions(name: str, spec: FieldSpec) -> list[dict[str, Any]]:
     if spec.kind in WITH_WINDOW:
         extra["within_days"] = _DAYS
     if spec.kind in WITH_COUNT:
-        extra["count"] = {"type": "object", "additionalProperties": False, "required": ["op", "value"],
-                          "properties": {"op": {"enum": list(COUNT_OPS)}, "value": _COUNT}}
+        extra["count"] = {"$ref": _COUNT_REF}
     return [{
         "type": "object", "additionalProperties": False,
         "required": ["field", "op"] if ops == ["exists"] else ["field", "op", "value"],
-        "properties": {"field": {"const": name}, "op": {"enum": ops}, "value": value, **extra},
+        "properties": {"field": {"const": name}, "op": {"type": "string", "enum": ops}, "value": value, **extra},
     } for value, ops in by_value.values()]
 
 
+def _group(name: str, member: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "required": [name], "properties": {name: member}}
+
+
 def filter_components() -> dict[str, Any]:
-    """`SegmentFilter` (a group or a condition) and `SegmentCondition`, for components/schemas."""
+    """`SegmentFilter` (a group or a condition), its groups `SegmentAll`, `SegmentAny`, `SegmentNot`,
+    `SegmentCondition` and `SegmentCount`, for components/schemas. Each a named component, so that client generators
+    (openapi-python-client) name one model each and follow the recursion through `$ref`."""
     group_of = {"type": "array", "minItems": 1, "maxItems": MAX_CONDITIONS, "items": {"$ref": FILTER_REF}}
     attribute_ops = sorted({op for ops in OPS.values() for op in ops})
     conditions = [schema for name, spec in FIELDS.items() for schema in _conditions(name, spec)]
@@ -119,21 +125,22 @@ def filter_components() -> dict[str, Any]:
                        "the value, as for the fields of the same type (the server judges)",
         "properties": {"field": {"type": "string", "maxLength": 74,  # "attributes." and a name of 63
                                  "pattern": "^attributes\\." + ATTRIBUTE_NAME_PATTERN[1:]},
-                       "op": {"enum": attribute_ops}, "value": _ATTRIBUTE_VALUE},
+                       "op": {"type": "string", "enum": attribute_ops}, "value": _ATTRIBUTE_VALUE},
     })
     return {
         "SegmentFilter": {
             "description": f"A group (all, any: a non-empty array; not: one node) or a condition. Groups nest at "
                            f"most {MAX_DEPTH} deep and a filter holds at most {MAX_CONDITIONS} conditions (the "
                            "server counts: 422 too_deep, too_many_conditions). Grammar: docs/api.md, Segments",
-            "anyOf": [
-                {"type": "object", "additionalProperties": False, "required": ["all"], "properties": {"all": group_of}},
-                {"type": "object", "additionalProperties": False, "required": ["any"], "properties": {"any": group_of}},
-                {"type": "object", "additionalProperties": False, "required": ["not"],
-                 "properties": {"not": {"$ref": FILTER_REF}}},
-                {"$ref": _CONDITION_REF},
-            ],
+            "anyOf": [{"$ref": f"#/components/schemas/{name}"}
+                      for name in ("SegmentAll", "SegmentAny", "SegmentNot", "SegmentCondition")],
         },
+        "SegmentAll": {"description": "Every member matches", **_group("all", group_of)},
+        "SegmentAny": {"description": "At least one member matches", **_group("any", group_of)},
+        "SegmentNot": {"description": "Its member does not match", **_group("not", {"$ref": FILTER_REF})},
         "SegmentCondition": {"description": "{field, op, value}, and within_days, count for orders and events",
                              "anyOf": conditions},
+        "SegmentCount": {"description": "The number of matching orders or events, compared with `value` by `op`",
+                         "type": "object", "additionalProperties": False, "required": ["op", "value"],
+                         "properties": {"op": {"type": "string", "enum": list(COUNT_OPS)}, "value": _COUNT}},
     }

@@ -1366,12 +1366,12 @@ export interface components {
             options?: string[] | null;
             type: components["schemas"]["AttributeType"];
         } | {
-            options: unknown[];
-            /** @enum {unknown} */
+            options: string[];
+            /** @enum {string} */
             type?: "enum" | "multi_enum";
         } | {
             options?: null;
-            /** @enum {unknown} */
+            /** @enum {string} */
             type?: "boolean" | "date" | "number" | "text";
         };
         /**
@@ -1438,6 +1438,61 @@ export interface components {
             results: components["schemas"]["BatchItemResult"][];
             /** Updated */
             updated: number;
+        };
+        /**
+         * BrevoConfig
+         * @description The config of a brevo destination, as a creation takes it
+         */
+        BrevoConfig: {
+            /**
+             * Api Key
+             * @description Write-only (`api-key` header)
+             * @default null
+             */
+            api_key: string | null;
+            /**
+             * Base Url
+             * @description Overrides the vendor's API host (proxies, tests)
+             * @default null
+             */
+            base_url: string | null;
+            /**
+             * Double Opt In Redirect Url
+             * @default null
+             */
+            double_opt_in_redirect_url: string | null;
+            /**
+             * Double Opt In Template Id
+             * @description For vendor double opt-in lists
+             * @default null
+             */
+            double_opt_in_template_id: number | null;
+            /**
+             * Inbound Secret
+             * @description Write-only; generated when absent
+             * @default null
+             */
+            inbound_secret: string | null;
+            /**
+             * Push Carts
+             * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
+             * @default null
+             */
+            push_carts: boolean | null;
+            /**
+             * Push Events
+             * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
+             * @default null
+             */
+            push_events: string[] | null;
+            /**
+             * Push Orders
+             * @description Orders and their status changes (default false)
+             * @default null
+             */
+            push_orders: boolean | null;
+        } | {
+            api_key: unknown;
         };
         /** CanEmail */
         CanEmail: {
@@ -2098,138 +2153,15 @@ export interface components {
              */
             segment_mappings?: components["schemas"]["SegmentMapping"][];
         } | {
-            config: {
-                /**
-                 * Api Key
-                 * @description Write-only (`api-key` header)
-                 */
-                api_key?: string | null;
-                /**
-                 * Base Url
-                 * @description Overrides the vendor's API host (proxies, tests)
-                 */
-                base_url?: string | null;
-                /** Double Opt In Redirect Url */
-                double_opt_in_redirect_url?: string | null;
-                /**
-                 * Double Opt In Template Id
-                 * @description For vendor double opt-in lists
-                 */
-                double_opt_in_template_id?: number | null;
-                /**
-                 * Inbound Secret
-                 * @description Write-only; generated when absent
-                 */
-                inbound_secret?: string | null;
-                /**
-                 * Push Carts
-                 * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
-                 */
-                push_carts?: boolean | null;
-                /**
-                 * Push Events
-                 * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
-                 */
-                push_events?: string[] | null;
-                /**
-                 * Push Orders
-                 * @description Orders and their status changes (default false)
-                 */
-                push_orders?: boolean | null;
-            } & {
-                api_key: unknown;
-            };
+            config: components["schemas"]["BrevoConfig"];
             /** @constant */
             kind?: "brevo";
         } | {
-            config: {
-                /**
-                 * Api Key
-                 * @description Write-only; its `-usN` suffix names the datacenter
-                 */
-                api_key?: string | null;
-                /**
-                 * Base Url
-                 * @description Overrides the vendor's API host (proxies, tests)
-                 */
-                base_url?: string | null;
-                /**
-                 * Inbound Secret
-                 * @description Write-only; generated when absent
-                 */
-                inbound_secret?: string | null;
-                /**
-                 * Push Carts
-                 * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
-                 */
-                push_carts?: boolean | null;
-                /**
-                 * Push Events
-                 * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
-                 */
-                push_events?: string[] | null;
-                /**
-                 * Push Orders
-                 * @description Orders and their status changes (default false)
-                 */
-                push_orders?: boolean | null;
-                /**
-                 * Signing Secret
-                 * @description Write-only; checks X-Mailchimp-Signature
-                 */
-                signing_secret?: string | null;
-                /**
-                 * Store Currency
-                 * @description The currency of a store Carnet creates (default: that of the first order or cart)
-                 */
-                store_currency?: ("AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL") | null;
-                /**
-                 * Store Id
-                 * @description The e-commerce store orders and carts go to; created if missing (required by push_orders and push_carts)
-                 */
-                store_id?: string | null;
-                /**
-                 * Store List Id
-                 * @description The audience of a store Carnet creates (default: the first mapped list)
-                 */
-                store_list_id?: string | null;
-            } & {
-                api_key: unknown;
-            };
+            config: components["schemas"]["MailchimpConfig"];
             /** @constant */
             kind?: "mailchimp";
         } | {
-            config: {
-                /**
-                 * Base Url
-                 * @description Overrides the vendor's API host (proxies, tests)
-                 */
-                base_url?: string | null;
-                /**
-                 * Inbound Secret
-                 * @description Write-only; generated when absent
-                 */
-                inbound_secret?: string | null;
-                /**
-                 * Previous Secret
-                 * @description Write-only; also signs during a rotation
-                 */
-                previous_secret?: string | null;
-                /**
-                 * Secret
-                 * @description Write-only `whsec_...`; generated when absent
-                 */
-                secret?: string | null;
-                /**
-                 * Topics
-                 * @description Only these topics (default: all)
-                 */
-                topics?: string[] | null;
-                /** Url */
-                url?: string | null;
-            } & {
-                url: unknown;
-            };
+            config: components["schemas"]["WebhookConfig"];
             /** @constant */
             kind?: "webhook";
         };
@@ -3064,6 +2996,74 @@ export interface components {
          * @enum {string}
          */
         ListStatus: "subscribed" | "pending" | "unsubscribed" | "any";
+        /**
+         * MailchimpConfig
+         * @description The config of a mailchimp destination, as a creation takes it
+         */
+        MailchimpConfig: {
+            /**
+             * Api Key
+             * @description Write-only; its `-usN` suffix names the datacenter
+             * @default null
+             */
+            api_key: string | null;
+            /**
+             * Base Url
+             * @description Overrides the vendor's API host (proxies, tests)
+             * @default null
+             */
+            base_url: string | null;
+            /**
+             * Inbound Secret
+             * @description Write-only; generated when absent
+             * @default null
+             */
+            inbound_secret: string | null;
+            /**
+             * Push Carts
+             * @description Carts, for abandoned-cart automations; only of people with a current email_marketing grant (default false)
+             * @default null
+             */
+            push_carts: boolean | null;
+            /**
+             * Push Events
+             * @description Event types sent as the vendor's custom events; only of people with a current email_marketing grant
+             * @default null
+             */
+            push_events: string[] | null;
+            /**
+             * Push Orders
+             * @description Orders and their status changes (default false)
+             * @default null
+             */
+            push_orders: boolean | null;
+            /**
+             * Signing Secret
+             * @description Write-only; checks X-Mailchimp-Signature
+             * @default null
+             */
+            signing_secret: string | null;
+            /**
+             * Store Currency
+             * @description The currency of a store Carnet creates (default: that of the first order or cart)
+             * @default null
+             */
+            store_currency: ("AED" | "AFN" | "ALL" | "AMD" | "ANG" | "AOA" | "ARS" | "AUD" | "AWG" | "AZN" | "BAM" | "BBD" | "BDT" | "BGN" | "BHD" | "BIF" | "BMD" | "BND" | "BOB" | "BOV" | "BRL" | "BSD" | "BTN" | "BWP" | "BYN" | "BYR" | "BZD" | "CAD" | "CDF" | "CHE" | "CHF" | "CHW" | "CLF" | "CLP" | "CNY" | "COP" | "COU" | "CRC" | "CUC" | "CUP" | "CVE" | "CYP" | "CZK" | "DJF" | "DKK" | "DOP" | "DZD" | "EEK" | "EGP" | "ERN" | "ETB" | "EUR" | "FJD" | "FKP" | "GBP" | "GEL" | "GHS" | "GIP" | "GMD" | "GNF" | "GTQ" | "GYD" | "HKD" | "HNL" | "HRK" | "HTG" | "HUF" | "IDR" | "ILS" | "INR" | "IQD" | "IRR" | "ISK" | "JMD" | "JOD" | "JPY" | "KES" | "KGS" | "KHR" | "KMF" | "KPW" | "KRW" | "KWD" | "KYD" | "KZT" | "LAK" | "LBP" | "LKR" | "LRD" | "LSL" | "LTL" | "LVL" | "LYD" | "MAD" | "MDL" | "MGA" | "MKD" | "MMK" | "MNT" | "MOP" | "MRO" | "MRU" | "MTL" | "MUR" | "MVR" | "MWK" | "MXN" | "MXV" | "MYR" | "MZN" | "NAD" | "NGN" | "NIO" | "NOK" | "NPR" | "NZD" | "OMR" | "PAB" | "PEN" | "PGK" | "PHP" | "PKR" | "PLN" | "PYG" | "QAR" | "RON" | "RSD" | "RUB" | "RWF" | "SAR" | "SBD" | "SCR" | "SDG" | "SEK" | "SGD" | "SHP" | "SIT" | "SKK" | "SLE" | "SLL" | "SOS" | "SRD" | "SSP" | "STD" | "STN" | "SVC" | "SYP" | "SZL" | "THB" | "TJS" | "TMT" | "TND" | "TOP" | "TRY" | "TTD" | "TWD" | "TZS" | "UAH" | "UGX" | "USD" | "USN" | "UYI" | "UYU" | "UYW" | "UZS" | "VED" | "VEF" | "VES" | "VND" | "VUV" | "WST" | "XAD" | "XAF" | "XAG" | "XAU" | "XBA" | "XBB" | "XBC" | "XBD" | "XCD" | "XCG" | "XDR" | "XOF" | "XPD" | "XPF" | "XPT" | "XSU" | "XTS" | "XUA" | "XXX" | "YER" | "ZAR" | "ZMK" | "ZMW" | "ZWG" | "ZWL") | null;
+            /**
+             * Store Id
+             * @description The e-commerce store orders and carts go to; created if missing (required by push_orders and push_carts)
+             * @default null
+             */
+            store_id: string | null;
+            /**
+             * Store List Id
+             * @description The audience of a store Carnet creates (default: the first mapped list)
+             * @default null
+             */
+            store_list_id: string | null;
+        } | {
+            api_key: unknown;
+        };
         /** MarketingState */
         MarketingState: {
             /** Granted */
@@ -3489,491 +3489,468 @@ export interface components {
          * @enum {string}
          */
         Scope: "contacts:read" | "contacts:write" | "contacts:erase" | "pii:read" | "attributes:write" | "tags:write" | "tags:delete" | "lists:read" | "lists:write" | "memberships:write" | "consents:read" | "consents:write" | "orders:read" | "orders:write" | "events:read" | "events:write" | "segments:read" | "segments:write" | "imports:write" | "exports:read" | "destinations:read" | "destinations:write" | "retention:run" | "tokens:admin" | "journal:read";
+        /** @description Every member matches */
+        SegmentAll: {
+            all: components["schemas"]["SegmentFilter"][];
+        };
+        /** @description At least one member matches */
+        SegmentAny: {
+            any: components["schemas"]["SegmentFilter"][];
+        };
         /** @description {field, op, value}, and within_days, count for orders and events */
         SegmentCondition: {
             /** @constant */
             field: "kind";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
-            /** @enum {unknown} */
+            /** @enum {string} */
             value: "customer" | "prospect" | "vendor" | "partner";
         } | {
             /** @constant */
             field: "kind";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: ("customer" | "prospect" | "vendor" | "partner")[];
         } | {
             /** @constant */
             field: "kind";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "lifecycle_stage";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
-            /** @enum {unknown} */
+            /** @enum {string} */
             value: "prospect" | "new_customer" | "loyal_customer" | "lapsed_customer";
         } | {
             /** @constant */
             field: "lifecycle_stage";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: ("prospect" | "new_customer" | "loyal_customer" | "lapsed_customer")[];
         } | {
             /** @constant */
             field: "lifecycle_stage";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "email_status";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
             value: string;
         } | {
             /** @constant */
             field: "email_status";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "email_status";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "source";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
             value: string;
         } | {
             /** @constant */
             field: "source";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "source";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "language";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
             value: string;
         } | {
             /** @constant */
             field: "language";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "language";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "company";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq" | "contains";
             value: string;
         } | {
             /** @constant */
             field: "company";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "company";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "address.city";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq" | "contains";
             value: string;
         } | {
             /** @constant */
             field: "address.city";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "address.city";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "address.postal_code";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
             value: string;
         } | {
             /** @constant */
             field: "address.postal_code";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "address.postal_code";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "address.country";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq";
             value: string;
         } | {
             /** @constant */
             field: "address.country";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "address.country";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "created_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "gt" | "gte" | "lt" | "lte";
             value: string;
         } | {
             /** @constant */
             field: "created_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: (string)[];
         } | {
             /** @constant */
             field: "created_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "within_days" | "older_than_days";
             value: number;
         } | {
             /** @constant */
             field: "created_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "updated_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "gt" | "gte" | "lt" | "lte";
             value: string;
         } | {
             /** @constant */
             field: "updated_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: (string)[];
         } | {
             /** @constant */
             field: "updated_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "within_days" | "older_than_days";
             value: number;
         } | {
             /** @constant */
             field: "updated_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "last_activity_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "gt" | "gte" | "lt" | "lte";
             value: string;
         } | {
             /** @constant */
             field: "last_activity_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: (string)[];
         } | {
             /** @constant */
             field: "last_activity_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "within_days" | "older_than_days";
             value: number;
         } | {
             /** @constant */
             field: "last_activity_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "tags";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "contains" | "neq";
             value: string;
         } | {
             /** @constant */
             field: "tags";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "tags";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "lists";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "contains" | "neq";
             /** Format: uuid */
             value: string;
         } | {
             /** @constant */
             field: "lists";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: string[];
         } | {
             /** @constant */
             field: "stats.orders_count";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
             value: number;
         } | {
             /** @constant */
             field: "stats.orders_count";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: number[];
         } | {
             /** @constant */
             field: "stats.orders_count";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: number[];
         } | {
             /** @constant */
             field: "stats.total_spent";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
             value: number | string;
         } | {
             /** @constant */
             field: "stats.total_spent";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.total_spent";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.total_spent";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "stats.average_basket";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
             value: number | string;
         } | {
             /** @constant */
             field: "stats.average_basket";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in" | "nin";
             value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.average_basket";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: (number | string)[];
         } | {
             /** @constant */
             field: "stats.average_basket";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
             /** @constant */
             field: "stats.last_order_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "gt" | "gte" | "lt" | "lte";
             value: string;
         } | {
             /** @constant */
             field: "stats.last_order_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: (string)[];
         } | {
             /** @constant */
             field: "stats.last_order_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "within_days" | "older_than_days";
             value: number;
         } | {
             /** @constant */
             field: "stats.last_order_at";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "exists";
             value?: boolean;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "orders.sku";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq";
             value: string;
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "orders.sku";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in";
             value: string[];
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "orders.category";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq";
             value: string;
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "orders.category";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in";
             value: string[];
             within_days?: number;
         } | {
             /** @constant */
             field: "orders.count";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
             value: number;
             within_days?: number;
         } | {
             /** @constant */
             field: "orders.count";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between";
             value: number[];
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "events.type";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq";
             value: string;
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "events.type";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in";
             value: string[];
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "carts.status";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq";
-            /** @enum {unknown} */
+            /** @enum {string} */
             value: "open" | "converted" | "abandoned";
             within_days?: number;
         } | {
-            count?: {
-                /** @enum {unknown} */
-                op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
-                value: number;
-            };
+            count?: components["schemas"]["SegmentCount"];
             /** @constant */
             field: "carts.status";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "in";
             value: ("open" | "converted" | "abandoned")[];
             within_days?: number;
         } | {
             /** @constant */
             field: "consents.email_marketing";
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "eq";
             value: boolean;
         } | {
             field: string;
-            /** @enum {unknown} */
+            /** @enum {string} */
             op: "between" | "contains" | "eq" | "exists" | "gt" | "gte" | "in" | "lt" | "lte" | "neq" | "nin" | "older_than_days" | "within_days";
             value?: string | number | boolean | (string | number | boolean)[];
         };
-        /** SegmentCount */
+        /** @description The number of matching orders or events, compared with `value` by `op` */
         SegmentCount: {
-            /** Count */
-            count: number;
+            /** @enum {string} */
+            op: "eq" | "neq" | "gt" | "gte" | "lt" | "lte";
+            value: number;
         };
         /** SegmentCreate */
         SegmentCreate: {
@@ -4003,13 +3980,7 @@ export interface components {
             name: string;
         };
         /** @description A group (all, any: a non-empty array; not: one node) or a condition. Groups nest at most 8 deep and a filter holds at most 100 conditions (the server counts: 422 too_deep, too_many_conditions). Grammar: docs/api.md, Segments */
-        SegmentFilter: {
-            all: components["schemas"]["SegmentFilter"][];
-        } | {
-            any: components["schemas"]["SegmentFilter"][];
-        } | {
-            not: components["schemas"]["SegmentFilter"];
-        } | components["schemas"]["SegmentCondition"];
+        SegmentFilter: components["schemas"]["SegmentAll"] | components["schemas"]["SegmentAny"] | components["schemas"]["SegmentNot"] | components["schemas"]["SegmentCondition"];
         /** SegmentMapping */
         SegmentMapping: {
             /**
@@ -4049,6 +4020,10 @@ export interface components {
             segment_id: string;
             /** Tag */
             tag: string | null;
+        };
+        /** @description Its member does not match */
+        SegmentNot: {
+            not: components["schemas"]["SegmentFilter"];
         };
         /** SegmentPage */
         SegmentPage: {
@@ -4355,6 +4330,49 @@ export interface components {
              * @description Memberships this request changed (0 on a replay)
              */
             unsubscribed_lists: number;
+        };
+        /**
+         * WebhookConfig
+         * @description The config of a webhook destination, as a creation takes it
+         */
+        WebhookConfig: {
+            /**
+             * Base Url
+             * @description Overrides the vendor's API host (proxies, tests)
+             * @default null
+             */
+            base_url: string | null;
+            /**
+             * Inbound Secret
+             * @description Write-only; generated when absent
+             * @default null
+             */
+            inbound_secret: string | null;
+            /**
+             * Previous Secret
+             * @description Write-only; also signs during a rotation
+             * @default null
+             */
+            previous_secret: string | null;
+            /**
+             * Secret
+             * @description Write-only `whsec_...`; generated when absent
+             * @default null
+             */
+            secret: string | null;
+            /**
+             * Topics
+             * @description Only these topics (default: all)
+             * @default null
+             */
+            topics: string[] | null;
+            /**
+             * Url
+             * @default null
+             */
+            url: string | null;
+        } | {
+            url: unknown;
         };
         /** WorkersSeen */
         WorkersSeen: {
