@@ -13,9 +13,9 @@ What it does, per vendor, in one database created for the run (`carnet_bench_dra
   4. The bar (ARCHITECTURE.md): >= 90% of the vendor's allowed rate, 0 requests over the limit, 0 lost.
      For Brevo the allowed rate is 10 calls/s; for Mailchimp, 10 calls in flight at all times.
 With --orders (issue 20), the messages are orders instead: one order of 3 lines (from a catalogue of
-`CATALOGUE` products) per contact and one `commerce.order_changed` message each, to a destination with
-`push_orders` (Mailchimp: a `store_id` the worker creates). Lost = orders missing at the vendor; an order that
-reached the vendor before one of its products counts as a violation (Carnet's rule: products first).
+`CATALOGUE` products, each at one price) per contact and one `commerce.order_changed` message each, to a
+destination with `push_orders` (Mailchimp: a `store_id` the worker creates). Lost = orders missing at the vendor;
+an order that reached the vendor before one of its products counts as a violation (Carnet's rule: products first).
 Writes bench/out/drain.json (drain_orders.json with --orders).
 """
 
@@ -99,15 +99,22 @@ def commerce_config(vendor: str, orders: bool) -> dict[str, Any]:
 
 
 async def seed_orders(conn: asyncpg.Connection) -> None:
-    """One paid order of 3 lines per contact (skus from the catalogue), and its outbox message."""
-    line = ("jsonb_build_object('sku', 'SKU-' || ((n + {k}) % {c}), 'name', 'Item ' || ((n + {k}) % {c}), "
-            "'category', 'cat-' || ((n + {k}) % 7), 'quantity', {q}, 'unit_price', '{p}')")
-    lines = ", ".join(line.format(k=k, c=CATALOGUE, q=q, p=p) for k, q, p in ((0, 1, "10.00"), (1, 1, "10.00"),
-                                                                              (2, 2, "8.00")))
+    """One paid order of 3 lines per contact (skus from the catalogue), and its outbox message.
+
+    A sku always has the same price (8.00 to 12.00 by its number), as in a shop: the catalogue goes to the vendor
+    once and then only orders do. (Until 2026-12-06 the third line was 8.00 and the others 10.00, so each sku had
+    two prices and every push found its products changed: 35% of Mailchimp's calls were products sent again.)"""
+    sku = "((n + {k}) % {c})"
+    price = "(8 + " + sku + " % 5)"
+    line = ("jsonb_build_object('sku', 'SKU-' || " + sku + ", 'name', 'Item ' || " + sku + ", "
+            "'category', 'cat-' || " + sku + " % 7, 'quantity', {q}, 'unit_price', " + price + "::text || '.00')")
+    shape = ((0, 1), (1, 1), (2, 2))      # (line, quantity)
+    lines = ", ".join(line.format(k=k, c=CATALOGUE, q=q) for k, q in shape)
+    total = " + ".join(f"{q} * " + price.format(k=k, c=CATALOGUE) for k, q in shape)
     await conn.execute(f"""
         INSERT INTO "order" (id, external_id, contact_id, placed_at, status, currency, total_amount, items,
                              created_at, updated_at)
-        SELECT gen_random_uuid(), 'B-' || n, id, now() - interval '1 hour', 'paid', 'EUR', 36.00,
+        SELECT gen_random_uuid(), 'B-' || n, id, now() - interval '1 hour', 'paid', 'EUR', {total},
                jsonb_build_array({lines}), now(), now()
         FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM contact) c""")
     await conn.execute("""
