@@ -395,9 +395,11 @@ class CallTimes:
 
     A connection-capped vendor (Mailchimp) answers `connections / mean` requests per second at best; the mean
     includes whatever the event loop adds while the request holds its place, so a busy worker is measured slower.
+    A short memory: after a slow spell (batches cut small, few samples each) the pace comes back within a few
+    batches.
     """
 
-    def __init__(self, prior: float, weight: float = 0.02) -> None:
+    def __init__(self, prior: float, weight: float = 0.05) -> None:
         self.mean = prior
         self._weight = weight
 
