@@ -17,7 +17,7 @@ from app.errors import AppError, PayloadTooLarge
 from app.logging import get_logger
 from app.problems import problem_body, unexpected_problem
 
-__all__ = ["BodySizeLimit", "RequestContext", "send_problem"]
+__all__ = ["BodySizeLimit", "RequestContext", "declared_within", "send_problem"]
 
 log = get_logger("carnet.http")
 
@@ -96,8 +96,7 @@ class BodySizeLimit:
             await BodySizeLimit(self.app, max_bytes=upload_cap)(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        # ASCII digits, and few of them, before int(): str.isdigit() takes "²", int() refuses 4,300+ digits (500s)
-        if declared is not None and not (_DIGITS.fullmatch(declared) and int(declared) <= self.max_bytes):
+        if declared is not None and not declared_within(declared, self.max_bytes):
             await send_problem(scope, send, PayloadTooLarge(f"the body limit is {self.max_bytes} bytes"))
             return
         received = 0
@@ -132,6 +131,13 @@ async def send_problem(scope: Scope, send: Send, error: AppError) -> None:
 
 
 _DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def declared_within(declared: str, max_bytes: int) -> bool:
+    """A Content-Length that BodySizeLimit lets through."""
+    # ASCII digits, and few of them, before int(): str.isdigit() takes "²", int() refuses 4,300+ digits (500s)
+    return bool(_DIGITS.fullmatch(declared)) and int(declared) <= max_bytes
+
 _http_log = logging.getLogger("carnet.http")  # the stdlib logger under `log`, whose level structlog filters by
 # uuid.uuid4().hex without building a UUID: 122 random bits, the version (4) and variant (10) bits set
 _UUID4_CLEAR, _UUID4_SET = ~((0xF000 << 64) | (0xC000 << 48)), (0x4000 << 64) | (0x8000 << 48)

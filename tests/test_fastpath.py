@@ -511,6 +511,25 @@ async def test_an_oversized_upsert_is_413_either_way(pair: Pair) -> None:
     assert answers[0].status_code == 413 and pair.fast.seen[-1]["by"] == "fastapi"
 
 
+async def test_an_upsert_without_content_length_goes_to_fastapi(writes: Writes) -> None:
+    """The fast path sits outside BodySizeLimit and MethodGate: it takes only a body framed by a Content-Length both
+    let through; a streamed one goes past them to FastAPI, same answer, same rows."""
+    headers = {**ADMIN, "Content-Type": "application/json"}
+    created = await writes.same(None, headers, by="fastapi", content=_Streamed(json.dumps(_upsert()).encode()))
+    assert created.status_code == 201
+
+
+@dataclass
+class _Streamed:
+    """A body sent in two chunks without Content-Length, each time it is sent."""
+
+    data: bytes
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data[:10]
+        yield self.data[10:]
+
+
 # ---- the production pool (not the test transaction): reads and a dead connection ------------------------------
 
 
