@@ -622,3 +622,12 @@ def test_refuses_to_mount_on_a_route_of_another_shape() -> None:
         contact_read_route(FastAPI())
     with pytest.raises(RuntimeError, match="no POST"):
         contact_upsert_route(FastAPI())
+
+
+@pytest.mark.parametrize("row", [
+    {"email": "a@example.com", "first_name": "Zoé", "city": "Lyon", "birth_date": datetime(1990, 5, 1).date()},
+    {"external_id": "E-1", "attributes": {"size": 38, "gone": None, "vip": False}, "tags": ["a", "b"], "kind": "x"},
+    {"external_id": "E-2", "tags": [], "attributes": {}, "phone": None, "first_contact_at": NOW},
+])
+def test_a_creations_history_is_the_diff_from_nothing(row: dict[str, Any]) -> None:
+    assert contacts_service._new_fields(row) == contacts_service._diff({}, row)

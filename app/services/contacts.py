@@ -234,7 +234,7 @@ async def fast_upsert(
     try:
         rows = await connection.fetch(
             _fast_upsert_sql(tuple(values), tuple(columns)), payload.external_id, payload.email, list(suppressed),
-            list(suppressed.values()), _history_json(_diff({}, _as_stored(values))), actor.subject, via,
+            list(suppressed.values()), _history_json(_new_fields(_as_stored(values))), actor.subject, via,
             *values.values(),
         )
     except asyncpg.UniqueViolationError:  # a key taken by another writer after the statement's snapshot
@@ -596,7 +596,7 @@ async def _created(session: AsyncSession, row: Row, *, actor: Principal, via: st
     An erased person's address refuses the creation (checked after the insert: module docstring).
     """
     await _refuse_suppressed(session, email=row["email"], phone=row["phone"])
-    await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+    await history.record(session, row["id"], _new_fields(row), actor=actor, via=via)
     await outbox.add(session, "contact.created", contact_id=row["id"], payload={"contact_id": str(row["id"])})
 
 
@@ -685,6 +685,11 @@ def _wire_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     out.update({f"attributes.{k}": v for k, v in (row.get("attributes") or {}).items()})
     out["tags"] = list(row.get("tags") or []) or None
     return out
+
+
+def _new_fields(row: Mapping[str, Any]) -> Sequence[history.Change]:
+    """`_diff({}, row)`, the history of a creation, in half the time (every field set, in the same order)."""
+    return [(k, None, v) for k, v in sorted(_wire_fields(row).items()) if v is not None]
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Sequence[history.Change]:
