@@ -138,6 +138,7 @@ def declared_within(declared: str, max_bytes: int) -> bool:
     # ASCII digits, and few of them, before int(): str.isdigit() takes "²", int() refuses 4,300+ digits (500s)
     return bool(_DIGITS.fullmatch(declared)) and int(declared) <= max_bytes
 
+
 _http_log = logging.getLogger("carnet.http")  # the stdlib logger under `log`, whose level structlog filters by
 # uuid.uuid4().hex without building a UUID: 122 random bits, the version (4) and variant (10) bits set
 _UUID4_CLEAR, _UUID4_SET = ~((0xF000 << 64) | (0xC000 << 48)), (0x4000 << 64) | (0x8000 << 48)
