@@ -185,7 +185,12 @@ async def pooled_connection(makers: async_sessionmaker[AsyncSession]) -> AsyncIt
             # cancelled mid-statement: SQLAlchemy's reset on return would not end it. Never reuse it.
             if not raw.is_closed() and raw.is_in_transaction():
                 await greenlet_spawn(pooled.invalidate)
-            await greenlet_spawn(pooled.close)  # back to the pool (closed for good if invalidated)
+                await greenlet_spawn(pooled.close)  # back to the pool, closed for good
+            else:
+                # Back to the pool with nothing to await (no SQLAlchemy transaction to roll back, a fixed-size pool
+                # always has room), so without greenlet_spawn: a new greenlet costs ~20 µs (its own frame stack,
+                # an mmap and a munmap: strace, docs/performance.md).
+                pooled.close()
     else:  # a sessionmaker bound to one connection (the tests' per-test transaction)
         yield (await bind.get_raw_connection()).driver_connection
 
@@ -212,6 +217,7 @@ async def _checkout(engine: AsyncEngine) -> PoolProxiedConnection:
     503), the pool's own errors (exhausted: TimeoutError) pass as they are."""
     sync = engine.sync_engine
     try:
+        # In a greenlet: taking a connection may open one (a new one, or one to recycle after an outage) or wait.
         return await greenlet_spawn(sync.pool.connect)
     except sync.dialect.loaded_dbapi.Error as exc:
         Connection._handle_dbapi_exception_noconnection(exc, sync.dialect, sync)

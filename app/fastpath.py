@@ -2,15 +2,19 @@
 
 Around `GET /v1/contacts/{id}` and `POST /v1/contacts/upsert` FastAPI spends more CPU than the work itself (matching
 over the router tree, then dependency injection: HTTPBearer, `authenticate`, the scope check, the connection or
-session generators, parameter and body validation; see docs/performance.md). These pure ASGI layers, mounted inside
-RequestContext and BodySizeLimit, run the same pieces in the order the routes' dependencies run them, and call the
-routes' own code:
+session generators, parameter and body validation; see docs/performance.md). These pure ASGI layers run the same
+pieces in the order the routes' dependencies run them, and call the routes' own code. The read is mounted inside
+RequestContext, JournalReads, MethodGate and BodySizeLimit; the upsert inside the first two only, as what the other
+two would do to the requests it takes is known: MethodGate lets POST through on this path (its route serves it), and
+BodySizeLimit lets through a body whose Content-Length it accepts (the server frames the body by that length; the
+layer still stops reading past the limit, and hands what it read to them).
 
     ContactReadFastPath    GET /v1/contacts/<canonical UUID>
         1. `bare_connection` (a dead connection → the 503 problem RequestContext renders, never a 500);
         2. `authorize` with the scopes the route declares (the same 401/403/429 problems and headers);
         3. the endpoint `get_contact` (`contacts.get_fast`, `present_contact` with masking, ETag, JSONBody).
-    ContactUpsertFastPath  POST /v1/contacts/upsert, `Content-Type: application/json`, no Idempotency-Key
+    ContactUpsertFastPath  POST /v1/contacts/upsert, `Content-Type: application/json`, no Idempotency-Key, a
+                           Content-Length within BodySizeLimit's, no Transfer-Encoding
         1. the body, parsed and validated by the route's own body field; anything but a valid payload (bad JSON,
            a 422, a body cut short or over the limit) goes to FastAPI with the body replayed, so FastAPI answers
            it exactly as before (whether its auth errors or its body errors come first);
@@ -44,6 +48,7 @@ from starlette.types import Scope as ASGIScope
 
 from app.db import bare_connection
 from app.errors import AppError
+from app.middleware import declared_within
 from app.routers.contacts import get_contact, upsert_contact, upsert_in_autocommit
 from app.schemas.contacts import ContactUpsert
 from app.security.principal import ScopeCheck, authorize
@@ -140,17 +145,19 @@ class ContactReadFastPath:
 class ContactUpsertFastPath:
     """Pure ASGI: `POST /v1/contacts/upsert` without FastAPI, when the autocommit statements can answer it."""
 
-    def __init__(self, app: ASGIApp, *, upsert: ContactUpsertRoute) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, *, upsert: ContactUpsertRoute, max_bytes: int) -> None:
+        self.app = app                # MethodGate, BodySizeLimit, then FastAPI
         self.route = upsert.route
         self.needed = upsert.needed
         self.body = upsert.body
+        self.max_bytes = max_bytes    # BodySizeLimit's
 
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        if not (_ours(scope, "POST") and scope["path"] == UPSERT_PATH and _plain_json_without_key(scope["headers"])):
+        if not (_ours(scope, "POST") and scope["path"] == UPSERT_PATH
+                and _plain_json_without_key(scope["headers"], self.max_bytes)):
             await self.app(scope, receive, send)
             return
-        body, replay = await buffered_body(receive)
+        body, replay = await buffered_body(receive, limit=self.max_bytes)
         payload = self._payload(body)
         if payload is None:  # FastAPI's to answer (its auth errors come before its 422)
             await self.app(scope, replay, send)
@@ -221,31 +228,41 @@ def routed_request(scope: ASGIScope, receive: Receive, route: APIRoute, endpoint
     return Request(scope, receive)
 
 
-def _plain_json_without_key(headers: list[tuple[bytes, bytes]]) -> bool:
-    """`Content-Type: application/json` (the first one, as Starlette reads it) and no Idempotency-Key."""
-    content_type = None
+def _plain_json_without_key(headers: list[tuple[bytes, bytes]], max_bytes: int) -> bool:
+    """`Content-Type: application/json` (the first one, as Starlette reads it), no Idempotency-Key, and a body
+    BodySizeLimit would let through: its Content-Length (the first one, as it reads it) within `max_bytes`, and no
+    Transfer-Encoding (with one, the length is not what frames the body)."""
+    content_type = length = None
     for name, value in headers:
-        if name == b"idempotency-key":
+        if name in (b"idempotency-key", b"transfer-encoding"):
             return False
         if name == b"content-type" and content_type is None:
             content_type = value
-    return content_type == b"application/json"
+        elif name == b"content-length" and length is None:
+            length = value
+    return (content_type == b"application/json" and length is not None
+            and declared_within(length.decode("latin-1"), max_bytes))
 
 
-async def buffered_body(receive: Receive) -> tuple[bytes | None, Receive]:
+async def buffered_body(receive: Receive, *, limit: int | None = None) -> tuple[bytes | None, Receive]:
     """The whole body (None unless it arrived complete), and a receive that replays what was read, then goes on.
 
     An error raised while reading (BodySizeLimit's 413 mid-stream) is raised again at the same point of the replay,
-    so FastAPI meets exactly what it would have met.
+    so FastAPI meets exactly what it would have met. Past `limit` bytes it stops reading (None: the layers after it
+    meet the rest).
     """
     messages: list[Message] = []
     failure: Exception | None = None
+    received = 0
     try:
         while not messages or (messages[-1]["type"] == "http.request" and messages[-1].get("more_body", False)):
             messages.append(await receive())
+            received += len(messages[-1].get("body", b""))
+            if limit is not None and received > limit:
+                break
     except Exception as exc:  # handed to FastAPI unchanged, through the replay
         failure = exc
-    complete = failure is None and messages[-1]["type"] == "http.request"
+    complete = failure is None and messages[-1]["type"] == "http.request" and not messages[-1].get("more_body", False)
     body = b"".join(m.get("body", b"") for m in messages) if complete else None
 
     async def replay() -> Message:

@@ -112,12 +112,12 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         app.add_middleware(CostlyReadGate, routes=costly_routes(app))
     if settings.fast_read_path:
         app.add_middleware(ContactReadFastPath, read=contact_read_route(app))
-    if settings.fast_upsert_path:
-        app.add_middleware(ContactUpsertFastPath, upsert=contact_upsert_route(app))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/imports": settings.import_max_bytes})
     # Outside the body limit and the fast paths: a method a path does not serve is a 405 before anything reads it.
     app.add_middleware(MethodGate, routes=app.routes)
+    if settings.fast_upsert_path:  # outside those two, taking only what both let through (app/fastpath.py)
+        app.add_middleware(ContactUpsertFastPath, upsert=contact_upsert_route(app), max_bytes=settings.max_body_bytes)
     if app.state.journal is not None:  # inside RequestContext (the request id), around everything that answers
         app.add_middleware(JournalReads, journal=app.state.journal)
     app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import time
 import traceback
-import uuid
 from typing import Any
 
 import structlog
@@ -16,7 +17,7 @@ from app.errors import AppError, PayloadTooLarge
 from app.logging import get_logger
 from app.problems import problem_body, unexpected_problem
 
-__all__ = ["BodySizeLimit", "RequestContext", "send_problem"]
+__all__ = ["BodySizeLimit", "RequestContext", "declared_within", "send_problem"]
 
 log = get_logger("carnet.http")
 
@@ -27,6 +28,8 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 REQUESTS_TOTAL = Counter("carnet_http_requests_total", "HTTP requests by status class", ["status_class"])
+_SERIES_CACHED = 1024  # (method, route, status) series whose metric children are kept (the method is the client's)
+_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
 class RequestContext:
@@ -39,7 +42,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_request_id(scope) or _new_request_id()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         scope.setdefault("state", {})["request_id"] = request_id
@@ -65,12 +68,15 @@ class RequestContext:
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
-            REQUEST_SECONDS.labels(scope["method"], route, str(status)).observe(elapsed)
-            REQUESTS_TOTAL.labels(f"{status // 100}xx").inc()
+            seconds, requests = _metrics(scope["method"], route, status)
+            seconds.observe(elapsed)
+            requests.inc()
             # The route template, never the raw path or query string: those may carry personal data.
-            # Successes at debug (the latency histogram counts them all); problems at info.
-            emit = log.debug if status < 400 else log.info
-            emit("http.request", method=scope["method"], route=route, status=status, ms=round(elapsed * 1000, 2))
+            # Successes at debug (the latency histogram counts them all); problems at info. The level is asked first
+            # as structlog's filter_by_level asks it: a dropped event is not built.
+            if status >= 400 or _http_log.isEnabledFor(logging.DEBUG):
+                emit = log.debug if status < 400 else log.info
+                emit("http.request", method=scope["method"], route=route, status=status, ms=round(elapsed * 1000, 2))
 
 
 class BodySizeLimit:
@@ -90,8 +96,7 @@ class BodySizeLimit:
             await BodySizeLimit(self.app, max_bytes=upload_cap)(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        # ASCII digits, and few of them, before int(): str.isdigit() takes "²", int() refuses 4,300+ digits (500s)
-        if declared is not None and not (_DIGITS.fullmatch(declared) and int(declared) <= self.max_bytes):
+        if declared is not None and not declared_within(declared, self.max_bytes):
             await send_problem(scope, send, PayloadTooLarge(f"the body limit is {self.max_bytes} bytes"))
             return
         received = 0
@@ -126,6 +131,31 @@ async def send_problem(scope: Scope, send: Send, error: AppError) -> None:
 
 
 _DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def declared_within(declared: str, max_bytes: int) -> bool:
+    """A Content-Length that BodySizeLimit lets through."""
+    # ASCII digits, and few of them, before int(): str.isdigit() takes "²", int() refuses 4,300+ digits (500s)
+    return bool(_DIGITS.fullmatch(declared)) and int(declared) <= max_bytes
+
+
+_http_log = logging.getLogger("carnet.http")  # the stdlib logger under `log`, whose level structlog filters by
+# uuid.uuid4().hex without building a UUID: 122 random bits, the version (4) and variant (10) bits set
+_UUID4_CLEAR, _UUID4_SET = ~((0xF000 << 64) | (0xC000 << 48)), (0x4000 << 64) | (0x8000 << 48)
+
+
+def _new_request_id() -> str:
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
+
+
+def _metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The histogram and counter children of this series (`labels()` costs a lock and a lookup every call)."""
+    children = _series.get((method, route, status))
+    if children is None:
+        children = REQUEST_SECONDS.labels(method, route, str(status)), REQUESTS_TOTAL.labels(f"{status // 100}xx")
+        if len(_series) < _SERIES_CACHED:
+            _series[method, route, status] = children
+    return children
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

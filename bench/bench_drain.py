@@ -13,10 +13,14 @@ What it does, per vendor, in one database created for the run (`carnet_bench_dra
   4. The bar (ARCHITECTURE.md): >= 90% of the vendor's allowed rate, 0 requests over the limit, 0 lost.
      For Brevo the allowed rate is 10 calls/s; for Mailchimp, 10 calls in flight at all times.
 With --orders (issue 20), the messages are orders instead: one order of 3 lines (from a catalogue of
-`CATALOGUE` products) per contact and one `commerce.order_changed` message each, to a destination with
-`push_orders` (Mailchimp: a `store_id` the worker creates). Lost = orders missing at the vendor; an order that
-reached the vendor before one of its products counts as a violation (Carnet's rule: products first).
-Writes bench/out/drain.json (drain_orders.json with --orders).
+`CATALOGUE` products, each at one price) per contact and one `commerce.order_changed` message each, to a
+destination with `push_orders` (Mailchimp: a `store_id` the worker creates). Lost = orders missing at the vendor;
+an order that reached the vendor before one of its products counts as a violation (Carnet's rule: products first).
+With --floor (Mailchimp), the same fake and data, but instead of Carnet's worker a floor client in its own process
+(`floor_client`): 10 connections each sending member upserts one after the other, nothing else (no database, no
+planning). What it reaches is what this machine, at its load of the moment, lets any client reach; Carnet's
+ratio over the floor's, runs alternated, is what Carnet itself costs.
+Writes bench/out/drain.json (drain_orders.json with --orders, drain_floor.json with --floor).
 """
 
 from __future__ import annotations
@@ -99,15 +103,22 @@ def commerce_config(vendor: str, orders: bool) -> dict[str, Any]:
 
 
 async def seed_orders(conn: asyncpg.Connection) -> None:
-    """One paid order of 3 lines per contact (skus from the catalogue), and its outbox message."""
-    line = ("jsonb_build_object('sku', 'SKU-' || ((n + {k}) % {c}), 'name', 'Item ' || ((n + {k}) % {c}), "
-            "'category', 'cat-' || ((n + {k}) % 7), 'quantity', {q}, 'unit_price', '{p}')")
-    lines = ", ".join(line.format(k=k, c=CATALOGUE, q=q, p=p) for k, q, p in ((0, 1, "10.00"), (1, 1, "10.00"),
-                                                                              (2, 2, "8.00")))
+    """One paid order of 3 lines per contact (skus from the catalogue), and its outbox message.
+
+    A sku always has the same price (8.00 to 12.00 by its number), as in a shop: the catalogue goes to the vendor
+    once and then only orders do. (Until 2026-12-06 the third line was 8.00 and the others 10.00, so each sku had
+    two prices and every push found its products changed: 35% of Mailchimp's calls were products sent again.)"""
+    sku = "((n + {k}) % {c})"
+    price = "(8 + " + sku + " % 5)"
+    line = ("jsonb_build_object('sku', 'SKU-' || " + sku + ", 'name', 'Item ' || " + sku + ", "
+            "'category', 'cat-' || " + sku + " % 7, 'quantity', {q}, 'unit_price', " + price + "::text || '.00')")
+    shape = ((0, 1), (1, 1), (2, 2))      # (line, quantity)
+    lines = ", ".join(line.format(k=k, c=CATALOGUE, q=q) for k, q in shape)
+    total = " + ".join(f"{q} * " + price.format(k=k, c=CATALOGUE) for k, q in shape)
     await conn.execute(f"""
         INSERT INTO "order" (id, external_id, contact_id, placed_at, status, currency, total_amount, items,
                              created_at, updated_at)
-        SELECT gen_random_uuid(), 'B-' || n, id, now() - interval '1 hour', 'paid', 'EUR', 36.00,
+        SELECT gen_random_uuid(), 'B-' || n, id, now() - interval '1 hour', 'paid', 'EUR', {total},
                jsonb_build_array({lines}), now(), now()
         FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM contact) c""")
     await conn.execute("""
@@ -153,7 +164,24 @@ def no_full_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def run_vendor(vendor: str, n: int, latency: float, *, orders: bool = False) -> dict[str, Any]:
+async def floor_client(base_url: str, emails: list[str], connections: int) -> None:
+    """`connections` loops, each a member upsert after the other until `emails` are all sent (the floor)."""
+    import httpx
+
+    todo = iter(emails)
+    async with httpx.AsyncClient(base_url=base_url, auth=("floor", MC_KEY),
+                                 limits=httpx.Limits(max_connections=connections)) as client:
+        async def loop() -> None:
+            for email in todo:
+                response = await client.put(f"/lists/mc-news/members/{subscriber_hash(email)}",
+                                            json={"email_address": email, "status_if_new": "subscribed"})
+                response.raise_for_status()
+
+        await asyncio.gather(*(loop() for _ in range(connections)))
+
+
+async def run_vendor(vendor: str, n: int, latency: float, *, orders: bool = False,
+                     floor: bool = False) -> dict[str, Any]:
     url = await recreate(DB)
     remote_list = "7" if vendor == "brevo" else "mc-news"
     t0 = time.perf_counter()
@@ -173,8 +201,10 @@ async def run_vendor(vendor: str, n: int, latency: float, *, orders: bool = Fals
         env = {**os.environ, "DATABASE_URL": url, "JWT_SECRET": MASTER, "SYNC_ALLOW_PRIVATE_NETWORKS": "true",
                "LOG_LEVEL": "WARNING"}
         start = time.perf_counter()
-        worker = await asyncio.create_subprocess_exec(str(ROOT / ".venv" / "bin" / "carnet"), "worker", "--once",
-                                                      env=env, cwd=str(ROOT))
+        floor_command = [sys.executable, str(ROOT / "bench" / "bench_drain.py"), "--floor-client", live.url,
+                         "--messages", str(n)]
+        command = floor_command if floor else [str(ROOT / ".venv" / "bin" / "carnet"), "worker", "--once"]
+        worker = await asyncio.create_subprocess_exec(*command, env=env, cwd=str(ROOT))
         code = await worker.wait()
         wall = time.perf_counter() - start
         if code != 0:
@@ -200,7 +230,9 @@ async def run_vendor(vendor: str, n: int, latency: float, *, orders: bool = Fals
                    "busiest_1s_window": max_in_window(arrivals)}
         ratio = achieved / allowed
     else:
-        if not orders:
+        if floor:
+            lost = n - len(calls)
+        elif not orders:
             lost = sum(1 for m in fake.lists["mc-news"].values() if m.status != "subscribed")
         busy = sum((s.done_at - s.at) for s in calls)
         mean_in_flight = busy / window if window else 0.0
@@ -208,7 +240,8 @@ async def run_vendor(vendor: str, n: int, latency: float, *, orders: bool = Fals
                    "batch_sizes": sorted(set(fake.batch_sizes))[-3:]}
         ratio = mean_in_flight / 10
     result = {
-        "vendor": vendor, "messages": n, "kind": "orders x 3 lines" if orders else "memberships",
+        "vendor": vendor, "messages": n,
+        "kind": "floor: member upserts, no Carnet" if floor else "orders x 3 lines" if orders else "memberships",
         "latency_s": latency, "seed_s": round(seed_s, 1),
         "drain_wall_s": round(wall, 1), "vendor_calls": len(calls), "calls_window_s": round(window, 1),
         "refused_429": refused, "violations": violations, "lost": lost, "deliveries": state,
@@ -228,17 +261,24 @@ async def main() -> None:
     parser.add_argument("--mailchimp-latency", type=float, default=1.0,
                         help="seconds per Mailchimp answer (a 500-member batch takes seconds at the real one)")
     parser.add_argument("--orders", action="store_true", help="orders of 3 lines instead of memberships (issue 20)")
+    parser.add_argument("--floor", action="store_true", help="Mailchimp: a bare client instead of Carnet's worker")
+    parser.add_argument("--floor-client", metavar="URL", help=argparse.SUPPRESS)   # the floor's own process
     args = parser.parse_args()
+    if args.floor_client:
+        await floor_client(args.floor_client, [f"floor{i}@bench.example" for i in range(args.messages)], 10)
+        return
     vendors = ["brevo", "mailchimp"] if args.vendor == "both" else [args.vendor]
     results = []
     try:
         for vendor in vendors:
             latency = args.brevo_latency if vendor == "brevo" else args.mailchimp_latency
-            results.append(await run_vendor(vendor, args.messages, latency, orders=args.orders))
+            results.append(await run_vendor(vendor, args.messages, latency, orders=args.orders,
+                                            floor=args.floor and vendor == "mailchimp"))
     finally:
         await drop(DB)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / ("drain_orders.json" if args.orders else "drain.json")).write_text(json.dumps(results, indent=1))
+    name = "drain_floor.json" if args.floor else "drain_orders.json" if args.orders else "drain.json"
+    (OUT / name).write_text(json.dumps(results, indent=1))
     sys.exit(0 if all(r["pass"] for r in results) else 1)
 
 

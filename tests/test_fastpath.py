@@ -365,6 +365,34 @@ async def test_upsert_timestamps_keep_their_instant_in_history(writes: Writes) -
     await writes.same(body, ADMIN)
     await writes.same({"external_id": body["external_id"], "first_contact_at": "2024-02-01T09:30:00.5"}, ADMIN)
     await writes.same({"external_id": body["external_id"], "first_contact_at": "2024-02-01T09:30:00.5Z"}, ADMIN)
+    # the old value with a fraction of a second, the new one without (the update's history is written in SQL)
+    await writes.same({"external_id": body["external_id"], "first_contact_at": "0999-03-01T00:00:00-01:30"}, ADMIN)
+    await writes.same({"external_id": body["external_id"], "first_contact_at": None}, ADMIN)
+
+
+async def test_upsert_changing_every_column_writes_the_same_history(writes: Writes) -> None:
+    body = _upsert(company="Acme", job_title="CTO", sector="retail", gender="female", birth_date="1990-05-01",
+                   address={"line1": "1 rue A", "line2": "bis", "postal_code": "69001", "city": "Lyon",
+                            "region": "ARA", "country": "fr"}, language="fr", source="checkout",
+                   first_contact_at="2024-01-01T10:00:00.000001Z", first_contact_channel="web", kind="customer")
+    created = (await writes.same(body, ADMIN)).json()
+    changed = _upsert(external_id=body["external_id"], first_name="Zoe", last_name="Durand", phone="0698765432",
+                      company="Beta", job_title=None, sector="food", gender="male", birth_date="1991-06-02",
+                      address={"line1": "2 rue B", "postal_code": "75001", "city": "Paris", "region": None,
+                               "country": "be"}, language="nl", source="store", first_contact_at="2025-01-01T10:00:00Z",
+                      first_contact_channel=None, kind="prospect")
+    updated = await writes.same(changed, ADMIN)
+    assert updated.json()["id"] == created["id"] and updated.json()["version"] == 2
+    assert updated.json()["email"] == changed["email"]  # a new email for the contact matched by external_id
+
+
+async def test_upsert_keeping_an_address_someone_erased_is_no_change_of_it(client: httpx.AsyncClient,
+                                                                           writes: Writes) -> None:
+    keeper = await make_contact(client, phone="+33612345680")
+    erased = await make_contact(client, phone="+33612345680")
+    assert (await client.delete(f"/v1/contacts/{erased['id']}", headers=ADMIN)).status_code == 204
+    kept = await writes.same({"email": keeper["email"], "phone": "06 12 34 56 80", "first_name": "Kept"}, ADMIN)
+    assert kept.status_code == 200 and kept.json()["first_name"] == "Kept"
 
 
 async def test_upsert_of_an_erased_person_falls_back_and_is_409(client: httpx.AsyncClient, writes: Writes) -> None:
@@ -483,6 +511,25 @@ async def test_an_oversized_upsert_is_413_either_way(pair: Pair) -> None:
     assert answers[0].status_code == 413 and pair.fast.seen[-1]["by"] == "fastapi"
 
 
+async def test_an_upsert_without_content_length_goes_to_fastapi(writes: Writes) -> None:
+    """The fast path sits outside BodySizeLimit and MethodGate: it takes only a body framed by a Content-Length both
+    let through; a streamed one goes past them to FastAPI, same answer, same rows."""
+    headers = {**ADMIN, "Content-Type": "application/json"}
+    created = await writes.same(None, headers, by="fastapi", content=_Streamed(json.dumps(_upsert()).encode()))
+    assert created.status_code == 201
+
+
+@dataclass
+class _Streamed:
+    """A body sent in two chunks without Content-Length, each time it is sent."""
+
+    data: bytes
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.data[:10]
+        yield self.data[10:]
+
+
 # ---- the production pool (not the test transaction): reads and a dead connection ------------------------------
 
 
@@ -575,3 +622,12 @@ def test_refuses_to_mount_on_a_route_of_another_shape() -> None:
         contact_read_route(FastAPI())
     with pytest.raises(RuntimeError, match="no POST"):
         contact_upsert_route(FastAPI())
+
+
+@pytest.mark.parametrize("row", [
+    {"email": "a@example.com", "first_name": "Zoé", "city": "Lyon", "birth_date": datetime(1990, 5, 1).date()},
+    {"external_id": "E-1", "attributes": {"size": 38, "gone": None, "vip": False}, "tags": ["a", "b"], "kind": "x"},
+    {"external_id": "E-2", "tags": [], "attributes": {}, "phone": None, "first_contact_at": NOW},
+])
+def test_a_creations_history_is_the_diff_from_nothing(row: dict[str, Any]) -> None:
+    assert contacts_service._new_fields(row) == contacts_service._diff({}, row)

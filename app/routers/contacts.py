@@ -85,7 +85,7 @@ async def upsert_contact(
 
 
 async def upsert_in_autocommit(request: Request, payload: ContactUpsert, caller: Principal) -> JSONBody | None:
-    """The upsert in one or two autocommit statements (`contacts.fast_upsert`); None: the transactional path.
+    """The upsert in one autocommit statement (`contacts.fast_upsert`); None: the transactional path.
 
     app.fastpath answers POST /v1/contacts/upsert with this too.
     """

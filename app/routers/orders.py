@@ -10,7 +10,14 @@ from fastapi import APIRouter, Query, Request
 
 from app.access import reveal
 from app.db import ReadSession, WriteSession
-from app.errors import ContactNotFound, IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
+from app.errors import (
+    ContactNotFound,
+    DuplicateContact,
+    IdempotencyKeyReused,
+    InvalidInput,
+    PreconditionFailed,
+    problems,
+)
 from app.routers.deps import Idempotency, IfMatch, JSONBody, batch_results, etag
 from app.schemas.orders import (
     CartPut,
@@ -31,6 +38,7 @@ from app.services import carts as carts_service
 from app.services import events as events_service
 from app.services import history as history_service
 from app.services import orders as orders_service
+from app.services.suppressions import SuppressedContact
 
 __all__ = ["carts_router", "contact_activity_router", "events_router", "orders_router"]
 
@@ -38,6 +46,10 @@ orders_router = APIRouter(prefix="/orders", tags=["orders"])
 carts_router = APIRouter(prefix="/carts", tags=["orders"])
 events_router = APIRouter(prefix="/events", tags=["events"])
 contact_activity_router = APIRouter(prefix="/contacts", tags=["orders", "events"])
+
+
+# A contact named by email is upserted (services/orders.resolve_contact): its refusals are this route's too.
+_CONTACT_BY_EMAIL = (DuplicateContact, SuppressedContact)
 
 
 def _policy(request: Request) -> orders_service.LifecyclePolicy:
@@ -50,7 +62,8 @@ def _order_response(row: Any, *, status_code: int = 200) -> JSONBody:
 
 
 @orders_router.put("/{external_id}", response_model=OrderRead,
-                   responses={201: {"description": "Created", "model": OrderRead}, **problems(PreconditionFailed)})
+                   responses={201: {"description": "Created", "model": OrderRead},
+                              **problems(PreconditionFailed, *_CONTACT_BY_EMAIL)})
 async def put_order(
     external_id: ExternalId, payload: OrderPut, request: Request, session: WriteSession,
     caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
@@ -72,7 +85,7 @@ async def get_order(
 
 @carts_router.put("/{external_id}", response_model=CartRead,
                   responses={201: {"description": "Created", "model": CartRead},
-                             **problems(PreconditionFailed, carts_service.CartClosed)})
+                             **problems(PreconditionFailed, carts_service.CartClosed, *_CONTACT_BY_EMAIL)})
 async def put_cart(
     external_id: ExternalId, payload: CartPut, session: WriteSession,
     caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
@@ -94,7 +107,7 @@ async def get_cart(
 
 @events_router.post("", status_code=201, response_model=EventRead,
                     responses={200: {"description": "Replay of a known event_id", "model": EventRead},
-                               **problems(IdempotencyKeyReused)})
+                               **problems(IdempotencyKeyReused, *_CONTACT_BY_EMAIL)})
 async def create_event(
     payload: EventCreate, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)],
     idem: Idempotency,

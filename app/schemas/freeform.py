@@ -35,9 +35,10 @@ def json_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH, max_values: int
 
     Cheap before anything else looks at the value: it stops at the first container that would take it past
     `max_values` (before walking its members), so a 5 MB array of 1.7M `{}` costs one `len()`."""
-    if type(value) is dict and max_depth >= 1 and (max_values is None or len(value) < max_values) \
-            and all(type(child) in _SCALARS for child in value.values()):
-        return _flat_text_problem(value) if text else None  # an event's usual properties: a third of the walk's time
+    if type(value) is dict and max_depth >= 1 and (max_values is None or len(value) < max_values):
+        texts = _flat_texts(value)  # an event's usual properties: a third of the walk's time
+        if texts is not None:
+            return _UNSTORABLE if text and unstorable_text(texts) else None
     stack: list[tuple[Any, int]] = [(value, 1)]
     seen = 1
     while stack:
@@ -51,24 +52,33 @@ def json_problem(value: Any, *, max_depth: int = MAX_JSON_DEPTH, max_values: int
         if isinstance(item, dict):
             for key, child in item.items():
                 if text and isinstance(key, str) and unstorable_text(key):
-                    return "keys and text must be valid UTF-8 without NUL characters"
+                    return _UNSTORABLE
                 stack.append((child, depth + 1))
         elif isinstance(item, list | tuple):
             stack.extend((child, depth + 1) for child in item)
         elif text and isinstance(item, str) and unstorable_text(item):
-            return "keys and text must be valid UTF-8 without NUL characters"
+            return _UNSTORABLE
     return None
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_UNSTORABLE = "keys and text must be valid UTF-8 without NUL characters"
 
 
-def _flat_text_problem(value: dict[str, Any]) -> str | None:
-    """`json_problem` of an object whose members are all scalars: its keys and text, checked in one string (joined,
-    a lone surrogate stays lone: Python never pairs two of them when encoding)."""
-    joined = "".join([*(key for key in value if type(key) is str),
-                      *(child for child in value.values() if type(child) is str)])
-    return "keys and text must be valid UTF-8 without NUL characters" if unstorable_text(joined) else None
+def _flat_texts(value: dict[str, Any]) -> str | None:
+    """The keys and text of an object whose members are all scalars, joined into one string to check at once (a
+    lone surrogate stays lone: Python never pairs two of them when encoding); None when a member is an object or
+    an array. One loop: a join over two generators after an `all()` over a third took twice as long."""
+    texts: list[str] = []
+    for key, child in value.items():
+        kind = type(child)
+        if kind is str:
+            texts.append(child)
+        elif kind not in _SCALARS:
+            return None
+        if type(key) is str:
+            texts.append(key)
+    return "".join(texts)
 
 
 def _storable(value: Any) -> Any:

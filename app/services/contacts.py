@@ -100,33 +100,65 @@ async def get_fast(connection: asyncpg.Connection, contact_id: uuid.UUID) -> Row
     return row  # type: ignore[no-any-return]  # asyncpg.Record is a read-only mapping
 
 
-# ---- the upsert in autocommit: one statement for a new contact, two for a changed one --------------------------
+# ---- the upsert in autocommit: one statement -----------------------------------------------------------------
 #
-# On the bare connection without BEGIN/COMMIT: each statement is its own transaction, so the contact, its history
-# rows and its outbox row are written together or not at all. Nothing is locked between the two statements of an
-# update: the second one applies only if the contact is still at the version the changes were computed from.
-# Whenever a statement cannot tell the whole story (a key taken meanwhile, a suppressed address, a moved version),
-# it writes nothing and `fast_upsert` answers None: the caller then runs `upsert`, which locks, decides and explains.
-# History rows travel as one jsonb array of [field, old, new] (a JSON null there is SQL NULL, as history.record
-# stores None); tests/test_fastpath.py checks that both paths write the same rows.
+# On the bare connection without BEGIN/COMMIT, the statement is its own transaction: the contact, its history rows
+# and its outbox row are written together or not at all. It matches by either key; a new contact is inserted, a
+# matched one that the payload changes is updated, the changes computed in SQL from the row it matched: the update
+# applies only if the contact is still at that version when it is written (a concurrent writer moved it: nothing).
+# Whenever the statement cannot tell the whole story (a key taken meanwhile or held by another contact, a suppressed
+# address, a moved version), it writes nothing and `fast_upsert` answers None: the caller then runs `upsert`, which
+# locks, decides and explains. A creation's history rows travel as one jsonb array of [field, old, new]; an update's
+# are built in SQL (to_jsonb of the old and new columns, timestamps written as `datetime.isoformat` writes them, a
+# JSON null there is SQL NULL, as history.record stores None). tests/test_fastpath.py checks that both paths write
+# the same rows.
 
 # What SQLAlchemy's insert adds for the columns a create leaves out (the model's scalar defaults: kind, version, ...);
 # the server's own defaults give the rest.
 _SCALAR_DEFAULTS = {c.name: c.default.arg for c in _ALL if c.default is not None and c.default.is_scalar}
+_FIRST_PARAM = 8  # $1..$7: the keys, the suppression digests, the creation's history, the actor, via
+_WIRE_FIELD = {column: f"address.{name}" for name, column in ADDRESS.items()}
+_TIMESTAMPS = frozenset(c.name for c in _ALL if getattr(c.type, "timezone", False))
 
 
-@functools.lru_cache(maxsize=256)  # one text per column set; a payload sets few of them
-def _fast_create_sql(columns: tuple[str, ...]) -> str:
-    """Match by either key, else insert these columns with the creation's history and outbox rows."""
-    guard = _GUARD.format(kinds="$3", digests="$4") if _ADDRESSES.intersection(columns) else ""
-    names = ", ".join(f'"{name}"' for name in columns)
-    params = ", ".join(f"${i}" for i in range(8, 8 + len(columns)))
+@functools.lru_cache(maxsize=256)  # one text per set of columns given (and of those given as null)
+def _fast_upsert_sql(inserted: tuple[str, ...], given: tuple[str, ...]) -> str:
+    """Match by either key; insert these columns with the creation's history and outbox rows, or apply the given
+    columns to the one matched contact with one history row per changed field and the outbox row.
+
+    Rows out: ('created', the new row), ('matched', each contact holding a key), ('updated', the written row).
+    The given columns always hold a key (ContactUpsert requires one), so none of the lists below is empty.
+    """
+    param = {name: f"${i}" for i, name in enumerate(inserted, start=_FIRST_PARAM)}
+    now = param["updated_at"]
+    value = {name: param.get(name, "NULL") for name in given}  # a column given as null is in `given` only
+    guard = _GUARD.format(kinds="$3", digests="$4") if _ADDRESSES.intersection(inserted) else ""
+    flags = ", ".join(f'm."{c}" AS o_{c}, m."{c}" IS DISTINCT FROM {value[c]} AS d_{c}' for c in given)
+    any_change = " OR ".join(f"d_{c}" for c in given)
+    by_wire = sorted(given, key=lambda c: _WIRE_FIELD.get(c, c))  # history rows in _diff's order
+    entries = ", ".join(
+        f"({n}, '{_WIRE_FIELD.get(c, c)}', ch.d_{c}, {_json('ch.o_' + c, c)}, {_json('u.' + c, c)})"
+        for n, c in enumerate(by_wire))
+    fields = ", ".join(f"CASE WHEN ch.d_{c} THEN '{c}' END" for c in sorted(given))
+    addresses = sorted(_ADDRESSES.intersection(given))
+    changed_address = " OR ".join(f"(s.kind = '{c}' AND t.d_{c})" for c in addresses)
+    suppressed = (f"AND NOT EXISTS ({_SUPPRESSED.format(kinds='$3', digests='$4')} AND ({changed_address}))"
+                  if addresses else "")
+    # The check after the write, for the addresses the update changes (an unchanged one was checked when written).
+    written = " OR ".join(f"(a.kind = '{c}' AND ch.d_{c})" for c in addresses)
+    update_guard = (f"WHERE carnet_refuse_suppressed("  # noqa: S608 (our own names)
+                    f"ARRAY(SELECT a.kind FROM unnest($3::text[], $4::text[]) a(kind, digest) WHERE {written}), "
+                    f"ARRAY(SELECT a.digest FROM unnest($3::text[], $4::text[]) a(kind, digest) WHERE {written}))"
+                    if addresses else "")
+    assignments = ", ".join(f'"{c}" = {value[c]}' for c in given)
+    returned = ", ".join(f'c."{column.name}"' for column in _ALL)
+    names = ", ".join(f'"{name}"' for name in inserted)
     return f"""
 WITH matched AS (
     SELECT {_COLUMN_LIST} FROM contact WHERE external_id = $1 OR email = $2
 ), new AS (
     INSERT INTO contact ({names})
-    SELECT {params}
+    SELECT {", ".join(param.values())}
     WHERE NOT EXISTS (SELECT 1 FROM matched) AND NOT EXISTS ({_SUPPRESSED.format(kinds="$3", digests="$4")})
     ON CONFLICT DO NOTHING
     RETURNING {_COLUMN_LIST}
@@ -138,38 +170,46 @@ WITH matched AS (
 ), announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), new.created_at FROM new
-)
-SELECT true AS created, {_COLUMN_LIST} FROM new {guard}
-UNION ALL
-SELECT false, {_COLUMN_LIST} FROM matched
-"""  # noqa: S608 (names from our own table; every value is a parameter)
-
-
-@functools.lru_cache(maxsize=256)  # one text per column set; a payload sets few of them
-def _fast_update_sql(columns: tuple[str, ...]) -> str:
-    """Update these columns if the contact is still at the version read, with the history and outbox rows."""
-    guard = _GUARD.format(kinds="$4", digests="$5") if _ADDRESSES.intersection(columns) else ""
-    assignments = ", ".join(f'"{name}" = ${i}' for i, name in enumerate(columns, start=12))
-    return f"""
-WITH updated AS (
-    UPDATE contact SET {assignments}, version = version + 1, updated_at = $3
-    WHERE id = $1 AND version = $2 AND NOT EXISTS ({_SUPPRESSED.format(kinds="$4", digests="$5")})
-      AND NOT EXISTS (SELECT 1 FROM contact other WHERE other.id <> $1 AND (other.email = $6 OR other.external_id = $7))
-    RETURNING {_COLUMN_LIST}
-), history AS (
+), target AS (  -- _pick_match: the only holder of either key, by external_id, or by email if its own agrees
+    SELECT m.id, m.version, {flags} FROM matched m
+    WHERE (SELECT count(*) FROM matched) = 1 AND (m.external_id = $1 OR m.external_id IS NULL OR $1 IS NULL)
+), changed AS (
+    SELECT * FROM target t WHERE ({any_change}) {suppressed}
+), updated AS (
+    UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = {now}
+    FROM changed ch WHERE c.id = ch.id AND c.version = ch.version
+    RETURNING {returned}
+), written_history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT updated.id, f.change ->> 0, NULLIF(f.change -> 1, 'null'), NULLIF(f.change -> 2, 'null'), $9, $10, $3
-    FROM updated, jsonb_array_elements($8::jsonb) WITH ORDINALITY AS f(change, n)
+    SELECT u.id, f.field, f.old, f.new, $6, $7, {now}
+    FROM updated u JOIN changed ch ON ch.id = u.id
+    CROSS JOIN LATERAL (VALUES {entries}) AS f(n, field, changed, old, new)
+    WHERE f.changed
     ORDER BY f.n
-), announced AS (
+), written_announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
-    SELECT 'contact.updated', updated.id, jsonb_build_object('contact_id', updated.id, 'fields', $11::jsonb), $3
-    FROM updated
+    SELECT 'contact.updated', u.id, jsonb_build_object('contact_id', u.id, 'fields',
+           to_jsonb(array_remove(ARRAY[{fields}]::text[], NULL))), {now}
+    FROM updated u JOIN changed ch ON ch.id = u.id
 )
-SELECT {_COLUMN_LIST} FROM updated {guard}
+SELECT 'created' AS outcome, {_COLUMN_LIST} FROM new {guard}
+UNION ALL
+SELECT 'matched', {_COLUMN_LIST} FROM matched
+UNION ALL
+SELECT 'updated', u.* FROM updated u JOIN changed ch ON ch.id = u.id {update_guard}
 """  # noqa: S608 (names from our own table; every value is a parameter)
 
 
+def _json(expression: str, column: str) -> str:
+    """A column's value as history stores it (history.jsonable): timestamps as `datetime.isoformat` writes them."""
+    if column not in _TIMESTAMPS:
+        return f"to_jsonb({expression})"
+    utc = f"({expression} AT TIME ZONE 'UTC')"
+    return (f"to_jsonb(to_char({utc}, {_ISO_SECONDS}) || CASE WHEN date_trunc('second', {expression}) "
+            f"= {expression} THEN '' ELSE to_char({utc}, '.US') END || '+00:00')")
+
+
+_ISO_SECONDS = """'YYYY-MM-DD"T"HH24:MI:SS'"""
 _SUPPRESSED = """SELECT 1 FROM suppression s WHERE s.released_at IS NULL
     AND (s.kind, s.digest) IN (SELECT * FROM unnest({kinds}::text[], {digests}::text[]))"""
 # The check after the write (see the module docstring), inside the statement: the row is written before this filter
@@ -181,7 +221,7 @@ _ADDRESSES = frozenset({"email", "phone"})
 async def fast_upsert(
     connection: asyncpg.Connection, payload: ContactUpsert, *, actor: Principal, via: str = "api"
 ) -> Upserted | None:
-    """`upsert` in one round trip for a new contact and two for a changed one; None: run `upsert` instead.
+    """`upsert` in one round trip; None: run `upsert` instead.
 
     Only for payloads without attributes or tags (those need definitions and the tag catalogue). None is
     answered only when nothing was written.
@@ -193,45 +233,23 @@ async def fast_upsert(
     suppressed = suppressions.digests(email=values.get("email"), phone=values.get("phone"))
     try:
         rows = await connection.fetch(
-            _fast_create_sql(tuple(values)), payload.external_id, payload.email, list(suppressed),
-            list(suppressed.values()), _history_json(_diff({}, _as_stored(values))), actor.subject, via,
+            _fast_upsert_sql(tuple(values), tuple(columns)), payload.external_id, payload.email, list(suppressed),
+            list(suppressed.values()), _history_json(_new_fields(_as_stored(values))), actor.subject, via,
             *values.values(),
         )
+    except asyncpg.UniqueViolationError:  # a key taken by another writer after the statement's snapshot
+        return None
     except asyncpg.PostgresError as exc:
         if exc.sqlstate != suppressions.SUPPRESSED_SQLSTATE:
             raise
         return None  # erased meanwhile: nothing was written, the transactional path explains
-    if rows and rows[0]["created"]:
-        return Upserted(rows[0], created=True)
+    outcome = {row["outcome"]: row for row in rows}
+    if "created" in outcome or "updated" in outcome:
+        return Upserted(outcome.get("created") or outcome["updated"], created="created" in outcome)
     current = _pick_match(rows, payload.external_id, payload.email)
-    if current is None:  # a key taken since this statement's snapshot, or a suppressed address
+    if current is None or _column_changes(current, columns):  # a key taken meanwhile, or the update did not apply
         return None
-    changes = _column_changes(current, columns)
-    if not changes:
-        return Upserted(current, created=False)
-    row = await _fast_write(connection, current, changes, actor=actor, via=via)
-    return None if row is None else Upserted(row, created=False)
-
-
-async def _fast_write(
-    connection: asyncpg.Connection, current: Row, changes: dict[str, Any], *, actor: Principal, via: str
-) -> Row | None:
-    """`_write` as one statement; None when it wrote nothing (moved version, suppressed address, key held)."""
-    suppressed = suppressions.digests(email=changes.get("email"), phone=changes.get("phone"))
-    try:
-        return await connection.fetchrow(  # type: ignore[no-any-return]  # asyncpg.Record is a read-only mapping
-            _fast_update_sql(tuple(changes)),
-            current["id"], current["version"], utc_now(), list(suppressed), list(suppressed.values()),
-            changes.get("email"), changes.get("external_id"),
-            _history_json(_diff(current, {**current, **_as_stored(changes)})), actor.subject, via,
-            to_json(sorted(changes)).decode(), *changes.values(),
-        )
-    except asyncpg.UniqueViolationError:  # a key taken after the holder check: nothing was written
-        return None
-    except asyncpg.PostgresError as exc:
-        if exc.sqlstate != suppressions.SUPPRESSED_SQLSTATE:
-            raise
-        return None  # the address was erased meanwhile: nothing was written
+    return Upserted(current, created=False)
 
 
 def _as_stored(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -578,7 +596,7 @@ async def _created(session: AsyncSession, row: Row, *, actor: Principal, via: st
     An erased person's address refuses the creation (checked after the insert: module docstring).
     """
     await _refuse_suppressed(session, email=row["email"], phone=row["phone"])
-    await history.record(session, row["id"], _diff({}, row), actor=actor, via=via)
+    await history.record(session, row["id"], _new_fields(row), actor=actor, via=via)
     await outbox.add(session, "contact.created", contact_id=row["id"], payload={"contact_id": str(row["id"])})
 
 
@@ -667,6 +685,11 @@ def _wire_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     out.update({f"attributes.{k}": v for k, v in (row.get("attributes") or {}).items()})
     out["tags"] = list(row.get("tags") or []) or None
     return out
+
+
+def _new_fields(row: Mapping[str, Any]) -> Sequence[history.Change]:
+    """`_diff({}, row)`, the history of a creation, in half the time (every field set, in the same order)."""
+    return [(k, None, v) for k, v in sorted(_wire_fields(row).items()) if v is not None]
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Sequence[history.Change]:

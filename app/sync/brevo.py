@@ -131,18 +131,8 @@ class BrevoAdapter:
         profile writes, 160 s at 10/s) would outlive its lease and be retried whole forever: the worker hands
         back the rest.
         """
-        capacity = seconds / self._limiter.interval
-        erased = 0
-        for erasure in erasures:
-            if capacity < len(erasure.refs) and erased:
-                break
-            capacity -= len(erasure.refs)   # the first one always goes, however many records it has
-            erased += 1
-        for kept, state in enumerate(states):
-            capacity -= _requests(state)
-            if capacity < 0:
-                return erased, max(kept, 1 if not erased else 0)
-        return erased, len(states)
+        return net.fit(seconds / self._limiter.interval, (len(e.refs) for e in erasures),
+                       (_requests(s) for s in states))
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         """Brevo has no archive: a merged-away contact is deleted like an erased one (nothing stays retired)."""

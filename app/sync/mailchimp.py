@@ -18,7 +18,9 @@ Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every m
 person's hashes (404: done); a contact merged away under another address is archived instead
 (`DELETE /lists/{list}/members/{hash}`) and reported as retired, so the person's erasure deletes it for good.
 
-At most `max_connections` (10) requests in flight per account in this process (a semaphore per key).
+At most `max_connections` (10) requests in flight per account in this process (a semaphore per key). A batch
+is cut to what those connections can send within its part of the lease (`affordable`), at the mean request time
+this process measures for the account (net.CallTimes); the worker hands the rest back untried.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +41,16 @@ from app.logging import get_logger
 from app.sync import ids, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, Outcome, RetryLater
 from app.sync.ids import subscriber_hash
-from app.sync.mailchimp_commerce import MailchimpStore, forget, push_commerce
+from app.sync.mailchimp_commerce import MailchimpStore, forget, push_commerce, requests_of
 
 __all__ = ["BATCH_MAX", "MailchimpAdapter", "MailchimpConfig", "api_base_url", "subscriber_hash"]
 
 BATCH_MAX = 500
 _NOT_A_HASH = "Mailchimp delete: the stored reference is not a subscriber hash"
 _INLINE_RETRY_MAX_WAIT = 5.0
+# A request's time before this process has measured any for the account (Mailchimp answers in 0.1 to 0.5 s; too
+# long only makes the first batches short).
+CALL_SECONDS_PRIOR = 0.3
 
 log = get_logger(__name__)
 
@@ -83,6 +90,7 @@ class MailchimpAdapter:
         self._base = (config.base_url or api_base_url(config.api_key)).rstrip("/")
         self._account = hashlib.sha256(config.api_key.encode()).hexdigest()[:16]
         self._auth = httpx.BasicAuth("carnet", config.api_key)
+        self._times = net.call_times("mailchimp", self._account, CALL_SECONDS_PRIOR)
 
     # -- Adapter ------------------------------------------------------------------------------------
     async def push(self, states: Sequence[ContactState]) -> list[Outcome]:
@@ -128,6 +136,38 @@ class MailchimpAdapter:
                          commerce=s.commerce.records if s.commerce else ())
             for s in states
         ]
+
+    def affordable(
+        self, states: Sequence[ContactState], erasures: Sequence[Erasure], seconds: float
+    ) -> tuple[int, int]:
+        """How many erasures, then states (in order), fit in `seconds` on this process's share of the account's
+        connections, each request holding one for the mean time measured here (from a prior until measured).
+
+        Mailchimp caps connections, not a rate. Six lanes of 1,500 orders share 10 connections: 90 s a batch at
+        0.1 s an answer even at full use, past the lease's budget, so batches timed out and went back whole
+        (docs/performance.md, issue 20). The worker hands back what does not fit, untried.
+        """
+        capacity = seconds * net.connection_share(self.config.max_connections) / self._times.mean
+        explicit = Counter(w.list_id for s in states for w in _writes(s) if w.explicit)
+        batched = {list_id for list_id, n in explicit.items() if n >= self.config.batch_threshold}
+        products: set[str] = set()
+        lists = len(self.config.list_ids)
+        return net.fit(capacity,
+                       (len(e.refs) * lists + (len(e.commerce) if not e.archive else 0) for e in erasures),
+                       (self._requests(s, batched, products) for s in states))
+
+    def _requests(self, state: ContactState, batched: set[str], products: set[str]) -> float:
+        """What one state costs in requests (batch subscribe calls shared by BATCH_MAX members, each product
+        counted once a batch: `products` holds the skus counted so far)."""
+        moves = len(dict.fromkeys((*self.config.list_ids, *state.lists))) if _former_hash(state) else 0
+        writes = 0.0
+        for write in _writes(state):
+            if write.explicit and write.list_id in batched:
+                writes += 1 / BATCH_MAX
+            elif write.explicit or state.profile_changed or state.remote_ref is None:
+                writes += 1
+            writes += 1 if _tag_changes(write) else 0
+        return moves + writes + requests_of(self.config.store, state, products)
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         errors: dict[uuid.UUID, str] = {}
@@ -221,8 +261,10 @@ class MailchimpAdapter:
         gate = net.semaphore("mailchimp", self._account, self.config.max_connections)
         for attempt in range(3):
             async with gate:
+                started = time.monotonic()
                 response = await net.call(self.client, method, self._base + path, auth=self._auth,
                                           deadline=self.config.deadline_seconds, **kwargs)
+                self._times.record(time.monotonic() - started)
             status = response.status_code
             if status == 429:
                 wait = net.retry_after(response.headers, default=self.config.retry_after_default)

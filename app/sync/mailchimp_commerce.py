@@ -27,7 +27,7 @@ from app.sync.base import ContactState, Erasure
 from app.sync.commerce import CartPush, EventPush, Line, OrderPush, Product, amount, products_of
 from app.sync.ids import subscriber_hash
 
-__all__ = ["MailchimpStore", "forget", "push_commerce"]
+__all__ = ["MailchimpStore", "forget", "push_commerce", "requests_of"]
 
 Request = Callable[..., Awaitable[httpx.Response]]
 Reason = Callable[[str, httpx.Response], str]
@@ -93,6 +93,24 @@ async def push_commerce(request: Request, reason: Reason, account: str, store: M
                 return
 
     await net.run_all(sequence(s) for s in owing)
+
+
+def requests_of(store: MailchimpStore | None, state: ContactState, products: set[str]) -> float:
+    """The requests `push_commerce` makes for this state: its products not in `products` (counted already by the
+    batch; added to it), a new one 1 and a known one 2 (title, then variant), the customer unless it rides in a new
+    first order, 1 per order and cart, and each event once per audience the person is subscribed to."""
+    commerce = state.commerce
+    if commerce is None:
+        return 0
+    audiences = 0 if state.marketing_blocked else sum(1 for status in state.lists.values() if status == "subscribed")
+    cost = len(commerce.events) * audiences
+    if store is None:
+        return cost
+    new = [p for p in commerce.products if p.sku not in products]
+    products.update(p.sku for p in new)
+    inline = commerce.customer is not None and bool(commerce.orders) and not commerce.orders[0].known
+    customer = 1 if commerce.customer is not None and not inline else 0
+    return cost + sum(2 if p.known else 1 for p in new) + customer + len(commerce.orders) + len(commerce.carts)
 
 
 async def forget(request: Request, reason: Reason, store: MailchimpStore | None, erasure: Erasure) -> str | None:

@@ -43,13 +43,17 @@ from app.sync.base import DeliveryFailed, RetryLater
 
 __all__ = [
     "BlockedAddress",
+    "CallTimes",
     "GuardedBackend",
     "RateLimiter",
     "Resolver",
     "address_refusal",
     "build_client",
     "call",
+    "call_times",
     "check_url",
+    "connection_share",
+    "fit",
     "json_body",
     "rate_limiter",
     "retry_after",
@@ -385,6 +389,52 @@ class Gate:
                 place.set_result(None)
 
 
+class CallTimes:
+    """The mean time one request holds a connection to a vendor account in this process (an exponential moving
+    average over the last ~1/`weight` requests), starting from `prior` until requests are measured.
+
+    A connection-capped vendor (Mailchimp) answers `connections / mean` requests per second at best; the mean
+    includes whatever the event loop adds while the request holds its place, so a busy worker is measured slower.
+    A short memory: after a slow spell (batches cut small, few samples each) the pace comes back within a few
+    batches.
+    """
+
+    def __init__(self, prior: float, weight: float = 0.05) -> None:
+        self.mean = prior
+        self._weight = weight
+
+    def record(self, seconds: float) -> None:
+        self.mean += self._weight * (seconds - self.mean)
+
+
+_call_times: dict[tuple[str, str], CallTimes] = {}
+
+
+def call_times(vendor: str, account: str, prior: float) -> CallTimes:
+    """This process's measure of one vendor account's request times (per account, like its limits)."""
+    return _call_times.get((vendor, account)) or _call_times.setdefault((vendor, account), CallTimes(prior))
+
+
+def fit(capacity: float, erasures: Iterable[float], states: Iterable[float]) -> tuple[int, int]:
+    """How many erasures, then states (in order), fit in `capacity` requests, from each one's cost in requests.
+
+    The first erasure always goes, however many requests it takes; so does the first state when no erasure went
+    (a batch always makes progress). For an adapter's `affordable`: the worker hands the rest back untried."""
+    erased = 0
+    for cost in erasures:
+        if capacity < cost and erased:
+            break
+        capacity -= cost
+        erased += 1
+    kept = 0
+    for cost in states:
+        capacity -= cost
+        if capacity < 0:
+            return erased, max(kept, 1 if not erased else 0)
+        kept += 1
+    return erased, kept
+
+
 # How many worker processes share each vendor account's limits right now (the worker's heartbeat sets it):
 # each process keeps 1/share of the rate and of the connections, so together they stay within the limit.
 _share = 1
@@ -410,11 +460,16 @@ def rate_limiter(vendor: str, account: str, rate: float) -> RateLimiter:
     return limiter
 
 
+def connection_share(size: int) -> int:
+    """This process's part of an account's `size` concurrent connections."""
+    return max(1, size // _share)
+
+
 def semaphore(vendor: str, account: str, size: int) -> Gate:
     """This process's cap on concurrent requests to one vendor account (per event loop)."""
     per_loop = _gates.setdefault(asyncio.get_running_loop(), {})
     gate = per_loop.get((vendor, account)) or per_loop.setdefault((vendor, account), Gate(size))
-    gate.size = max(1, size // _share)
+    gate.size = connection_share(size)
     return gate
 
 

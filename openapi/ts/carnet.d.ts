@@ -4892,7 +4892,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The cart was converted by an order */
+            /** @description The cart was converted by an order; A contact already holds this email or external_id; This person was erased and may not be added again */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -7161,6 +7161,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description A contact already holds this email or external_id; This person was erased and may not be added again */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body's Content-Type is not one this route reads */
             415: {
                 headers: {
@@ -8521,6 +8530,15 @@ export interface operations {
             };
             /** @description The token lacks a required scope */
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A contact already holds this email or external_id; This person was erased and may not be added again */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -369,6 +369,15 @@ class TestFreeFormProperties:
             response = await client.post("/v1/events", **raw_json({**event, "properties": properties}))
             assert_problem(response, 422, "properties")
 
+    async def test_the_text_backslash_x00_is_not_a_nul(self, client: httpx.AsyncClient) -> None:
+        # a repr-based NUL check once refused it: `\\x00` as four characters is ordinary text
+        contact = await make_contact(client)
+        event = {"contact": {"id": contact["id"]}, "type": "call", "occurred_at": "2026-11-02T09:00:00Z",
+                 "properties": {"path": "C:\\x00dir", "\\x00": "\\x00"}}
+        response = await client.post("/v1/events", json=event, headers=INTEGRATION)
+        assert response.status_code == 201, response.text
+        assert response.json()["properties"] == event["properties"]
+
     async def test_viewer_sees_properties_masked(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)
         properties = {"email": "claire.martin@example.com", "items": [{"sku": "A1", "qty": 2}], "paid": True,

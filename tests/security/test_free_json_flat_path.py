@@ -27,6 +27,14 @@ def test_a_flat_object_gets_the_walks_answer(value: dict[str, Any], text: bool) 
     assert json_problem(value, text=text) == _walked(value, text=text)
 
 
+@given(value=st.dictionaries(_TEXT, st.one_of(_SCALAR, st.lists(_SCALAR, max_size=3),
+                                              st.dictionaries(_TEXT, _SCALAR, max_size=3)), max_size=8),
+       text=st.booleans())
+def test_an_object_with_nested_members_gets_the_walks_answer(value: dict[str, Any], text: bool) -> None:
+    # the fast path gives up at its first object or array member, wherever it is: the walk answers for all of it
+    assert json_problem(value, text=text) == _walked(value, text=text)
+
+
 @given(size=st.integers(min_value=0, max_value=6), limit=st.integers(min_value=1, max_value=8))
 def test_the_value_count_bound_holds_on_the_flat_path(size: int, limit: int) -> None:
     value = {f"k{i}": i for i in range(size)}

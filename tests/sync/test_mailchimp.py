@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -13,7 +15,16 @@ import pytest_asyncio
 
 from app.sync import mailchimp_commerce, net
 from app.sync.base import ContactState, DeliveryFailed, Erasure, RetryLater
-from app.sync.mailchimp import BATCH_MAX, MailchimpAdapter, MailchimpConfig, _reason, api_base_url, subscriber_hash
+from app.sync.commerce import CommerceState, Line, OrderPush, Product, Record
+from app.sync.mailchimp import (
+    BATCH_MAX,
+    CALL_SECONDS_PRIOR,
+    MailchimpAdapter,
+    MailchimpConfig,
+    _reason,
+    api_base_url,
+    subscriber_hash,
+)
 from app.sync.mailchimp_commerce import MailchimpStore
 from tests.fakes.mailchimp import FakeMailchimp, Member
 from tests.fakes.server import LiveServer
@@ -270,6 +281,62 @@ class TestConnections:
             answers = await _gather([raw.get(f"/lists/list1/members/{i:032x}") for i in range(12)])
         assert sorted(a.status_code for a in answers).count(429) == 2 and fake.over_limit == 2
         assert answers[0].headers["content-type"] == "application/problem+json"
+
+
+def _order_state(i: int, *, catalogue: int = 30, products_known: bool = False) -> ContactState:
+    """A known member with one new paid order of 3 lines (skus i, i+1, i+2 of the catalogue): its customer rides in
+    the order, so 1 request plus its products not counted yet."""
+    contact_id, now = uuid.uuid4(), dt.datetime.now(dt.UTC)
+    skus = [f"SKU-{(i + k) % catalogue}" for k in range(3)]
+    order = OrderPush(f"O-{i}", "paid", "EUR", Decimal(30), now, now,
+                      tuple(Line(sku, 1, Decimal(10)) for sku in skus), known=False)
+    commerce = CommerceState(
+        may_market=True, orders=(order,), customer=Record("customer", str(contact_id), contact_id, "d"),
+        products=tuple(Product(sku, sku, None, Decimal(10), known=products_known) for sku in skus))
+    return state(f"o{i}@example.com", contact_id=contact_id, remote_ref=subscriber_hash(f"o{i}@example.com"),
+                 profile_changed=False, status_changed=frozenset(), commerce=commerce)
+
+
+class TestAffordable:
+    """What this process's share of the account's 10 connections sends within a lease's part (the worker hands the
+    rest back untried), at the request time measured for the account."""
+
+    def test_requests_per_state_at_a_known_call_time(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                     client: httpx.AsyncClient) -> None:
+        sync = adapter(mailchimp, client, store=MailchimpStore("s1", "list1", "EUR"))
+        sync._times.mean = 0.1                    # 10 connections: 100 requests a second, 1,000 in 10 s
+        orders = [_order_state(i) for i in range(1500)]
+        assert sync.affordable(orders, [], 10.0) == (0, 970)       # 1 a new order, the 30 products once each
+        known = [_order_state(i, products_known=True) for i in range(1500)]
+        assert sync.affordable(known, [], 10.0) == (0, 940)        # a known product: title, then variant
+        subscribes = [state(f"s{i}@example.com") for i in range(1500)]     # explicit changes: 3 batch calls
+        unchanged = [state(f"u{i}@example.com", remote_ref="x", profile_changed=False, status_changed=frozenset())
+                     for i in range(1500)]
+        profiles = [state(f"p{i}@example.com", remote_ref="x", status_changed=frozenset()) for i in range(1500)]
+        assert sync.affordable(subscribes, [], 10.0) == (0, 1500)
+        assert sync.affordable(unchanged, [], 10.0) == (0, 1500)
+        assert sync.affordable(profiles, [], 10.0) == (0, 1000)    # one upsert each
+        # Per record, every mapped audience (2), plus the customer at the store.
+        erasures = [Erasure(uuid.uuid4(), "0" * 32, commerce=(("customer", "c"),)) for _ in range(400)]
+        assert sync.affordable(profiles, erasures, 10.0) == (333, 1)
+        assert sync.affordable(orders[:1], [], 0.001) == (0, 1)    # always progress
+
+    async def test_the_call_time_is_measured_per_account(self, mailchimp: tuple[FakeMailchimp, LiveServer],
+                                                         client: httpx.AsyncClient) -> None:
+        fake, _ = mailchimp
+        sync = adapter(mailchimp, client, batch_threshold=10**6)
+        states = [state(f"c{i}@example.com") for i in range(1500)]
+        assert sync._times.mean == CALL_SECONDS_PRIOR              # a new account: the prior
+        assert sync.affordable(states, [], 3.0) == (0, 100)        # 3 s x 10 connections / 0.3 s
+        fake.delay = 0.5                                           # slower than the prior: every sample >= 0.5 s
+        await sync.push(states[:20])
+        slower = sync._times.mean
+        assert slower > 0.42                                       # 1 - 0.95^20 of the way from 0.3 to >= 0.5
+        assert sync.affordable(states, [], 3.0) == (0, int(3.0 * 10 / slower))
+        again = adapter(mailchimp, client)                         # another destination of the same account
+        assert again._times.mean == slower
+        other = MailchimpAdapter(MailchimpConfig(api_key=f"{uuid.uuid4().hex}-us6", base_url="http://x"), client)
+        assert other._times.mean == CALL_SECONDS_PRIOR
 
 
 class TestFailures:
