@@ -30,7 +30,6 @@ import hashlib
 import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,21 +105,11 @@ class MailchimpAdapter:
 
         # A record that could not be moved is not written under the new address (that would make a second one).
         writes = [w for state in states if state.contact_id not in errors for w in _writes(state)]
-        batched: dict[str, list[_Write]] = {}
-        singles: list[_Write] = []
-        for write in writes:
-            if write.explicit:
-                batched.setdefault(write.list_id, []).append(write)
-            else:
-                singles.append(write)
-        for list_id, group in list(batched.items()):
-            if len(group) < self.config.batch_threshold:
-                singles += batched.pop(list_id)
+        batched, singles = self._grouped(writes)
         await net.run_all([
             *(self._batch(list_id, group[i:i + BATCH_MAX], fail)
               for list_id, group in batched.items() for i in range(0, len(group), BATCH_MAX)),
-            *(self._put(write, fail) for write in singles
-              if write.explicit or write.state.profile_changed or write.state.remote_ref is None),
+            *(self._put(write, fail) for write in singles if _needs_put(write)),
         ])
         await net.run_all(self._tags(write, tags, fail) for write in writes
                           if write.state.contact_id not in errors and (tags := _tag_changes(write)))
@@ -148,26 +137,42 @@ class MailchimpAdapter:
         (docs/performance.md, issue 20). The worker hands back what does not fit, untried.
         """
         capacity = seconds * net.connection_share(self.config.max_connections) / self._times.mean
-        explicit = Counter(w.list_id for s in states for w in _writes(s) if w.explicit)
-        batched = {list_id for list_id, n in explicit.items() if n >= self.config.batch_threshold}
+        writes = [_writes(s) for s in states]
+        batched, _ = self._grouped([w for of_state in writes for w in of_state])  # as `push` will group them
         products: set[str] = set()
         lists = len(self.config.list_ids)
         return net.fit(capacity,
                        (len(e.refs) * lists + (len(e.commerce) if not e.archive else 0) for e in erasures),
-                       (self._requests(s, batched, products) for s in states))
+                       (self._requests(s, w, batched, products) for s, w in zip(states, writes, strict=True)))
 
-    def _requests(self, state: ContactState, batched: set[str], products: set[str]) -> float:
+    def _requests(self, state: ContactState, writes: list[_Write], batched: Mapping[str, object],
+                  products: set[str]) -> float:
         """What one state costs in requests (batch subscribe calls shared by BATCH_MAX members, each product
         counted once a batch: `products` holds the skus counted so far)."""
         moves = len(dict.fromkeys((*self.config.list_ids, *state.lists))) if _former_hash(state) else 0
-        writes = 0.0
-        for write in _writes(state):
+        calls = 0.0
+        for write in writes:
             if write.explicit and write.list_id in batched:
-                writes += 1 / BATCH_MAX
-            elif write.explicit or state.profile_changed or state.remote_ref is None:
-                writes += 1
-            writes += 1 if _tag_changes(write) else 0
-        return moves + writes + requests_of(self.config.store, state, products)
+                calls += 1 / BATCH_MAX
+            elif _needs_put(write):
+                calls += 1
+            calls += 1 if _tag_changes(write) else 0
+        return moves + calls + requests_of(self.config.store, state, products)
+
+    def _grouped(self, writes: list[_Write]) -> tuple[dict[str, list[_Write]], list[_Write]]:
+        """The writes sent in batch calls, by list (a list's explicit status changes, when there are
+        `batch_threshold` of them), and the others, sent one by one."""
+        batched: dict[str, list[_Write]] = {}
+        singles: list[_Write] = []
+        for write in writes:
+            if write.explicit:
+                batched.setdefault(write.list_id, []).append(write)
+            else:
+                singles.append(write)
+        for list_id, group in list(batched.items()):
+            if len(group) < self.config.batch_threshold:
+                singles += batched.pop(list_id)
+        return batched, singles
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
         errors: dict[uuid.UUID, str] = {}
@@ -297,6 +302,11 @@ def _writes(state: ContactState) -> list[_Write]:
         explicit = state.status_changed is None or list_id in state.status_changed or state.marketing_blocked
         out.append(_Write(state, list_id, wanted, explicit))
     return out
+
+
+def _needs_put(write: _Write) -> bool:
+    """A member written one by one is sent when its status is news, its profile changed, or it is not there yet."""
+    return write.explicit or write.state.profile_changed or write.state.remote_ref is None
 
 
 def _tag_changes(write: _Write) -> list[dict[str, str]]:
