@@ -34,14 +34,22 @@ def _headline(doc: str) -> str:
     return first if len(first) <= 100 else first[:99] + "…"
 
 
-def _not_a_partition(name: str | None, type_: str, parent_names: object) -> bool:
-    """The monthly partitions of `event` are made by the worker (app.services.event_partitions), not by models."""
-    return not (type_ == "table" and name is not None and PARTITION_NAME.fullmatch(name))
+# Columns and indexes that exist only in the database (migration 0028): the duplicate finder's stored keys.
+_DATABASE_ONLY = {("column", "name_key"), ("column", "email_key"),
+                  ("index", "ix_contact_name_key"), ("index", "ix_contact_email_key")}
+
+
+def _compared(name: str | None, type_: str, parent_names: object) -> bool:
+    """What `alembic check` compares with the models: not the monthly partitions of `event` (made by the worker,
+    app.services.event_partitions), nor the database-only keys of `contact`."""
+    if type_ == "table" and name is not None and PARTITION_NAME.fullmatch(name):
+        return False
+    return (type_, name) not in _DATABASE_ONLY
 
 
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=metadata, compare_type=True,
-                      compare_server_default=False, on_version_apply=_record, include_name=_not_a_partition)
+                      compare_server_default=False, on_version_apply=_record, include_name=_compared)
     with context.begin_transaction():
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()

@@ -158,7 +158,7 @@ def segment_count(filter_: dict[str, Any]) -> Query:
 def duplicate_page(reason: duplicates.Reason) -> Query:
     async def run(session: AsyncSession) -> Any:
         return await duplicates.candidates_page(session, reasons=[reason], limit=50, cursor=None, codec=CODEC)
-    run.marker = "CROSS JOIN LATERAL"  # type: ignore[attr-defined]  # the pairs, not the contacts read after them
+    run.marker = duplicates.KEYS_MARKER  # type: ignore[attr-defined]  # the keys, not the contacts read after them
     return run
 
 

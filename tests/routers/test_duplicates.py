@@ -84,6 +84,30 @@ class TestPages:
         paged = [{c["id"] for c in p["contacts"]} for p in first["data"] + rest["data"]]
         assert paged == [p for p, _r in everything] and len(everything) == 3
 
+    async def test_pages_of_one_cover_every_rule_and_key_once(self, client: httpx.AsyncClient) -> None:
+        """Pages stop inside a key, between keys and between rules; a pair two rules match is listed once."""
+        for _ in range(4):  # one phone held by four contacts: six pairs, resumed inside the key
+            await make_contact(client, phone="0644444444")
+        await make_contact(client, phone="0655555555", email="anne.roux@gmail.com")
+        await make_contact(client, phone="0655555555", email="anneroux@gmail.com")  # email AND phone
+        await make_contact(client, first_name="Léa", last_name="Petit", address={"postal_code": "13001"})
+        await make_contact(client, first_name="Lea", last_name="PETIT", address={"postal_code": "13 001"})
+        everything = await pairs(client, limit=1000)
+        assert len(everything) == 6 + 1 + 1
+        assert [r for p, r in everything if len(r) == 2] == [["email", "phone"]]
+        paged: Pairs = []
+        cursor = None
+        for _ in range(20):
+            params: dict[str, Any] = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+            body = (await client.get(URL, params=params, headers=ADMIN)).json()
+            paged += [({c["id"] for c in p["contacts"]}, p["reasons"]) for p in body["data"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert paged == everything
+        by_phone = await pairs(client, reason="phone", limit=1000)
+        assert len(by_phone) == 7 and all(r == ["phone"] for _p, r in by_phone)
+
     async def test_bad_cursor_limit_and_reason_are_422(self, client: httpx.AsyncClient) -> None:
         await make_contact(client, phone="0611111111")
         await make_contact(client, phone="0611111111")
