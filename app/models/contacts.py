@@ -45,8 +45,11 @@ class Contact(SQLModel, table=True):
         Index("ix_contact_postal_code", "postal_code", postgresql_where=text("postal_code IS NOT NULL")),
         Index("ix_contact_country", "country", postgresql_where=text("country IS NOT NULL")),
         Index("ix_contact_phone", "phone", postgresql_where=text("phone IS NOT NULL")),
-        Index("ix_contact_kind", "kind", postgresql_where=text("kind <> 'prospect'")),
-        Index("ix_contact_lifecycle_stage", "lifecycle_stage", postgresql_where=text("lifecycle_stage <> 'prospect'")),
+        # With the default order's columns: a shop that imported prospects after its customers has its newest
+        # rows all prospects, and `?kind=customer` walked them all down the created_at index (migration 0028).
+        Index("ix_contact_kind", "kind", "created_at", "id", postgresql_where=text("kind <> 'prospect'")),
+        Index("ix_contact_lifecycle_stage", "lifecycle_stage", "created_at", "id",
+              postgresql_where=text("lifecycle_stage <> 'prospect'")),
         Index("ix_contact_tags", "tags", postgresql_using="gin", postgresql_where=text("cardinality(tags) > 0")),
     )
 
