@@ -319,6 +319,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
             by_sort = segments._Statement.of(compiled.counting(), compiled.clock)  # the only form before s19
             async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
                 hashed = await segments._hashes_better(connection, by_sort, datetime.now(UTC))  # as count_stored
+                estimate = await segments._sort_estimate(connection, by_sort, datetime.now(UTC))
             statement = segments._Statement.of(compiled.counting(hashed), compiled.clock)
 
             def sql_of(statement: Any) -> Callable[[], Awaitable[int]]:  # a compiled SQL alone, no `within`
@@ -328,6 +329,9 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 return run
 
             carnet_sql, carnet_sql_by_sort = sql_of(statement), sql_of(by_sort)
+            async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
+                rows = await connection.fetchval("SELECT count(*) FROM event WHERE type = $1 AND occurred_at >= $2",
+                                                 type_, datetime.now(UTC) - timedelta(days=30))
             variants = {name: await _p50(hand_of(query), 3) for name, query in HAND.items()}
             best = min(variants, key=lambda k: variants[k][0])
             hand = hand_of(HAND[best])
@@ -347,6 +351,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
                           "hand_variants_p50_ms": {k: round(v[0], 2) for k, v in variants.items()},
                           "hand_best": best, "hand_sql": HAND[best], "carnet_sql": statement.sql,
                           "carnet_form": "hash" if hashed else "sort",
+                          "estimated_rows_work_mem": estimate, "rows_in_window": rows,
                           "carnet_endpoint_form": "hash" if segments._cached_counts[segment_id].hashed else "sort",
                           "carnet_p50_ms": round(p50["carnet"], 2), "carnet_sql_p50_ms": round(p50["carnet_sql"], 2),
                           "carnet_sql_by_sort_p50_ms": round(p50["carnet_sql_by_sort"], 2),

@@ -881,7 +881,7 @@ class _Statement:
 # `count(DISTINCT contact_id)` sorts the matching rows' contact ids: the cheapest way while they fit in
 # `work_mem` (a sort of bare values), but past that the sort spills to disk. The DISTINCT subquery lets PostgreSQL
 # hash the contacts instead (one entry per contact, not per row), which is then the faster form. Measured on the
-# bench's events (docs/performance.md, "Events", "The common type's count: sort or hash"): with `work_mem` at
+# bench's events (docs/performance.md, "Events", "The count by a sort or by a hash"): with `work_mem` at
 # 4 MB the sort won up to ~25,000 matching rows (1.04-1.46x faster), the hash from ~130,000 (0.56-0.70x).
 # Which side a count is on is the planner's own estimate of the matching rows (`EXPLAIN` of the count: from the
 # statistics of the partitions in the window, for the values and the cutoff of this count), read when the
@@ -896,15 +896,22 @@ _KB = {None: 1, "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
 
 async def _hashes_better(connection: asyncpg.Connection, sorted_count: _Statement, now: datetime) -> bool:
     """Whether the rows `sorted_count` (a lone activity's `count(DISTINCT)`) would sort now are, by the
-    planner's estimate, more than `work_mem` holds: then the hashed form is faster. Planning only (no row is
-    read), on the count's own connection and under its statement timeout."""
+    planner's estimate, more than `work_mem` holds: then the hashed form is faster."""
+    rows, work_mem = await _sort_estimate(connection, sorted_count, now)
+    return rows * SORTED_ROW_BYTES > work_mem
+
+
+async def _sort_estimate(connection: asyncpg.Connection, sorted_count: _Statement, now: datetime
+                         ) -> tuple[float, int]:
+    """The rows `sorted_count` would sort now (the planner's estimate), and `work_mem` in bytes. Planning only
+    (no row is read), on the count's own connection and under its statement timeout."""
     explained = await connection.fetchval(f"EXPLAIN (FORMAT JSON, SETTINGS) {sorted_count.sql}",
                                           *sorted_count.arguments(now))
     plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]  # the app's codec decodes json
-    rows = float(plan["Plan"]["Plans"][0]["Plan Rows"])  # what the Aggregate takes in: the rows it sorts
+    aggregate = plan["Plan"]
+    rows = float(aggregate.get("Plans", [aggregate])[0]["Plan Rows"])  # what the Aggregate takes in and sorts
     work_mem = _MEMORY.fullmatch(str(plan.get("Settings", {}).get("work_mem", "")).strip())
-    work_mem_kb = int(work_mem[1]) * _KB[work_mem[2]] if work_mem else _DEFAULT_WORK_MEM_KB
-    return rows * SORTED_ROW_BYTES > work_mem_kb * 1024
+    return rows, (int(work_mem[1]) * _KB[work_mem[2]] if work_mem else _DEFAULT_WORK_MEM_KB) * 1024
 
 
 @dataclass(slots=True)
