@@ -878,16 +878,19 @@ class _Statement:
 
 # ---- a lone activity condition: its contacts counted by a sort or by a hash ------------------------------
 #
-# `count(DISTINCT contact_id)` sorts the matching rows' contact ids: the cheapest way while they fit in
-# `work_mem` (a sort of bare values), but past that the sort spills to disk. The DISTINCT subquery lets PostgreSQL
-# hash the contacts instead (one entry per contact, not per row), which is then the faster form. Measured on the
-# bench's events (docs/performance.md, "Events", "The count by a sort or by a hash"): with `work_mem` at
-# 4 MB the sort won up to ~25,000 matching rows (1.04-1.46x faster), the hash from ~130,000 (0.56-0.70x).
+# `count(DISTINCT contact_id)` sorts the matching rows' contact ids: the cheapest way on small inputs (a sort of
+# bare values). The DISTINCT subquery lets PostgreSQL hash the contacts instead (one entry per contact, not per
+# row), which wins once the sort spills well past `work_mem` (several merge passes) and each contact has several
+# rows. Measured on the bench's events (docs/performance.md, "Events", "The count by a sort or by a hash"), with
+# `work_mem` at 4 MB: at 10M events the sort still won at 208,000 rows (the hash 1.09x its time; 83,000 rows:
+# 1.13x), the hash at 457,000 (0.91x); at 1M the two were even at 46,000 rows. So the hash is chosen from
+# HASH_PAST_WORK_MEM times what the sort holds in `work_mem` (~330,000 rows at 4 MB).
 # Which side a count is on is the planner's own estimate of the matching rows (`EXPLAIN` of the count: from the
 # statistics of the partitions in the window, for the values and the cutoff of this count), read when the
 # statement is compiled and again at most every FORM_SECONDS, not at each count: the count stays ONE statement.
 
 SORTED_ROW_BYTES = 64         # what count(DISTINCT uuid) holds in memory per row (a datum sort), rounded up
+HASH_PAST_WORK_MEM = 5        # the hash from 5x work_mem of sorted rows: between 3.2x (sort won) and 7x (hash won)
 FORM_SECONDS = 300.0          # how long a form chosen from an estimate is kept before it is estimated again
 _DEFAULT_WORK_MEM_KB = 4096   # PostgreSQL's default: EXPLAIN (SETTINGS) names work_mem only when it differs
 _MEMORY = re.compile(r"(\d+)\s*(kB|MB|GB|TB)?")
@@ -896,9 +899,9 @@ _KB = {None: 1, "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
 
 async def _hashes_better(connection: asyncpg.Connection, sorted_count: _Statement, now: datetime) -> bool:
     """Whether the rows `sorted_count` (a lone activity's `count(DISTINCT)`) would sort now are, by the
-    planner's estimate, more than `work_mem` holds: then the hashed form is faster."""
+    planner's estimate, more than HASH_PAST_WORK_MEM times what `work_mem` holds: then the hashed form is faster."""
     rows, work_mem = await _sort_estimate(connection, sorted_count, now)
-    return rows * SORTED_ROW_BYTES > work_mem
+    return rows * SORTED_ROW_BYTES > HASH_PAST_WORK_MEM * work_mem
 
 
 async def _sort_estimate(connection: asyncpg.Connection, sorted_count: _Statement, now: datetime

@@ -183,8 +183,8 @@ async def test_an_events_type_count_sorts_or_hashes_as_the_planner_expects_its_r
     answers either way, for a common and a rare type, and the form chosen again once FORM_SECONDS have passed."""
     http, _, db = world
     contacts = [await _contact(http) for _ in range(40)]
-    # in the 30-day window: 3,000 page views by 40 contacts, 12 abandoned carts by 3; before it, more of both
-    for type_, rows, spread, days in (("page_view", 3000, 40, 0), ("cart_abandoned", 12, 3, 0),
+    # in the 30-day window: 8,000 page views by 40 contacts, 12 abandoned carts by 3; before it, more of both
+    for type_, rows, spread, days in (("page_view", 8000, 40, 0), ("cart_abandoned", 12, 3, 0),
                                       ("page_view", 500, 40, 40), ("cart_abandoned", 50, 40, 40)):
         await db.execute(
             "INSERT INTO event (event_id, contact_id, type, occurred_at, properties, created_at) "
@@ -211,7 +211,7 @@ async def test_an_events_type_count_sorts_or_hashes_as_the_planner_expects_its_r
         return total, segments._cached_counts[ids[type_]].hashed
 
     segments._cached_counts.clear()
-    await db.execute("SET work_mem = '64kB'")  # 1,024 sorted rows: the 3,000 page views are hashed
+    await db.execute("SET work_mem = '64kB'")  # hashed from 5 x 1,024 sorted rows: the 8,000 page views are
     try:
         for _ in range(2):  # compiled and chosen, then from the cache
             assert await counted("page_view") == (40, True)
