@@ -3,6 +3,7 @@ segment count vs the best hand-written SQL, side by side, in one run (issue 18).
 
     .venv/bin/python bench/bench_events.py [--events 10000000] [--contacts 200000] [--clients 4]
                                            [--api-workers 2] [--months 12] [--runs 20] [--db NAME] [--keep-db]
+                                           [--counts-only]
 
 What it does:
   1. (Re)creates the database `carnet_bench_events` (or --db NAME), runs Carnet's migrations, inserts
@@ -21,9 +22,10 @@ What it does:
   5. Segment counts (after VACUUM ANALYZE): `events.type eq <t> within_days 30` for a rare type
      (cart_abandoned) and a common one (page_view), counted exactly as GET /v1/segments/{id}/count does
      (`segments.count_stored` on a connection of the costly-read pool, built as the app builds it:
-     app.timeouts.costly_connection), and its compiled SQL alone (`carnet_sql`) on the pooled connection of the
-     hand-written SQL, vs the fastest of four hand-written SQL variants; answers must be equal; --runs
-     alternated measurements, p50s.
+     app.timeouts.costly_connection), and its compiled SQL alone (`carnet_sql`, in the form count_stored
+     chooses: by a sort or by a hash) and the form by a sort alone (`carnet_sql_by_sort`, the only form before
+     that choice) on the pooled connection of the hand-written SQL, vs the fastest of four hand-written SQL
+     variants; answers must be equal; --runs alternated measurements (ABCD DCBA), p50s.
   6. What `event_key` costs: PostgreSQL backend CPU per 1,000 events for a binary COPY, the event insert alone,
      the key insert alone and Carnet's statement (both), interleaved on one connection (--key-rounds batches each).
   7. Prints the ratios (bars: batch <= 3x the COPY; count <= 1.2x the hand SQL), writes bench/out/events.json,
@@ -299,7 +301,7 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
             filter_ = {"all": [{"field": "events.type", "op": "eq", "value": type_, "within_days": 30}]}
             async with makers.begin() as s:
                 await s.execute(insert(Segment.__table__).values(  # type: ignore[attr-defined]
-                    id=segment_id, name=f"bench events {type_}", filter=filter_, description=None,
+                    id=segment_id, name=f"bench events {type_} {segment_id}", filter=filter_, description=None,
                     created_at=datetime.now(UTC),
                     updated_at=datetime.now(UTC)))
 
@@ -314,21 +316,33 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 return run
 
             compiled = segments._compile(filter_, {}, datetime.now(UTC))
-            statement = segments._Statement.of(compiled.counting(), compiled.clock)
+            by_sort = segments._Statement.of(compiled.counting(), compiled.clock)  # the only form before s19
+            async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
+                hashed = await segments._hashes_better(connection, by_sort, datetime.now(UTC))  # as count_stored
+                estimate = await segments._sort_estimate(connection, by_sort, datetime.now(UTC))
+            statement = segments._Statement.of(compiled.counting(hashed), compiled.clock)
 
-            async def carnet_sql(statement: Any = statement) -> int:  # the compiled SQL alone, no `within`
-                async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
-                    return int(await connection.fetchval(statement.sql, *statement.arguments(datetime.now(UTC))))
+            def sql_of(statement: Any) -> Callable[[], Awaitable[int]]:  # a compiled SQL alone, no `within`
+                async def run() -> int:
+                    async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
+                        return int(await connection.fetchval(statement.sql, *statement.arguments(datetime.now(UTC))))
+                return run
 
+            carnet_sql, carnet_sql_by_sort = sql_of(statement), sql_of(by_sort)
+            async with bare_connection(request, replica=True) as connection:  # type: ignore[arg-type]
+                rows = await connection.fetchval("SELECT count(*) FROM event WHERE type = $1 AND occurred_at >= $2",
+                                                 type_, datetime.now(UTC) - timedelta(days=30))
             variants = {name: await _p50(hand_of(query), 3) for name, query in HAND.items()}
             best = min(variants, key=lambda k: variants[k][0])
             hand = hand_of(HAND[best])
             answers = {"carnet": await carnet(), "carnet_sql": await carnet_sql(),
-                       **{name: v[1] for name, v in variants.items()}}
-            systems = {"carnet": carnet, "carnet_sql": carnet_sql, "hand": hand}
+                       "carnet_sql_by_sort": await carnet_sql_by_sort(), **{name: v[1] for name, v in variants.items()}}
+            # the form before this choice (always by a sort) alternated with the rest: old and new side by side
+            systems = {"carnet": carnet, "carnet_sql": carnet_sql, "carnet_sql_by_sort": carnet_sql_by_sort,
+                       "hand": hand}
             times: dict[str, list[float]] = {name: [] for name in systems}
             for r in range(args.runs):
-                for name in (list(systems) if r % 2 == 0 else list(reversed(systems))):  # ABC CBA ...
+                for name in (list(systems) if r % 2 == 0 else list(reversed(systems))):  # ABCD DCBA ...
                     started = time.perf_counter()
                     await systems[name]()
                     times[name].append((time.perf_counter() - started) * 1000)
@@ -336,9 +350,14 @@ async def counts(url: str, args: argparse.Namespace) -> dict[str, Any]:
             out[type_] = {"answers": answers, "answers_match": len(set(answers.values())) == 1,
                           "hand_variants_p50_ms": {k: round(v[0], 2) for k, v in variants.items()},
                           "hand_best": best, "hand_sql": HAND[best], "carnet_sql": statement.sql,
+                          "carnet_form": "hash" if hashed else "sort",
+                          "estimated_rows_work_mem": estimate, "rows_in_window": rows,
+                          "carnet_endpoint_form": "hash" if segments._cached_counts[segment_id].hashed else "sort",
                           "carnet_p50_ms": round(p50["carnet"], 2), "carnet_sql_p50_ms": round(p50["carnet_sql"], 2),
+                          "carnet_sql_by_sort_p50_ms": round(p50["carnet_sql_by_sort"], 2),
                           "hand_p50_ms": round(p50["hand"], 2), "ratio": round(p50["carnet"] / p50["hand"], 3),
-                          "ratio_sql_alone": round(p50["carnet_sql"] / p50["hand"], 3)}
+                          "ratio_sql_alone": round(p50["carnet_sql"] / p50["hand"], 3),
+                          "ratio_sql_by_sort": round(p50["carnet_sql_by_sort"] / p50["hand"], 3)}
             log(f"count {type_}: {out[type_]}")
     finally:
         await engine.dispose()
@@ -431,7 +450,15 @@ def main() -> None:
                                                            "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--db", default="carnet_bench_events", help="the bench database (dropped and recreated)")
     parser.add_argument("--keep-db", action="store_true")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="only step 5, on the events of a database kept by an earlier run (--keep-db)")
     args = parser.parse_args()
+    if args.counts_only:
+        url = args.server.rsplit("/", 1)[0] + f"/{args.db}"
+        load_before = os.getloadavg()[0]
+        segment_counts = asyncio.run(counts(url, args))
+        print(json.dumps({"segment_counts": segment_counts, "load_1m": [load_before, os.getloadavg()[0]]}, indent=2))
+        return
     from app.migrations import upgrade
     from app.security import Role
     from app.security.tokens import issue_access_token

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -153,14 +154,15 @@ async def test_an_events_type_segment_scans_only_the_partitions_in_its_window(wo
             await ensure_month(session, month)
     filter_ = {"all": [{"field": "events.type", "op": "eq", "value": "page_view", "within_days": 30}]}
     compiled = segments._compile(filter_, {}, NOW)
-    statement = segments._Statement.of(compiled.counting(), compiled.clock)
-    assert "occurred_at >=" in statement.sql  # the bound the planner prunes with (a parameter, the cutoff)
-    plan = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {statement.sql}", *statement.arguments(NOW)))
-    scanned = {name for name in _relations(plan) if name.startswith("event_")}
+    statements = [segments._Statement.of(compiled.counting(hashed), compiled.clock) for hashed in (False, True)]
     cutoff = month_of(NOW - timedelta(days=30))
     in_window = {partition_name(m) for m in await _months(db) if m >= cutoff}
-    assert scanned == in_window | {"event_default"}, scanned  # default: it may hold any month not yet split
-    assert partition_name(add_months(cutoff, -1)) not in scanned and len(scanned) < len(await _months(db))
+    for statement in statements:  # both forms of the count (by a sort, by a hash: segments._hashes_better)
+        assert "occurred_at >=" in statement.sql  # the bound the planner prunes with (a parameter, the cutoff)
+        plan = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {statement.sql}", *statement.arguments(NOW)))
+        scanned = {name for name in _relations(plan) if name.startswith("event_")}
+        assert scanned == in_window | {"event_default"}, scanned  # default: it may hold any month not yet split
+        assert partition_name(add_months(cutoff, -1)) not in scanned and len(scanned) < len(await _months(db))
     # Counted from the events alone (a lone activity condition): the same number as contacts having one.
     contacts = [await _contact(http) for _ in range(3)]
     for contact, days in zip(contacts, (1, 29, 45), strict=True):
@@ -169,7 +171,60 @@ async def test_an_events_type_segment_scans_only_the_partitions_in_its_window(wo
     having = await db.fetchval("SELECT count(*) FROM contact c WHERE EXISTS (SELECT 1 FROM event e WHERE "
                                "e.contact_id = c.id AND e.type = 'page_view' AND e.occurred_at >= $1)",
                                NOW - timedelta(days=30))
-    assert await db.fetchval(statement.sql, *statement.arguments(NOW)) == having >= 2
+    for statement in statements:
+        assert await db.fetchval(statement.sql, *statement.arguments(NOW)) == having >= 2
+
+
+async def test_an_events_type_count_sorts_or_hashes_as_the_planner_expects_its_rows(
+    world: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /v1/segments/{id}/count of a lone events.type condition: by `count(DISTINCT)` (a sort) while the
+    planner expects the matching rows to fit in work_mem, else by a DISTINCT subquery (a hash); the same
+    answers either way, for a common and a rare type, and the form chosen again once FORM_SECONDS have passed."""
+    http, _, db = world
+    contacts = [await _contact(http) for _ in range(40)]
+    # in the 30-day window: 8,000 page views by 40 contacts, 12 abandoned carts by 3; before it, more of both
+    for type_, rows, spread, days in (("page_view", 8000, 40, 0), ("cart_abandoned", 12, 3, 0),
+                                      ("page_view", 500, 40, 40), ("cart_abandoned", 50, 40, 40)):
+        await db.execute(
+            "INSERT INTO event (event_id, contact_id, type, occurred_at, properties, created_at) "
+            "SELECT $1::text || n, ($2::uuid[])[1 + n % $3::int], $4, $5::timestamptz - n * interval '1 minute', "
+            "'{}', now() FROM generate_series(1, $6::int) n", f"est-{type_}-{days}-", contacts, spread, type_,
+            NOW - timedelta(days=days), rows)
+    await db.execute("ANALYZE event")
+    ids = {}
+    for type_ in ("page_view", "cart_abandoned"):
+        filter_ = {"all": [{"field": "events.type", "op": "eq", "value": type_, "within_days": 30}]}
+        response = await http.post("/v1/segments", json={"name": f"est {type_}", "filter": filter_}, headers=ADMIN)
+        assert response.status_code == 201, response.text
+        ids[type_] = uuid.UUID(response.json()["id"])
+    having = {type_: await db.fetchval(
+        "SELECT count(*) FROM contact c WHERE EXISTS (SELECT 1 FROM event e WHERE e.contact_id = c.id "
+        "AND e.type = $1 AND e.occurred_at >= $2)", type_, NOW - timedelta(days=30)) for type_ in ids}
+    assert having == {"page_view": 40, "cart_abandoned": 3}
+    for type_, segment_id in ids.items():  # the endpoint, at the server's work_mem (4 MB): both by a sort
+        response = await http.get(f"/v1/segments/{segment_id}/count", headers=ADMIN)
+        assert response.json()["count"] == having[type_], response.text
+
+    async def counted(type_: str) -> tuple[int, bool]:
+        total = await segments.count_stored(db, ids[type_], now=NOW)
+        return total, segments._cached_counts[ids[type_]].hashed
+
+    segments._cached_counts.clear()
+    await db.execute("SET work_mem = '64kB'")  # hashed from 5 x 1,024 sorted rows: the 8,000 page views are
+    try:
+        for _ in range(2):  # compiled and chosen, then from the cache
+            assert await counted("page_view") == (40, True)
+            assert await counted("cart_abandoned") == (3, False)
+        cached = segments._cached_counts[ids["page_view"]]
+        assert "count(DISTINCT" in cached.by_sort.sql and "count(DISTINCT" not in cached.by_hash.sql  # type: ignore[union-attr]
+        await db.execute("SET work_mem = '64MB'")
+        assert await counted("page_view") == (40, True)  # kept: chosen less than FORM_SECONDS ago
+        monkeypatch.setattr(segments, "FORM_SECONDS", 0.0)
+        assert await counted("page_view") == (40, False)  # chosen again: now the sort fits
+        assert segments._cached_counts[ids["page_view"]] is cached
+    finally:
+        await db.execute("RESET work_mem")
 
 
 async def _months(db: asyncpg.Connection) -> list[Any]:

@@ -49,12 +49,17 @@ def stored() -> dict[str, Any]:
     return {}
 
 
-@pytest.mark.parametrize("seed", [3, 4])
+# A lone orders/carts/events condition is counted by a sort or by a hash, as the planner's estimate of its rows
+# says (segments._hashes_better): on these few rows always by a sort, unless a sorted row is made to weigh more
+# than any work_mem holds (the second seed).
+@pytest.mark.parametrize(("seed", "row_bytes"), [(3, segments.SORTED_ROW_BYTES), (4, 2**60)])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(filter_=st.fixed_dictionaries({"all": st.lists(filters, min_size=1, max_size=2)}))
 async def test_cached_count_matches_the_reference(
-    sessions: async_sessionmaker[AsyncSession], stored: dict[str, Any], seed: int, filter_: dict[str, Any]
+    sessions: async_sessionmaker[AsyncSession], stored: dict[str, Any], seed: int, row_bytes: int,
+    filter_: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(segments, "SORTED_ROW_BYTES", row_bytes)
     if not stored:  # the world of test_segments_property, once per test (the only contacts in the transaction)
         stored.update(make_world(seed))
         async with sessions.begin() as session:
