@@ -16,11 +16,14 @@ each index over all its pages (~0.65 s per million keys), not an index probe per
 ran a million contacts into the statement timeout). The pairs of a key are listed by (first id, second id). A
 pair that several chosen rules match is listed once, under the first of them (in the order of `Reason`'s
 values), with every chosen rule that matches it as its reasons. The cursor holds (rule, key, first id, second
-id), encrypted as every cursor.
+id), encrypted as every cursor; a key too long for a cursor is left out and read again from the pair's first
+contact (if it changed meanwhile, the cursor is a 422).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +53,9 @@ class Reason(StrEnum):
 _KEY_COLUMN: dict[Reason, str] = {Reason.PHONE: "phone", Reason.NAME_POSTAL_CODE: "name_key",
                                   Reason.EMAIL: "email_key"}
 KEYS_MARKER = "HAVING count(*) > 1"  # tests/test_index_budget.py finds the keys query by it
+# A key travels in the cursor when its JSON is at most this long, so that the cursor stays within the 1,000
+# characters a `cursor` parameter may have (a name key folds up to 530 characters, a non-ASCII one is escaped 6x).
+_CURSOR_KEY_CHARS = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,7 @@ class _Position:
     key: str | None = None
     first: uuid.UUID | None = None
     second: uuid.UUID | None = None
+    digest: str | None = None   # a cursor without its key (too long): the key's digest, to tell it is unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +96,11 @@ async def candidates_page(
     """One keyset page of candidate pairs; `reasons` narrows the rules."""
     chosen = sorted(set(reasons) or set(Reason))
     sort = "duplicates:" + ",".join(chosen)  # a cursor is only valid for the rules it was issued for
-    start = _position(codec.decode(cursor, sort=sort), len(chosen)) if cursor else _Position(0)
+    start = _Position(0)
+    if cursor:
+        start = _position(codec.decode(cursor, sort=sort), len(chosen))
+        if start.digest is not None:  # a key too long to travel: the first contact of the pair still holds it
+            start = await _key_of_first(session, _KEY_COLUMN[chosen[start.rule]], start)
     found: list[_Found] = []
     async for pair in _pairs(session, chosen, start, want=limit + 1):
         found.append(pair)
@@ -97,13 +108,18 @@ async def candidates_page(
     if len(found) > limit:
         found = found[:limit]
         last = found[-1]
-        next_cursor = codec.encode(Cursor(sort, [last.rule, last.key, str(last.first)], str(last.second)))
+        value: list[Any] = [last.rule, last.key, str(last.first)]
+        if len(json.dumps(last.key)) > _CURSOR_KEY_CHARS:
+            value = [last.rule, None, str(last.first), _digest(last.key)]
+        next_cursor = codec.encode(Cursor(sort, value, str(last.second)))
     ids = {p.first for p in found} | {p.second for p in found}
     contacts = {}
     if ids:
         rows = await session.execute(select(*_t.c).where(_t.c.id.in_(ids)))
         contacts = {r["id"]: r for r in rows.mappings()}
-    return [DuplicatePair(contacts[p.first], contacts[p.second], p.reasons) for p in found], next_cursor
+    # a pair whose contact was merged or erased between the statements above is left out, not a KeyError
+    return [DuplicatePair(contacts[p.first], contacts[p.second], p.reasons) for p in found
+            if p.first in contacts and p.second in contacts], next_cursor
 
 
 async def _pairs(
@@ -181,9 +197,23 @@ def _matches(rule: Reason, a: Row, b: Row) -> bool:
 
 def _position(cursor: Cursor, rules: int) -> _Position:
     try:
-        rule, key, first = cursor.value
-        if not (isinstance(rule, int) and 0 <= rule < rules and isinstance(key, str)):
+        rule, key, first, *digest = cursor.value
+        if not (isinstance(rule, int) and 0 <= rule < rules and isinstance(key if digest == [] else digest[0], str)):
             raise ValueError(rule)
-        return _Position(rule, key, uuid.UUID(str(first)), uuid.UUID(str(cursor.id)))
+        return _Position(rule, key, uuid.UUID(str(first)), uuid.UUID(str(cursor.id)), digest[0] if digest else None)
     except (TypeError, ValueError):
         raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None
+
+
+async def _key_of_first(session: AsyncSession, column: str, position: _Position) -> _Position:
+    """The position of a cursor issued without its key: the key its pair's first contact holds, if unchanged."""
+    statement = text(f"SELECT {column} FROM contact WHERE id = :id")  # noqa: S608 (a column from _KEY_COLUMN)
+    key = (await session.execute(statement, {"id": position.first})).scalar()
+    if key is None or _digest(key) != position.digest:  # merged, erased or changed since: the place is lost
+        raise InvalidInput.one("cursor", "the pair this page ended at has changed since: start again without a cursor",
+                               "invalid_cursor")
+    return _Position(position.rule, key, position.first, position.second)
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
