@@ -120,8 +120,9 @@ def batch_results(outcomes: Sequence[tuple[str, Any] | ValidationError | AppErro
 
 
 # A page's `next_cursor` (unpadded base64url of an encrypted position): only the server can tell one it issued.
+# 2,048: the longest the server issues is a `sort=last_name` cursor holding 255 four-byte letters (~1,600).
 CursorParam = Annotated[str | None, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query(
-    max_length=1000, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
+    max_length=2048, description="`next_cursor` of the previous page, as given. The server judges it: a cursor it "
                                  "did not issue, or issued for another sort, is a 422")]
 
 

@@ -53,9 +53,10 @@ class Reason(StrEnum):
 _KEY_COLUMN: dict[Reason, str] = {Reason.PHONE: "phone", Reason.NAME_POSTAL_CODE: "name_key",
                                   Reason.EMAIL: "email_key"}
 KEYS_MARKER = "HAVING count(*) > 1"  # tests/test_index_budget.py finds the keys query by it
-# A key travels in the cursor when its JSON is at most this long, so that the cursor stays within the 1,000
-# characters a `cursor` parameter may have (a name key folds up to 530 characters, a non-ASCII one is escaped 6x).
-_CURSOR_KEY_CHARS = 400
+# A key travels in the cursor when its JSON is at most this many bytes of UTF-8, so that the cursor stays
+# well within the 2,048 characters a `cursor` parameter may have (a name key folds up to ~530 characters, 2-4 bytes each
+# when not ASCII).
+_CURSOR_KEY_BYTES = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ async def candidates_page(
         found = found[:limit]
         last = found[-1]
         value: list[Any] = [last.rule, last.key, str(last.first)]
-        if len(json.dumps(last.key)) > _CURSOR_KEY_CHARS:
+        if len(json.dumps(last.key, ensure_ascii=False).encode()) > _CURSOR_KEY_BYTES:
             value = [last.rule, None, str(last.first), _digest(last.key)]
         next_cursor = codec.encode(Cursor(sort, value, str(last.second)))
     ids = {p.first for p in found} | {p.second for p in found}

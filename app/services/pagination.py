@@ -37,7 +37,8 @@ class CursorCodec:
         self._aead = AESGCM(hashlib.sha256(b"carnet-cursor:" + secret.encode()).digest())
 
     def encode(self, cursor: Cursor) -> str:
-        payload = json.dumps([cursor.sort, cursor.value, cursor.id], separators=(",", ":")).encode()
+        # UTF-8, not \u escapes: a non-ASCII sort value (a Cyrillic last name) takes 2-3 bytes a letter, not 6
+        payload = json.dumps([cursor.sort, cursor.value, cursor.id], separators=(",", ":"), ensure_ascii=False).encode()
         nonce = os.urandom(_NONCE_BYTES)
         return base64.urlsafe_b64encode(nonce + self._aead.encrypt(nonce, payload, None)).decode().rstrip("=")
 

@@ -497,3 +497,15 @@ class TestTimestampRange:
         assert read["first_contact_at"] == echoed
         listing = await client.get("/v1/contacts", params={"created_after": sent}, headers=ADMIN)
         assert listing.status_code == 200
+
+
+async def test_a_long_non_ascii_last_name_makes_a_cursor_the_server_takes_back(client: httpx.AsyncClient) -> None:
+    """150 Cyrillic letters: escaped as \\uXXXX the sort value alone made the cursor longer than the 1,000 characters
+    the `cursor` parameter allowed, so the server refused its own cursor; as UTF-8 it is ~700."""
+    made = {(await make_contact(client, last_name="Жанна" * 30))["id"] for _ in range(2)}
+    first = await client.get("/v1/contacts", params={"sort": "last_name", "limit": 1}, headers=ADMIN)
+    cursor = first.json()["next_cursor"]
+    assert cursor and len(cursor) <= 1000
+    rest = await client.get("/v1/contacts", params={"sort": "last_name", "limit": 1, "cursor": cursor}, headers=ADMIN)
+    assert rest.status_code == 200, rest.text
+    assert {c["id"] for c in first.json()["data"] + rest.json()["data"]} == made

@@ -109,7 +109,7 @@ class TestPages:
         assert len(by_phone) == 7 and all(r == ["phone"] for _p, r in by_phone)
 
     async def test_a_key_too_long_for_a_cursor_is_read_again_from_the_pair(self, client: httpx.AsyncClient) -> None:
-        """A name key of 200 escaped Cyrillic letters would make a cursor longer than the parameter allows."""
+        """A name key of 200 escaped Cyrillic letters would make a cursor longer than the parameter allows (it travels as a digest)."""
         name = {"first_name": "Жанна" * 40, "last_name": "Д", "address": {"postal_code": "75001"}}
         made = [await make_contact(client, **name) for _ in range(3)]
         everything = await pairs(client, limit=1000)
