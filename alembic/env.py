@@ -1,6 +1,7 @@
 """Alembic environment: async engine on the URL Carnet resolved (embedded or DATABASE_URL)."""
 
 import asyncio
+from collections.abc import Mapping
 
 from alembic.runtime.migration import MigrationInfo
 from sqlalchemy import text
@@ -34,17 +35,17 @@ def _headline(doc: str) -> str:
     return first if len(first) <= 100 else first[:99] + "…"
 
 
-# Columns and indexes that exist only in the database (migration 0028): the duplicate finder's stored keys.
+# Columns and indexes of `contact` that exist only in the database (migration 0028): the duplicate finder's keys.
 _DATABASE_ONLY = {("column", "name_key"), ("column", "email_key"),
                   ("index", "ix_contact_name_key"), ("index", "ix_contact_email_key")}
 
 
-def _compared(name: str | None, type_: str, parent_names: object) -> bool:
+def _compared(name: str | None, type_: str, parent_names: Mapping[str, str | None]) -> bool:
     """What `alembic check` compares with the models: not the monthly partitions of `event` (made by the worker,
-    app.services.event_partitions), nor the database-only keys of `contact`."""
+    app.services.event_partitions), nor the database-only keys of `contact` (on no other table)."""
     if type_ == "table" and name is not None and PARTITION_NAME.fullmatch(name):
         return False
-    return (type_, name) not in _DATABASE_ONLY
+    return not (parent_names.get("table_name") == "contact" and (type_, name) in _DATABASE_ONLY)
 
 
 def _run(connection: Connection) -> None:

@@ -166,9 +166,9 @@ async def _shared_keys(session: AsyncSession, column: str, position: _Position, 
 async def _holders(session: AsyncSession, column: str, keys: list[str]) -> dict[str, list[Row]]:
     """The contacts holding these keys, by key, in id order, with every rule's key to tell the reasons."""
     statement = text(f"""
-        SELECT {column} AS key, id, phone, name_key, email_key FROM contact
+        SELECT {column} AS key, id, {", ".join(_KEY_COLUMN.values())} FROM contact
         WHERE {column} = ANY(:keys) ORDER BY {column}, id
-    """)  # noqa: S608 (a column name from _KEY_COLUMN)
+    """)  # noqa: S608 (column names from _KEY_COLUMN)
     holders: dict[str, list[Row]] = {}
     for row in (await session.execute(statement, {"keys": keys})).mappings():
         holders.setdefault(row["key"], []).append(row)
@@ -197,11 +197,13 @@ def _matches(rule: Reason, a: Row, b: Row) -> bool:
 
 
 def _position(cursor: Cursor, rules: int) -> _Position:
+    """[rule, key, first] as issued, or [rule, None, first, the key's digest] for a key too long to travel."""
     try:
-        rule, key, first, *digest = cursor.value
-        if not (isinstance(rule, int) and 0 <= rule < rules and isinstance(key if digest == [] else digest[0], str)):
+        rule, key, first, *rest = cursor.value
+        digest = rest[0] if rest else None
+        if not (isinstance(rule, int) and 0 <= rule < rules and isinstance(key or digest, str)):
             raise ValueError(rule)
-        return _Position(rule, key, uuid.UUID(str(first)), uuid.UUID(str(cursor.id)), digest[0] if digest else None)
+        return _Position(rule, key, uuid.UUID(str(first)), uuid.UUID(str(cursor.id)), digest)
     except (TypeError, ValueError):
         raise InvalidInput.one("cursor", "not a cursor issued by this server", "invalid_cursor") from None
 
