@@ -100,67 +100,50 @@ async def get_fast(connection: asyncpg.Connection, contact_id: uuid.UUID) -> Row
     return row  # type: ignore[no-any-return]  # asyncpg.Record is a read-only mapping
 
 
-# ---- the upsert in autocommit: one statement -----------------------------------------------------------------
+# ---- the upsert in autocommit: one statement, two for a changed contact ---------------------------------------
 #
-# On the bare connection without BEGIN/COMMIT, the statement is its own transaction: the contact, its history rows
-# and its outbox row are written together or not at all. It matches by either key; a new contact is inserted, a
-# matched one that the payload changes is updated, the changes computed in SQL from the row it matched: the update
-# applies only if the contact is still at that version when it is written (a concurrent writer moved it: nothing).
-# Whenever the statement cannot tell the whole story (a key taken meanwhile or held by another contact, a suppressed
-# address, a moved version), it writes nothing and `fast_upsert` answers None: the caller then runs `upsert`, which
-# locks, decides and explains. A creation's history rows travel as one jsonb array of [field, old, new]; an update's
-# are built in SQL (to_jsonb of the old and new columns, timestamps written as `datetime.isoformat` writes them, a
-# JSON null there is SQL NULL, as history.record stores None). tests/test_fastpath.py checks that both paths write
-# the same rows.
+# On the bare connection without BEGIN/COMMIT, each statement is its own transaction: the contact, its history rows
+# and its outbox row are written together or not at all. The first statement matches by either key and inserts a
+# new contact; only when it found the contact and the payload changes it does a second one update it, the changes
+# computed in SQL from the row it matches then, applied only if that contact is still at the version it read.
+# One statement for both outcomes was measured slower: PostgreSQL sets up every part of a statement each time it
+# runs it, the parts that write nothing included, and the update's (`contact` with its 19 indexes, history, outbox)
+# cost ~160 µs of database CPU on each creation (~700 → ~520 µs, docs/performance.md), more than the round trip it
+# saved on a changed contact. Whenever a statement cannot tell the whole story (a key taken meanwhile or held by
+# another contact, a suppressed address, a moved version), it writes nothing and `fast_upsert` answers None: the
+# caller then runs `upsert`, which locks, decides and explains. A creation's history rows travel as one jsonb array
+# of [field, old, new]; an update's are built in SQL (to_jsonb of the old and new columns, timestamps written as
+# `datetime.isoformat` writes them, a JSON null there is SQL NULL, as history.record stores None).
+# tests/test_fastpath.py checks that both paths write the same rows.
 
 # What SQLAlchemy's insert adds for the columns a create leaves out (the model's scalar defaults: kind, version, ...);
 # the server's own defaults give the rest.
 _SCALAR_DEFAULTS = {c.name: c.default.arg for c in _ALL if c.default is not None and c.default.is_scalar}
-_FIRST_PARAM = 8  # $1..$7: the keys, the suppression digests, the creation's history, the actor, via
 _WIRE_FIELD = {column: f"address.{name}" for name, column in ADDRESS.items()}
 _TIMESTAMPS = frozenset(c.name for c in _ALL if getattr(c.type, "timezone", False))
+_MATCHED = f"SELECT {_COLUMN_LIST} FROM contact WHERE external_id = $1 OR email = $2"  # noqa: S608 (our names)
 
 
-@functools.lru_cache(maxsize=256)  # one text per set of columns given (and of those given as null)
-def _fast_upsert_sql(inserted: tuple[str, ...], given: tuple[str, ...]) -> str:
-    """Match by either key; insert these columns with the creation's history and outbox rows, or apply the given
-    columns to the one matched contact with one history row per changed field and the outbox row.
+@functools.lru_cache(maxsize=256)  # one text per set of columns inserted
+def _fast_create_sql(inserted: tuple[str, ...]) -> str:
+    """Match by either key, else insert these columns with the creation's history and outbox rows. $1..$7: the
+    keys, the suppression digests' kinds and digests, the creation's history, the actor, via; then the columns.
 
-    Rows out: ('created', the new row), ('matched', each contact holding a key), ('updated', the written row).
-    The given columns always hold a key (ContactUpsert requires one), so none of the lists below is empty.
+    Rows out: ('created', the new row) or ('matched', each contact holding a key).
+    A key taken by another writer since the statement's snapshot is a unique violation, and nothing is written: a
+    plain INSERT, because `ON CONFLICT DO NOTHING` would probe the three unique indexes before every insertion to
+    spare that rare error.
     """
-    param = {name: f"${i}" for i, name in enumerate(inserted, start=_FIRST_PARAM)}
-    now = param["updated_at"]
-    value = {name: param.get(name, "NULL") for name in given}  # a column given as null is in `given` only
+    params = ", ".join(f"${i}" for i in range(8, 8 + len(inserted)))
     guard = _GUARD.format(kinds="$3", digests="$4") if _ADDRESSES.intersection(inserted) else ""
-    flags = ", ".join(f'm."{c}" AS o_{c}, m."{c}" IS DISTINCT FROM {value[c]} AS d_{c}' for c in given)
-    any_change = " OR ".join(f"d_{c}" for c in given)
-    by_wire = sorted(given, key=lambda c: _WIRE_FIELD.get(c, c))  # history rows in _diff's order
-    entries = ", ".join(
-        f"({n}, '{_WIRE_FIELD.get(c, c)}', ch.d_{c}, {_json('ch.o_' + c, c)}, {_json('u.' + c, c)})"
-        for n, c in enumerate(by_wire))
-    fields = ", ".join(f"CASE WHEN ch.d_{c} THEN '{c}' END" for c in sorted(given))
-    addresses = sorted(_ADDRESSES.intersection(given))
-    changed_address = " OR ".join(f"(s.kind = '{c}' AND t.d_{c})" for c in addresses)
-    suppressed = (f"AND NOT EXISTS ({_SUPPRESSED.format(kinds='$3', digests='$4')} AND ({changed_address}))"
-                  if addresses else "")
-    # The check after the write, for the addresses the update changes (an unchanged one was checked when written).
-    written = " OR ".join(f"(a.kind = '{c}' AND ch.d_{c})" for c in addresses)
-    update_guard = (f"WHERE carnet_refuse_suppressed("  # noqa: S608 (our own names)
-                    f"ARRAY(SELECT a.kind FROM unnest($3::text[], $4::text[]) a(kind, digest) WHERE {written}), "
-                    f"ARRAY(SELECT a.digest FROM unnest($3::text[], $4::text[]) a(kind, digest) WHERE {written}))"
-                    if addresses else "")
-    assignments = ", ".join(f'"{c}" = {value[c]}' for c in given)
-    returned = ", ".join(f'c."{column.name}"' for column in _ALL)
     names = ", ".join(f'"{name}"' for name in inserted)
     return f"""
 WITH matched AS (
-    SELECT {_COLUMN_LIST} FROM contact WHERE external_id = $1 OR email = $2
+    {_MATCHED}
 ), new AS (
     INSERT INTO contact ({names})
-    SELECT {", ".join(param.values())}
+    SELECT {params}
     WHERE NOT EXISTS (SELECT 1 FROM matched) AND NOT EXISTS ({_SUPPRESSED.format(kinds="$3", digests="$4")})
-    ON CONFLICT DO NOTHING
     RETURNING {_COLUMN_LIST}
 ), history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
@@ -170,18 +153,61 @@ WITH matched AS (
 ), announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), new.created_at FROM new
+)
+SELECT 'created' AS outcome, {_COLUMN_LIST} FROM new {guard}
+UNION ALL
+SELECT 'matched', {_COLUMN_LIST} FROM matched
+"""  # noqa: S608 (names from our own table; every value is a parameter)
+
+
+@functools.lru_cache(maxsize=256)  # one text per set of columns given (and of those given a value)
+def _fast_update_sql(given: tuple[str, ...], valued: tuple[str, ...]) -> str:
+    """Apply the given columns to the one contact holding the keys, with one history row per changed field and the
+    outbox row. $1..$5: the keys, the actor, via, the time of the write; then the `valued` columns (those given a
+    value: the others are cleared); then, when an address is given, the suppression digests' kinds and digests.
+
+    Rows out: ('matched', each contact holding a key), ('updated', the written row).
+    The given columns always hold a key (ContactUpsert requires one), so none of the lists below is empty.
+    """
+    param = {name: f"${i}" for i, name in enumerate(valued, start=6)}
+    value = {name: param.get(name, "NULL") for name in given}
+    kinds, digests = f"${6 + len(valued)}", f"${7 + len(valued)}"  # passed only when an address is given
+    flags = ", ".join(f'm."{c}" AS o_{c}, m."{c}" IS DISTINCT FROM {value[c]} AS d_{c}' for c in given)
+    any_change = " OR ".join(f"d_{c}" for c in given)
+    by_wire = sorted(given, key=lambda c: _WIRE_FIELD.get(c, c))  # history rows in _diff's order
+    entries = ", ".join(
+        f"({n}, '{_WIRE_FIELD.get(c, c)}', ch.d_{c}, {_json('ch.o_' + c, c)}, {_json('u.' + c, c)})"
+        for n, c in enumerate(by_wire))
+    fields = ", ".join(f"CASE WHEN ch.d_{c} THEN '{c}' END" for c in sorted(given))
+    addresses = sorted(_ADDRESSES.intersection(given))
+    changed_address = " OR ".join(f"(s.kind = '{c}' AND t.d_{c})" for c in addresses)
+    suppressed = (f"AND NOT EXISTS ({_SUPPRESSED.format(kinds=kinds, digests=digests)} AND ({changed_address}))"
+                  if addresses else "")
+    # The check after the write, for the addresses the update changes (an unchanged one was checked when written).
+    written = " OR ".join(f"(a.kind = '{c}' AND ch.d_{c})" for c in addresses)
+    update_guard = (f"WHERE carnet_refuse_suppressed("  # noqa: S608 (our own names)
+                    f"ARRAY(SELECT a.kind FROM unnest({kinds}::text[], {digests}::text[]) a(kind, digest) "
+                    f"WHERE {written}), "
+                    f"ARRAY(SELECT a.digest FROM unnest({kinds}::text[], {digests}::text[]) a(kind, digest) "
+                    f"WHERE {written}))"
+                    if addresses else "")
+    assignments = ", ".join(f'"{c}" = {value[c]}' for c in given)
+    returned = ", ".join(f'c."{column.name}"' for column in _ALL)
+    return f"""
+WITH matched AS (
+    {_MATCHED}
 ), target AS (  -- _pick_match: the only holder of either key, by external_id, or by email if its own agrees
     SELECT m.id, m.version, {flags} FROM matched m
     WHERE (SELECT count(*) FROM matched) = 1 AND (m.external_id = $1 OR m.external_id IS NULL OR $1 IS NULL)
 ), changed AS (
     SELECT * FROM target t WHERE ({any_change}) {suppressed}
 ), updated AS (
-    UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = {now}
+    UPDATE contact c SET {assignments}, version = c.version + 1, updated_at = $5
     FROM changed ch WHERE c.id = ch.id AND c.version = ch.version
     RETURNING {returned}
 ), written_history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT u.id, f.field, f.old, f.new, $6, $7, {now}
+    SELECT u.id, f.field, f.old, f.new, $3, $4, $5
     FROM updated u JOIN changed ch ON ch.id = u.id
     CROSS JOIN LATERAL (VALUES {entries}) AS f(n, field, changed, old, new)
     WHERE f.changed
@@ -189,12 +215,10 @@ WITH matched AS (
 ), written_announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.updated', u.id, jsonb_build_object('contact_id', u.id, 'fields',
-           to_jsonb(array_remove(ARRAY[{fields}]::text[], NULL))), {now}
+           to_jsonb(array_remove(ARRAY[{fields}]::text[], NULL))), $5
     FROM updated u JOIN changed ch ON ch.id = u.id
 )
-SELECT 'created' AS outcome, {_COLUMN_LIST} FROM new {guard}
-UNION ALL
-SELECT 'matched', {_COLUMN_LIST} FROM matched
+SELECT 'matched' AS outcome, {_COLUMN_LIST} FROM matched
 UNION ALL
 SELECT 'updated', u.* FROM updated u JOIN changed ch ON ch.id = u.id {update_guard}
 """  # noqa: S608 (names from our own table; every value is a parameter)
@@ -221,7 +245,7 @@ _ADDRESSES = frozenset({"email", "phone"})
 async def fast_upsert(
     connection: asyncpg.Connection, payload: ContactUpsert, *, actor: Principal, via: str = "api"
 ) -> Upserted | None:
-    """`upsert` in one round trip; None: run `upsert` instead.
+    """`upsert` in one round trip (a new or unchanged contact) or two (a changed one); None: run `upsert` instead.
 
     Only for payloads without attributes or tags (those need definitions and the tag catalogue). None is
     answered only when nothing was written.
@@ -231,25 +255,46 @@ async def fast_upsert(
         return None
     values = _SCALAR_DEFAULTS | _row_values(columns, via=via)
     suppressed = suppressions.digests(email=values.get("email"), phone=values.get("phone"))
+    digests = (list(suppressed), list(suppressed.values()))
+    rows = await _fast_statement(
+        connection, _fast_create_sql(tuple(values)), payload.external_id, payload.email, *digests,
+        _history_json(_new_fields(_as_stored(values))), actor.subject, via, *values.values(),
+    )
+    if rows is None:
+        return None
+    if rows and rows[0]["outcome"] == "created":
+        return Upserted(rows[0], created=True)
+    current = _pick_match(rows, payload.external_id, payload.email)
+    if current is None:  # a suppressed address, or keys held by two contacts or by one whose other key disagrees
+        return None
+    if not _column_changes(current, columns):
+        return Upserted(current, created=False)
+    valued = tuple(c for c in columns if c in values)
+    rows = await _fast_statement(
+        connection, _fast_update_sql(tuple(columns), valued), payload.external_id, payload.email, actor.subject, via,
+        values["updated_at"], *(values[c] for c in valued), *(digests if _ADDRESSES.intersection(columns) else ()),
+    )
+    if rows is None:
+        return None
+    updated = next((row for row in rows if row["outcome"] == "updated"), None)
+    if updated is not None:
+        return Upserted(updated, created=False)
+    current = _pick_match(rows, payload.external_id, payload.email)
+    if current is None or _column_changes(current, columns):  # a key taken meanwhile, or the update did not apply
+        return None
+    return Upserted(current, created=False)
+
+
+async def _fast_statement(connection: asyncpg.Connection, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+    """One of fast_upsert's statements; None when it wrote nothing because of a writer it raced."""
     try:
-        rows = await connection.fetch(
-            _fast_upsert_sql(tuple(values), tuple(columns)), payload.external_id, payload.email, list(suppressed),
-            list(suppressed.values()), _history_json(_new_fields(_as_stored(values))), actor.subject, via,
-            *values.values(),
-        )
+        return await connection.fetch(sql, *args)  # type: ignore[no-any-return]
     except asyncpg.UniqueViolationError:  # a key taken by another writer after the statement's snapshot
         return None
     except asyncpg.PostgresError as exc:
         if exc.sqlstate != suppressions.SUPPRESSED_SQLSTATE:
             raise
         return None  # erased meanwhile: nothing was written, the transactional path explains
-    outcome = {row["outcome"]: row for row in rows}
-    if "created" in outcome or "updated" in outcome:
-        return Upserted(outcome.get("created") or outcome["updated"], created="created" in outcome)
-    current = _pick_match(rows, payload.external_id, payload.email)
-    if current is None or _column_changes(current, columns):  # a key taken meanwhile, or the update did not apply
-        return None
-    return Upserted(current, created=False)
 
 
 def _as_stored(row: Mapping[str, Any]) -> dict[str, Any]:
