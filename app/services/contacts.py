@@ -103,16 +103,16 @@ async def get_fast(connection: asyncpg.Connection, contact_id: uuid.UUID) -> Row
 # ---- the upsert in autocommit: one statement, two for a changed contact ---------------------------------------
 #
 # On the bare connection without BEGIN/COMMIT, each statement is its own transaction: the contact, its history rows
-# and its outbox row are written together or not at all. The first statement matches by either key and inserts a
-# new contact; only when it found the contact and the payload changes it does a second one update it, the changes
-# computed in SQL from the row it matches then, applied only if that contact is still at the version it read.
-# One statement for both outcomes was measured slower: PostgreSQL sets up every part of a statement each time it
-# runs it, the parts that write nothing included, and the update's (`contact`'s generated key columns and indexes,
-# history, outbox) cost ~160 µs of database CPU on each creation (~700 → ~520 µs: docs/performance.md, "(c) Fourth
-# pass"), more than the round trip it saved on a changed contact. Whenever a statement cannot tell the whole story (a key taken meanwhile or held by
-# another contact, a suppressed address, a moved version), it writes nothing and `fast_upsert` answers None: the
-# caller then runs `upsert`, which locks, decides and explains. A creation's history rows travel as one jsonb array
-# of [field, old, new]; an update's are built in SQL (to_jsonb of the old and new columns, timestamps written as
+# and its outbox row are written together or not at all. The first statement matches by either key and inserts a new
+# contact; only when it found the contact and the payload changes it does a second one update it, the changes computed
+# in SQL from the row it matches then, applied only if that contact is still at the version it read. One statement for
+# both outcomes was measured slower: PostgreSQL sets up every part of a statement each time it runs it, the parts that
+# write nothing included, and the update's (`contact`'s generated key columns and indexes, history, outbox) cost
+# ~160 µs of database CPU on each creation (~700 → ~520 µs: docs/performance.md, "(c) Fourth pass"), more than the
+# round trip it saved on a changed contact. Whenever a statement cannot tell the whole story (a key taken meanwhile or
+# held by another contact, a suppressed address, a moved version), it writes nothing and `fast_upsert` answers None:
+# the caller then runs `upsert`, which locks, decides and explains. A creation's history rows travel as one jsonb
+# array of [field, old, new]; an update's are built in SQL (to_jsonb of the old and new columns, timestamps written as
 # `datetime.isoformat` writes them, a JSON null there is SQL NULL, as history.record stores None).
 # tests/test_fastpath.py checks that both paths write the same rows.
 
