@@ -29,7 +29,7 @@ UPSERT_SQL = """
 INSERT INTO contact (id, external_id, email, phone, first_name, last_name,
                      email_status, kind, lifecycle_stage, source, created_at, updated_at, version)
 VALUES ($1, $2, $3, $4, $5, $6, 'unverified', 'prospect', 'prospect', 'api', $7, $7, 1)
-ON CONFLICT (external_id) DO UPDATE SET
+ON CONFLICT (external_id) WHERE external_id IS NOT NULL DO UPDATE SET
     email = EXCLUDED.email,
     phone = EXCLUDED.phone,
     first_name = EXCLUDED.first_name,

@@ -37,8 +37,11 @@ class Contact(SQLModel, table=True):
               postgresql_ops={"q_first": "text_pattern_ops"}, postgresql_where=text("first_name IS NOT NULL")),
         Index("ix_contact_q_company", func.lower(text("company")).label("q_company"),
               postgresql_ops={"q_company": "text_pattern_ops"}, postgresql_where=text("company IS NOT NULL")),
-        # Unique, and the `q` prefix search on email: text_pattern_ops has `=` too (migration 0012).
-        Index("uq_contact_email", "email", unique=True, postgresql_ops={"email": "text_pattern_ops"}),
+        # Unique, and the `q` prefix search on email: text_pattern_ops has `=` too (migration 0012). Both keys
+        # unique among the contacts that have one: a NULL is never looked up, so it is not indexed (migration 0029).
+        Index("uq_contact_email", "email", unique=True, postgresql_ops={"email": "text_pattern_ops"},
+              postgresql_where=text("email IS NOT NULL")),
+        Index("uq_contact_external_id", "external_id", unique=True, postgresql_where=text("external_id IS NOT NULL")),
         # Filters. A strict comparison (`=`, LIKE) implies `IS NOT NULL`; the other predicates are named by the
         # queries themselves (`tagged`, `off_default` below).
         Index("ix_contact_city", func.lower(text("city")), postgresql_where=text("city IS NOT NULL")),
@@ -54,7 +57,7 @@ class Contact(SQLModel, table=True):
     )
 
     id: uuid.UUID = Field(default_factory=new_id, primary_key=True)
-    external_id: str | None = Field(default=None, unique=True)
+    external_id: str | None = None  # unique: uq_contact_external_id above
     email: str | None = None  # unique: uq_contact_email above
     email_status: str = Field(default="unverified")
     phone: str | None = None
