@@ -123,7 +123,7 @@ async def write_batch(
     # _LOCK_TIMEOUT (the API holds a contact for milliseconds: the runner writes the batch again).
     # No JIT: each statement of a batch runs once, and the generic plans' estimates for thousands of staged keys
     # passed PostgreSQL's JIT thresholds, so the earlier-keys lookup compiled itself with LLVM every batch (230-490 ms
-    # each by auto_explain; 1M rows: ~15 s of the backend's CPU, docs/performance.md).
+    # each by auto_explain; docs/performance.md, "(a) and (b) at 1M").
     statement_ms = int(job.settings.import_lease_seconds * 1000)
     await connection.execute(f"SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'; "
                              f"SET LOCAL statement_timeout = {statement_ms}; SET LOCAL jit = off")
