@@ -30,6 +30,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from bench_events import _cpu as backend_cpu  # noqa: E402  (a process's utime + stime, from /proc)
 from bench_events import recreate  # noqa: E402
 from floor_app import UPSERT_SQL  # noqa: E402
 
@@ -40,12 +41,6 @@ from app.security import Principal, Role  # noqa: E402
 from app.services import contacts, suppressions  # noqa: E402
 
 ACTOR = Principal(subject="bench", role=Role.INTEGRATION, scopes=frozenset(), token_id="bench")
-
-
-def backend_cpu(pid: int) -> float:
-    """Seconds of CPU (user + system) the process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]:

@@ -102,9 +102,7 @@ async def candidates_page(
         start = _position(codec.decode(cursor, sort=sort), len(chosen))
         if start.digest is not None:  # a key too long to travel: the first contact of the pair still holds it
             start = await _key_of_first(session, _KEY_COLUMN[chosen[start.rule]], start)
-    found: list[_Found] = []
-    async for pair in _pairs(session, chosen, start, want=limit + 1):
-        found.append(pair)
+    found = [pair async for pair in _pairs(session, chosen, start, want=limit + 1)]
     next_cursor = None
     if len(found) > limit:
         found = found[:limit]
