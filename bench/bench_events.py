@@ -46,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -61,8 +60,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.procfs import DbCpu  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BATCH = 1000
 SESSION = 5  # events per visit (a page, a product, a search, ...: what a shop's tracker sends)
@@ -141,61 +142,6 @@ def write_files(copy_path: Path, bodies_path: Path, args: argparse.Namespace, id
                 batch = []
         if batch:
             bodies.write(json.dumps({"items": batch}).encode() + b"\n")
-
-
-class DbCpu:
-    """CPU seconds of the PostgreSQL backends serving one database (on a server shared with other work: only
-    ours). A thread looks every 0.2 s for new ones (/proc: `postgres` processes whose title names the database)
-    and reads their CPU; a backend that ends between two reads loses at most that much."""
-
-    def __init__(self, db: str) -> None:
-        self.marker, self.seconds = f" {db} ".encode(), 0.0
-        self._seen: dict[int, tuple[float, float]] = {}  # pid -> (first, last) CPU seconds read
-        self._others: set[int] = set()  # processes looked at once and not ours
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> DbCpu:
-        self._find()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._read()
-        self.seconds = round(sum(last - first for first, last in self._seen.values()), 1)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self._find()
-            self._read()
-
-    def _find(self) -> None:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in self._seen or int(entry.name) in self._others:
-                continue
-            try:
-                if (entry / "comm").read_text().strip() == "postgres" and \
-                        self.marker in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                    cpu = _cpu(int(entry.name))
-                    self._seen[int(entry.name)] = (cpu, cpu)
-                else:
-                    self._others.add(int(entry.name))
-            except (OSError, ValueError):
-                continue
-
-    def _read(self) -> None:
-        for pid, (first, _) in list(self._seen.items()):
-            try:
-                self._seen[pid] = (first, _cpu(pid))
-            except (OSError, ValueError):
-                continue  # ended: its last reading stays
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def tree_cpu(pid: int) -> float:

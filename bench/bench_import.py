@@ -14,7 +14,7 @@ What it does:
   4. Carnet: `carnet import FILE` (a subprocess: upload into import_chunk, parse + validate in worker
      processes, COPY into staging, set-based writes into contact with history and outbox rows).
      Wall time and peak RSS of the whole process tree (the command and its validating processes), sampled
-     every 20 ms with psutil. PostgreSQL's own memory is in neither number.
+     every 20 ms from /proc (bench/procfs.py). PostgreSQL's own memory is in neither number.
   5. Prints both, the ratios (bars: <= 3x wall time, <= 300 MB RSS), writes bench/out/import.json.
 """
 
@@ -30,7 +30,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.migrations import upgrade  # noqa: E402
+from bench.procfs import DbCpu, TreeRss  # noqa: E402
 
 FIRST = ["Camille", "Léa", "Hélène", "François", "Zoé", "Noël", "Chloé", "Jérôme", "Anaïs", "Loïc", "Inès", "Marc"]
 LAST = ["Martin", "Bernard", "Lefèvre", "Dubois", "Moreau", "Laurent", "Girard", "Rousseau", "Fontaine", "Mercier"]
@@ -89,44 +89,6 @@ def postgres_cpu() -> float:
     return total
 
 
-class BackendCpu:
-    """CPU seconds of the backends serving one database, sampled every 0.1 s in a thread (a backend's title names its
-    database). Unlike postgres_cpu(), other databases' work on a shared server does not count; a backend that exits
-    between two samples loses at most its last 0.1 s."""
-
-    def __init__(self, db: str) -> None:
-        self.db, self._stop = db, threading.Event()
-        self.seen: dict[int, tuple[float, float]] = {}  # pid → (CPU when the phase began or 0 if born since, last)
-        self._sample(started=True)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self, *, started: bool = False) -> None:
-        for process in psutil.process_iter(["name", "cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if process.info["name"] not in ("postgres", "postmaster") or not cmdline:
-                continue
-            if f" {self.db} " not in f" {' '.join(cmdline)} ":
-                continue
-            try:
-                times = process.cpu_times()
-            except psutil.Error:
-                continue
-            cpu = times.user + times.system
-            first = self.seen[process.pid][0] if process.pid in self.seen else (cpu if started else 0.0)
-            self.seen[process.pid] = (first, cpu)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self._sample()
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        return round(sum(last - first for first, last in self.seen.values()), 1)
-
-
 class CpuSplit:
     """CPU seconds of one phase: PostgreSQL's processes (all of them, and the bench database's backends alone), and
     this bench's children (the command under test)."""
@@ -136,11 +98,13 @@ class CpuSplit:
 
     def __enter__(self) -> CpuSplit:
         self._pg, self._children = postgres_cpu(), _children_cpu()
-        self._backends = BackendCpu(self.db)
+        self._backends = DbCpu(self.db)
+        self._backends.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.backends = self._backends.stop()
+        self._backends.stop()
+        self.backends = self._backends.seconds
         self.postgres = round(postgres_cpu() - self._pg, 1)
         self.client = round(_children_cpu() - self._children, 1)
 
@@ -150,45 +114,15 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class PeakRss:
-    """Peak of the summed RSS of a process and its descendants, sampled in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
-        self.per_process: dict[int, int] = {}  # pid → its own peak
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not self._stop.is_set():
-            try:
-                sizes = {root.pid: root.memory_info().rss}
-                for child in root.children(recursive=True):
-                    sizes[child.pid] = child.memory_info().rss
-                self.peak = max(self.peak, sum(sizes.values()))
-                for pid, rss in sizes.items():
-                    self.per_process[pid] = max(self.per_process.get(pid, 0), rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, list[int]]:
     started = time.perf_counter()
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    rss = PeakRss(process.pid)
+    rss = TreeRss(process.pid)
+    rss.start()
     out, err = process.communicate()
     elapsed = time.perf_counter() - started
-    peak = rss.stop()
+    rss.stop()
+    peak = rss.peak
     if process.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed ({process.returncode}):\n{out}\n{err}")
     return elapsed, peak, out, sorted(rss.per_process.values(), reverse=True)

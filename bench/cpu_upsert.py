@@ -30,9 +30,9 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_events import _cpu as backend_cpu  # noqa: E402  (a process's utime + stime, from /proc)
 from bench_events import recreate  # noqa: E402
 from floor_app import UPSERT_SQL  # noqa: E402
+from procfs import cpu_seconds as backend_cpu  # noqa: E402
 
 from app.db import make_engine, make_sessionmaker, pooled_connection  # noqa: E402
 from app.migrations import upgrade  # noqa: E402
