@@ -13,14 +13,16 @@ slow path by tests/services/test_import_rows.py (hypothesis):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from app.ids import keyed_digest, new_id_text
+from app.ids import keyed_digester, new_id_texts
 from app.schemas import types
 from app.services.imports.sniff import Unreadable
 
@@ -97,6 +99,11 @@ def init_worker(phone_region: str) -> None:
 def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
     """Check and normalize rows given as (row number, cells); one bad cell rejects its row (as a 422 would)."""
     out = Validated()
+    cells_read = _readers(spec)
+    digest = keyed_digester(spec.digest_key)
+    # Time-ordered, so the contact indexes grow at their right edge. Text, not a UUID object: the batch crosses
+    # to the runner pickled, and unpickling UUID objects was 6 of its 7.5 µs a row (COPY takes either form).
+    ids = iter(new_id_texts(len(rows)))
     for row_number, cells in rows:
         if isinstance(cells, Unreadable):  # too long or not CSV (sniff.RecordReader): no cells to check
             out.rejected_rows += 1
@@ -107,74 +114,106 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
         attributes: dict[str, Any] = {}
         blank_attributes: list[str] = []
         problems: list[tuple[str | None, str, str | None]] = []
-        if len(cells) > spec.width and any(c.strip(_WS) for c in cells[spec.width:]):
-            problems.append((None, f"the row has {len(cells)} cells, the header {spec.width}", None))
-        for index, target, column in spec.columns:
-            raw = cells[index] if index < len(cells) else ""
+        width = len(cells)
+        if width > spec.width and any(c.strip(_WS) for c in cells[spec.width:]):
+            problems.append((None, f"the row has {width} cells, the header {spec.width}", None))
+        for index, column, position, attribute, read in cells_read:
+            raw = cells[index] if index < width else ""
             value = raw.strip(_WS)
             if not value:
-                if target.startswith("attributes."):
-                    blank_attributes.append(target.removeprefix("attributes."))
+                if attribute is not None:
+                    blank_attributes.append(attribute)
                 continue
             try:
-                if target.startswith("attributes."):
-                    name = target.removeprefix("attributes.")
-                    kind, options = spec.attributes[name]
-                    attributes[name] = _attribute(kind, options, value)
+                if attribute is None:
+                    record[position] = read(value)
                 else:
-                    _set(record, target, value)
+                    attributes[attribute] = read(value)
             except ValueError as exc:
                 problems.append((column, str(exc), _shown(raw)))
-        if not problems and record[_POS["email"]] is None and record[_POS["external_id"]] is None:
+        if not problems and record[_EMAIL] is None and record[_POS["external_id"]] is None:
             problems.append((None, "no email and no external_id: a row needs one to be matched", None))
         if problems:
             out.rejected_rows += 1
             out.rejects.extend((row_number, column, reason, value) for column, reason, value in problems)
             continue
-        # Time-ordered, so the contact indexes grow at their right edge. Text, not a UUID object: the batch crosses
-        # to the runner pickled, and unpickling UUID objects was 6 of its 7.5 µs a row (COPY takes either form).
-        record[_POS["new_id"]] = new_id_text()
+        record[_POS["new_id"]] = next(ids)
         record[_POS["attributes"]] = json.dumps(attributes) if attributes else None
         record[_POS["blank_attributes"]] = blank_attributes or None
-        if record[_POS["email"]] is not None:
-            record[_POS["email_digest"]] = keyed_digest(spec.digest_key, "email", record[_POS["email"]])
-        if record[_POS["phone"]] is not None:
-            record[_POS["phone_digest"]] = keyed_digest(spec.digest_key, "phone", record[_POS["phone"]])
+        if record[_EMAIL] is not None:
+            record[_POS["email_digest"]] = digest("email", record[_EMAIL])
+        if record[_PHONE] is not None:
+            record[_POS["phone_digest"]] = digest("phone", record[_PHONE])
         out.records.append(tuple(record))
     return out
 
 
 # ---- fields ----------------------------------------------------------------------------------------------
 
+_EMAIL, _PHONE = _POS["email"], _POS["phone"]
+_Reader = Callable[[str], Any]
 
-def _set(record: list[Any], target: str, value: str) -> None:
-    if target == "email":
-        if len(value) > 320:
-            raise ValueError("an email has at most 320 characters")
-        record[_POS["email"]] = types.normalize_email(value)
-    elif target == "phone":
-        if len(value) > 40:
-            raise ValueError("a phone number has at most 40 characters")
-        record[_POS["phone"]] = types.normalize_phone(value)
-    elif target == "external_id":
-        record[_POS["external_id"]] = _text(value, 255)
-    elif target == "birth_date":
-        record[_POS["birth_date"]] = _birth_date(value)
-    elif target == "address.country":
-        record[_POS["country"]] = _country(value)
-    elif target == "kind":
-        kind = _KINDS.get(value.lower())
-        if kind is None:
-            raise ValueError("expected one of customer, prospect, vendor, partner")
-        record[_POS["kind"]] = kind
-    elif target == "source":
-        source = value.lower().replace(" ", "_").replace("-", "_")
-        if source not in _SOURCES:
-            raise ValueError(f"expected one of {', '.join(sorted(_SOURCES))}")
-        record[_POS["source"]] = source
-    else:
-        column, limit = _TEXT_FIELDS[target]
-        record[_POS[column]] = _text(value, limit)
+
+def _readers(spec: Spec) -> list[tuple[int, str, int, str | None, _Reader]]:
+    """Per mapped column, once per batch: (cell index, column name, staging position or -1 for an attribute,
+    attribute name or None, the function that checks and normalizes a non-blank cell)."""
+    today = date.today()
+    readers = []
+    for index, target, column in spec.columns:
+        if target.startswith("attributes."):
+            name = target.removeprefix("attributes.")
+            kind, options = spec.attributes[name]
+            readers.append((index, column, -1, name, functools.partial(_attribute, kind, options)))
+        else:
+            position, read = _field_reader(target, today)
+            readers.append((index, column, position, None, read))
+    return readers
+
+
+def _field_reader(target: str, today: date) -> tuple[int, _Reader]:
+    match target:
+        case "email":
+            return _EMAIL, _email
+        case "phone":
+            return _PHONE, _phone
+        case "external_id":
+            return _POS["external_id"], functools.partial(_text, limit=255)
+        case "birth_date":
+            return _POS["birth_date"], functools.partial(_birth_date, today=today)
+        case "address.country":
+            return _POS["country"], _country
+        case "kind":
+            return _POS["kind"], _kind
+        case "source":
+            return _POS["source"], _source
+    column, limit = _TEXT_FIELDS[target]
+    return _POS[column], functools.partial(_text, limit=limit)
+
+
+def _email(value: str) -> str:
+    if len(value) > 320:
+        raise ValueError("an email has at most 320 characters")
+    return types.normalize_email(value)
+
+
+def _phone(value: str) -> str:
+    if len(value) > 40:
+        raise ValueError("a phone number has at most 40 characters")
+    return types.normalize_phone(value)
+
+
+def _kind(value: str) -> str:
+    kind = _KINDS.get(value.lower())
+    if kind is None:
+        raise ValueError("expected one of customer, prospect, vendor, partner")
+    return kind
+
+
+def _source(value: str) -> str:
+    source = value.lower().replace(" ", "_").replace("-", "_")
+    if source not in _SOURCES:
+        raise ValueError(f"expected one of {', '.join(sorted(_SOURCES))}")
+    return source
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # app.schemas.types._no_control_chars, as a regex
@@ -201,9 +240,9 @@ def _parse_date(value: str) -> date:
     raise ValueError("not a date: expected dd/mm/yyyy or yyyy-mm-dd")
 
 
-def _birth_date(value: str) -> date:
+def _birth_date(value: str, today: date) -> date:
     parsed = _parse_date(value)
-    if not _MIN_BIRTH <= parsed <= date.today():
+    if not _MIN_BIRTH <= parsed <= today:
         raise ValueError("must be between 1900-01-01 and today")
     return parsed
 
