@@ -1,0 +1,56 @@
+"""A count condition that only asks "at least one" or "none" compiles to EXISTS / NOT EXISTS, which PostgreSQL can
+run as one semi- or anti-join; any other count stays a correlated count. (That the answers are right is the
+property test's: tests/services/test_segments_property.py compares every count op and value 0-3 with Python.)"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql
+
+from app.models import Contact
+from app.services.segments import _compile
+
+
+def _sql(filter_: dict[str, Any]) -> str:
+    expression = _compile(filter_, {}, datetime.now(UTC)).expression
+    statement = select(func.count()).select_from(Contact.__table__).where(expression)  # type: ignore[attr-defined]
+    return " ".join(str(statement.compile(dialect=postgresql.dialect())).split())
+
+
+def _orders(op: str, value: float) -> dict[str, Any]:
+    return {"field": "orders.count", "op": op, "value": value, "within_days": 365}
+
+
+def _events(op: str, value: int) -> dict[str, Any]:
+    return {"field": "events.type", "op": "eq", "value": "page_view", "count": {"op": op, "value": value}}
+
+
+@pytest.mark.parametrize("make", [_orders, _events])
+@pytest.mark.parametrize(("op", "value"), [("gte", 1), ("gt", 0), ("neq", 0), ("gte", 1.0)])
+def test_at_least_one_is_exists(make: Any, op: str, value: int) -> None:
+    sql = _sql(make(op, value))
+    assert "WHERE EXISTS (SELECT" in sql and "NOT (EXISTS" not in sql and "count(*) AS count_2" not in sql
+
+
+@pytest.mark.parametrize("make", [_orders, _events])
+@pytest.mark.parametrize(("op", "value"), [("lt", 1), ("lte", 0), ("eq", 0)])
+def test_none_is_not_exists(make: Any, op: str, value: int) -> None:
+    sql = _sql(make(op, value))
+    assert "NOT (EXISTS (SELECT" in sql and "count(*) AS count_2" not in sql
+
+
+@pytest.mark.parametrize("make", [_orders, _events])
+@pytest.mark.parametrize(("op", "value"), [("gte", 2), ("gt", 1), ("eq", 1), ("lt", 2), ("neq", 1)])
+def test_other_counts_are_counted(make: Any, op: str, value: int) -> None:
+    assert "(SELECT count(*) AS count_2" in _sql(make(op, value))
+
+
+def test_at_least_one_order_alone_is_counted_from_the_orders() -> None:
+    # a lone "has such orders" condition: the distinct contacts of the matching orders (_Compiled.counting)
+    assert _compile(_orders("gte", 1), {}, datetime.now(UTC)).lone_activity is not None
+    assert _compile(_orders("eq", 0), {}, datetime.now(UTC)).lone_activity is None
+    assert _compile(_orders("gte", 2), {}, datetime.now(UTC)).lone_activity is None
