@@ -579,23 +579,35 @@ def _count_test(c: _Compiler, table: Any, where: list[Any], op: str, value: Any,
     if op in COUNT_OPS:
         wanted = (op, _integer(value, path))
         if wanted in _SOME:
-            c.activities.append((table, where[1:]))
-            return exists().where(*where)
+            return _has_rows(c, table, where)
         if wanted in _NONE:
             return not_(exists().where(*where))
     counted = select(func.count()).select_from(table).where(*where).scalar_subquery()
     return _scalar(counted, op, value, path, _integer, nullable=False)
 
 
-def _activity(c: _Compiler, conditions: list[Any], table: Any, moment: Any, node: Mapping[str, Any],
-              path: str) -> ColumnElement[bool]:
-    """EXISTS, or a correlated COUNT compared with `count`, over this contact's matching rows."""
+def _has_rows(c: _Compiler, table: Any, where: list[Any]) -> ColumnElement[bool]:
+    """EXISTS over this contact's rows of `table` matching `where`; noted as an activity (_Compiled.counting)."""
+    c.activities.append((table, where[1:]))
+    return exists().where(*where)
+
+
+def _rows_of_contact(c: _Compiler, table: Any, conditions: list[Any], moment: Any, node: Mapping[str, Any],
+                     path: str) -> list[Any]:
+    """The terms selecting this contact's rows of `table`: the correlation first, then `conditions` and the
+    `within_days` window on `moment`."""
     where = [table.c.contact_id == _t.c.id, *conditions]
     if "within_days" in node:
         where.append(moment >= c.cutoff(node["within_days"], f"{path}.within_days"))
+    return where
+
+
+def _activity(c: _Compiler, conditions: list[Any], table: Any, moment: Any, node: Mapping[str, Any],
+              path: str) -> ColumnElement[bool]:
+    """EXISTS, or a correlated COUNT compared with `count`, over this contact's matching rows."""
+    where = _rows_of_contact(c, table, conditions, moment, node, path)
     if "count" not in node:
-        c.activities.append((table, where[1:]))
-        return exists().where(*where)
+        return _has_rows(c, table, where)
     return _compare_count(c, table, where, node["count"], f"{path}.count")
 
 
@@ -608,9 +620,7 @@ def _compile_order_item(c: _Compiler, spec: FieldSpec, op: str, value: Any, node
 
 
 def _compile_order_count(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
-    where = [_orders.c.contact_id == _t.c.id, _orders.c.status.not_in(NOT_COUNTED)]
-    if "within_days" in node:
-        where.append(_orders.c.placed_at >= c.cutoff(node["within_days"], f"{path}.within_days"))
+    where = _rows_of_contact(c, _orders, [_orders.c.status.not_in(NOT_COUNTED)], _orders.c.placed_at, node, path)
     return _count_test(c, _orders, where, op, value, f"{path}.value")
 
 

@@ -42,6 +42,7 @@ STAGE_COLUMNS = (
     "phone_digest",
 )
 _POS = {name: i for i, name in enumerate(STAGE_COLUMNS)}
+_EMAIL, _PHONE, _EXTERNAL_ID = _POS["email"], _POS["phone"], _POS["external_id"]
 # Wire field → staging column, with the API's length limit (after trimming, as InputSchema trims).
 _TEXT_FIELDS: dict[str, tuple[str, int]] = {
     "first_name": ("first_name", 255), "last_name": ("last_name", 255), "company": ("company", 255),
@@ -129,7 +130,7 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
                     attributes[attribute] = read(value)
             except ValueError as exc:
                 problems.append((column, str(exc), _shown(raw)))
-        if not problems and record[_EMAIL] is None and record[_POS["external_id"]] is None:
+        if not problems and record[_EMAIL] is None and record[_EXTERNAL_ID] is None:
             problems.append((None, "no email and no external_id: a row needs one to be matched", None))
         if problems:
             out.rejected_rows += 1
@@ -148,7 +149,6 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
 
 # ---- fields ----------------------------------------------------------------------------------------------
 
-_EMAIL, _PHONE = _POS["email"], _POS["phone"]
 _Reader = Callable[[str], Any]
 
 
@@ -175,7 +175,7 @@ def _field_reader(target: str, today: date) -> tuple[int, _Reader]:
         case "phone":
             return _PHONE, _phone
         case "external_id":
-            return _POS["external_id"], functools.partial(_text, limit=255)
+            return _EXTERNAL_ID, functools.partial(_text, limit=255)
         case "birth_date":
             return _POS["birth_date"], functools.partial(_birth_date, today=today)
         case "address.country":
