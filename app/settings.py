@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     import_batch_rows: int = Field(default=10_000, ge=1, le=200_000)    # rows per checkpointed transaction
     import_workers: int = Field(default=1, ge=0, le=32)         # validating processes; 0: in the runner itself
     import_inline_bytes: int = Field(default=1024 * 1024, ge=0)  # smaller files are validated in the runner
+    import_writers: int = Field(default=2, ge=1, le=8)          # batches written at once, a connection each
     import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
     import_report_values_days: int = Field(default=30, ge=1, le=3650)  # refused cells kept in reports, then cleared
 

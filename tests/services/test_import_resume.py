@@ -26,7 +26,7 @@ pytestmark = pytest.mark.committing
 
 BATCH = 400
 LEASE = 2.0
-# The runner in a child process, slowed after each committed batch so the test can kill it mid-file.
+# The runner in a child process, slowed at the end of each batch so the test can kill it mid-file.
 _CHILD = f"""
 import asyncio, sys
 from app.db import make_engine, make_sessionmaker
@@ -34,12 +34,12 @@ from app.schemas.types import configure_phone_region
 from app.services.imports import runner
 from app.settings import Settings
 
-written = runner._write
+written = runner.write_batch
 async def slow_write(*args, **kwargs):
     result = await written(*args, **kwargs)
     await asyncio.sleep(0.25)
     return result
-runner._write = slow_write
+runner.write_batch = slow_write
 
 async def main():
     settings = Settings(database_url=sys.argv[1], jwt_secret={TEST_SECRET!r}, import_batch_rows={BATCH},

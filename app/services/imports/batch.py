@@ -14,6 +14,10 @@ Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
   6. the list subscription (list_id + consent), decided on the locked contacts, the reject report, the counters
      and the checkpoint.
 
+Two batches are written at once, on two connections (`Turn`): the later one looks for duplicates among the earlier
+one's rows too, takes its locks only once the earlier one holds its own, and writes its checkpoint only after the
+earlier one committed (a contact both want waits for that commit; the earlier one never waits on the later one).
+
 The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
 after the lock with one of the file's keys is met by the unique indexes: the new rows' insert, run again with ON
 CONFLICT DO NOTHING, skips it (`conflict`), an updated row whose new email it holds is refused (`email_held`), as in
@@ -23,6 +27,7 @@ and the runner writes the whole batch again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping
@@ -38,7 +43,7 @@ from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
 from app.services.links import CONFIRM_LINK_TTL, LinkBuilder
 from app.settings import Settings
 
-__all__ = ["Job", "JobProblem", "LeaseLost", "Raced", "write_batch"]
+__all__ = ["EarlierRolledBack", "Job", "JobProblem", "LeaseLost", "Raced", "Turn", "write_batch"]
 
 log = get_logger("carnet.imports")
 
@@ -95,6 +100,43 @@ class Raced(Exception):
     """The batch lost a race it cannot settle in its own transaction: roll it back and write it again."""
 
 
+class EarlierRolledBack(Exception):
+    """The batch written before this one rolled back: this one rolls back too (the checkpoint is a row count)."""
+
+
+@dataclass(slots=True, eq=False)
+class Turn:
+    """A batch's place when two are written at once: what the next batch waits for, and what it reads of this one.
+
+    `keys`: this batch's kept rows' emails and external_ids → row number, known once it holds its locks (the next
+    batch rejects its rows sharing one as duplicates: it cannot read them from the database before this commits).
+    """
+
+    earlier: Turn | None = None
+    keys: dict[str, int] | None = None
+    _locked: asyncio.Event = field(default_factory=asyncio.Event)
+    _outcome: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def hold(self, keys: dict[str, int]) -> None:
+        """This batch holds its locks, and these are its rows' keys: the next one may go on."""
+        self.keys = keys
+        self._locked.set()
+
+    def settle(self, *, committed: bool) -> None:
+        """Committed or rolled back. Once committed its rows are the database's to show; the chain is cut so that
+        an import keeps two batches' keys in memory, not every batch's."""
+        self._locked.set()
+        if not self._outcome.done():
+            self._outcome.set_result(committed)
+        self.keys = self.earlier = None
+
+    async def held(self) -> None:
+        await self._locked.wait()
+
+    async def committed(self) -> bool:
+        return await asyncio.shield(self._outcome)
+
+
 @dataclass(slots=True)
 class Job:
     row: dict[str, Any]
@@ -114,9 +156,16 @@ class Job:
 
 
 async def write_batch(
-    connection: asyncpg.Connection, job: Job, validated: Validated, processed: int
+    connection: asyncpg.Connection, job: Job, validated: Validated, processed: int, turn: Turn | None = None
 ) -> dict[str, int]:
-    """Write one validated batch and the checkpoint `processed`, in the caller's transaction; the counts."""
+    """Write one validated batch and the checkpoint `processed`, in the caller's transaction; the counts.
+
+    `turn`: when another batch, `turn.earlier`, is written at the same time, ahead of this one (see the module's
+    docstring); this batch calls `turn.hold` once it holds its locks. The caller settles it after the commit."""
+    turn = turn or Turn()
+    earlier = turn.earlier
+    if earlier is not None:
+        await earlier.held()
     # The batch and its checkpoint commit together, so a commit that a PostgreSQL crash loses takes its checkpoint
     # with it and the job resumes before that batch: not waiting for the WAL flush loses nothing. No statement
     # outlasts the lease (nor may the batch, after its date: see the end), nor waits on another writer's lock past
@@ -133,13 +182,16 @@ async def write_batch(
         (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
     counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
     counts["rejected"] = validated.rejected_rows
-    kept = await _drop_duplicates(connection, job, validated.records, rejects)
+    kept, keys = await _drop_duplicates(connection, job, validated.records, rejects, earlier)
     counts["rejected"] += len(validated.records) - len(kept)
     stamped_at: datetime | None = None
-    if kept:
+    if not kept:
+        turn.hold(keys)
+    else:
         await connection.execute(_STAGE_DDL)
         await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
         held = await connection.fetch(_holders_sql(lock=not dry))
+        turn.hold(keys)
         if held or job.row["mode"] == "update_only":  # else every row stays 'create' (a file of new people)
             await connection.execute(_MATCH_SQL, job.row["mode"], [h["id"] for h in held],
                                      [h["email"] for h in held], [h["external_id"] for h in held])
@@ -177,6 +229,8 @@ async def write_batch(
         rejects.sort(key=lambda r: r[1])
         await connection.copy_records_to_table(
             "import_reject", records=rejects, columns=["import_id", "row_number", "column", "reason", "value"])
+    if earlier is not None and not await earlier.committed():
+        raise EarlierRolledBack
     moved = await connection.fetchval(
         """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
                unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
@@ -194,19 +248,29 @@ async def write_batch(
 
 
 async def _drop_duplicates(
-    connection: asyncpg.Connection, job: Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]]
-) -> list[tuple[Any, ...]]:
-    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept).
+    connection: asyncpg.Connection, job: Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]],
+    earlier: Turn | None,
+) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept);
+    the rows kept, and their keys → row number.
 
-    The keys of earlier batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
-    contact, as the email and external_id of the contact for rows that created one.
+    The keys of committed batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
+    contact, as the email and external_id of the contact for rows that created one. Those of the batches still being
+    written ahead of this one come from their `Turn`s, read before the query (a batch's keys are gone from its turn
+    once it committed, and then the query sees its rows).
     """
+    in_flight: dict[str, int] = {}
+    while earlier is not None:
+        in_flight.update(earlier.keys or {})
+        earlier = earlier.earlier
     email_at, external_at = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
     keys_by_row = [_keys(r, email_at, external_at) for r in records]
     row_keys = [k for keys in keys_by_row for k in keys] if job.row_keys_kept else []
     seen: dict[str, int] = {r["key"]: r["row_number"] for r in await connection.fetch(
         _EARLIER_KEYS_SQL, job.id, row_keys, [r[email_at] for r in records if r[email_at] is not None],
         [r[external_at] for r in records if r[external_at] is not None])}
+    seen.update(in_flight)
+    mine: dict[str, int] = {}
     kept: list[tuple[Any, ...]] = []
     for record, keys in zip(records, keys_by_row, strict=True):
         earlier = [(seen[k], k) for k in keys if k in seen]
@@ -216,9 +280,9 @@ async def _drop_duplicates(
             rejects.append((job.id, record[0], column, f"duplicate of row {first}", key[2:]))
             continue
         for key in keys:
-            seen[key] = record[0]
+            seen[key] = mine[key] = record[0]
         kept.append(record)
-    return kept
+    return kept, mine
 
 
 def _keys(record: tuple[Any, ...], email_at: int, external_at: int) -> list[str]:

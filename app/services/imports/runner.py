@@ -18,18 +18,19 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.db import driver_connection
 from app.logging import get_logger, where
 from app.schemas import types
 from app.services import suppressions
 from app.services.imports import rows as rows_module
-from app.services.imports.batch import Job, JobProblem, LeaseLost, Raced, write_batch
+from app.services.imports.batch import EarlierRolledBack, Job, JobProblem, LeaseLost, Raced, Turn, write_batch
 from app.services.imports.rows import Spec, Validated
 from app.services.imports.sniff import RecordReader, Unreadable
 from app.services.links import LinkBuilder, LinkCodec
@@ -184,37 +185,92 @@ async def _process(sessions: async_sessionmaker[AsyncSession], job: Job, progres
 
 
 class _Writer:
-    """Writes validated batches one after the other in a task of its own, so that the runner reads, parses and
-    hands out the next batches while PostgreSQL writes this one (neither waits for the other)."""
+    """Writes validated batches in a task each, `IMPORT_WRITERS` (2) at a time on as many connections (batch.Turn):
+    the runner reads, parses and hands out the next batches meanwhile, and while one batch's statements run the next
+    one's do too (PostgreSQL's work on a batch is one backend's: alone it leaves the other core to the validating
+    process). Batches commit in the file's order, so the checkpoint stays a row count."""
 
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], job: Job, progress: Progress | None, *, processed: int
     ) -> None:
         self._sessions, self._job, self._progress = sessions, job, progress
         self.processed = processed  # the committed checkpoint
-        self._task: asyncio.Task[None] | None = None
+        self._planned = processed   # the checkpoint once every batch started is committed
+        self._flights: deque[_Flight] = deque()
+        # A sessionmaker bound to one connection (a caller's own transaction) can write only one batch at a time.
+        self._writers = 1 if isinstance(sessions.kw.get("bind"), AsyncConnection) else job.settings.import_writers
 
     async def start(self, validated: Awaitable[Validated], count: int) -> None:
-        """Wait for the batch being written (its error is raised here), then start writing this one."""
-        await self.wait()
-        self._task = asyncio.create_task(self._write(validated, count))
+        """Start writing this batch once a writer is free (a failed batch's error is raised here)."""
+        while len(self._flights) >= self._writers:
+            await self._land()
+        self._planned += count
+        earlier = self._flights[-1].turn if self._flights else None
+        self._flights.append(self._launch(validated, self._planned, earlier))
 
     async def wait(self) -> int:
-        if self._task is not None:
-            task, self._task = self._task, None
-            await task
+        while self._flights:
+            await self._land()
         return self.processed
 
     async def abandon(self) -> None:
-        """Stop a write still running because the job stops for another reason: its transaction rolls back."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop writes still running because the job stops for another reason: their transactions roll back."""
+        for flight in self._flights:
+            flight.task.cancel()
+        for flight in self._flights:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await flight.task
+        self._flights.clear()
 
-    async def _write(self, validated: Awaitable[Validated], count: int) -> None:
-        self.processed = await _write(self._sessions, self._job, await validated, self.processed + count)
+    def _launch(self, validated: Awaitable[Validated], end: int, earlier: Turn | None) -> _Flight:
+        flight = _Flight(validated=validated, end=end, turn=Turn(earlier=earlier))
+        flight.task = asyncio.create_task(self._fly(flight))
+        return flight
+
+    async def _fly(self, flight: _Flight) -> dict[str, int]:
+        try:
+            flight.rows = await flight.validated
+            async with self._sessions.begin() as session:
+                counts = await write_batch(await driver_connection(session), self._job, flight.rows, flight.end,
+                                           flight.turn)
+        except BaseException:
+            flight.turn.settle(committed=False)
+            raise
+        flight.turn.settle(committed=True)
+        return counts
+
+    async def _land(self) -> None:
+        """The oldest batch's outcome. If it lost a race, the batch after it rolls back too (it would commit after
+        a batch that is not there); once it has, the oldest is written again alone, then the next one again."""
+        flight = self._flights.popleft()
+        try:
+            counts = await flight.task
+        except _RACES as exc:
+            _raced(self._job, 1, exc)
+            following = [*self._flights]
+            self._flights.clear()
+            for later in following:  # each sees the batch before it rolled back, and rolls back
+                with contextlib.suppress(Exception):
+                    await later.task
+            assert flight.rows is not None  # a race is the database's answer: the rows were validated
+            counts = await _write(self._sessions, self._job, flight.rows, flight.end, attempts=range(2, _ATTEMPTS + 1))
+            earlier = None
+            for later in following:
+                self._flights.append(self._launch(later.validated, later.end, earlier))
+                earlier = self._flights[-1].turn
+        for key, value in counts.items():
+            self._job.counts[key] += value
+        self.processed = flight.end
         _report(self._progress, self._job, self.processed)
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    validated: Awaitable[Validated]
+    end: int                        # the checkpoint once it is committed
+    turn: Turn
+    rows: Validated | None = None
+    task: asyncio.Task[dict[str, int]] = field(init=False)
 
 
 def _pool(settings: Settings) -> Executor:
@@ -286,29 +342,32 @@ async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> Asyn
 
 
 # Races a batch's transaction cannot settle itself: rolled back whole (nothing of the batch stays) and written again.
-_RACES = (Raced, asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.LockNotAvailableError)
-_BATCH_ATTEMPTS = 3
+_RACES = (Raced, EarlierRolledBack, asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+          asyncpg.LockNotAvailableError)
+_ATTEMPTS = 3
 
 
 async def _write(
-    sessions: async_sessionmaker[AsyncSession], job: Job, validated: Validated, processed: int
-) -> int:
-    """Write one validated batch and its checkpoint in one transaction; again, from the start, after a race."""
-    for attempt in range(1, _BATCH_ATTEMPTS + 1):
+    sessions: async_sessionmaker[AsyncSession], job: Job, validated: Validated, processed: int, *,
+    attempts: range = range(1, _ATTEMPTS + 1),
+) -> dict[str, int]:
+    """Write one validated batch and its checkpoint in one transaction, alone; again, from the start, after a race."""
+    for attempt in attempts:
         try:
             async with sessions.begin() as session:
-                counts = await write_batch(await driver_connection(session), job, validated, processed)
+                return await write_batch(await driver_connection(session), job, validated, processed)
         except _RACES as exc:
-            log.info("import.batch_raced", import_id=str(job.id), attempt=attempt, race=type(exc).__name__)
-            if attempt == _BATCH_ATTEMPTS:
-                reason = str(exc) if isinstance(exc, Raced) else f"{type(exc).__name__}, with another writer"
-                raise JobProblem(f"a batch could not be written in {attempt} attempts ({reason}); nothing of it "
-                                 "was written: import the file again") from exc
-            continue
-        for key, value in counts.items():
-            job.counts[key] += value
-        return processed
+            _raced(job, attempt, exc)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _raced(job: Job, attempt: int, exc: BaseException) -> None:
+    """Log a lost race; after the last attempt, fail the job."""
+    log.info("import.batch_raced", import_id=str(job.id), attempt=attempt, race=type(exc).__name__)
+    if attempt >= _ATTEMPTS:
+        reason = str(exc) if isinstance(exc, Raced) else f"{type(exc).__name__}, with another writer"
+        raise JobProblem(f"a batch could not be written in {attempt} attempts ({reason}); nothing of it "
+                         "was written: import the file again") from exc
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
