@@ -278,7 +278,8 @@ async def _run_worker(settings: Settings, *, once: bool) -> None:
     from app.worker import create_worker
 
     assert settings.database_url is not None
-    engine = make_engine(settings.database_url, pool_size=4, pool_timeout=BACKGROUND_POOL_TIMEOUT,
+    engine = make_engine(settings.database_url, pool_size=settings.background_pool_size,
+                         pool_timeout=BACKGROUND_POOL_TIMEOUT,
                          statement_timeout=settings.statement_timeout_worker_seconds)
     box = SecretBox.from_setting(settings.secrets_keys.get_secret_value() if settings.secrets_keys else None,
                                  fallback_master=_signer(settings).secret)

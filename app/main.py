@@ -148,7 +148,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.costly_sessionmaker = make_sessionmaker(costly)
     # Background work in this process (lifecycle refresh, the embedded worker) runs under the worker's timeout, on
     # its own small pool (as `carnet worker` does), so it never takes the API's connections either.
-    jobs_engine = make_engine(url, pool_size=4, pool_timeout=BACKGROUND_POOL_TIMEOUT,
+    jobs_engine = make_engine(url, pool_size=settings.background_pool_size, pool_timeout=BACKGROUND_POOL_TIMEOUT,
                               statement_timeout=timeouts.worker)
     app.state.jobs_sessionmaker = jobs = make_sessionmaker(jobs_engine)
     revocations: RevocationList = app.state.revocations

@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         return self.database_url is None
 
+    @property
+    def background_pool_size(self) -> int:
+        """Connections of the worker's pool (`carnet worker`, or the API's embedded worker): an import's writers
+        and its file reader (`carnet import` opens just those), plus the other jobs running beside it (deliveries,
+        segment syncs, upkeep)."""
+        return self.import_writers + 3
+
     def resolved_jwt_secret(self) -> str:
         """The signing secret; made once and kept in data_dir in embedded mode, required otherwise."""
         if self.jwt_secret is not None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from app.db import make_engine, make_sessionmaker
+from app.db import BACKGROUND_POOL_TIMEOUT, make_engine, make_sessionmaker
 from app.schemas.imports import ImportOptions
 from app.schemas.types import configure_phone_region
 from app.security import Principal
@@ -26,7 +26,9 @@ async def import_file(
     """Store the file as a job claimed by this process, run it here, and answer the finished job row."""
     configure_phone_region(settings.default_phone_region)
     digest_key(settings)  # the suppression key, as the API derives it
-    engine = make_engine(url, pool_size=2, statement_timeout=settings.statement_timeout_worker_seconds)
+    # A connection for each batch being written and one to read the file with (the runner's _Writer, _records).
+    engine = make_engine(url, pool_size=settings.import_writers + 1, pool_timeout=BACKGROUND_POOL_TIMEOUT,
+                         statement_timeout=settings.statement_timeout_worker_seconds)
     try:
         sessions = make_sessionmaker(engine)
         owner = new_owner()
