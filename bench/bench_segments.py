@@ -142,6 +142,19 @@ async def drop_db(args: argparse.Namespace) -> None:
         await admin.close()
 
 
+async def make_event_months(url: str) -> None:
+    """The monthly partitions of `event` for the two years of events generated, as the worker's upkeep makes them
+    (app.services.event_partitions): without them every event lands in the default partition, not a month's."""
+    from app.db import make_engine, make_sessionmaker
+    from app.services.event_partitions import add_months, ensure_month, month_of
+
+    engine = make_engine(url, pool_size=1)
+    async with make_sessionmaker(engine).begin() as session:
+        for back in range(25):
+            await ensure_month(session, add_months(month_of(datetime.now(UTC)), -back))
+    await engine.dispose()
+
+
 async def generate(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[str, float]:
     timings: dict[str, float] = {}
     await conn.execute("SET synchronous_commit = off; SET maintenance_work_mem = '1GB';"
@@ -243,7 +256,9 @@ async def generate(conn: asyncpg.Connection, args: argparse.Namespace) -> dict[s
     for c in constraints:
         await conn.execute(f'ALTER TABLE {c["tbl"]} ADD CONSTRAINT "{c["conname"]}" {c["def"]}')
     for i in indexes:
-        await conn.execute(i["indexdef"])
+        # pg_indexes writes a partitioned table's index `ON ONLY event`: as written, it would be left on the parent
+        # alone (invalid, none on the months); without ONLY it is made on every partition, as the migration's was
+        await conn.execute(i["indexdef"].replace(" ON ONLY ", " ON ", 1))
     timings["indexes"] = time.perf_counter() - t
     log(f"indexes and constraints re-created in {timings['indexes']:.0f} s")
 
@@ -757,6 +772,7 @@ async def main() -> int:
             await recreate_db(args)
             from app.migrations import upgrade
             await asyncio.to_thread(upgrade, url)
+            await make_event_months(url)
             conn = await asyncpg.connect(url)
             try:
                 t = time.perf_counter()

@@ -72,8 +72,7 @@ async def preview_segment(
 ) -> Any:
     """Count and first page (at most 20 contacts, id order) of a filter, without saving it."""
     async with session_within(session, request.app.state.timeouts.costly, kind=KIND):
-        condition = await segments_service.compile_filter(session, payload.filter)
-        total = await segments_service.count(session, condition)
+        condition, total = await segments_service.preview(session, payload.filter)
         rows, _next = await segments_service.contacts_page(session, condition, limit=PREVIEW_SIZE, cursor=None,
                                                            codec=request.app.state.cursor_codec)
     note(count=total, filter_sha256=journal_service.fingerprint(payload.filter))  # the filter may hold an address

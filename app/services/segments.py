@@ -93,6 +93,7 @@ __all__ = [
     "delete_segment",
     "get",
     "list_page",
+    "preview",
     "segment_condition",
     "update",
 ]
@@ -225,6 +226,8 @@ class _Compiler:
     clock: dict[str, Callable[[datetime], Any]] = field(default_factory=dict)
     # each EXISTS over orders or events compiled: (table, its conditions without the contact correlation)
     activities: list[tuple[Any, list[Any]]] = field(default_factory=list)
+    # each count of them that needs one row or more: (table, its conditions so, the test of the count)
+    counts: list[tuple[Any, list[Any], ColumnElement[bool]]] = field(default_factory=list)
 
     def node(self, node: Any, path: str, depth: int) -> ColumnElement[bool]:
         try:
@@ -583,7 +586,18 @@ def _count_test(c: _Compiler, table: Any, where: list[Any], op: str, value: Any,
         if wanted in _NONE:
             return not_(exists().where(*where))
     counted = select(func.count()).select_from(table).where(*where).scalar_subquery()
-    return _scalar(counted, op, value, path, _integer, nullable=False)
+    test = _scalar(counted, op, value, path, _integer, nullable=False)
+    if op in COUNT_OPS and _at_least_one(op, _integer(value, path)):
+        # Alone in a stored segment, such a count is taken from the rows grouped by contact (_Compiled.counting).
+        # Not in company: an EXISTS in front of it ("has one at least") does not spare the per-contact counts,
+        # since PostgreSQL evaluates them as a filter of the contact scan, before any join (EXPLAINed).
+        c.counts.append((table, where[1:], _scalar(func.count(), op, value, path, _integer, nullable=False)))
+    return test
+
+
+def _at_least_one(op: str, value: int) -> bool:
+    """Whether `count op value` holds only for a count of 1 or more."""
+    return (op == "gte" and value >= 1) or (op == "gt" and value >= 0) or (op == "eq" and value >= 1)
 
 
 def _has_rows(c: _Compiler, table: Any, where: list[Any]) -> ColumnElement[bool]:
@@ -665,10 +679,26 @@ async def compile_filter(
     session: AsyncSession, filter_: Any, *, now: datetime | None = None, path: str = "filter"
 ) -> ColumnElement[bool]:
     """Validate a filter and compile it to one boolean expression over `contact`; 422 naming each faulty part."""
+    return (await _compile_with_definitions(session, filter_, now=now, path=path)).expression
+
+
+async def preview(session: AsyncSession, filter_: Any, *, now: datetime | None = None
+                  ) -> tuple[ColumnElement[bool], int]:
+    """An unsaved filter's condition, and the count of its contacts now. A lone count of one row or more is counted
+    from the rows, as a stored segment's is (`_Compiled.counting`): the preview gives the same number as soon."""
+    compiled = await _compile_with_definitions(session, filter_, now=now)
+    counting = compiled.counting() if compiled.lone_count is not None else \
+        select(func.count()).select_from(_t).where(compiled.expression)
+    return compiled.expression, int(await session.scalar(counting) or 0)
+
+
+async def _compile_with_definitions(
+    session: AsyncSession, filter_: Any, *, now: datetime | None = None, path: str = "filter"
+) -> _Compiled:
     definitions: dict[str, str] = {}
     if _mentions_attributes(filter_):  # one round trip less for the common filters
         definitions = {r.name: r.type for r in await session.execute(select(_defs.c.name, _defs.c.type))}
-    return _compile(filter_, definitions, now or utc_now(), path).expression
+    return _compile(filter_, definitions, now or utc_now(), path)
 
 
 def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str = "filter") -> _Compiled:
@@ -684,9 +714,10 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     problem = json_problem(filter_)
     if problem is not None:
         raise InvalidInput.one(path, problem, "invalid_filter")
-    lone = compiler.activities[0] if compiler.conditions == 1 and len(compiler.activities) == 1 \
-        and _single_condition(filter_) else None
-    return _Compiled(expression, compiler.clock, lone)
+    single = compiler.conditions == 1 and _single_condition(filter_)
+    lone = compiler.activities[0] if single and len(compiler.activities) == 1 else None
+    lone_count = compiler.counts[0] if single and len(compiler.counts) == 1 and not compiler.activities else None
+    return _Compiled(expression, compiler.clock, lone, lone_count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +726,8 @@ class _Compiled:
     clock: dict[str, Callable[[datetime], Any]]   # see _Compiler.clock
     # the filter is one "has such orders/events" condition: (table, conditions), counted without `contact`
     lone_activity: tuple[Any, list[Any]] | None = None
+    # the filter is one "has N such orders/events" condition (N >= 1, _Compiler.counts), counted likewise
+    lone_count: tuple[Any, list[Any], ColumnElement[bool]] | None = None
 
     def counting(self, hashed: bool = False) -> Select[Any]:
         """The count of the contacts matching. For a lone activity condition, the distinct contacts of the
@@ -702,6 +735,12 @@ class _Compiled:
         read from the (partitioned, pruned) rows alone instead of probing them from every contact. `hashed`
         (a lone activity only): the same number as a DISTINCT subquery, which PostgreSQL may hash, instead of
         `count(DISTINCT)`, which sorts (see `_hashes_better`)."""
+        if self.lone_count is not None:
+            # the contacts holding enough matching rows, grouped from the rows in one pass: counted contact by
+            # contact instead, "2 orders in the last year" took 10.1 s over 1M contacts and 3M orders, 1.8 s so
+            table, conditions, enough = self.lone_count
+            contacts = select(table.c.contact_id).where(*conditions).group_by(table.c.contact_id).having(enough)
+            return select(func.count()).select_from(contacts.subquery("matching"))
         if self.lone_activity is None:
             return select(func.count()).select_from(_t).where(self.expression)
         table, conditions = self.lone_activity

@@ -1,6 +1,8 @@
 """A count condition that only asks "at least one" or "none" compiles to EXISTS / NOT EXISTS, which PostgreSQL can
-run as one semi- or anti-join; any other count stays a correlated count. (That the answers are right is the
-property test's: tests/services/test_segments_property.py compares every count op and value 0-3 with Python.)"""
+run as one semi- or anti-join; any other count stays a correlated count, except alone in a stored segment when it
+needs one row or more ("at least 2", "exactly 1"): then it is counted from the rows, grouped by contact.
+(That the answers are right is the property tests': tests/services/test_segments_property.py compares every count
+op and value 0-3 with Python, tests/services/test_segment_count_path.py the stored segments' counts.)"""
 
 from __future__ import annotations
 
@@ -54,3 +56,22 @@ def test_at_least_one_order_alone_is_counted_from_the_orders() -> None:
     assert _compile(_orders("gte", 1), {}, datetime.now(UTC)).lone_activity is not None
     assert _compile(_orders("eq", 0), {}, datetime.now(UTC)).lone_activity is None
     assert _compile(_orders("gte", 2), {}, datetime.now(UTC)).lone_activity is None
+
+
+@pytest.mark.parametrize("make", [_orders, _events])
+@pytest.mark.parametrize(("op", "value", "grouped"), [
+    ("gte", 2, True), ("gt", 1, True), ("eq", 1, True), ("eq", 3, True), ("lt", 2, False), ("lte", 1, False),
+    ("neq", 1, False),
+])
+def test_a_lone_count_needing_a_row_is_counted_from_the_rows(make: Any, op: str, value: int, grouped: bool) -> None:
+    compiled = _compile(make(op, value), {}, datetime.now(UTC))
+    assert (compiled.lone_count is not None) == grouped and compiled.lone_activity is None
+
+
+def test_a_lone_count_is_grouped_from_the_rows_and_not_in_company() -> None:
+    counting = _compile(_orders("gte", 2), {}, datetime.now(UTC)).counting()
+    sql = " ".join(str(counting.compile(dialect=postgresql.dialect())).split())
+    assert "GROUP BY \"order\".contact_id HAVING count(*) >=" in sql and "FROM contact" not in sql
+    with_city = {"all": [_orders("gte", 2), {"field": "address.city", "op": "eq", "value": "Lyon"}]}
+    assert _compile(with_city, {}, datetime.now(UTC)).lone_count is None
+    assert _compile({"not": _orders("gte", 2)}, {}, datetime.now(UTC)).lone_count is None
