@@ -585,14 +585,13 @@ def _count_test(c: _Compiler, table: Any, where: list[Any], op: str, value: Any,
             return _has_rows(c, table, where)
         if wanted in _NONE:
             return not_(exists().where(*where))
+        if _at_least_one(*wanted):
+            # Alone in a filter, such a count is taken from the rows grouped by contact (_Compiled.counting).
+            # Not in company: an EXISTS in front of it ("has one at least") does not spare the per-contact counts,
+            # since PostgreSQL evaluates them as a filter of the contact scan, before any join (EXPLAINed).
+            c.counts.append((table, where[1:], _scalar(func.count(), op, value, path, _integer, nullable=False)))
     counted = select(func.count()).select_from(table).where(*where).scalar_subquery()
-    test = _scalar(counted, op, value, path, _integer, nullable=False)
-    if op in COUNT_OPS and _at_least_one(op, _integer(value, path)):
-        # Alone in a filter, such a count is taken from the rows grouped by contact (_Compiled.counting).
-        # Not in company: an EXISTS in front of it ("has one at least") does not spare the per-contact counts,
-        # since PostgreSQL evaluates them as a filter of the contact scan, before any join (EXPLAINed).
-        c.counts.append((table, where[1:], _scalar(func.count(), op, value, path, _integer, nullable=False)))
-    return test
+    return _scalar(counted, op, value, path, _integer, nullable=False)
 
 
 def _at_least_one(op: str, value: int) -> bool:

@@ -30,7 +30,7 @@ from app.logging import get_logger, where
 from app.schemas import types
 from app.services import suppressions
 from app.services.imports import rows as rows_module
-from app.services.imports.batch import EarlierRolledBack, Job, JobProblem, LeaseLost, Raced, Turn, write_batch
+from app.services.imports.batch import Job, JobProblem, LeaseLost, Raced, Turn, write_batch
 from app.services.imports.rows import Spec, Validated
 from app.services.imports.sniff import RecordReader, Unreadable
 from app.services.links import LinkBuilder, LinkCodec
@@ -205,8 +205,7 @@ class _Writer:
         while len(self._flights) >= self._writers:
             await self._land()
         self._planned += count
-        earlier = self._flights[-1].turn if self._flights else None
-        self._flights.append(self._launch(validated, self._planned, earlier))
+        self._append(validated, self._planned)
 
     async def wait(self) -> int:
         while self._flights:
@@ -222,10 +221,12 @@ class _Writer:
                 await flight.task
         self._flights.clear()
 
-    def _launch(self, validated: Awaitable[Validated], end: int, earlier: Turn | None) -> _Flight:
-        flight = _Flight(validated=validated, end=end, turn=Turn(earlier=earlier))
+    def _append(self, validated: Awaitable[Validated], end: int) -> None:
+        """Start writing a batch behind the ones being written (their last one is its `earlier`)."""
+        flight = _Flight(validated=validated, end=end,
+                         turn=Turn(earlier=self._flights[-1].turn if self._flights else None))
         flight.task = asyncio.create_task(self._fly(flight))
-        return flight
+        self._flights.append(flight)
 
     async def _fly(self, flight: _Flight) -> dict[str, int]:
         try:
@@ -254,10 +255,8 @@ class _Writer:
                     await later.task
             assert flight.rows is not None  # a race is the database's answer: the rows were validated
             counts = await _write(self._sessions, self._job, flight.rows, flight.end, attempts=range(2, _ATTEMPTS + 1))
-            earlier = None
             for later in following:
-                self._flights.append(self._launch(later.validated, later.end, earlier))
-                earlier = self._flights[-1].turn
+                self._append(later.validated, later.end)
         for key, value in counts.items():
             self._job.counts[key] += value
         self.processed = flight.end
@@ -342,8 +341,7 @@ async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> Asyn
 
 
 # Races a batch's transaction cannot settle itself: rolled back whole (nothing of the batch stays) and written again.
-_RACES = (Raced, EarlierRolledBack, asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
-          asyncpg.LockNotAvailableError)
+_RACES = (Raced, asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.LockNotAvailableError)
 _ATTEMPTS = 3
 
 
