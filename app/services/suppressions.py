@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import select, tuple_, update
@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, NotFound
-from app.ids import keyed_digest
+from app.ids import keyed_digest, keyed_digester
 from app.models import Suppression
 from app.models.base import new_id, utc_now
 from app.security import Principal
@@ -50,6 +50,8 @@ KINDS = ("email", "phone")
 SUPPRESSED_SQLSTATE = "CS001"  # raised by the SQL function carnet_refuse_suppressed (migration 0019)
 _t = Suppression.__table__  # type: ignore[attr-defined]
 _key: bytes | None = None
+_digest: Callable[[str, str], str] | None = None  # keyed_digester(_key): the key's HMAC state prepared once
+_UNCONFIGURED = "the suppression key is not configured (app.services.suppressions.configure)"
 
 
 class SuppressedContact(Conflict):
@@ -65,13 +67,16 @@ def configure(secret: str) -> None:
 
     A key of its own (HMAC of a fixed label): a suppression digest can never pass as a cursor, a link or a token.
     """
-    global _key
+    global _key, _digest
     _key = hmac.new(secret.encode(), b"carnet-suppression-v1", hashlib.sha256).digest()
+    _digest = keyed_digester(_key)
 
 
 def digest(kind: str, value: str) -> str:
     """HMAC-SHA256 of an already normalized email (lowercased) or phone (E.164)."""
-    return keyed_digest(key(), kind, value)
+    if _digest is None:  # fail closed: never compare or store unkeyed hashes
+        raise RuntimeError(_UNCONFIGURED)
+    return _digest(kind, value)
 
 
 def configured() -> bool:
@@ -80,8 +85,8 @@ def configured() -> bool:
 
 def key() -> bytes:
     """The configured digest key (handed to the import's validating processes, which compute digests too)."""
-    if _key is None:  # fail closed: never compare or store unkeyed hashes
-        raise RuntimeError("the suppression key is not configured (app.services.suppressions.configure)")
+    if _key is None:
+        raise RuntimeError(_UNCONFIGURED)
     return _key
 
 
