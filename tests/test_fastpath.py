@@ -629,5 +629,7 @@ def test_refuses_to_mount_on_a_route_of_another_shape() -> None:
     {"external_id": "E-1", "attributes": {"size": 38, "gone": None, "vip": False}, "tags": ["a", "b"], "kind": "x"},
     {"external_id": "E-2", "tags": [], "attributes": {}, "phone": None, "first_contact_at": NOW},
 ])
-def test_a_creations_history_is_the_diff_from_nothing(row: dict[str, Any]) -> None:
-    assert contacts_service._new_fields(row) == contacts_service._diff({}, row)
+def test_a_creation_entry_names_the_fields_of_the_diff_from_nothing(row: dict[str, Any]) -> None:
+    field, old, new = contacts_service._creation(row)
+    assert (field, old) == ("created", None)
+    assert new == {"fields": [name for name, _, _ in contacts_service._diff({}, row)]}

@@ -16,7 +16,7 @@ import functools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -111,9 +111,9 @@ async def get_fast(connection: asyncpg.Connection, contact_id: uuid.UUID) -> Row
 # ~160 µs of database CPU on each creation (~700 → ~520 µs: docs/performance.md, "(c) Fourth pass"), more than the
 # round trip it saved on a changed contact. Whenever a statement cannot tell the whole story (a key taken meanwhile or
 # held by another contact, a suppressed address, a moved version), it writes nothing and `fast_upsert` answers None:
-# the caller then runs `upsert`, which locks, decides and explains. A creation's history rows travel as one jsonb
-# array of [field, old, new]; an update's are built in SQL (to_jsonb of the old and new columns, timestamps written as
-# `datetime.isoformat` writes them, a JSON null there is SQL NULL, as history.record stores None).
+# the caller then runs `upsert`, which locks, decides and explains. A creation's history is one entry naming the
+# fields set (`_creation`); an update's rows are built in SQL (to_jsonb of the old and new columns, timestamps written
+# as `datetime.isoformat` writes them, a JSON null there is SQL NULL, as history.record stores None).
 # tests/test_fastpath.py checks that both paths write the same rows.
 
 # What SQLAlchemy's insert adds for the columns a create leaves out (the model's scalar defaults: kind, version, ...);
@@ -126,8 +126,9 @@ _MATCHED = f"SELECT {_COLUMN_LIST} FROM contact WHERE external_id = $1 OR email 
 
 @functools.lru_cache(maxsize=256)  # one text per set of columns inserted
 def _fast_create_sql(inserted: tuple[str, ...]) -> str:
-    """Match by either key, else insert these columns with the creation's history and outbox rows. $1..$7: the
-    keys, the suppression digests' kinds and digests, the creation's history, the actor, via; then the columns.
+    """Match by either key, else insert these columns with the creation's history entry and outbox row.
+    $1..$7: the keys, the suppression digests' kinds and digests, the creation entry's value, the actor, via; then
+    the columns.
 
     Rows out: ('created', the new row) or ('matched', each contact holding a key).
     A key taken by another writer since the statement's snapshot is a unique violation, and nothing is written: a
@@ -147,9 +148,7 @@ WITH matched AS (
     RETURNING {_COLUMN_LIST}
 ), history AS (
     INSERT INTO contact_history (contact_id, field, old_value, new_value, subject, via, at)
-    SELECT new.id, f.change ->> 0, NULL, f.change -> 2, $6, $7, new.created_at
-    FROM new, jsonb_array_elements($5::jsonb) WITH ORDINALITY AS f(change, n)
-    ORDER BY f.n
+    SELECT new.id, '{history.CREATED}', NULL, $5::jsonb, $6, $7, new.created_at FROM new
 ), announced AS (
     INSERT INTO outbox_message (topic, contact_id, payload, created_at)
     SELECT 'contact.created', new.id, jsonb_build_object('contact_id', new.id), new.created_at FROM new
@@ -258,7 +257,7 @@ async def fast_upsert(
     digests = (list(suppressed), list(suppressed.values()))
     rows = await _fast_statement(
         connection, _fast_create_sql(tuple(values)), payload.external_id, payload.email, *digests,
-        _history_json(_new_fields(_as_stored(values))), actor.subject, via, *values.values(),
+        to_json(_creation(values)[2]).decode(), actor.subject, via, *values.values(),
     )
     if rows is None:
         return None
@@ -295,20 +294,6 @@ async def _fast_statement(connection: asyncpg.Connection, sql: str, *args: Any) 
         if exc.sqlstate != suppressions.SUPPRESSED_SQLSTATE:
             raise
         return None  # erased meanwhile: nothing was written, the transactional path explains
-
-
-def _as_stored(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Values as PostgreSQL returns them once stored: timestamps in UTC (naive ones are taken as UTC)."""
-    return {k: _utc(v) if isinstance(v, datetime) else v for k, v in row.items()}
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _history_json(changes: Sequence[history.Change]) -> str:
-    # pydantic-core's encoder: the JSON values json.dumps would write for these plain values, in a fifth of the time
-    return to_json([[field, history.jsonable(old), history.jsonable(new)] for field, old, new in changes]).decode()
 
 
 async def create(session: AsyncSession, payload: ContactCreate, *, actor: Principal, via: str = "api") -> Row:
@@ -641,7 +626,7 @@ async def _created(session: AsyncSession, row: Row, *, actor: Principal, via: st
     An erased person's address refuses the creation (checked after the insert: module docstring).
     """
     await _refuse_suppressed(session, email=row["email"], phone=row["phone"])
-    await history.record(session, row["id"], _new_fields(row), actor=actor, via=via)
+    await history.record(session, row["id"], [_creation(row)], actor=actor, via=via)
     await outbox.add(session, "contact.created", contact_id=row["id"], payload={"contact_id": str(row["id"])})
 
 
@@ -732,9 +717,10 @@ def _wire_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _new_fields(row: Mapping[str, Any]) -> Sequence[history.Change]:
-    """`_diff({}, row)`, the history of a creation, in half the time (every field set, in the same order)."""
-    return [(k, None, v) for k, v in sorted(_wire_fields(row).items()) if v is not None]
+def _creation(row: Mapping[str, Any]) -> history.Change:
+    """The history of a creation: one entry naming the fields set, in `_diff`'s order. Their values are not copied:
+    each is the contact's own until a later entry records it as the old value (docs/api.md "History")."""
+    return history.CREATED, None, {"fields": [k for k, v in sorted(_wire_fields(row).items()) if v is not None]}
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Sequence[history.Change]:

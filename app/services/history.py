@@ -16,8 +16,11 @@ from app.models import ContactHistory
 from app.models.base import utc_now
 from app.security import Principal
 
-__all__ = ["Change", "id_cursor", "jsonable", "page", "record"]
+__all__ = ["CREATED", "Change", "id_cursor", "jsonable", "page", "record"]
 
+# The field of a contact's creation entry: one entry, whatever the fields set (their values are the contact's own,
+# until a later entry records one as its old value). An import's names its file and row, the API's the fields set.
+CREATED = "created"
 Change = tuple[str, Any, Any]  # (field, old, new), field as on the wire: "email", "address.city", "attributes.size"
 _table = ContactHistory.__table__  # type: ignore[attr-defined]
 _BIGINT_MAX = 2**63 - 1

@@ -398,22 +398,40 @@ class TestHistory:
         latest = {(h["field"], h["old_value"], h["new_value"], h["subject"], h["via"]) for h in history[:2]}
         assert latest == {("first_name", "Paul", "Pierre", "editor@shop.example", "api"),
                           ("address.city", None, "Nice", "editor@shop.example", "api")}
-        created_fields = {h["field"] for h in history[2:]}
-        assert {"email", "first_name", "source"} <= created_fields
+        assert [(h["field"], h["old_value"], h["subject"], h["via"]) for h in history[2:]] == [
+            ("created", None, "tester@shop.example", "api")]
+        assert {"email", "first_name", "source"} <= set(history[2]["new_value"]["fields"])
+
+    async def test_a_creation_is_one_entry_naming_the_fields_set_without_their_values(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """Its values are the contact's own, or the old value of the entry that changed each (data minimisation:
+        the history holds no second copy of a person's data), as an import's creation entry."""
+        contact = await make_contact(client, email="lea.martin@example.com", first_name="Léa",
+                                     address={"city": "Lyon"})
+        await client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": "Lea"}, headers=ADMIN)
+        history = (await client.get(f"/v1/contacts/{contact['id']}/history", headers=ADMIN)).json()["data"]
+        assert [(h["field"], h["old_value"], h["new_value"]) for h in history] == [
+            ("first_name", "Léa", "Lea"),
+            ("created", None, {"fields": ["address.city", "email", "first_name", "kind", "source"]}),
+        ]
 
     async def test_viewer_sees_masked_values(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client, email="paul.durand@example.com")
+        await client.patch(f"/v1/contacts/{contact['id']}", json={"email": "paul.d@example.com"}, headers=ADMIN)
         history = (await client.get(f"/v1/contacts/{contact['id']}/history", headers=bearer(Role.VIEWER))).json()
         email_entry = next(h for h in history["data"] if h["field"] == "email")
-        assert email_entry["new_value"] == "p***@example.com"
+        assert (email_entry["old_value"], email_entry["new_value"]) == ("p***@example.com", "p***@example.com")
 
     async def test_pages(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client, first_name="A", last_name="B", company="C")
+        await client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": "D", "last_name": "E"}, headers=ADMIN)
         first = (await client.get(f"/v1/contacts/{contact['id']}/history", params={"limit": 2}, headers=ADMIN)).json()
         rest = (await client.get(f"/v1/contacts/{contact['id']}/history",
                                  params={"cursor": first["next_cursor"]}, headers=ADMIN)).json()
         fields = [h["field"] for h in first["data"] + rest["data"]]
-        assert len(fields) == len(set(fields)) == 6  # email, first_name, last_name, company, source, kind
+        assert sorted(fields[:2]) == ["first_name", "last_name"] and fields[2:] == ["created"]
+        assert rest["next_cursor"] is None
 
     @pytest.mark.parametrize("cursor", ["9223372036854775808", "99999999999999999999"])
     async def test_cursor_beyond_int64_is_422(self, client: httpx.AsyncClient, cursor: str) -> None:

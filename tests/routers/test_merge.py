@@ -97,8 +97,7 @@ class TestMerge:
         assert {h["field"]: h["old_value"] for h in masked if h["via"] == "merge"}["merged_contact.email"] \
             != duplicate["email"], "masked for a token without pii:read, as the contact's own email is"
         assert by_merge["external_id"]["new_value"] == "SHOP-42" and by_merge["tags"]["old_value"] == ["vip"]
-        assert any(h["field"] == "email" and h["new_value"] == "claire.martin@example.com" for h in history), \
-            "the duplicate's own history moved with it"
+        assert [h["field"] for h in history].count("created") == 2, "the duplicate's own history moved with it"
 
         async with sessions() as session:
             recorded = (await session.execute(text(
