@@ -208,7 +208,7 @@ async def test_an_events_type_count_sorts_or_hashes_as_the_planner_expects_its_r
 
     async def counted(type_: str) -> tuple[int, bool]:
         total = await segments.count_stored(db, ids[type_], now=NOW)
-        return total, segments._cached_counts[ids[type_]].hashed
+        return total, segments._cached_counts[ids[type_]].other_chosen
 
     segments._cached_counts.clear()
     await db.execute("SET work_mem = '64kB'")  # hashed from 5 x 1,024 sorted rows: the 8,000 page views are
@@ -217,7 +217,7 @@ async def test_an_events_type_count_sorts_or_hashes_as_the_planner_expects_its_r
             assert await counted("page_view") == (40, True)
             assert await counted("cart_abandoned") == (3, False)
         cached = segments._cached_counts[ids["page_view"]]
-        assert "count(DISTINCT" in cached.by_sort.sql and "count(DISTINCT" not in cached.by_hash.sql  # type: ignore[union-attr]
+        assert "count(DISTINCT" in cached.usual.sql and "count(DISTINCT" not in cached.other.sql  # type: ignore[union-attr]
         await db.execute("SET work_mem = '64MB'")
         assert await counted("page_view") == (40, True)  # kept: chosen less than FORM_SECONDS ago
         monkeypatch.setattr(segments, "FORM_SECONDS", 0.0)

@@ -17,14 +17,14 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, insert, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.models import AttributeDefinition, Contact, Order, Segment
 from app.models.base import utc_now
 from app.services import segments
 from tests.factories import ADMIN
-from tests.services.test_segments_property import NOW, filters, make_world, matches, store
+from tests.services.test_segments_property import ATTRIBUTES, NOW, filters, make_world, matches, store
 
 _segments = Segment.__table__  # type: ignore[attr-defined]
 _defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
@@ -51,15 +51,19 @@ def stored() -> dict[str, Any]:
 
 # A lone orders/carts/events condition is counted by a sort or by a hash, as the planner's estimate of its rows
 # says (segments._hashes_better): on these few rows always by a sort, unless a sorted row is made to weigh more
-# than any work_mem holds (the second seed).
-@pytest.mark.parametrize(("seed", "row_bytes"), [(3, segments.SORTED_ROW_BYTES), (4, 2**60)])
+# than any work_mem holds (the second seed). A count among other conditions is counted per contact or grouped from
+# the rows, as the planner's costs say (segments._groups_better): never grouped with the second seed, always with
+# the third.
+@pytest.mark.parametrize(("seed", "row_bytes", "grouped_past"), [
+    (3, segments.SORTED_ROW_BYTES, segments.GROUPED_PAST), (4, 2**60, 1e300), (5, segments.SORTED_ROW_BYTES, 0.0)])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(filter_=st.fixed_dictionaries({"all": st.lists(filters, min_size=1, max_size=2)}))
 async def test_cached_count_matches_the_reference(
     sessions: async_sessionmaker[AsyncSession], stored: dict[str, Any], seed: int, row_bytes: int,
-    filter_: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    grouped_past: float, filter_: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(segments, "SORTED_ROW_BYTES", row_bytes)
+    monkeypatch.setattr(segments, "GROUPED_PAST", grouped_past)
     if not stored:  # the world of test_segments_property, once per test (the only contacts in the transaction)
         stored.update(make_world(seed))
         async with sessions.begin() as session:
@@ -72,6 +76,11 @@ async def test_cached_count_matches_the_reference(
     second = await segments.count_stored(connection, segment_id, now=NOW)    # the cached statement
     assert segments._cached_counts[segment_id] is cached
     assert first == second == expected, (stored["seed"], filter_)
+    if segments._compile(filter_, ATTRIBUTES, NOW).count_among_others is not None:
+        if grouped_past != segments.GROUPED_PAST:
+            assert cached.other_chosen is (grouped_past == 0.0), filter_
+        async with sessions() as session:  # the preview counts it the same way
+            assert (await segments.preview(session, filter_, now=NOW))[1] == expected, filter_
 
 
 # A lone count needing one row or more is counted from the rows grouped by contact (_Compiled.lone_count), by a
@@ -104,6 +113,37 @@ async def test_lone_counts_grouped_from_the_rows_match_the_reference(
                 assert (await segments.preview(session, filter_, now=NOW))[1] == expected, filter_
             answers.add(expected)
     assert len(answers) > 3  # the world tells these counts apart
+
+
+# A count needing a row or more among other conditions (`_Compiled.count_among_others`), counted per contact and
+# grouped from the rows (GROUPED_PAST huge: never grouped; 0: always), by the stored count and by the preview.
+_AMONG_OTHERS = st.one_of(
+    st.tuples(st.sampled_from(_LONE_COUNTS), filters).map(lambda pair: {"all": list(pair)}),
+    st.tuples(filters, st.sampled_from(_LONE_COUNTS)).map(lambda pair: {"all": [{"all": list(pair)}]}),
+)
+
+
+@pytest.mark.parametrize("grouped_past", [1e300, 0.0])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(filter_=_AMONG_OTHERS)
+async def test_counts_among_other_conditions_match_the_reference(
+    sessions: async_sessionmaker[AsyncSession], stored: dict[str, Any], grouped_past: float,
+    filter_: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segments, "GROUPED_PAST", grouped_past)
+    if not stored:
+        stored.update(make_world(6))
+        async with sessions.begin() as session:
+            await store(session, stored)
+    expected = sum(1 for c in stored["contacts"] if matches(c, filter_))
+    segment_id = await _segment(sessions, filter_)
+    connection = await _raw(sessions)
+    assert await segments.count_stored(connection, segment_id, now=NOW) == expected, filter_
+    assert await segments.count_stored(connection, segment_id, now=NOW) == expected, filter_  # cached
+    eligible = segments._compile(filter_, ATTRIBUTES, NOW).count_among_others is not None
+    assert segments._cached_counts[segment_id].other_chosen is (eligible and grouped_past == 0.0), filter_
+    async with sessions() as session:
+        assert (await segments.preview(session, filter_, now=NOW))[1] == expected, filter_
 
 
 async def _contact_with_order(sessions: async_sessionmaker[AsyncSession], placed_at: Any) -> uuid.UUID:
@@ -200,3 +240,39 @@ async def test_the_cache_is_bounded(sessions: async_sessionmaker[AsyncSession], 
         await segments.count_stored(connection, segment_id)
     assert list(segments._cached_counts) == ids[1:]
     assert await connection.fetchval("SELECT 1") == 1  # the transaction is still usable
+
+
+async def test_a_count_among_other_conditions_is_grouped_when_they_leave_many_contacts(
+    sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """"2 orders or more within a year" with a city: counted contact by contact for a city of few contacts, grouped
+    from the orders for the city of most of them (the planner's costs after ANALYZE), the same numbers either way,
+    by the stored segment's count and by the preview."""
+    orders_of = [i % 4 for i in range(1_500)]  # 0 to 3 orders each, the last 5 contacts in Lyon
+    contacts = [{
+        "id": uuid.uuid4(), "email": f"g{i}-{uuid.uuid4().hex[:8]}@shop.example", "email_status": "unverified",
+        "kind": "customer", "lifecycle_stage": "new_customer", "attributes": {}, "tags": [], "orders_count": n,
+        "total_spent": Decimal(10 * n), "version": 1, "created_at": NOW, "updated_at": NOW, "source": "api",
+        "city": "Lyon" if i >= 1_495 else "Paris"} for i, n in enumerate(orders_of)]
+    orders = [{"id": uuid.uuid4(), "external_id": uuid.uuid4().hex, "contact_id": c["id"],
+               "placed_at": NOW - timedelta(days=30 * k), "status": "paid", "currency": "EUR",
+               "total_amount": Decimal(10), "items": [], "created_at": NOW, "updated_at": NOW}
+              for c, n in zip(contacts, orders_of, strict=True) for k in range(n)]
+    async with sessions.begin() as session:
+        await session.execute(insert(Contact.__table__), contacts)  # type: ignore[attr-defined]
+        await session.execute(insert(Order.__table__), orders)  # type: ignore[attr-defined]
+        await session.execute(text('ANALYZE contact, "order"'))
+    connection = await _raw(sessions)
+    for city, grouped in (("paris", True), ("lyon", False)):
+        filter_ = {"all": [{"field": "orders.count", "op": "gte", "value": 2, "within_days": 365},
+                           {"field": "address.city", "op": "eq", "value": city}]}
+        expected = sum(1 for c, n in zip(contacts, orders_of, strict=True) if n >= 2 and c["city"].lower() == city)
+        segment_id = await _segment(sessions, filter_)
+        assert await segments.count_stored(connection, segment_id, now=NOW) == expected
+        cached = segments._cached_counts[segment_id]
+        assert cached.other_chosen is grouped, city
+        assert ("GROUP BY" in cached.other.sql) and ("GROUP BY" not in cached.usual.sql)  # type: ignore[union-attr]
+        assert await segments.count_stored(connection, segment_id, now=NOW) == expected  # the cached statement
+        async with sessions() as session:
+            assert (await segments.preview(session, filter_, now=NOW))[1] == expected
+    assert expected == 3  # Lyon's contacts with 2 or 3 orders: the numbers above are not all zero
