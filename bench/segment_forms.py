@@ -6,6 +6,7 @@ For a filter "N orders or more within D days" with another condition that leaves
 forms of `segments._compile` (counting "per_contact" and "grouped") run alternately on one connection; it prints
 the medians, the planner's costs the choice reads (`segments._groups_better`) and the form chosen. Run it after
 `bench/bench_segments.py --keep-db` (1M contacts, 3M orders). The same counts in both forms are checked.
+`--members`: the members' ids as a sync refresh reads them (`segments.members_condition`), the count alone too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,6 +53,8 @@ async def main() -> None:
     p.add_argument("--db", default="carnet_bench_seg")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--within-days", type=int, default=365, help="0: lifetime")
+    p.add_argument("--members", action="store_true",
+                   help="the members' ids as a sync refresh reads them, the count alone among the cases too")
     args = p.parse_args()
     connection = await asyncpg.connect(f"{args.pg}/{args.db}")
     now = datetime.now(UTC)
@@ -60,12 +64,23 @@ async def main() -> None:
     print(f"orders.count gte 2 {window}, with:")
     print(f"{'other conditions':34} {'per contact':>12} {'grouped':>10} {'cost per contact':>17} {'cost grouped':>13}"
           f" {'chosen':>12} {'count':>8}")
-    for name, others in OTHERS.items():
+    cases = {"(alone)": [], **OTHERS} if args.members else OTHERS
+    for name, others in cases.items():
         filter_ = {"all": [repeat, *others]}
         compiled = segments._compile(filter_, {}, now)
-        per_contact = segments._Statement.of(compiled.counting(), compiled.clock)
-        grouped, clock, groups_better = segments._other_form(compiled, filter_, {}, now)  # type: ignore[misc]
-        by_group = segments._Statement.of(grouped, clock)
+        if args.members:  # what a sync refresh reads: every member's id (segments.members_condition)
+            grouped_filter = segments._compile(filter_, {}, now, counting="grouped")
+            per_contact, by_group = (segments._Statement.of(
+                select(func.count()).select_from(select(segments._t.c.id).where(c.expression).subquery()), c.clock)
+                for c in (compiled, grouped_filter))
+
+            async def groups_better(connection: asyncpg.Connection, at: datetime, per: Any = per_contact,
+                                    by: Any = by_group) -> bool:
+                return await segments._groups_better(connection, per, by, at)
+        else:
+            per_contact = segments._Statement.of(compiled.counting(), compiled.clock)
+            grouped, clock, groups_better = segments._other_form(compiled, filter_, {}, now)  # type: ignore[misc]
+            by_group = segments._Statement.of(grouped, clock)
         times: dict[str, list[float]] = {"per": [], "grouped": []}
         counts = set()
         for _ in range(args.runs):

@@ -27,7 +27,7 @@ from app.errors import FieldError, InvalidInput
 from app.logging import get_logger
 from app.models import Contact, Destination, OutboxMessage, Segment, SegmentMember, SegmentSync
 from app.models.base import utc_now
-from app.services.segments import compile_filter
+from app.services.segments import members_condition
 from app.settings import Settings
 from app.sync import ids as vendor_ids
 
@@ -154,7 +154,7 @@ async def refresh_next(
     if due is None:
         return None
     destination_id, segment_id, filter_ = due
-    condition = await compile_filter(session, filter_, now=now)
+    condition = await members_condition(session, filter_, now=now)
     members, entered, left = (await session.execute(
         _diff_statement(destination_id, segment_id, condition, now)
     )).one()

@@ -701,6 +701,22 @@ async def compile_filter(
     return (await _compile_with_definitions(session, filter_, now=now, path=path)).expression
 
 
+async def members_condition(session: AsyncSession, filter_: Any, *, now: datetime) -> ColumnElement[bool]:
+    """A stored filter's condition for reading all its members at once (a sync refresh). A count needing a row or
+    more that the filter requires, alone or with other conditions, is grouped from the rows when the planner's costs
+    say that is GROUPED_PAST times cheaper (`_groups_better`: "repeat buyers" over 1M contacts, ~9 s contact by
+    contact); otherwise, and for every other filter, the condition `compile_filter` gives."""
+    definitions = await _definitions(session, filter_)
+    compiled = _compile(filter_, definitions, now)
+    if compiled.lone_count is None and compiled.count_among_others is None:
+        return compiled.expression
+    grouped = _compile(filter_, definitions, now, counting="grouped")
+    per_contact, by_group = (_Statement.of(select(_t.c.id).where(c.expression), c.clock) for c in (compiled, grouped))
+    if await _groups_better(await driver_connection(session), per_contact, by_group, now):
+        return grouped.expression
+    return compiled.expression
+
+
 async def preview(session: AsyncSession, filter_: Any, *, now: datetime | None = None
                   ) -> tuple[ColumnElement[bool], int]:
     """An unsaved filter's condition, and the count of its contacts now. A lone count of one row or more is counted

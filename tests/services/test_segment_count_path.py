@@ -7,6 +7,7 @@ definition it names changes, and `within_days` windows that move with the clock.
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -55,7 +56,7 @@ def stored() -> dict[str, Any]:
 # the rows, as the planner's costs say (segments._groups_better): never grouped with the second seed, always with
 # the third.
 @pytest.mark.parametrize(("seed", "row_bytes", "grouped_past"), [
-    (3, segments.SORTED_ROW_BYTES, segments.GROUPED_PAST), (4, 2**60, 1e300), (5, segments.SORTED_ROW_BYTES, 0.0)])
+    (3, segments.SORTED_ROW_BYTES, segments.GROUPED_PAST), (4, 2**60, math.inf), (5, segments.SORTED_ROW_BYTES, 0.0)])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(filter_=st.fixed_dictionaries({"all": st.lists(filters, min_size=1, max_size=2)}))
 async def test_cached_count_matches_the_reference(
@@ -123,7 +124,7 @@ _AMONG_OTHERS = st.one_of(
 )
 
 
-@pytest.mark.parametrize("grouped_past", [1e300, 0.0])
+@pytest.mark.parametrize("grouped_past", [math.inf, 0.0])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(filter_=_AMONG_OTHERS)
 async def test_counts_among_other_conditions_match_the_reference(

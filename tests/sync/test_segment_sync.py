@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import make_sessionmaker
 from app.models.base import utc_now
-from app.services import segment_sync
+from app.services import segment_sync, segments
 from app.worker import Worker
 from tests.auth import TEST_SECRET
 from tests.factories import ADMIN, grant_marketing, make_contact, make_list
@@ -226,6 +227,34 @@ async def test_members_leave_with_time_alone(committing_client: httpx.AsyncClien
             "SELECT topic FROM outbox_message WHERE contact_id = :c AND topic LIKE 'segment.%' ORDER BY id"
         ), {"c": buyer["id"]})).all()
     assert topics == ["segment.entered", "segment.left"]
+
+
+@pytest.mark.parametrize("grouped_past", [math.inf, 0.0])  # repeat buyers read contact by contact, or grouped
+async def test_repeat_buyers_enter_and_leave_in_either_form(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, grouped_past: float
+) -> None:
+    monkeypatch.setattr(segments, "GROUPED_PAST", grouped_past)
+    conditions: list[Any] = []
+
+    async def spied(*args: Any, **kwargs: Any) -> Any:
+        conditions.append(await segments.members_condition(*args, **kwargs))
+        return conditions[-1]
+
+    monkeypatch.setattr(segment_sync, "members_condition", spied)
+    client = committing_client
+    repeat = await make_segment(client, {"all": [{"field": "orders.count", "op": "gte", "value": 2,
+                                                  "within_days": 30}]})
+    buyer, once = await make_contact(client), await make_contact(client)
+    for days_ago in (5, 20):
+        await place_order(client, buyer["id"], sku="SHOE-1", category="shoes", days_ago=days_ago)
+    await place_order(client, once["id"], sku="SHOE-1", category="shoes", days_ago=5)
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/repeat"},
+                             segment_mappings=[{"segment_id": repeat["id"]}])
+    [today] = await refresh(engine, sink["id"])
+    [later] = await refresh(engine, sink["id"], now=utc_now() + timedelta(days=15))  # the older order is 35 days old
+    assert (today.members, today.entered, today.left) == (1, 1, 0)
+    assert (later.members, later.entered, later.left) == (0, 0, 1)
+    assert {"GROUP BY" in str(c.compile()) for c in conditions} == {grouped_past == 0.0}
 
 
 async def test_two_workers_refresh_without_double_messages(
