@@ -50,6 +50,15 @@ def stored() -> dict[str, Any]:
     return {}
 
 
+async def seed_world(sessions: async_sessionmaker[AsyncSession], stored: dict[str, Any], seed: int) -> None:
+    """The world of test_segments_property, stored once per test: hypothesis runs every example of a test in its
+    one transaction, with the one `stored` (the only contacts there)."""
+    if not stored:
+        stored.update(make_world(seed))
+        async with sessions.begin() as session:
+            await store(session, stored)
+
+
 # A lone orders/carts/events condition is counted by a sort or by a hash, as the planner's estimate of its rows
 # says (segments._hashes_better): on these few rows always by a sort, unless a sorted row is made to weigh more
 # than any work_mem holds (the second seed). A count among other conditions is counted per contact or grouped from
@@ -65,10 +74,7 @@ async def test_cached_count_matches_the_reference(
 ) -> None:
     monkeypatch.setattr(segments, "SORTED_ROW_BYTES", row_bytes)
     monkeypatch.setattr(segments, "GROUPED_PAST", grouped_past)
-    if not stored:  # the world of test_segments_property, once per test (the only contacts in the transaction)
-        stored.update(make_world(seed))
-        async with sessions.begin() as session:
-            await store(session, stored)
+    await seed_world(sessions, stored, seed)
     expected = sum(1 for c in stored["contacts"] if matches(c, filter_))
     segment_id = await _segment(sessions, filter_)
     connection = await _raw(sessions)
@@ -132,10 +138,7 @@ async def test_counts_among_other_conditions_match_the_reference(
     filter_: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(segments, "GROUPED_PAST", grouped_past)
-    if not stored:
-        stored.update(make_world(6))
-        async with sessions.begin() as session:
-            await store(session, stored)
+    await seed_world(sessions, stored, 6)
     expected = sum(1 for c in stored["contacts"] if matches(c, filter_))
     segment_id = await _segment(sessions, filter_)
     connection = await _raw(sessions)

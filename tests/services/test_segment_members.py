@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.models import Contact
 from app.services import segments
-from tests.services.test_segment_count_path import _AMONG_OTHERS, _LONE_COUNTS
-from tests.services.test_segments_property import ATTRIBUTES, NOW, make_world, matches, store
+from tests.services.test_segment_count_path import _AMONG_OTHERS, _LONE_COUNTS, seed_world
+from tests.services.test_segments_property import ATTRIBUTES, NOW, matches
 
 _contact = Contact.__table__  # type: ignore[attr-defined]
 
@@ -35,10 +35,7 @@ async def test_members_match_the_reference_in_either_form(
     filter_: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(segments, "GROUPED_PAST", grouped_past)
-    if not stored:
-        stored.update(make_world(7))
-        async with sessions.begin() as session:
-            await store(session, stored)
+    await seed_world(sessions, stored, 7)
     expected = {c["id"] for c in stored["contacts"] if matches(c, filter_)}
     async with sessions() as session:
         condition = await segments.members_condition(session, filter_, now=NOW)
