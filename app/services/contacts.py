@@ -255,9 +255,10 @@ async def fast_upsert(
     values = _SCALAR_DEFAULTS | _row_values(columns, via=via)
     suppressed = suppressions.digests(email=values.get("email"), phone=values.get("phone"))
     digests = (list(suppressed), list(suppressed.values()))
+    _, _, created = _creation(values)
     rows = await _fast_statement(
         connection, _fast_create_sql(tuple(values)), payload.external_id, payload.email, *digests,
-        to_json(_creation(values)[2]).decode(), actor.subject, via, *values.values(),
+        to_json(created).decode(), actor.subject, via, *values.values(),
     )
     if rows is None:
         return None
