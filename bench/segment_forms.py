@@ -69,14 +69,11 @@ async def main() -> None:
         filter_ = {"all": [repeat, *others]}
         compiled = segments._compile(filter_, {}, now)
         if args.members:  # what a sync refresh reads: every member's id (segments.members_condition)
-            grouped_filter = segments._compile(filter_, {}, now, counting="grouped")
-            per_contact, by_group = (segments._Statement.of(
-                select(func.count()).select_from(select(segments._t.c.id).where(c.expression).subquery()), c.clock)
-                for c in (compiled, grouped_filter))
+            def members(c: Any) -> Any:
+                return select(func.count()).select_from(select(segments._t.c.id).where(c.expression).subquery())
 
-            async def groups_better(connection: asyncpg.Connection, at: datetime, per: Any = per_contact,
-                                    by: Any = by_group) -> bool:
-                return await segments._groups_better(connection, per, by, at)
+            grouped_filter, groups_better = segments._grouped_twin(compiled, filter_, {}, now, members)
+            per_contact, by_group = (segments._Statement.of(members(c), c.clock) for c in (compiled, grouped_filter))
         else:
             per_contact = segments._Statement.of(compiled.counting(), compiled.clock)
             grouped, clock, groups_better = segments._other_form(compiled, filter_, {}, now)  # type: ignore[misc]

@@ -710,11 +710,9 @@ async def members_condition(session: AsyncSession, filter_: Any, *, now: datetim
     compiled = _compile(filter_, definitions, now)
     if compiled.lone_count is None and compiled.count_among_others is None:
         return compiled.expression
-    grouped = _compile(filter_, definitions, now, counting="grouped")
-    per_contact, by_group = (_Statement.of(select(_t.c.id).where(c.expression), c.clock) for c in (compiled, grouped))
-    if await _groups_better(await driver_connection(session), per_contact, by_group, now):
-        return grouped.expression
-    return compiled.expression
+    grouped, groups_better = _grouped_twin(compiled, filter_, definitions, now,
+                                           lambda c: select(_t.c.id).where(c.expression))
+    return grouped.expression if await groups_better(await driver_connection(session), now) else compiled.expression
 
 
 async def preview(session: AsyncSession, filter_: Any, *, now: datetime | None = None
@@ -727,11 +725,10 @@ async def preview(session: AsyncSession, filter_: Any, *, now: datetime | None =
     compiled = _compile(filter_, definitions, now)
     counting = compiled.counting() if compiled.lone_count is not None else \
         select(func.count()).select_from(_t).where(compiled.expression)
-    other = _other_form(compiled, filter_, definitions, now) if compiled.count_among_others is not None else None
-    if other is not None:
-        grouped, _, groups_better = other
+    if compiled.count_among_others is not None:
+        grouped, groups_better = _grouped_twin(compiled, filter_, definitions, now, _Compiled.counting)
         if await groups_better(await driver_connection(session), now):
-            counting = grouped
+            counting = grouped.counting()
     return compiled.expression, int(await session.scalar(counting) or 0)
 
 
@@ -1147,13 +1144,21 @@ def _other_form(compiled: _Compiled, filter_: Any, definitions: dict[str, str], 
         return compiled.counting(hashed=True), compiled.clock, hashes_better
     if compiled.count_among_others is None:
         return None
+    grouped, groups_better = _grouped_twin(compiled, filter_, definitions, now, _Compiled.counting)
+    return grouped.counting(), grouped.clock, groups_better
+
+
+def _grouped_twin(compiled: _Compiled, filter_: Any, definitions: dict[str, str], now: datetime,
+                  shape: Callable[[_Compiled], Select[Any]]) -> tuple[_Compiled, _Chooser]:
+    """The filter compiled again with its required count grouped from the rows, and what tells whether `shape` of
+    it (the count, the members) is cheaper than `shape` of `compiled` (`_groups_better`)."""
     grouped = _compile(filter_, definitions, now, counting="grouped")
-    per_contact, by_group = (_Statement.of(c.counting(), c.clock) for c in (compiled, grouped))
+    per_contact, by_group = (_Statement.of(shape(c), c.clock) for c in (compiled, grouped))
 
     async def groups_better(connection: asyncpg.Connection, at: datetime) -> bool:
         return await _groups_better(connection, per_contact, by_group, at)
 
-    return grouped.counting(), grouped.clock, groups_better
+    return grouped, groups_better
 
 
 def _attribute_names(node: Any) -> set[str]:
