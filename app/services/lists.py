@@ -442,7 +442,7 @@ async def _check_consent(session: AsyncSession, contact_id: uuid.UUID, current: 
             f"email_marketing was withdrawn at {rfc3339(state.since)}: a consent dated after that is needed",
             withdrawn_at=rfc3339(state.since),
         )
-    if current is not None and current["status"] == memberships.UNSUBSCRIBED:
+    if current is not None and current["status"] != memberships.SUBSCRIBED:  # left, or left then asked again
         left_at = current["unsubscribed_at"]
         if left_at is not None and (state.last_grant_at is None or state.last_grant_at <= left_at):
             raise consents.ConsentRequired(

@@ -45,7 +45,10 @@ async def put(
 ) -> Row:
     """Set a membership to `pending` or `subscribed` (created if needed); the timestamps describe the new state.
 
-    `pending_proof`: a public signup's proof, kept until the person confirms (consents.grant_from_signup)."""
+    `pending_proof`: a public signup's proof, kept until the person confirms (consents.grant_from_signup).
+    A pending request is not a decision: an earlier `unsubscribed_at` stays until the person confirms, so that
+    the rule "a grant dated after the unsubscribe" still holds for it (lists._check_consent) — else anyone typing
+    the address in the public form would erase that the person left the list."""
     values = {
         "status": status,
         "subscribed_at": at if status == SUBSCRIBED else None,
@@ -54,10 +57,12 @@ async def put(
         "unsubscribed_at": None,
         "updated_at": at,
     }
+    kept = {"unsubscribed_at": _t.c.unsubscribed_at} if status == PENDING else {}
     statement = (
         insert(_t)
         .values(list_id=list_id, contact_id=contact_id, source=source, **values)
-        .on_conflict_do_update(index_elements=[_t.c.list_id, _t.c.contact_id], set_={**values, "source": source})
+        .on_conflict_do_update(index_elements=[_t.c.list_id, _t.c.contact_id],
+                               set_={**values, **kept, "source": source})
         .returning(*_t.c)
     )
     row = (await session.execute(statement)).mappings().one()
@@ -81,7 +86,8 @@ async def confirm(session: AsyncSession, list_id: uuid.UUID, contact_id: uuid.UU
         await session.execute(
             update(_t)
             .where(_t.c.list_id == list_id, _t.c.contact_id == contact_id)
-            .values(status=SUBSCRIBED, subscribed_at=at, pending_since=None, pending_proof=None, updated_at=at)
+            .values(status=SUBSCRIBED, subscribed_at=at, unsubscribed_at=None, pending_since=None, pending_proof=None,
+                    updated_at=at)
             .returning(*_t.c)
         )
     ).mappings().one()

@@ -17,7 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security.ratelimit import SignupLimits
+from app.services.links import Link, LinkCodec, LinkKind
 from app.settings import Settings
+from tests.auth import TEST_SECRET
 from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_list, unique_email
 from tests.routers.test_contacts import assert_problem
 from tests.routers.test_lists import ledger, member_status, outbox, subscribe, url_path
@@ -25,6 +27,7 @@ from tests.routers.test_lists import ledger, member_status, outbox, subscribe, u
 SHOP = "https://shop.example"
 OTHER = "https://evil.example"
 FROM_SHOP = {"Origin": SHOP, "Referer": f"{SHOP}/newsletter?utm=footer", "User-Agent": "Firefox/140"}
+CODEC = LinkCodec(TEST_SECRET)
 WORDING = "Oui, je veux recevoir la lettre (désinscription en un clic)"
 
 
@@ -230,6 +233,37 @@ class TestLedgerAndProof:
         assert book["state"]["email_marketing"]["granted"] is False
         can = (await client.get(f"/v1/contacts/{contact['id']}/can-email", headers=ADMIN)).json()
         assert can["marketing"] is False
+
+
+    async def test_an_anonymous_signup_never_undoes_an_unsubscribe_from_the_list(
+        self, client: httpx.AsyncClient, public: dict, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        """Attack: the person left the list with its one-click link; anyone then types their address in the form.
+        The pending membership must still remember that they left, so that an old grant never puts them back
+        (docs/api.md "Lists and subscriptions", rule 3), by a PUT or a batch add, while their own confirmation
+        of the emailed link still works."""
+        contact = await make_contact(client)
+        await grant_marketing(client, contact["id"], occurred_at="2026-01-01T00:00:00Z")
+        assert (await subscribe(client, public["id"], contact["id"])).status_code == 201
+        token = CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uuid.UUID(contact["id"]), uuid.UUID(public["id"])))
+        assert (await client.post(f"/v1/public/unsubscribe/{token}")).json()["unsubscribed_lists"] == 1
+        left_at = assert_problem(await subscribe(client, public["id"], contact["id"]), 422, "consent")[
+            "unsubscribed_at"]
+
+        assert (await signup(client, public["id"], {"email": contact["email"], "consent": True})).status_code == 202
+        assert await member_status(client, public["id"], contact["id"]) == "pending"
+        refused = assert_problem(await subscribe(client, public["id"], contact["id"]), 422, "consent")
+        assert refused["unsubscribed_at"] == left_at
+        batch = await client.post(f"/v1/lists/{public['id']}/members/batch", json={"add": [contact["id"]]},
+                                  headers=ADMIN)
+        assert batch.json()["results"][0]["status"] == "error", batch.text
+        assert await member_status(client, public["id"], contact["id"]) == "pending"
+
+        payload = (await outbox(sessions, contact["id"], "membership.confirmation_requested"))[-1][1]
+        done = await client.post(url_path(payload["confirm_url"]))  # the mailbox's owner says yes: that counts
+        assert done.json()["result"] == "confirmed", done.text
+        member = await subscribe(client, public["id"], contact["id"])
+        assert (member.json()["status"], member.json()["unsubscribed_at"]) == ("subscribed", None)
 
 
 class TestLimits:
