@@ -53,12 +53,23 @@ async def read_model(request: Request, model: type[Model], *, max_bytes: int,
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
+    """The body's JSON object; a key given twice is a 422 naming it, as a form field given twice is (json.loads
+    alone keeps the last one silently)."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=_once_each)
     except (ValueError, RecursionError):
         raise InvalidInput.one("body", "the body is not valid JSON (UTF-8)", "json_invalid") from None
     if not isinstance(data, dict):
         raise InvalidInput.one("body", "a JSON object is expected", "model_type")
+    return data
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:  # named as validation names a field: the caller's key, made printable
+            raise validation_problem([{"loc": (key[:100],), "msg": "given more than once", "type": "duplicate_field"}])
+        data[key] = value
     return data
 
 

@@ -321,6 +321,23 @@ class TestBounds:
                                        headers={**FROM_SHOP, "content-type": "application/x-www-form-urlencoded"})
         assert_problem(duplicated, 422, "email")
 
+    async def test_a_json_field_given_twice_is_refused_as_in_a_form(
+        self, client: httpx.AsyncClient, public: dict, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        """docs/api.md "Public signup": a field twice is a 422 naming it, JSON included. Taking the last value
+        silently let a body say one address to whatever checks the first (a proxy, the shop's own filter) and
+        sign up another, or hide a filled honeypot behind a null one."""
+        url = f"/v1/public/lists/{public['id']}/signup"
+        first, second = unique_email(), unique_email()
+        for raw, field in ((f'{{"email": "{first}", "email": "{second}", "consent": true}}', "email"),
+                           (f'{{"email": "{second}", "consent": true, "website": "http://spam.example", '
+                            f'"website": null}}', "website"),
+                           (f'{{"email": "{second}", "consent": true, "\\ud800": 1, "\\ud800": 2}}', "\\ud800")):
+            refused = await client.post(url, content=raw.encode(),
+                                        headers={**FROM_SHOP, "content-type": "application/json"})
+            assert assert_problem(refused, 422, field)["errors"][0]["code"] == "duplicate_field"
+        assert await contact_by_email(client, first) is None and await contact_by_email(client, second) is None
+
     async def test_a_plain_form_gets_a_page(self, client: httpx.AsyncClient, public: dict) -> None:
         response = await signup(client, public["id"], {"email": unique_email(), "consent": "on", "website": "",
                                                        "first_name": ""},
