@@ -297,6 +297,35 @@ class TestGetChangesNothing:
         assert await _snapshot(sessions, contact["id"]) == before
 
 
+class TestErrorsAreNotKept:
+    async def test_every_answer_of_a_link_is_no_store_and_no_referrer_errors_included(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """docs/api.md "Public links": every answer is `Cache-Control: no-store` and `Referrer-Policy: no-referrer`
+        (the URL is the credential). A 404 or 410 is cacheable by default (RFC 9111 4.2.2) and a problem's
+        `instance` holds the whole URL, token included: the JSON problems must say so too, not only the pages."""
+        contact, a, _, _ = await person_on_two_lists(client)
+        uid = uuid.UUID(contact["id"])
+        prefs = prefs_path(contact["id"])
+        expired = CODEC.encode(Link(LinkKind.CONFIRM, uid, uuid.UUID(a["id"]), int(time.time()) - 60))
+        cancelled = CODEC.encode(Link(LinkKind.CONFIRM, uid, uuid.uuid4(), int(time.time()) + 60))
+        answers = {
+            "invalid-link": await client.get("/v1/public/confirm/garbage.x", headers=AS_JSON),
+            "invalid-link (POST)": await client.post("/v1/public/unsubscribe/garbage.x", headers=AS_JSON),
+            "link-expired": await client.post(f"/v1/public/confirm/{expired}", headers=AS_JSON),
+            "confirmation-cancelled": await client.post(f"/v1/public/confirm/{cancelled}", headers=AS_JSON),
+            "invalid-input": await client.post(prefs, json={"lists": {str(uuid.uuid4()): "subscribed"}},
+                                               headers=AS_JSON),
+            "invalid-confirmation": await client.post(prefs, json={"erase_confirmation": "x.y"}, headers=AS_JSON),
+        }
+        assert (await client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+        answers["preferences-gone"] = await client.get(prefs, headers=AS_JSON)
+        for name, response in answers.items():
+            assert response.status_code in (404, 410, 422), (name, response.text)
+            assert response.headers.get("cache-control") == "no-store", (name, dict(response.headers))
+            assert response.headers.get("referrer-policy") == "no-referrer", (name, dict(response.headers))
+
+
 async def _snapshot(sessions: async_sessionmaker[AsyncSession], contact_id: str) -> list[Any]:
     async with sessions() as session:
         return [list(await session.execute(text(sql), {"c": contact_id})) for sql in (
