@@ -178,12 +178,16 @@ async def apply(
 
 async def _given_to(session: AsyncSession, here: _Here, contact_ids: Iterable[uuid.UUID]) -> bool:
     """Whether the destination was given this person: it holds a remote record of them (a `sync_link`, which
-    every push writes — list members and consenting segment members alike), or they have a membership, of any
-    status, in one of its mapped lists (what dispatch and resync send it: pushed, or owed a push). A synced
-    segment's snapshot alone is not enough: a member without consent is never sent to the vendor."""
+    every push writes — list members and consenting segment members alike), or they have a membership in one of
+    its mapped lists that dispatch and resync send it (pushed, or owed a push): subscribed or unsubscribed, or
+    pending where the vendor runs the double opt-in. A membership pending on Carnet's own confirmation is never
+    sent (delivery._wanted_lists), and anyone can make one with the public signup form: it gives nobody to the
+    vendor. A synced segment's snapshot alone is not enough either: a member without consent is never sent."""
     ids = list(contact_ids)
     linked = exists().where(_links.c.destination_id == here.destination_id, _links.c.contact_id.in_(ids))
-    member = exists().where(_members.c.contact_id.in_(ids), _members.c.list_id.in_(here.mapped_lists))
+    vendor_confirms = [uuid.UUID(m["list_id"]) for m in here.by_remote.values() if m.get("double_opt_in")]
+    member = exists().where(_members.c.contact_id.in_(ids), _members.c.list_id.in_(here.mapped_lists),
+                            or_(_members.c.status != memberships.PENDING, _members.c.list_id.in_(vendor_confirms)))
     return bool(await session.scalar(select(or_(linked, member))))
 
 

@@ -14,9 +14,11 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_list
 from tests.routers.test_segments import make_segment
+from tests.routers.test_signup import SHOP, fresh_limits, signup  # noqa: F401 (fresh_limits: a fixture used by name)
 from tests.sync.test_inbound import BREVO_LIST, FIRED, REMOTE, membership, post_mailchimp, unsubscribe_form
 
 OTHER_REMOTE = "f00dfeed42"  # an audience of another destination
@@ -169,3 +171,27 @@ async def test_leaving_a_mailchimp_audience_with_a_segment_tag_unsubscribes_only
     assert await membership(client, w["lists"]["theirs"]["id"], person) == "subscribed"
     ledger = (await client.get(f"/v1/contacts/{person}/consents", headers=ADMIN)).json()
     assert ledger["state"]["email_marketing"]["granted"] is True
+
+
+@pytest.mark.usefixtures("fresh_limits")
+async def test_an_anonymous_signup_does_not_hand_a_stranger_to_the_vendor(client: httpx.AsyncClient) -> None:
+    """The attack in two steps: anyone types the stranger's address in the public form of a list the hostile
+    Mailchimp destination maps (the shop's newsletter, mapped without the vendor's double opt-in), which makes
+    a membership `pending` on Carnet's own confirmation; then the holder of the inbound URL moves the address
+    to one of theirs, or marks it complained. Mailchimp was never sent that member (docs/sync.md: "a member
+    pending on Carnet's own confirmation is not sent at all"), so the destination was not given the person."""
+    newsletter = await make_list(client, public_signup=True, signup_origins=[SHOP], signup_wording="yes")
+    private = await make_list(client)
+    stranger = await make_contact(client, email=f"stranger-{uuid.uuid4().hex[:8]}@example.com")
+    await subscribe(client, private["id"], stranger["id"])
+    hostile, secret = await make_destination(client, "mailchimp", newsletter, REMOTE)
+    signed_up = await signup(client, newsletter["id"], {"email": stranger["email"], "consent": True})
+    assert signed_up.status_code == 202, signed_up.text
+    assert await membership(client, newsletter["id"], stranger["id"]) == "pending"
+    before = await everything_about(client, stranger)
+
+    for form in mailchimp_forms(stranger["email"], f"attacker-{uuid.uuid4().hex[:8]}@example.com"):
+        response = await post_mailchimp(client, hostile, secret, form)
+        assert response.status_code == 200, response.text
+    assert await everything_about(client, stranger) == before, "the vendor acted on a person it was never sent"
+    assert await membership(client, private["id"], stranger["id"]) == "subscribed"
