@@ -193,11 +193,13 @@ async def _move_memberships(
     for row in theirs:
         mine = kept.get(row["list_id"])
         if mine is not None and _duplicate_wins(mine, row):
+            won = row if row["status"] in _DECIDED else {  # the unsubscribe a pending request left standing
+                **row, "status": "unsubscribed", "pending_since": None, "pending_proof": None}
             await session.execute(
                 update(_members).where(_members.c.list_id == row["list_id"], _members.c.contact_id == survivor_id)
-                .values(status=row["status"], source=row["source"], subscribed_at=row["subscribed_at"],
-                        unsubscribed_at=row["unsubscribed_at"], pending_since=row["pending_since"],
-                        pending_proof=row["pending_proof"], updated_at=now))
+                .values(status=won["status"], source=won["source"], subscribed_at=won["subscribed_at"],
+                        unsubscribed_at=won["unsubscribed_at"], pending_since=won["pending_since"],
+                        pending_proof=won["pending_proof"], updated_at=now))
     shared = [r["list_id"] for r in theirs if r["list_id"] in kept]
     if shared:
         await session.execute(delete(_members).where(_members.c.contact_id == duplicate_id,
@@ -256,19 +258,27 @@ def _duplicate_wins(mine: Row, theirs: Row) -> bool:
 
     A decision beats `pending` (not a decision yet); two decisions compare their dates, and at equal or
     unknown dates `unsubscribed` wins (when in doubt, do not mail). Otherwise the survivor's row stays.
+    A pending request made after leaving the list (a public signup nobody confirmed: anyone can type an address)
+    leaves that unsubscribe standing: it is still the person's latest decision (memberships.put keeps it).
     """
-    if theirs["status"] not in _DECIDED:
+    theirs_decided, mine_decided = _decision(theirs), _decision(mine)
+    if theirs_decided is None:
         return False
-    if mine["status"] not in _DECIDED:
+    if mine_decided is None:
         return True
-    mine_at, theirs_at = _decided_at(mine), _decided_at(theirs)
+    (mine_status, mine_at), (theirs_status, theirs_at) = mine_decided, theirs_decided
     if mine_at is not None and theirs_at is not None and mine_at != theirs_at:
         return theirs_at > mine_at
-    return bool(theirs["status"] == "unsubscribed" and mine["status"] == "subscribed")
+    return theirs_status == "unsubscribed" and mine_status == "subscribed"
 
 
-def _decided_at(row: Row) -> datetime | None:
-    return row["subscribed_at"] if row["status"] == "subscribed" else row["unsubscribed_at"]  # type: ignore[no-any-return]
+def _decision(row: Row) -> tuple[str, datetime | None] | None:
+    """(status, when) of the person's latest decision on this membership; None: they never decided."""
+    if row["status"] == "subscribed":
+        return "subscribed", row["subscribed_at"]
+    if row["status"] == "unsubscribed" or row["unsubscribed_at"] is not None:
+        return "unsubscribed", row["unsubscribed_at"]
+    return None
 
 
 def _fills(survivor: Row, duplicate: Row) -> dict[str, Any]:

@@ -12,10 +12,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role
-from tests.auth import bearer
+from app.services.links import Link, LinkCodec, LinkKind
+from tests.auth import TEST_SECRET, bearer
 from tests.factories import ADMIN, grant_marketing, make_attribute, make_contact, make_list
 from tests.routers.test_contacts import assert_problem
 from tests.routers.test_orders import order
+from tests.routers.test_signup import SHOP, fresh_limits, signup  # noqa: F401 (fresh_limits: a fixture used by name)
 
 INTEGRATION = bearer(Role.INTEGRATION, subject="backoffice")
 
@@ -135,6 +137,29 @@ class TestMerge:
         assert (await merge(client, survivor["id"], duplicate["id"])).status_code == 200
         assert await member_status(client, stays_subscribed["id"]) == {survivor["id"]: "subscribed"}
         assert await member_status(client, left_later["id"]) == {survivor["id"]: "unsubscribed"}
+
+    @pytest.mark.usefixtures("fresh_limits")
+    async def test_an_anonymous_signup_does_not_make_a_merge_forget_that_the_person_left(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        """Attack: the duplicate left the newsletter by its one-click link, after the survivor had subscribed;
+        then anyone types the duplicate's address in the public form (pending, unconfirmed). Merging must keep
+        the person's latest decision, the unsubscribe, as it does without the form: not the survivor's older
+        subscription."""
+        newsletter = await make_list(client, public_signup=True, signup_origins=[SHOP], signup_wording="yes")
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        for contact in (survivor, duplicate):
+            await grant_marketing(client, contact["id"])
+            await subscribe(client, newsletter["id"], contact["id"])
+        token = LinkCodec(TEST_SECRET).encode(
+            Link(LinkKind.UNSUBSCRIBE, uuid.UUID(duplicate["id"]), uuid.UUID(newsletter["id"])))
+        assert (await client.post(f"/v1/public/unsubscribe/{token}")).json()["unsubscribed_lists"] == 1
+        assert (await signup(client, newsletter["id"], {"email": duplicate["email"], "consent": True})
+                ).status_code == 202
+        assert (await merge(client, survivor["id"], duplicate["id"])).status_code == 200
+        assert await member_status(client, newsletter["id"]) == {survivor["id"]: "unsubscribed"}
+        assert ("membership.unsubscribed", {"list_id": newsletter["id"], "contact_id": survivor["id"],
+                                            "reason": "merge"}) in await outbox(sessions, survivor["id"])
 
     async def test_the_ledger_stays_append_only_outside_a_merge(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
