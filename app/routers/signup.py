@@ -52,7 +52,7 @@ class OriginNotAllowed(AppError):
                            **problems(ListNotFound, OriginNotAllowed, RateLimited)})
 async def signup_preflight(list_id: uuid.UUID, request: Request, session: ReadSession) -> Response:
     """CORS preflight: `Access-Control-Allow-Origin` only for one of the list's `signup_origins`."""
-    _take(request.app.state.signup_limits.per_ip, proof_of(request)["ip"] or "unknown")  # it reads the database
+    _refuse_after(request.app.state.signup_limits.client_wait(proof_of(request)["ip"]))  # it reads the database
     origin = _allowed_origin(request, await open_list(session, list_id))
     return Response(status_code=204, headers={**allow_headers(origin), **PREFLIGHT_HEADERS})
 
@@ -72,7 +72,7 @@ async def sign_up(list_id: uuid.UUID, request: Request, session: WriteSession, l
     answer_at = time.monotonic() + request.app.state.settings.signup_answer_seconds
     limits: SignupLimits = request.app.state.signup_limits
     proof = proof_of(request)
-    _take(limits.per_ip, proof["ip"] or "unknown")
+    _refuse_after(limits.client_wait(proof["ip"]))
     the_list = await open_list(session, list_id)
     origin = _allowed_origin(request, the_list)
     cors = allow_headers(origin)
@@ -123,7 +123,10 @@ def _allowed_origin(request: Request, the_list: Any) -> str:
 
 
 def _take(buckets: Any, key: str) -> None:
-    wait = buckets.take(key)
+    _refuse_after(buckets.take(key))
+
+
+def _refuse_after(wait: int | None) -> None:
     if wait is not None:
         raise RateLimited(wait)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import time
 import uuid
 
-__all__ = ["SignupLimits", "TokenBuckets"]
+__all__ = ["SignupLimits", "TokenBuckets", "client_key"]
 
 
 class TokenBuckets:
@@ -40,6 +41,25 @@ class SignupLimits:
         self.per_list = TokenBuckets(rate=list_per_minute / 60, burst=list_burst)
         self.per_address = TokenBuckets(rate=1 / 300, burst=2)
 
+    def client_wait(self, address: str | None) -> int | None:
+        """Take from the client's bucket (`client_key`); the wait in seconds if refused."""
+        return self.per_ip.take(client_key(address))
+
     def address_allows(self, list_id: uuid.UUID, email: str) -> bool:
         key = hashlib.sha256(f"{list_id}:{email}".encode()).hexdigest()[:32]  # no address kept, even in memory
         return self.per_address.take(key) is None
+
+
+def client_key(address: str | None) -> str:
+    """The bucket a client address counts in: an IPv4 address alone, an IPv6 one by its /64. One subscriber's line
+    gets a /64 (or more) and a host may pick any of its 2^64 addresses, so counting each one alone would let a
+    single client make its own fresh bucket for every request."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

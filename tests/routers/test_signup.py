@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.security.ratelimit import SignupLimits
+from app.security.ratelimit import SignupLimits, client_key
 from app.services.links import Link, LinkCodec, LinkKind
 from app.settings import Settings
 from tests.auth import TEST_SECRET
@@ -279,6 +279,19 @@ class TestLimits:
             assert int(refused.headers["retry-after"]) >= 1
             assert (await signup(other, public["id"])).status_code == 202  # another address is not held back
 
+    async def test_an_ipv6_client_counts_by_its_64_whatever_address_it_picks(
+        self, app: FastAPI, public: dict, fresh_limits: SignupLimits
+    ) -> None:
+        """A host may use any of its /64's 2^64 addresses: one bucket for all of them, another /64 has its own."""
+        app.state.signup_limits = SignupLimits(ip_per_minute=1, ip_burst=2, list_per_minute=300, list_burst=600)
+        statuses = []
+        for host in ("2001:db8:1:2::1", "2001:db8:1:2:aaaa::7", "2001:db8:1:2:ffff:ffff:ffff:fffe"):
+            async with _client_from(app, host) as http:
+                statuses.append((await signup(http, public["id"])).status_code)
+        assert statuses == [202, 202, 429]
+        async with _client_from(app, "2001:db8:1:3::1") as http:
+            assert (await signup(http, public["id"])).status_code == 202
+
     async def test_per_list(self, app: FastAPI, public: dict, client: httpx.AsyncClient) -> None:
         app.state.signup_limits = SignupLimits(ip_per_minute=60, ip_burst=100, list_per_minute=1, list_burst=2)
         statuses = []
@@ -366,3 +379,14 @@ class TestConcurrentSignups:
 
 def _client_from(app: FastAPI, ip: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(ip, 40000)), base_url="http://test")
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("198.51.100.7", "198.51.100.7"),
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("::ffff:198.51.100.7", "198.51.100.7"),   # an IPv4 client seen by a dual-stack socket
+    ("testclient", "testclient"),
+    (None, "unknown"),
+])
+def test_client_key(address: str | None, key: str) -> None:
+    assert client_key(address) == key
