@@ -412,3 +412,31 @@ async def test_processes_flushing_at_once_extend_one_chain(
             "SELECT count(*) AS n, count(DISTINCT seq) AS seqs FROM journal_entry WHERE subject LIKE $1", f"{tag}-%")
     assert broken is None and checked >= 4 * 5 * 20
     assert ours["n"] == ours["seqs"] == 4 * 5 * 20
+
+
+async def test_a_masked_export_with_orders_is_journaled_like_a_timeline_with_orders(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A person's purchases have no masked form (docs/gdpr.md, "What is journaled"): the GDPR export answers a
+    token without pii:read the orders and carts in clear, so it is an access to the person, as the timeline is."""
+    contact = await make_contact(client)
+    put = await client.put("/v1/orders/J-masked-export", json={**ORDER, "contact": {"id": contact["id"]}},
+                           headers=ADMIN)
+    assert put.status_code == 201, put.text
+    masked = bearer(Role.MANAGER, subject="agency@shop.example", scopes={Scope.EXPORTS_READ})
+
+    async def export() -> None:
+        response = await client.get(f"/v1/contacts/{contact['id']}/export", headers=masked)
+        assert response.status_code == 200, response.text
+        doc = response.json()
+        assert doc["pii_masked"] is True and [o["external_id"] for o in doc["orders"]] == ["J-masked-export"]
+
+    new = await entries_after(app, export)
+    assert [(e["route"], e["refs"], e["subject"]) for e in new] == [
+        ("GET /v1/contacts/{contact_id}/export", [contact["id"]], "agency@shop.example")]
+    without_orders = await make_contact(client)  # nothing in clear: still not an access
+
+    async def export_plain() -> None:
+        assert (await client.get(f"/v1/contacts/{without_orders['id']}/export", headers=masked)).status_code == 200
+
+    assert await entries_after(app, export_plain) == []
