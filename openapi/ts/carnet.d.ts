@@ -7705,9 +7705,9 @@ export interface operations {
             query?: {
                 /** @description Entries that reached this contact */
                 contact_id?: string | null;
-                /** @description Entries that reached this address's person, erased since or not (its keyed digest) */
+                /** @description Entries that reached this address's person, erased since or not (its keyed digest). Needs pii:read */
                 email?: string | null;
-                /** @description Likewise, by phone */
+                /** @description Likewise, by phone. Needs pii:read */
                 phone?: string | null;
                 subject?: string | null;
                 token_id?: string | null;
