@@ -35,7 +35,7 @@ async def list_journal_entries(
                     "pii:read")] = None,
     phone: Annotated[PhoneLookup | None, Query(description="Likewise, by phone. Needs pii:read")] = None,
     subject: SearchText | None = None,
-    token_id: Annotated[str | None, Query(max_length=64)] = None,
+    token_id: Annotated[SearchText | None, Query(max_length=64)] = None,
     since: QueryTimestamp | None = None,
     until: QueryTimestamp | None = None,
     limit: Limit = 50,

@@ -440,3 +440,13 @@ async def test_a_masked_export_with_orders_is_journaled_like_a_timeline_with_ord
         assert (await client.get(f"/v1/contacts/{without_orders['id']}/export", headers=masked)).status_code == 200
 
     assert await entries_after(app, export_plain) == []
+
+
+async def test_a_token_id_with_a_nul_is_a_422_naming_it_not_a_500(client: httpx.AsyncClient) -> None:
+    """`token_id` reached PostgreSQL as given: text with a NUL, which no text column can hold, was a driver error
+    (500). It is plain text now, as `subject` is: control characters are a 422 naming the parameter."""
+    for value in ("\x00", "5fb3b7f1\x00", "é\x00"):
+        answer = await client.get("/v1/journal", params={"token_id": value}, headers=ADMIN)
+        assert answer.status_code == 422, answer.text
+        assert [e["field"] for e in answer.json()["errors"]] == ["token_id"]
+    assert (await client.get("/v1/journal", params={"token_id": "5fb3b7f1"}, headers=ADMIN)).status_code == 200
