@@ -450,3 +450,29 @@ async def test_a_token_id_with_a_nul_is_a_422_naming_it_not_a_500(client: httpx.
         assert answer.status_code == 422, answer.text
         assert [e["field"] for e in answer.json()["errors"]] == ["token_id"]
     assert (await client.get("/v1/journal", params={"token_id": "5fb3b7f1"}, headers=ADMIN)).status_code == 200
+
+
+async def test_a_replayed_answer_in_clear_is_journaled_as_the_first_was(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """An Idempotency-Key replay hands the stored answer back, personal data in clear (up to 24 h later, maybe to a
+    leaked token): it is an access like the first answer, and journaled like it (docs/gdpr.md: "any answer with a
+    contact's personal data unmasked", the answers of create, upsert and merge included)."""
+    body = {"email": unique_email(), "first_name": "Rejouée"}
+    headers = {**ADMIN, "Idempotency-Key": f"replay-{uuid.uuid4()}"}
+    made: dict[str, Any] = {}
+
+    async def create() -> None:
+        answer = await client.post("/v1/contacts", json=body, headers=headers)
+        assert answer.status_code == 201, answer.text
+        made.update(answer.json())
+
+    [first] = await entries_after(app, create)
+    assert first["route"] == "POST /v1/contacts" and first["refs"] == [made["id"]]
+
+    async def replay() -> None:
+        answer = await client.post("/v1/contacts", json=body, headers=headers)
+        assert answer.status_code == 201 and answer.headers["Idempotent-Replayed"] == "true", answer.text
+        assert answer.json()["email"] == body["email"]  # in clear
+
+    assert [(e["route"], e["refs"]) for e in await entries_after(app, replay)] == [("POST /v1/contacts", [made["id"]])]
