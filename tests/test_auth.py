@@ -94,6 +94,8 @@ FORGED = {
     "garbage_dots": "a.b.c",
     "header_not_json": _b64(b"hello") + "." + forge().split(".", 1)[1],
     "header_is_list": _b64(b"[1,2]") + "." + forge().split(".", 1)[1],
+    # under MAX_TOKEN_BYTES, nested past the JSON parser's limit: RecursionError, once a 500 before any signature
+    "header_nested_too_deep": _b64(b"[" * 1500) + "." + forge().split(".", 1)[1],
     "empty_signature": forge().rsplit(".", 1)[0] + ".",
     "unicode": "tökén.ünïcode.sïg",
     "signed_with_empty_secret": forge(secret=""),
