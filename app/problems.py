@@ -86,9 +86,10 @@ _HTTP_SLUGS = {404: ("not-found", "Not found"), 405: ("method-not-allowed", "Met
 def _http_problem(exc: StarletteHTTPException) -> AppError:
     if isinstance(exc.__cause__, AppError):  # e.g. PayloadTooLarge raised while FastAPI read the body
         return exc.__cause__
-    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
-        # FastAPI's "error parsing the body" (bytes that are not UTF-8): malformed JSON, like json_invalid.
-        return InvalidInput.one("body", "the body is not valid JSON (UTF-8)", "json_invalid")
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+        # FastAPI's "error parsing the body" (bytes that are not UTF-8, or JSON nested past the parser's limit):
+        # malformed JSON, like json_invalid.
+        return InvalidInput.one("body", "the body is not valid JSON (UTF-8), or is nested too deep", "json_invalid")
     slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
     cls = type("HttpProblem", (AppError,), {"status": exc.status_code, "slug": slug, "title": title})
     error = cls(str(exc.detail) if exc.detail else title)

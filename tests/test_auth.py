@@ -94,6 +94,8 @@ FORGED = {
     "garbage_dots": "a.b.c",
     "header_not_json": _b64(b"hello") + "." + forge().split(".", 1)[1],
     "header_is_list": _b64(b"[1,2]") + "." + forge().split(".", 1)[1],
+    # under MAX_TOKEN_BYTES, nested past the JSON parser's limit: RecursionError, once a 500 before any signature
+    "header_nested_too_deep": _b64(b"[" * 1500) + "." + forge().split(".", 1)[1],
     "empty_signature": forge().rsplit(".", 1)[0] + ".",
     "unicode": "tökén.ünïcode.sïg",
     "signed_with_empty_secret": forge(secret=""),
@@ -165,6 +167,22 @@ class TestTokens:
         wide = await client.post("/v1/tokens", json={"subject": "s", "role": "viewer", "scopes": ["tokens:admin"]},
                                  headers=bearer())
         assert wide.status_code == 422 and wide.json()["errors"][0]["field"] == "scopes"
+
+    async def test_a_narrowed_token_mints_no_scope_it_lacks(self, client: httpx.AsyncClient) -> None:
+        """A token narrowed to tokens:admin (an automation that rotates tokens, kept away from the data) could mint a
+        full admin token, pii:read and journal:read included: every scope it was denied, by another route. It may
+        mint only scopes it holds (403 naming the others); an admin token holding every scope is unchanged."""
+        rotator = bearer(Role.ADMIN, scopes={Scope.TOKENS_ADMIN, Scope.CONTACTS_READ}, subject="rotator@shop.example")
+        for body in ({"subject": "s", "role": "admin"}, {"subject": "s", "role": "viewer"},
+                     {"subject": "s", "role": "editor", "scopes": ["contacts:read", "pii:read"]}):
+            denied = await client.post("/v1/tokens", json=body, headers=rotator)
+            assert denied.status_code == 403, (body, denied.text)
+            assert "pii:read" in denied.json()["missing_scopes"] or "consents:read" in denied.json()["missing_scopes"]
+        allowed = await client.post("/v1/tokens", json={"subject": "s", "role": "viewer", "scopes": ["contacts:read"]},
+                                    headers=rotator)
+        assert allowed.status_code == 201, allowed.text
+        full = await client.post("/v1/tokens", json={"subject": "s", "role": "admin"}, headers=bearer())
+        assert full.status_code == 201, full.text
 
     async def test_only_admins_manage_tokens(self, client: httpx.AsyncClient) -> None:
         for role in (Role.MANAGER, Role.EDITOR, Role.VIEWER, Role.INTEGRATION):

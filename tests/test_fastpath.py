@@ -444,7 +444,7 @@ async def test_invalid_bodies_get_fastapis_422(writes: Writes, body: Any) -> Non
     (b"{", (422, 422)),                        # JSON that does not parse: refused before any dependency
     (b'{"external_id": "x",}', (422, 422)),
     (b"\xff\xfe", (422, 422)),
-    (b"[" * 5000, (400, 400)),                 # too deep for the parser
+    (b"[" * 5000, (422, 422)),                 # too deep for the parser: json_invalid, as bytes that are not JSON
 ], ids=["empty", "cut", "trailing-comma", "not-utf8", "deep"])
 async def test_unparsable_bodies_get_fastapis_answer(writes: Writes, content: bytes, statuses: tuple[int, int]) -> None:
     for headers, status in zip((ADMIN, {}), statuses, strict=True):

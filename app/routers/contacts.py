@@ -123,7 +123,8 @@ async def list_contacts(
     external_id: SearchText | None = None,
     tag: Annotated[list[TagName], Query(max_length=20, description="Repeatable: contacts holding every tag, at most "
                                                                     "20")] = [],  # noqa: B006
-    list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Subscribed members of this list")] = None,
+    list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Subscribed members of this list. Needs "
+                                                                        "lists:read")] = None,
     kind: ContactKind | None = None,
     lifecycle_stage: LifecycleStage | None = None,
     city: SearchText | None = None,
@@ -131,7 +132,8 @@ async def list_contacts(
     country: CountryCode | None = None,
     created_after: QueryTimestamp | None = None,
     updated_after: QueryTimestamp | None = None,
-    segment_id: Annotated[uuid.UUID | None, Query(alias="segment", description="Contacts matching this segment")] = None,
+    segment_id: Annotated[uuid.UUID | None, Query(alias="segment", description="Contacts matching this segment. "
+                                                                              "Needs segments:read")] = None,
     sort: Annotated[ContactSort, Query(description="`last_name`, `-last_name`: need pii:read")] = (
         ContactSort.CREATED_AT_DESC),
     limit: Limit = 50,
@@ -141,6 +143,11 @@ async def list_contacts(
     if (q or email or sort in MASKED_SORTS) and not caller.sees_pii:
         raise MissingScope("searching by q or email, or sorting by last_name, reveals personal data: pii:read is "
                            "needed", missing_scopes=[Scope.PII_READ.value])
+    # `segment` and `list` answer what /v1/segments/{id}/contacts and /v1/lists/{id}/members answer: their scopes.
+    for given, scope in ((segment_id, Scope.SEGMENTS_READ), (list_id, Scope.LISTS_READ)):
+        if given is not None and scope not in caller.scopes:
+            raise MissingScope(f"filtering by a {scope.value.partition(':')[0].removesuffix('s')} lists its members: "
+                               f"{scope.value} is needed", missing_scopes=[scope.value])
     # `segment` may have to scan every contact: a costly read then (429/503 past the caps, its own timeout)
     costly = (costly_read(request, caller, session, kind="a page of a segment's contacts") if segment_id
               else contextlib.nullcontext())

@@ -216,8 +216,8 @@ def _options(items: list[tuple[str, Any]]) -> ImportOptions:
         if key in _JSON_FIELDS:
             try:
                 data[key] = json.loads(value)
-            except ValueError:
-                raise InvalidInput.one(key, "not valid JSON", "json_invalid") from None
+            except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit (64 kB of `[`)
+                raise InvalidInput.one(key, "not valid JSON (or nested too deep)", "json_invalid") from None
         else:
             # A form field is text: `true`/`false` spell a boolean; anything else (`0`, `no`, ...) is refused by
             # the strict schema rather than read as false (docs/security.md, Class 6).

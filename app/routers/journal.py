@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.access import describe
 from app.db import ReadSession
+from app.errors import MissingScope
 from app.routers.deps import JSONBody
 from app.schemas.journal import JournalPage, present_entry
 from app.schemas.types import Email, Limit, PhoneLookup, QueryTimestamp, SearchText
@@ -27,19 +28,25 @@ router = APIRouter(prefix="/journal", tags=["journal"])
 async def list_journal_entries(
     request: Request,
     session: ReadSession,
-    _: Annotated[Principal, require(Scope.JOURNAL_READ)],
+    caller: Annotated[Principal, require(Scope.JOURNAL_READ)],
     contact_id: Annotated[uuid.UUID | None, Query(description="Entries that reached this contact")] = None,
     email: Annotated[Email | None, Query(
-        description="Entries that reached this address's person, erased since or not (its keyed digest)")] = None,
-    phone: Annotated[PhoneLookup | None, Query(description="Likewise, by phone")] = None,
+        description="Entries that reached this address's person, erased since or not (its keyed digest). Needs "
+                    "pii:read")] = None,
+    phone: Annotated[PhoneLookup | None, Query(description="Likewise, by phone. Needs pii:read")] = None,
     subject: SearchText | None = None,
-    token_id: Annotated[str | None, Query(max_length=64)] = None,
+    token_id: Annotated[SearchText | None, Query(max_length=64)] = None,
     since: QueryTimestamp | None = None,
     until: QueryTimestamp | None = None,
     limit: Limit = 50,
     cursor: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
 ) -> Any:
     """Newest first. `contact_id`, `email` and `phone` together match any of them: "who reached this person?"."""
+    # A lookup by address says whether it is (or was) in the file, and under which contact: the question
+    # `GET /v1/contacts?email=` and `/v1/suppressions/check` keep for pii:read (docs/security.md, Class 8).
+    if (email or phone) and not caller.sees_pii:
+        raise MissingScope("looking entries up by email or phone tells who holds, or held, that address: pii:read "
+                           "is needed", missing_scopes=[Scope.PII_READ.value])
     refs = [str(contact_id)] if contact_id else []
     if email or phone:
         refs += journal_service.erased_refs(suppressions_service.digests(email=email, phone=phone).values())

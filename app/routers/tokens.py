@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 
 from app.db import ReadSession, WriteSession
-from app.errors import IdempotencyKeyReused, problems
+from app.errors import IdempotencyKeyReused, MissingScope, problems
 from app.routers.deps import Idempotency, JSONBody
 from app.schemas.tokens import Me, TokenCreate, TokenIssued, TokenRead
 from app.schemas.types import Limit
-from app.security import Principal, Scope, require
+from app.security import ROLE_SCOPES, Principal, Scope, require
 from app.services import idempotency as idempotency_service
 from app.services import tokens as tokens_service
 
@@ -34,6 +34,11 @@ async def create_token(
     `token-already-issued` naming the first token's `jti`: the token itself is never stored, not even for a replay."""
     if idem.replay:
         raise tokens_service.already_issued(json.loads(idem.replay.body))
+    # A token passes on only what it holds: one narrowed to tokens:admin must not mint itself the data scopes.
+    wanted = frozenset(payload.scopes) if payload.scopes is not None else ROLE_SCOPES[payload.role]
+    if beyond := sorted(scope.value for scope in wanted - caller.scopes):
+        raise MissingScope(f"a token can only grant scopes it holds; it lacks {', '.join(beyond)}",
+                           missing_scopes=beyond)
     settings = request.app.state.settings
     issued = await tokens_service.issue(
         session, request.app.state.token_signer, subject=payload.subject, role=payload.role,

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
+    UrlConstraints,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -89,6 +90,12 @@ MAPPABLE_FIELDS = frozenset({
 _ATTRIBUTE_FIELD = re.compile(r"^attributes\.[a-z][a-z0-9_]{0,62}$")
 
 
+# A URL in a config: at most 2,000 characters, as a cart's `checkout_url` (pydantic's AnyHttpUrl has no bound:
+# a 1 MB URL was stored and shown back whole to every reader of destinations).
+MAX_URL_CHARS = 2000
+WebUrl = Annotated[AnyHttpUrl, UrlConstraints(max_length=MAX_URL_CHARS)]
+
+
 def _without_credentials(value: AnyHttpUrl | None) -> AnyHttpUrl | None:
     # `config` is shown to every reader of destinations: a password in a URL would be a secret in clear there.
     if value is not None and (value.username or value.password):
@@ -97,7 +104,7 @@ def _without_credentials(value: AnyHttpUrl | None) -> AnyHttpUrl | None:
 
 
 class _Config(InputSchema):
-    base_url: AnyHttpUrl | None = Field(default=None, description="Overrides the vendor's API host (proxies, tests)")
+    base_url: WebUrl | None = Field(default=None, description="Overrides the vendor's API host (proxies, tests)")
     inbound_secret: Secret | None = Field(default=None, description="Write-only; generated when absent")
 
     @field_validator("base_url")
@@ -130,7 +137,7 @@ class BrevoConfig(_Config, _Commerce):
     api_key: Secret | None = Field(default=None, description="Write-only (`api-key` header)")
     double_opt_in_template_id: Annotated[int, Field(ge=1, le=2**63 - 1), WholeNumber] | None = Field(
         default=None, description="For vendor double opt-in lists")  # Brevo's templateId: an int64
-    double_opt_in_redirect_url: AnyHttpUrl | None = None
+    double_opt_in_redirect_url: WebUrl | None = None
 
 
 class MailchimpConfig(_Config, _Commerce):
@@ -150,7 +157,7 @@ WebhookSecret = Annotated[SecretStr, Declared(pattern=_WHSEC.pattern)]  # checke
 
 
 class WebhookConfig(_Config):
-    url: AnyHttpUrl | None = None
+    url: WebUrl | None = None
     secret: WebhookSecret | None = Field(default=None, max_length=500,
                                          description="Write-only `whsec_...`; generated when absent")
     previous_secret: WebhookSecret | None = Field(default=None, max_length=500,

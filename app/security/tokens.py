@@ -348,7 +348,7 @@ def _decode_segment(segment: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:  # [[[...: past the parser
         raise InvalidToken("malformed token") from exc
     if not isinstance(value, dict):
         raise InvalidToken("malformed token")

@@ -15,6 +15,7 @@ from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, Fi
 from app.models import AttributeDefinition, Contact
 from app.models.base import utc_now
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeType
+from app.schemas.freeform import unstorable_text
 from app.schemas.types import ATTRIBUTE_NAME_PATTERN, bounded_decimal
 
 __all__ = ["NUMBER_DIGITS", "NUMBER_PLACES", "create", "delete_definition", "get", "list_all", "normalize_values",
@@ -125,8 +126,8 @@ def _coerce(kind: AttributeType, value: Any, options: list[str]) -> Any:
         case AttributeType.TEXT:
             if not isinstance(value, str):
                 raise ValueError("expected text")
-            if len(value) > MAX_TEXT or "\x00" in value:
-                raise ValueError(f"text must be at most {MAX_TEXT} characters, without NUL")
+            if len(value) > MAX_TEXT or unstorable_text(value):  # a NUL or a lone surrogate: no UTF-8 for PostgreSQL
+                raise ValueError(f"text must be at most {MAX_TEXT} characters, without NUL or lone surrogates")
             return value
         case AttributeType.NUMBER:
             if isinstance(value, bool) or not isinstance(value, int | float):

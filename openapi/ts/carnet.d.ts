@@ -4940,7 +4940,7 @@ export interface operations {
                 external_id?: string | null;
                 /** @description Repeatable: contacts holding every tag, at most 20 */
                 tag?: string[];
-                /** @description Subscribed members of this list */
+                /** @description Subscribed members of this list. Needs lists:read */
                 list?: string | null;
                 kind?: components["schemas"]["ContactKind"] | null;
                 lifecycle_stage?: components["schemas"]["LifecycleStage"] | null;
@@ -4949,7 +4949,7 @@ export interface operations {
                 country?: ("AC" | "AD" | "AE" | "AF" | "AG" | "AI" | "AL" | "AM" | "AO" | "AR" | "AS" | "AT" | "AU" | "AW" | "AX" | "AZ" | "BA" | "BB" | "BD" | "BE" | "BF" | "BG" | "BH" | "BI" | "BJ" | "BL" | "BM" | "BN" | "BO" | "BQ" | "BR" | "BS" | "BT" | "BW" | "BY" | "BZ" | "CA" | "CC" | "CD" | "CF" | "CG" | "CH" | "CI" | "CK" | "CL" | "CM" | "CN" | "CO" | "CR" | "CU" | "CV" | "CW" | "CX" | "CY" | "CZ" | "DE" | "DJ" | "DK" | "DM" | "DO" | "DZ" | "EC" | "EE" | "EG" | "EH" | "ER" | "ES" | "ET" | "FI" | "FJ" | "FK" | "FM" | "FO" | "FR" | "GA" | "GB" | "GD" | "GE" | "GF" | "GG" | "GH" | "GI" | "GL" | "GM" | "GN" | "GP" | "GQ" | "GR" | "GT" | "GU" | "GW" | "GY" | "HK" | "HN" | "HR" | "HT" | "HU" | "ID" | "IE" | "IL" | "IM" | "IN" | "IO" | "IQ" | "IR" | "IS" | "IT" | "JE" | "JM" | "JO" | "JP" | "KE" | "KG" | "KH" | "KI" | "KM" | "KN" | "KP" | "KR" | "KW" | "KY" | "KZ" | "LA" | "LB" | "LC" | "LI" | "LK" | "LR" | "LS" | "LT" | "LU" | "LV" | "LY" | "MA" | "MC" | "MD" | "ME" | "MF" | "MG" | "MH" | "MK" | "ML" | "MM" | "MN" | "MO" | "MP" | "MQ" | "MR" | "MS" | "MT" | "MU" | "MV" | "MW" | "MX" | "MY" | "MZ" | "NA" | "NC" | "NE" | "NF" | "NG" | "NI" | "NL" | "NO" | "NP" | "NR" | "NU" | "NZ" | "OM" | "PA" | "PE" | "PF" | "PG" | "PH" | "PK" | "PL" | "PM" | "PR" | "PS" | "PT" | "PW" | "PY" | "QA" | "RE" | "RO" | "RS" | "RU" | "RW" | "SA" | "SB" | "SC" | "SD" | "SE" | "SG" | "SH" | "SI" | "SJ" | "SK" | "SL" | "SM" | "SN" | "SO" | "SR" | "SS" | "ST" | "SV" | "SX" | "SY" | "SZ" | "TA" | "TC" | "TD" | "TG" | "TH" | "TJ" | "TK" | "TL" | "TM" | "TN" | "TO" | "TR" | "TT" | "TV" | "TW" | "TZ" | "UA" | "UG" | "US" | "UY" | "UZ" | "VA" | "VC" | "VE" | "VG" | "VI" | "VN" | "VU" | "WF" | "WS" | "XK" | "YE" | "YT" | "ZA" | "ZM" | "ZW") | null;
                 created_after?: string | null;
                 updated_after?: string | null;
-                /** @description Contacts matching this segment */
+                /** @description Contacts matching this segment. Needs segments:read */
                 segment?: string | null;
                 /** @description `last_name`, `-last_name`: need pii:read */
                 sort?: components["schemas"]["ContactSort"];
@@ -7705,9 +7705,9 @@ export interface operations {
             query?: {
                 /** @description Entries that reached this contact */
                 contact_id?: string | null;
-                /** @description Entries that reached this address's person, erased since or not (its keyed digest) */
+                /** @description Entries that reached this address's person, erased since or not (its keyed digest). Needs pii:read */
                 email?: string | null;
-                /** @description Likewise, by phone */
+                /** @description Likewise, by phone. Needs pii:read */
                 phone?: string | null;
                 subject?: string | null;
                 token_id?: string | null;

@@ -96,6 +96,29 @@ class TestCreateContact:
         )
         assert_problem(wrong, 422, "attributes.shoe_size")
 
+    async def test_a_text_attribute_with_a_lone_surrogate_is_a_422_not_a_500(self, client: httpx.AsyncClient) -> None:
+        # `"\ud800"` is valid JSON but no UTF-8: attribute values are typed by the service, not pydantic, and the
+        # driver failed to encode it (500). Create, patch, upsert and a batch item each answer the 422.
+        await make_attribute(client, "note_sur", "text")
+        headers = {**ADMIN, "Content-Type": "application/json"}
+        value = '{"note_sur": "x\\ud800y"}'
+        made = await client.post("/v1/contacts", headers=headers,
+                                 content=f'{{"email": "{unique_email()}", "attributes": {value}}}'.encode())
+        assert_problem(made, 422, "attributes.note_sur")
+        contact = await make_contact(client, attributes={"note_sur": "kept"})
+        patched = await client.patch(f"/v1/contacts/{contact['id']}", headers=headers,
+                                     content=f'{{"attributes": {value}}}'.encode())
+        assert_problem(patched, 422, "attributes.note_sur")
+        upserted = await client.post("/v1/contacts/upsert", headers=headers,
+                                     content=f'{{"email": "{contact["email"]}", "attributes": {value}}}'.encode())
+        assert_problem(upserted, 422, "attributes.note_sur")
+        item = f'{{"email": "{unique_email()}", "attributes": {value}}}'
+        batch = await client.post("/v1/contacts/batch", headers=headers, content=f'{{"items": [{item}]}}'.encode())
+        assert batch.status_code == 200 and batch.json()["results"][0]["error"]["errors"][0]["field"] == \
+            "attributes.note_sur", batch.text
+        assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).json()["attributes"] == {
+            "note_sur": "kept"}
+
     async def test_typed_attributes_are_stored(self, client: httpx.AsyncClient) -> None:
         await make_attribute(client, "size", "enum", options=["S", "M", "L"])
         await make_attribute(client, "likes", "multi_enum", options=["wine", "cheese"])
@@ -231,6 +254,14 @@ class TestBatch:
         headers = {**ADMIN, "Content-Type": "application/json"}
         response = await client.post("/v1/contacts", content=b"\xff\xfe{", headers=headers)
         assert assert_problem(response, 422, "body")["errors"][0]["code"] == "json_invalid"
+
+    async def test_body_nested_past_the_parser_is_a_422_naming_it(self, client: httpx.AsyncClient) -> None:
+        # 200,000 `[` (well under the body limit): json.loads raises RecursionError, which FastAPI turned into its
+        # undocumented 400 "There was an error parsing the body", naming no field.
+        headers = {**ADMIN, "Content-Type": "application/json"}
+        for path in ("/v1/contacts", "/v1/segments/preview", "/v1/contacts/batch"):
+            response = await client.post(path, content=b"[" * 200_000, headers=headers)
+            assert assert_problem(response, 422, "body")["errors"][0]["code"] == "json_invalid", path
 
     @pytest.mark.parametrize("bad", [None, "n@x.fr", ["n@x.fr"], 42])
     async def test_an_item_that_is_not_an_object_fails_alone(self, client: httpx.AsyncClient, bad: object) -> None:

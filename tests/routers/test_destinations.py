@@ -148,3 +148,29 @@ async def test_commerce_options_are_off_by_default_and_checked(client: httpx.Asy
     patched = await client.patch(f"/v1/destinations/{created['id']}", json={"config": {"store_id": None}},
                                  headers=ADMIN)
     assert_problem(patched, 422, "config.store_id")
+
+
+async def test_config_urls_are_bounded_and_the_bound_is_declared(client: httpx.AsyncClient) -> None:
+    """Every config URL (`url`, `base_url`, `double_opt_in_redirect_url`) is at most 2,000 characters, as a cart's
+    `checkout_url`: an unbounded one was stored and shown back whole to every reader (300 kB a destination)."""
+    long_url = "https://hooks.shop.example/" + "a" * 300_000
+    for kind, config, field in (
+        ("webhook", {"url": long_url}, "config.url"),
+        ("webhook", {"url": "https://h.example", "base_url": long_url}, "config.base_url"),
+        ("brevo", {"api_key": API_KEY, "double_opt_in_redirect_url": long_url}, "config.double_opt_in_redirect_url"),
+    ):
+        answer = await create(client, kind=kind, config=config)
+        assert_problem(answer, 422, field)
+        assert len(answer.content) < 4096
+    made = (await create(client, kind="webhook", config={"url": "https://h.example"})).json()
+    patched = await client.patch(f"/v1/destinations/{made['id']}", headers=ADMIN,
+                                 json={"config": {"url": long_url, "secret": "whsec_" + "QUJD" * 8}})
+    assert_problem(patched, 422, "config.url")
+    ok = "https://hooks.shop.example/" + "a" * (2000 - len("https://hooks.shop.example/"))
+    assert (await create(client, kind="webhook", config={"url": ok})).status_code == 201
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    for component, name in (("WebhookConfig", "url"), ("WebhookConfig", "base_url"), ("BrevoConfig", "base_url"),
+                            ("BrevoConfig", "double_opt_in_redirect_url"), ("MailchimpConfig", "base_url")):
+        declared = schemas[component]["properties"][name]
+        branches = declared.get("anyOf", [declared])
+        assert all(b.get("maxLength") == 2000 for b in branches if b.get("type") == "string"), (component, declared)

@@ -652,3 +652,13 @@ class TestWhoRunsTheImport:
         accepted = (await upload(client, plain_file(3))).json()
         assert accepted["workers"]["live"] == 0
         assert accepted["warning"].startswith(f"no worker has been heard from since {accepted['workers']['last_seen_at']}")
+
+
+async def test_json_fields_nested_past_the_parser_are_a_422_naming_the_field(client: httpx.AsyncClient) -> None:
+    """`mapping` and `consent` are JSON text of at most 64 kB: 60,000 `[` fit, and json.loads raised RecursionError,
+    which only ValueError was caught for: a 500. Now the 422 `json_invalid` naming the field, as for bad JSON."""
+    for field in ("mapping", "consent"):
+        for value in ("[" * 60_000, '{"a":' * 10_000 + "1" + "}" * 10_000):
+            answer = await upload(client, plain_file(2), **{field: value})
+            problem = assert_problem(answer, 422, field)
+            assert problem["errors"][0]["code"] == "json_invalid", problem

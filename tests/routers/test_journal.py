@@ -412,3 +412,67 @@ async def test_processes_flushing_at_once_extend_one_chain(
             "SELECT count(*) AS n, count(DISTINCT seq) AS seqs FROM journal_entry WHERE subject LIKE $1", f"{tag}-%")
     assert broken is None and checked >= 4 * 5 * 20
     assert ours["n"] == ours["seqs"] == 4 * 5 * 20
+
+
+async def test_a_masked_export_with_orders_is_journaled_like_a_timeline_with_orders(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """A person's purchases have no masked form (docs/gdpr.md, "What is journaled"): the GDPR export answers a
+    token without pii:read the orders and carts in clear, so it is an access to the person, as the timeline is."""
+    contact = await make_contact(client)
+    put = await client.put("/v1/orders/J-masked-export", json={**ORDER, "contact": {"id": contact["id"]}},
+                           headers=ADMIN)
+    assert put.status_code == 201, put.text
+    masked = bearer(Role.MANAGER, subject="agency@shop.example", scopes={Scope.EXPORTS_READ})
+
+    async def export() -> None:
+        response = await client.get(f"/v1/contacts/{contact['id']}/export", headers=masked)
+        assert response.status_code == 200, response.text
+        doc = response.json()
+        assert doc["pii_masked"] is True and [o["external_id"] for o in doc["orders"]] == ["J-masked-export"]
+
+    new = await entries_after(app, export)
+    assert [(e["route"], e["refs"], e["subject"]) for e in new] == [
+        ("GET /v1/contacts/{contact_id}/export", [contact["id"]], "agency@shop.example")]
+    without_orders = await make_contact(client)  # nothing in clear: still not an access
+
+    async def export_plain() -> None:
+        assert (await client.get(f"/v1/contacts/{without_orders['id']}/export", headers=masked)).status_code == 200
+
+    assert await entries_after(app, export_plain) == []
+
+
+async def test_a_token_id_with_a_nul_is_a_422_naming_it_not_a_500(client: httpx.AsyncClient) -> None:
+    """`token_id` reached PostgreSQL as given: text with a NUL, which no text column can hold, was a driver error
+    (500). It is plain text now, as `subject` is: control characters are a 422 naming the parameter."""
+    for value in ("\x00", "5fb3b7f1\x00", "é\x00"):
+        answer = await client.get("/v1/journal", params={"token_id": value}, headers=ADMIN)
+        assert answer.status_code == 422, answer.text
+        assert [e["field"] for e in answer.json()["errors"]] == ["token_id"]
+    assert (await client.get("/v1/journal", params={"token_id": "5fb3b7f1"}, headers=ADMIN)).status_code == 200
+
+
+async def test_a_replayed_answer_in_clear_is_journaled_as_the_first_was(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """An Idempotency-Key replay hands the stored answer back, personal data in clear (up to 24 h later, maybe to a
+    leaked token): it is an access like the first answer, and journaled like it (docs/gdpr.md: "any answer with a
+    contact's personal data unmasked", the answers of create, upsert and merge included)."""
+    body = {"email": unique_email(), "first_name": "Rejouée"}
+    headers = {**ADMIN, "Idempotency-Key": f"replay-{uuid.uuid4()}"}
+    made: dict[str, Any] = {}
+
+    async def create() -> None:
+        answer = await client.post("/v1/contacts", json=body, headers=headers)
+        assert answer.status_code == 201, answer.text
+        made.update(answer.json())
+
+    [first] = await entries_after(app, create)
+    assert first["route"] == "POST /v1/contacts" and first["refs"] == [made["id"]]
+
+    async def replay() -> None:
+        answer = await client.post("/v1/contacts", json=body, headers=headers)
+        assert answer.status_code == 201 and answer.headers["Idempotent-Replayed"] == "true", answer.text
+        assert answer.json()["email"] == body["email"]  # in clear
+
+    assert [(e["route"], e["refs"]) for e in await entries_after(app, replay)] == [("POST /v1/contacts", [made["id"]])]

@@ -306,3 +306,27 @@ class TestAuth:
             "segments:read"]
         editor = bearer(Role.EDITOR, subject="editor")
         assert_problem(await client.post("/v1/segments", json={"name": "x", "filter": LYON}, headers=editor), 403)
+
+    async def test_the_contacts_filter_needs_the_scope_the_segment_and_list_routes_need(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """`GET /v1/contacts?segment=` answers a segment's members, as `/v1/segments/{id}/contacts` does, and `?list=`
+        a list's subscribed members, as `/v1/lists/{id}/members` does: the integration role (contacts:read, no
+        segments:read) read, unmasked, the members of any segment it was refused. Each filter now needs the scope
+        of the route it stands for."""
+        city = f"City{uuid.uuid4().hex[:6]}"
+        member = await make_contact(client, address={"city": city})
+        segment = await make_segment(client, {"all": [{"field": "address.city", "op": "eq", "value": city}]})
+        assert_problem(await client.get(f"/v1/segments/{segment['id']}/contacts", headers=INTEGRATION), 403)
+        through_filter = await client.get("/v1/contacts", params={"segment": segment["id"]}, headers=INTEGRATION)
+        assert assert_problem(through_filter, 403)["missing_scopes"] == ["segments:read"], through_filter.text
+        viewer = bearer(Role.VIEWER, subject="viewer")  # contacts:read and segments:read: the filter works
+        listed = await client.get("/v1/contacts", params={"segment": segment["id"]}, headers=viewer)
+        assert [c["id"] for c in listed.json()["data"]] == [member["id"]]
+        the_list = await make_list(client)
+        no_lists = bearer(Role.ADMIN, scopes={Scope.CONTACTS_READ, Scope.PII_READ})
+        assert_problem(await client.get(f"/v1/lists/{the_list['id']}/members", headers=no_lists), 403)
+        by_list = await client.get("/v1/contacts", params={"list": the_list["id"]}, headers=no_lists)
+        assert assert_problem(by_list, 403)["missing_scopes"] == ["lists:read"]
+        assert (await client.get("/v1/contacts", params={"list": the_list["id"]}, headers=INTEGRATION)).status_code \
+            == 200  # integration holds lists:read

@@ -9,6 +9,7 @@ or a phone, whether an address was erased. Each route the sweep found (docs/secu
 from __future__ import annotations
 
 import httpx
+from fastapi import FastAPI
 
 from app.security import Role, Scope
 from app.security.masking import PII_FIELDS
@@ -78,3 +79,22 @@ async def test_no_segment_can_filter_on_a_masked_field(client: httpx.AsyncClient
         saved = await client.post("/v1/segments", json={"name": f"by {field}", "filter": condition},
                                   headers=NARROWED)
         assert saved.status_code == 422, saved.text
+
+
+async def test_a_journal_reader_without_pii_read_cannot_look_people_up_by_address(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    """`GET /v1/journal?email=` (or `phone=`) finds the entries of whoever holds, or held, that address: its
+    answer says whether the address is in the file, or was erased, and under which contact id. That is the
+    suppression check's and `?email=`'s question: a token narrowed to journal:read without pii:read is refused it
+    (filters by contact id, subject, token and dates stay open)."""
+    email = unique_email()
+    person = await make_contact(client, email=email, phone="+33612345671")
+    assert (await client.get(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 200  # journaled
+    await app.state.journal.flush(app.state.sessionmaker)
+    auditor = bearer(Role.ADMIN, subject="auditor@shop.example", scopes={Scope.JOURNAL_READ})
+    for probe in ({"email": email}, {"phone": "+33612345671"}, {"email": unique_email(), "contact_id": person["id"]}):
+        _denied_for_pii(await client.get("/v1/journal", params=probe, headers=auditor))
+    assert (await client.get("/v1/journal", params={"contact_id": person["id"]}, headers=auditor)).status_code == 200
+    found = await client.get("/v1/journal", params={"email": email}, headers=ADMIN)  # what the lookup tells
+    assert found.status_code == 200 and person["id"] in found.json()["data"][-1]["contact_ids"], found.text
