@@ -37,6 +37,7 @@ from app.schemas.history import HistoryPage, present_history
 from app.schemas.types import CountryCode, Email, Limit, QueryTimestamp, SearchText, TagName
 from app.security import Principal, Scope, require
 from app.security.costly import COSTLY_PROBLEMS, costly_read
+from app.security.principal import check_member_filters
 from app.services import contacts as contacts_service
 from app.services import history as history_service
 from app.services import journal as journal_service
@@ -143,11 +144,7 @@ async def list_contacts(
     if (q or email or sort in MASKED_SORTS) and not caller.sees_pii:
         raise MissingScope("searching by q or email, or sorting by last_name, reveals personal data: pii:read is "
                            "needed", missing_scopes=[Scope.PII_READ.value])
-    # `segment` and `list` answer what /v1/segments/{id}/contacts and /v1/lists/{id}/members answer: their scopes.
-    for given, scope in ((segment_id, Scope.SEGMENTS_READ), (list_id, Scope.LISTS_READ)):
-        if given is not None and scope not in caller.scopes:
-            raise MissingScope(f"filtering by a {scope.value.partition(':')[0].removesuffix('s')} lists its members: "
-                               f"{scope.value} is needed", missing_scopes=[scope.value])
+    check_member_filters(caller, segment_id=segment_id, list_id=list_id)
     # `segment` may have to scan every contact: a costly read then (429/503 past the caps, its own timeout)
     costly = (costly_read(request, caller, session, kind="a page of a segment's contacts") if segment_id
               else contextlib.nullcontext())

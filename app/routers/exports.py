@@ -17,6 +17,7 @@ from app.models.base import utc_now
 from app.routers.deps import AUTH_PROBLEMS
 from app.security import Principal, Scope
 from app.security.costly import COSTLY_PROBLEMS, costly
+from app.security.principal import check_member_filters
 from app.services import exports as exports_service
 from app.services.exports import Delimiter, ExportFormat, ExportOptions, ExportQuery, ListStatus
 from app.services.lists import ListNotFound
@@ -47,8 +48,10 @@ async def export_contacts(
     # a costly read, its slot held until the last byte is sent
     caller: Annotated[Principal, costly(Scope.EXPORTS_READ, streaming=True)],
     format: ExportFormat = ExportFormat.CSV,
-    segment: Annotated[uuid.UUID | None, Query(description="Only contacts matching this segment")] = None,
-    list_id: Annotated[uuid.UUID | None, Query(alias="list", description="Only members of this list")] = None,
+    segment: Annotated[uuid.UUID | None, Query(
+        description="Only contacts matching this segment. Needs segments:read")] = None,
+    list_id: Annotated[uuid.UUID | None, Query(
+        alias="list", description="Only members of this list. Needs lists:read")] = None,
     list_status: Annotated[ListStatus | None, Query(
         description="With `list`: its members with this status (default subscribed: who may be mailed). Without "
                     "`list`: contacts on at least one list with this status (`any`: on any list; absent: everyone)",
@@ -57,6 +60,7 @@ async def export_contacts(
     bom: Annotated[bool, Query(description="CSV only: start with a UTF-8 BOM, so Excel reads the accents")] = False,
 ) -> Any:
     """Masked for tokens without pii:read. Everything is checked before the first byte is sent."""
+    check_member_filters(caller, segment_id=segment, list_id=list_id)
     options = ExportOptions(format=format, segment_id=segment, list_id=list_id, list_status=list_status,
                             delimiter=delimiter, bom=bom)
     query = await exports_service.prepare(session, options, masked=not caller.sees_pii)

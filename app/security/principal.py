@@ -15,7 +15,7 @@ from app.security.revocation import RevocationList, revoked_in_database
 from app.security.scopes import Role, Scope
 from app.security.tokens import InvalidToken, TokenSigner
 
-__all__ = ["Principal", "authenticate", "authorize", "check_scopes", "require"]
+__all__ = ["Principal", "authenticate", "authorize", "check_member_filters", "check_scopes", "require"]
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT minted by `carnet token create` or POST /v1/tokens")
 
@@ -81,6 +81,13 @@ def check_scopes(caller: Principal, needed: frozenset[Scope]) -> Principal:
     if missing:
         raise MissingScope(f"missing scope: {', '.join(missing)}", missing_scopes=missing)
     return caller
+
+
+def check_member_filters(caller: Principal, *, segment_id: object, list_id: object) -> None:
+    """A `segment` or `list` filter answers what `/v1/segments/{id}/contacts` or `/v1/lists/{id}/members` answers
+    (their members): it needs that route's scope, on every route that offers it (contacts, exports)."""
+    check_scopes(caller, frozenset(scope for given, scope in ((segment_id, Scope.SEGMENTS_READ),
+                                                              (list_id, Scope.LISTS_READ)) if given is not None))
 
 
 async def authorize(request: Request, needed: frozenset[Scope]) -> Principal:

@@ -231,6 +231,24 @@ class TestAccess:
         assert (await client.get(URL, headers=bearer(Role.MANAGER))).status_code == 200
 
 
+    async def test_the_segment_and_list_filters_need_the_scopes_of_their_member_routes(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """`segment` and `list` export what /v1/segments/{id}/contacts and /v1/lists/{id}/members list: a token
+        narrowed to exports:read gets neither, as GET /v1/contacts?segment= refuses it (and before any lookup: an
+        unknown id is the same 403)."""
+        made = await make_list(client)
+        segment = (await client.post("/v1/segments", json={"name": f"s-{uuid.uuid4().hex[:6]}", "filter": {
+            "all": [{"field": "kind", "op": "eq", "value": "customer"}]}}, headers=ADMIN)).json()
+        for params, scope in (({"segment": segment["id"]}, "segments:read"), ({"list": made["id"]}, "lists:read"),
+                              ({"segment": str(uuid.uuid4())}, "segments:read")):
+            body = assert_problem(await client.get(URL, params=params, headers=MASKED), 403)
+            assert body["missing_scopes"] == [scope], (params, body)
+        both = bearer(Role.MANAGER, scopes={Scope.EXPORTS_READ, Scope.SEGMENTS_READ, Scope.LISTS_READ})
+        for params in ({"segment": segment["id"]}, {"list": made["id"]}):
+            assert (await client.get(URL, params=params, headers=both)).status_code == 200
+
+
 class TestCli:
     @pytest.mark.committing
     async def test_carnet_export_writes_the_same_file(
