@@ -1,0 +1,103 @@
+"""The catalogue (tags, attribute definitions) changed while contacts are written: its rules hold.
+
+- `DELETE /v1/attributes/{name}` is refused while any contact holds a value: a contact write that read the
+  definition and has not committed yet must not end up holding a value for a deleted definition;
+- an attribute's options are only ever added: two PATCHes adding options at once must not remove each other's;
+- `DELETE /v1/tags/{name}` takes the tag off every contact: a contact tagged by a write still open must not keep it.
+
+Each race is made deterministic: a helper connection holds a lock the contact write (or both PATCHes) needs later,
+so the write has read what decides it and is still open when the other request runs. The helper then lets go and
+the final state is checked in SQL. These tests run in-process (`committing_client`: real, separate transactions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from app.db import plain_dsn
+from tests.factories import ADMIN, make_attribute, make_contact
+
+pytestmark = pytest.mark.committing
+
+
+async def _waiting(db: asyncpg.Connection) -> int:
+    """How many other backends of this database wait for a lock (the activity snapshot is cleared first: inside
+    the helper's transaction it would otherwise be read once and kept)."""
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    return int(await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        " AND pid <> pg_backend_pid()"))
+
+
+async def _until(db: asyncpg.Connection, *, waiting: int, or_done: asyncio.Task[Any] | None = None,
+                 within: float = 20) -> None:
+    """Wait until `waiting` backends wait for a lock (or `or_done` finished)."""
+    deadline = time.monotonic() + within
+    while await _waiting(db) < waiting and not (or_done is not None and or_done.done()):
+        assert time.monotonic() < deadline, "the requests never reached the lock"
+        await asyncio.sleep(0.02)
+
+
+def _start(call: Awaitable[httpx.Response]) -> asyncio.Task[httpx.Response]:
+    return asyncio.ensure_future(call)
+
+
+async def test_an_attribute_deleted_while_a_contact_is_given_a_value_is_refused(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    http = committing_client
+    await make_attribute(http, "shoe_size", "number")
+    contact = await make_contact(http)
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the PATCH stops at its outbox row
+        patch = _start(http.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": 42}},
+                                  headers=ADMIN))
+        await _until(helper, waiting=1)  # the PATCH checked the definition and wrote the contact
+        delete = _start(http.delete("/v1/attributes/shoe_size", headers=ADMIN))
+        await _until(helper, waiting=2, or_done=delete)
+        await holding.rollback()
+        patched, deleted = await patch, await delete
+        assert patched.status_code == 200, patched.text
+        holders = await helper.fetchval("SELECT count(*) FROM contact WHERE attributes ? 'shoe_size'")
+        defined = await helper.fetchval("SELECT count(*) FROM attribute_definition WHERE name = 'shoe_size'")
+        assert (deleted.status_code, holders, defined) == (409, 1, 1), (
+            f"DELETE answered {deleted.status_code}; {holders} contact(s) hold a value, {defined} definition")
+    finally:
+        await helper.close()
+
+
+async def test_two_option_additions_at_once_do_not_remove_each_other(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    http = committing_client
+    await make_attribute(http, "fit", "enum", options=["slim", "regular"])
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("SELECT 1 FROM attribute_definition WHERE name = 'fit' FOR SHARE")
+        first = _start(http.patch("/v1/attributes/fit", json={"options": ["slim", "regular", "loose"]},
+                                  headers=ADMIN))
+        second = _start(http.patch("/v1/attributes/fit", json={"options": ["slim", "regular", "oversized"]},
+                                   headers=ADMIN))
+        await _until(helper, waiting=2)  # both read the definition (or queue for it), neither wrote
+        await holding.rollback()
+        answers = [await first, await second]
+        options = set(await helper.fetchval("SELECT options FROM attribute_definition WHERE name = 'fit'"))
+        applied = [set(r.json()["options"]) for r in answers if r.status_code == 200]
+        assert {r.status_code for r in answers} <= {200, 422}, [r.text for r in answers]
+        assert all(added <= options for added in applied), (
+            f"stored options {sorted(options)}, yet PATCHes answered 200 with {[sorted(a) for a in applied]}")
+    finally:
+        await helper.close()
+
