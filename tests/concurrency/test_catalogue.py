@@ -101,3 +101,29 @@ async def test_two_option_additions_at_once_do_not_remove_each_other(
     finally:
         await helper.close()
 
+
+async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    http = committing_client
+    assert (await http.post("/v1/tags", json={"name": "vip"}, headers=ADMIN)).status_code == 201
+    contact = await make_contact(http)
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the tagging stops at its outbox row
+        tagging = _start(http.put(f"/v1/contacts/{contact['id']}/tags/vip", headers=ADMIN))
+        await _until(helper, waiting=1)  # the contact is tagged, not committed yet
+        delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
+        await _until(helper, waiting=2, or_done=delete)
+        await holding.rollback()
+        tagged, deleted = await tagging, await delete
+        assert tagged.status_code == 200, tagged.text
+        assert deleted.status_code == 204, deleted.text
+        holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
+        in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
+        assert (holders, in_catalogue) == (0, 0), (
+            f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+    finally:
+        await helper.close()
