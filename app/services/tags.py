@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import delete, exists, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -68,6 +68,18 @@ async def delete_tag(session: AsyncSession, name: str, *, actor: Principal) -> i
     found = await session.execute(delete(_tags).where(_tags.c.name == name).returning(_tags.c.name))
     if found.first() is None:
         raise TagNotFound(f"no tag named {name!r}")
+    # Repeated until no contact holds it: each pass is a new statement, so it sees what committed while the last one
+    # waited for a contact's lock, such as a merge that gave the survivor the duplicate's tag while the pass waited
+    # for the duplicate (and found it gone). Taggers through `ensure` wait for the DELETE above instead.
+    total = 0
+    while True:
+        total += await _untag(session, name, actor=actor)
+        if not await session.scalar(select(exists().where(tagged(_contacts.c.tags.contains([name]))))):
+            return total
+
+
+async def _untag(session: AsyncSession, name: str, *, actor: Principal) -> int:
+    """Take the tag off every contact holding it in this statement's snapshot, each with its history row."""
     changed = (
         update(_contacts)
         .where(tagged(_contacts.c.tags.contains([name])))

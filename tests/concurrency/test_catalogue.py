@@ -127,3 +127,33 @@ async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it
             f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
     finally:
         await helper.close()
+
+
+async def test_a_tag_deleted_while_its_holder_is_merged_leaves_it_on_no_one(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    """The merge gives the survivor the duplicate's tags; the delete, waiting for the duplicate the merge holds,
+    must not leave the tag on the survivor."""
+    http = committing_client
+    survivor = await make_contact(http)
+    duplicate = await make_contact(http, tags=["vip"])
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the merge stops at its outbox rows
+        merge = _start(http.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                 headers=ADMIN))
+        await _until(helper, waiting=1)  # both contacts locked, the survivor given the tag
+        delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
+        await _until(helper, waiting=2, or_done=delete)  # the delete waits for the duplicate
+        await holding.rollback()
+        merged, deleted = await merge, await delete
+        assert merged.status_code == 200, merged.text
+        assert deleted.status_code == 204, deleted.text
+        holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
+        in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
+        assert (holders, in_catalogue) == (0, 0), (
+            f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+    finally:
+        await helper.close()
