@@ -13,36 +13,17 @@ the final state is checked in SQL. These tests run in-process (`committing_clien
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
-from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
 from app.db import plain_dsn
+from tests.concurrency.held import until_waiting
 from tests.factories import ADMIN, make_attribute, make_contact
 
 pytestmark = pytest.mark.committing
-
-
-async def _waiting(db: asyncpg.Connection) -> int:
-    """How many other backends of this database wait for a lock (the activity snapshot is cleared first: inside
-    the helper's transaction it would otherwise be read once and kept)."""
-    await db.execute("SELECT pg_stat_clear_snapshot()")
-    return int(await db.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        " AND pid <> pg_backend_pid()"))
-
-
-async def _until(db: asyncpg.Connection, *, waiting: int, or_done: asyncio.Task[Any] | None = None,
-                 within: float = 20) -> None:
-    """Wait until `waiting` backends wait for a lock (or `or_done` finished)."""
-    deadline = time.monotonic() + within
-    while await _waiting(db) < waiting and not (or_done is not None and or_done.done()):
-        assert time.monotonic() < deadline, "the requests never reached the lock"
-        await asyncio.sleep(0.02)
 
 
 def _start(call: Awaitable[httpx.Response]) -> asyncio.Task[httpx.Response]:
@@ -62,9 +43,9 @@ async def test_an_attribute_deleted_while_a_contact_is_given_a_value_is_refused(
         await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the PATCH stops at its outbox row
         patch = _start(http.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": 42}},
                                   headers=ADMIN))
-        await _until(helper, waiting=1)  # the PATCH checked the definition and wrote the contact
+        await until_waiting(helper, 1)  # the PATCH checked the definition and wrote the contact
         delete = _start(http.delete("/v1/attributes/shoe_size", headers=ADMIN))
-        await _until(helper, waiting=2, or_done=delete)
+        await until_waiting(helper, 2, or_done=delete)
         await holding.rollback()
         patched, deleted = await patch, await delete
         assert patched.status_code == 200, patched.text
@@ -90,7 +71,7 @@ async def test_two_option_additions_at_once_do_not_remove_each_other(
                                   headers=ADMIN))
         second = _start(http.patch("/v1/attributes/fit", json={"options": ["slim", "regular", "oversized"]},
                                    headers=ADMIN))
-        await _until(helper, waiting=2)  # both read the definition (or queue for it), neither wrote
+        await until_waiting(helper, 2)  # both read the definition (or queue for it), neither wrote
         await holding.rollback()
         answers = [await first, await second]
         options = set(await helper.fetchval("SELECT options FROM attribute_definition WHERE name = 'fit'"))
@@ -114,9 +95,9 @@ async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it
         await holding.start()
         await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the tagging stops at its outbox row
         tagging = _start(http.put(f"/v1/contacts/{contact['id']}/tags/vip", headers=ADMIN))
-        await _until(helper, waiting=1)  # the contact is tagged, not committed yet
+        await until_waiting(helper, 1)  # the contact is tagged, not committed yet
         delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
-        await _until(helper, waiting=2, or_done=delete)
+        await until_waiting(helper, 2, or_done=delete)
         await holding.rollback()
         tagged, deleted = await tagging, await delete
         assert tagged.status_code == 200, tagged.text
@@ -144,9 +125,9 @@ async def test_a_tag_deleted_while_its_holder_is_merged_leaves_it_on_no_one(
         await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the merge stops at its outbox rows
         merge = _start(http.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
                                  headers=ADMIN))
-        await _until(helper, waiting=1)  # both contacts locked, the survivor given the tag
+        await until_waiting(helper, 1)  # both contacts locked, the survivor given the tag
         delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
-        await _until(helper, waiting=2, or_done=delete)  # the delete waits for the duplicate
+        await until_waiting(helper, 2, or_done=delete)  # the delete waits for the duplicate
         await holding.rollback()
         merged, deleted = await merge, await delete
         assert merged.status_code == 200, merged.text
