@@ -191,14 +191,16 @@ async def _apply_one(session: AsyncSession, contact_id: uuid.UUID, event: Inboun
     # Locked in the mode the change needs (an address change may take the email: FOR UPDATE at once); a contact
     # merged away since it was found by its address is followed to its survivor, which holds the person's lists
     # and consents. What is said of the address itself (bounced, complained, changed) only applies where the
-    # address went: a survivor that kept its own address is not the one that bounced.
+    # address went: a survivor that kept its own address is not the one that bounced, and neither is a contact
+    # whose address was changed since it was found by it (read again under the lock: a vendor's "a@ is now c@"
+    # must not overwrite the b@ the shop gave it meanwhile).
     holder = await locks.lock_following_merges(session, contact_id, key_change=event.kind == "email_changed")
     if holder is None:
         return False  # erased meanwhile: nothing left to change
     # Checked under the lock: a vendor acts only on the people it was given, whatever address it names.
     if not await _given_to(session, here, {contact_id, holder}):
         return False
-    same_address = holder == contact_id or (await contacts_service.get(session, holder))["email"] == event.email
+    same_address = (await contacts_service.get(session, holder))["email"] == event.email
     if event.kind in ("bounce", "email_changed") and not same_address:
         return False
     contact_id = holder
