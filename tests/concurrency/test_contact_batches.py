@@ -1,4 +1,4 @@
-"""Two contact batches naming the same contacts in another order: both go through, neither deadlocks.
+"""Two batches naming the same contacts in another order: both go through, neither deadlocks.
 
 docs/operations.md ("Why no deadlock"): writers take their contact locks in one order, so concurrent writers
 queue instead of deadlocking. A batch upsert (`POST /v1/contacts/batch`) locked each item's contact as it came to
@@ -10,6 +10,8 @@ batch stops after writing its first item, holding that contact; then both go on.
 from __future__ import annotations
 
 import asyncio
+import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import httpx
@@ -45,5 +47,37 @@ async def test_two_batches_updating_the_same_contacts_in_another_order_both_go_t
         companies = {r["company"] for r in await helper.fetch(
             "SELECT company FROM contact WHERE id = ANY($1::uuid[])", [first["id"], second["id"]])}
         assert len(companies) == 1, companies  # one batch went wholly after the other
+    finally:
+        await helper.close()
+
+
+async def test_two_event_batches_naming_the_same_people_by_email_in_another_order_both_go_through(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    """`POST /v1/events/batch`: an item naming its contact by email is recorded through the upsert, one by one,
+    each locking its contact until the batch commits; the same two batches in another order."""
+    http = committing_client
+    first, second = await make_contact(http), await make_contact(http)
+    now = datetime.now(UTC).isoformat()
+
+    def events(*people: dict[str, str]) -> dict[str, list[dict[str, object]]]:
+        return {"items": [{"contact": {"email": p["email"]}, "type": "page_view", "occurred_at": now,
+                           "event_id": f"ev-{uuid.uuid4().hex}"} for p in people]}
+
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE event_key IN EXCLUSIVE MODE")  # each batch stops at its first event
+        one = asyncio.ensure_future(http.post("/v1/events/batch", json=events(first, second), headers=ADMIN))
+        await until_waiting(helper, 1)
+        other = asyncio.ensure_future(http.post("/v1/events/batch", json=events(second, first), headers=ADMIN))
+        await until_waiting(helper, 2, or_done=other)
+        await holding.rollback()
+        answers = [await one, await other]
+        assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
+        stored = await helper.fetchval("SELECT count(*) FROM event WHERE contact_id = ANY($1::uuid[])",
+                                       [first["id"], second["id"]])
+        assert stored == 4
     finally:
         await helper.close()
