@@ -161,8 +161,14 @@ async def apply(
     here = _Here(destination["id"], by_remote, segment_only, vendor=vendor, actor=Principal(
         f"inbound:{vendor}", Role.INTEGRATION, frozenset(), f"destination:{destination['id']}"))
     changed = 0
+    # The people the events name, locked at once in id order (in the mode an address change needs, if any): each
+    # event then finds its contact locked, and two batches naming the same people in another order queue instead
+    # of each holding one the other waits for (docs/operations.md, "Locking rules"). Stored addresses are
+    # lower-cased (schemas.types.normalize_email), so the unique index answers these lookups.
+    emails = sorted({event.email for event in events})
+    named = await session.scalars(select(_contacts.c.id).where(_contacts.c.email.in_(emails)))
+    await locks.lock_contacts(session, named, key_change=any(e.kind == "email_changed" for e in events))
     for event in events:
-        # Stored addresses are lower-cased (schemas.types.normalize_email), so the unique index answers this.
         contact_id = await session.scalar(select(_contacts.c.id).where(_contacts.c.email == event.email))
         if contact_id is None:
             continue

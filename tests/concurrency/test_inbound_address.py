@@ -1,4 +1,4 @@
-"""A vendor's address change racing the shop's (issue 21 rules: decide under the lock what the lock protects).
+"""Vendor webhooks racing other writes: an address change racing the shop's; two batches of events at once.
 
 A Mailchimp `upemail` says "a@ is now c@". The contact is found by a@ before it is locked: if the shop changed the
 contact's address to b@ meanwhile (PATCH, answered 200), the vendor's event is about an address the contact no
@@ -20,7 +20,7 @@ import pytest
 
 from app.db import plain_dsn
 from tests.concurrency.held import until_waiting
-from tests.factories import ADMIN
+from tests.factories import ADMIN, PROOF, make_contact
 from tests.sync.test_inbound import FIRED, REMOTE, post_mailchimp, setup
 
 pytestmark = pytest.mark.committing
@@ -50,5 +50,41 @@ async def test_a_vendor_address_change_for_an_address_the_shop_just_replaced_cha
         assert hooked.status_code == 200, hooked.text
         email = await helper.fetchval("SELECT email FROM contact WHERE id = $1", uuid.UUID(person["id"]))
         assert email == shop, f"the shop's {shop} (200) was overwritten by {email}, from an event about the old address"
+    finally:
+        await helper.close()
+
+
+async def test_two_vendor_batches_naming_the_same_people_in_another_order_both_go_through(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    """Brevo posts events in batches; each event locks its contact until the batch commits. Two batches naming
+    the same two people in another order must queue, not deadlock (a 500, and the vendor sends them again)."""
+    http = committing_client
+    destination, secret, first, lists = await setup(http, "brevo")
+    second = await make_contact(http)
+    subscribed = await http.put(f"/v1/lists/{lists['mapped']['id']}/members/{second['id']}",
+                                json={"consent": {"proof": PROOF}}, headers=ADMIN)
+    assert subscribed.status_code == 201, subscribed.text
+    url, auth = f"/v1/inbound/brevo/{destination['id']}", {"Authorization": f"Bearer {secret}"}
+
+    def bounces(*people: dict[str, str]) -> list[dict[str, object]]:
+        return [{"event": "hard_bounce", "email": p["email"], "id": n, "date": "2026-11-21 08:00:00",
+                 "reason": "mailbox does not exist"} for n, p in enumerate(people)]
+
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # each batch stops after its first event
+        one = asyncio.ensure_future(http.post(url, json=bounces(first, second), headers=auth))
+        await until_waiting(helper, 1)
+        other = asyncio.ensure_future(http.post(url, json=bounces(second, first), headers=auth))
+        await until_waiting(helper, 2, or_done=other)
+        await holding.rollback()
+        answers = [await one, await other]
+        assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
+        statuses = {r["email_status"] for r in await helper.fetch(
+            "SELECT email_status FROM contact WHERE id = ANY($1::uuid[])", [first["id"], second["id"]])}
+        assert statuses == {"bounced"}
     finally:
         await helper.close()
