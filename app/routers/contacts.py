@@ -7,6 +7,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
+from pydantic import ValidationError
 
 from app.access import note
 from app.db import BareConnection, ReadSession, WriteSession, bare_connection
@@ -53,6 +54,14 @@ Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
 Writer = Annotated[Principal, require(Scope.CONTACTS_WRITE)]
 
 
+def _upsert_or_none(item: Any) -> ContactUpsert | None:
+    """A batch item as an upsert, or None when it is invalid (it then fails alone, in its own result)."""
+    try:
+        return ContactUpsert.model_validate(item)
+    except ValidationError:
+        return None
+
+
 def contact_response(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
     """One contact as the caller may see it, with its ETag (app.fastpath answers GET with this too)."""
     return JSONBody(present_contact(row, reveal_pii=caller.sees_pii), status_code=status_code,
@@ -70,7 +79,8 @@ async def create_contact(payload: ContactCreate, session: WriteSession, caller: 
 
 
 @router.post("/upsert", response_model=ContactRead,
-             responses={201: {"description": "Created", "model": ContactRead}, **problems(DuplicateContact, SuppressedContact)})
+             responses={201: {"description": "Created", "model": ContactRead},
+                        **problems(DuplicateContact, SuppressedContact)})
 async def upsert_contact(
     payload: ContactUpsert, request: Request, session: WriteSession, caller: Writer, idem: Idempotency
 ) -> Any:
@@ -106,6 +116,7 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
         done = await contacts_service.upsert(session, item, actor=caller)
         return ("created" if done.created else "updated"), done.row["id"]
 
+    await contacts_service.lock_batch(session, [item for item in map(_upsert_or_none, payload.items) if item])
     results = await run_each(session, payload.items, ContactUpsert, upsert)
     counts = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "error")}
     body = {"results": results, "created": counts["created"], "updated": counts["updated"], "errors": counts["error"]}
@@ -161,7 +172,8 @@ async def list_contacts(
             session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
         )
     note(filter=journal_service.search_detail(request.query_params, hidden=("q", "email"), drop=("cursor",)))
-    return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows], "next_cursor": next_cursor})
+    return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows],
+                     "next_cursor": next_cursor})
 
 
 @router.get("/{contact_id}", response_model=ContactRead, responses=problems(ContactNotFound))

@@ -35,8 +35,12 @@ async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
     return [dict(r) for r in rows.mappings()]
 
 
-async def get(session: AsyncSession, name: str) -> dict[str, Any]:
-    row = (await session.execute(select(_defs).where(_defs.c.name == name))).mappings().first()
+async def get(session: AsyncSession, name: str, *, lock: str | None = None) -> dict[str, Any]:
+    """The definition; `lock`: "update" (to delete it), "no_key_update" (to change it), else not locked."""
+    query = select(_defs).where(_defs.c.name == name)
+    if lock is not None:
+        query = query.with_for_update(key_share=lock == "no_key_update")
+    row = (await session.execute(query)).mappings().first()
     if row is None:
         raise AttributeNotFound(f"no attribute named {name!r}")
     return dict(row)
@@ -54,7 +58,10 @@ async def create(session: AsyncSession, data: AttributeCreate) -> dict[str, Any]
 
 
 async def update_definition(session: AsyncSession, name: str, patch: AttributePatch) -> dict[str, Any]:
-    current = await get(session, name)
+    # Locked before the options are compared: two PATCHes each adding an option would otherwise both compare with
+    # the options before either, and the later one would remove the other's (which contacts may hold by then).
+    # FOR NO KEY UPDATE: contact writes checking values against it (FOR KEY SHARE) are not held up.
+    current = await get(session, name, lock="no_key_update")
     changes = patch.model_dump(exclude_unset=True)
     if "options" in changes:
         if current["type"] not in (AttributeType.ENUM, AttributeType.MULTI_ENUM):
@@ -77,7 +84,9 @@ async def update_definition(session: AsyncSession, name: str, patch: AttributePa
 
 
 async def delete_definition(session: AsyncSession, name: str) -> None:
-    await get(session, name)
+    # Locked before the holders are counted: a contact write that checked a value against the definition holds it
+    # FOR KEY SHARE (`normalize_values`) until it commits, so the count below sees its value.
+    await get(session, name, lock="update")
     holders = await session.scalar(
         select(func.count()).select_from(_contacts).where(_contacts.c.attributes.has_key(name))
     )
@@ -98,8 +107,11 @@ async def normalize_values(
     if not values:
         return {}
     # Only a name an attribute can have is looked up: any other (a NUL in it, say) is simply unknown.
-    names = [name for name in values if _DEFINABLE.fullmatch(name)]
-    rows = await session.execute(select(_defs).where(_defs.c.name.in_(names)))
+    names = sorted(name for name in values if _DEFINABLE.fullmatch(name))
+    # FOR KEY SHARE until the write commits: the definition cannot be deleted before the value is stored and seen by
+    # `delete_definition`'s count (one deleted first is unknown here). Many writers hold it at once.
+    rows = await session.execute(select(_defs).where(_defs.c.name.in_(names)).order_by(_defs.c.name)
+                                 .with_for_update(read=True, key_share=True))
     definitions = {r["name"]: r for r in rows.mappings()}
     out: dict[str, Any] = {}
     errors: list[FieldError] = []
@@ -107,7 +119,8 @@ async def normalize_values(
         where = f"{field}.{name}"
         definition = definitions.get(name)
         if definition is None:
-            errors.append(FieldError(where, "unknown attribute: define it with POST /v1/attributes", "unknown_attribute"))
+            errors.append(FieldError(where, "unknown attribute: define it with POST /v1/attributes",
+                                     "unknown_attribute"))
             continue
         if value is None:
             out[name] = None

@@ -37,7 +37,7 @@ from app.schemas.contacts import ContactCreate, ContactPatch, ContactSort, Conta
 from app.schemas.types import normalize_phone
 from app.security import Principal
 from app.services import attributes as attributes_service
-from app.services import history, outbox, suppressions
+from app.services import history, locks, outbox, suppressions
 from app.services import tags as tags_service
 from app.services.pagination import Cursor, CursorCodec
 
@@ -50,6 +50,7 @@ __all__ = [
     "get",
     "get_fast",
     "list_page",
+    "lock_batch",
     "remove_tag",
     "set_delivery_facts",
     "update",
@@ -330,6 +331,19 @@ async def upsert(session: AsyncSession, payload: ContactUpsert, *, actor: Princi
     raise DuplicateContact("the contact keys are held by another contact", existing_id=await _holder_id(session, keys))
 
 
+async def lock_batch(session: AsyncSession, payloads: Sequence[ContactUpsert]) -> None:
+    """Lock the contacts holding a batch's keys at once, in id order (FOR UPDATE: an upsert may change keys), before
+    its items run one by one: each item then finds its contact locked already, and two batches naming the same
+    contacts in another order queue on the first lock instead of each holding one the other waits for
+    (services/locks.py)."""
+    emails = sorted({p.email for p in payloads if p.email})
+    external_ids = sorted({p.external_id for p in payloads if p.external_id})
+    keys = [*([_t.c.email.in_(emails)] if emails else []),
+            *([_t.c.external_id.in_(external_ids)] if external_ids else [])]
+    if keys:
+        await locks.lock_contacts(session, await session.scalars(select(_t.c.id).where(or_(*keys))), key_change=True)
+
+
 async def update(
     session: AsyncSession,
     contact_id: uuid.UUID,
@@ -344,7 +358,8 @@ async def update(
     changes = await _changes(session, current, patch, tags_mode="replace")
     merged = {**current, **changes}
     if not any(merged.get(k) for k in _KEYS):
-        raise InvalidInput.one("body", "a contact keeps at least one of email, phone or external_id", "identifier_required")
+        raise InvalidInput.one("body", "a contact keeps at least one of email, phone or external_id",
+                               "identifier_required")
     return await _write(session, current, changes, actor=actor, via=via)
 
 
@@ -408,7 +423,8 @@ class ContactFilters:
     segment_condition: ColumnElement[bool] | None = None   # a compiled segment filter (app.services.segments)
 
 
-# NULL sorts as 1970 (before any order; asyncpg maps year 1 to -infinity) so (expression, id) is a total order the keyset indexes serve.
+# NULL sorts as 1970 (before any order; asyncpg maps year 1 to -infinity) so (expression, id) is a total order the
+# keyset indexes serve.
 NO_ORDER_YET = literal_column("'1970-01-01 00:00:00+00'::timestamptz")
 _SORT_EXPR: dict[str, ColumnElement[Any]] = {
     "created_at": _t.c.created_at,

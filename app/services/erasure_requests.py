@@ -20,7 +20,7 @@ from app.models import Contact, ErasureRequest
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import gdpr
-from app.services.locks import survivor_of
+from app.services.locks import lock_following_merges
 from app.services.pagination import Cursor, CursorCodec
 from app.services.preferences import ANSWER_WITHIN
 
@@ -75,11 +75,14 @@ async def get(session: AsyncSession, request_id: uuid.UUID) -> Row:
 
 
 async def complete(session: AsyncSession, request_id: uuid.UUID, *, actor: Principal) -> Row:
-    """Erase the person now (one transaction); the request is completed by it, naming the admin."""
-    request = await _lock_open(session, request_id)
-    person = request["contact_id"]
-    if await session.scalar(select(_contacts.c.id).where(_contacts.c.id == person)) is None:
-        person = await survivor_of(session, person)  # merged since: the survivor holds the person now
+    """Erase the person now (one transaction); the request is completed by it, naming the admin.
+
+    The person is locked before the request, the order every erasure takes them in (the contact, then its open
+    request: gdpr.erase_many): locking the request first deadlocked with a DELETE of the contact at the same time.
+    """
+    # Merged since: the survivor holds the person now. None: erased since (that erasure completed the request).
+    person = await lock_following_merges(session, (await get(session, request_id))["contact_id"], key_change=True)
+    await _lock_open(session, request_id)
     if person is not None:
         await gdpr.erase(session, person, actor=actor)
     await _close(session, request_id, status="completed", by=actor.subject, note=None)

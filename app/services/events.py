@@ -68,10 +68,14 @@ _STORE_IDS = _STORE.format(columns="array_agg(given.n), array_agg(stored.id)")
 for _n, _name in enumerate(_PARAMETERS, 1):
     _STORE_IDS = _STORE_IDS.replace(f":{_name}", f"${_n}")
 _KEPT = text("SELECT event_id, id, occurred_at FROM event_key WHERE event_id = ANY(CAST(:event_ids AS varchar[]))")
+# Every contact the batch will lock, in one statement in id order (docs/operations.md, "Locking rules"): those named
+# by id or external_id, and those holding the keys of the items named by email, which `record_event` resolves one by
+# one through the upsert (FOR UPDATE: it may set a key), so in that mode for all when there are any. Locked one by one
+# as their items came, two batches naming the same people in another order deadlocked.
 _LOCK_KNOWN = """
     SELECT id, external_id FROM contact
-    WHERE id = ANY($1::uuid[]) OR external_id = ANY($2::varchar[])
-    ORDER BY id FOR NO KEY UPDATE
+    WHERE id = ANY($1::uuid[]) OR external_id = ANY($2::varchar[]) OR email = ANY($3::varchar[])
+    ORDER BY id FOR {mode}
 """
 _LAST_ACTIVITY = """
     UPDATE contact c SET last_activity_at = greatest(c.last_activity_at, m.at)
@@ -165,15 +169,19 @@ async def contact_events(session: AsyncSession, contact_id: uuid.UUID, *, limit:
 async def _resolve_known(
     connection: asyncpg.Connection, valid: list[tuple[int, EventCreate]]
 ) -> tuple[list[_Resolved], list[tuple[int, EventCreate]]]:
-    """Items naming an existing contact by id, or by external_id alone, resolved and locked in one statement;
-    the others, for `record_event` one by one."""
+    """Every contact the items name locked in one statement (`_LOCK_KNOWN`); items naming an existing contact by id,
+    or by external_id alone, resolved here, the others for `record_event` one by one."""
     by_id = {e.contact.id for _, e in valid if e.contact.id is not None}
     by_external = {e.contact.external_id for _, e in valid
                    if e.contact.id is None and e.contact.email is None and e.contact.external_id is not None}
+    by_email = [e.contact for _, e in valid if e.contact.id is None and e.contact.email is not None]
+    emails = {ref.email for ref in by_email}
+    keyed = by_external | {ref.external_id for ref in by_email if ref.external_id is not None}
     found: set[uuid.UUID] = set()
     holders: dict[str, uuid.UUID] = {}
-    if by_id or by_external:
-        for contact_id, external_id in await connection.fetch(_LOCK_KNOWN, list(by_id), list(by_external)):
+    if by_id or keyed or emails:
+        lock = _LOCK_KNOWN.format(mode="UPDATE" if emails else "NO KEY UPDATE")
+        for contact_id, external_id in await connection.fetch(lock, list(by_id), sorted(keyed), sorted(emails)):
             found.add(contact_id)
             if external_id is not None:
                 holders[external_id] = contact_id

@@ -63,11 +63,18 @@ async def claim(
     now = utc_now()
     values = {"subject": subject, "key": key, "token_id": token_id, "method": method, "path": path,
               "request_hash": fingerprint, "created_at": now}
-    claimed = await session.execute(insert(_t).values(values).on_conflict_do_nothing().returning(_t.c.key))
-    if claimed.first() is not None:
-        return None
     where = and_(_t.c.subject == subject, _t.c.key == key)
-    existing = (await session.execute(select(_t).where(where).with_for_update())).mappings().one()
+    for _attempt in range(3):
+        claimed = await session.execute(insert(_t).values(values).on_conflict_do_nothing().returning(_t.c.key))
+        if claimed.first() is not None:
+            return None
+        existing = (await session.execute(select(_t).where(where).with_for_update())).mappings().first()
+        if existing is not None:
+            break
+        # Deleted between the conflict and the lock (expired by the sweep, or forgotten with the person it named by
+        # an erasure): the key is free again, as for a request arriving a moment later.
+    else:
+        raise RuntimeError("an Idempotency-Key row kept vanishing between its conflict and its lock")
     if existing["created_at"] < now - KEEP_FOR:  # expired: the key starts a new life
         await session.execute(update(_t).where(where).values(values | {"status_code": None, "response_body": None}))
         return None

@@ -161,8 +161,14 @@ async def apply(
     here = _Here(destination["id"], by_remote, segment_only, vendor=vendor, actor=Principal(
         f"inbound:{vendor}", Role.INTEGRATION, frozenset(), f"destination:{destination['id']}"))
     changed = 0
+    # The people the events name, locked at once in id order (in the mode an address change needs, if any): each
+    # event then finds its contact locked, and two batches naming the same people in another order queue instead
+    # of each holding one the other waits for (docs/operations.md, "Locking rules"). Stored addresses are
+    # lower-cased (schemas.types.normalize_email), so the unique index answers these lookups.
+    emails = sorted({event.email for event in events})
+    named = await session.scalars(select(_contacts.c.id).where(_contacts.c.email.in_(emails)))
+    await locks.lock_contacts(session, named, key_change=any(e.kind == "email_changed" for e in events))
     for event in events:
-        # Stored addresses are lower-cased (schemas.types.normalize_email), so the unique index answers this.
         contact_id = await session.scalar(select(_contacts.c.id).where(_contacts.c.email == event.email))
         if contact_id is None:
             continue
@@ -195,14 +201,16 @@ async def _apply_one(session: AsyncSession, contact_id: uuid.UUID, event: Inboun
     # Locked in the mode the change needs (an address change may take the email: FOR UPDATE at once); a contact
     # merged away since it was found by its address is followed to its survivor, which holds the person's lists
     # and consents. What is said of the address itself (bounced, complained, changed) only applies where the
-    # address went: a survivor that kept its own address is not the one that bounced.
+    # address went: a survivor that kept its own address is not the one that bounced, and neither is a contact
+    # whose address was changed since it was found by it (read again under the lock: a vendor's "a@ is now c@"
+    # must not overwrite the b@ the shop gave it meanwhile).
     holder = await locks.lock_following_merges(session, contact_id, key_change=event.kind == "email_changed")
     if holder is None:
         return False  # erased meanwhile: nothing left to change
     # Checked under the lock: a vendor acts only on the people it was given, whatever address it names.
     if not await _given_to(session, here, {contact_id, holder}):
         return False
-    same_address = holder == contact_id or (await contacts_service.get(session, holder))["email"] == event.email
+    same_address = (await contacts_service.get(session, holder))["email"] == event.email
     if event.kind in ("bounce", "email_changed") and not same_address:
         return False
     contact_id = holder

@@ -51,8 +51,11 @@ async def check_mappings(
     session: AsyncSession, kind: str, mappings: Sequence[Any], *, list_mappings: Sequence[Mapping[str, Any]]
 ) -> None:
     """422 naming `segment_mappings[i].<field>` for what this kind of destination cannot sync."""
+    # FOR KEY SHARE until the sync rows are written (apply_mappings): a segment found here cannot be deleted before
+    # then, and `delete_segment`, waiting for it, sees them (409) instead of leaving the insert a foreign-key error.
     found = set((await session.scalars(
-        select(_segments.c.id).where(_segments.c.id.in_([m.segment_id for m in mappings]))
+        select(_segments.c.id).where(_segments.c.id.in_([m.segment_id for m in mappings])).order_by(_segments.c.id)
+        .with_for_update(read=True, key_share=True)
     )).all()) if mappings else set()
     audiences = {m["remote_list_id"] for m in list_mappings}
     errors = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import delete, exists, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,11 +44,23 @@ async def create(session: AsyncSession, data: TagCreate) -> dict[str, Any]:
 
 
 async def ensure(session: AsyncSession, names: Sequence[str]) -> None:
-    """Tags named on a contact exist in the catalogue afterwards (created on first use)."""
-    if names:
-        await session.execute(
-            insert(_tags).values([{"name": n, "created_at": utc_now()} for n in names]).on_conflict_do_nothing()
-        )
+    """Tags named on a contact exist in the catalogue afterwards (created on first use), and stay there until this
+    transaction ends: each is locked FOR KEY SHARE, so a `delete_tag` waits for the contact written here to commit
+    and then takes the tag off it too (its UPDATE would not see a contact tagged by a transaction still open)."""
+    wanted = sorted(set(names))
+    for _attempt in range(3):
+        if not wanted:
+            return
+        locked = set((await session.scalars(
+            select(_tags.c.name).where(_tags.c.name.in_(wanted)).order_by(_tags.c.name)
+            .with_for_update(read=True, key_share=True))).all())
+        missing = [n for n in wanted if n not in locked]
+        if not missing:
+            return
+        created = set((await session.scalars(
+            insert(_tags).values([{"name": n, "created_at": utc_now()} for n in missing]).on_conflict_do_nothing()
+            .returning(_tags.c.name))).all())  # ours until we commit: no one else sees them
+        wanted = [n for n in missing if n not in created]  # created meanwhile by another writer: locked next round
 
 
 async def delete_tag(session: AsyncSession, name: str, *, actor: Principal) -> int:
@@ -56,6 +68,18 @@ async def delete_tag(session: AsyncSession, name: str, *, actor: Principal) -> i
     found = await session.execute(delete(_tags).where(_tags.c.name == name).returning(_tags.c.name))
     if found.first() is None:
         raise TagNotFound(f"no tag named {name!r}")
+    # Repeated until no contact holds it: each pass is a new statement, so it sees what committed while the last one
+    # waited for a contact's lock, such as a merge that gave the survivor the duplicate's tag while the pass waited
+    # for the duplicate (and found it gone). Taggers through `ensure` wait for the DELETE above instead.
+    total = 0
+    while True:
+        total += await _untag(session, name, actor=actor)
+        if not await session.scalar(select(exists().where(tagged(_contacts.c.tags.contains([name]))))):
+            return total
+
+
+async def _untag(session: AsyncSession, name: str, *, actor: Principal) -> int:
+    """Take the tag off every contact holding it in this statement's snapshot, each with its history row."""
     changed = (
         update(_contacts)
         .where(tagged(_contacts.c.tags.contains([name])))

@@ -6,6 +6,7 @@ worker's, since a test's outer transaction would hide statements that run outsid
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -20,7 +21,7 @@ from app.db import make_sessionmaker
 from app.services.imports import batch, runner
 from app.settings import Settings
 from tests.csv_samples import plain_file
-from tests.factories import ADMIN, PROOF
+from tests.factories import ADMIN, PROOF, make_attribute
 
 pytestmark = pytest.mark.committing
 
@@ -105,3 +106,59 @@ async def test_a_batch_committing_later_than_the_lease_after_its_date_is_written
     assert job.error == ("a batch could not be written in 3 attempts (the batch took longer than "
                          "IMPORT_LEASE_SECONDS after its date); nothing of it was written: import the file again")
     assert (await _one(sessions, "SELECT count(*) FROM contact"))[0] == 0
+
+
+async def test_an_attribute_deleted_while_the_import_runs_fails_the_job_and_writes_no_value(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The definitions are read when the job is prepared: a delete after that, when no contact holds a value yet,
+    is allowed (204), and the batches must then not write values for the definition that is gone."""
+    sessions = make_sessionmaker(engine)
+    await make_attribute(committing_client, "shoe_size", "number")
+    data = b"email,size\n" + b"".join(f"p{i}-{uuid.uuid4().hex[:6]}@example.com,{40 + i}\n".encode()
+                                      for i in range(3))
+    response = await committing_client.post(
+        "/v1/imports", files={"file": ("sizes.csv", data, "text/csv")},
+        data={"mapping": json.dumps({"email": "email", "size": "attributes.shoe_size"})}, headers=ADMIN)
+    assert response.status_code == 202, response.text
+    write = runner.write_batch
+
+    async def deleted_then_written(*args: Any, **kwargs: Any) -> dict[str, int]:
+        deleted = await committing_client.delete("/v1/attributes/shoe_size", headers=ADMIN)
+        assert deleted.status_code in (204, 404), deleted.text  # 404: a batch written again
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_batch", deleted_then_written)
+    assert await runner.run_next(sessions, settings) is True
+    job = await _one(sessions, "SELECT status, error FROM import_job WHERE id = :id",
+                     id=uuid.UUID(response.json()["id"]))
+    holders = (await _one(sessions, "SELECT count(*) FROM contact WHERE attributes ? 'shoe_size'"))[0]
+    assert (job.status, holders) == ("failed", 0), (job, holders)
+    assert job.error == "attribute definitions deleted while the import ran: shoe_size"
+
+
+async def test_a_tag_deleted_while_the_import_runs_is_on_no_contact_outside_the_catalogue(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job's tags are created when it starts; one deleted while it runs is created again by the batches that
+    give it, as tagging through the API creates it: a contact never holds a tag the catalogue lacks."""
+    sessions = make_sessionmaker(engine)
+    response = await committing_client.post(
+        "/v1/imports", files={"file": ("fair.csv", plain_file(3), "text/csv")}, data={"tags": "fair-2026"},
+        headers=ADMIN)
+    assert response.status_code == 202, response.text
+    write = runner.write_batch
+
+    async def deleted_then_written(*args: Any, **kwargs: Any) -> dict[str, int]:
+        deleted = await committing_client.delete("/v1/tags/fair-2026", headers=ADMIN)
+        assert deleted.status_code in (204, 404), deleted.text
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_batch", deleted_then_written)
+    assert await runner.run_next(sessions, settings) is True
+    job = await _one(sessions, "SELECT status, created FROM import_job WHERE id = :id",
+                     id=uuid.UUID(response.json()["id"]))
+    assert tuple(job) == ("done", 3)
+    outside = await _one(sessions, "SELECT count(*) FROM contact c CROSS JOIN unnest(c.tags) t(name) "
+                                   "WHERE NOT EXISTS (SELECT 1 FROM tag WHERE tag.name = t.name)")
+    assert outside[0] == 0, f"{outside[0]} contact(s) hold a tag the catalogue lacks"

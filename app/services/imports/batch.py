@@ -2,6 +2,7 @@
 
 Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
   1. the import's list is locked (FOR KEY SHARE) and read: it cannot be deleted while the batch subscribes to it;
+     so are the attribute definitions the file fills and the job's tags (created again if deleted meanwhile);
   2. rows already validated by a worker process (app.services.imports.rows) arrive as records; duplicates inside
      the file (keys seen in earlier rows, `import_key`) are rejected;
   3. COPY into a staging table that lives for this transaction only (ON COMMIT DROP);
@@ -178,6 +179,8 @@ async def write_batch(
                              f"SET LOCAL statement_timeout = {statement_ms}; SET LOCAL jit = off")
     dry = job.row["dry_run"]
     the_list = None if dry else await _lock_list(connection, job)
+    if not dry:
+        await _lock_catalogue(connection, job)
     rejects: list[tuple[Any, ...]] = [
         (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
     counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
@@ -572,6 +575,28 @@ async def _lock_list(connection: asyncpg.Connection, job: Job) -> Mapping[str, A
     if row is None:
         raise JobProblem(f"the list {job.row['list_id']} was deleted while the import ran")
     return row
+
+
+async def _lock_catalogue(connection: asyncpg.Connection, job: Job) -> None:
+    """The attribute definitions the file fills and the job's tags, locked FOR KEY SHARE until the batch commits, as a
+    contact write through the API holds them (services/attributes.py, services/tags.py): read when the job was
+    prepared, they may have been deleted since, and a delete must then see this batch's values once it commits. A
+    definition gone fails the job (its values were checked against it); a tag gone is created again, as tagging a
+    contact through the API creates it."""
+    names = sorted(job.spec.attributes)
+    if names:
+        found = {r["name"] for r in await connection.fetch(
+            "SELECT name FROM attribute_definition WHERE name = ANY($1::text[]) ORDER BY name FOR KEY SHARE", names)}
+        if missing := [name for name in names if name not in found]:
+            raise JobProblem(f"attribute definitions deleted while the import ran: {', '.join(missing)}")
+    tags = sorted(set(job.row["tags"] or ()))
+    if tags:
+        await connection.execute(
+            "INSERT INTO tag (name, created_at) SELECT unnest($1::text[]), now() ON CONFLICT DO NOTHING", tags)
+        locked = await connection.fetch(
+            "SELECT name FROM tag WHERE name = ANY($1::text[]) ORDER BY name FOR KEY SHARE", tags)
+        if len(locked) < len(tags):
+            raise Raced("a tag of the import was deleted while the batch locked it")
 
 
 async def _subscribe(

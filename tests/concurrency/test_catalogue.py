@@ -1,0 +1,140 @@
+"""The catalogue (tags, attribute definitions) changed while contacts are written: its rules hold.
+
+- `DELETE /v1/attributes/{name}` is refused while any contact holds a value: a contact write that read the
+  definition and has not committed yet must not end up holding a value for a deleted definition;
+- an attribute's options are only ever added: two PATCHes adding options at once must not remove each other's;
+- `DELETE /v1/tags/{name}` takes the tag off every contact: a contact tagged by a write still open must not keep it.
+
+Each race is made deterministic: a helper connection holds a lock the contact write (or both PATCHes) needs later,
+so the write has read what decides it and is still open when the other request runs. The helper then lets go and
+the final state is checked in SQL. These tests run in-process (`committing_client`: real, separate transactions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+import asyncpg
+import httpx
+import pytest
+
+from app.db import plain_dsn
+from tests.concurrency.held import until_waiting
+from tests.factories import ADMIN, make_attribute, make_contact
+
+pytestmark = pytest.mark.committing
+
+
+def _start(call: Awaitable[httpx.Response]) -> asyncio.Task[httpx.Response]:
+    return asyncio.ensure_future(call)
+
+
+async def test_an_attribute_deleted_while_a_contact_is_given_a_value_is_refused(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    http = committing_client
+    await make_attribute(http, "shoe_size", "number")
+    contact = await make_contact(http)
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the PATCH stops at its outbox row
+        patch = _start(http.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": 42}},
+                                  headers=ADMIN))
+        await until_waiting(helper, 1)  # the PATCH checked the definition and wrote the contact
+        delete = _start(http.delete("/v1/attributes/shoe_size", headers=ADMIN))
+        await until_waiting(helper, 2, or_done=delete)
+        await holding.rollback()
+        patched, deleted = await patch, await delete
+        assert patched.status_code == 200, patched.text
+        holders = await helper.fetchval("SELECT count(*) FROM contact WHERE attributes ? 'shoe_size'")
+        defined = await helper.fetchval("SELECT count(*) FROM attribute_definition WHERE name = 'shoe_size'")
+        assert (deleted.status_code, holders, defined) == (409, 1, 1), (
+            f"DELETE answered {deleted.status_code}; {holders} contact(s) hold a value, {defined} definition")
+    finally:
+        await helper.close()
+
+
+async def test_two_option_additions_at_once_do_not_remove_each_other(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    http = committing_client
+    await make_attribute(http, "fit", "enum", options=["slim", "regular"])
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("SELECT 1 FROM attribute_definition WHERE name = 'fit' FOR SHARE")
+        first = _start(http.patch("/v1/attributes/fit", json={"options": ["slim", "regular", "loose"]},
+                                  headers=ADMIN))
+        second = _start(http.patch("/v1/attributes/fit", json={"options": ["slim", "regular", "oversized"]},
+                                   headers=ADMIN))
+        await until_waiting(helper, 2)  # both read the definition (or queue for it), neither wrote
+        await holding.rollback()
+        answers = [await first, await second]
+        options = set(await helper.fetchval("SELECT options FROM attribute_definition WHERE name = 'fit'"))
+        applied = [set(r.json()["options"]) for r in answers if r.status_code == 200]
+        assert {r.status_code for r in answers} <= {200, 422}, [r.text for r in answers]
+        assert all(added <= options for added in applied), (
+            f"stored options {sorted(options)}, yet PATCHes answered 200 with {[sorted(a) for a in applied]}")
+    finally:
+        await helper.close()
+
+
+async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    http = committing_client
+    assert (await http.post("/v1/tags", json={"name": "vip"}, headers=ADMIN)).status_code == 201
+    contact = await make_contact(http)
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the tagging stops at its outbox row
+        tagging = _start(http.put(f"/v1/contacts/{contact['id']}/tags/vip", headers=ADMIN))
+        await until_waiting(helper, 1)  # the contact is tagged, not committed yet
+        delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
+        await until_waiting(helper, 2, or_done=delete)
+        await holding.rollback()
+        tagged, deleted = await tagging, await delete
+        assert tagged.status_code == 200, tagged.text
+        assert deleted.status_code == 204, deleted.text
+        holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
+        in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
+        assert (holders, in_catalogue) == (0, 0), (
+            f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+    finally:
+        await helper.close()
+
+
+async def test_a_tag_deleted_while_its_holder_is_merged_leaves_it_on_no_one(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    """The merge gives the survivor the duplicate's tags; the delete, waiting for the duplicate the merge holds,
+    must not leave the tag on the survivor."""
+    http = committing_client
+    survivor = await make_contact(http)
+    duplicate = await make_contact(http, tags=["vip"])
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the merge stops at its outbox rows
+        merge = _start(http.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                 headers=ADMIN))
+        await until_waiting(helper, 1)  # both contacts locked, the survivor given the tag
+        delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
+        await until_waiting(helper, 2, or_done=delete)  # the delete waits for the duplicate
+        await holding.rollback()
+        merged, deleted = await merge, await delete
+        assert merged.status_code == 200, merged.text
+        assert deleted.status_code == 204, deleted.text
+        holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
+        in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
+        assert (holders, in_catalogue) == (0, 0), (
+            f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+    finally:
+        await helper.close()
