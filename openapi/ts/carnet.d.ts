@@ -7257,9 +7257,9 @@ export interface operations {
         parameters: {
             query?: {
                 format?: components["schemas"]["ExportFormat"];
-                /** @description Only contacts matching this segment */
+                /** @description Only contacts matching this segment. Needs segments:read */
                 segment?: string | null;
-                /** @description Only members of this list */
+                /** @description Only members of this list. Needs lists:read */
                 list?: string | null;
                 /** @description With `list`: its members with this status (default subscribed: who may be mailed). Without `list`: contacts on at least one list with this status (`any`: on any list; absent: everyone) */
                 list_status?: components["schemas"]["ListStatus"] | null;
