@@ -332,16 +332,23 @@ async def upsert(session: AsyncSession, payload: ContactUpsert, *, actor: Princi
 
 
 async def lock_batch(session: AsyncSession, payloads: Sequence[ContactUpsert]) -> None:
-    """Lock the contacts holding a batch's keys at once, in id order (FOR UPDATE: an upsert may change keys), before
-    its items run one by one: each item then finds its contact locked already, and two batches naming the same
-    contacts in another order queue on the first lock instead of each holding one the other waits for
-    (services/locks.py)."""
+    """Lock what a batch's items will write, before the first of them runs: the buckets of the keys no contact holds
+    yet (`locks.lock_new_keys`: the contacts it creates are met in item order), then the contacts holding its keys,
+    in id order (FOR UPDATE: an upsert may change keys). Each item then finds its contact locked already, and two
+    batches naming the same contacts, existing or new, in another order queue on the first lock instead of each
+    holding one the other waits for (services/locks.py)."""
     emails = sorted({p.email for p in payloads if p.email})
     external_ids = sorted({p.external_id for p in payloads if p.external_id})
     keys = [*([_t.c.email.in_(emails)] if emails else []),
             *([_t.c.external_id.in_(external_ids)] if external_ids else [])]
-    if keys:
-        await locks.lock_contacts(session, await session.scalars(select(_t.c.id).where(or_(*keys))), key_change=True)
+    if not keys:
+        return
+    held = {(kind, value) for row in await session.execute(select(_t.c.email, _t.c.external_id).where(or_(*keys)))
+            for kind, value in (("e", row.email), ("x", row.external_id))}
+    await locks.lock_new_keys(session, [f"{kind}:{value}" for kind, values in (("e", emails), ("x", external_ids))
+                                        for value in values if (kind, value) not in held])
+    # read again: a contact created meanwhile by a writer this one queued behind now holds its key
+    await locks.lock_contacts(session, await session.scalars(select(_t.c.id).where(or_(*keys))), key_change=True)
 
 
 async def update(

@@ -13,6 +13,7 @@ links follow it: the merge moved the person's orders, events, consents and membe
 from __future__ import annotations
 
 import uuid
+import zlib
 from collections.abc import Iterable
 
 from sqlalchemy import select, text
@@ -20,12 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Contact
 
-__all__ = ["lock_contacts", "lock_following_merges", "survivor_of"]
+__all__ = ["lock_contacts", "lock_following_merges", "lock_new_keys", "survivor_of"]
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 # A merge committing while a writer waits for the merged contact's lock moves the writer on to the survivor; a
 # few steps only ever cover merges racing that one write.
 _MAX_FOLLOWS = 5
+# New keys (emails, external ids) a batch is about to write, as buckets of pg_advisory_xact_lock(namespace, bucket):
+# a few buckets bound the locks one transaction holds (the server's lock table is shared and finite).
+NEW_KEY_NAMESPACE = 0x434E4B59  # "CNKY"
+NEW_KEY_BUCKETS = 64
 
 
 async def lock_contacts(
@@ -66,3 +71,16 @@ async def survivor_of(session: AsyncSession, contact_id: uuid.UUID) -> uuid.UUID
         )
         SELECT id FROM chain ORDER BY depth DESC LIMIT 1
     """), {"id": contact_id})
+
+
+async def lock_new_keys(session: AsyncSession, keys: Iterable[str]) -> None:
+    """Lock the buckets of keys no contact holds yet, in bucket order, before any contact lock (docs/operations.md,
+    "Locking rules"). A key's first insert holds it until commit (another insert of it waits on the unique index),
+    so two batches creating the same new contacts in another order each waited for the other's insert; with their
+    buckets taken first in one order, the second queues before its first write. A bucket is shared by many keys:
+    batches creating unrelated contacts may queue too, never longer than one batch."""
+    buckets = sorted({zlib.crc32(key.encode()) % NEW_KEY_BUCKETS for key in keys})
+    if buckets:  # unnest gives the array's order, so the locks are taken in it
+        await session.execute(text("SELECT count(pg_advisory_xact_lock(:namespace, bucket)) "
+                                   "FROM unnest(CAST(:buckets AS int[])) AS bucket"),
+                              {"namespace": NEW_KEY_NAMESPACE, "buckets": buckets})
