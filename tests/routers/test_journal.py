@@ -257,6 +257,21 @@ class TestErasure:
                                                                "personal_data.read"]
         assert found.json()["data"][0]["erased_refs"] and not found.json()["data"][0]["contact_ids"]
 
+    async def test_a_search_by_customer_number_keeps_no_trace_of_it_after_erasure(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        external_id = f"CUST-{uuid.uuid4().hex[:10]}"
+        contact = await make_contact(client, external_id=external_id)
+        found = await client.get("/v1/contacts", params={"external_id": external_id}, headers=ADMIN)
+        assert [c["id"] for c in found.json()["data"]] == [contact["id"]]
+        assert (await client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+        entries = await flushed(app)
+        assert external_id not in json.dumps([e["detail"] for e in entries], default=str)
+        [search] = [e for e in entries if e["route"] == "GET /v1/contacts"
+                    and "external_id" in json.dumps(e["detail"], default=str)]
+        detail = json.loads(search["detail"]) if isinstance(search["detail"], str) else search["detail"]
+        assert detail["filter"]["external_id"].startswith("hmac:")  # "who searched for this number" stays answerable
+
     async def test_a_read_still_buffered_when_the_person_is_erased_is_chained_under_their_digest(
         self, client: httpx.AsyncClient, app: FastAPI
     ) -> None:
