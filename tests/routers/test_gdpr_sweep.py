@@ -24,7 +24,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import make_sessionmaker
-from app.security.ratelimit import SignupLimits
 from app.services import delivery as delivery_service
 from app.services import segment_sync
 from app.settings import Settings
@@ -264,9 +263,10 @@ async def test_every_feature_then_erasure_leaves_nothing(
     assert "contact.erased" in caplog.text
 
 
+@pytest.mark.usefixtures("fresh_limits")
 async def test_a_person_who_came_through_the_public_pages_then_erased_themselves_leaves_nothing(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], app: FastAPI,
-    fresh_limits: SignupLimits, caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The newsletter box, the confirmation, the preference center (join, download, erase), a cart, and the
     # admin's reads by their identifiers: after the self-service erasure, nothing of them anywhere, the access
