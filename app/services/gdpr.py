@@ -161,11 +161,12 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
-        await _forget_idempotency_records(session, [*ids, *await _merged_into(session, ids)])
+        merged = await _merged_into(session, ids)  # records merged into theirs: their ids still name the person
+        await _forget_idempotency_records(session, [*ids, *merged])
         await _deidentify_ledger(session, ids)
-        await session.execute(  # an erasure asked for in the preference center is answered by this one
-            update(_erasure_requests)
-            .where(_erasure_requests.c.contact_id.in_(ids), _erasure_requests.c.status == "open")
+        await session.execute(  # an erasure asked for in the preference center is answered by this one, also
+            update(_erasure_requests)  # when asked from the link of a record merged into theirs since
+            .where(_erasure_requests.c.contact_id.in_([*ids, *merged]), _erasure_requests.c.status == "open")
             .values(status="completed", resolved_at=utc_now(), resolved_by=by or reason))
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
