@@ -132,9 +132,13 @@ async def export(session: AsyncSession, contact_id: uuid.UUID) -> ContactExport:
 
 
 async def erase(
-    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, expected_version: int | None = None
+    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, expected_version: int | None = None,
+    journaled: bool = True,
 ) -> None:
-    """Erase one contact (DELETE /v1/contacts/{id}); PreconditionFailed if it moved past `expected_version`."""
+    """Erase one contact (DELETE /v1/contacts/{id}); PreconditionFailed if it moved past `expected_version`.
+
+    `journaled=False`: the person erasing themselves (the preference center), which the access journal leaves out.
+    """
     row = (await session.execute(
         select(_contacts.c.id, _contacts.c.email, _contacts.c.phone, _contacts.c.version)
         .where(_contacts.c.id == contact_id).with_for_update()
@@ -144,7 +148,8 @@ async def erase(
     if expected_version is not None and row["version"] != expected_version:
         raise PreconditionFailed(f"the contact is at version {row['version']}", current_version=row["version"])
     await erase_many(session, [row], reason="erasure", by=actor.subject)
-    await journal.record(session, journal.act(actor, "contacts.erased", refs=journal.person_refs(row)))
+    if journaled:
+        await journal.record(session, journal.act(actor, "contacts.erased", refs=journal.person_refs(row)))
     log.info("contact.erased", contact_id=str(contact_id), subject=actor.subject)
 
 

@@ -273,12 +273,23 @@ async def test_a_person_who_came_through_the_public_pages_then_erased_themselves
     # journal included (flushed: its entries are otherwise still in this process's buffer).
     caplog.set_level(logging.DEBUG)
     person = new_person()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(person.ip, 50123)),
+                                 base_url="http://test") as own:  # the person's browser, from their address
+        await _public_tour(client, own, sessions, person)
+    await app.state.journal.flush(app.state.sessionmaker)
+
+    assert await sweep(sessions, person.needles) == {}
+    assert logged(caplog, person.needles) == []
+
+
+async def _public_tour(client: httpx.AsyncClient, own: httpx.AsyncClient,
+                       sessions: async_sessionmaker[AsyncSession], person: Person) -> None:
     origin = "https://shop.example"
     box = {"public_signup": True, "signup_origins": [origin], "signup_wording": "Oui !"}
     letter, offers = await make_list(client, **box), await make_list(client, **box)
     browser = {"Origin": origin, "Referer": f"{origin}/newsletter?email={person.email}",
                "User-Agent": person.user_agent}
-    await ok(await client.post(f"/v1/public/lists/{letter['id']}/signup", headers=browser, json={
+    await ok(await own.post(f"/v1/public/lists/{letter['id']}/signup", headers=browser, json={
         "email": person.email.upper(), "first_name": person.first_name, "last_name": person.last_name,
         "consent": True}), 202)
     [contact] = (await client.get("/v1/contacts", params={"email": person.email}, headers=ADMIN)).json()["data"]
@@ -286,7 +297,7 @@ async def test_a_person_who_came_through_the_public_pages_then_erased_themselves
     await ok(await client.patch(f"/v1/contacts/{person.id}", headers=ADMIN, json={
         "phone": person.national_phone, "external_id": person.external_id}))
     [requested] = [p for t, p in await outbox(sessions, person.id) if t == "membership.confirmation_requested"]
-    await ok(await client.post(url_path(requested["confirm_url"]), headers={"User-Agent": person.user_agent}))
+    await ok(await own.post(url_path(requested["confirm_url"]), headers={"User-Agent": person.user_agent}))
     await ok(await client.put(f"/v1/carts/CART-{person.tag}", headers=ADMIN, json={
         "contact": {"external_id": person.external_id}, "currency": "EUR", "opened_at": "2026-05-01T10:00:00Z",
         "checkout_url": f"https://shop.example/checkout?email={person.email}",
@@ -302,15 +313,11 @@ async def test_a_person_who_came_through_the_public_pages_then_erased_themselves
     # the preference center: join a list, download the data, erase (two steps)
     prefs = url_path(links["preferences_url"])
     page = {"Accept": "application/json", "User-Agent": person.user_agent}
-    await ok(await client.post(prefs, headers=page, json={"lists": {offers["id"]: "subscribed"}}))
-    assert person.email in (await client.post(prefs, headers=page, json={"export": True})).text
-    confirmation = (await ok(await client.post(prefs, headers=page, json={"erase": "request"})))["confirmation"]
-    assert (await ok(await client.post(prefs, headers=page, json={"erase_confirmation": confirmation})))[
+    await ok(await own.post(prefs, headers=page, json={"lists": {offers["id"]: "subscribed"}}))
+    assert person.email in (await own.post(prefs, headers=page, json={"export": True})).text
+    confirmation = (await ok(await own.post(prefs, headers=page, json={"erase": "request"})))["confirmation"]
+    assert (await ok(await own.post(prefs, headers=page, json={"erase_confirmation": confirmation})))[
         "erasure"] == "completed"
-    await app.state.journal.flush(app.state.sessionmaker)
-
-    assert await sweep(sessions, person.needles) == {}
-    assert logged(caplog, person.needles) == []
 
 
 # ---- imports ----------------------------------------------------------------------------------------------------

@@ -272,6 +272,31 @@ class TestErasure:
         detail = json.loads(search["detail"]) if isinstance(search["detail"], str) else search["detail"]
         assert detail["filter"]["external_id"].startswith("hmac:")  # "who searched for this number" stays answerable
 
+    async def test_the_persons_own_visits_to_the_preference_center_are_not_journaled_nor_their_address_kept(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # docs/gdpr.md: the public links are not journaled (the person's own data, to the person). An entry for
+        # them held the person's IP address (client_addr), which no erasure rewrites: it outlived the person.
+        contact = await make_contact(client, first_name="Ysolde")
+        await grant_marketing(client, contact["id"])
+        prefs = httpx.URL((await client.get(f"/v1/contacts/{contact['id']}/links", headers=ADMIN)).json()[
+            "preferences_url"]).raw_path.decode()
+        home = "198.51.100.77"
+        browser = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(home, 50123)),
+                                    base_url="http://test")
+        page = {"Accept": "application/json", "User-Agent": "Firefox/140"}
+
+        async def visits() -> None:
+            async with browser:
+                assert (await browser.get(prefs, headers=page)).status_code == 200
+                assert (await browser.post(prefs, json={"export": True}, headers=page)).status_code == 200
+                confirmation = (await browser.post(prefs, json={"erase": "request"}, headers=page)).json()
+                assert (await browser.post(prefs, json={"erase_confirmation": confirmation["confirmation"]},
+                                           headers=page)).status_code == 200
+
+        assert await entries_after(app, visits) == []
+        assert home not in json.dumps(await flushed(app), default=str)
+
     async def test_a_read_still_buffered_when_the_person_is_erased_is_chained_under_their_digest(
         self, client: httpx.AsyncClient, app: FastAPI
     ) -> None:
