@@ -374,6 +374,32 @@ async def test_import_queued_when_erased_skips_them_and_drops_the_file(
     assert without_staging(await sweep(sessions, person.needles)) == {}
 
 
+async def test_import_after_the_erasure_reports_their_repeated_rows_without_their_address(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """A file read after the erasure names the person twice: their first row is skipped and reported without its
+    address (docs/gdpr.md); the rows repeating it (by address, by customer number) are theirs too, and were
+    reported with the repeated value, keeping the erased address for IMPORT_REPORT_VALUES_DAYS."""
+    person = new_person()
+    contact = await create_person(client, person)
+    assert (await erase(client, contact["id"])).status_code == 204
+    stranger = f"stranger.{person.tag}@example.org"
+    data = build_csv(["E-mail", "Prénom", "Nom", "Code client"], [
+        (person.email, person.first_name, person.last_name, person.external_id),
+        (person.email.upper(), person.first_name, person.last_name, ""),
+        ("", person.first_name, person.last_name, person.external_id),
+        (stranger, "Other", "Person", ""),
+        (stranger, "Other", "Person", ""),
+    ])
+    job = await run_import(client, sessions, settings, data)
+    assert (job["created"], job["skipped"], job["rejected"]) == (1, 1, 3), job
+    assert [(line["reason"], line["value"]) for line in await report(client, job["id"])] == [
+        ("skipped: this person was erased (GDPR); the address is on the suppression list", ""),
+        ("duplicate of row 2", ""), ("duplicate of row 2", ""),
+        ("duplicate of row 5", stranger)]  # a living person's duplicate still says which value repeats
+    assert without_staging(await sweep(sessions, person.needles)) == {}
+
+
 async def test_import_reject_values_that_contain_them(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:
