@@ -242,7 +242,8 @@ class TestErasure:
         assert contact["id"] not in everything  # nowhere, not in the reads nor in the erasure's own entry
         digests = journal_service.erased_refs(
             suppressions_service.digests(email=contact["email"], phone=contact["phone"]).values())
-        read = next(e for e in entries if e["route"] == "GET /v1/contacts/{contact_id}" and set(digests) <= set(e["refs"]))
+        read = next(e for e in entries
+                    if e["route"] == "GET /v1/contacts/{contact_id}" and set(digests) <= set(e["refs"]))
         assert read["kind"] == "read"
         assert [(e["route"], e["action"]) for e in entries if set(digests) <= set(e["refs"])] == [
             ("POST /v1/contacts", "personal_data.read"),  # the creation's answer carried the contact too

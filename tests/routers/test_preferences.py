@@ -302,7 +302,8 @@ class TestGetChangesNothing:
         uid = uuid.UUID(contact["id"])
         urls = [
             prefs_path(contact["id"]),
-            f"/v1/public/confirm/{CODEC.encode(Link(LinkKind.CONFIRM, uid, uuid.UUID(doi['id']), int(time.time()) + 60))}",
+            "/v1/public/confirm/"
+            + CODEC.encode(Link(LinkKind.CONFIRM, uid, uuid.UUID(doi["id"]), int(time.time()) + 60)),
             f"/v1/public/unsubscribe/{CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uid, uuid.UUID(a['id'])))}",
             f"/v1/public/unsubscribe/{CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uid, uuid.UUID(a['id'])))}?all=1",
         ]
