@@ -106,6 +106,9 @@ class Journal:
             log.error("journal.entries_lost", count=len(self._buffer))
 
 
+_PUBLIC = "/v1/public/"
+
+
 class JournalReads:
     """Opens each request's Access, and journals what a successful answer reached."""
 
@@ -114,7 +117,9 @@ class JournalReads:
         self.journal = journal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        # The public links are the person's own data, to the person (docs/gdpr.md): not journaled. An entry would
+        # keep their IP address (client_addr), which no erasure rewrites.
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["path"].startswith(_PUBLIC):
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})

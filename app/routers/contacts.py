@@ -171,7 +171,9 @@ async def list_contacts(
         rows, next_cursor = await contacts_service.list_page(
             session, filters, sort=sort, limit=limit, cursor=cursor, codec=request.app.state.cursor_codec
         )
-    note(filter=journal_service.search_detail(request.query_params, hidden=("q", "email"), drop=("cursor",)))
+    # The searched values that name a person become keyed digests: the entry outlives an erasure of that person.
+    note(filter=journal_service.search_detail(request.query_params, hidden=("q", "email", "external_id"),
+                                              drop=("cursor",)))
     return JSONBody({"data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows],
                      "next_cursor": next_cursor})
 

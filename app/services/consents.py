@@ -79,8 +79,16 @@ class PurposeState:
 
 
 async def record(session: AsyncSession, contact_id: uuid.UUID, data: ConsentCreate, *, actor: Principal) -> Row:
-    """Append one event to a contact's ledger (POST /v1/contacts/{id}/consents)."""
+    """Append one event to a contact's ledger (POST /v1/contacts/{id}/consents).
+
+    A `confirmed` without a proof confirms the grant in force when it happened (a double opt-in click): with none
+    (never granted, or withdrawn since), it would make the purpose granted with nothing to show (art. 7(1)).
+    """
     await lock_contact(session, contact_id)
+    if data.action is ConsentAction.CONFIRMED and data.proof is None and not await _in_force(
+            session, contact_id, data.purpose.value, data.occurred_at or utc_now()):
+        raise InvalidInput.one("proof", f"no {data.purpose.value} grant is in force to confirm: record a granted "
+                               "event with its proof (GDPR art. 7(1)), or send a proof", "nothing_to_confirm")
     return await append(
         session, contact_id, purpose=data.purpose.value, action=data.action.value, source=data.source,
         occurred_at=data.occurred_at, proof=data.proof.model_dump(mode="json") if data.proof else None,
@@ -150,6 +158,16 @@ async def grant_from_signup(session: AsyncSession, membership: Mapping[str, Any]
     await append(session, membership["contact_id"], purpose=MARKETING, action=ConsentAction.GRANTED.value,
                  source="public_signup", occurred_at=signed_up_at, proof=proof, recorded_by=SIGNUP_BY,
                  list_id=membership["list_id"])
+
+
+async def _in_force(session: AsyncSession, contact_id: uuid.UUID, purpose: str, at: datetime) -> bool:
+    """Whether the purpose is granted at `at`: its latest event up to then (recording order on a tie) grants."""
+    latest = await session.scalar(
+        select(_events.c.action)
+        .where(_events.c.contact_id == contact_id, _events.c.purpose == purpose, _events.c.occurred_at <= at)
+        .order_by(_events.c.occurred_at.desc(), _events.c.id.desc()).limit(1)
+    )
+    return latest in _GRANTING
 
 
 async def _granted_at(session: AsyncSession, contact_id: uuid.UUID, purpose: str, at: datetime) -> bool:

@@ -132,9 +132,13 @@ async def export(session: AsyncSession, contact_id: uuid.UUID) -> ContactExport:
 
 
 async def erase(
-    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, expected_version: int | None = None
+    session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal, expected_version: int | None = None,
+    journaled: bool = True,
 ) -> None:
-    """Erase one contact (DELETE /v1/contacts/{id}); PreconditionFailed if it moved past `expected_version`."""
+    """Erase one contact (DELETE /v1/contacts/{id}); PreconditionFailed if it moved past `expected_version`.
+
+    `journaled=False`: the person erasing themselves (the preference center), which the access journal leaves out.
+    """
     row = (await session.execute(
         select(_contacts.c.id, _contacts.c.email, _contacts.c.phone, _contacts.c.version)
         .where(_contacts.c.id == contact_id).with_for_update()
@@ -144,7 +148,8 @@ async def erase(
     if expected_version is not None and row["version"] != expected_version:
         raise PreconditionFailed(f"the contact is at version {row['version']}", current_version=row["version"])
     await erase_many(session, [row], reason="erasure", by=actor.subject)
-    await journal.record(session, journal.act(actor, "contacts.erased", refs=journal.person_refs(row)))
+    if journaled:
+        await journal.record(session, journal.act(actor, "contacts.erased", refs=journal.person_refs(row)))
     log.info("contact.erased", contact_id=str(contact_id), subject=actor.subject)
 
 
@@ -161,11 +166,12 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
-        await _forget_idempotency_records(session, [*ids, *await _merged_into(session, ids)])
+        merged = await _merged_into(session, ids)  # records merged into theirs: their ids still name the person
+        await _forget_idempotency_records(session, [*ids, *merged])
         await _deidentify_ledger(session, ids)
-        await session.execute(  # an erasure asked for in the preference center is answered by this one
-            update(_erasure_requests)
-            .where(_erasure_requests.c.contact_id.in_(ids), _erasure_requests.c.status == "open")
+        await session.execute(  # an erasure asked for in the preference center is answered by this one, also
+            update(_erasure_requests)  # when asked from the link of a record merged into theirs since
+            .where(_erasure_requests.c.contact_id.in_([*ids, *merged]), _erasure_requests.c.status == "open")
             .values(status="completed", resolved_at=utc_now(), resolved_by=by or reason))
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])

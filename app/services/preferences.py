@@ -141,7 +141,7 @@ async def erase(session: AsyncSession, contact_id: uuid.UUID, *, self_service: b
             id=uuid.uuid4(), contact_id=contact_id, status="completed", source=SOURCE, requested_at=now,
             resolved_at=now, resolved_by="self_service",
         ).returning(*_requests.c))).mappings().one()
-        await gdpr.erase(session, contact_id, actor=_ACTOR)
+        await gdpr.erase(session, contact_id, actor=_ACTOR, journaled=False)  # the person's own act: not journaled
         return ErasureOutcome(True, request)
     await consents.lock_contact(session, contact_id)
     existing = await open_request(session, contact_id)

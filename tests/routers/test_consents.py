@@ -191,6 +191,27 @@ class TestWithdrawal:
         state = (await ledger(client, contact["id"]))["state"]["email_marketing"]
         assert state["granted"] is True
 
+    @pytest.mark.parametrize("history", ["withdrawn", "never_asked"])
+    async def test_a_confirmation_without_proof_confirms_a_grant_and_never_stands_for_one(
+        self, client: httpx.AsyncClient, history: str
+    ) -> None:
+        # `confirmed` needs no proof because it confirms a grant that has one (a double opt-in click). Recorded over
+        # a withdrawal, or with no grant at all, it made email_marketing granted with nothing to show for it
+        # (art. 7(1)), lifted the person's withdrawal (art. 7(3)), and let the back office subscribe them again.
+        made, contact = await make_list(client), await make_contact(client)
+        if history == "withdrawn":
+            await subscribe(client, made["id"], contact["id"], {"consent": {"proof": PROOF}})
+            await record(client, contact["id"], purpose="email_marketing", action="withdrawn")
+        refused = await record(client, contact["id"], purpose="email_marketing", action="confirmed",
+                               source="back_office")
+        assert assert_problem(refused, 422, "proof")["errors"][0]["code"] == "nothing_to_confirm"
+        assert (await ledger(client, contact["id"]))["state"]["email_marketing"]["granted"] is False
+        assert_problem(await subscribe(client, made["id"], contact["id"]), 422, "consent")
+        # A grant (with its proof), then its confirmation: as before.
+        await grant_marketing(client, contact["id"])
+        confirmed = await record(client, contact["id"], purpose="email_marketing", action="confirmed")
+        assert confirmed.status_code == 201, confirmed.text
+
     async def test_withdrawing_another_purpose_leaves_lists_alone(self, client: httpx.AsyncClient) -> None:
         made, contact = await make_list(client), await make_contact(client)
         await subscribe(client, made["id"], contact["id"], {"consent": {"proof": PROOF}})

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -32,6 +33,7 @@ from tests.factories import ADMIN, make_attribute, make_contact, make_list
 from tests.routers.test_gdpr import erase
 from tests.routers.test_imports import report, run_import, upload
 from tests.routers.test_lists import outbox, url_path
+from tests.routers.test_signup import fresh_limits  # noqa: F401  (fixture: full signup buckets, no answer delay)
 from tests.sync.conftest import brevo, mailchimp, worker  # noqa: F401  (fixtures of the vendor tests)
 from tests.sync.keys import BREVO_KEY, MC_KEY
 
@@ -261,6 +263,63 @@ async def test_every_feature_then_erasure_leaves_nothing(
     assert "contact.erased" in caplog.text
 
 
+@pytest.mark.usefixtures("fresh_limits")
+async def test_a_person_who_came_through_the_public_pages_then_erased_themselves_leaves_nothing(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], app: FastAPI,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The newsletter box, the confirmation, the preference center (join, download, erase), a cart, and the
+    # admin's reads by their identifiers: after the self-service erasure, nothing of them anywhere, the access
+    # journal included (flushed: its entries are otherwise still in this process's buffer).
+    caplog.set_level(logging.DEBUG)
+    person = new_person()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(person.ip, 50123)),
+                                 base_url="http://test") as own:  # the person's browser, from their address
+        await _public_tour(client, own, sessions, person)
+    await app.state.journal.flush(app.state.sessionmaker)
+
+    assert await sweep(sessions, person.needles) == {}
+    assert logged(caplog, person.needles) == []
+
+
+async def _public_tour(client: httpx.AsyncClient, own: httpx.AsyncClient,
+                       sessions: async_sessionmaker[AsyncSession], person: Person) -> None:
+    origin = "https://shop.example"
+    box = {"public_signup": True, "signup_origins": [origin], "signup_wording": "Oui !"}
+    letter, offers = await make_list(client, **box), await make_list(client, **box)
+    browser = {"Origin": origin, "Referer": f"{origin}/newsletter?email={person.email}",
+               "User-Agent": person.user_agent}
+    await ok(await own.post(f"/v1/public/lists/{letter['id']}/signup", headers=browser, json={
+        "email": person.email.upper(), "first_name": person.first_name, "last_name": person.last_name,
+        "consent": True}), 202)
+    [contact] = (await client.get("/v1/contacts", params={"email": person.email}, headers=ADMIN)).json()["data"]
+    person.id = contact["id"]
+    await ok(await client.patch(f"/v1/contacts/{person.id}", headers=ADMIN, json={
+        "phone": person.national_phone, "external_id": person.external_id}))
+    [requested] = [p for t, p in await outbox(sessions, person.id) if t == "membership.confirmation_requested"]
+    await ok(await own.post(url_path(requested["confirm_url"]), headers={"User-Agent": person.user_agent}))
+    await ok(await client.put(f"/v1/carts/CART-{person.tag}", headers=ADMIN, json={
+        "contact": {"external_id": person.external_id}, "currency": "EUR", "opened_at": "2026-05-01T10:00:00Z",
+        "checkout_url": f"https://shop.example/checkout?email={person.email}",
+        "items": [{"sku": "TSHIRT", "name": f"T-shirt {person.first_name}", "quantity": 1, "unit_price": "9.90"}]}),
+        201)
+    # the admin's reads by the person's identifiers
+    for params in ({"external_id": person.external_id}, {"email": person.email}, {"q": person.last_name}):
+        await ok(await client.get("/v1/contacts", params=params, headers=ADMIN))
+    await ok(await client.get("/v1/journal", params={"email": person.email, "phone": person.national_phone},
+                              headers=ADMIN))
+    await ok(await client.get("/v1/suppressions/check", params={"phone": person.national_phone}, headers=ADMIN))
+    links = await ok(await client.get(f"/v1/contacts/{person.id}/links", headers=ADMIN))
+    # the preference center: join a list, download the data, erase (two steps)
+    prefs = url_path(links["preferences_url"])
+    page = {"Accept": "application/json", "User-Agent": person.user_agent}
+    await ok(await own.post(prefs, headers=page, json={"lists": {offers["id"]: "subscribed"}}))
+    assert person.email in (await own.post(prefs, headers=page, json={"export": True})).text
+    confirmation = (await ok(await own.post(prefs, headers=page, json={"erase": "request"})))["confirmation"]
+    assert (await ok(await own.post(prefs, headers=page, json={"erase_confirmation": confirmation})))[
+        "erasure"] == "completed"
+
+
 # ---- imports ----------------------------------------------------------------------------------------------------
 
 
@@ -312,6 +371,32 @@ async def test_import_queued_when_erased_skips_them_and_drops_the_file(
     assert await run_next(sessions, settings)
     job = (await client.get(f"/v1/imports/{queued['id']}", headers=ADMIN)).json()
     assert (job["status"], job["skipped"], job["created"]) == ("done", 1, 0)
+    assert without_staging(await sweep(sessions, person.needles)) == {}
+
+
+async def test_import_after_the_erasure_reports_their_repeated_rows_without_their_address(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """A file read after the erasure names the person twice: their first row is skipped and reported without its
+    address (docs/gdpr.md); the rows repeating it (by address, by customer number) are theirs too, and were
+    reported with the repeated value, keeping the erased address for IMPORT_REPORT_VALUES_DAYS."""
+    person = new_person()
+    contact = await create_person(client, person)
+    assert (await erase(client, contact["id"])).status_code == 204
+    stranger = f"stranger.{person.tag}@example.org"
+    data = build_csv(["E-mail", "Prénom", "Nom", "Code client"], [
+        (person.email, person.first_name, person.last_name, person.external_id),
+        (person.email.upper(), person.first_name, person.last_name, ""),
+        ("", person.first_name, person.last_name, person.external_id),
+        (stranger, "Other", "Person", ""),
+        (stranger, "Other", "Person", ""),
+    ])
+    job = await run_import(client, sessions, settings, data)
+    assert (job["created"], job["skipped"], job["rejected"]) == (1, 1, 3), job
+    assert [(line["reason"], line["value"]) for line in await report(client, job["id"])] == [
+        ("skipped: this person was erased (GDPR); the address is on the suppression list", ""),
+        ("duplicate of row 2", ""), ("duplicate of row 2", ""),
+        ("duplicate of row 5", stranger)]  # a living person's duplicate still says which value repeats
     assert without_staging(await sweep(sessions, person.needles)) == {}
 
 

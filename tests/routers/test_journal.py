@@ -242,7 +242,8 @@ class TestErasure:
         assert contact["id"] not in everything  # nowhere, not in the reads nor in the erasure's own entry
         digests = journal_service.erased_refs(
             suppressions_service.digests(email=contact["email"], phone=contact["phone"]).values())
-        read = next(e for e in entries if e["route"] == "GET /v1/contacts/{contact_id}" and set(digests) <= set(e["refs"]))
+        read = next(e for e in entries
+                    if e["route"] == "GET /v1/contacts/{contact_id}" and set(digests) <= set(e["refs"]))
         assert read["kind"] == "read"
         assert [(e["route"], e["action"]) for e in entries if set(digests) <= set(e["refs"])] == [
             ("POST /v1/contacts", "personal_data.read"),  # the creation's answer carried the contact too
@@ -256,6 +257,46 @@ class TestErasure:
         assert [e["action"] for e in found.json()["data"]] == ["contacts.erased", "personal_data.read",
                                                                "personal_data.read"]
         assert found.json()["data"][0]["erased_refs"] and not found.json()["data"][0]["contact_ids"]
+
+    async def test_a_search_by_customer_number_keeps_no_trace_of_it_after_erasure(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        external_id = f"CUST-{uuid.uuid4().hex[:10]}"
+        contact = await make_contact(client, external_id=external_id)
+        found = await client.get("/v1/contacts", params={"external_id": external_id}, headers=ADMIN)
+        assert [c["id"] for c in found.json()["data"]] == [contact["id"]]
+        assert (await client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
+        entries = await flushed(app)
+        assert external_id not in json.dumps([e["detail"] for e in entries], default=str)
+        [search] = [e for e in entries if e["route"] == "GET /v1/contacts"
+                    and "external_id" in json.dumps(e["detail"], default=str)]
+        detail = json.loads(search["detail"]) if isinstance(search["detail"], str) else search["detail"]
+        assert detail["filter"]["external_id"].startswith("hmac:")  # "who searched for this number" stays answerable
+
+    async def test_the_persons_own_visits_to_the_preference_center_are_not_journaled_nor_their_address_kept(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # docs/gdpr.md: the public links are not journaled (the person's own data, to the person). An entry for
+        # them held the person's IP address (client_addr), which no erasure rewrites: it outlived the person.
+        contact = await make_contact(client, first_name="Ysolde")
+        await grant_marketing(client, contact["id"])
+        prefs = httpx.URL((await client.get(f"/v1/contacts/{contact['id']}/links", headers=ADMIN)).json()[
+            "preferences_url"]).raw_path.decode()
+        home = "198.51.100.77"
+        browser = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(home, 50123)),
+                                    base_url="http://test")
+        page = {"Accept": "application/json", "User-Agent": "Firefox/140"}
+
+        async def visits() -> None:
+            async with browser:
+                assert (await browser.get(prefs, headers=page)).status_code == 200
+                assert (await browser.post(prefs, json={"export": True}, headers=page)).status_code == 200
+                confirmation = (await browser.post(prefs, json={"erase": "request"}, headers=page)).json()
+                assert (await browser.post(prefs, json={"erase_confirmation": confirmation["confirmation"]},
+                                           headers=page)).status_code == 200
+
+        assert await entries_after(app, visits) == []
+        assert home not in json.dumps(await flushed(app), default=str)
 
     async def test_a_read_still_buffered_when_the_person_is_erased_is_chained_under_their_digest(
         self, client: httpx.AsyncClient, app: FastAPI

@@ -262,6 +262,24 @@ class TestErasure:
         assert_problem(await client.post(f"/v1/erasure-requests/{mine[0]['id']}/refuse", json={"note": "x"},
                                          headers=ADMIN), 409)
 
+    async def test_erasing_the_survivor_completes_the_request_filed_by_a_record_merged_into_it(
+        self, client: httpx.AsyncClient, request_mode: None
+    ) -> None:
+        # The person asked from the link of a record the shop then merged into another: erasing the survivor (the
+        # person now) by DELETE is an erasure of that person, which completes their open request.
+        duplicate, survivor = await make_contact(client), await make_contact(client)
+        confirmation = (await change(client, duplicate["id"], {"erase": "request"})).json()["confirmation"]
+        request_id = (await change(client, duplicate["id"], {"erase_confirmation": confirmation})).json()[
+            "request"]["id"]
+        merged = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                   headers=ADMIN)
+        assert merged.status_code == 200, merged.text
+        assert (await client.delete(f"/v1/contacts/{survivor['id']}", headers=ADMIN)).status_code == 204
+        request = (await client.get(f"/v1/erasure-requests/{request_id}", headers=ADMIN)).json()
+        assert (request["status"], request["resolved_by"]) == ("completed", "tester@shop.example")
+        queue = (await client.get("/v1/erasure-requests", headers=ADMIN)).json()["data"]
+        assert request_id not in [r["id"] for r in queue]  # nothing left open for someone already erased
+
     async def test_a_refusal_keeps_the_data_and_says_why(self, client: httpx.AsyncClient, request_mode: None) -> None:
         contact = await make_contact(client)
         confirmation = (await change(client, contact["id"], {"erase": "request"})).json()["confirmation"]
@@ -284,7 +302,8 @@ class TestGetChangesNothing:
         uid = uuid.UUID(contact["id"])
         urls = [
             prefs_path(contact["id"]),
-            f"/v1/public/confirm/{CODEC.encode(Link(LinkKind.CONFIRM, uid, uuid.UUID(doi['id']), int(time.time()) + 60))}",
+            "/v1/public/confirm/"
+            + CODEC.encode(Link(LinkKind.CONFIRM, uid, uuid.UUID(doi["id"]), int(time.time()) + 60)),
             f"/v1/public/unsubscribe/{CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uid, uuid.UUID(a['id'])))}",
             f"/v1/public/unsubscribe/{CODEC.encode(Link(LinkKind.UNSUBSCRIBE, uid, uuid.UUID(a['id'])))}?all=1",
         ]

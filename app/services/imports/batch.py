@@ -62,6 +62,7 @@ _FIELD_COLUMN = {
     "address.city": "city", "address.region": "region", "address.country": "country",
 }
 _COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
+_EMAIL_DIGEST, _PHONE_DIGEST = STAGE_COLUMNS.index("email_digest"), STAGE_COLUMNS.index("phone_digest")
 _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
     "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest"}]
 # `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
@@ -185,7 +186,9 @@ async def write_batch(
         (job.id, r, c, _no_nul(reason), _no_nul(v)) for r, c, reason, v in validated.rejects]
     counts = dict.fromkeys(("created", "updated", "unchanged", "skipped", "rejected", "subscribed"), 0)
     counts["rejected"] = validated.rejected_rows
-    kept, keys = await _drop_duplicates(connection, job, validated.records, rejects, earlier)
+    duplicates: list[tuple[int, int, tuple[Any, ...]]] = []
+    kept, keys = await _drop_duplicates(connection, job, validated.records, rejects, earlier, duplicates)
+    skipped_as_erased: set[int] = set()
     counts["rejected"] += len(validated.records) - len(kept)
     stamped_at: datetime | None = None
     if not kept:
@@ -224,10 +227,13 @@ async def write_batch(
             column, value = _key_cell(job, r)
             if r["action"] == "suppressed":
                 value = None  # an erased person's address is never written back, not even in the report
+                skipped_as_erased.add(r["row_number"])
             rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
         if the_list is not None:
             counts["subscribed"] = await _subscribe(connection, job, the_list, rejects, now)
         await connection.execute("DROP TABLE import_stage")  # in a test's outer transaction, commit is a savepoint
+    if duplicates:
+        await _hide_erased_duplicates(connection, job, rejects, duplicates, skipped_as_erased)
     if rejects:
         rejects.sort(key=lambda r: r[1])
         await connection.copy_records_to_table(
@@ -252,10 +258,11 @@ async def write_batch(
 
 async def _drop_duplicates(
     connection: asyncpg.Connection, job: Job, records: list[tuple[Any, ...]], rejects: list[tuple[Any, ...]],
-    earlier: Turn | None,
+    earlier: Turn | None, duplicates: list[tuple[int, int, tuple[Any, ...]]],
 ) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
     """Rows whose email or external_id an earlier valid row of the file carries are rejected (first row kept);
-    the rows kept, and their keys → row number.
+    the rows kept, and their keys → row number. Each rejected row is added to `duplicates` as (its position in
+    `rejects`, the row it repeats, the record).
 
     The keys of committed batches' rows come from `import_key` (_SEEN_SQL): as they are for rows that created no
     contact, as the email and external_id of the contact for rows that created one. Those of the batches still being
@@ -280,12 +287,32 @@ async def _drop_duplicates(
         if earlier:
             first, key = min(earlier)
             column = job.columns_by_field.get("email" if key.startswith("e:") else "external_id")
+            duplicates.append((len(rejects), first, record))
             rejects.append((job.id, record[0], column, f"duplicate of row {first}", key[2:]))
             continue
         for key in keys:
             seen[key] = mine[key] = record[0]
         kept.append(record)
     return kept, mine
+
+
+async def _hide_erased_duplicates(
+    connection: asyncpg.Connection, job: Job, rejects: list[tuple[Any, ...]],
+    duplicates: list[tuple[int, int, tuple[Any, ...]]], skipped_as_erased: set[int],
+) -> None:
+    """A row repeating an erased person's is theirs too: reported without its value, as the row it repeats is
+    (skipped as suppressed, in this batch or an earlier one), or when its own address or phone is suppressed."""
+    digests = [d for _, _, record in duplicates for d in (record[_EMAIL_DIGEST], record[_PHONE_DIGEST]) if d]
+    erased = set(await connection.fetchval(
+        "SELECT coalesce(array_agg(digest), '{}') FROM suppression WHERE released_at IS NULL "
+        "AND digest = ANY($1::text[])", digests)) if digests else set()
+    repeated = sorted({first for _, first, _ in duplicates} - skipped_as_erased)
+    skipped_as_erased = skipped_as_erased | set(await connection.fetchval(
+        "SELECT coalesce(array_agg(row_number), '{}') FROM import_reject WHERE import_id = $1 AND reason = $2 "
+        "AND row_number = ANY($3::int[])", job.id, _REASONS["suppressed"], repeated))
+    for position, first, record in duplicates:
+        if first in skipped_as_erased or {record[_EMAIL_DIGEST], record[_PHONE_DIGEST]} & erased:
+            rejects[position] = (*rejects[position][:4], None)
 
 
 def _keys(record: tuple[Any, ...], email_at: int, external_at: int) -> list[str]:
