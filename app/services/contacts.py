@@ -28,7 +28,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import is_unique_violation
+from app.db import driver_connection, is_unique_violation
 from app.errors import ContactNotFound, DuplicateContact, InvalidInput, PreconditionFailed
 from app.models import Contact, ListMembership
 from app.models.base import new_id, utc_now
@@ -343,11 +343,7 @@ async def lock_batch(session: AsyncSession, payloads: Sequence[ContactUpsert]) -
             *([_t.c.external_id.in_(external_ids)] if external_ids else [])]
     if not keys:
         return
-    held = {(kind, value) for row in await session.execute(select(_t.c.email, _t.c.external_id).where(or_(*keys)))
-            for kind, value in (("e", row.email), ("x", row.external_id))}
-    await locks.lock_new_keys(session, [f"{kind}:{value}" for kind, values in (("e", emails), ("x", external_ids))
-                                        for value in values if (kind, value) not in held])
-    # read again: a contact created meanwhile by a writer this one queued behind now holds its key
+    await locks.lock_new_keys(await driver_connection(session), emails=emails, external_ids=external_ids)
     await locks.lock_contacts(session, await session.scalars(select(_t.c.id).where(or_(*keys))), key_change=True)
 
 

@@ -34,7 +34,7 @@ from app.models.base import utc_now
 from app.schemas.orders import EventCreate
 from app.security import Principal
 from app.services import contacts as contacts_service
-from app.services import outbox
+from app.services import locks, outbox
 from app.services.orders import EVENT_RECORDED, resolve_contact
 
 __all__ = ["Outcome", "contact_events", "record_batch", "record_event"]
@@ -180,6 +180,9 @@ async def _resolve_known(
     found: set[uuid.UUID] = set()
     holders: dict[str, uuid.UUID] = {}
     if by_id or keyed or emails:
+        # the items by email may create their contacts, one by one: the buckets of those new keys first
+        await locks.lock_new_keys(connection, emails=sorted(emails), external_ids=sorted(
+            {ref.external_id for ref in by_email if ref.external_id is not None}))
         lock = _LOCK_KNOWN.format(mode="UPDATE" if emails else "NO KEY UPDATE")
         for contact_id, external_id in await connection.fetch(lock, list(by_id), sorted(keyed), sorted(emails)):
             found.add(contact_id)

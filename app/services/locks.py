@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import asyncpg
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -73,14 +74,23 @@ async def survivor_of(session: AsyncSession, contact_id: uuid.UUID) -> uuid.UUID
     """), {"id": contact_id})
 
 
-async def lock_new_keys(session: AsyncSession, keys: Iterable[str]) -> None:
-    """Lock the buckets of keys no contact holds yet, in bucket order, before any contact lock (docs/operations.md,
-    "Locking rules"). A key's first insert holds it until commit (another insert of it waits on the unique index),
-    so two batches creating the same new contacts in another order each waited for the other's insert; with their
-    buckets taken first in one order, the second queues before its first write. A bucket is shared by many keys:
-    batches creating unrelated contacts may queue too, never longer than one batch."""
-    buckets = sorted({zlib.crc32(key.encode()) % NEW_KEY_BUCKETS for key in keys})
+async def lock_new_keys(connection: asyncpg.Connection, *, emails: Sequence[str], external_ids: Sequence[str]) -> None:
+    """Before a batch takes any contact lock: the buckets of its keys that no contact holds yet, in bucket order
+    (docs/operations.md, "Locking rules"). A key's first insert holds it until commit (another insert of it waits on
+    the unique index), so two batches creating the same new contacts in another order each waited for the other's
+    insert; with their buckets taken first in one order, the second queues before its first write. A bucket is
+    shared by many keys: batches creating unrelated contacts may queue too, never longer than one batch. The caller
+    reads the holders of its keys afterwards (a contact created meanwhile by the batch it queued behind)."""
+    if not emails and not external_ids:
+        return
+    held = {(kind, row[kind]) for row in await connection.fetch(_HOLDERS, list(emails), list(external_ids))
+            for kind in ("email", "external_id")}
+    new = [f"{kind}:{value}" for kind, values in (("email", emails), ("external_id", external_ids))
+           for value in values if (kind, value) not in held]
+    buckets = sorted({zlib.crc32(key.encode()) % NEW_KEY_BUCKETS for key in new})
     if buckets:  # unnest gives the array's order, so the locks are taken in it
-        await session.execute(text("SELECT count(pg_advisory_xact_lock(:namespace, bucket)) "
-                                   "FROM unnest(CAST(:buckets AS int[])) AS bucket"),
-                              {"namespace": NEW_KEY_NAMESPACE, "buckets": buckets})
+        await connection.execute(_LOCK_BUCKETS, NEW_KEY_NAMESPACE, buckets)
+
+
+_HOLDERS = "SELECT email, external_id FROM contact WHERE email = ANY($1::varchar[]) OR external_id = ANY($2::varchar[])"
+_LOCK_BUCKETS = "SELECT count(pg_advisory_xact_lock($1, bucket)) FROM unnest($2::int[]) AS bucket"

@@ -114,3 +114,37 @@ async def test_two_batches_creating_the_same_contacts_in_another_order_both_go_t
         assert ids[0] == ids[1] and len(ids[0]) == 2
     finally:
         await helper.close()
+
+
+async def test_two_event_batches_creating_the_same_people_by_email_in_another_order_both_go_through(
+    committing_client: httpx.AsyncClient, database_url: str,
+) -> None:
+    """`POST /v1/events/batch` items naming new people by email create them one by one through the upsert: two such
+    batches in another order each waited for the other's insert (40P01, a 500) until the batch took the buckets of
+    its new keys first (locks.lock_new_keys), as a contact batch does."""
+    http = committing_client
+    x, y = f"x-{uuid.uuid4().hex[:8]}@example.com", f"y-{uuid.uuid4().hex[:8]}@example.com"
+    now = datetime.now(UTC).isoformat()
+
+    def events(*emails: str) -> dict[str, list[dict[str, object]]]:
+        return {"items": [{"contact": {"email": e}, "type": "page_view", "occurred_at": now,
+                           "event_id": f"ev-{uuid.uuid4().hex}"} for e in emails]}
+
+    helper = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        holding = helper.transaction()
+        await holding.start()
+        await helper.execute("LOCK TABLE event_key IN EXCLUSIVE MODE")  # each batch stops at its first event
+        one = asyncio.ensure_future(http.post("/v1/events/batch", json=events(x, y), headers=ADMIN))
+        await until_waiting(helper, 1)
+        other = asyncio.ensure_future(http.post("/v1/events/batch", json=events(y, x), headers=ADMIN))
+        await until_waiting(helper, 2, or_done=other)
+        await holding.rollback()
+        answers = [await one, await other]
+        assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
+        people = await helper.fetch("SELECT id FROM contact WHERE email = ANY($1::text[])", [x, y])
+        stored = await helper.fetchval("SELECT count(*) FROM event WHERE contact_id = ANY($1::uuid[])",
+                                       [p["id"] for p in people])
+        assert (len(people), stored) == (2, 4)
+    finally:
+        await helper.close()
