@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
 
-__all__ = ["until_waiting", "waiting"]
+__all__ = ["race_past_held_table", "until_waiting", "waiting"]
 
 
 async def waiting(db: asyncpg.Connection) -> int:
@@ -32,3 +33,21 @@ async def until_waiting(db: asyncpg.Connection, count: int, *, or_done: asyncio.
     while await waiting(db) < count and not (or_done is not None and or_done.done()):
         assert time.monotonic() < deadline, "the requests never reached the lock"
         await asyncio.sleep(0.02)
+
+
+async def race_past_held_table(db: asyncpg.Connection, table: str, first: Awaitable[Any], second: Awaitable[Any]
+                               ) -> tuple[Any, Any]:
+    """Hold `table` (EXCLUSIVE) so that `first` stops at its first write there; send `second` once `first` waits,
+    wait until `second` waits too (for that table or a lock `first` holds) or is done, then let both go on: their
+    answers. `db` is left outside any transaction, for the test's checks."""
+    holding = db.transaction()
+    await holding.start()
+    try:
+        await db.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+        one = asyncio.ensure_future(first)
+        await until_waiting(db, 1)
+        other = asyncio.ensure_future(second)
+        await until_waiting(db, 2, or_done=other)
+    finally:
+        await holding.rollback()
+    return await one, await other

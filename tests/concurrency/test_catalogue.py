@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from app.db import plain_dsn
-from tests.concurrency.held import until_waiting
+from tests.concurrency.held import race_past_held_table, until_waiting
 from tests.factories import ADMIN, make_attribute, make_contact
 
 pytestmark = pytest.mark.committing
@@ -38,16 +38,10 @@ async def test_an_attribute_deleted_while_a_contact_is_given_a_value_is_refused(
     contact = await make_contact(http)
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the PATCH stops at its outbox row
-        patch = _start(http.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": 42}},
-                                  headers=ADMIN))
-        await until_waiting(helper, 1)  # the PATCH checked the definition and wrote the contact
-        delete = _start(http.delete("/v1/attributes/shoe_size", headers=ADMIN))
-        await until_waiting(helper, 2, or_done=delete)
-        await holding.rollback()
-        patched, deleted = await patch, await delete
+        patched, deleted = await race_past_held_table(  # the PATCH stops at its outbox row
+            helper, "outbox_message",
+            http.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": 42}}, headers=ADMIN),
+            http.delete("/v1/attributes/shoe_size", headers=ADMIN))
         assert patched.status_code == 200, patched.text
         holders = await helper.fetchval("SELECT count(*) FROM contact WHERE attributes ? 'shoe_size'")
         defined = await helper.fetchval("SELECT count(*) FROM attribute_definition WHERE name = 'shoe_size'")
@@ -91,15 +85,9 @@ async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it
     contact = await make_contact(http)
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the tagging stops at its outbox row
-        tagging = _start(http.put(f"/v1/contacts/{contact['id']}/tags/vip", headers=ADMIN))
-        await until_waiting(helper, 1)  # the contact is tagged, not committed yet
-        delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
-        await until_waiting(helper, 2, or_done=delete)
-        await holding.rollback()
-        tagged, deleted = await tagging, await delete
+        tagged, deleted = await race_past_held_table(  # the tagging stops at its outbox row
+            helper, "outbox_message", http.put(f"/v1/contacts/{contact['id']}/tags/vip", headers=ADMIN),
+            http.delete("/v1/tags/vip", headers=ADMIN))
         assert tagged.status_code == 200, tagged.text
         assert deleted.status_code == 204, deleted.text
         holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
@@ -120,16 +108,10 @@ async def test_a_tag_deleted_while_its_holder_is_merged_leaves_it_on_no_one(
     duplicate = await make_contact(http, tags=["vip"])
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # the merge stops at its outbox rows
-        merge = _start(http.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
-                                 headers=ADMIN))
-        await until_waiting(helper, 1)  # both contacts locked, the survivor given the tag
-        delete = _start(http.delete("/v1/tags/vip", headers=ADMIN))
-        await until_waiting(helper, 2, or_done=delete)  # the delete waits for the duplicate
-        await holding.rollback()
-        merged, deleted = await merge, await delete
+        merged, deleted = await race_past_held_table(  # the merge stops at its outbox rows
+            helper, "outbox_message",
+            http.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]}, headers=ADMIN),
+            http.delete("/v1/tags/vip", headers=ADMIN))
         assert merged.status_code == 200, merged.text
         assert deleted.status_code == 204, deleted.text
         holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")

@@ -9,7 +9,6 @@ batch stops after writing its first item, holding that contact; then both go on.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from app.db import plain_dsn
-from tests.concurrency.held import until_waiting
+from tests.concurrency.held import race_past_held_table
 from tests.factories import ADMIN, make_contact
 
 pytestmark = pytest.mark.committing
@@ -33,15 +32,9 @@ async def test_two_batches_updating_the_same_contacts_in_another_order_both_go_t
     backward = [{"email": second["email"], "company": "Backward"}, {"email": first["email"], "company": "Backward"}]
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # each batch stops after its first item
-        one = asyncio.ensure_future(http.post("/v1/contacts/batch", json={"items": forward}, headers=ADMIN))
-        await until_waiting(helper, 1)
-        other = asyncio.ensure_future(http.post("/v1/contacts/batch", json={"items": backward}, headers=ADMIN))
-        await until_waiting(helper, 2, or_done=other)
-        await holding.rollback()
-        answers = [await one, await other]
+        answers = await race_past_held_table(  # each batch stops after its first item
+            helper, "outbox_message", http.post("/v1/contacts/batch", json={"items": forward}, headers=ADMIN),
+            http.post("/v1/contacts/batch", json={"items": backward}, headers=ADMIN))
         assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
         assert all(r.json()["updated"] == 2 for r in answers), [r.json() for r in answers]
         companies = {r["company"] for r in await helper.fetch(
@@ -66,15 +59,9 @@ async def test_two_event_batches_naming_the_same_people_by_email_in_another_orde
 
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE event_key IN EXCLUSIVE MODE")  # each batch stops at its first event
-        one = asyncio.ensure_future(http.post("/v1/events/batch", json=events(first, second), headers=ADMIN))
-        await until_waiting(helper, 1)
-        other = asyncio.ensure_future(http.post("/v1/events/batch", json=events(second, first), headers=ADMIN))
-        await until_waiting(helper, 2, or_done=other)
-        await holding.rollback()
-        answers = [await one, await other]
+        answers = await race_past_held_table(  # each batch stops at its first event
+            helper, "event_key", http.post("/v1/events/batch", json=events(first, second), headers=ADMIN),
+            http.post("/v1/events/batch", json=events(second, first), headers=ADMIN))
         assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
         stored = await helper.fetchval("SELECT count(*) FROM event WHERE contact_id = ANY($1::uuid[])",
                                        [first["id"], second["id"]])
@@ -95,17 +82,11 @@ async def test_two_batches_creating_the_same_contacts_in_another_order_both_go_t
     x, y = f"x-{uuid.uuid4().hex[:8]}@example.com", f"y-{uuid.uuid4().hex[:8]}@example.com"
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # each batch stops after its first item
-        one = asyncio.ensure_future(http.post("/v1/contacts/batch", json={"items": [{"email": x}, {"email": y}]},
-                                              headers=ADMIN))
-        await until_waiting(helper, 1)
-        other = asyncio.ensure_future(http.post("/v1/contacts/batch", json={"items": [{"email": y}, {"email": x}]},
+        answers = await race_past_held_table(  # each batch stops after its first item
+            helper, "outbox_message", http.post("/v1/contacts/batch", json={"items": [{"email": x}, {"email": y}]},
+                                              headers=ADMIN),
+            http.post("/v1/contacts/batch", json={"items": [{"email": y}, {"email": x}]},
                                                 headers=ADMIN))
-        await until_waiting(helper, 2, or_done=other)
-        await holding.rollback()
-        answers = [await one, await other]
         assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
         # each address created once, by one batch, and updated by the other: no item failed, none was lost
         assert sorted((a.json()["created"], a.json()["updated"], a.json()["errors"]) for a in answers) == [
@@ -132,15 +113,9 @@ async def test_two_event_batches_creating_the_same_people_by_email_in_another_or
 
     helper = await asyncpg.connect(plain_dsn(database_url))
     try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE event_key IN EXCLUSIVE MODE")  # each batch stops at its first event
-        one = asyncio.ensure_future(http.post("/v1/events/batch", json=events(x, y), headers=ADMIN))
-        await until_waiting(helper, 1)
-        other = asyncio.ensure_future(http.post("/v1/events/batch", json=events(y, x), headers=ADMIN))
-        await until_waiting(helper, 2, or_done=other)
-        await holding.rollback()
-        answers = [await one, await other]
+        answers = await race_past_held_table(  # each batch stops at its first event
+            helper, "event_key", http.post("/v1/events/batch", json=events(x, y), headers=ADMIN),
+            http.post("/v1/events/batch", json=events(y, x), headers=ADMIN))
         assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
         people = await helper.fetch("SELECT id FROM contact WHERE email = ANY($1::text[])", [x, y])
         stored = await helper.fetchval("SELECT count(*) FROM event WHERE contact_id = ANY($1::uuid[])",
