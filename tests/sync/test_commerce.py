@@ -258,6 +258,32 @@ async def test_mailchimp_erasure_deletes_the_customer_and_open_carts(
     assert other["id"] in remote.customers and fake.member("mc-news", person["email"]) is None
 
 
+async def test_mailchimp_erasure_deletes_the_customer_and_carts_of_a_contact_merged_into_the_person(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """A duplicate that bought (its own Mailchimp customer, under its address, and its cart) is merged into the
+    person, then the person is erased: every customer and cart of theirs leaves the store. The merge's delivery
+    used to forget the duplicate's commerce records without deleting them, so the erasure no longer knew them."""
+    fake, live = mailchimp
+    client = committing_client
+    store, news = await store_destination(client, live, push_carts=True)
+    person, duplicate = await subscribed(client, news, 2)
+    cart = uid("C")
+    await put_order(client, uid("O"), duplicate["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await put_cart(client, cart, duplicate["id"], "open", items(("JAR", "Jar", "2.00")))
+    await drain(worker)
+    remote = fake.stores[store]
+    assert duplicate["id"] in remote.customers and cart in remote.carts
+    response = await client.post(f"/v1/contacts/{person['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                 headers=ADMIN)
+    assert response.status_code == 200, response.text
+    await drain(worker)
+    assert (await client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+    assert {person["id"], duplicate["id"]} & set(remote.customers) == set()
+    assert cart not in remote.carts
+
+
 async def test_webhooks_get_commerce_topics_only_when_named(committing_client: httpx.AsyncClient,
                                                              worker: Worker) -> None:
     client = committing_client
