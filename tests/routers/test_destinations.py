@@ -143,6 +143,15 @@ async def test_commerce_options_are_off_by_default_and_checked(client: httpx.Asy
                    "config.push_events")
     assert_problem(await create(client, kind="brevo", config={"api_key": API_KEY, "store_id": "s"}), 422,
                    "config.store_id")  # a Mailchimp option
+    # Mailchimp's member events take names of 2 to 30 characters (the spec's `Events.name`), "." read as "_": a
+    # type outside that is refused here, not by Mailchimp at every push of every buyer (each a dead letter).
+    for name in ("a", "product.viewed_in_the_catalogue"):
+        assert_problem(await create(client, kind="mailchimp", config={**mailchimp, "push_events": [name]}), 422,
+                       "config.push_events")
+        assert (await create(client, kind="brevo", config={"api_key": API_KEY, "push_events": [name]})).status_code \
+            == 201  # Brevo takes up to 255
+    fits = await create(client, kind="mailchimp", config={**mailchimp, "push_events": ["ab", "e" * 30]})
+    assert fits.status_code == 201, fits.text
     # A PATCH that turns orders on without a store is refused; with one it passes.
     created = store.json()
     patched = await client.patch(f"/v1/destinations/{created['id']}", json={"config": {"store_id": None}},
