@@ -91,11 +91,17 @@ class BrevoAdapter:
         live = [s for s in states if s.contact_id not in errors]
         adds, removes, doi = self._plan_lists(live, errors)
 
+        # Membership-only adds Brevo did not do: already on the list, or the contact was deleted at Brevo since.
+        unsure: dict[uuid.UUID, tuple[ContactState, list[int]]] = {}
+
         async def list_call(list_id: int, batch: list[ContactState], *, add: bool) -> None:
             async with gate:
-                error = await self._list_call(list_id, [s.email for s in batch], add=add)
+                error, failed = await self._list_call(list_id, [s.email for s in batch], add=add)
                 for state in batch if error else ():
                     errors.setdefault(state.contact_id, error)
+                for state in batch if add else ():
+                    if state.email in failed and not _writes_profile(state):
+                        unsure.setdefault(state.contact_id, (state, []))[1].append(list_id)
 
         async def doi_call(state: ContactState, list_ids: list[int]) -> None:
             async with gate:
@@ -110,6 +116,17 @@ class BrevoAdapter:
               for start in range(0, len(members), LIST_BATCH)),
             *(doi_call(state, list_ids) for state, list_ids in doi),
         ])
+
+        async def rewrite(state: ContactState, list_ids: list[int]) -> None:
+            """The contact written again (created anew if Brevo deleted it, as a profile write's 404 is), then added."""
+            async with gate:
+                refs[state.contact_id], error = await self._write_profile(state)
+                for list_id in list_ids:
+                    error = error or (await self._list_call(list_id, [state.email], add=True))[0]
+                if error:
+                    errors.setdefault(state.contact_id, error)
+
+        await net.run_all(rewrite(state, list_ids) for state, list_ids in unsure.values())
 
         # Orders, carts, events after the contacts they name exist (brevo_commerce.py).
         await push_commerce(self._request, _reason, f"{self._base}|{self._account}", live, errors)
@@ -221,14 +238,18 @@ class BrevoAdapter:
                 plan[list_id] = [s for s in members if s.contact_id not in errors]
         return adds, removes, doi
 
-    async def _list_call(self, list_id: int, emails: list[str], *, add: bool) -> str | None:
+    async def _list_call(self, list_id: int, emails: list[str], *, add: bool) -> tuple[str | None, set[str]]:
+        """(error, the addresses Brevo did not move): Brevo's `failure` "could be already in/out list and/or doesn't
+        exist"; a 400 saying so is every address of the call."""
         action = "add" if add else "remove"
         response = await self._request("POST", f"/contacts/lists/{list_id}/contacts/{action}", json={"emails": emails})
         if response.status_code == 201:
-            return None
+            contacts = net.json_body(response).get("contacts")
+            failure = contacts.get("failure") if isinstance(contacts, dict) else None
+            return None, {str(e).lower() for e in failure} if isinstance(failure, list) else set()
         if response.status_code == 400 and any(text in _message(response) for text in _ALREADY):
-            return None  # nothing to change: every address is already where it should be
-        return _reason(f"list {action}", response)
+            return None, set(emails)  # nothing changed: already where they should be, or not at Brevo at all
+        return _reason(f"list {action}", response), set()
 
     async def _double_opt_in(self, state: ContactState, list_ids: list[int]) -> str | None:
         config = self.config

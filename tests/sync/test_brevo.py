@@ -165,6 +165,27 @@ class TestPush:
         [outcome] = await adapter(brevo, client, doi_template_id=None).push([s])
         assert outcome.error is not None and "doi_template_id" in outcome.error
 
+    async def test_a_list_add_for_a_contact_deleted_at_brevo_creates_it_anew(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """A membership-only push (no profile write) for a contact deleted at Brevo since: the add answers 201 with
+        the address in `failure` ("already in/out list and/or doesn't exist"), or a 400 when no address of the call
+        changed anything. Both counted as done, and the subscriber never reached the list. Now the contact is
+        written again (created anew, as a profile write's 404 is) and added."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        [present] = _known_contacts(fake, 1, lists={"1": "subscribed"})
+        gone = state("gone@example.com", remote_ref="77", profile_changed=False)       # deleted at Brevo
+        alone = state("alone@example.com", remote_ref="78", profile_changed=False, lists={"2": "subscribed"})
+        outcomes = await sync.push([present, gone, alone])
+        assert [o.error for o in outcomes] == [None, None, None]
+        assert fake.members(1) == {present.email, gone.email} and fake.members(2) == {alone.email}
+        assert outcomes[1].remote_ref == str(fake.by_email(gone.email).id)   # the new record is remembered
+        # Already on the list (a replay): still done, one record.
+        [again] = await sync.push([ContactState(**{**_fields(gone), "remote_ref": outcomes[1].remote_ref})])
+        assert again.error is None and again.remote_ref == outcomes[1].remote_ref
+        assert fake.members(1) == {present.email, gone.email} and len(fake.contacts) == 3
+
     async def test_an_unknown_list_fails_only_its_contacts(self, brevo: tuple[FakeBrevo, LiveServer],
                                                            client: httpx.AsyncClient) -> None:
         good, bad = state("a@example.com"), state("b@example.com", lists={"99": "subscribed"})
