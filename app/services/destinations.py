@@ -167,6 +167,10 @@ def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Ma
     if kind is DestinationKind.MAILCHIMP and (public.get("push_orders") or public.get("push_carts")) \
             and "store_id" not in public:  # orders and carts live in a store
         errors.append(FieldError("config.store_id", "required to push orders or carts to Mailchimp", "missing"))
+    if kind is DestinationKind.MAILCHIMP and "api_key" in hidden and not public.get("base_url") \
+            and secret_targets.api_url(kind.value, {**public, **hidden}) is None:  # nowhere to send it
+        errors.append(FieldError("config.api_key", "a Mailchimp API key ends with its data center (like -us6), "
+                                 "unless base_url names the API", "invalid"))
     if errors:
         raise InvalidInput(*errors)
 

@@ -57,11 +57,25 @@ async def test_config_is_checked_per_kind_and_names_the_field(client: httpx.Asyn
     assert_problem(await create(client, kind="webhook", config={"url": "https://h.example", "secret": "nope"}), 422,
                    "config.secret")
     assert_problem(await create(client, kind="carrier-pigeon"), 422, "kind")
-    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20},
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20 + "-us6"},
                                 list_mappings=[{"list_id": str(uuid.uuid4()), "remote_list_id": "x"}]), 422,
                    "list_mappings[0].list_id")
-    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20},
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20 + "-us6"},
                                 field_mappings={"password": "PWD"}), 422, "field_mappings")
+
+
+async def test_a_mailchimp_key_names_its_data_center_unless_base_url_is_given(client: httpx.AsyncClient) -> None:
+    """The API's address comes from the key's `-usN` suffix (docs/sync.md). A key without one was stored, and the
+    worker's adapter then raised at every claim: its deliveries sat in flight until the lease ran out, were claimed
+    again, forever, with nothing in the destination's health."""
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "0123456789abcdef0123"}), 422,
+                   "config.api_key")
+    proxied = await create(client, kind="mailchimp", config={"api_key": "0123456789abcdef0123",
+                                                             "base_url": "https://mc-proxy.shop.example/3.0"})
+    assert proxied.status_code == 201, proxied.text
+    assert_problem(await client.patch(f"/v1/destinations/{proxied.json()['id']}", headers=ADMIN,
+                                      json={"config": {"base_url": None, "api_key": "0123456789abcdef0123"}}),
+                   422, "config.api_key")
 
 
 async def test_webhook_secret_is_generated_once_and_rotation_keeps_two(client: httpx.AsyncClient) -> None:
