@@ -207,11 +207,22 @@ async def analyze(session: AsyncSession) -> None:
 
 # ---- 2. claim -------------------------------------------------------------------------------------------
 
+# The pending push that absorbs an expired one takes over what it was about (its lists' explicit statuses, its profile
+# change), as `_ABSORB_NEWER` does for a push that goes back to pending.
 _REAP_COALESCED = text("""
-DELETE FROM delivery e
-WHERE e.status = 'in_flight' AND e.lease_until < :now AND e.coalesces
-  AND EXISTS (SELECT 1 FROM delivery p WHERE p.destination_id = e.destination_id AND p.contact_id = e.contact_id
-              AND p.status = 'pending' AND p.coalesces)
+WITH lost AS (
+    DELETE FROM delivery e
+    WHERE e.status = 'in_flight' AND e.lease_until < :now AND e.coalesces
+      AND EXISTS (SELECT 1 FROM delivery p WHERE p.destination_id = e.destination_id AND p.contact_id = e.contact_id
+                  AND p.status = 'pending' AND p.coalesces)
+    RETURNING e.destination_id, e.contact_id, e.profile_changed, e.changed_lists
+)
+UPDATE delivery p SET profile_changed = p.profile_changed OR lost.profile_changed,
+                      changed_lists = ARRAY(SELECT DISTINCT unnest(p.changed_lists || lost.changed_lists)),
+                      updated_at = :now
+FROM lost
+WHERE p.destination_id = lost.destination_id AND p.contact_id = lost.contact_id AND p.status = 'pending'
+  AND p.coalesces
 """)
 _REAP = text("""
 UPDATE delivery SET status = 'pending', lease_until = NULL, updated_at = :now

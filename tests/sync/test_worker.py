@@ -326,6 +326,33 @@ async def test_an_expired_lease_is_taken_over(
     assert [r["status"] for r in await deliveries(makers, destination["id"])] == ["delivered"]
 
 
+async def test_a_push_lost_with_its_worker_keeps_the_changes_it_carried(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """A worker dies holding an unsubscribe's push while a profile change of the same contact waits (pending). The
+    reaper deleted the expired push in favour of the pending one without merging what it was about, so the next
+    push said no list changed: Mailchimp got the list as `status_if_new` only and the member stayed subscribed."""
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"])
+    await drain(worker)
+    response = await committing_client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    async with makers.begin() as session:  # a worker claims the unsubscribe, then dies
+        await delivery.dispatch(session)
+        lost = await delivery.claim(session, uuid.UUID(destination["id"]), limit=10, lease_seconds=0.01)
+    assert len(lost.rows) == 1
+    await committing_client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": "Later"}, headers=ADMIN)
+    async with makers.begin() as session:  # the change waits behind the push in flight
+        await delivery.dispatch(session)
+    await asyncio.sleep(0.05)
+    await drain(worker)
+    last = vendor.pushes[-1][0]
+    assert dict(last.lists) == {"remote-news": "unsubscribed"} and last.fields == {"FNAME": "Later"}
+    assert last.status_changed == {"remote-news"} and last.profile_changed
+
+
 async def test_two_workers_never_hold_one_contact_and_keep_event_order(
     committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor, hook: RecordingWebhook,
     makers: async_sessionmaker[AsyncSession], sync_settings: Settings, app: FastAPI,
