@@ -242,6 +242,33 @@ async def test_failures_back_off_then_dead_letter_then_retry_by_hand(
     assert health["consecutive_failures"] == 0 and health["last_success_at"]
 
 
+async def test_a_dead_push_retried_into_a_newer_one_keeps_the_changes_it_carried(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """An unsubscribe's push ends dead; the contact changes since (a pending push of the profile). Retried by hand,
+    the dead push is folded into the pending one, which did not take over what it was about: the unsubscribe went
+    to Mailchimp as `status_if_new` only, so the member stayed subscribed."""
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"])
+    await drain(worker)
+    response = await committing_client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    vendor.failures = [DeliveryFailed("vendor refused", permanent=True)]
+    await drain(worker)
+    [dead] = [r for r in await deliveries(makers, destination["id"]) if r["status"] == "dead"]
+    await committing_client.patch(f"/v1/contacts/{contact['id']}", json={"first_name": "Later"}, headers=ADMIN)
+    async with makers.begin() as session:
+        await delivery.dispatch(session)
+    retried = await committing_client.post(f"/v1/deliveries/{dead['id']}/retry", headers=ADMIN)
+    assert retried.status_code == 200 and retried.json()["id"] != dead["id"]   # folded into the newer push
+    await drain(worker)
+    last = vendor.pushes[-1][0]
+    assert dict(last.lists) == {"remote-news": "unsubscribed"} and last.fields == {"FNAME": "Later"}
+    assert last.status_changed == {"remote-news"}
+
+
 async def test_retry_after_from_the_vendor_is_honoured(
     committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
     makers: async_sessionmaker[AsyncSession],
