@@ -269,6 +269,41 @@ async def test_a_dead_push_retried_into_a_newer_one_keeps_the_changes_it_carried
     assert last.status_changed == {"remote-news"}
 
 
+async def test_a_resync_retries_the_archive_of_a_merged_away_record_that_ended_dead(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """docs/sync.md: a contact pushed before and gone since is queued by a resync, "its delivery is the erasure (or
+    archive) still owed". A merge whose archive of the duplicate's record ended dead was queued, then planned as
+    nothing to do (the plan read "address retired" only from the delivery's own message, and a resync has none):
+    delivered, the duplicate still subscribed at the vendor, the person getting every campaign twice."""
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    person = await subscribed_contact(committing_client, the_list["id"])
+    duplicate = await subscribed_contact(committing_client, the_list["id"])
+    await drain(worker)
+    refused = {"n": 1}
+    real_erase = vendor.erase
+
+    async def erase_refused_once(erasures: Sequence[Erasure]) -> list[Outcome]:
+        if refused["n"]:
+            refused["n"] -= 1
+            return [Outcome(e.contact_id, error="vendor refused") for e in erasures]
+        return await real_erase(erasures)
+
+    vendor.erase = erase_refused_once  # type: ignore[method-assign]
+    response = await committing_client.post(f"/v1/contacts/{person['id']}/merge",
+                                            json={"duplicate_id": duplicate["id"]}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    await drain(worker)
+    assert [r["status"] for r in await deliveries(makers, destination["id"])
+            if r["contact_id"] == uuid.UUID(duplicate["id"])][-1] == "dead"
+    resync = await committing_client.post(f"/v1/destinations/{destination['id']}/resync", headers=ADMIN)
+    assert resync.status_code == 202, resync.text
+    await drain(worker)
+    assert vendor.erased == [Erasure(uuid.UUID(duplicate["id"]), subscriber_hash(duplicate["email"]), archive=True)]
+
+
 async def test_retry_after_from_the_vendor_is_honoured(
     committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
     makers: async_sessionmaker[AsyncSession],
