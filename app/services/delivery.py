@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
@@ -299,8 +298,8 @@ def _field_value(contact: Mapping[str, Any], path: str, urls: LinkBuilder | None
         value = contact[path.removeprefix("stats.")]
     else:
         value = contact[path]
-    if isinstance(value, Decimal):
-        return str(value)
+    # A Decimal (money stats) stays one: each adapter writes it as its vendor takes numbers (Brevo ignores a text
+    # in a number attribute; Mailchimp merge fields take it as text).
     if isinstance(value, date | datetime):
         return value.isoformat()
     return value

@@ -212,6 +212,26 @@ async def test_brevo_catalogue_orders_carts_events_and_consent(
     assert fake.order_statuses[order_id][-1] == ("delivered", True)
 
 
+async def test_brevo_gets_money_stats_as_numbers(
+    committing_client: httpx.AsyncClient, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """A money stat mapped to a Brevo attribute (a number attribute at Brevo) went as the text "40.00": Brevo ignores
+    "values that don't match the attribute type" (createContact/updateContact `attributes`), so the total spent
+    never reached Brevo's segments. docs/sync.md: attribute values are numbers, strings, booleans or lists."""
+    fake, live = brevo
+    client = committing_client
+    news = await make_list(client)
+    await destination(client, kind="brevo", list_mappings=[{"list_id": news["id"], "remote_list_id": "7"}],
+                      field_mappings={"stats.total_spent": "TOTAL_SPENT", "stats.orders_count": "ORDERS"},
+                      config={"api_key": BREVO_KEY, "base_url": live.url})
+    buyer = await make_contact(client)
+    await subscribe(client, news["id"], buyer["id"])
+    await put_order(client, uid("O"), buyer["id"], "paid", items(("LAMP", "Lamp", "40.00")))
+    await drain(worker)
+    attributes = fake.by_email(buyer["email"]).attributes  # type: ignore[union-attr]
+    assert attributes["TOTAL_SPENT"] == 40.0 and attributes["ORDERS"] == 1
+
+
 async def test_a_vendor_outage_loses_no_order(
     committing_client: httpx.AsyncClient, quick_worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
 ) -> None:
