@@ -155,10 +155,8 @@ class BrevoAdapter:
         """Brevo has no archive: a merged-away contact is deleted like an erased one (nothing stays retired)."""
         outcomes = []
         for erasure in erasures:
-            error = None
-            for ref in erasure.refs:
-                error = error or await self._delete(ref)
-            outcomes.append(Outcome(erasure.contact_id, error=error))
+            errors = [await self._delete(ref) for ref in erasure.refs]  # every record, whatever one of them answers
+            outcomes.append(Outcome(erasure.contact_id, error=next(filter(None, errors), None)))
         log.info("sync.brevo.erase", contacts=len(erasures))
         return outcomes
 

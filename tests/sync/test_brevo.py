@@ -314,6 +314,20 @@ class TestErase:
         assert fake.contacts == {} and sorted(fake.deleted) == ["a@example.com", "b@example.com"]
 
 
+    async def test_a_record_that_cannot_be_deleted_does_not_keep_the_others(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """One record of the person Carnet cannot delete (a stored reference in no id format, or a refusal) used to
+        stop the erasure there: the records after it were never asked for, and each retry stopped at the same one."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        [pushed] = await sync.push([state("b@example.com")])
+        erasure = Erasure(uuid.uuid4(), "not-an-id", other_refs=(pushed.remote_ref or "",))
+        [outcome] = await sync.erase([erasure])
+        assert outcome.error == "Brevo delete: the stored reference is not a Brevo contact id"
+        assert fake.contacts == {} and fake.deleted == ["b@example.com"]
+
+
 class TestFakeBrevo:
     """The fake itself: requests that break the spec are caught, recorded and answered 400."""
 
