@@ -212,6 +212,28 @@ async def test_brevo_catalogue_orders_carts_events_and_consent(
     assert fake.order_statuses[order_id][-1] == ("delivered", True)
 
 
+async def test_brevo_events_carry_only_the_property_keys_brevo_takes_at_every_depth(
+    committing_client: httpx.AsyncClient, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """Brevo limits event property keys, "top level properties and nested properties", to letters, digits, - and _.
+    Only top-level keys were filtered: a nested "sku.code" made Brevo refuse the event (400), the contact's push
+    ended dead, and every later push of that contact carried the same event again and died too."""
+    fake, live = brevo
+    client = committing_client
+    news = await make_list(client)
+    await destination(client, kind="brevo", list_mappings=[{"list_id": news["id"], "remote_list_id": "7"}],
+                      config={"api_key": BREVO_KEY, "base_url": live.url, "push_events": ["product.viewed"]})
+    buyer = await make_contact(client)
+    await subscribe(client, news["id"], buyer["id"])
+    response = await client.post("/v1/events", headers=ADMIN, json={
+        "contact": {"id": buyer["id"]}, "type": "product.viewed", "occurred_at": datetime.now(UTC).isoformat(),
+        "properties": {"product": {"sku.code": "MUG-1", "name": "Mug"}, "tags": [{"a b": 1, "ok": 2}], "n": 3}})
+    assert response.status_code == 201, response.text
+    await drain(worker)
+    [viewed] = fake.events_of(buyer["email"], "product_viewed")
+    assert viewed["event_properties"] == {"product": {"name": "Mug"}, "tags": [{"ok": 2}], "n": 3}
+
+
 async def test_brevo_gets_money_stats_as_numbers(
     committing_client: httpx.AsyncClient, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
 ) -> None:
