@@ -226,7 +226,8 @@ class BrevoAdapter:
                 if status == "subscribed":
                     adds.setdefault(list_id, []).append(state)
                 elif status == "pending" and remote_list in state.vendor_double_opt_in:
-                    confirm.append(list_id)
+                    if _asks(state, remote_list):  # the call mails the person: once per request, not per push
+                        confirm.append(list_id)
                 else:  # unsubscribed, or pending on Carnet's own confirmation: not on the Brevo list
                     removes.setdefault(list_id, []).append(state)
             if confirm and state.contact_id not in errors:
@@ -295,10 +296,15 @@ class BrevoAdapter:
 def _requests(state: ContactState) -> float:
     """What one state costs in requests (list calls shared by LIST_BATCH contacts)."""
     profile = 0 if not _writes_profile(state) else (1 if state.remote_ref and state.remote_ref.isdigit() else 2)
-    doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in
+    doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in and _asks(state, remote)
                    for remote, status in state.lists.items()) else 0
     commerce = state.commerce.requests(COMMERCE_BATCH) if state.commerce else 0
     return profile + doi + len(state.lists) / LIST_BATCH + commerce
+
+
+def _asks(state: ContactState, remote_list: str) -> bool:
+    """Whether this push asks for the list's confirmation: its status is news (or unknown: a first push)."""
+    return state.status_changed is None or remote_list in state.status_changed
 
 
 def _writes_profile(state: ContactState) -> bool:

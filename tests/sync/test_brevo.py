@@ -159,6 +159,26 @@ class TestPush:
         fake.confirm_doi("a@example.com")
         assert fake.members(3) == {"a@example.com"}
 
+    async def test_double_opt_in_mail_goes_once_not_at_every_profile_change(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """Brevo's doubleOptinConfirmation sends the confirmation mail. It was called at every push of a person still
+        pending, so each profile change before the click (a name, a stat after an order) mailed them again."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        s = state("a@example.com", lists={"3": "pending"}, vendor_double_opt_in=frozenset({"3"}))
+        [first] = await sync.push([s])
+        assert first.error is None and len(fake.calls("createDoiContact")) == 1
+        # Later pushes while still pending: the profile changed, the membership did not.
+        changed = ContactState(**{**_fields(s), "remote_ref": first.remote_ref, "fields": {"FIRSTNAME": "Cléo"},
+                                  "status_changed": frozenset()})
+        [again] = await sync.push([changed])
+        assert again.error is None and len(fake.calls("createDoiContact")) == 1
+        assert fake.by_email("a@example.com").attributes["FIRSTNAME"] == "Cléo"  # type: ignore[union-attr]
+        # Asked again (the list's status changed: pending anew), the mail goes again.
+        [asked] = await sync.push([ContactState(**{**_fields(changed), "status_changed": frozenset({"3"})})])
+        assert asked.error is None and len(fake.calls("createDoiContact")) == 2
+
     async def test_double_opt_in_without_a_template_is_a_contact_error(self, brevo: tuple[FakeBrevo, LiveServer],
                                                                        client: httpx.AsyncClient) -> None:
         s = state("a@example.com", lists={"3": "pending"}, vendor_double_opt_in=frozenset({"3"}))
