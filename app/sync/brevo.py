@@ -282,6 +282,12 @@ class BrevoAdapter:
                 if wait <= _INLINE_RETRY_MAX_WAIT and attempt < 2:
                     continue
                 raise RetryLater("Brevo rate limit (429)", after_seconds=wait)
+            if status == 425:  # Too Early (createContact, updateContact): not ready for it yet, not a refusal
+                wait = net.retry_after(response.headers, default=self.config.retry_after_default)
+                if wait <= _INLINE_RETRY_MAX_WAIT and attempt < 2:
+                    await asyncio.sleep(wait)
+                    continue
+                raise RetryLater("Brevo answered 425 Too Early", after_seconds=wait)
             if status >= 500:
                 if "retry-after" in response.headers:
                     raise RetryLater(f"Brevo answered {status}",

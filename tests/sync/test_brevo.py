@@ -291,6 +291,20 @@ class TestFailures:
         [outcome] = await adapter(brevo, client).push([state("a@example.com")])
         assert outcome.error is None and fake.members(1) == {"a@example.com"}
 
+    async def test_too_early_is_retried_not_a_dead_letter(self, brevo: tuple[FakeBrevo, LiveServer],
+                                                          client: httpx.AsyncClient) -> None:
+        """createContact and updateContact document 425 Too Early (the spec's responses): Brevo is not ready for the
+        request yet. It was read as the contact's permanent error (a dead letter); it is retried, in place when it
+        passes, else later with the batch."""
+        fake, _ = brevo
+        fake.force(425)
+        [outcome] = await adapter(brevo, client).push([state("a@example.com")])
+        assert outcome.error is None and fake.members(1) == {"a@example.com"}
+        fake.force(425, count=3)
+        with pytest.raises(DeliveryFailed) as caught:
+            await adapter(brevo, client).push([state("b@example.com")])
+        assert not caught.value.permanent
+
     async def test_a_bad_key_is_a_call_failure(self, brevo: tuple[FakeBrevo, LiveServer],
                                                client: httpx.AsyncClient) -> None:
         _, live = brevo
