@@ -171,6 +171,26 @@ async def test_a_subscription_reaches_the_vendor_as_state(
     assert not vendor.pushes[-1][0].profile_changed and vendor.pushes[-1][0].status_changed == {"remote-news"}
 
 
+@pytest.mark.xfail(strict=True, reason="open: a contact whose email is removed after a push is planned as nothing "
+                   "to send; what the vendor should do with its record (archive, unsubscribe) is not decided")
+async def test_an_address_removed_in_carnet_leaves_the_vendor(
+    committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
+    makers: async_sessionmaker[AsyncSession],
+) -> None:
+    """The shop removes a synced contact's address (PATCH email: null, a phone stays): the delivery is marked
+    delivered with nothing sent, the link stays, and the vendor keeps mailing the former address as a subscriber."""
+    the_list = await make_list(committing_client)
+    destination = await mailchimp_destination(committing_client, the_list["id"])
+    contact = await subscribed_contact(committing_client, the_list["id"], phone="+33612345678")
+    await drain(worker)
+    response = await committing_client.patch(f"/v1/contacts/{contact['id']}", json={"email": None}, headers=ADMIN)
+    assert response.status_code == 200 and response.json()["email"] is None
+    pushes = len(vendor.pushes)
+    await drain(worker)
+    assert [r["status"] for r in await deliveries(makers, destination["id"])] == ["delivered", "delivered"]
+    assert len(vendor.pushes) > pushes or vendor.erased  # the vendor heard of it somehow
+
+
 async def test_a_burst_of_changes_is_one_push_of_the_latest_state(
     committing_client: httpx.AsyncClient, worker: Worker, vendor: RecordingVendor,
 ) -> None:
