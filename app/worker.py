@@ -349,6 +349,9 @@ class Worker:
             messages = await delivery.event_messages(session, claimed.rows, links=self.links)
         result = BatchResult(delivery.Completion(delivered=[], dead={}, retry={}))
         limit = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
+        # One deadline for the whole batch, as for vendors: a message waiting for its place gets what is left.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
 
         async def send(row: Any) -> None:
             message = messages.get(row["message_id"])
@@ -356,8 +359,11 @@ class Worker:
                 result.completion.dead[row["id"]] = "the outbox message is no longer stored; nothing was sent"
                 return
             async with limit:
+                if loop.time() >= deadline:  # no time left in the lease: due again now, untried
+                    result.completion.deferred.append(row["id"])
+                    return
                 try:
-                    async with asyncio.timeout(budget):
+                    async with asyncio.timeout_at(deadline):
                         await adapter.send(message)
                 except Exception as exc:
                     _log_unexpected(exc)

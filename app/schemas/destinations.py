@@ -151,6 +151,14 @@ class MailchimpConfig(_Config, _Commerce):
     store_currency: CurrencyCode | None = Field(
         default=None, description="The currency of a store Carnet creates (default: that of the first order or cart)")
 
+    @field_validator("push_events")
+    @classmethod
+    def _mailchimp_event_names(cls, value: list[str] | None) -> list[str] | None:
+        # Mailchimp's member event `name` "Must be 2-30 characters in length" (the spec's `Events`).
+        if value is not None and any(not 2 <= len(name) <= 30 for name in value):
+            raise ValueError("a Mailchimp event name has 2 to 30 characters")
+        return value
+
 
 _WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")
 WebhookSecret = Annotated[SecretStr, Declared(pattern=_WHSEC.pattern)]  # checked by _standard_webhooks_secret

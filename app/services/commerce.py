@@ -195,11 +195,32 @@ async def remember(session: AsyncSession, destination_id: uuid.UUID, records: Se
            "contacts": [r.contact_id for r in latest.values()], "digests": [r.digest for r in latest.values()]})
 
 
+# The rows of a contact merged into someone still in Carnet (the end of its chain of merges) go to that person.
+_HAND_OVER = text("""
+WITH RECURSIVE chain(start, id, depth) AS (
+    SELECT merged_id, survivor_id, 1 FROM contact_merge WHERE merged_id = ANY(:ids)
+    UNION ALL
+    SELECT chain.start, m.survivor_id, chain.depth + 1 FROM contact_merge m JOIN chain ON m.merged_id = chain.id
+    WHERE chain.depth < 100
+), person AS (
+    SELECT DISTINCT ON (start) start, id FROM chain ORDER BY start, depth DESC
+)
+UPDATE sync_commerce s SET contact_id = person.id
+FROM person JOIN contact c ON c.id = person.id
+WHERE s.destination_id = :d AND s.contact_id = person.start
+""")
+
+
 async def forget_people(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]) -> None:
-    """After a confirmed erasure: nothing of these people is known to be at the vendor any more."""
+    """After a confirmed erasure, or a merge's: nothing of these people is known to be at the vendor any more under
+    their own id. A contact merged into someone still in Carnet hands its records (its Mailchimp customer, carts,
+    orders) over to that person rather than forgetting them: the vendor keeps them, and only the person's erasure
+    can find them to delete them."""
     if contact_ids:
+        values = {"d": destination_id, "ids": list(contact_ids)}
+        await session.execute(_HAND_OVER, values)
         await session.execute(text("DELETE FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids)"),
-                              {"d": destination_id, "ids": list(contact_ids)})
+                              values)
 
 
 async def held(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
@@ -207,11 +206,22 @@ async def analyze(session: AsyncSession) -> None:
 
 # ---- 2. claim -------------------------------------------------------------------------------------------
 
+# The pending push that absorbs an expired one takes over what it was about (its lists' explicit statuses, its profile
+# change), as `_ABSORB_NEWER` does for a push that goes back to pending.
 _REAP_COALESCED = text("""
-DELETE FROM delivery e
-WHERE e.status = 'in_flight' AND e.lease_until < :now AND e.coalesces
-  AND EXISTS (SELECT 1 FROM delivery p WHERE p.destination_id = e.destination_id AND p.contact_id = e.contact_id
-              AND p.status = 'pending' AND p.coalesces)
+WITH lost AS (
+    DELETE FROM delivery e
+    WHERE e.status = 'in_flight' AND e.lease_until < :now AND e.coalesces
+      AND EXISTS (SELECT 1 FROM delivery p WHERE p.destination_id = e.destination_id AND p.contact_id = e.contact_id
+                  AND p.status = 'pending' AND p.coalesces)
+    RETURNING e.destination_id, e.contact_id, e.profile_changed, e.changed_lists
+)
+UPDATE delivery p SET profile_changed = p.profile_changed OR lost.profile_changed,
+                      changed_lists = ARRAY(SELECT DISTINCT unnest(p.changed_lists || lost.changed_lists)),
+                      updated_at = :now
+FROM lost
+WHERE p.destination_id = lost.destination_id AND p.contact_id = lost.contact_id AND p.status = 'pending'
+  AND p.coalesces
 """)
 _REAP = text("""
 UPDATE delivery SET status = 'pending', lease_until = NULL, updated_at = :now
@@ -288,8 +298,8 @@ def _field_value(contact: Mapping[str, Any], path: str, urls: LinkBuilder | None
         value = contact[path.removeprefix("stats.")]
     else:
         value = contact[path]
-    if isinstance(value, Decimal):
-        return str(value)
+    # A Decimal (money stats) stays one: each adapter writes it as its vendor takes numbers (Brevo ignores a text
+    # in a number attribute; Mailchimp merge fields take it as text).
     if isinstance(value, date | datetime):
         return value.isoformat()
     return value
@@ -352,8 +362,7 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
     records = await _records(session, destination["id"], sorted(erased)) if erased else {}
     held = await _held(session, destination["id"], [link.remote_ref for link in links.values()]
                        + [ref for refs in records.values() for _owner, ref in refs])
-    retired = await _retired_addresses(session, [r for r in rows if r["contact_id"] in merged
-                                                 and r["topic"] == "contact.merged"])
+    retired = await _retired_addresses(session, destination["id"], [c for c in merged if c in links])
     # The commerce records (Mailchimp customer and carts) of erased people and of those merged into them.
     sold = await commerce_service.held(session, destination["id"], [
         *erased, *(owner for refs in records.values() for owner, _ref in refs)])
@@ -370,7 +379,8 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
                                             commerce=commerce))
             else:
                 out.vanished.append(contact_id)
-        elif link is not None and topic[contact_id] == "contact.merged":
+        elif link is not None and (topic[contact_id] == "contact.merged" or contact_id in retired):
+            # The merge's own delivery, or a later one (a resync, a retry) while its archive is still owed.
             out.forget[contact_id] = [(contact_id, link.remote_ref)]
             if contact_id in retired and not held.get(link.remote_ref, set()):
                 out.erasures.append(Erasure(contact_id, link.remote_ref, archive=True))
@@ -479,14 +489,19 @@ async def _held(session: AsyncSession, destination_id: uuid.UUID, refs: Sequence
     return held
 
 
-async def _retired_addresses(session: AsyncSession, merged: Sequence[Row]) -> set[uuid.UUID]:
-    """Contacts merged away whose address the survivor did not keep (their remote record must go)."""
+async def _retired_addresses(session: AsyncSession, destination_id: uuid.UUID, merged: Sequence[uuid.UUID]
+                             ) -> set[uuid.UUID]:
+    """Contacts merged away whose address the survivor did not keep (their remote record must go): read from the
+    `contact.merged` message of any delivery of theirs at this destination, not only the one being sent, so that a
+    resync or a retry after the merge's own delivery ended dead still archives the record (its link is forgotten
+    once the vendor confirmed, so a contact still linked is one whose archive is owed)."""
     if not merged:
         return set()
-    found = await session.execute(
-        text("SELECT contact_id FROM outbox_message WHERE id = ANY(:ids) AND (payload ->> 'address_retired')::boolean"),
-        {"ids": [r["message_id"] for r in merged]},
-    )
+    found = await session.execute(text("""
+        SELECT DISTINCT d.contact_id FROM delivery d JOIN outbox_message m ON m.id = d.message_id
+        WHERE d.destination_id = :d AND d.contact_id = ANY(:ids) AND m.topic = 'contact.merged'
+          AND (m.payload ->> 'address_retired')::boolean
+    """), {"d": destination_id, "ids": list(merged)})
     return set(found.scalars())
 
 

@@ -167,6 +167,10 @@ def _check_required(kind: DestinationKind, public: Mapping[str, Any], hidden: Ma
     if kind is DestinationKind.MAILCHIMP and (public.get("push_orders") or public.get("push_carts")) \
             and "store_id" not in public:  # orders and carts live in a store
         errors.append(FieldError("config.store_id", "required to push orders or carts to Mailchimp", "missing"))
+    if kind is DestinationKind.MAILCHIMP and "api_key" in hidden and not public.get("base_url") \
+            and secret_targets.api_url(kind.value, {**public, **hidden}) is None:  # nowhere to send it
+        errors.append(FieldError("config.api_key", "a Mailchimp API key ends with its data center (like -us6), "
+                                 "unless base_url names the API", "invalid"))
     if errors:
         raise InvalidInput(*errors)
 
@@ -412,16 +416,18 @@ async def retry_delivery(session: AsyncSession, delivery_id: int) -> Row:
         return row
     now = utc_now()
     if row["coalesces"] and row["status"] == "dead":
-        newer = await session.scalar(select(_deliveries.c.id).where(
+        newer = (await session.execute(select(_deliveries).where(
             _deliveries.c.destination_id == row["destination_id"], _deliveries.c.contact_id == row["contact_id"],
             _deliveries.c.status == "pending", _deliveries.c.coalesces,
-        ))
-        if newer is not None:
-            await session.execute(update_statement(_deliveries).where(_deliveries.c.id == newer)
-                                  .values(next_attempt_at=now, updated_at=now))
+        ).with_for_update())).mappings().first()
+        if newer is not None:  # it takes over what the dead one was about (explicit list statuses, a profile change)
+            await session.execute(update_statement(_deliveries).where(_deliveries.c.id == newer["id"]).values(
+                next_attempt_at=now, updated_at=now, profile_changed=newer["profile_changed"] or row["profile_changed"],
+                changed_lists=sorted({*newer["changed_lists"], *row["changed_lists"]})))
             await session.execute(update_statement(_deliveries).where(_deliveries.c.id == delivery_id).values(
-                status="delivered", last_error=f"superseded by delivery {newer}", updated_at=now, delivered_at=now))
-            return (await session.execute(select(_deliveries).where(_deliveries.c.id == newer))).mappings().one()
+                status="delivered", last_error=f"superseded by delivery {newer['id']}", updated_at=now,
+                delivered_at=now))
+            return (await session.execute(select(_deliveries).where(_deliveries.c.id == newer["id"]))).mappings().one()
     return (await session.execute(
         update_statement(_deliveries).where(_deliveries.c.id == delivery_id)
         .values(status="pending", attempts=0, next_attempt_at=now, lease_until=None, updated_at=now)

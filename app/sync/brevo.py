@@ -91,11 +91,17 @@ class BrevoAdapter:
         live = [s for s in states if s.contact_id not in errors]
         adds, removes, doi = self._plan_lists(live, errors)
 
+        # Membership-only adds Brevo did not do: already on the list, or the contact was deleted at Brevo since.
+        unsure: dict[uuid.UUID, tuple[ContactState, list[int]]] = {}
+
         async def list_call(list_id: int, batch: list[ContactState], *, add: bool) -> None:
             async with gate:
-                error = await self._list_call(list_id, [s.email for s in batch], add=add)
+                error, failed = await self._list_call(list_id, [s.email for s in batch], add=add)
                 for state in batch if error else ():
                     errors.setdefault(state.contact_id, error)
+                for state in batch if add else ():
+                    if state.email in failed and not _writes_profile(state):
+                        unsure.setdefault(state.contact_id, (state, []))[1].append(list_id)
 
         async def doi_call(state: ContactState, list_ids: list[int]) -> None:
             async with gate:
@@ -110,6 +116,17 @@ class BrevoAdapter:
               for start in range(0, len(members), LIST_BATCH)),
             *(doi_call(state, list_ids) for state, list_ids in doi),
         ])
+
+        async def rewrite(state: ContactState, list_ids: list[int]) -> None:
+            """The contact written again (created anew if Brevo deleted it, as a profile write's 404 is), then added."""
+            async with gate:
+                refs[state.contact_id], error = await self._write_profile(state)
+                for list_id in list_ids:
+                    error = error or (await self._list_call(list_id, [state.email], add=True))[0]
+                if error:
+                    errors.setdefault(state.contact_id, error)
+
+        await net.run_all(rewrite(state, list_ids) for state, list_ids in unsure.values())
 
         # Orders, carts, events after the contacts they name exist (brevo_commerce.py).
         await push_commerce(self._request, _reason, f"{self._base}|{self._account}", live, errors)
@@ -138,10 +155,8 @@ class BrevoAdapter:
         """Brevo has no archive: a merged-away contact is deleted like an erased one (nothing stays retired)."""
         outcomes = []
         for erasure in erasures:
-            error = None
-            for ref in erasure.refs:
-                error = error or await self._delete(ref)
-            outcomes.append(Outcome(erasure.contact_id, error=error))
+            errors = [await self._delete(ref) for ref in erasure.refs]  # every record, whatever one of them answers
+            outcomes.append(Outcome(erasure.contact_id, error=next(filter(None, errors), None)))
         log.info("sync.brevo.erase", contacts=len(erasures))
         return outcomes
 
@@ -211,7 +226,8 @@ class BrevoAdapter:
                 if status == "subscribed":
                     adds.setdefault(list_id, []).append(state)
                 elif status == "pending" and remote_list in state.vendor_double_opt_in:
-                    confirm.append(list_id)
+                    if _asks(state, remote_list):  # the call mails the person: once per request, not per push
+                        confirm.append(list_id)
                 else:  # unsubscribed, or pending on Carnet's own confirmation: not on the Brevo list
                     removes.setdefault(list_id, []).append(state)
             if confirm and state.contact_id not in errors:
@@ -221,14 +237,18 @@ class BrevoAdapter:
                 plan[list_id] = [s for s in members if s.contact_id not in errors]
         return adds, removes, doi
 
-    async def _list_call(self, list_id: int, emails: list[str], *, add: bool) -> str | None:
+    async def _list_call(self, list_id: int, emails: list[str], *, add: bool) -> tuple[str | None, set[str]]:
+        """(error, the addresses Brevo did not move): Brevo's `failure` "could be already in/out list and/or doesn't
+        exist"; a 400 saying so is every address of the call."""
         action = "add" if add else "remove"
         response = await self._request("POST", f"/contacts/lists/{list_id}/contacts/{action}", json={"emails": emails})
         if response.status_code == 201:
-            return None
+            contacts = net.json_body(response).get("contacts")
+            failure = contacts.get("failure") if isinstance(contacts, dict) else None
+            return None, {str(e).lower() for e in failure} if isinstance(failure, list) else set()
         if response.status_code == 400 and any(text in _message(response) for text in _ALREADY):
-            return None  # nothing to change: every address is already where it should be
-        return _reason(f"list {action}", response)
+            return None, set(emails)  # nothing changed: already where they should be, or not at Brevo at all
+        return _reason(f"list {action}", response), set()
 
     async def _double_opt_in(self, state: ContactState, list_ids: list[int]) -> str | None:
         config = self.config
@@ -262,6 +282,12 @@ class BrevoAdapter:
                 if wait <= _INLINE_RETRY_MAX_WAIT and attempt < 2:
                     continue
                 raise RetryLater("Brevo rate limit (429)", after_seconds=wait)
+            if status == 425:  # Too Early (createContact, updateContact): not ready for it yet, not a refusal
+                wait = net.retry_after(response.headers, default=self.config.retry_after_default)
+                if wait <= _INLINE_RETRY_MAX_WAIT and attempt < 2:
+                    await asyncio.sleep(wait)
+                    continue
+                raise RetryLater("Brevo answered 425 Too Early", after_seconds=wait)
             if status >= 500:
                 if "retry-after" in response.headers:
                     raise RetryLater(f"Brevo answered {status}",
@@ -276,10 +302,15 @@ class BrevoAdapter:
 def _requests(state: ContactState) -> float:
     """What one state costs in requests (list calls shared by LIST_BATCH contacts)."""
     profile = 0 if not _writes_profile(state) else (1 if state.remote_ref and state.remote_ref.isdigit() else 2)
-    doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in
+    doi = 1 if any(status == "pending" and remote in state.vendor_double_opt_in and _asks(state, remote)
                    for remote, status in state.lists.items()) else 0
     commerce = state.commerce.requests(COMMERCE_BATCH) if state.commerce else 0
     return profile + doi + len(state.lists) / LIST_BATCH + commerce
+
+
+def _asks(state: ContactState, remote_list: str) -> bool:
+    """Whether this push asks for the list's confirmation: its status is news (or unknown: a first push)."""
+    return state.status_changed is None or remote_list in state.status_changed
 
 
 def _writes_profile(state: ContactState) -> bool:

@@ -165,10 +165,21 @@ def _event(email: str, event: EventPush) -> dict[str, Any]:
 
 
 def _properties(properties: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level keys Brevo takes (letters, digits, `-`, `_`, at most 255); other keys are left out."""
-    return {k: v for k, v in properties.items()
-            if k and len(k) <= 255 and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in k)
-            and v is not None}
+    """Keys Brevo takes, "top level properties and nested properties" alike (letters, digits, `-`, `_`, at most
+    255); other keys are left out, at every depth (one refused key fails the event, and with it the contact's push)."""
+    return {k: _nested(v) for k, v in properties.items() if _key(k) and v is not None}
+
+
+def _key(key: str) -> bool:
+    return bool(key) and len(key) <= 255 and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in key)
+
+
+def _nested(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _nested(v) for k, v in value.items() if _key(k)}
+    if isinstance(value, list):
+        return [_nested(item) for item in value]
+    return value
 
 
 def _instant(value: datetime) -> str:

@@ -117,12 +117,13 @@ async def forget(request: Request, reason: Reason, store: MailchimpStore | None,
     """The person's customer and carts deleted from the store (404: already gone)."""
     if store is None:
         return None
-    for kind, ref in erasure.commerce:
+    error = None
+    for kind, ref in erasure.commerce:  # every record, whatever one of them answers
         path = store.path("customers" if kind == "customer" else "carts", ref)
         response = await request("DELETE", path)
         if response.status_code not in (204, 404):
-            return reason(f"{kind} deletion", response)
-    return None
+            error = error or reason(f"{kind} deletion", response)
+    return error
 
 
 async def _ensure_store(request: Request, reason: Reason, account: str, store: MailchimpStore,

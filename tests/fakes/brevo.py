@@ -151,6 +151,12 @@ class FakeBrevo(FakeVendor):
 
     def _createEvent(self, params: dict[str, str], query: dict[str, str], body: dict[str, Any],
                      seen: Seen) -> Response:
+        # event.event_properties: "Top level properties and nested properties ... Keys are limited to 255 characters,
+        # alphanumerical characters and - _ only" (the schema cannot say it: checked here, at every depth).
+        bad = _bad_keys(body.get("event_properties", {}))
+        if bad:
+            self.violation(seen, f"event_properties keys must be letters, digits, - and _ (1 to 255): {bad}")
+            return self._bad("invalid_parameter", "event_properties has an invalid key")
         self.events.append({**body, "identifiers": {k: str(v).lower() for k, v in body["identifiers"].items()}})
         return Response(status_code=204)
 
@@ -279,3 +285,14 @@ class FakeBrevo(FakeVendor):
     @staticmethod
     def _bad(code: str, message: str) -> Response:
         return JSONResponse({"code": code, "message": message}, 400)
+
+
+def _bad_keys(value: Any) -> list[str]:
+    """Keys of an event's properties, at any depth, that Brevo does not take."""
+    if isinstance(value, list):
+        return [k for item in value for k in _bad_keys(item)]
+    if not isinstance(value, dict):
+        return []
+    bad = [k for k in value if not (isinstance(k, str) and 0 < len(k) <= 255
+                                    and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in k))]
+    return bad + [k for v in value.values() for k in _bad_keys(v)]

@@ -57,11 +57,25 @@ async def test_config_is_checked_per_kind_and_names_the_field(client: httpx.Asyn
     assert_problem(await create(client, kind="webhook", config={"url": "https://h.example", "secret": "nope"}), 422,
                    "config.secret")
     assert_problem(await create(client, kind="carrier-pigeon"), 422, "kind")
-    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20},
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20 + "-us6"},
                                 list_mappings=[{"list_id": str(uuid.uuid4()), "remote_list_id": "x"}]), 422,
                    "list_mappings[0].list_id")
-    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20},
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20 + "-us6"},
                                 field_mappings={"password": "PWD"}), 422, "field_mappings")
+
+
+async def test_a_mailchimp_key_names_its_data_center_unless_base_url_is_given(client: httpx.AsyncClient) -> None:
+    """The API's address comes from the key's `-usN` suffix (docs/sync.md). A key without one was stored, and the
+    worker's adapter then raised at every claim: its deliveries sat in flight until the lease ran out, were claimed
+    again, forever, with nothing in the destination's health."""
+    assert_problem(await create(client, kind="mailchimp", config={"api_key": "0123456789abcdef0123"}), 422,
+                   "config.api_key")
+    proxied = await create(client, kind="mailchimp", config={"api_key": "0123456789abcdef0123",
+                                                             "base_url": "https://mc-proxy.shop.example/3.0"})
+    assert proxied.status_code == 201, proxied.text
+    assert_problem(await client.patch(f"/v1/destinations/{proxied.json()['id']}", headers=ADMIN,
+                                      json={"config": {"base_url": None, "api_key": "0123456789abcdef0123"}}),
+                   422, "config.api_key")
 
 
 async def test_webhook_secret_is_generated_once_and_rotation_keeps_two(client: httpx.AsyncClient) -> None:
@@ -143,6 +157,15 @@ async def test_commerce_options_are_off_by_default_and_checked(client: httpx.Asy
                    "config.push_events")
     assert_problem(await create(client, kind="brevo", config={"api_key": API_KEY, "store_id": "s"}), 422,
                    "config.store_id")  # a Mailchimp option
+    # Mailchimp's member events take names of 2 to 30 characters (the spec's `Events.name`), "." read as "_": a
+    # type outside that is refused here, not by Mailchimp at every push of every buyer (each a dead letter).
+    for name in ("a", "product.viewed_in_the_catalogue"):
+        assert_problem(await create(client, kind="mailchimp", config={**mailchimp, "push_events": [name]}), 422,
+                       "config.push_events")
+        assert (await create(client, kind="brevo", config={"api_key": API_KEY, "push_events": [name]})).status_code \
+            == 201  # Brevo takes up to 255
+    fits = await create(client, kind="mailchimp", config={**mailchimp, "push_events": ["ab", "e" * 30]})
+    assert fits.status_code == 201, fits.text
     # A PATCH that turns orders on without a store is refused; with one it passes.
     created = store.json()
     patched = await client.patch(f"/v1/destinations/{created['id']}", json={"config": {"store_id": None}},

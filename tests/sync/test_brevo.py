@@ -159,11 +159,52 @@ class TestPush:
         fake.confirm_doi("a@example.com")
         assert fake.members(3) == {"a@example.com"}
 
+    async def test_double_opt_in_mail_goes_once_not_at_every_profile_change(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """Brevo's doubleOptinConfirmation sends the confirmation mail. It was called at every push of a person still
+        pending, so each profile change before the click (a name, a stat after an order) mailed them again."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        s = state("a@example.com", lists={"3": "pending"}, vendor_double_opt_in=frozenset({"3"}))
+        [first] = await sync.push([s])
+        assert first.error is None and len(fake.calls("createDoiContact")) == 1
+        # Later pushes while still pending: the profile changed, the membership did not.
+        changed = ContactState(**{**_fields(s), "remote_ref": first.remote_ref, "fields": {"FIRSTNAME": "Cléo"},
+                                  "status_changed": frozenset()})
+        [again] = await sync.push([changed])
+        assert again.error is None and len(fake.calls("createDoiContact")) == 1
+        assert fake.by_email("a@example.com").attributes["FIRSTNAME"] == "Cléo"  # type: ignore[union-attr]
+        # Asked again (the list's status changed: pending anew), the mail goes again.
+        [asked] = await sync.push([ContactState(**{**_fields(changed), "status_changed": frozenset({"3"})})])
+        assert asked.error is None and len(fake.calls("createDoiContact")) == 2
+
     async def test_double_opt_in_without_a_template_is_a_contact_error(self, brevo: tuple[FakeBrevo, LiveServer],
                                                                        client: httpx.AsyncClient) -> None:
         s = state("a@example.com", lists={"3": "pending"}, vendor_double_opt_in=frozenset({"3"}))
         [outcome] = await adapter(brevo, client, doi_template_id=None).push([s])
         assert outcome.error is not None and "doi_template_id" in outcome.error
+
+    async def test_a_list_add_for_a_contact_deleted_at_brevo_creates_it_anew(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """A membership-only push (no profile write) for a contact deleted at Brevo since: the add answers 201 with
+        the address in `failure` ("already in/out list and/or doesn't exist"), or a 400 when no address of the call
+        changed anything. Both counted as done, and the subscriber never reached the list. Now the contact is
+        written again (created anew, as a profile write's 404 is) and added."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        [present] = _known_contacts(fake, 1, lists={"1": "subscribed"})
+        gone = state("gone@example.com", remote_ref="77", profile_changed=False)       # deleted at Brevo
+        alone = state("alone@example.com", remote_ref="78", profile_changed=False, lists={"2": "subscribed"})
+        outcomes = await sync.push([present, gone, alone])
+        assert [o.error for o in outcomes] == [None, None, None]
+        assert fake.members(1) == {present.email, gone.email} and fake.members(2) == {alone.email}
+        assert outcomes[1].remote_ref == str(fake.by_email(gone.email).id)   # the new record is remembered
+        # Already on the list (a replay): still done, one record.
+        [again] = await sync.push([ContactState(**{**_fields(gone), "remote_ref": outcomes[1].remote_ref})])
+        assert again.error is None and again.remote_ref == outcomes[1].remote_ref
+        assert fake.members(1) == {present.email, gone.email} and len(fake.contacts) == 3
 
     async def test_an_unknown_list_fails_only_its_contacts(self, brevo: tuple[FakeBrevo, LiveServer],
                                                            client: httpx.AsyncClient) -> None:
@@ -250,6 +291,20 @@ class TestFailures:
         [outcome] = await adapter(brevo, client).push([state("a@example.com")])
         assert outcome.error is None and fake.members(1) == {"a@example.com"}
 
+    async def test_too_early_is_retried_not_a_dead_letter(self, brevo: tuple[FakeBrevo, LiveServer],
+                                                          client: httpx.AsyncClient) -> None:
+        """createContact and updateContact document 425 Too Early (the spec's responses): Brevo is not ready for the
+        request yet. It was read as the contact's permanent error (a dead letter); it is retried, in place when it
+        passes, else later with the batch."""
+        fake, _ = brevo
+        fake.force(425)
+        [outcome] = await adapter(brevo, client).push([state("a@example.com")])
+        assert outcome.error is None and fake.members(1) == {"a@example.com"}
+        fake.force(425, count=3)
+        with pytest.raises(DeliveryFailed) as caught:
+            await adapter(brevo, client).push([state("b@example.com")])
+        assert not caught.value.permanent
+
     async def test_a_bad_key_is_a_call_failure(self, brevo: tuple[FakeBrevo, LiveServer],
                                                client: httpx.AsyncClient) -> None:
         _, live = brevo
@@ -291,6 +346,20 @@ class TestErase:
         assert sync.affordable([], [erasure, erasure], 0.25) == (1, 0)
         assert [o.error for o in await sync.erase([erasure])] == [None]   # 12345: never there (404), done
         assert fake.contacts == {} and sorted(fake.deleted) == ["a@example.com", "b@example.com"]
+
+
+    async def test_a_record_that_cannot_be_deleted_does_not_keep_the_others(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """One record of the person Carnet cannot delete (a stored reference in no id format, or a refusal) used to
+        stop the erasure there: the records after it were never asked for, and each retry stopped at the same one."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        [pushed] = await sync.push([state("b@example.com")])
+        erasure = Erasure(uuid.uuid4(), "not-an-id", other_refs=(pushed.remote_ref or "",))
+        [outcome] = await sync.erase([erasure])
+        assert outcome.error == "Brevo delete: the stored reference is not a Brevo contact id"
+        assert fake.contacts == {} and fake.deleted == ["b@example.com"]
 
 
 class TestFakeBrevo:

@@ -212,6 +212,48 @@ async def test_brevo_catalogue_orders_carts_events_and_consent(
     assert fake.order_statuses[order_id][-1] == ("delivered", True)
 
 
+async def test_brevo_events_carry_only_the_property_keys_brevo_takes_at_every_depth(
+    committing_client: httpx.AsyncClient, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """Brevo limits event property keys, "top level properties and nested properties", to letters, digits, - and _.
+    Only top-level keys were filtered: a nested "sku.code" made Brevo refuse the event (400), the contact's push
+    ended dead, and every later push of that contact carried the same event again and died too."""
+    fake, live = brevo
+    client = committing_client
+    news = await make_list(client)
+    await destination(client, kind="brevo", list_mappings=[{"list_id": news["id"], "remote_list_id": "7"}],
+                      config={"api_key": BREVO_KEY, "base_url": live.url, "push_events": ["product.viewed"]})
+    buyer = await make_contact(client)
+    await subscribe(client, news["id"], buyer["id"])
+    response = await client.post("/v1/events", headers=ADMIN, json={
+        "contact": {"id": buyer["id"]}, "type": "product.viewed", "occurred_at": datetime.now(UTC).isoformat(),
+        "properties": {"product": {"sku.code": "MUG-1", "name": "Mug"}, "tags": [{"a b": 1, "ok": 2}], "n": 3}})
+    assert response.status_code == 201, response.text
+    await drain(worker)
+    [viewed] = fake.events_of(buyer["email"], "product_viewed")
+    assert viewed["event_properties"] == {"product": {"name": "Mug"}, "tags": [{"ok": 2}], "n": 3}
+
+
+async def test_brevo_gets_money_stats_as_numbers(
+    committing_client: httpx.AsyncClient, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """A money stat mapped to a Brevo attribute (a number attribute at Brevo) went as the text "40.00": Brevo ignores
+    "values that don't match the attribute type" (createContact/updateContact `attributes`), so the total spent
+    never reached Brevo's segments. docs/sync.md: attribute values are numbers, strings, booleans or lists."""
+    fake, live = brevo
+    client = committing_client
+    news = await make_list(client)
+    await destination(client, kind="brevo", list_mappings=[{"list_id": news["id"], "remote_list_id": "7"}],
+                      field_mappings={"stats.total_spent": "TOTAL_SPENT", "stats.orders_count": "ORDERS"},
+                      config={"api_key": BREVO_KEY, "base_url": live.url})
+    buyer = await make_contact(client)
+    await subscribe(client, news["id"], buyer["id"])
+    await put_order(client, uid("O"), buyer["id"], "paid", items(("LAMP", "Lamp", "40.00")))
+    await drain(worker)
+    attributes = fake.by_email(buyer["email"]).attributes  # type: ignore[union-attr]
+    assert attributes["TOTAL_SPENT"] == 40.0 and attributes["ORDERS"] == 1
+
+
 async def test_a_vendor_outage_loses_no_order(
     committing_client: httpx.AsyncClient, quick_worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
 ) -> None:
@@ -256,6 +298,32 @@ async def test_mailchimp_erasure_deletes_the_customer_and_open_carts(
     await drain(worker)
     assert set(remote.carts) == {carts[other["id"]]} and person["id"] not in remote.customers
     assert other["id"] in remote.customers and fake.member("mc-news", person["email"]) is None
+
+
+async def test_mailchimp_erasure_deletes_the_customer_and_carts_of_a_contact_merged_into_the_person(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """A duplicate that bought (its own Mailchimp customer, under its address, and its cart) is merged into the
+    person, then the person is erased: every customer and cart of theirs leaves the store. The merge's delivery
+    used to forget the duplicate's commerce records without deleting them, so the erasure no longer knew them."""
+    fake, live = mailchimp
+    client = committing_client
+    store, news = await store_destination(client, live, push_carts=True)
+    person, duplicate = await subscribed(client, news, 2)
+    cart = uid("C")
+    await put_order(client, uid("O"), duplicate["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await put_cart(client, cart, duplicate["id"], "open", items(("JAR", "Jar", "2.00")))
+    await drain(worker)
+    remote = fake.stores[store]
+    assert duplicate["id"] in remote.customers and cart in remote.carts
+    response = await client.post(f"/v1/contacts/{person['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                 headers=ADMIN)
+    assert response.status_code == 200, response.text
+    await drain(worker)
+    assert (await client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+    assert {person["id"], duplicate["id"]} & set(remote.customers) == set()
+    assert cart not in remote.carts
 
 
 async def test_webhooks_get_commerce_topics_only_when_named(committing_client: httpx.AsyncClient,

@@ -26,7 +26,7 @@ from app.sync.mailchimp import (
     subscriber_hash,
 )
 from app.sync.mailchimp_commerce import MailchimpStore
-from tests.fakes.mailchimp import FakeMailchimp, Member
+from tests.fakes.mailchimp import FakeMailchimp, Member, Store
 from tests.fakes.server import LiveServer
 
 
@@ -75,6 +75,23 @@ class TestStore:
 
         assert await mailchimp_commerce._ensure_store(stale_look, _reason, "lane-2", store, []) is None
         assert [s.status for s in fake.seen if s.path.startswith("/ecommerce/stores")] == [404, 200, 200, 400, 200]
+
+
+    async def test_an_erasure_asks_for_every_commerce_record_whatever_one_answers(
+        self, mailchimp: tuple[FakeMailchimp, LiveServer], client: httpx.AsyncClient,
+    ) -> None:
+        """The customer's deletion refused (here a 400): the person's carts used to be left at the store, never asked
+        for, and each retry stopped at the same customer."""
+        fake, _ = mailchimp
+        store_id = f"store-{uuid.uuid4().hex[:8]}"
+        fake.stores[store_id] = Store("list1", "EUR", customers={"c1": {"id": "c1"}},
+                                      carts={"k1": {"id": "k1"}, "k2": {"id": "k2"}})
+        sync = adapter(mailchimp, client, list_ids=(), store=MailchimpStore(store_id, "list1", "EUR"))
+        fake.force(400)
+        [outcome] = await sync.erase([Erasure(uuid.uuid4(), "0" * 32,
+                                              commerce=(("customer", "c1"), ("cart", "k1"), ("cart", "k2")))])
+        assert outcome.error == "Mailchimp customer deletion: 400 Forced"
+        assert fake.stores[store_id].carts == {}
 
 
 class TestConfig:
