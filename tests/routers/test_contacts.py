@@ -492,6 +492,36 @@ class TestContactTags:
         assert_problem(await client.delete("/v1/tags/old", headers=ADMIN), 404)
 
 
+class TestAttributeDefinitionETag:
+    """API.md: a single resource's GET returns an ETag; PATCH/DELETE accept If-Match and answer 412 when stale."""
+
+    async def test_get_and_patch_answer_an_etag_and_a_stale_if_match_is_412(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "colour", "enum", options=["red"])
+        read = await client.get("/v1/attributes/colour", headers=ADMIN)
+        first = read.headers["etag"]
+        changed = await client.patch("/v1/attributes/colour", json={"options": ["red", "blue"]},
+                                     headers={**ADMIN, "If-Match": first})
+        assert changed.status_code == 200, changed.text
+        assert changed.headers["etag"] not in (first, None)
+        assert (await client.get("/v1/attributes/colour", headers=ADMIN)).headers["etag"] == changed.headers["etag"]
+        stale = await client.patch("/v1/attributes/colour", json={"options": ["red", "blue", "green"]},
+                                   headers={**ADMIN, "If-Match": first})
+        assert assert_problem(stale, 412)["type"].endswith("/precondition-failed")
+        assert (await client.get("/v1/attributes/colour", headers=ADMIN)).json()["options"] == ["red", "blue"]
+        assert_problem(await client.patch("/v1/attributes/colour", json={"description": "x"},
+                                          headers={**ADMIN, "If-Match": "garbage"}), 422, "If-Match")
+
+    async def test_delete_with_a_stale_if_match_is_412_and_keeps_it(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "stale_one", "text")
+        first = (await client.get("/v1/attributes/stale_one", headers=ADMIN)).headers["etag"]
+        await client.patch("/v1/attributes/stale_one", json={"description": "changed"}, headers=ADMIN)
+        assert_problem(await client.delete("/v1/attributes/stale_one", headers={**ADMIN, "If-Match": first}), 412)
+        assert (await client.get("/v1/attributes/stale_one", headers=ADMIN)).status_code == 200
+        current = (await client.get("/v1/attributes/stale_one", headers=ADMIN)).headers["etag"]
+        deleted = await client.delete("/v1/attributes/stale_one", headers={**ADMIN, "If-Match": current})
+        assert deleted.status_code == 204, deleted.text
+
+
 TOO_LATE = "9999-12-31T23:59:59-23:59"  # year 10000 in UTC
 TOO_EARLY = "0001-01-01T00:00:00+23:59"  # year 0 in UTC
 
