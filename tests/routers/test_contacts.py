@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,6 +13,12 @@ import pytest
 from app.security import Role
 from tests.auth import bearer
 from tests.factories import ADMIN, make_attribute, make_contact, unique_email
+
+
+def _documented_line(start: str) -> str:
+    """The line of docs/api.md that starts with `start` (an example's printed answer)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    return next(line for line in doc.splitlines() if line.startswith(start))
 
 
 def assert_problem(response: httpx.Response, status: int, *fields: str) -> dict:
@@ -118,6 +126,17 @@ class TestCreateContact:
             "attributes.note_sur", batch.text
         assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).json()["attributes"] == {
             "note_sur": "kept"}
+
+    async def test_the_documented_wrong_type_example_prints_what_the_server_answers(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """docs/api.md "Custom attributes": its PATCH example shows the `errors` the server gives, word for word."""
+        shown = _documented_line('# [{"field": "attributes.shoe_size"')
+        await make_attribute(client, "shoe_size", "number", description="EU size")
+        contact = await make_contact(client)
+        response = await client.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": "big"}},
+                                      headers={**ADMIN, "Content-Type": "application/merge-patch+json"})
+        assert assert_problem(response, 422)["errors"] == json.loads(shown.removeprefix("# "))
 
     async def test_typed_attributes_are_stored(self, client: httpx.AsyncClient) -> None:
         await make_attribute(client, "size", "enum", options=["S", "M", "L"])
