@@ -19,8 +19,8 @@ __all__ = [
     "MAX_CONDITIONS",
     "MAX_DEPTH",
     "MAX_FILTER_VALUES",
-    "SegmentCount",
     "SegmentCreate",
+    "SegmentMemberCount",
     "SegmentPage",
     "SegmentPatch",
     "SegmentPreview",
@@ -137,7 +137,10 @@ class SegmentPage(BaseModel):
     next_cursor: str | None
 
 
-class SegmentCount(BaseModel):
+# Not named SegmentCount: that component is the filter grammar's `count` of a condition (app.services.segment_schema).
+class SegmentMemberCount(BaseModel):
+    """How many contacts match the segment now."""
+
     count: int
 
 
