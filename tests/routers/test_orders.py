@@ -300,6 +300,26 @@ class TestEventIdempotency:
         assert len(page["data"]) == 2
 
 
+class TestOrderPages:
+    async def test_next_cursor_works_pasted_into_the_url_as_given(self, client: httpx.AsyncClient) -> None:
+        """Every other next_cursor is URL-safe (base64url or digits); an order's must be too: a client that appends
+        it to `?cursor=` as given (a JS template string) must get the next page, not a 422 (`+` reads as a space)."""
+        contact = await make_contact(client)
+        for n in range(3):
+            assert (await put(client, f"PAGE-{n}", order({"id": contact["id"]}, days_ago=n + 1))).status_code == 201
+        seen: list[str] = []
+        url = f"/v1/contacts/{contact['id']}/orders?limit=1"
+        while True:
+            page = await client.get(url, headers=ADMIN)
+            assert page.status_code == 200, page.text
+            seen += [o["external_id"] for o in page.json()["data"]]
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+            url = f"/v1/contacts/{contact['id']}/orders?limit=1&cursor={cursor}"
+        assert seen == ["PAGE-0", "PAGE-1", "PAGE-2"]
+
+
 class TestEventPages:
     async def test_cursor_beyond_int64_is_422(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)
