@@ -511,6 +511,17 @@ class TestContactTags:
         assert_problem(await client.delete("/v1/tags/old", headers=ADMIN), 404)
 
 
+class TestAttributeDefinitions:
+    @pytest.mark.parametrize("body", [
+        {"name": "no_options", "type": "enum"},
+        {"name": "twice", "type": "multi_enum", "options": ["a", "a"]},
+        {"name": "not_enum", "type": "text", "options": ["a"]},
+    ])
+    async def test_an_options_fault_names_options(self, client: httpx.AsyncClient, body: dict) -> None:
+        """As PATCH /v1/attributes/{name} does: the 422 names `options`, not `body` (docs/api.md, Errors)."""
+        assert_problem(await client.post("/v1/attributes", json=body, headers=ADMIN), 422, "options")
+
+
 class TestAttributeDefinitionETag:
     """API.md: a single resource's GET returns an ETag; PATCH/DELETE accept If-Match and answer 412 when stale."""
 

@@ -375,6 +375,8 @@ class TestFreeFormProperties:
         batch = await client.post("/v1/events/batch", **raw_json({"items": [{**event, "properties": DEEP}]}, deep=300))
         assert batch.status_code == 200, batch.text
         assert batch.json()["results"][0]["error"]["errors"][0]["field"] == "properties"
+        big = await client.post("/v1/events", json={**event, "properties": {"note": "x" * 17_000}}, headers=INTEGRATION)
+        assert_problem(big, 422, "properties")  # over 16 kB: the field is named, not `body`
         ok = await client.post("/v1/events", json={**event, "properties": nested(31)}, headers=INTEGRATION)
         assert ok.status_code == 201, ok.text
         for path in ("events", "timeline", "export"):
