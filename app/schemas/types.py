@@ -329,8 +329,9 @@ Uuid = Annotated[uuid.UUID, FromJSON]
 Day = Annotated[date, FromJSON]
 AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name),
                           Declared(pattern=ATTRIBUTE_NAME_PATTERN)]
-TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
-                    Declared(pattern=_TAG_PATTERN)]
+# Trimmed here too, not only by a body's model: in a path (`/tags/%20vip%20`) it must name the tag a body would.
+TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+                    AfterValidator(_tag_name), Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
 # Every integer of a request body is `Annotated[int, WholeNumber]`: JSON Schema's `integer` includes `2.0`, read as 2
 # (app.schemas.strict). Bounds go inside, before it: `Annotated[int, Field(ge=1), WholeNumber]`; given after it, or

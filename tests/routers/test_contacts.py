@@ -500,6 +500,17 @@ class TestContactTags:
         assert "salon-2026" in [t["name"] for t in catalogue]
         assert (await client.delete(url, headers=ADMIN)).json()["tags"] == []
 
+    async def test_a_tag_name_in_the_path_is_trimmed_as_in_a_body(self, client: httpx.AsyncClient) -> None:
+        """The contract declares a tag name with a non-blank character (pattern), and bodies trim text: the path
+        must neither make a blank tag nor a second ` vip ` beside `vip`."""
+        contact = await make_contact(client, tags=["vip"])
+        assert_problem(await client.put(f"/v1/contacts/{contact['id']}/tags/%20", headers=ADMIN), 422, "name")
+        held = await client.put(f"/v1/contacts/{contact['id']}/tags/%20vip%20", headers=ADMIN)
+        assert (held.status_code, held.json()["tags"], held.json()["version"]) == (200, ["vip"], 1)
+        assert [t["name"] for t in (await client.get("/v1/tags", headers=ADMIN)).json()].count(" vip ") == 0
+        gone = await client.delete(f"/v1/contacts/{contact['id']}/tags/vip%20", headers=ADMIN)
+        assert gone.json()["tags"] == []
+
     async def test_deleting_a_tag_takes_it_off_every_contact(self, client: httpx.AsyncClient) -> None:
         a = await make_contact(client, tags=["old", "keep"])
         b = await make_contact(client, tags=["old"])
