@@ -295,8 +295,9 @@ _SPECIAL_USE_LIST: Final = ", ".join(f".{name}" for name in sorted(SPECIAL_USE_D
 _PLAIN = (AfterValidator(_no_control_chars), Declared(pattern=PLAIN_TEXT_PATTERN))
 ShortText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
 LongText = Annotated[str, StringConstraints(max_length=2000), *_PLAIN]
-ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_control_chars),
-                      NON_BLANK]
+# Trimmed here too, not only by a body's model: in a path (`/v1/carts/%20K%20`) it must name what a body would.
+ExternalId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
+                      AfterValidator(_no_control_chars), NON_BLANK]
 Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email), Declared(
     format="email", **{"not": {"pattern": _SPECIAL_USE_DOMAIN}},
     description="An email address (stored lowercased); the server judges its validity (email-validator: syntax "

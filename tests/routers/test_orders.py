@@ -89,6 +89,22 @@ class TestPutOrder:
         assert_problem(await client.get("/v1/orders/BAD", headers=ADMIN), 404)
 
 
+class TestExternalIdInThePath:
+    async def test_trimmed_as_in_a_body_and_never_blank(self, client: httpx.AsyncClient) -> None:
+        """The contract declares external ids non-blank, and bodies trim text (`cart_external_id`): the {external_id}
+        of the URL must neither make a blank order nor a cart that an order naming it never finds."""
+        contact = await make_contact(client)
+        assert_problem(await put(client, "%20", order({"id": contact["id"]})), 422, "external_id")
+        lines = [{"sku": "A", "quantity": 1, "unit_price": "49.90"}]
+        made = await client.put("/v1/carts/%20K-PAD%20", headers=INTEGRATION, json={
+            "contact": {"id": contact["id"]}, "currency": "EUR", "items": lines, "opened_at": "2026-11-20T14:03:00Z"})
+        assert (made.status_code, made.json()["external_id"]) == (201, "K-PAD"), made.text
+        placed = await put(client, "O-PAD", {**order({"id": contact["id"]}), "cart_external_id": " K-PAD "})
+        assert placed.status_code == 201, placed.text
+        cart = (await client.get("/v1/carts/K-PAD", headers=ADMIN)).json()
+        assert (cart["status"], cart["order_external_id"]) == ("converted", "O-PAD")
+
+
 class TestLifecycle:
     async def test_prospect_new_loyal_lapsed(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)
