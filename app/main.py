@@ -232,10 +232,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         )
         defs = schema["components"]["schemas"]["Problem"].pop("$defs", {})
         schema["components"]["schemas"].update(defs)
-        # The segment filter grammar: recursive, so a component of its own (the Filter type refers to it).
-        schema["components"]["schemas"].update(segment_schema.filter_components())
-        # Each destination kind's config (DestinationCreate refers to them).
-        schema["components"]["schemas"].update(destination_config_components())
+        # The segment filter grammar: recursive, so a component of its own (the Filter type refers to it); and each
+        # destination kind's config (DestinationCreate refers to them). Written by hand: one named like a model would
+        # replace that model's schema wherever the document refers to it (the /count answer was once `{op, value}`).
+        for components in (segment_schema.filter_components(), destination_config_components()):
+            taken = sorted(components.keys() & schema["components"]["schemas"].keys())
+            if taken:
+                raise RuntimeError(f"OpenAPI components named twice: {', '.join(taken)}")
+            schema["components"]["schemas"].update(components)
         _document_validation_problems(schema)
         _document_media_type_problems(schema)
         app.openapi_schema = schema

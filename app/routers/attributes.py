@@ -12,10 +12,11 @@ from app.errors import (
     AttributeNotFound,
     DuplicateAttribute,
     IdempotencyKeyReused,
+    PreconditionFailed,
     TagNotFound,
     problems,
 )
-from app.routers.deps import Idempotency, JSONBody
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeRead, TagCreate, TagRead
 from app.schemas.types import AttributeName, TagName
 from app.security import Principal, Scope, require
@@ -29,6 +30,10 @@ attributes_router = APIRouter(prefix="/attributes", tags=["attributes"])
 tags_router = APIRouter(prefix="/tags", tags=["tags"])
 
 Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
+
+
+def _etag(row: dict[str, Any]) -> dict[str, str]:
+    return {"ETag": etag(attributes_service.definition_version(row))}
 
 
 @attributes_router.get("", response_model=list[AttributeRead])
@@ -47,30 +52,38 @@ async def create_attribute(
 ) -> Any:
     if idem.replay:
         return idem.replay
-    return await idem.respond(201, await attributes_service.create(session, payload))
+    row = await attributes_service.create(session, payload)
+    return await idem.respond(201, row, _etag(row))
 
 
 @attributes_router.get("/{name}", response_model=AttributeRead, responses=problems(AttributeNotFound))
 async def get_attribute(name: AttributeName, session: ReadSession, _: Reader) -> Any:
-    return JSONBody(await attributes_service.get(session, name))
+    """The definition with its `ETag` (opaque: it moves with every change), for `If-Match` on PATCH and DELETE."""
+    row = await attributes_service.get(session, name)
+    return JSONBody(row, headers=_etag(row))
 
 
-@attributes_router.patch("/{name}", response_model=AttributeRead, responses=problems(AttributeNotFound))
+@attributes_router.patch("/{name}", response_model=AttributeRead,
+                         responses=problems(AttributeNotFound, PreconditionFailed))
 async def update_attribute(
     name: AttributeName,
     patch: AttributePatch,
     session: WriteSession,
     _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+    expected_version: IfMatch,
 ) -> Any:
-    return JSONBody(await attributes_service.update_definition(session, name, patch))
+    row = await attributes_service.update_definition(session, name, patch, expected_version=expected_version)
+    return JSONBody(row, headers=_etag(row))
 
 
-@attributes_router.delete("/{name}", status_code=204, responses=problems(AttributeNotFound, AttributeInUse))
+@attributes_router.delete("/{name}", status_code=204,
+                          responses=problems(AttributeNotFound, AttributeInUse, PreconditionFailed))
 async def delete_attribute(
-    name: AttributeName, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)]
+    name: AttributeName, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+    expected_version: IfMatch,
 ) -> Response:
     """Refused (409) while any contact holds a value for it: deleting never drops data silently."""
-    await attributes_service.delete_definition(session, name)
+    await attributes_service.delete_definition(session, name, expected_version=expected_version)
     return Response(status_code=204)
 
 

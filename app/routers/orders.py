@@ -140,7 +140,7 @@ async def list_contact_orders(
     rows = await orders_service.contact_orders(session, contact_id, limit=limit, before=_order_cursor(cursor))
     if rows:
         reveal(contact_id)
-    next_cursor = f"{rows[limit - 1]['placed_at'].isoformat()}|{rows[limit - 1]['id']}" if len(rows) > limit else None
+    next_cursor = _order_cursor_of(rows[limit - 1]) if len(rows) > limit else None
     return JSONBody({"data": rows[:limit], "next_cursor": next_cursor})
 
 
@@ -159,11 +159,17 @@ async def list_contact_events(
 
 
 # `placed_at|id` of the page's last order, as next_cursor gives it (its form, a little narrower: days up to 28).
+# UTC as `Z`, so that the cursor is URL-safe as given, like every other cursor (`+00:00` in a query reads as a space);
+# `+00:00`, what it was before, is still read.
 _ORDER_CURSOR_PATTERN = (r"^([1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
                          r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-                         r"(\.[0-9]{1,6})?\+00:00\|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")
+                         r"(\.[0-9]{1,6})?(Z|\+00:00)\|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")
 OrderCursor = Annotated[str | None, Declared(pattern=_ORDER_CURSOR_PATTERN),
                         Query(max_length=100, description="`next_cursor` of the previous page, as given")]
+
+
+def _order_cursor_of(row: Any) -> str:
+    return f"{row['placed_at'].isoformat().replace('+00:00', 'Z')}|{row['id']}"
 
 
 def _order_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:

@@ -13,8 +13,8 @@ from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, p
 from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag
 from app.schemas.contacts import ContactPage, present_contact
 from app.schemas.segments import (
-    SegmentCount,
     SegmentCreate,
+    SegmentMemberCount,
     SegmentPage,
     SegmentPatch,
     SegmentPreview,
@@ -108,7 +108,7 @@ async def delete_segment(
     return Response(status_code=204)
 
 
-@router.get("/{segment_id}/count", response_model=SegmentCount,
+@router.get("/{segment_id}/count", response_model=SegmentMemberCount,
             responses=problems(SegmentNotFound, InvalidInput, *COSTLY_PROBLEMS))
 async def count_segment(segment_id: uuid.UUID, request: Request, _: CostlyReader) -> Any:
     # one statement, one round trip, on a costly-read connection (the replica's when there is one)

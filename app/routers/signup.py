@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Receive, Scope, Send
 
 from app.db import ReadSession, WriteSession
@@ -72,7 +73,11 @@ async def sign_up(list_id: uuid.UUID, request: Request, session: WriteSession, l
     answer_at = time.monotonic() + request.app.state.settings.signup_answer_seconds
     limits: SignupLimits = request.app.state.signup_limits
     proof = proof_of(request)
-    _refuse_after(limits.client_wait(proof["ip"]))
+    try:
+        _refuse_after(limits.client_wait(proof["ip"]))
+    except RateLimited as exc:  # as every error of an allowed origin: the page's script may read Retry-After
+        exc.headers.update(await _cors_if_allowed(request, session, list_id))
+        raise
     the_list = await open_list(session, list_id)
     origin = _allowed_origin(request, the_list)
     cors = allow_headers(origin)
@@ -120,6 +125,14 @@ def _allowed_origin(request: Request, the_list: Any) -> str:
     if origin is None or origin not in the_list["signup_origins"]:
         raise OriginNotAllowed("this page's origin is not one of the list's signup_origins")
     return origin
+
+
+async def _cors_if_allowed(request: Request, session: AsyncSession, list_id: uuid.UUID) -> dict[str, str]:
+    """The CORS headers of a refusal decided before the list was read: only for one of its `signup_origins`."""
+    try:
+        return allow_headers(_allowed_origin(request, await open_list(session, list_id)))
+    except AppError:  # unknown or closed list, another origin: the 429 goes without them
+        return {}
 
 
 def _take(buckets: Any, key: str) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.schemas.base import InputSchema
 from app.schemas.strict import FromJSON
@@ -42,19 +42,24 @@ class AttributeCreate(InputSchema):
 
     name: AttributeName
     type: Annotated[AttributeType, FromJSON]
-    options: Options | None = Field(default=None, max_length=500, description="Required for enum and multi_enum")
+    options: Options | None = Field(default=None, max_length=500, validate_default=True,  # absent: judged too
+                                    description="Required for enum and multi_enum")
     description: LongText | None = None
 
-    @model_validator(mode="after")
-    def _options_match_type(self) -> Self:
-        if self.type in _ENUMS:
-            if not self.options:
+    @field_validator("options")
+    @classmethod
+    def _options_match_type(cls, options: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """A fault is the field's (a 422 on `options`, as PATCH answers); `type` is judged first (declared first)."""
+        if "type" not in info.data:  # the type was refused: its own error says it
+            return options
+        if info.data["type"] in _ENUMS:
+            if not options:
                 raise ValueError("enum and multi_enum attributes need a non-empty options list")
-            if len(set(self.options)) != len(self.options):
+            if len(set(options)) != len(options):
                 raise ValueError("options must be distinct")
-        elif self.options is not None:
+        elif options is not None:
             raise ValueError("options are only for enum and multi_enum attributes")
-        return self
+        return options
 
 
 class AttributePatch(InputSchema):

@@ -6,7 +6,7 @@ import re
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
 from pydantic import (
     AnyHttpUrl,
@@ -19,7 +19,6 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
-    model_validator,
 )
 
 from app.schemas.base import InputSchema
@@ -33,6 +32,7 @@ from app.schemas.types import (
     WholeNumber,
     absent_or_set,
     one_of_required,
+    refuse_null,
 )
 
 __all__ = [
@@ -288,12 +288,8 @@ class DestinationPatch(_Mapped):
 
     _fields = field_validator("field_mappings")(_check_field_mappings)
 
-    @model_validator(mode="after")
-    def _not_null(self) -> Self:
-        for name in ("name", "enabled", "list_mappings", "segment_mappings", "field_mappings"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
+    _not_null = field_validator("name", "enabled", "list_mappings", "segment_mappings", "field_mappings",
+                                mode="before")(refuse_null)
 
 
 class DestinationHealth(BaseModel):

@@ -11,13 +11,22 @@ from enum import StrEnum
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from app.schemas.base import InputSchema
 from app.schemas.consents import ConsentProof
 from app.schemas.contacts import ContactKind
 from app.schemas.strict import FromJSON
-from app.schemas.types import NON_BLANK, Declared, LongText, ShortText, Uuid, absent_or_set
+from app.schemas.types import NON_BLANK, Declared, LongText, ShortText, Uuid, absent_or_set, refuse_null
 
 __all__ = [
     "ConfirmPreview",
@@ -155,12 +164,8 @@ class ListPatch(InputSchema):
     display_name: DisplayName | None = None
     color: Color | None = None
 
-    @model_validator(mode="after")
-    def _required_fields_stay(self) -> Self:
-        for name in ("name", "double_opt_in", "public_signup", "signup_origins"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
+    _required_fields_stay = field_validator("name", "double_opt_in", "public_signup", "signup_origins",
+                                            mode="before")(refuse_null)
 
 
 class ListCounts(BaseModel):

@@ -17,7 +17,9 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -186,7 +188,8 @@ class CartPut(InputSchema):
     status: Annotated[CartStatus, FromJSON] = CartStatus.OPEN
     currency: Currency
     items: list[OrderItem] = Field(min_length=1, max_length=1000)
-    total_amount: Money | None = Field(default=None, description="Default: the sum of quantity × unit_price")
+    total_amount: Money | None = Field(default=None, validate_default=True,  # absent: the lines' sum must fit
+                                       description="Default: the sum of quantity × unit_price")
     checkout_url: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_web_link),
                             Declared(pattern=_WEB_LINK_PATTERN)] | None = Field(
         default=None, description="Where the person resumes the cart (the abandoned-cart email links there)")
@@ -194,18 +197,29 @@ class CartPut(InputSchema):
     closed_at: AwareTimestamp | None = Field(
         default=None, description="When it was converted or abandoned (default: when Carnet learns it)")
 
-    @model_validator(mode="after")
-    def _checks(self) -> Self:
-        if self.closed_at is not None and self.status is CartStatus.OPEN:
-            raise ValueError("closed_at is for a converted or abandoned cart")
-        if self.closed_at is not None and self.closed_at < self.opened_at:
-            raise ValueError("closed_at comes before opened_at")
-        if self.total_amount is None and self.lines_total() > MAX_MONEY:
+    # Each fault is a 422 on the field to change (docs/api.md, Errors); the fields each rule reads come first.
+    @field_validator("total_amount")
+    @classmethod
+    def _lines_fit(cls, total: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if total is None and "items" in info.data and _lines_total(info.data["items"]) > MAX_MONEY:
             raise ValueError(f"the lines add up to more than {MAX_MONEY}: give total_amount")
-        return self
+        return total
+
+    @field_validator("closed_at")
+    @classmethod
+    def _closed_after_opened(cls, closed: datetime | None, info: ValidationInfo) -> datetime | None:
+        if closed is not None and info.data.get("status") is CartStatus.OPEN:
+            raise ValueError("closed_at is for a converted or abandoned cart")
+        if closed is not None and "opened_at" in info.data and closed < info.data["opened_at"]:
+            raise ValueError("closed_at comes before opened_at")
+        return closed
 
     def lines_total(self) -> Decimal:
-        return sum((item.unit_price * item.quantity for item in self.items), Decimal(0))
+        return _lines_total(self.items)
+
+
+def _lines_total(items: list[OrderItem]) -> Decimal:
+    return sum((item.unit_price * item.quantity for item in items), Decimal(0))
 
 
 class CartRead(BaseModel):
@@ -234,13 +248,14 @@ class EventCreate(InputSchema):
         "masked (keys kept) for a token without pii:read"))
     event_id: ExternalId | None = Field(default=None, description="Sender's id: a replay with the same id is ignored")
 
-    @model_validator(mode="after")
-    def _checks(self) -> Self:
+    @field_validator("properties")
+    @classmethod
+    def _small_enough(cls, properties: dict[str, Any]) -> dict[str, Any]:
         # NUL is refused in every key and text by FreeJSONObject; looking for it in the repr also refused the four
         # characters `\x00` written as text (a Windows path, an escaped dump), which hold no NUL
-        if len(repr(self.properties)) > 16_000:  # once: a batch checks a thousand of these
+        if len(repr(properties)) > 16_000:  # once: a batch checks a thousand of these
             raise ValueError("properties must be under 16 kB of JSON")
-        return self
+        return properties
 
 
 class EventBatch(InputSchema):

@@ -6,21 +6,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, field_validator
 
 from app.errors import InvalidInput
 from app.schemas.base import InputSchema
 from app.schemas.contacts import ContactRead
-from app.schemas.types import NON_BLANK, LongText, ShortText, absent_or_set
+from app.schemas.types import NON_BLANK, LongText, ShortText, absent_or_set, refuse_null
 
 __all__ = [
     "MAX_CONDITIONS",
     "MAX_DEPTH",
     "MAX_FILTER_VALUES",
-    "SegmentCount",
     "SegmentCreate",
+    "SegmentMemberCount",
     "SegmentPage",
     "SegmentPatch",
     "SegmentPreview",
@@ -110,12 +110,7 @@ class SegmentPatch(InputSchema):
     description: LongText | None = None
     filter: Filter | None = absent_or_set()
 
-    @model_validator(mode="after")
-    def _required_fields_stay(self) -> Self:
-        for name in ("name", "filter"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
-        return self
+    _required_fields_stay = field_validator("name", "filter", mode="before")(refuse_null)
 
 
 class SegmentPreviewRequest(InputSchema):
@@ -137,7 +132,10 @@ class SegmentPage(BaseModel):
     next_cursor: str | None
 
 
-class SegmentCount(BaseModel):
+# Not named SegmentCount: that component is the filter grammar's `count` of a condition (app.services.segment_schema).
+class SegmentMemberCount(BaseModel):
+    """How many contacts match the segment now."""
+
     count: int
 
 

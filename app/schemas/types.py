@@ -16,7 +16,15 @@ from typing import Annotated, Any, Final
 import phonenumbers
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from phonenumbers import PhoneMetadata
-from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, GetJsonSchemaHandler, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BeforeValidator,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    ValidationInfo,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
@@ -287,8 +295,9 @@ _SPECIAL_USE_LIST: Final = ", ".join(f".{name}" for name in sorted(SPECIAL_USE_D
 _PLAIN = (AfterValidator(_no_control_chars), Declared(pattern=PLAIN_TEXT_PATTERN))
 ShortText = Annotated[str, StringConstraints(max_length=255), *_PLAIN]
 LongText = Annotated[str, StringConstraints(max_length=2000), *_PLAIN]
-ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_no_control_chars),
-                      NON_BLANK]
+# Trimmed here too, not only by a body's model: in a path (`/v1/carts/%20K%20`) it must name what a body would.
+ExternalId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255),
+                      AfterValidator(_no_control_chars), NON_BLANK]
 Email = Annotated[str, StringConstraints(max_length=320), AfterValidator(normalize_email), Declared(
     format="email", **{"not": {"pattern": _SPECIAL_USE_DOMAIN}},
     description="An email address (stored lowercased); the server judges its validity (email-validator: syntax "
@@ -321,8 +330,9 @@ Uuid = Annotated[uuid.UUID, FromJSON]
 Day = Annotated[date, FromJSON]
 AttributeName = Annotated[str, StringConstraints(max_length=63), AfterValidator(_attribute_name),
                           Declared(pattern=ATTRIBUTE_NAME_PATTERN)]
-TagName = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_tag_name),
-                    Declared(pattern=_TAG_PATTERN)]
+# Trimmed here too, not only by a body's model: in a path (`/tags/%20vip%20`) it must name the tag a body would.
+TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+                    AfterValidator(_tag_name), Declared(pattern=_TAG_PATTERN)]
 Limit = Annotated[int, Field(ge=1, le=1000)]
 # Every integer of a request body is `Annotated[int, WholeNumber]`: JSON Schema's `integer` includes `2.0`, read as 2
 # (app.schemas.strict). Bounds go inside, before it: `Annotated[int, Field(ge=1), WholeNumber]`; given after it, or
@@ -362,6 +372,14 @@ def absent_or_set(**field: Any) -> Any:
     """A merge-patch field that may be left out but never set to null (its column always holds a value): the
     contract shows it without `null`; the schema's validator refuses null with a message naming the field."""
     return Field(default=None, json_schema_extra=_not_nullable, **field)
+
+
+def refuse_null(value: object, info: ValidationInfo) -> object:
+    """The before-validator of `absent_or_set` fields (`field_validator(*names, mode="before")(refuse_null)`): a null
+    is a 422 on that field itself, every such field at once (a model validator would name only `body`, once)."""
+    if value is None:
+        raise ValueError(f"{info.field_name} cannot be null")
+    return value
 
 
 # ---- fast paths: hypothesis-proven equal to the libraries (tests/services/test_import_rows.py) ----------

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.errors import AttributeInUse, AttributeNotFound, DuplicateAttribute, FieldError, InvalidInput
+from app.errors import (
+    AttributeInUse,
+    AttributeNotFound,
+    DuplicateAttribute,
+    FieldError,
+    InvalidInput,
+    PreconditionFailed,
+)
 from app.models import AttributeDefinition, Contact
 from app.models.base import utc_now
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeType
 from app.schemas.freeform import unstorable_text
 from app.schemas.types import ATTRIBUTE_NAME_PATTERN, bounded_decimal
 
-__all__ = ["NUMBER_DIGITS", "NUMBER_PLACES", "create", "delete_definition", "get", "list_all", "normalize_values",
-           "update_definition"]
+__all__ = ["NUMBER_DIGITS", "NUMBER_PLACES", "create", "definition_version", "delete_definition", "get", "list_all",
+           "normalize_values", "update_definition"]
 
 _defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
 _contacts = Contact.__table__  # type: ignore[attr-defined]
@@ -28,6 +35,20 @@ MAX_OPTIONS = 500  # AttributeCreate.options
 # A number attribute is stored in JSONB as sent and compared as numeric by segments: bounded so that every
 # comparison PostgreSQL makes with it, and every value a filter may compare it with, is an ordinary number.
 NUMBER_DIGITS, NUMBER_PLACES = 15, 30
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def definition_version(row: Mapping[str, Any]) -> int:
+    """A definition's version for ETag/If-Match: its updated_at in microseconds (opaque, as an order's; every change
+    moves it). The table has no version column, and a change of a definition is rare enough for a timestamp."""
+    return (row["updated_at"] - _EPOCH) // timedelta(microseconds=1)  # type: ignore[no-any-return]
+
+
+def _check_version(current: Mapping[str, Any], expected_version: int | None) -> None:
+    """If-Match (None: no condition): PreconditionFailed unless the definition is still at that version."""
+    if expected_version is not None and definition_version(current) != expected_version:
+        raise PreconditionFailed(f"the attribute is at version {definition_version(current)}",
+                                 current_version=definition_version(current))
 
 
 async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
@@ -57,7 +78,9 @@ async def create(session: AsyncSession, data: AttributeCreate) -> dict[str, Any]
     return dict(row)
 
 
-async def update_definition(session: AsyncSession, name: str, patch: AttributePatch) -> dict[str, Any]:
+async def update_definition(
+    session: AsyncSession, name: str, patch: AttributePatch, *, expected_version: int | None = None
+) -> dict[str, Any]:
     # Locked before the options are compared: two PATCHes each adding an option would otherwise both compare with
     # the options before either, and the later one would remove the other's (which contacts may hold by then).
     # FOR NO KEY UPDATE: contact writes checking values against it (FOR KEY SHARE) are not held up.
@@ -73,6 +96,7 @@ async def update_definition(session: AsyncSession, name: str, patch: AttributePa
             raise InvalidInput.one("options", f"options cannot be removed: {', '.join(removed)}", "options_removed")
         if len(set(new_options)) != len(new_options):
             raise InvalidInput.one("options", "options must be distinct")
+    _check_version(current, expected_version)  # last, on a request otherwise valid (RFC 9110 §13.2.1)
     if not changes:
         return current
     row = (
@@ -83,10 +107,10 @@ async def update_definition(session: AsyncSession, name: str, patch: AttributePa
     return dict(row)
 
 
-async def delete_definition(session: AsyncSession, name: str) -> None:
+async def delete_definition(session: AsyncSession, name: str, *, expected_version: int | None = None) -> None:
     # Locked before the holders are counted: a contact write that checked a value against the definition holds it
     # FOR KEY SHARE (`normalize_values`) until it commits, so the count below sees its value.
-    await get(session, name, lock="update")
+    _check_version(await get(session, name, lock="update"), expected_version)
     holders = await session.scalar(
         select(func.count()).select_from(_contacts).where(_contacts.c.attributes.has_key(name))
     )

@@ -110,9 +110,12 @@ class TestPutCart:
         too_many = cart(contact, items=[{"sku": "A", "quantity": 1, "unit_price": "1"}] * 1001)
         assert_problem(await put(client, ext(), too_many), 422)
         huge = cart(contact, items=[{"sku": "A", "quantity": 1_000_000, "unit_price": "999999999999.99"}])
-        assert_problem(await put(client, ext(), huge), 422)  # the lines' total would not fit numeric(14, 2)
+        # the lines' total would not fit numeric(14, 2): the field to give is named (docs/api.md, Errors)
+        assert_problem(await put(client, ext(), huge), 422, "total_amount")
         closed_open = cart(contact, closed_at=datetime.now(UTC).isoformat())
-        assert_problem(await put(client, ext(), closed_open), 422)
+        assert_problem(await put(client, ext(), closed_open), 422, "closed_at")
+        before = cart(contact, status="abandoned", opened_at="2026-11-20T14:03:00Z", closed_at="2026-11-19T14:03:00Z")
+        assert_problem(await put(client, ext(), before), 422, "closed_at")
         assert (await client.get(f"/v1/carts/{ext()}", headers=INTEGRATION)).status_code == 404
 
     async def test_scopes(self, client: httpx.AsyncClient) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,6 +13,12 @@ import pytest
 from app.security import Role
 from tests.auth import bearer
 from tests.factories import ADMIN, make_attribute, make_contact, unique_email
+
+
+def _documented_line(start: str) -> str:
+    """The line of docs/api.md that starts with `start` (an example's printed answer)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    return next(line for line in doc.splitlines() if line.startswith(start))
 
 
 def assert_problem(response: httpx.Response, status: int, *fields: str) -> dict:
@@ -118,6 +126,17 @@ class TestCreateContact:
             "attributes.note_sur", batch.text
         assert (await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)).json()["attributes"] == {
             "note_sur": "kept"}
+
+    async def test_the_documented_wrong_type_example_prints_what_the_server_answers(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """docs/api.md "Custom attributes": its PATCH example shows the `errors` the server gives, word for word."""
+        shown = _documented_line('# [{"field": "attributes.shoe_size"')
+        await make_attribute(client, "shoe_size", "number", description="EU size")
+        contact = await make_contact(client)
+        response = await client.patch(f"/v1/contacts/{contact['id']}", json={"attributes": {"shoe_size": "big"}},
+                                      headers={**ADMIN, "Content-Type": "application/merge-patch+json"})
+        assert assert_problem(response, 422)["errors"] == json.loads(shown.removeprefix("# "))
 
     async def test_typed_attributes_are_stored(self, client: httpx.AsyncClient) -> None:
         await make_attribute(client, "size", "enum", options=["S", "M", "L"])
@@ -481,6 +500,17 @@ class TestContactTags:
         assert "salon-2026" in [t["name"] for t in catalogue]
         assert (await client.delete(url, headers=ADMIN)).json()["tags"] == []
 
+    async def test_a_tag_name_in_the_path_is_trimmed_as_in_a_body(self, client: httpx.AsyncClient) -> None:
+        """The contract declares a tag name with a non-blank character (pattern), and bodies trim text: the path
+        must neither make a blank tag nor a second ` vip ` beside `vip`."""
+        contact = await make_contact(client, tags=["vip"])
+        assert_problem(await client.put(f"/v1/contacts/{contact['id']}/tags/%20", headers=ADMIN), 422, "name")
+        held = await client.put(f"/v1/contacts/{contact['id']}/tags/%20vip%20", headers=ADMIN)
+        assert (held.status_code, held.json()["tags"], held.json()["version"]) == (200, ["vip"], 1)
+        assert [t["name"] for t in (await client.get("/v1/tags", headers=ADMIN)).json()].count(" vip ") == 0
+        gone = await client.delete(f"/v1/contacts/{contact['id']}/tags/vip%20", headers=ADMIN)
+        assert gone.json()["tags"] == []
+
     async def test_deleting_a_tag_takes_it_off_every_contact(self, client: httpx.AsyncClient) -> None:
         a = await make_contact(client, tags=["old", "keep"])
         b = await make_contact(client, tags=["old"])
@@ -490,6 +520,47 @@ class TestContactTags:
         history = (await client.get(f"/v1/contacts/{b['id']}/history", headers=ADMIN)).json()["data"]
         assert (history[0]["field"], history[0]["old_value"], history[0]["new_value"]) == ("tags", ["old"], [])
         assert_problem(await client.delete("/v1/tags/old", headers=ADMIN), 404)
+
+
+class TestAttributeDefinitions:
+    @pytest.mark.parametrize("body", [
+        {"name": "no_options", "type": "enum"},
+        {"name": "twice", "type": "multi_enum", "options": ["a", "a"]},
+        {"name": "not_enum", "type": "text", "options": ["a"]},
+    ])
+    async def test_an_options_fault_names_options(self, client: httpx.AsyncClient, body: dict) -> None:
+        """As PATCH /v1/attributes/{name} does: the 422 names `options`, not `body` (docs/api.md, Errors)."""
+        assert_problem(await client.post("/v1/attributes", json=body, headers=ADMIN), 422, "options")
+
+
+class TestAttributeDefinitionETag:
+    """API.md: a single resource's GET returns an ETag; PATCH/DELETE accept If-Match and answer 412 when stale."""
+
+    async def test_get_and_patch_answer_an_etag_and_a_stale_if_match_is_412(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "colour", "enum", options=["red"])
+        read = await client.get("/v1/attributes/colour", headers=ADMIN)
+        first = read.headers["etag"]
+        changed = await client.patch("/v1/attributes/colour", json={"options": ["red", "blue"]},
+                                     headers={**ADMIN, "If-Match": first})
+        assert changed.status_code == 200, changed.text
+        assert changed.headers["etag"] not in (first, None)
+        assert (await client.get("/v1/attributes/colour", headers=ADMIN)).headers["etag"] == changed.headers["etag"]
+        stale = await client.patch("/v1/attributes/colour", json={"options": ["red", "blue", "green"]},
+                                   headers={**ADMIN, "If-Match": first})
+        assert assert_problem(stale, 412)["type"].endswith("/precondition-failed")
+        assert (await client.get("/v1/attributes/colour", headers=ADMIN)).json()["options"] == ["red", "blue"]
+        assert_problem(await client.patch("/v1/attributes/colour", json={"description": "x"},
+                                          headers={**ADMIN, "If-Match": "garbage"}), 422, "If-Match")
+
+    async def test_delete_with_a_stale_if_match_is_412_and_keeps_it(self, client: httpx.AsyncClient) -> None:
+        await make_attribute(client, "stale_one", "text")
+        first = (await client.get("/v1/attributes/stale_one", headers=ADMIN)).headers["etag"]
+        await client.patch("/v1/attributes/stale_one", json={"description": "changed"}, headers=ADMIN)
+        assert_problem(await client.delete("/v1/attributes/stale_one", headers={**ADMIN, "If-Match": first}), 412)
+        assert (await client.get("/v1/attributes/stale_one", headers=ADMIN)).status_code == 200
+        current = (await client.get("/v1/attributes/stale_one", headers=ADMIN)).headers["etag"]
+        deleted = await client.delete("/v1/attributes/stale_one", headers={**ADMIN, "If-Match": current})
+        assert deleted.status_code == 204, deleted.text
 
 
 TOO_LATE = "9999-12-31T23:59:59-23:59"  # year 10000 in UTC

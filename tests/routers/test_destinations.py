@@ -62,6 +62,10 @@ async def test_config_is_checked_per_kind_and_names_the_field(client: httpx.Asyn
                    "list_mappings[0].list_id")
     assert_problem(await create(client, kind="mailchimp", config={"api_key": "k" * 20 + "-us6"},
                                 field_mappings={"password": "PWD"}), 422, "field_mappings")
+    made = await create(client, kind="brevo", config={"api_key": API_KEY})
+    nulled = await client.patch(f"/v1/destinations/{made.json()['id']}", json={"name": None, "enabled": None},
+                                headers=ADMIN)
+    assert_problem(nulled, 422, "name", "enabled")  # each null named, all at once (docs/api.md, Errors)
 
 
 async def test_a_mailchimp_key_names_its_data_center_unless_base_url_is_given(client: httpx.AsyncClient) -> None:

@@ -107,7 +107,10 @@ class TestListCrud:
 
     async def test_patch_cannot_null_the_name(self, client: httpx.AsyncClient) -> None:
         made = await make_list(client)
-        assert_problem(await client.patch(f"/v1/lists/{made['id']}", json={"name": None}, headers=ADMIN), 422)
+        assert_problem(await client.patch(f"/v1/lists/{made['id']}", json={"name": None}, headers=ADMIN), 422, "name")
+        # every faulty field at once, each named (docs/api.md, Errors), not one `body` error for the first
+        both = await client.patch(f"/v1/lists/{made['id']}", json={"name": None, "double_opt_in": None}, headers=ADMIN)
+        assert_problem(both, 422, "name", "double_opt_in")
 
     async def test_pages_by_name(self, client: httpx.AsyncClient) -> None:
         names = [f"page-{i}" for i in range(5)]

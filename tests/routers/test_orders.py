@@ -89,6 +89,22 @@ class TestPutOrder:
         assert_problem(await client.get("/v1/orders/BAD", headers=ADMIN), 404)
 
 
+class TestExternalIdInThePath:
+    async def test_trimmed_as_in_a_body_and_never_blank(self, client: httpx.AsyncClient) -> None:
+        """The contract declares external ids non-blank, and bodies trim text (`cart_external_id`): the {external_id}
+        of the URL must neither make a blank order nor a cart that an order naming it never finds."""
+        contact = await make_contact(client)
+        assert_problem(await put(client, "%20", order({"id": contact["id"]})), 422, "external_id")
+        lines = [{"sku": "A", "quantity": 1, "unit_price": "49.90"}]
+        made = await client.put("/v1/carts/%20K-PAD%20", headers=INTEGRATION, json={
+            "contact": {"id": contact["id"]}, "currency": "EUR", "items": lines, "opened_at": "2026-11-20T14:03:00Z"})
+        assert (made.status_code, made.json()["external_id"]) == (201, "K-PAD"), made.text
+        placed = await put(client, "O-PAD", {**order({"id": contact["id"]}), "cart_external_id": " K-PAD "})
+        assert placed.status_code == 201, placed.text
+        cart = (await client.get("/v1/carts/K-PAD", headers=ADMIN)).json()
+        assert (cart["status"], cart["order_external_id"]) == ("converted", "O-PAD")
+
+
 class TestLifecycle:
     async def test_prospect_new_loyal_lapsed(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)
@@ -300,6 +316,26 @@ class TestEventIdempotency:
         assert len(page["data"]) == 2
 
 
+class TestOrderPages:
+    async def test_next_cursor_works_pasted_into_the_url_as_given(self, client: httpx.AsyncClient) -> None:
+        """Every other next_cursor is URL-safe (base64url or digits); an order's must be too: a client that appends
+        it to `?cursor=` as given (a JS template string) must get the next page, not a 422 (`+` reads as a space)."""
+        contact = await make_contact(client)
+        for n in range(3):
+            assert (await put(client, f"PAGE-{n}", order({"id": contact["id"]}, days_ago=n + 1))).status_code == 201
+        seen: list[str] = []
+        url = f"/v1/contacts/{contact['id']}/orders?limit=1"
+        while True:
+            page = await client.get(url, headers=ADMIN)
+            assert page.status_code == 200, page.text
+            seen += [o["external_id"] for o in page.json()["data"]]
+            cursor = page.json()["next_cursor"]
+            if cursor is None:
+                break
+            url = f"/v1/contacts/{contact['id']}/orders?limit=1&cursor={cursor}"
+        assert seen == ["PAGE-0", "PAGE-1", "PAGE-2"]
+
+
 class TestEventPages:
     async def test_cursor_beyond_int64_is_422(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)
@@ -355,6 +391,8 @@ class TestFreeFormProperties:
         batch = await client.post("/v1/events/batch", **raw_json({"items": [{**event, "properties": DEEP}]}, deep=300))
         assert batch.status_code == 200, batch.text
         assert batch.json()["results"][0]["error"]["errors"][0]["field"] == "properties"
+        big = await client.post("/v1/events", json={**event, "properties": {"note": "x" * 17_000}}, headers=INTEGRATION)
+        assert_problem(big, 422, "properties")  # over 16 kB: the field is named, not `body`
         ok = await client.post("/v1/events", json={**event, "properties": nested(31)}, headers=INTEGRATION)
         assert ok.status_code == 201, ok.text
         for path in ("events", "timeline", "export"):

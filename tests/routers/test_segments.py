@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from app.security import Role, Scope
 from tests.auth import bearer
@@ -86,7 +87,8 @@ class TestCrud:
         body = {"name": "x", "filter": LYON, "colour": "red"}
         assert_problem(await client.post("/v1/segments", json=body, headers=ADMIN), 422, "colour")
         created = await make_segment(client, LYON)
-        assert_problem(await client.patch(f"/v1/segments/{created['id']}", json={"filter": None}, headers=ADMIN), 422)
+        nulled = await client.patch(f"/v1/segments/{created['id']}", json={"filter": None, "name": None}, headers=ADMIN)
+        assert_problem(nulled, 422, "filter", "name")
 
     async def test_idempotency_key_replays(self, client: httpx.AsyncClient) -> None:
         body = {"name": f"seg-{uuid.uuid4().hex[:8]}", "filter": LYON}
@@ -131,6 +133,23 @@ class TestMembers:
         narrowed = (await client.get("/v1/contacts", params={"segment": segment["id"], "kind": "prospect"},
                                      headers=ADMIN)).json()
         assert narrowed["data"] == []
+
+    async def test_the_served_document_declares_the_count_answer_as_sent(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        """`GET /v1/segments/{id}/count` answers `{"count": n}`; the served OpenAPI document (and the clients generated
+        from it) must say so, not the filter grammar's `count` condition `{op, value}`."""
+        segment = await make_segment(client, {"field": "kind", "op": "eq", "value": "customer"})
+        answer = (await client.get(f"/v1/segments/{segment['id']}/count", headers=ADMIN)).json()
+        document = app.openapi()
+        declared = document["paths"]["/v1/segments/{segment_id}/count"]["get"]["responses"]["200"]["content"]
+        schema = declared["application/json"]["schema"]
+        if "$ref" in schema:
+            schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+        assert set(schema["properties"]) == set(answer) == {"count"}
+        assert set(schema.get("required", [])) <= set(answer)
+        condition_count = document["components"]["schemas"]["SegmentCount"]  # the grammar's, as docs/api.md names it
+        assert set(condition_count["required"]) == {"op", "value"}
 
     async def test_contacts_filter_with_unknown_segment_is_404(self, client: httpx.AsyncClient) -> None:
         missing = await client.get("/v1/contacts", params={"segment": str(uuid.uuid4())}, headers=ADMIN)

@@ -277,6 +277,10 @@ class TestLimits:
             body = assert_problem(refused, 429)
             assert body["type"].endswith("/rate-limited")
             assert int(refused.headers["retry-after"]) >= 1
+            assert refused.headers["access-control-allow-origin"] == SHOP  # the page can read Retry-After
+            assert "retry-after" in refused.headers["access-control-expose-headers"].lower()
+            stranger = await signup(one, public["id"], headers={"Origin": OTHER, "Referer": f"{OTHER}/"})
+            assert stranger.status_code == 429 and "access-control-allow-origin" not in stranger.headers
             assert (await signup(other, public["id"])).status_code == 202  # another address is not held back
 
     async def test_an_ipv6_client_counts_by_its_64_whatever_address_it_picks(
