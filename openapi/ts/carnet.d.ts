@@ -90,7 +90,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Get Attribute */
+        /**
+         * Get Attribute
+         * @description The definition with its `ETag` (opaque: it moves with every change), for `If-Match` on PATCH and DELETE.
+         */
         get: operations["get_attribute_v1_attributes__name__get"];
         put?: never;
         post?: never;
@@ -4021,6 +4024,14 @@ export interface components {
             /** Tag */
             tag: string | null;
         };
+        /**
+         * SegmentMemberCount
+         * @description How many contacts match the segment now.
+         */
+        SegmentMemberCount: {
+            /** Count */
+            count: number;
+        };
         /** @description Its member does not match */
         SegmentNot: {
             not: components["schemas"]["SegmentFilter"];
@@ -4647,7 +4658,10 @@ export interface operations {
     delete_attribute_v1_attributes__name__delete: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
+                "if-match"?: string;
+            };
             path: {
                 name: string;
             };
@@ -4698,6 +4712,15 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The resource changed since the given ETag */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request is not valid */
             422: {
                 headers: {
@@ -4712,7 +4735,10 @@ export interface operations {
     update_attribute_v1_attributes__name__patch: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description ETag from a GET, e.g. "v3", or *. The server judges whether it is current: 412 if stale; a value not of this form is a 422 */
+                "if-match"?: string;
+            };
             path: {
                 name: string;
             };
@@ -4753,6 +4779,15 @@ export interface operations {
             };
             /** @description No such attribute definition */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The resource changed since the given ETag */
+            412: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -9699,7 +9734,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SegmentCount"];
+                    "application/json": components["schemas"]["SegmentMemberCount"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
