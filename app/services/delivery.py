@@ -407,6 +407,13 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
                 segment_tags.setdefault(mapping["remote_list_id"], {})[mapping["tag"]] = wanted
             else:
                 lists[mapping["remote_list_id"]] = "subscribed" if wanted else "unsubscribed"
+        if contact["email"] is None and ref is not None:
+            # Its address removed in Carnet (a link is only made by a push with one): the vendor's record of it goes,
+            # as one whose address a merge retired does (archived and retired at Mailchimp, deleted at Brevo);
+            # a new address later is pushed as a new record.
+            out.forget[contact_id] = [(contact_id, ref)]
+            out.erasures.append(Erasure(contact_id, ref, archive=True))
+            continue
         if contact["email"] is None or (not lists and ref is None):
             out.nothing.append(contact_id)
             continue

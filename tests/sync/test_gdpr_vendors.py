@@ -140,6 +140,37 @@ async def test_vendors_forget_a_former_address(
 
 
 @pytest.mark.committing
+async def test_an_address_removed_in_carnet_leaves_both_vendors_and_the_erasure_deletes_it_for_good(
+    committing_client: httpx.AsyncClient, worker: Worker,
+    mailchimp: tuple[FakeMailchimp, LiveServer], brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    # Guards: the vendors' record of an address the shop removed (PATCH email: null, the phone stays). It was left
+    # subscribed there; now Mailchimp archives the member (kept as a retired record, so that the person's erasure
+    # deletes it permanently) and Brevo deletes the contact, as for an address a merge retires.
+    client = committing_client
+    (mc, mc_live), (bv, bv_live) = mailchimp, brevo
+    news = await make_list(client)
+    for body in ({"kind": "mailchimp", "config": {"api_key": MC_KEY, "base_url": mc_live.url},
+                  "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}]},
+                 {"kind": "brevo", "config": {"api_key": BREVO_KEY, "base_url": bv_live.url},
+                  "list_mappings": [{"list_id": news["id"], "remote_list_id": "7"}]}):
+        await ok(await client.post("/v1/destinations", json={"name": f"d-{uuid.uuid4().hex[:6]}", **body},
+                                   headers=ADMIN), 201)
+    person = await subscribed_person(client, news["id"])
+    old = person.email
+    await drain(worker)
+    assert mc.member("mc-news", old) is not None and bv.by_email(old) is not None
+    await ok(await client.patch(f"/v1/contacts/{person.id}", json={"email": None, "phone": "+33612345678"},
+                                headers=ADMIN))
+    await drain(worker)
+    assert ("mc-news", mailchimp_hash(old)) in mc.archived and bv.by_email(old) is None
+
+    assert (await erase(client, person.id)).status_code == 204
+    await drain(worker)
+    assert ("mc-news", mailchimp_hash(old)) in mc.forgotten, "archived, not deleted permanently"
+
+
+@pytest.mark.committing
 async def test_vendor_forgets_the_address_of_a_record_merged_into_theirs(
     committing_client: httpx.AsyncClient, worker: Worker,
     mailchimp: tuple[FakeMailchimp, LiveServer],
