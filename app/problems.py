@@ -74,8 +74,13 @@ def problem_body(error: AppError, *, instance: str) -> bytes:
     return body
 
 
+# Every problem: kept by no cache (a 404 or 410 is cacheable by default, RFC 9111 4.2.2) and sent on as no referrer.
+# Its `instance` is the request's path, which for a public link is the credential (docs/api.md "Public links").
+_NOT_KEPT = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+
 def _render(request: Request, error: AppError) -> ProblemResponse:
-    headers = dict(error.headers)
+    headers = {**_NOT_KEPT, **error.headers}
     return ProblemResponse(problem_body(error, instance=request.url.path), status_code=error.status, headers=headers)
 
 

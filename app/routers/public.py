@@ -139,10 +139,9 @@ _ERROR_PAGES = {"invalid-link": ("error_title", "link_invalid_text"),
 
 
 def link_error(request: Request, error: AppError) -> Response:
-    """A browser gets the error as a page (in its language); anything else gets the problem, kept by no cache and
-    sent on as no referrer like every answer of a link (its `instance` is the URL, token included)."""
+    """A browser gets the error as a page (in its language); anything else gets the problem (no-store and
+    no-referrer, as every problem: app.problems)."""
     if not wants_html(request):
-        error.headers.update(_NO_STORE)
         raise error
     lang = language(request)
     title_key, text_key = _ERROR_PAGES.get(error.slug, ("error_title", ""))

@@ -336,6 +336,9 @@ class TestErrorsAreNotKept:
             "invalid-input": await client.post(prefs, json={"lists": {str(uuid.uuid4()): "subscribed"}},
                                                headers=AS_JSON),
             "invalid-confirmation": await client.post(prefs, json={"erase_confirmation": "x.y"}, headers=AS_JSON),
+            # FastAPI's own validation of a query parameter, before the route runs
+            "malformed ?all=": await client.post("/v1/public/unsubscribe/garbage.x", params={"all": "maybe"},
+                                                 headers=AS_JSON),
         }
         assert (await client.delete(f"/v1/contacts/{contact['id']}", headers=ADMIN)).status_code == 204
         answers["preferences-gone"] = await client.get(prefs, headers=AS_JSON)
