@@ -195,20 +195,24 @@ async def remember(session: AsyncSession, destination_id: uuid.UUID, records: Se
            "contacts": [r.contact_id for r in latest.values()], "digests": [r.digest for r in latest.values()]})
 
 
-# The rows of a contact merged into someone still in Carnet (the end of its chain of merges) go to that person.
-_HAND_OVER = text("""
+# Each merged-away contact of :ids (`start`) with every contact its merges lead to, `depth` steps on: the person is
+# the one at the greatest depth (merges of merges; 100 steps at most). Read by delivery._FATES too.
+MERGE_CHAINS = """
 WITH RECURSIVE chain(start, id, depth) AS (
     SELECT merged_id, survivor_id, 1 FROM contact_merge WHERE merged_id = ANY(:ids)
     UNION ALL
     SELECT chain.start, m.survivor_id, chain.depth + 1 FROM contact_merge m JOIN chain ON m.merged_id = chain.id
     WHERE chain.depth < 100
-), person AS (
+)"""
+
+# The rows of a contact merged into someone still in Carnet (the end of its chain of merges) go to that person.
+_HAND_OVER = text(MERGE_CHAINS + """, person AS (
     SELECT DISTINCT ON (start) start, id FROM chain ORDER BY start, depth DESC
 )
 UPDATE sync_commerce s SET contact_id = person.id
 FROM person JOIN contact c ON c.id = person.id
 WHERE s.destination_id = :d AND s.contact_id = person.start
-""")
+""")  # noqa: S608 (constant SQL: no value is formatted in)
 
 
 async def forget_people(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]) -> None:

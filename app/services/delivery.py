@@ -439,16 +439,10 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
 
 
 # For contacts that are gone: which were merged into someone still in Carnet (the end of the chain of merges).
-_FATES = text("""
-WITH RECURSIVE chain(start, id, depth) AS (
-    SELECT merged_id, survivor_id, 1 FROM contact_merge WHERE merged_id = ANY(:ids)
-    UNION ALL
-    SELECT chain.start, m.survivor_id, chain.depth + 1 FROM contact_merge m JOIN chain ON m.merged_id = chain.id
-    WHERE chain.depth < 100
-)
+_FATES = text(commerce_service.MERGE_CHAINS + """
 SELECT DISTINCT ON (start) start, EXISTS (SELECT 1 FROM contact c WHERE c.id = chain.id) AS alive
 FROM chain ORDER BY start, depth DESC
-""")
+""")  # noqa: S608 (constant SQL: no value is formatted in)
 
 
 async def _fates(session: AsyncSession, gone: Sequence[uuid.UUID]) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
