@@ -54,12 +54,12 @@ Reader = Annotated[Principal, require(Scope.CONTACTS_READ)]
 Writer = Annotated[Principal, require(Scope.CONTACTS_WRITE)]
 
 
-def _upsert_or_none(item: Any) -> ContactUpsert | None:
-    """A batch item as an upsert, or None when it is invalid (it then fails alone, in its own result)."""
+def _upsert_or_raw(item: Any) -> Any:
+    """A batch item validated once, as an upsert; an invalid one as it came (run_each reports why, in its result)."""
     try:
         return ContactUpsert.model_validate(item)
     except ValidationError:
-        return None
+        return item
 
 
 def contact_response(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
@@ -116,8 +116,9 @@ async def batch_upsert_contacts(payload: ContactBatch, session: WriteSession, ca
         done = await contacts_service.upsert(session, item, actor=caller)
         return ("created" if done.created else "updated"), done.row["id"]
 
-    await contacts_service.lock_batch(session, [item for item in map(_upsert_or_none, payload.items) if item])
-    results = await run_each(session, payload.items, ContactUpsert, upsert)
+    items = [_upsert_or_raw(item) for item in payload.items]
+    await contacts_service.lock_batch(session, [item for item in items if isinstance(item, ContactUpsert)])
+    results = await run_each(session, items, ContactUpsert, upsert)
     counts = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "error")}
     body = {"results": results, "created": counts["created"], "updated": counts["updated"], "errors": counts["error"]}
     return await idem.respond(200, body)

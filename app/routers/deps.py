@@ -94,7 +94,8 @@ async def run_each(
 ) -> list[dict[str, Any]]:
     """Validate and run each batch item in its own savepoint: one bad item never sinks the others.
 
-    `action` returns (status, id) for an item that went through; a failed one gets its problem body.
+    `action` returns (status, id) for an item that went through; a failed one gets its problem body. An item
+    already validated (an instance of `schema`) is taken as it is: pydantic does not validate an instance again.
     """
     outcomes: list[tuple[str, Any] | ValidationError | AppError] = []
     for item in items:
