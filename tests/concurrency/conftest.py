@@ -145,6 +145,17 @@ async def gather(*calls: Awaitable[httpx.Response]) -> list[httpx.Response]:
 
 
 @pytest_asyncio.fixture
+async def helper(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection beside the app's: to hold the lock a race needs (tests/concurrency/held.py), then to read
+    what was stored."""
+    connection = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest_asyncio.fixture
 async def race(live_api: LiveServer, live_worker: WorkerProcess, database_url: str) -> AsyncIterator[Race]:
     # Idle connections are dropped before uvicorn's keep-alive timeout (5 s) closes them: reusing one the server
     # is closing at that moment is a ReadError on a busy machine, not an answer.

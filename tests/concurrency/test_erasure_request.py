@@ -9,43 +9,32 @@ with the contact locked, while the completion takes the request and queues for t
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import asyncpg
 import httpx
 import pytest
 
-from app.db import plain_dsn
-from tests.concurrency.held import until_waiting
+from tests.concurrency.held import race_past_held_table
 from tests.factories import ADMIN, make_contact
 
 pytestmark = pytest.mark.committing
 
 
 async def test_completing_a_request_while_the_person_is_erased_is_no_deadlock(
-    committing_client: httpx.AsyncClient, database_url: str,
+    committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
 ) -> None:
     http = committing_client
     person = await make_contact(http)
-    helper = await asyncpg.connect(plain_dsn(database_url))
-    try:
-        request_id = await helper.fetchval(  # as the preference center files it (PREFERENCES_ERASURE=request)
-            "INSERT INTO erasure_request (id, contact_id, status, source, requested_at) "
-            "VALUES ($1, $2, 'open', 'preference_center', now()) RETURNING id", uuid.uuid4(), uuid.UUID(person["id"]))
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE suppression IN EXCLUSIVE MODE")  # the erasure's first write after its lock
-        erase = asyncio.ensure_future(http.delete(f"/v1/contacts/{person['id']}", headers=ADMIN))
-        await until_waiting(helper, 1)  # the contact locked by the erasure
-        complete = asyncio.ensure_future(http.post(f"/v1/erasure-requests/{request_id}/complete", headers=ADMIN))
-        await until_waiting(helper, 2, or_done=complete)
-        await holding.rollback()
-        erased, completed = await erase, await complete
-        assert erased.status_code == 204, erased.text
-        assert completed.status_code in (200, 409), completed.text
-        status = await helper.fetchval("SELECT status FROM erasure_request WHERE id = $1", request_id)
-        assert status == "completed"
-        assert await helper.fetchval("SELECT count(*) FROM contact WHERE id = $1", uuid.UUID(person["id"])) == 0
-    finally:
-        await helper.close()
+    request_id = await helper.fetchval(  # as the preference center files it (PREFERENCES_ERASURE=request)
+        "INSERT INTO erasure_request (id, contact_id, status, source, requested_at) "
+        "VALUES ($1, $2, 'open', 'preference_center', now()) RETURNING id", uuid.uuid4(), uuid.UUID(person["id"]))
+    erased, completed = await race_past_held_table(  # the erasure's first write after its lock
+        helper, "suppression",
+        http.delete(f"/v1/contacts/{person['id']}", headers=ADMIN),
+        http.post(f"/v1/erasure-requests/{request_id}/complete", headers=ADMIN))
+    assert erased.status_code == 204, erased.text
+    assert completed.status_code in (200, 409), completed.text
+    status = await helper.fetchval("SELECT status FROM erasure_request WHERE id = $1", request_id)
+    assert status == "completed"
+    assert await helper.fetchval("SELECT count(*) FROM contact WHERE id = $1", uuid.UUID(person["id"])) == 0

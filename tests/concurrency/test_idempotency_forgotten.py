@@ -19,7 +19,6 @@ import asyncpg
 import httpx
 import pytest
 
-from app.db import plain_dsn
 from tests.concurrency.held import until_waiting
 from tests.factories import ADMIN, unique_email
 
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.committing
 
 
 async def test_a_create_repeated_while_its_person_is_erased_is_refused_not_a_500(
-    committing_client: httpx.AsyncClient, database_url: str,
+    committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
 ) -> None:
     http = committing_client
     key = f"signup-{uuid.uuid4()}"
@@ -35,20 +34,16 @@ async def test_a_create_repeated_while_its_person_is_erased_is_refused_not_a_500
     body = {"email": unique_email(), "first_name": "Gwenn"}
     created = await http.post("/v1/contacts", json=body, headers=headers)
     assert created.status_code == 201, created.text
-    helper = await asyncpg.connect(plain_dsn(database_url))
-    try:
-        holding = helper.transaction()
-        await holding.start()
-        assert await helper.fetchval("SELECT key FROM idempotency_record WHERE key = $1 FOR UPDATE", key) == key
-        erase = asyncio.ensure_future(http.delete(f"/v1/contacts/{created.json()['id']}", headers=ADMIN))
-        await until_waiting(helper, 1)  # the erasure waits to delete the stored response
-        repeat = asyncio.ensure_future(http.post("/v1/contacts", json=body, headers=headers))
-        await until_waiting(helper, 2, or_done=repeat)  # the repeat found the key taken, waits to replay it
-        await holding.rollback()
-        erased, repeated = await erase, await repeat
-        assert erased.status_code == 204, erased.text
-        assert repeated.status_code == 409, repeated.text
-        assert repeated.json()["type"].endswith("/suppressed-contact")
-        assert await helper.fetchval("SELECT count(*) FROM contact WHERE email = $1", body["email"]) == 0
-    finally:
-        await helper.close()
+    holding = helper.transaction()
+    await holding.start()
+    assert await helper.fetchval("SELECT key FROM idempotency_record WHERE key = $1 FOR UPDATE", key) == key
+    erase = asyncio.ensure_future(http.delete(f"/v1/contacts/{created.json()['id']}", headers=ADMIN))
+    await until_waiting(helper, 1)  # the erasure waits to delete the stored response
+    repeat = asyncio.ensure_future(http.post("/v1/contacts", json=body, headers=headers))
+    await until_waiting(helper, 2, or_done=repeat)  # the repeat found the key taken, waits to replay it
+    await holding.rollback()
+    erased, repeated = await erase, await repeat
+    assert erased.status_code == 204, erased.text
+    assert repeated.status_code == 409, repeated.text
+    assert repeated.json()["type"].endswith("/suppressed-contact")
+    assert await helper.fetchval("SELECT count(*) FROM contact WHERE email = $1", body["email"]) == 0

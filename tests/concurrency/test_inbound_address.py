@@ -11,15 +11,13 @@ and b@ written, while the webhook looks a@ up (the committed row) and queues for
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import asyncpg
 import httpx
 import pytest
 
-from app.db import plain_dsn
-from tests.concurrency.held import until_waiting
+from tests.concurrency.held import race_past_held_table
 from tests.factories import ADMIN, PROOF, make_contact
 from tests.sync.test_inbound import FIRED, REMOTE, post_mailchimp, setup
 
@@ -27,35 +25,25 @@ pytestmark = pytest.mark.committing
 
 
 async def test_a_vendor_address_change_for_an_address_the_shop_just_replaced_changes_nothing(
-    committing_client: httpx.AsyncClient, database_url: str,
+    committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
 ) -> None:
     http = committing_client
     destination, secret, person, _ = await setup(http)
     shop, vendor = f"shop-{uuid.uuid4().hex[:8]}@example.com", f"vendor-{uuid.uuid4().hex[:8]}@example.com"
     form = {"type": "upemail", "fired_at": FIRED, "data[list_id]": REMOTE, "data[new_id]": "51da8c3259",
             "data[new_email]": vendor, "data[old_email]": person["email"]}
-    helper = await asyncpg.connect(plain_dsn(database_url))
-    try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")
-        patch = asyncio.ensure_future(http.patch(f"/v1/contacts/{person['id']}", json={"email": shop},
-                                                 headers=ADMIN))
-        await until_waiting(helper, 1)  # b@ written, the contact locked, not committed
-        webhook = asyncio.ensure_future(post_mailchimp(http, destination, secret, form))
-        await until_waiting(helper, 2, or_done=webhook)  # found by a@, waiting for the contact
-        await holding.rollback()
-        patched, hooked = await patch, await webhook
-        assert patched.status_code == 200, patched.text
-        assert hooked.status_code == 200, hooked.text
-        email = await helper.fetchval("SELECT email FROM contact WHERE id = $1", uuid.UUID(person["id"]))
-        assert email == shop, f"the shop's {shop} (200) was overwritten by {email}, from an event about the old address"
-    finally:
-        await helper.close()
+    patched, hooked = await race_past_held_table(
+        helper, "outbox_message",
+        http.patch(f"/v1/contacts/{person['id']}", json={"email": shop}, headers=ADMIN),
+        post_mailchimp(http, destination, secret, form))
+    assert patched.status_code == 200, patched.text
+    assert hooked.status_code == 200, hooked.text
+    email = await helper.fetchval("SELECT email FROM contact WHERE id = $1", uuid.UUID(person["id"]))
+    assert email == shop, f"the shop's {shop} (200) was overwritten by {email}, from an event about the old address"
 
 
 async def test_two_vendor_batches_naming_the_same_people_in_another_order_both_go_through(
-    committing_client: httpx.AsyncClient, database_url: str,
+    committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
 ) -> None:
     """Brevo posts events in batches; each event locks its contact until the batch commits. Two batches naming
     the same two people in another order must queue, not deadlock (a 500, and the vendor sends them again)."""
@@ -71,20 +59,11 @@ async def test_two_vendor_batches_naming_the_same_people_in_another_order_both_g
         return [{"event": "hard_bounce", "email": p["email"], "id": n, "date": "2026-11-21 08:00:00",
                  "reason": "mailbox does not exist"} for n, p in enumerate(people)]
 
-    helper = await asyncpg.connect(plain_dsn(database_url))
-    try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE outbox_message IN EXCLUSIVE MODE")  # each batch stops after its first event
-        one = asyncio.ensure_future(http.post(url, json=bounces(first, second), headers=auth))
-        await until_waiting(helper, 1)
-        other = asyncio.ensure_future(http.post(url, json=bounces(second, first), headers=auth))
-        await until_waiting(helper, 2, or_done=other)
-        await holding.rollback()
-        answers = [await one, await other]
-        assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
-        statuses = {r["email_status"] for r in await helper.fetch(
-            "SELECT email_status FROM contact WHERE id = ANY($1::uuid[])", [first["id"], second["id"]])}
-        assert statuses == {"bounced"}
-    finally:
-        await helper.close()
+    answers = await race_past_held_table(  # each batch stops after its first event
+        helper, "outbox_message",
+        http.post(url, json=bounces(first, second), headers=auth),
+        http.post(url, json=bounces(second, first), headers=auth))
+    assert [r.status_code for r in answers] == [200, 200], [r.text[:300] for r in answers]
+    statuses = {r["email_status"] for r in await helper.fetch(
+        "SELECT email_status FROM contact WHERE id = ANY($1::uuid[])", [first["id"], second["id"]])}
+    assert statuses == {"bounced"}

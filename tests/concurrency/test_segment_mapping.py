@@ -8,15 +8,13 @@ table, so the destination's request stops after its check, while the delete runs
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import asyncpg
 import httpx
 import pytest
 
-from app.db import plain_dsn
-from tests.concurrency.held import until_waiting
+from tests.concurrency.held import race_past_held_table
 from tests.factories import ADMIN
 from tests.routers.test_segments import make_segment
 
@@ -24,24 +22,15 @@ pytestmark = pytest.mark.committing
 
 
 async def test_a_segment_deleted_while_a_destination_maps_it_is_a_4xx_for_one_of_them(
-    committing_client: httpx.AsyncClient, database_url: str,
+    committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
 ) -> None:
     http = committing_client
     segment = await make_segment(http, {"all": [{"field": "tags", "op": "contains", "value": "vip"}]})
-    helper = await asyncpg.connect(plain_dsn(database_url))
-    try:
-        holding = helper.transaction()
-        await holding.start()
-        await helper.execute("LOCK TABLE destination IN EXCLUSIVE MODE")  # reads pass, the insert waits
-        create = asyncio.ensure_future(http.post("/v1/destinations", headers=ADMIN, json={
+    created, deleted = await race_past_held_table(  # reads pass, the insert waits
+        helper, "destination",
+        http.post("/v1/destinations", headers=ADMIN, json={
             "kind": "webhook", "name": f"hook-{uuid.uuid4().hex[:6]}", "config": {"url": "http://placeholder.invalid/"},
-            "segment_mappings": [{"segment_id": segment["id"]}]}))
-        await until_waiting(helper, 1)  # the segment was found; the destination is not written yet
-        delete = asyncio.ensure_future(http.delete(f"/v1/segments/{segment['id']}", headers=ADMIN))
-        await until_waiting(helper, 2, or_done=delete)
-        await holding.rollback()
-        created, deleted = await create, await delete
-        assert created.status_code < 500, created.text
-        assert (created.status_code, deleted.status_code) in ((201, 409), (422, 204)), (created.text, deleted.text)
-    finally:
-        await helper.close()
+            "segment_mappings": [{"segment_id": segment["id"]}]}),
+        http.delete(f"/v1/segments/{segment['id']}", headers=ADMIN))
+    assert created.status_code < 500, created.text
+    assert (created.status_code, deleted.status_code) in ((201, 409), (422, 204)), (created.text, deleted.text)
