@@ -117,14 +117,7 @@ async def test_vendors_forget_a_former_address(
     client = committing_client
     (mc, mc_live), (bv, bv_live) = mailchimp, brevo
     news = await make_list(client)
-    for body in ({"kind": "mailchimp", "config": {"api_key": MC_KEY, "base_url": mc_live.url},
-                  "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}],
-                  "field_mappings": {"last_name": "LNAME"}},
-                 {"kind": "brevo", "config": {"api_key": BREVO_KEY, "base_url": bv_live.url},
-                  "list_mappings": [{"list_id": news["id"], "remote_list_id": "7"}],
-                  "field_mappings": {"last_name": "NOM"}}):
-        await ok(await client.post("/v1/destinations", json={"name": f"d-{uuid.uuid4().hex[:6]}", **body},
-                                   headers=ADMIN), 201)
+    await both_vendors(client, mc_live, bv_live, news["id"], names=True)
     person = await subscribed_person(client, news["id"])
     old = person.email
     await drain(worker)
@@ -150,12 +143,7 @@ async def test_an_address_removed_in_carnet_leaves_both_vendors_and_the_erasure_
     client = committing_client
     (mc, mc_live), (bv, bv_live) = mailchimp, brevo
     news = await make_list(client)
-    for body in ({"kind": "mailchimp", "config": {"api_key": MC_KEY, "base_url": mc_live.url},
-                  "list_mappings": [{"list_id": news["id"], "remote_list_id": "mc-news"}]},
-                 {"kind": "brevo", "config": {"api_key": BREVO_KEY, "base_url": bv_live.url},
-                  "list_mappings": [{"list_id": news["id"], "remote_list_id": "7"}]}):
-        await ok(await client.post("/v1/destinations", json={"name": f"d-{uuid.uuid4().hex[:6]}", **body},
-                                   headers=ADMIN), 201)
+    await both_vendors(client, mc_live, bv_live, news["id"])
     person = await subscribed_person(client, news["id"])
     old = person.email
     await drain(worker)
@@ -197,6 +185,20 @@ async def test_vendor_forgets_the_address_of_a_record_merged_into_theirs(
 
     gone = {("mc-news", mailchimp_hash(person.email)), ("mc-news", mailchimp_hash(second["email"]))}
     assert mc.forgotten >= gone, "archived, not deleted: " + str(mc.archived & gone)
+
+
+async def both_vendors(client: httpx.AsyncClient, mc_live: LiveServer, bv_live: LiveServer, list_id: str, *,
+                       names: bool = False) -> None:
+    """Destinations syncing `list_id` to the Mailchimp fake's `mc-news` and the Brevo fake's list 7 (with the last
+    name, when `names`)."""
+    for body in ({"kind": "mailchimp", "config": {"api_key": MC_KEY, "base_url": mc_live.url},
+                  "list_mappings": [{"list_id": list_id, "remote_list_id": "mc-news"}],
+                  **({"field_mappings": {"last_name": "LNAME"}} if names else {})},
+                 {"kind": "brevo", "config": {"api_key": BREVO_KEY, "base_url": bv_live.url},
+                  "list_mappings": [{"list_id": list_id, "remote_list_id": "7"}],
+                  **({"field_mappings": {"last_name": "NOM"}} if names else {})}):
+        await ok(await client.post("/v1/destinations", json={"name": f"d-{uuid.uuid4().hex[:6]}", **body},
+                                   headers=ADMIN), 201)
 
 
 async def mailchimp_destination(

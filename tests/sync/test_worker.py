@@ -273,12 +273,7 @@ async def test_a_dead_push_retried_into_a_newer_one_keeps_the_changes_it_carried
     """An unsubscribe's push ends dead; the contact changes since (a pending push of the profile). Retried by hand,
     the dead push is folded into the pending one, which did not take over what it was about: the unsubscribe went
     to Mailchimp as `status_if_new` only, so the member stayed subscribed."""
-    the_list = await make_list(committing_client)
-    destination = await mailchimp_destination(committing_client, the_list["id"])
-    contact = await subscribed_contact(committing_client, the_list["id"])
-    await drain(worker)
-    response = await committing_client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
-    assert response.status_code == 200, response.text
+    destination, contact = await _synced_then_unsubscribed(committing_client, worker)
     vendor.failures = [DeliveryFailed("vendor refused", permanent=True)]
     await drain(worker)
     [dead] = [r for r in await deliveries(makers, destination["id"]) if r["status"] == "dead"]
@@ -419,12 +414,7 @@ async def test_a_push_lost_with_its_worker_keeps_the_changes_it_carried(
     """A worker dies holding an unsubscribe's push while a profile change of the same contact waits (pending). The
     reaper deleted the expired push in favour of the pending one without merging what it was about, so the next
     push said no list changed: Mailchimp got the list as `status_if_new` only and the member stayed subscribed."""
-    the_list = await make_list(committing_client)
-    destination = await mailchimp_destination(committing_client, the_list["id"])
-    contact = await subscribed_contact(committing_client, the_list["id"])
-    await drain(worker)
-    response = await committing_client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
-    assert response.status_code == 200, response.text
+    destination, contact = await _synced_then_unsubscribed(committing_client, worker)
     async with makers.begin() as session:  # a worker claims the unsubscribe, then dies
         await delivery.dispatch(session)
         lost = await delivery.claim(session, uuid.UUID(destination["id"]), limit=10, lease_seconds=0.01)
@@ -662,3 +652,15 @@ async def test_a_destination_deleted_while_its_lanes_drain_ends_the_lane_quietly
     gone = uuid.uuid4()
     assert await worker._deliver_batch(gone, backlog=asyncio.Event()) == (False, 0)
     assert await worker._drain_destination(gone, feeding=asyncio.Event()) is False
+
+
+async def _synced_then_unsubscribed(client: httpx.AsyncClient, worker: Worker) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A contact on a list synced to Mailchimp, pushed, then unsubscribed from that list (the push not sent yet):
+    the destination and the contact."""
+    the_list = await make_list(client)
+    destination = await mailchimp_destination(client, the_list["id"])
+    contact = await subscribed_contact(client, the_list["id"])
+    await drain(worker)
+    response = await client.delete(f"/v1/lists/{the_list['id']}/members/{contact['id']}", headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return destination, contact
