@@ -3,7 +3,8 @@
 Erasure removes a person from every table in the caller's transaction, set-based, so one contact and a
 retention run of thousands take the same few statements:
 
-1. the email and phone go to the suppression list (keyed hashes, `services/suppressions.py`);
+1. every email and phone they held (now, or before as their history says) goes to the suppression list, with
+   each email's mailbox (keyed hashes, `services/suppressions.py`);
 2. values that name the person elsewhere are cleared: import reject reports, and another contact's history
    where the person's address or number was once typed; both look for who the person is and was (their
    own history: former addresses, records merged into theirs), so they run before that history goes;
@@ -158,7 +159,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
-        await suppressions.suppress(session, chunk, reason=reason)
+        await suppressions.suppress(session, [*chunk, *await _former_addresses(session, ids)], reason=reason)
         await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
@@ -176,6 +177,22 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
     return len(contacts)
+
+
+async def _former_addresses(session: AsyncSession, ids: Sequence[uuid.UUID]) -> list[dict[str, str | None]]:
+    """Every email and phone their history says they held (changed since, or a record's merged into theirs), as
+    rows for `suppressions.suppress`: an old address must not bring them back either (docs/gdpr.md)."""
+    return [{"email": value, "phone": None} if kind == "email" else {"email": None, "phone": value}
+            for kind, value in (await session.execute(_FORMER_ADDRESSES, {"ids": list(ids)})).all()]
+
+
+_FORMER_ADDRESSES = text("""
+    SELECT DISTINCT replace(h.field, 'merged_contact.', ''), v.value
+    FROM contact_history h
+    CROSS JOIN LATERAL (VALUES (h.old_value #>> '{}'), (h.new_value #>> '{}')) AS v(value)
+    WHERE h.contact_id = ANY(:ids) AND h.field IN ('email', 'phone', 'merged_contact.email', 'merged_contact.phone')
+      AND v.value IS NOT NULL
+""")
 
 
 # Their events, and the events' dedupe keys (app.services.events): a key names a stored event, and there is none left.
