@@ -163,6 +163,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
+        await session.execute(_SCRUB_REFUSAL_NOTES, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
@@ -275,7 +276,11 @@ _PHONE_FORMS = ", ".join(
     + [f"(CASE WHEN i.kind = 'phone' THEN {prefix}substr(d.digits, {n}) END, false)"
        for n in (2, 3, 4) for prefix in ("", "'0' || ")]
 )
-_SCRUB_IMPORT_REPORTS = text(f"""
+
+
+def _scrub(table: str, column: str) -> Any:
+    """SQL clearing `table.column` wherever it names the erased people (`:ids`), by the rules above."""
+    return text(f"""
     WITH {_IDENTITY}, needle AS (
         SELECT DISTINCT n.words, split_part(trim(n.words), ' ', 1) AS head, v.whole
         FROM identity i
@@ -284,7 +289,7 @@ _SCRUB_IMPORT_REPORTS = text(f"""
         CROSS JOIN LATERAL (SELECT {_words("v.value")} AS words) n
         WHERE v.value IS NOT NULL AND trim(n.words) <> ''
     ), report AS MATERIALIZED (
-        SELECT r.id, {_words("r.value")} AS words FROM import_reject r WHERE r.value IS NOT NULL
+        SELECT r.id, {_words(f"r.{column}")} AS words FROM {table} r WHERE r.{column} IS NOT NULL
     ), hit AS (
         SELECT DISTINCT report.id
         FROM report
@@ -293,8 +298,14 @@ _SCRUB_IMPORT_REPORTS = text(f"""
         WHERE CASE WHEN needle.whole THEN report.words = needle.words
                    ELSE position(needle.words IN report.words) > 0 END
     )
-    UPDATE import_reject r SET value = NULL FROM hit WHERE r.id = hit.id
-""")  # noqa: S608 (built from our own SQL fragments; the ids are a parameter)
+    UPDATE {table} r SET {column} = NULL FROM hit WHERE r.id = hit.id
+""")  # noqa: S608 (built from our own SQL fragments and names; the ids are a parameter)
+
+
+_SCRUB_IMPORT_REPORTS = _scrub("import_reject", "value")
+# An admin's reason for refusing an erasure request is free text: "Mme Ada Martin owes invoice 12" names the
+# person, "invoices are kept 10 years" does not and stays with the refusal it explains.
+_SCRUB_REFUSAL_NOTES = _scrub("erasure_request", "note")
 
 # Another contact's history may hold the person: their address or number typed on the wrong record, then
 # corrected. A change that wrote or removed one of their identifiers there loses, on that side (old or new), every
