@@ -229,12 +229,15 @@ async def forget_people(session: AsyncSession, destination_id: uuid.UUID, contac
 
 async def held(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]
                ) -> dict[uuid.UUID, tuple[tuple[str, str], ...]]:
-    """(kind, ref) of the customer and carts the vendor holds for these (erased) people: what an erasure deletes."""
+    """(kind, ref) of the carts, orders and customer the vendor holds for these (erased) people: what an erasure
+    deletes, in that order (the customer last: its orders and carts name it)."""
     found: dict[uuid.UUID, list[tuple[str, str]]] = {}
     if contact_ids:
         for contact_id, kind, ref in (await session.execute(text(
             "SELECT contact_id, kind, ref FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids) "
-            "AND kind IN ('customer', 'cart') ORDER BY kind, ref"), {"d": destination_id, "ids": list(contact_ids)},
+            "AND kind IN ('cart', 'order', 'customer') "
+            "ORDER BY array_position(ARRAY['cart', 'order', 'customer'], kind), ref"),
+            {"d": destination_id, "ids": list(contact_ids)},
         )).all():
             found.setdefault(contact_id, []).append((kind, ref))
     return {c: tuple(refs) for c, refs in found.items()}

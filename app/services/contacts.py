@@ -254,8 +254,7 @@ async def fast_upsert(
     if attrs is not _MISSING or tags is not _MISSING:
         return None
     values = _SCALAR_DEFAULTS | _row_values(columns, via=via)
-    suppressed = suppressions.digests(email=values.get("email"), phone=values.get("phone"))
-    digests = (list(suppressed), list(suppressed.values()))
+    digests = suppressions.checked(email=values.get("email"), phone=values.get("phone"))  # the mailbox's too
     _, _, created = _creation(values)
     rows = await _fast_statement(
         connection, _fast_create_sql(tuple(values)), payload.external_id, payload.email, *digests,

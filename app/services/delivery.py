@@ -363,7 +363,7 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
     held = await _held(session, destination["id"], [link.remote_ref for link in links.values()]
                        + [ref for refs in records.values() for _owner, ref in refs])
     retired = await _retired_addresses(session, destination["id"], [c for c in merged if c in links])
-    # The commerce records (Mailchimp customer and carts) of erased people and of those merged into them.
+    # The commerce records (Mailchimp carts, orders, customer) of erased people and of those merged into them.
     sold = await commerce_service.held(session, destination["id"], [
         *erased, *(owner for refs in records.values() for owner, _ref in refs)])
     may_market: dict[uuid.UUID, bool] = {}

@@ -3,7 +3,8 @@
 Erasure removes a person from every table in the caller's transaction, set-based, so one contact and a
 retention run of thousands take the same few statements:
 
-1. the email and phone go to the suppression list (keyed hashes, `services/suppressions.py`);
+1. every email and phone they held (now, or before as their history says) goes to the suppression list, with
+   each email's mailbox (keyed hashes, `services/suppressions.py`);
 2. values that name the person elsewhere are cleared: import reject reports, and another contact's history
    where the person's address or number was once typed; both look for who the person is and was (their
    own history: former addresses, records merged into theirs), so they run before that history goes;
@@ -158,10 +159,11 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
-        await suppressions.suppress(session, chunk, reason=reason)
+        await suppressions.suppress(session, [*chunk, *await _former_addresses(session, ids)], reason=reason)
         await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
+        await session.execute(_SCRUB_REFUSAL_NOTES, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
@@ -176,6 +178,22 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
     return len(contacts)
+
+
+async def _former_addresses(session: AsyncSession, ids: Sequence[uuid.UUID]) -> list[dict[str, str | None]]:
+    """Every email and phone their history says they held (changed since, or a record's merged into theirs), as
+    rows for `suppressions.suppress`: an old address must not bring them back either (docs/gdpr.md)."""
+    return [{"email": value, "phone": None} if kind == "email" else {"email": None, "phone": value}
+            for kind, value in (await session.execute(_FORMER_ADDRESSES, {"ids": list(ids)})).all()]
+
+
+_FORMER_ADDRESSES = text("""
+    SELECT DISTINCT replace(h.field, 'merged_contact.', ''), v.value
+    FROM contact_history h
+    CROSS JOIN LATERAL (VALUES (h.old_value #>> '{}'), (h.new_value #>> '{}')) AS v(value)
+    WHERE h.contact_id = ANY(:ids) AND h.field IN ('email', 'phone', 'merged_contact.email', 'merged_contact.phone')
+      AND v.value IS NOT NULL
+""")
 
 
 # Their events, and the events' dedupe keys (app.services.events): a key names a stored event, and there is none left.
@@ -258,7 +276,11 @@ _PHONE_FORMS = ", ".join(
     + [f"(CASE WHEN i.kind = 'phone' THEN {prefix}substr(d.digits, {n}) END, false)"
        for n in (2, 3, 4) for prefix in ("", "'0' || ")]
 )
-_SCRUB_IMPORT_REPORTS = text(f"""
+
+
+def _scrub(table: str, column: str) -> Any:
+    """SQL clearing `table.column` wherever it names the erased people (`:ids`), by the rules above."""
+    return text(f"""
     WITH {_IDENTITY}, needle AS (
         SELECT DISTINCT n.words, split_part(trim(n.words), ' ', 1) AS head, v.whole
         FROM identity i
@@ -267,7 +289,7 @@ _SCRUB_IMPORT_REPORTS = text(f"""
         CROSS JOIN LATERAL (SELECT {_words("v.value")} AS words) n
         WHERE v.value IS NOT NULL AND trim(n.words) <> ''
     ), report AS MATERIALIZED (
-        SELECT r.id, {_words("r.value")} AS words FROM import_reject r WHERE r.value IS NOT NULL
+        SELECT r.id, {_words(f"r.{column}")} AS words FROM {table} r WHERE r.{column} IS NOT NULL
     ), hit AS (
         SELECT DISTINCT report.id
         FROM report
@@ -276,8 +298,14 @@ _SCRUB_IMPORT_REPORTS = text(f"""
         WHERE CASE WHEN needle.whole THEN report.words = needle.words
                    ELSE position(needle.words IN report.words) > 0 END
     )
-    UPDATE import_reject r SET value = NULL FROM hit WHERE r.id = hit.id
-""")  # noqa: S608 (built from our own SQL fragments; the ids are a parameter)
+    UPDATE {table} r SET {column} = NULL FROM hit WHERE r.id = hit.id
+""")  # noqa: S608 (built from our own SQL fragments and names; the ids are a parameter)
+
+
+_SCRUB_IMPORT_REPORTS = _scrub("import_reject", "value")
+# An admin's reason for refusing an erasure request is free text: "Mme Ada Martin owes invoice 12" names the
+# person, "invoices are kept 10 years" does not and stays with the refusal it explains.
+_SCRUB_REFUSAL_NOTES = _scrub("erasure_request", "note")
 
 # Another contact's history may hold the person: their address or number typed on the wrong record, then
 # corrected. A change that wrote or removed one of their identifiers there loses, on that side (old or new), every

@@ -7,6 +7,11 @@ against the table, which a bare SHA-256 of an email would allow in seconds.
 
 Every path that creates a contact or gives one a new email or phone calls `ensure_not_suppressed` after its
 write, in the same transaction (app/services/contacts.py says why after).
+
+What an erasure suppresses (docs/gdpr.md, "What suppression covers"): every email and phone the person held, as
+their history says (a former address, a record merged into theirs), and each email's mailbox (`app.mailbox`: the
+same Gmail inbox without dots or `+tag`) as one more `email` entry. A value is checked against its own digest and
+its mailbox's (`checked`), so `a.da+shop@gmail.com` finds the entry of `ada@gmail.com`, and the other way round.
 Re-admission is explicit: `release` (admin) records who released the address and the person's fresh
 consent proof, and the address stops being suppressed.
 """
@@ -24,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, NotFound
 from app.ids import keyed_digest, keyed_digester
+from app.mailbox import mailbox_key
 from app.models import Suppression
 from app.models.base import new_id, utc_now
 from app.security import Principal
@@ -34,6 +40,7 @@ __all__ = [
     "SUPPRESSED_SQLSTATE",
     "SuppressedContact",
     "SuppressionNotFound",
+    "checked",
     "configure",
     "configured",
     "digest",
@@ -92,14 +99,14 @@ def key() -> bytes:
 
 async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> list[str]:
     """Which of the given (normalized) values are currently suppressed: a subset of ["email", "phone"]."""
-    wanted = _digests(email=email, phone=phone)
+    wanted = _entries(email=email, phone=phone)
     if not wanted:
         return []
     rows = await session.execute(
         select(_t.c.kind, _t.c.digest).where(_keys_in(wanted), _t.c.released_at.is_(None))
     )
     found = {(kind, value) for kind, value in rows}
-    return [kind for kind, value in wanted.items() if (kind, value) in found]
+    return list(dict.fromkeys(kind for kind, value in wanted if (kind, value) in found))
 
 
 async def ensure_not_suppressed(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> None:
@@ -114,12 +121,13 @@ async def ensure_not_suppressed(session: AsyncSession, *, email: str | None = No
 
 
 async def suppress(session: AsyncSession, contacts: Iterable[Mapping[str, Any]], *, reason: str) -> int:
-    """Add the emails and phones of these contact rows to the list (re-suppressing released entries)."""
+    """Add the emails (and their mailboxes) and phones of these rows (`email`, `phone`) to the list, re-suppressing
+    released entries."""
     now = utc_now()
     rows = {
         (kind, value): {"id": new_id(), "kind": kind, "digest": value, "reason": reason, "created_at": now}
         for contact in contacts
-        for kind, value in _digests(email=contact["email"], phone=contact["phone"]).items()
+        for kind, value in _entries(email=contact["email"], phone=contact["phone"])
     }
     if not rows:
         return 0
@@ -142,8 +150,9 @@ async def suppress(session: AsyncSession, contacts: Iterable[Mapping[str, Any]],
 async def release(
     session: AsyncSession, *, email: str | None, phone: str | None, proof: Mapping[str, Any], actor: Principal
 ) -> list[str]:
-    """Stop suppressing these values; the row keeps who released it, when, and the person's proof."""
-    wanted = _digests(email=email, phone=phone)
+    """Stop suppressing these values (an email with its mailbox: the person comes back with that inbox); the row
+    keeps who released it, when, and the person's proof."""
+    wanted = _entries(email=email, phone=phone)
     released = await session.execute(
         update(_t)
         .where(_keys_in(wanted), _t.c.released_at.is_(None))
@@ -151,22 +160,39 @@ async def release(
         .returning(_t.c.kind, _t.c.digest)
     )
     done = {(kind, value) for kind, value in released}
-    kinds = [kind for kind, value in wanted.items() if (kind, value) in done]
+    kinds = list(dict.fromkeys(kind for kind, value in wanted if (kind, value) in done))
     if not kinds:
         raise SuppressionNotFound("none of the given values is suppressed")
+    given = _digests(email=email, phone=phone)  # the journal's refs: the digests of the values as given
     await journal.record(session, journal.act(actor, "suppressions.released",
-                                              refs=journal.erased_refs(wanted[k] for k in kinds),
+                                              refs=journal.erased_refs(given[k] for k in kinds),
                                               detail={"kinds": kinds}))
     return kinds
 
 
-def _keys_in(wanted: Mapping[str, str]) -> Any:
-    return tuple_(_t.c.kind, _t.c.digest).in_(list(wanted.items()))  # served by uq_suppression_kind_digest
+def _keys_in(wanted: list[tuple[str, str]]) -> Any:
+    return tuple_(_t.c.kind, _t.c.digest).in_(wanted)  # served by uq_suppression_kind_digest
 
 
 def digests(*, email: str | None, phone: str | None) -> dict[str, str]:
-    """{kind: keyed digest} of the given normalized values."""
+    """{kind: keyed digest} of the given normalized values (the values themselves: the journal's refs)."""
     return _digests(email=email, phone=phone)
+
+
+def checked(*, email: str | None, phone: str | None) -> tuple[list[str], list[str]]:
+    """(kinds, digests) a write of these normalized values is checked against, as SQL arrays: each value's digest
+    and the email's mailbox's (an `email` entry too)."""
+    entries = _entries(email=email, phone=phone)
+    return [kind for kind, _ in entries], [value for _, value in entries]
+
+
+def _entries(*, email: str | None, phone: str | None) -> list[tuple[str, str]]:
+    """(kind, digest) of the values, and of the email's mailbox when it is another address (`app.mailbox`)."""
+    entries = list(_digests(email=email, phone=phone).items())
+    mailbox = mailbox_key(email) if email else None
+    if mailbox is not None and mailbox != email:
+        entries.insert(1, ("email", digest("email", mailbox)))
+    return entries
 
 
 def _digests(*, email: str | None, phone: str | None) -> dict[str, str]:

@@ -81,7 +81,8 @@ class Erasure:
     remote_ref: str
     archive: bool = False
     other_refs: tuple[str, ...] = ()
-    # (kind, ref) of the person's commerce records the vendor holds: Mailchimp customer and carts (sync_commerce).
+    # (kind, ref) of the person's commerce records the vendor holds: Mailchimp carts, orders and customer
+    # (sync_commerce), deleted in that order.
     commerce: tuple[tuple[str, str], ...] = ()
 
     @property

@@ -9,7 +9,8 @@
    order when the first order is new: one call instead of two), then orders (`POST`, or `PATCH` when known),
    carts (`POST`/`PATCH`; converted or without a grant: `DELETE`) and events
    (`POST /lists/{list}/members/{hash}/events` on each audience the person is subscribed to).
-Erasure (`forget`): `DELETE .../customers/{id}` and `DELETE .../carts/{id}` for what the vendor holds (404: done).
+Erasure (`forget`): `DELETE .../carts/{id}`, `DELETE .../orders/{id}`, then `DELETE .../customers/{id}`, for what
+the vendor holds (404: done).
 """
 
 from __future__ import annotations
@@ -113,13 +114,17 @@ def requests_of(store: MailchimpStore | None, state: ContactState, products: set
     return cost + sum(2 if p.known else 1 for p in new) + customer + len(commerce.orders) + len(commerce.carts)
 
 
+_COLLECTIONS = {"cart": "carts", "order": "orders", "customer": "customers"}
+
+
 async def forget(request: Request, reason: Reason, store: MailchimpStore | None, erasure: Erasure) -> str | None:
-    """The person's customer and carts deleted from the store (404: already gone)."""
+    """The person's carts, orders and customer deleted from the store, in that order (404: already gone). Deleting
+    the customer is not documented to delete its orders: each order (what they bought, when, for how much) goes."""
     if store is None:
         return None
     error = None
     for kind, ref in erasure.commerce:  # every record, whatever one of them answers
-        path = store.path("customers" if kind == "customer" else "carts", ref)
+        path = store.path(_COLLECTIONS[kind], ref)
         response = await request("DELETE", path)
         if response.status_code not in (204, 404):
             error = error or reason(f"{kind} deletion", response)

@@ -208,6 +208,10 @@ class FakeMailchimp(FakeVendor):
                                                          order.get("fulfillment_status")))
         return JSONResponse(order)
 
+    def _deleteEcommerceStoresIdOrdersId(self, store: Store, params: dict[str, str], body: dict[str, Any],
+                                         seen: Seen) -> Response:
+        return self._delete(store.orders, params["order_id"])
+
     def _postEcommerceStoresIdCarts(self, store: Store, params: dict[str, str], body: dict[str, Any],
                                     seen: Seen) -> Response:
         if body["id"] in store.carts:

@@ -33,6 +33,7 @@ from tests.factories import ADMIN, make_attribute, make_contact, make_list
 from tests.routers.test_gdpr import erase
 from tests.routers.test_imports import report, run_import, upload
 from tests.routers.test_lists import outbox, url_path
+from tests.routers.test_preferences import change, request_mode  # noqa: F401  (a fixture)
 from tests.routers.test_signup import fresh_limits  # noqa: F401  (fixture: full signup buckets, no answer delay)
 from tests.sync.conftest import brevo, mailchimp, worker  # noqa: F401  (fixtures of the vendor tests)
 from tests.sync.keys import BREVO_KEY, MC_KEY
@@ -594,6 +595,28 @@ async def test_erased_again_after_a_release(
     assert (await erase(client, back["id"])).status_code == 204
 
     assert await sweep(sessions, person.needles) == {}
+
+
+@pytest.mark.usefixtures("request_mode")
+async def test_a_refusal_note_naming_them(client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+                                          ) -> None:
+    """An admin refused their erasure request with a note naming them; a later erasure clears it (a note that
+    names no one, the legal ground of another refusal, stays with the refusal it explains)."""
+    person, stranger = new_person(), await make_contact(client)
+    await create_person(client, person)
+    legal = "Invoices are kept 10 years (Code de commerce L123-22)"
+    notes = {person.id: f"{person.first_name} {person.last_name} ({person.email}) owes invoice 12",
+             stranger["id"]: legal}
+    for contact_id, note in notes.items():
+        confirmation = (await change(client, contact_id, {"erase": "request"})).json()["confirmation"]
+        filed = (await change(client, contact_id, {"erase_confirmation": confirmation})).json()["request"]
+        await ok(await client.post(f"/v1/erasure-requests/{filed['id']}/refuse", headers=ADMIN, json={"note": note}))
+    assert (await erase(client, person.id)).status_code == 204
+    assert await sweep(sessions, person.needles) == {}
+    async with sessions() as session:
+        kept = (await session.scalars(text("SELECT note FROM erasure_request WHERE contact_id = :id"),
+                                      {"id": stranger["id"]})).all()
+    assert kept == [legal]
 
 
 # ---- destinations, with the real worker and spec-checking fakes (committed transactions) ------------------------

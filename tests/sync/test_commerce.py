@@ -143,10 +143,11 @@ async def test_mailchimp_store_products_orders_carts_and_erasure(
     await drain(worker)
     assert remote.carts == {} and len(fake.events) == 1
 
-    # Erasure: the customer leaves the store too.
+    # Erasure: the customer leaves the store too, and so do its orders (their lines are what the person bought).
     assert (await client.delete(f"/v1/contacts/{buyer['id']}", headers=ADMIN)).status_code == 204
     await drain(worker)
     assert buyer["id"] not in remote.customers
+    assert order_id not in remote.orders
 
 
 async def test_mailchimp_product_changes_are_pushed_before_the_order_naming_them(
@@ -300,7 +301,7 @@ async def test_mailchimp_erasure_deletes_the_customer_and_open_carts(
     assert other["id"] in remote.customers and fake.member("mc-news", person["email"]) is None
 
 
-async def test_mailchimp_erasure_deletes_the_customer_and_carts_of_a_contact_merged_into_the_person(
+async def test_mailchimp_erasure_deletes_the_customer_carts_and_orders_of_a_contact_merged_into_the_person(
     committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
 ) -> None:
     """A duplicate that bought (its own Mailchimp customer, under its address, and its cart) is merged into the
@@ -310,12 +311,13 @@ async def test_mailchimp_erasure_deletes_the_customer_and_carts_of_a_contact_mer
     client = committing_client
     store, news = await store_destination(client, live, push_carts=True)
     person, duplicate = await subscribed(client, news, 2)
-    cart = uid("C")
-    await put_order(client, uid("O"), duplicate["id"], "paid", items(("JAR", "Jar", "2.00")))
+    cart, order, own_order = uid("C"), uid("O"), uid("O")
+    await put_order(client, order, duplicate["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await put_order(client, own_order, person["id"], "paid", items(("JAR", "Jar", "2.00")))
     await put_cart(client, cart, duplicate["id"], "open", items(("JAR", "Jar", "2.00")))
     await drain(worker)
     remote = fake.stores[store]
-    assert duplicate["id"] in remote.customers and cart in remote.carts
+    assert duplicate["id"] in remote.customers and cart in remote.carts and {order, own_order} <= set(remote.orders)
     response = await client.post(f"/v1/contacts/{person['id']}/merge", json={"duplicate_id": duplicate["id"]},
                                  headers=ADMIN)
     assert response.status_code == 200, response.text
@@ -324,6 +326,7 @@ async def test_mailchimp_erasure_deletes_the_customer_and_carts_of_a_contact_mer
     await drain(worker)
     assert {person["id"], duplicate["id"]} & set(remote.customers) == set()
     assert cart not in remote.carts
+    assert {order, own_order} & set(remote.orders) == set()  # the orders too, the duplicate's included
 
 
 async def test_webhooks_get_commerce_topics_only_when_named(committing_client: httpx.AsyncClient,

@@ -55,7 +55,7 @@ _STAGE_TYPES = {
     "gender": "text", "birth_date": "date", "address_line1": "text", "address_line2": "text", "postal_code": "text",
     "city": "text", "region": "text", "country": "text", "language": "text", "source": "text", "kind": "text",
     "first_contact_channel": "text", "attributes": "jsonb", "blank_attributes": "text[]", "email_digest": "text",
-    "phone_digest": "text",
+    "phone_digest": "text", "mailbox_digest": "text",
 }
 _FIELD_COLUMN = {
     "address.line1": "address_line1", "address.line2": "address_line2", "address.postal_code": "postal_code",
@@ -63,8 +63,9 @@ _FIELD_COLUMN = {
 }
 _COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
 _EMAIL_DIGEST, _PHONE_DIGEST = STAGE_COLUMNS.index("email_digest"), STAGE_COLUMNS.index("phone_digest")
+_MAILBOX_DIGEST = STAGE_COLUMNS.index("mailbox_digest")
 _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
-    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest"}]
+    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest", "mailbox_digest"}]
 # `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
 # when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
 # Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
@@ -302,7 +303,8 @@ async def _hide_erased_duplicates(
 ) -> None:
     """A row repeating an erased person's is theirs too: reported without its value, as the row it repeats is
     (skipped as suppressed, in this batch or an earlier one), or when its own address or phone is suppressed."""
-    digests = [d for _, _, record in duplicates for d in (record[_EMAIL_DIGEST], record[_PHONE_DIGEST]) if d]
+    digests = [d for _, _, record in duplicates
+               for d in (record[_EMAIL_DIGEST], record[_PHONE_DIGEST], record[_MAILBOX_DIGEST]) if d]
     erased = set(await connection.fetchval(
         "SELECT coalesce(array_agg(digest), '{}') FROM suppression WHERE released_at IS NULL "
         "AND digest = ANY($1::text[])", digests)) if digests else set()
@@ -311,7 +313,7 @@ async def _hide_erased_duplicates(
         "SELECT coalesce(array_agg(row_number), '{}') FROM import_reject WHERE import_id = $1 AND reason = $2 "
         "AND row_number = ANY($3::int[])", job.id, _REASONS["suppressed"], repeated))
     for position, first, record in duplicates:
-        if first in skipped_as_erased or {record[_EMAIL_DIGEST], record[_PHONE_DIGEST]} & erased:
+        if first in skipped_as_erased or {record[i] for i in (_EMAIL_DIGEST, _PHONE_DIGEST, _MAILBOX_DIGEST)} & erased:
             rejects[position] = (*rejects[position][:4], None)
 
 
@@ -358,7 +360,8 @@ UPDATE import_stage s SET action = 'suppressed'
 WHERE EXISTS (
     SELECT 1 FROM suppression p
     WHERE p.released_at IS NULL
-      AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest))
+      AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest)
+           OR (p.kind = 'email' AND p.digest = s.mailbox_digest))  -- the address's inbox (suppressions.py)
 )
 """
 

@@ -23,6 +23,7 @@ from datetime import date
 from typing import Any
 
 from app.ids import keyed_digester, new_id_texts
+from app.mailbox import mailbox_key
 from app.schemas import types
 from app.services.imports.sniff import Unreadable
 
@@ -39,7 +40,7 @@ STAGE_COLUMNS = (
     "row_number", "new_id", "external_id", "email", "phone", "first_name", "last_name", "company", "job_title",
     "sector", "gender", "birth_date", "address_line1", "address_line2", "postal_code", "city", "region", "country",
     "language", "source", "kind", "first_contact_channel", "attributes", "blank_attributes", "email_digest",
-    "phone_digest",
+    "phone_digest", "mailbox_digest",
 )
 _POS = {name: i for i, name in enumerate(STAGE_COLUMNS)}
 _EMAIL, _PHONE, _EXTERNAL_ID = _POS["email"], _POS["phone"], _POS["external_id"]
@@ -141,6 +142,9 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
         record[_POS["blank_attributes"]] = blank_attributes or None
         if record[_EMAIL] is not None:
             record[_POS["email_digest"]] = digest("email", record[_EMAIL])
+            mailbox = mailbox_key(record[_EMAIL])  # an erased person's inbox under another spelling (suppressions)
+            if mailbox is not None and mailbox != record[_EMAIL]:
+                record[_POS["mailbox_digest"]] = digest("email", mailbox)
         if record[_PHONE] is not None:
             record[_POS["phone_digest"]] = digest("phone", record[_PHONE])
         out.records.append(tuple(record))
