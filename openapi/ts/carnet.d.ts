@@ -1972,6 +1972,27 @@ export interface components {
             version: number;
         };
         /**
+         * ContactReceipt
+         * @description A contacts write's answer to a token without contacts:read: what it did, nothing the file holds.
+         */
+        ContactReceipt: {
+            /**
+             * Created
+             * @description true when this write created the contact
+             */
+            created: boolean;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Version
+             * @description The contact's version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * ContactRef
          * @description Which contact: by id, else external_id, else email (an unknown email creates the contact). An id or an
          *     external_id alone must name an existing contact (the server judges: 422 otherwise).
@@ -5079,13 +5100,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -5285,22 +5306,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description Updated. The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -5495,13 +5516,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6017,13 +6038,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The survivor. The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6168,13 +6189,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6239,13 +6260,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
