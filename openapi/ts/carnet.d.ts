@@ -2580,6 +2580,30 @@ export interface components {
             type: string;
         };
         /**
+         * EventReceipt
+         * @description POST /v1/events' answer to a token without events:read: what it did, nothing stored.
+         */
+        EventReceipt: {
+            /**
+             * Contact Id
+             * Format: uuid
+             * @description The contact this request's `contact` named (created if new)
+             */
+            contact_id: string;
+            /**
+             * Created
+             * @description false: an event with this event_id was stored already (nothing written)
+             */
+            created: boolean;
+            /**
+             * Event Id
+             * @description As sent
+             */
+            event_id: string | null;
+            /** Id */
+            id: number;
+        };
+        /**
          * ExportFormat
          * @enum {string}
          */
@@ -7181,22 +7205,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Replay of a known event_id */
+            /** @description Replay of a known event_id: nothing written. The event as GET /v1/contacts/{id}/events shows it (properties masked without pii:read); for a token without events:read, an EventReceipt (id, event_id, contact_id, created) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventRead"];
+                    "application/json": components["schemas"]["EventRead"] | components["schemas"]["EventReceipt"];
                 };
             };
-            /** @description Successful Response */
+            /** @description The event as GET /v1/contacts/{id}/events shows it (properties masked without pii:read); for a token without events:read, an EventReceipt (id, event_id, contact_id, created) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventRead"];
+                    "application/json": components["schemas"]["EventRead"] | components["schemas"]["EventReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

@@ -126,3 +126,33 @@ async def test_a_contacts_writer_with_read_but_without_pii_read_gets_the_masked_
     made = await client.post("/v1/contacts", json={"email": unique_email(), "last_name": "Nouveau"},
                              headers=MASKED_WRITER)
     assert made.status_code == 201 and made.json()["pii_masked"] is True and made.json()["last_name"] != "Nouveau"
+
+
+async def test_an_events_writer_without_events_read_cannot_read_a_stored_event_by_its_id(
+        client: httpx.AsyncClient) -> None:
+    """POST /v1/events with a known `event_id` is a replay: it answered the stored event, whoever sent it."""
+    person = await _person(client)
+    event_id = f"shop-evt-{uuid.uuid4().hex[:8]}"
+    stored = await client.post("/v1/events", headers=ADMIN, json={
+        "contact": {"id": person["id"]}, "type": "form_submitted", "occurred_at": "2026-11-02T10:00:00Z",
+        "event_id": event_id, "properties": {"message": "call me at home, 7 venelle des Secrets"}})
+    assert stored.status_code == 201, stored.text
+    mine = await make_contact(client)
+    probe = {"contact": {"id": mine["id"]}, "type": "page_view", "occurred_at": "2026-11-03T10:00:00Z",
+             "event_id": event_id}
+    replay = await client.post("/v1/events", json=probe, headers=INTEGRATION)
+    assert replay.status_code == 200, replay.text
+    # the id of what is stored under that event_id, and the contact the probe itself named: nothing of the event
+    assert replay.json() == {"id": stored.json()["id"], "event_id": event_id, "contact_id": mine["id"],
+                             "created": False}
+    _nothing_stored(replay)
+    assert person["id"] not in replay.text
+    fresh = await client.post("/v1/events", headers=INTEGRATION, json={**probe, "event_id": None})
+    assert fresh.status_code == 201 and set(fresh.json()) == {"id", "event_id", "contact_id", "created"}
+    assert fresh.json()["created"] is True
+
+    # a reader without pii:read gets the stored event masked, as GET /v1/contacts/{id}/events shows it
+    masked = await client.post("/v1/events", json=probe, headers=MASKED_WRITER)
+    assert masked.status_code == 200 and masked.json()["contact_id"] == person["id"]
+    assert masked.json()["properties"]["message"] != "call me at home, 7 venelle des Secrets"
+    _nothing_stored(masked)
