@@ -3223,6 +3223,29 @@ export interface components {
             updated_at: string;
         };
         /**
+         * MemberReceipt
+         * @description A membership write's answer to a token without lists:read: the write's outcome, not the stored history.
+         */
+        MemberReceipt: {
+            /**
+             * Contact Id
+             * Format: uuid
+             */
+            contact_id: string;
+            /**
+             * Created
+             * @description true when this write created the membership
+             */
+            created: boolean;
+            /**
+             * List Id
+             * Format: uuid
+             */
+            list_id: string;
+            /** @description The membership's status after this write */
+            status: components["schemas"]["MemberStatus"];
+        };
+        /**
          * MemberStatus
          * @enum {string}
          */
@@ -8334,22 +8357,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a MemberReceipt (list_id, contact_id, status, created) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["MemberRead"];
+                    "application/json": components["schemas"]["MemberRead"] | components["schemas"]["MemberReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a MemberReceipt (list_id, contact_id, status, created) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["MemberRead"];
+                    "application/json": components["schemas"]["MemberRead"] | components["schemas"]["MemberReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8411,13 +8434,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a MemberReceipt (list_id, contact_id, status, created) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["MemberRead"];
+                    "application/json": components["schemas"]["MemberRead"] | components["schemas"]["MemberReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

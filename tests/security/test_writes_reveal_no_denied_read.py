@@ -17,7 +17,7 @@ import httpx
 
 from app.security import Role, Scope
 from tests.auth import bearer
-from tests.factories import ADMIN, make_attribute, make_contact, unique_email
+from tests.factories import ADMIN, grant_marketing, make_attribute, make_contact, make_list, unique_email
 
 # docs/api.md's storefront signup token: it may create and subscribe people, never read them.
 STOREFRONT = bearer(Role.INTEGRATION, subject="storefront@shop.example",
@@ -156,3 +156,30 @@ async def test_an_events_writer_without_events_read_cannot_read_a_stored_event_b
     assert masked.status_code == 200 and masked.json()["contact_id"] == person["id"]
     assert masked.json()["properties"]["message"] != "call me at home, 7 venelle des Secrets"
     _nothing_stored(masked)
+
+
+async def test_a_memberships_writer_without_lists_read_gets_a_receipt(client: httpx.AsyncClient) -> None:
+    person = await _person(client)
+    the_list = await make_list(client)
+    await grant_marketing(client, person["id"])
+    path = f"/v1/lists/{the_list['id']}/members/{person['id']}"
+    first = await client.put(path, json={"source": "secret-fair-2026"}, headers=ADMIN)
+    assert first.status_code == 201, first.text
+
+    again = await client.put(path, headers=STOREFRONT)
+    assert again.status_code == 200, again.text
+    assert again.json() == {"list_id": the_list["id"], "contact_id": person["id"], "status": "subscribed",
+                            "created": False}
+    _nothing_stored(again)
+    left = await client.delete(path, headers=STOREFRONT)
+    assert left.status_code == 200, left.text
+    assert left.json() == {"list_id": the_list["id"], "contact_id": person["id"], "status": "unsubscribed",
+                           "created": False}
+    _nothing_stored(left)
+    newcomer = await make_contact(client)
+    joined = await client.put(f"/v1/lists/{the_list['id']}/members/{newcomer['id']}", headers=STOREFRONT, json={
+        "consent": {"proof": {"ip": "203.0.113.9", "wording": "Oui"}}})
+    assert joined.status_code == 201 and joined.json()["created"] is True and joined.json()["status"] == "subscribed"
+    # a reader of lists still gets the membership
+    member = await client.get(f"/v1/lists/{the_list['id']}/members", headers=ADMIN)
+    assert any(m["source"] == "secret-fair-2026" for m in member.json()["data"])
