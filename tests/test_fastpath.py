@@ -417,9 +417,14 @@ async def test_upsert_with_tags_or_attributes_goes_to_the_transactional_path(cli
 
 
 async def test_upsert_masked_for_a_writer_without_pii_read(writes: Writes) -> None:
-    masked = await writes.same(_upsert(), _token(Role.EDITOR, scopes={Scope.CONTACTS_WRITE}))
+    masked = await writes.same(_upsert(), _token(Role.EDITOR, scopes={Scope.CONTACTS_READ, Scope.CONTACTS_WRITE}))
     assert masked.status_code == 201 and masked.json()["pii_masked"] is True
     assert masked.json()["email"].endswith("@example.com") and "***" in masked.json()["email"]
+
+
+async def test_upsert_a_receipt_for_a_writer_without_contacts_read(writes: Writes) -> None:
+    receipt = await writes.same(_upsert(), _token(Role.EDITOR, scopes={Scope.CONTACTS_WRITE}))
+    assert receipt.status_code == 201 and set(receipt.json()) == {"id", "created", "version"}
 
 
 @pytest.mark.parametrize("body", [

@@ -22,6 +22,7 @@ from app.errors import (
 from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag, run_each
 from app.schemas.contacts import (
     MASKED_SORTS,
+    WRITTEN,
     BatchResult,
     ContactBatch,
     ContactCreate,
@@ -31,8 +32,10 @@ from app.schemas.contacts import (
     ContactRead,
     ContactSort,
     ContactUpsert,
+    ContactWritten,
     LifecycleStage,
     present_contact,
+    present_receipt,
 )
 from app.schemas.history import HistoryPage, present_history
 from app.schemas.types import CountryCode, Email, Limit, QueryTimestamp, SearchText, TagName
@@ -46,7 +49,7 @@ from app.services import lists as lists_service
 from app.services import segments as segments_service
 from app.services.suppressions import SuppressedContact
 
-__all__ = ["contact_response", "router", "upsert_in_autocommit"]
+__all__ = ["contact_response", "router", "upsert_in_autocommit", "written"]
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
 
@@ -62,24 +65,37 @@ def _upsert_or_raw(item: Any) -> Any:
         return item
 
 
-def contact_response(row: Any, caller: Principal, *, status_code: int = 200) -> JSONBody:
+def written(row: Any, caller: Principal, *, created: bool = False) -> dict[str, Any]:
+    """What a contacts write answers: the contact as the caller may read it (masked without pii:read), or, to a
+    token without contacts:read, a receipt: a write must not read what the token's scopes deny (security.md, 11)."""
+    if caller.reads(Scope.CONTACTS_READ):
+        return present_contact(row, reveal_pii=caller.sees_pii)
+    return present_receipt(row, created=created)
+
+
+def contact_response(row: Any, caller: Principal, *, status_code: int = 200, created: bool = False) -> JSONBody:
     """One contact as the caller may see it, with its ETag (app.fastpath answers GET with this too)."""
-    return JSONBody(present_contact(row, reveal_pii=caller.sees_pii), status_code=status_code,
+    return JSONBody(written(row, caller, created=created), status_code=status_code,
                     headers={"ETag": etag(row["version"])})
 
 
-@router.post("", status_code=201, response_model=ContactRead,
-             responses=problems(DuplicateContact, SuppressedContact, IdempotencyKeyReused))
+_WRITTEN = {200: {"description": WRITTEN}}
+
+
+@router.post("", status_code=201, response_model=ContactWritten,
+             responses={201: {"description": WRITTEN},
+                        **problems(DuplicateContact, SuppressedContact, IdempotencyKeyReused)})
 async def create_contact(payload: ContactCreate, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
     if idem.replay:
         return idem.replay
     row = await contacts_service.create(session, payload, actor=caller)
-    return await idem.respond(201, present_contact(row, reveal_pii=caller.sees_pii),
+    return await idem.respond(201, written(row, caller, created=True),
                               {"ETag": etag(row["version"]), "Location": f"/v1/contacts/{row['id']}"})
 
 
-@router.post("/upsert", response_model=ContactRead,
-             responses={201: {"description": "Created", "model": ContactRead},
+@router.post("/upsert", response_model=ContactWritten,
+             responses={200: {"description": f"Updated. {WRITTEN}"},
+                        201: {"description": f"Created. {WRITTEN}", "model": ContactWritten},
                         **problems(DuplicateContact, SuppressedContact)})
 async def upsert_contact(
     payload: ContactUpsert, request: Request, session: WriteSession, caller: Writer, idem: Idempotency
@@ -91,7 +107,7 @@ async def upsert_contact(
         if done is not None:
             return done
     result = await contacts_service.upsert(session, payload, actor=caller)
-    return await idem.respond(201 if result.created else 200, present_contact(result.row, reveal_pii=caller.sees_pii),
+    return await idem.respond(201 if result.created else 200, written(result.row, caller, created=result.created),
                               {"ETag": etag(result.row["version"])})
 
 
@@ -104,7 +120,7 @@ async def upsert_in_autocommit(request: Request, payload: ContactUpsert, caller:
         done = await contacts_service.fast_upsert(connection, payload, actor=caller)
     if done is None:
         return None
-    return contact_response(done.row, caller, status_code=201 if done.created else 200)
+    return contact_response(done.row, caller, status_code=201 if done.created else 200, created=done.created)
 
 
 @router.post("/batch", response_model=BatchResult, responses=problems(IdempotencyKeyReused))
@@ -186,8 +202,8 @@ async def get_contact(contact_id: uuid.UUID, connection: BareConnection, caller:
 
 @router.patch(
     "/{contact_id}",
-    response_model=ContactRead,
-    responses=problems(ContactNotFound, DuplicateContact, PreconditionFailed),
+    response_model=ContactWritten,
+    responses={**_WRITTEN, **problems(ContactNotFound, DuplicateContact, PreconditionFailed)},
     openapi_extra={"requestBody": {"content": {"application/merge-patch+json": {
         "schema": {"$ref": "#/components/schemas/ContactPatch"}}}}},
 )
@@ -218,8 +234,8 @@ async def get_contact_history(
                      "next_cursor": next_cursor})
 
 
-@router.put("/{contact_id}/tags/{name}", response_model=ContactRead,
-            responses=problems(ContactNotFound, PreconditionFailed))
+@router.put("/{contact_id}/tags/{name}", response_model=ContactWritten,
+            responses={**_WRITTEN, **problems(ContactNotFound, PreconditionFailed)})
 async def add_contact_tag(
     contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer, expected_version: IfMatch
 ) -> Any:
@@ -228,8 +244,8 @@ async def add_contact_tag(
     return contact_response(row, caller)
 
 
-@router.delete("/{contact_id}/tags/{name}", response_model=ContactRead,
-               responses=problems(ContactNotFound, PreconditionFailed))
+@router.delete("/{contact_id}/tags/{name}", response_model=ContactWritten,
+               responses={**_WRITTEN, **problems(ContactNotFound, PreconditionFailed)})
 async def remove_contact_tag(
     contact_id: uuid.UUID, name: TagName, session: WriteSession, caller: Writer, expected_version: IfMatch
 ) -> Any:

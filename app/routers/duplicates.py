@@ -12,8 +12,9 @@ from fastapi import APIRouter, Query, Request
 
 from app.db import ReadSession, WriteSession
 from app.errors import ContactNotFound, IdempotencyKeyReused, PreconditionFailed, problems
+from app.routers.contacts import written
 from app.routers.deps import AUTH_PROBLEMS, CursorParam, Idempotency, IfMatch, JSONBody, etag
-from app.schemas.contacts import ContactRead, present_contact
+from app.schemas.contacts import WRITTEN, ContactWritten, present_contact
 from app.schemas.merge import DuplicatesPage, MergeRequest
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
@@ -54,8 +55,9 @@ async def list_duplicate_candidates(
     })
 
 
-@router.post("/{contact_id}/merge", response_model=ContactRead,
-             responses=problems(ContactNotFound, ContactAlreadyMerged, PreconditionFailed, IdempotencyKeyReused))
+@router.post("/{contact_id}/merge", response_model=ContactWritten,
+             responses={200: {"description": f"The survivor. {WRITTEN}"},
+                        **problems(ContactNotFound, ContactAlreadyMerged, PreconditionFailed, IdempotencyKeyReused)})
 async def merge_contact(
     contact_id: uuid.UUID,
     payload: MergeRequest,
@@ -72,5 +74,5 @@ async def merge_contact(
         session, contact_id, payload.duplicate_id, actor=caller, policy=request.app.state.lifecycle_policy,
         expected_version=expected_version,
     )
-    return await idem.respond(200, present_contact(merged.survivor, reveal_pii=caller.sees_pii),
+    return await idem.respond(200, written(merged.survivor, caller),
                               {"ETag": etag(merged.survivor["version"])})

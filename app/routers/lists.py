@@ -18,11 +18,12 @@ from app.schemas.lists import (
     MemberBatch,
     MemberBatchResult,
     MemberPage,
-    MemberRead,
     MemberStatus,
+    MemberWritten,
     SubscribeRequest,
     present_list,
     present_member,
+    present_member_receipt,
 )
 from app.schemas.types import Limit
 from app.security import Principal, Scope, require
@@ -39,6 +40,16 @@ router = APIRouter(prefix="/lists", tags=["lists"])
 Reader = Annotated[Principal, require(Scope.LISTS_READ)]
 Writer = Annotated[Principal, require(Scope.LISTS_WRITE)]
 MemberWriter = Annotated[Principal, require(Scope.MEMBERSHIPS_WRITE)]
+
+
+_MEMBER_WRITTEN = ("The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a "
+                   "MemberReceipt (list_id, contact_id, status, created)")
+
+
+def _member(row: Any, caller: Principal, *, created: bool = False) -> JSONBody:
+    """A membership write's answer: the stored membership (source, dates) only to a reader of lists."""
+    body = present_member(row) if caller.reads(Scope.LISTS_READ) else present_member_receipt(row, created=created)
+    return JSONBody(body, status_code=201 if created else 200)
 
 
 def _one(row: Any, *, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONBody:
@@ -106,8 +117,9 @@ async def list_members(
 
 @router.put(
     "/{list_id}/members/{contact_id}",
-    response_model=MemberRead,
-    responses={201: {"description": "Created", "model": MemberRead},
+    response_model=MemberWritten,
+    responses={200: {"description": _MEMBER_WRITTEN},
+               201: {"description": f"Created. {_MEMBER_WRITTEN}", "model": MemberWritten},
                **problems(ListNotFound, ContactNotFound, ConsentRequired)},
 )
 async def subscribe_member(
@@ -126,17 +138,19 @@ async def subscribe_member(
     """
     done = await lists_service.subscribe(session, list_id, contact_id, payload or SubscribeRequest(),
                                          actor=caller, links=links)
-    return JSONBody(present_member(done.row), status_code=201 if done.created else 200)
+    return _member(done.row, caller, created=done.created)
 
 
 @router.delete(
     "/{list_id}/members/{contact_id}",
-    response_model=MemberRead,
-    responses=problems(ListNotFound, ContactNotFound, MembershipNotFound),
+    response_model=MemberWritten,
+    responses={200: {"description": _MEMBER_WRITTEN}, **problems(ListNotFound, ContactNotFound, MembershipNotFound)},
 )
-async def unsubscribe_member(list_id: uuid.UUID, contact_id: uuid.UUID, session: WriteSession, _: MemberWriter) -> Any:
+async def unsubscribe_member(
+    list_id: uuid.UUID, contact_id: uuid.UUID, session: WriteSession, caller: MemberWriter
+) -> Any:
     """Unsubscribe from this list only: the membership stays, `unsubscribed`; other lists are untouched."""
-    return JSONBody(present_member(await lists_service.unsubscribe(session, list_id, contact_id)))
+    return _member(await lists_service.unsubscribe(session, list_id, contact_id), caller)
 
 
 @router.post("/{list_id}/members/batch", response_model=MemberBatchResult,

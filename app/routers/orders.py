@@ -26,11 +26,12 @@ from app.schemas.orders import (
     EventBatchResult,
     EventCreate,
     EventPage,
-    EventRead,
+    EventWritten,
     OrderPage,
     OrderPut,
     OrderRead,
     present_contact_event,
+    present_event_receipt,
 )
 from app.schemas.types import Declared, ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
@@ -105,8 +106,14 @@ async def get_cart(
     return _order_response(row)
 
 
-@events_router.post("", status_code=201, response_model=EventRead,
-                    responses={200: {"description": "Replay of a known event_id", "model": EventRead},
+_EVENT_WRITTEN = ("The event as GET /v1/contacts/{id}/events shows it (properties masked without pii:read); for a "
+                  "token without events:read, an EventReceipt (id, event_id, contact_id, created)")
+
+
+@events_router.post("", status_code=201, response_model=EventWritten,
+                    responses={201: {"description": _EVENT_WRITTEN},
+                               200: {"description": f"Replay of a known event_id: nothing written. {_EVENT_WRITTEN}",
+                                     "model": EventWritten},
                                **problems(IdempotencyKeyReused, *_CONTACT_BY_EMAIL)})
 async def create_event(
     payload: EventCreate, session: WriteSession, caller: Annotated[Principal, require(Scope.EVENTS_WRITE)],
@@ -114,8 +121,11 @@ async def create_event(
 ) -> Any:
     if idem.replay:
         return idem.replay
-    row, created = await events_service.record_event(session, payload, actor=caller)
-    return await idem.respond(201 if created else 200, row)
+    done = await events_service.record_event(session, payload, actor=caller)
+    # a replay's row is the event stored first, perhaps another sender's: shown only as that reader may see it
+    body = (present_contact_event(done.row, reveal_pii=caller.sees_pii) if caller.reads(Scope.EVENTS_READ)
+            else present_event_receipt(done.row, contact_id=done.contact_id, created=done.created))
+    return await idem.respond(201 if done.created else 200, body)
 
 
 @events_router.post("/batch", response_model=EventBatchResult, responses=problems(IdempotencyKeyReused))

@@ -30,6 +30,7 @@ from app.security.masking import mask_email, mask_name, mask_phone, mask_text
 
 __all__ = [
     "MASKED_SORTS",
+    "WRITTEN",
     "Address",
     "AddressRead",
     "BatchItemResult",
@@ -40,12 +41,15 @@ __all__ = [
     "ContactPage",
     "ContactPatch",
     "ContactRead",
+    "ContactReceipt",
     "ContactSort",
     "ContactSource",
     "ContactStats",
     "ContactUpsert",
+    "ContactWritten",
     "LifecycleStage",
     "present_contact",
+    "present_receipt",
 ]
 
 
@@ -226,6 +230,21 @@ class ContactRead(BaseModel):
     pii_masked: bool = Field(description="true when personal data was masked for a token without pii:read")
 
 
+class ContactReceipt(BaseModel):
+    """A contacts write's answer to a token without contacts:read: what it did, nothing the file holds."""
+
+    id: uuid.UUID
+    created: bool = Field(description="true when this write created the contact")
+    version: int = Field(description="The contact's version after the write, as in the ETag (for If-Match)")
+
+
+# What a contacts write answers (docs/api.md, "Write receipts"): the contact, masked without pii:read; a receipt for
+# a token without contacts:read (a write never reads what the token's scopes deny: docs/security.md, class 11).
+ContactWritten = ContactRead | ContactReceipt
+WRITTEN = ("The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a "
+           "ContactReceipt (id, created, version) and nothing the file holds")
+
+
 class ContactPage(BaseModel):
     data: list[ContactRead]
     next_cursor: str | None
@@ -305,3 +324,8 @@ def present_contact(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[str, An
         data["address"]["line1"] = mask_text(data["address"]["line1"])
         data["address"]["line2"] = mask_text(data["address"]["line2"])
     return data
+
+
+def present_receipt(row: Mapping[str, Any], *, created: bool) -> dict[str, Any]:
+    """ContactReceipt's shape: only what the write itself decided (the id, a creation, the new version)."""
+    return {"id": row["id"], "created": created, "version": row["version"]}

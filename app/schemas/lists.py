@@ -42,13 +42,16 @@ __all__ = [
     "MemberBatchResult",
     "MemberPage",
     "MemberRead",
+    "MemberReceipt",
     "MemberStatus",
+    "MemberWritten",
     "SubscribeConsent",
     "SubscribeRequest",
     "UnsubscribePreview",
     "UnsubscribeResult",
     "present_list",
     "present_member",
+    "present_member_receipt",
 ]
 
 
@@ -224,6 +227,19 @@ class MemberRead(BaseModel):
     updated_at: datetime
 
 
+class MemberReceipt(BaseModel):
+    """A membership write's answer to a token without lists:read: the write's outcome, not the stored history."""
+
+    list_id: uuid.UUID
+    contact_id: uuid.UUID
+    status: MemberStatus = Field(description="The membership's status after this write")
+    created: bool = Field(description="true when this write created the membership")
+
+
+# A membership's source and dates are what GET /v1/lists/{id}/members (lists:read) shows (security.md, class 11).
+MemberWritten = MemberRead | MemberReceipt
+
+
 class MemberPage(BaseModel):
     data: list[MemberRead]
     next_cursor: str | None
@@ -317,3 +333,7 @@ def present_list(row: Mapping[str, Any]) -> dict[str, Any]:
 def present_member(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("list_id", "contact_id", "status", "source", "subscribed_at", "unsubscribed_at",
                                 "pending_since", "updated_at")}
+
+
+def present_member_receipt(row: Mapping[str, Any], *, created: bool) -> dict[str, Any]:
+    return {"list_id": row["list_id"], "contact_id": row["contact_id"], "status": row["status"], "created": created}

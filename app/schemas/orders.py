@@ -52,6 +52,8 @@ __all__ = [
     "EventCreate",
     "EventPage",
     "EventRead",
+    "EventReceipt",
+    "EventWritten",
     "OrderChannel",
     "OrderItem",
     "OrderPage",
@@ -59,6 +61,7 @@ __all__ = [
     "OrderRead",
     "OrderStatus",
     "present_contact_event",
+    "present_event_receipt",
 ]
 
 
@@ -273,6 +276,19 @@ class EventRead(BaseModel):
     created_at: datetime
 
 
+class EventReceipt(BaseModel):
+    """POST /v1/events' answer to a token without events:read: what it did, nothing stored."""
+
+    id: int
+    event_id: str | None = Field(description="As sent")
+    contact_id: uuid.UUID = Field(description="The contact this request's `contact` named (created if new)")
+    created: bool = Field(description="false: an event with this event_id was stored already (nothing written)")
+
+
+# A replayed event_id answers the event stored first, whoever sent it: only a reader may see it (security.md, 11).
+EventWritten = EventRead | EventReceipt
+
+
 class OrderPage(BaseModel):
     data: list[OrderRead]
     next_cursor: str | None
@@ -303,3 +319,7 @@ def present_contact_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[s
     else:
         event["properties"] = mask_json(event["properties"])
     return event
+
+
+def present_event_receipt(row: Mapping[str, Any], *, contact_id: uuid.UUID, created: bool) -> dict[str, Any]:
+    return {"id": row["id"], "event_id": row["event_id"], "contact_id": contact_id, "created": created}

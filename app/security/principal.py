@@ -31,6 +31,10 @@ class Principal:
     def sees_pii(self) -> bool:
         return Scope.PII_READ in self.scopes
 
+    def reads(self, scope: Scope) -> bool:
+        """Whether the token holds this read scope: a write answers its read model only then (security.md, 11)."""
+        return scope in self.scopes
+
 
 async def authenticate(
     request: Request,

@@ -37,7 +37,7 @@ from app.services import contacts as contacts_service
 from app.services import locks, outbox
 from app.services.orders import EVENT_RECORDED, resolve_contact
 
-__all__ = ["Outcome", "contact_events", "record_batch", "record_event"]
+__all__ = ["Outcome", "Recorded", "contact_events", "record_batch", "record_event"]
 
 _events = Event.__table__  # type: ignore[attr-defined]
 
@@ -87,6 +87,13 @@ _LAST_ACTIVITY = """
 Outcome = tuple[str, int] | ValidationError | AppError
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    row: dict[str, Any]      # the event stored: this one, or on a replayed event_id the one stored first
+    created: bool
+    contact_id: uuid.UUID    # the contact this request's reference resolved to (a replay's row may name another)
+
+
 @dataclass(slots=True)
 class _Resolved:
     n: int
@@ -94,7 +101,7 @@ class _Resolved:
     event: EventCreate
 
 
-async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> tuple[dict[str, Any], bool]:
+async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> Recorded:
     """Append one event (a replayed event_id returns the stored one); last_activity_at follows."""
     contact_id = await resolve_contact(session, payload.contact, actor=actor, via="api")
     rows = [dict(row) for row in (await session.execute(_STORE_ROWS, _parameters([_Resolved(0, contact_id, payload)])))
@@ -102,11 +109,11 @@ async def record_event(session: AsyncSession, payload: EventCreate, *, actor: Pr
     if rows:
         await _touch(await driver_connection(session), {contact_id: payload.occurred_at})
         await _announce(session, lambda: [(contact_id, rows[0]["id"], payload.type)])
-        return _without_n(rows[0]), True
+        return Recorded(_without_n(rows[0]), True, contact_id)
     kept = (await session.execute(_KEPT, {"event_ids": [payload.event_id]})).one()
     stored = await session.execute(
         select(_events).where(_events.c.id == kept.id, _events.c.occurred_at == kept.occurred_at))
-    return dict(stored.mappings().one()), False
+    return Recorded(dict(stored.mappings().one()), False, contact_id)
 
 
 async def record_batch(session: AsyncSession, items: Sequence[Any], *, actor: Principal) -> list[Outcome]:
@@ -208,10 +215,10 @@ async def _resolve_known(
 async def _record_alone(session: AsyncSession, payload: EventCreate, *, actor: Principal) -> Outcome:
     try:
         async with session.begin_nested():
-            row, created = await record_event(session, payload, actor=actor)
+            done = await record_event(session, payload, actor=actor)
     except (ValidationError, AppError) as exc:
         return exc
-    return ("created" if created else "duplicate"), row["id"]
+    return ("created" if done.created else "duplicate"), done.row["id"]
 
 
 async def _store_batch(connection: asyncpg.Connection, rows: list[_Resolved]) -> dict[int, int]:

@@ -1972,6 +1972,27 @@ export interface components {
             version: number;
         };
         /**
+         * ContactReceipt
+         * @description A contacts write's answer to a token without contacts:read: what it did, nothing the file holds.
+         */
+        ContactReceipt: {
+            /**
+             * Created
+             * @description true when this write created the contact
+             */
+            created: boolean;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Version
+             * @description The contact's version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * ContactRef
          * @description Which contact: by id, else external_id, else email (an unknown email creates the contact). An id or an
          *     external_id alone must name an existing contact (the server judges: 422 otherwise).
@@ -2557,6 +2578,30 @@ export interface components {
             };
             /** Type */
             type: string;
+        };
+        /**
+         * EventReceipt
+         * @description POST /v1/events' answer to a token without events:read: what it did, nothing stored.
+         */
+        EventReceipt: {
+            /**
+             * Contact Id
+             * Format: uuid
+             * @description The contact this request's `contact` named (created if new)
+             */
+            contact_id: string;
+            /**
+             * Created
+             * @description false: an event with this event_id was stored already (nothing written)
+             */
+            created: boolean;
+            /**
+             * Event Id
+             * @description As sent
+             */
+            event_id: string | null;
+            /** Id */
+            id: number;
         };
         /**
          * ExportFormat
@@ -3176,6 +3221,29 @@ export interface components {
              * Format: date-time
              */
             updated_at: string;
+        };
+        /**
+         * MemberReceipt
+         * @description A membership write's answer to a token without lists:read: the write's outcome, not the stored history.
+         */
+        MemberReceipt: {
+            /**
+             * Contact Id
+             * Format: uuid
+             */
+            contact_id: string;
+            /**
+             * Created
+             * @description true when this write created the membership
+             */
+            created: boolean;
+            /**
+             * List Id
+             * Format: uuid
+             */
+            list_id: string;
+            /** @description The membership's status after this write */
+            status: components["schemas"]["MemberStatus"];
         };
         /**
          * MemberStatus
@@ -5079,13 +5147,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -5285,22 +5353,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description Updated. The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -5495,13 +5563,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6017,13 +6085,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The survivor. The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6168,13 +6236,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6239,13 +6307,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The contact as the caller may read it (masked without pii:read); for a token without contacts:read, a ContactReceipt (id, created, version) and nothing the file holds */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ContactRead"];
+                    "application/json": components["schemas"]["ContactRead"] | components["schemas"]["ContactReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -7160,22 +7228,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Replay of a known event_id */
+            /** @description Replay of a known event_id: nothing written. The event as GET /v1/contacts/{id}/events shows it (properties masked without pii:read); for a token without events:read, an EventReceipt (id, event_id, contact_id, created) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventRead"];
+                    "application/json": components["schemas"]["EventRead"] | components["schemas"]["EventReceipt"];
                 };
             };
-            /** @description Successful Response */
+            /** @description The event as GET /v1/contacts/{id}/events shows it (properties masked without pii:read); for a token without events:read, an EventReceipt (id, event_id, contact_id, created) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["EventRead"];
+                    "application/json": components["schemas"]["EventRead"] | components["schemas"]["EventReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8289,22 +8357,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a MemberReceipt (list_id, contact_id, status, created) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["MemberRead"];
+                    "application/json": components["schemas"]["MemberRead"] | components["schemas"]["MemberReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a MemberReceipt (list_id, contact_id, status, created) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["MemberRead"];
+                    "application/json": components["schemas"]["MemberRead"] | components["schemas"]["MemberReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8366,13 +8434,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The membership as GET /v1/lists/{id}/members shows it; for a token without lists:read, a MemberReceipt (list_id, contact_id, status, created) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["MemberRead"];
+                    "application/json": components["schemas"]["MemberRead"] | components["schemas"]["MemberReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

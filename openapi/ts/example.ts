@@ -12,6 +12,12 @@ import type { components, paths } from "./carnet";
 
 export type Problem = components["schemas"]["Problem"];
 export type Contact = components["schemas"]["ContactRead"];
+/** What a contacts write answers a token without `contacts:read`: the id, whether it was created, the version. */
+export type ContactReceipt = components["schemas"]["ContactReceipt"];
+
+export function isReceipt(body: Contact | ContactReceipt): body is ContactReceipt {
+  return !("email_status" in body);
+}
 
 type Method = "get" | "post" | "put" | "patch" | "delete";
 
@@ -105,16 +111,16 @@ export async function createOrFind(client: CarnetClient, email: string, firstNam
     body: { email, first_name: firstName, source: "website_signup" },
     header: { "idempotency-key": `signup-${email}` },  // a retried signup replays the first answer
   });
-  if (created.ok) return created.data;
+  if (created.ok) return isReceipt(created.data) ? readContact(client, created.data.id) : created.data;
   const { problem } = created;
-  if (problem.type.endsWith("/duplicate-contact") && problem.existing_id) {
-    const existing = await client.request("get", "/v1/contacts/{contact_id}", {
-      path: { contact_id: problem.existing_id },
-    });
-    if (existing.ok) return existing.data;
-    throw describe(existing.problem);
-  }
+  if (problem.type.endsWith("/duplicate-contact") && problem.existing_id) return readContact(client, problem.existing_id);
   throw describe(problem);
+}
+
+async function readContact(client: CarnetClient, id: string): Promise<Contact> {
+  const existing = await client.request("get", "/v1/contacts/{contact_id}", { path: { contact_id: id } });
+  if (existing.ok) return existing.data;
+  throw describe(existing.problem);
 }
 
 /** Read with its ETag, then patch with If-Match; on 412 someone else won: read again and retry. */
@@ -128,7 +134,7 @@ export async function renameSafely(client: CarnetClient, id: string, lastName: s
       header: { "if-match": etag },
       body: { last_name: lastName },
     });
-    if (patched.ok) return patched.data;
+    if (patched.ok) return isReceipt(patched.data) ? readContact(client, id) : patched.data;
     if (patched.status !== 412) throw describe(patched.problem);
   }
   throw new Error("gave up after 5 conflicting writes");

@@ -415,7 +415,8 @@ class TestFreeFormProperties:
                  "properties": {"path": "C:\\x00dir", "\\x00": "\\x00"}}
         response = await client.post("/v1/events", json=event, headers=INTEGRATION)
         assert response.status_code == 201, response.text
-        assert response.json()["properties"] == event["properties"]
+        stored = (await client.get(f"/v1/contacts/{contact['id']}/events", headers=ADMIN)).json()["data"]
+        assert stored[0]["properties"] == event["properties"]
 
     async def test_viewer_sees_properties_masked(self, client: httpx.AsyncClient) -> None:
         contact = await make_contact(client)

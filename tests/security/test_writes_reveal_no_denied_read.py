@@ -1,0 +1,185 @@
+"""Class 11: a write route reveals nothing the token's read scopes deny (docs/security.md, "Class 11").
+
+The attack: a token that may write a resource but not read it (a storefront signup token narrowed to
+`contacts:write` + `memberships:write`, as docs/api.md recommends; the `integration` role, which writes events
+without `events:read`) sends a write that changes nothing — `PATCH {}`, an upsert with just the address, an event
+replayed under another sender's `event_id`, a subscription already in place — and reads the stored record in the
+answer. Each write answers such a token a receipt (what was written, nothing the file holds); a token that may
+read gets the read model, masked without `pii:read`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+
+from app.security import Role, Scope
+from tests.auth import bearer
+from tests.factories import ADMIN, grant_marketing, make_attribute, make_contact, make_list, unique_email
+
+# docs/api.md's storefront signup token: it may create and subscribe people, never read them.
+STOREFRONT = bearer(Role.INTEGRATION, subject="storefront@shop.example",
+                    scopes={Scope.CONTACTS_WRITE, Scope.MEMBERSHIPS_WRITE})
+# The integration role as it is: events:write without events:read.
+INTEGRATION = bearer(Role.INTEGRATION, subject="backoffice@shop.example")
+# Reads and writes contacts and events, masked.
+MASKED_WRITER = bearer(Role.MANAGER, subject="agency@shop.example", scopes={
+    Scope.CONTACTS_READ, Scope.CONTACTS_WRITE, Scope.EVENTS_READ, Scope.EVENTS_WRITE})
+
+# What the file holds about the person, and no writer in these tests ever sends.
+SECRETS = {"phone": "+33698765432", "first_name": "Gwenaëlle", "last_name": "Kervella", "company": "Kerfeunteun SA",
+           "job_title": "Armatrice", "birth_date": "1981-03-14",
+           "address": {"line1": "7 venelle des Secrets", "city": "Quimperlé", "postal_code": "29300"}}
+SECRET_WORDS = ("98765432", "Gwena", "Kervella", "Kerfeunteun", "Armatrice", "1981-03-14", "venelle", "Quimperl",
+                "29300", "tier-gold", "vip-secret", "secret-fair")
+RECEIPT_KEYS = {"id", "created", "version"}
+
+
+async def _person(client: httpx.AsyncClient) -> dict[str, Any]:
+    tier = (await make_attribute(client, f"tier_{uuid.uuid4().hex[:6]}", "text"))["name"]
+    return await make_contact(client, **SECRETS, tags=["vip-secret"], attributes={tier: "tier-gold"})
+
+
+def _receipt(response: httpx.Response, status: int, person_id: str | None, *, created: bool) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == RECEIPT_KEYS, body
+    assert body["created"] is created and isinstance(body["version"], int)
+    if person_id is not None:
+        assert body["id"] == person_id
+    assert response.headers["ETag"] == f'"v{body["version"]}"'
+    _nothing_stored(response)
+    return body  # type: ignore[no-any-return]
+
+
+def _nothing_stored(response: httpx.Response) -> None:
+    leaked = [word for word in SECRET_WORDS if word in response.text]
+    assert not leaked, (leaked, response.text)
+
+
+async def test_a_contacts_writer_without_contacts_read_gets_a_receipt_from_every_write(
+        client: httpx.AsyncClient) -> None:
+    person = await _person(client)
+    pid, email = person["id"], person["email"]
+
+    # the reported no-op writes
+    _receipt(await client.patch(f"/v1/contacts/{pid}", json={}, headers=STOREFRONT), 200, pid, created=False)
+    for extra in ({}, {"Idempotency-Key": str(uuid.uuid4())}):  # the fast path and FastAPI's route
+        _receipt(await client.post("/v1/contacts/upsert", json={"email": email}, headers={**STOREFRONT, **extra}),
+                 200, pid, created=False)
+    # an upsert with attributes or tags takes the transactional path
+    _receipt(await client.post("/v1/contacts/upsert", json={"email": email, "tags": ["newsletter"]},
+                               headers=STOREFRONT), 200, pid, created=False)
+    # tags, both ways
+    _receipt(await client.put(f"/v1/contacts/{pid}/tags/promo", headers=STOREFRONT), 200, pid, created=False)
+    _receipt(await client.delete(f"/v1/contacts/{pid}/tags/promo", headers=STOREFRONT), 200, pid, created=False)
+    # creations
+    created = _receipt(await client.post("/v1/contacts", json={"email": unique_email()}, headers=STOREFRONT),
+                       201, None, created=True)
+    _receipt(await client.post("/v1/contacts/upsert", json={"email": unique_email()}, headers=STOREFRONT),
+             201, None, created=True)
+    # a merge keeps the survivor's stored values: the answer shows none of them
+    _receipt(await client.post(f"/v1/contacts/{pid}/merge", json={"duplicate_id": created["id"]},
+                               headers=STOREFRONT), 200, pid, created=False)
+    # a batch answers ids and statuses only
+    batch = await client.post("/v1/contacts/batch", json={"items": [{"email": email}, {"email": unique_email()}]},
+                              headers=STOREFRONT)
+    assert batch.status_code == 200 and [r["status"] for r in batch.json()["results"]] == ["updated", "created"]
+    _nothing_stored(batch)
+    # the record itself is unharmed, and an admin still reads it whole
+    after = (await client.get(f"/v1/contacts/{pid}", headers=ADMIN)).json()
+    assert (after["phone"], after["last_name"], after["address"]["city"]) == ("+33698765432", "Kervella", "Quimperlé")
+
+
+async def test_a_keyed_write_replays_its_receipt(client: httpx.AsyncClient) -> None:
+    person = await _person(client)
+    keyed = {**STOREFRONT, "Idempotency-Key": str(uuid.uuid4())}
+    first = _receipt(await client.post("/v1/contacts/upsert", json={"email": person["email"]}, headers=keyed),
+                     200, person["id"], created=False)
+    replay = await client.post("/v1/contacts/upsert", json={"email": person["email"]}, headers=keyed)
+    assert replay.headers.get("Idempotent-Replayed") == "true"
+    assert _receipt(replay, 200, person["id"], created=False) == first
+
+
+async def test_a_contacts_writer_with_read_but_without_pii_read_gets_the_masked_contact(
+        client: httpx.AsyncClient) -> None:
+    person = await _person(client)
+    pid, email = person["id"], person["email"]
+    duplicate = await make_contact(client)
+    answers = [
+        await client.patch(f"/v1/contacts/{pid}", json={}, headers=MASKED_WRITER),
+        await client.post("/v1/contacts/upsert", json={"email": email}, headers=MASKED_WRITER),
+        await client.post("/v1/contacts/upsert", json={"email": email},
+                          headers={**MASKED_WRITER, "Idempotency-Key": str(uuid.uuid4())}),
+        await client.put(f"/v1/contacts/{pid}/tags/promo", headers=MASKED_WRITER),
+        await client.delete(f"/v1/contacts/{pid}/tags/promo", headers=MASKED_WRITER),
+        await client.post(f"/v1/contacts/{pid}/merge", json={"duplicate_id": duplicate["id"]}, headers=MASKED_WRITER),
+    ]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["pii_masked"] is True and body["id"] == pid
+        assert body["email"] != email and body["phone"] != SECRETS["phone"] and body["birth_date"] is None
+        assert "Kervella" not in answer.text and "venelle" not in answer.text
+    made = await client.post("/v1/contacts", json={"email": unique_email(), "last_name": "Nouveau"},
+                             headers=MASKED_WRITER)
+    assert made.status_code == 201 and made.json()["pii_masked"] is True and made.json()["last_name"] != "Nouveau"
+
+
+async def test_an_events_writer_without_events_read_cannot_read_a_stored_event_by_its_id(
+        client: httpx.AsyncClient) -> None:
+    """POST /v1/events with a known `event_id` is a replay: it answered the stored event, whoever sent it."""
+    person = await _person(client)
+    event_id = f"shop-evt-{uuid.uuid4().hex[:8]}"
+    stored = await client.post("/v1/events", headers=ADMIN, json={
+        "contact": {"id": person["id"]}, "type": "form_submitted", "occurred_at": "2026-11-02T10:00:00Z",
+        "event_id": event_id, "properties": {"message": "call me at home, 7 venelle des Secrets"}})
+    assert stored.status_code == 201, stored.text
+    mine = await make_contact(client)
+    probe = {"contact": {"id": mine["id"]}, "type": "page_view", "occurred_at": "2026-11-03T10:00:00Z",
+             "event_id": event_id}
+    replay = await client.post("/v1/events", json=probe, headers=INTEGRATION)
+    assert replay.status_code == 200, replay.text
+    # the id of what is stored under that event_id, and the contact the probe itself named: nothing of the event
+    assert replay.json() == {"id": stored.json()["id"], "event_id": event_id, "contact_id": mine["id"],
+                             "created": False}
+    _nothing_stored(replay)
+    assert person["id"] not in replay.text
+    fresh = await client.post("/v1/events", headers=INTEGRATION, json={**probe, "event_id": None})
+    assert fresh.status_code == 201 and set(fresh.json()) == {"id", "event_id", "contact_id", "created"}
+    assert fresh.json()["created"] is True
+
+    # a reader without pii:read gets the stored event masked, as GET /v1/contacts/{id}/events shows it
+    masked = await client.post("/v1/events", json=probe, headers=MASKED_WRITER)
+    assert masked.status_code == 200 and masked.json()["contact_id"] == person["id"]
+    assert masked.json()["properties"]["message"] != "call me at home, 7 venelle des Secrets"
+    _nothing_stored(masked)
+
+
+async def test_a_memberships_writer_without_lists_read_gets_a_receipt(client: httpx.AsyncClient) -> None:
+    person = await _person(client)
+    the_list = await make_list(client)
+    await grant_marketing(client, person["id"])
+    path = f"/v1/lists/{the_list['id']}/members/{person['id']}"
+    first = await client.put(path, json={"source": "secret-fair-2026"}, headers=ADMIN)
+    assert first.status_code == 201, first.text
+
+    again = await client.put(path, headers=STOREFRONT)
+    assert again.status_code == 200, again.text
+    assert again.json() == {"list_id": the_list["id"], "contact_id": person["id"], "status": "subscribed",
+                            "created": False}
+    _nothing_stored(again)
+    left = await client.delete(path, headers=STOREFRONT)
+    assert left.status_code == 200, left.text
+    assert left.json() == {"list_id": the_list["id"], "contact_id": person["id"], "status": "unsubscribed",
+                           "created": False}
+    _nothing_stored(left)
+    newcomer = await make_contact(client)
+    joined = await client.put(f"/v1/lists/{the_list['id']}/members/{newcomer['id']}", headers=STOREFRONT, json={
+        "consent": {"proof": {"ip": "203.0.113.9", "wording": "Oui"}}})
+    assert joined.status_code == 201 and joined.json()["created"] is True and joined.json()["status"] == "subscribed"
+    # a reader of lists still gets the membership
+    member = await client.get(f"/v1/lists/{the_list['id']}/members", headers=ADMIN)
+    assert any(m["source"] == "secret-fair-2026" for m in member.json()["data"])
