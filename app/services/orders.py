@@ -18,7 +18,7 @@ from app.errors import InvalidInput, NotFound, PreconditionFailed
 from app.models import Contact, Order
 from app.models.base import utc_now
 from app.schemas.contacts import ContactUpsert
-from app.schemas.orders import ContactRef, OrderPut
+from app.schemas.orders import MAX_MONEY, ContactRef, OrderPut
 from app.security import Principal
 from app.services import contacts as contacts_service
 from app.services import history, locks, outbox
@@ -202,11 +202,12 @@ async def contact_orders(session: AsyncSession, contact_id: uuid.UUID, *, limit:
 
 
 async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal,
-                        policy: LifecyclePolicy) -> None:
+                        policy: LifecyclePolicy, field: str = "total_amount") -> None:
     """Recompute a contact's stats from its counted orders, in the currency of its latest order.
 
     The contact is locked first (FOR NO KEY UPDATE: rows referencing it may still be inserted), so what is read
     next includes every order change committed before ours: stats never point at an order cancelled meanwhile.
+    A total_spent past its column (numeric(14, 2)) is a 422 on `field`, the input that would take it there.
     """
     now = utc_now()
     current = (await session.execute(
@@ -229,6 +230,9 @@ async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: 
             func.count().filter(_orders.c.placed_at >= now - timedelta(days=policy.loyal_window_days)),
         ).where(same_currency))).one()
         count, total, first, recent = agg
+        if total > MAX_MONEY:  # the caller's transaction rolls back: nothing of the write stays
+            raise InvalidInput.one(field, f"the contact's total_spent in {latest.currency} would pass "
+                                   f"{MAX_MONEY:,}, the most it holds", "total_spent_out_of_range")
         stats = {"orders_count": count, "total_spent": total, "average_basket": round(total / count, 2),
                  "first_order_at": first, "last_order_at": latest.placed_at,
                  "last_order_amount": latest.total_amount, "currency": latest.currency}

@@ -89,6 +89,39 @@ class TestPutOrder:
         assert_problem(await client.get("/v1/orders/BAD", headers=ADMIN), 404)
 
 
+class TestStatsBounds:
+    """total_spent is numeric(14, 2), as an order's amount: two orders of 999,999,999,999.99 summed past it, and
+    the stats write answered 500 (SQLSTATE 22003) after the order was written in the same transaction."""
+
+    async def test_an_order_taking_total_spent_past_its_column_is_422_and_nothing_is_written(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        contact = await make_contact(client)
+        ref = {"id": contact["id"]}
+        assert (await put(client, "BIG-1", order(ref, total="999999999999.99", days_ago=2))).status_code == 201
+        problem = assert_problem(await put(client, "BIG-2", order(ref, total="0.01")), 422, "total_amount")
+        assert problem["errors"][0]["code"] == "total_spent_out_of_range"
+        assert_problem(await client.get("/v1/orders/BIG-2", headers=ADMIN), 404)
+        # a cancelled one counts once it is paid: the same refusal, and the order keeps its status
+        assert (await put(client, "BIG-3", order(ref, total="5.00", status="cancelled"))).status_code == 201
+        assert_problem(await put(client, "BIG-3", order(ref, total="5.00")), 422, "total_amount")
+        assert (await client.get("/v1/orders/BIG-3", headers=ADMIN)).json()["status"] == "cancelled"
+        stats = (await contact_of(client, contact["id"]))["stats"]
+        assert (stats["orders_count"], stats["total_spent"]) == (1, "999999999999.99")
+
+    async def test_a_merge_taking_total_spent_past_its_column_is_422_and_nothing_moves(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        assert (await put(client, "M-BIG", order({"id": survivor["id"]}, total="999999999999.99"))).status_code == 201
+        assert (await put(client, "M-ONE", order({"id": duplicate["id"]}, total="1.00"))).status_code == 201
+        merged = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                   headers=ADMIN)
+        assert_problem(merged, 422, "duplicate_id")
+        assert (await client.get("/v1/orders/M-ONE", headers=ADMIN)).json()["contact_id"] == duplicate["id"]
+        assert (await contact_of(client, duplicate["id"]))["stats"]["total_spent"] == "1.00"
+
+
 class TestExternalIdInThePath:
     async def test_trimmed_as_in_a_body_and_never_blank(self, client: httpx.AsyncClient) -> None:
         """The contract declares external ids non-blank, and bodies trim text (`cart_external_id`): the {external_id}
