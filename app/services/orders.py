@@ -203,7 +203,9 @@ async def contact_orders(session: AsyncSession, contact_id: uuid.UUID, *, limit:
 
 async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal,
                         policy: LifecyclePolicy, field: str = "total_amount") -> None:
-    """Recompute a contact's stats from its counted orders, in the currency of its latest order.
+    """Recompute a contact's stats from its counted orders. The count, the first and last order dates and the
+    lifecycle stage take every counted order; the money (total_spent, average_basket, last_order_amount) only the
+    orders in `currency`, that of the latest one: amounts in two currencies are never added (docs/decisions.md).
 
     The contact is locked first (FOR NO KEY UPDATE: rows referencing it may still be inserted), so what is read
     next includes every order change committed before ours: stats never point at an order cancelled meanwhile.
@@ -224,16 +226,16 @@ async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: 
                                  "currency": None}
         recent = 0
     else:
-        same_currency = and_(counted, _orders.c.currency == latest.currency)
-        agg = (await session.execute(select(
-            func.count(), func.sum(_orders.c.total_amount), func.min(_orders.c.placed_at),
+        in_currency = _orders.c.currency == latest.currency
+        count, first, recent, paid, total = (await session.execute(select(
+            func.count(), func.min(_orders.c.placed_at),
             func.count().filter(_orders.c.placed_at >= now - timedelta(days=policy.loyal_window_days)),
-        ).where(same_currency))).one()
-        count, total, first, recent = agg
+            func.count().filter(in_currency), func.sum(_orders.c.total_amount).filter(in_currency),
+        ).where(counted))).one()
         if total > MAX_MONEY:  # the caller's transaction rolls back: nothing of the write stays
             raise InvalidInput.one(field, f"the contact's total_spent in {latest.currency} would pass "
                                    f"{MAX_MONEY:,}, the most it holds", "total_spent_out_of_range")
-        stats = {"orders_count": count, "total_spent": total, "average_basket": round(total / count, 2),
+        stats = {"orders_count": count, "total_spent": total, "average_basket": round(total / paid, 2),
                  "first_order_at": first, "last_order_at": latest.placed_at,
                  "last_order_amount": latest.total_amount, "currency": latest.currency}
     stage = policy.stage(orders=stats["orders_count"], recent=recent, last_order_at=stats["last_order_at"], now=now)

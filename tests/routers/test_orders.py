@@ -122,6 +122,32 @@ class TestStatsBounds:
         assert (await contact_of(client, duplicate["id"]))["stats"]["total_spent"] == "1.00"
 
 
+class TestMixedCurrencies:
+    async def test_one_order_in_another_currency_keeps_the_count_and_the_stage_and_moves_the_money(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """The stats counted only the orders in the latest order's currency: one order paid in dollars made a loyal
+        customer of three euro orders a new customer with one order, first ordering today."""
+        contact = await make_contact(client)
+        ref = {"id": contact["id"]}
+        for i, days in enumerate((30, 20, 10)):
+            assert (await put(client, f"MC-{i}", order(ref, days_ago=days, total="10.00"))).status_code == 201
+        assert (await put(client, "MC-USD", order(ref, days_ago=1, total="7.50", currency="USD"))).status_code == 201
+        after = await contact_of(client, contact["id"])
+        stats, first = after["stats"], (await client.get("/v1/orders/MC-0", headers=ADMIN)).json()
+        assert (stats["orders_count"], after["lifecycle_stage"]) == (4, "loyal_customer")
+        assert stats["first_order_at"] == first["placed_at"]
+        # money is never summed across currencies: that of the latest order, over the orders paid in it
+        assert (stats["currency"], stats["total_spent"], stats["average_basket"], stats["last_order_amount"]) == (
+            "USD", "7.50", "7.50", "7.50")
+        segment = {"field": "stats.orders_count", "op": "eq", "value": 4}
+        by_stats = await client.post("/v1/segments/preview", json={"filter": segment}, headers=ADMIN)
+        by_orders = await client.post("/v1/segments/preview", headers=ADMIN, json={
+            "filter": {"field": "orders.count", "op": "eq", "value": 4}})
+        assert [c["id"] for c in by_stats.json()["data"]] == [c["id"] for c in by_orders.json()["data"]] == [
+            contact["id"]]
+
+
 class TestExternalIdInThePath:
     async def test_trimmed_as_in_a_body_and_never_blank(self, client: httpx.AsyncClient) -> None:
         """The contract declares external ids non-blank, and bodies trim text (`cart_external_id`): the {external_id}
