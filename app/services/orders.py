@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
@@ -235,7 +235,7 @@ async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: 
         if total > MAX_MONEY:  # the caller's transaction rolls back: nothing of the write stays
             raise InvalidInput.one(field, f"the contact's total_spent in {latest.currency} would pass "
                                    f"{MAX_MONEY:,}, the most it holds", "total_spent_out_of_range")
-        stats = {"orders_count": count, "total_spent": total, "average_basket": round(total / paid, 2),
+        stats = {"orders_count": count, "total_spent": total, "average_basket": _cents(total / paid),
                  "first_order_at": first, "last_order_at": latest.placed_at,
                  "last_order_amount": latest.total_amount, "currency": latest.currency}
     stage = policy.stage(orders=stats["orders_count"], recent=recent, last_order_at=stats["last_order_at"], now=now)
@@ -265,6 +265,11 @@ async def refresh_aged_stages(session: AsyncSession, *, policy: LifecyclePolicy,
         await history.record(session, contact_id, [("lifecycle_stage", old_stage, "lapsed_customer")],
                              actor=actor, via="lifecycle")
     return len(rows)
+
+
+def _cents(amount: Decimal) -> Decimal:
+    """To the cent, a half cent away from zero: as round(numeric) in SQL and shops round (round() goes to even)."""
+    return amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
 def _same(stored: Any, given: Any) -> bool:

@@ -148,6 +148,16 @@ class TestMixedCurrencies:
             contact["id"]]
 
 
+class TestAverageBasket:
+    async def test_a_half_cent_rounds_away_from_zero_as_postgresql_rounds(self, client: httpx.AsyncClient) -> None:
+        """0.05 over 2 orders is 0.025: Python's round() gave 0.02 (half to even), where round(numeric) in SQL, a
+        spreadsheet or a till give 0.03: a BI report recomputing the basket disagreed with the stored one."""
+        contact = await make_contact(client)
+        for external_id, total in (("HALF-1", "0.02"), ("HALF-2", "0.03")):
+            assert (await put(client, external_id, order({"id": contact["id"]}, total=total))).status_code == 201
+        assert (await contact_of(client, contact["id"]))["stats"]["average_basket"] == "0.03"
+
+
 class TestExternalIdInThePath:
     async def test_trimmed_as_in_a_body_and_never_blank(self, client: httpx.AsyncClient) -> None:
         """The contract declares external ids non-blank, and bodies trim text (`cart_external_id`): the {external_id}
