@@ -374,21 +374,26 @@ def _money(value: Any, path: str) -> Decimal:
     return _number(value, path, integer_digits=MONEY_DIGITS, places=MONEY_PLACES)
 
 
+# The documented forms only: Python's fromisoformat also reads ISO week dates (2026-W01-1), the basic format
+# (20260101T000000+0000) and a space for the T, which would be stored in the filter as sent.
+_DATE_FORM = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TIMESTAMP_FORM = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})")
+
+
 def _timestamp(value: Any, path: str) -> datetime:
     if isinstance(value, str) and len(value) <= 40:
         try:
-            if len(value) == 10:
+            if _DATE_FORM.fullmatch(value):
                 return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
-            moment = datetime.fromisoformat(value)
-            if moment.tzinfo is not None:
-                return utc_instant(moment)  # ValueError when timestamptz cannot hold it
+            if _TIMESTAMP_FORM.fullmatch(value):
+                return utc_instant(datetime.fromisoformat(value))  # ValueError when timestamptz cannot hold it
         except ValueError:
             pass
     raise _Invalid(path, "expected an RFC 3339 timestamp with an offset, or a date YYYY-MM-DD")
 
 
 def _date(value: Any, path: str) -> date:
-    if isinstance(value, str) and len(value) == 10:
+    if isinstance(value, str) and _DATE_FORM.fullmatch(value):
         try:
             return date.fromisoformat(value)
         except ValueError:

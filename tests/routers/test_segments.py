@@ -232,6 +232,10 @@ class TestFilterErrors:
         ({"all": [{"field": "stats.orders_count", "op": "gte"}]}, "filter.all[0].value"),
         ({"all": [{"field": "stats.orders_count", "op": "gte", "value": "3"}]}, "filter.all[0].value"),
         ({"all": [{"field": "created_at", "op": "lt", "value": "yesterday"}]}, "filter.all[0].value"),
+        # Python's fromisoformat reads ISO week dates and the basic format too: not the documented forms
+        ({"all": [{"field": "created_at", "op": "lt", "value": "2026-W01-1"}]}, "filter.all[0].value"),
+        ({"all": [{"field": "created_at", "op": "lt", "value": "20260101T000000+0000"}]}, "filter.all[0].value"),
+        ({"all": [{"field": "created_at", "op": "lt", "value": "2026-01-01 10:00+01:00"}]}, "filter.all[0].value"),
         ({"all": [{"field": "tags", "op": "in", "value": []}]}, "filter.all[0].value"),
         ({"all": [{"field": "lists", "op": "eq", "value": "not-a-uuid"}]}, "filter.all[0].value"),
         ({"all": [{"field": "orders.sku", "op": "eq", "value": "X", "count": {"op": "like", "value": 2}}]},
