@@ -28,10 +28,10 @@ from app.schemas.consents import ConsentAction
 from app.schemas.lists import ListCreate, ListPatch, SubscribeRequest
 from app.security import Principal
 from app.services import consents, locks, memberships, outbox
-from app.services.segments import segments_naming_list
 from app.services.links import CONFIRM_LINK_TTL, Link, LinkBuilder
 from app.services.locks import survivor_of
 from app.services.pagination import CursorCodec, page_by_name
+from app.services.segments import segments_naming_list
 
 __all__ = [
     "ConfirmationCancelled",

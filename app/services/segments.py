@@ -14,6 +14,7 @@ comparisons on nullable values are guarded with `IS NOT NULL`, and `neq`/`nin` m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -892,8 +893,9 @@ async def _check_saved(session: AsyncSession, filter_: Any) -> None:
 
 async def segments_naming_list(session: AsyncSession, list_id: uuid.UUID) -> list[uuid.UUID]:
     """The segments whose filter has a `lists` condition naming this list, in id order."""
+    # not by the id's text: a filter may spell it in capitals, in braces or without dashes (uuid.UUID reads them)
     candidates = await session.execute(select(_segments.c.id, _segments.c.filter)
-                                       .where(cast(_segments.c.filter, Text).contains(str(list_id)))
+                                       .where(cast(_segments.c.filter, Text).contains('"lists"'))
                                        .order_by(_segments.c.id))
     return [segment_id for segment_id, filter_ in candidates if list_id in _named_lists(filter_)]
 
@@ -908,10 +910,8 @@ def _named_lists(node: Any) -> set[uuid.UUID]:
             if item.get("field") == "lists":
                 values = item.get("value")
                 for value in values if isinstance(values, list) else [values]:
-                    try:
+                    with contextlib.suppress(ValueError):  # a filter saved before lists were checked
                         found.add(uuid.UUID(str(value)))
-                    except ValueError:
-                        pass
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)

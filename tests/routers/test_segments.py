@@ -298,7 +298,7 @@ class TestListsNamed:
 
     async def test_a_list_a_segment_names_cannot_be_deleted(self, client: httpx.AsyncClient) -> None:
         named, other = (await make_list(client))["id"], (await make_list(client))["id"]
-        segment = await make_segment(client, {"not": {"field": "lists", "op": "in", "value": [other, named]}})
+        segment = await make_segment(client, {"not": {"field": "lists", "op": "in", "value": [other, named.upper()]}})
         problem = assert_problem(await client.delete(f"/v1/lists/{named}", headers=ADMIN), 409)
         assert (problem["type"].rsplit("/", 1)[1], problem["segment_ids"]) == ("list-in-use", [segment["id"]])
         assert (await client.get(f"/v1/lists/{named}", headers=ADMIN)).status_code == 200
