@@ -29,7 +29,7 @@ from app.schemas.types import Limit
 from app.security import Principal, Scope, require
 from app.services import lists as lists_service
 from app.services.consents import ConsentRequired
-from app.services.lists import DuplicateList, ListNotFound
+from app.services.lists import DuplicateList, ListInUse, ListNotFound
 from app.services.memberships import MembershipNotFound
 from app.timeouts import BulkWriteSession
 
@@ -90,9 +90,10 @@ async def update_list(
     return _one(await lists_service.update(session, list_id, patch, expected_version=expected_version))
 
 
-@router.delete("/{list_id}", status_code=204, responses=problems(ListNotFound, PreconditionFailed))
+@router.delete("/{list_id}", status_code=204, responses=problems(ListNotFound, ListInUse, PreconditionFailed))
 async def delete_list(list_id: uuid.UUID, session: BulkWriteSession, _: Writer, expected_version: IfMatch) -> Response:
-    """Deletes the list and its memberships; the consent ledger keeps every event."""
+    """Deletes the list and its memberships; the consent ledger keeps every event. 409 `list-in-use` (with
+    `segment_ids`) while a segment's filter names the list."""
     await lists_service.delete_list(session, list_id, expected_version=expected_version)
     return Response(status_code=204)
 

@@ -31,10 +31,12 @@ from app.services import consents, locks, memberships, outbox
 from app.services.links import CONFIRM_LINK_TTL, Link, LinkBuilder
 from app.services.locks import survivor_of
 from app.services.pagination import CursorCodec, page_by_name
+from app.services.segments import segments_naming_list
 
 __all__ = [
     "ConfirmationCancelled",
     "DuplicateList",
+    "ListInUse",
     "ListNotFound",
     "Subscribed",
     "confirm",
@@ -74,6 +76,10 @@ class ListNotFound(NotFound):
 
 class DuplicateList(Conflict):
     slug, title = "duplicate-list", "A list with this name already exists"
+
+
+class ListInUse(Conflict):
+    slug, title = "list-in-use", "A segment's filter names the list"
 
 
 class ConfirmationCancelled(AppError):
@@ -146,9 +152,13 @@ async def update(
 
 
 async def delete_list(session: AsyncSession, list_id: uuid.UUID, *, expected_version: int | None) -> None:
-    """Deletes the list and its memberships; the consent ledger keeps every event."""
-    current = await _lock_list(session, list_id, for_update=True)
+    """Deletes the list and its memberships; the consent ledger keeps every event. 409 while a segment names it."""
+    current = await _lock_list(session, list_id, for_update=True)  # a segment being saved naming it: we wait
     _check_version(current, expected_version)
+    naming = await segments_naming_list(session, list_id)
+    if naming:  # deleted, the list would leave their conditions matching nobody, silently
+        raise ListInUse(f"the filter of {len(naming)} segment(s) names this list: change them first",
+                        segment_ids=[str(i) for i in naming])
     await session.execute(delete(_lists).where(_lists.c.id == list_id))
 
 

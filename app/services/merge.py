@@ -133,7 +133,7 @@ async def merge(
         actor=actor, via="merge",
     )
     if moved["orders"]:
-        await refresh_stats(session, survivor_id, actor=actor, policy=policy)
+        await refresh_stats(session, survivor_id, actor=actor, policy=policy, field="duplicate_id")
     await session.execute(insert(_merges).values(
         merged_id=duplicate_id, survivor_id=survivor_id, merged_at=now, subject=actor.subject))
     await journal.record(session, journal.act(actor, "contacts.merged", refs=[str(survivor_id), str(duplicate_id)],

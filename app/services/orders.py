@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
@@ -18,7 +18,7 @@ from app.errors import InvalidInput, NotFound, PreconditionFailed
 from app.models import Contact, Order
 from app.models.base import utc_now
 from app.schemas.contacts import ContactUpsert
-from app.schemas.orders import ContactRef, OrderPut
+from app.schemas.orders import MAX_MONEY, ContactRef, OrderPut
 from app.security import Principal
 from app.services import contacts as contacts_service
 from app.services import history, locks, outbox
@@ -202,11 +202,14 @@ async def contact_orders(session: AsyncSession, contact_id: uuid.UUID, *, limit:
 
 
 async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: Principal,
-                        policy: LifecyclePolicy) -> None:
-    """Recompute a contact's stats from its counted orders, in the currency of its latest order.
+                        policy: LifecyclePolicy, field: str = "total_amount") -> None:
+    """Recompute a contact's stats from its counted orders. The count, the first and last order dates and the
+    lifecycle stage take every counted order; the money (total_spent, average_basket, last_order_amount) only the
+    orders in `currency`, that of the latest one: amounts in two currencies are never added (docs/decisions.md).
 
     The contact is locked first (FOR NO KEY UPDATE: rows referencing it may still be inserted), so what is read
     next includes every order change committed before ours: stats never point at an order cancelled meanwhile.
+    A total_spent past its column (numeric(14, 2)) is a 422 on `field`, the input that would take it there.
     """
     now = utc_now()
     current = (await session.execute(
@@ -223,13 +226,16 @@ async def refresh_stats(session: AsyncSession, contact_id: uuid.UUID, *, actor: 
                                  "currency": None}
         recent = 0
     else:
-        same_currency = and_(counted, _orders.c.currency == latest.currency)
-        agg = (await session.execute(select(
-            func.count(), func.sum(_orders.c.total_amount), func.min(_orders.c.placed_at),
+        in_currency = _orders.c.currency == latest.currency
+        count, first, recent, paid, total = (await session.execute(select(
+            func.count(), func.min(_orders.c.placed_at),
             func.count().filter(_orders.c.placed_at >= now - timedelta(days=policy.loyal_window_days)),
-        ).where(same_currency))).one()
-        count, total, first, recent = agg
-        stats = {"orders_count": count, "total_spent": total, "average_basket": round(total / count, 2),
+            func.count().filter(in_currency), func.sum(_orders.c.total_amount).filter(in_currency),
+        ).where(counted))).one()
+        if total > MAX_MONEY:  # the caller's transaction rolls back: nothing of the write stays
+            raise InvalidInput.one(field, f"the contact's total_spent in {latest.currency} would pass "
+                                   f"{MAX_MONEY:,}, the most it holds", "total_spent_out_of_range")
+        stats = {"orders_count": count, "total_spent": total, "average_basket": _cents(total / paid),
                  "first_order_at": first, "last_order_at": latest.placed_at,
                  "last_order_amount": latest.total_amount, "currency": latest.currency}
     stage = policy.stage(orders=stats["orders_count"], recent=recent, last_order_at=stats["last_order_at"], now=now)
@@ -259,6 +265,11 @@ async def refresh_aged_stages(session: AsyncSession, *, policy: LifecyclePolicy,
         await history.record(session, contact_id, [("lifecycle_stage", old_stage, "lapsed_customer")],
                              actor=actor, via="lifecycle")
     return len(rows)
+
+
+def _cents(amount: Decimal) -> Decimal:
+    """To the cent, a half cent away from zero: as round(numeric) in SQL and shops round (round() goes to even)."""
+    return amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
 def _same(stored: Any, given: Any) -> bool:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Integer, String, Uuid, cast, delete, func, literal, or_, select, union_all
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.errors import FieldError, InvalidInput
@@ -30,6 +32,7 @@ from app.models.base import utc_now
 from app.services.segments import members_condition
 from app.settings import Settings
 from app.sync import ids as vendor_ids
+from app.timeouts import is_statement_timeout
 
 __all__ = ["Refreshed", "apply_mappings", "check_mappings", "refresh_next", "run_next", "state"]
 
@@ -120,7 +123,10 @@ async def run_next(sessions: async_sessionmaker[AsyncSession], settings: Setting
     """The worker's job: refresh one due snapshot; True if there was one (the worker then asks again at once)."""
     async with sessions.begin() as session:
         done = await refresh_next(session, every_seconds=settings.segment_refresh_seconds)
-    if done is not None:
+    if done is not None and done.failed is not None:
+        log.warning("segment_sync.refresh_failed", destination_id=str(done.destination_id),
+                    segment_id=str(done.segment_id), reason=done.failed)
+    elif done is not None:
         log.info("segment_sync.refreshed", destination_id=str(done.destination_id), segment_id=str(done.segment_id),
                  members=done.members, entered=done.entered, left=done.left)
     return done is not None
@@ -133,6 +139,7 @@ class Refreshed:
     members: int
     entered: int
     left: int
+    failed: str | None = None  # why the snapshot was left as it was: invalid_filter, statement_timeout
 
 
 async def refresh_next(
@@ -143,10 +150,15 @@ async def refresh_next(
     The sync row stays locked until the caller commits (SKIP LOCKED: workers refresh different ones), so the
     snapshot, its outbox messages and `refreshed_at` land together or not at all. `now` is the clock the
     filter's time windows are measured against (tests move it).
+
+    A snapshot that cannot be refreshed now (its stored filter no longer compiles: an attribute it names was
+    deleted; its diff ran past the statement timeout) is left as it was and stamped like a refreshed one, so that
+    it waits for the next round behind the others instead of being taken again at once by every round: the most
+    overdue, it would otherwise hold back every other snapshot for good.
     """
     now = now or utc_now()
     due = (await session.execute(
-        select(_syncs.c.destination_id, _syncs.c.segment_id, _segments.c.filter)
+        select(_syncs.c.destination_id, _syncs.c.segment_id, _syncs.c.members, _segments.c.filter)
         .join(_destinations, (_destinations.c.id == _syncs.c.destination_id) & _destinations.c.enabled)
         .join(_segments, _segments.c.id == _syncs.c.segment_id)
         .where(or_(_syncs.c.refreshed_at.is_(None), _syncs.c.refreshed_at <= now - timedelta(seconds=every_seconds)))
@@ -156,17 +168,26 @@ async def refresh_next(
     )).first()
     if due is None:
         return None
-    destination_id, segment_id, filter_ = due
-    condition = await members_condition(session, filter_, now=now)
-    members, entered, left = (await session.execute(
-        _diff_statement(destination_id, segment_id, condition, now)
-    )).one()
+    destination_id, segment_id, members, filter_ = due
+    failed = None
+    try:
+        async with session.begin_nested():  # the sync row's lock, taken before, stays held
+            condition = await members_condition(session, filter_, now=now)
+            members, entered, left = (await session.execute(
+                _diff_statement(destination_id, segment_id, condition, now)
+            )).one()
+    except InvalidInput:
+        failed, entered, left = "invalid_filter", 0, 0
+    except (DBAPIError, asyncpg.QueryCanceledError) as exc:  # the latter from an EXPLAIN on the driver connection
+        if not is_statement_timeout(exc):
+            raise
+        failed, entered, left = "statement_timeout", 0, 0
     await session.execute(
         update_statement(_syncs)
         .where(_syncs.c.destination_id == destination_id, _syncs.c.segment_id == segment_id)
         .values(refreshed_at=now, members=members)
     )
-    return Refreshed(destination_id, segment_id, members, entered, left)
+    return Refreshed(destination_id, segment_id, members, entered, left, failed)
 
 
 def _diff_statement(destination_id: uuid.UUID, segment_id: uuid.UUID, condition: Any, now: Any) -> Any:

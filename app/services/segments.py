@@ -14,6 +14,7 @@ comparisons on nullable values are guarded with `IS NOT NULL`, and `neq`/`nin` m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -64,6 +65,7 @@ from app.models import (
     Destination,
     Event,
     ListMembership,
+    MailingList,
     Order,
     Segment,
     SegmentSync,
@@ -109,6 +111,7 @@ _t = Contact.__table__  # type: ignore[attr-defined]
 _segments = Segment.__table__  # type: ignore[attr-defined]
 _defs = AttributeDefinition.__table__  # type: ignore[attr-defined]
 _members = ListMembership.__table__  # type: ignore[attr-defined]
+_lists = MailingList.__table__  # type: ignore[attr-defined]
 _orders = Order.__table__  # type: ignore[attr-defined]
 _carts = Cart.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
@@ -233,6 +236,8 @@ class _Compiler:
     required_counts: list[tuple[Any, list[Any], ColumnElement[bool]]] = field(default_factory=list)
     required: bool = True
     counting: str = "per_contact"
+    # each list id a `lists` condition names, with its path: checked against the lists when a filter is saved
+    lists: list[tuple[uuid.UUID, str]] = field(default_factory=list)
 
     def node(self, node: Any, path: str, depth: int) -> ColumnElement[bool]:
         try:
@@ -370,21 +375,26 @@ def _money(value: Any, path: str) -> Decimal:
     return _number(value, path, integer_digits=MONEY_DIGITS, places=MONEY_PLACES)
 
 
+# The documented forms only: Python's fromisoformat also reads ISO week dates (2026-W01-1), the basic format
+# (20260101T000000+0000) and a space for the T, which would be stored in the filter as sent.
+_DATE_FORM = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TIMESTAMP_FORM = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})")
+
+
 def _timestamp(value: Any, path: str) -> datetime:
     if isinstance(value, str) and len(value) <= 40:
         try:
-            if len(value) == 10:
+            if _DATE_FORM.fullmatch(value):
                 return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
-            moment = datetime.fromisoformat(value)
-            if moment.tzinfo is not None:
-                return utc_instant(moment)  # ValueError when timestamptz cannot hold it
+            if _TIMESTAMP_FORM.fullmatch(value):
+                return utc_instant(datetime.fromisoformat(value))  # ValueError when timestamptz cannot hold it
         except ValueError:
             pass
     raise _Invalid(path, "expected an RFC 3339 timestamp with an offset, or a date YYYY-MM-DD")
 
 
 def _date(value: Any, path: str) -> date:
-    if isinstance(value, str) and len(value) == 10:
+    if isinstance(value, str) and _DATE_FORM.fullmatch(value):
         try:
             return date.fromisoformat(value)
         except ValueError:
@@ -563,7 +573,9 @@ def _compile_tags(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapp
 
 def _compile_lists(c: _Compiler, spec: FieldSpec, op: str, value: Any, node: Mapping[str, Any], path: str) -> Any:
     vpath = f"{path}.value"
-    ids = [_uuid(value, vpath)] if op in ("eq", "contains", "neq") else _values(value, vpath, _uuid)
+    paths = [vpath] if op in ("eq", "contains", "neq") else None
+    ids = [_uuid(value, vpath)] if paths else _values(value, vpath, _uuid)
+    c.lists += zip(ids, paths or [f"{vpath}[{i}]" for i in range(len(ids))], strict=True)
     subscribed = exists().where(_members.c.contact_id == _t.c.id, _members.c.list_id.in_(ids),
                                 _members.c.status == "subscribed")
     return not_(subscribed) if op in ("neq", "nin") else subscribed
@@ -723,6 +735,7 @@ async def preview(session: AsyncSession, filter_: Any, *, now: datetime | None =
     now = now or utc_now()
     definitions = await _definitions(session, filter_)
     compiled = _compile(filter_, definitions, now)
+    await _check_lists(session, compiled, lock=False)  # a replica's read-only transaction takes no lock
     counting = compiled.counting() if compiled.lone_count is not None else \
         select(func.count()).select_from(_t).where(compiled.expression)
     if compiled.count_among_others is not None:
@@ -765,7 +778,7 @@ def _compile(filter_: Any, definitions: dict[str, str], now: datetime, path: str
     lone_count = compiler.counts[0] if single and len(compiler.counts) == 1 and not compiler.activities else None
     among_others = compiler.required_counts[0] if lone_count is None and len(compiler.counts) == 1 \
         and len(compiler.required_counts) == 1 else None
-    return _Compiled(expression, compiler.clock, lone, lone_count, among_others)
+    return _Compiled(expression, compiler.clock, lone, lone_count, among_others, tuple(compiler.lists))
 
 
 @dataclass(frozen=True, slots=True)
@@ -778,6 +791,7 @@ class _Compiled:
     lone_count: tuple[Any, list[Any], ColumnElement[bool]] | None = None
     # the filter's only count, needing N >= 1 rows, required with other conditions: it may be grouped (_groups_better)
     count_among_others: tuple[Any, list[Any], ColumnElement[bool]] | None = None
+    lists: tuple[tuple[uuid.UUID, str], ...] = ()  # see _Compiler.lists
 
     def counting(self, hashed: bool = False) -> Select[Any]:
         """The count of the contacts matching. For a lone activity condition, the distinct contacts of the
@@ -858,8 +872,54 @@ async def _check_runs(session: AsyncSession, condition: ColumnElement[bool], pat
                                "invalid_filter") from None
 
 
+async def _check_lists(session: AsyncSession, compiled: _Compiled, *, lock: bool = True) -> None:
+    """422 naming each list id of the filter that no list has (`unknown_list`). With `lock`, the lists named stay
+    locked (FOR KEY SHARE) until the segment is written: a list deletion waits, then sees the segment (409)."""
+    if not compiled.lists:
+        return
+    query = select(_lists.c.id).where(_lists.c.id.in_({i for i, _ in compiled.lists})).order_by(_lists.c.id)
+    found = set((await session.scalars(query.with_for_update(read=True, key_share=True) if lock else query)).all())
+    missing = [FieldError(path, "no list has this id", "unknown_list") for i, path in compiled.lists if i not in found]
+    if missing:
+        raise InvalidInput(*missing)
+
+
+async def _check_saved(session: AsyncSession, filter_: Any) -> None:
+    """What a filter must pass to be saved: it compiles, names existing lists (locked), and PostgreSQL runs it."""
+    compiled = await _compile_with_definitions(session, filter_)
+    await _check_lists(session, compiled)
+    await _check_runs(session, compiled.expression)
+
+
+async def segments_naming_list(session: AsyncSession, list_id: uuid.UUID) -> list[uuid.UUID]:
+    """The segments whose filter has a `lists` condition naming this list, in id order."""
+    # not by the id's text: a filter may spell it in capitals, in braces or without dashes (uuid.UUID reads them)
+    candidates = await session.execute(select(_segments.c.id, _segments.c.filter)
+                                       .where(cast(_segments.c.filter, Text).contains('"lists"'))
+                                       .order_by(_segments.c.id))
+    return [segment_id for segment_id, filter_ in candidates if list_id in _named_lists(filter_)]
+
+
+def _named_lists(node: Any) -> set[uuid.UUID]:
+    """The list ids the `lists` conditions of a stored filter name (iterative, as _mentions_attributes)."""
+    found: set[uuid.UUID] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("field") == "lists":
+                values = item.get("value")
+                for value in values if isinstance(values, list) else [values]:
+                    with contextlib.suppress(ValueError):  # a filter saved before lists were checked
+                        found.add(uuid.UUID(str(value)))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
 async def create(session: AsyncSession, *, name: str, filter_: dict[str, Any], description: str | None) -> Row:
-    await _check_runs(session, await compile_filter(session, filter_))
+    await _check_saved(session, filter_)
     now = utc_now()
     values = {"id": new_id(), "name": name, "filter": filter_, "description": description, "version": 1,
               "created_at": now, "updated_at": now}
@@ -878,7 +938,7 @@ async def update(
     current = await get(session, segment_id, lock=True)
     _check_version(current, expected_version)
     if "filter" in changes:
-        await _check_runs(session, await compile_filter(session, changes["filter"]))
+        await _check_saved(session, changes["filter"])
     changes = {k: v for k, v in changes.items() if current[k] != v}
     if not changes:
         return current

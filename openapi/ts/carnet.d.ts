@@ -846,7 +846,8 @@ export interface paths {
         post?: never;
         /**
          * Delete List
-         * @description Deletes the list and its memberships; the consent ledger keeps every event.
+         * @description Deletes the list and its memberships; the consent ledger keeps every event. 409 `list-in-use` (with
+         *     `segment_ids`) while a segment's filter names the list.
          */
         delete: operations["delete_list_v1_lists__list_id__delete"];
         options?: never;
@@ -8085,6 +8086,15 @@ export interface operations {
             };
             /** @description No such list */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A segment's filter names the list */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

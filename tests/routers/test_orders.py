@@ -89,6 +89,75 @@ class TestPutOrder:
         assert_problem(await client.get("/v1/orders/BAD", headers=ADMIN), 404)
 
 
+class TestStatsBounds:
+    """total_spent is numeric(14, 2), as an order's amount: two orders of 999,999,999,999.99 summed past it, and
+    the stats write answered 500 (SQLSTATE 22003) after the order was written in the same transaction."""
+
+    async def test_an_order_taking_total_spent_past_its_column_is_422_and_nothing_is_written(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        contact = await make_contact(client)
+        ref = {"id": contact["id"]}
+        assert (await put(client, "BIG-1", order(ref, total="999999999999.99", days_ago=2))).status_code == 201
+        problem = assert_problem(await put(client, "BIG-2", order(ref, total="0.01")), 422, "total_amount")
+        assert problem["errors"][0]["code"] == "total_spent_out_of_range"
+        assert_problem(await client.get("/v1/orders/BIG-2", headers=ADMIN), 404)
+        # a cancelled one counts once it is paid: the same refusal, and the order keeps its status
+        assert (await put(client, "BIG-3", order(ref, total="5.00", status="cancelled"))).status_code == 201
+        assert_problem(await put(client, "BIG-3", order(ref, total="5.00")), 422, "total_amount")
+        assert (await client.get("/v1/orders/BIG-3", headers=ADMIN)).json()["status"] == "cancelled"
+        stats = (await contact_of(client, contact["id"]))["stats"]
+        assert (stats["orders_count"], stats["total_spent"]) == (1, "999999999999.99")
+
+    async def test_a_merge_taking_total_spent_past_its_column_is_422_and_nothing_moves(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        assert (await put(client, "M-BIG", order({"id": survivor["id"]}, total="999999999999.99"))).status_code == 201
+        assert (await put(client, "M-ONE", order({"id": duplicate["id"]}, total="1.00"))).status_code == 201
+        merged = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                   headers=ADMIN)
+        assert_problem(merged, 422, "duplicate_id")
+        assert (await client.get("/v1/orders/M-ONE", headers=ADMIN)).json()["contact_id"] == duplicate["id"]
+        assert (await contact_of(client, duplicate["id"]))["stats"]["total_spent"] == "1.00"
+
+
+class TestMixedCurrencies:
+    async def test_one_order_in_another_currency_keeps_the_count_and_the_stage_and_moves_the_money(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """The stats counted only the orders in the latest order's currency: one order paid in dollars made a loyal
+        customer of three euro orders a new customer with one order, first ordering today."""
+        contact = await make_contact(client)
+        ref = {"id": contact["id"]}
+        for i, days in enumerate((30, 20, 10)):
+            assert (await put(client, f"MC-{i}", order(ref, days_ago=days, total="10.00"))).status_code == 201
+        assert (await put(client, "MC-USD", order(ref, days_ago=1, total="7.50", currency="USD"))).status_code == 201
+        after = await contact_of(client, contact["id"])
+        stats, first = after["stats"], (await client.get("/v1/orders/MC-0", headers=ADMIN)).json()
+        assert (stats["orders_count"], after["lifecycle_stage"]) == (4, "loyal_customer")
+        assert stats["first_order_at"] == first["placed_at"]
+        # money is never summed across currencies: that of the latest order, over the orders paid in it
+        assert (stats["currency"], stats["total_spent"], stats["average_basket"], stats["last_order_amount"]) == (
+            "USD", "7.50", "7.50", "7.50")
+        segment = {"field": "stats.orders_count", "op": "eq", "value": 4}
+        by_stats = await client.post("/v1/segments/preview", json={"filter": segment}, headers=ADMIN)
+        by_orders = await client.post("/v1/segments/preview", headers=ADMIN, json={
+            "filter": {"field": "orders.count", "op": "eq", "value": 4}})
+        assert [c["id"] for c in by_stats.json()["data"]] == [c["id"] for c in by_orders.json()["data"]] == [
+            contact["id"]]
+
+
+class TestAverageBasket:
+    async def test_a_half_cent_rounds_away_from_zero_as_postgresql_rounds(self, client: httpx.AsyncClient) -> None:
+        """0.05 over 2 orders is 0.025: Python's round() gave 0.02 (half to even), where round(numeric) in SQL, a
+        spreadsheet or a till give 0.03: a BI report recomputing the basket disagreed with the stored one."""
+        contact = await make_contact(client)
+        for external_id, total in (("HALF-1", "0.02"), ("HALF-2", "0.03")):
+            assert (await put(client, external_id, order({"id": contact["id"]}, total=total))).status_code == 201
+        assert (await contact_of(client, contact["id"]))["stats"]["average_basket"] == "0.03"
+
+
 class TestExternalIdInThePath:
     async def test_trimmed_as_in_a_body_and_never_blank(self, client: httpx.AsyncClient) -> None:
         """The contract declares external ids non-blank, and bodies trim text (`cart_external_id`): the {external_id}

@@ -232,6 +232,10 @@ class TestFilterErrors:
         ({"all": [{"field": "stats.orders_count", "op": "gte"}]}, "filter.all[0].value"),
         ({"all": [{"field": "stats.orders_count", "op": "gte", "value": "3"}]}, "filter.all[0].value"),
         ({"all": [{"field": "created_at", "op": "lt", "value": "yesterday"}]}, "filter.all[0].value"),
+        # Python's fromisoformat reads ISO week dates and the basic format too: not the documented forms
+        ({"all": [{"field": "created_at", "op": "lt", "value": "2026-W01-1"}]}, "filter.all[0].value"),
+        ({"all": [{"field": "created_at", "op": "lt", "value": "20260101T000000+0000"}]}, "filter.all[0].value"),
+        ({"all": [{"field": "created_at", "op": "lt", "value": "2026-01-01 10:00+01:00"}]}, "filter.all[0].value"),
         ({"all": [{"field": "tags", "op": "in", "value": []}]}, "filter.all[0].value"),
         ({"all": [{"field": "lists", "op": "eq", "value": "not-a-uuid"}]}, "filter.all[0].value"),
         ({"all": [{"field": "orders.sku", "op": "eq", "value": "X", "count": {"op": "like", "value": 2}}]},
@@ -275,6 +279,34 @@ class TestFilterErrors:
         assert body["errors"][0]["code"] == "too_deep"
         many = {"any": [{"field": "kind", "op": "eq", "value": "customer"}] * 101}
         assert assert_problem(await preview(client, many), 422)["errors"][0]["code"] == "too_many_conditions"
+
+
+class TestListsNamed:
+    """A filter naming a list id that no list has matched nobody (neq, nin: everybody), silently: a typo, or a list
+    deleted since, changed the segment's meaning without a word."""
+
+    async def test_an_unknown_list_is_422_naming_the_value(self, client: httpx.AsyncClient) -> None:
+        known, unknown = (await make_list(client))["id"], str(uuid.uuid4())
+        for filter_, field in (({"all": [{"field": "lists", "op": "eq", "value": unknown}]}, "filter.all[0].value"),
+                               ({"field": "lists", "op": "nin", "value": [known, unknown]}, "filter.value[1]")):
+            assert assert_problem(await preview(client, filter_), 422, field)["errors"][0]["code"] == "unknown_list"
+            create = await client.post("/v1/segments", json={"name": "typo", "filter": filter_}, headers=ADMIN)
+            assert_problem(create, 422, field)
+            segment = await make_segment(client, LYON)
+            patched = await client.patch(f"/v1/segments/{segment['id']}", json={"filter": filter_}, headers=ADMIN)
+            assert_problem(patched, 422, field)
+
+    async def test_a_list_a_segment_names_cannot_be_deleted(self, client: httpx.AsyncClient) -> None:
+        named, other = (await make_list(client))["id"], (await make_list(client))["id"]
+        segment = await make_segment(client, {"not": {"field": "lists", "op": "in", "value": [other, named.upper()]}})
+        problem = assert_problem(await client.delete(f"/v1/lists/{named}", headers=ADMIN), 409)
+        assert (problem["type"].rsplit("/", 1)[1], problem["segment_ids"]) == ("list-in-use", [segment["id"]])
+        assert (await client.get(f"/v1/lists/{named}", headers=ADMIN)).status_code == 200
+        await make_segment(client, {"field": "tags", "op": "eq", "value": named})  # a tag spelt like it: no matter
+        patched = await client.patch(f"/v1/segments/{segment['id']}", headers=ADMIN, json={
+            "filter": {"field": "lists", "op": "eq", "value": other}})
+        assert patched.status_code == 200, patched.text
+        assert (await client.delete(f"/v1/lists/{named}", headers=ADMIN)).status_code == 204
 
 
 class TestHostileFilters:

@@ -281,6 +281,52 @@ async def test_two_workers_refresh_without_double_messages(
     assert count == len(people)
 
 
+async def test_a_snapshot_that_cannot_be_refreshed_waits_its_turn_and_the_others_go_on(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine,
+) -> None:
+    """A synced segment naming an attribute deleted since (or whose refresh ran past the statement timeout) failed
+    its refresh, stayed the most overdue, and was taken again by every round: no other snapshot was refreshed
+    again, and the worker logged the same error forever."""
+    client = committing_client
+    name = f"size_{uuid.uuid4().hex[:8]}"
+    await client.post("/v1/attributes", json={"name": name, "type": "number"}, headers=ADMIN)
+    broken = await make_segment(client, {"field": f"attributes.{name}", "op": "exists"})
+    assert (await client.delete(f"/v1/attributes/{name}", headers=ADMIN)).status_code == 204
+    slow, fine = await make_segment(client, {"field": "address.city", "op": "eq", "value": "Lyon"}), \
+        await make_segment(client, VIP)
+    await make_contact(client, tags=["vip"])
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": s["id"]} for s in (broken, slow, fine)])
+    sessions = make_sessionmaker(engine)
+    # the snapshots queue in this order, the broken one first
+    async with sessions.begin() as session:
+        for minutes, segment in enumerate((broken, slow, fine)):
+            await session.execute(text("UPDATE segment_sync SET refreshed_at = now() - make_interval(hours => 2) "
+                                       "+ make_interval(mins => :m) WHERE segment_id = :s"),
+                                  {"m": minutes, "s": segment["id"]})
+    done = []
+    async with engine.connect() as holder:  # holds `contact`: the slow one's diff waits, past its timeout
+        await holder.execute(text("LOCK TABLE contact IN ACCESS EXCLUSIVE MODE"))
+        for _ in range(2):
+            async with sessions.begin() as session:
+                await session.execute(text("SET LOCAL statement_timeout = '300ms'"))
+                done.append(await segment_sync.refresh_next(session, every_seconds=3600))
+        await holder.rollback()
+    async with sessions.begin() as session:
+        done.append(await segment_sync.refresh_next(session, every_seconds=3600))
+        done.append(await segment_sync.refresh_next(session, every_seconds=3600))
+    assert [(r.segment_id, r.failed) for r in done[:3]] == [  # type: ignore[union-attr]
+        (uuid.UUID(broken["id"]), "invalid_filter"), (uuid.UUID(slow["id"]), "statement_timeout"),
+        (uuid.UUID(fine["id"]), None)]
+    assert done[3] is None  # the two that failed wait for the next round, as refreshed ones do
+    assert (done[2].members, done[2].entered) == (1, 1)  # type: ignore[union-attr]
+    async with sessions() as session:
+        topics = (await session.execute(text(
+            "SELECT payload ->> 'segment_id', count(*) FROM outbox_message WHERE payload ->> 'destination_id' = :d"
+            " GROUP BY 1"), {"d": sink["id"]})).all()
+    assert topics == [(fine["id"], 1)]
+
+
 class TestMappingRules:
     async def test_each_kind_names_what_it_cannot_sync(self, committing_client: httpx.AsyncClient) -> None:
         client = committing_client
