@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Contact
 
-__all__ = ["lock_contacts", "lock_following_merges", "lock_new_keys", "survivor_of"]
+__all__ = ["lock_contacts", "lock_following_merges", "lock_new_keys", "share_key_buckets", "survivor_of"]
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 # A merge committing while a writer waits for the merged contact's lock moves the writer on to the survivor; a
@@ -87,10 +87,28 @@ async def lock_new_keys(connection: asyncpg.Connection, *, emails: Sequence[str]
             for kind in ("email", "external_id")}
     new = [f"{kind}:{value}" for kind, values in (("email", emails), ("external_id", external_ids))
            for value in values if (kind, value) not in held]
-    buckets = sorted({zlib.crc32(key.encode()) % NEW_KEY_BUCKETS for key in new})
-    if buckets:  # unnest gives the array's order, so the locks are taken in it
+    if buckets := _buckets(new):  # unnest gives the array's order, so the locks are taken in it
         await connection.execute(_LOCK_BUCKETS, NEW_KEY_NAMESPACE, buckets)
+
+
+async def share_key_buckets(connection: asyncpg.Connection, *, emails: Iterable[str], external_ids: Iterable[str]
+                            ) -> None:
+    """An import batch's `lock_new_keys`: the buckets of all its keys, in bucket order, in SHARE mode.
+
+    Its single INSERT meets its new keys in the file's order, so without them an API batch creating some of the
+    same people in another order deadlocked with it (one of them failed: a 500 for the API). Shared, because two
+    batches of one import are written at once (the later one inserts while it waits, in Python, for the earlier
+    one's commit: PostgreSQL would not see such a wait in a cycle). All keys, not only the new ones: no query to
+    tell them apart, and a batch of 10,000 rows covers the 64 buckets anyway."""
+    keys = [f"email:{v}" for v in emails] + [f"external_id:{v}" for v in external_ids]
+    if buckets := _buckets(keys):
+        await connection.execute(_SHARE_BUCKETS, NEW_KEY_NAMESPACE, buckets)
+
+
+def _buckets(keys: Iterable[str]) -> list[int]:
+    return sorted({zlib.crc32(key.encode()) % NEW_KEY_BUCKETS for key in keys})
 
 
 _HOLDERS = "SELECT email, external_id FROM contact WHERE email = ANY($1::varchar[]) OR external_id = ANY($2::varchar[])"
 _LOCK_BUCKETS = "SELECT count(pg_advisory_xact_lock($1, bucket)) FROM unnest($2::int[]) AS bucket"
+_SHARE_BUCKETS = "SELECT count(pg_advisory_xact_lock_shared($1, bucket)) FROM unnest($2::int[]) AS bucket"

@@ -531,18 +531,25 @@ async def test_a_job_that_keeps_killing_its_runner_fails(
                        id=uuid.UUID(job["id"])) == 0
 
 
-async def test_a_key_taken_by_another_writer_meanwhile_rejects_only_that_row(
+@pytest.mark.parametrize(("mode", "outcome"), [("upsert", (1, 1, 0)), ("create_only", (1, 0, 1))])
+async def test_a_contact_created_by_another_writer_meanwhile_is_updated_as_the_api_upsert_would(
     client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mode: str, outcome: tuple[int, int, int],
 ) -> None:
+    """The other writer's contact appears between the batch's read of the holders and its insert: the row is matched
+    to it again and updates it (create_only: skips it), never refused with "import the row again"."""
     await make_contact(client, email="raced@exemple.fr", first_name="Other writer")
-    # As if the contact appeared between the matching and the insert: the match sees nobody.
-    monkeypatch.setattr(batch, "_MATCH_SQL", "SELECT $1::text, $2::uuid[], $3::text[], $4::text[]")  # all 'create'
-    data = build_csv(["Email"], [["raced@exemple.fr"], ["free@exemple.fr"]])
-    job = await run_import(client, sessions, settings, data)
-    assert (job["created"], job["rejected"]) == (1, 1)
-    assert "another writer" in (await report(client, job["id"]))[0]["reason"]
-    assert (await contacts_by_email(sessions))["raced@exemple.fr"]["first_name"] == "Other writer"
+    holders = batch._holders_sql
+
+    def first_read_sees_nobody(*, lock: bool, of: str | None = None) -> str:
+        return holders(lock=lock, of=of) + (" LIMIT 0" if of is None else "")
+
+    monkeypatch.setattr(batch, "_holders_sql", first_read_sees_nobody)
+    data = build_csv(["Email", "Société"], [["raced@exemple.fr", "Import"], ["free@exemple.fr", "Import"]])
+    job = await run_import(client, sessions, settings, data, mode=mode)
+    assert (job["created"], job["updated"], job["skipped"], job["rejected"]) == (*outcome, 0)
+    raced = (await contacts_by_email(sessions))["raced@exemple.fr"]
+    assert (raced["first_name"], raced["company"]) == ("Other writer", "Import" if mode == "upsert" else None)
 
 
 async def test_report_values_are_cleared_some_days_after_the_import(

@@ -290,3 +290,14 @@ class TestUnreadable:
         assert peak < 8 * 2**20, peak
         assert elapsed < 5, elapsed
         assert len(reader.close()) == 1
+
+    def test_a_record_is_cut_to_the_header_width_and_a_value_past_it_makes_it_unreadable(self) -> None:
+        """Blank cells past the header are dropped, quoted or not; a value past it refuses the row at once (as
+        validation would) instead of keeping every cell of it until its batch is written."""
+        reader = sniff.RecordReader("utf-8", ";", width=2)
+        data = b'a@x.fr;A;;\xc2\xa0;\nb@x.fr;B;;x\n"c@x.fr";"C\nD";;" "\n"d@x.fr";D;"x"\n' + b"e;" * 1000 + b"\n"
+        got = reader.feed(data) + reader.close()
+        assert got[0] == ["a@x.fr", "A"] and got[2] == ["c@x.fr", "C\nD"]
+        assert [type(r).__name__ for r in got] == ["list", "Unreadable", "list", "Unreadable", "Unreadable"]
+        assert got[1].reason == "the row has 4 cells, the header 2"  # type: ignore[attr-defined]
+        assert got[4].reason == "the row has 1001 cells, the header 2"  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
      so are the attribute definitions the file fills and the job's tags (created again if deleted meanwhile);
   2. rows already validated by a worker process (app.services.imports.rows) arrive as records; duplicates inside
      the file (keys seen in earlier rows, `import_key`) are rejected;
-  3. COPY into a staging table that lives for this transaction only (ON COMMIT DROP);
+  3. COPY into a staging table that lives for this transaction only (ON COMMIT DROP); the rows' key buckets taken
+     (SHARE: locks.share_key_buckets);
   4. the contacts holding the rows' external_ids and emails are locked, in id order (FOR NO KEY UPDATE), and read
      as they are once locked; matching (external_id, else email, as the API's upsert) decides among them, then the
      suppression check (HMAC digests) overrides it;
@@ -20,8 +21,9 @@ one's rows too, takes its locks only once the earlier one holds its own, and wri
 earlier one committed (a contact both want waits for that commit; the earlier one never waits on the later one).
 
 The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
-after the lock with one of the file's keys is met by the unique indexes: the new rows' insert, run again with ON
-CONFLICT DO NOTHING, skips it (`conflict`), an updated row whose new email it holds is refused (`email_held`), as in
+after the lock with one of the file's keys (by a writer taking no key bucket: a single create, upsert or signup) is
+met by the unique indexes: the new rows' insert, run again with ON CONFLICT DO NOTHING, leaves the rows it holds
+to be matched to it (_match_the_winners), an updated row whose new email it holds is refused (`email_held`), as in
 the API. A race that the transaction cannot settle itself (a deadlock, a lock held past the lock timeout) raises,
 and the runner writes the whole batch again.
 """
@@ -40,6 +42,7 @@ import asyncpg
 
 from app.logging import get_logger
 from app.models.base import utc_now
+from app.services import locks
 from app.services.imports.rows import STAGE_COLUMNS, Spec, Validated
 from app.services.links import CONFIRM_LINK_TTL, LinkBuilder
 from app.settings import Settings
@@ -64,6 +67,7 @@ _FIELD_COLUMN = {
 _COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
 _EMAIL_DIGEST, _PHONE_DIGEST = STAGE_COLUMNS.index("email_digest"), STAGE_COLUMNS.index("phone_digest")
 _MAILBOX_DIGEST = STAGE_COLUMNS.index("mailbox_digest")
+_EMAIL, _EXTERNAL = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
 _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
     "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest", "mailbox_digest"}]
 # `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
@@ -197,20 +201,20 @@ async def write_batch(
     else:
         await connection.execute(_STAGE_DDL)
         await connection.copy_records_to_table("import_stage", records=kept, columns=list(STAGE_COLUMNS))
+        if not dry:  # before the contacts, as an API batch takes them (locks.lock_new_keys)
+            await locks.share_key_buckets(connection, emails=(r[_EMAIL] for r in kept if r[_EMAIL] is not None),
+                                          external_ids=(r[_EXTERNAL] for r in kept if r[_EXTERNAL] is not None))
         held = await connection.fetch(_holders_sql(lock=not dry))
         turn.hold(keys)
         if held or job.row["mode"] == "update_only":  # else every row stays 'create' (a file of new people)
-            await connection.execute(_MATCH_SQL, job.row["mode"], [h["id"] for h in held],
-                                     [h["email"] for h in held], [h["external_id"] for h in held])
+            await _match(connection, job, held, "create")
         await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
         stamped_at = None if dry else now
         if not dry:
             inserted, wanted = await _create(connection, job, now)
             if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
-                await connection.execute(
-                    "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
-                    "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
+                await _match_the_winners(connection, job)
         await _update(connection, job, now, dry=dry)
         await connection.execute(_SEEN_SQL, job.id, dry)
         outcome = {r["action"]: r["n"] for r in await connection.fetch(
@@ -255,6 +259,23 @@ async def write_batch(
         # Its changes would show up later than an incremental reader's overlap (docs/decisions.md) after their date.
         raise Raced("the batch took longer than IMPORT_LEASE_SECONDS after its date")
     return counts
+
+
+async def _match(connection: asyncpg.Connection, job: Job, held: list[asyncpg.Record], action: str) -> None:
+    """Matching (_MATCH_SQL) of the staged rows still marked `action`, among these locked holders."""
+    await connection.execute(_MATCH_SQL, job.row["mode"], [h["id"] for h in held], [h["email"] for h in held],
+                             [h["external_id"] for h in held], action)
+
+
+async def _match_the_winners(connection: asyncpg.Connection, job: Job) -> None:
+    """Rows whose contact another writer created after _holders_sql read the keys (a single API create or upsert,
+    the public signup: they take no key bucket) are matched again, to that contact, now committed (ON CONFLICT
+    waited for it) and locked: the row updates it, as the API's upsert updates the contact a concurrent upsert
+    created (create_only: skipped as existing). Only a row whose contact is gone again stays `conflict`."""
+    await connection.execute(
+        "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
+        "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
+    await _match(connection, job, await connection.fetch(_holders_sql(lock=True, of="conflict")), "conflict")
 
 
 async def _drop_duplicates(
@@ -332,22 +353,24 @@ def _key_cell(job: Job, row: Mapping[str, Any]) -> tuple[str | None, str | None]
     return job.columns_by_field.get("external_id"), row["external_id"]
 
 
-def _holders_sql(*, lock: bool) -> str:
+def _holders_sql(*, lock: bool, of: str | None = None) -> str:
     """Every contact holding one of the staged external_ids or emails: their id and keys, locked in id order.
 
     FOR NO KEY UPDATE, as the API's consent and list writes: rows referencing these contacts (orders, events) can
     still be inserted meanwhile; a contact whose email or external_id the batch changes is upgraded by the UPDATE.
     A contact changed while the lock waited is returned as it is now. The holders are found by one index probe
     per staged key (scalar subqueries: never a scan of `contact`, whatever the planner guesses of a temporary
-    table it has no statistics for). A dry run writes nothing, so it locks nothing.
+    table it has no statistics for). A dry run writes nothing, so it locks nothing. `of`: only the rows marked so.
     """
+    only = f"AND s.action = '{of}'" if of else ""
     return f"""
         SELECT id, email, external_id FROM contact
         WHERE id = ANY (ARRAY(
             SELECT (SELECT x.id FROM contact x WHERE x.external_id = s.external_id) FROM import_stage s
-            WHERE s.external_id IS NOT NULL
+            WHERE s.external_id IS NOT NULL {only}
             UNION ALL
-            SELECT (SELECT e.id FROM contact e WHERE e.email = s.email) FROM import_stage s WHERE s.email IS NOT NULL
+            SELECT (SELECT e.id FROM contact e WHERE e.email = s.email) FROM import_stage s
+            WHERE s.email IS NOT NULL {only}
         ))
         ORDER BY id
         {"FOR NO KEY UPDATE" if lock else ""}
@@ -365,10 +388,10 @@ WHERE EXISTS (
 )
 """
 
-# The API's upsert matching: external_id first, else email; an email held by a contact with another
-# external_id is refused (409 in the API), and so is a new email another contact already holds. Among the holders
-# locked (_holders_sql: $2 ids, $3 emails, $4 external ids), as they are now: nothing decides on an unlocked read.
-# A contact that takes one of the keys after the lock is met by the unique indexes (ON CONFLICT, _update).
+# The API's upsert matching, of the rows marked $5: external_id first, else email; an email held by a contact with
+# another external_id is refused (409 in the API), and so is a new email another contact already holds. Among the
+# holders locked (_holders_sql: $2 ids, $3 emails, $4 external ids), as they are now: nothing decides on an unlocked
+# read. A contact that takes one of the keys after the lock is met by the unique indexes (ON CONFLICT, _update).
 _MATCH_SQL = """
 WITH held AS (SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS h(id, email, external_id))
 UPDATE import_stage s SET target_id = m.target_id, action = m.action
@@ -385,7 +408,7 @@ FROM (
     FROM import_stage s
     LEFT JOIN held cx ON cx.external_id = s.external_id
     LEFT JOIN held ce ON ce.email = s.email
-    WHERE s.action = 'create'
+    WHERE s.action = $5
 ) m
 WHERE s.row_number = m.row_number AND m.action <> 'create'
 """

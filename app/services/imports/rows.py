@@ -25,7 +25,7 @@ from typing import Any
 from app.ids import keyed_digester, new_id_texts
 from app.mailbox import mailbox_key
 from app.schemas import types
-from app.services.imports.sniff import Unreadable
+from app.services.imports.sniff import WHITESPACE, Unreadable
 
 __all__ = [
     "STAGE_COLUMNS",
@@ -69,9 +69,7 @@ _FALSE = frozenset({"false", "0", "no", "n", "non", "faux"})
 _DATE_DMY = re.compile(r"(\d{1,2})[/.\-](\d{1,2})[/.\-](\d{4})")
 _DATE_ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
 _MIN_BIRTH = date(1900, 1, 1)
-# What pydantic's str_strip_whitespace trims (Unicode White_Space); Python's str.strip() also eats \x1c-\x1f,
-# control characters the API refuses.
-_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+_WS = WHITESPACE
 MAX_ATTRIBUTE_TEXT = 2000  # app.services.attributes.MAX_TEXT
 
 

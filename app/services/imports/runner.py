@@ -44,6 +44,9 @@ Progress = Callable[[Mapping[str, Any]], None]
 _DB_AWAY = (OSError, DBAPIError, InterfaceError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 _PARSE_BYTES = 64 * 1024  # parsed at once (~2 ms): how long the writer may wait for the event loop
+# A batch also ends once this much of the file was read for it: rows of 1 MiB each (the record limit) would
+# otherwise make a batch of IMPORT_BATCH_ROWS hold gigabytes. A real file's 10,000 rows are 1-3 MB.
+_BATCH_BYTES = 8 * 1024 * 1024
 
 
 def new_owner() -> str:
@@ -304,7 +307,9 @@ async def _batches(
     seen = 0            # non-empty data records
     header_done = False
     batch: list[tuple[int, list[str]]] = []
-    async for records in _records(sessions, job):
+    read = 0            # bytes of the file read since the batch began
+    async for records, piece in _records(sessions, job):
+        read += piece
         for cells in records:
             record_number += 1
             if not "".join(cells).strip() and not isinstance(cells, Unreadable):
@@ -316,25 +321,26 @@ async def _batches(
             if seen <= skip:
                 continue
             batch.append((record_number, cells))
-            if len(batch) >= size:
+            if len(batch) >= size or read >= _BATCH_BYTES:
                 yield batch
-                batch = []
+                batch, read = [], 0
     if batch:
         yield batch
 
 
-async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> AsyncIterator[list[list[str]]]:
-    """The file's records in order, parsed a piece at a time: between pieces the event loop runs the writer's
-    statements, so PostgreSQL does not wait while a 1 MB chunk is parsed."""
-    reader = RecordReader(job.row["encoding"], job.row["delimiter"])
+async def _records(sessions: async_sessionmaker[AsyncSession], job: Job) -> AsyncIterator[tuple[list[list[str]], int]]:
+    """The file's records in order, parsed a piece at a time, with the piece's size: between pieces the event loop
+    runs the writer's statements, so PostgreSQL does not wait while a 1 MB chunk is parsed."""
+    reader = RecordReader(job.row["encoding"], job.row["delimiter"], width=job.spec.width)
     for seq in range(job.row["chunks"]):
         async with sessions() as session:
             data = await (await driver_connection(session)).fetchval(
                 "SELECT data FROM import_chunk WHERE import_id = $1 AND seq = $2", job.id, seq)
         for start in range(0, len(data), _PARSE_BYTES):
-            yield reader.feed(data[start:start + _PARSE_BYTES])
+            piece = data[start:start + _PARSE_BYTES]
+            yield reader.feed(piece), len(piece)
             await asyncio.sleep(0)
-    yield reader.close()
+    yield reader.close(), 0
 
 
 # ---- one batch -------------------------------------------------------------------------------------------

@@ -7,12 +7,16 @@ import csv
 import io
 from collections.abc import Iterable
 
-__all__ = ["BOM", "DELIMITERS", "EncodingCheck", "RecordReader", "Unreadable", "detect_delimiter",
+__all__ = ["BOM", "DELIMITERS", "WHITESPACE", "EncodingCheck", "RecordReader", "Unreadable", "detect_delimiter",
            "read_header"]
 
 BOM = codecs.BOM_UTF8
 DELIMITERS = (";", ",", "\t")
 _SAMPLE_RECORDS = 20
+# What pydantic's str_strip_whitespace trims (Unicode White_Space); Python's str.strip() also eats \x1c-\x1f,
+# control characters the API refuses. A cell of only these is blank.
+WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+              + "\u2028\u2029\u202f\u205f\u3000")
 
 
 class EncodingCheck:
@@ -117,16 +121,20 @@ class RecordReader:
     are counted, to find where it ends), and it comes out as one `Unreadable` record; reading resumes after it.
     So memory stays bounded and every byte is looked at a constant number of times, whatever the file holds.
     A quoted cell longer than the csv module's limit (`CSV_FIELD_LIMIT`) makes its record `Unreadable` too.
+    Given the header's `width`, a record is cut to it: blank cells past it are dropped, and a record with a value
+    past it is `Unreadable` (the row would be refused anyway): a 1 MiB line of `a;a;a;…` would otherwise be held
+    as 500,000 cells (~18 MB each) until its batch is written.
     """
 
     MAX_RECORD_LINES = 200
     MAX_RECORD_CHARS = 1024 * 1024
     CSV_FIELD_LIMIT = csv.field_size_limit()
 
-    def __init__(self, encoding: str, delimiter: str) -> None:
+    def __init__(self, encoding: str, delimiter: str, width: int | None = None) -> None:
         errors = "carnet-cp1252" if encoding == "cp1252" else "strict"
         self._decoder = codecs.getincrementaldecoder(encoding)(errors=errors)
         self._delimiter = delimiter
+        self._width = width
         self._tail: list[str] = []   # pieces of an incomplete line (joined once the line ends: linear)
         self._tail_size = 0
         self._group: list[str] = []  # lines of a record whose quotes are still open
@@ -205,7 +213,7 @@ class RecordReader:
                     continue
                 body = line[:-2] if line.endswith("\r\n") else line.removesuffix("\n")
                 if "\r" not in body:
-                    records.append(body.split(delimiter) if body else [])
+                    records.append(self._fit(body.split(delimiter)) if body else [])
                     continue
             self._group_lines += 1
             self._quotes += line.count('"')
@@ -225,10 +233,19 @@ class RecordReader:
         group = self._group
         self._group, self._group_size, self._group_lines, self._quotes = [], 0, 0, 0
         try:
-            return list(csv.reader(group, delimiter=self._delimiter, strict=False))
+            return [self._fit(record) for record in csv.reader(group, delimiter=self._delimiter, strict=False)]
         except csv.Error as exc:
             if "field larger than field limit" in str(exc):
                 return [Unreadable(f"unreadable row: a quoted cell is longer than {self.CSV_FIELD_LIMIT} characters")]
             if "new-line character seen in unquoted field" in str(exc):
                 return [Unreadable("unreadable row: a line break (CR) inside a cell that is not quoted")]
             return [Unreadable(f"unreadable row: not valid CSV ({exc})")]
+
+    def _fit(self, record: list[str]) -> list[str]:
+        """The record cut to the header's width (see the class docstring)."""
+        width = self._width
+        if width is None or len(record) <= width:
+            return record
+        if any(cell.strip(WHITESPACE) for cell in record[width:]):
+            return Unreadable(f"the row has {len(record)} cells, the header {width}")
+        return record[:width]
