@@ -44,15 +44,25 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _settings() -> Settings:
+    """The settings, every value checked before the command does anything (a database, a port, a migration): a bad
+    one is a line naming its variable, exit 2 (the value itself is never repeated: it may be a secret)."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from app.security.costly import CostlyReads
 
     try:
         settings = get_settings()
         settings.resolved_jwt_secret()
+        CostlyReads.from_settings(settings)  # what create_app checks across settings, said before the app is built
     except ValidationError as exc:  # a variable out of range: say which, in one line each, not a traceback
         for error in exc.errors():
             name = "_".join(str(part) for part in error["loc"]).upper()
-            typer.echo(f"carnet: {name}: {error['msg']}", err=True)
+            typer.echo(f"carnet: {name}: {error['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:  # pydantic-settings could not decode a JSON value (JWT_PUBLIC_KEY_FILES)
+        field = re.search(r'field "(\w+)"', str(exc))
+        typer.echo(f"carnet: {field[1].upper() if field else 'a setting'}: not valid JSON", err=True)
         raise typer.Exit(2) from None
     except ConfigurationError as exc:
         typer.echo(f"carnet: {exc}", err=True)
@@ -605,4 +615,8 @@ def _write_rejects(url: str, job: Any, file: Path) -> str:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except ConfigurationError as exc:  # found while building the app (`carnet serve`): a line, not a traceback
+        typer.echo(f"carnet: {exc}", err=True)
+        sys.exit(2)
