@@ -105,7 +105,8 @@ def serve(
     url = embedded.start() if embedded else settings.database_url
     assert url is not None
     try:
-        _say_schema(upgrade(url, on_applied=lambda step: _say(f"applied migration {step.revision}: {step.doc}")))
+        with _reaching(url):
+            _say_schema(upgrade(url, on_applied=lambda step: _say(f"applied migration {step.revision}: {step.doc}")))
         _print_bootstrap_token(settings, url, base)
         app = create_app(settings, database_url=url)
         # The lifespan stops the embedded server: uvicorn re-raises SIGTERM/SIGINT after its shutdown,
@@ -280,7 +281,9 @@ def worker(
     from app.logging import configure_logging
 
     configure_logging(json=settings.log_json, level=settings.log_level)  # the API's format: JSON lines, no PII
-    asyncio.run(_run_worker(settings, once=once))
+    with _reaching(settings.database_url):
+        _require_schema(settings.database_url)
+        asyncio.run(_run_worker(settings, once=once))
 
 
 async def _run_worker(settings: Settings, *, once: bool) -> None:
@@ -475,17 +478,51 @@ def _database(settings: Settings, *, url: str | None = None, migrate: bool = Tru
     target = url or (embedded.start() if embedded else settings.database_url)
     assert target is not None
     try:
-        if embedded and migrate:  # this checkout's own database: brought to head by any command, as `serve` does
-            from app.migrations import upgrade
+        with _reaching(target):
+            if embedded and migrate:  # this checkout's own database: brought to head by any command, as `serve` does
+                from app.migrations import upgrade
 
-            upgrade(target)
-        yield target
+                upgrade(target)
+            elif migrate and url is None:  # DATABASE_URL's: `carnet migrate` is the operator's step
+                _require_schema(target)
+            yield target
     except AppError as exc:
         typer.echo(f"carnet: {exc.detail}", err=True)
         raise typer.Exit(1) from None
     finally:
         if embedded:
             embedded.stop()
+
+
+@contextlib.contextmanager
+def _reaching(url: str) -> Iterator[None]:
+    """A database that cannot be reached, or refuses the login, is one line naming it (never its password), exit 1,
+    rather than a page of traceback."""
+    from app.db import connection_failure, describe_url
+
+    try:
+        yield
+    except Exception as exc:
+        reason = connection_failure(exc)
+        if reason is None:
+            raise
+        typer.echo(f"carnet: cannot use the database at {describe_url(url)}: {reason} (is PostgreSQL running, and "
+                   "is DATABASE_URL right?)", err=True)
+        raise typer.Exit(1) from None
+
+
+def _require_schema(url: str) -> None:
+    """Refuse, in one line, a database whose schema is behind this code: run against it, a command or the worker
+    would fail part-way on a missing table or column (a newer schema, during a rolling upgrade, is fine)."""
+    from app.migrations import database_revision, head_revision, schema_state
+
+    current = asyncio.run(database_revision(url))
+    if schema_state(current) != "behind":
+        return
+    found = "has no Carnet schema" if current is None else f"schema is at {current}"
+    typer.echo(f"carnet: the database {found} and this Carnet needs {head_revision()}: run `carnet migrate` first",
+               err=True)
+    raise typer.Exit(1)
 
 
 def _in_transaction(

@@ -128,6 +128,46 @@ def _one_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def test_an_unreachable_database_is_one_line_naming_it_and_never_its_password(tmp_path: Path) -> None:
+    port = _closed_port()
+    env = _env(DATABASE_URL=f"postgresql://carnet:pw-never-shown@127.0.0.1:{port}/carnet",
+               JWT_SECRET="cli-secret-" + "z" * 40)
+    for args in (["migrate"], ["token", "list"], ["worker", "--once"], ["serve", "--port", "0"]):
+        result = _carnet(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stderr[-3000:])
+        line = _one_line(result)
+        assert f"127.0.0.1:{port}/carnet" in line and "DATABASE_URL" in line, line
+        assert "pw-never-shown" not in result.stderr + result.stdout
+
+
+def test_a_database_that_does_not_exist_is_one_line(tmp_path: Path, database_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(database_url).set(database="carnet_no_such_database").render_as_string(hide_password=False)
+    result = _carnet("token", "list", env=_env(DATABASE_URL=missing, JWT_SECRET="cli-secret-" + "z" * 40),
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    assert 'database "carnet_no_such_database" does not exist' in _one_line(result)
+
+
+def test_a_schema_behind_this_code_is_refused_with_what_to_run(tmp_path: Path, fresh_database: str) -> None:
+    """Commands other than `migrate` and `serve` (which migrates) refuse a database behind: the worker would
+    otherwise crash on a missing table mid-run, a command half-way."""
+    from app.migrations import head_revision, upgrade
+
+    env = _env(DATABASE_URL=fresh_database, JWT_SECRET="cli-secret-" + "z" * 40)
+    for args in (["worker", "--once"], ["token", "list"], ["retention", "--dry-run"]):
+        result = _carnet(*args, env=env, cwd=tmp_path)  # empty: no schema at all
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "`carnet migrate`" in _one_line(result) and "no Carnet schema" in result.stderr
+    upgrade(fresh_database, "0013")
+    result = _carnet("worker", "--once", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"schema is at 0013 and this Carnet needs {head_revision()}" in _one_line(result)
+    assert _carnet("migrate", env=env, cwd=tmp_path).returncode == 0
+    assert _carnet("worker", "--once", env=env, cwd=tmp_path).returncode == 0
+
+
 INVALID_SETTINGS = [
     ("DATABASE_URL", "mysql://carnet@db/carnet"), ("DATABASE_REPLICA_URL", "not a url"),
     ("DATABASE_POOL_SIZE", "0"), ("DATABASE_POOL_TIMEOUT", "-1"), ("JWT_DEFAULT_TTL_SECONDS", "0"),
