@@ -36,6 +36,15 @@ class TestProbes:
         assert "carnet_http_request_duration_seconds_bucket" in response.text
 
 
+    async def test_metrics_labels_stay_bounded_whatever_method_clients_send(self, client: httpx.AsyncClient) -> None:
+        """The method label is the client's: any method Carnet does not serve counts as `other`, so a client making
+        up methods cannot grow the series (memory, and every scrape) without end."""
+        for n in range(20):
+            await client.request(f"XMETHOD{n}", "/v1/contacts", headers=ADMIN)
+        text = (await client.get("/metrics")).text
+        assert "XMETHOD" not in text
+        assert 'method="other",route="unmatched",status="405"' in text
+
     async def test_readyz_refuses_a_schema_behind_or_absent_naming_carnet_migrate(
         self, settings: Settings, fresh_database: str
     ) -> None:
