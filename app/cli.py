@@ -44,15 +44,25 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _settings() -> Settings:
+    """The settings, every value checked before the command does anything (a database, a port, a migration): a bad
+    one is a line naming its variable, exit 2 (the value itself is never repeated: it may be a secret)."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from app.security.costly import CostlyReads
 
     try:
         settings = get_settings()
         settings.resolved_jwt_secret()
+        CostlyReads.from_settings(settings)  # what create_app checks across settings, said before the app is built
     except ValidationError as exc:  # a variable out of range: say which, in one line each, not a traceback
         for error in exc.errors():
             name = "_".join(str(part) for part in error["loc"]).upper()
-            typer.echo(f"carnet: {name}: {error['msg']}", err=True)
+            typer.echo(f"carnet: {name}: {error['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:  # pydantic-settings could not decode a JSON value (JWT_PUBLIC_KEY_FILES)
+        field = re.search(r'field "(\w+)"', str(exc))
+        typer.echo(f"carnet: {field[1].upper() if field else 'a setting'}: not valid JSON", err=True)
         raise typer.Exit(2) from None
     except ConfigurationError as exc:
         typer.echo(f"carnet: {exc}", err=True)
@@ -95,7 +105,8 @@ def serve(
     url = embedded.start() if embedded else settings.database_url
     assert url is not None
     try:
-        _say_schema(upgrade(url, on_applied=lambda step: _say(f"applied migration {step.revision}: {step.doc}")))
+        with _reaching(url):
+            _say_schema(upgrade(url, on_applied=lambda step: _say(f"applied migration {step.revision}: {step.doc}")))
         _print_bootstrap_token(settings, url, base)
         app = create_app(settings, database_url=url)
         # The lifespan stops the embedded server: uvicorn re-raises SIGTERM/SIGINT after its shutdown,
@@ -270,7 +281,9 @@ def worker(
     from app.logging import configure_logging
 
     configure_logging(json=settings.log_json, level=settings.log_level)  # the API's format: JSON lines, no PII
-    asyncio.run(_run_worker(settings, once=once))
+    with _reaching(settings.database_url):
+        _require_schema(settings.database_url)
+        asyncio.run(_run_worker(settings, once=once))
 
 
 async def _run_worker(settings: Settings, *, once: bool) -> None:
@@ -465,17 +478,51 @@ def _database(settings: Settings, *, url: str | None = None, migrate: bool = Tru
     target = url or (embedded.start() if embedded else settings.database_url)
     assert target is not None
     try:
-        if embedded and migrate:  # this checkout's own database: brought to head by any command, as `serve` does
-            from app.migrations import upgrade
+        with _reaching(target):
+            if embedded and migrate:  # this checkout's own database: brought to head by any command, as `serve` does
+                from app.migrations import upgrade
 
-            upgrade(target)
-        yield target
+                upgrade(target)
+            elif migrate and url is None:  # DATABASE_URL's: `carnet migrate` is the operator's step
+                _require_schema(target)
+            yield target
     except AppError as exc:
         typer.echo(f"carnet: {exc.detail}", err=True)
         raise typer.Exit(1) from None
     finally:
         if embedded:
             embedded.stop()
+
+
+@contextlib.contextmanager
+def _reaching(url: str) -> Iterator[None]:
+    """A database that cannot be reached, or refuses the login, is one line naming it (never its password), exit 1,
+    rather than a page of traceback."""
+    from app.db import connection_failure, describe_url
+
+    try:
+        yield
+    except Exception as exc:
+        reason = connection_failure(exc)
+        if reason is None:
+            raise
+        typer.echo(f"carnet: cannot use the database at {describe_url(url)}: {reason} (is PostgreSQL running, and "
+                   "is DATABASE_URL right?)", err=True)
+        raise typer.Exit(1) from None
+
+
+def _require_schema(url: str) -> None:
+    """Refuse, in one line, a database whose schema is behind this code: run against it, a command or the worker
+    would fail part-way on a missing table or column (a newer schema, during a rolling upgrade, is fine)."""
+    from app.migrations import database_revision, head_revision, schema_state
+
+    current = asyncio.run(database_revision(url))
+    if schema_state(current) != "behind":
+        return
+    found = "has no Carnet schema" if current is None else f"schema is at {current}"
+    typer.echo(f"carnet: the database {found} and this Carnet needs {head_revision()}: run `carnet migrate` first",
+               err=True)
+    raise typer.Exit(1)
 
 
 def _in_transaction(
@@ -605,4 +652,8 @@ def _write_rejects(url: str, job: Any, file: Path) -> str:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except ConfigurationError as exc:  # found while building the app (`carnet serve`): a line, not a traceback
+        typer.echo(f"carnet: {exc}", err=True)
+        sys.exit(2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -9,7 +11,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy import MetaData
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import PoolProxiedConnection
@@ -23,7 +25,9 @@ __all__ = [
     "WriteSession",
     "async_url",
     "bare_connection",
+    "connection_failure",
     "constraint_name",
+    "describe_url",
     "driver_connection",
     "get_read_sessionmaker",
     "get_replica_sessionmaker",
@@ -260,3 +264,36 @@ def constraint_name(exc: DBAPIError) -> str | None:
     """asyncpg's constraint name for an integrity error (a naming-convention name)."""
     cause = getattr(exc.orig, "__cause__", None)
     return getattr(cause, "constraint_name", None)
+
+
+# The server's refusals of a connection, in its own words ('password authentication failed for user "carnet"',
+# 'database "x" does not exist', 'the database system is starting up', 'too many clients already').
+_REFUSALS = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError,
+             asyncpg.InvalidCatalogNameError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+def connection_failure(exc: BaseException) -> str | None:
+    """Why no connection could be had, in one line, when `exc` (or what it wraps) says so; None for anything else.
+
+    Only the errors of connecting count: a failed statement, or a file that cannot be written, is not this."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _REFUSALS):
+            return str(current)
+        if isinstance(current, socket.gaierror):  # no such host
+            return current.strerror or str(current)
+        if isinstance(current, ConnectionError | TimeoutError):  # refused, reset, timed out
+            return os.strerror(current.errno) if current.errno else str(current) or "timed out"
+        if isinstance(current, OSError) and "Connect call failed" in str(current):  # asyncio, several addresses
+            return str(current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def describe_url(url: str) -> str:
+    """`host:port/database` of a database URL, for messages: never the user's password."""
+    parts = make_url(async_url(url))
+    host = parts.host or parts.query.get("host") or "localhost"
+    return f"{host}:{parts.port or 5432}/{parts.database or ''}"

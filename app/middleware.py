@@ -28,7 +28,7 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 REQUESTS_TOTAL = Counter("carnet_http_requests_total", "HTTP requests by status class", ["status_class"])
-_SERIES_CACHED = 1024  # (method, route, status) series whose metric children are kept (the method is the client's)
+_SERIES_CACHED = 1024  # (method, route, status) series whose metric children are kept
 _series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
@@ -148,8 +148,15 @@ def _new_request_id() -> str:
     return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
+# The methods Carnet serves (and HEAD, OPTIONS); any other is the label `other`: the method is the client's, and each
+# new label value is another 15 series in every scrape, for as long as the process lives.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
     """The histogram and counter children of this series (`labels()` costs a lock and a lookup every call)."""
+    if method not in _METHODS:
+        method = "other"
     children = _series.get((method, route, status))
     if children is None:
         children = REQUEST_SECONDS.labels(method, route, str(status)), REQUESTS_TOTAL.labels(f"{status // 100}xx")

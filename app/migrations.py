@@ -11,7 +11,8 @@ from alembic.script import ScriptDirectory
 
 from alembic import command
 
-__all__ = ["Applied", "alembic_config", "head_revision", "schema_state", "script_location", "upgrade"]
+__all__ = ["Applied", "alembic_config", "database_revision", "head_revision", "schema_state", "script_location",
+           "upgrade"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,21 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "no migrations found"
     return head
+
+
+async def database_revision(database_url: str) -> str | None:
+    """The revision the database's schema is at; None for a database Carnet never migrated."""
+    import asyncpg
+
+    from app.db import plain_dsn
+
+    connection = await asyncpg.connect(plain_dsn(database_url), timeout=10)
+    try:
+        return await connection.fetchval("SELECT version_num FROM alembic_version")  # type: ignore[no-any-return]
+    except asyncpg.UndefinedTableError:
+        return None
+    finally:
+        await connection.close()
 
 
 def schema_state(current: str | None) -> str:

@@ -6,9 +6,12 @@ import secrets
 from functools import cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
+import phonenumbers
 import platformdirs
-from pydantic import Field, SecretStr
+from cryptography.fernet import Fernet
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ConfigurationError", "Settings", "get_settings", "token_signer_options"]
@@ -27,6 +30,9 @@ CHECKOUT = _checkout()
 DEFAULT_DATA_DIR = CHECKOUT / ".carnet" if CHECKOUT else platformdirs.user_data_path("carnet")
 
 
+_POSTGRESQL_SCHEMES = ("postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg2", "postgresql+psycopg")
+
+
 class ConfigurationError(RuntimeError):
     """The deployment is misconfigured; the message says what to set."""
 
@@ -38,8 +44,8 @@ class Settings(BaseSettings):
 
     # Database: None means the embedded PostgreSQL in data_dir (ARCHITECTURE.md "Embedded default").
     database_url: str | None = None
-    database_pool_size: int = 20
-    database_pool_timeout: float = 5.0
+    database_pool_size: int = Field(default=20, ge=1, le=1000)
+    database_pool_timeout: float = Field(default=5.0, gt=0, le=3600)
     # A streaming replica (or a pooler over several) for exports and segment reads; unset: the primary.
     database_replica_url: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
@@ -49,7 +55,7 @@ class Settings(BaseSettings):
     suppression_key: SecretStr | None = None  # unset: derived from the JWT secret (set it before rotating that)
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
-    jwt_default_ttl_seconds: int = 30 * 24 * 3600
+    jwt_default_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60, le=366 * 24 * 3600)  # as POST /v1/tokens
     # RS256 or EdDSA (Ed25519) instead of HS256: sign with one PEM private key, verify by `kid` among
     # public keys (rotation). EdDSA needs Ed25519 PEMs (`openssl genpkey -algorithm ed25519`).
     jwt_algorithm: Literal["HS256", "RS256", "EdDSA"] = "HS256"
@@ -72,16 +78,16 @@ class Settings(BaseSettings):
     costly_read_gate: bool = True  # costly reads take their slot (or their 429/503) ahead of FastAPI (app.costly_gate)
 
     # Contacts
-    default_phone_region: str = "FR"
+    default_phone_region: str = Field(default="FR", min_length=2, max_length=2)
     fast_read_path: bool = True  # GET /v1/contacts/{id} by app.fastpath, ahead of FastAPI's router (same answers)
     fast_upsert_path: bool = True  # POST /v1/contacts/upsert by app.fastpath, likewise
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
     # Names fixed by API.md; used by later features.
     retention_prospect_days: int = Field(default=1095, ge=1, le=36500)  # CNIL: three years for prospects
-    loyal_min_orders: int = 3
-    loyal_window_days: int = 365
-    lapsed_after_days: int = 365
+    loyal_min_orders: int = Field(default=3, ge=1, le=10_000)
+    loyal_window_days: int = Field(default=365, ge=1, le=36500)
+    lapsed_after_days: int = Field(default=365, ge=1, le=36500)
     # Behaviour events: whole monthly partitions older than this many months (before the current one) are dropped
     # by the worker (app.services.event_partitions); orders and the contact stats they give are not affected.
     event_retention_months: int = Field(default=25, ge=1, le=1200)
@@ -92,30 +98,30 @@ class Settings(BaseSettings):
     secrets_keys: SecretStr | None = None
     public_base_url: str = "http://127.0.0.1:8000"      # how vendors reach /v1/inbound (shown as inbound_url)
     sync_allow_private_networks: bool = False           # SSRF guard off: loopback fakes in tests, LAN receivers
-    sync_call_deadline_seconds: float = Field(default=30.0, gt=0)   # whole vendor call, trickling servers included
+    sync_call_deadline_seconds: float = Field(default=30.0, gt=0, le=3600)  # whole vendor call, trickling servers too
     delivery_batch_size: int = Field(default=1500, ge=1, le=5000)  # 10 Brevo list calls, 3 Mailchimp batches
-    delivery_lease_seconds: float = Field(default=120.0, gt=0)
-    delivery_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    delivery_lease_seconds: float = Field(default=120.0, gt=0, le=86_400)
+    delivery_backoff_base_seconds: float = Field(default=1.0, gt=0, le=86_400)
     # A vendor back from an outage is retried within the cap: 30 s keeps "delivered within 60 s of recovery".
-    delivery_backoff_cap_seconds: float = Field(default=30.0, gt=0)
-    delivery_max_attempts: int = Field(default=8640, ge=1)   # three days at the cap, then dead letter
-    worker_idle_seconds: float = Field(default=1.0, gt=0)  # poll interval when there is nothing to do
+    delivery_backoff_cap_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    delivery_max_attempts: int = Field(default=8640, ge=1, le=1_000_000)   # three days at the cap, then dead letter
+    worker_idle_seconds: float = Field(default=1.0, gt=0, le=3600)  # poll interval when there is nothing to do
     # Delivered outbox messages and deliveries are purged this long after delivery (docs/sync.md "Retention");
     # nothing undelivered is ever purged. Fractions allowed (the soak bench keeps seconds).
     outbox_keep_delivered_hours: float = Field(default=72.0, ge=0, le=87_600)
     outbox_purge_seconds: float = Field(default=300.0, gt=0, le=86_400)  # how often the purge sweeps
     # How often a synced segment's members are compared with its last snapshot (entries and exits go out then).
-    segment_refresh_seconds: float = Field(default=300.0, gt=0)
+    segment_refresh_seconds: float = Field(default=300.0, gt=0, le=86_400)
     run_worker_in_api: bool | None = None                  # None: yes in embedded mode, no with DATABASE_URL
 
     # CSV imports (app.services.imports)
     import_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)  # upload cap of POST /v1/imports (413 above)
-    import_lease_seconds: float = Field(default=120.0, gt=0)   # a killed worker's job is taken over after this
+    import_lease_seconds: float = Field(default=120.0, gt=0, le=86_400)  # a killed worker's job is taken over after
     import_batch_rows: int = Field(default=10_000, ge=1, le=200_000)    # rows per checkpointed transaction
     import_workers: int = Field(default=1, ge=0, le=32)         # validating processes; 0: in the runner itself
     import_inline_bytes: int = Field(default=1024 * 1024, ge=0)  # smaller files are validated in the runner
     import_writers: int = Field(default=2, ge=1, le=8)          # batches written at once, a connection each
-    import_max_attempts: int = Field(default=5, ge=1)           # claims of one job before it is marked failed
+    import_max_attempts: int = Field(default=5, ge=1, le=100)   # claims of one job before it is marked failed
     import_report_values_days: int = Field(default=30, ge=1, le=3650)  # refused cells kept in reports, then cleared
 
     # Public pages: newsletter signup from the shop's pages and the preference center (docs/api.md "Public signup")
@@ -141,7 +147,57 @@ class Settings(BaseSettings):
     journal_retention_days: int = Field(default=365, ge=1, le=36500)
 
     log_json: bool = True
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # Each value is checked here, so a bad one stops `carnet` at start with the variable's name (app.cli), rather
+    # than as a traceback from deep inside the app after migrations ran. Messages never repeat the value: a URL or a
+    # key may be a secret.
+    @field_validator("database_url", "database_replica_url")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in _POSTGRESQL_SCHEMES:
+            raise ValueError("not a PostgreSQL URL: postgresql://user:password@host:5432/database (unset "
+                             "DATABASE_URL for the embedded database)")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("an http(s) address people and emailing tools reach, e.g. https://crm.shop.example")
+        return value
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _phone_region(cls, value: str) -> str:
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("an ISO 3166-1 alpha-2 country code with a phone plan, e.g. FR, BE, CH")
+        return value.upper()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("secrets_keys")
+    @classmethod
+    def _fernet_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        keys = [key.strip() for key in value.get_secret_value().split(",") if key.strip()] if value else []
+        for position, key in enumerate(keys, start=1):
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(f"key {position} is not a Fernet key (32 url-safe base64-encoded bytes; make one "
+                                 "as docs/operations.md says)") from None
+        return value
 
     @property
     def embedded(self) -> bool:

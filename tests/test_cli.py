@@ -111,3 +111,96 @@ def test_secrets_rotate_reencrypts_under_the_new_first_key(tmp_path: Path, datab
     result = _carnet("secrets", "rotate", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert SecretBox([new]).open(asyncio.run(stored())) == {"secret": "s3"}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again when this returns: nothing listens there
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """A refusal a person reads: one `carnet: ...` line on stderr, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("carnet: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def test_an_unreachable_database_is_one_line_naming_it_and_never_its_password(tmp_path: Path) -> None:
+    port = _closed_port()
+    env = _env(DATABASE_URL=f"postgresql://carnet:pw-never-shown@127.0.0.1:{port}/carnet",
+               JWT_SECRET="cli-secret-" + "z" * 40)
+    for args in (["migrate"], ["token", "list"], ["worker", "--once"], ["serve", "--port", "0"]):
+        result = _carnet(*args, env=env, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stderr[-3000:])
+        line = _one_line(result)
+        assert f"127.0.0.1:{port}/carnet" in line and "DATABASE_URL" in line, line
+        assert "pw-never-shown" not in result.stderr + result.stdout
+
+
+def test_a_database_that_does_not_exist_is_one_line(tmp_path: Path, database_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(database_url).set(database="carnet_no_such_database").render_as_string(hide_password=False)
+    result = _carnet("token", "list", env=_env(DATABASE_URL=missing, JWT_SECRET="cli-secret-" + "z" * 40),
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    assert 'database "carnet_no_such_database" does not exist' in _one_line(result)
+
+
+def test_a_schema_behind_this_code_is_refused_with_what_to_run(tmp_path: Path, fresh_database: str) -> None:
+    """Commands other than `migrate` and `serve` (which migrates) refuse a database behind: the worker would
+    otherwise crash on a missing table mid-run, a command half-way."""
+    from app.migrations import head_revision, upgrade
+
+    env = _env(DATABASE_URL=fresh_database, JWT_SECRET="cli-secret-" + "z" * 40)
+    for args in (["worker", "--once"], ["token", "list"], ["retention", "--dry-run"]):
+        result = _carnet(*args, env=env, cwd=tmp_path)  # empty: no schema at all
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "`carnet migrate`" in _one_line(result) and "no Carnet schema" in result.stderr
+    upgrade(fresh_database, "0013")
+    result = _carnet("worker", "--once", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"schema is at 0013 and this Carnet needs {head_revision()}" in _one_line(result)
+    assert _carnet("migrate", env=env, cwd=tmp_path).returncode == 0
+    assert _carnet("worker", "--once", env=env, cwd=tmp_path).returncode == 0
+
+
+INVALID_SETTINGS = [
+    ("DATABASE_URL", "mysql://carnet@db/carnet"), ("DATABASE_REPLICA_URL", "not a url"),
+    ("DATABASE_POOL_SIZE", "0"), ("DATABASE_POOL_TIMEOUT", "-1"), ("JWT_DEFAULT_TTL_SECONDS", "0"),
+    ("JWT_PUBLIC_KEY_FILES", "not json"), ("LOG_LEVEL", "LOUD"), ("DEFAULT_PHONE_REGION", "ZZ"),
+    ("LOYAL_MIN_ORDERS", "0"), ("LOYAL_WINDOW_DAYS", "-3"), ("LAPSED_AFTER_DAYS", "0"),
+    ("PUBLIC_BASE_URL", "crm.shop.example"), ("SECRETS_KEYS", "not-a-fernet-key"),
+    ("COSTLY_READS_PER_PROCESS", "50"), ("SIGNUP_IP_PER_MINUTE", "0"), ("JWT_SECRET", "short"),
+]
+
+
+SERVE_CHECKED = {"DATABASE_POOL_SIZE", "LOG_LEVEL", "COSTLY_READS_PER_PROCESS", "JWT_PUBLIC_KEY_FILES"}
+
+
+def test_each_invalid_setting_is_refused_at_start_in_one_line_naming_it(tmp_path: Path) -> None:
+    """Before any database is reached (nothing listens at DATABASE_URL's port) and before anything is written."""
+    base = {"DATABASE_URL": f"postgresql://carnet@127.0.0.1:{_closed_port()}/carnet",
+            "JWT_SECRET": "cli-secret-" + "z" * 40}
+    for name, value in INVALID_SETTINGS:
+        # `serve` checks them before it binds, migrates or builds the app (where some failed, as tracebacks)
+        for args in (["token", "list"], *([["serve", "--port", "0"]] if name in SERVE_CHECKED else [])):
+            result = _carnet(*args, env=_env(**{**base, name: value}), cwd=tmp_path)
+            assert result.returncode == 2, (name, args, result.stderr[-3000:])
+            assert _one_line(result).startswith(f"carnet: {name}"), (name, result.stderr)
+            if name in ("JWT_SECRET", "SECRETS_KEYS", "DATABASE_URL"):
+                assert value not in result.stderr  # secrets, and URLs that may carry one, are never echoed
+
+
+def test_every_setting_is_documented_with_its_default(tmp_path: Path) -> None:
+    """docs/operations.md "Settings" lists every variable Carnet reads, one table row each."""
+    from app.settings import Settings
+
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    names = {name.strip().strip("`") for line in section.splitlines() if line.startswith("| `")
+             for name in line.split("|")[1].split(",")}
+    assert names == {name.upper() for name in Settings.model_fields}

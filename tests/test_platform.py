@@ -36,6 +36,35 @@ class TestProbes:
         assert "carnet_http_request_duration_seconds_bucket" in response.text
 
 
+    async def test_metrics_labels_stay_bounded_whatever_method_clients_send(self, client: httpx.AsyncClient) -> None:
+        """The method label is the client's: any method Carnet does not serve counts as `other`, so a client making
+        up methods cannot grow the series (memory, and every scrape) without end."""
+        for n in range(20):
+            await client.request(f"XMETHOD{n}", "/v1/contacts", headers=ADMIN)
+        text = (await client.get("/metrics")).text
+        assert "XMETHOD" not in text
+        assert 'method="other",route="unmatched",status="405"' in text
+
+    async def test_readyz_refuses_a_schema_behind_or_absent_naming_carnet_migrate(
+        self, settings: Settings, fresh_database: str
+    ) -> None:
+        from app.migrations import upgrade
+
+        app = create_app(settings)
+        engine = make_engine(fresh_database, pool_timeout=5)
+        app.state.sessionmaker = make_sessionmaker(engine)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+                empty = await http.get("/readyz")
+                await asyncio.to_thread(upgrade, fresh_database, "0013")
+                behind = await http.get("/readyz")
+        finally:
+            await engine.dispose()
+        assert (empty.status_code, behind.status_code) == (503, 503)
+        assert "nothing (no migration ran)" in empty.json()["detail"] and "carnet migrate" in empty.json()["detail"]
+        assert behind.json()["detail"] == f"schema at 0013, code expects {app.state.schema_head}: run `carnet migrate`"
+
+
 class TestErrorShapes:
     async def test_unknown_route_is_a_404_problem(self, client: httpx.AsyncClient) -> None:
         response = await client.get("/v1/nowhere", headers=ADMIN)

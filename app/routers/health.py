@@ -41,9 +41,12 @@ async def readyz(request: Request) -> Any:
     expected = request.app.state.schema_head
     try:
         async with makers() as session:
-            current = await session.scalar(text("SELECT version_num FROM alembic_version"))
+            # No such table: a database no `carnet migrate` ever ran on (not an unreachable one).
+            exists = await session.scalar(text("SELECT to_regclass('alembic_version') IS NOT NULL"))
+            current = await session.scalar(text("SELECT version_num FROM alembic_version")) if exists else None
             if current != expected and schema_state(current) == "behind":
-                raise ServiceUnavailable(f"schema at {current}, code expects {expected}: run `carnet migrate`")
+                found = current or "nothing (no migration ran)"
+                raise ServiceUnavailable(f"schema at {found}, code expects {expected}: run `carnet migrate`")
             workers = await workers_service.presence(session)
     except ServiceUnavailable:
         raise
