@@ -159,7 +159,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
         await suppressions.suppress(session, chunk, reason=reason)
-        await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
+        await journal.forget(session, await _journal_people(session, chunk))
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
@@ -182,6 +182,24 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
 _DELETE_EVENTS = text("""
     WITH gone AS (DELETE FROM event WHERE contact_id = ANY(CAST(:ids AS uuid[])) RETURNING event_id)
     DELETE FROM event_key k USING gone WHERE k.event_id = gone.event_id
+""")
+
+
+async def _journal_people(session: AsyncSession, contacts: Sequence[Row]) -> dict[uuid.UUID, list[str]]:
+    """Each erased contact, and each record merged into it, to the person's journal refs (their address digests):
+    the entries that reached a merged record reached the person too, and are found by their address after."""
+    people = {c["id"]: journal.person_refs(c) for c in contacts}
+    rows = await session.execute(_MERGED_ROOTS, {"ids": list(people)})
+    return people | {merged: people[root] for merged, root in rows}
+
+
+_MERGED_ROOTS = text("""
+    WITH RECURSIVE merged(id, root) AS (
+        SELECT merged_id, survivor_id FROM contact_merge WHERE survivor_id = ANY(:ids)
+        UNION
+        SELECT m.merged_id, merged.root FROM contact_merge m JOIN merged ON m.survivor_id = merged.id
+    )
+    SELECT id, root FROM merged
 """)
 
 

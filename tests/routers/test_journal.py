@@ -298,6 +298,31 @@ class TestErasure:
         assert await entries_after(app, visits) == []
         assert home not in json.dumps(await flushed(app), default=str)
 
+    async def test_erasure_also_rewrites_the_records_merged_into_the_person_and_the_merge_itself(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # A record merged into the person's names them as well (gdpr.erase_many forgets its stored answers too).
+        # Its reads, and the merge's entry (whose detail held both ids), kept those ids after the erasure, and
+        # `?email=` could not find who had read that record: "who reached this person?" lost part of its answer.
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        assert (await client.get(f"/v1/contacts/{duplicate['id']}", headers=ROLES[Role.EDITOR])).status_code == 200
+        merged = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                   headers=ADMIN)
+        assert merged.status_code == 200, merged.text
+        # An admin's lookup of the person's entries named them in its filter (the journal.read entry's detail).
+        assert (await client.get("/v1/journal", params={"contact_id": survivor["id"]}, headers=ADMIN)).status_code == 200
+        await flushed(app)
+        assert (await client.delete(f"/v1/contacts/{survivor['id']}", headers=ADMIN)).status_code == 204
+        everything = json.dumps(await flushed(app), default=str)
+        assert survivor["id"] not in everything and duplicate["id"] not in everything
+        found = await client.get("/v1/journal", params={"email": survivor["email"]}, headers=ADMIN)
+        assert found.status_code == 200, found.text
+        actions = [(e["action"], e["subject"]) for e in found.json()["data"]]
+        assert ("contacts.merged", "tester@shop.example") in actions
+        assert ("personal_data.read", "editor@shop.example") in actions  # the duplicate's reader, found by address
+        assert ("journal.read", "tester@shop.example") in actions
+        assert (await verify(app))[1] is None
+
     async def test_a_read_still_buffered_when_the_person_is_erased_is_chained_under_their_digest(
         self, client: httpx.AsyncClient, app: FastAPI
     ) -> None:
