@@ -365,9 +365,15 @@ async def run_retention(
     rows = list((await session.execute(query)).mappings())
     if not dry_run:
         await erase_many(session, rows, reason="retention")
-    await journal.record(session, journal.act(
-        actor, "retention.run", refs=[] if dry_run else [ref for r in rows for ref in journal.person_refs(r)],
-        detail={"dry_run": dry_run, "erased": 0 if dry_run else len(rows), "listed": len(rows),
-                "retention_days": days}))
+    # An entry per _CHUNK people erased (at least one, a dry run's): a first run may erase years of prospects,
+    # and one entry holding all their digests would be an unbounded row and item of a journal page.
+    people = [] if dry_run else rows
+    parts = max(1, -(-len(people) // _CHUNK))
+    for part in range(parts):
+        chunk = people[part * _CHUNK:(part + 1) * _CHUNK]
+        await journal.record(session, journal.act(
+            actor, "retention.run", refs=[ref for r in chunk for ref in journal.person_refs(r)], count=len(chunk),
+            detail={"dry_run": dry_run, "erased": len(people), "listed": len(rows), "retention_days": days,
+                    "part": part + 1, "parts": parts}))
     log.info("retention.ran", dry_run=dry_run, count=len(rows), retention_days=days, subject=actor.subject)
     return RetentionReport(dry_run=dry_run, retention_days=days, cutoff=cutoff, contact_ids=[r["id"] for r in rows])

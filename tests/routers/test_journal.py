@@ -253,6 +253,30 @@ class TestAdministrativeActs:
         [run] = await entries_after(app, retention)
         assert run["action"] == "retention.run" and run["detail"]["dry_run"] is True
 
+    async def test_a_large_retention_run_is_journaled_in_bounded_entries(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        # One entry held the digests of every person a run erased: 2 refs a person, unbounded (a first run over
+        # years of prospects), in one row, one GIN entry and one item of a GET /v1/journal page.
+        async with sessions.begin() as session:
+            await session.execute(text(
+                "INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count, "
+                "total_spent, version, created_at, updated_at, source) SELECT gen_random_uuid(), 'stale-' || g || "
+                "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now() - interval '1200 "
+                "days', now() - interval '1200 days', 'api' FROM generate_series(1, 2500) g"))
+        erased: list[int] = []
+
+        async def retention() -> None:
+            run = await client.post("/v1/retention/run", json={"dry_run": False}, headers=ADMIN)
+            assert run.status_code == 200, run.text
+            erased.append(run.json()["erased"])
+
+        runs = [e for e in await entries_after(app, retention) if e["action"] == "retention.run"]
+        assert erased[0] >= 2500 and len(runs) == -(-erased[0] // 1000)
+        assert all(len(e["refs"]) <= 2000 for e in runs)
+        assert sum(e["ref_count"] for e in runs) == erased[0]  # people erased, each part its own
+        assert {(e["detail"]["erased"], e["detail"]["parts"]) for e in runs} == {(erased[0], len(runs))}
+
     async def test_destination_secrets_set_or_changed_name_their_keys_never_their_values(
         self, client: httpx.AsyncClient, app: FastAPI
     ) -> None:
