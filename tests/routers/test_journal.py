@@ -102,6 +102,31 @@ class TestReadsAreJournaled:
             new = await entries_after(app, read)
             assert [(e["route"], e["refs"]) for e in new] == [(template, [cid])], path
 
+    async def test_a_consent_recorded_answers_its_proof_in_clear_and_is_journaled_as_the_ledger_is(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # The answer (and its replay) carries the proof's IP, user agent and form URL in clear, as GET .../consents
+        # does, which is journaled; the POST was not.
+        contact = await make_contact(client)
+        body = {"purpose": "email_marketing", "action": "granted", "proof": PROOF}
+        headers = {**ADMIN, "Idempotency-Key": f"consent-{uuid.uuid4()}"}
+
+        async def record() -> None:
+            answer = await client.post(f"/v1/contacts/{contact['id']}/consents", json=body, headers=headers)
+            assert answer.status_code == 201 and answer.json()["proof"]["ip"] == PROOF["ip"], answer.text
+
+        for _ in range(2):  # the first answer, then its replay
+            new = await entries_after(app, record)
+            assert [(e["route"], e["refs"]) for e in new] == [
+                ("POST /v1/contacts/{contact_id}/consents", [contact["id"]])]
+        masked = bearer(Role.MANAGER, scopes={Scope.CONSENTS_WRITE})
+
+        async def record_masked() -> None:
+            answer = await client.post(f"/v1/contacts/{contact['id']}/consents", json=body, headers=masked)
+            assert answer.status_code == 201 and answer.json()["proof"]["ip"] != PROOF["ip"], answer.text
+
+        assert await entries_after(app, record_masked) == []
+
     async def test_a_page_names_its_contacts_its_count_and_its_filter_never_the_address(
         self, client: httpx.AsyncClient, app: FastAPI
     ) -> None:
