@@ -15,7 +15,8 @@ from typing import Any
 
 from app.errors import ServiceUnavailable
 
-__all__ = ["Access", "JournalUnavailable", "count_rows", "count_streamed", "current", "describe", "note", "reveal", "route"]
+__all__ = ["Access", "JournalUnavailable", "count_rows", "count_streamed", "current", "describe", "note", "reveal",
+           "route"]
 
 
 class JournalUnavailable(ServiceUnavailable):

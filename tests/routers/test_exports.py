@@ -269,7 +269,7 @@ class TestCli:
         env = _env(DATABASE_URL=database_url, JWT_SECRET="cli-secret-" + "z" * 40)
 
         def cut_short() -> tuple[bytes, int]:
-            process = subprocess.Popen(  # noqa: S603
+            process = subprocess.Popen(
                 [sys.executable, "-m", "app", "export", "--format", "jsonl"], stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
             assert process.stdout is not None

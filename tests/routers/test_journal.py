@@ -44,6 +44,16 @@ async def entries_after(app: FastAPI, call: Callable[[], Any]) -> list[dict[str,
     return (await flushed(app))[before:]
 
 
+async def seed_prospects(connection: Any, prefix: str, count: int, *, age_days: int = 0) -> None:
+    """`count` prospects with an address each, made and last changed `age_days` ago, in one statement."""
+    await connection.execute(text(
+        "INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count, "
+        "total_spent, version, created_at, updated_at, source) SELECT gen_random_uuid(), :prefix || '-' || g || "
+        "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now() - make_interval(days => "
+        ":age), now() - make_interval(days => :age), 'api' FROM generate_series(1, :count) g"),
+        {"prefix": prefix, "count": count, "age": age_days})
+
+
 async def verify(app: FastAPI) -> tuple[int, journal_service.Break | None]:
     async with app.state.sessionmaker() as session:
         raw = await driver_connection(session)
@@ -186,11 +196,7 @@ async def test_an_export_cut_short_is_journaled_with_what_went_out(
     """The rows sent before a client went away (or the database failed mid-stream) reached someone: the entry was
     lost when the app raised (2.4), and said 0 rows when Starlette stopped the COPY (2.3, uvicorn's)."""
     async with engine.begin() as connection:  # more rows than the COPY keeps in flight: it is stopped mid-way
-        await connection.execute(text(
-            "INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count, "
-            "total_spent, version, created_at, updated_at, source) SELECT gen_random_uuid(), 'cut-' || g || "
-            "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now(), now(), 'api' "
-            "FROM generate_series(1, 20000) g"))
+        await seed_prospects(connection, "cut", 20000)
     sent: list[bytes] = []
 
     async def export() -> None:
@@ -284,11 +290,7 @@ class TestAdministrativeActs:
         # One entry held the digests of every person a run erased: 2 refs a person, unbounded (a first run over
         # years of prospects), in one row, one GIN entry and one item of a GET /v1/journal page.
         async with sessions.begin() as session:
-            await session.execute(text(
-                "INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count, "
-                "total_spent, version, created_at, updated_at, source) SELECT gen_random_uuid(), 'stale-' || g || "
-                "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now() - interval '1200 "
-                "days', now() - interval '1200 days', 'api' FROM generate_series(1, 2500) g"))
+            await seed_prospects(session, "stale", 2500, age_days=1200)
         erased: list[int] = []
 
         async def retention() -> None:
@@ -425,7 +427,8 @@ class TestErasure:
                                    headers=ADMIN)
         assert merged.status_code == 200, merged.text
         # An admin's lookup of the person's entries named them in its filter (the journal.read entry's detail).
-        assert (await client.get("/v1/journal", params={"contact_id": survivor["id"]}, headers=ADMIN)).status_code == 200
+        lookup = await client.get("/v1/journal", params={"contact_id": survivor["id"]}, headers=ADMIN)
+        assert lookup.status_code == 200, lookup.text
         await flushed(app)
         assert (await client.delete(f"/v1/contacts/{survivor['id']}", headers=ADMIN)).status_code == 204
         everything = json.dumps(await flushed(app), default=str)
