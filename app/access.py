@@ -15,7 +15,8 @@ from typing import Any
 
 from app.errors import ServiceUnavailable
 
-__all__ = ["Access", "JournalUnavailable", "count_rows", "current", "describe", "note", "reveal", "route"]
+__all__ = ["Access", "JournalUnavailable", "count_rows", "count_streamed", "current", "describe", "note", "reveal",
+           "route"]
 
 
 class JournalUnavailable(ServiceUnavailable):
@@ -36,6 +37,7 @@ class Access:
     kind: str = "read"
     detail: dict[str, Any] | None = None
     rows: int | None = None              # rows streamed (exports), when counted
+    streamed: int = 0                    # lines sent so far: what a stream cut short gave out, at most
 
 
 _current: ContextVar[Access | None] = ContextVar("carnet_access", default=None)
@@ -98,3 +100,11 @@ def count_rows(rows: int) -> None:
     access = _current.get()
     if access is not None:
         access.rows = (access.rows or 0) + rows
+
+
+def count_streamed(lines: int) -> None:
+    """Lines about to go out: if the stream is cut short before `count_rows` is told the total, the entry says
+    this many (a CSV cell holding a line break counts twice: at most, never fewer than the client got)."""
+    access = _current.get()
+    if access is not None:
+        access.streamed += lines

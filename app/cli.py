@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import BACKGROUND_POOL_TIMEOUT, driver_connection, make_engine, make_sessionmaker
 from app.embedded import EmbeddedPostgres
@@ -38,7 +38,17 @@ def cli_actor(name: str) -> Principal:
     return Principal(name, Role.ADMIN, frozenset(), name)
 
 
-CLI_ACTOR = cli_actor("cli")
+def operator() -> Principal:
+    """The person at the terminal, as `carnet import` names them: `cli:<login>` (token id `cli`)."""
+    import getpass
+
+    try:
+        login = getpass.getuser()
+    except Exception:  # no login name (a container without a passwd entry): still a command
+        login = "unknown"
+    return Principal(f"cli:{login}", Role.ADMIN, frozenset(), "cli")
+
+
 _TTL = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -163,7 +173,7 @@ def token_create(
     async def create(session: AsyncSession) -> IssuedToken:
         return await tokens_service.issue(
             session, _signer(settings), subject=subject, role=role, scopes=frozenset(scope) if scope else None,
-            ttl_seconds=ttl_seconds, actor=CLI_ACTOR,
+            ttl_seconds=ttl_seconds, actor=operator(),
         )
 
     issued = _in_transaction(settings, create)
@@ -191,7 +201,7 @@ def token_revoke(jti: Annotated[str, typer.Argument(help="The token id (jti)")])
     settings = _settings()
 
     async def revoke(session: AsyncSession) -> dict[str, Any]:
-        return await tokens_service.revoke(session, jti, actor=CLI_ACTOR)
+        return await tokens_service.revoke(session, jti, actor=operator())
 
     _in_transaction(settings, revoke)
     typer.echo(f"revoked {jti}")
@@ -350,26 +360,31 @@ def export_contacts(
     progress = Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TextColumn("contacts"),
                         TimeElapsedColumn(), console=Console(stderr=True), transient=False)
 
-    async def run(session: AsyncSession) -> int:
-        query = await exports_service.prepare(session, options, masked=False)
-        connection = await driver_connection(session)
-        total = int(await connection.fetchval(query.count_sql, *query.count_args))
-        lines = -1 if options.format is exports_service.ExportFormat.CSV else 0  # the header line
-        with progress:
-            task = progress.add_task("export", total=total)
-            async for chunk in exports_service.stream(connection, query):
-                sink.write(chunk)
-                lines += chunk.count(b"\n")  # rows (a cell holding a line break counts twice: capped below)
-                progress.update(task, completed=min(max(lines, 0), total))
-            progress.update(task, completed=total)
-        await journal_service.record(session, journal_service.act(
-            CLI_ACTOR, "exports.contacts", kind="export", count=total, detail={
-                "format": options.format.value, "segment_id": segment, "list_id": list_id,
-                "list_status": options.effective_list_status, "output": str(output) if output else "stdout"}))
+    async def run(sessions: async_sessionmaker[AsyncSession]) -> int:
+        # The entry is committed before the first row leaves: an export cut short (`| head`, a full disk, a
+        # timeout) gave rows out all the same, and its own transaction then rolls back (docs/gdpr.md).
+        async with sessions.begin() as session:
+            query = await exports_service.prepare(session, options, masked=False)
+            connection = await driver_connection(session)
+            total = int(await connection.fetchval(query.count_sql, *query.count_args))
+            await journal_service.record(session, journal_service.act(
+                operator(), "exports.contacts", kind="export", count=total, detail={
+                    "format": options.format.value, "segment_id": segment, "list_id": list_id,
+                    "list_status": options.effective_list_status, "output": str(output) if output else "stdout"}))
+        async with sessions.begin() as session:
+            connection = await driver_connection(session)
+            lines = -1 if options.format is exports_service.ExportFormat.CSV else 0  # the header line
+            with progress:
+                task = progress.add_task("export", total=total)
+                async for chunk in exports_service.stream(connection, query):
+                    sink.write(chunk)
+                    lines += chunk.count(b"\n")  # rows (a cell holding a line break counts twice: capped below)
+                    progress.update(task, completed=min(max(lines, 0), total))
+                progress.update(task, completed=total)
         return total
 
     try:
-        count = _in_transaction(settings, run, statement_timeout=settings.statement_timeout_export_seconds)
+        count = _on_database(settings, run, statement_timeout=settings.statement_timeout_export_seconds)
     finally:
         if output:
             sink.close()
@@ -413,6 +428,7 @@ def journal_export(
     from datetime import UTC, datetime
 
     from app.schemas.journal import present_entry
+    from app.services import journal as journal_service
 
     def instant(value: str | None) -> datetime | None:
         if value is None:
@@ -427,8 +443,15 @@ def journal_export(
     settings = _settings()
     sink = output.open("w", encoding="utf-8") if output else sys.stdout
 
-    async def run(session: AsyncSession) -> int:
-        connection = await driver_connection(session)
+    async def run(sessions: async_sessionmaker[AsyncSession]) -> int:
+        async with sessions.begin() as session:  # reading the journal is journaled, as over the API; chained first
+            await journal_service.record(session, journal_service.act(operator(), "journal.exported", detail={
+                "since": since, "until": until, "output": str(output) if output else "stdout"}))
+            await journal_service.append(await driver_connection(session), [])
+        async with sessions.begin() as session:
+            return await _journal_lines(await driver_connection(session))
+
+    async def _journal_lines(connection: Any) -> int:
         written, after = 0, 0
         while True:
             rows = await connection.fetch(
@@ -442,7 +465,7 @@ def journal_export(
             after = rows[-1]["seq"]
 
     try:
-        count = _in_transaction(settings, run)
+        count = _on_database(settings, run)
     finally:
         if output:
             sink.close()
@@ -532,12 +555,24 @@ def _in_transaction(
     """Run one unit of work against the database (the embedded one is started when needed), each statement under
     `statement_timeout` seconds (default: the worker's, STATEMENT_TIMEOUT_WORKER_SECONDS)."""
 
+    async def one(sessions: async_sessionmaker[AsyncSession]) -> T:
+        async with sessions.begin() as session:
+            return await work(session)
+
+    return _on_database(settings, one, url=url, statement_timeout=statement_timeout)
+
+
+def _on_database(
+    settings: Settings, work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]], *, url: str | None = None,
+    statement_timeout: float | None = None,
+) -> T:
+    """Like `_in_transaction`, for a command that needs more than one transaction."""
+
     async def run(target: str) -> T:
         engine = make_engine(target, pool_size=1,
                              statement_timeout=statement_timeout or settings.statement_timeout_worker_seconds)
         try:
-            async with make_sessionmaker(engine).begin() as session:
-                return await work(session)
+            return await work(make_sessionmaker(engine))
         finally:
             await engine.dispose()
 

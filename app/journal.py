@@ -126,25 +126,34 @@ class JournalReads:
         client = scope.get("client")
         access = access_context.Access(state.get("request_id"), client[0] if client else None, scope,
                                        refused=self.journal.full)
-        status = 500
+        status, ended = 500, False
 
         async def watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, ended
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+                await send(message)
+            else:  # a body part: the answer ended once its last one was sent
+                await send(message)
+                ended = not message.get("more_body", False)
 
         token = access_context.begin(access)
         try:
             await self.app(scope, receive, watch)
         finally:
             access_context.end(token)
-        if status < 400 and (access.refs or access.action):
-            self.journal.add(_entry(state.get("principal"), access))
+            # Once a status below 400 has gone out, the answer is journaled even if its body was then cut short (a
+            # client gone, a stream that failed): what was sent reached someone (docs/gdpr.md).
+            if status < 400 and (access.refs or access.action):
+                self.journal.add(_entry(state.get("principal"), access, ended=ended))
 
 
-def _entry(caller: Any, access: access_context.Access) -> Entry:
+def _entry(caller: Any, access: access_context.Access, *, ended: bool = True) -> Entry:
     refs = list(access.refs)
+    rows, detail = access.rows, access.detail
+    if not ended:
+        detail = {**(detail or {}), "incomplete": True}
+        rows = rows if rows is not None else access.streamed or None
     return Entry(
         kind=access.kind,
         action=access.action or "personal_data.read",
@@ -155,8 +164,8 @@ def _entry(caller: Any, access: access_context.Access) -> Entry:
         request_id=access.request_id,
         client_addr=access.client_addr,
         refs=refs,
-        ref_count=access.rows if access.rows is not None else len(refs),
-        detail=access.detail,
+        ref_count=rows if rows is not None else len(refs),
+        detail=detail,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -44,6 +45,23 @@ def test_token_create_list_revoke(tmp_path: Path, database_url: str) -> None:
     assert revoked.returncode == 0, revoked.stderr
     assert "revoked" in _carnet("token", "list", env=env, cwd=tmp_path).stdout
     assert _carnet("token", "revoke", "no-such-token", env=env, cwd=tmp_path).returncode == 1
+
+
+def test_commands_are_journaled_under_who_ran_them_the_journal_export_too(tmp_path: Path, database_url: str) -> None:
+    """A command's acts named `cli`, not the person at the terminal (`carnet import` did); and `carnet journal
+    export`, a read of the whole journal, was not journaled, while reading it over the API is (docs/gdpr.md)."""
+    env = _env(DATABASE_URL=database_url, JWT_SECRET="cli-secret-" + "z" * 40)
+    made = _carnet("token", "create", "--role", "viewer", "--subject", "journaled@shop.example", env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "journal.jsonl"
+    exported = _carnet("journal", "export", "--output", str(out), env=env, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    entries = [json.loads(line) for line in out.read_text().splitlines()]
+    me = f"cli:{getpass.getuser()}"
+    [created] = [e for e in entries if e["action"] == "tokens.created"
+                 and e["detail"]["for_subject"] == "journaled@shop.example"]
+    assert (created["subject"], created["token_id"]) == (me, "cli")
+    assert (entries[-1]["action"], entries[-1]["subject"], entries[-1]["kind"]) == ("journal.exported", me, "admin")
 
 
 def test_migrate_names_each_migration_it_applies(tmp_path: Path, fresh_database: str) -> None:

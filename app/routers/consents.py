@@ -32,6 +32,8 @@ async def record_consent(
 
     Withdrawing `email_marketing` unsubscribes every list membership of the contact.
     """
+    if caller.sees_pii:  # the answer (or its replay) shows the proof's IP, user agent and form URL in clear
+        reveal(contact_id)
     if idem.replay:
         return idem.replay
     row = await consents_service.record(session, contact_id, payload, actor=caller)

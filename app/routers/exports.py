@@ -6,8 +6,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Send
 
 from app.access import describe
 from app.db import ReplicaSession, bare_connection
@@ -70,10 +72,22 @@ async def export_contacts(
     filename = f"contacts-{utc_now():%Y%m%d-%H%M%S}.{format.value}"
     log.info("export.started", format=format.value, masked=query.masked, subject=caller.subject,
              segment_id=str(segment) if segment else None, list_id=str(list_id) if list_id else None)
-    return StreamingResponse(_body(request, query, seconds=request.app.state.timeouts.export),
+    return ClosingStream(_body(request, query, seconds=request.app.state.timeouts.export),
                              media_type=MEDIA_TYPES[format],
                              headers={"Content-Disposition": f'attachment; filename="{filename}"',
                                       "Cache-Control": "no-store"})
+
+
+class ClosingStream(StreamingResponse):
+    """Closes its body however the stream ends. When a client goes away, Starlette cancels the stream and leaves
+    the generator suspended: its pooled connection and its COPY were held until the garbage collector found it."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):  # the stream may be cancelled: closing must still run
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _body(request: Request, query: ExportQuery, *, seconds: float) -> AsyncIterator[bytes]:

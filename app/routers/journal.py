@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from app.access import describe
+from app.access import describe, reveal
 from app.db import ReadSession
 from app.errors import MissingScope
 from app.routers.deps import JSONBody
@@ -56,7 +56,10 @@ async def list_journal_entries(
         return JSONBody({"data": [], "next_cursor": None})
     rows = await journal_service.page(session, query, limit=limit, before_seq=history_service.id_cursor(cursor))
     # Reading the journal is itself journaled: it names collaborators, clients' addresses and contacts.
+    # The contact looked up goes in the entry's refs, not its filter: erasure rewrites refs, never the hashed detail.
     describe("journal.read", kind="admin", filter=journal_service.search_detail(
-        request.query_params, hidden=("email", "phone"), drop=("cursor",)))
+        request.query_params, hidden=("email", "phone"), drop=("cursor", "contact_id")))
+    if contact_id:
+        reveal(contact_id)
     return JSONBody({"data": [present_entry(r) for r in rows[:limit]],
                      "next_cursor": str(rows[limit - 1]["seq"]) if len(rows) > limit else None})

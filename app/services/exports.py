@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import TIMESTAMP
 from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.access import count_rows
+from app.access import count_rows, count_streamed
 from app.db import milliseconds
 from app.models import AttributeDefinition, Contact, ListMembership, MailingList
 from app.security.masking import PII_FIELDS, mask_email, mask_name, mask_phone, mask_text
@@ -328,6 +328,7 @@ async def _copy(connection: asyncpg.Connection, query: ExportQuery, options: Map
     producer = asyncio.create_task(produce())
     try:
         while (chunk := await queue.get()) is not None:
+            count_streamed(chunk.count(b"\n"))  # the journal's count if the stream is cut short (a client gone)
             yield chunk
         await producer  # re-raises a failure of the COPY
     finally:

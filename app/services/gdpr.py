@@ -160,7 +160,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
         await suppressions.suppress(session, [*chunk, *await _former_addresses(session, ids)], reason=reason)
-        await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
+        await journal.forget(session, await _journal_people(session, chunk))
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_SCRUB_REFUSAL_NOTES, {"ids": ids})
@@ -200,6 +200,24 @@ _FORMER_ADDRESSES = text("""
 _DELETE_EVENTS = text("""
     WITH gone AS (DELETE FROM event WHERE contact_id = ANY(CAST(:ids AS uuid[])) RETURNING event_id)
     DELETE FROM event_key k USING gone WHERE k.event_id = gone.event_id
+""")
+
+
+async def _journal_people(session: AsyncSession, contacts: Sequence[Row]) -> dict[uuid.UUID, list[str]]:
+    """Each erased contact, and each record merged into it, to the person's journal refs (their address digests):
+    the entries that reached a merged record reached the person too, and are found by their address after."""
+    people = {c["id"]: journal.person_refs(c) for c in contacts}
+    rows = await session.execute(_MERGED_ROOTS, {"ids": list(people)})
+    return people | {merged: people[root] for merged, root in rows}
+
+
+_MERGED_ROOTS = text("""
+    WITH RECURSIVE merged(id, root) AS (
+        SELECT merged_id, survivor_id FROM contact_merge WHERE survivor_id = ANY(:ids)
+        UNION
+        SELECT m.merged_id, merged.root FROM contact_merge m JOIN merged ON m.survivor_id = merged.id
+    )
+    SELECT id, root FROM merged
 """)
 
 
@@ -375,9 +393,15 @@ async def run_retention(
     rows = list((await session.execute(query)).mappings())
     if not dry_run:
         await erase_many(session, rows, reason="retention")
-    await journal.record(session, journal.act(
-        actor, "retention.run", refs=[] if dry_run else [ref for r in rows for ref in journal.person_refs(r)],
-        detail={"dry_run": dry_run, "erased": 0 if dry_run else len(rows), "listed": len(rows),
-                "retention_days": days}))
+    # An entry per _CHUNK people erased (at least one, a dry run's): a first run may erase years of prospects,
+    # and one entry holding all their digests would be an unbounded row and item of a journal page.
+    people = [] if dry_run else rows
+    parts = max(1, -(-len(people) // _CHUNK))
+    for part in range(parts):
+        chunk = people[part * _CHUNK:(part + 1) * _CHUNK]
+        await journal.record(session, journal.act(
+            actor, "retention.run", refs=[ref for r in chunk for ref in journal.person_refs(r)], count=len(chunk),
+            detail={"dry_run": dry_run, "erased": len(people), "listed": len(rows), "retention_days": days,
+                    "part": part + 1, "parts": parts}))
     log.info("retention.ran", dry_run=dry_run, count=len(rows), retention_days=days, subject=actor.subject)
     return RetentionReport(dry_run=dry_run, retention_days=days, cutoff=cutoff, contact_ids=[r["id"] for r in rows])

@@ -136,8 +136,8 @@ async def merge(
         await refresh_stats(session, survivor_id, actor=actor, policy=policy, field="duplicate_id")
     await session.execute(insert(_merges).values(
         merged_id=duplicate_id, survivor_id=survivor_id, merged_at=now, subject=actor.subject))
-    await journal.record(session, journal.act(actor, "contacts.merged", refs=[str(survivor_id), str(duplicate_id)],
-                                              detail={"survivor_id": str(survivor_id), "merged_id": str(duplicate_id)}))
+    # The refs say who (survivor first): a contact id in `detail` would outlive the person's erasure (hashed there).
+    await journal.record(session, journal.act(actor, "contacts.merged", refs=[str(survivor_id), str(duplicate_id)]))
     # The duplicate's address is retired when the survivor keeps another one: destinations then remove its
     # remote record (else the person gets every campaign twice). Taken over, the record becomes the survivor's.
     retired = duplicate["email"] is not None and duplicate["email"] != row["email"]

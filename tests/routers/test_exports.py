@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import getpass
 import io
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from app.security import Role, Scope
 from tests.auth import bearer
@@ -251,6 +255,39 @@ class TestAccess:
 
 class TestCli:
     @pytest.mark.committing
+    async def test_carnet_export_cut_short_is_journaled_with_who_ran_it(
+        self, committing_client: httpx.AsyncClient, database_url: str, engine: Any, tmp_path: Path
+    ) -> None:
+        """`carnet export | head`: the reader goes away, the write fails. The entry was written in the export's own
+        transaction, which then rolled back: rows out, nothing journaled. And it named `cli`, not who ran it."""
+        async with engine.begin() as connection:
+            await connection.execute(text(
+                "INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count, "
+                "total_spent, version, created_at, updated_at, source) SELECT gen_random_uuid(), 'cli-cut-' || g || "
+                "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now(), now(), 'api' "
+                "FROM generate_series(1, 20000) g"))
+        env = _env(DATABASE_URL=database_url, JWT_SECRET="cli-secret-" + "z" * 40)
+
+        def cut_short() -> tuple[bytes, int]:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app", "export", "--format", "jsonl"], stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+            assert process.stdout is not None
+            head = process.stdout.read(4096)
+            process.stdout.close()  # as `head` does
+            return head, process.wait(timeout=60)
+
+        head, code = await asyncio.to_thread(cut_short)
+        assert head.count(b"\n") >= 1 and code != 0  # rows went out, then the export failed
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text(
+                "SELECT subject, token_id, ref_count, detail FROM journal_pending WHERE action = 'exports.contacts' "
+                "UNION ALL SELECT subject, token_id, ref_count, detail FROM journal_entry "
+                "WHERE action = 'exports.contacts'"))).mappings().all()
+        [entry] = rows
+        assert entry["subject"] == f"cli:{getpass.getuser()}" and entry["token_id"] == "cli"
+        assert entry["ref_count"] == 20000 and entry["detail"]["format"] == "jsonl"
+
     async def test_carnet_export_writes_the_same_file(
         self, committing_client: httpx.AsyncClient, database_url: str, tmp_path: Path
     ) -> None:

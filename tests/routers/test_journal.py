@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,16 @@ async def entries_after(app: FastAPI, call: Callable[[], Any]) -> list[dict[str,
     before = len(await flushed(app))
     await call()
     return (await flushed(app))[before:]
+
+
+async def seed_prospects(connection: Any, prefix: str, count: int, *, age_days: int = 0) -> None:
+    """`count` prospects with an address each, made and last changed `age_days` ago, in one statement."""
+    await connection.execute(text(
+        "INSERT INTO contact (id, email, email_status, kind, lifecycle_stage, attributes, tags, orders_count, "
+        "total_spent, version, created_at, updated_at, source) SELECT gen_random_uuid(), :prefix || '-' || g || "
+        "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now() - make_interval(days => "
+        ":age), now() - make_interval(days => :age), 'api' FROM generate_series(1, :count) g"),
+        {"prefix": prefix, "count": count, "age": age_days})
 
 
 async def verify(app: FastAPI) -> tuple[int, journal_service.Break | None]:
@@ -101,6 +112,31 @@ class TestReadsAreJournaled:
             new = await entries_after(app, read)
             assert [(e["route"], e["refs"]) for e in new] == [(template, [cid])], path
 
+    async def test_a_consent_recorded_answers_its_proof_in_clear_and_is_journaled_as_the_ledger_is(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # The answer (and its replay) carries the proof's IP, user agent and form URL in clear, as GET .../consents
+        # does, which is journaled; the POST was not.
+        contact = await make_contact(client)
+        body = {"purpose": "email_marketing", "action": "granted", "proof": PROOF}
+        headers = {**ADMIN, "Idempotency-Key": f"consent-{uuid.uuid4()}"}
+
+        async def record() -> None:
+            answer = await client.post(f"/v1/contacts/{contact['id']}/consents", json=body, headers=headers)
+            assert answer.status_code == 201 and answer.json()["proof"]["ip"] == PROOF["ip"], answer.text
+
+        for _ in range(2):  # the first answer, then its replay
+            new = await entries_after(app, record)
+            assert [(e["route"], e["refs"]) for e in new] == [
+                ("POST /v1/contacts/{contact_id}/consents", [contact["id"]])]
+        masked = bearer(Role.MANAGER, scopes={Scope.CONSENTS_WRITE})
+
+        async def record_masked() -> None:
+            answer = await client.post(f"/v1/contacts/{contact['id']}/consents", json=body, headers=masked)
+            assert answer.status_code == 201 and answer.json()["proof"]["ip"] != PROOF["ip"], answer.text
+
+        assert await entries_after(app, record_masked) == []
+
     async def test_a_page_names_its_contacts_its_count_and_its_filter_never_the_address(
         self, client: httpx.AsyncClient, app: FastAPI
     ) -> None:
@@ -152,8 +188,69 @@ class TestReadsAreJournaled:
         masked = bearer(Role.MANAGER, scopes={Scope.EXPORTS_READ, Scope.CONTACTS_READ})  # no pii:read
         assert await entries_after(app, lambda: export(masked)) == []
 
+@pytest.mark.committing
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+async def test_an_export_cut_short_is_journaled_with_what_went_out(
+    committing_client: httpx.AsyncClient, app: FastAPI, engine: Any, spec_version: str
+) -> None:
+    """The rows sent before a client went away (or the database failed mid-stream) reached someone: the entry was
+    lost when the app raised (2.4), and said 0 rows when Starlette stopped the COPY (2.3, uvicorn's)."""
+    async with engine.begin() as connection:  # more rows than the COPY keeps in flight: it is stopped mid-way
+        await seed_prospects(connection, "cut", 20000)
+    sent: list[bytes] = []
+
+    async def export() -> None:
+        sent.append(await export_cut_short(app, spec_version=spec_version))
+
+    [entry] = await entries_after(app, export)
+    lines = sent[0].count(b"\n")
+    assert 1 <= lines < 20000, lines  # rows did go out, not all of them
+    assert (entry["kind"], entry["action"], entry["client_addr"]) == ("export", "exports.contacts", "203.0.113.9")
+    assert entry["detail"]["incomplete"] is True
+    assert lines <= entry["ref_count"] < 20000  # at most what left, never less than what arrived
+    async with engine.connect() as connection:  # and the export let go of its connection and its COPY at once
+        copying = await connection.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'COPY%'"))
+    assert copying == 0
+
 
 ROLE_SCOPES = __import__("app.security.scopes", fromlist=["ROLE_SCOPES"]).ROLE_SCOPES
+
+
+async def export_cut_short(app: FastAPI, *, spec_version: str) -> bytes:
+    """`GET /v1/exports/contacts?format=jsonl` straight through the ASGI app, by a client that goes away before
+    the end, as uvicorn tells it: under ASGI spec 2.3 (uvicorn's) a `http.disconnect` while the body streams
+    (Starlette stops the stream and returns); under 2.4 a `send` that raises OSError (Starlette raises)."""
+    received: list[bytes] = []
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if spec_version == "2.3":
+            await gone.wait()
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            assert message["status"] == 200
+            return
+        if received and spec_version == "2.4":
+            raise OSError("connection reset by peer")
+        received.append(message.get("body", b""))
+        if spec_version == "2.3":
+            gone.set()
+            await asyncio.sleep(0.2)  # the disconnect is noticed while this chunk is on its way
+
+    headers = [(b"authorization", ADMIN["Authorization"].encode()), (b"host", b"test")]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/v1/exports/contacts", "raw_path": b"/v1/exports/contacts",
+             "query_string": b"format=jsonl", "root_path": "", "headers": headers, "client": ("203.0.113.9", 4000),
+             "server": ("test", 80)}
+    with contextlib.suppress(Exception):  # under 2.4 the app raises (the server would log it)
+        await app(scope, receive, send)
+    return b"".join(received)
+
+
 
 
 class TestAdministrativeActs:
@@ -186,6 +283,26 @@ class TestAdministrativeActs:
 
         [run] = await entries_after(app, retention)
         assert run["action"] == "retention.run" and run["detail"]["dry_run"] is True
+
+    async def test_a_large_retention_run_is_journaled_in_bounded_entries(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        # One entry held the digests of every person a run erased: 2 refs a person, unbounded (a first run over
+        # years of prospects), in one row, one GIN entry and one item of a GET /v1/journal page.
+        async with sessions.begin() as session:
+            await seed_prospects(session, "stale", 2500, age_days=1200)
+        erased: list[int] = []
+
+        async def retention() -> None:
+            run = await client.post("/v1/retention/run", json={"dry_run": False}, headers=ADMIN)
+            assert run.status_code == 200, run.text
+            erased.append(run.json()["erased"])
+
+        runs = [e for e in await entries_after(app, retention) if e["action"] == "retention.run"]
+        assert erased[0] >= 2500 and len(runs) == -(-erased[0] // 1000)
+        assert all(len(e["refs"]) <= 2000 for e in runs)
+        assert sum(e["ref_count"] for e in runs) == erased[0]  # people erased, each part its own
+        assert {(e["detail"]["erased"], e["detail"]["parts"]) for e in runs} == {(erased[0], len(runs))}
 
     async def test_destination_secrets_set_or_changed_name_their_keys_never_their_values(
         self, client: httpx.AsyncClient, app: FastAPI
@@ -297,6 +414,32 @@ class TestErasure:
 
         assert await entries_after(app, visits) == []
         assert home not in json.dumps(await flushed(app), default=str)
+
+    async def test_erasure_also_rewrites_the_records_merged_into_the_person_and_the_merge_itself(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # A record merged into the person's names them as well (gdpr.erase_many forgets its stored answers too).
+        # Its reads, and the merge's entry (whose detail held both ids), kept those ids after the erasure, and
+        # `?email=` could not find who had read that record: "who reached this person?" lost part of its answer.
+        survivor, duplicate = await make_contact(client), await make_contact(client)
+        assert (await client.get(f"/v1/contacts/{duplicate['id']}", headers=ROLES[Role.EDITOR])).status_code == 200
+        merged = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                   headers=ADMIN)
+        assert merged.status_code == 200, merged.text
+        # An admin's lookup of the person's entries named them in its filter (the journal.read entry's detail).
+        lookup = await client.get("/v1/journal", params={"contact_id": survivor["id"]}, headers=ADMIN)
+        assert lookup.status_code == 200, lookup.text
+        await flushed(app)
+        assert (await client.delete(f"/v1/contacts/{survivor['id']}", headers=ADMIN)).status_code == 204
+        everything = json.dumps(await flushed(app), default=str)
+        assert survivor["id"] not in everything and duplicate["id"] not in everything
+        found = await client.get("/v1/journal", params={"email": survivor["email"]}, headers=ADMIN)
+        assert found.status_code == 200, found.text
+        actions = [(e["action"], e["subject"]) for e in found.json()["data"]]
+        assert ("contacts.merged", "tester@shop.example") in actions
+        assert ("personal_data.read", "editor@shop.example") in actions  # the duplicate's reader, found by address
+        assert ("journal.read", "tester@shop.example") in actions
+        assert (await verify(app))[1] is None
 
     async def test_a_read_still_buffered_when_the_person_is_erased_is_chained_under_their_digest(
         self, client: httpx.AsyncClient, app: FastAPI
