@@ -403,6 +403,27 @@ async def test_mailchimp_erasure_deletes_the_store_records_of_a_merged_record_wi
     assert fake.member("mc-news", duplicate["email"]) is not None   # the newcomer's
 
 
+async def test_mailchimp_erasure_deletes_the_member_the_store_made_on_its_own_audience(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """The store's audience (`store_list_id`) is not a mapped list: writing the customer added the person there
+    (Mailchimp's rule: a `transactional` member). Only the mapped lists' members used to be deleted: the store's
+    audience kept the person's address."""
+    fake, live = mailchimp
+    client = committing_client
+    store, news = await store_destination(client, live, store_list_id="mc-vip")
+    [person] = await subscribed(client, news, 1)
+    await put_order(client, uid("O"), person["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await drain(worker)
+    assert fake.member("mc-vip", person["email"]) is not None and person["id"] in fake.stores[store].customers
+
+    assert (await client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+
+    assert fake.member("mc-vip", person["email"]) is None and fake.member("mc-news", person["email"]) is None
+    assert person["id"] not in fake.stores[store].customers
+
+
 async def test_webhooks_get_commerce_topics_only_when_named(committing_client: httpx.AsyncClient,
                                                              worker: Worker) -> None:
     client = committing_client
