@@ -5,8 +5,8 @@ retention run of thousands take the same few statements:
 
 1. every email and phone they held (now, or before as their history says) goes to the suppression list, with
    each email's mailbox (keyed hashes, `services/suppressions.py`);
-2. values that name the person elsewhere are cleared: import reject reports, and another contact's history
-   where the person's address or number was once typed; both look for who the person is and was (their
+2. values that name the person elsewhere are cleared: import reject reports, a running import's keys, and another
+   contact's history where the person's address or number was once typed; both look for who the person is and was (their
    own history: former addresses, records merged into theirs), so they run before that history goes;
 3. history rows, behaviour events, orders, list memberships and the idempotency records that replay a
    response about the contact or a record merged into it (or were made on its URL) are deleted;
@@ -163,6 +163,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await journal.forget(session, {c["id"]: journal.person_refs(c) for c in chunk})
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
+        await session.execute(_FORGET_IMPORT_KEYS, {"ids": ids})
         await session.execute(_SCRUB_REFUSAL_NOTES, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
         await session.execute(_DELETE_EVENTS, {"ids": ids})
@@ -303,6 +304,18 @@ def _scrub(table: str, column: str) -> Any:
 
 
 _SCRUB_IMPORT_REPORTS = _scrub("import_reject", "value")
+
+# A running import's keys (`e:<email>`, `x:<external id>` of its rows that created no contact: duplicates are found
+# by them across batches) name the person in clear until the job ends: theirs go now. A later row of theirs is then
+# no duplicate but is skipped as suppressed (its address), as a row repeating one that created a contact is.
+# Only unfinished jobs hold keys (the end of a job deletes them): an index probe per job and identifier.
+_FORGET_IMPORT_KEYS = text(f"""
+    WITH {_IDENTITY}
+    DELETE FROM import_key k
+    USING import_job j, identity i
+    WHERE j.status IN ('queued', 'running') AND k.import_id = j.id AND i.kind = 'key'
+      AND k.key IN ('e:' || i.value, 'x:' || i.value)
+""")  # noqa: S608 (built from our own SQL fragments; the ids are a parameter)
 # An admin's reason for refusing an erasure request is free text: "Mme Ada Martin owes invoice 12" names the
 # person, "invoices are kept 10 years" does not and stays with the refusal it explains.
 _SCRUB_REFUSAL_NOTES = _scrub("erasure_request", "note")
