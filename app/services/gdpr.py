@@ -5,9 +5,10 @@ retention run of thousands take the same few statements:
 
 1. every email and phone they held (now, or before as their history says) goes to the suppression list, with
    each email's mailbox (keyed hashes, `services/suppressions.py`);
-2. values that name the person elsewhere are cleared: import reject reports, a running import's keys, and another
-   contact's history where the person's address or number was once typed; both look for who the person is and was (their
-   own history: former addresses, records merged into theirs), so they run before that history goes;
+2. values that name the person elsewhere are cleared: import reject reports and file names, a running import's
+   keys, refusal notes, and another contact's history where the person's address or number was once typed; they
+   look for who the person is and was (their own history: former addresses, records merged into theirs), so they
+   run before that history goes;
 3. history rows, behaviour events, orders, list memberships and the idempotency records that replay a
    response about the contact or a record merged into it (or were made on its URL) are deleted;
 4. the consent ledger is de-identified, not deleted: each event keeps purpose, action, source and dates,
@@ -165,6 +166,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_FORGET_IMPORT_KEYS, {"ids": ids})
         await session.execute(_SCRUB_REFUSAL_NOTES, {"ids": ids})
+        await session.execute(_SCRUB_FILE_NAMES, {"ids": ids})
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
@@ -279,8 +281,10 @@ _PHONE_FORMS = ", ".join(
 )
 
 
-def _scrub(table: str, column: str) -> Any:
-    """SQL clearing `table.column` wherever it names the erased people (`:ids`), by the rules above."""
+def _scrub(table: str, column: str, forms: Sequence[str] = ("r.{column}",)) -> Any:
+    """SQL clearing `table.column` wherever it names the erased people (`:ids`), by the rules above; `forms`: the
+    ways of reading the value (SQL on `r`), any of which naming them clears it."""
+    readings = ", ".join(f"({form.format(column=column)})" for form in forms)
     return text(f"""
     WITH {_IDENTITY}, needle AS (
         SELECT DISTINCT n.words, split_part(trim(n.words), ' ', 1) AS head, v.whole
@@ -290,7 +294,9 @@ def _scrub(table: str, column: str) -> Any:
         CROSS JOIN LATERAL (SELECT {_words("v.value")} AS words) n
         WHERE v.value IS NOT NULL AND trim(n.words) <> ''
     ), report AS MATERIALIZED (
-        SELECT r.id, {_words(f"r.{column}")} AS words FROM {table} r WHERE r.{column} IS NOT NULL
+        SELECT r.id, {_words("f.form")} AS words
+        FROM {table} r CROSS JOIN LATERAL (VALUES {readings}) AS f(form)
+        WHERE r.{column} IS NOT NULL
     ), hit AS (
         SELECT DISTINCT report.id
         FROM report
@@ -319,6 +325,12 @@ _FORGET_IMPORT_KEYS = text(f"""
 # An admin's reason for refusing an erasure request is free text: "Mme Ada Martin owes invoice 12" names the
 # person, "invoices are kept 10 years" does not and stays with the refusal it explains.
 _SCRUB_REFUSAL_NOTES = _scrub("erasure_request", "note")
+# An import's file name is the importer's free text too ("relance_jean_dupont.csv"): read as it is, without its
+# extension, and with `_` (then `_ . -`) as spaces, since a file name has no spaces to separate its words.
+_STEM = r"regexp_replace(r.{column}, '\.[A-Za-z0-9]{{1,5}}$', '')"
+_SCRUB_FILE_NAMES = _scrub("import_job", "filename", (
+    "r.{column}", _STEM, f"replace({_STEM}, '_', ' ')", f"regexp_replace({_STEM}, '[_.-]+', ' ', 'g')",
+))
 
 # Another contact's history may hold the person: their address or number typed on the wrong record, then
 # corrected. A change that wrote or removed one of their identifiers there loses, on that side (old or new), every
