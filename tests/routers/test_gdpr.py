@@ -307,6 +307,28 @@ class TestErase:
         async with sessions() as session:  # the erasure switched its flag off again
             assert await session.scalar(text("SELECT coalesce(current_setting('carnet.erasing', true), '')")) != "on"
 
+    async def test_ledger_free_text_naming_the_person_is_cleared(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        """`source` and the proof's `wording` and `policy_version` are the caller's free text, kept by the
+        de-identification whatever they said ("phone call with Ysolde Kervella"). Where they name the person they
+        go; the shop's own wording, naming no one, stays with the event."""
+        person = await build_person(client)
+        full = f"{person.first_name} {person.last_name}"
+        naming = await client.post(f"/v1/contacts/{person.id}/consents", headers=ADMIN, json={
+            "purpose": "phone_marketing", "action": "granted", "source": f"phone call with {full}",
+            "proof": {"wording": f"{full} said yes on the phone", "policy_version": f"v1 {person.email}"}})
+        assert naming.status_code == 201, naming.text
+        assert (await erase(client, person.id)).status_code == 204
+        async with sessions() as session:
+            rows = (await session.execute(text(
+                "SELECT source, proof FROM consent_event WHERE id = ANY(:ids) ORDER BY id"
+            ), {"ids": [*person.consent_event_ids, naming.json()["id"]]})).all()
+        assert [(r.source, r.proof) for r in rows] == [
+            *[(None, {"wording": PROOF["wording"], "policy_version": PROOF["policy_version"]})] * 2,
+            (None, None)]
+        assert await occurrences(sessions, [full, person.email]) == {}
+
     async def test_the_ledger_still_refuses_other_writes(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
@@ -320,6 +342,9 @@ class TestErase:
             (erasing, "UPDATE consent_event SET action = 'withdrawn' WHERE id = :id"),
             (erasing, "UPDATE consent_event SET contact_id = NULL, proof = proof WHERE id = :id"),  # proof kept
             (erasing, "UPDATE consent_event SET contact_id = NULL, proof = NULL, occurred_at = now() WHERE id = :id"),
+            (erasing, "UPDATE consent_event SET contact_id = NULL, proof = NULL, source = 'x' WHERE id = :id"),
+            (erasing, "UPDATE consent_event SET contact_id = NULL, proof = proof - 'ip' - 'user_agent' - 'form_url' "
+                      "|| '{\"wording\": \"changed\"}' WHERE id = :id"),  # the free text cleared, never rewritten
             (erasing, "DELETE FROM consent_event WHERE id = :id"),
         ]
         for flag, statement in attempts:
