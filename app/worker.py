@@ -378,7 +378,8 @@ class Worker:
 
 def _people(plan: delivery.Plan, contact_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
     """These contacts and those merged into them whose records the erasure settled (their commerce goes too)."""
-    return list(dict.fromkeys([*contact_ids, *(owner for c in contact_ids for owner, _ref in plan.forget.get(c, ()))]))
+    return list(dict.fromkeys([*contact_ids, *(owner for c in contact_ids for owner, _ref in plan.forget.get(c, ())),
+                               *(owner for c in contact_ids for owner in plan.sold.get(c, ()))]))
 
 
 def lane_step(moved: bool, claimed: int, *, batch_size: int, feeding_backlog: bool) -> Literal["go", "wait", "stop"]:

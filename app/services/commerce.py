@@ -28,7 +28,8 @@ from app.models.base import utc_now
 from app.sync.base import ContactState
 from app.sync.commerce import CartPush, CommerceState, EventPush, OrderPush, Product, Record, digest, lines_of
 
-__all__ = ["EVENTS_PER_PUSH", "EVENT_MAX_AGE", "attach", "enabled", "forget_people", "remember", "store_list_id"]
+__all__ = ["EVENTS_PER_PUSH", "EVENT_MAX_AGE", "Held", "attach", "enabled", "forget_people", "held", "remember",
+           "store_list_id"]
 
 EVENTS_PER_PUSH = 100                 # the newest; older ones of the same push are skipped
 EVENT_MAX_AGE = timedelta(days=30)    # a first push does not replay a person's whole history as automations
@@ -223,21 +224,44 @@ async def forget_people(session: AsyncSession, destination_id: uuid.UUID, contac
     if contact_ids:
         values = {"d": destination_id, "ids": list(contact_ids)}
         await session.execute(_HAND_OVER, values)
-        await session.execute(text("DELETE FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids)"),
-                              values)
+        # A contact still in Carnet (its address removed: its member archived) keeps its store records, at the vendor
+        # and here, for its next push or its erasure.
+        await session.execute(text(
+            "DELETE FROM sync_commerce s WHERE s.destination_id = :d AND s.contact_id = ANY(:ids) "
+            "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.contact_id)"), values)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Held:
+    """What a vendor holds of one erased person's commerce: the records an erasure deletes, and the contacts (they and
+    those merged into them) whose `sync_commerce` rows go once the vendor confirmed."""
+
+    records: tuple[tuple[str, str], ...]
+    owners: tuple[uuid.UUID, ...]
 
 
 async def held(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Sequence[uuid.UUID]
-               ) -> dict[uuid.UUID, tuple[tuple[str, str], ...]]:
-    """(kind, ref) of the carts, orders and customer the vendor holds for these (erased) people: what an erasure
-    deletes, in that order (the customer last: its orders and carts name it)."""
-    found: dict[uuid.UUID, list[tuple[str, str]]] = {}
+               ) -> dict[uuid.UUID, Held]:
+    """Per (erased) person, (kind, ref) of the carts, orders and customers the vendor holds of them and of every
+    contact merged into them (merges of merges too), whether or not a member of theirs is left to delete: in that
+    order (the customers last: their orders and carts name them)."""
+    records: dict[uuid.UUID, list[tuple[str, str]]] = {}
+    owners: dict[uuid.UUID, dict[uuid.UUID, None]] = {}
     if contact_ids:
-        for contact_id, kind, ref in (await session.execute(text(
-            "SELECT contact_id, kind, ref FROM sync_commerce WHERE destination_id = :d AND contact_id = ANY(:ids) "
-            "AND kind IN ('cart', 'order', 'customer') "
-            "ORDER BY array_position(ARRAY['cart', 'order', 'customer'], kind), ref"),
-            {"d": destination_id, "ids": list(contact_ids)},
-        )).all():
-            found.setdefault(contact_id, []).append((kind, ref))
-    return {c: tuple(refs) for c, refs in found.items()}
+        for root, owner, kind, ref in (await session.execute(_HELD, {"d": destination_id,
+                                                                      "ids": list(contact_ids)})).all():
+            records.setdefault(root, []).append((kind, ref))
+            owners.setdefault(root, {})[owner] = None
+    return {c: Held(tuple(refs), tuple(owners[c])) for c, refs in records.items()}
+
+
+_HELD = text("""
+WITH RECURSIVE people(root, id) AS (
+    SELECT r, r FROM unnest(CAST(:ids AS uuid[])) AS r
+    UNION
+    SELECT p.root, m.merged_id FROM contact_merge m JOIN people p ON m.survivor_id = p.id
+)
+SELECT p.root, p.id, s.kind, s.ref FROM people p
+JOIN sync_commerce s ON s.destination_id = :d AND s.contact_id = p.id AND s.kind IN ('cart', 'order', 'customer')
+ORDER BY p.root, array_position(ARRAY['cart', 'order', 'customer'], s.kind), s.ref
+""")

@@ -111,8 +111,9 @@ async def enabled_destination_ids(session: AsyncSession) -> list[uuid.UUID]:
 # destination syncs anyway, and change no profile: the push reads the orders, carts and events owed
 # (app/services/commerce.py).
 # An erasure or a merge goes to every vendor destination, enabled or not (a disabled one claims nothing: the row
-# waits), that may hold something of the person: a link or a retired record of theirs or of anyone merged into
-# them, or any delivery at all (a first push still in flight makes its link after this message).
+# waits), that may hold something of the person: a link, a retired record or a commerce record (a store's customer,
+# order or cart, even with no member left) of theirs or of anyone merged into them, or any delivery at all (a first
+# push still in flight makes its link after this message).
 _DISPATCH_VENDORS = text("""
 INSERT INTO delivery (destination_id, contact_id, message_id, topic, coalesces, profile_changed, changed_lists,
                       status, attempts, next_attempt_at, created_at, updated_at)
@@ -135,7 +136,9 @@ WHERE m.id = ANY(:ids) AND m.contact_id IS NOT NULL
                       SELECT 1 FROM people p
                       WHERE EXISTS (SELECT 1 FROM sync_link l WHERE l.destination_id = d.id AND l.contact_id = p.id)
                          OR EXISTS (SELECT 1 FROM sync_retired_ref r
-                                    WHERE r.destination_id = d.id AND r.contact_id = p.id))
+                                    WHERE r.destination_id = d.id AND r.contact_id = p.id)
+                         OR EXISTS (SELECT 1 FROM sync_commerce s
+                                    WHERE s.destination_id = d.id AND s.contact_id = p.id))
       ELSE CASE m.topic WHEN 'commerce.order_changed' THEN coalesce((d.config ->> 'push_orders')::boolean, false)
                         WHEN 'commerce.cart_changed' THEN coalesce((d.config ->> 'push_carts')::boolean, false)
                         WHEN 'commerce.event_recorded' THEN coalesce(d.config -> 'push_events' ? (m.payload ->> 'type'),
@@ -317,6 +320,9 @@ class Plan:
     # vendor confirmed (for `vanished`: at once). Exactly these, not "all of the contact's": a record retired
     # meanwhile was not deleted by this batch and must stay known.
     forget: dict[uuid.UUID, list[Ref]] = field(default_factory=dict)
+    # Per erased contact, the contacts (it, those merged into it) whose commerce records its erasure deletes: their
+    # sync_commerce rows go once the vendor confirmed.
+    sold: dict[uuid.UUID, list[uuid.UUID]] = field(default_factory=dict)
 
 
 async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
@@ -329,7 +335,8 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
       archived (Mailchimp) or deleted (Brevo); taken over by the survivor: its link is forgotten (the survivor's
       push carries the record on); any other delivery: nothing (its link stays for the person's erasure);
     - otherwise (erased, or merged into someone since erased): every record of the person at this vendor is
-      deleted permanently, theirs and those of every contact merged into them (links and retired records).
+      deleted permanently, theirs and those of every contact merged into them (links and retired records, and the
+      store's carts, orders and customers: these even when no member of theirs is left to delete).
     A record another contact still in Carnet now holds (its address came back) is never moved nor deleted.
     """
     ids = [r["contact_id"] for r in rows]
@@ -364,8 +371,7 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
                        + [ref for refs in records.values() for _owner, ref in refs])
     retired = await _retired_addresses(session, destination["id"], [c for c in merged if c in links])
     # The commerce records (Mailchimp carts, orders, customer) of erased people and of those merged into them.
-    sold = await commerce_service.held(session, destination["id"], [
-        *erased, *(owner for refs in records.values() for owner, _ref in refs)])
+    sold = await commerce_service.held(session, destination["id"], sorted(erased)) if erased else {}
     may_market: dict[uuid.UUID, bool] = {}
     for contact_id in gone:
         link = links.get(contact_id)
@@ -373,10 +379,13 @@ async def plan(session: AsyncSession, destination: Row, rows: Sequence[Row], *,
             owned = records.get(contact_id, [])
             refs = [ref for _owner, ref in owned if not held.get(ref, set())]
             out.forget[contact_id] = owned
-            commerce = sum((sold.get(owner, ()) for owner in dict.fromkeys([contact_id, *(o for o, _ in owned)])), ())
-            if refs:
-                out.erasures.append(Erasure(contact_id, refs[0], other_refs=tuple(dict.fromkeys(refs[1:])),
-                                            commerce=commerce))
+            commerce = sold.get(contact_id)
+            if commerce is not None:
+                out.sold[contact_id] = list(commerce.owners)
+            if refs or commerce is not None:  # their store records go even when no member of theirs is left
+                out.erasures.append(Erasure(contact_id, refs[0] if refs else None,
+                                            other_refs=tuple(dict.fromkeys(refs[1:])),
+                                            commerce=commerce.records if commerce else ()))
             else:
                 out.vanished.append(contact_id)
         elif link is not None and (topic[contact_id] == "contact.merged" or contact_id in retired):
@@ -728,8 +737,9 @@ async def _lock_person(session: AsyncSession, contact_id: uuid.UUID) -> bool:
 
 
 async def erasures_owed(session: AsyncSession, destination_id: uuid.UUID) -> int:
-    """People erased in Carnet of whom this destination may still hold a record (a link or retired record whose
-    contact, or the contact it was merged into, is gone): what its erasure deliveries have yet to delete."""
+    """People erased in Carnet of whom this destination may still hold a record (a link, retired record or store
+    record whose contact, or the contact it was merged into, is gone): what its erasure deliveries have yet to
+    delete."""
     return int(await session.scalar(_OWED, {"d": destination_id}) or 0)
 
 
@@ -738,6 +748,8 @@ WITH RECURSIVE held AS (
     SELECT contact_id FROM sync_link WHERE destination_id = :d
     UNION
     SELECT contact_id FROM sync_retired_ref WHERE destination_id = :d
+    UNION
+    SELECT contact_id FROM sync_commerce WHERE destination_id = :d AND kind IN ('cart', 'order', 'customer')
 ), orphan AS (
     SELECT h.contact_id FROM held h WHERE NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = h.contact_id)
 ), chain(start, id, depth) AS (

@@ -5,14 +5,16 @@ retention run of thousands take the same few statements:
 
 1. every email and phone they held (now, or before as their history says) goes to the suppression list, with
    each email's mailbox (keyed hashes, `services/suppressions.py`);
-2. values that name the person elsewhere are cleared: import reject reports, and another contact's history
-   where the person's address or number was once typed; both look for who the person is and was (their
-   own history: former addresses, records merged into theirs), so they run before that history goes;
+2. values that name the person elsewhere are cleared: import reject reports and file names, a running import's
+   keys, refusal notes, and another contact's history where the person's address or number was once typed; they
+   look for who the person is and was (their own history: former addresses, records merged into theirs), so they
+   run before that history goes;
 3. history rows, behaviour events, orders, list memberships and the idempotency records that replay a
    response about the contact or a record merged into it (or were made on its URL) are deleted;
 4. the consent ledger is de-identified, not deleted: each event keeps purpose, action, source and dates,
-   loses `contact_id` (NULL) and the proof's `ip`, `user_agent` and `form_url`. The ledger's trigger
-   allows exactly this UPDATE while `carnet.erasing` is on for this transaction (migration 0005);
+   loses `contact_id` (NULL) and the proof's `ip`, `user_agent` and `form_url`, and the free text (`source`, the
+   proof's `wording` and `policy_version`) where it names the person. The ledger's trigger allows exactly this
+   UPDATE while `carnet.erasing` is on for this transaction (migrations 0005, 0030);
 5. the contact row is deleted (no tombstone: nothing personal would be left in it, and every reader
    would have to learn to skip it);
 6. an outbox message `contact.erased` carrying only the contact id tells the emailing tools.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, any_, cast, delete, func, literal, or_, select, text, update
+from sqlalchemy import Text, any_, cast, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -55,7 +57,6 @@ __all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", 
 
 log = get_logger("carnet.gdpr")
 
-ERASED_PROOF_KEYS = ("ip", "user_agent", "form_url")  # the proof's personal data; wording and policy stay
 _CHUNK = 1000
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
@@ -163,14 +164,17 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await journal.forget(session, await _journal_people(session, chunk))
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
+        await session.execute(_FORGET_IMPORT_KEYS, {"ids": ids})
         await session.execute(_SCRUB_REFUSAL_NOTES, {"ids": ids})
+        await session.execute(_SCRUB_FILE_NAMES, {"ids": ids})
+        ledger_naming = await _ledger_naming(session, ids)
         await session.execute(_SCRUB_OTHERS_HISTORY, {"ids": ids})
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
         merged = await _merged_into(session, ids)  # records merged into theirs: their ids still name the person
         await _forget_idempotency_records(session, [*ids, *merged])
-        await _deidentify_ledger(session, ids)
+        await _deidentify_ledger(session, ids, ledger_naming)
         await session.execute(  # an erasure asked for in the preference center is answered by this one, also
             update(_erasure_requests)  # when asked from the link of a record merged into theirs since
             .where(_erasure_requests.c.contact_id.in_([*ids, *merged]), _erasure_requests.c.status == "open")
@@ -296,9 +300,19 @@ _PHONE_FORMS = ", ".join(
 )
 
 
-def _scrub(table: str, column: str) -> Any:
-    """SQL clearing `table.column` wherever it names the erased people (`:ids`), by the rules above."""
-    return text(f"""
+def _scrub(table: str, column: str, forms: Sequence[str] = ("{value}",)) -> Any:
+    """SQL clearing `table.column` wherever it names the erased people (`:ids`), by the rules above; `forms`: the
+    ways of reading the value (SQL on `{value}`), any of which naming them clears it."""
+    return text(_naming(table, f"r.{column}", forms) + f"""
+    UPDATE {table} r SET {column} = NULL FROM hit WHERE r.id = hit.id
+""")  # noqa: S608 (built from our own SQL fragments and names; the ids are a parameter)
+
+
+def _naming(table: str, value: str, forms: Sequence[str] = ("{value}",), where: str = "true") -> str:
+    """SQL (a WITH clause) whose `hit(id)` are the rows of `table` (as `r`, filtered by `where`) whose `value`, read
+    in any of its `forms`, names the erased people (`:ids`), by the rules above."""
+    readings = ", ".join(f"({form.format(value=value)})" for form in forms)
+    return f"""
     WITH {_IDENTITY}, needle AS (
         SELECT DISTINCT n.words, split_part(trim(n.words), ' ', 1) AS head, v.whole
         FROM identity i
@@ -307,7 +321,9 @@ def _scrub(table: str, column: str) -> Any:
         CROSS JOIN LATERAL (SELECT {_words("v.value")} AS words) n
         WHERE v.value IS NOT NULL AND trim(n.words) <> ''
     ), report AS MATERIALIZED (
-        SELECT r.id, {_words(f"r.{column}")} AS words FROM {table} r WHERE r.{column} IS NOT NULL
+        SELECT r.id, {_words("f.form")} AS words
+        FROM {table} r CROSS JOIN LATERAL (VALUES {readings}) AS f(form)
+        WHERE {value} IS NOT NULL AND {where}
     ), hit AS (
         SELECT DISTINCT report.id
         FROM report
@@ -315,15 +331,31 @@ def _scrub(table: str, column: str) -> Any:
         JOIN needle ON needle.head = w.word
         WHERE CASE WHEN needle.whole THEN report.words = needle.words
                    ELSE position(needle.words IN report.words) > 0 END
-    )
-    UPDATE {table} r SET {column} = NULL FROM hit WHERE r.id = hit.id
-""")  # noqa: S608 (built from our own SQL fragments and names; the ids are a parameter)
+    )"""  # noqa: S608 (built from our own SQL fragments and names; the ids are a parameter)
 
 
 _SCRUB_IMPORT_REPORTS = _scrub("import_reject", "value")
+
+# A running import's keys (`e:<email>`, `x:<external id>` of its rows that created no contact: duplicates are found
+# by them across batches) name the person in clear until the job ends: theirs go now. A later row of theirs is then
+# no duplicate but is skipped as suppressed (its address), as a row repeating one that created a contact is.
+# Only unfinished jobs hold keys (the end of a job deletes them): an index probe per job and identifier.
+_FORGET_IMPORT_KEYS = text(f"""
+    WITH {_IDENTITY}
+    DELETE FROM import_key k
+    USING import_job j, identity i
+    WHERE j.status IN ('queued', 'running') AND k.import_id = j.id AND i.kind = 'key'
+      AND k.key IN ('e:' || i.value, 'x:' || i.value)
+""")  # noqa: S608 (built from our own SQL fragments; the ids are a parameter)
 # An admin's reason for refusing an erasure request is free text: "Mme Ada Martin owes invoice 12" names the
 # person, "invoices are kept 10 years" does not and stays with the refusal it explains.
 _SCRUB_REFUSAL_NOTES = _scrub("erasure_request", "note")
+# An import's file name is the importer's free text too ("relance_jean_dupont.csv"): read as it is, without its
+# extension, and with `_` (then `_ . -`) as spaces, since a file name has no spaces to separate its words.
+_STEM = r"regexp_replace({value}, '\.[A-Za-z0-9]{{1,5}}$', '')"
+_SCRUB_FILE_NAMES = _scrub("import_job", "filename", (
+    "{value}", _STEM, f"replace({_STEM}, '_', ' ')", f"regexp_replace({_STEM}, '[_.-]+', ' ', 'g')",
+))
 
 # Another contact's history may hold the person: their address or number typed on the wrong record, then
 # corrected. A change that wrote or removed one of their identifiers there loses, on that side (old or new), every
@@ -354,14 +386,39 @@ _SCRUB_OTHERS_HISTORY = text(f"""
 """)  # noqa: S608 (built from our own SQL fragments; the ids are a parameter)
 
 
-async def _deidentify_ledger(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:
+# The ledger's free text is the caller's: `source` ("phone call with Jean Dupont"), the proof's `wording` and
+# `policy_version` may name the person. Each of their events loses it where it does, by the rules above (the shop's
+# own form wording, naming no one, stays: it shows what the person agreed to). Read before their history goes.
+_LEDGER_TEXT = {name: text(_naming("consent_event", value, where="r.contact_id = ANY(:ids)")  # noqa: S608 (ours)
+                           + " SELECT id FROM hit")
+                for name, value in (("source", "r.source"), ("wording", "r.proof ->> 'wording'"),
+                                    ("policy_version", "r.proof ->> 'policy_version'"))}
+
+
+async def _ledger_naming(session: AsyncSession, ids: Sequence[uuid.UUID]) -> dict[str, list[int]]:
+    """Per free-text field of the ledger, the person's events whose value names them."""
+    return {name: list((await session.scalars(query, {"ids": list(ids)})).all())
+            for name, query in _LEDGER_TEXT.items()}
+
+
+# The one UPDATE the ledger's trigger allows (migrations 0005, 0030): contact_id NULL, the proof without its personal
+# keys, and the free text that names the person (`_ledger_naming`) cleared.
+_DEIDENTIFY = text("""
+    UPDATE consent_event
+    SET contact_id = NULL,
+        source = CASE WHEN id = ANY(:source) THEN NULL ELSE source END,
+        proof = nullif(proof - ARRAY['ip', 'user_agent', 'form_url']
+                       - CASE WHEN id = ANY(:wording) THEN 'wording' ELSE '' END
+                       - CASE WHEN id = ANY(:policy_version) THEN 'policy_version' ELSE '' END, '{}'::jsonb)
+    WHERE contact_id = ANY(:ids)
+""")
+
+
+async def _deidentify_ledger(session: AsyncSession, ids: Sequence[uuid.UUID], naming: Mapping[str, list[int]]
+                             ) -> None:
     """The one UPDATE the ledger's trigger allows, and only while `carnet.erasing` is on (then off again)."""
     await session.execute(text("SELECT set_config('carnet.erasing', 'on', true)"))
-    stripped = _ledger.c.proof.op("-")(array(list(ERASED_PROOF_KEYS), type_=Text))
-    await session.execute(
-        update(_ledger).where(_ledger.c.contact_id.in_(ids))
-        .values(contact_id=None, proof=func.nullif(stripped, literal({}, _ledger.c.proof.type)))
-    )
+    await session.execute(_DEIDENTIFY, {"ids": list(ids), **naming})
     await session.execute(text("SELECT set_config('carnet.erasing', 'off', true)"))
 
 

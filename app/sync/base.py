@@ -70,6 +70,8 @@ class ContactState:
 class Erasure:
     """Delete a person at the vendor (GDPR erasure). Only the remote references survive in Carnet.
 
+    `remote_ref` None: no record of the person's own is left to delete (never pushed, or its record is another
+    contact's now), only their `commerce` records, which must go all the same.
     `other_refs`: more records of the same person at that vendor, deleted permanently too (Mailchimp members
     archived when an address was retired: by a merge into this contact, or a change the vendor could not move).
     `archive`: not an erasure but a contact merged into another one under another address. Its remote record
@@ -78,16 +80,16 @@ class Erasure:
     """
 
     contact_id: uuid.UUID
-    remote_ref: str
+    remote_ref: str | None
     archive: bool = False
     other_refs: tuple[str, ...] = ()
-    # (kind, ref) of the person's commerce records the vendor holds: Mailchimp carts, orders and customer
-    # (sync_commerce), deleted in that order.
+    # (kind, ref) of the commerce records the vendor holds of the person and of every contact merged into them
+    # (sync_commerce): Mailchimp deletes the carts, orders and customer, in that order; Brevo's API deletes none.
     commerce: tuple[tuple[str, str], ...] = ()
 
     @property
     def refs(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys((self.remote_ref, *self.other_refs)))
+        return tuple(ref for ref in dict.fromkeys((self.remote_ref, *self.other_refs)) if ref is not None)
 
 
 @dataclass(frozen=True, slots=True)

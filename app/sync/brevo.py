@@ -152,7 +152,9 @@ class BrevoAdapter:
                        (_requests(s) for s in states))
 
     async def erase(self, erasures: Sequence[Erasure]) -> list[Outcome]:
-        """Brevo has no archive: a merged-away contact is deleted like an erased one (nothing stays retired)."""
+        """Brevo has no archive: a merged-away contact is deleted like an erased one (nothing stays retired). An
+        erasure's commerce records (orders, carts sent as events) have no delete in Brevo's API: an erasure with no
+        contact of the person left (`refs` empty) sends nothing and is done (docs/sync.md, "Commerce")."""
         outcomes = []
         for erasure in erasures:
             errors = [await self._delete(ref) for ref in erasure.refs]  # every record, whatever one of them answers

@@ -38,9 +38,13 @@ def build_adapter(destination: Loaded, client: httpx.AsyncClient, settings: Sett
     if destination.kind == "mailchimp":
         store = MailchimpStore(config["store_id"], store_list_id(destination.row), config.get("store_currency")) \
             if config.get("store_id") else None
+        # The store's audience too: writing a customer adds the address there (a transactional member), which an
+        # erasure, an archive or an address change must reach like a mapped list's member.
+        audiences = [m["remote_list_id"] for m in destination.row["list_mappings"]]
         return MailchimpAdapter(MailchimpConfig(
             api_key=config["api_key"], base_url=url, deadline_seconds=deadline,
-            list_ids=tuple(m["remote_list_id"] for m in destination.row["list_mappings"]), store=store,
+            list_ids=tuple(dict.fromkeys([*audiences, *([store.list_id] if store and store.list_id else [])])),
+            store=store,
         ), client)
     secrets = tuple(s for s in (config.get("secret"), config.get("previous_secret")) if s)
     return WebhookAdapter(WebhookConfig(url=url or "", secrets=secrets,

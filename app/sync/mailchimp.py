@@ -16,7 +16,9 @@ Per push (see docs/sync.md):
 4. commerce (the store's customer, products, orders, carts; member events): mailchimp_commerce.py.
 Erasure: `POST /lists/{list}/members/{hash}/actions/delete-permanent` on every mapped list for each of the
 person's hashes (404: done); a contact merged away under another address is archived instead
-(`DELETE /lists/{list}/members/{hash}`) and reported as retired, so the person's erasure deletes it for good.
+(`DELETE /lists/{list}/members/{hash}`) and reported as retired, so the person's erasure deletes it for good. The
+store's carts, orders and customers of the person go with it (mailchimp_commerce.forget), also when no member of
+theirs is left to delete (an erasure with no `refs`).
 
 At most `max_connections` (10) requests in flight per account in this process (a semaphore per key). A batch
 is cut to what those connections can send within its part of the lease (`affordable`), at the mean request time

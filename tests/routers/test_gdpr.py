@@ -21,12 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role, Scope
 from app.services.idempotency import IdempotencyExpiry
+from app.services.imports.runner import run_next
 from app.settings import Settings
 from tests.auth import bearer
 from tests.csv_samples import build_csv
 from tests.factories import ADMIN, PROOF, make_attribute, make_contact, make_list, unique_email
 from tests.routers.test_contacts import assert_problem
-from tests.routers.test_imports import report, run_import
+from tests.routers.test_imports import report, run_import, upload
 from tests.routers.test_lists import ledger, outbox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -257,6 +258,36 @@ class TestErase:
         assert (values["3"], values["4"], values["5"]) == ("", "", "")
         assert values["6"].startswith(f"{last} Dupont yyy") and values["7"].startswith(f"{last} zzz")
 
+    async def test_clears_import_file_names_that_name_the_person(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+    ) -> None:
+        """The uploaded file's name is the importer's free text: "relance_jean_dupont.csv" names the person and
+        outlived their erasure. The report scrub's rules apply, separators and extension aside; a stranger's file
+        that only shares the last name keeps its name."""
+        tag = uuid.uuid4().hex[:8]
+        email, first, last = f"jean.{tag}@example.org", f"Jean{tag}", f"Dupont{tag}"
+        created = await client.post("/v1/contacts", json={"email": email, "first_name": first, "last_name": last},
+                                    headers=ADMIN)
+        assert created.status_code == 201, created.text
+        names = {"full": f"relance_{first}_{last}.csv", "hyphens": f"{last}-{first}.csv",
+                 "email": f"export {email}.csv", "alone": f"{last}.csv", "stranger": f"paul_{last}_2026.csv",
+                 "nobody": f"clients-{tag}.csv"}
+        jobs = {}
+        for key, name in names.items():
+            response = await upload(client, build_csv(["E-mail"], [(f"{key}.{tag}@example.net",)]), filename=name)
+            assert response.status_code == 202, response.text
+            jobs[key] = response.json()["id"]
+        while await run_next(sessions, settings):
+            pass
+
+        assert (await erase(client, created.json()["id"])).status_code == 204
+
+        kept = {key: (await client.get(f"/v1/imports/{job}", headers=ADMIN)).json()["filename"]
+                for key, job in jobs.items()}
+        assert kept == {"full": None, "hyphens": None, "email": None, "alone": None,
+                        "stranger": names["stranger"], "nobody": names["nobody"]}
+        assert await occurrences(sessions, [f"{first}_{last}", f"{last}-{first}", email, f"{last}.csv"]) == {}
+
     async def test_ledger_is_de_identified_not_deleted(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
@@ -276,6 +307,28 @@ class TestErase:
         async with sessions() as session:  # the erasure switched its flag off again
             assert await session.scalar(text("SELECT coalesce(current_setting('carnet.erasing', true), '')")) != "on"
 
+    async def test_ledger_free_text_naming_the_person_is_cleared(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        """`source` and the proof's `wording` and `policy_version` are the caller's free text, kept by the
+        de-identification whatever they said ("phone call with Ysolde Kervella"). Where they name the person they
+        go; the shop's own wording, naming no one, stays with the event."""
+        person = await build_person(client)
+        full = f"{person.first_name} {person.last_name}"
+        naming = await client.post(f"/v1/contacts/{person.id}/consents", headers=ADMIN, json={
+            "purpose": "phone_marketing", "action": "granted", "source": f"phone call with {full}",
+            "proof": {"wording": f"{full} said yes on the phone", "policy_version": f"v1 {person.email}"}})
+        assert naming.status_code == 201, naming.text
+        assert (await erase(client, person.id)).status_code == 204
+        async with sessions() as session:
+            rows = (await session.execute(text(
+                "SELECT source, proof FROM consent_event WHERE id = ANY(:ids) ORDER BY id"
+            ), {"ids": [*person.consent_event_ids, naming.json()["id"]]})).all()
+        assert [(r.source, r.proof) for r in rows] == [
+            *[(None, {"wording": PROOF["wording"], "policy_version": PROOF["policy_version"]})] * 2,
+            (None, None)]
+        assert await occurrences(sessions, [full, person.email]) == {}
+
     async def test_the_ledger_still_refuses_other_writes(
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
@@ -289,6 +342,9 @@ class TestErase:
             (erasing, "UPDATE consent_event SET action = 'withdrawn' WHERE id = :id"),
             (erasing, "UPDATE consent_event SET contact_id = NULL, proof = proof WHERE id = :id"),  # proof kept
             (erasing, "UPDATE consent_event SET contact_id = NULL, proof = NULL, occurred_at = now() WHERE id = :id"),
+            (erasing, "UPDATE consent_event SET contact_id = NULL, proof = NULL, source = 'x' WHERE id = :id"),
+            (erasing, "UPDATE consent_event SET contact_id = NULL, proof = proof - 'ip' - 'user_agent' - 'form_url' "
+                      "|| '{\"wording\": \"changed\"}' WHERE id = :id"),  # the free text cleared, never rewritten
             (erasing, "DELETE FROM consent_event WHERE id = :id"),
         ]
         for flag, statement in attempts:

@@ -20,8 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.db import make_sessionmaker
 from app.services.imports import batch, runner
 from app.settings import Settings
-from tests.csv_samples import plain_file
+from tests.csv_samples import build_csv, plain_file
 from tests.factories import ADMIN, PROOF, make_attribute
+from tests.routers.test_imports import report
 
 pytestmark = pytest.mark.committing
 
@@ -162,3 +163,56 @@ async def test_a_tag_deleted_while_the_import_runs_is_on_no_contact_outside_the_
     outside = await _one(sessions, "SELECT count(*) FROM contact c CROSS JOIN unnest(c.tags) t(name) "
                                    "WHERE NOT EXISTS (SELECT 1 FROM tag WHERE tag.name = t.name)")
     assert outside[0] == 0, f"{outside[0]} contact(s) hold a tag the catalogue lacks"
+
+
+async def test_an_erasure_between_two_batches_leaves_no_key_naming_the_person_and_their_rows_stay_suppressed(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file's keys (`import_key`: the email and external id of rows that created no contact) name a person in
+    clear. A row that updated the person, and a row of someone erased before (skipped as suppressed), left theirs
+    there until the job ended, an erasure during the import notwithstanding. The person's rows after the erasure are
+    skipped as suppressed, without their values, and the person is not re-created."""
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag = uuid.uuid4().hex[:8]
+    person = {"email": f"ada.{tag}@example.org", "external_id": f"C-{tag}"}
+    gone = f"gone.{tag}@example.org"
+    ids = []
+    for body in (person, {"email": gone}):
+        created = await client.post("/v1/contacts", json=body, headers=ADMIN)
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    assert (await client.delete(f"/v1/contacts/{ids[1]}", headers=ADMIN)).status_code == 204
+    data = build_csv(["E-mail", "Prénom", "Code client"], [
+        (person["email"], "Ada", person["external_id"]),   # batch 1: updates the person
+        (gone, "Gone", ""),                                # batch 1: erased before the import
+        (person["email"], "Ada", person["external_id"]),   # batch 2, after the erasure
+        (f"new.{tag}@example.org", "New", ""),
+    ])
+    job_id = await _upload(client, data)
+    keys = "SELECT coalesce(array_agg(key ORDER BY key), '{}') FROM import_key WHERE import_id = :id"
+    seen_mid_job: list[list[str]] = []
+    write, calls = runner.write_batch, []
+
+    async def erased_between_batches(*args: Any, **kwargs: Any) -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 2:
+            assert (await client.delete(f"/v1/contacts/{ids[0]}", headers=ADMIN)).status_code == 204
+            seen_mid_job.append((await _one(sessions, keys, id=uuid.UUID(job_id)))[0])
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_batch", erased_between_batches)
+    one_by_one = settings.model_copy(update={"import_batch_rows": 2, "import_writers": 1})
+    assert await runner.run_next(sessions, one_by_one) is True
+
+    named = {f"e:{person['email']}", f"x:{person['external_id']}", f"e:{gone}"}
+    assert seen_mid_job and not named & set(seen_mid_job[0]), seen_mid_job
+    job = await _one(sessions, "SELECT status, created, updated, skipped FROM import_job WHERE id = :id",
+                     id=uuid.UUID(job_id))
+    assert tuple(job) == ("done", 1, 1, 2)
+    again = await _one(sessions, "SELECT count(*) FROM contact WHERE email = :e OR external_id = :x",
+                       e=person["email"], x=person["external_id"])
+    assert again[0] == 0
+    lines = await report(client, job_id)
+    assert [(line["row"], line["value"]) for line in lines] == [("3", ""), ("4", "")]
+    assert all(line["reason"].startswith("skipped: this person was erased") for line in lines)
+

@@ -348,6 +348,20 @@ class TestErase:
         assert fake.contacts == {} and sorted(fake.deleted) == ["a@example.com", "b@example.com"]
 
 
+    async def test_an_erasure_of_commerce_records_only_asks_brevo_nothing(
+        self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
+    ) -> None:
+        """No contact of the person is left at Brevo (its address is another contact's now), only orders sent under
+        it: Brevo's API deletes no order nor event, and the other contact's record is not the person's to delete."""
+        fake, _ = brevo
+        sync = adapter(brevo, client)
+        await sync.push([state("c@example.com")])
+        erasure = Erasure(uuid.uuid4(), None, commerce=(("order", "O-1"),))
+        assert erasure.refs == () and sync.affordable([], [erasure], 0.25) == (1, 0)
+        assert [o.error for o in await sync.erase([erasure])] == [None]
+        assert fake.deleted == [] and not [c for c in fake.seen if c.method == "DELETE"]
+        assert fake.by_email("c@example.com") is not None
+
     async def test_a_record_that_cannot_be_deleted_does_not_keep_the_others(
         self, brevo: tuple[FakeBrevo, LiveServer], client: httpx.AsyncClient
     ) -> None:

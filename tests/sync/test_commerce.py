@@ -16,6 +16,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import make_sessionmaker
@@ -327,6 +328,100 @@ async def test_mailchimp_erasure_deletes_the_customer_carts_and_orders_of_a_cont
     assert {person["id"], duplicate["id"]} & set(remote.customers) == set()
     assert cart not in remote.carts
     assert {order, own_order} & set(remote.orders) == set()  # the orders too, the duplicate's included
+
+
+async def test_mailchimp_erasure_deletes_the_store_records_of_a_person_with_no_member_left_to_delete(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
+    mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """The person's member is no longer theirs (their address was removed in Carnet, then given to a newcomer whose
+    push restored the member) and the deliveries that once pushed them were purged: the store's customer and order
+    of the person are still at Mailchimp, and the erasure must reach them all the same. It used to send nothing
+    (no member to delete: no erasure at all, and the commerce rows forgotten)."""
+    fake, live = mailchimp
+    client = committing_client
+    store, news = await store_destination(client, live)
+    [person] = await subscribed(client, news, 1)
+    order = uid("O")
+    await put_order(client, order, person["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await drain(worker)
+    remote = fake.stores[store]
+    assert person["id"] in remote.customers and order in remote.orders
+    response = await client.patch(f"/v1/contacts/{person['id']}", headers=ADMIN,
+                                  json={"email": None, "phone": "+33612345678"})
+    assert response.status_code == 200, response.text
+    await drain(worker)                              # the member archived (a retired record of the person)
+    newcomer = await make_contact(client, email=person["email"])
+    await subscribe(client, news["id"], newcomer["id"])
+    await drain(worker)                              # the newcomer's push restores it: no longer the person's
+    assert fake.member("mc-news", person["email"]) is not None
+    async with make_sessionmaker(engine)() as session, session.begin():  # as the outbox retention purges them
+        await session.execute(text("DELETE FROM delivery WHERE contact_id = :c AND status = 'delivered'"),
+                              {"c": person["id"]})
+
+    assert (await client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+
+    assert person["id"] not in remote.customers and order not in remote.orders
+    assert fake.member("mc-news", person["email"]) is not None   # the newcomer's member stays
+    async with make_sessionmaker(engine)() as session:
+        assert await session.scalar(text("SELECT count(*) FROM sync_commerce WHERE contact_id = :c"),
+                                    {"c": person["id"]}) == 0
+
+
+async def test_mailchimp_erasure_deletes_the_store_records_of_a_merged_record_with_no_member(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """A duplicate whose member went to someone else (its address removed, then taken by a newcomer) but whose
+    customer and order stay in the store is merged into the person; the person is erased: the duplicate's store
+    records go too, though no member of the duplicate is left to delete."""
+    fake, live = mailchimp
+    client = committing_client
+    store, news = await store_destination(client, live)
+    person, duplicate = await subscribed(client, news, 2)
+    order = uid("O")
+    await put_order(client, order, duplicate["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await drain(worker)
+    response = await client.patch(f"/v1/contacts/{duplicate['id']}", headers=ADMIN,
+                                  json={"email": None, "phone": "+33612345679"})
+    assert response.status_code == 200, response.text
+    await drain(worker)
+    newcomer = await make_contact(client, email=duplicate["email"])
+    await subscribe(client, news["id"], newcomer["id"])
+    await drain(worker)
+    response = await client.post(f"/v1/contacts/{person['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                 headers=ADMIN)
+    assert response.status_code == 200, response.text
+    await drain(worker)
+    remote = fake.stores[store]
+    assert duplicate["id"] in remote.customers and order in remote.orders
+
+    assert (await client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+
+    assert duplicate["id"] not in remote.customers and order not in remote.orders
+    assert fake.member("mc-news", duplicate["email"]) is not None   # the newcomer's
+
+
+async def test_mailchimp_erasure_deletes_the_member_the_store_made_on_its_own_audience(
+    committing_client: httpx.AsyncClient, worker: Worker, mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """The store's audience (`store_list_id`) is not a mapped list: writing the customer added the person there
+    (Mailchimp's rule: a `transactional` member). Only the mapped lists' members used to be deleted: the store's
+    audience kept the person's address."""
+    fake, live = mailchimp
+    client = committing_client
+    store, news = await store_destination(client, live, store_list_id="mc-vip")
+    [person] = await subscribed(client, news, 1)
+    await put_order(client, uid("O"), person["id"], "paid", items(("JAR", "Jar", "2.00")))
+    await drain(worker)
+    assert fake.member("mc-vip", person["email"]) is not None and person["id"] in fake.stores[store].customers
+
+    assert (await client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN)).status_code == 204
+    await drain(worker)
+
+    assert fake.member("mc-vip", person["email"]) is None and fake.member("mc-news", person["email"]) is None
+    assert person["id"] not in fake.stores[store].customers
 
 
 async def test_webhooks_get_commerce_topics_only_when_named(committing_client: httpx.AsyncClient,

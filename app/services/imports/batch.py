@@ -415,13 +415,15 @@ WHERE s.row_number = m.row_number AND m.action <> 'create'
 
 # What later batches need to find this batch's rows as earlier rows (resumes included: committed with the batch).
 # A row that created a contact leaves nothing here: its row number is in the contact's `created` history entry
-# (_CREATE_SQL), written anyway, and its keys are the contact's. Every other row leaves its email and external_id
-# (a dry run creates nothing).
+# (_CREATE_SQL), written anyway, and its keys are the contact's. Nor does a row of an erased person (suppressed):
+# its keys would keep their address in clear while the job runs, and the suppression list finds their later rows
+# anyway (an erasure during the job deletes the person's keys too: services/gdpr.py). Every other row leaves its
+# email and external_id (a dry run creates nothing).
 _SEEN_SQL = """
 INSERT INTO import_key (import_id, key, row_number)
 SELECT $1::uuid, k.key, s.row_number
 FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
-WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2)
+WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2) AND s.action <> 'suppressed'
 """
 
 # The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),
