@@ -186,17 +186,19 @@ async def refresh_next(
     filter's time windows are measured against (tests move it).
 
     A snapshot that cannot be refreshed now (its stored filter no longer compiles: an attribute it names was
-    deleted; its diff ran past the statement timeout) is left as it was and stamped like a refreshed one, so that
-    it waits for the next round behind the others instead of being taken again at once by every round: the most
-    overdue, it would otherwise hold back every other snapshot for good.
+    deleted; its diff ran past the statement timeout) is left as it was, with `last_error` and `failed_at` (the
+    destination's read model shows them; `refreshed_at` stays the last good refresh), and waits for the next round
+    behind the others instead of being taken again at once by every round: the most overdue, it would otherwise
+    hold back every other snapshot for good. The next good refresh clears both.
     """
     now = now or utc_now()
+    tried = func.greatest(_syncs.c.refreshed_at, _syncs.c.failed_at)  # a failed one waits its turn too (NULLs ignored)
     due = (await session.execute(
         select(_syncs.c.destination_id, _syncs.c.segment_id, _syncs.c.members, _segments.c.filter)
         .join(_destinations, (_destinations.c.id == _syncs.c.destination_id) & _destinations.c.enabled)
         .join(_segments, _segments.c.id == _syncs.c.segment_id)
-        .where(or_(_syncs.c.refreshed_at.is_(None), _syncs.c.refreshed_at <= now - timedelta(seconds=every_seconds)))
-        .order_by(_syncs.c.refreshed_at.asc().nulls_first())
+        .where(or_(tried.is_(None), tried <= now - timedelta(seconds=every_seconds)))
+        .order_by(tried.asc().nulls_first())
         .limit(1)
         .with_for_update(of=_syncs, skip_locked=True)
     )).first()
@@ -224,10 +226,13 @@ async def refresh_next(
         if not is_statement_timeout(exc):
             raise
         failed, entered, left = "statement_timeout", 0, 0
+    # shown on the destination; a failure leaves refreshed_at as the last good refresh
+    outcome: dict[str, Any] = {"refreshed_at": now, "members": members, "last_error": None, "failed_at": None} \
+        if failed is None else {"last_error": failed, "failed_at": now}
     await session.execute(
         update_statement(_syncs)
         .where(_syncs.c.destination_id == destination_id, _syncs.c.segment_id == segment_id)
-        .values(refreshed_at=now, members=members)
+        .values(**outcome)
     )
     return Refreshed(destination_id, segment_id, members, entered, left, failed)
 

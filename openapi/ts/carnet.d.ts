@@ -4074,13 +4074,23 @@ export interface components {
         /** SegmentMappingRead */
         SegmentMappingRead: {
             /**
+             * Failed At
+             * @description When that refresh failed; null when last_error is
+             */
+            failed_at: string | null;
+            /**
+             * Last Error
+             * @description Why the last refresh failed (the snapshot was left as it was; tried again at the next round): invalid_filter, the segment's filter no longer compiles (an attribute it names was deleted); statement_timeout, the refresh ran past the worker's statement timeout. Null once one succeeds
+             */
+            last_error: ("invalid_filter" | "statement_timeout") | null;
+            /**
              * Members
              * @description Members in the last snapshot (before the consent rule of vendors)
              */
             members: number;
             /**
              * Refreshed At
-             * @description When the snapshot was last taken; null: due now
+             * @description When the snapshot was last brought up to date; null: never yet (due now, unless last_error)
              */
             refreshed_at: string | null;
             /** Remote List Id */

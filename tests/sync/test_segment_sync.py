@@ -432,6 +432,51 @@ async def test_a_snapshot_that_cannot_be_refreshed_waits_its_turn_and_the_others
     assert topics == [(fine["id"], 1)]
 
 
+async def test_a_failed_refresh_shows_on_the_destination_until_one_succeeds(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine,
+) -> None:
+    """A refresh that failed (invalid_filter, statement_timeout) stamped `refreshed_at` like a good one: the admin
+    saw a fresh snapshot, and only the worker's log said otherwise. Now the mapping shows `last_error` and
+    `failed_at`, `refreshed_at` stays the last good refresh, and the next good refresh clears both."""
+    client = committing_client
+    name = f"size_{uuid.uuid4().hex[:8]}"
+    attribute = {"name": name, "type": "number"}
+    assert (await client.post("/v1/attributes", json=attribute, headers=ADMIN)).status_code == 201
+    segment = await make_segment(client, {"field": f"attributes.{name}", "op": "exists"})
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": segment["id"]}])
+    sessions = make_sessionmaker(engine)
+
+    async def round_at(hours: int) -> segment_sync.Refreshed | None:
+        async with sessions.begin() as session:
+            return await segment_sync.refresh_next(session, every_seconds=3600, now=utc_now() + timedelta(hours=hours))
+
+    async def shown() -> dict[str, Any]:
+        response = await client.get(f"/v1/destinations/{sink['id']}", headers=ADMIN)
+        assert response.status_code == 200, response.text
+        return response.json()["segment_mappings"][0]  # type: ignore[no-any-return]
+
+    good = await round_at(0)
+    assert good is not None and good.failed is None
+    first = await shown()
+    assert (first["last_error"], first["failed_at"]) == (None, None) and first["refreshed_at"] is not None
+    assert (await client.delete(f"/v1/attributes/{name}", headers=ADMIN)).status_code == 204
+    failed = await round_at(2)
+    assert failed is not None and failed.failed == "invalid_filter"
+    after = await shown()
+    assert after["refreshed_at"] == first["refreshed_at"]  # not refreshed: the last good one stands
+    assert after["last_error"] == "invalid_filter" and after["failed_at"] > first["refreshed_at"]
+    assert await round_at(2) is None  # it waits for the next round, as a refreshed one does
+    assert (await client.post("/v1/attributes", json=attribute, headers=ADMIN)).status_code == 201
+    again = await round_at(4)
+    assert again is not None and again.failed is None
+    last = await shown()
+    assert (last["last_error"], last["failed_at"]) == (None, None) and last["refreshed_at"] > after["failed_at"]
+    schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["SegmentMappingRead"]
+    assert {"last_error", "failed_at"} <= set(schema["required"])
+    assert schema["properties"]["last_error"]["anyOf"][0]["enum"] == ["invalid_filter", "statement_timeout"]
+
+
 class TestMappingRules:
     async def test_each_kind_names_what_it_cannot_sync(self, committing_client: httpx.AsyncClient) -> None:
         client = committing_client
