@@ -40,8 +40,11 @@ class SegmentSync(SQLModel, table=True):
                                                        primary_key=True))
     segment_id: uuid.UUID = Field(sa_column=Column(Uuid, ForeignKey("segment.id", ondelete="CASCADE"),
                                                    primary_key=True))
-    refreshed_at: datetime | None = Field(default=None, sa_type=TZ)   # None: never, or due now (filter changed)
+    refreshed_at: datetime | None = Field(default=None, sa_type=TZ)   # the last good refresh; None: never, or due now
     members: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
+    # The last refresh failed (invalid_filter, statement_timeout): until a good one, or a new filter (migration 0031).
+    last_error: str | None = Field(default=None, max_length=32)
+    failed_at: datetime | None = Field(default=None, sa_type=TZ)
 
 
 class SegmentMember(SQLModel, table=True):

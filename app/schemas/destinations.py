@@ -6,7 +6,7 @@ import re
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -307,7 +307,13 @@ class SegmentMappingRead(BaseModel):
     remote_list_id: str | None
     tag: str | None
     members: int = Field(description="Members in the last snapshot (before the consent rule of vendors)")
-    refreshed_at: datetime | None = Field(description="When the snapshot was last taken; null: due now")
+    refreshed_at: datetime | None = Field(
+        description="When the snapshot was last brought up to date; null: never yet (due now, unless last_error)")
+    last_error: Literal["invalid_filter", "statement_timeout"] | None = Field(description=(
+        "Why the last refresh failed (the snapshot was left as it was; tried again at the next round): "
+        "invalid_filter, the segment's filter no longer compiles (an attribute it names was deleted); "
+        "statement_timeout, the refresh ran past the worker's statement timeout. Null once one succeeds"))
+    failed_at: datetime | None = Field(description="When that refresh failed; null when last_error is")
 
 
 class DestinationRead(BaseModel):

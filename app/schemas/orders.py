@@ -29,11 +29,12 @@ from app.schemas.freeform import FreeJSONObject
 from app.schemas.strict import FromJSON
 from app.schemas.types import (
     NON_BLANK,
-    AwareTimestamp,
+    SHOP_CLOCK_NOTE,
     CurrencyCode,
     Declared,
     Email,
     ExternalId,
+    ShopTimestamp,
     ShortText,
     Uuid,
     WholeNumber,
@@ -133,7 +134,7 @@ class OrderItem(InputSchema):
 
 class OrderPut(InputSchema):
     contact: ContactRef
-    placed_at: AwareTimestamp
+    placed_at: ShopTimestamp = Field(description=f"When it was placed (an offset is required). {SHOP_CLOCK_NOTE}")
     status: Annotated[OrderStatus, FromJSON]
     currency: Currency
     total_amount: Money
@@ -196,9 +197,9 @@ class CartPut(InputSchema):
     checkout_url: Annotated[str, StringConstraints(max_length=2000), AfterValidator(_web_link),
                             Declared(pattern=_WEB_LINK_PATTERN)] | None = Field(
         default=None, description="Where the person resumes the cart (the abandoned-cart email links there)")
-    opened_at: AwareTimestamp = Field(description="When the cart was started (the shop's clock)")
-    closed_at: AwareTimestamp | None = Field(
-        default=None, description="When it was converted or abandoned (default: when Carnet learns it)")
+    opened_at: ShopTimestamp = Field(description=f"When the cart was started (the shop's clock). {SHOP_CLOCK_NOTE}")
+    closed_at: ShopTimestamp | None = Field(default=None, description=(
+        f"When it was converted or abandoned (default: when Carnet learns it). {SHOP_CLOCK_NOTE}"))
 
     # Each fault is a 422 on the field to change (docs/api.md, Errors); the fields each rule reads come first.
     @field_validator("total_amount")
@@ -245,7 +246,7 @@ class EventCreate(InputSchema):
     contact: ContactRef
     type: Annotated[str, Field(max_length=64, pattern=r"^[a-z][a-z0-9_.]{0,63}$",
                                description="e.g. page_view, cart_abandoned")]
-    occurred_at: AwareTimestamp
+    occurred_at: ShopTimestamp = Field(description=f"When it happened (an offset is required). {SHOP_CLOCK_NOTE}")
     properties: FreeJSONObject = Field(default_factory=dict, max_length=1000, description=(
         "Any JSON object of at most 1,000 keys, 32 levels deep and 10,000 JSON values in all; string values are "
         "masked (keys kept) for a token without pii:read"))

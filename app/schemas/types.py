@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Final
 
@@ -26,7 +26,7 @@ from pydantic import (
     ValidationInfo,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from app.schemas.strict import FromJSON, WholeNumber
 
@@ -36,6 +36,8 @@ __all__ = [
     "NON_BLANK_PATTERN",
     "NOT_NULLABLE",
     "PLAIN_TEXT_PATTERN",
+    "SHOP_CLOCK_NOTE",
+    "SHOP_CLOCK_SKEW",
     "TAG_CHARS_PATTERN",
     "AttributeName",
     "AwareTimestamp",
@@ -50,6 +52,7 @@ __all__ = [
     "PhoneLookup",
     "QueryTimestamp",
     "SearchText",
+    "ShopTimestamp",
     "ShortText",
     "TagName",
     "Timestamp",
@@ -325,6 +328,22 @@ CurrencyCode = Annotated[str, StringConstraints(max_length=3, pattern=r"^[A-Z]{3
 Timestamp = Annotated[datetime, FromJSON, AfterValidator(utc_instant)]  # no offset: UTC
 AwareTimestamp = Annotated[AwareDatetime, FromJSON, AfterValidator(utc_instant)]  # the offset is required
 QueryTimestamp = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(utc_instant)]
+
+
+# What a shop says happened (an order placed, a cart opened, an event): at most a day ahead of Carnet's clock. Shop
+# clocks drift and a local time sent as UTC is up to 14 hours ahead; a later date is a mistake (a year typed wrong)
+# that would keep its contact "recent" for as long: never lapsed_customer, inside every `within_days` (docs/api.md).
+SHOP_CLOCK_SKEW = timedelta(days=1)
+SHOP_CLOCK_NOTE = "At most 1 day ahead of Carnet's clock (422 in_future)"
+
+
+def _not_ahead(value: datetime) -> datetime:
+    if value > datetime.now(UTC) + SHOP_CLOCK_SKEW:
+        raise PydanticCustomError("in_future", "at most 1 day ahead of now (UTC): this would be in the future")
+    return value
+
+
+ShopTimestamp = Annotated[AwareDatetime, FromJSON, AfterValidator(utc_instant), AfterValidator(_not_ahead)]
 # In a body (app.schemas.strict): a UUID as its text, a date as YYYY-MM-DD.
 Uuid = Annotated[uuid.UUID, FromJSON]
 Day = Annotated[date, FromJSON]

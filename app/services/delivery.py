@@ -553,7 +553,8 @@ async def event_messages(
     session: AsyncSession, rows: Sequence[Row], *, links: LinkBuilder | None = None
 ) -> dict[int, EventMessage]:
     """The messages as webhooks receive them. A message about a contact carries the person's `preferences_url`
-    (made at send time from the key, never stored), so the shop's own emails can include it; not an erasure."""
+    (made at send time from the key, never stored), so the shop's own emails can include it; not an erasure (nor a
+    `segment.left` it wrote)."""
     found = await session.execute(
         text("SELECT id, topic, contact_id, payload, created_at FROM outbox_message WHERE id = ANY(:ids)"),
         {"ids": [r["message_id"] for r in rows]},
@@ -563,7 +564,8 @@ async def event_messages(
 
 
 def _with_preferences(message: Row, links: LinkBuilder | None) -> Mapping[str, Any]:
-    if links is None or message["contact_id"] is None or message["topic"] == "contact.erased":
+    if links is None or message["contact_id"] is None or message["topic"] == "contact.erased" \
+            or message["payload"].get("reason") == "erased":  # a segment.left of an erased person: nobody to link to
         return message["payload"]  # type: ignore[no-any-return]
     return {**message["payload"], "preferences_url": links.preferences_url(message["contact_id"])}
 

@@ -216,7 +216,7 @@ def present(
 
 def _segment_mapping(mapping: Row, snapshot: Row | None) -> dict[str, Any]:
     return {**mapping, "members": snapshot["members"] if snapshot else 0,
-            "refreshed_at": snapshot["refreshed_at"] if snapshot else None}
+            **{k: snapshot[k] if snapshot else None for k in ("refreshed_at", "last_error", "failed_at")}}
 
 
 async def counts(session: AsyncSession, destination_id: uuid.UUID) -> dict[str, int]:

@@ -51,7 +51,7 @@ from app.models import (
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import consents as consents_service
-from app.services import journal, outbox, suppressions
+from app.services import journal, outbox, segment_sync, suppressions
 
 __all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
 
@@ -179,6 +179,7 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
             update(_erasure_requests)  # when asked from the link of a record merged into theirs since
             .where(_erasure_requests.c.contact_id.in_([*ids, *merged]), _erasure_requests.c.status == "open")
             .values(status="completed", resolved_at=utc_now(), resolved_by=by or reason))
+        await segment_sync.leave_all(session, ids, reason="erased")  # a receiver of segment.* alone hears it too
         await session.execute(delete(_contacts).where(_contacts.c.id.in_(ids)))
         await outbox.add_many(session, "contact.erased", [(i, {"contact_id": str(i)}) for i in ids])
     return len(contacts)

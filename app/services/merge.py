@@ -37,7 +37,7 @@ from app.logging import get_logger
 from app.models import Cart, ConsentEvent, Contact, ContactHistory, ContactMerge, Event, ListMembership, Order
 from app.models.base import utc_now
 from app.security import Principal
-from app.services import consents, history, journal, memberships, outbox
+from app.services import consents, history, journal, memberships, outbox, segment_sync
 from app.services.consents import PurposeState
 from app.services.locks import survivor_of
 from app.services.orders import LifecyclePolicy, refresh_stats
@@ -118,6 +118,8 @@ async def merge(
         "memberships": await _move_memberships(session, duplicate_id, survivor_id, now=now),
     }
     lists_changed = await _follow_the_ledger(session, survivor_id, consents_before, lists_before, now=now)
+    # Its synced segments hear it leave (the survivor enters where it matches at their next refresh).
+    await segment_sync.leave_all(session, [duplicate_id], reason="merged", survivor_id=survivor_id)
     await session.execute(delete(_t).where(_t.c.id == duplicate_id))  # frees its email and external_id
 
     changes = _fills(survivor, duplicate)

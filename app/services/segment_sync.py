@@ -22,9 +22,10 @@ import asyncpg
 from sqlalchemy import Integer, String, Uuid, cast, delete, func, literal, or_, select, union_all
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import JSONB, insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.db import constraint_name
 from app.errors import FieldError, InvalidInput
 from app.logging import get_logger
 from app.models import Contact, Destination, OutboxMessage, Segment, SegmentMember, SegmentSync
@@ -34,7 +35,7 @@ from app.settings import Settings
 from app.sync import ids as vendor_ids
 from app.timeouts import is_statement_timeout
 
-__all__ = ["Refreshed", "apply_mappings", "check_mappings", "refresh_next", "run_next", "state"]
+__all__ = ["Refreshed", "apply_mappings", "check_mappings", "leave_all", "refresh_next", "run_next", "state"]
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 _destinations = Destination.__table__  # type: ignore[attr-defined]
@@ -45,6 +46,9 @@ _syncs = SegmentSync.__table__  # type: ignore[attr-defined]
 
 Row = Mapping[str, Any]
 log = get_logger("carnet.segment_sync")
+
+_MEMBER_CONTACT_KEY = "fk_segment_member_contact_id_contact"
+_DIFF_ATTEMPTS = 5  # each retry needs yet another merge or erasure committed during the diff
 
 
 # ---- mappings (destinations service) -----------------------------------------------------------------------
@@ -116,6 +120,36 @@ async def state(session: AsyncSession, destination_id: uuid.UUID) -> dict[uuid.U
     return {r["segment_id"]: r for r in rows.mappings()}
 
 
+# ---- contacts that go (merge, erasure) ---------------------------------------------------------------------
+
+
+async def leave_all(
+    session: AsyncSession, contact_ids: Sequence[uuid.UUID], *, reason: str, survivor_id: uuid.UUID | None = None,
+) -> int:
+    """Contacts about to be deleted (merged away, erased) leave every snapshot they are in, with a `segment.left`
+    message each, in the caller's transaction and before its `contact.merged` / `contact.erased`: their rows would
+    otherwise go by ON DELETE CASCADE and no destination would hear they left (docs/sync.md). Ids only; `reason`
+    says why (`merged`, with `survivor_id`; `erased`). How many messages were written."""
+    left = (
+        delete(_members).where(_members.c.contact_id.in_(contact_ids))
+        .returning(_members.c.destination_id, _members.c.segment_id, _members.c.contact_id)
+        .cte("left")
+    )
+    extra: list[Any] = ["reason", literal(reason)]
+    if survivor_id is not None:
+        extra += ["survivor_id", literal(str(survivor_id))]
+    payload = func.jsonb_build_object(
+        "segment_id", cast(left.c.segment_id, String), "destination_id", cast(left.c.destination_id, String),
+        "contact_id", cast(left.c.contact_id, String), *extra)
+    written = await session.execute(
+        insert(_outbox).from_select(
+            ["topic", "contact_id", "payload", "created_at"],
+            select(literal("segment.left"), left.c.contact_id, cast(payload, JSONB), literal(utc_now()))
+            .order_by(left.c.contact_id, left.c.destination_id, left.c.segment_id))
+        .returning(_outbox.c.id))
+    return len(written.all())
+
+
 # ---- refresh (worker) ---------------------------------------------------------------------------------------
 
 
@@ -152,17 +186,19 @@ async def refresh_next(
     filter's time windows are measured against (tests move it).
 
     A snapshot that cannot be refreshed now (its stored filter no longer compiles: an attribute it names was
-    deleted; its diff ran past the statement timeout) is left as it was and stamped like a refreshed one, so that
-    it waits for the next round behind the others instead of being taken again at once by every round: the most
-    overdue, it would otherwise hold back every other snapshot for good.
+    deleted; its diff ran past the statement timeout) is left as it was, with `last_error` and `failed_at` (the
+    destination's read model shows them; `refreshed_at` stays the last good refresh), and waits for the next round
+    behind the others instead of being taken again at once by every round: the most overdue, it would otherwise
+    hold back every other snapshot for good. The next good refresh clears both.
     """
     now = now or utc_now()
+    tried = func.greatest(_syncs.c.refreshed_at, _syncs.c.failed_at)  # a failed one waits its turn too (NULLs ignored)
     due = (await session.execute(
         select(_syncs.c.destination_id, _syncs.c.segment_id, _syncs.c.members, _segments.c.filter)
         .join(_destinations, (_destinations.c.id == _syncs.c.destination_id) & _destinations.c.enabled)
         .join(_segments, _segments.c.id == _syncs.c.segment_id)
-        .where(or_(_syncs.c.refreshed_at.is_(None), _syncs.c.refreshed_at <= now - timedelta(seconds=every_seconds)))
-        .order_by(_syncs.c.refreshed_at.asc().nulls_first())
+        .where(or_(tried.is_(None), tried <= now - timedelta(seconds=every_seconds)))
+        .order_by(tried.asc().nulls_first())
         .limit(1)
         .with_for_update(of=_syncs, skip_locked=True)
     )).first()
@@ -171,21 +207,32 @@ async def refresh_next(
     destination_id, segment_id, members, filter_ = due
     failed = None
     try:
-        async with session.begin_nested():  # the sync row's lock, taken before, stays held
-            condition = await members_condition(session, filter_, now=now)
-            members, entered, left = (await session.execute(
-                _diff_statement(destination_id, segment_id, condition, now)
-            )).one()
+        for attempt in range(1, _DIFF_ATTEMPTS + 1):
+            try:
+                async with session.begin_nested():  # the sync row's lock, taken before, stays held
+                    condition = await members_condition(session, filter_, now=now)
+                    members, entered, left = (await session.execute(
+                        _diff_statement(destination_id, segment_id, condition, now)
+                    )).one()
+                break
+            except IntegrityError as exc:
+                # Someone entering was merged away or erased while the diff ran (the statement saw them, their
+                # deletion committed before its insert): taken again, it no longer sees them.
+                if constraint_name(exc) != _MEMBER_CONTACT_KEY or attempt == _DIFF_ATTEMPTS:
+                    raise
     except InvalidInput:
         failed, entered, left = "invalid_filter", 0, 0
     except (DBAPIError, asyncpg.QueryCanceledError) as exc:  # the latter from an EXPLAIN on the driver connection
         if not is_statement_timeout(exc):
             raise
         failed, entered, left = "statement_timeout", 0, 0
+    # shown on the destination; a failure leaves refreshed_at as the last good refresh
+    outcome: dict[str, Any] = {"refreshed_at": now, "members": members, "last_error": None, "failed_at": None} \
+        if failed is None else {"last_error": failed, "failed_at": now}
     await session.execute(
         update_statement(_syncs)
         .where(_syncs.c.destination_id == destination_id, _syncs.c.segment_id == segment_id)
-        .values(refreshed_at=now, members=members)
+        .values(**outcome)
     )
     return Refreshed(destination_id, segment_id, members, entered, left, failed)
 

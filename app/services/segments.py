@@ -942,9 +942,10 @@ async def update(
     changes = {k: v for k, v in changes.items() if current[k] != v}
     if not changes:
         return current
-    if "filter" in changes:  # every destination syncing it takes a new snapshot at the worker's next round
+    if "filter" in changes:  # every destination syncing it takes a new snapshot at the worker's next round;
+        # a failure of the old filter is no longer news
         await session.execute(update_statement(_syncs).where(_syncs.c.segment_id == segment_id)
-                              .values(refreshed_at=None))
+                              .values(refreshed_at=None, last_error=None, failed_at=None))
     statement = (update_statement(_segments).where(_segments.c.id == segment_id)
                  .values(**changes, version=_segments.c.version + 1, updated_at=utc_now()).returning(*_segments.c))
     try:

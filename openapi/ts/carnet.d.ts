@@ -1524,7 +1524,7 @@ export interface components {
             checkout_url?: string | null;
             /**
              * Closed At
-             * @description When it was converted or abandoned (default: when Carnet learns it)
+             * @description When it was converted or abandoned (default: when Carnet learns it). At most 1 day ahead of Carnet's clock (422 in_future)
              */
             closed_at?: string | null;
             contact: components["schemas"]["ContactRef"];
@@ -1539,7 +1539,7 @@ export interface components {
             /**
              * Opened At
              * Format: date-time
-             * @description When the cart was started (the shop's clock)
+             * @description When the cart was started (the shop's clock). At most 1 day ahead of Carnet's clock (422 in_future)
              */
             opened_at: string;
             /** @default open */
@@ -2530,6 +2530,7 @@ export interface components {
             /**
              * Occurred At
              * Format: date-time
+             * @description When it happened (an offset is required). At most 1 day ahead of Carnet's clock (422 in_future)
              */
             occurred_at: string;
             /**
@@ -3305,6 +3306,7 @@ export interface components {
             /**
              * Placed At
              * Format: date-time
+             * @description When it was placed (an offset is required). At most 1 day ahead of Carnet's clock (422 in_future)
              */
             placed_at: string;
             status: components["schemas"]["OrderStatus"];
@@ -4074,13 +4076,23 @@ export interface components {
         /** SegmentMappingRead */
         SegmentMappingRead: {
             /**
+             * Failed At
+             * @description When that refresh failed; null when last_error is
+             */
+            failed_at: string | null;
+            /**
+             * Last Error
+             * @description Why the last refresh failed (the snapshot was left as it was; tried again at the next round): invalid_filter, the segment's filter no longer compiles (an attribute it names was deleted); statement_timeout, the refresh ran past the worker's statement timeout. Null once one succeeds
+             */
+            last_error: ("invalid_filter" | "statement_timeout") | null;
+            /**
              * Members
              * @description Members in the last snapshot (before the consent rule of vendors)
              */
             members: number;
             /**
              * Refreshed At
-             * @description When the snapshot was last taken; null: due now
+             * @description When the snapshot was last brought up to date; null: never yet (due now, unless last_error)
              */
             refreshed_at: string | null;
             /** Remote List Id */

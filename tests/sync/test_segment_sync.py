@@ -17,16 +17,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import make_sessionmaker
+from app.db import make_sessionmaker, plain_dsn
 from app.models.base import utc_now
 from app.services import segment_sync, segments
 from app.worker import Worker
 from tests.auth import TEST_SECRET
+from tests.concurrency.held import race_past_held_table
 from tests.factories import ADMIN, grant_marketing, make_contact, make_list
 from tests.fakes.brevo import FakeBrevo
 from tests.fakes.mailchimp import FakeMailchimp
@@ -210,6 +212,109 @@ async def test_webhook_gets_entered_and_left_events_of_its_segments_only(
     assert all("/v1/public/preferences/" in e["data"]["preferences_url"] for e in events)  # ids, and the link
 
 
+async def live_webhook(client: httpx.AsyncClient, url: str, **body: Any) -> tuple[dict[str, Any], str]:
+    """A webhook destination posting to `url` (a new URL takes the secret again: docs/security.md, "Class 1")."""
+    hook = await destination(client, kind="webhook", config={"url": "http://placeholder.invalid/"}, **body)
+    secret = hook["generated_secrets"]["secret"]
+    response = await client.patch(f"/v1/destinations/{hook['id']}", json={"config": {"url": url, "secret": secret}},
+                                  headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return hook, secret
+
+
+async def test_merged_and_erased_members_leave_their_segments(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
+) -> None:
+    """A member merged away or erased went with its snapshot rows (ON DELETE CASCADE): the receiver never heard
+    `segment.left` and kept counting them in the segment (one subscribed to `segment.*` alone never heard of them
+    at all). Now each leaves every synced segment it was in, before its `contact.merged` / `contact.erased`; the
+    survivor enters where it matches at the next refresh."""
+    client = committing_client
+    segment, other = await make_segment(client, VIP), await make_segment(client, {"any": [
+        {"field": "tags", "op": "contains", "value": "vip"}, {"field": "tags", "op": "contains", "value": "gold"}]})
+    duplicate, survivor, erased = (await make_contact(client, tags=["vip"]), await make_contact(client),
+                                   await make_contact(client, tags=["gold"]))
+    receiver = FakeWebhookReceiver()
+    with LiveServer(receiver) as live:
+        hook, secret = await live_webhook(client, live.url, segment_mappings=[
+            {"segment_id": segment["id"]}, {"segment_id": other["id"]}])
+        receiver.secrets.append(secret)
+        await refresh(engine, hook["id"])
+        response = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                     headers=ADMIN)
+        assert response.status_code == 200, response.text
+        assert (await client.delete(f"/v1/contacts/{erased['id']}", headers=ADMIN)).status_code == 204
+        await drain(worker)
+        heard_before_refresh = len(receiver.deliveries)
+        await refresh(engine, hook["id"])  # the survivor now has the duplicate's tags
+        await drain(worker)
+    assert all(d.valid for d in receiver.deliveries), [d.reason for d in receiver.deliveries]
+    told = ("segment.entered", "segment.left", "contact.merged", "contact.erased")
+    seen = [(d.payload["type"], d.payload["data"]) for d in receiver.deliveries if d.payload["type"] in told]
+    about = {c["id"]: [(t, data.get("segment_id")) for t, data in seen if c["id"] in (
+        data.get("contact_id"), data.get("merged_id"))] for c in (duplicate, survivor, erased)}
+    entered = [("segment.entered", s) for s in sorted((segment["id"], other["id"]))]
+    assert sorted(about[duplicate["id"]][:2]) == entered
+    assert sorted(about[duplicate["id"]][2:4]) == [("segment.left", s) for s in sorted((segment["id"], other["id"]))]
+    assert about[duplicate["id"]][4:] == [("contact.merged", None)]
+    assert about[erased["id"]] == [("segment.entered", other["id"]), ("segment.left", other["id"]),
+                                   ("contact.erased", None)]
+    assert sorted(t for t, _ in about[survivor["id"]] if t.startswith("segment.")) == ["segment.entered"] * 2
+    assert all(d.payload["type"] != "segment.entered" for d in receiver.deliveries[:heard_before_refresh]
+               if d.payload["data"].get("contact_id") == survivor["id"])  # entered at the refresh, not before
+    left = {(t, data["contact_id"]): data for t, data in seen if t == "segment.left"}
+    merged_left, erased_left = left[("segment.left", duplicate["id"])], left[("segment.left", erased["id"])]
+    assert merged_left["reason"] == "merged" and merged_left["survivor_id"] == survivor["id"]
+    assert erased_left == {  # ids only: no link to a person who is gone
+        "segment_id": other["id"], "destination_id": hook["id"], "contact_id": erased["id"], "reason": "erased"}
+    async with make_sessionmaker(engine)() as session:
+        members = (await session.execute(text(
+            "SELECT contact_id::text, count(*) FROM segment_member WHERE destination_id = :d GROUP BY 1"),
+            {"d": hook["id"]})).all()
+    assert members == [(survivor["id"], 2)]
+
+
+async def test_a_merge_while_a_refresh_runs(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, database_url: str,
+) -> None:
+    """A refresh whose diff inserted a member being merged away waited for the merge, then failed on the foreign key
+    (the contact was gone): the whole refresh rolled back, the worker logged an error, and every round could lose it
+    again to the next merge. Now the diff is taken again once the merge is in: the duplicate neither enters nor
+    leaves, and the survivor enters in its place."""
+    client = committing_client
+    segment = await make_segment(client, VIP)
+    duplicate, survivor = await make_contact(client), await make_contact(client)
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": segment["id"]}])
+    await refresh(engine, sink["id"])
+    await tag(client, duplicate, "vip")  # enters at the next refresh
+    sessions = make_sessionmaker(engine)
+    async with sessions.begin() as session:
+        await session.execute(text("UPDATE segment_sync SET refreshed_at = NULL WHERE destination_id = :d"),
+                              {"d": sink["id"]})
+
+    async def refreshing() -> segment_sync.Refreshed | None:
+        async with sessions.begin() as session:
+            return await segment_sync.refresh_next(session, every_seconds=3600)
+
+    merging = client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                          headers=ADMIN)
+    db = await asyncpg.connect(plain_dsn(database_url))
+    try:  # the merge stops at contact_merge, its duplicate deleted; the refresh's insert then waits for that row
+        merged, done = await race_past_held_table(db, "contact_merge", merging, refreshing())
+    finally:
+        await db.close()
+    assert merged.status_code == 200, merged.text
+    assert done is not None and done.failed is None and (done.members, done.entered, done.left) == (1, 1, 0)
+    async with sessions() as session:
+        said = (await session.execute(text(
+            "SELECT topic, contact_id::text FROM outbox_message WHERE topic LIKE 'segment.%' "
+            "AND payload ->> 'destination_id' = :d ORDER BY id"), {"d": sink["id"]})).all()
+        members = (await session.scalars(text("SELECT contact_id::text FROM segment_member WHERE destination_id = :d"),
+                                         {"d": sink["id"]})).all()
+    assert said == [("segment.entered", survivor["id"])] and members == [survivor["id"]]
+
+
 async def test_members_leave_with_time_alone(committing_client: httpx.AsyncClient, engine: AsyncEngine) -> None:
     client = committing_client
     recent = await make_segment(client, {"all": [{"field": "stats.last_order_at", "op": "within_days", "value": 30}]})
@@ -325,6 +430,51 @@ async def test_a_snapshot_that_cannot_be_refreshed_waits_its_turn_and_the_others
             "SELECT payload ->> 'segment_id', count(*) FROM outbox_message WHERE payload ->> 'destination_id' = :d"
             " GROUP BY 1"), {"d": sink["id"]})).all()
     assert topics == [(fine["id"], 1)]
+
+
+async def test_a_failed_refresh_shows_on_the_destination_until_one_succeeds(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine,
+) -> None:
+    """A refresh that failed (invalid_filter, statement_timeout) stamped `refreshed_at` like a good one: the admin
+    saw a fresh snapshot, and only the worker's log said otherwise. Now the mapping shows `last_error` and
+    `failed_at`, `refreshed_at` stays the last good refresh, and the next good refresh clears both."""
+    client = committing_client
+    name = f"size_{uuid.uuid4().hex[:8]}"
+    attribute = {"name": name, "type": "number"}
+    assert (await client.post("/v1/attributes", json=attribute, headers=ADMIN)).status_code == 201
+    segment = await make_segment(client, {"field": f"attributes.{name}", "op": "exists"})
+    sink = await destination(client, kind="webhook", config={"url": "https://hooks.example/segment"},
+                             segment_mappings=[{"segment_id": segment["id"]}])
+    sessions = make_sessionmaker(engine)
+
+    async def round_at(hours: int) -> segment_sync.Refreshed | None:
+        async with sessions.begin() as session:
+            return await segment_sync.refresh_next(session, every_seconds=3600, now=utc_now() + timedelta(hours=hours))
+
+    async def shown() -> dict[str, Any]:
+        response = await client.get(f"/v1/destinations/{sink['id']}", headers=ADMIN)
+        assert response.status_code == 200, response.text
+        return response.json()["segment_mappings"][0]  # type: ignore[no-any-return]
+
+    good = await round_at(0)
+    assert good is not None and good.failed is None
+    first = await shown()
+    assert (first["last_error"], first["failed_at"]) == (None, None) and first["refreshed_at"] is not None
+    assert (await client.delete(f"/v1/attributes/{name}", headers=ADMIN)).status_code == 204
+    failed = await round_at(2)
+    assert failed is not None and failed.failed == "invalid_filter"
+    after = await shown()
+    assert after["refreshed_at"] == first["refreshed_at"]  # not refreshed: the last good one stands
+    assert after["last_error"] == "invalid_filter" and after["failed_at"] > first["refreshed_at"]
+    assert await round_at(2) is None  # it waits for the next round, as a refreshed one does
+    assert (await client.post("/v1/attributes", json=attribute, headers=ADMIN)).status_code == 201
+    again = await round_at(4)
+    assert again is not None and again.failed is None
+    last = await shown()
+    assert (last["last_error"], last["failed_at"]) == (None, None) and last["refreshed_at"] > after["failed_at"]
+    schema = (await client.get("/openapi.json")).json()["components"]["schemas"]["SegmentMappingRead"]
+    assert {"last_error", "failed_at"} <= set(schema["required"])
+    assert schema["properties"]["last_error"]["anyOf"][0]["enum"] == ["invalid_filter", "statement_timeout"]
 
 
 class TestMappingRules:
