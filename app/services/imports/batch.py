@@ -17,8 +17,9 @@ Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
      and the checkpoint.
 
 Two batches are written at once, on two connections (`Turn`): the later one looks for duplicates among the earlier
-one's rows too, takes its locks only once the earlier one holds its own, and writes its checkpoint only after the
-earlier one committed (a contact both want waits for that commit; the earlier one never waits on the later one).
+one's rows too, takes its locks only once the earlier one holds its own, and writes its report lines (so that they
+keep the file's order) and its checkpoint only after the earlier one committed (a contact both want waits for that
+commit; the earlier one never waits on the later one).
 
 The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
 after the lock with one of the file's keys (by a writer taking no key bucket: a single create, upsert or signup) is
@@ -250,12 +251,12 @@ async def write_batch(
         await connection.execute("DROP TABLE import_stage")  # in a test's outer transaction, commit is a savepoint
     if duplicates:
         await _hide_erased_duplicates(connection, job, rejects, duplicates, skipped_as_erased)
-    if rejects:
+    if earlier is not None and not await earlier.committed():
+        raise EarlierRolledBack
+    if rejects:  # after the earlier batch's: the report is read in id order, which must be the file's
         rejects.sort(key=lambda r: r[1])
         await connection.copy_records_to_table(
             "import_reject", records=rejects, columns=["import_id", "row_number", "column", "reason", "value"])
-    if earlier is not None and not await earlier.committed():
-        raise EarlierRolledBack
     moved = await connection.fetchval(
         """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
                unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
