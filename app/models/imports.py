@@ -93,5 +93,6 @@ class ImportKey(SQLModel, table=True):
 
     import_id: uuid.UUID = Field(
         sa_column=Column(Uuid, ForeignKey("import_job.id", ondelete="CASCADE"), primary_key=True))
-    key: str = Field(primary_key=True)                  # "e:<email>", "x:<external_id>" (older jobs: "c:<id>")
+    # "e:<email>", "x:<external_id>", "m:<id of a contact the row matched>" (older jobs: "c:<id>")
+    key: str = Field(primary_key=True)
     row_number: int

@@ -58,10 +58,12 @@ _UPLOAD_BODY: dict[str, Any] = {
                     "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description":
-                                 "CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab"},
+                                 "CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab. "
+                                 "A column the import reads has a name of at most 255 characters (else 422)"},
                         "mapping": {"type": "string", "maxLength": MAX_FORM_FIELD_CHARS,
                                     "contentMediaType": "application/json",
-                                    "description": 'JSON {"column name": "field" or null}, at most 500 columns'},
+                                    "description": 'JSON {"column name": "field" or null}, at most 500 columns, '
+                                                   "each name at most 255 characters"},
                         "mode": {"type": "string", "enum": ["upsert", "create_only", "update_only"]},
                         "list_id": {"type": "string", "format": "uuid"},
                         "tags": {"type": "array", "maxItems": 100,

@@ -16,11 +16,14 @@ from app.schemas.strict import FromJSON
 from app.schemas.types import TagName, Uuid
 from app.schemas.workers import WorkersSeen
 
-__all__ = ["MAX_FORM_FIELD_CHARS", "ImportAccepted", "ImportMode", "ImportOptions", "ImportRead", "ImportStatus",
-           "present_import"]
+__all__ = ["MAX_COLUMN_NAME_CHARS", "MAX_FORM_FIELD_CHARS", "ImportAccepted", "ImportMode", "ImportOptions",
+           "ImportRead", "ImportStatus", "present_import"]
 
 
 MAX_MAPPED_COLUMNS = 500  # a mapping names at most this many columns
+# A column's name, in `mapping` and, for a column the import reads, in the file's header: each report line stores
+# it (the report's masking finds a cell's field by it), so it is refused at upload rather than cut.
+MAX_COLUMN_NAME_CHARS = 255
 MAX_FORM_FIELD_CHARS = 64 * 1024  # a form field other than the file (the JSON of mapping, consent; tags)
 
 
@@ -40,7 +43,7 @@ class ImportStatus(StrEnum):
 class ImportOptions(InputSchema):
     """The form fields sent with the file (JSON values for `mapping` and `consent`)."""
 
-    mapping: dict[Annotated[str, StringConstraints(max_length=255)],
+    mapping: dict[Annotated[str, StringConstraints(max_length=MAX_COLUMN_NAME_CHARS)],
                   Annotated[str, StringConstraints(max_length=100)] | None] | None = Field(
         default=None, max_length=MAX_MAPPED_COLUMNS,
         description="{column name: field} (null ignores a column); when absent, guessed from headers")

@@ -7475,12 +7475,12 @@ export interface operations {
                     dry_run?: boolean;
                     /**
                      * Format: binary
-                     * @description CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab
+                     * @description CSV as Excel writes it: UTF-8 (BOM or not) or Windows-1252; , ; or tab. A column the import reads has a name of at most 255 characters (else 422)
                      */
                     file: string;
                     /** Format: uuid */
                     list_id?: string;
-                    /** @description JSON {"column name": "field" or null}, at most 500 columns */
+                    /** @description JSON {"column name": "field" or null}, at most 500 columns, each name at most 255 characters */
                     mapping?: string;
                     /** @enum {string} */
                     mode?: "upsert" | "create_only" | "update_only";

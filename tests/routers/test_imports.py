@@ -669,3 +669,28 @@ async def test_json_fields_nested_past_the_parser_are_a_422_naming_the_field(cli
             answer = await upload(client, plain_file(2), **{field: value})
             problem = assert_problem(answer, 422, field)
             assert problem["errors"][0]["code"] == "json_invalid", problem
+
+
+async def test_a_mapped_column_with_a_name_over_255_characters_is_a_422_naming_its_position(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """Each report line stores its column's name: a 60 KB name would cost 60 KB a bad row. Refused at upload, for a
+    guessed column, a column the mapping names and an attribute column; an ignored one may be as long as it likes."""
+    await make_attribute(client, "taille", "text")
+    long_email = "E" + "-" * 60_000 + "mail"  # folds to `e mail`: guessed as the email column
+    long_size = "Taille" + "." * 300           # folds to `taille`
+    row = ["x@exemple.fr", "M", "X"]
+    for header, fields in (
+        ([long_email, "Taille", "Nom"], {}),
+        (["Email", long_size, "Nom"], {}),
+        (["Email", "Taille", long_email], {"mapping": {"Email": "email", "E mail": "last_name"}}),
+    ):
+        position = next(i for i, name in enumerate(header, start=1) if len(name) > 255)
+        body = assert_problem(await upload(client, build_csv(header, [row]), **fields), 422, "file")
+        assert f"column {position}" in body["errors"][0]["message"]
+        assert body["errors"][0]["code"] == "column_name_too_long"
+    assert await count(sessions, "SELECT count(*) FROM import_job") == 0
+    # 255 characters is fine, and so is a longer name of a column nobody maps
+    ok = build_csv(["E-mail" + " " * 249, "Taille", "Nom" + "." * 5000], [row])
+    job = await run_import(client, sessions, settings, ok, mapping={"E-mail": "email", "Taille": "attributes.taille"})
+    assert (job["status"], job["created"]) == ("done", 1)

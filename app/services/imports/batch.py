@@ -17,8 +17,9 @@ Per batch (at most `IMPORT_BATCH_ROWS` rows), in the caller's transaction:
      and the checkpoint.
 
 Two batches are written at once, on two connections (`Turn`): the later one looks for duplicates among the earlier
-one's rows too, takes its locks only once the earlier one holds its own, and writes its checkpoint only after the
-earlier one committed (a contact both want waits for that commit; the earlier one never waits on the later one).
+one's rows too, takes its locks only once the earlier one holds its own, and writes its report lines (so that they
+keep the file's order) and its checkpoint only after the earlier one committed (a contact both want waits for that
+commit; the earlier one never waits on the later one).
 
 The lock order (list, then contacts by id) is the API's (docs/operations.md, "Locking rules"). A contact created
 after the lock with one of the file's keys (by a writer taking no key bucket: a single create, upsert or signup) is
@@ -79,7 +80,8 @@ _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
 _STAGE_DDL = (
     "CREATE TEMP TABLE import_stage ("
     + ", ".join(f"{name} {_STAGE_TYPES[name]}" for name in STAGE_COLUMNS)
-    + ", target_id uuid, action text NOT NULL DEFAULT 'create', PRIMARY KEY (row_number)) ON COMMIT DROP"
+    + ", target_id uuid, action text NOT NULL DEFAULT 'create', duplicate_of integer, PRIMARY KEY (row_number))"
+    " ON COMMIT DROP"
 )
 _REASONS = {
     "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
@@ -115,8 +117,9 @@ class EarlierRolledBack(Exception):
 class Turn:
     """A batch's place when two are written at once: what the next batch waits for, and what it reads of this one.
 
-    `keys`: this batch's kept rows' emails and external_ids → row number, known once it holds its locks (the next
-    batch rejects its rows sharing one as duplicates: it cannot read them from the database before this commits).
+    `keys`: this batch's kept rows' emails and external_ids → row number, and the contacts they matched ('m:<id>'),
+    known once it holds its locks and matched its rows (the next batch rejects its rows sharing one as duplicates:
+    it cannot read them from the database before this commits).
     """
 
     earlier: Turn | None = None
@@ -205,9 +208,12 @@ async def write_batch(
             await locks.share_key_buckets(connection, emails=(r[_EMAIL] for r in kept if r[_EMAIL] is not None),
                                           external_ids=(r[_EXTERNAL] for r in kept if r[_EXTERNAL] is not None))
         held = await connection.fetch(_holders_sql(lock=not dry))
-        turn.hold(keys)
+        claimed_in_flight = _claims(earlier)  # before _same_contact reads the committed ones (see Turn.settle)
         if held or job.row["mode"] == "update_only":  # else every row stays 'create' (a file of new people)
             await _match(connection, job, held, "create")
+        if held:
+            keys |= await _same_contact(connection, job, claimed_in_flight)
+        turn.hold(keys)
         await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
         stamped_at = None if dry else now
@@ -215,6 +221,7 @@ async def write_batch(
             inserted, wanted = await _create(connection, job, now)
             if inserted != wanted:  # some rows lost a race for their key with another writer (ON CONFLICT DO NOTHING)
                 await _match_the_winners(connection, job)
+                await _same_contact(connection, job, claimed_in_flight)
         await _update(connection, job, now, dry=dry)
         await connection.execute(_SEEN_SQL, job.id, dry)
         outcome = {r["action"]: r["n"] for r in await connection.fetch(
@@ -225,10 +232,15 @@ async def write_batch(
         counts["unchanged"] = outcome.get("update", 0)
         counts["skipped"] = sum(outcome.get(a, 0) for a in _SKIPS)
         counts["rejected"] += sum(outcome.get(a, 0) for a in _REJECTS)
-        for r in await connection.fetch(
-            "SELECT row_number, action, email, external_id FROM import_stage WHERE action = ANY($1::text[])",
-            [*_SKIPS, *_REJECTS],
-        ):
+        counts["rejected"] += outcome.get("duplicate", 0)
+        by_row = {record[0]: record for record in kept} if outcome.get("duplicate") else {}
+        for r in await connection.fetch(_REPORTED_SQL, [*_SKIPS, *_REJECTS, "duplicate"]):
+            if r["action"] == "duplicate":  # as a duplicate key is reported: the key naming the contact
+                field_name = "external_id" if r["by_external_id"] else "email"
+                duplicates.append((len(rejects), r["duplicate_of"], by_row[r["row_number"]]))
+                rejects.append((job.id, r["row_number"], job.columns_by_field.get(field_name),
+                                f"duplicate of row {r['duplicate_of']}", r[field_name]))
+                continue
             column, value = _key_cell(job, r)
             if r["action"] == "suppressed":
                 value = None  # an erased person's address is never written back, not even in the report
@@ -239,12 +251,12 @@ async def write_batch(
         await connection.execute("DROP TABLE import_stage")  # in a test's outer transaction, commit is a savepoint
     if duplicates:
         await _hide_erased_duplicates(connection, job, rejects, duplicates, skipped_as_erased)
-    if rejects:
+    if earlier is not None and not await earlier.committed():
+        raise EarlierRolledBack
+    if rejects:  # after the earlier batch's: the report is read in id order, which must be the file's
         rejects.sort(key=lambda r: r[1])
         await connection.copy_records_to_table(
             "import_reject", records=rejects, columns=["import_id", "row_number", "column", "reason", "value"])
-    if earlier is not None and not await earlier.committed():
-        raise EarlierRolledBack
     moved = await connection.fetchval(
         """UPDATE import_job SET processed_rows = $3, created = created + $4, updated = updated + $5,
                unchanged = unchanged + $6, skipped = skipped + $7, rejected = rejected + $8,
@@ -276,6 +288,31 @@ async def _match_the_winners(connection: asyncpg.Connection, job: Job) -> None:
         "UPDATE import_stage s SET action = 'conflict' WHERE s.action = 'create' "
         "AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.id = s.new_id)")
     await _match(connection, job, await connection.fetch(_holders_sql(lock=True, of="conflict")), "conflict")
+
+
+def _claims(earlier: Turn | None) -> tuple[list[uuid.UUID], list[int]]:
+    """The contacts that the batches still being written ahead of this one matched ('m:' keys of their turns)."""
+    ids: list[uuid.UUID] = []
+    rows: list[int] = []
+    while earlier is not None:
+        for key, row in (earlier.keys or {}).items():
+            if key.startswith("m:"):
+                ids.append(uuid.UUID(key[2:]))
+                rows.append(row)
+        earlier = earlier.earlier
+    return ids, rows
+
+
+async def _same_contact(
+    connection: asyncpg.Connection, job: Job, in_flight: tuple[list[uuid.UUID], list[int]]
+) -> dict[str, int]:
+    """Rows naming a contact that an earlier row of the file named (by another key: one key is caught by
+    _drop_duplicates) become `duplicate` of the first such row; the contacts this batch's other rows name, as
+    'm:<contact id>' keys → row number, for the batches after it. Without this both rows would write the same
+    contact: two history entries from the same old value, and with a list one membership upserted twice (a
+    CardinalityViolationError failing the job)."""
+    claims = await connection.fetch(_SAME_CONTACT_SQL, job.id, *in_flight)
+    return {f"m:{r['target_id']}": r["row_number"] for r in claims}
 
 
 async def _drop_duplicates(
@@ -377,10 +414,10 @@ def _holders_sql(*, lock: bool, of: str | None = None) -> str:
     """  # noqa: S608 (no value in it)
 
 
-# After matching, so that it overrides whatever matching decided.
+# After matching, so that it overrides whatever matching decided (a duplicate stays one, as a duplicate key does).
 _SUPPRESSED_SQL = """
 UPDATE import_stage s SET action = 'suppressed'
-WHERE EXISTS (
+WHERE s.action <> 'duplicate' AND EXISTS (
     SELECT 1 FROM suppression p
     WHERE p.released_at IS NULL
       AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest)
@@ -418,12 +455,53 @@ WHERE s.row_number = m.row_number AND m.action <> 'create'
 # (_CREATE_SQL), written anyway, and its keys are the contact's. Nor does a row of an erased person (suppressed):
 # its keys would keep their address in clear while the job runs, and the suppression list finds their later rows
 # anyway (an erasure during the job deletes the person's keys too: services/gdpr.py). Every other row leaves its
-# email and external_id (a dry run creates nothing).
+# email and external_id (a dry run creates nothing), and the contact it matched, if it did (`m:`,
+# _SAME_CONTACT_SQL). A row rejected as naming a contact an earlier row matched leaves its keys too, as the turn
+# hands them on: a later row repeating one of them is its duplicate, whatever batch it is in.
 _SEEN_SQL = """
 INSERT INTO import_key (import_id, key, row_number)
 SELECT $1::uuid, k.key, s.row_number
-FROM import_stage s CROSS JOIN unnest(ARRAY['e:' || s.email, 'x:' || s.external_id]) AS k(key)
+FROM import_stage s CROSS JOIN unnest(ARRAY[
+    'e:' || s.email, 'x:' || s.external_id,
+    CASE WHEN s.action IN ('update', 'updated', 'skip_exists') THEN 'm:' || s.target_id END
+]) AS k(key)
 WHERE k.key IS NOT NULL AND (s.action <> 'create' OR $2) AND s.action <> 'suppressed'
+"""
+
+# A row matched to a contact (`target_id`, to update it or skip it as existing) that an earlier row of the file
+# matched too, by another key, is a duplicate of the first one: rows of this batch, of committed ones (their `m:`
+# keys; an index probe each) and of the ones in flight ahead ($2 contact ids, $3 rows). A refused row (another
+# external_id, an email held) matched nothing: it neither claims a contact nor loses it. Answers the contacts this
+# batch's remaining rows matched. Run again after _match_the_winners (once suppressed, a row still holds its claim).
+_SAME_CONTACT_SQL = """
+WITH named AS (
+    SELECT target_id AS id, row_number FROM import_stage
+    WHERE target_id IS NOT NULL AND action IN ('update', 'skip_exists', 'suppressed')
+), first AS (
+    SELECT id, min(row_number) AS row_number FROM (
+        SELECT id, row_number FROM named
+        UNION ALL
+        SELECT h.id, h.row_number FROM unnest($2::uuid[], $3::integer[]) AS h(id, row_number)
+        UNION ALL
+        SELECT substr(k.key, 3)::uuid, k.row_number FROM import_key k
+        WHERE k.import_id = $1 AND k.key = ANY(ARRAY(SELECT 'm:' || id FROM named))
+    ) AS every GROUP BY id
+), repeated AS (
+    UPDATE import_stage s SET action = 'duplicate', duplicate_of = f.row_number
+    FROM first f WHERE f.id = s.target_id AND f.row_number < s.row_number
+      AND s.action IN ('update', 'skip_exists', 'suppressed')
+    RETURNING s.row_number
+)
+SELECT n.id AS target_id, n.row_number FROM named n
+WHERE n.row_number NOT IN (SELECT row_number FROM repeated)
+"""
+
+# The rows the report names (skipped, refused, duplicates), with the key that named a duplicate's contact (matching
+# tries the external_id first).
+_REPORTED_SQL = """
+SELECT s.row_number, s.action, s.email, s.external_id, s.duplicate_of,
+       EXISTS (SELECT 1 FROM contact c WHERE c.id = s.target_id AND c.external_id = s.external_id) AS by_external_id
+FROM import_stage s WHERE s.action = ANY($1::text[])
 """
 
 # The earlier rows holding any of these keys: recorded as they are ($2: skipped when no earlier row recorded any),

@@ -20,7 +20,7 @@ from app.db import driver_connection
 from app.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.models import AttributeDefinition, ImportJob, ImportReject
 from app.models.base import new_id, utc_now
-from app.schemas.imports import ImportOptions
+from app.schemas.imports import MAX_COLUMN_NAME_CHARS, ImportOptions
 from app.security import Principal
 from app.services import lists as lists_service
 from app.services.consents import MAX_CLOCK_SKEW
@@ -94,6 +94,11 @@ async def create(
         mapping = headers.resolve(header, options.mapping, names)
     except headers.MappingProblem as exc:
         raise InvalidInput.one(exc.field, str(exc), exc.code) from None
+    for index, field in sorted(mapping.items()):
+        if len(header[index]) > MAX_COLUMN_NAME_CHARS:
+            raise InvalidInput.one(
+                "file", f"the name of column {index + 1} (read as {field}) is {len(header[index])} characters long; "
+                f"a column the import reads may have a name of at most {MAX_COLUMN_NAME_CHARS}", "column_name_too_long")
     values: dict[str, Any] = {
         "size_bytes": size, "chunks": seq, "encoding": encoding, "delimiter": delimiter, "header": header,
         "mapping": {str(i): field for i, field in mapping.items()},
