@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import driver_connection, make_sessionmaker
@@ -52,6 +53,9 @@ async def seed_prospects(connection: Any, prefix: str, count: int, *, age_days: 
         "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now() - make_interval(days => "
         ":age), now() - make_interval(days => :age), 'api' FROM generate_series(1, :count) g"),
         {"prefix": prefix, "count": count, "age": age_days})
+
+
+BYPASS_TRIGGERS = "SET LOCAL session_replication_role = replica"  # superuser only: what the guard cannot stop
 
 
 async def verify(app: FastAPI) -> tuple[int, journal_service.Break | None]:
@@ -462,16 +466,73 @@ class TestChain:
         entries = await flushed(app)
         checked, broken = await verify(app)
         assert broken is None and checked == len(entries) >= 3
-        async with sessions.begin() as session:  # an insider hides who read it
+        async with sessions.begin() as session:  # an insider hides who read it (a superuser, past the trigger)
+            await session.execute(text(BYPASS_TRIGGERS))
             await session.execute(text("UPDATE journal_entry SET subject = 'nobody' WHERE seq = :seq"),
                                   {"seq": entries[1]["seq"]})
         checked, broken = await verify(app)
         assert broken is not None and broken.seq == entries[1]["seq"] and "altered" in broken.reason
         async with sessions.begin() as session:  # or removes the row altogether
+            await session.execute(text(BYPASS_TRIGGERS))
             await session.execute(text("DELETE FROM journal_entry WHERE seq = :seq"), {"seq": entries[1]["seq"]})
         assert (await verify(app))[1] == journal_service.Break(entries[2]["seq"],
                                                                f"entries {entries[1]['seq']}..{entries[1]['seq']} "
                                                                "are missing")
+
+    @pytest.mark.parametrize("statement", [
+        "UPDATE journal_entry SET subject = 'nobody'",
+        "UPDATE journal_entry SET refs = '{}'",                       # hiding whom an entry reached
+        "UPDATE journal_entry SET refs = array_append(refs, 'x')",
+        "DELETE FROM journal_entry",
+        "DELETE FROM journal_pending",                                # an act dropped before it is chained
+        "UPDATE journal_pending SET subject = 'nobody'",
+        "INSERT INTO journal_anchor (id, seq, chained_at, hash, pruned_at) VALUES (1, 1, now(), '\\x00', now())",
+    ])
+    async def test_the_database_refuses_any_other_change_to_the_journal(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession], statement: str
+    ) -> None:
+        # Nothing stopped an UPDATE or DELETE of journal rows by SQL: only `verify`, afterwards, could tell.
+        contact = await make_contact(client)
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        entries = await flushed(app)
+        async with sessions.begin() as session:
+            await journal_service.record(session, journal_service.Entry("admin", "tokens.created", "someone"))
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with sessions.begin() as session:
+                await session.execute(text(statement))
+        # ... even with a setting that opens another statement's exception
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with sessions.begin() as session:
+                await session.execute(text("SELECT set_config('carnet.journal', 'forgetting', true)"))
+                await session.execute(text("UPDATE journal_entry SET subject = 'nobody'"))
+        assert (await flushed(app))[:len(entries)] == entries
+        assert (await verify(app))[1] is None
+
+    async def test_an_anchor_moved_forward_by_hand_is_found(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        contact = await make_contact(client)
+        monkeypatch.setattr(journal_service, "utc_now", lambda: utc_now() - timedelta(days=400))
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        await flushed(app)
+        monkeypatch.undo()
+        for _ in range(3):
+            await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        await flushed(app)
+        async with app.state.sessionmaker.begin() as session:
+            await journal_service.prune(await driver_connection(session), keep_days=365,
+                                        erasure_hold=timedelta(hours=1))
+        kept = await flushed(app)
+        assert kept[-1]["action"] == "journal.pruned" and (await verify(app))[1] is None
+        # A superuser deletes two reads and points the anchor past them: the chain from there still links.
+        async with sessions.begin() as session:
+            await session.execute(text(BYPASS_TRIGGERS))
+            await session.execute(text("DELETE FROM journal_entry WHERE seq <= :seq"), {"seq": kept[1]["seq"]})
+            await session.execute(text("UPDATE journal_anchor SET seq = :seq, hash = :hash"),
+                                  {"seq": kept[1]["seq"], "hash": kept[1]["hash"]})
+        _, broken = await verify(app)
+        assert broken is not None and broken.seq == kept[-1]["seq"] and "anchor" in broken.reason, broken
 
     async def test_retention_removes_whole_old_days_and_the_rest_still_verifies(
         self, client: httpx.AsyncClient, app: FastAPI, monkeypatch: pytest.MonkeyPatch
