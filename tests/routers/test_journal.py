@@ -23,7 +23,8 @@ from app.security import Role, Scope
 from app.services import journal as journal_service
 from app.services import suppressions as suppressions_service
 from tests.auth import bearer
-from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, unique_email
+from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_list, unique_email
+from tests.routers.test_lists import subscribe
 
 ROLES = {role: bearer(role, subject=f"{role.value}@shop.example") for role in Role}
 ORDER = {"placed_at": "2026-11-01T10:00:00Z", "status": "paid", "currency": "EUR", "total_amount": "49.90",
@@ -339,6 +340,48 @@ class TestAdministrativeActs:
         [changed] = await entries_after(app, change_key)
         assert changed["subject"] == "manager@shop.example" and changed["detail"]["keys"] == ["api_key"]
         assert "xkeysib" not in json.dumps([made, changed], default=str)
+
+    async def test_a_push_of_the_whole_file_to_a_vendor_is_journaled_with_who_asked_and_how_many(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # Creating a mapped destination and a resync send every mapped contact to a vendor: nothing said who.
+        the_list = await make_list(client)
+        for _ in range(3):
+            contact = await make_contact(client)
+            joined = await subscribe(client, the_list["id"], contact["id"], {"consent": {"proof": PROOF}})
+            assert joined.status_code < 300, joined.text
+        created: dict[str, Any] = {}
+
+        async def create() -> None:
+            response = await client.post("/v1/destinations", headers=ROLES[Role.MANAGER], json={
+                "kind": "brevo", "name": "brevo-push", "config": {"api_key": "xkeysib-push-1"},
+                "list_mappings": [{"list_id": the_list["id"], "remote_list_id": "7"}]})
+            assert response.status_code == 201, response.text
+            created.update(response.json())
+
+        made = {e["action"]: e for e in await entries_after(app, create)}
+        pushed = made["destinations.created"]
+        assert pushed["subject"] == "manager@shop.example" and pushed["kind"] == "admin"
+        assert pushed["ref_count"] == 3 and pushed["refs"] == []
+        assert pushed["detail"] == {"destination_id": created["id"], "kind": "brevo", "lists": 1, "segments": 0}
+        queued: list[int] = []
+
+        async def resync() -> None:
+            response = await client.post(f"/v1/destinations/{created['id']}/resync", headers=ROLES[Role.MANAGER])
+            assert response.status_code == 202, response.text
+            queued.append(response.json()["queued"])
+
+        [again] = await entries_after(app, resync)
+        assert again["action"] == "destinations.resynced" and again["subject"] == "manager@shop.example"
+        assert again["ref_count"] == queued[0] == 3 and again["refs"] == []
+        assert again["detail"] == {"destination_id": created["id"], "kind": "brevo"}
+
+        async def unmapped() -> None:  # nothing to push: only its secrets are journaled
+            response = await client.post("/v1/destinations", headers=ADMIN, json={
+                "kind": "brevo", "name": "brevo-empty", "config": {"api_key": "xkeysib-push-2"}})
+            assert response.status_code == 201, response.text
+
+        assert [e["action"] for e in await entries_after(app, unmapped)] == ["destinations.secrets_set"]
 
     async def test_a_refused_act_leaves_no_entry(self, client: httpx.AsyncClient, app: FastAPI) -> None:
         async def refused() -> None:
