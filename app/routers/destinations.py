@@ -118,9 +118,9 @@ async def list_deliveries(
 
 @router.post("/{destination_id}/resync", status_code=202, response_model=ResyncResult,
              responses=problems(DestinationNotFound))
-async def resync_destination(destination_id: uuid.UUID, session: BulkWriteSession, _: Writer) -> Any:
+async def resync_destination(destination_id: uuid.UUID, session: BulkWriteSession, caller: Writer) -> Any:
     """Queue a full push of every contact of the mapped lists (vendors only)."""
-    return JSONBody({"queued": await service.resync(session, destination_id)}, status_code=202)
+    return JSONBody({"queued": await service.resync(session, destination_id, actor=caller)}, status_code=202)
 
 
 @deliveries_router.post("/{delivery_id}/retry", response_model=DeliveryRead, responses=problems(DeliveryNotFound))

@@ -13,6 +13,7 @@ from app.errors import ContactNotFound, InvalidInput, PreconditionFailed, proble
 from app.models.base import utc_now
 from app.routers.deps import IfMatch, JSONBody
 from app.schemas.gdpr import (
+    RETENTION_IDS_SHOWN,
     ContactExportRead,
     RetentionReportRead,
     RetentionRun,
@@ -101,5 +102,7 @@ async def run_retention(
     report = await gdpr_service.run_retention(
         session, days=request.app.state.settings.retention_prospect_days, dry_run=payload.dry_run, actor=caller
     )
+    ids = report.contact_ids
     return JSONBody({"dry_run": report.dry_run, "retention_days": report.retention_days, "cutoff": report.cutoff,
-                     "erased": len(report.contact_ids), "contact_ids": report.contact_ids})
+                     "erased": len(ids), "contact_ids": ids[:RETENTION_IDS_SHOWN],
+                     "contact_ids_truncated": len(ids) > RETENTION_IDS_SHOWN})

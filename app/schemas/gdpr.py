@@ -18,6 +18,7 @@ from app.security.masking import mask_text
 
 __all__ = [
     "EXPORT_FORMAT",
+    "RETENTION_IDS_SHOWN",
     "ContactExportRead",
     "ExportedMembership",
     "RetentionReportRead",
@@ -87,6 +88,10 @@ class SuppressionReleased(BaseModel):
     released: list[str] = Field(description="Which of email, phone were released")
 
 
+# A first run may erase years of prospects: the answer counts them all and names a bounded few (docs/gdpr.md).
+RETENTION_IDS_SHOWN = 1000
+
+
 class RetentionRun(InputSchema):
     dry_run: bool = Field(description="true: list what would be erased and change nothing")
 
@@ -96,7 +101,10 @@ class RetentionReportRead(BaseModel):
     retention_days: int
     cutoff: datetime = Field(description="Prospects with no activity since this instant qualify")
     erased: int = Field(description="Contacts erased (dry run: that would be erased)")
-    contact_ids: list[uuid.UUID]
+    contact_ids: list[uuid.UUID] = Field(
+        max_length=RETENTION_IDS_SHOWN,
+        description=f"The first {RETENTION_IDS_SHOWN:,} of them by id; `carnet retention --dry-run` lists them all")
+    contact_ids_truncated: bool = Field(description="true: `erased` counts more contacts than `contact_ids` lists")
 
 
 def present_export(data: Any, *, reveal_pii: bool, generated_at: datetime) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
-from sqlalchemy import Text, delete, func, literal, select, text, true
+from sqlalchemy import Text, delete, distinct, func, literal, select, text, true
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -258,6 +258,14 @@ async def create(
         raise DuplicateDestination(f"a destination named {data.name!r} already exists", existing_id=existing)
     await segment_sync.apply_mappings(session, row["id"], [m.segment_id for m in data.segment_mappings])
     await _journal_secrets(session, actor, row, sorted(hidden))
+    if data.list_mappings or data.segment_mappings:
+        # The mapped lists' members go to the vendor (the segments' once the worker takes their snapshot): who
+        # sent the file, and how many people, is an act (docs/gdpr.md). The count, never the ids: unbounded.
+        members = await session.scalar(select(func.count(distinct(_members.c.contact_id)))
+                                       .where(_members.c.list_id.in_([m.list_id for m in data.list_mappings])))
+        await journal.record(session, journal.act(actor, "destinations.created", count=members or 0, detail={
+            "destination_id": str(row["id"]), "kind": row["kind"], "lists": len(data.list_mappings),
+            "segments": len(data.segment_mappings)}))
     return row, generated
 
 
@@ -435,7 +443,7 @@ async def retry_delivery(session: AsyncSession, delivery_id: int) -> Row:
     )).mappings().one()
 
 
-async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
+async def resync(session: AsyncSession, destination_id: uuid.UUID, *, actor: Principal) -> int:
     """Queue a full push of every contact in the mapped lists or synced segments, and every one pushed before.
 
     A contact pushed before and gone since is queued too: its delivery is the erasure (or archive) still owed,
@@ -468,6 +476,9 @@ async def resync(session: AsyncSession, destination_id: uuid.UUID) -> int:
         .on_conflict_do_nothing(index_elements=["destination_id", "contact_id"],
                                 index_where=text("status = 'pending' AND coalesces"))
     )
-    result = await session.execute(statement)
-    return result.rowcount or 0
+    queued = (await session.execute(statement)).rowcount or 0
+    # The whole file to the vendor: journaled with who asked and how many (the count, never the ids).
+    await journal.record(session, journal.act(actor, "destinations.resynced", count=queued, detail={
+        "destination_id": str(destination_id), "kind": row["kind"]}))
+    return queued
 

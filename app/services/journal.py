@@ -106,8 +106,10 @@ async def append(connection: asyncpg.Connection, entries: Sequence[Entry]) -> in
     Takes the chain's lock until that transaction ends: keep the transaction to this call.
     """
     await connection.execute("SELECT pg_advisory_xact_lock($1)", LOCK)
+    await _guard_allows(connection, "chaining")
     pending = await connection.fetch(
         f"DELETE FROM journal_pending RETURNING id, at, {', '.join(_DESCRIBED)}")  # noqa: S608 (fixed names)
+    await _guard_allows(connection, "")
     if not entries and not pending:
         return 0
     head = await connection.fetchrow("SELECT seq, hash, chained_at FROM journal_entry ORDER BY seq DESC LIMIT 1")
@@ -130,6 +132,11 @@ async def append(connection: asyncpg.Connection, entries: Sequence[Entry]) -> in
         prev_hash = hashed
     await connection.copy_records_to_table("journal_entry", records=records, columns=_COLUMNS)
     return len(records)
+
+
+async def _guard_allows(connection: asyncpg.Connection, what: str) -> None:
+    """Open one of the journal trigger's exceptions (migration 0032) for this transaction; '' closes it."""
+    await connection.execute("SELECT set_config('carnet.journal', $1, true)", what)
 
 
 def _values(entry: Entry) -> dict[str, Any]:
@@ -226,6 +233,7 @@ async def forget(session: AsyncSession, people: Mapping[uuid.UUID, Sequence[str]
         "ON CONFLICT (contact_id) DO UPDATE SET refs = excluded.refs, erased_at = excluded.erased_at"),
         {"ids": ids, "refs": ["\n".join(t) for t in targets]})
     rewritten = 0
+    await session.execute(text("SELECT set_config('carnet.journal', 'forgetting', true)"))  # migration 0032
     for table in ("journal_entry", "journal_pending"):
         done = await session.execute(text(
             f"UPDATE {table} AS j SET refs = ARRAY("  # noqa: S608 (two fixed table names)
@@ -235,6 +243,7 @@ async def forget(session: AsyncSession, people: Mapping[uuid.UUID, Sequence[str]
             "    ARRAY[r.ref])) AS x) "
             "WHERE j.refs && CAST(:ids AS text[])"), {"ids": ids, "refs": ["\n".join(t) for t in targets]})
         rewritten += done.rowcount or 0  # type: ignore[attr-defined]
+    await session.execute(text("SELECT set_config('carnet.journal', '', true)"))
     return rewritten
 
 
@@ -248,23 +257,29 @@ async def prune(connection: asyncpg.Connection, *, keep_days: int, erasure_hold:
         "SELECT seq, hash, chained_at FROM journal_entry WHERE chained_at < $1 ORDER BY seq DESC LIMIT 1", cutoff)
     if last is None:
         return 0
+    await _guard_allows(connection, "pruning")
     removed = await connection.fetchval(
         "WITH gone AS (DELETE FROM journal_entry WHERE seq <= $1 RETURNING 1) SELECT count(*) FROM gone", last["seq"])
     await connection.execute(
         "INSERT INTO journal_anchor (id, seq, chained_at, hash, pruned_at) VALUES (1, $1, $2, $3, now()) "
         "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, chained_at = excluded.chained_at, hash = excluded.hash, "
         "pruned_at = excluded.pruned_at", last["seq"], last["chained_at"], last["hash"])
+    await _guard_allows(connection, "")
+    # The anchor's seq and hash in the chain itself: `verify` checks the anchor row against them.
     await append(connection, [Entry("admin", "journal.pruned", "carnet-journal-retention",
-                                    detail={"through_seq": last["seq"], "removed": removed,
-                                            "before": cutoff.isoformat()})])
+                                    detail={"through_seq": last["seq"], "anchor_hash": last["hash"].hex(),
+                                            "removed": removed, "before": cutoff.isoformat()})])
     return int(removed)
 
 
 async def verify(connection: asyncpg.Connection, *, chunk: int = 5000) -> tuple[int, Break | None]:
-    """Walk the chain from its first kept entry; (entries checked, the first broken link or None)."""
+    """Walk the chain from its first kept entry; (entries checked, the first broken link or None).
+
+    The anchor must be what the last `journal.pruned` entry says it set: an anchor moved forward (entries
+    deleted with it, by hand) verifies from where it points, and only that entry, chained, tells."""
     anchor = await connection.fetchrow("SELECT seq, hash FROM journal_anchor")
     expected_seq, prev_hash = (anchor["seq"] + 1, anchor["hash"]) if anchor else (1, GENESIS)
-    checked = 0
+    checked, pruned = 0, None
     while True:
         rows = await connection.fetch(
             f"SELECT {', '.join(_COLUMNS)} FROM journal_entry WHERE seq >= $1 ORDER BY seq LIMIT $2",  # noqa: S608
@@ -274,8 +289,22 @@ async def verify(connection: asyncpg.Connection, *, chunk: int = 5000) -> tuple[
             if problem:
                 return checked, Break(row["seq"], problem)
             prev_hash, expected_seq, checked = row["hash"], expected_seq + 1, checked + 1
+            if row["action"] == "journal.pruned":
+                pruned = row
         if len(rows) < chunk:
-            return checked, None
+            return checked, _anchor_break(anchor, pruned)
+
+
+def _anchor_break(anchor: Mapping[str, Any] | None, pruned: Mapping[str, Any] | None) -> Break | None:
+    if anchor is None:
+        return None  # entries 1.. are all there, or the walk already said which are missing
+    if pruned is None:
+        return Break(anchor["seq"], "the anchor has no journal.pruned entry after it")
+    said = json.loads(pruned["detail"]) if isinstance(pruned["detail"], str) else pruned["detail"]
+    hashed = anchor["hash"].hex()
+    if said.get("through_seq") != anchor["seq"] or said.get("anchor_hash", hashed) != hashed:  # older: no hash
+        return Break(pruned["seq"], f"the anchor (entry {anchor['seq']}) is not the one this journal.pruned entry set")
+    return None
 
 
 def _check(row: Mapping[str, Any], expected_seq: int, prev_hash: bytes) -> str | None:

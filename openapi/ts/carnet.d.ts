@@ -3527,8 +3527,16 @@ export interface components {
         };
         /** RetentionReportRead */
         RetentionReportRead: {
-            /** Contact Ids */
+            /**
+             * Contact Ids
+             * @description The first 1,000 of them by id; `carnet retention --dry-run` lists them all
+             */
             contact_ids: string[];
+            /**
+             * Contact Ids Truncated
+             * @description true: `erased` counts more contacts than `contact_ids` lists
+             */
+            contact_ids_truncated: boolean;
             /**
              * Cutoff
              * Format: date-time

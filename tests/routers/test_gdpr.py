@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.schemas.gdpr import RETENTION_IDS_SHOWN
 from app.security import Role, Scope
 from app.services.idempotency import IdempotencyExpiry
 from app.services.imports.runner import run_next
@@ -28,6 +29,7 @@ from tests.csv_samples import build_csv
 from tests.factories import ADMIN, PROOF, make_attribute, make_contact, make_list, unique_email
 from tests.routers.test_contacts import assert_problem
 from tests.routers.test_imports import report, run_import, upload
+from tests.routers.test_journal import seed_prospects
 from tests.routers.test_lists import ledger, outbox
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -536,7 +538,7 @@ class TestRetention:
         report = dry.json()
         assert report["dry_run"] is True and report["retention_days"] == 1095
         assert set(report["contact_ids"]) & mine == {stale["id"], stale_too["id"]}
-        assert report["erased"] == len(report["contact_ids"])
+        assert report["erased"] == len(report["contact_ids"]) and report["contact_ids_truncated"] is False
         assert (await client.get(f"/v1/contacts/{stale['id']}", headers=ADMIN)).status_code == 200
 
         real = (await client.post("/v1/retention/run", json={"dry_run": False}, headers=ADMIN)).json()
@@ -551,6 +553,22 @@ class TestRetention:
         assert reasons == {"retention"}
         again = (await client.post("/v1/retention/run", json={"dry_run": True}, headers=ADMIN)).json()
         assert not set(again["contact_ids"]) & mine
+
+    async def test_a_large_run_answers_its_count_and_a_bounded_list_of_ids(
+        self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        # The answer held every erased id: a first run over years of prospects answered them all, in one body.
+        async with sessions.begin() as session:
+            await seed_prospects(session, "bulk", RETENTION_IDS_SHOWN + 200, age_days=1200)
+        for dry_run in (True, False):
+            answer = await client.post("/v1/retention/run", json={"dry_run": dry_run}, headers=ADMIN)
+            assert answer.status_code == 200, answer.text
+            report = answer.json()
+            assert report["erased"] == RETENTION_IDS_SHOWN + 200 and report["contact_ids_truncated"] is True
+            assert len(report["contact_ids"]) == RETENTION_IDS_SHOWN
+            assert report["contact_ids"] == sorted(report["contact_ids"], key=uuid.UUID)  # the first ones, by id
+        small = (await client.post("/v1/retention/run", json={"dry_run": True}, headers=ADMIN)).json()
+        assert small["erased"] == 0 and small["contact_ids"] == [] and small["contact_ids_truncated"] is False
 
     async def test_needs_retention_run_and_an_explicit_dry_run(self, client: httpx.AsyncClient) -> None:
         denied = await client.post("/v1/retention/run", json={"dry_run": True}, headers=bearer(Role.MANAGER))

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import driver_connection, make_sessionmaker
@@ -22,7 +23,8 @@ from app.security import Role, Scope
 from app.services import journal as journal_service
 from app.services import suppressions as suppressions_service
 from tests.auth import bearer
-from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, unique_email
+from tests.factories import ADMIN, PROOF, grant_marketing, make_contact, make_list, unique_email
+from tests.routers.test_lists import subscribe
 
 ROLES = {role: bearer(role, subject=f"{role.value}@shop.example") for role in Role}
 ORDER = {"placed_at": "2026-11-01T10:00:00Z", "status": "paid", "currency": "EUR", "total_amount": "49.90",
@@ -52,6 +54,9 @@ async def seed_prospects(connection: Any, prefix: str, count: int, *, age_days: 
         "'@shop.example', 'unverified', 'prospect', 'prospect', '{}', '{}', 0, 0, 1, now() - make_interval(days => "
         ":age), now() - make_interval(days => :age), 'api' FROM generate_series(1, :count) g"),
         {"prefix": prefix, "count": count, "age": age_days})
+
+
+BYPASS_TRIGGERS = "SET LOCAL session_replication_role = replica"  # superuser only: what the guard cannot stop
 
 
 async def verify(app: FastAPI) -> tuple[int, journal_service.Break | None]:
@@ -336,6 +341,48 @@ class TestAdministrativeActs:
         assert changed["subject"] == "manager@shop.example" and changed["detail"]["keys"] == ["api_key"]
         assert "xkeysib" not in json.dumps([made, changed], default=str)
 
+    async def test_a_push_of_the_whole_file_to_a_vendor_is_journaled_with_who_asked_and_how_many(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # Creating a mapped destination and a resync send every mapped contact to a vendor: nothing said who.
+        the_list = await make_list(client)
+        for _ in range(3):
+            contact = await make_contact(client)
+            joined = await subscribe(client, the_list["id"], contact["id"], {"consent": {"proof": PROOF}})
+            assert joined.status_code < 300, joined.text
+        created: dict[str, Any] = {}
+
+        async def create() -> None:
+            response = await client.post("/v1/destinations", headers=ROLES[Role.MANAGER], json={
+                "kind": "brevo", "name": "brevo-push", "config": {"api_key": "xkeysib-push-1"},
+                "list_mappings": [{"list_id": the_list["id"], "remote_list_id": "7"}]})
+            assert response.status_code == 201, response.text
+            created.update(response.json())
+
+        made = {e["action"]: e for e in await entries_after(app, create)}
+        pushed = made["destinations.created"]
+        assert pushed["subject"] == "manager@shop.example" and pushed["kind"] == "admin"
+        assert pushed["ref_count"] == 3 and pushed["refs"] == []
+        assert pushed["detail"] == {"destination_id": created["id"], "kind": "brevo", "lists": 1, "segments": 0}
+        queued: list[int] = []
+
+        async def resync() -> None:
+            response = await client.post(f"/v1/destinations/{created['id']}/resync", headers=ROLES[Role.MANAGER])
+            assert response.status_code == 202, response.text
+            queued.append(response.json()["queued"])
+
+        [again] = await entries_after(app, resync)
+        assert again["action"] == "destinations.resynced" and again["subject"] == "manager@shop.example"
+        assert again["ref_count"] == queued[0] == 3 and again["refs"] == []
+        assert again["detail"] == {"destination_id": created["id"], "kind": "brevo"}
+
+        async def unmapped() -> None:  # nothing to push: only its secrets are journaled
+            response = await client.post("/v1/destinations", headers=ADMIN, json={
+                "kind": "brevo", "name": "brevo-empty", "config": {"api_key": "xkeysib-push-2"}})
+            assert response.status_code == 201, response.text
+
+        assert [e["action"] for e in await entries_after(app, unmapped)] == ["destinations.secrets_set"]
+
     async def test_a_refused_act_leaves_no_entry(self, client: httpx.AsyncClient, app: FastAPI) -> None:
         async def refused() -> None:
             response = await client.delete("/v1/tokens/no-such-token", headers=ADMIN)
@@ -462,16 +509,73 @@ class TestChain:
         entries = await flushed(app)
         checked, broken = await verify(app)
         assert broken is None and checked == len(entries) >= 3
-        async with sessions.begin() as session:  # an insider hides who read it
+        async with sessions.begin() as session:  # an insider hides who read it (a superuser, past the trigger)
+            await session.execute(text(BYPASS_TRIGGERS))
             await session.execute(text("UPDATE journal_entry SET subject = 'nobody' WHERE seq = :seq"),
                                   {"seq": entries[1]["seq"]})
         checked, broken = await verify(app)
         assert broken is not None and broken.seq == entries[1]["seq"] and "altered" in broken.reason
         async with sessions.begin() as session:  # or removes the row altogether
+            await session.execute(text(BYPASS_TRIGGERS))
             await session.execute(text("DELETE FROM journal_entry WHERE seq = :seq"), {"seq": entries[1]["seq"]})
         assert (await verify(app))[1] == journal_service.Break(entries[2]["seq"],
                                                                f"entries {entries[1]['seq']}..{entries[1]['seq']} "
                                                                "are missing")
+
+    @pytest.mark.parametrize("statement", [
+        "UPDATE journal_entry SET subject = 'nobody'",
+        "UPDATE journal_entry SET refs = '{}'",                       # hiding whom an entry reached
+        "UPDATE journal_entry SET refs = array_append(refs, 'x')",
+        "DELETE FROM journal_entry",
+        "DELETE FROM journal_pending",                                # an act dropped before it is chained
+        "UPDATE journal_pending SET subject = 'nobody'",
+        "INSERT INTO journal_anchor (id, seq, chained_at, hash, pruned_at) VALUES (1, 1, now(), '\\x00', now())",
+    ])
+    async def test_the_database_refuses_any_other_change_to_the_journal(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession], statement: str
+    ) -> None:
+        # Nothing stopped an UPDATE or DELETE of journal rows by SQL: only `verify`, afterwards, could tell.
+        contact = await make_contact(client)
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        entries = await flushed(app)
+        async with sessions.begin() as session:
+            await journal_service.record(session, journal_service.Entry("admin", "tokens.created", "someone"))
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with sessions.begin() as session:
+                await session.execute(text(statement))
+        # ... even with a setting that opens another statement's exception
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with sessions.begin() as session:
+                await session.execute(text("SELECT set_config('carnet.journal', 'forgetting', true)"))
+                await session.execute(text("UPDATE journal_entry SET subject = 'nobody'"))
+        assert (await flushed(app))[:len(entries)] == entries
+        assert (await verify(app))[1] is None
+
+    async def test_an_anchor_moved_forward_by_hand_is_found(
+        self, client: httpx.AsyncClient, app: FastAPI, sessions: async_sessionmaker[AsyncSession],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        contact = await make_contact(client)
+        monkeypatch.setattr(journal_service, "utc_now", lambda: utc_now() - timedelta(days=400))
+        await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        await flushed(app)
+        monkeypatch.undo()
+        for _ in range(3):
+            await client.get(f"/v1/contacts/{contact['id']}", headers=ADMIN)
+        await flushed(app)
+        async with app.state.sessionmaker.begin() as session:
+            await journal_service.prune(await driver_connection(session), keep_days=365,
+                                        erasure_hold=timedelta(hours=1))
+        kept = await flushed(app)
+        assert kept[-1]["action"] == "journal.pruned" and (await verify(app))[1] is None
+        # A superuser deletes two reads and points the anchor past them: the chain from there still links.
+        async with sessions.begin() as session:
+            await session.execute(text(BYPASS_TRIGGERS))
+            await session.execute(text("DELETE FROM journal_entry WHERE seq <= :seq"), {"seq": kept[1]["seq"]})
+            await session.execute(text("UPDATE journal_anchor SET seq = :seq, hash = :hash"),
+                                  {"seq": kept[1]["seq"], "hash": kept[1]["hash"]})
+        _, broken = await verify(app)
+        assert broken is not None and broken.seq == kept[-1]["seq"] and "anchor" in broken.reason, broken
 
     async def test_retention_removes_whole_old_days_and_the_rest_still_verifies(
         self, client: httpx.AsyncClient, app: FastAPI, monkeypatch: pytest.MonkeyPatch
