@@ -10,10 +10,13 @@ read gets the read model, masked without `pii:read`.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role, Scope
 from tests.auth import bearer
@@ -27,6 +30,9 @@ INTEGRATION = bearer(Role.INTEGRATION, subject="backoffice@shop.example")
 # Reads and writes contacts and events, masked.
 MASKED_WRITER = bearer(Role.MANAGER, subject="agency@shop.example", scopes={
     Scope.CONTACTS_READ, Scope.CONTACTS_WRITE, Scope.EVENTS_READ, Scope.EVENTS_WRITE})
+# The storefront token, let read the consent ledger: a withdrawal's date is its to read.
+CONSENT_READER = bearer(Role.INTEGRATION, subject="storefront@shop.example",
+                        scopes={Scope.CONTACTS_WRITE, Scope.MEMBERSHIPS_WRITE, Scope.CONSENTS_READ})
 
 # What the file holds about the person, and no writer in these tests ever sends.
 SECRETS = {"phone": "+33698765432", "first_name": "Gwenaëlle", "last_name": "Kervella", "company": "Kerfeunteun SA",
@@ -183,3 +189,59 @@ async def test_a_memberships_writer_without_lists_read_gets_a_receipt(client: ht
     # a reader of lists still gets the membership
     member = await client.get(f"/v1/lists/{the_list['id']}/members", headers=ADMIN)
     assert any(m["source"] == "secret-fair-2026" for m in member.json()["data"])
+
+
+def _refusal(response: httpx.Response, field: str, code: str) -> dict[str, Any]:
+    """A subscribe refusal keeps its status, problem type and code (clients branch on them)."""
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["errors"][0]["field"] == field and body["errors"][0]["code"] == code, body
+    return body  # type: ignore[no-any-return]
+
+
+async def test_a_subscribe_refusal_quotes_nothing_the_token_may_not_read(
+        client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """The refusals of PUT /v1/lists/{id}/members/{contact_id} quoted a consent's and a membership's dates, the
+    contact's email_status and kind, the list's kinds: consents:read's, lists:read's, contacts:read's facts."""
+    the_list = await make_list(client)
+    # withdrawn: the date is the ledger's (consents:read)
+    withdrawn = await make_contact(client)
+    await grant_marketing(client, withdrawn["id"], occurred_at="2026-01-01T00:00:00Z")
+    assert (await client.post(f"/v1/contacts/{withdrawn['id']}/consents", headers=ADMIN, json={
+        "purpose": "email_marketing", "action": "withdrawn", "occurred_at": "2026-05-01T00:00:00Z"})).status_code == 201
+    path = f"/v1/lists/{the_list['id']}/members/{withdrawn['id']}"
+    refused = _refusal(await client.put(path, headers=STOREFRONT), "consent", "consent_required")
+    assert refused["type"].endswith("/consent-required") and "withdrawn_at" not in refused
+    assert "2026-05-01" not in json.dumps(refused) and "withdrawn" not in json.dumps(refused)
+    shown = _refusal(await client.put(path, headers=CONSENT_READER), "consent", "consent_required")
+    assert shown["withdrawn_at"] == "2026-05-01T00:00:00Z"
+    # left this list: the membership's date (lists:read)
+    left = await make_contact(client)
+    await grant_marketing(client, left["id"], occurred_at="2026-01-01T00:00:00Z")
+    path = f"/v1/lists/{the_list['id']}/members/{left['id']}"
+    assert (await client.put(path, headers=ADMIN)).status_code == 201
+    left_at = (await client.delete(path, headers=ADMIN)).json()["unsubscribed_at"]
+    refused = _refusal(await client.put(path, headers=STOREFRONT), "consent", "consent_required")
+    assert "unsubscribed_at" not in refused and left_at[:10] not in json.dumps(refused)
+    assert _refusal(await client.put(path, headers=ADMIN), "consent", "consent_required")["unsubscribed_at"] == left_at
+    # the same refusal in a batch's item
+    batch = await client.post(f"/v1/lists/{the_list['id']}/members/batch", json={"add": [left["id"]]},
+                              headers=STOREFRONT)
+    assert batch.status_code == 200 and batch.json()["results"][0]["status"] == "error"
+    assert "unsubscribed_at" not in batch.json()["results"][0]["error"] and left_at[:10] not in batch.text
+    # a bounced address: the contact's email_status (contacts:read)
+    bounced = await make_contact(client)
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE contact SET email_status = 'complained' WHERE id = :c"),
+                              {"c": bounced["id"]})
+    refused = _refusal(await client.put(f"/v1/lists/{the_list['id']}/members/{bounced['id']}", headers=STOREFRONT),
+                       "contact.email", "email_undeliverable")
+    assert "complained" not in json.dumps(refused)
+    # a kind the list does not take: the contact's kind (contacts:read) and the list's kinds (lists:read)
+    vendors_only = await make_list(client, accepted_kinds=["vendor"])
+    prospect = await make_contact(client, kind="prospect")
+    path = f"/v1/lists/{vendors_only['id']}/members/{prospect['id']}"
+    refused = _refusal(await client.put(path, headers=STOREFRONT), "contact.kind", "kind_not_accepted")
+    assert "prospect" not in json.dumps(refused) and "vendor" not in json.dumps(refused)
+    shown = _refusal(await client.put(path, headers=ADMIN), "contact.kind", "kind_not_accepted")
+    assert "prospect" in shown["detail"] and "vendor" in shown["detail"]
