@@ -3355,6 +3355,29 @@ export interface components {
             updated_at: string;
         };
         /**
+         * OrderReceipt
+         * @description PUT /v1/orders|carts/{ext}'s answer to a token without orders:read: what it did, nothing stored.
+         */
+        OrderReceipt: {
+            /**
+             * Created
+             * @description true when this write created it
+             */
+            created: boolean;
+            /** External Id */
+            external_id: string;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Version
+             * @description Its version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * OrderStatus
          * @enum {string}
          */
@@ -4960,22 +4983,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The cart as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["CartRead"];
+                    "application/json": components["schemas"]["CartRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The cart as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["CartRead"];
+                    "application/json": components["schemas"]["CartRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8614,22 +8637,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The order as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["OrderRead"];
+                    "application/json": components["schemas"]["OrderRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The order as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["OrderRead"];
+                    "application/json": components["schemas"]["OrderRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.security import Role, Scope
 from tests.auth import bearer
 from tests.factories import ADMIN, grant_marketing, make_attribute, make_contact, make_list, unique_email
+from tests.routers.test_carts import cart
+from tests.routers.test_orders import order
 
 # docs/api.md's storefront signup token: it may create and subscribe people, never read them.
 STOREFRONT = bearer(Role.INTEGRATION, subject="storefront@shop.example",
@@ -245,3 +247,56 @@ async def test_a_subscribe_refusal_quotes_nothing_the_token_may_not_read(
     assert "prospect" not in json.dumps(refused) and "vendor" not in json.dumps(refused)
     shown = _refusal(await client.put(path, headers=ADMIN), "contact.kind", "kind_not_accepted")
     assert "prospect" in shown["detail"] and "vendor" in shown["detail"]
+
+
+# The shop's order feed, narrowed to writing: it may not read an order back (orders:read).
+ORDERS_WRITER = bearer(Role.INTEGRATION, subject="feed@shop.example", scopes={Scope.ORDERS_WRITE})
+ORDER_RECEIPT_KEYS = {"id", "external_id", "created", "version"}
+
+
+def _order_receipt(response: httpx.Response, status: int, *, created: bool) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == ORDER_RECEIPT_KEYS and body["created"] is created, body
+    assert response.headers["ETag"] == f'"v{body["version"]}"'  # the one If-Match needs
+    return body  # type: ignore[no-any-return]
+
+
+async def test_an_orders_writer_without_orders_read_gets_a_receipt(client: httpx.AsyncClient) -> None:
+    """PUT /v1/orders|carts/{ext} answered the stored row: its created_at, on a replay its updated_at, a converted
+    cart's order; a 412 quoted the stored version (updated_at in microseconds), cart-closed named the order."""
+    person = await make_contact(client)
+    suffix = uuid.uuid4().hex[:8]
+    cart_ext, order_ext = f"K-{suffix}", f"O-secret-{suffix}"
+    placed = order({"id": person["id"]})
+    stored = await client.put(f"/v1/orders/{order_ext}", json=placed, headers=ADMIN)
+    assert stored.status_code == 201, stored.text
+    created_at = stored.json()["created_at"]
+
+    replayed = await client.put(f"/v1/orders/{order_ext}", json=placed, headers=ORDERS_WRITER)
+    replay = _order_receipt(replayed, 200, created=False)
+    assert replay["id"] == stored.json()["id"] and replay["external_id"] == order_ext
+    assert created_at[:16] not in replayed.text and stored.headers["ETag"] == f'"v{replay["version"]}"'
+    stale = await client.put(f"/v1/orders/{order_ext}", json=placed, headers={**ORDERS_WRITER, "If-Match": '"v1"'})
+    assert stale.status_code == 412 and stale.json()["type"].endswith("/precondition-failed")
+    assert "current_version" not in stale.json() and str(replay["version"]) not in stale.text
+    # an admin's 412 still says where the order is
+    assert (await client.put(f"/v1/orders/{order_ext}", json=placed, headers={**ADMIN, "If-Match": '"v1"'})
+            ).json()["current_version"] == replay["version"]
+    _order_receipt(await client.put(f"/v1/orders/O-new-{suffix}", json=placed, headers=ORDERS_WRITER), 201,
+                   created=True)
+
+    # a cart converted by the order: neither its replay nor its refusal names that order
+    basket = cart({"id": person["id"]})
+    assert (await client.put(f"/v1/carts/{cart_ext}", json=basket, headers=ADMIN)).status_code == 201
+    converting = await client.put(f"/v1/orders/{order_ext}", json={**placed, "cart_external_id": cart_ext},
+                                  headers=ADMIN)
+    assert converting.status_code == 200, converting.text
+    closed = await client.put(f"/v1/carts/{cart_ext}", json={**basket, "currency": "USD"}, headers=ORDERS_WRITER)
+    assert closed.status_code == 409 and closed.json()["type"].endswith("/cart-closed")
+    assert order_ext not in closed.text
+    again = await client.put(f"/v1/carts/{cart_ext}", json={**basket, "status": "converted"}, headers=ORDERS_WRITER)
+    _order_receipt(again, 200, created=False)
+    assert order_ext not in again.text and created_at[:16] not in again.text
+    assert order_ext in (await client.put(f"/v1/carts/{cart_ext}", json={**basket, "currency": "USD"},
+                                          headers=ADMIN)).text
