@@ -1409,6 +1409,19 @@ export interface components {
             updated_at: string;
         };
         /**
+         * AttributeReceipt
+         * @description PATCH /v1/attributes/{name}'s answer to a token without contacts:read: which definition, its version.
+         */
+        AttributeReceipt: {
+            /** Name */
+            name: string;
+            /**
+             * Version
+             * @description Its version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * AttributeType
          * @enum {string}
          */
@@ -4435,6 +4448,23 @@ export interface components {
             unsubscribed_lists: number;
         };
         /**
+         * VersionReceipt
+         * @description A definition's write answered to a token without its read scope (a list, a segment, a destination): which
+         *     one and its version, nothing it holds (docs/security.md, class 11).
+         */
+        VersionReceipt: {
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Version
+             * @description Its version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * WebhookConfig
          * @description The config of a webhook destination, as a creation takes it
          */
@@ -4842,13 +4872,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The definition as GET shows it; for a token without contacts:read, an AttributeReceipt (name, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["AttributeRead"];
+                    "application/json": components["schemas"]["AttributeRead"] | components["schemas"]["AttributeReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8163,13 +8193,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The list as GET shows it; for a token without lists:read, a VersionReceipt (id, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ListRead"];
+                    "application/json": components["schemas"]["ListRead"] | components["schemas"]["VersionReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -9664,13 +9694,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The segment as GET shows it; for a token without segments:read, a VersionReceipt (id, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SegmentRead"];
+                    "application/json": components["schemas"]["SegmentRead"] | components["schemas"]["VersionReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

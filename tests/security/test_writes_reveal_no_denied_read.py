@@ -23,6 +23,7 @@ from tests.auth import bearer
 from tests.factories import ADMIN, grant_marketing, make_attribute, make_contact, make_list, unique_email
 from tests.routers.test_carts import cart
 from tests.routers.test_orders import order
+from tests.routers.test_segments import make_segment
 
 # docs/api.md's storefront signup token: it may create and subscribe people, never read them.
 STOREFRONT = bearer(Role.INTEGRATION, subject="storefront@shop.example",
@@ -300,3 +301,43 @@ async def test_an_orders_writer_without_orders_read_gets_a_receipt(client: httpx
     assert order_ext not in again.text and created_at[:16] not in again.text
     assert order_ext in (await client.put(f"/v1/carts/{cart_ext}", json={**basket, "currency": "USD"},
                                           headers=ADMIN)).text
+
+
+# Keeps the catalogue (lists, segments, attribute definitions) without reading it.
+CATALOGUE_WRITER = bearer(Role.MANAGER, subject="catalogue@shop.example",
+                          scopes={Scope.LISTS_WRITE, Scope.SEGMENTS_WRITE, Scope.ATTRIBUTES_WRITE})
+
+
+def _version_receipt(response: httpx.Response, key: str, value: str) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {key, "version"} and body[key] == value, body
+    assert response.headers["ETag"] == f'"v{body["version"]}"'
+    assert "secret-fair" not in response.text
+    return body  # type: ignore[no-any-return]
+
+
+async def test_a_definitions_writer_without_the_read_scope_gets_a_receipt_from_patch(
+        client: httpx.AsyncClient) -> None:
+    """PATCH {} on a list, a segment or an attribute answered the whole definition (a list's counts too); an
+    attribute's refused options named the stored ones."""
+    the_list = await make_list(client, description="secret-fair visitors")
+    segment = await make_segment(client, {"all": [{"field": "address.city", "op": "eq", "value": "Lyon"}]},
+                                 description="secret-fair leads")
+    attribute = await make_attribute(client, f"size_{uuid.uuid4().hex[:6]}", "enum", options=["secret-fair-xl"],
+                                     description="secret-fair sizes")
+    before = _version_receipt(await client.patch(f"/v1/lists/{the_list['id']}", json={}, headers=CATALOGUE_WRITER),
+                              "id", the_list["id"])
+    renamed = await client.patch(f"/v1/lists/{the_list['id']}", json={"name": f"l-{uuid.uuid4().hex[:6]}"},
+                                 headers={**CATALOGUE_WRITER, "If-Match": f'"v{before["version"]}"'})
+    assert _version_receipt(renamed, "id", the_list["id"])["version"] == before["version"] + 1
+    _version_receipt(await client.patch(f"/v1/segments/{segment['id']}", json={}, headers=CATALOGUE_WRITER),
+                     "id", segment["id"])
+    path = f"/v1/attributes/{attribute['name']}"
+    _version_receipt(await client.patch(path, json={}, headers=CATALOGUE_WRITER), "name", attribute["name"])
+    refused = await client.patch(path, json={"options": []}, headers=CATALOGUE_WRITER)
+    assert refused.status_code == 422 and refused.json()["errors"][0]["code"] == "options_removed"
+    assert "secret-fair" not in refused.text
+    # a reader still gets the definitions
+    assert (await client.patch(path, json={}, headers=ADMIN)).json()["description"] == "secret-fair sizes"
+    assert "secret-fair-xl" in (await client.patch(path, json={"options": []}, headers=ADMIN)).text
