@@ -2155,6 +2155,20 @@ export interface components {
             updated_at: string;
         };
         /**
+         * DeliveryReceipt
+         * @description A retry's answer to a token without destinations:read: the delivery's id and status, not the sync log's
+         *     record (its destination, contact, topic, last error).
+         */
+        DeliveryReceipt: {
+            /**
+             * Id
+             * @description The delivery that will carry it (a newer one when the retried one was folded in)
+             */
+            id: number;
+            /** @description After the retry: pending, or as it was when delivered or in flight */
+            status: components["schemas"]["DeliveryStatus"];
+        };
+        /**
          * DeliveryStatus
          * @enum {string}
          */
@@ -6490,13 +6504,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The delivery as GET .../deliveries lists it; for a token without destinations:read, a DeliveryReceipt (id, status) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["DeliveryRead"];
+                    "application/json": components["schemas"]["DeliveryRead"] | components["schemas"]["DeliveryReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6813,13 +6827,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The destination as GET shows it (no secrets); for a token without destinations:read, a VersionReceipt (id, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["DestinationRead"];
+                    "application/json": components["schemas"]["DestinationRead"] | components["schemas"]["VersionReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

@@ -341,3 +341,45 @@ async def test_a_definitions_writer_without_the_read_scope_gets_a_receipt_from_p
     # a reader still gets the definitions
     assert (await client.patch(path, json={}, headers=ADMIN)).json()["description"] == "secret-fair sizes"
     assert "secret-fair-xl" in (await client.patch(path, json={"options": []}, headers=ADMIN)).text
+
+
+# Runs the sync (retries, settings) without reading its log or its destinations.
+SYNC_OPERATOR = bearer(Role.MANAGER, subject="ops@shop.example", scopes={Scope.DESTINATIONS_WRITE})
+
+
+async def test_a_destinations_writer_without_destinations_read_gets_receipts(
+        client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """POST /v1/deliveries/{id}/retry answered the delivery (its destination, contact, topic, last error), also on
+    a delivered one where nothing changes, and delivery ids are sequential; PATCH /v1/destinations/{id} {}
+    answered the destination."""
+    the_list = await make_list(client)
+    made = await client.post("/v1/destinations", headers=ADMIN, json={
+        "name": f"secret-fair-{uuid.uuid4().hex[:6]}", "kind": "mailchimp", "config": {"api_key": "k" * 20 + "-us6"},
+        "list_mappings": [{"list_id": the_list["id"], "remote_list_id": "secret-fair-list"}]})
+    assert made.status_code == 201, made.text
+    destination = made.json()
+    person = await make_contact(client)
+    await grant_marketing(client, person["id"])
+    assert (await client.put(f"/v1/lists/{the_list['id']}/members/{person['id']}", headers=ADMIN)).status_code == 201
+    assert (await client.post(f"/v1/destinations/{destination['id']}/resync", headers=ADMIN)).json() == {"queued": 1}
+    [queued] = (await client.get(f"/v1/destinations/{destination['id']}/deliveries", headers=ADMIN)).json()["data"]
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE delivery SET status = 'delivered', delivered_at = now(), "
+                                   "last_error = 'secret-fair: vendor hiccup' WHERE id = :i"), {"i": queued["id"]})
+
+    delivered = await client.post(f"/v1/deliveries/{queued['id']}/retry", headers=SYNC_OPERATOR)
+    assert delivered.status_code == 200, delivered.text
+    assert delivered.json() == {"id": queued["id"], "status": "delivered"}
+    assert person["id"] not in delivered.text and destination["id"] not in delivered.text
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE delivery SET status = 'dead' WHERE id = :i"), {"i": queued["id"]})
+    retried = await client.post(f"/v1/deliveries/{queued['id']}/retry", headers=SYNC_OPERATOR)
+    assert retried.json() == {"id": queued["id"], "status": "pending"}
+    # a reader of destinations still gets the delivery
+    shown = await client.post(f"/v1/deliveries/{queued['id']}/retry", headers=ADMIN)
+    assert shown.json()["contact_id"] == person["id"]
+
+    patched = await client.patch(f"/v1/destinations/{destination['id']}", json={}, headers=SYNC_OPERATOR)
+    assert patched.status_code == 200, patched.text
+    assert patched.json() == {"id": destination["id"], "version": destination["version"]}
+    assert patched.headers["ETag"] == f'"v{destination["version"]}"' and "secret-fair" not in patched.text
