@@ -92,11 +92,11 @@ async def update_attribute(
 @attributes_router.delete("/{name}", status_code=204,
                           responses=problems(AttributeNotFound, AttributeInUse, PreconditionFailed))
 async def delete_attribute(
-    name: AttributeName, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+    name: AttributeName, session: WriteSession, caller: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
     expected_version: IfMatch,
 ) -> Response:
     """Refused (409) while any contact holds a value for it: deleting never drops data silently."""
-    await attributes_service.delete_definition(session, name, expected_version=expected_version)
+    await attributes_service.delete_definition(session, name, expected_version=expected_version, actor=caller)
     return Response(status_code=204)
 
 

@@ -102,10 +102,10 @@ async def update_destination(
 @router.delete("/{destination_id}", status_code=204,
                responses=problems(DestinationNotFound, DestinationOwesErasures, PreconditionFailed))
 async def delete_destination(
-    destination_id: uuid.UUID, session: BulkWriteSession, _: Writer, expected_version: IfMatch
+    destination_id: uuid.UUID, session: BulkWriteSession, caller: Writer, expected_version: IfMatch
 ) -> Response:
     """Stops every delivery to it; what the vendor already holds stays there."""
-    await service.delete_destination(session, destination_id, expected_version=expected_version)
+    await service.delete_destination(session, destination_id, expected_version=expected_version, actor=caller)
     return Response(status_code=204)
 
 

@@ -107,9 +107,9 @@ async def update_segment(
 @router.delete("/{segment_id}", status_code=204,
                responses=problems(SegmentNotFound, SegmentInUse, PreconditionFailed))
 async def delete_segment(
-    segment_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
+    segment_id: uuid.UUID, session: WriteSession, caller: Writer, expected_version: IfMatch
 ) -> Response:
-    await segments_service.delete_segment(session, segment_id, expected_version=expected_version)
+    await segments_service.delete_segment(session, segment_id, expected_version=expected_version, actor=caller)
     return Response(status_code=204)
 
 

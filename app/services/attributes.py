@@ -111,7 +111,9 @@ async def update_definition(
     return dict(row)
 
 
-async def delete_definition(session: AsyncSession, name: str, *, expected_version: int | None = None) -> None:
+async def delete_definition(
+    session: AsyncSession, name: str, *, expected_version: int | None = None, actor: Principal
+) -> None:
     # Locked before the holders are counted: a contact write that checked a value against the definition holds it
     # FOR KEY SHARE (`normalize_values`) until it commits, so the count below sees its value.
     _check_version(await get(session, name, lock="update"), expected_version)
@@ -119,6 +121,8 @@ async def delete_definition(session: AsyncSession, name: str, *, expected_versio
         select(func.count()).select_from(_contacts).where(_contacts.c.attributes.has_key(name))
     )
     if holders:
+        if not actor.reads(Scope.CONTACTS_READ):  # how many hold it is contacts:read's (docs/security.md, 11)
+            raise AttributeInUse(f"contacts hold a value for {name!r}; remove those values first")
         raise AttributeInUse(
             f"{holders} contact(s) hold a value for {name!r}; remove those values first", contacts=holders
         )

@@ -383,3 +383,38 @@ async def test_a_destinations_writer_without_destinations_read_gets_receipts(
     assert patched.status_code == 200, patched.text
     assert patched.json() == {"id": destination["id"], "version": destination["version"]}
     assert patched.headers["ETag"] == f'"v{destination["version"]}"' and "secret-fair" not in patched.text
+
+
+async def test_a_refused_delete_quotes_nothing_the_token_may_not_read(
+        client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """A refused DELETE named what blocks it from other scopes: the destinations syncing a segment
+    (destinations:read), how many contacts hold an attribute (contacts:read), how many erased people a destination
+    may hold (destinations:read). The type and status stay; the facts go to readers only."""
+    segment = await make_segment(client, {"all": [{"field": "address.city", "op": "eq", "value": "Lyon"}]})
+    synced = await client.post("/v1/destinations", headers=ADMIN, json={
+        "name": f"secret-fair-{uuid.uuid4().hex[:6]}", "kind": "brevo",
+        "config": {"api_key": "xkeysib-0123456789abcdef0123456789abcdef"},
+        "segment_mappings": [{"segment_id": segment["id"], "remote_list_id": "9"}]})
+    assert synced.status_code == 201, synced.text
+    writer = bearer(Role.MANAGER, subject="ops@shop.example", scopes={
+        Scope.SEGMENTS_WRITE, Scope.ATTRIBUTES_WRITE, Scope.DESTINATIONS_WRITE})
+    in_use = await client.delete(f"/v1/segments/{segment['id']}", headers=writer)
+    assert in_use.status_code == 409 and in_use.json()["type"].endswith("/segment-in-use")
+    assert "secret-fair" not in in_use.text
+    assert "secret-fair" in (await client.delete(f"/v1/segments/{segment['id']}", headers=ADMIN)).text
+
+    attribute = await make_attribute(client, f"size_{uuid.uuid4().hex[:6]}", "text")
+    for _ in range(3):
+        await make_contact(client, attributes={attribute["name"]: "XL"})
+    held = await client.delete(f"/v1/attributes/{attribute['name']}", headers=writer)
+    assert held.status_code == 409 and held.json()["type"].endswith("/attribute-in-use")
+    assert "contacts" not in held.json() and not held.json()["detail"][0].isdigit()
+    assert (await client.delete(f"/v1/attributes/{attribute['name']}", headers=ADMIN)).json()["contacts"] == 3
+
+    async with sessions() as session, session.begin():  # a person erased here, still held by the vendor
+        await session.execute(text("INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at) "
+                                   "VALUES (:d, :c, 'gone', now())"), {"d": synced.json()["id"], "c": uuid.uuid4()})
+    owed = await client.delete(f"/v1/destinations/{synced.json()['id']}", headers=writer)
+    assert owed.status_code == 409 and owed.json()["type"].endswith("/destination-owes-erasures")
+    assert "erasures_owed" not in owed.json() and not owed.json()["detail"][0].isdigit()
+    assert (await client.delete(f"/v1/destinations/{synced.json()['id']}", headers=ADMIN)).json()["erasures_owed"] == 1
