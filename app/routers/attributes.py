@@ -16,8 +16,15 @@ from app.errors import (
     TagNotFound,
     problems,
 )
-from app.routers.deps import Idempotency, IfMatch, JSONBody, etag
-from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeRead, TagCreate, TagRead
+from app.routers.deps import Idempotency, IfMatch, JSONBody, etag, version_receipt
+from app.schemas.attributes import (
+    AttributeCreate,
+    AttributePatch,
+    AttributeRead,
+    AttributeReceipt,
+    TagCreate,
+    TagRead,
+)
 from app.schemas.types import AttributeName, TagName
 from app.security import Principal, Scope, require
 from app.services import attributes as attributes_service
@@ -63,27 +70,33 @@ async def get_attribute(name: AttributeName, session: ReadSession, _: Reader) ->
     return JSONBody(row, headers=_etag(row))
 
 
-@attributes_router.patch("/{name}", response_model=AttributeRead,
-                         responses=problems(AttributeNotFound, PreconditionFailed))
+@attributes_router.patch("/{name}", response_model=AttributeRead | AttributeReceipt,
+                         responses={200: {"description": "The definition as GET shows it; for a token without "
+                                                         "contacts:read, an AttributeReceipt (name, version)"},
+                                    **problems(AttributeNotFound, PreconditionFailed)})
 async def update_attribute(
     name: AttributeName,
     patch: AttributePatch,
     session: WriteSession,
-    _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+    caller: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
     expected_version: IfMatch,
 ) -> Any:
-    row = await attributes_service.update_definition(session, name, patch, expected_version=expected_version)
-    return JSONBody(row, headers=_etag(row))
+    row = await attributes_service.update_definition(session, name, patch, expected_version=expected_version,
+                                                     actor=caller)
+    if caller.reads(Scope.CONTACTS_READ):
+        return JSONBody(row, headers=_etag(row))
+    # a PATCH {} must not read the definition to a token without contacts:read (security.md, 11)
+    return version_receipt("name", row["name"], attributes_service.definition_version(row))
 
 
 @attributes_router.delete("/{name}", status_code=204,
                           responses=problems(AttributeNotFound, AttributeInUse, PreconditionFailed))
 async def delete_attribute(
-    name: AttributeName, session: WriteSession, _: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
+    name: AttributeName, session: WriteSession, caller: Annotated[Principal, require(Scope.ATTRIBUTES_WRITE)],
     expected_version: IfMatch,
 ) -> Response:
     """Refused (409) while any contact holds a value for it: deleting never drops data silently."""
-    await attributes_service.delete_definition(session, name, expected_version=expected_version)
+    await attributes_service.delete_definition(session, name, expected_version=expected_version, actor=caller)
     return Response(status_code=204)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "etag",
     "item_problem",
     "run_each",
+    "version_receipt",
 ]
 
 
@@ -131,6 +132,12 @@ CursorParam = Annotated[str | None, Declared(pattern=r"^[A-Za-z0-9_-]*$"), Query
 
 def etag(version: int) -> str:
     return f'"v{version}"'
+
+
+def version_receipt(key: str, value: Any, version: int) -> JSONBody:
+    """A definition's write answered to a token that may not read it: which one and its version, the ETag kept for
+    If-Match, nothing the definition holds (docs/security.md, class 11)."""
+    return JSONBody({key: value, "version": version}, headers={"ETag": etag(version)})
 
 
 # The ETags this server issues (`"v3"`, weak or not), or `*`; anything else can match no version of anything.

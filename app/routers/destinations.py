@@ -9,16 +9,18 @@ from fastapi import APIRouter, Body, Path, Request, Response
 
 from app.db import ReadSession, WriteSession
 from app.errors import IdempotencyKeyReused, PreconditionFailed, problems
-from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag, version_receipt
 from app.schemas.destinations import (
     DeliveryPage,
     DeliveryRead,
     DeliveryStatus,
+    DeliveryWritten,
     DestinationCreate,
     DestinationCreated,
     DestinationPage,
     DestinationPatch,
     DestinationRead,
+    DestinationWritten,
     ResyncResult,
 )
 from app.schemas.types import Limit
@@ -81,8 +83,10 @@ async def get_destination(destination_id: uuid.UUID, session: ReadSession, reque
     return JSONBody(await _present(session, request, row), headers={"ETag": etag(row["version"])})
 
 
-@router.patch("/{destination_id}", response_model=DestinationRead,
-              responses=problems(DestinationNotFound, DuplicateDestination, PreconditionFailed))
+@router.patch("/{destination_id}", response_model=DestinationWritten,
+              responses={200: {"description": "The destination as GET shows it (no secrets); for a token without "
+                                              "destinations:read, a VersionReceipt (id, version)"},
+                         **problems(DestinationNotFound, DuplicateDestination, PreconditionFailed)})
 async def update_destination(
     destination_id: uuid.UUID, patch: Annotated[DestinationPatch, Body()], session: WriteSession,
     request: Request, caller: Writer, expected_version: IfMatch,
@@ -90,16 +94,18 @@ async def update_destination(
     """Merge patch. Re-enabling a destination clears its failure count and `disabled_reason`."""
     row = await service.update(session, destination_id, patch, box=request.app.state.secret_box,
                                expected_version=expected_version, actor=caller)
+    if not caller.reads(Scope.DESTINATIONS_READ):  # a PATCH {} must not read it (docs/security.md, class 11)
+        return version_receipt("id", row["id"], row["version"])
     return JSONBody(await _present(session, request, row), headers={"ETag": etag(row["version"])})
 
 
 @router.delete("/{destination_id}", status_code=204,
                responses=problems(DestinationNotFound, DestinationOwesErasures, PreconditionFailed))
 async def delete_destination(
-    destination_id: uuid.UUID, session: BulkWriteSession, _: Writer, expected_version: IfMatch
+    destination_id: uuid.UUID, session: BulkWriteSession, caller: Writer, expected_version: IfMatch
 ) -> Response:
     """Stops every delivery to it; what the vendor already holds stays there."""
-    await service.delete_destination(session, destination_id, expected_version=expected_version)
+    await service.delete_destination(session, destination_id, expected_version=expected_version, actor=caller)
     return Response(status_code=204)
 
 
@@ -123,12 +129,18 @@ async def resync_destination(destination_id: uuid.UUID, session: BulkWriteSessio
     return JSONBody({"queued": await service.resync(session, destination_id, actor=caller)}, status_code=202)
 
 
-@deliveries_router.post("/{delivery_id}/retry", response_model=DeliveryRead, responses=problems(DeliveryNotFound))
+@deliveries_router.post("/{delivery_id}/retry", response_model=DeliveryWritten,
+                        responses={200: {"description": "The delivery as GET .../deliveries lists it; for a token "
+                                                        "without destinations:read, a DeliveryReceipt (id, status)"},
+                                   **problems(DeliveryNotFound)})
 async def retry_delivery(
-    delivery_id: Annotated[int, Path(ge=1, le=2**63 - 1)], session: WriteSession, _: Writer
+    delivery_id: Annotated[int, Path(ge=1, le=2**63 - 1)], session: WriteSession, caller: Writer
 ) -> Any:
     """A dead delivery goes back in the queue now with a fresh count of attempts (delivered ones stay)."""
-    return JSONBody(_delivery(await service.retry_delivery(session, delivery_id)))
+    row = await service.retry_delivery(session, delivery_id)
+    # ids are sequential: the sync log's records are destinations:read's to read (docs/security.md, class 11)
+    return JSONBody(_delivery(row) if caller.reads(Scope.DESTINATIONS_READ) else
+                    {"id": row["id"], "status": row["status"]})
 
 
 def _delivery(row: Any) -> dict[str, Any]:

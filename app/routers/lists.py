@@ -9,12 +9,13 @@ from fastapi import APIRouter, Body, Request, Response
 
 from app.db import ReadSession, WriteSession
 from app.errors import AppError, ContactNotFound, IdempotencyKeyReused, PreconditionFailed, problems
-from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, Links, etag, item_problem
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, Links, etag, item_problem, version_receipt
 from app.schemas.lists import (
     ListCreate,
     ListPage,
     ListPatch,
     ListRead,
+    ListWritten,
     MemberBatch,
     MemberBatchResult,
     MemberPage,
@@ -81,13 +82,18 @@ async def get_list(list_id: uuid.UUID, session: ReadSession, _: Reader) -> Any:
     return _one(await lists_service.get(session, list_id))
 
 
-@router.patch("/{list_id}", response_model=ListRead,
-              responses=problems(ListNotFound, DuplicateList, PreconditionFailed))
+@router.patch("/{list_id}", response_model=ListWritten,
+              responses={200: {"description": "The list as GET shows it; for a token without lists:read, a "
+                                              "VersionReceipt (id, version)"},
+                         **problems(ListNotFound, DuplicateList, PreconditionFailed)})
 async def update_list(
-    list_id: uuid.UUID, patch: Annotated[ListPatch, Body()], session: WriteSession, _: Writer, expected_version: IfMatch
+    list_id: uuid.UUID, patch: Annotated[ListPatch, Body()], session: WriteSession, caller: Writer,
+    expected_version: IfMatch,
 ) -> Any:
     """Merge patch. Changing `double_opt_in` or `accepted_kinds` leaves existing memberships as they are."""
-    return _one(await lists_service.update(session, list_id, patch, expected_version=expected_version))
+    row = await lists_service.update(session, list_id, patch, expected_version=expected_version)
+    # a PATCH {} must not read the definition and its counts to a token without lists:read (security.md, 11)
+    return _one(row) if caller.reads(Scope.LISTS_READ) else version_receipt("id", row["id"], row["version"])
 
 
 @router.delete("/{list_id}", status_code=204, responses=problems(ListNotFound, ListInUse, PreconditionFailed))

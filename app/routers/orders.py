@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from app.access import reveal
 from app.db import ReadSession, WriteSession
 from app.errors import (
+    AppError,
     ContactNotFound,
     DuplicateContact,
     IdempotencyKeyReused,
@@ -22,6 +23,7 @@ from app.routers.deps import Idempotency, IfMatch, JSONBody, batch_results, etag
 from app.schemas.orders import (
     CartPut,
     CartRead,
+    CartWritten,
     EventBatch,
     EventBatchResult,
     EventCreate,
@@ -30,8 +32,10 @@ from app.schemas.orders import (
     OrderPage,
     OrderPut,
     OrderRead,
+    OrderWritten,
     present_contact_event,
     present_event_receipt,
+    present_order_receipt,
 )
 from app.schemas.types import Declared, ExternalId, Limit, utc_instant
 from app.security import Principal, Scope, require
@@ -62,9 +66,24 @@ def _order_response(row: Any, *, status_code: int = 200) -> JSONBody:
     return JSONBody(row, status_code=status_code, headers={"ETag": etag(orders_service.order_version(row))})
 
 
-@orders_router.put("/{external_id}", response_model=OrderRead,
-                   responses={201: {"description": "Created", "model": OrderRead},
-                              **problems(PreconditionFailed, *_CONTACT_BY_EMAIL)})
+def _written(row: Any, caller: Principal, *, created: bool) -> JSONBody:
+    """A PUT's answer: the stored order or cart (its dates, a converted cart's order) only to a reader of orders,
+    else a receipt (docs/security.md, class 11). The ETag is the same either way, for If-Match."""
+    if caller.reads(Scope.ORDERS_READ):
+        return _order_response(row, status_code=201 if created else 200)
+    version = orders_service.order_version(row)
+    return JSONBody(present_order_receipt(row, created=created, version=version), status_code=201 if created else 200,
+                    headers={"ETag": etag(version)})
+
+
+def _put_responses(what: str, written: Any, *refusals: type[AppError]) -> dict[int | str, dict[str, Any]]:
+    said = f"The {what} as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, " \
+           "version)"
+    return {200: {"description": said}, 201: {"description": f"Created. {said}", "model": written},
+            **problems(PreconditionFailed, *refusals, *_CONTACT_BY_EMAIL)}
+
+
+@orders_router.put("/{external_id}", response_model=OrderWritten, responses=_put_responses("order", OrderWritten))
 async def put_order(
     external_id: ExternalId, payload: OrderPut, request: Request, session: WriteSession,
     caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
@@ -72,7 +91,7 @@ async def put_order(
     """Idempotent upsert: a replay changes nothing; the contact's stats and stage follow in the same transaction."""
     row, created = await orders_service.upsert_order(session, external_id, payload, actor=caller,
                                                      policy=_policy(request), expected_version=expected_version)
-    return _order_response(row, status_code=201 if created else 200)
+    return _written(row, caller, created=created)
 
 
 @orders_router.get("/{external_id}", response_model=OrderRead, responses=problems(orders_service.OrderNotFound))
@@ -84,9 +103,8 @@ async def get_order(
     return _order_response(row)
 
 
-@carts_router.put("/{external_id}", response_model=CartRead,
-                  responses={201: {"description": "Created", "model": CartRead},
-                             **problems(PreconditionFailed, carts_service.CartClosed, *_CONTACT_BY_EMAIL)})
+@carts_router.put("/{external_id}", response_model=CartWritten,
+                  responses=_put_responses("cart", CartWritten, carts_service.CartClosed))
 async def put_cart(
     external_id: ExternalId, payload: CartPut, session: WriteSession,
     caller: Annotated[Principal, require(Scope.ORDERS_WRITE)], expected_version: IfMatch,
@@ -94,7 +112,7 @@ async def put_cart(
     """Idempotent upsert of the cart as the shop sees it now; an order naming it (`cart_external_id`) converts it."""
     row, created = await carts_service.upsert_cart(session, external_id, payload, actor=caller,
                                                    expected_version=expected_version)
-    return _order_response(row, status_code=201 if created else 200)
+    return _written(row, caller, created=created)
 
 
 @carts_router.get("/{external_id}", response_model=CartRead, responses=problems(carts_service.CartNotFound))

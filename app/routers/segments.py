@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Request, Response
 from app.access import note
 from app.db import ReadSession, ReplicaSession, WriteSession
 from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
-from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag
+from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag, version_receipt
 from app.schemas.contacts import ContactPage, present_contact
 from app.schemas.segments import (
     SegmentCreate,
@@ -20,6 +20,7 @@ from app.schemas.segments import (
     SegmentPreview,
     SegmentPreviewRequest,
     SegmentRead,
+    SegmentWritten,
     present_segment,
 )
 from app.schemas.types import Limit
@@ -88,23 +89,27 @@ async def get_segment(segment_id: uuid.UUID, session: ReadSession, _: Reader) ->
     return _one(await segments_service.get(session, segment_id))
 
 
-@router.patch("/{segment_id}", response_model=SegmentRead,
-              responses=problems(SegmentNotFound, DuplicateSegment, PreconditionFailed))
+@router.patch("/{segment_id}", response_model=SegmentWritten,
+              responses={200: {"description": "The segment as GET shows it; for a token without segments:read, a "
+                                              "VersionReceipt (id, version)"},
+                         **problems(SegmentNotFound, DuplicateSegment, PreconditionFailed)})
 async def update_segment(
-    segment_id: uuid.UUID, patch: Annotated[SegmentPatch, Body()], session: WriteSession, _: Writer,
+    segment_id: uuid.UUID, patch: Annotated[SegmentPatch, Body()], session: WriteSession, caller: Writer,
     expected_version: IfMatch,
 ) -> Any:
     """Merge patch of name, description and filter."""
     changes = patch.model_dump(exclude_unset=True)
-    return _one(await segments_service.update(session, segment_id, changes, expected_version=expected_version))
+    row = await segments_service.update(session, segment_id, changes, expected_version=expected_version)
+    # a PATCH {} must not read the definition to a token without segments:read (security.md, 11)
+    return _one(row) if caller.reads(Scope.SEGMENTS_READ) else version_receipt("id", row["id"], row["version"])
 
 
 @router.delete("/{segment_id}", status_code=204,
                responses=problems(SegmentNotFound, SegmentInUse, PreconditionFailed))
 async def delete_segment(
-    segment_id: uuid.UUID, session: WriteSession, _: Writer, expected_version: IfMatch
+    segment_id: uuid.UUID, session: WriteSession, caller: Writer, expected_version: IfMatch
 ) -> Response:
-    await segments_service.delete_segment(session, segment_id, expected_version=expected_version)
+    await segments_service.delete_segment(session, segment_id, expected_version=expected_version, actor=caller)
     return Response(status_code=204)
 
 

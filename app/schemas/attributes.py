@@ -12,7 +12,8 @@ from app.schemas.base import InputSchema
 from app.schemas.strict import FromJSON
 from app.schemas.types import AttributeName, LongText, ShortText, TagName
 
-__all__ = ["AttributeCreate", "AttributePatch", "AttributeRead", "AttributeType", "TagCreate", "TagRead"]
+__all__ = ["AttributeCreate", "AttributePatch", "AttributeRead", "AttributeReceipt", "AttributeType", "TagCreate",
+           "TagRead"]
 
 
 class AttributeType(StrEnum):
@@ -76,6 +77,13 @@ class AttributeRead(BaseModel):
     description: str | None
     created_at: datetime
     updated_at: datetime
+
+
+class AttributeReceipt(BaseModel):
+    """PATCH /v1/attributes/{name}'s answer to a token without contacts:read: which definition, its version."""
+
+    name: str
+    version: int = Field(description="Its version after the write, as in the ETag (for If-Match)")
 
 
 class TagCreate(InputSchema):

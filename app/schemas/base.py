@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import uuid
 
-__all__ = ["InputSchema", "OutputSchema"]
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["InputSchema", "OutputSchema", "VersionReceipt"]
 
 
 class InputSchema(BaseModel):
@@ -16,3 +18,11 @@ class InputSchema(BaseModel):
 
 class OutputSchema(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+class VersionReceipt(BaseModel):
+    """A definition's write answered to a token without its read scope (a list, a segment, a destination): which
+    one and its version, nothing it holds (docs/security.md, class 11)."""
+
+    id: uuid.UUID
+    version: int = Field(description="Its version after the write, as in the ETag (for If-Match)")

@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from app.schemas.base import InputSchema
+from app.schemas.base import InputSchema, VersionReceipt
 from app.schemas.strict import FromJSON
 from app.schemas.types import (
     NON_BLANK,
@@ -40,13 +40,16 @@ __all__ = [
     "BrevoConfig",
     "DeliveryPage",
     "DeliveryRead",
+    "DeliveryReceipt",
     "DeliveryStatus",
+    "DeliveryWritten",
     "DestinationCreate",
     "DestinationCreated",
     "DestinationKind",
     "DestinationPage",
     "DestinationPatch",
     "DestinationRead",
+    "DestinationWritten",
     "ListMapping",
     "MailchimpConfig",
     "ResyncResult",
@@ -333,6 +336,11 @@ class DestinationRead(BaseModel):
     version: int
 
 
+# A destination's settings and health are destinations:read's: a PATCH answers a token without it a receipt
+# (docs/security.md, class 11).
+DestinationWritten = DestinationRead | VersionReceipt
+
+
 class DestinationCreated(DestinationRead):
     generated_secrets: dict[str, str] = Field(
         description="Secrets Carnet generated (inbound_secret, webhook secret): shown this once only")
@@ -355,6 +363,17 @@ class DeliveryRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     delivered_at: datetime | None
+
+
+class DeliveryReceipt(BaseModel):
+    """A retry's answer to a token without destinations:read: the delivery's id and status, not the sync log's
+    record (its destination, contact, topic, last error)."""
+
+    id: int = Field(description="The delivery that will carry it (a newer one when the retried one was folded in)")
+    status: DeliveryStatus = Field(description="After the retry: pending, or as it was when delivered or in flight")
+
+
+DeliveryWritten = DeliveryRead | DeliveryReceipt
 
 
 class DeliveryPage(BaseModel):

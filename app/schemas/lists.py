@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.schemas.base import InputSchema
+from app.schemas.base import InputSchema, VersionReceipt
 from app.schemas.consents import ConsentProof
 from app.schemas.contacts import ContactKind
 from app.schemas.strict import FromJSON
@@ -37,6 +37,7 @@ __all__ = [
     "ListPage",
     "ListPatch",
     "ListRead",
+    "ListWritten",
     "MemberBatch",
     "MemberBatchItem",
     "MemberBatchResult",
@@ -193,6 +194,10 @@ class ListRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     version: int
+
+
+# A list's definition and counts are lists:read's: a PATCH answers a token without it a receipt (security.md, 11).
+ListWritten = ListRead | VersionReceipt
 
 
 class ListPage(BaseModel):

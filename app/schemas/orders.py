@@ -46,6 +46,7 @@ __all__ = [
     "CartPut",
     "CartRead",
     "CartStatus",
+    "CartWritten",
     "ContactRef",
     "EventBatch",
     "EventBatchItem",
@@ -60,9 +61,12 @@ __all__ = [
     "OrderPage",
     "OrderPut",
     "OrderRead",
+    "OrderReceipt",
     "OrderStatus",
+    "OrderWritten",
     "present_contact_event",
     "present_event_receipt",
+    "present_order_receipt",
 ]
 
 
@@ -159,6 +163,19 @@ class OrderRead(BaseModel):
     updated_at: datetime
 
 
+class OrderReceipt(BaseModel):
+    """PUT /v1/orders|carts/{ext}'s answer to a token without orders:read: what it did, nothing stored."""
+
+    id: uuid.UUID
+    external_id: str
+    created: bool = Field(description="true when this write created it")
+    version: int = Field(description="Its version after the write, as in the ETag (for If-Match)")
+
+
+# An order's or cart's dates, and the order that converted a cart, are orders:read's (docs/security.md, class 11).
+OrderWritten = OrderRead | OrderReceipt
+
+
 class CartStatus(StrEnum):
     OPEN = "open"
     CONVERTED = "converted"
@@ -240,6 +257,9 @@ class CartRead(BaseModel):
     order_external_id: str | None
     created_at: datetime
     updated_at: datetime
+
+
+CartWritten = CartRead | OrderReceipt
 
 
 class EventCreate(InputSchema):
@@ -324,3 +344,7 @@ def present_contact_event(row: Mapping[str, Any], *, reveal_pii: bool) -> dict[s
 
 def present_event_receipt(row: Mapping[str, Any], *, contact_id: uuid.UUID, created: bool) -> dict[str, Any]:
     return {"id": row["id"], "event_id": row["event_id"], "contact_id": contact_id, "created": created}
+
+
+def present_order_receipt(row: Mapping[str, Any], *, created: bool, version: int) -> dict[str, Any]:
+    return {"id": row["id"], "external_id": row["external_id"], "created": created, "version": version}

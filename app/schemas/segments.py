@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema, field_validator
 
 from app.errors import InvalidInput
-from app.schemas.base import InputSchema
+from app.schemas.base import InputSchema, VersionReceipt
 from app.schemas.contacts import ContactRead
 from app.schemas.types import NON_BLANK, LongText, ShortText, absent_or_set, refuse_null
 
@@ -26,6 +26,7 @@ __all__ = [
     "SegmentPreview",
     "SegmentPreviewRequest",
     "SegmentRead",
+    "SegmentWritten",
     "check_filter_bounds",
     "present_segment",
 ]
@@ -125,6 +126,10 @@ class SegmentRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     version: int
+
+
+# A segment's definition is segments:read's: a PATCH answers a token without it a receipt (security.md, 11).
+SegmentWritten = SegmentRead | VersionReceipt
 
 
 class SegmentPage(BaseModel):

@@ -24,6 +24,7 @@ from app.models.base import utc_now
 from app.schemas.attributes import AttributeCreate, AttributePatch, AttributeType
 from app.schemas.freeform import unstorable_text
 from app.schemas.types import ATTRIBUTE_NAME_PATTERN, bounded_decimal
+from app.security import Principal, Scope
 
 __all__ = ["NUMBER_DIGITS", "NUMBER_PLACES", "create", "definition_version", "delete_definition", "get", "list_all",
            "normalize_values", "update_definition"]
@@ -79,7 +80,8 @@ async def create(session: AsyncSession, data: AttributeCreate) -> dict[str, Any]
 
 
 async def update_definition(
-    session: AsyncSession, name: str, patch: AttributePatch, *, expected_version: int | None = None
+    session: AsyncSession, name: str, patch: AttributePatch, *, expected_version: int | None = None,
+    actor: Principal,
 ) -> dict[str, Any]:
     # Locked before the options are compared: two PATCHes each adding an option would otherwise both compare with
     # the options before either, and the later one would remove the other's (which contacts may hold by then).
@@ -93,7 +95,9 @@ async def update_definition(
         removed = sorted(set(current["options"] or []) - set(new_options))
         if removed:
             # Stored values would stop matching their definition.
-            raise InvalidInput.one("options", f"options cannot be removed: {', '.join(removed)}", "options_removed")
+            # the stored options are contacts:read's to know (docs/security.md, class 11)
+            named = f": {', '.join(removed)}" if actor.reads(Scope.CONTACTS_READ) else " (send every current one)"
+            raise InvalidInput.one("options", f"options cannot be removed{named}", "options_removed")
         if len(set(new_options)) != len(new_options):
             raise InvalidInput.one("options", "options must be distinct")
     _check_version(current, expected_version)  # last, on a request otherwise valid (RFC 9110 §13.2.1)
@@ -107,7 +111,9 @@ async def update_definition(
     return dict(row)
 
 
-async def delete_definition(session: AsyncSession, name: str, *, expected_version: int | None = None) -> None:
+async def delete_definition(
+    session: AsyncSession, name: str, *, expected_version: int | None = None, actor: Principal
+) -> None:
     # Locked before the holders are counted: a contact write that checked a value against the definition holds it
     # FOR KEY SHARE (`normalize_values`) until it commits, so the count below sees its value.
     _check_version(await get(session, name, lock="update"), expected_version)
@@ -115,6 +121,8 @@ async def delete_definition(session: AsyncSession, name: str, *, expected_versio
         select(func.count()).select_from(_contacts).where(_contacts.c.attributes.has_key(name))
     )
     if holders:
+        if not actor.reads(Scope.CONTACTS_READ):  # how many hold it is contacts:read's (docs/security.md, 11)
+            raise AttributeInUse(f"contacts hold a value for {name!r}; remove those values first")
         raise AttributeInUse(
             f"{holders} contact(s) hold a value for {name!r}; remove those values first", contacts=holders
         )

@@ -32,7 +32,7 @@ from app.schemas.destinations import (
     SegmentMapping,
     config_model,
 )
-from app.security import Principal
+from app.security import Principal, Scope
 from app.security.secrets import SecretBox
 from app.services import delivery as delivery_service
 from app.services import journal, secret_targets, segment_sync
@@ -375,7 +375,9 @@ async def update(
     return row
 
 
-async def delete_destination(session: AsyncSession, destination_id: uuid.UUID, *, expected_version: int | None) -> None:
+async def delete_destination(
+    session: AsyncSession, destination_id: uuid.UUID, *, expected_version: int | None, actor: Principal
+) -> None:
     """Its deliveries and remote references go with it; the vendor's copy is left as it is.
 
     Refused (409) while it still holds people erased in Carnet: their remote references are the only way to
@@ -386,6 +388,9 @@ async def delete_destination(session: AsyncSession, destination_id: uuid.UUID, *
         raise PreconditionFailed(f"the destination is at version {current['version']}",
                                  current_version=current["version"])
     owed = await delivery_service.erasures_owed(session, destination_id)
+    if owed and not actor.reads(Scope.DESTINATIONS_READ):  # the count is its health's: destinations:read (11)
+        raise DestinationOwesErasures("people erased in Carnet may still be held by this destination: enable it "
+                                      "and let the worker delete them there first")
     if owed:
         raise DestinationOwesErasures(
             f"{owed} people erased in Carnet may still be held by this destination: enable it and let the worker "

@@ -26,7 +26,7 @@ from app.models import Contact, ListMembership, MailingList
 from app.models.base import new_id, utc_now
 from app.schemas.consents import ConsentAction
 from app.schemas.lists import ListCreate, ListPatch, SubscribeRequest
-from app.security import Principal
+from app.security import Principal, Scope
 from app.services import consents, locks, memberships, outbox
 from app.services.links import CONFIRM_LINK_TTL, Link, LinkBuilder
 from app.services.locks import survivor_of
@@ -186,11 +186,10 @@ async def subscribe(
     """PUT a contact in a list: `subscribed`, or `pending` on a double opt-in list (confirmation requested)."""
     the_list = await _lock_list(session, list_id, for_update=False)
     contact = await consents.lock_contact(session, contact_id)
-    _check_mailable(contact)
+    _check_mailable(contact, actor)
     accepted = the_list["accepted_kinds"]
     if accepted is not None and contact["kind"] not in accepted:
-        raise InvalidInput.one("contact.kind", f"this list accepts {', '.join(accepted)}; the contact is a "
-                               f"{contact['kind']}", "kind_not_accepted")
+        raise InvalidInput.one("contact.kind", _kind_refused(accepted, contact["kind"], actor), "kind_not_accepted")
     current = await memberships.get(session, list_id, contact_id, lock=True)
     consent = request.consent
     if consent is not None:
@@ -201,7 +200,7 @@ async def subscribe(
         )
     if current is not None and current["status"] == memberships.SUBSCRIBED:
         return Subscribed(current, created=False)
-    await _check_consent(session, contact_id, current)
+    await _check_consent(session, contact_id, current, actor)
     now = utc_now()
     source = request.source or (consent.source if consent else None) or "api"
     if not the_list["double_opt_in"]:
@@ -432,18 +431,30 @@ def _check_version(current: Row, expected_version: int | None) -> None:
         raise PreconditionFailed(f"the list is at version {current['version']}", current_version=current["version"])
 
 
-def _check_mailable(contact: Row) -> None:
+# A refusal names stored facts only to a token that may read them (docs/security.md, class 11): the refusal's code
+# says what to fix; the contact's email_status and kind are contacts:read's, the list's kinds and the date a member
+# left lists:read's, the date of a withdrawal consents:read's.
+def _check_mailable(contact: Row, actor: Principal) -> None:
     if contact["email"] is None:
         raise InvalidInput.one("contact.email", "the contact has no email address", "email_missing")
     if not consents.mailable(contact):
-        raise InvalidInput.one("contact.email", f"the address is {contact['email_status']}: it cannot be "
-                               "subscribed", "email_undeliverable")
+        status = contact["email_status"] if actor.reads(Scope.CONTACTS_READ) else "undeliverable"
+        raise InvalidInput.one("contact.email", f"the address is {status}: it cannot be subscribed",
+                               "email_undeliverable")
 
 
-async def _check_consent(session: AsyncSession, contact_id: uuid.UUID, current: Row | None) -> None:
+def _kind_refused(accepted: Sequence[str], kind: str, actor: Principal) -> str:
+    takes = f"accepts {', '.join(accepted)}" if actor.reads(Scope.LISTS_READ) else "does not accept"
+    holder = f"a {kind}" if actor.reads(Scope.CONTACTS_READ) else "of another kind"
+    return f"this list {takes}; the contact is {holder}"
+
+
+async def _check_consent(session: AsyncSession, contact_id: uuid.UUID, current: Row | None, actor: Principal) -> None:
     """A current email_marketing grant, dated after any unsubscribe from this list."""
     state = await consents.marketing_state(session, contact_id)
     if not state.granted:
+        if not actor.reads(Scope.CONSENTS_READ):
+            raise consents.ConsentRequired(_CONSENT_DUE)
         if state.since is None:
             raise consents.ConsentRequired(
                 "no email_marketing consent on the ledger: send one in `consent` or record it first"
@@ -455,10 +466,17 @@ async def _check_consent(session: AsyncSession, contact_id: uuid.UUID, current: 
     if current is not None and current["status"] != memberships.SUBSCRIBED:  # left, or left then asked again
         left_at = current["unsubscribed_at"]
         if left_at is not None and (state.last_grant_at is None or state.last_grant_at <= left_at):
+            if not actor.reads(Scope.LISTS_READ):
+                raise consents.ConsentRequired(_CONSENT_DUE)
             raise consents.ConsentRequired(
                 f"the contact unsubscribed from this list at {rfc3339(left_at)}: a consent dated after that "
                 "is needed", unsubscribed_at=rfc3339(left_at),
             )
+
+
+# What a token that may not read the ledger or the membership learns: a fresh consent is due, not why or since when.
+_CONSENT_DUE = ("a current email_marketing consent is needed: send one in `consent` (one dated now lifts any earlier "
+                "refusal)")
 
 
 def rfc3339(moment: datetime) -> str:

@@ -19,7 +19,7 @@ from app.models import Contact, Order
 from app.models.base import utc_now
 from app.schemas.contacts import ContactUpsert
 from app.schemas.orders import MAX_MONEY, ContactRef, OrderPut
-from app.security import Principal
+from app.security import Principal, Scope
 from app.services import contacts as contacts_service
 from app.services import history, locks, outbox
 
@@ -131,7 +131,7 @@ async def upsert_order(
     )).mappings().first()
     if current is not None and current["contact_id"] not in (contact_id, previous):
         await locks.lock_contacts(session, [current["contact_id"]])  # moved meanwhile: its stats follow too
-    check_version(current, expected_version, what="order")
+    check_version(current, expected_version, what="order", actor=actor)
     now = utc_now()
     if current is None:
         statement = (insert(_orders).values(id=uuid.uuid4(), external_id=external_id, created_at=now, updated_at=now,
@@ -167,13 +167,18 @@ async def _order_changed(session: AsyncSession, row: Mapping[str, Any]) -> None:
                             contact_id=row["contact_id"])
 
 
-def check_version(current: Mapping[str, Any] | None, expected_version: int | None, *, what: str) -> None:
-    """If-Match: PreconditionFailed unless the row exists at that version (None: no condition)."""
+def check_version(current: Mapping[str, Any] | None, expected_version: int | None, *, what: str,
+                  actor: Principal) -> None:
+    """If-Match: PreconditionFailed unless the row exists at that version (None: no condition).
+
+    The current version is the row's updated_at: it is named only to a reader of orders (docs/security.md, 11)."""
     if expected_version is None:
         return
     if current is None:
         raise PreconditionFailed(f"the {what} does not exist yet: send no If-Match to create it")
     if order_version(current) != expected_version:
+        if not actor.reads(Scope.ORDERS_READ):
+            raise PreconditionFailed(f"the {what} changed since that version")
         raise PreconditionFailed(f"the {what} is at version {order_version(current)}",
                                  current_version=order_version(current))
 

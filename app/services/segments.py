@@ -77,6 +77,7 @@ from app.schemas.contacts import ContactKind, LifecycleStage
 from app.schemas.freeform import json_problem, unstorable_text
 from app.schemas.segments import MAX_CONDITIONS, MAX_DEPTH, check_filter_bounds
 from app.schemas.types import bounded_decimal, utc_instant
+from app.security import Principal, Scope
 from app.services.attributes import NUMBER_DIGITS, NUMBER_PLACES
 from app.services.orders import NOT_COUNTED  # cancelled and refunded orders never count
 from app.services.pagination import Cursor, CursorCodec, page_by_name
@@ -959,15 +960,16 @@ async def update(
 
 
 async def delete_segment(
-    session: AsyncSession, segment_id: uuid.UUID, *, expected_version: int | None = None
+    session: AsyncSession, segment_id: uuid.UUID, *, expected_version: int | None = None, actor: Principal
 ) -> None:
     _check_version(await get(session, segment_id, lock=True), expected_version)
     syncing = list((await session.scalars(
         select(_destinations.c.name).join(_syncs, _syncs.c.destination_id == _destinations.c.id)
         .where(_syncs.c.segment_id == segment_id).order_by(_destinations.c.name)
     )).all())
-    if syncing:
-        raise SegmentInUse(f"synced by {', '.join(map(repr, syncing))}: remove it from their segment_mappings first")
+    if syncing:  # the destinations are named only to a reader of them (docs/security.md, class 11)
+        by = ', '.join(map(repr, syncing)) if actor.reads(Scope.DESTINATIONS_READ) else "a destination"
+        raise SegmentInUse(f"synced by {by}: remove it from their segment_mappings first")
     await session.execute(delete(_segments).where(_segments.c.id == segment_id))
 
 

@@ -1409,6 +1409,19 @@ export interface components {
             updated_at: string;
         };
         /**
+         * AttributeReceipt
+         * @description PATCH /v1/attributes/{name}'s answer to a token without contacts:read: which definition, its version.
+         */
+        AttributeReceipt: {
+            /** Name */
+            name: string;
+            /**
+             * Version
+             * @description Its version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * AttributeType
          * @enum {string}
          */
@@ -2140,6 +2153,20 @@ export interface components {
              * Format: date-time
              */
             updated_at: string;
+        };
+        /**
+         * DeliveryReceipt
+         * @description A retry's answer to a token without destinations:read: the delivery's id and status, not the sync log's
+         *     record (its destination, contact, topic, last error).
+         */
+        DeliveryReceipt: {
+            /**
+             * Id
+             * @description The delivery that will carry it (a newer one when the retried one was folded in)
+             */
+            id: number;
+            /** @description After the retry: pending, or as it was when delivered or in flight */
+            status: components["schemas"]["DeliveryStatus"];
         };
         /**
          * DeliveryStatus
@@ -3357,6 +3384,29 @@ export interface components {
             updated_at: string;
         };
         /**
+         * OrderReceipt
+         * @description PUT /v1/orders|carts/{ext}'s answer to a token without orders:read: what it did, nothing stored.
+         */
+        OrderReceipt: {
+            /**
+             * Created
+             * @description true when this write created it
+             */
+            created: boolean;
+            /** External Id */
+            external_id: string;
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Version
+             * @description Its version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * OrderStatus
          * @enum {string}
          */
@@ -4432,6 +4482,23 @@ export interface components {
             unsubscribed_lists: number;
         };
         /**
+         * VersionReceipt
+         * @description A definition's write answered to a token without its read scope (a list, a segment, a destination): which
+         *     one and its version, nothing it holds (docs/security.md, class 11).
+         */
+        VersionReceipt: {
+            /**
+             * Id
+             * Format: uuid
+             */
+            id: string;
+            /**
+             * Version
+             * @description Its version after the write, as in the ETag (for If-Match)
+             */
+            version: number;
+        };
+        /**
          * WebhookConfig
          * @description The config of a webhook destination, as a creation takes it
          */
@@ -4839,13 +4906,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The definition as GET shows it; for a token without contacts:read, an AttributeReceipt (name, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["AttributeRead"];
+                    "application/json": components["schemas"]["AttributeRead"] | components["schemas"]["AttributeReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -4980,22 +5047,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The cart as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["CartRead"];
+                    "application/json": components["schemas"]["CartRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The cart as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["CartRead"];
+                    "application/json": components["schemas"]["CartRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6457,13 +6524,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Successful Response */
+            /** @description The delivery as GET .../deliveries lists it; for a token without destinations:read, a DeliveryReceipt (id, status) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["DeliveryRead"];
+                    "application/json": components["schemas"]["DeliveryRead"] | components["schemas"]["DeliveryReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -6780,13 +6847,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The destination as GET shows it (no secrets); for a token without destinations:read, a VersionReceipt (id, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["DestinationRead"];
+                    "application/json": components["schemas"]["DestinationRead"] | components["schemas"]["VersionReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8160,13 +8227,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The list as GET shows it; for a token without lists:read, a VersionReceipt (id, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["ListRead"];
+                    "application/json": components["schemas"]["ListRead"] | components["schemas"]["VersionReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -8634,22 +8701,22 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The order as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["OrderRead"];
+                    "application/json": components["schemas"]["OrderRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
-            /** @description Created */
+            /** @description Created. The order as GET shows it; for a token without orders:read, an OrderReceipt (id, external_id, created, version) */
             201: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["OrderRead"];
+                    "application/json": components["schemas"]["OrderRead"] | components["schemas"]["OrderReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */
@@ -9661,13 +9728,13 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Successful Response */
+            /** @description The segment as GET shows it; for a token without segments:read, a VersionReceipt (id, version) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["SegmentRead"];
+                    "application/json": components["schemas"]["SegmentRead"] | components["schemas"]["VersionReceipt"];
                 };
             };
             /** @description Missing, invalid, expired or revoked token */

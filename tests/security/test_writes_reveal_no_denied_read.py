@@ -10,14 +10,20 @@ read gets the read model, masked without `pii:read`.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.security import Role, Scope
 from tests.auth import bearer
 from tests.factories import ADMIN, grant_marketing, make_attribute, make_contact, make_list, unique_email
+from tests.routers.test_carts import cart
+from tests.routers.test_orders import order
+from tests.routers.test_segments import make_segment
 
 # docs/api.md's storefront signup token: it may create and subscribe people, never read them.
 STOREFRONT = bearer(Role.INTEGRATION, subject="storefront@shop.example",
@@ -27,6 +33,9 @@ INTEGRATION = bearer(Role.INTEGRATION, subject="backoffice@shop.example")
 # Reads and writes contacts and events, masked.
 MASKED_WRITER = bearer(Role.MANAGER, subject="agency@shop.example", scopes={
     Scope.CONTACTS_READ, Scope.CONTACTS_WRITE, Scope.EVENTS_READ, Scope.EVENTS_WRITE})
+# The storefront token, let read the consent ledger: a withdrawal's date is its to read.
+CONSENT_READER = bearer(Role.INTEGRATION, subject="storefront@shop.example",
+                        scopes={Scope.CONTACTS_WRITE, Scope.MEMBERSHIPS_WRITE, Scope.CONSENTS_READ})
 
 # What the file holds about the person, and no writer in these tests ever sends.
 SECRETS = {"phone": "+33698765432", "first_name": "Gwenaëlle", "last_name": "Kervella", "company": "Kerfeunteun SA",
@@ -183,3 +192,229 @@ async def test_a_memberships_writer_without_lists_read_gets_a_receipt(client: ht
     # a reader of lists still gets the membership
     member = await client.get(f"/v1/lists/{the_list['id']}/members", headers=ADMIN)
     assert any(m["source"] == "secret-fair-2026" for m in member.json()["data"])
+
+
+def _refusal(response: httpx.Response, field: str, code: str) -> dict[str, Any]:
+    """A subscribe refusal keeps its status, problem type and code (clients branch on them)."""
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["errors"][0]["field"] == field and body["errors"][0]["code"] == code, body
+    return body  # type: ignore[no-any-return]
+
+
+async def test_a_subscribe_refusal_quotes_nothing_the_token_may_not_read(
+        client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """The refusals of PUT /v1/lists/{id}/members/{contact_id} quoted a consent's and a membership's dates, the
+    contact's email_status and kind, the list's kinds: consents:read's, lists:read's, contacts:read's facts."""
+    the_list = await make_list(client)
+    # withdrawn: the date is the ledger's (consents:read)
+    withdrawn = await make_contact(client)
+    await grant_marketing(client, withdrawn["id"], occurred_at="2026-01-01T00:00:00Z")
+    assert (await client.post(f"/v1/contacts/{withdrawn['id']}/consents", headers=ADMIN, json={
+        "purpose": "email_marketing", "action": "withdrawn", "occurred_at": "2026-05-01T00:00:00Z"})).status_code == 201
+    path = f"/v1/lists/{the_list['id']}/members/{withdrawn['id']}"
+    refused = _refusal(await client.put(path, headers=STOREFRONT), "consent", "consent_required")
+    assert refused["type"].endswith("/consent-required") and "withdrawn_at" not in refused
+    assert "2026-05-01" not in json.dumps(refused) and "withdrawn" not in json.dumps(refused)
+    shown = _refusal(await client.put(path, headers=CONSENT_READER), "consent", "consent_required")
+    assert shown["withdrawn_at"] == "2026-05-01T00:00:00Z"
+    # left this list: the membership's date (lists:read)
+    left = await make_contact(client)
+    await grant_marketing(client, left["id"], occurred_at="2026-01-01T00:00:00Z")
+    path = f"/v1/lists/{the_list['id']}/members/{left['id']}"
+    assert (await client.put(path, headers=ADMIN)).status_code == 201
+    left_at = (await client.delete(path, headers=ADMIN)).json()["unsubscribed_at"]
+    refused = _refusal(await client.put(path, headers=STOREFRONT), "consent", "consent_required")
+    assert "unsubscribed_at" not in refused and left_at[:10] not in json.dumps(refused)
+    assert _refusal(await client.put(path, headers=ADMIN), "consent", "consent_required")["unsubscribed_at"] == left_at
+    # the same refusal in a batch's item
+    batch = await client.post(f"/v1/lists/{the_list['id']}/members/batch", json={"add": [left["id"]]},
+                              headers=STOREFRONT)
+    assert batch.status_code == 200 and batch.json()["results"][0]["status"] == "error"
+    assert "unsubscribed_at" not in batch.json()["results"][0]["error"] and left_at[:10] not in batch.text
+    # a bounced address: the contact's email_status (contacts:read)
+    bounced = await make_contact(client)
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE contact SET email_status = 'complained' WHERE id = :c"),
+                              {"c": bounced["id"]})
+    refused = _refusal(await client.put(f"/v1/lists/{the_list['id']}/members/{bounced['id']}", headers=STOREFRONT),
+                       "contact.email", "email_undeliverable")
+    assert "complained" not in json.dumps(refused)
+    # a kind the list does not take: the contact's kind (contacts:read) and the list's kinds (lists:read)
+    vendors_only = await make_list(client, accepted_kinds=["vendor"])
+    prospect = await make_contact(client, kind="prospect")
+    path = f"/v1/lists/{vendors_only['id']}/members/{prospect['id']}"
+    refused = _refusal(await client.put(path, headers=STOREFRONT), "contact.kind", "kind_not_accepted")
+    assert "prospect" not in json.dumps(refused) and "vendor" not in json.dumps(refused)
+    shown = _refusal(await client.put(path, headers=ADMIN), "contact.kind", "kind_not_accepted")
+    assert "prospect" in shown["detail"] and "vendor" in shown["detail"]
+
+
+# The shop's order feed, narrowed to writing: it may not read an order back (orders:read).
+ORDERS_WRITER = bearer(Role.INTEGRATION, subject="feed@shop.example", scopes={Scope.ORDERS_WRITE})
+ORDER_RECEIPT_KEYS = {"id", "external_id", "created", "version"}
+
+
+def _order_receipt(response: httpx.Response, status: int, *, created: bool) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == ORDER_RECEIPT_KEYS and body["created"] is created, body
+    assert response.headers["ETag"] == f'"v{body["version"]}"'  # the one If-Match needs
+    return body  # type: ignore[no-any-return]
+
+
+async def test_an_orders_writer_without_orders_read_gets_a_receipt(client: httpx.AsyncClient) -> None:
+    """PUT /v1/orders|carts/{ext} answered the stored row: its created_at, on a replay its updated_at, a converted
+    cart's order; a 412 quoted the stored version (updated_at in microseconds), cart-closed named the order."""
+    person = await make_contact(client)
+    suffix = uuid.uuid4().hex[:8]
+    cart_ext, order_ext = f"K-{suffix}", f"O-secret-{suffix}"
+    placed = order({"id": person["id"]})
+    stored = await client.put(f"/v1/orders/{order_ext}", json=placed, headers=ADMIN)
+    assert stored.status_code == 201, stored.text
+    created_at = stored.json()["created_at"]
+
+    replayed = await client.put(f"/v1/orders/{order_ext}", json=placed, headers=ORDERS_WRITER)
+    replay = _order_receipt(replayed, 200, created=False)
+    assert replay["id"] == stored.json()["id"] and replay["external_id"] == order_ext
+    assert created_at[:16] not in replayed.text and stored.headers["ETag"] == f'"v{replay["version"]}"'
+    stale = await client.put(f"/v1/orders/{order_ext}", json=placed, headers={**ORDERS_WRITER, "If-Match": '"v1"'})
+    assert stale.status_code == 412 and stale.json()["type"].endswith("/precondition-failed")
+    assert "current_version" not in stale.json() and str(replay["version"]) not in stale.text
+    # an admin's 412 still says where the order is
+    assert (await client.put(f"/v1/orders/{order_ext}", json=placed, headers={**ADMIN, "If-Match": '"v1"'})
+            ).json()["current_version"] == replay["version"]
+    _order_receipt(await client.put(f"/v1/orders/O-new-{suffix}", json=placed, headers=ORDERS_WRITER), 201,
+                   created=True)
+
+    # a cart converted by the order: neither its replay nor its refusal names that order
+    basket = cart({"id": person["id"]})
+    assert (await client.put(f"/v1/carts/{cart_ext}", json=basket, headers=ADMIN)).status_code == 201
+    converting = await client.put(f"/v1/orders/{order_ext}", json={**placed, "cart_external_id": cart_ext},
+                                  headers=ADMIN)
+    assert converting.status_code == 200, converting.text
+    closed = await client.put(f"/v1/carts/{cart_ext}", json={**basket, "currency": "USD"}, headers=ORDERS_WRITER)
+    assert closed.status_code == 409 and closed.json()["type"].endswith("/cart-closed")
+    assert order_ext not in closed.text
+    again = await client.put(f"/v1/carts/{cart_ext}", json={**basket, "status": "converted"}, headers=ORDERS_WRITER)
+    _order_receipt(again, 200, created=False)
+    assert order_ext not in again.text and created_at[:16] not in again.text
+    assert order_ext in (await client.put(f"/v1/carts/{cart_ext}", json={**basket, "currency": "USD"},
+                                          headers=ADMIN)).text
+
+
+# Keeps the catalogue (lists, segments, attribute definitions) without reading it.
+CATALOGUE_WRITER = bearer(Role.MANAGER, subject="catalogue@shop.example",
+                          scopes={Scope.LISTS_WRITE, Scope.SEGMENTS_WRITE, Scope.ATTRIBUTES_WRITE})
+
+
+def _version_receipt(response: httpx.Response, key: str, value: str) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {key, "version"} and body[key] == value, body
+    assert response.headers["ETag"] == f'"v{body["version"]}"'
+    assert "secret-fair" not in response.text
+    return body  # type: ignore[no-any-return]
+
+
+async def test_a_definitions_writer_without_the_read_scope_gets_a_receipt_from_patch(
+        client: httpx.AsyncClient) -> None:
+    """PATCH {} on a list, a segment or an attribute answered the whole definition (a list's counts too); an
+    attribute's refused options named the stored ones."""
+    the_list = await make_list(client, description="secret-fair visitors")
+    segment = await make_segment(client, {"all": [{"field": "address.city", "op": "eq", "value": "Lyon"}]},
+                                 description="secret-fair leads")
+    attribute = await make_attribute(client, f"size_{uuid.uuid4().hex[:6]}", "enum", options=["secret-fair-xl"],
+                                     description="secret-fair sizes")
+    before = _version_receipt(await client.patch(f"/v1/lists/{the_list['id']}", json={}, headers=CATALOGUE_WRITER),
+                              "id", the_list["id"])
+    renamed = await client.patch(f"/v1/lists/{the_list['id']}", json={"name": f"l-{uuid.uuid4().hex[:6]}"},
+                                 headers={**CATALOGUE_WRITER, "If-Match": f'"v{before["version"]}"'})
+    assert _version_receipt(renamed, "id", the_list["id"])["version"] == before["version"] + 1
+    _version_receipt(await client.patch(f"/v1/segments/{segment['id']}", json={}, headers=CATALOGUE_WRITER),
+                     "id", segment["id"])
+    path = f"/v1/attributes/{attribute['name']}"
+    _version_receipt(await client.patch(path, json={}, headers=CATALOGUE_WRITER), "name", attribute["name"])
+    refused = await client.patch(path, json={"options": []}, headers=CATALOGUE_WRITER)
+    assert refused.status_code == 422 and refused.json()["errors"][0]["code"] == "options_removed"
+    assert "secret-fair" not in refused.text
+    # a reader still gets the definitions
+    assert (await client.patch(path, json={}, headers=ADMIN)).json()["description"] == "secret-fair sizes"
+    assert "secret-fair-xl" in (await client.patch(path, json={"options": []}, headers=ADMIN)).text
+
+
+# Runs the sync (retries, settings) without reading its log or its destinations.
+SYNC_OPERATOR = bearer(Role.MANAGER, subject="ops@shop.example", scopes={Scope.DESTINATIONS_WRITE})
+
+
+async def test_a_destinations_writer_without_destinations_read_gets_receipts(
+        client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """POST /v1/deliveries/{id}/retry answered the delivery (its destination, contact, topic, last error), also on
+    a delivered one where nothing changes, and delivery ids are sequential; PATCH /v1/destinations/{id} {}
+    answered the destination."""
+    the_list = await make_list(client)
+    made = await client.post("/v1/destinations", headers=ADMIN, json={
+        "name": f"secret-fair-{uuid.uuid4().hex[:6]}", "kind": "mailchimp", "config": {"api_key": "k" * 20 + "-us6"},
+        "list_mappings": [{"list_id": the_list["id"], "remote_list_id": "secret-fair-list"}]})
+    assert made.status_code == 201, made.text
+    destination = made.json()
+    person = await make_contact(client)
+    await grant_marketing(client, person["id"])
+    assert (await client.put(f"/v1/lists/{the_list['id']}/members/{person['id']}", headers=ADMIN)).status_code == 201
+    assert (await client.post(f"/v1/destinations/{destination['id']}/resync", headers=ADMIN)).json() == {"queued": 1}
+    [queued] = (await client.get(f"/v1/destinations/{destination['id']}/deliveries", headers=ADMIN)).json()["data"]
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE delivery SET status = 'delivered', delivered_at = now(), "
+                                   "last_error = 'secret-fair: vendor hiccup' WHERE id = :i"), {"i": queued["id"]})
+
+    delivered = await client.post(f"/v1/deliveries/{queued['id']}/retry", headers=SYNC_OPERATOR)
+    assert delivered.status_code == 200, delivered.text
+    assert delivered.json() == {"id": queued["id"], "status": "delivered"}
+    assert person["id"] not in delivered.text and destination["id"] not in delivered.text
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE delivery SET status = 'dead' WHERE id = :i"), {"i": queued["id"]})
+    retried = await client.post(f"/v1/deliveries/{queued['id']}/retry", headers=SYNC_OPERATOR)
+    assert retried.json() == {"id": queued["id"], "status": "pending"}
+    # a reader of destinations still gets the delivery
+    shown = await client.post(f"/v1/deliveries/{queued['id']}/retry", headers=ADMIN)
+    assert shown.json()["contact_id"] == person["id"]
+
+    patched = await client.patch(f"/v1/destinations/{destination['id']}", json={}, headers=SYNC_OPERATOR)
+    assert patched.status_code == 200, patched.text
+    assert patched.json() == {"id": destination["id"], "version": destination["version"]}
+    assert patched.headers["ETag"] == f'"v{destination["version"]}"' and "secret-fair" not in patched.text
+
+
+async def test_a_refused_delete_quotes_nothing_the_token_may_not_read(
+        client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """A refused DELETE named what blocks it from other scopes: the destinations syncing a segment
+    (destinations:read), how many contacts hold an attribute (contacts:read), how many erased people a destination
+    may hold (destinations:read). The type and status stay; the facts go to readers only."""
+    segment = await make_segment(client, {"all": [{"field": "address.city", "op": "eq", "value": "Lyon"}]})
+    synced = await client.post("/v1/destinations", headers=ADMIN, json={
+        "name": f"secret-fair-{uuid.uuid4().hex[:6]}", "kind": "brevo",
+        "config": {"api_key": "xkeysib-0123456789abcdef0123456789abcdef"},
+        "segment_mappings": [{"segment_id": segment["id"], "remote_list_id": "9"}]})
+    assert synced.status_code == 201, synced.text
+    writer = bearer(Role.MANAGER, subject="ops@shop.example", scopes={
+        Scope.SEGMENTS_WRITE, Scope.ATTRIBUTES_WRITE, Scope.DESTINATIONS_WRITE})
+    in_use = await client.delete(f"/v1/segments/{segment['id']}", headers=writer)
+    assert in_use.status_code == 409 and in_use.json()["type"].endswith("/segment-in-use")
+    assert "secret-fair" not in in_use.text
+    assert "secret-fair" in (await client.delete(f"/v1/segments/{segment['id']}", headers=ADMIN)).text
+
+    attribute = await make_attribute(client, f"size_{uuid.uuid4().hex[:6]}", "text")
+    for _ in range(3):
+        await make_contact(client, attributes={attribute["name"]: "XL"})
+    held = await client.delete(f"/v1/attributes/{attribute['name']}", headers=writer)
+    assert held.status_code == 409 and held.json()["type"].endswith("/attribute-in-use")
+    assert "contacts" not in held.json() and not held.json()["detail"][0].isdigit()
+    assert (await client.delete(f"/v1/attributes/{attribute['name']}", headers=ADMIN)).json()["contacts"] == 3
+
+    async with sessions() as session, session.begin():  # a person erased here, still held by the vendor
+        await session.execute(text("INSERT INTO sync_link (destination_id, contact_id, remote_ref, synced_at) "
+                                   "VALUES (:d, :c, 'gone', now())"), {"d": synced.json()["id"], "c": uuid.uuid4()})
+    owed = await client.delete(f"/v1/destinations/{synced.json()['id']}", headers=writer)
+    assert owed.status_code == 409 and owed.json()["type"].endswith("/destination-owes-erasures")
+    assert "erasures_owed" not in owed.json() and not owed.json()["detail"][0].isdigit()
+    assert (await client.delete(f"/v1/destinations/{synced.json()['id']}", headers=ADMIN)).json()["erasures_owed"] == 1
