@@ -20,8 +20,10 @@ CLIENTS = 24
 
 def _moments() -> list[str]:
     now = datetime.now(UTC)
-    spread = [now, now - timedelta(days=40), now - timedelta(days=400), now + timedelta(days=20),
-              datetime(1999, 5, 17, 8, 0, tzinfo=UTC), datetime(2400, 1, 1, tzinfo=UTC)]
+    # months apart, and in the default partition (1999: before any month made); nothing more than a day ahead,
+    # which the API refuses (docs/api.md)
+    spread = [now, now - timedelta(days=40), now - timedelta(days=400), now + timedelta(hours=20),
+              datetime(1999, 5, 17, 8, 0, tzinfo=UTC), now - timedelta(days=95)]
     return [spread[i % len(spread)].isoformat() for i in range(CLIENTS)]
 
 
