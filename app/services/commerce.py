@@ -206,6 +206,15 @@ WITH RECURSIVE chain(start, id, depth) AS (
     WHERE chain.depth < 100
 )"""
 
+# The other way: each of `:ids` (a root) and every record merged into it, merges of merges too, as people(root, id)
+# (the root's own row included).
+MERGED_PEOPLE = """
+WITH RECURSIVE people(root, id) AS (
+    SELECT r, r FROM unnest(CAST(:ids AS uuid[])) AS r
+    UNION
+    SELECT p.root, m.merged_id FROM contact_merge m JOIN people p ON m.survivor_id = p.id
+)"""
+
 # The rows of a contact merged into someone still in Carnet (the end of its chain of merges) go to that person.
 _HAND_OVER = text(MERGE_CHAINS + """, person AS (
     SELECT DISTINCT ON (start) start, id FROM chain ORDER BY start, depth DESC
@@ -255,12 +264,7 @@ async def held(session: AsyncSession, destination_id: uuid.UUID, contact_ids: Se
     return {c: Held(tuple(refs), tuple(owners[c])) for c, refs in records.items()}
 
 
-_HELD = text("""
-WITH RECURSIVE people(root, id) AS (
-    SELECT r, r FROM unnest(CAST(:ids AS uuid[])) AS r
-    UNION
-    SELECT p.root, m.merged_id FROM contact_merge m JOIN people p ON m.survivor_id = p.id
-)
+_HELD = text(MERGED_PEOPLE + """
 SELECT p.root, p.id, s.kind, s.ref FROM people p
 JOIN sync_commerce s ON s.destination_id = :d AND s.contact_id = p.id AND s.kind IN ('cart', 'order', 'customer')
 ORDER BY p.root, array_position(ARRAY['cart', 'order', 'customer'], s.kind), s.ref

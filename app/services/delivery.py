@@ -463,12 +463,7 @@ async def _fates(session: AsyncSession, gone: Sequence[uuid.UUID]) -> tuple[set[
 
 # Every record of a person at one destination: links and retired records of the person and of everyone merged
 # into them (merges of merges included).
-_RECORDS = text("""
-WITH RECURSIVE people(root, id) AS (
-    SELECT r, r FROM unnest(CAST(:ids AS uuid[])) AS r
-    UNION
-    SELECT p.root, m.merged_id FROM contact_merge m JOIN people p ON m.survivor_id = p.id
-)
+_RECORDS = text(commerce_service.MERGED_PEOPLE + """
 SELECT p.root, l.contact_id, l.remote_ref FROM people p
 JOIN sync_link l ON l.destination_id = :d AND l.contact_id = p.id
 UNION ALL

@@ -52,6 +52,7 @@ from app.models.base import utc_now
 from app.security import Principal
 from app.services import consents as consents_service
 from app.services import journal, outbox, segment_sync, suppressions
+from app.services.commerce import MERGED_PEOPLE
 
 __all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
 
@@ -160,8 +161,10 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
+        roots = await _merged_roots(session, ids)  # records merged into theirs: their ids still name the person
+        merged = list(roots)
         await suppressions.suppress(session, [*chunk, *await _former_addresses(session, ids)], reason=reason)
-        await journal.forget(session, await _journal_people(session, chunk))
+        await journal.forget(session, _journal_people(chunk, roots))
         # Before their history goes: it holds who they were (an address changed since, a record merged in).
         await session.execute(_SCRUB_IMPORT_REPORTS, {"ids": ids})
         await session.execute(_FORGET_IMPORT_KEYS, {"ids": ids})
@@ -172,7 +175,6 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
         await session.execute(_DELETE_EVENTS, {"ids": ids})
         for table in (_history, _orders, _carts, _members):
             await session.execute(delete(table).where(table.c.contact_id.in_(ids)))
-        merged = await _merged_into(session, ids)  # records merged into theirs: their ids still name the person
         await _forget_idempotency_records(session, [*ids, *merged])
         await _deidentify_ledger(session, ids, ledger_naming)
         await session.execute(  # an erasure asked for in the preference center is answered by this one, also
@@ -208,37 +210,19 @@ _DELETE_EVENTS = text("""
 """)
 
 
-async def _journal_people(session: AsyncSession, contacts: Sequence[Row]) -> dict[uuid.UUID, list[str]]:
+async def _merged_roots(session: AsyncSession, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
+    """Each record merged into one of these contacts (merges of merges too) → that contact."""
+    return dict((await session.execute(_MERGED_ROOTS, {"ids": list(ids)})).all())  # type: ignore[arg-type]
+
+
+_MERGED_ROOTS = text(MERGED_PEOPLE + " SELECT id, root FROM people WHERE id <> root")  # noqa: S608 (constants)
+
+
+def _journal_people(contacts: Sequence[Row], roots: Mapping[uuid.UUID, uuid.UUID]) -> dict[uuid.UUID, list[str]]:
     """Each erased contact, and each record merged into it, to the person's journal refs (their address digests):
     the entries that reached a merged record reached the person too, and are found by their address after."""
     people = {c["id"]: journal.person_refs(c) for c in contacts}
-    rows = await session.execute(_MERGED_ROOTS, {"ids": list(people)})
-    return people | {merged: people[root] for merged, root in rows}
-
-
-_MERGED_ROOTS = text("""
-    WITH RECURSIVE merged(id, root) AS (
-        SELECT merged_id, survivor_id FROM contact_merge WHERE survivor_id = ANY(:ids)
-        UNION
-        SELECT m.merged_id, merged.root FROM contact_merge m JOIN merged ON m.survivor_id = merged.id
-    )
-    SELECT id, root FROM merged
-""")
-
-
-async def _merged_into(session: AsyncSession, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """The records merged into these contacts, and into those, and so on: their ids still name the person."""
-    return list((await session.scalars(_MERGED_INTO, {"ids": list(ids)})).all())
-
-
-_MERGED_INTO = text("""
-    WITH RECURSIVE merged(id) AS (
-        SELECT merged_id FROM contact_merge WHERE survivor_id = ANY(:ids)
-        UNION
-        SELECT m.merged_id FROM contact_merge m JOIN merged ON m.survivor_id = merged.id
-    )
-    SELECT id FROM merged
-""")
+    return people | {merged: people[root] for merged, root in roots.items()}
 
 
 async def _forget_idempotency_records(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:
