@@ -39,7 +39,8 @@ def cli_actor(name: str) -> Principal:
 
 
 def operator() -> Principal:
-    """The person at the terminal, as `carnet import` names them: `cli:<login>` (token id `cli`)."""
+    """The person at the terminal, for every command that acts for them (import, export, tokens, journal):
+    `cli:<login>`, token id `cli`."""
     import getpass
 
     try:
@@ -617,14 +618,11 @@ def import_command(
         str | None, typer.Option(help='JSON {"column": "field"}; guessed from headers when absent')] = None,
 ) -> None:
     """Import a CSV file (Excel's UTF-8 or Windows-1252, `,` `;` or tab) with a progress bar; prints the summary."""
-    import getpass
-
     from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from app.logging import configure_logging
     from app.schemas.imports import ImportOptions
-    from app.security import Principal
     from app.services.imports.local import import_file
 
     settings = _settings()
@@ -642,7 +640,7 @@ def import_command(
     except (ValidationError, ValueError) as exc:
         typer.echo(f"carnet: {exc}", err=True)
         raise typer.Exit(2) from None
-    actor = Principal(f"cli:{getpass.getuser()}", Role.ADMIN, frozenset(), "cli")
+    actor = operator()
     lines = 0
     with file.open("rb") as handle:
         while block := handle.read(1 << 20):
