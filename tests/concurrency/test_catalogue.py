@@ -68,6 +68,14 @@ async def test_two_option_additions_at_once_do_not_remove_each_other(
         f"stored options {sorted(options)}, yet PATCHes answered 200 with {[sorted(a) for a in applied]}")
 
 
+async def _assert_vip_gone(helper: asyncpg.Connection) -> None:
+    """The tag 'vip' was deleted: no contact holds it and the catalogue has it no more."""
+    holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
+    in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
+    assert (holders, in_catalogue) == (0, 0), (
+        f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+
+
 async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it(
     committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
 ) -> None:
@@ -79,10 +87,7 @@ async def test_a_tag_deleted_while_a_contact_is_tagged_leaves_no_contact_with_it
         http.delete("/v1/tags/vip", headers=ADMIN))
     assert tagged.status_code == 200, tagged.text
     assert deleted.status_code == 204, deleted.text
-    holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
-    in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
-    assert (holders, in_catalogue) == (0, 0), (
-        f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+    await _assert_vip_gone(helper)
 
 
 async def test_a_tag_deleted_while_its_holder_is_merged_leaves_it_on_no_one(
@@ -99,7 +104,4 @@ async def test_a_tag_deleted_while_its_holder_is_merged_leaves_it_on_no_one(
         http.delete("/v1/tags/vip", headers=ADMIN))
     assert merged.status_code == 200, merged.text
     assert deleted.status_code == 204, deleted.text
-    holders = await helper.fetchval("SELECT count(*) FROM contact WHERE 'vip' = ANY(tags)")
-    in_catalogue = await helper.fetchval("SELECT count(*) FROM tag WHERE name = 'vip'")
-    assert (holders, in_catalogue) == (0, 0), (
-        f"the tag was deleted, yet {holders} contact(s) hold it ({in_catalogue} in the catalogue)")
+    await _assert_vip_gone(helper)

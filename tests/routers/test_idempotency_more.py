@@ -58,7 +58,8 @@ class TestTokenIssuance:
         self, client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession]
     ) -> None:
         headers = keyed("mint-1")
-        body = {"subject": "intern@shop.example", "role": "viewer", "ttl_seconds": 3600}
+        # a subject no other test mints for: the count below reads the shared, committed token table
+        body = {"subject": "mint-once@shop.example", "role": "viewer", "ttl_seconds": 3600}
         first = await client.post("/v1/tokens", json=body, headers=headers)
         assert first.status_code == 201, first.text
         issued = first.json()
@@ -69,7 +70,7 @@ class TestTokenIssuance:
         assert issued["token"] not in again.text
         async with sessions() as session:
             minted = await session.scalar(
-                text("SELECT count(*) FROM access_token WHERE subject = 'intern@shop.example'"))
+                text("SELECT count(*) FROM access_token WHERE subject = 'mint-once@shop.example'"))
             stored = (await session.execute(text(
                 "SELECT status_code, response_body::text AS body, response_headers::text AS headers "
                 "FROM idempotency_record WHERE key = 'mint-1'"))).mappings().one()
@@ -77,7 +78,7 @@ class TestTokenIssuance:
         assert stored["status_code"] == 201 and issued["jti"] in stored["body"]
         assert issued["token"] not in stored["body"] and issued["token"] not in stored["headers"]
         me = await client.get("/v1/me", headers={"Authorization": f"Bearer {issued['token']}"})
-        assert me.status_code == 200 and me.json()["subject"] == "intern@shop.example"
+        assert me.status_code == 200 and me.json()["subject"] == "mint-once@shop.example"
 
     async def test_same_key_other_body_is_422(self, client: httpx.AsyncClient) -> None:
         headers = keyed()
