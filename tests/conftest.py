@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -15,7 +16,6 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -34,6 +34,7 @@ from app.main import create_app
 from app.migrations import upgrade
 from app.settings import Settings
 from tests.auth import TEST_SECRET
+from tests.emptying import empty_every_table, execute_alone
 
 TABLES = tuple(f'"{name}"' for name in sorted(metadata.tables))  # quoted: "order" is a keyword
 
@@ -182,8 +183,7 @@ async def committing_client(app: FastAPI, engine: AsyncEngine) -> AsyncIterator[
         yield http
     app.dependency_overrides.clear()
     _forget_journal(app)
-    async with engine.begin() as conn:
-        await conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+    await empty_every_table(functools.partial(execute_alone, engine))
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,10 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from app.db import metadata, plain_dsn
+from app.db import plain_dsn
 from app.security import Role
 from tests.auth import TEST_SECRET, bearer
+from tests.emptying import empty_every_table
 from tests.faults.harness import LiveServer, WorkerProcess
 
 __all__ = ["ADMIN", "Race", "RoundStats", "gather"]
@@ -34,7 +35,6 @@ __all__ = ["ADMIN", "Race", "RoundStats", "gather"]
 pytestmark = pytest.mark.committing
 
 ADMIN = bearer(Role.ADMIN, subject="race@shop.example")
-_TABLES = ", ".join(f'"{name}"' for name in sorted(metadata.tables))
 
 
 def _failures(log: Path) -> list[dict[str, Any]]:
@@ -171,20 +171,6 @@ async def race(live_api: LiveServer, live_worker: WorkerProcess, database_url: s
         assert live_api.alive() and live_worker.alive(), "the server or the worker died during the test"
     finally:
         try:
-            await _empty_every_table(db)
+            await empty_every_table(db.execute)
         finally:
             await db.close()
-
-
-async def _empty_every_table(db: asyncpg.Connection) -> None:
-    """TRUNCATE takes its table locks one by one while the live worker keeps polling: the worker's transaction
-    may hold one of them and wait for another, and PostgreSQL ends one side as a deadlock. The emptying is
-    tried again (the worker's side retries on its own)."""
-    for attempt in range(10):
-        try:
-            await db.execute(f"TRUNCATE {_TABLES} CASCADE")
-            return
-        except asyncpg.DeadlockDetectedError:
-            if attempt == 9:
-                raise
-            await asyncio.sleep(0.2 * (attempt + 1))

@@ -17,6 +17,7 @@ counts the violations over all of them (printed; run with -s to see them), then 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import random
@@ -31,12 +32,12 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import metadata, plain_dsn
+from app.db import plain_dsn
 from tests.auth import TEST_SECRET, bearer
 from tests.csv_samples import build_csv
+from tests.emptying import empty_every_table, execute_alone
 from tests.faults.harness import LiveServer
 from tests.faults.test_sync_outage import WorkerProcess
 
@@ -75,9 +76,7 @@ async def live(
     finally:
         worker.stop()
         api.stop()
-        tables = ", ".join(f'"{name}"' for name in sorted(metadata.tables))
-        async with engine.begin() as conn:
-            await conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+        await empty_every_table(functools.partial(execute_alone, engine))
 
 
 @pytest_asyncio.fixture
