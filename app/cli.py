@@ -54,9 +54,10 @@ _TTL = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _settings() -> Settings:
+def _settings(*, needs_secret: bool = True) -> Settings:
     """The settings, every value checked before the command does anything (a database, a port, a migration): a bad
-    one is a line naming its variable, exit 2 (the value itself is never repeated: it may be a secret)."""
+    one is a line naming its variable, exit 2 (the value itself is never repeated: it may be a secret).
+    `needs_secret=False` (`carnet openapi`): a JWT_SECRET given is checked, none is required or generated."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
@@ -64,7 +65,8 @@ def _settings() -> Settings:
 
     try:
         settings = get_settings()
-        settings.resolved_jwt_secret()
+        if needs_secret or settings.jwt_secret is not None:
+            settings.resolved_jwt_secret()
         CostlyReads.from_settings(settings)  # what create_app checks across settings, said before the app is built
     except ValidationError as exc:  # a variable out of range: say which, in one line each, not a traceback
         for error in exc.errors():
@@ -192,7 +194,8 @@ def token_list(include_expired: Annotated[bool, typer.Option(help="Show expired 
         return await tokens_service.list_page(session, limit=1000, include_expired=include_expired)
 
     for row in _in_transaction(settings, rows):
-        state = f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"] else f"expires {row['expires_at']:%Y-%m-%d}"
+        state = (f"revoked {row['revoked_at']:%Y-%m-%d}" if row["revoked_at"]
+                 else f"expires {row['expires_at']:%Y-%m-%d}")
         typer.echo(f"{row['jti']}  {row['role']:<11} {row['subject']}  {state}")
 
 
@@ -480,6 +483,7 @@ def openapi(
     """Write the OpenAPI document of this version of the API."""
     from app.main import create_app
 
+    _settings(needs_secret=False)  # a bad variable is one line here too, not a traceback from building the app
     document = create_app(Settings(jwt_secret="x" * 32, database_url="postgresql://unused/")).openapi()  # type: ignore[arg-type]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=2, ensure_ascii=False, sort_keys=True) + "\n")

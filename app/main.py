@@ -124,7 +124,8 @@ def create_app(settings: Settings | None = None, *, database_url: str | None = N
         app.add_middleware(ContactUpsertFastPath, upsert=contact_upsert_route(app), max_bytes=settings.max_body_bytes)
     if app.state.journal is not None:  # inside RequestContext (the request id), around everything that answers
         app.add_middleware(JournalReads, journal=app.state.journal)
-    app.add_middleware(RequestContext)  # outermost: every response, errors included, carries X-Request-ID
+    # Outermost: every response, errors included, carries X-Request-ID; metrics and logs name the route's template.
+    app.add_middleware(RequestContext, routes=app.routes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -7,10 +7,13 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
+from fastapi.routing import iter_route_contexts
 from prometheus_client import Counter, Histogram
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import AppError, PayloadTooLarge
@@ -35,8 +38,11 @@ _series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 class RequestContext:
     """Binds request_id (incoming X-Request-ID or new) to the log context and answers it back."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, routes: Iterable[BaseRoute] = ()) -> None:
         self.app = app
+        # Each route's template as the client calls it: FastAPI puts in scope["route"] the route of the included
+        # router, whose path lacks the prefixes it was included under (`/contacts/{contact_id}`, not `/v1/...`).
+        self._templates = {id(c.original_route): c.path_format for c in iter_route_contexts(list(routes))}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,7 +73,7 @@ class RequestContext:
                 await send_problem(scope, send_with_id, unexpected_problem(exc))
         finally:
             elapsed = time.perf_counter() - started
-            route = _route_template(scope)
+            route = _route_template(scope, self._templates)
             seconds, requests = _metrics(scope["method"], route, status)
             seconds.observe(elapsed)
             requests.inc()
@@ -179,7 +185,8 @@ def _incoming_request_id(scope: Scope) -> str | None:
     return None
 
 
-def _route_template(scope: dict[str, Any]) -> str:
+def _route_template(scope: dict[str, Any], templates: Mapping[int, str]) -> str:
+    """The metrics' and log's `route`: a template of the app's (a bounded set), or `unmatched`."""
     route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = templates.get(id(route)) or getattr(route, "path", None)
     return str(path) if path else "unmatched"

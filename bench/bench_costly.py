@@ -153,7 +153,7 @@ async def server_read_buckets(base_url: str) -> dict[str, float]:
         text = (await http.get("/metrics")).text
     counts = {}
     for line in text.splitlines():
-        if line.startswith(_READ_BUCKETS) and 'method="GET",route="/contacts/{contact_id}",status="200"' in line:
+        if line.startswith(_READ_BUCKETS) and 'method="GET",route="/v1/contacts/{contact_id}",status="200"' in line:
             counts[line[len(_READ_BUCKETS):].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
     return counts
 

@@ -88,10 +88,15 @@ def test_boot_without_secret_outside_embedded_mode_fails_clearly(tmp_path: Path)
 
 
 def test_openapi_writes_the_document(tmp_path: Path) -> None:
-    out = tmp_path / "openapi.json"
-    result = _carnet("openapi", "--output", str(out), env=_env(), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "/v1/contacts" in json.loads(out.read_text())["paths"]
+    """It needs no database and no secret: none is asked for (DATABASE_URL without JWT_SECRET), none is generated."""
+    data = tmp_path / "data"
+    for extra in ({}, {"DATABASE_URL": f"postgresql://carnet@127.0.0.1:{_closed_port()}/carnet"}):
+        out = tmp_path / "openapi.json"
+        result = _carnet("openapi", "--output", str(out), env=_env(DATA_DIR=str(data), **extra), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "/v1/contacts" in json.loads(out.read_text())["paths"]
+        assert not data.exists()
+        out.unlink()
 
 
 def test_secrets_rotate_reencrypts_under_the_new_first_key(tmp_path: Path, database_url: str) -> None:
@@ -211,6 +216,19 @@ def test_each_invalid_setting_is_refused_at_start_in_one_line_naming_it(tmp_path
             assert _one_line(result).startswith(f"carnet: {name}"), (name, result.stderr)
             if name in ("JWT_SECRET", "SECRETS_KEYS", "DATABASE_URL"):
                 assert value not in result.stderr  # secrets, and URLs that may carry one, are never echoed
+
+
+def test_openapi_refuses_an_invalid_setting_in_one_line_as_every_command_does(tmp_path: Path) -> None:
+    """`carnet openapi` printed a traceback (exit 1) for a setting out of range or not JSON, or wrote the document
+    over a too short JWT_SECRET; every other command says which variable, in one line, exit 2."""
+    out = tmp_path / "openapi.json"
+    for name, value in INVALID_SETTINGS:
+        result = _carnet("openapi", "--output", str(out), env=_env(**{name: value}), cwd=tmp_path)
+        assert result.returncode == 2, (name, result.stderr[-3000:])
+        assert _one_line(result).startswith(f"carnet: {name}"), (name, result.stderr)
+        assert not out.exists(), name
+        if name in ("JWT_SECRET", "SECRETS_KEYS", "DATABASE_URL"):
+            assert value not in result.stderr
 
 
 def test_every_setting_is_documented_with_its_default(tmp_path: Path) -> None:

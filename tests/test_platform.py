@@ -45,6 +45,26 @@ class TestProbes:
         assert "XMETHOD" not in text
         assert 'method="other",route="unmatched",status="405"' in text
 
+    async def test_metrics_route_label_is_the_template_the_client_called_and_stays_bounded(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """A route of a router included under `/v1` was labelled without it (`/lists`, `/contacts/{contact_id}`),
+        while `/v1/contacts/duplicates` kept it: a dashboard could not tell `/v1/...` from the same path elsewhere."""
+        contact = (await client.post("/v1/contacts", json={"email": unique_email()}, headers=ADMIN)).json()
+        odd = f"x{uuid.uuid4().hex}"
+        for path in (f"/v1/contacts/{contact['id']}", "/v1/lists", f"/v1/lists/{odd}", "/v1/contacts/duplicates",
+                     "/healthz", f"/v1/{odd}", f"/v1/contacts/{contact['id']}/{odd}", f"/docs/assets/{odd}.js"):
+            await client.get(path, headers=ADMIN)
+        preview = {"filter": {"field": "kind", "op": "eq", "value": "customer"}}  # through the costly-read gate
+        assert (await client.post("/v1/segments/preview", json=preview, headers=ADMIN)).status_code == 200
+        text = (await client.get("/metrics")).text
+        routes = {line.split('route="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+                  if line.startswith("carnet_http_request_duration_seconds_count")}
+        assert {"/v1/contacts", "/v1/contacts/{contact_id}", "/v1/lists", "/v1/lists/{list_id}",
+                "/v1/segments/preview", "/v1/contacts/duplicates", "/healthz", "unmatched"} <= routes
+        assert {"/contacts", "/contacts/{contact_id}", "/lists"}.isdisjoint(routes)
+        assert odd not in text and contact["id"] not in text  # nothing the client typed but a template
+
     async def test_readyz_refuses_a_schema_behind_or_absent_naming_carnet_migrate(
         self, settings: Settings, fresh_database: str
     ) -> None:
@@ -103,7 +123,9 @@ class TestRaces:
         assert len({r.json()["id"] for r in responses}) == 1
 
     @pytest.mark.committing
-    async def test_concurrent_idempotent_creates_replay_one_response(self, committing_client: httpx.AsyncClient) -> None:
+    async def test_concurrent_idempotent_creates_replay_one_response(
+        self, committing_client: httpx.AsyncClient
+    ) -> None:
         headers = {**ADMIN, "Idempotency-Key": "race-key"}
         body = {"email": unique_email()}
         responses = await asyncio.gather(
@@ -170,7 +192,9 @@ class TestFailures:
         assert response.headers["content-type"] == "application/problem+json"
         assert response.headers["retry-after"] == "2"
 
-    async def test_logs_carry_no_personal_data(self, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    async def test_logs_carry_no_personal_data(
+        self, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    ) -> None:
         caplog.set_level(logging.DEBUG)  # successes log at debug
         email = "very.private@example.com"
         await client.post("/v1/contacts", json={"email": email, "phone": "0612345678"}, headers=ADMIN)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Request, Response
 
 from app.access import note
 from app.db import ReadSession, ReplicaSession, WriteSession
-from app.errors import IdempotencyKeyReused, InvalidInput, PreconditionFailed, problems
+from app.errors import IdempotencyKeyReused, InvalidInput, MissingScope, PreconditionFailed, problems
 from app.routers.deps import CursorParam, Idempotency, IfMatch, JSONBody, etag, version_receipt
 from app.schemas.contacts import ContactPage, present_contact
 from app.schemas.segments import (
@@ -57,10 +57,12 @@ async def list_segments(
 
 @router.post("", status_code=201, response_model=SegmentRead,
              responses=problems(DuplicateSegment, IdempotencyKeyReused))
-async def create_segment(payload: SegmentCreate, session: WriteSession, _: Writer, idem: Idempotency) -> Any:
-    """An invalid filter is a 422 whose `errors[].field` is the JSON path of the faulty part."""
+async def create_segment(payload: SegmentCreate, session: WriteSession, caller: Writer, idem: Idempotency) -> Any:
+    """An invalid filter is a 422 whose `errors[].field` is the JSON path of the faulty part. A filter on
+    `attributes.*` needs contacts:read as well (403 otherwise)."""
     if idem.replay:
         return idem.replay
+    _check_attributes_readable(caller, payload.filter)
     row = await segments_service.create(session, name=payload.name, filter_=payload.filter,
                                         description=payload.description)
     return await idem.respond(201, present_segment(row),
@@ -80,6 +82,16 @@ async def preview_segment(
     return JSONBody({"count": total, "data": [present_contact(r, reveal_pii=caller.sees_pii) for r in rows]})
 
 
+def _check_attributes_readable(caller: Principal, filter_: Any) -> None:
+    """A filter naming `attributes.<name>` is saved or refused (422 `unknown_attribute`, ops by the attribute's
+    type) as the definitions say: name by name, an oracle of a catalogue read with contacts:read. Refused to a
+    token without it before any definition is read, the same for a defined name and an unknown one (security.md,
+    classes 8 and 11). The preview and member pages need contacts:read already."""
+    if not caller.reads(Scope.CONTACTS_READ) and segments_service.mentions_attributes(filter_):
+        raise MissingScope("a filter on attributes.* tells which attributes are defined and their types: "
+                           "contacts:read is needed", missing_scopes=[Scope.CONTACTS_READ.value])
+
+
 def _one(row: Any) -> JSONBody:
     return JSONBody(present_segment(row), headers={"ETag": etag(row["version"])})
 
@@ -97,8 +109,9 @@ async def update_segment(
     segment_id: uuid.UUID, patch: Annotated[SegmentPatch, Body()], session: WriteSession, caller: Writer,
     expected_version: IfMatch,
 ) -> Any:
-    """Merge patch of name, description and filter."""
+    """Merge patch of name, description and filter (on `attributes.*`: needs contacts:read as well)."""
     changes = patch.model_dump(exclude_unset=True)
+    _check_attributes_readable(caller, changes.get("filter"))
     row = await segments_service.update(session, segment_id, changes, expected_version=expected_version)
     # a PATCH {} must not read the definition to a token without segments:read (security.md, 11)
     return _one(row) if caller.reads(Scope.SEGMENTS_READ) else version_receipt("id", row["id"], row["version"])

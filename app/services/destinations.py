@@ -261,12 +261,18 @@ async def create(
     if data.list_mappings or data.segment_mappings:
         # The mapped lists' members go to the vendor (the segments' once the worker takes their snapshot): who
         # sent the file, and how many people, is an act (docs/gdpr.md). The count, never the ids: unbounded.
-        members = await session.scalar(select(func.count(distinct(_members.c.contact_id)))
-                                       .where(_members.c.list_id.in_([m.list_id for m in data.list_mappings])))
-        await journal.record(session, journal.act(actor, "destinations.created", count=members or 0, detail={
-            "destination_id": str(row["id"]), "kind": row["kind"], "lists": len(data.list_mappings),
-            "segments": len(data.segment_mappings)}))
+        await journal.record(session, journal.act(
+            actor, "destinations.created", count=await _mapped_members(session, row), detail={
+                "destination_id": str(row["id"]), "kind": row["kind"], "lists": len(data.list_mappings),
+                "segments": len(data.segment_mappings)}))
     return row, generated
+
+
+async def _mapped_members(session: AsyncSession, row: Row) -> int:
+    """How many people the destination's mapped lists hold (distinct): whose data it sends."""
+    list_ids = [uuid.UUID(m["list_id"]) for m in row["list_mappings"]]
+    return await session.scalar(select(func.count(distinct(_members.c.contact_id)))
+                                .where(_members.c.list_id.in_(list_ids))) or 0
 
 
 async def _journal_secrets(session: AsyncSession, actor: Principal, row: Row, keys: list[str]) -> None:
@@ -313,6 +319,9 @@ async def list_page(
     """Destinations by name (keyset on the unique name)."""
     return await page_by_name(session, select(_t), _t.c.name, sort="destinations:name",
                               limit=limit, cursor=cursor, codec=codec)
+
+
+_MAPPINGS = ("field_mappings", "list_mappings", "segment_mappings")  # what a destination sends, and whose
 
 
 async def update(
@@ -372,6 +381,15 @@ async def update(
                               .values(**changes, version=_t.c.version + 1, updated_at=utc_now()))
     row = await get(session, destination_id)
     await _journal_secrets(session, actor, row, secret_keys)
+    remapped = [name for name in _MAPPINGS if name in changes and changes[name] != current[name]]
+    if remapped:
+        # Whose data, and which of it, goes to the vendor changed: an act like the destination's creation
+        # (docs/gdpr.md "Access journal"). The mapped lists' members counted, Carnet's field names, no value.
+        await journal.record(session, journal.act(
+            actor, "destinations.mappings_changed", count=await _mapped_members(session, row), detail={
+                "destination_id": str(destination_id), "kind": row["kind"], "changed": remapped,
+                "lists": len(row["list_mappings"]), "segments": len(row["segment_mappings"]),
+                "fields": sorted(row["field_mappings"])}))
     return row
 
 

@@ -96,6 +96,7 @@ __all__ = [
     "delete_segment",
     "get",
     "list_page",
+    "mentions_attributes",
     "preview",
     "segment_condition",
     "update",
@@ -754,7 +755,7 @@ async def _compile_with_definitions(
 
 async def _definitions(session: AsyncSession, filter_: Any) -> dict[str, str]:
     """The attribute definitions, read only for a filter naming one (a round trip less for the common filters)."""
-    if not _mentions_attributes(filter_):
+    if not mentions_attributes(filter_):
         return {}
     return {r.name: r.type for r in await session.execute(select(_defs.c.name, _defs.c.type))}
 
@@ -823,7 +824,7 @@ def _single_condition(node: Any) -> bool:
     return isinstance(node, dict) and "field" in node
 
 
-def _mentions_attributes(node: Any) -> bool:
+def mentions_attributes(node: Any) -> bool:
     """Whether any condition of the (not yet validated) filter names an `attributes.` field. Iterative: the
     filter may be nested far deeper than the recursion limit (it is checked after this)."""
     stack = [node]
@@ -902,7 +903,7 @@ async def segments_naming_list(session: AsyncSession, list_id: uuid.UUID) -> lis
 
 
 def _named_lists(node: Any) -> set[uuid.UUID]:
-    """The list ids the `lists` conditions of a stored filter name (iterative, as _mentions_attributes)."""
+    """The list ids the `lists` conditions of a stored filter name (iterative, as mentions_attributes)."""
     found: set[uuid.UUID] = set()
     stack = [node]
     while stack:

@@ -1104,7 +1104,8 @@ export interface paths {
         put?: never;
         /**
          * Create Segment
-         * @description An invalid filter is a 422 whose `errors[].field` is the JSON path of the faulty part.
+         * @description An invalid filter is a 422 whose `errors[].field` is the JSON path of the faulty part. A filter on
+         *     `attributes.*` needs contacts:read as well (403 otherwise).
          */
         post: operations["create_segment_v1_segments_post"];
         delete?: never;
@@ -1150,7 +1151,7 @@ export interface paths {
         head?: never;
         /**
          * Update Segment
-         * @description Merge patch of name, description and filter.
+         * @description Merge patch of name, description and filter (on `attributes.*`: needs contacts:read as well).
          */
         patch: operations["update_segment_v1_segments__segment_id__patch"];
         trace?: never;

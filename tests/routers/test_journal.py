@@ -383,6 +383,46 @@ class TestAdministrativeActs:
 
         assert [e["action"] for e in await entries_after(app, unmapped)] == ["destinations.secrets_set"]
 
+    async def test_a_change_of_what_a_destination_sends_is_journaled_with_who_and_what(
+        self, client: httpx.AsyncClient, app: FastAPI
+    ) -> None:
+        # A PATCH of `list_mappings` or `field_mappings` changes whose data, and which of it, reaches the vendor:
+        # it was journaled at creation and resync, not when changed afterwards.
+        first, second = await make_list(client), await make_list(client)
+        for the_list, people in ((first, 2), (second, 3)):
+            for _ in range(people):
+                contact = await make_contact(client)
+                joined = await subscribe(client, the_list["id"], contact["id"], {"consent": {"proof": PROOF}})
+                assert joined.status_code < 300, joined.text
+        response = await client.post("/v1/destinations", headers=ADMIN, json={
+            "kind": "brevo", "name": "brevo-remap", "config": {"api_key": "xkeysib-remap-1"},
+            "list_mappings": [{"list_id": first["id"], "remote_list_id": "7"}]})
+        assert response.status_code == 201, response.text
+        destination = response.json()["id"]
+
+        def patch(body: dict[str, Any]) -> Callable[[], Any]:
+            async def call() -> None:
+                answer = await client.patch(f"/v1/destinations/{destination}", json=body,
+                                            headers=ROLES[Role.MANAGER])
+                assert answer.status_code == 200, answer.text
+            return call
+
+        both = [{"list_id": first["id"], "remote_list_id": "7"}, {"list_id": second["id"], "remote_list_id": "8"}]
+        [remapped] = await entries_after(app, patch({"list_mappings": both}))
+        assert (remapped["action"], remapped["kind"]) == ("destinations.mappings_changed", "admin")
+        assert remapped["subject"] == "manager@shop.example" and remapped["refs"] == []
+        assert remapped["ref_count"] == 5  # the mapped lists' members after the change: the count, never the ids
+        assert remapped["detail"] == {"destination_id": destination, "kind": "brevo", "changed": ["list_mappings"],
+                                      "lists": 2, "segments": 0, "fields": []}
+
+        [fields] = await entries_after(app, patch({"field_mappings": {"phone": "SMS", "first_name": "PRENOM"}}))
+        assert fields["detail"]["changed"] == ["field_mappings"]
+        assert fields["detail"]["fields"] == ["first_name", "phone"]  # Carnet's field names, no value
+
+        assert await entries_after(app, patch({"list_mappings": both, "field_mappings": {
+            "first_name": "PRENOM", "phone": "SMS"}})) == []  # the same mappings again: nothing changed
+        assert await entries_after(app, patch({"enabled": False})) == []
+
     async def test_a_refused_act_leaves_no_entry(self, client: httpx.AsyncClient, app: FastAPI) -> None:
         async def refused() -> None:
             response = await client.delete("/v1/tokens/no-such-token", headers=ADMIN)
