@@ -51,7 +51,7 @@ from app.models import (
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import consents as consents_service
-from app.services import journal, outbox, segment_sync, suppressions
+from app.services import journal, locks, outbox, segment_sync, suppressions
 from app.services.commerce import MERGED_PEOPLE
 
 __all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
@@ -158,6 +158,8 @@ async def erase(
 
 async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: str, by: str | None = None) -> int:
     """Erase locked contact rows (`id`, `email`, `phone`), in this transaction, set-based; `by`: who (a subject)."""
+    if contacts:  # import batches being written finish first, and the next ones see the suppression (locks.py)
+        await locks.exclude_import_batches(session)
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]

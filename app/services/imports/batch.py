@@ -203,6 +203,7 @@ async def write_batch(
     counts["rejected"] += len(validated.records) - len(kept)
     stamped_at: datetime | None = None
     if not kept:
+        await locks.share_with_erasures(connection)  # its duplicates' values: see _hide_erased_duplicates
         turn.hold(keys)
     else:
         await connection.execute(_STAGE_DDL)
@@ -216,6 +217,9 @@ async def write_batch(
             await _match(connection, job, held, "create")
         if held:
             keys |= await _same_contact(connection, job, claimed_in_flight)
+        # An erasure either waits for this batch's commit (and scrubs what it writes) or committed first: then the
+        # suppression check below sees it (locks.share_with_erasures).
+        await locks.share_with_erasures(connection)
         turn.hold(keys)
         await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
