@@ -1,4 +1,4 @@
-"""Suppression entries: keyed hashes of the addresses of erased people, so they are never re-added by accident."""
+"""Suppression entries: keyed hashes of erased people's addresses and customer numbers, so they are never re-added."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ __all__ = ["Suppression"]
 
 
 class Suppression(SQLModel, table=True):
-    """One erased email or phone: HMAC-SHA256 of the normalized value, never the value itself.
+    """One erased email, phone or customer number (external_id): HMAC-SHA256 of the normalized value, never the value.
 
     A release (the person came back with a fresh consent) keeps the row as the record of why,
     with `released_at` set; only rows with `released_at` NULL suppress.
@@ -24,7 +24,7 @@ class Suppression(SQLModel, table=True):
 
     __tablename__: ClassVar[str] = "suppression"  # type: ignore[misc]
     __table_args__ = (
-        CheckConstraint("kind IN ('email', 'phone')", name="kind"),
+        CheckConstraint("kind IN ('email', 'phone', 'external_id')", name="kind"),
         CheckConstraint("reason IN ('erasure', 'retention')", name="reason"),
         UniqueConstraint("kind", "digest"),
     )

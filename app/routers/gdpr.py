@@ -22,7 +22,7 @@ from app.schemas.gdpr import (
     SuppressionReleased,
     present_export,
 )
-from app.schemas.types import Email, PhoneLookup
+from app.schemas.types import Email, ExternalId, PhoneLookup
 from app.security import Principal, Scope, require
 from app.services import gdpr as gdpr_service
 from app.services import suppressions as suppressions_service
@@ -56,7 +56,7 @@ async def erase_contact(
 ) -> Response:
     """Right to erasure (art. 17), in one transaction: see docs/gdpr.md for exactly what goes and what stays.
 
-    The email and phone join the suppression list, so the person is never re-created by accident.
+    The email, phone and external_id join the suppression list, so the person is never re-created by accident.
     """
     await gdpr_service.erase(session, contact_id, actor=caller, expected_version=expected_version)
     return Response(status_code=204)
@@ -66,17 +66,21 @@ async def erase_contact(
 async def check_suppression(
     session: ReadSession,
     _: Annotated[Principal, require(Scope.CONTACTS_READ, Scope.PII_READ)],
-    email: Annotated[Email | None, Query(description="An email address (normalized like a contact's); `email` or `phone` is required")] = None,
+    email: Annotated[Email | None, Query(
+        description="An email address (normalized like a contact's); `email`, `phone` or `external_id` is "
+                    "required")] = None,
     phone: Annotated[PhoneLookup | None, Query(
-        description="A phone number (compared in E.164; one that is not valid is not suppressed); `email` or `phone` "
-                    "is required")] = None,
+        description="A phone number (compared in E.164; one that is not valid is not suppressed); `email`, `phone` "
+                    "or `external_id` is required")] = None,
+    external_id: Annotated[ExternalId | None, Query(
+        description="A customer number (compared as stored: trimmed, case kept)")] = None,
 ) -> Any:
-    """Whether an address belongs to an erased person (one suppressed value is enough).
+    """Whether an address or customer number belongs to an erased person (one suppressed value is enough).
 
     Needs `pii:read`: it is a lookup by an address, like `?email=`, telling a prober who was a customer."""
-    if not (email or phone):
-        raise InvalidInput.one("email", "email or phone is required", "missing")
-    kinds = await suppressions_service.suppressed_kinds(session, email=email, phone=phone)
+    if not (email or phone or external_id):
+        raise InvalidInput.one("email", "email, phone or external_id is required", "missing")
+    kinds = await suppressions_service.suppressed_kinds(session, email=email, phone=phone, external_id=external_id)
     return JSONBody({"suppressed": bool(kinds)})
 
 
@@ -89,7 +93,7 @@ async def release_suppression(payload: SuppressionRelease, session: WriteSession
     """
     proof = payload.proof.model_dump(mode="json", exclude_none=True)
     kinds = await suppressions_service.release(session, email=payload.email, phone=payload.phone, proof=proof,
-                                               actor=caller)
+                                               actor=caller, external_id=payload.external_id)
     return JSONBody({"released": kinds})
 
 

@@ -13,7 +13,7 @@ from app.schemas.consents import ConsentLedger, ConsentProof, present_event
 from app.schemas.contacts import ContactRead, present_contact
 from app.schemas.history import HistoryEntry, present_history
 from app.schemas.orders import CartRead, EventRead, OrderRead, present_contact_event
-from app.schemas.types import Email, PhoneLookup, one_of_required
+from app.schemas.types import Email, ExternalId, PhoneLookup, one_of_required
 from app.security.masking import mask_text
 
 __all__ = [
@@ -71,21 +71,24 @@ class SuppressionCheck(BaseModel):
 class SuppressionRelease(InputSchema):
     """Re-admit an erased person who asked to come back; `proof` shows they did."""
 
-    model_config = ConfigDict(json_schema_extra=one_of_required("email", "phone"))
+    model_config = ConfigDict(json_schema_extra=one_of_required("email", "phone", "external_id"))
 
     email: Email | None = None
     phone: PhoneLookup | None = None
+    external_id: ExternalId | None = Field(
+        default=None, description="A customer number the erased person held (the shop gives it again, or the person "
+                                  "comes back under it)")
     proof: ConsentProof = Field(description="The person's fresh request: where, when (ip), which wording")
 
     @model_validator(mode="after")
     def _names_an_address(self) -> Self:
-        if not (self.email or self.phone):
-            raise ValueError("email or phone is required")
+        if not (self.email or self.phone or self.external_id):
+            raise ValueError("email, phone or external_id is required")
         return self
 
 
 class SuppressionReleased(BaseModel):
-    released: list[str] = Field(description="Which of email, phone were released")
+    released: list[str] = Field(description="Which of email, phone, external_id were released")
 
 
 # A first run may erase years of prospects: the answer counts them all and names a bounded few (docs/gdpr.md).

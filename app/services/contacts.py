@@ -239,7 +239,9 @@ _SUPPRESSED = """SELECT 1 FROM suppression s WHERE s.released_at IS NULL
 # The check after the write (see the module docstring), inside the statement: the row is written before this filter
 # reads it; the function reads the list with a fresh snapshot and raises SUPPRESSED_SQLSTATE, undoing the statement.
 _GUARD = "WHERE carnet_refuse_suppressed({kinds}::text[], {digests}::text[])"
-_ADDRESSES = frozenset({"email", "phone"})
+# The values the suppression list keeps (the column's name is the entry's kind): an erased person's customer number
+# brings them back as surely as their address (docs/gdpr.md, "What suppression covers").
+_ADDRESSES = frozenset({"email", "phone", "external_id"})
 
 
 async def fast_upsert(
@@ -254,7 +256,8 @@ async def fast_upsert(
     if attrs is not _MISSING or tags is not _MISSING:
         return None
     values = _SCALAR_DEFAULTS | _row_values(columns, via=via)
-    digests = suppressions.checked(email=values.get("email"), phone=values.get("phone"))  # the mailbox's too
+    digests = suppressions.checked(email=values.get("email"), phone=values.get("phone"),  # the mailbox's too
+                                   external_id=values.get("external_id"))
     _, _, created = _creation(values)
     rows = await _fast_statement(
         connection, _fast_create_sql(tuple(values)), payload.external_id, payload.email, *digests,
@@ -632,7 +635,8 @@ async def _write(
     else:
         row = (await session.execute(statement)).mappings().one()
     # An erased person's address may not come back by an edit (checked after the write: module docstring).
-    await _refuse_suppressed(session, email=changes.get("email"), phone=changes.get("phone"))
+    await _refuse_suppressed(session, email=changes.get("email"), phone=changes.get("phone"),
+                             external_id=changes.get("external_id"))
     await history.record(session, row["id"], _diff(current, row), actor=actor, via=via)
     await outbox.add(session, "contact.updated", contact_id=row["id"],
                      payload={"contact_id": str(row["id"]), "fields": sorted(changes)})
@@ -644,16 +648,18 @@ async def _created(session: AsyncSession, row: Row, *, actor: Principal, via: st
 
     An erased person's address refuses the creation (checked after the insert: module docstring).
     """
-    await _refuse_suppressed(session, email=row["email"], phone=row["phone"])
+    await _refuse_suppressed(session, email=row["email"], phone=row["phone"], external_id=row["external_id"])
     await history.record(session, row["id"], [_creation(row)], actor=actor, via=via)
     await outbox.add(session, "contact.created", contact_id=row["id"], payload={"contact_id": str(row["id"])})
 
 
-async def _refuse_suppressed(session: AsyncSession, *, email: str | None, phone: str | None) -> None:
-    """SuppressedContact (409) when the address just written belongs to an erased person; the caller's transaction
-    (or savepoint, in a batch) then undoes the write."""
-    if email or phone:
-        await suppressions.ensure_not_suppressed(session, email=email, phone=phone)
+async def _refuse_suppressed(session: AsyncSession, *, email: str | None, phone: str | None,
+                             external_id: str | None) -> None:
+    """SuppressedContact (409) when the address or customer number just written belongs to an erased person; the
+    caller's transaction (or savepoint, in a batch) then undoes the write. A value the contact already held is not
+    given: the contact that holds a number now is matched by it, whoever held it before."""
+    if email or phone or external_id:
+        await suppressions.ensure_not_suppressed(session, email=email, phone=phone, external_id=external_id)
 
 
 async def _lock(

@@ -3,8 +3,8 @@
 Erasure removes a person from every table in the caller's transaction, set-based, so one contact and a
 retention run of thousands take the same few statements:
 
-1. every email and phone they held (now, or before as their history says) goes to the suppression list, with
-   each email's mailbox (keyed hashes, `services/suppressions.py`);
+1. every email, phone and customer number (external_id) they held (now, or before as their history says) goes to
+   the suppression list, with each email's mailbox (keyed hashes, `services/suppressions.py`);
 2. values that name the person elsewhere are cleared: import reject reports and file names, a running import's
    keys, refusal notes, and another contact's history where the person's address or number was once typed; they
    look for who the person is and was (their own history: former addresses, records merged into theirs), so they
@@ -51,7 +51,7 @@ from app.models import (
 from app.models.base import utc_now
 from app.security import Principal
 from app.services import consents as consents_service
-from app.services import journal, outbox, segment_sync, suppressions
+from app.services import journal, locks, outbox, segment_sync, suppressions
 from app.services.commerce import MERGED_PEOPLE
 
 __all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
@@ -158,6 +158,8 @@ async def erase(
 
 async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: str, by: str | None = None) -> int:
     """Erase locked contact rows (`id`, `email`, `phone`), in this transaction, set-based; `by`: who (a subject)."""
+    if contacts:  # import batches being written finish first, and the next ones see the suppression (locks.py)
+        await locks.exclude_import_batches(session)
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
@@ -188,18 +190,22 @@ async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: 
 
 
 async def _former_addresses(session: AsyncSession, ids: Sequence[uuid.UUID]) -> list[dict[str, str | None]]:
-    """Every email and phone their history says they held (changed since, or a record's merged into theirs), as
-    rows for `suppressions.suppress`: an old address must not bring them back either (docs/gdpr.md)."""
-    return [{"email": value, "phone": None} if kind == "email" else {"email": None, "phone": value}
-            for kind, value in (await session.execute(_FORMER_ADDRESSES, {"ids": list(ids)})).all()]
+    """Every email and phone their history says they held (changed since, or a record's merged into theirs), and
+    every external_id they hold or held, as rows for `suppressions.suppress`: an old address or customer number must
+    not bring them back either (docs/gdpr.md)."""
+    rows = (await session.execute(_FORMER_ADDRESSES, {"ids": list(ids)})).all()
+    return [{"email": None, "phone": None, "external_id": None} | {kind: value} for kind, value in rows]
 
 
 _FORMER_ADDRESSES = text("""
     SELECT DISTINCT replace(h.field, 'merged_contact.', ''), v.value
     FROM contact_history h
     CROSS JOIN LATERAL (VALUES (h.old_value #>> '{}'), (h.new_value #>> '{}')) AS v(value)
-    WHERE h.contact_id = ANY(:ids) AND h.field IN ('email', 'phone', 'merged_contact.email', 'merged_contact.phone')
-      AND v.value IS NOT NULL
+    WHERE h.contact_id = ANY(:ids) AND v.value IS NOT NULL
+      AND h.field IN ('email', 'phone', 'external_id', 'merged_contact.email', 'merged_contact.phone',
+                      'merged_contact.external_id')
+    UNION
+    SELECT 'external_id', external_id FROM contact WHERE id = ANY(:ids) AND external_id IS NOT NULL
 """)
 
 

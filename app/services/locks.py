@@ -22,7 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Contact
 
-__all__ = ["lock_contacts", "lock_following_merges", "lock_new_keys", "share_key_buckets", "survivor_of"]
+__all__ = ["exclude_import_batches", "lock_contacts", "lock_following_merges", "lock_new_keys", "share_key_buckets",
+           "share_with_erasures", "survivor_of"]
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 # A merge committing while a writer waits for the merged contact's lock moves the writer on to the survivor; a
@@ -32,6 +33,8 @@ _MAX_FOLLOWS = 5
 # a few buckets bound the locks one transaction holds (the server's lock table is shared and finite).
 NEW_KEY_NAMESPACE = 0x434E4B59  # "CNKY"
 NEW_KEY_BUCKETS = 64
+# Erasures against import batches (pg_advisory_xact_lock on this key): see share_with_erasures.
+ERASURE_LOCK = 0x434E4552  # "CNER"
 
 
 async def lock_contacts(
@@ -103,6 +106,27 @@ async def share_key_buckets(connection: asyncpg.Connection, *, emails: Iterable[
     keys = [f"email:{v}" for v in emails] + [f"external_id:{v}" for v in external_ids]
     if buckets := _buckets(keys):
         await connection.execute(_SHARE_BUCKETS, NEW_KEY_NAMESPACE, buckets)
+
+
+async def share_with_erasures(connection: asyncpg.Connection) -> None:
+    """An import batch, once it holds its contacts and before it decides what it writes about people (suppressed
+    rows, the keys it leaves in `import_key`, its report lines): SHARE of ERASURE_LOCK, held until it commits.
+
+    A batch writes values naming people it takes no lock on: a row repeating an earlier batch's (`duplicate of row
+    N`, the address as its value), every row of a dry run (its keys; a dry run locks no contact). An erasure
+    committing while such a batch was open scrubbed the reports and keys without the batch's, which then named the
+    person in clear (tests/services/test_import_erasure_race.py). With it, either the erasure waits for the batch's
+    commit and scrubs its lines too, or the batch waits for the erasure's and finds the person suppressed. Taken
+    after the contact locks (an erasure holds its contacts when it asks for the exclusive lock: the other order
+    would be a cycle) and before the batch's `Turn` lets the next batch go on (the next one asks after it, so an
+    erasure queued between the two never waits on a batch that waits, in Python, for one queued behind it)."""
+    await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", ERASURE_LOCK)
+
+
+async def exclude_import_batches(session: AsyncSession) -> None:
+    """An erasure, after it locked its contacts: the exclusive ERASURE_LOCK (share_with_erasures), until it commits.
+    It waits for the import batches being written (seconds each), and batches reaching that point wait for it."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ERASURE_LOCK})
 
 
 def _buckets(keys: Iterable[str]) -> list[int]:

@@ -1,16 +1,16 @@
-"""The suppression list: keyed hashes of the emails and phones of erased people.
+"""The suppression list: keyed hashes of the emails, phones and customer numbers (external_id) of erased people.
 
 An erased person must never be re-created by accident (an import, a checkout, a back-office sync),
 yet Carnet must not keep the address itself. So each address is kept as HMAC-SHA256 of its normalized
 form, keyed with a key derived from the deployment secret: without the key nobody can test guesses
 against the table, which a bare SHA-256 of an email would allow in seconds.
 
-Every path that creates a contact or gives one a new email or phone calls `ensure_not_suppressed` after its
+Every path that creates a contact or gives one a new email, phone or external_id calls `ensure_not_suppressed` after its
 write, in the same transaction (app/services/contacts.py says why after).
 
-What an erasure suppresses (docs/gdpr.md, "What suppression covers"): every email and phone the person held, as
-their history says (a former address, a record merged into theirs), and each email's mailbox (`app.mailbox`: the
-same Gmail inbox without dots or `+tag`) as one more `email` entry. A value is checked against its own digest and
+What an erasure suppresses (docs/gdpr.md, "What suppression covers"): every email, phone and external_id the person
+held, as their history says (a former address, a record merged into theirs), and each email's mailbox (`app.mailbox`:
+the same Gmail inbox without dots or `+tag`) as one more `email` entry. A value is checked against its own digest and
 its mailbox's (`checked`), so `a.da+shop@gmail.com` finds the entry of `ada@gmail.com`, and the other way round.
 Re-admission is explicit: `release` (admin) records who released the address and the person's fresh
 consent proof, and the address stops being suppressed.
@@ -53,7 +53,7 @@ __all__ = [
     "suppressed_kinds",
 ]
 
-KINDS = ("email", "phone")
+KINDS = ("email", "phone", "external_id")
 SUPPRESSED_SQLSTATE = "CS001"  # raised by the SQL function carnet_refuse_suppressed (migration 0019)
 _t = Suppression.__table__  # type: ignore[attr-defined]
 _key: bytes | None = None
@@ -80,7 +80,7 @@ def configure(secret: str) -> None:
 
 
 def digest(kind: str, value: str) -> str:
-    """HMAC-SHA256 of an already normalized email (lowercased) or phone (E.164)."""
+    """HMAC-SHA256 of an already normalized email (lowercased), phone (E.164) or external_id (trimmed, as stored)."""
     if _digest is None:  # fail closed: never compare or store unkeyed hashes
         raise RuntimeError(_UNCONFIGURED)
     return _digest(kind, value)
@@ -97,9 +97,10 @@ def key() -> bytes:
     return _key
 
 
-async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> list[str]:
-    """Which of the given (normalized) values are currently suppressed: a subset of ["email", "phone"]."""
-    wanted = _entries(email=email, phone=phone)
+async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, phone: str | None = None,
+                           external_id: str | None = None) -> list[str]:
+    """Which of the given (normalized) values are currently suppressed: a subset of KINDS."""
+    wanted = _entries(email=email, phone=phone, external_id=external_id)
     if not wanted:
         return []
     rows = await session.execute(
@@ -109,9 +110,10 @@ async def suppressed_kinds(session: AsyncSession, *, email: str | None = None, p
     return list(dict.fromkeys(kind for kind, value in wanted if (kind, value) in found))
 
 
-async def ensure_not_suppressed(session: AsyncSession, *, email: str | None = None, phone: str | None = None) -> None:
-    """Raise SuppressedContact (409) when the email or phone belongs to an erased person."""
-    kinds = await suppressed_kinds(session, email=email, phone=phone)
+async def ensure_not_suppressed(session: AsyncSession, *, email: str | None = None, phone: str | None = None,
+                                external_id: str | None = None) -> None:
+    """Raise SuppressedContact (409) when the email, phone or external_id belongs to an erased person."""
+    kinds = await suppressed_kinds(session, email=email, phone=phone, external_id=external_id)
     if kinds:
         raise SuppressedContact(
             f"this {' and '.join(kinds)} belonged to a person who was erased (GDPR art. 17) and may not be added "
@@ -121,13 +123,14 @@ async def ensure_not_suppressed(session: AsyncSession, *, email: str | None = No
 
 
 async def suppress(session: AsyncSession, contacts: Iterable[Mapping[str, Any]], *, reason: str) -> int:
-    """Add the emails (and their mailboxes) and phones of these rows (`email`, `phone`) to the list, re-suppressing
-    released entries."""
+    """Add the emails (and their mailboxes), phones and external ids of these rows (`email`, `phone`, `external_id`
+    if present) to the list, re-suppressing released entries."""
     now = utc_now()
     rows = {
         (kind, value): {"id": new_id(), "kind": kind, "digest": value, "reason": reason, "created_at": now}
         for contact in contacts
-        for kind, value in _entries(email=contact["email"], phone=contact["phone"])
+        for kind, value in _entries(email=contact["email"], phone=contact["phone"],
+                                    external_id=contact.get("external_id"))
     }
     if not rows:
         return 0
@@ -148,11 +151,12 @@ async def suppress(session: AsyncSession, contacts: Iterable[Mapping[str, Any]],
 
 
 async def release(
-    session: AsyncSession, *, email: str | None, phone: str | None, proof: Mapping[str, Any], actor: Principal
+    session: AsyncSession, *, email: str | None, phone: str | None, proof: Mapping[str, Any], actor: Principal,
+    external_id: str | None = None,
 ) -> list[str]:
     """Stop suppressing these values (an email with its mailbox: the person comes back with that inbox); the row
     keeps who released it, when, and the person's proof."""
-    wanted = _entries(email=email, phone=phone)
+    wanted = _entries(email=email, phone=phone, external_id=external_id)
     released = await session.execute(
         update(_t)
         .where(_keys_in(wanted), _t.c.released_at.is_(None))
@@ -163,7 +167,8 @@ async def release(
     kinds = list(dict.fromkeys(kind for kind, value in wanted if (kind, value) in done))
     if not kinds:
         raise SuppressionNotFound("none of the given values is suppressed")
-    given = _digests(email=email, phone=phone)  # the journal's refs: the digests of the values as given
+    # the journal's refs: the digests of the values as given
+    given = _digests(email=email, phone=phone, external_id=external_id)
     await journal.record(session, journal.act(actor, "suppressions.released",
                                               refs=journal.erased_refs(given[k] for k in kinds),
                                               detail={"kinds": kinds}))
@@ -179,22 +184,22 @@ def digests(*, email: str | None, phone: str | None) -> dict[str, str]:
     return _digests(email=email, phone=phone)
 
 
-def checked(*, email: str | None, phone: str | None) -> tuple[list[str], list[str]]:
+def checked(*, email: str | None, phone: str | None, external_id: str | None = None) -> tuple[list[str], list[str]]:
     """(kinds, digests) a write of these normalized values is checked against, as SQL arrays: each value's digest
     and the email's mailbox's (an `email` entry too)."""
-    entries = _entries(email=email, phone=phone)
+    entries = _entries(email=email, phone=phone, external_id=external_id)
     return [kind for kind, _ in entries], [value for _, value in entries]
 
 
-def _entries(*, email: str | None, phone: str | None) -> list[tuple[str, str]]:
+def _entries(*, email: str | None, phone: str | None, external_id: str | None = None) -> list[tuple[str, str]]:
     """(kind, digest) of the values, and of the email's mailbox when it is another address (`app.mailbox`)."""
-    entries = list(_digests(email=email, phone=phone).items())
+    entries = list(_digests(email=email, phone=phone, external_id=external_id).items())
     mailbox = mailbox_key(email) if email else None
     if mailbox is not None and mailbox != email:
         entries.insert(1, ("email", digest("email", mailbox)))
     return entries
 
 
-def _digests(*, email: str | None, phone: str | None) -> dict[str, str]:
-    given = {"email": email, "phone": phone}
+def _digests(*, email: str | None, phone: str | None, external_id: str | None = None) -> dict[str, str]:
+    given = {"email": email, "phone": phone, "external_id": external_id}
     return {kind: digest(kind, value) for kind, value in given.items() if value}

@@ -222,7 +222,7 @@ export interface paths {
          * Erase Contact
          * @description Right to erasure (art. 17), in one transaction: see docs/gdpr.md for exactly what goes and what stays.
          *
-         *     The email and phone join the suppression list, so the person is never re-created by accident.
+         *     The email, phone and external_id join the suppression list, so the person is never re-created by accident.
          */
         delete: operations["erase_contact_v1_contacts__contact_id__delete"];
         options?: never;
@@ -1202,7 +1202,7 @@ export interface paths {
         };
         /**
          * Check Suppression
-         * @description Whether an address belongs to an erased person (one suppressed value is enough).
+         * @description Whether an address or customer number belongs to an erased person (one suppressed value is enough).
          *
          *     Needs `pii:read`: it is a lookup by an address, like `?email=`, telling a prober who was a customer.
          */
@@ -4309,6 +4309,11 @@ export interface components {
         SuppressionRelease: {
             /** Email */
             email?: string | null;
+            /**
+             * External Id
+             * @description A customer number the erased person held (the shop gives it again, or the person comes back under it)
+             */
+            external_id?: string | null;
             /** Phone */
             phone?: string | null;
             /** @description The person's fresh request: where, when (ip), which wording */
@@ -4317,12 +4322,14 @@ export interface components {
             email: unknown;
         } | {
             phone: unknown;
+        } | {
+            external_id: unknown;
         };
         /** SuppressionReleased */
         SuppressionReleased: {
             /**
              * Released
-             * @description Which of email, phone were released
+             * @description Which of email, phone, external_id were released
              */
             released: string[];
         };
@@ -9962,10 +9969,12 @@ export interface operations {
     check_suppression_v1_suppressions_check_get: {
         parameters: {
             query?: {
-                /** @description An email address (normalized like a contact's); `email` or `phone` is required */
+                /** @description An email address (normalized like a contact's); `email`, `phone` or `external_id` is required */
                 email?: string | null;
-                /** @description A phone number (compared in E.164; one that is not valid is not suppressed); `email` or `phone` is required */
+                /** @description A phone number (compared in E.164; one that is not valid is not suppressed); `email`, `phone` or `external_id` is required */
                 phone?: string | null;
+                /** @description A customer number (compared as stored: trimmed, case kept) */
+                external_id?: string | null;
             };
             header?: never;
             path?: never;

@@ -153,3 +153,78 @@ async def test_an_inbound_address_change_does_not_bring_back_a_former_address_or
         assert (await post_mailchimp(client, destination, secret, form)).json() == {"received": 1}
         current = (await client.get(f"/v1/contacts/{person['id']}", headers=ADMIN)).json()
         assert current["email"] == person["email"], new
+
+
+# ---- the customer number (decided 2026-12-08) --------------------------------------------------------------------
+
+
+async def test_an_import_row_naming_an_erased_person_by_customer_number_only_is_skipped(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """A back office's file often has no email column: the erased person's customer number (current or former)
+    must not bring their name and address back as a new contact."""
+    tag = _tag()
+    contact = await make_contact(client, email=f"ada.{tag}@example.org", external_id=f"OLD-{tag}")
+    moved = await client.patch(f"/v1/contacts/{contact['id']}", json={"external_id": f"C-{tag}"}, headers=ADMIN)
+    assert moved.status_code == 200, moved.text
+    assert (await erase(client, contact["id"])).status_code == 204
+    data = build_csv(["Code client", "Prénom", "Nom", "Ville"], [
+        (f"C-{tag}", "Ada", f"Martin{tag}", "Quimper"), (f"OLD-{tag}", "Ada", f"Martin{tag}", "Brest"),
+        (f"NEW-{tag}", "Bob", "Dupont", "Paris")])
+    job = await run_import(client, sessions, settings, data)
+    assert (job["created"], job["skipped"], job["rejected"]) == (1, 2, 0), job
+    lines = await report(client, job["id"])
+    assert [(line["row"], line["column"], line["value"]) for line in lines] == [
+        ("2", "Code client", ""), ("3", "Code client", "")]  # the customer number is not written back either
+    assert all("erased" in line["reason"] and "external_id" in line["reason"] for line in lines), lines
+    async with sessions() as session:
+        again = await session.scalar(text("SELECT count(*) FROM contact WHERE last_name = :n"), {"n": f"Martin{tag}"})
+        stored = await session.scalar(text("SELECT count(*) FROM suppression WHERE digest LIKE :t"), {"t": f"%{tag}%"})
+    assert (again, stored) == (0, 0)  # not re-created; the suppression list holds no customer number in clear
+
+
+async def test_every_api_write_refuses_an_erased_customer_number_until_released(client: httpx.AsyncClient) -> None:
+    tag = _tag()
+    contact = await make_contact(client, email=f"ada.{tag}@example.org", external_id=f"C-{tag}")
+    assert (await erase(client, contact["id"])).status_code == 204
+    assert await suppressed(client, external_id=f"C-{tag}")
+    assert not await suppressed(client, external_id=f"c-{tag}")  # a customer number is compared as it is written
+    other = await make_contact(client)
+    key = {"external_id": f"C-{tag}"}
+    attempts = [
+        await client.post("/v1/contacts", json={**key, "first_name": "Again"}, headers=ADMIN),
+        await client.post("/v1/contacts/upsert", json={**key, "first_name": "Again"}, headers=ADMIN),  # autocommit
+        await client.post("/v1/contacts/upsert", json={**key, "tags": ["vip"]}, headers=ADMIN),  # transactional
+        await client.post("/v1/contacts/upsert", json={**key, "email": other["email"]}, headers=ADMIN),  # given
+        await client.patch(f"/v1/contacts/{other['id']}", json=key, headers=ADMIN),
+    ]
+    for response in attempts:
+        body = assert_problem(response, 409)
+        assert body["type"].endswith("/suppressed-contact") and body["suppressed"] == ["external_id"], body
+        assert f"C-{tag}" not in response.text
+    batch = await client.post("/v1/contacts/batch", json={"items": [key]}, headers=ADMIN)
+    assert batch.json()["results"][0]["error"]["type"].endswith("/suppressed-contact"), batch.text
+    # The shop gives the number again, or the person comes back: an explicit, audited release.
+    released = await client.post("/v1/suppressions/release", headers=ADMIN, json={
+        **key, "proof": {"wording": "customer number reissued"}})
+    assert released.status_code == 200 and released.json() == {"released": ["external_id"]}, released.text
+    assert (await client.post("/v1/contacts/upsert", json=key, headers=ADMIN)).status_code == 201
+
+
+async def test_a_live_contact_holding_an_erased_persons_former_customer_number_is_still_updated(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """The shop moved the person to another number and gave theirs to someone else: erasing the person suppresses
+    it (an old file holds it for them), yet the one who holds it now is matched by it as before."""
+    tag = _tag()
+    person = await make_contact(client, email=f"ada.{tag}@example.org", external_id=f"C-{tag}")
+    moved = await client.patch(f"/v1/contacts/{person['id']}", json={"external_id": f"D-{tag}"}, headers=ADMIN)
+    assert moved.status_code == 200, moved.text
+    holder = await make_contact(client, email=f"bob.{tag}@example.org", external_id=f"C-{tag}")
+    assert (await erase(client, person["id"])).status_code == 204
+    updated = await client.post("/v1/contacts/upsert", json={"external_id": f"C-{tag}", "first_name": "Bob"},
+                                headers=ADMIN)
+    assert updated.status_code == 200 and updated.json()["id"] == holder["id"], updated.text
+    data = build_csv(["Code client", "Prénom"], [(f"C-{tag}", "Robert"), (f"D-{tag}", "Ada")])
+    job = await run_import(client, sessions, settings, data)
+    assert (job["updated"], job["skipped"], job["created"]) == (1, 1, 0), job

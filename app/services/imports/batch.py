@@ -59,7 +59,7 @@ _STAGE_TYPES = {
     "gender": "text", "birth_date": "date", "address_line1": "text", "address_line2": "text", "postal_code": "text",
     "city": "text", "region": "text", "country": "text", "language": "text", "source": "text", "kind": "text",
     "first_contact_channel": "text", "attributes": "jsonb", "blank_attributes": "text[]", "email_digest": "text",
-    "phone_digest": "text", "mailbox_digest": "text",
+    "phone_digest": "text", "mailbox_digest": "text", "external_id_digest": "text",
 }
 _FIELD_COLUMN = {
     "address.line1": "address_line1", "address.line2": "address_line2", "address.postal_code": "postal_code",
@@ -67,10 +67,11 @@ _FIELD_COLUMN = {
 }
 _COLUMN_FIELD = {v: k for k, v in _FIELD_COLUMN.items()}
 _EMAIL_DIGEST, _PHONE_DIGEST = STAGE_COLUMNS.index("email_digest"), STAGE_COLUMNS.index("phone_digest")
-_MAILBOX_DIGEST = STAGE_COLUMNS.index("mailbox_digest")
+_MAILBOX_DIGEST, _EXTERNAL_ID_DIGEST = STAGE_COLUMNS.index("mailbox_digest"), STAGE_COLUMNS.index("external_id_digest")
 _EMAIL, _EXTERNAL = STAGE_COLUMNS.index("email"), STAGE_COLUMNS.index("external_id")
 _CONTACT_COLUMNS = [c for c in STAGE_COLUMNS if c not in {
-    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest", "mailbox_digest"}]
+    "row_number", "new_id", "attributes", "blank_attributes", "email_digest", "phone_digest", "mailbox_digest",
+    "external_id_digest"}]
 # `action` is what the batch does with a row. It starts as 'create' and a statement rewrites a staged row only
 # when it decides otherwise (suppressed, matched, skipped, ...): on a file of new contacts nothing is rewritten.
 # Once the writes are done, 'create' rows were created (their contact id is `new_id`), 'update' rows were
@@ -85,6 +86,8 @@ _STAGE_DDL = (
 )
 _REASONS = {
     "suppressed": "skipped: this person was erased (GDPR); the address is on the suppression list",
+    # the same skip, found by the customer number alone (`by_address` false in _REPORTED_SQL)
+    "suppressed_external_id": "skipped: this person was erased (GDPR); the external_id is on the suppression list",
     "skip_exists": "skipped: a contact with this email or external_id exists (mode create_only)",
     "skip_missing": "skipped: no contact with this email or external_id (mode update_only)",
     "other_external_id": "this email belongs to a contact with another external_id",
@@ -200,6 +203,7 @@ async def write_batch(
     counts["rejected"] += len(validated.records) - len(kept)
     stamped_at: datetime | None = None
     if not kept:
+        await locks.share_with_erasures(connection)  # its duplicates' values: see _hide_erased_duplicates
         turn.hold(keys)
     else:
         await connection.execute(_STAGE_DDL)
@@ -213,6 +217,9 @@ async def write_batch(
             await _match(connection, job, held, "create")
         if held:
             keys |= await _same_contact(connection, job, claimed_in_flight)
+        # An erasure either waits for this batch's commit (and scrubs what it writes) or committed first: then the
+        # suppression check below sees it (locks.share_with_erasures).
+        await locks.share_with_erasures(connection)
         turn.hold(keys)
         await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
@@ -242,10 +249,13 @@ async def write_batch(
                                 f"duplicate of row {r['duplicate_of']}", r[field_name]))
                 continue
             column, value = _key_cell(job, r)
+            reason = _REASONS[r["action"]]
             if r["action"] == "suppressed":
                 value = None  # an erased person's address is never written back, not even in the report
                 skipped_as_erased.add(r["row_number"])
-            rejects.append((job.id, r["row_number"], column, _REASONS[r["action"]], value))
+                if not r["by_address"]:  # their customer number named them: the report says which column
+                    column, reason = job.columns_by_field.get("external_id"), _REASONS["suppressed_external_id"]
+            rejects.append((job.id, r["row_number"], column, reason, value))
         if the_list is not None:
             counts["subscribed"] = await _subscribe(connection, job, the_list, rejects, now)
         await connection.execute("DROP TABLE import_stage")  # in a test's outer transaction, commit is a savepoint
@@ -361,17 +371,18 @@ async def _hide_erased_duplicates(
 ) -> None:
     """A row repeating an erased person's is theirs too: reported without its value, as the row it repeats is
     (skipped as suppressed, in this batch or an earlier one), or when its own address or phone is suppressed."""
-    digests = [d for _, _, record in duplicates
-               for d in (record[_EMAIL_DIGEST], record[_PHONE_DIGEST], record[_MAILBOX_DIGEST]) if d]
+    digested = (_EMAIL_DIGEST, _PHONE_DIGEST, _MAILBOX_DIGEST, _EXTERNAL_ID_DIGEST)
+    digests = [d for _, _, record in duplicates for d in (record[i] for i in digested) if d]
     erased = set(await connection.fetchval(
         "SELECT coalesce(array_agg(digest), '{}') FROM suppression WHERE released_at IS NULL "
         "AND digest = ANY($1::text[])", digests)) if digests else set()
     repeated = sorted({first for _, first, _ in duplicates} - skipped_as_erased)
     skipped_as_erased = skipped_as_erased | set(await connection.fetchval(
-        "SELECT coalesce(array_agg(row_number), '{}') FROM import_reject WHERE import_id = $1 AND reason = $2 "
-        "AND row_number = ANY($3::int[])", job.id, _REASONS["suppressed"], repeated))
+        "SELECT coalesce(array_agg(row_number), '{}') FROM import_reject WHERE import_id = $1 "
+        "AND reason = ANY($2::text[]) AND row_number = ANY($3::int[])", job.id,
+        [_REASONS["suppressed"], _REASONS["suppressed_external_id"]], repeated))
     for position, first, record in duplicates:
-        if first in skipped_as_erased or {record[i] for i in (_EMAIL_DIGEST, _PHONE_DIGEST, _MAILBOX_DIGEST)} & erased:
+        if first in skipped_as_erased or {record[i] for i in digested} & erased:
             rejects[position] = (*rejects[position][:4], None)
 
 
@@ -415,13 +426,17 @@ def _holders_sql(*, lock: bool, of: str | None = None) -> str:
 
 
 # After matching, so that it overrides whatever matching decided (a duplicate stays one, as a duplicate key does).
+# A customer number suppresses the row unless a contact holds it now: that contact is matched by it, as the API's
+# upsert matches it (the shop gave an erased person's former number to someone else), whoever held it before.
 _SUPPRESSED_SQL = """
 UPDATE import_stage s SET action = 'suppressed'
 WHERE s.action <> 'duplicate' AND EXISTS (
     SELECT 1 FROM suppression p
     WHERE p.released_at IS NULL
       AND ((p.kind = 'email' AND p.digest = s.email_digest) OR (p.kind = 'phone' AND p.digest = s.phone_digest)
-           OR (p.kind = 'email' AND p.digest = s.mailbox_digest))  -- the address's inbox (suppressions.py)
+           OR (p.kind = 'email' AND p.digest = s.mailbox_digest)  -- the address's inbox (suppressions.py)
+           OR (p.kind = 'external_id' AND p.digest = s.external_id_digest
+               AND NOT EXISTS (SELECT 1 FROM contact c WHERE c.external_id = s.external_id)))
 )
 """
 
@@ -497,10 +512,13 @@ WHERE n.row_number NOT IN (SELECT row_number FROM repeated)
 """
 
 # The rows the report names (skipped, refused, duplicates), with the key that named a duplicate's contact (matching
-# tries the external_id first).
+# tries the external_id first), and whether a suppressed row's address or phone is erased (else its customer number).
 _REPORTED_SQL = """
 SELECT s.row_number, s.action, s.email, s.external_id, s.duplicate_of,
-       EXISTS (SELECT 1 FROM contact c WHERE c.id = s.target_id AND c.external_id = s.external_id) AS by_external_id
+       EXISTS (SELECT 1 FROM contact c WHERE c.id = s.target_id AND c.external_id = s.external_id) AS by_external_id,
+       s.action = 'suppressed' AND EXISTS (
+           SELECT 1 FROM suppression p WHERE p.released_at IS NULL AND p.kind IN ('email', 'phone')
+             AND p.digest IN (s.email_digest, s.phone_digest, s.mailbox_digest)) AS by_address
 FROM import_stage s WHERE s.action = ANY($1::text[])
 """
 

@@ -40,7 +40,7 @@ STAGE_COLUMNS = (
     "row_number", "new_id", "external_id", "email", "phone", "first_name", "last_name", "company", "job_title",
     "sector", "gender", "birth_date", "address_line1", "address_line2", "postal_code", "city", "region", "country",
     "language", "source", "kind", "first_contact_channel", "attributes", "blank_attributes", "email_digest",
-    "phone_digest", "mailbox_digest",
+    "phone_digest", "mailbox_digest", "external_id_digest",
 )
 _POS = {name: i for i, name in enumerate(STAGE_COLUMNS)}
 _EMAIL, _PHONE, _EXTERNAL_ID = _POS["email"], _POS["phone"], _POS["external_id"]
@@ -145,6 +145,8 @@ def validate(spec: Spec, rows: list[tuple[int, list[str]]]) -> Validated:
                 record[_POS["mailbox_digest"]] = digest("email", mailbox)
         if record[_PHONE] is not None:
             record[_POS["phone_digest"]] = digest("phone", record[_PHONE])
+        if record[_EXTERNAL_ID] is not None:  # an erased person's customer number (suppressions)
+            record[_POS["external_id_digest"]] = digest("external_id", record[_EXTERNAL_ID])
         out.records.append(tuple(record))
     return out
 

@@ -1,0 +1,161 @@
+"""An import batch racing the erasure (or the merge) of a person it names, made deterministic with a held batch.
+
+The batch is stopped after it decided what it writes (its report lines and keys), still open; the erasure or merge
+is sent then, and the batch goes on once that request has finished or waits for a lock (tests/concurrency/held.py).
+Either order must end as if one ran entirely before the other: no report value nor key names the erased person, they
+are not created again, and a merged-away contact gets no half of a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db import make_sessionmaker, plain_dsn
+from app.services.imports import batch, runner
+from app.settings import Settings
+from tests.concurrency.held import until_waiting
+from tests.csv_samples import build_csv
+from tests.factories import ADMIN
+from tests.services.test_import_batch import _upload
+
+pytestmark = pytest.mark.committing
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, to watch for requests waiting on a lock."""
+    connection = await asyncpg.connect(plain_dsn(database_url))
+    yield connection
+    await connection.close()
+
+
+async def _person(client: httpx.AsyncClient) -> tuple[str, str, dict[str, Any]]:
+    """A tag, the person's email and the person (with an external_id `C-<tag>`)."""
+    tag = uuid.uuid4().hex[:8]
+    email = f"ada.{tag}@example.org"
+    created = await client.post("/v1/contacts", json={"email": email, "external_id": f"C-{tag}"}, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    return tag, email, created.json()
+
+
+async def _scalar(sessions: async_sessionmaker[AsyncSession], sql: str, **params: Any) -> Any:
+    async with sessions() as session:
+        return await session.scalar(text(sql), params)
+
+
+def _racing_batch(monkeypatch: pytest.MonkeyPatch, db: asyncpg.Connection, step: str,
+                  request: Callable[[], Awaitable[httpx.Response]], answers: list[asyncio.Future[httpx.Response]],
+                  ) -> None:
+    """The first batch that runs `step` (a function of app.services.imports.batch: `_update`, the contacts written;
+    `_hide_erased_duplicates`, a report with duplicates decided) stops after it, sends `request`, and goes on when
+    that finished or waits for a lock; the request's answer is put in `answers`, for the test to await."""
+    done, calls = getattr(batch, step), []
+
+    async def then_raced(*args: Any, **kwargs: Any) -> None:
+        await done(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            sent = asyncio.ensure_future(request())
+            await until_waiting(db, 1, or_done=sent)
+            answers.append(sent)
+
+    monkeypatch.setattr(batch, step, then_raced)
+
+
+async def test_an_erasure_while_a_later_batch_repeats_the_person_leaves_no_value_naming_them(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batch 2 repeats the person's row of batch 1 (`duplicate of row 2`, the address as its value) and takes no lock
+    on them (a duplicate is never staged): an erasure committing after batch 2 checked the suppression list, and
+    before its report lines were written, scrubbed the reports without them. The address stayed in the report."""
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag, email, person = await _person(client)
+    data = build_csv(["E-mail", "Prénom"], [
+        (email, "Ada"), (f"b.{tag}@example.org", "Bob"),      # batch 1: updates the person
+        (email, "Ada"), (f"c.{tag}@example.org", "Carl"),     # batch 2: a duplicate of row 2, raced by the erasure
+    ])
+    job_id = await _upload(client, data)
+    answers: list[asyncio.Future[httpx.Response]] = []
+    _racing_batch(monkeypatch, db, "_hide_erased_duplicates",
+                  lambda: client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN), answers)
+    assert await runner.run_next(sessions, settings.model_copy(update={"import_batch_rows": 2})) is True
+    assert (await answers[0]).status_code == 204
+    status = await _scalar(sessions, "SELECT status FROM import_job WHERE id = :id", id=uuid.UUID(job_id))
+    naming = await _scalar(sessions, "SELECT count(*) FROM import_reject WHERE value = :v", v=email)
+    lines = await _scalar(sessions, "SELECT count(*) FROM import_reject WHERE import_id = :id", id=uuid.UUID(job_id))
+    assert (status, lines) == ("done", 1)
+    assert naming == 0, "a report line names the erased person"
+    back = await _scalar(sessions, "SELECT count(*) FROM contact WHERE email = :e", e=email)
+    assert back == 0
+
+
+async def test_an_erasure_during_a_dry_run_batch_leaves_no_key_naming_the_person(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dry run locks nothing and leaves every row's keys in `import_key` (docs/imports.md): an erasure committing
+    while the batch was open deleted the keys already there and never saw the batch's, which named the person in
+    clear until the job ended."""
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag, email, person = await _person(client)
+    data = build_csv(["E-mail", "Code client"], [
+        (email, f"C-{tag}"), (f"b.{tag}@example.org", ""),   # batch 1, raced by the erasure
+        (f"c.{tag}@example.org", ""),                         # batch 2: the keys are read before it
+    ])
+    job_id = await _upload(client, data, dry_run="true")
+    answers: list[asyncio.Future[httpx.Response]] = []
+    _racing_batch(monkeypatch, db, "_update",
+                  lambda: client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN), answers)
+    write, keys_seen = runner.write_batch, []
+
+    async def looked_at_between(*args: Any, **kwargs: Any) -> dict[str, int]:
+        if answers:  # the erasure has committed (it may have waited for batch 1)
+            assert (await answers[0]).status_code == 204
+        keys_seen.append(await _scalar(
+            sessions, "SELECT count(*) FROM import_key WHERE import_id = :id AND key IN (:e, :x)",
+            id=uuid.UUID(job_id), e=f"e:{email}", x=f"x:C-{tag}"))  # in clear (an `m:` key holds an id only)
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_batch", looked_at_between)
+    one_by_one = settings.model_copy(update={"import_batch_rows": 2, "import_writers": 1})
+    assert await runner.run_next(sessions, one_by_one) is True
+    assert (await answers[0]).status_code == 204
+    assert keys_seen == [0, 0], "the job kept keys naming the erased person while it ran"
+
+
+async def test_a_merge_while_a_batch_updates_the_duplicate_moves_a_whole_row(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch updates the duplicate (matched by its email, locked); the merge sent meanwhile waits for the batch
+    and then moves the whole update to the survivor: the import's history and outbox rows follow the contact, none
+    points at a contact that is gone, and the survivor holds the imported value."""
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag = uuid.uuid4().hex[:8]
+    survivor = (await client.post("/v1/contacts", json={"email": f"kept.{tag}@example.org"}, headers=ADMIN)).json()
+    duplicate = (await client.post("/v1/contacts", json={"email": f"dup.{tag}@example.net"}, headers=ADMIN)).json()
+    job_id = await _upload(client, build_csv(["E-mail", "Société"], [(f"dup.{tag}@example.net", f"Acme {tag}")]))
+    answers: list[asyncio.Future[httpx.Response]] = []
+    _racing_batch(monkeypatch, db, "_update", lambda: client.post(
+        f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]}, headers=ADMIN), answers)
+    assert await runner.run_next(sessions, settings) is True
+    merged = await answers[0]
+    assert merged.status_code == 200, merged.text
+    job = await _scalar(sessions, "SELECT status || ':' || updated FROM import_job WHERE id = :id",
+                        id=uuid.UUID(job_id))
+    assert job == "done:1"
+    assert merged.json()["company"] == f"Acme {tag}"
+    orphans = await _scalar(sessions, "SELECT count(*) FROM contact_history h WHERE NOT EXISTS "
+                                      "(SELECT 1 FROM contact c WHERE c.id = h.contact_id)")
+    assert orphans == 0
