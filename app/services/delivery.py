@@ -46,6 +46,7 @@ __all__ = [
     "erasures_owed",
     "event_messages",
     "forget_refs",
+    "hand_over_links",
     "heartbeat",
     "plan",
     "reap_expired_leases",
@@ -670,6 +671,22 @@ async def remember_tags(
             """),
             {"d": destination_id, "tags": json.dumps({str(k): list(v) for k, v in tags.items()})},
         )
+
+
+async def hand_over_links(session: AsyncSession, duplicate_id: uuid.UUID, survivor_id: uuid.UUID
+                          ) -> list[uuid.UUID]:
+    """A merge whose survivor takes over the duplicate's address: the vendor's record of that address is the
+    survivor's now, so is its link, at each destination where the survivor has none of its own. Its next push then
+    updates that record as one the vendor already holds (what it is in there is restated, not left as the duplicate
+    had it). The destinations where the link moved."""
+    moved = await session.scalars(text("""
+        UPDATE sync_link l SET contact_id = :survivor
+        WHERE l.contact_id = :duplicate
+          AND NOT EXISTS (SELECT 1 FROM sync_link o WHERE o.destination_id = l.destination_id
+                                                      AND o.contact_id = :survivor)
+        RETURNING l.destination_id
+    """), {"duplicate": duplicate_id, "survivor": survivor_id})
+    return sorted(moved.all())
 
 
 _FORGET = """

@@ -12,11 +12,14 @@
    (`_duplicate_wins`); then the survivor's consent state is derived again from its merged ledger: a purpose
    that flipped is announced, and without a current email_marketing grant every membership is unsubscribed
    (`_follow_the_ledger`);
-4. the duplicate row is deleted, then the survivor takes its empty fields from it (email and external_id
-   included, now free), the union of tags, missing attribute keys, the earlier first contact; its stats and
-   lifecycle stage are recomputed from the orders it now holds;
+4. the duplicate leaves its synced segments (`segment_sync.leave_all`); a survivor that takes its address takes
+   the vendors' record of it first: its link and its places in their segment snapshots; the duplicate row is
+   deleted, then the survivor takes its empty fields from it (email and external_id included, now free), the
+   union of tags, missing attribute keys, the earlier first contact; its stats and lifecycle stage are recomputed
+   from the orders it now holds;
 5. `contact_merge` records it; history rows (via "merge") and outbox messages (`contact.merged` for the
-   duplicate's id; `consent.*`, `membership.*` and `contact.updated` for the survivor) go in the same transaction.
+   duplicate's id; `consent.*`, `membership.*`, `segment.*` (its place in each synced segment, restated) and
+   `contact.updated` for the survivor) go in the same transaction.
 
 Logs carry ids and counts only.
 """
@@ -37,7 +40,7 @@ from app.logging import get_logger
 from app.models import Cart, ConsentEvent, Contact, ContactHistory, ContactMerge, Event, ListMembership, Order
 from app.models.base import utc_now
 from app.security import Principal
-from app.services import consents, history, journal, memberships, outbox, segment_sync
+from app.services import consents, delivery, history, journal, memberships, outbox, segment_sync
 from app.services.consents import PurposeState
 from app.services.locks import survivor_of
 from app.services.orders import LifecyclePolicy, refresh_stats
@@ -118,11 +121,16 @@ async def merge(
         "memberships": await _move_memberships(session, duplicate_id, survivor_id, now=now),
     }
     lists_changed = await _follow_the_ledger(session, survivor_id, consents_before, lists_before, now=now)
-    # Its synced segments hear it leave (the survivor enters where it matches at their next refresh).
+    changes = _fills(survivor, duplicate)
+    if "email" in changes:
+        # The survivor takes the duplicate's address, and with it the vendors' record of it: that record's link, and
+        # its places in those vendors' segment snapshots (restated below), so its push corrects what it is in.
+        taken = await delivery.hand_over_links(session, duplicate_id, survivor_id)
+        await segment_sync.carry(session, duplicate_id, survivor_id, taken)
+    # Its synced segments hear it leave; the survivor's place in each is restated once it is merged (below).
     await segment_sync.leave_all(session, [duplicate_id], reason="merged", survivor_id=survivor_id)
     await session.execute(delete(_t).where(_t.c.id == duplicate_id))  # frees its email and external_id
 
-    changes = _fills(survivor, duplicate)
     row = survivor
     if changes:
         row = (await session.execute(
@@ -146,6 +154,8 @@ async def merge(
     await outbox.add(session, "contact.merged", contact_id=duplicate_id,
                      payload={"survivor_id": str(survivor_id), "merged_id": str(duplicate_id),
                               "address_retired": retired})
+    # Now that it holds what it merged (tags, orders, consents, lists): where it stands in every synced segment.
+    await segment_sync.restate(session, survivor_id, merged_id=duplicate_id, now=now)
     fields = sorted({field for field, _old, _new in _wire_changes(survivor, row)}
                     | ({"stats"} if moved["orders"] else set())
                     | ({"lists"} if moved["memberships"] or lists_changed else set()))

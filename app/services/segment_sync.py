@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Integer, String, Uuid, cast, delete, func, literal, or_, select, union_all
+from sqlalchemy import Integer, String, Uuid, cast, delete, func, literal, or_, select, tuple_, union_all
 from sqlalchemy import update as update_statement
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -30,12 +30,14 @@ from app.errors import FieldError, InvalidInput
 from app.logging import get_logger
 from app.models import Contact, Destination, OutboxMessage, Segment, SegmentMember, SegmentSync
 from app.models.base import utc_now
-from app.services.segments import members_condition
+from app.services import outbox
+from app.services.segments import compile_filter, members_condition
 from app.settings import Settings
 from app.sync import ids as vendor_ids
 from app.timeouts import is_statement_timeout
 
-__all__ = ["Refreshed", "apply_mappings", "check_mappings", "leave_all", "refresh_next", "run_next", "state"]
+__all__ = ["Refreshed", "apply_mappings", "carry", "check_mappings", "leave_all", "refresh_next", "restate", "run_next",
+           "state"]
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 _destinations = Destination.__table__  # type: ignore[attr-defined]
@@ -148,6 +150,96 @@ async def leave_all(
             .order_by(left.c.contact_id, left.c.destination_id, left.c.segment_id))
         .returning(_outbox.c.id))
     return len(written.all())
+
+
+# ---- a merge's survivor ------------------------------------------------------------------------------------
+
+
+async def carry(
+    session: AsyncSession, duplicate_id: uuid.UUID, survivor_id: uuid.UUID, destination_ids: Sequence[uuid.UUID],
+) -> int:
+    """Before `leave_all` of a merge whose survivor took over the duplicate's record at these vendors (its link,
+    delivery.hand_over_links): that record is in the duplicate's segment lists (tags) there, so the duplicate's
+    places in those snapshots become the survivor's, and `restate` then keeps or takes each out like any of the
+    survivor's own. Snapshots a refresh holds are left to it (`_lock`). How many places moved."""
+    if not destination_ids:
+        return 0
+    pairs = await _lock(session, destination_ids=destination_ids)
+    if not pairs:
+        return 0
+    theirs = _members.alias("theirs")
+    moved = await session.execute(
+        update_statement(_members)
+        .where(_members.c.contact_id == duplicate_id,
+               tuple_(_members.c.destination_id, _members.c.segment_id).in_(pairs),
+               ~select(theirs.c.contact_id).where(
+                   theirs.c.destination_id == _members.c.destination_id, theirs.c.segment_id == _members.c.segment_id,
+                   theirs.c.contact_id == survivor_id).exists())
+        .values(contact_id=survivor_id)
+        .returning(_members.c.segment_id))
+    return len(moved.all())
+
+
+async def restate(session: AsyncSession, contact_id: uuid.UUID, *, merged_id: uuid.UUID, now: datetime) -> int:
+    """A merge's survivor, as it is once merged, enters the synced segments it matches and leaves those it no
+    longer does, in the merge's transaction, with `segment.entered` / `segment.left` (reason `merged`, `merged_id`):
+    its push then states each at the vendors, instead of waiting for the next refresh (or never, for a segment the
+    duplicate's record was in: the survivor never entered it). Enabled destinations, as the refresh; a filter that
+    no longer compiles is left to its refresh, which reports it. How many messages were written."""
+    due = await _lock(session, enabled_only=True)
+    if not due:
+        return 0
+    filters = dict((await session.execute(
+        select(_segments.c.id, _segments.c.filter).where(_segments.c.id.in_({s for _d, s in due})))).all())
+    matches: dict[uuid.UUID, bool] = {}
+    for segment_id, filter_ in filters.items():
+        try:
+            condition = await compile_filter(session, filter_, now=now)
+        except InvalidInput:
+            continue
+        matches[segment_id] = bool(await session.scalar(
+            select(select(_contacts.c.id).where(_contacts.c.id == contact_id, condition).exists())))
+    held = set((await session.execute(
+        select(_members.c.destination_id, _members.c.segment_id).where(_members.c.contact_id == contact_id))).all())
+    entering = [(d, s) for d, s in due if matches.get(s) is True and (d, s) not in held]
+    leaving = [(d, s) for d, s in due if matches.get(s) is False and (d, s) in held]
+    entered: list[tuple[uuid.UUID, uuid.UUID]] = []
+    left: list[tuple[uuid.UUID, uuid.UUID]] = []
+    if entering:
+        entered = [(d, s) for d, s in await session.execute(
+            insert(_members).values([{"destination_id": d, "segment_id": s, "contact_id": contact_id, "entered_at": now}
+                                     for d, s in entering])
+            .on_conflict_do_nothing().returning(_members.c.destination_id, _members.c.segment_id))]
+    if leaving:
+        left = [(d, s) for d, s in await session.execute(
+            delete(_members).where(
+                _members.c.contact_id == contact_id,
+                tuple_(_members.c.destination_id, _members.c.segment_id).in_(leaving))
+            .returning(_members.c.destination_id, _members.c.segment_id))]
+
+    def said(pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> list[tuple[uuid.UUID | None, dict[str, str]]]:
+        return [(contact_id, {"segment_id": str(s), "destination_id": str(d), "contact_id": str(contact_id),
+                              "reason": "merged", "merged_id": str(merged_id)}) for d, s in sorted(pairs)]
+
+    await outbox.add_many(session, "segment.entered", said(entered))
+    await outbox.add_many(session, "segment.left", said(left))
+    return len(entered) + len(left)
+
+
+async def _lock(
+    session: AsyncSession, *, destination_ids: Sequence[uuid.UUID] | None = None, enabled_only: bool = False,
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(destination, segment) of the snapshots no refresh holds now, locked FOR SHARE until the caller commits:
+    no refresh starts on them meanwhile (FOR UPDATE SKIP LOCKED passes them by). One a refresh holds is skipped, not
+    waited for: that refresh may itself wait for the merge's contacts (its inserts' foreign keys), a deadlock."""
+    query = select(_syncs.c.destination_id, _syncs.c.segment_id)
+    if enabled_only:
+        query = query.join(_destinations, (_destinations.c.id == _syncs.c.destination_id) & _destinations.c.enabled)
+    if destination_ids is not None:
+        query = query.where(_syncs.c.destination_id.in_(destination_ids))
+    query = query.order_by(_syncs.c.destination_id, _syncs.c.segment_id).with_for_update(
+        of=_syncs, read=True, skip_locked=True)
+    return [(d, s) for d, s in (await session.execute(query)).all()]
 
 
 # ---- refresh (worker) ---------------------------------------------------------------------------------------

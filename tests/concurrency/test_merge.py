@@ -111,3 +111,50 @@ async def test_withdrawals_racing_merges_leave_nobody_withdrawn_subscribed(race:
     print(stats, outcomes)
     assert stats.broken == 0, (stats, outcomes)
     race.assert_no_server_error()
+
+
+async def test_list_counts_are_exact_after_merges_racing_list_writes(race: Race) -> None:
+    """A list's counts (GET /v1/lists/{id}) right after merges that race subscribes and unsubscribes to that list:
+    each person counted once, with the status the two writes decide in either order (a write to the duplicate that
+    lost the race finds it gone: 404, nothing written)."""
+    news = await race.ok("POST", "/v1/lists", json={"name": "news"})
+    members = f"/v1/lists/{news['id']}/members"
+    stats = RoundStats("list write racing merge")
+    expected = {"subscribed": 0, "pending": 0, "unsubscribed": 0}
+    orders: dict[str, int] = {}  # how the races went: the write to the duplicate before the merge, or after (404)
+    for _ in range(ROUNDS):
+        calls, settle = [], []
+        for i in range(PAIRS):
+            kind = i % 5
+            duplicate = await subscribed_contact(race, *([news["id"]] if kind != 3 else []))
+            survivor = await subscribed_contact(race, *([news["id"]] if kind in (0, 4) else []))
+            calls.append(race.send("POST", f"/v1/contacts/{survivor}/merge", json={"duplicate_id": duplicate}))
+            if kind == 0:    # both on the list; the survivor leaves it: unsubscribed, in either order
+                calls.append(race.send("DELETE", f"{members}/{survivor}"))
+            elif kind == 1:  # the duplicate's; the survivor joins: subscribed, in either order
+                calls.append(race.send("PUT", f"{members}/{survivor}", json=SUBSCRIBE))
+            elif kind == 2:  # the duplicate's; it leaves: unsubscribed, unless the merge came first (404)
+                calls.append(race.send("DELETE", f"{members}/{duplicate}"))
+            elif kind == 3:  # nobody's; the duplicate joins: subscribed, unless the merge came first (404)
+                calls.append(race.send("PUT", f"{members}/{duplicate}", json=SUBSCRIBE))
+            else:            # both on the list; a batch takes both out: unsubscribed, in either order
+                calls.append(race.send("POST", f"{members}/batch", json={"remove": [duplicate, survivor]}))
+            settle.append(kind)
+        responses = await asyncio.gather(*calls)
+        for kind, merged, written in zip(settle, responses[::2], responses[1::2], strict=True):
+            assert merged.status_code == 200, merged.text
+            assert written.status_code in ((200, 201, 404) if kind in (2, 3) else (200, 201)), written.text
+            if kind in (2, 3):
+                order = "merge first" if written.status_code == 404 else "write first"
+                orders[order] = orders.get(order, 0) + 1
+            if kind == 3 and written.status_code == 404:
+                continue  # nobody on the list
+            lost = kind == 2 and written.status_code == 404
+            expected["subscribed" if kind in (1, 3) or lost else "unsubscribed"] += 1
+        shown = await race.ok("GET", f"/v1/lists/{news['id']}")
+        stored = dict(await race.db.fetch(  # type: ignore[arg-type]
+            "SELECT status, count(*) FROM list_membership WHERE list_id = $1::text::uuid GROUP BY status", news["id"]))
+        stats.record(shown["counts"] == expected and {k: v for k, v in expected.items() if v} == stored)
+    print(stats, expected, orders)
+    assert stats.broken == 0, (stats, expected, shown["counts"])
+    race.assert_no_server_error()

@@ -228,7 +228,8 @@ async def test_merged_and_erased_members_leave_their_segments(
     """A member merged away or erased went with its snapshot rows (ON DELETE CASCADE): the receiver never heard
     `segment.left` and kept counting them in the segment (one subscribed to `segment.*` alone never heard of them
     at all). Now each leaves every synced segment it was in, before its `contact.merged` / `contact.erased`; the
-    survivor enters where it matches at the next refresh."""
+    survivor enters where it matches in the merge (it entered only at the next refresh: until then the receiver
+    counted the person in no segment at all)."""
     client = committing_client
     segment, other = await make_segment(client, VIP), await make_segment(client, {"any": [
         {"field": "tags", "op": "contains", "value": "vip"}, {"field": "tags", "op": "contains", "value": "gold"}]})
@@ -251,17 +252,20 @@ async def test_merged_and_erased_members_leave_their_segments(
     assert all(d.valid for d in receiver.deliveries), [d.reason for d in receiver.deliveries]
     told = ("segment.entered", "segment.left", "contact.merged", "contact.erased")
     seen = [(d.payload["type"], d.payload["data"]) for d in receiver.deliveries if d.payload["type"] in told]
-    about = {c["id"]: [(t, data.get("segment_id")) for t, data in seen if c["id"] in (
-        data.get("contact_id"), data.get("merged_id"))] for c in (duplicate, survivor, erased)}
+    about = {c["id"]: [(t, data.get("segment_id")) for t, data in seen  # contact.merged names the duplicate merged_id
+                       if c["id"] == data.get("contact_id", data.get("merged_id"))]
+             for c in (duplicate, survivor, erased)}
     entered = [("segment.entered", s) for s in sorted((segment["id"], other["id"]))]
     assert sorted(about[duplicate["id"]][:2]) == entered
     assert sorted(about[duplicate["id"]][2:4]) == [("segment.left", s) for s in sorted((segment["id"], other["id"]))]
     assert about[duplicate["id"]][4:] == [("contact.merged", None)]
     assert about[erased["id"]] == [("segment.entered", other["id"]), ("segment.left", other["id"]),
                                    ("contact.erased", None)]
-    assert sorted(t for t, _ in about[survivor["id"]] if t.startswith("segment.")) == ["segment.entered"] * 2
-    assert all(d.payload["type"] != "segment.entered" for d in receiver.deliveries[:heard_before_refresh]
-               if d.payload["data"].get("contact_id") == survivor["id"])  # entered at the refresh, not before
+    assert sorted(about[survivor["id"]]) == entered
+    assert all(d.payload["data"].get("contact_id") != survivor["id"]  # in the merge: the refresh had nothing to say
+               for d in receiver.deliveries[heard_before_refresh:])
+    survivor_entered = [data for t, data in seen if t == "segment.entered" and data["contact_id"] == survivor["id"]]
+    assert all(data["reason"] == "merged" and data["merged_id"] == duplicate["id"] for data in survivor_entered)
     left = {(t, data["contact_id"]): data for t, data in seen if t == "segment.left"}
     merged_left, erased_left = left[("segment.left", duplicate["id"])], left[("segment.left", erased["id"])]
     assert merged_left["reason"] == "merged" and merged_left["survivor_id"] == survivor["id"]
@@ -272,6 +276,140 @@ async def test_merged_and_erased_members_leave_their_segments(
             "SELECT contact_id::text, count(*) FROM segment_member WHERE destination_id = :d GROUP BY 1"),
             {"d": hook["id"]})).all()
     assert members == [(survivor["id"], 2)]
+
+
+ACME = {"all": [{"field": "company", "op": "eq", "value": "Acme"}]}
+VIP_AND_GOLD = {"all": [{"field": "tags", "op": "contains", "value": "vip"},
+                        {"field": "tags", "op": "contains", "value": "gold"}]}
+
+
+async def merge(client: httpx.AsyncClient, survivor: dict[str, Any], duplicate: dict[str, Any]) -> None:
+    response = await client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                                 headers=ADMIN)
+    assert response.status_code == 200, response.text
+
+
+async def addressless_pair(client: httpx.AsyncClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(duplicate, survivor): the duplicate at Acme, gold; the survivor without an address, vip, at Globex (it keeps
+    its own company: only empty fields are filled)."""
+    duplicate = await make_contact(client, tags=["gold"], company="Acme")
+    survivor = await make_contact(client, email=None, external_id=f"shop-{uuid.uuid4().hex[:8]}", tags=["vip"],
+                                  company="Globex")
+    return duplicate, survivor
+
+
+async def snapshot(engine: AsyncEngine, destination_id: str) -> dict[str, set[str]]:
+    """segment id -> contact ids, as this destination's snapshots hold them now."""
+    async with make_sessionmaker(engine)() as session:
+        rows = (await session.execute(text(
+            "SELECT segment_id::text, contact_id::text FROM segment_member WHERE destination_id = :d"),
+            {"d": destination_id})).all()
+    found: dict[str, set[str]] = {}
+    for segment_id, contact_id in rows:
+        found.setdefault(segment_id, set()).add(contact_id)
+    return found
+
+
+async def test_a_merge_moving_the_address_restates_the_survivor_at_brevo(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """The survivor (no address) takes the duplicate's: Brevo's contact of that address is the survivor's now. It
+    stayed in the list of a segment only the duplicate matched (the duplicate's `segment.left` changed nothing at
+    Brevo, and no refresh ever would: the survivor never entered), and was put in the list of a segment the merged
+    contact matches only at the next refresh. Now the merge states the survivor's place in every synced segment,
+    and the record it took over brings the duplicate's places at that destination with it, so its push says both."""
+    fake, live = brevo
+    client = committing_client
+    acme, vip, both = [await make_segment(client, f) for f in (ACME, VIP, VIP_AND_GOLD)]
+    duplicate, survivor = await addressless_pair(client)
+    await grant_marketing(client, duplicate["id"])
+    sink = await destination(client, kind="brevo", config={"api_key": BREVO_KEY, "base_url": live.url},
+                             segment_mappings=[{"segment_id": acme["id"], "remote_list_id": "8"},
+                                               {"segment_id": vip["id"], "remote_list_id": "9"},
+                                               {"segment_id": both["id"], "remote_list_id": "7"}])
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    address = duplicate["email"]
+    assert (fake.members(8), fake.members(9), fake.members(7)) == ({address}, set(), set())
+
+    await merge(client, survivor, duplicate)
+    await drain(worker)  # no refresh: what the merge queued alone
+    assert (fake.members(8), fake.members(9), fake.members(7)) == (set(), {address}, {address})
+    assert await snapshot(engine, sink["id"]) == {vip["id"]: {survivor["id"]}, both["id"]: {survivor["id"]}}
+
+    # The next refresh finds nothing to change: Carnet's snapshots and Brevo agreed already.
+    assert [(r.entered, r.left) for r in await refresh(engine, sink["id"])] == [(0, 0)] * 3
+    await drain(worker)
+    assert (fake.members(8), fake.members(9), fake.members(7)) == (set(), {address}, {address})
+
+
+async def test_a_refresh_during_such_a_merge_passes_its_snapshots_by(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+    database_url: str,
+) -> None:
+    """The merge holds the snapshots it restates (FOR SHARE) until it commits; a refresh at that moment takes none
+    of them, and does not wait for the merge (waiting could deadlock: a refresh's insert waits for the merged
+    contacts). The next refresh finds the merge's word standing."""
+    fake, live = brevo
+    client = committing_client
+    acme, both = await make_segment(client, ACME), await make_segment(client, VIP_AND_GOLD)
+    duplicate, survivor = await addressless_pair(client)
+    await grant_marketing(client, duplicate["id"])
+    sink = await destination(client, kind="brevo", config={"api_key": BREVO_KEY, "base_url": live.url},
+                             segment_mappings=[{"segment_id": acme["id"], "remote_list_id": "8"},
+                                               {"segment_id": both["id"], "remote_list_id": "7"}])
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    sessions = make_sessionmaker(engine)
+    async with sessions.begin() as session:  # both due again
+        await session.execute(text("UPDATE segment_sync SET refreshed_at = NULL WHERE destination_id = :d"),
+                              {"d": sink["id"]})
+
+    async def refreshing() -> segment_sync.Refreshed | None:
+        async with sessions.begin() as session:
+            return await segment_sync.refresh_next(session, every_seconds=3600)
+
+    merging = client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                          headers=ADMIN)
+    db = await asyncpg.connect(plain_dsn(database_url))
+    try:  # the merge stops at contact_merge, its snapshots locked (carried); the refresh runs meanwhile
+        merged, done = await race_past_held_table(db, "contact_merge", merging, refreshing())
+    finally:
+        await db.close()
+    assert merged.status_code == 200, merged.text
+    assert done is None or str(done.destination_id) != sink["id"]
+    await drain(worker)
+    assert (fake.members(8), fake.members(7)) == (set(), {duplicate["email"]})
+    assert [(r.entered, r.left) for r in await refresh(engine, sink["id"])] == [(0, 0)] * 2
+
+
+async def test_a_merge_moving_the_address_restates_the_survivor_at_mailchimp(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
+    mailchimp: tuple[FakeMailchimp, LiveServer],
+) -> None:
+    """As at Brevo, with the segments as tags on the audience member the survivor took over."""
+    fake, live = mailchimp
+    client = committing_client
+    news = await make_list(client)
+    acme, both = await make_segment(client, ACME), await make_segment(client, VIP_AND_GOLD)
+    duplicate, survivor = await addressless_pair(client)
+    await subscribe(client, news["id"], duplicate["id"])
+    sink = await destination(client, kind="mailchimp", config={"api_key": MC_KEY, "base_url": live.url},
+                             list_mappings=[{"list_id": news["id"], "remote_list_id": "mc-news"}],
+                             segment_mappings=[{"segment_id": acme["id"], "remote_list_id": "mc-news", "tag": "Acme"},
+                                               {"segment_id": both["id"], "remote_list_id": "mc-news",
+                                                "tag": "VIP gold"}])
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    member = fake.member("mc-news", duplicate["email"])
+    assert member is not None and member.tags == {"gold", "Acme"}
+
+    await merge(client, survivor, duplicate)
+    await drain(worker)
+    member = fake.member("mc-news", duplicate["email"])
+    assert member is not None and member.status == "subscribed"
+    assert member.tags == {"gold", "vip", "VIP gold"}
+    assert await snapshot(engine, sink["id"]) == {both["id"]: {survivor["id"]}}
 
 
 async def test_a_merge_while_a_refresh_runs(
