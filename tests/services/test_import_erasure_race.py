@@ -243,3 +243,33 @@ async def test_an_erasure_of_a_person_a_running_batch_is_about_to_update_waits_f
         left = await session.scalar(text("SELECT count(*) FROM contact WHERE email = :e"), {"e": email})
     assert job[0] == "done"
     assert left == 0
+
+
+async def test_an_import_outlasts_an_erasure_longer_than_its_lock_timeout(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    database_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retention run holds ERASURE_LOCK for as long as it erases (minutes for a first run). A batch waited for it
+    under its 10 s lock timeout, three times, and the job failed ("could not be written in 3 attempts"): every
+    import running during a retention run. It waits up to most of its lease (here the lock timeout is 0.2 s, the
+    erasure 1.5 s)."""
+    monkeypatch.setattr(batch, "_LOCK_TIMEOUT", "200ms")
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag = uuid.uuid4().hex[:8]
+    job_id = await _upload(client, build_csv(["E-mail"], [(f"n{i}.{tag}@example.org",) for i in range(3)]))
+    eraser = await asyncpg.connect(plain_dsn(database_url))
+    erasing = eraser.transaction()
+    await erasing.start()
+    await eraser.execute("SELECT pg_advisory_xact_lock($1)", locks.ERASURE_LOCK)  # an erasure under way
+    try:
+        importing = asyncio.ensure_future(runner.run_next(sessions, settings))
+        await until_waiting(db, 1, or_done=importing)
+        await asyncio.wait({importing}, timeout=1.5)
+    finally:
+        await erasing.rollback()
+        await eraser.close()
+    assert await importing is True
+    async with sessions() as session:
+        job = (await session.execute(text("SELECT status, created FROM import_job WHERE id = :id"),
+                                     {"id": uuid.UUID(job_id)})).one()
+    assert tuple(job) == ("done", 3)
