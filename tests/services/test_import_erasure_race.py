@@ -251,7 +251,7 @@ async def test_an_import_outlasts_an_erasure_longer_than_its_lock_timeout(
 ) -> None:
     """A retention run holds ERASURE_LOCK for as long as it erases (minutes for a first run). A batch waited for it
     under its 10 s lock timeout, three times, and the job failed ("could not be written in 3 attempts"): every
-    import running during a retention run. It waits up to most of its lease (here the lock timeout is 0.2 s, the
+    import running during a retention run. It waits up to half its lease (here the lock timeout is 0.2 s, the
     erasure 1.5 s)."""
     monkeypatch.setattr(batch, "_LOCK_TIMEOUT", "200ms")
     client, sessions = committing_client, make_sessionmaker(engine)

@@ -190,8 +190,9 @@ async def write_batch(
     await connection.execute(f"SET LOCAL synchronous_commit = off; SET LOCAL statement_timeout = {statement_ms}; "
                              f"SET LOCAL jit = off")
     # An erasure under way (a retention run may take minutes) is waited for first, holding no lock another writer
-    # needs: nearly a statement's time (a lock timeout, retried, before the statement's), not _LOCK_TIMEOUT.
-    await locks.share_with_erasures(connection, wait_ms=statement_ms * 9 // 10)
+    # needs: half the lease (the job's lease is renewed by its checkpoints alone), not _LOCK_TIMEOUT; past that, a
+    # lock timeout, and the batch is written again (runner._write).
+    await locks.share_with_erasures(connection, wait_ms=statement_ms // 2)
     await connection.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
     dry = job.row["dry_run"]
     the_list = None if dry else await _lock_list(connection, job)
