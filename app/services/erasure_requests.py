@@ -19,7 +19,7 @@ from app.errors import Conflict, NotFound
 from app.models import Contact, ErasureRequest
 from app.models.base import utc_now
 from app.security import Principal
-from app.services import gdpr
+from app.services import gdpr, locks
 from app.services.locks import lock_following_merges
 from app.services.pagination import Cursor, CursorCodec
 from app.services.preferences import ANSWER_WITHIN
@@ -80,6 +80,7 @@ async def complete(session: AsyncSession, request_id: uuid.UUID, *, actor: Princ
     The person is locked before the request, the order every erasure takes them in (the contact, then its open
     request: gdpr.erase_many): locking the request first deadlocked with a DELETE of the contact at the same time.
     """
+    await locks.exclude_import_batches(session)  # before the person's lock, as every erasure (locks.py)
     # Merged since: the survivor holds the person now. None: erased since (that erasure completed the request).
     person = await lock_following_merges(session, (await get(session, request_id))["contact_id"], key_change=True)
     await _lock_open(session, request_id)

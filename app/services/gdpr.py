@@ -142,6 +142,7 @@ async def erase(
 
     `journaled=False`: the person erasing themselves (the preference center), which the access journal leaves out.
     """
+    await locks.exclude_import_batches(session)  # before the person's lock (locks.share_with_erasures)
     row = (await session.execute(
         select(_contacts.c.id, _contacts.c.email, _contacts.c.phone, _contacts.c.version)
         .where(_contacts.c.id == contact_id).with_for_update()
@@ -158,8 +159,8 @@ async def erase(
 
 async def erase_many(session: AsyncSession, contacts: Sequence[Row], *, reason: str, by: str | None = None) -> int:
     """Erase locked contact rows (`id`, `email`, `phone`), in this transaction, set-based; `by`: who (a subject)."""
-    if contacts:  # import batches being written finish first, and the next ones see the suppression (locks.py)
-        await locks.exclude_import_batches(session)
+    if contacts:  # import batches being written finish first, and the next ones see the suppression (locks.py);
+        await locks.exclude_import_batches(session)  # every caller took it already, before the contacts' locks
     for start in range(0, len(contacts), _CHUNK):
         chunk = contacts[start:start + _CHUNK]
         ids = [c["id"] for c in chunk]
@@ -438,6 +439,7 @@ async def run_retention(
     )
     if not dry_run:  # a contact being written right now is active: skip it, the next run decides
         query = query.with_for_update(of=_contacts, skip_locked=True)
+        await locks.exclude_import_batches(session)  # before the contacts' locks (locks.share_with_erasures)
     rows = list((await session.execute(query)).mappings())
     if not dry_run:
         await erase_many(session, rows, reason="retention")

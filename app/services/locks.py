@@ -108,24 +108,31 @@ async def share_key_buckets(connection: asyncpg.Connection, *, emails: Iterable[
         await connection.execute(_SHARE_BUCKETS, NEW_KEY_NAMESPACE, buckets)
 
 
-async def share_with_erasures(connection: asyncpg.Connection) -> None:
-    """An import batch, once it holds its contacts and before it decides what it writes about people (suppressed
-    rows, the keys it leaves in `import_key`, its report lines): SHARE of ERASURE_LOCK, held until it commits.
+async def share_with_erasures(connection: asyncpg.Connection, *, wait_ms: int) -> None:
+    """An import batch, first (before its list, key buckets and contacts): SHARE of ERASURE_LOCK, until it commits;
+    waiting for an erasure under way at most `wait_ms` (then LockNotAvailableError: a race, the batch is retried).
 
     A batch writes values naming people it takes no lock on: a row repeating an earlier batch's (`duplicate of row
     N`, the address as its value), every row of a dry run (its keys; a dry run locks no contact). An erasure
     committing while such a batch was open scrubbed the reports and keys without the batch's, which then named the
     person in clear (tests/services/test_import_erasure_race.py). With it, either the erasure waits for the batch's
-    commit and scrubs its lines too, or the batch waits for the erasure's and finds the person suppressed. Taken
-    after the contact locks (an erasure holds its contacts when it asks for the exclusive lock: the other order
-    would be a cycle) and before the batch's `Turn` lets the next batch go on (the next one asks after it, so an
-    erasure queued between the two never waits on a batch that waits, in Python, for one queued behind it)."""
-    await connection.execute("SELECT pg_advisory_xact_lock_shared($1)", ERASURE_LOCK)
+    commit and scrubs its lines too, or the batch waits for the erasure's and finds the person suppressed.
+
+    Before any other lock, in both (exclude_import_batches): a batch waiting for an erasure holds no key bucket nor
+    contact (a retention run holds the lock for minutes: every API batch creating someone, and every write to the
+    batch's contacts, queued behind it), and an erasure waiting for a batch holds no contact the batch is about to
+    lock (tests/services/test_import_erasure_race.py). A batch asks after the one written before it holds it (`Turn`
+    lets it start then), so an erasure queued between the two never waits on a batch that waits, in Python, for one
+    queued behind it."""
+    await connection.execute(f"SET LOCAL lock_timeout = {int(wait_ms)}; "
+                             f"SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK})")
 
 
 async def exclude_import_batches(session: AsyncSession) -> None:
-    """An erasure, after it locked its contacts: the exclusive ERASURE_LOCK (share_with_erasures), until it commits.
-    It waits for the import batches being written (seconds each), and batches reaching that point wait for it."""
+    """An erasure, before it locks its contacts (erase, retention, an erasure request, the preference center): the
+    exclusive ERASURE_LOCK (share_with_erasures), until it commits. It waits for the import batches being written
+    (seconds each), holding nothing they need, and batches starting meanwhile wait for it. Taken again by
+    `gdpr.erase_many` (a no-op once held)."""
     await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ERASURE_LOCK})
 
 

@@ -32,7 +32,7 @@ from app.models import Contact, ErasureRequest, ListMembership, MailingList
 from app.models.base import utc_now
 from app.schemas.consents import ConsentAction
 from app.security import Principal, Role
-from app.services import consents, gdpr, memberships, outbox
+from app.services import consents, gdpr, locks, memberships, outbox
 from app.services import lists as lists_service
 
 __all__ = [
@@ -137,6 +137,7 @@ async def erase(session: AsyncSession, contact_id: uuid.UUID, *, self_service: b
     """The person confirmed: erase now, or file the request for an admin (one open request per person)."""
     now = utc_now()
     if self_service:
+        await locks.exclude_import_batches(session)  # before the request's key lock on the person (locks.py)
         request = (await session.execute(insert(_requests).values(
             id=uuid.uuid4(), contact_id=contact_id, status="completed", source=SOURCE, requested_at=now,
             resolved_at=now, resolved_by="self_service",

@@ -161,23 +161,35 @@ async def carry(
     """Before `leave_all` of a merge whose survivor took over the duplicate's record at these vendors (its link,
     delivery.hand_over_links): that record is in the duplicate's segment lists (tags) there, so the duplicate's
     places in those snapshots become the survivor's, and `restate` then keeps or takes each out like any of the
-    survivor's own. Snapshots a refresh holds are left to it (`_lock`). How many places moved."""
+    survivor's own. Snapshots a refresh holds are passed by (`_lock`): the record leaves those instead (below). How
+    many places moved or left."""
     if not destination_ids:
         return 0
     pairs = await _lock(session, destination_ids=destination_ids)
-    if not pairs:
-        return 0
     theirs = _members.alias("theirs")
+    survivors = ~select(theirs.c.contact_id).where(
+        theirs.c.destination_id == _members.c.destination_id, theirs.c.segment_id == _members.c.segment_id,
+        theirs.c.contact_id == survivor_id).exists()
+    # A snapshot a refresh holds keeps the duplicate's place (moving it could deadlock with that refresh), which goes
+    # with the duplicate, and its `segment.left` reaches no record (the link moved): the record would stay in that
+    # list or tag for good. It leaves it as the survivor's now, unless the survivor has a place of its own there;
+    # the survivor is in no snapshot of it, so a refresh puts it back if it matches (after: it waits for the merge).
+    passed = [(d, s) for d, s in (await session.execute(
+        select(_members.c.destination_id, _members.c.segment_id).where(
+            _members.c.contact_id == duplicate_id, _members.c.destination_id.in_(destination_ids), survivors)
+        .order_by(_members.c.destination_id, _members.c.segment_id))).all() if (d, s) not in set(pairs)]
+    await outbox.add_many(session, "segment.left", [
+        (survivor_id, {"segment_id": str(s), "destination_id": str(d), "contact_id": str(survivor_id),
+                       "reason": "merged", "merged_id": str(duplicate_id)}) for d, s in passed])
+    if not pairs:
+        return len(passed)
     moved = await session.execute(
         update_statement(_members)
         .where(_members.c.contact_id == duplicate_id,
-               tuple_(_members.c.destination_id, _members.c.segment_id).in_(pairs),
-               ~select(theirs.c.contact_id).where(
-                   theirs.c.destination_id == _members.c.destination_id, theirs.c.segment_id == _members.c.segment_id,
-                   theirs.c.contact_id == survivor_id).exists())
+               tuple_(_members.c.destination_id, _members.c.segment_id).in_(pairs), survivors)
         .values(contact_id=survivor_id)
         .returning(_members.c.segment_id))
-    return len(moved.all())
+    return len(moved.all()) + len(passed)
 
 
 async def restate(session: AsyncSession, contact_id: uuid.UUID, *, merged_id: uuid.UUID, now: datetime) -> int:

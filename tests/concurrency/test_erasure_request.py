@@ -38,3 +38,20 @@ async def test_completing_a_request_while_the_person_is_erased_is_no_deadlock(
     status = await helper.fetchval("SELECT status FROM erasure_request WHERE id = $1", request_id)
     assert status == "completed"
     assert await helper.fetchval("SELECT count(*) FROM contact WHERE id = $1", uuid.UUID(person["id"])) == 0
+
+
+async def test_the_erasure_confirmed_twice_at_once_in_the_preference_center_is_no_500(
+    committing_client: httpx.AsyncClient, helper: asyncpg.Connection,
+) -> None:
+    """A double submit of the preference center's erasure confirmation: both are answered, the person erased once."""
+    from tests.routers.test_preferences import change
+
+    http = committing_client
+    person = await make_contact(http)
+    confirmation = (await change(http, person["id"], {"erase": "request"})).json()["confirmation"]
+    first, second = await race_past_held_table(
+        helper, "suppression",
+        change(http, person["id"], {"erase_confirmation": confirmation}),
+        change(http, person["id"], {"erase_confirmation": confirmation}))
+    assert first.status_code == 200, first.text
+    assert second.status_code in (200, 410), second.text  # done by the first: the page is gone

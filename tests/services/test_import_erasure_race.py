@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import make_sessionmaker, plain_dsn
+from app.services import locks
 from app.services.imports import batch, runner
 from app.settings import Settings
 from tests.concurrency.held import until_waiting
@@ -159,3 +160,116 @@ async def test_a_merge_while_a_batch_updates_the_duplicate_moves_a_whole_row(
     orphans = await _scalar(sessions, "SELECT count(*) FROM contact_history h WHERE NOT EXISTS "
                                       "(SELECT 1 FROM contact c WHERE c.id = h.contact_id)")
     assert orphans == 0
+
+
+# ---- where each takes ERASURE_LOCK (app/services/locks.py): first, before any row or bucket lock -------------
+
+
+def _bucket(email: str) -> int:
+    return locks._buckets([f"email:{email}"])[0]
+
+
+async def test_a_batch_waiting_for_an_erasure_holds_no_key_bucket_an_api_batch_waits_for(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    database_url: str,
+) -> None:
+    """An erasure (a retention run erasing thousands holds it for as long as it runs) holds ERASURE_LOCK; an import
+    batch reaching it waited there holding the SHARE key buckets of all its rows and its contacts, so an API batch
+    creating anyone whose key fell in one of those buckets (with 10,000 rows: all 64) waited for the erasure too,
+    past its statement timeout (a 503), and the import failed after three lock timeouts."""
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag = uuid.uuid4().hex[:8]
+    emails = [f"n{i}.{tag}@example.org" for i in range(5)]
+    taken = {_bucket(e) for e in emails}
+    newcomer = next(e for e in (f"api{i}.{tag}@example.org" for i in range(10_000)) if _bucket(e) in taken)
+    job_id = await _upload(client, build_csv(["E-mail"], [(e,) for e in emails]))
+
+    eraser = await asyncpg.connect(plain_dsn(database_url))
+    erasing = eraser.transaction()
+    await erasing.start()
+    await eraser.execute("SELECT pg_advisory_xact_lock($1)", locks.ERASURE_LOCK)  # an erasure under way
+    importing = asyncio.ensure_future(runner.run_next(sessions, settings))
+    answered: asyncio.Future[httpx.Response] | None = None
+    try:
+        await until_waiting(db, 1, or_done=importing)  # the batch waits for the erasure
+        answered = asyncio.ensure_future(client.post(
+            "/v1/contacts/batch", json={"items": [{"email": newcomer}]}, headers=ADMIN))
+        done, _ = await asyncio.wait({answered}, timeout=3)
+        assert done, "an API batch creating a new contact waited for an erasure it has nothing to do with"
+    finally:
+        await erasing.rollback()
+        await eraser.close()
+        if answered is not None:
+            await asyncio.wait({answered})
+    assert answered.result().status_code == 200, answered.result().text
+    assert await importing is True
+    async with sessions() as session:
+        status = await session.scalar(text("SELECT status FROM import_job WHERE id = :id"), {"id": uuid.UUID(job_id)})
+    assert status == "done"
+
+
+async def test_an_erasure_of_a_person_a_running_batch_is_about_to_update_waits_for_it(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch holds ERASURE_LOCK (SHARE) and is about to lock the contacts its rows name; the erasure of one of
+    them is sent then. An erasure that locked the person first and then asked for the lock would wait for the batch
+    that waits for the person: a deadlock, one of the two aborted. Either one runs entirely before the other: the
+    person erased, not created again, the job done (not a gap before the lock moved first in both; kept so that
+    the order stays one)."""
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag = uuid.uuid4().hex[:8]
+    email = f"ada.{tag}@example.org"
+    person = (await client.post("/v1/contacts", json={"email": email}, headers=ADMIN)).json()
+    job_id = await _upload(client, build_csv(["E-mail", "Prénom"], [(email, "Ada"), (f"b.{tag}@example.org", "Bob")]))
+    answers: list[asyncio.Future[httpx.Response]] = []
+    share, calls = locks.share_key_buckets, []
+
+    async def then_erased(*args: Any, **kwargs: Any) -> None:
+        await share(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # before the batch locks the contacts holding its keys
+            sent = asyncio.ensure_future(client.delete(f"/v1/contacts/{person['id']}", headers=ADMIN))
+            await until_waiting(db, 1, or_done=sent)
+            answers.append(sent)
+
+    monkeypatch.setattr(batch.locks, "share_key_buckets", then_erased)
+    assert await runner.run_next(sessions, settings) is True
+    erased = await answers[0]
+    assert erased.status_code == 204, erased.text
+    async with sessions() as session:
+        job = (await session.execute(text("SELECT status, updated FROM import_job WHERE id = :id"),
+                                     {"id": uuid.UUID(job_id)})).one()
+        left = await session.scalar(text("SELECT count(*) FROM contact WHERE email = :e"), {"e": email})
+    assert job[0] == "done"
+    assert left == 0
+
+
+async def test_an_import_outlasts_an_erasure_longer_than_its_lock_timeout(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
+    database_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retention run holds ERASURE_LOCK for as long as it erases (minutes for a first run). A batch waited for it
+    under its 10 s lock timeout, three times, and the job failed ("could not be written in 3 attempts"): every
+    import running during a retention run. It waits up to half its lease (here the lock timeout is 0.2 s, the
+    erasure 1.5 s)."""
+    monkeypatch.setattr(batch, "_LOCK_TIMEOUT", "200ms")
+    client, sessions = committing_client, make_sessionmaker(engine)
+    tag = uuid.uuid4().hex[:8]
+    job_id = await _upload(client, build_csv(["E-mail"], [(f"n{i}.{tag}@example.org",) for i in range(3)]))
+    eraser = await asyncpg.connect(plain_dsn(database_url))
+    erasing = eraser.transaction()
+    await erasing.start()
+    await eraser.execute("SELECT pg_advisory_xact_lock($1)", locks.ERASURE_LOCK)  # an erasure under way
+    try:
+        importing = asyncio.ensure_future(runner.run_next(sessions, settings))
+        await until_waiting(db, 1, or_done=importing)
+        await asyncio.wait({importing}, timeout=1.5)
+    finally:
+        await erasing.rollback()
+        await eraser.close()
+    assert await importing is True
+    async with sessions() as session:
+        job = (await session.execute(text("SELECT status, created FROM import_job WHERE id = :id"),
+                                     {"id": uuid.UUID(job_id)})).one()
+    assert tuple(job) == ("done", 3)

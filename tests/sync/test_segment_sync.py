@@ -383,6 +383,37 @@ async def test_a_refresh_during_such_a_merge_passes_its_snapshots_by(
     assert [(r.entered, r.left) for r in await refresh(engine, sink["id"])] == [(0, 0)] * 2
 
 
+async def test_a_merge_passing_by_a_snapshot_a_refresh_holds_still_takes_the_record_out_of_it(
+    committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker, brevo: tuple[FakeBrevo, LiveServer],
+) -> None:
+    """The other order: a refresh holds the snapshot of a segment only the duplicate matched when the merge runs.
+    The merge passed it by (it may not wait for a refresh), so the duplicate's place there was not carried: its
+    `segment.left` went to a contact with no record at Brevo any more (its link went to the survivor), and no
+    refresh ever took the survivor out of a list it never entered. Brevo's record of the address stayed in the
+    segment's list for good, though nobody in Carnet matches it."""
+    fake, live = brevo
+    client = committing_client
+    acme = await make_segment(client, ACME)
+    duplicate, survivor = await addressless_pair(client)
+    await grant_marketing(client, duplicate["id"])
+    sink = await destination(client, kind="brevo", config={"api_key": BREVO_KEY, "base_url": live.url},
+                             segment_mappings=[{"segment_id": acme["id"], "remote_list_id": "8"}])
+    await refresh(engine, sink["id"])
+    await drain(worker)
+    address = duplicate["email"]
+    assert fake.members(8) == {address}
+
+    sessions = make_sessionmaker(engine)
+    async with sessions.begin() as refreshing:  # a refresh holding the snapshot (refresh_next's lock) meanwhile
+        await refreshing.execute(text("SELECT 1 FROM segment_sync WHERE destination_id = :d FOR UPDATE"),
+                                 {"d": sink["id"]})
+        await merge(client, survivor, duplicate)
+    assert [(r.entered, r.left) for r in await refresh(engine, sink["id"])] in ([(0, 0)], [(0, 1)])
+    await drain(worker)
+    assert fake.members(8) == set(), "the address stayed in the list of a segment nobody matches"
+    assert [(r.entered, r.left) for r in await refresh(engine, sink["id"])] == [(0, 0)]
+
+
 async def test_a_merge_moving_the_address_restates_the_survivor_at_mailchimp(
     committing_client: httpx.AsyncClient, engine: AsyncEngine, worker: Worker,
     mailchimp: tuple[FakeMailchimp, LiveServer],

@@ -187,8 +187,13 @@ async def write_batch(
     # passed PostgreSQL's JIT thresholds, so the earlier-keys lookup compiled itself with LLVM every batch (230-490 ms
     # each by auto_explain; docs/performance.md, "(a) and (b) at 1M").
     statement_ms = int(job.settings.import_lease_seconds * 1000)
-    await connection.execute(f"SET LOCAL synchronous_commit = off; SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'; "
-                             f"SET LOCAL statement_timeout = {statement_ms}; SET LOCAL jit = off")
+    await connection.execute(f"SET LOCAL synchronous_commit = off; SET LOCAL statement_timeout = {statement_ms}; "
+                             f"SET LOCAL jit = off")
+    # An erasure under way (a retention run may take minutes) is waited for first, holding no lock another writer
+    # needs: half the lease (the job's lease is renewed by its checkpoints alone), not _LOCK_TIMEOUT; past that, a
+    # lock timeout, and the batch is written again (runner._write).
+    await locks.share_with_erasures(connection, wait_ms=statement_ms // 2)
+    await connection.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
     dry = job.row["dry_run"]
     the_list = None if dry else await _lock_list(connection, job)
     if not dry:
@@ -203,7 +208,6 @@ async def write_batch(
     counts["rejected"] += len(validated.records) - len(kept)
     stamped_at: datetime | None = None
     if not kept:
-        await locks.share_with_erasures(connection)  # its duplicates' values: see _hide_erased_duplicates
         turn.hold(keys)
     else:
         await connection.execute(_STAGE_DDL)
@@ -217,11 +221,10 @@ async def write_batch(
             await _match(connection, job, held, "create")
         if held:
             keys |= await _same_contact(connection, job, claimed_in_flight)
-        # An erasure either waits for this batch's commit (and scrubs what it writes) or committed first: then the
-        # suppression check below sees it (locks.share_with_erasures).
-        await locks.share_with_erasures(connection)
         turn.hold(keys)
-        await connection.execute(_SUPPRESSED_SQL)  # after the lock: an erasure that committed first is seen
+        # An erasure either waits for this batch's commit (and scrubs what it writes) or committed before it began:
+        # then this check sees it (locks.share_with_erasures, taken first).
+        await connection.execute(_SUPPRESSED_SQL)
         now = utc_now()  # after the locks: later than every committed write this batch overwrites
         stamped_at = None if dry else now
         if not dry:
