@@ -166,6 +166,7 @@ async def carry(
     if not destination_ids:
         return 0
     pairs = await _lock(session, destination_ids=destination_ids)
+    held = set(pairs)
     theirs = _members.alias("theirs")
     survivors = ~select(theirs.c.contact_id).where(
         theirs.c.destination_id == _members.c.destination_id, theirs.c.segment_id == _members.c.segment_id,
@@ -177,7 +178,7 @@ async def carry(
     passed = [(d, s) for d, s in (await session.execute(
         select(_members.c.destination_id, _members.c.segment_id).where(
             _members.c.contact_id == duplicate_id, _members.c.destination_id.in_(destination_ids), survivors)
-        .order_by(_members.c.destination_id, _members.c.segment_id))).all() if (d, s) not in set(pairs)]
+        .order_by(_members.c.destination_id, _members.c.segment_id))).all() if (d, s) not in held]
     await outbox.add_many(session, "segment.left", [
         (survivor_id, {"segment_id": str(s), "destination_id": str(d), "contact_id": str(survivor_id),
                        "reason": "merged", "merged_id": str(duplicate_id)}) for d, s in passed])
