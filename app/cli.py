@@ -245,12 +245,12 @@ def retention(
     suppressions_service.configure(_signer(settings).secret)  # the same key as the API's
     actor = Principal("carnet-retention", Role.ADMIN, frozenset(), "cli")
 
-    async def run(session: AsyncSession) -> gdpr_service.RetentionReport:
+    async def run(sessions: async_sessionmaker[AsyncSession]) -> gdpr_service.RetentionReport:
         return await gdpr_service.run_retention(
-            session, days=settings.retention_prospect_days, dry_run=dry_run, actor=actor
+            sessions, days=settings.retention_prospect_days, dry_run=dry_run, actor=actor
         )
 
-    report = _in_transaction(settings, run)
+    report = _on_database(settings, run)  # a real run commits every 1,000 people
     for contact_id in report.contact_ids:
         typer.echo(str(contact_id))
     verb = "would be erased (dry run)" if dry_run else "erased"
