@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -425,6 +425,7 @@ async def _deidentify_ledger(session: AsyncSession, ids: Sequence[uuid.UUID], na
 async def run_retention(
     sessions: async_sessionmaker[AsyncSession], *, days: int, dry_run: bool, actor: Principal,
     now: datetime | None = None, statement_timeout: float | None = None,
+    committed: Callable[[Sequence[uuid.UUID]], None] | None = None,
 ) -> RetentionReport:
     """Erase prospects with no activity for `days` days; a dry run lists exactly the same ids, changing nothing.
 
@@ -436,7 +437,8 @@ async def run_retention(
     rows, their erasure, its journal entry): a first run over years of prospects held ERASURE_LOCK and every
     row lock for minutes in one transaction, failing every import running meanwhile. A run stopped halfway
     leaves its committed chunks erased; the next run erases the rest. `statement_timeout` (seconds): each
-    transaction's own budget (`SET LOCAL`), for a caller whose connections have a shorter one.
+    transaction's own budget (`SET LOCAL`), for a caller whose connections have a shorter one. `committed`: called
+    with each chunk's ids once it is committed (the command prints them: a run stopped later still said them).
     """
     cutoff = (now or utc_now()) - timedelta(days=days)
     last_consent = (
@@ -475,6 +477,8 @@ async def run_retention(
                 detail={"dry_run": False, "run": str(run), "part": part, "erased": len(erased),
                         "retention_days": days, "last": last}))
         log.info("retention.chunk", part=part, count=len(rows), subject=actor.subject)
+        if committed is not None:
+            committed([r["id"] for r in rows])
         if last:
             break
         after = rows[-1]["id"]

@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import get_sessionmaker, make_sessionmaker, plain_dsn
+from app.security import Principal, Role
 from app.services import gdpr
 from app.services.imports import runner
 from app.settings import Settings
@@ -218,4 +219,32 @@ async def test_the_command_erases_in_its_own_transactions(
                                      text=True, env=env, cwd=tmp_path, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert {p["id"] for p in people} <= set(result.stdout.split())
+    assert not any([await _exists(sessions, p["id"]) for p in people])
+
+
+async def test_a_run_stopped_halfway_leaves_its_chunks_erased_and_a_rerun_finishes(
+    sessions: async_sessionmaker[AsyncSession], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second chunk fails (a crash, a timeout): the first stays erased, said to `committed` (the command prints
+    it) and journaled; the others are untouched, and the next run erases them."""
+    monkeypatch.setattr(gdpr, "RETENTION_CHUNK", CHUNK)
+    people = await _stale(sessions, 2 * CHUNK + 1)
+    actor = Principal("carnet-retention", Role.ADMIN, frozenset(), "cli")
+    erase_many, calls, said = gdpr.erase_many, [], []
+
+    async def failing_second(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the server went away")
+        return await erase_many(*args, **kwargs)
+
+    monkeypatch.setattr(gdpr, "erase_many", failing_second)
+    with pytest.raises(RuntimeError):
+        await gdpr.run_retention(sessions, days=1095, dry_run=False, actor=actor, committed=said.extend)
+    assert [str(i) for i in said] == [p["id"] for p in people[:CHUNK]]
+    assert [await _exists(sessions, p["id"]) for p in people] == [False] * CHUNK + [True] * (CHUNK + 1)
+    assert [(e["part"], e["ref_count"], e["last"]) for e in await _runs(sessions)] == [(1, CHUNK, False)]
+    monkeypatch.setattr(gdpr, "erase_many", erase_many)
+    again = await gdpr.run_retention(sessions, days=1095, dry_run=False, actor=actor)
+    assert [str(i) for i in again.contact_ids] == [p["id"] for p in people[CHUNK:]]
     assert not any([await _exists(sessions, p["id"]) for p in people])
