@@ -9,7 +9,8 @@ import json
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -245,14 +246,18 @@ def retention(
     suppressions_service.configure(_signer(settings).secret)  # the same key as the API's
     actor = Principal("carnet-retention", Role.ADMIN, frozenset(), "cli")
 
-    async def run(session: AsyncSession) -> gdpr_service.RetentionReport:
-        return await gdpr_service.run_retention(
-            session, days=settings.retention_prospect_days, dry_run=dry_run, actor=actor
+    def echo(ids: Sequence[uuid.UUID]) -> None:
+        for contact_id in ids:
+            typer.echo(str(contact_id))
+
+    async def run(sessions: async_sessionmaker[AsyncSession]) -> gdpr_service.RetentionReport:
+        return await gdpr_service.run_retention(  # a real run commits every 1,000 people: printed as each commits
+            sessions, days=settings.retention_prospect_days, dry_run=dry_run, actor=actor, committed=echo
         )
 
-    report = _in_transaction(settings, run)
-    for contact_id in report.contact_ids:
-        typer.echo(str(contact_id))
+    report = _on_database(settings, run)
+    if dry_run:
+        echo(report.contact_ids)
     verb = "would be erased (dry run)" if dry_run else "erased"
     typer.echo(f"{len(report.contact_ids)} prospect(s) with no activity since {report.cutoff:%Y-%m-%d} {verb}",
                err=True)

@@ -213,6 +213,6 @@ async def _bulk_write_session(request: Request, session: WriteSession) -> AsyncS
     return session
 
 
-# A write transaction that may touch every contact (a tag taken off all, a retention run, a resync): the worker's
+# A write transaction that may touch every contact (a tag taken off all, a resync): the worker's
 # budget, since that is the kind of work it is, started by a request. The same session as WriteSession's.
 BulkWriteSession = Annotated[AsyncSession, Depends(_bulk_write_session)]

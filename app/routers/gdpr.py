@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.access import reveal
-from app.db import ReadSession, WriteSession
+from app.db import ReadSession, WriteSession, get_sessionmaker
 from app.errors import ContactNotFound, InvalidInput, PreconditionFailed, problems
 from app.models.base import utc_now
 from app.routers.deps import IfMatch, JSONBody
@@ -26,7 +27,6 @@ from app.schemas.types import Email, ExternalId, PhoneLookup
 from app.security import Principal, Scope, require
 from app.services import gdpr as gdpr_service
 from app.services import suppressions as suppressions_service
-from app.timeouts import BulkWriteSession
 
 __all__ = ["router"]
 
@@ -99,12 +99,18 @@ async def release_suppression(payload: SuppressionRelease, session: WriteSession
 
 @router.post("/retention/run", response_model=RetentionReportRead)
 async def run_retention(
-    payload: RetentionRun, request: Request, session: BulkWriteSession,
+    payload: RetentionRun, request: Request,
+    makers: Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)],
     caller: Annotated[Principal, require(Scope.RETENTION_RUN)],
 ) -> Any:
-    """Erase prospects with no activity for RETENTION_PROSPECT_DAYS (CNIL: three years); `dry_run` lists them."""
+    """Erase prospects with no activity for RETENTION_PROSPECT_DAYS (CNIL: three years); `dry_run` lists them.
+
+    A real run commits every 1,000 people: one stopped halfway (an error answer) leaves those erased, and running
+    it again erases the rest (docs/gdpr.md).
+    """
     report = await gdpr_service.run_retention(
-        session, days=request.app.state.settings.retention_prospect_days, dry_run=payload.dry_run, actor=caller
+        makers, days=request.app.state.settings.retention_prospect_days, dry_run=payload.dry_run, actor=caller,
+        statement_timeout=request.app.state.timeouts.worker,
     )
     ids = report.contact_ids
     return JSONBody({"dry_run": report.dry_run, "retention_days": report.retention_days, "cutoff": report.cutoff,

@@ -24,15 +24,17 @@ Logs carry ids and counts only.
 
 from __future__ import annotations
 
+import itertools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Text, any_, cast, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import array
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.errors import ContactNotFound, PreconditionFailed
 from app.logging import get_logger
@@ -53,12 +55,15 @@ from app.security import Principal
 from app.services import consents as consents_service
 from app.services import journal, locks, outbox, segment_sync, suppressions
 from app.services.commerce import MERGED_PEOPLE
+from app.timeouts import set_local
 
-__all__ = ["ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
+__all__ = ["RETENTION_CHUNK", "ContactExport", "RetentionReport", "erase", "erase_many", "export", "run_retention"]
 
 log = get_logger("carnet.gdpr")
 
 _CHUNK = 1000
+# People a retention run erases and commits in one transaction (run_retention).
+RETENTION_CHUNK = 1000
 
 _contacts = Contact.__table__  # type: ignore[attr-defined]
 _history = ContactHistory.__table__  # type: ignore[attr-defined]
@@ -418,13 +423,22 @@ async def _deidentify_ledger(session: AsyncSession, ids: Sequence[uuid.UUID], na
 
 
 async def run_retention(
-    session: AsyncSession, *, days: int, dry_run: bool, actor: Principal, now: datetime | None = None
+    sessions: async_sessionmaker[AsyncSession], *, days: int, dry_run: bool, actor: Principal,
+    now: datetime | None = None, statement_timeout: float | None = None,
+    committed: Callable[[Sequence[uuid.UUID]], None] | None = None,
 ) -> RetentionReport:
     """Erase prospects with no activity for `days` days; a dry run lists exactly the same ids, changing nothing.
 
     Activity is the latest of created_at, updated_at, last_activity_at (orders, events) and the latest
     consent event the person made (occurred_at). Only contacts whose kind AND lifecycle stage are both
     `prospect` qualify: a customer, vendor or partner is never erased by retention.
+
+    A real run commits every RETENTION_CHUNK people, each chunk its own transaction (ERASURE_LOCK, the chunk's
+    rows, their erasure, its journal entry): a first run over years of prospects held ERASURE_LOCK and every
+    row lock for minutes in one transaction, failing every import running meanwhile. A run stopped halfway
+    leaves its committed chunks erased; the next run erases the rest. `statement_timeout` (seconds): each
+    transaction's own budget (`SET LOCAL`), for a caller whose connections have a shorter one. `committed`: called
+    with each chunk's ids once it is committed (the command prints them: a run stopped later still said them).
     """
     cutoff = (now or utc_now()) - timedelta(days=days)
     last_consent = (
@@ -437,21 +451,45 @@ async def run_retention(
         .where(_contacts.c.kind == "prospect", _contacts.c.lifecycle_stage == "prospect", activity < cutoff)
         .order_by(_contacts.c.id)
     )
-    if not dry_run:  # a contact being written right now is active: skip it, the next run decides
-        query = query.with_for_update(of=_contacts, skip_locked=True)
-        await locks.exclude_import_batches(session)  # before the contacts' locks (locks.share_with_erasures)
-    rows = list((await session.execute(query)).mappings())
-    if not dry_run:
-        await erase_many(session, rows, reason="retention")
-    # An entry per _CHUNK people erased (at least one, a dry run's): a first run may erase years of prospects,
-    # and one entry holding all their digests would be an unbounded row and item of a journal page.
-    people = [] if dry_run else rows
-    parts = max(1, -(-len(people) // _CHUNK))
-    for part in range(parts):
-        chunk = people[part * _CHUNK:(part + 1) * _CHUNK]
-        await journal.record(session, journal.act(
-            actor, "retention.run", refs=[ref for r in chunk for ref in journal.person_refs(r)], count=len(chunk),
-            detail={"dry_run": dry_run, "erased": len(people), "listed": len(rows), "retention_days": days,
-                    "part": part + 1, "parts": parts}))
-    log.info("retention.ran", dry_run=dry_run, count=len(rows), retention_days=days, subject=actor.subject)
-    return RetentionReport(dry_run=dry_run, retention_days=days, cutoff=cutoff, contact_ids=[r["id"] for r in rows])
+    if dry_run:
+        async with _transaction(sessions, statement_timeout) as session:
+            rows = list((await session.execute(query)).mappings())
+            await journal.record(session, journal.act(actor, "retention.run", count=0, detail={
+                "dry_run": True, "erased": 0, "listed": len(rows), "retention_days": days, "part": 1, "parts": 1}))
+        log.info("retention.ran", dry_run=True, count=len(rows), retention_days=days, subject=actor.subject)
+        return RetentionReport(dry_run=True, retention_days=days, cutoff=cutoff, contact_ids=[r["id"] for r in rows])
+    run, erased = uuid.uuid4(), list[uuid.UUID]()
+    after: uuid.UUID | None = None  # the last id done
+    for part in itertools.count(1):
+        async with _transaction(sessions, statement_timeout) as session:
+            await locks.exclude_import_batches(session)  # before the contacts' locks (locks.share_with_erasures)
+            chunk = query if after is None else query.where(_contacts.c.id > after)
+            # A contact being written right now is active: skip it, the next run decides.
+            rows = list((await session.execute(
+                chunk.limit(RETENTION_CHUNK).with_for_update(of=_contacts, skip_locked=True))).mappings())
+            await erase_many(session, rows, reason="retention")
+            erased.extend(r["id"] for r in rows)
+            last = len(rows) < RETENTION_CHUNK
+            # An entry per chunk, committed with it: bounded (a first run may erase years of prospects), and the
+            # journal says what a run stopped halfway did. `erased`: the run's people so far; `last` ends the run.
+            await journal.record(session, journal.act(
+                actor, "retention.run", refs=[ref for r in rows for ref in journal.person_refs(r)], count=len(rows),
+                detail={"dry_run": False, "run": str(run), "part": part, "erased": len(erased),
+                        "retention_days": days, "last": last}))
+        log.info("retention.chunk", part=part, count=len(rows), subject=actor.subject)
+        if committed is not None:
+            committed([r["id"] for r in rows])
+        if last:
+            break
+        after = rows[-1]["id"]
+    log.info("retention.ran", dry_run=False, count=len(erased), retention_days=days, subject=actor.subject)
+    return RetentionReport(dry_run=False, retention_days=days, cutoff=cutoff, contact_ids=erased)
+
+
+@asynccontextmanager
+async def _transaction(sessions: async_sessionmaker[AsyncSession], statement_timeout: float | None
+                       ) -> AsyncIterator[AsyncSession]:
+    async with sessions.begin() as session:
+        if statement_timeout is not None:
+            await session.execute(text(set_local(statement_timeout)))
+        yield session

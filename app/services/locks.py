@@ -119,11 +119,11 @@ async def share_with_erasures(connection: asyncpg.Connection, *, wait_ms: int) -
     commit and scrubs its lines too, or the batch waits for the erasure's and finds the person suppressed.
 
     Before any other lock, in both (exclude_import_batches): a batch waiting for an erasure holds no key bucket nor
-    contact (a retention run holds the lock for minutes: every API batch creating someone, and every write to the
-    batch's contacts, queued behind it), and an erasure waiting for a batch holds no contact the batch is about to
-    lock (tests/services/test_import_erasure_race.py). A batch asks after the one written before it holds it (`Turn`
-    lets it start then), so an erasure queued between the two never waits on a batch that waits, in Python, for one
-    queued behind it."""
+    contact (a retention run holds the lock a chunk of 1,000 people at a time: every API batch creating someone, and
+    every write to the batch's contacts, queued behind it), and an erasure waiting for a batch holds no contact the
+    batch is about to lock (tests/services/test_import_erasure_race.py). A batch asks after the one written before it
+    holds it (`Turn` lets it start then), so an erasure queued between the two never waits on a batch that waits, in
+    Python, for one queued behind it."""
     await connection.execute(f"SET LOCAL lock_timeout = {int(wait_ms)}; "
                              f"SELECT pg_advisory_xact_lock_shared({ERASURE_LOCK})")
 

@@ -1081,6 +1081,9 @@ export interface paths {
         /**
          * Run Retention
          * @description Erase prospects with no activity for RETENTION_PROSPECT_DAYS (CNIL: three years); `dry_run` lists them.
+         *
+         *     A real run commits every 1,000 people: one stopped halfway (an error answer) leaves those erased, and running
+         *     it again erases the rest (docs/gdpr.md).
          */
         post: operations["run_retention_v1_retention_run_post"];
         delete?: never;

@@ -307,7 +307,10 @@ class TestAdministrativeActs:
         assert erased[0] >= 2500 and len(runs) == -(-erased[0] // 1000)
         assert all(len(e["refs"]) <= 2000 for e in runs)
         assert sum(e["ref_count"] for e in runs) == erased[0]  # people erased, each part its own
-        assert {(e["detail"]["erased"], e["detail"]["parts"]) for e in runs} == {(erased[0], len(runs))}
+        # One entry per chunk, each committed with it (docs/gdpr.md): `erased` the run's people so far.
+        assert [e["detail"]["part"] for e in runs] == list(range(1, len(runs) + 1))
+        assert [e["detail"]["last"] for e in runs] == [False] * (len(runs) - 1) + [True]
+        assert runs[-1]["detail"]["erased"] == erased[0] and len({e["detail"]["run"] for e in runs}) == 1
 
     async def test_destination_secrets_set_or_changed_name_their_keys_never_their_values(
         self, client: httpx.AsyncClient, app: FastAPI

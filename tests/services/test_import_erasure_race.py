@@ -173,7 +173,7 @@ async def test_a_batch_waiting_for_an_erasure_holds_no_key_bucket_an_api_batch_w
     committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
     database_url: str,
 ) -> None:
-    """An erasure (a retention run erasing thousands holds it for as long as it runs) holds ERASURE_LOCK; an import
+    """An erasure (a retention chunk erasing 1,000 holds it for as long as it runs) holds ERASURE_LOCK; an import
     batch reaching it waited there holding the SHARE key buckets of all its rows and its contacts, so an API batch
     creating anyone whose key fell in one of those buckets (with 10,000 rows: all 64) waited for the erasure too,
     past its statement timeout (a 503), and the import failed after three lock timeouts."""
@@ -249,7 +249,8 @@ async def test_an_import_outlasts_an_erasure_longer_than_its_lock_timeout(
     committing_client: httpx.AsyncClient, engine: AsyncEngine, settings: Settings, db: asyncpg.Connection,
     database_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A retention run holds ERASURE_LOCK for as long as it erases (minutes for a first run). A batch waited for it
+    """A retention run held ERASURE_LOCK for as long as it erased (minutes for a first run; now a chunk at a time,
+    tests/services/test_retention_chunks.py). A batch waited for it
     under its 10 s lock timeout, three times, and the job failed ("could not be written in 3 attempts"): every
     import running during a retention run. It waits up to half its lease (here the lock timeout is 0.2 s, the
     erasure 1.5 s)."""
