@@ -361,21 +361,8 @@ async def test_a_refresh_during_such_a_merge_passes_its_snapshots_by(
     await refresh(engine, sink["id"])
     await drain(worker)
     sessions = make_sessionmaker(engine)
-    async with sessions.begin() as session:  # both due again
-        await session.execute(text("UPDATE segment_sync SET refreshed_at = NULL WHERE destination_id = :d"),
-                              {"d": sink["id"]})
-
-    async def refreshing() -> segment_sync.Refreshed | None:
-        async with sessions.begin() as session:
-            return await segment_sync.refresh_next(session, every_seconds=3600)
-
-    merging = client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
-                          headers=ADMIN)
-    db = await asyncpg.connect(plain_dsn(database_url))
-    try:  # the merge stops at contact_merge, its snapshots locked (carried); the refresh runs meanwhile
-        merged, done = await race_past_held_table(db, "contact_merge", merging, refreshing())
-    finally:
-        await db.close()
+    # the merge stops at contact_merge, its snapshots locked (carried); the refresh runs meanwhile
+    merged, done = await _merge_racing_a_refresh(client, sessions, database_url, sink, survivor, duplicate)
     assert merged.status_code == 200, merged.text
     assert done is None or str(done.destination_id) != sink["id"]
     await drain(worker)
@@ -458,21 +445,8 @@ async def test_a_merge_while_a_refresh_runs(
     await refresh(engine, sink["id"])
     await tag(client, duplicate, "vip")  # enters at the next refresh
     sessions = make_sessionmaker(engine)
-    async with sessions.begin() as session:
-        await session.execute(text("UPDATE segment_sync SET refreshed_at = NULL WHERE destination_id = :d"),
-                              {"d": sink["id"]})
-
-    async def refreshing() -> segment_sync.Refreshed | None:
-        async with sessions.begin() as session:
-            return await segment_sync.refresh_next(session, every_seconds=3600)
-
-    merging = client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
-                          headers=ADMIN)
-    db = await asyncpg.connect(plain_dsn(database_url))
-    try:  # the merge stops at contact_merge, its duplicate deleted; the refresh's insert then waits for that row
-        merged, done = await race_past_held_table(db, "contact_merge", merging, refreshing())
-    finally:
-        await db.close()
+    # the merge stops at contact_merge, its duplicate deleted; the refresh's insert then waits for that row
+    merged, done = await _merge_racing_a_refresh(client, sessions, database_url, sink, survivor, duplicate)
     assert merged.status_code == 200, merged.text
     assert done is not None and done.failed is None and (done.members, done.entered, done.left) == (1, 1, 0)
     async with sessions() as session:
@@ -730,3 +704,25 @@ async def test_worker_once_refreshes_due_snapshots(
         refreshed = await session.scalar(text("SELECT refreshed_at FROM segment_sync WHERE destination_id = :d"),
                                          {"d": sink["id"]})
     assert entered == 1 and refreshed is not None
+
+
+async def _merge_racing_a_refresh(
+    client: httpx.AsyncClient, sessions: async_sessionmaker[AsyncSession], database_url: str,
+    sink: dict[str, Any], survivor: dict[str, Any], duplicate: dict[str, Any],
+) -> tuple[httpx.Response, segment_sync.Refreshed | None]:
+    """The sink's snapshots due again; the merge held at `contact_merge` while a refresh runs: both outcomes."""
+    async with sessions.begin() as session:
+        await session.execute(text("UPDATE segment_sync SET refreshed_at = NULL WHERE destination_id = :d"),
+                              {"d": sink["id"]})
+
+    async def refreshing() -> segment_sync.Refreshed | None:
+        async with sessions.begin() as session:
+            return await segment_sync.refresh_next(session, every_seconds=3600)
+
+    merging = client.post(f"/v1/contacts/{survivor['id']}/merge", json={"duplicate_id": duplicate["id"]},
+                          headers=ADMIN)
+    db = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        return await race_past_held_table(db, "contact_merge", merging, refreshing())
+    finally:
+        await db.close()
