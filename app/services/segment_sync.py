@@ -179,9 +179,7 @@ async def carry(
         select(_members.c.destination_id, _members.c.segment_id).where(
             _members.c.contact_id == duplicate_id, _members.c.destination_id.in_(destination_ids), survivors)
         .order_by(_members.c.destination_id, _members.c.segment_id))).all() if (d, s) not in held]
-    await outbox.add_many(session, "segment.left", [
-        (survivor_id, {"segment_id": str(s), "destination_id": str(d), "contact_id": str(survivor_id),
-                       "reason": "merged", "merged_id": str(duplicate_id)}) for d, s in passed])
+    await outbox.add_many(session, "segment.left", _merged_messages(passed, survivor_id, duplicate_id))
     if not pairs:
         return len(passed)
     moved = await session.execute(
@@ -204,14 +202,18 @@ async def restate(session: AsyncSession, contact_id: uuid.UUID, *, merged_id: uu
         return 0
     filters = dict((await session.execute(
         select(_segments.c.id, _segments.c.filter).where(_segments.c.id.in_({s for _d, s in due})))).all())
-    matches: dict[uuid.UUID, bool] = {}
+    conditions = {}
     for segment_id, filter_ in filters.items():
         try:
-            condition = await compile_filter(session, filter_, now=now)
+            conditions[segment_id] = await compile_filter(session, filter_, now=now)
         except InvalidInput:
             continue
-        matches[segment_id] = bool(await session.scalar(
-            select(select(_contacts.c.id).where(_contacts.c.id == contact_id, condition).exists())))
+    matches: dict[uuid.UUID, bool] = {}
+    if conditions:  # whether the contact matches each filter, in one round trip
+        answers = (await session.execute(select(*[
+            select(_contacts.c.id).where(_contacts.c.id == contact_id, condition).exists()
+            for condition in conditions.values()]))).one()
+        matches = dict(zip(conditions, map(bool, answers), strict=True))
     held = set((await session.execute(
         select(_members.c.destination_id, _members.c.segment_id).where(_members.c.contact_id == contact_id))).all())
     entering = [(d, s) for d, s in due if matches.get(s) is True and (d, s) not in held]
@@ -229,14 +231,16 @@ async def restate(session: AsyncSession, contact_id: uuid.UUID, *, merged_id: uu
                 _members.c.contact_id == contact_id,
                 tuple_(_members.c.destination_id, _members.c.segment_id).in_(leaving))
             .returning(_members.c.destination_id, _members.c.segment_id))]
-
-    def said(pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> list[tuple[uuid.UUID | None, dict[str, str]]]:
-        return [(contact_id, {"segment_id": str(s), "destination_id": str(d), "contact_id": str(contact_id),
-                              "reason": "merged", "merged_id": str(merged_id)}) for d, s in sorted(pairs)]
-
-    await outbox.add_many(session, "segment.entered", said(entered))
-    await outbox.add_many(session, "segment.left", said(left))
+    await outbox.add_many(session, "segment.entered", _merged_messages(sorted(entered), contact_id, merged_id))
+    await outbox.add_many(session, "segment.left", _merged_messages(sorted(left), contact_id, merged_id))
     return len(entered) + len(left)
+
+
+def _merged_messages(pairs: Sequence[tuple[uuid.UUID, uuid.UUID]], contact_id: uuid.UUID, merged_id: uuid.UUID
+                     ) -> list[tuple[uuid.UUID | None, dict[str, str]]]:
+    """The survivor's `segment.*` outbox messages of a merge, one per (destination, segment)."""
+    return [(contact_id, {"segment_id": str(s), "destination_id": str(d), "contact_id": str(contact_id),
+                          "reason": "merged", "merged_id": str(merged_id)}) for d, s in pairs]
 
 
 async def _lock(
